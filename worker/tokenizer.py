@@ -1,0 +1,204 @@
+"""Tokenizer folders: train a byte-level BPE, and load/check one for training.
+
+A folder this module writes is what LitGPT's ``litgpt.Tokenizer`` (and so ``litgpt generate``)
+loads: ``tokenizer.json`` (Hugging Face ``tokenizers`` format), ``tokenizer_config.json`` with a
+``tokenizer_class`` (LitGPT 0.5.13 reads that key with no fallback) and the BOS/EOS tokens, and
+``generation_config.json`` with their ids.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from worker.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import litgpt
+
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+
+#: Files copied from a tokenizer folder into every checkpoint folder, when present.
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
+
+
+def text_files(folder: Path) -> list[Path]:
+    """The ``*.txt`` files at the top level of ``folder``, sorted by name (LitGPT TextFiles rule).
+
+    Raises:
+        DataError: the folder does not exist, is not a folder, or holds no ``.txt`` file.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder}: data folder does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: expected a folder of .txt files, found a file")
+    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
+    if not files:
+        raise DataError(f"{folder}: no .txt files at the top level of this folder")
+    return files
+
+
+def read_text(path: Path) -> str:
+    """Read one UTF-8 text file.
+
+    Raises:
+        DataError: the file is empty or is not valid UTF-8 (the message gives the byte offset).
+    """
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path}: file is empty")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def _iter_texts(folders: list[Path]) -> Iterator[str]:
+    for folder in folders:
+        for path in text_files(folder):
+            yield read_text(path)
+
+
+def train_tokenizer(text_dirs: list[Path], out_dir: Path, vocab_size: int = 4096) -> Path:
+    """Train a byte-level BPE tokenizer on the ``*.txt`` files of ``text_dirs`` into ``out_dir``.
+
+    The vocabulary holds ``vocab_size`` ids in total (256 byte symbols, the merges, and the two
+    special tokens ``<|bos|>`` = 0 and ``<|eos|>`` = 1), so every id is ``< vocab_size`` and a model
+    with ``padded_vocab_size >= vocab_size`` can use it. The folder is written under a temporary
+    name and renamed, so a reader never sees half of it.
+
+    Args:
+        text_dirs: folders whose top-level ``*.txt`` files are the training text.
+        out_dir: destination folder (replaced if it exists).
+        vocab_size: total vocabulary size, at least 512.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        DataError: a folder is missing or has no ``.txt`` file, or a file is empty or not UTF-8.
+        ValueError: ``vocab_size`` < 512.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 512:
+        raise ValueError(f"vocab_size must be at least 512, got {vocab_size}")
+    folders = [Path(d) for d in text_dirs]
+    for folder in folders:  # fail on a bad folder before spending time training
+        text_files(folder)
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_iter_texts(folders), trainer=trainer)
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        bos_id, eos_id = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+        _write_json(
+            tmp / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": BOS_TOKEN,
+                "eos_token": EOS_TOKEN,
+                "add_bos_token": True,
+                "model_max_length": 1_000_000,
+            },
+        )
+        _write_json(tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(tokenizer_dir: Path, padded_vocab_size: int) -> litgpt.Tokenizer:
+    """Load and check a tokenizer folder for training a model of ``padded_vocab_size`` rows.
+
+    Checks, in order: the folder exists; it holds ``tokenizer.json`` or ``tokenizer.model``; a
+    ``tokenizer_config.json``, if present, is JSON with a ``tokenizer_class``; the tokenizer has a
+    BOS token (LitGPT's TextFiles puts one in front of every document); every id is below
+    ``padded_vocab_size``.
+
+    Raises:
+        DataError: naming ``tokenizer_dir`` and the failed check.
+    """
+    import litgpt
+
+    folder = Path(tokenizer_dir)
+    where = f"tokenizer_dir {folder}"
+    if not folder.is_dir():
+        raise DataError(f"{where}: folder does not exist (train one with `moejobs tokenizer train`)")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        raise DataError(f"{where}: holds neither tokenizer.json nor tokenizer.model")
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{where}: tokenizer_config.json is not valid JSON ({exc})") from None
+        if not isinstance(config, dict) or "tokenizer_class" not in config:
+            raise DataError(
+                f"{where}: tokenizer_config.json has no 'tokenizer_class' (LitGPT requires it; "
+                'e.g. "PreTrainedTokenizerFast")'
+            )
+    try:
+        tokenizer = litgpt.Tokenizer(folder)
+    except Exception as exc:  # a corrupt file: the library's own message, with the folder
+        raise DataError(f"{where}: cannot be loaded: {exc}") from None
+    if tokenizer.bos_id is None:
+        raise DataError(
+            f"{where}: no BOS token (set bos_token in tokenizer_config.json or bos_token_id in "
+            "generation_config.json); every document starts with one"
+        )
+    if tokenizer.backend == "huggingface":
+        n_ids = tokenizer.processor.get_vocab_size(with_added_tokens=True)
+    else:
+        n_ids = tokenizer.vocab_size
+    if n_ids > padded_vocab_size:
+        raise DataError(
+            f"{where}: has {n_ids} token ids but the model's padded_vocab_size is "
+            f"{padded_vocab_size}; ids must be < padded_vocab_size (raise padded_vocab_size "
+            f"and vocab_size to at least {n_ids}, or train a smaller tokenizer)"
+        )
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer_dir: Path) -> str:
+    """SHA-256 (hex) over the tokenizer folder's files in ``TOKENIZER_FILES`` (names and bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(tokenizer_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
