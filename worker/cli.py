@@ -1,0 +1,199 @@
+"""Local training from the YAML configs: the source specification's command line.
+
+``run_train.py`` and ``moejobs train`` both call :func:`main`. Precedence of settings, lowest
+first: the two config files < ``--preset`` < ``--smoke-test`` < explicit flags.
+
+Exit codes: 0 success (also ``--dry-run``), 2 invalid config (the message names the field),
+1 training failure (one-line reason), 75 interrupted by SIGTERM/SIGINT after writing a
+resumable checkpoint (run the same command again to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"true", "1", "yes", "on"}:
+        return True
+    if value in {"false", "0", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _devices(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
+
+
+def build_parser(prog: str = "run_train.py") -> argparse.ArgumentParser:
+    """The argument parser; every override flag maps to one config key (see ``FLAG_KEYS``)."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a LitGPT Mixture-of-Experts model from YAML configs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=str(REPO_CONFIGS / "train_config.yaml"), help="training config (YAML or JSON)")
+    p.add_argument("--model-config", default=str(REPO_CONFIGS / "model_config.yaml"), help="model config (YAML or JSON)")
+    p.add_argument("--preset", help="preset name under configs/presets/ (e.g. cpu-tiny, production) or a preset file")
+    p.add_argument("--smoke-test", action="store_true", help="the spec's smoke test: 1 step of 64 tokens, 32-true, no checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="validate, print warnings and the estimate, train nothing")
+    g = p.add_argument_group("overrides (win over files, preset and --smoke-test)")
+    g.add_argument("--out-dir")
+    g.add_argument("--train-data-path")
+    g.add_argument("--val-data-path")
+    g.add_argument("--tokenizer-dir")
+    g.add_argument("--micro-batch-size", type=int)
+    g.add_argument("--global-batch-size", type=int)
+    g.add_argument("--max-tokens", type=int)
+    g.add_argument("--max-seq-length", type=int)
+    g.add_argument("--precision")
+    g.add_argument("--devices", type=_devices)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--resume", help="auto, false, or a checkpoint folder")
+    g.add_argument("--compile", type=_bool, metavar="true|false")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    return p
+
+
+#: flag dest -> path of the key it sets in the training config
+FLAG_KEYS: dict[str, tuple[str, ...]] = {
+    "out_dir": ("out_dir",),
+    "train_data_path": ("data", "init_args", "train_data_path"),
+    "val_data_path": ("data", "init_args", "val_data_path"),
+    "tokenizer_dir": ("tokenizer_dir",),
+    "micro_batch_size": ("train", "micro_batch_size"),
+    "global_batch_size": ("train", "global_batch_size"),
+    "max_tokens": ("train", "max_tokens"),
+    "max_seq_length": ("train", "max_seq_length"),
+    "precision": ("precision",),
+    "devices": ("devices",),
+    "seed": ("seed",),
+    "resume": ("resume",),
+    "compile": ("optimization", "compile"),
+    "gradient_checkpointing": ("train", "gradient_checkpointing"),
+}
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Nested training-config overrides from the flags that were given."""
+    out: dict[str, Any] = {}
+    for dest, path in FLAG_KEYS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if dest == "resume":
+            value = {"false": False, "true": True}.get(value.lower(), value)
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def _is_rank_zero() -> bool:
+    # Fabric re-executes this command for ranks > 0 with LOCAL_RANK/NODE_RANK set.
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _say(*lines: str, file=sys.stdout) -> None:
+    if _is_rank_zero():
+        for line in lines:
+            print(line, file=file, flush=True)
+
+
+def main(argv: list[str] | None = None, prog: str = "run_train.py") -> int:
+    """Parse ``argv``, validate, and train (or only report with ``--dry-run``). Returns the exit code."""
+    args = build_parser(prog).parse_args(argv)
+
+    from service.configs import resolve
+    from service.report import format_estimate, format_issues
+    from service.schemas import ConfigError
+
+    try:
+        validated = resolve(
+            args.config,
+            args.model_config,
+            preset=args.preset,
+            smoke_test=args.smoke_test,
+            train_overrides=train_overrides(args),
+        )
+    except ConfigError as exc:
+        _say("error: invalid config", *format_issues(exc.errors), file=sys.stderr)
+        return 2
+    if validated.warnings:
+        _say("warnings:", *format_issues(validated.warnings), file=sys.stderr)
+    if args.dry_run:
+        from service.estimate import estimate
+
+        _say(*format_estimate(estimate(validated.train, validated.model)))
+        return 0
+    return _train(validated, smoke_test=args.smoke_test)
+
+
+def _train(validated, smoke_test: bool) -> int:
+    from worker.errors import EngineError
+    from worker.progress import ProgressBar
+
+    try:
+        from worker.train import run_training
+    except ImportError as exc:  # an API-only install has no torch
+        _say(f"error: training needs the 'train' extra ({exc}); run `uv sync`", file=sys.stderr)
+        return 1
+
+    bar = ProgressBar(enabled=_is_rank_zero())
+    started = time.perf_counter()
+    try:
+        result = run_training(
+            validated.train, validated.model, write_checkpoints=not smoke_test, on_row=bar.update
+        )
+    except EngineError as exc:
+        bar.close()
+        _say(f"error: {exc.reason}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except MemoryError:
+        bar.close()
+        _say("error: out_of_memory: host memory exhausted", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line for the user; the traceback on request
+        bar.close()
+        if os.environ.get("MOEJOBS_DEBUG"):
+            raise
+        reason = "out_of_memory" if "out of memory" in str(exc).lower() else "crashed"
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        _say(f"error: {reason}: {type(exc).__name__}: {first_line} (MOEJOBS_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    bar.close()
+    elapsed = time.perf_counter() - started
+    _say(*format_summary(result, elapsed, smoke_test))
+    return 0
+
+
+def format_summary(result, elapsed_s: float, smoke_test: bool) -> list[str]:
+    """Lines of the end-of-run summary printed by the CLI."""
+    gib = result.peak_memory_bytes / 2**30 if result.peak_memory_bytes else 0.0
+    lines = [
+        "smoke test passed" if smoke_test else "training finished",
+        f"  optimizer steps : {result.steps}",
+        f"  tokens trained  : {result.tokens:,}",
+        f"  final loss      : {result.final_loss:.4f}" if result.final_loss is not None else "  final loss      : -",
+    ]
+    if result.val_loss is not None:
+        lines.append(f"  val loss        : {result.val_loss:.4f}")
+    lines += [
+        f"  checkpoint      : {result.checkpoint_dir or 'none written' + (' (smoke test)' if smoke_test else '')}",
+        f"  metrics         : {Path(result.out_dir) / 'metrics.csv'}",
+        f"  peak memory     : {gib:.2f} GiB",
+        f"  wall time       : {elapsed_s:.1f} s",
+    ]
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

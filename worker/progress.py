@@ -1,0 +1,41 @@
+"""Terminal progress for training: a tqdm bar fed by the engine's metrics rows."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class ProgressBar:
+    """A progress bar over optimizer steps showing loss, tokens/s and the ETA.
+
+    ``update(row, plan)`` is the engine's ``on_row`` callback: ``row`` is one metrics.csv row
+    (a dict with ``step``, ``loss``, ``tokens_per_sec``, ``val_loss`` ...), ``plan`` the
+    :class:`service.estimate.TrainingPlan` (its ``optimizer_steps`` is the bar's total).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._bar = None
+
+    def update(self, row: dict[str, Any], plan: Any) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=plan.optimizer_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+        step = int(row["step"])
+        self._bar.update(max(0, step - self._bar.n))
+        postfix = {}
+        if row.get("loss") not in (None, ""):
+            postfix["loss"] = f"{float(row['loss']):.3f}"
+        if row.get("val_loss") not in (None, ""):
+            postfix["val"] = f"{float(row['val_loss']):.3f}"
+        if row.get("tokens_per_sec") not in (None, ""):
+            postfix["tok/s"] = f"{float(row['tokens_per_sec']):,.0f}"
+        self._bar.set_postfix(postfix, refresh=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
