@@ -1,0 +1,329 @@
+"""The service's settings: the only module that reads environment variables.
+
+Every setting is read from an environment variable named ``MOEJOBS_<NAME>`` (for example
+``MOEJOBS_DATABASE_URL``) or passed explicitly (``Settings(home=...)``, as the CLI's
+``--home DIR`` does). Explicit arguments win over the environment.
+
+Paths and URLs that are not set are derived from ``HOME`` (default ``~/.moejobs``):
+
+================  ==========================================================
+``DATABASE_URL``  ``sqlite:///HOME/moejobs.sqlite3``
+``BROKER_URL``    ``sqla+sqlite:///HOME/broker.sqlite3`` (kombu's SQLAlchemy transport)
+``DATA_ROOT``     ``HOME/data``
+``RUNS_DIR``      ``HOME/runs``
+================  ==========================================================
+
+Malformed values fail with ``pydantic.ValidationError``. Unsafe combinations (listening beyond
+loopback without ``API_TOKEN``; a heartbeat interval not shorter than the lease it renews) fail
+with :class:`UnsafeSettingsError`, whose message says what to change and, unlike pydantic's
+error, never echoes the input values (the token among them).
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "MOEJOBS_"
+
+#: Host names that only ever resolve to this machine.
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+class UnsafeSettingsError(Exception):
+    """The settings are individually valid but unsafe together. Deliberately not a
+    ``ValueError``, so pydantic does not wrap it (its wrapper prints every input value,
+    secrets included)."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` (a name or an IPv4/IPv6 literal, brackets allowed) can only be
+    reached from this machine: ``localhost`` or an address in 127.0.0.0/8 or ``::1``.
+    ``0.0.0.0``, ``::`` and every other name count as reachable from elsewhere."""
+    name = host.strip().strip("[]").lower()
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_database_url(url: str) -> str:
+    """Map the PostgreSQL spellings that would pick a driver we do not ship
+    (``postgres://``, ``postgresql://``, ``postgresql+psycopg2://``) to
+    ``postgresql+psycopg://`` (psycopg 3); other URLs are returned unchanged."""
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+class Settings(BaseSettings):
+    """All of moejobs' configuration. Build one with :func:`get_settings` (cached, from the
+    environment) or ``Settings(home=..., ...)`` (explicit values win over the environment).
+    Raises ``pydantic.ValidationError`` for malformed values and :class:`UnsafeSettingsError`
+    for unsafe combinations.
+
+    After validation ``database_url``, ``broker_url``, ``data_root`` and ``runs_dir`` are never
+    None: unset ones are derived from ``home``. Paths are absolute with ``~`` expanded.
+    Nothing is created on disk here; call :meth:`ensure_dirs` for that.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        validate_default=True,
+        # Environment variables set to "" count as unset (e.g. MOEJOBS_API_TOKEN=).
+        env_ignore_empty=True,
+    )
+
+    home: Path = Field(
+        Path("~/.moejobs"),
+        description="Folder for the embedded defaults: database, broker, data root and runs live "
+        "under it unless set otherwise. CLI: --home DIR.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the database. Default: SQLite file HOME/moejobs.sqlite3. "
+        "PostgreSQL URLs are normalised to postgresql+psycopg://.",
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker URL (redis://... in production). Default: kombu's SQLAlchemy "
+        "transport on the SQLite file HOME/broker.sqlite3.",
+    )
+    data_root: Path | None = Field(
+        None,
+        description="Folder under which input paths of submitted configs resolve (datasets, "
+        "tokenizers). Default: HOME/data.",
+    )
+    runs_dir: Path | None = Field(
+        None, description="Folder for run outputs, RUNS_DIR/<run id>/... Default: HOME/runs."
+    )
+    api_token: SecretStr | None = Field(
+        None,
+        description="Bootstrap bearer token for the API. Required when HOST is not a loopback "
+        "address.",
+    )
+    host: str = Field("127.0.0.1", description="Address the API listens on. CLI: --host.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on. CLI: --port.")
+
+    lease_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="How long a running run's lease lasts without a heartbeat; when it expires "
+        "the reconciler treats the worker as lost.",
+    )
+    heartbeat_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="Interval between worker and run heartbeats. Must be shorter than "
+        "LEASE_SECONDS.",
+    )
+    worker_stale_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A worker whose last heartbeat is older than this is not counted as live "
+        "(readiness, capability checks).",
+    )
+    queued_stale_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A run left queued (not claimed) for longer than this is re-enqueued by the "
+        "reconciler, in case its broker message was lost.",
+    )
+    cancel_grace_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="After SIGTERM, how long a cancelled training process gets to write its "
+        "checkpoint and exit before SIGKILL.",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="How many times a run may be started in all; a run whose worker was lost "
+        "is re-queued until this is reached, then fails with reason lost_worker.",
+    )
+    request_body_limit_bytes: int = Field(
+        1_048_576,
+        gt=0,
+        description="Largest accepted request body for JSON/YAML/multipart config submissions.",
+    )
+    upload_limit_bytes: int = Field(
+        1_073_741_824,
+        gt=0,
+        description="Largest accepted dataset upload (text files or a .tar of them).",
+    )
+    keep_checkpoints: int = Field(
+        3,
+        ge=0,
+        description="Retention: how many of a run's newest step-* checkpoints are kept on disk "
+        "(the final checkpoint is always kept); 0 keeps all.",
+    )
+    worker_gpus: Annotated[Literal["all"] | list[int], NoDecode] = Field(
+        "all",
+        description='GPUs a worker owns: "all" (every GPU it sees) or a comma-separated list '
+        'of indices like CUDA_VISIBLE_DEVICES, e.g. "0,1".',
+    )
+    allow_unschedulable: bool = Field(
+        False,
+        description="Queue runs that no registered live worker can serve (too many devices) "
+        "instead of refusing them with 422.",
+    )
+    sqlite_busy_timeout_ms: int = Field(
+        30_000,
+        ge=0,
+        description="SQLite only: how long a writer waits for the database lock before failing.",
+    )
+
+    # -- validators -------------------------------------------------------------------------
+
+    @field_validator("worker_gpus", mode="before")
+    @classmethod
+    def _parse_gpus(cls, value: object) -> object:
+        """Accept "all", "0,1", " 0, 1 ", a list of ints/strings; reject negatives and repeats."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.lower() == "all":
+                return "all"
+            if not text:
+                raise ValueError('empty GPU list: use "all" or indices like "0,1"')
+            value = [part.strip() for part in text.split(",")]
+        if isinstance(value, (list, tuple)):
+            try:
+                indices = [int(v) for v in value]
+            except (TypeError, ValueError):
+                raise ValueError(f'GPU list must be "all" or integers like "0,1", got {value!r}')
+            if any(i < 0 for i in indices):
+                raise ValueError(f"GPU indices must be >= 0, got {indices}")
+            if len(set(indices)) != len(indices):
+                raise ValueError(f"GPU indices repeat: {indices}")
+            return indices
+        return value
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _blank_token_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> "Settings":
+        home = self.home.expanduser().absolute()
+        self.home = home
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{home / 'moejobs.sqlite3'}"
+        self.database_url = normalize_database_url(self.database_url)
+        if self.broker_url is None:
+            self.broker_url = f"sqla+sqlite:///{home / 'broker.sqlite3'}"
+        self.data_root = (self.data_root or home / "data").expanduser().absolute()
+        self.runs_dir = (self.runs_dir or home / "runs").expanduser().absolute()
+
+        if not is_loopback_host(self.host) and self.api_token is None:
+            raise UnsafeSettingsError(
+                f"MOEJOBS_HOST={self.host} listens beyond this machine but no API token is set: "
+                f"set MOEJOBS_API_TOKEN (a long random string) or listen on 127.0.0.1"
+            )
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise UnsafeSettingsError(
+                f"MOEJOBS_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be shorter than "
+                f"MOEJOBS_LEASE_SECONDS ({self.lease_seconds}), or every lease expires between "
+                f"two heartbeats"
+            )
+        if self.heartbeat_seconds >= self.worker_stale_seconds:
+            raise UnsafeSettingsError(
+                f"MOEJOBS_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be shorter than "
+                f"MOEJOBS_WORKER_STALE_SECONDS ({self.worker_stale_seconds})"
+            )
+        return self
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when the database is SQLite (the embedded default)."""
+        assert self.database_url is not None
+        return self.database_url.startswith("sqlite")
+
+    def run_dir(self, run_id: object) -> Path:
+        """The output folder of one run: ``RUNS_DIR/<run id>`` (not created)."""
+        assert self.runs_dir is not None
+        return self.runs_dir / str(run_id)
+
+    def ensure_dirs(self) -> None:
+        """Create HOME, DATA_ROOT, RUNS_DIR and the folders of SQLite database/broker files."""
+        assert self.data_root is not None and self.runs_dir is not None
+        for folder in (self.home, self.data_root, self.runs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        for url in (self.database_url, self.broker_url):
+            path = sqlite_path(url or "")
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``MOEJOBS_*`` environment variables, for child processes (a
+        worker or server started by ``moejobs up``) so they see exactly these values. Includes
+        the API token in clear text: pass it only to processes you start."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[ENV_PREFIX + name.upper()] = str(value)
+        return env
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` or ``sqla+sqlite:///PATH`` URL; None for other URLs and
+    for in-memory SQLite."""
+    for prefix in ("sqlite:///", "sqla+sqlite:///", "sqlite+pysqlite:///"):
+        if url.startswith(prefix):
+            rest = url[len(prefix):].split("?", 1)[0]
+            if not rest or rest == ":memory:":
+                return None
+            return Path(rest)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _settings_from_environment() -> Settings:
+    return Settings()
+
+
+_override: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings: the ones installed with :func:`use_settings`, else built
+    once from the environment (cached). Raises ``pydantic.ValidationError`` on malformed values,
+    :class:`UnsafeSettingsError` on unsafe ones."""
+    if _override is not None:
+        return _override
+    return _settings_from_environment()
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Install ``settings`` as what :func:`get_settings` returns (the CLI does this after
+    parsing ``--home``/``--host``/``--port``; tests do it for isolation). ``None`` removes the
+    override and clears the cache so the environment is read again."""
+    global _override
+    _override = settings
+    _settings_from_environment.cache_clear()
+
+
+def settings_for_home(home: str | os.PathLike[str], **overrides: object) -> Settings:
+    """Settings rooted at ``home`` (what ``--home DIR`` means), other values from the
+    environment unless given in ``overrides``."""
+    return Settings(home=Path(home), **overrides)
