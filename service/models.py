@@ -1,0 +1,372 @@
+"""Database tables (SQLModel). Tables only: API shapes live in ``service/schemas.py``, state
+changes in ``service/runs.py``, the schema's history in ``migrations/``.
+
+Tables: ``runs``, ``run_events``, ``metric_points``, ``router_points``, ``checkpoints``,
+``workers``, ``run_provenance``. Every constraint and index is named by
+:data:`NAMING_CONVENTION` so that migrations can refer to them on every database.
+
+Conventions
+-----------
+- Timestamps are timezone-aware UTC (:class:`UTCDateTime`): PostgreSQL ``timestamptz``; on
+  SQLite an ISO string of the UTC time, given back as an aware datetime.
+- JSON columns are ``jsonb`` on PostgreSQL, JSON text on SQLite.
+- Enums are stored as their string values with a named CHECK constraint (no native PostgreSQL
+  enum types: adding a status is then a constraint change, not a type migration).
+- Children of a run (events, metric/router points, checkpoints, provenance) are deleted with it
+  (``ON DELETE CASCADE``; SQLite needs ``PRAGMA foreign_keys=ON``, which ``service.db`` sets).
+- Checkpoint steps: a ``step-NNNNNNNN`` folder has that step; the ``final`` folder records the
+  step it was written at when the caller knows it, else NULL. A checkpoint is identified by its
+  folder name, unique per run (see ``runs.get_checkpoint`` for lookups by step or "final").
+"""
+import enum
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+#: Constraint/index names: the same on SQLite and PostgreSQL, so migrations can drop or alter
+#: them by name (SQLite has no names otherwise, which batch migrations need).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Base(SQLModel):
+    """Base of every table here; owns :data:`metadata` (not SQLModel's global one), which is
+    the ``target_metadata`` of the migrations."""
+
+    metadata = metadata
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (what every timestamp column stores)."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always returned timezone-aware.
+
+    Naive datetimes are refused on the way in (``ValueError``): a naive value is ambiguous.
+    PostgreSQL stores ``timestamptz``; SQLite stores the UTC wall time as text and the
+    result gets ``tzinfo=UTC`` back, so both databases return equal, comparable values."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[datetime], dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: use an aware UTC datetime")
+        value = value.astimezone(timezone.utc)
+        if dialect.name == "sqlite":
+            # SQLite's DATETIME keeps no offset; store the UTC wall time.
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Optional[datetime], dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+#: JSON document column: jsonb on PostgreSQL (indexable, compact), JSON text elsewhere.
+JSONDoc = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+class RunStatus(str, enum.Enum):
+    """Where a run is. ``queued`` and ``running`` are live; the other three are terminal
+    (final: no transition leaves them). Allowed moves: ``service.runs.ALLOWED_TRANSITIONS``."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled})
+
+
+class FailureReason(str, enum.Enum):
+    """Why a run failed (the fixed list). ``invalid_config``, ``invalid_data``,
+    ``out_of_memory`` and ``crashed`` are permanent; ``killed`` (signal from outside, e.g.
+    the OOM killer or preemption) and ``lost_worker`` (lease expired) may be retried."""
+
+    invalid_config = "invalid_config"
+    invalid_data = "invalid_data"
+    out_of_memory = "out_of_memory"
+    killed = "killed"
+    crashed = "crashed"
+    lost_worker = "lost_worker"
+
+
+def _enum(enum_cls: type[enum.Enum], name: str) -> sa.Enum:
+    """A string column restricted to ``enum_cls``'s values by a CHECK constraint named
+    ``ck_<table>_<name>`` (``name`` must be unique within the table)."""
+    return sa.Enum(
+        enum_cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda cls: [member.value for member in cls],
+        validate_strings=True,
+    )
+
+
+def _run_fk(ondelete: str = "CASCADE") -> sa.ForeignKey:
+    return sa.ForeignKey("runs.id", ondelete=ondelete)
+
+
+class Run(Base, table=True):
+    """One training job: what was submitted, what it resolved to, and where it stands.
+
+    ``status`` moves only through ``service.runs`` (one function writes it, each move also
+    writes a :class:`RunEvent`). ``attempt`` counts claims (1 on the first start); it is the
+    fencing token a worker passes back so that a worker whose lease was taken over cannot
+    write to the run any more. ``failure_reason`` is set exactly when ``status`` is failed.
+    """
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        sa.UniqueConstraint("owner", "idempotency_key"),
+        sa.Index(None, "status", "created_at"),
+        sa.Index(None, "created_at"),
+        sa.CheckConstraint("attempt >= 0", name="attempt_nonnegative"),
+        sa.CheckConstraint(
+            "(status = 'failed' AND failure_reason IS NOT NULL)"
+            " OR (status <> 'failed' AND failure_reason IS NULL)",
+            name="failure_reason_iff_failed",
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=200, description="Human-readable name, not unique.")
+    owner: str = Field(
+        default="local", max_length=200, description="Who submitted it (token identity)."
+    )
+    status: RunStatus = Field(
+        default=RunStatus.queued,
+        sa_type=_enum(RunStatus, "status"),
+        sa_column_kwargs={"nullable": False},
+    )
+    preset: Optional[str] = Field(default=None, max_length=200)
+    submitted_train: dict[str, Any] = Field(
+        sa_type=JSONDoc, sa_column_kwargs={"nullable": False},
+        description="train_config exactly as submitted (before presets/overrides).",
+    )
+    submitted_model: dict[str, Any] = Field(
+        sa_type=JSONDoc, sa_column_kwargs={"nullable": False},
+        description="model_config exactly as submitted.",
+    )
+    resolved_train: dict[str, Any] = Field(
+        sa_type=JSONDoc, sa_column_kwargs={"nullable": False},
+        description="The validated train config the engine runs (paths resolved).",
+    )
+    resolved_model: dict[str, Any] = Field(
+        sa_type=JSONDoc, sa_column_kwargs={"nullable": False},
+        description="The validated model config the engine runs.",
+    )
+    estimate: Optional[dict[str, Any]] = Field(default=None, sa_type=JSONDoc)
+    warnings: list[Any] = Field(
+        default_factory=list, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
+    )
+    attempt: int = Field(default=0, description="Number of claims so far (fencing token).")
+    worker_id: Optional[str] = Field(default=None, max_length=200, index=True)
+    heartbeat_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
+    lease_expires_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+    queued_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False},
+        description="When it last entered queued (creation or re-queue).",
+    )
+    started_at: Optional[datetime] = Field(
+        default=None, sa_type=UTCDateTime(), description="Start of the latest attempt."
+    )
+    finished_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+    failure_reason: Optional[FailureReason] = Field(
+        default=None, sa_type=_enum(FailureReason, "failure_reason")
+    )
+    failure_message: Optional[str] = Field(default=None, sa_type=sa.Text())
+    exit_code: Optional[int] = Field(default=None)
+    cancel_requested: bool = Field(default=False, sa_column_kwargs={"nullable": False})
+    cancel_requested_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
+    idempotency_key: Optional[str] = Field(default=None, max_length=255)
+    request_hash: Optional[str] = Field(
+        default=None, max_length=64, description="sha256 hex of the canonical request body."
+    )
+
+
+class RunEvent(Base, table=True):
+    """One line of a run's history: a status transition (``from_status`` -> ``to_status``;
+    ``from_status`` is NULL for the creation event) or a note without a transition (then both
+    are equal, e.g. a cancel request while running). ``actor`` says who: "api",
+    "worker:<id>", "reconciler"."""
+
+    __tablename__ = "run_events"
+    __table_args__ = (sa.Index(None, "run_id", "id"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: uuid.UUID = Field(sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE")
+    at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+    from_status: Optional[RunStatus] = Field(
+        default=None, sa_type=_enum(RunStatus, "from_status")
+    )
+    to_status: RunStatus = Field(
+        sa_type=_enum(RunStatus, "to_status"), sa_column_kwargs={"nullable": False}
+    )
+    reason: Optional[FailureReason] = Field(
+        default=None, sa_type=_enum(FailureReason, "reason")
+    )
+    message: str = Field(default="", sa_type=sa.Text(), sa_column_kwargs={"nullable": False})
+    actor: Optional[str] = Field(default=None, max_length=200)
+    attempt: int = Field(default=0)
+
+
+class MetricPoint(Base, table=True):
+    """One row of a run's metrics.csv. The primary key (run_id, step) is the uniqueness rule
+    that makes ingestion idempotent. Units: tokens = tokens seen by all ranks so far,
+    learning_rate per step, tokens_per_sec summed over ranks, mfu a fraction in [0, 1],
+    elapsed_s seconds since training start; val_loss/val_ppl only on evaluation steps.
+    NaN losses are stored as NULL on SQLite (SQLite has no NaN)."""
+
+    __tablename__ = "metric_points"
+    __table_args__ = (sa.CheckConstraint("step >= 0", name="step_nonnegative"),)
+
+    run_id: uuid.UUID = Field(
+        sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE", primary_key=True
+    )
+    step: int = Field(primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False})
+    tokens: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    loss: Optional[float] = Field(default=None)
+    learning_rate: Optional[float] = Field(default=None)
+    grad_norm: Optional[float] = Field(default=None)
+    tokens_per_sec: Optional[float] = Field(default=None)
+    mfu: Optional[float] = Field(default=None)
+    elapsed_s: Optional[float] = Field(default=None)
+    val_loss: Optional[float] = Field(default=None)
+    val_ppl: Optional[float] = Field(default=None)
+
+
+#: The metric columns in metrics.csv order (after ``step``).
+METRIC_COLUMNS: tuple[str, ...] = (
+    "tokens", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s",
+    "val_loss", "val_ppl",
+)
+
+
+class RouterPoint(Base, table=True):
+    """MoE router telemetry: at optimizer ``step``, the fraction of routed token slots that
+    MoE layer ``layer`` (0-based block index) sent to ``expert`` (0-based). For one
+    (step, layer) the fractions over experts sum to 1. Primary key = uniqueness rule."""
+
+    __tablename__ = "router_points"
+    __table_args__ = (
+        sa.CheckConstraint("fraction >= 0 AND fraction <= 1", name="fraction_range"),
+    )
+
+    run_id: uuid.UUID = Field(
+        sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE", primary_key=True
+    )
+    step: int = Field(primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False})
+    layer: int = Field(primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False})
+    expert: int = Field(primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False})
+    fraction: float = Field(sa_column_kwargs={"nullable": False})
+
+
+class Checkpoint(Base, table=True):
+    """A complete checkpoint folder of a run (recorded only after it was renamed into place).
+    ``name`` is the folder name (``step-00000500`` or ``final``), unique per run; ``step`` as
+    described in the module docstring; ``path`` absolute; ``size_bytes`` the folder's total."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (
+        sa.UniqueConstraint("run_id", "name"),
+        sa.Index(None, "run_id", "step"),
+    )
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: uuid.UUID = Field(sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE")
+    name: str = Field(max_length=200)
+    step: Optional[int] = Field(default=None)
+    path: str = Field(sa_type=sa.Text(), sa_column_kwargs={"nullable": False})
+    size_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+
+
+class Worker(Base, table=True):
+    """A registered worker process (liveness comes from here, not Celery's remote control).
+    ``gpus``: list of ``{"index": int, "name": str, "memory_bytes": int}``; ``gpu_count`` the
+    GPUs it owns (0 = CPU only); ``gpu_memory_bytes`` the smallest GPU's total memory (what a
+    run can count on per device)."""
+
+    __tablename__ = "workers"
+
+    id: str = Field(primary_key=True, max_length=200)
+    host: str = Field(max_length=255)
+    pid: Optional[int] = Field(default=None)
+    gpus: list[Any] = Field(
+        default_factory=list, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
+    )
+    gpu_count: int = Field(default=0)
+    gpu_memory_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    heartbeat_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+    current_run_id: Optional[uuid.UUID] = Field(
+        default=None, sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="SET NULL"
+    )
+    started_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+
+
+class RunProvenance(Base, table=True):
+    """What produced a run's result, recorded by the worker when training starts:
+    ``package_versions`` ``{"torch": "2.14.1", ...}``, ``git_commit`` of the code (or NULL),
+    the seed, ``hardware`` (``{"gpus": [...], "cuda": ..., "cpu": ...}``), and sha256 hex
+    digests of the training data and the tokenizer files."""
+
+    __tablename__ = "run_provenance"
+
+    run_id: uuid.UUID = Field(
+        sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE", primary_key=True
+    )
+    package_versions: dict[str, Any] = Field(
+        default_factory=dict, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
+    )
+    git_commit: Optional[str] = Field(default=None, max_length=64)
+    seed: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    hardware: dict[str, Any] = Field(
+        default_factory=dict, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
+    )
+    data_hash: Optional[str] = Field(default=None, max_length=128)
+    tokenizer_hash: Optional[str] = Field(default=None, max_length=128)
+    recorded_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
