@@ -1,0 +1,893 @@
+"""The training engine: LitGPT's model on Lightning Fabric, in moejobs' own loop.
+
+Built from LitGPT parts (``litgpt.GPT``, ``litgpt.Config``, ``litgpt.Tokenizer``,
+``litgpt.utils.chunked_cross_entropy``, ``litgpt.utils.save_config``) and Lightning Fabric;
+LitGPT's ``pretrain.py`` cannot run this project's configs (../shared/design/litgpt-facts.md).
+
+Public API:
+
+* :func:`run_training` — train one validated config pair; raises ``worker.errors`` exceptions.
+* :func:`preflight` — the machine checks made before anything else.
+* :func:`build_model`, :func:`lm_loss` — the model and loss exactly as training uses them.
+* ``python -m worker.train --train-config T.yaml --model-config M.yaml [--no-checkpoints]``:
+  exit 0 done, 1 training failure (``EngineError``/``DataError`` or a crash), 2 invalid config or
+  failed pre-flight, 75 stopped by SIGTERM/SIGINT after writing a resumable checkpoint.
+
+Files written in ``out_dir``: ``metrics.csv`` (see ``worker.metrics``), ``train.log``,
+``step-XXXXXXXX/`` every ``save_interval`` optimizer steps and ``final/`` at the end (see
+``worker.checkpoint``). Tokens are cached outside ``out_dir`` and the input folders
+(``worker.data``).
+
+Resume rules (``resume``):
+
+* ``"auto"``: continue from the complete checkpoint with the highest step (``final/`` included);
+  start fresh when there is none. A ``final/`` that already reached the planned number of steps
+  means there is nothing more to do: the run returns at once (exit 0).
+* ``true``: the same, but having no checkpoint is an error.
+* a path: continue from that checkpoint folder.
+* ``false``: start fresh. An ``out_dir`` that already holds a checkpoint is refused (pre-flight
+  error naming ``resume``) rather than silently overwritten; a ``metrics.csv`` without any
+  checkpoint (a smoke test, a run killed before its first checkpoint) is simply started over.
+
+Continuing restores the weights, the optimizer state, the step counter, the data position
+(samples consumed, so the same micro-batches follow) and the RNG states; the learning-rate
+schedule is a pure function of the step and the plan, so it continues where it was. Rows of
+``metrics.csv`` after the resumed step are dropped before new ones are appended.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from worker import checkpoint as ckpt
+from worker.attention import AttentionChoice, choose_backends
+from worker.data import PreparedData, WindowSampler, prepare_data, validation_batches
+from worker.errors import DataError, EngineError, Interrupted, PreflightError
+from worker.launch import RankProcesses, die_with_parent, externally_launched, is_rank_zero_env
+from worker.metrics import MetricsWriter, model_flops_utilization, peak_flops_per_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    import litgpt
+
+    from service.estimate import TrainingPlan
+    from service.schemas import ModelConfig, TrainConfig
+
+log = logging.getLogger("moejobs.train")
+
+_OPTIMIZERS = {
+    "torch.optim.AdamW": torch.optim.AdamW,
+    "torch.optim.Adam": torch.optim.Adam,
+    "torch.optim.SGD": torch.optim.SGD,
+}
+
+
+@dataclass
+class TrainingResult:
+    """What a finished (or already finished) run reports.
+
+    Attributes:
+        steps: optimizer steps completed (all sessions).
+        tokens: tokens trained, all ranks, all sessions.
+        final_loss: training loss of the last step (None when no step ran in this session and the
+            checkpoint recorded none).
+        val_loss: last validation loss, if any validation ran.
+        checkpoint_dir: the final checkpoint folder, or None when checkpoints are off.
+        peak_memory_bytes: peak GPU memory allocated (CUDA) or peak resident set size of the rank-0
+            process (CPU), in bytes.
+        elapsed_s: wall time of this call, seconds.
+        out_dir: the run folder.
+        stopped_by: "completed", "max_time" or "nothing_to_do".
+    """
+
+    steps: int
+    tokens: int
+    final_loss: float | None
+    val_loss: float | None
+    checkpoint_dir: Path | None
+    peak_memory_bytes: int
+    elapsed_s: float
+    out_dir: Path
+    stopped_by: str = "completed"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-flight
+# --------------------------------------------------------------------------------------------------
+
+
+def preflight(
+    train: TrainConfig,
+    *,
+    cuda_available: bool | None = None,
+    cuda_device_count: int | None = None,
+    bf16_supported: bool | None = None,
+) -> None:
+    """Check that this machine can run ``train`` before any data or model work.
+
+    The keyword arguments override what is detected (tests use them to describe other machines).
+
+    Raises:
+        PreflightError: naming the field: ``optimization.flash_attention_force`` on a CPU or with
+            ``32-true``; ``precision`` bf16-* on a CUDA GPU without bf16; ``devices`` (x
+            ``num_nodes``) beyond the visible GPUs; ``num_nodes`` > 1 without a cluster launcher.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if cuda_device_count is None:
+        cuda_device_count = torch.cuda.device_count() if cuda_available else 0
+    opt = train.optimization
+    if opt.flash_attention_force:
+        if not cuda_available:
+            raise PreflightError(
+                "optimization.flash_attention_force: flash-attention kernels need a CUDA GPU and this "
+                "machine has none; set flash_attention_force: false (flash_attention: true still prefers "
+                "PyTorch's CPU flash kernel)"
+            )
+        if train.precision == "32-true":
+            raise PreflightError(
+                "optimization.flash_attention_force: flash-attention kernels need fp16/bf16 inputs but "
+                "precision is 32-true; use bf16-mixed or set flash_attention_force: false"
+            )
+    if cuda_available and train.precision.startswith("bf16"):
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        if not bf16_supported:
+            raise PreflightError(
+                f"precision: {train.precision} needs a GPU with bfloat16 support (Ampere or newer); "
+                "this GPU has none: use 16-mixed or 32-true"
+            )
+    devices = train.devices
+    if cuda_available and devices != "auto" and int(devices) > cuda_device_count:
+        raise PreflightError(
+            f"devices: {devices} GPUs requested but this machine has {cuda_device_count} visible"
+        )
+    if train.num_nodes > 1 and not externally_launched() and "SLURM_PROCID" not in os.environ:
+        raise PreflightError(
+            f"num_nodes: {train.num_nodes} nodes need a cluster launcher (SLURM or torchrun) that sets "
+            "the rank environment on every node"
+        )
+
+
+def lightning_precision(precision: str, device_type: str) -> tuple[str, str | None]:
+    """The Fabric precision to use and a note for the log when it differs from the config.
+
+    16-mixed on a CPU runs as bf16 autocast (what Lightning 2.6 does silently; made explicit here).
+    """
+    if device_type == "cpu" and precision == "16-mixed":
+        return "bf16-mixed", "precision 16-mixed on CPU runs as bf16-mixed (CPU autocast has no fp16 GradScaler path)"
+    return precision, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and loss
+# --------------------------------------------------------------------------------------------------
+
+
+def litgpt_config(model: ModelConfig) -> litgpt.Config:
+    """``litgpt.Config`` of a validated model config."""
+    import litgpt
+
+    return litgpt.Config(**model.litgpt_kwargs())
+
+
+def init_weights(model: nn.Module, config: litgpt.Config) -> None:
+    """GPT-NeoX initialisation (Black et al. 2022, "GPT-NeoX-20B", sec. 3.1.1; Lightning's
+    pretraining recipes use it too): every Linear and Embedding weight ~ N(0, sqrt(2 / (5 d)))
+    ("small init", Nguyen & Salazar 2019), and the residual-branch output projections (attention
+    ``proj`` and every MLP/expert ``proj``) ~ N(0, 2 / (n_layer * sqrt(d))) ("wang init");
+    biases zero. ``d`` = n_embd."""
+    import litgpt.model as lm
+
+    d, n_layer = config.n_embd, config.n_layer
+    small, wang = math.sqrt(2.0 / (5 * d)), 2.0 / (n_layer * math.sqrt(d))
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, mean=0.0, std=small)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+        for mod in model.modules():
+            if isinstance(mod, (lm.CausalSelfAttention, lm.LLaMAMLP, lm.GptNeoxMLP)):
+                nn.init.normal_(mod.proj.weight, mean=0.0, std=wang)
+
+
+def _checkpoint_block_forwards(model: nn.Module) -> int:
+    """Activation checkpointing of every transformer block: each ``Block.forward`` runs under
+    ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` when gradients are on, so its
+    activations are recomputed in the backward pass. The forward is replaced on the instance,
+    so module names and state-dict keys stay LitGPT's. Returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrapped(*args, _forward, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        return _forward(*args, **kwargs)
+
+    n = 0
+    for block in model.transformer.h:
+        block.forward = partial(wrapped, _forward=block.forward)
+        n += 1
+    return n
+
+
+def build_model(
+    model: ModelConfig,
+    *,
+    seq_len: int,
+    moe_implementation: str = "loop",
+    gradient_checkpointing: bool = False,
+    tie_embeddings: bool = False,
+    notes: list[str] | None = None,
+) -> litgpt.GPT:
+    """The training model on the CPU in fp32, initialised with :func:`init_weights` from the
+    current torch RNG state (seed it first).
+
+    Args:
+        seq_len: training sequence length; sets ``max_seq_length`` (RoPE cache size).
+        moe_implementation: "grouped" swaps LitGPT's ``LLaMAMoE`` layers for
+            ``worker.moe.GroupedMoE`` (same weights and state-dict keys) when that module exists;
+            "loop" keeps LitGPT's layers.
+        gradient_checkpointing: wrap each block's forward in activation checkpointing.
+        tie_embeddings: share ``transformer.wte.weight`` with ``lm_head.weight``.
+        notes: lines for the log are appended here.
+    """
+    import litgpt
+
+    notes = notes if notes is not None else []
+    config = litgpt_config(model)
+    gpt = litgpt.GPT(config)
+    init_weights(gpt, config)
+    if tie_embeddings:
+        gpt.lm_head.weight = gpt.transformer.wte.weight
+        notes.append("tie_embeddings: lm_head shares the token-embedding matrix")
+    gpt.max_seq_length = seq_len
+    if config.mlp_class_name == "LLaMAMoE":
+        if moe_implementation == "grouped":
+            try:
+                from worker.moe import swap_moe_layers
+            except ImportError as exc:
+                notes.append(f"moe_implementation grouped: worker.moe not available ({exc}); using LitGPT's loop")
+            else:
+                n = swap_moe_layers(gpt)
+                notes.append(f"moe_implementation grouped: {n} LLaMAMoE layers replaced by worker.moe.GroupedMoE")
+        else:
+            notes.append("moe_implementation loop: LitGPT's per-expert LLaMAMoE loop")
+    if gradient_checkpointing:
+        n = _checkpoint_block_forwards(gpt)
+        notes.append(f"gradient_checkpointing: activation checkpointing of {n} transformer blocks")
+    return gpt
+
+
+class RouterLosses:
+    """MoE auxiliary losses from the router logits of every MoE layer's ``gate`` (forward hooks).
+
+    * load balancing (Switch Transformer, Fedus et al. 2021, eq. 4, with top-k assignments as in
+      Mixtral): ``n_expert * sum_i f_i * P_i`` with ``f_i`` the fraction of the token->expert
+      assignments that go to expert ``i`` and ``P_i`` the mean router probability of ``i``;
+    * router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): ``mean_tokens(logsumexp(logits)^2)``.
+
+    Both are averaged over the MoE layers. Registered only when a coefficient is > 0, so the
+    default model is LitGPT's unchanged.
+    """
+
+    def __init__(self, model: nn.Module, k: int, aux_coef: float, z_coef: float) -> None:
+        self.k, self.aux_coef, self.z_coef = k, aux_coef, z_coef
+        self.logits: list[torch.Tensor] = []
+        self.handles = []
+        for name, mod in model.named_modules():
+            if name.endswith(".mlp") and hasattr(mod, "gate") and hasattr(mod, "experts"):
+                if isinstance(mod.gate, nn.Linear):
+                    self.handles.append(mod.gate.register_forward_hook(self._hook))
+        self.n_layers = len(self.handles)
+
+    def _hook(self, module, args, output) -> None:
+        self.logits.append(output)
+
+    def reset(self) -> None:
+        self.logits.clear()
+
+    def loss(self) -> torch.Tensor | None:
+        if not self.logits:
+            return None
+        aux_terms, z_terms = [], []
+        for logits in self.logits[: self.n_layers]:  # recomputation under checkpointing appends more
+            logits = logits.float()
+            n_expert = logits.size(-1)
+            probs = logits.softmax(dim=-1)
+            top = logits.topk(self.k, dim=-1).indices
+            f = torch.zeros(n_expert, device=logits.device).scatter_add_(
+                0, top.reshape(-1), torch.ones(top.numel(), device=logits.device)
+            ) / top.numel()
+            aux_terms.append(n_expert * (f * probs.mean(dim=0)).sum())
+            z_terms.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
+        total = self.aux_coef * torch.stack(aux_terms).mean() + self.z_coef * torch.stack(z_terms).mean()
+        self.reset()
+        return total
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of ``batch`` (int64, shape ``(B, T + 1)``): inputs ``batch[:, :-1]``,
+    targets ``batch[:, 1:]``, mean over the ``B * T`` positions (``litgpt.utils.chunked_cross_entropy``,
+    as LitGPT's pretraining computes it). Returns a 0-dim tensor."""
+    from litgpt.utils import chunked_cross_entropy
+
+    logits = model(batch[:, :-1])
+    return chunked_cross_entropy(logits, batch[:, 1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# Signals
+# --------------------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag that the loop checks at each optimizer-step boundary.
+    A second SIGINT raises KeyboardInterrupt at once (the usual double Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received %s: stopping at the next optimizer-step boundary", signal.Signals(signum).name)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.info("not in the main thread: SIGTERM/SIGINT handlers not installed")
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _flops_per_token(train: TrainConfig, model: ModelConfig) -> float | None:
+    """Training FLOPs per token from ``service.estimate`` (None if it does not provide them)."""
+    try:
+        from service.estimate import estimate
+
+        value = getattr(estimate(train, model), "flops_per_token", None)
+        return float(value) if value else None
+    except Exception:  # the estimate is informational here; MFU stays empty
+        return None
+
+
+def _resolve_resume(train: TrainConfig, out_dir: Path) -> ckpt.CheckpointInfo | None:
+    resume = train.resume
+    if resume is False:
+        existing = ckpt.list_checkpoints(out_dir)
+        if existing:
+            raise PreflightError(
+                f"resume: false but out_dir {out_dir} already holds checkpoints "
+                f"({', '.join(c.path.name for c in existing[-3:])}); set resume: auto to continue that run, "
+                "or choose another out_dir"
+            )
+        return None
+    if resume is True or resume == "auto":
+        latest = ckpt.latest_checkpoint(out_dir)
+        if latest is None and resume is True:
+            raise PreflightError(f"resume: true but out_dir {out_dir} holds no complete checkpoint")
+        return latest
+    info = ckpt.read_checkpoint(Path(resume))
+    if info is None:
+        raise PreflightError(
+            f"resume: {resume} is not a complete checkpoint folder (needs {', '.join(ckpt.REQUIRED)})"
+        )
+    return info
+
+
+@contextmanager
+def _run_log(out_dir: Path, enabled: bool) -> Iterator[None]:
+    """Append this run's log lines to ``out_dir/train.log`` (rank 0)."""
+    if not enabled:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("moejobs")
+    previous = logger.level
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+        handler.close()
+
+
+def run_training(
+    train: TrainConfig,
+    model: ModelConfig,
+    *,
+    write_checkpoints: bool = True,
+    on_row: Callable[[dict, TrainingPlan], None] | None = None,
+) -> TrainingResult:
+    """Train ``model`` as ``train`` says; see the module docstring for files and resume rules.
+
+    Args:
+        train, model: a validated pair (``service.schemas.validate_configs``).
+        write_checkpoints: False writes no checkpoint at all (the smoke test); metrics.csv is
+            still written.
+        on_row: called on rank 0 with every metrics.csv row (a dict keyed by the header; values
+            None when empty) and the plan, e.g. for a progress bar.
+
+    Returns:
+        :class:`TrainingResult` (on every rank; rank 0's is the one to report).
+
+    Raises:
+        PreflightError: the machine cannot run the config, or the resume setting cannot be met.
+        DataError: the data or tokenizer is unusable (message names the file or folder).
+        Interrupted: SIGTERM/SIGINT; a checkpoint ``step-XXXXXXXX`` was written (unless
+            ``write_checkpoints`` is False) and the run resumes from it with ``resume: auto``.
+        EngineError: a rank process failed.
+    """
+    from service.estimate import training_plan
+
+    started = time.perf_counter()
+    plan = training_plan(train, model)
+    preflight(train)
+    out_dir = Path(train.out_dir)
+    rank_zero = is_rank_zero_env()
+    env_before = dict(os.environ)
+    threads_before = torch.get_num_threads()
+    stop = StopFlag()
+    with _run_log(out_dir, enabled=rank_zero):
+        try:
+            stop.install()
+            return _run(train, model, plan, out_dir, rank_zero, write_checkpoints, on_row, stop, started)
+        finally:
+            stop.restore()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            os.environ.clear()
+            os.environ.update(env_before)
+            torch.set_num_threads(threads_before)
+
+
+def _run(
+    train: TrainConfig,
+    model_cfg: ModelConfig,
+    plan: TrainingPlan,
+    out_dir: Path,
+    rank_zero: bool,
+    write_checkpoints: bool,
+    on_row: Callable[[dict, TrainingPlan], None] | None,
+    stop: StopFlag,
+    started: float,
+) -> TrainingResult:
+    import lightning as L
+
+    t = train.train
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # ---- out_dir and resume (rank 0 decides; other ranks get the decision in their config)
+    if rank_zero:
+        for line in ckpt.clean_stale(out_dir):
+            log.info("out_dir: %s", line)
+    resume_from = _resolve_resume(train, out_dir)
+    if resume_from is not None and resume_from.is_final and resume_from.step >= plan.optimizer_steps:
+        log.info("final/ is at step %d and the plan has %d optimizer steps: nothing more to do",
+                 resume_from.step, plan.optimizer_steps)
+        meta = resume_from.meta
+        return TrainingResult(
+            steps=resume_from.step, tokens=int(meta.get("tokens", 0)), final_loss=meta.get("loss"),
+            val_loss=meta.get("val_loss"), checkpoint_dir=resume_from.path,
+            peak_memory_bytes=_peak_memory(torch.device("cpu")), elapsed_s=time.perf_counter() - started,
+            out_dir=out_dir, stopped_by="nothing_to_do",
+        )
+    if plan.optimizer_steps < 1:
+        raise PreflightError(
+            f"train.max_tokens: {t.max_tokens} tokens do not fill one optimizer step of {plan.tokens_per_step} tokens"
+        )
+
+    # ---- tokenizer and data (rank 0 builds the cache before other ranks start)
+    tokenizer_dir = train.tokenizer_dir or train.initial_checkpoint_dir
+    if tokenizer_dir is None:
+        raise PreflightError("tokenizer_dir: a tokenizer folder is required (train one with `moejobs tokenizer train`)")
+    from worker.tokenizer import load_tokenizer
+
+    padded_vocab = model_cfg.resolved_padded_vocab_size
+    tokenizer = load_tokenizer(Path(tokenizer_dir), padded_vocab)
+    ev = train.eval
+    need_val = bool(ev.interval) or ev.initial_validation or ev.final_validation
+    args = train.data.init_args
+    data = prepare_data(
+        args.train_data_path, args.val_data_path, tokenizer, tokenizer_dir, padded_vocab,
+        plan.seq_len, plan.micro_batch_size, need_val,
+    )
+    if rank_zero:
+        log.info("data: %d training tokens in %s (%d windows of %d), validation: %s", len(data.train),
+                 data.train.path, data.train.n_windows(plan.seq_len + 1), plan.seq_len + 1,
+                 f"{len(data.val)} tokens in {data.val.path}" if data.val else "none")
+        log.info("data.init_args.num_workers=%d: no DataLoader workers are started; micro-batches are "
+                 "gathered in-process from the memory-mapped token cache", args.num_workers)
+
+    # ---- ranks and Fabric
+    ranks: RankProcesses | None = None
+    if plan.world_size > 1 and not externally_launched():
+        train_doc = train.model_dump(mode="json")
+        train_doc["resume"] = str(resume_from.path) if resume_from is not None else False
+        ranks = RankProcesses(plan.world_size, train_doc, model_cfg.model_dump(mode="json"), write_checkpoints)
+        ranks.start()
+    try:
+        precision, note = lightning_precision(train.precision, device_type)
+        if note and rank_zero:
+            log.warning(note)
+        fabric = L.Fabric(
+            accelerator=device_type,
+            devices=plan.world_size // train.num_nodes,
+            num_nodes=train.num_nodes,
+            strategy="ddp" if plan.world_size > 1 else "auto",
+            precision=precision,
+        )
+        fabric.launch()
+        result = _train_loop(fabric, train, model_cfg, plan, out_dir, data, tokenizer_dir, resume_from,
+                             write_checkpoints, on_row, stop, started, device_type)
+    except BaseException:
+        if ranks is not None:
+            ranks.kill()
+        raise
+    if ranks is not None:
+        codes = ranks.wait(timeout=120)
+        bad = [(i + 1, c) for i, c in enumerate(codes) if c != 0]
+        if bad:
+            raise EngineError(f"rank process(es) failed: {', '.join(f'rank {r} exit {c}' for r, c in bad)}")
+    return result
+
+
+def _optimizer(train: TrainConfig, params) -> torch.optim.Optimizer:
+    cls = _OPTIMIZERS[train.optimizer.class_path]  # allowlisted by the schema; nothing is imported
+    kwargs = dict(train.optimizer.torch_kwargs())
+    if "betas" in kwargs and kwargs["betas"] is not None:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(params, **kwargs)
+
+
+def _train_loop(
+    fabric,
+    train: TrainConfig,
+    model_cfg: ModelConfig,
+    plan: TrainingPlan,
+    out_dir: Path,
+    data: PreparedData,
+    tokenizer_dir: str,
+    resume_from: ckpt.CheckpointInfo | None,
+    write_checkpoints: bool,
+    on_row: Callable[[dict, TrainingPlan], None] | None,
+    stop: StopFlag,
+    started: float,
+    device_type: str,
+) -> TrainingResult:
+    t, ev, opt = train.train, train.eval, train.optimization
+    is_main = fabric.global_rank == 0
+    if not is_main:
+        logging.getLogger("moejobs").setLevel(logging.WARNING)
+    fabric.seed_everything(train.seed)
+
+    # ---- model
+    notes: list[str] = []
+    raw = build_model(
+        model_cfg, seq_len=plan.seq_len, moe_implementation=opt.moe_implementation,
+        gradient_checkpointing=t.gradient_checkpointing, tie_embeddings=bool(t.tie_embeddings), notes=notes,
+    )
+    config = raw.config
+    if resume_from is not None:
+        raw.load_state_dict(ckpt.load_weights(resume_from.path))
+        notes.append(f"resuming from {resume_from.path} (step {resume_from.step})")
+    elif train.initial_checkpoint_dir:
+        raw.load_state_dict(ckpt.load_weights(Path(train.initial_checkpoint_dir)))
+        notes.append(f"weights initialised from {train.initial_checkpoint_dir}")
+    router = None
+    if t.moe_aux_loss_coef > 0 or t.moe_z_loss_coef > 0:
+        router = RouterLosses(raw, config.n_expert_per_token, t.moe_aux_loss_coef, t.moe_z_loss_coef)
+        notes.append(f"MoE auxiliary losses on {router.n_layers} router(s): aux {t.moe_aux_loss_coef}, "
+                     f"z {t.moe_z_loss_coef}")
+    n_params = sum(p.numel() for p in raw.parameters())
+
+    attention: AttentionChoice = choose_backends(
+        flash_attention=opt.flash_attention, flash_attention_force=opt.flash_attention_force,
+        disable_math_fallback=opt.disable_math_fallback, device_type=device_type,
+    )
+    notes.append(f"SDPA backends (priority order): {', '.join(attention.names())}")
+    notes.extend(attention.notes)
+
+    model = raw
+    if opt.compile:
+        mode = None if opt.compile_mode == "default" else opt.compile_mode
+        model = torch.compile(raw, mode=mode, dynamic=opt.compile_dynamic, fullgraph=opt.compile_fullgraph)
+        notes.append(f"torch.compile(mode={mode}, dynamic={opt.compile_dynamic}, fullgraph={opt.compile_fullgraph})"
+                     + (": on CPU, reduce-overhead/max-autotune CUDA graphs do not apply"
+                        if device_type == "cpu" and mode in ("reduce-overhead", "max-autotune") else ""))
+    else:
+        notes.append("torch.compile off")
+
+    optimizer = _optimizer(train, raw.parameters())
+    model, optimizer = fabric.setup(model, optimizer)
+    if train.precision.endswith("-true") and train.precision != "32-true":
+        notes.append(f"precision {train.precision}: parameters and optimizer state are {train.precision[:-5]} "
+                     "(no fp32 master weights); use a *-mixed precision for fp32 optimizer state")
+
+    # ---- training state
+    step, samples, tokens, prev_elapsed = 0, 0, 0, 0.0
+    last_loss: float | None = None
+    last_val: float | None = None
+    if resume_from is not None:
+        state = ckpt.load_state(resume_from.path)
+        optimizer.load_state_dict(state["optimizer"])
+        meta = state["meta"]
+        step, samples, tokens = int(meta["step"]), int(meta["samples"]), int(meta["tokens"])
+        prev_elapsed = float(meta.get("elapsed_s", 0.0))
+        last_loss, last_val = meta.get("loss"), meta.get("val_loss")
+        rng = state.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "numpy" in rng:
+            np.random.set_state(rng["numpy"])
+        if "python" in rng:
+            random.setstate(rng["python"])
+        if (meta.get("seq_len"), meta.get("micro_batch_size")) != (plan.seq_len, plan.micro_batch_size):
+            notes.append(f"resumed checkpoint used seq_len/micro_batch_size {meta.get('seq_len')}/"
+                         f"{meta.get('micro_batch_size')}, now {plan.seq_len}/{plan.micro_batch_size}")
+
+    if is_main:
+        log.info("plan: %d optimizer steps x %d micro-batches of %d x %d tokens on %d rank(s); warm-up %d steps; "
+                 "%d parameters; device %s, precision %s", plan.optimizer_steps, plan.grad_accum_iters,
+                 plan.micro_batch_size, plan.seq_len, plan.world_size, plan.warmup_steps, n_params,
+                 fabric.device, train.precision)
+        for line in notes:
+            log.info("%s", line)
+
+    sampler = WindowSampler(data.train, plan.seq_len, plan.micro_batch_size, train.data.init_args.seed,
+                            fabric.world_size, fabric.global_rank, start_sample=samples)
+    val_batches = (validation_batches(data.val, plan.seq_len, plan.micro_batch_size, ev.max_iters,
+                                      fabric.world_size, fabric.global_rank) if data.val is not None else [])
+    metrics = MetricsWriter(out_dir / "metrics.csv", resume_step=step if resume_from is not None else None) if is_main else None
+
+    peak_flops = None
+    flops_per_token = None
+    if device_type == "cuda":
+        peak_flops = peak_flops_per_device(torch.cuda.get_device_name(fabric.device), train.precision)
+        flops_per_token = _flops_per_token(train, model_cfg)
+
+    accum, world = plan.grad_accum_iters, fabric.world_size
+    samples_per_step = accum * world * plan.micro_batch_size
+    peak_lr, min_lr = train.optimizer.lr, t.min_lr
+    max_norm = t.max_norm if t.max_norm else float("inf")
+    session_start = time.perf_counter()
+    train_seconds = 0.0
+    row_tokens = tokens
+    first_step = step
+
+    def validate() -> float | None:
+        if not val_batches and world == 1:
+            return None
+        raw.eval()
+        total = torch.zeros(2, device=fabric.device, dtype=torch.float64)
+        with torch.no_grad(), attention.context(), fabric.autocast():
+            for batch in val_batches:
+                total[0] += lm_loss(raw, batch.to(fabric.device)).double()
+                total[1] += 1
+        raw.train()
+        if world > 1:
+            total = fabric.all_reduce(total, reduce_op="sum")
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
+    def emit(row: dict) -> None:
+        if metrics is not None:
+            metrics.write(row)
+            if on_row is not None:
+                on_row(row, plan)
+
+    def save(name: str, meta_extra: dict | None = None) -> Path | None:
+        if not write_checkpoints:
+            return None
+        path = None
+        if is_main:
+            meta = {
+                "step": step, "tokens": tokens, "samples": samples, "loss": last_loss, "val_loss": last_val,
+                "elapsed_s": prev_elapsed + time.perf_counter() - session_start,
+                "planned_steps": plan.optimizer_steps, "world_size": world, "seq_len": plan.seq_len,
+                "micro_batch_size": plan.micro_batch_size, "grad_accum_iters": accum,
+                "train_config": train.model_dump(mode="json"), "model_name": config.name,
+                "torch": torch.__version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **(meta_extra or {}),
+            }
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            }
+            path = ckpt.save_checkpoint(out_dir, name, model_state=raw.state_dict(), model_config=config,
+                                        tokenizer_dir=Path(tokenizer_dir), state=state, meta=meta)
+            log.info("checkpoint %s written (step %d)", path, step)
+        fabric.barrier()
+        return path if is_main else out_dir / name
+
+    model.train()
+    with attention.context():
+        if ev.initial_validation and resume_from is None and data.val is not None:
+            last_val = validate()
+            emit({"step": 0, "tokens": 0, "elapsed_s": time.perf_counter() - session_start + prev_elapsed,
+                  "val_loss": last_val, "val_ppl": _ppl(last_val)})
+
+        stopped_by = "completed"
+        k = 0  # micro-batches of this rank in this session
+        while step < plan.optimizer_steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float32)
+            for i in range(accum):
+                batch = sampler.batch(k).to(fabric.device, non_blocking=True)
+                k += 1
+                sync = nullcontext() if world == 1 else fabric.no_backward_sync(model, enabled=i < accum - 1)
+                with sync:
+                    if router is not None:
+                        router.reset()
+                    loss = lm_loss(model, batch)
+                    total = loss
+                    if router is not None:
+                        extra = router.loss()
+                        if extra is not None:
+                            total = loss + extra
+                    fabric.backward(total / accum)
+                loss_sum += loss.detach().float()
+            step += 1
+            lr = plan.learning_rate(step, peak_lr, min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            samples += samples_per_step
+            tokens += samples_per_step * plan.seq_len
+            step_loss = loss_sum / accum
+            if world > 1 and (step % t.log_interval == 0 or step == plan.optimizer_steps):
+                step_loss = fabric.all_reduce(step_loss, reduce_op="mean")
+            last_loss = float(step_loss)  # also synchronises, so the step time below is real
+            train_seconds += time.perf_counter() - t0
+
+            # stop requests agreed by all ranks: SIGTERM/SIGINT, max_time (this session's wall time)
+            flags = torch.tensor(
+                [stop.signal is not None,
+                 t.max_time is not None and time.perf_counter() - session_start >= t.max_time],
+                dtype=torch.float32, device=fabric.device)
+            if world > 1:
+                flags = fabric.all_reduce(flags, reduce_op="sum")
+            interrupted, timed_out = bool(flags[0] > 0), bool(flags[1] > 0)
+            last = step >= plan.optimizer_steps or interrupted or timed_out
+
+            val = None
+            if (ev.interval and step % ev.interval == 0) or (last and not interrupted and ev.final_validation):
+                val = validate()
+                if val is not None:
+                    last_val = val
+            if step % t.log_interval == 0 or val is not None or last:
+                elapsed = prev_elapsed + time.perf_counter() - session_start
+                tps = (tokens - row_tokens) / train_seconds if train_seconds > 0 else None
+                row = {
+                    "step": step, "tokens": tokens, "loss": last_loss, "learning_rate": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_sec": tps,
+                    "mfu": (model_flops_utilization(tps, flops_per_token, peak_flops, world)
+                            if tps and flops_per_token else None),
+                    "elapsed_s": elapsed, "val_loss": val, "val_ppl": _ppl(val),
+                }
+                emit(row)
+                row_tokens, train_seconds = tokens, 0.0
+            if interrupted:
+                path = save(ckpt.step_dir_name(step))
+                raise Interrupted(
+                    f"stopped by {signal.Signals(stop.signal).name if stop.signal else 'a signal on another rank'} "
+                    f"after optimizer step {step}; "
+                    + (f"checkpoint {path}; run again with resume: auto to continue" if path
+                       else "checkpoints are off, nothing to resume from")
+                )
+            if t.save_interval and step % t.save_interval == 0:
+                save(ckpt.step_dir_name(step))
+            if timed_out and step < plan.optimizer_steps:
+                log.warning("train.max_time %.0f s reached after step %d of %d: stopping", t.max_time, step,
+                            plan.optimizer_steps)
+                stopped_by = "max_time"
+                break
+
+        final = save(ckpt.FINAL)
+    if metrics is not None:
+        metrics.close()
+    if is_main:
+        log.info("done: %d steps (%d this session), %d tokens, loss %s, val_loss %s", step, step - first_step,
+                 tokens, last_loss, last_val)
+    return TrainingResult(
+        steps=step, tokens=tokens, final_loss=last_loss, val_loss=last_val, checkpoint_dir=final,
+        peak_memory_bytes=_peak_memory(fabric.device), elapsed_s=time.perf_counter() - started,
+        out_dir=out_dir, stopped_by=stopped_by,
+    )
+
+
+def _ppl(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(min(loss, 700.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m worker.train
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m worker.train``; returns the exit code (see module docstring)."""
+    die_with_parent()
+    parser = argparse.ArgumentParser(prog="python -m worker.train", description="Run one training job.")
+    parser.add_argument("--train-config", required=True, help="resolved train config (YAML/JSON)")
+    parser.add_argument("--model-config", required=True, help="resolved model config (YAML/JSON)")
+    parser.add_argument("--no-checkpoints", action="store_true", help="write no checkpoint (smoke test)")
+    args = parser.parse_args(argv)
+    rank_zero = is_rank_zero_env()
+    logging.basicConfig(level=logging.INFO if rank_zero else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from service.configs import load_document
+    from service.schemas import ConfigError, validate_configs
+
+    try:
+        validated = validate_configs(load_document(args.train_config), load_document(args.model_config))
+    except ConfigError as exc:
+        print("error: invalid config\n" + str(exc), file=sys.stderr, flush=True)
+        return 2
+    if rank_zero:
+        for warning in validated.warnings:
+            log.warning("config: %s", warning)
+    try:
+        result = run_training(validated.train, validated.model, write_checkpoints=not args.no_checkpoints)
+    except EngineError as exc:
+        print(f"error: {exc.reason}: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    if rank_zero:
+        print(json.dumps({
+            "steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
+            "val_loss": result.val_loss, "checkpoint_dir": str(result.checkpoint_dir) if result.checkpoint_dir else None,
+            "peak_memory_bytes": result.peak_memory_bytes, "elapsed_s": round(result.elapsed_s, 3),
+            "stopped_by": result.stopped_by,
+        }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
