@@ -255,6 +255,7 @@ class DataConfig(_Section):
     class_path: str = Field(
         default="litgpt.data.TextFiles",
         description="Data module class. Allowed: litgpt.data.TextFiles (or its short form TextFiles).",
+        json_schema_extra={"enum": sorted(DATA_CLASSES)},
     )
     init_args: TextFilesArgs = Field(description="Arguments of the data module (TextFiles).")
 
@@ -441,7 +442,8 @@ class OptimizerConfig(_Section):
     class_path: str = Field(
         default="torch.optim.AdamW",
         description="Optimizer class: torch.optim.AdamW, torch.optim.Adam or torch.optim.SGD (short names "
-        "AdamW/Adam/SGD accepted). Optimizer state is always fp32.",
+        "AdamW/Adam/SGD accepted). Optimizer state has the parameters' dtype (fp32 except with *-true precision).",
+        json_schema_extra={"enum": sorted(OPTIMIZER_CLASSES)},
     )
     init_args: OptimizerArgs = Field(
         default_factory=OptimizerArgs, description="Optimizer keyword arguments (lr, weight_decay, betas, ...)."
@@ -461,21 +463,21 @@ class OptimizerConfig(_Section):
     def _fill_defaults(self) -> OptimizerConfig:
         defaults = _OPTIMIZER_DEFAULTS[self.class_path]
         name = self.class_path.rsplit(".", 1)[1]
-        bad = [k for k in self.init_args.model_fields_set if k not in defaults and getattr(self.init_args, k) is not None]
-        if bad:
-            raise ValueError(
-                f"init_args.{bad[0]} is not an argument of {self.class_path}; {name} accepts: "
-                + ", ".join(defaults)
-            )
+        errors: list[tuple[tuple[str, ...], str]] = []
+        for key in sorted(self.init_args.model_fields_set):
+            if key not in defaults and getattr(self.init_args, key) is not None:
+                errors.append((("init_args", key), f"not an argument of {self.class_path}; {name} accepts: "
+                               + ", ".join(defaults)))
+        if errors:
+            raise _RuleErrors(errors)
         for key, value in defaults.items():
             if getattr(self.init_args, key) is None:
                 object.__setattr__(self.init_args, key, value)
         if self.class_path == "torch.optim.SGD" and self.init_args.nesterov:
             if not self.init_args.momentum or self.init_args.dampening:
-                raise ValueError(
-                    "init_args.nesterov: Nesterov momentum needs momentum > 0 and dampening 0 "
-                    f"(got momentum={self.init_args.momentum}, dampening={self.init_args.dampening})"
-                )
+                raise _RuleErrors([(("init_args", "nesterov"),
+                    "Nesterov momentum needs momentum > 0 and dampening 0 "
+                    f"(got momentum={self.init_args.momentum:g}, dampening={self.init_args.dampening:g})")])
         return self
 
     @property
@@ -541,8 +543,23 @@ class OptimizationConfig(_Section):
     )
 
 
+def _train_schema_extra(schema: dict) -> None:
+    # the optimizer also accepts LitGPT's short form (a class name); pydantic only sees the object form
+    prop = schema.get("properties", {}).get("optimizer")
+    if prop is not None:
+        obj = {k: v for k, v in prop.items() if k not in ("description", "title", "default")}
+        prop.clear()
+        prop.update({
+            "title": "Optimizer",
+            "description": TrainConfig.model_fields["optimizer"].description,
+            "anyOf": [{"type": "string", "enum": sorted(OPTIMIZER_CLASSES)}, obj],
+        })
+
+
 class TrainConfig(_Section):
     """The train config document: ``litgpt pretrain``'s keys plus moejobs' own."""
+
+    model_config = ConfigDict(**_STRICT, json_schema_extra=_train_schema_extra)
 
     out_dir: str = Field(
         default="out/pretrain", description="Folder for metrics.csv and checkpoints (step-XXXXXXXX/, final/)."
@@ -859,8 +876,8 @@ class ModelConfig(_Section):
 class _RuleErrors(ValueError):
     """Raised inside model validators: several (field, message) errors at once."""
 
-    def __init__(self, errors: list[tuple[str, str]]):
-        self.errors = errors
+    def __init__(self, errors: list[tuple[str | tuple[str, ...], str]]):
+        self.errors = [((f,) if isinstance(f, str) else tuple(f), m) for f, m in errors]
         super().__init__("; ".join(m for _, m in errors))
 
 
@@ -929,8 +946,11 @@ def _suggest(key: str, fields: list[str], root: type[BaseModel], path: tuple, ot
     elsewhere = [p for p in _all_paths(root) if p[-1] == key and p[:-1] != path]
     if elsewhere:
         return f"unknown key here; did you mean {'.'.join(elsewhere[0])}?"
-    if other_root is not None and key in other_root.model_fields:
-        return f"unknown key; {key} belongs in the {other_name}"
+    if other_root is not None:
+        there = [p for p in _all_paths(other_root) if p[-1] == key]
+        if there:
+            where = "" if len(there[0]) == 1 else f", as {'.'.join(there[0])}"
+            return f"unknown key; {key} belongs in the {other_name}{where}"
     # a close name anywhere in this document
     names = {p[-1]: p for p in _all_paths(root)}
     close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.75)
@@ -942,6 +962,13 @@ def _suggest(key: str, fields: list[str], root: type[BaseModel], path: tuple, ot
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _num(value: Any) -> str:
+    """Numbers as a person writes them (0.001, 1e-08, 0, 1.5); anything else via repr."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _short(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _message(err: dict) -> str:
@@ -967,14 +994,9 @@ def _message(err: dict) -> str:
         return f"expected a list, got {_short(got)}"
     if kind in ("too_short", "too_long"):
         return f"expected {ctx.get('expected', ctx.get('min_length', ''))} items, got {_short(got)}"
-    if kind == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}, got {_short(got)}"
-    if kind == "greater_than":
-        return f"must be > {ctx.get('gt')}, got {_short(got)}"
-    if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}, got {_short(got)}"
-    if kind == "less_than":
-        return f"must be < {ctx.get('lt')}, got {_short(got)}"
+    for bound, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if bound in ctx and kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            return f"must be {op} {_num(ctx[bound])}, got {_num(got)}"
     if kind == "extra_forbidden":
         return "unknown key"
     msg = str(err.get("msg", "invalid value"))
@@ -1011,18 +1033,9 @@ def _convert(exc: ValidationError, model: type[BaseModel], loc_prefix: tuple) ->
         original = err.get("ctx", {}).get("error") if err.get("ctx") else None
         if isinstance(original, _RuleErrors):
             for fld, msg in original.errors:
-                issues.append(Issue(loc_prefix + loc + (fld,), msg))
+                issues.append(Issue(loc_prefix + loc + fld, msg))
             continue
         msg = _message(err)
-        # model-level validator errors name a nested key: "init_args.lr is ..." -> move it into the loc
-        if msg.startswith("init_args.") and ":" not in msg.split(" ", 1)[0]:
-            head, rest = msg.split(" ", 1)
-            loc = loc + tuple(head.split("."))
-            msg = rest
-        elif msg.startswith("init_args."):
-            head, rest = msg.split(": ", 1)
-            loc = loc + tuple(head.split("."))
-            msg = rest
         key = (loc, msg)
         if key in seen:
             continue
@@ -1144,6 +1157,12 @@ def _train_rules(cfg: TrainConfig, raw: dict) -> list[Issue]:
             ("train", "lr_warmup_fraction"),
             f"set either lr_warmup_steps ({t.lr_warmup_steps}) or lr_warmup_fraction ({t.lr_warmup_fraction:g}), not both",
         ))
+    if cfg.tokenizer_dir is None and cfg.initial_checkpoint_dir is None:
+        errors.append(Issue(
+            ("tokenizer_dir",),
+            "tokenizer_dir is required: TextFiles tokenizes the text with it (train one with "
+            "`moejobs tokenizer train --data DIR --out DIR`)",
+        ))
     if cfg.initial_checkpoint_dir and cfg.resume:
         errors.append(Issue(
             ("initial_checkpoint_dir",),
@@ -1184,58 +1203,66 @@ def _cross_rules(cfg: TrainConfig, model: ModelConfig) -> list[Issue]:
 FEW_STEPS = 10
 
 
+def _n(count: int, word: str) -> str:
+    """``1 step``, ``2 steps``, ``1 micro-batch``, ``3 micro-batches`` (thousands separated)."""
+    if count == 1:
+        return f"1 {word}"
+    plural = word + ("es" if word.endswith(("ch", "sh", "s", "x")) else "s")
+    return f"{count:,} {plural}"
+
+
 def _warnings(cfg: TrainConfig, model: ModelConfig, plan) -> list[Issue]:
     """Valid but probably unintended settings, each with the numbers that show it."""
     w: list[Issue] = []
     t = cfg.train
     steps = plan.optimizer_steps
-    s = "s" if steps != 1 else ""
+    lr = cfg.optimizer.lr
     if steps < FEW_STEPS:
         w.append(Issue(
             ("train", "max_tokens"),
-            f"only {steps} optimizer step{s} will run: max_tokens {t.max_tokens:,} gives {plan.micro_batches_total} "
-            f"micro-batches of {plan.tokens_per_micro_batch:,} tokens per device and each step takes "
-            f"{plan.grad_accum_iters} (global_batch_size {t.global_batch_size})",
+            f"only {_n(steps, 'optimizer step')} will run: max_tokens {t.max_tokens:,} gives "
+            f"{_n(plan.micro_batches_total, 'micro-batch')} of {plan.tokens_per_micro_batch:,} tokens per device "
+            f"and each step takes {plan.grad_accum_iters} (global_batch_size {t.global_batch_size})",
         ))
     if plan.dropped_micro_batches:
         dropped_tokens = plan.dropped_micro_batches * plan.tokens_per_micro_batch * plan.world_size
         w.append(Issue(
             ("train", "max_tokens"),
-            f"{plan.dropped_micro_batches} micro-batch{'es' if plan.dropped_micro_batches != 1 else ''} "
-            f"({dropped_tokens:,} tokens) do not fill a whole optimizer step of {plan.grad_accum_iters} micro-batches, "
-            f"so they are never trained (LitGPT would compute them and drop their gradients): "
-            f"{plan.tokens_trained:,} of max_tokens {t.max_tokens:,} tokens are trained",
+            f"{_n(plan.dropped_micro_batches, 'micro-batch')} ({dropped_tokens:,} tokens) do not fill a whole "
+            f"optimizer step of {plan.grad_accum_iters} micro-batches, so they are never trained (LitGPT would "
+            f"compute them and drop their gradients): {plan.tokens_trained:,} of max_tokens {t.max_tokens:,} "
+            "tokens are trained",
         ))
     if plan.warmup_steps > steps:
         reached = steps / plan.warmup_steps
         key = "lr_warmup_steps" if t.lr_warmup_steps else "lr_warmup_fraction"
         w.append(Issue(
             ("train", key),
-            f"the warm-up of {plan.warmup_steps} optimizer step{'s' if plan.warmup_steps != 1 else ''} "
-            f"({plan.warmup_steps * plan.grad_accum_iters:,} micro-batches) is longer than the run ({steps} step{s}, "
-            f"{plan.micro_batches_total:,} micro-batches): the learning rate never reaches its peak "
-            f"{cfg.optimizer.lr:g}; it reaches at most {reached:.0%} of it ({cfg.optimizer.lr * reached:.3g}) "
-            f"at step {steps}",
+            f"the warm-up of {_n(plan.warmup_steps, 'optimizer step')} "
+            f"({_n(plan.warmup_steps * plan.grad_accum_iters, 'micro-batch')}) is longer than the run "
+            f"({_n(steps, 'step')}, {_n(plan.micro_batches_total, 'micro-batch')}): the learning rate never "
+            f"reaches its peak {lr:g}; it reaches at most {reached:.0%} of it ({lr * reached:.3g}) at step {steps}",
         ))
     if t.save_interval is not None and t.save_interval >= steps:
         w.append(Issue(
             ("train", "save_interval"),
-            f"save_interval ({t.save_interval}) is not smaller than the run's {steps} optimizer step{s}: no "
+            f"save_interval ({t.save_interval}) is not smaller than the run's {_n(steps, 'optimizer step')}: no "
             "intermediate checkpoint is written, so an interrupted run cannot resume and starts over",
         ))
     if t.max_steps is not None:
         if t.max_steps < plan.steps_from_tokens:
             w.append(Issue(
                 ("train", "max_steps"),
-                f"max_steps ({t.max_steps}) stops the run before max_tokens is used ({plan.steps_from_tokens} steps): "
-                f"{plan.tokens_trained:,} tokens are trained and the cosine schedule decays over {t.max_steps} steps "
-                "(LitGPT's pretrain ignores max_steps)",
+                f"max_steps ({t.max_steps}) stops the run before max_tokens is used up "
+                f"({_n(plan.steps_from_tokens, 'step')}): {plan.tokens_trained:,} of {t.max_tokens:,} tokens are "
+                f"trained and the cosine schedule decays over {_n(t.max_steps, 'step')} "
+                "(LitGPT's pretrain would ignore max_steps)",
             ))
         elif t.max_steps > plan.steps_from_tokens:
             w.append(Issue(
                 ("train", "max_steps"),
                 f"max_steps ({t.max_steps}) has no effect: max_tokens {t.max_tokens:,} allows only "
-                f"{plan.steps_from_tokens} optimizer steps",
+                f"{_n(plan.steps_from_tokens, 'optimizer step')}",
             ))
     if t.epochs is not None:
         w.append(Issue(
@@ -1254,11 +1281,11 @@ def _warnings(cfg: TrainConfig, model: ModelConfig, plan) -> list[Issue]:
         w.append(Issue(
             ("precision",),
             "16-mixed: where no CUDA GPU is present, Lightning runs 16-mixed as bf16 (bf16 autocast), not fp16; "
-            "on a GPU it uses fp16 autocast with a gradient scaler",
+            "on a GPU it is fp16 autocast with a gradient scaler",
         ))
     no_periodic = cfg.eval.interval == 0 or cfg.eval.interval > steps
     if no_periodic and not cfg.eval.final_validation and not cfg.eval.initial_validation:
-        why = "0 (off)" if cfg.eval.interval == 0 else f"{cfg.eval.interval} (> {steps} steps)"
+        why = "0 (off)" if cfg.eval.interval == 0 else f"{cfg.eval.interval}, more than the run's {_n(steps, 'step')}"
         w.append(Issue(
             ("eval", "interval"),
             f"eval.interval is {why} and eval.final_validation is false: the run computes no validation loss at "
@@ -1268,7 +1295,7 @@ def _warnings(cfg: TrainConfig, model: ModelConfig, plan) -> list[Issue]:
         w.append(Issue(
             ("devices",),
             "devices is 'auto' (LitGPT's default): Lightning would use every visible GPU (1 process on a CPU); "
-            f"the step and token numbers here assume 1 device ({steps} step{s}); set devices explicitly",
+            f"the step and token numbers here assume 1 device ({_n(steps, 'step')}); set devices explicitly",
         ))
     o = cfg.optimization
     if o.compile and o.compile_mode == "reduce-overhead" and o.compile_dynamic:
@@ -1279,13 +1306,22 @@ def _warnings(cfg: TrainConfig, model: ModelConfig, plan) -> list[Issue]:
             "recorded per concrete shape anyway, so dynamic shapes add compile work and can slow kernels "
             "(null lets torch decide)",
         ))
+    if o.flash_attention_force and cfg.precision == "32-true":
+        w.append(Issue(
+            ("optimization", "flash_attention_force"),
+            "flash_attention_force with precision 32-true cannot run: flash-attention kernels need bf16/fp16 on a "
+            "CUDA GPU, so the engine's pre-flight check will refuse this run",
+        ))
     if model.n_expert > 0 and not model.is_moe:
         w.append(Issue(
             (MODEL_LOC, "n_expert"),
             f"n_expert ({model.n_expert}) is ignored: mlp_class_name is {model.mlp_class_name}, not LLaMAMoE",
         ))
     if cfg.eval.max_new_tokens is not None:
-        w.append(Issue(("eval", "max_new_tokens"), "max_new_tokens is ignored by pretraining (LitGPT's pretrain refuses it)"))
+        w.append(Issue(
+            ("eval", "max_new_tokens"),
+            f"max_new_tokens ({cfg.eval.max_new_tokens}) is ignored by pretraining (LitGPT's pretrain refuses it)",
+        ))
     return w
 
 
