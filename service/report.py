@@ -36,8 +36,25 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return rows
 
 
+def _with_unit(name: str, value: Any) -> str:
+    """Bytes in GiB, FLOP counts in GFLOP/TFLOP(/s), seconds in h:mm:ss; everything else as is."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if name.startswith(("memory.", "storage")) or name.endswith("_bytes"):
+            return f"{value / 2**30:,.2f} GiB"
+        if name.startswith("peak_flops."):
+            return f"{value / 1e12:,.0f} TFLOP/s"
+        if name.endswith("flops_per_token"):
+            return f"{value / 1e9:,.3f} GFLOP"
+        if "flops" in name:
+            return f"{value / 1e12:,.1f} TFLOP"
+        if name.startswith("time_s."):
+            seconds = int(round(value))
+            return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} ({value:,.1f} s)"
+    return _fmt(value)
+
+
 def format_estimate(est: Any) -> list[str]:
-    """The estimate as aligned ``name  value`` lines (every field of ``est.to_dict()``)."""
+    """The estimate as aligned ``name  value`` lines (every field of ``est.to_dict()``, with units)."""
     rows = _flatten(est.to_dict())
     width = max((len(name) for name, _ in rows), default=0)
-    return ["estimate:"] + [f"  {name.ljust(width)}  {_fmt(value)}" for name, value in rows]
+    return ["estimate:"] + [f"  {name.ljust(width)}  {_with_unit(name, value)}" for name, value in rows]

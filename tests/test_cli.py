@@ -1,0 +1,91 @@
+"""run_train.py / moejobs as a user runs them: exit codes, messages, precedence, dry runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from worker.cli import build_parser, train_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_flags_map_to_config_keys():
+    args = build_parser().parse_args(
+        ["--micro-batch-size", "2", "--global-batch-size", "64", "--compile", "false",
+         "--no-gradient-checkpointing", "--train-data-path", "d/t", "--devices", "2", "--resume", "false"]
+    )
+    assert train_overrides(args) == {
+        "train": {"micro_batch_size": 2, "global_batch_size": 64, "gradient_checkpointing": False},
+        "optimization": {"compile": False},
+        "data": {"init_args": {"train_data_path": "d/t"}},
+        "devices": 2,
+        "resume": False,
+    }
+    assert train_overrides(build_parser().parse_args([])) == {}
+
+
+def test_dry_run_of_the_shipped_configs_explains_them():
+    done = run("run_train.py", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "only 4 optimizer steps will run" in done.stderr
+    assert "the learning rate never reaches its peak" in done.stderr
+    assert "no intermediate checkpoint" in done.stderr
+    assert "549,146,880" in done.stdout  # params.total of MoE-200M
+    assert "262,144" in done.stdout  # tokens actually trained
+
+
+def test_smoke_test_then_flags_win(tmp_path):
+    # --smoke-test sets micro 1 / global 1 / 64 tokens / seq 64; an explicit flag wins over it.
+    done = run("run_train.py", "--dry-run", "--smoke-test", "--max-seq-length", "32", "--max-tokens", "128")
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(None, 1) for line in done.stdout.splitlines()[1:] if line.startswith("  "))
+    assert lines["plan.seq_len"].strip() == "32"
+    assert lines["plan.optimizer_steps"].strip() == "4"  # 128 tokens / (1 x 32) / accumulation 1
+
+
+def test_invalid_flag_value_is_exit_2_naming_the_field():
+    done = run("run_train.py", "--dry-run", "--micro-batch-size", "3")
+    assert done.returncode == 2
+    assert "train.global_batch_size" in done.stderr and "divisible" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_typo_in_a_config_file_is_exit_2_with_a_suggestion(tmp_path):
+    train = yaml.safe_load((REPO / "configs/train_config.yaml").read_text())
+    train["train"]["micro_batch_szie"] = train["train"].pop("micro_batch_size")
+    bad = tmp_path / "train.yaml"
+    bad.write_text(yaml.safe_dump(train))
+    done = run("run_train.py", "--dry-run", "--config", str(bad))
+    assert done.returncode == 2
+    assert "train.micro_batch_szie: unknown key; did you mean micro_batch_size?" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_config_file_is_exit_2_naming_it(tmp_path):
+    done = run("run_train.py", "--config", str(tmp_path / "absent.yaml"))
+    assert done.returncode == 2
+    assert "absent.yaml" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_schema_command_prints_json_schema_with_descriptions():
+    done = run("-m", "service.cli", "schema", "train")
+    assert done.returncode == 0, done.stderr
+    schema = json.loads(done.stdout)
+    assert "train" in schema["properties"]
+    model = json.loads(run("-m", "service.cli", "schema", "model").stdout)
+    assert "n_expert" in json.dumps(model)
+
+
+def test_validate_command_with_preset():
+    done = run("-m", "service.cli", "validate", "--preset", "cpu-tiny")
+    assert done.returncode == 0, done.stderr
+    assert "estimate:" in done.stdout
