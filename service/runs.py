@@ -1,0 +1,923 @@
+"""The run lifecycle: the only module that writes run state and commits it.
+
+Every function takes a ``sqlmodel.Session`` (from ``service.db``), does one unit of work in its
+own write transaction (:func:`service.db.write_transaction`: BEGIN IMMEDIATE on SQLite) and
+commits before returning. Read helpers at the end never write.
+
+State machine (``ALLOWED_TRANSITIONS``)::
+
+    queued  -> running (claim_run only) | cancelled | failed
+    running -> succeeded | failed | cancelled | queued (re-queued: lost worker, shutdown)
+    succeeded, failed, cancelled: terminal, nothing leaves them
+
+One private function, ``_move``, writes ``runs.status``; it does so with a compare-and-set
+``UPDATE runs SET status=... WHERE id=... AND status IN (...) RETURNING ...`` and writes the
+matching ``run_events`` row in the same transaction. Everything that changes status
+(:func:`claim_run`, :func:`transition`, :func:`request_cancel`, :func:`retry_or_fail`) goes
+through it.
+
+Fencing: ``runs.attempt`` counts claims. A worker passes the attempt it claimed as ``attempt=``
+to heartbeat/record/transition calls; when the run is no longer running that attempt (its lease
+expired and the run was re-queued or finished), the call raises :class:`LeaseLost` and writes
+nothing, so a worker that lost its run can never write to it again.
+
+Times are aware UTC datetimes; ``now`` parameters exist for tests and default to the clock.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from service.db import write_transaction
+from service.models import (
+    METRIC_COLUMNS,
+    TERMINAL_STATUSES,
+    Checkpoint,
+    FailureReason,
+    MetricPoint,
+    RouterPoint,
+    Run,
+    RunEvent,
+    RunProvenance,
+    RunStatus,
+    Worker,
+    utcnow,
+)
+
+S = RunStatus
+
+#: Which statuses each status may move to. ``running`` is entered only by :func:`claim_run`.
+ALLOWED_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    S.queued: frozenset({S.running, S.cancelled, S.failed}),
+    S.running: frozenset({S.succeeded, S.failed, S.cancelled, S.queued}),
+    S.succeeded: frozenset(),
+    S.failed: frozenset(),
+    S.cancelled: frozenset(),
+}
+
+#: Failure reasons worth another attempt (the cause was outside the run); the others are
+#: permanent: the same config on the same data would fail the same way.
+RETRYABLE_REASONS = frozenset({FailureReason.killed, FailureReason.lost_worker})
+
+#: Rows per INSERT statement when ingesting metric/router points (11 parameters a metric row:
+#: 5,500 a statement, well under SQLite's 32,766 and PostgreSQL's 65,535 limits).
+BATCH_SIZE = 500
+
+#: Sort keys accepted by :func:`list_runs` ("-" prefix for descending).
+RUN_SORT_KEYS = ("created_at", "name", "status")
+
+_CHECKPOINT_STEP = re.compile(r"^step-(\d+)$")
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+class RunError(Exception):
+    """Base class of the lifecycle errors."""
+
+
+class RunNotFound(RunError, LookupError):
+    """No run with this id (``.run_id``)."""
+
+    def __init__(self, run_id: uuid.UUID):
+        super().__init__(f"run {run_id} not found")
+        self.run_id = run_id
+
+
+class InvalidTransition(RunError):
+    """The move is not allowed from the run's current status (``.from_status`` ->
+    ``.to_status``), e.g. anything out of a terminal status."""
+
+    def __init__(self, run_id: uuid.UUID, from_status: RunStatus, to_status: RunStatus,
+                 detail: str = ""):
+        text = f"run {run_id}: cannot go from {from_status.value} to {to_status.value}"
+        super().__init__(f"{text}: {detail}" if detail else text)
+        self.run_id, self.from_status, self.to_status = run_id, from_status, to_status
+
+
+class RunActive(RunError):
+    """The operation needs a finished run (e.g. delete) and this one is queued or running."""
+
+    def __init__(self, run_id: uuid.UUID, status: RunStatus):
+        super().__init__(f"run {run_id} is {status.value}: cancel it and wait until it finishes")
+        self.run_id, self.status = run_id, status
+
+
+class IdempotencyConflict(RunError):
+    """The idempotency key was already used by this owner for a different request body.
+    ``.run_id`` is the run created by the first request (the API answers 409)."""
+
+    def __init__(self, key: str, run_id: uuid.UUID):
+        super().__init__(
+            f"idempotency key {key!r} was already used for a different request (run {run_id})"
+        )
+        self.key, self.run_id = key, run_id
+
+
+class LeaseLost(RunError):
+    """The caller's attempt is no longer the run's live attempt (lease expired and the run was
+    re-queued, claimed again, or finished). The worker must stop its training process and
+    write nothing more for this run."""
+
+    def __init__(self, run_id: uuid.UUID, attempt: int, detail: str = ""):
+        super().__init__(f"run {run_id}: attempt {attempt} no longer holds the run {detail}".strip())
+        self.run_id, self.attempt = run_id, attempt
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def request_hash(document: Any) -> str:
+    """sha256 hex digest of ``document`` as canonical JSON (sorted keys, no whitespace), so
+    that equal documents hash equal whatever their key order or wire format."""
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return utcnow()
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def _insert(session: Session, table: sa.Table):
+    """A dialect INSERT that supports ON CONFLICT (PostgreSQL and SQLite)."""
+    name = _dialect(session)
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"database dialect {name!r} is not supported")
+
+
+def _locked_run(session: Session, run_id: uuid.UUID, *, shared: bool = False) -> Run:
+    """The run, read fresh and row-locked on PostgreSQL (FOR UPDATE, or FOR SHARE with
+    ``shared``) until the transaction ends; SQLite's BEGIN IMMEDIATE already serialises
+    writers. Raises RunNotFound."""
+    stmt = (
+        select(Run).where(Run.id == run_id).with_for_update(read=shared)
+        .execution_options(populate_existing=True)
+    )
+    run = session.exec(stmt).first()
+    if run is None:
+        raise RunNotFound(run_id)
+    return run
+
+
+def _check_fence(run: Run, attempt: int | None) -> None:
+    if attempt is not None and (run.status != S.running or run.attempt != attempt):
+        raise LeaseLost(run.id, attempt, f"(run is {run.status.value}, attempt {run.attempt})")
+
+
+def _add_event(session: Session, run: Run, from_status: RunStatus | None, to_status: RunStatus,
+               message: str, *, at: datetime, reason: FailureReason | None = None,
+               actor: str | None = None) -> None:
+    session.add(RunEvent(
+        run_id=run.id, at=at, from_status=from_status, to_status=to_status, reason=reason,
+        message=message, actor=actor, attempt=run.attempt,
+    ))
+
+
+def _move(session: Session, run_id: uuid.UUID, to_status: RunStatus, *,
+          from_status: RunStatus, message: str, now: datetime,
+          reason: FailureReason | None = None, actor: str | None = None,
+          attempt: int | None = None, values: Mapping[str, Any] | None = None,
+          where: Sequence[Any] = ()) -> Run | None:
+    """THE status writer. Compare-and-set ``status`` from ``from_status`` to ``to_status``
+    (plus ``values``, extra ``where`` clauses and the fence ``attempt``) and write the event,
+    inside the caller's write transaction. Returns the updated run, or None when no row
+    matched (another writer got there first). Callers check the finer rules first."""
+    assert to_status in ALLOWED_TRANSITIONS[from_status], (from_status, to_status)
+    update_values: dict[str, Any] = {"status": to_status, "updated_at": now}
+    if to_status == S.queued:
+        update_values.update(worker_id=None, heartbeat_at=None, lease_expires_at=None,
+                             queued_at=now)
+    if to_status in TERMINAL_STATUSES:
+        update_values.update(finished_at=now, lease_expires_at=None)
+    if to_status == S.failed:
+        if reason is None:
+            raise ValueError("a failed run needs a failure reason")
+        update_values["failure_reason"] = reason
+    elif reason is not None:
+        raise ValueError(f"a failure reason only goes with failed, not {to_status.value}")
+    update_values.update(values or {})
+    conditions = [Run.id == run_id, Run.status == from_status, *where]
+    if attempt is not None:
+        conditions.append(Run.attempt == attempt)
+    stmt = (
+        sa.update(Run).where(*conditions).values(**update_values).returning(Run)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    )
+    run = session.execute(stmt).scalars().first()
+    if run is None:
+        return None
+    _add_event(session, run, from_status, to_status, message, at=now, reason=reason, actor=actor)
+    if to_status == S.queued or to_status in TERMINAL_STATUSES:
+        session.execute(
+            sa.update(Worker).where(Worker.current_run_id == run_id).values(current_run_id=None)
+        )
+    return run
+
+
+# -- creation -----------------------------------------------------------------------------------
+
+
+def create_run(session: Session, *, name: str, submitted_train: dict[str, Any],
+               submitted_model: dict[str, Any], resolved_train: dict[str, Any],
+               resolved_model: dict[str, Any], estimate: dict[str, Any] | None = None,
+               warnings: Sequence[Any] = (), preset: str | None = None, owner: str = "local",
+               idempotency_key: str | None = None, body_hash: str | None = None,
+               run_id: uuid.UUID | None = None, actor: str | None = "api",
+               now: datetime | None = None) -> tuple[Run, bool]:
+    """Insert a queued run and its creation event (NULL -> queued); returns ``(run, created)``.
+
+    ``run_id`` lets the caller pick the id first (the resolved config's ``out_dir`` is
+    ``RUNS_DIR/<id>``); default a new uuid4. Configs are stored as given (JSON documents).
+
+    Idempotency (per ``owner``): when ``idempotency_key`` was used before with the same
+    ``body_hash``, nothing is inserted and ``(first run, False)`` is returned; with a different
+    hash, :class:`IdempotencyConflict` is raised. ``body_hash`` defaults to
+    :func:`request_hash` of ``{name, preset, train_config, model_config}``. Safe under
+    concurrent retries (the unique constraint decides; the loser reads the winner's run).
+    Enqueueing the run is the caller's job, after this returns (the row is committed).
+    """
+    now = _now(now)
+    if idempotency_key is not None and body_hash is None:
+        body_hash = request_hash({"name": name, "preset": preset,
+                                  "train_config": submitted_train,
+                                  "model_config": submitted_model})
+    for _ in range(2):
+        try:
+            with write_transaction(session):
+                if idempotency_key is not None:
+                    existing = _find_idempotent(session, owner, idempotency_key)
+                    if existing is not None:
+                        if existing.request_hash != body_hash:
+                            raise IdempotencyConflict(idempotency_key, existing.id)
+                        return existing, False
+                run = Run(
+                    id=run_id or uuid.uuid4(), name=name, owner=owner, status=S.queued,
+                    preset=preset, submitted_train=submitted_train,
+                    submitted_model=submitted_model, resolved_train=resolved_train,
+                    resolved_model=resolved_model, estimate=estimate, warnings=list(warnings),
+                    idempotency_key=idempotency_key, request_hash=body_hash,
+                    created_at=now, queued_at=now, updated_at=now,
+                )
+                session.add(run)
+                session.flush()
+                _add_event(session, run, None, S.queued, "submitted", at=now, actor=actor)
+                return run, True
+        except IntegrityError as error:
+            # A concurrent request with the same key committed first (PostgreSQL; on SQLite
+            # BEGIN IMMEDIATE serialises the two). Read its run on the next pass.
+            if idempotency_key is None or "idempotency_key" not in str(error.orig):
+                raise
+    raise RuntimeError("unreachable: idempotent insert retried")  # pragma: no cover
+
+
+def _find_idempotent(session: Session, owner: str, key: str) -> Run | None:
+    stmt = (select(Run).where(Run.owner == owner, Run.idempotency_key == key)
+            .execution_options(populate_existing=True))
+    return session.exec(stmt).first()
+
+
+# -- status changes -----------------------------------------------------------------------------
+
+
+def claim_run(session: Session, run_id: uuid.UUID, worker_id: str, lease_seconds: float, *,
+              now: datetime | None = None) -> Run | None:
+    """Atomically take a queued run for ``worker_id``: ``UPDATE ... WHERE status='queued' AND
+    NOT cancel_requested RETURNING``. On success the run is running, ``attempt`` is one more
+    (the fencing token to pass back), the lease runs ``lease_seconds`` from ``now``, an event
+    queued -> running is written and the worker row (if registered) points at the run.
+    Returns None when the run is not queued (already claimed by a duplicate delivery,
+    cancelled, finished) or does not exist: a second claim is a no-op."""
+    now = _now(now)
+    with write_transaction(session):
+        run = _move(
+            session, run_id, S.running, from_status=S.queued,
+            message=f"claimed by worker {worker_id}", now=now, actor=f"worker:{worker_id}",
+            where=[Run.cancel_requested.is_(False)],
+            values={
+                "worker_id": worker_id, "attempt": Run.attempt + 1, "started_at": now,
+                "heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            },
+        )
+        if run is not None:
+            session.execute(sa.update(Worker).where(Worker.id == worker_id)
+                            .values(current_run_id=run_id, heartbeat_at=now))
+        return run
+
+
+def transition(session: Session, run_id: uuid.UUID, to_status: RunStatus | str,
+               message: str = "", *, reason: FailureReason | str | None = None,
+               failure_message: str | None = None, exit_code: int | None = None,
+               attempt: int | None = None, actor: str | None = None,
+               now: datetime | None = None) -> Run:
+    """Move a run to ``to_status`` and write the event row; the one public way to change
+    status (except :func:`claim_run`, which enters running). Returns the updated run.
+
+    - ``failed`` needs ``reason`` (a :class:`FailureReason`); ``failure_message`` defaults to
+      ``message``. ``reason`` with any other status is a ``ValueError``.
+    - terminal statuses set ``finished_at`` and drop the lease; ``queued`` (re-queue) clears
+      the worker and lease and resets ``queued_at``; a run with a cancel request cannot be
+      re-queued (move it to cancelled).
+    - ``attempt`` (fencing): the run must be running that attempt, else :class:`LeaseLost`.
+
+    Raises RunNotFound, InvalidTransition (not allowed from the current status, including
+    everything out of a terminal status and any move to running), LeaseLost, ValueError.
+    """
+    to_status = RunStatus(to_status)
+    reason = FailureReason(reason) if reason is not None else None
+    now = _now(now)
+    with write_transaction(session):
+        run = _locked_run(session, run_id)
+        _check_fence(run, attempt)
+        current = run.status
+        if to_status == S.running:
+            raise InvalidTransition(run_id, current, to_status, "only claim_run starts a run")
+        if to_status not in ALLOWED_TRANSITIONS[current]:
+            raise InvalidTransition(run_id, current, to_status)
+        if to_status == S.queued and run.cancel_requested:
+            raise InvalidTransition(run_id, current, to_status, "cancel was requested")
+        values: dict[str, Any] = {}
+        if exit_code is not None:
+            values["exit_code"] = exit_code
+        if to_status == S.failed:
+            values["failure_message"] = failure_message if failure_message is not None else message
+        moved = _move(session, run_id, to_status, from_status=current, message=message,
+                      now=now, reason=reason, actor=actor, attempt=attempt, values=values)
+        assert moved is not None, "row is locked: the compare-and-set cannot miss"
+        return moved
+
+
+def request_cancel(session: Session, run_id: uuid.UUID, message: str = "cancel requested", *,
+                   actor: str | None = "api", now: datetime | None = None) -> Run:
+    """Ask for a run to stop. A queued run is cancelled at once (queued -> cancelled; a
+    later delivery of its message claims nothing). A running run gets ``cancel_requested``
+    set and a running -> running event; its worker sees the flag on its next heartbeat,
+    stops the training process and moves it to cancelled. Cancelling a cancelled run, or
+    asking twice, changes nothing. Raises RunNotFound, InvalidTransition for succeeded or
+    failed runs."""
+    now = _now(now)
+    with write_transaction(session):
+        run = _locked_run(session, run_id)
+        if run.status == S.cancelled or (run.status == S.running and run.cancel_requested):
+            return run
+        if run.status in TERMINAL_STATUSES:
+            raise InvalidTransition(run_id, run.status, S.cancelled, "the run already finished")
+        flag = {"cancel_requested": True, "cancel_requested_at": now}
+        if run.status == S.queued:
+            moved = _move(session, run_id, S.cancelled, from_status=S.queued,
+                          message=message, now=now, actor=actor, values=flag)
+            assert moved is not None
+            return moved
+        result = session.execute(
+            sa.update(Run).where(Run.id == run_id, Run.status == S.running)
+            .values(updated_at=now, **flag).returning(Run)
+            .execution_options(populate_existing=True, synchronize_session=False)
+        ).scalars().one()
+        _add_event(session, result, S.running, S.running, message, at=now, actor=actor)
+        return result
+
+
+def retry_or_fail(session: Session, run_id: uuid.UUID, reason: FailureReason | str,
+                  message: str, *, max_attempts: int, attempt: int | None = None,
+                  actor: str | None = None, exit_code: int | None = None,
+                  now: datetime | None = None) -> Run:
+    """Finish an attempt that ended for ``reason`` without the run's fault (worker lost or
+    shutting down, process killed): the run goes back to queued when the reason is retryable
+    (:data:`RETRYABLE_REASONS`) and fewer than ``max_attempts`` attempts were made; to
+    cancelled when a cancel was requested; else to failed with ``reason``. The caller
+    enqueues the run again when the result is queued. Fenced by ``attempt`` like
+    :func:`transition`. Raises RunNotFound, InvalidTransition (run not running), LeaseLost."""
+    reason = FailureReason(reason)
+    now = _now(now)
+    with write_transaction(session):
+        run = _locked_run(session, run_id)
+        _check_fence(run, attempt)
+        if run.status != S.running:
+            raise InvalidTransition(run_id, run.status, S.queued, "only a running run is retried")
+        values: dict[str, Any] = {} if exit_code is None else {"exit_code": exit_code}
+        if run.cancel_requested:
+            to, why = S.cancelled, None
+        elif reason in RETRYABLE_REASONS and run.attempt < max_attempts:
+            to, why = S.queued, None
+            message = f"{message} (re-queued after attempt {run.attempt} of {max_attempts})"
+        else:
+            to, why = S.failed, reason
+            values["failure_message"] = message
+            if reason in RETRYABLE_REASONS:
+                message = f"{message} (attempt {run.attempt} of {max_attempts}: giving up)"
+        moved = _move(session, run_id, to, from_status=S.running, message=message, now=now,
+                      reason=why, actor=actor, attempt=attempt, values=values)
+        assert moved is not None
+        return moved
+
+
+def recover_expired_run(session: Session, run_id: uuid.UUID, *, max_attempts: int,
+                        actor: str | None = "reconciler", now: datetime | None = None
+                        ) -> Run | None:
+    """Reconciler step for one run from :func:`expired_runs`: if it is still running with a
+    lease that expired before ``now``, its worker is presumed lost: :func:`retry_or_fail`
+    with reason lost_worker. Returns the updated run, or None when there was nothing to do
+    (a heartbeat renewed the lease meanwhile, or the run moved on)."""
+    now = _now(now)
+    run = get_run(session, run_id)
+    session.commit()  # end the read transaction before retry_or_fail's write transaction
+    if run.status != S.running or run.lease_expires_at is None or run.lease_expires_at >= now:
+        return None
+    try:
+        return retry_or_fail(
+            session, run_id, FailureReason.lost_worker,
+            f"lease expired at {run.lease_expires_at.isoformat()} (worker {run.worker_id})",
+            max_attempts=max_attempts, attempt=run.attempt, actor=actor, now=now,
+        )
+    except LeaseLost:
+        return None  # moved on between the read and the write
+
+
+def heartbeat_run(session: Session, run_id: uuid.UUID, worker_id: str, attempt: int,
+                  lease_seconds: float, *, now: datetime | None = None) -> Run:
+    """Renew the lease of a running run: ``heartbeat_at = now``, ``lease_expires_at = now +
+    lease_seconds``. Returns the run, whose ``cancel_requested`` tells the worker whether to
+    stop. Raises :class:`LeaseLost` when the run is no longer running ``attempt`` on
+    ``worker_id`` (nothing is written then)."""
+    now = _now(now)
+    with write_transaction(session):
+        run = session.execute(
+            sa.update(Run)
+            .where(Run.id == run_id, Run.status == S.running, Run.attempt == attempt,
+                   Run.worker_id == worker_id)
+            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .returning(Run)
+            .execution_options(populate_existing=True, synchronize_session=False)
+        ).scalars().first()
+        if run is None:
+            raise LeaseLost(run_id, attempt)
+        return run
+
+
+def mark_enqueued(session: Session, run_id: uuid.UUID, *, now: datetime | None = None) -> bool:
+    """Note that a queued run's message was (re-)sent now (``queued_at = now``), so the
+    reconciler's :func:`stale_queued_runs` does not pick it again before the stale period.
+    Not a transition, no event. Returns False when the run is not queued."""
+    now = _now(now)
+    with write_transaction(session):
+        result = session.execute(
+            sa.update(Run).where(Run.id == run_id, Run.status == S.queued)
+            .values(queued_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1
+
+
+def delete_run(session: Session, run_id: uuid.UUID) -> Run:
+    """Delete a finished run and, by ON DELETE CASCADE, its events, metric and router points,
+    checkpoint records and provenance. Returns the deleted run (detached) so the caller can
+    remove its folder (``settings.run_dir(run.id)``); files are not touched here.
+    Raises RunNotFound, RunActive (queued or running)."""
+    with write_transaction(session):
+        run = _locked_run(session, run_id)
+        if run.status not in TERMINAL_STATUSES:
+            raise RunActive(run_id, run.status)
+        session.expunge(run)
+        session.execute(sa.delete(Run).where(Run.id == run_id)
+                        .execution_options(synchronize_session=False))
+        return run
+
+
+# -- ingestion ----------------------------------------------------------------------------------
+
+
+def _float_or_none(value: Any, column: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"metric {column}: not a number: {value!r}")
+    # Non-finite values: SQLite cannot store NaN and JSON cannot carry either; NULL on both.
+    return number if math.isfinite(number) else None
+
+
+def _int(value: Any, column: str) -> int:
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ValueError
+            number = int(number)
+        return int(number)
+    except (TypeError, ValueError):
+        raise ValueError(f"{column}: not an integer: {value!r}")
+
+
+def _metric_row(run_id: uuid.UUID, row: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(row) - {"step", *METRIC_COLUMNS}
+    if unknown:
+        raise ValueError(f"unknown metric columns {sorted(unknown)}; expected step and "
+                         f"{', '.join(METRIC_COLUMNS)}")
+    if row.get("step") in (None, ""):
+        raise ValueError(f"metric row without a step: {dict(row)!r}")
+    step = _int(row["step"], "step")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    out: dict[str, Any] = {"run_id": run_id, "step": step}
+    tokens = row.get("tokens")
+    out["tokens"] = None if tokens in (None, "") else _int(tokens, "tokens")
+    for column in METRIC_COLUMNS[1:]:
+        out[column] = _float_or_none(row.get(column), column)
+    return out
+
+
+def _insert_ignoring_duplicates(session: Session, table: sa.Table, rows: list[dict[str, Any]],
+                                key: Sequence[str]) -> int:
+    inserted = 0
+    for start in range(0, len(rows), BATCH_SIZE):
+        chunk = rows[start:start + BATCH_SIZE]
+        stmt = _insert(session, table).values(chunk).on_conflict_do_nothing(index_elements=key)
+        inserted += session.execute(stmt).rowcount
+    return inserted
+
+
+def record_metrics(session: Session, run_id: uuid.UUID, rows: Iterable[Mapping[str, Any]], *,
+                   attempt: int | None = None) -> int:
+    """Store metrics.csv rows of a run; returns how many were new.
+
+    Each row maps ``step`` and any of the metrics.csv columns (:data:`METRIC_COLUMNS`) to
+    numbers or CSV strings; "" and missing mean NULL, as do NaN/inf. Idempotent by step:
+    a step already stored is skipped (``INSERT ... ON CONFLICT DO NOTHING``, first row wins),
+    so the runner can re-send a whole file after a restart. Inserted in batches of
+    :data:`BATCH_SIZE` in one transaction. With ``attempt`` the run must be running that
+    attempt (:class:`LeaseLost` otherwise). Raises ValueError for unknown columns or a
+    missing/negative step, RunNotFound.
+    """
+    prepared: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        item = _metric_row(run_id, row)
+        prepared.setdefault(item["step"], item)
+    if not prepared and attempt is None:
+        return 0
+    with write_transaction(session):
+        run = _locked_run(session, run_id, shared=True)
+        _check_fence(run, attempt)
+        return _insert_ignoring_duplicates(
+            session, MetricPoint.__table__, list(prepared.values()), ("run_id", "step"))
+
+
+def router_rows(step: int, fractions: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
+    """Rows for :func:`record_router_stats` from one step's matrix ``fractions[layer][expert]``
+    (shape n_moe_layers x n_expert, each row summing to 1)."""
+    return [
+        {"step": step, "layer": layer, "expert": expert, "fraction": float(value)}
+        for layer, per_expert in enumerate(fractions)
+        for expert, value in enumerate(per_expert)
+    ]
+
+
+def record_router_stats(session: Session, run_id: uuid.UUID, rows: Iterable[Mapping[str, Any]],
+                        *, attempt: int | None = None) -> int:
+    """Store MoE router telemetry rows ``{step, layer, expert, fraction}`` (see
+    :func:`router_rows`); returns how many were new. Idempotent by (step, layer, expert).
+    Fractions within 1e-6 outside [0, 1] are clamped (float round-off); further out is a
+    ValueError. Fenced by ``attempt`` like :func:`record_metrics`."""
+    prepared: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for row in rows:
+        step, layer, expert = (_int(row[k], k) for k in ("step", "layer", "expert"))
+        fraction = float(row["fraction"])
+        if not (-1e-6 <= fraction <= 1 + 1e-6):
+            raise ValueError(f"router fraction must be in [0, 1], got {fraction} "
+                             f"(step {step}, layer {layer}, expert {expert})")
+        prepared.setdefault((step, layer, expert), {
+            "run_id": run_id, "step": step, "layer": layer, "expert": expert,
+            "fraction": min(1.0, max(0.0, fraction)),
+        })
+    if not prepared and attempt is None:
+        return 0
+    with write_transaction(session):
+        run = _locked_run(session, run_id, shared=True)
+        _check_fence(run, attempt)
+        return _insert_ignoring_duplicates(session, RouterPoint.__table__,
+                                           list(prepared.values()),
+                                           ("run_id", "step", "layer", "expert"))
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a LitGPT checkpoint folder name: ``step-00000500`` -> 500; None otherwise."""
+    match = _CHECKPOINT_STEP.match(name)
+    return int(match.group(1)) if match else None
+
+
+def record_checkpoint(session: Session, run_id: uuid.UUID, name: str, path: str, *,
+                      step: int | None = None, size_bytes: int | None = None,
+                      attempt: int | None = None, now: datetime | None = None) -> Checkpoint:
+    """Record a complete checkpoint folder ``name`` (``step-00000500`` or ``final``) at
+    ``path``. ``step`` defaults to the number in a ``step-N`` name (for ``final`` pass the step
+    it was written at if known). Idempotent by (run, name): recording again updates path, step
+    and size (a resumed attempt may rewrite the folder) and keeps ``created_at``. Fenced by
+    ``attempt``. Returns the stored row. Raises RunNotFound, LeaseLost."""
+    now = _now(now)
+    if step is None:
+        step = checkpoint_step(name)
+    with write_transaction(session):
+        run = _locked_run(session, run_id, shared=True)
+        _check_fence(run, attempt)
+        stmt = _insert(session, Checkpoint.__table__).values(
+            run_id=run_id, name=name, path=str(path), step=step, size_bytes=size_bytes,
+            created_at=now,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["run_id", "name"],
+            set_={"path": stmt.excluded.path, "step": stmt.excluded.step,
+                  "size_bytes": stmt.excluded.size_bytes},
+        )
+        session.execute(stmt)
+        return session.exec(
+            select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.name == name)
+            .execution_options(populate_existing=True)
+        ).one()
+
+
+def remove_checkpoint(session: Session, run_id: uuid.UUID, name: str) -> bool:
+    """Forget checkpoint ``name`` of a run (retention deleted its folder). Returns whether a
+    record existed."""
+    with write_transaction(session):
+        result = session.execute(
+            sa.delete(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.name == name)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1
+
+
+def record_provenance(session: Session, run_id: uuid.UUID, *,
+                      package_versions: Mapping[str, str] | None = None,
+                      git_commit: str | None = None, seed: int | None = None,
+                      hardware: Mapping[str, Any] | None = None, data_hash: str | None = None,
+                      tokenizer_hash: str | None = None,
+                      now: datetime | None = None) -> RunProvenance:
+    """Store (or replace, on a later attempt) what produced the run: package versions, code
+    commit, seed, hardware description, sha256 digests of the data and the tokenizer."""
+    now = _now(now)
+    values = {
+        "package_versions": dict(package_versions or {}), "git_commit": git_commit,
+        "seed": seed, "hardware": dict(hardware or {}), "data_hash": data_hash,
+        "tokenizer_hash": tokenizer_hash, "recorded_at": now,
+    }
+    with write_transaction(session):
+        _locked_run(session, run_id, shared=True)
+        stmt = _insert(session, RunProvenance.__table__).values(run_id=run_id, **values)
+        stmt = stmt.on_conflict_do_update(index_elements=["run_id"], set_=values)
+        session.execute(stmt)
+        return session.exec(
+            select(RunProvenance).where(RunProvenance.run_id == run_id)
+            .execution_options(populate_existing=True)
+        ).one()
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+
+def register_worker(session: Session, worker_id: str, host: str, *, pid: int | None = None,
+                    gpus: Sequence[Mapping[str, Any]] = (),
+                    gpu_memory_bytes: int | None = None,
+                    now: datetime | None = None) -> Worker:
+    """Register (or re-register after a restart) a worker: ``gpus`` is a list of
+    ``{"index", "name", "memory_bytes"}``; ``gpu_memory_bytes`` defaults to the smallest
+    ``memory_bytes`` among them. Re-registering resets ``started_at``, the heartbeat and the
+    current run."""
+    now = _now(now)
+    gpu_list = [dict(g) for g in gpus]
+    if gpu_memory_bytes is None:
+        sizes = [g["memory_bytes"] for g in gpu_list if g.get("memory_bytes") is not None]
+        gpu_memory_bytes = min(sizes) if sizes else None
+    values = {"host": host, "pid": pid, "gpus": gpu_list, "gpu_count": len(gpu_list),
+              "gpu_memory_bytes": gpu_memory_bytes, "heartbeat_at": now,
+              "current_run_id": None, "started_at": now}
+    with write_transaction(session):
+        stmt = _insert(session, Worker.__table__).values(id=worker_id, **values)
+        session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
+        return session.exec(select(Worker).where(Worker.id == worker_id)
+                            .execution_options(populate_existing=True)).one()
+
+
+_UNSET: Any = object()
+
+
+def heartbeat_worker(session: Session, worker_id: str, *,
+                     current_run_id: uuid.UUID | None = _UNSET,
+                     now: datetime | None = None) -> Worker | None:
+    """Record that a worker is alive (``heartbeat_at = now``), and what it runs when
+    ``current_run_id`` is given (None = idle). Returns None when the worker is not registered
+    (it was pruned): the worker should :func:`register_worker` again."""
+    now = _now(now)
+    values: dict[str, Any] = {"heartbeat_at": now}
+    if current_run_id is not _UNSET:
+        values["current_run_id"] = current_run_id
+    with write_transaction(session):
+        return session.execute(
+            sa.update(Worker).where(Worker.id == worker_id).values(**values).returning(Worker)
+            .execution_options(populate_existing=True, synchronize_session=False)
+        ).scalars().first()
+
+
+def deregister_worker(session: Session, worker_id: str) -> bool:
+    """Remove a worker's row (clean shutdown). Returns whether it existed."""
+    with write_transaction(session):
+        result = session.execute(sa.delete(Worker).where(Worker.id == worker_id)
+                                 .execution_options(synchronize_session=False))
+        return result.rowcount == 1
+
+
+def live_workers(session: Session, stale_after_seconds: float, *,
+                 now: datetime | None = None) -> list[Worker]:
+    """Workers whose last heartbeat is at most ``stale_after_seconds`` old, by id."""
+    cutoff = _now(now) - timedelta(seconds=stale_after_seconds)
+    return list(session.exec(
+        select(Worker).where(Worker.heartbeat_at >= cutoff).order_by(Worker.id)
+        .execution_options(populate_existing=True)
+    ))
+
+
+def worker_can_serve(worker: Worker, devices: int) -> bool:
+    """Whether ``worker`` can run a config with ``devices`` devices (``devices: auto`` counts
+    as 1): it owns at least that many GPUs, or it is CPU-only and one device is asked."""
+    return worker.gpu_count >= devices or (worker.gpu_count == 0 and devices == 1)
+
+
+# -- reconciler queries -------------------------------------------------------------------------
+
+
+def expired_runs(session: Session, *, now: datetime | None = None) -> list[Run]:
+    """Running runs whose lease expired before ``now`` (their worker stopped heartbeating),
+    oldest expiry first. Feed each to :func:`recover_expired_run`."""
+    now = _now(now)
+    return list(session.exec(
+        select(Run).where(Run.status == S.running, Run.lease_expires_at < now)
+        .order_by(Run.lease_expires_at).execution_options(populate_existing=True)
+    ))
+
+
+def stale_queued_runs(session: Session, older_than_seconds: float, *,
+                      now: datetime | None = None, limit: int = 100) -> list[Run]:
+    """Queued runs not claimed for ``older_than_seconds`` since they were (re-)queued or last
+    enqueued (their broker message may be lost), oldest first. The reconciler re-enqueues
+    each and calls :func:`mark_enqueued` (a duplicate message is harmless: claims are atomic)."""
+    cutoff = _now(now) - timedelta(seconds=older_than_seconds)
+    return list(session.exec(
+        select(Run).where(Run.status == S.queued, Run.queued_at < cutoff)
+        .order_by(Run.queued_at).limit(limit).execution_options(populate_existing=True)
+    ))
+
+
+# -- reads --------------------------------------------------------------------------------------
+
+
+def get_run(session: Session, run_id: uuid.UUID) -> Run:
+    """The run, read fresh. Raises RunNotFound."""
+    run = session.exec(select(Run).where(Run.id == run_id)
+                       .execution_options(populate_existing=True)).first()
+    if run is None:
+        raise RunNotFound(run_id)
+    return run
+
+
+def list_events(session: Session, run_id: uuid.UUID) -> list[RunEvent]:
+    """A run's events in the order they happened."""
+    return list(session.exec(select(RunEvent).where(RunEvent.run_id == run_id)
+                             .order_by(RunEvent.id)))
+
+
+def list_metrics(session: Session, run_id: uuid.UUID, *, after_step: int | None = None,
+                 limit: int | None = None) -> list[MetricPoint]:
+    """A run's metric points by step, those with ``step > after_step`` when given, at most
+    ``limit``."""
+    stmt = select(MetricPoint).where(MetricPoint.run_id == run_id)
+    if after_step is not None:
+        stmt = stmt.where(MetricPoint.step > after_step)
+    stmt = stmt.order_by(MetricPoint.step)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.exec(stmt.execution_options(populate_existing=True)))
+
+
+def list_router_points(session: Session, run_id: uuid.UUID, *,
+                       after_step: int | None = None) -> list[RouterPoint]:
+    """A run's router points ordered by (step, layer, expert)."""
+    stmt = select(RouterPoint).where(RouterPoint.run_id == run_id)
+    if after_step is not None:
+        stmt = stmt.where(RouterPoint.step > after_step)
+    return list(session.exec(stmt.order_by(RouterPoint.step, RouterPoint.layer,
+                                           RouterPoint.expert)))
+
+
+def list_checkpoints(session: Session, run_id: uuid.UUID) -> list[Checkpoint]:
+    """A run's checkpoints: step-N folders by step, then ``final``."""
+    return list(session.exec(
+        select(Checkpoint).where(Checkpoint.run_id == run_id)
+        .order_by((Checkpoint.name == "final"), Checkpoint.step, Checkpoint.id)
+        .execution_options(populate_existing=True)
+    ))
+
+
+def get_checkpoint(session: Session, run_id: uuid.UUID,
+                   ref: int | Literal["final"] | str) -> Checkpoint | None:
+    """A checkpoint by ``"final"``, by step number (int or digits; the step-N folder, never
+    ``final``), or by folder name. None when there is none."""
+    stmt = select(Checkpoint).where(Checkpoint.run_id == run_id)
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        stmt = stmt.where(Checkpoint.step == int(ref), Checkpoint.name != "final")
+    else:
+        stmt = stmt.where(Checkpoint.name == ref)
+    return session.exec(stmt.order_by(Checkpoint.id)).first()
+
+
+def count_runs_by_status(session: Session) -> dict[RunStatus, int]:
+    """Number of runs in each status (every status present, zeros included)."""
+    counts = {status: 0 for status in RunStatus}
+    for status, count in session.execute(
+        sa.select(Run.status, sa.func.count()).group_by(Run.status)
+    ):
+        counts[RunStatus(status)] = count
+    return counts
+
+
+def _encode_cursor(value: Any, run_id: uuid.UUID) -> str:
+    raw = json.dumps([value.isoformat() if isinstance(value, datetime) else value, str(run_id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value, run_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if key == "created_at":
+            value = datetime.fromisoformat(value)
+        elif key == "status":
+            value = RunStatus(value)
+        elif not isinstance(value, str):
+            raise ValueError
+        return value, uuid.UUID(run_id)
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        raise ValueError(f"invalid cursor {cursor!r}")
+
+
+def list_runs(session: Session, *, status: RunStatus | str | None = None,
+              owner: str | None = None, limit: int = 50, cursor: str | None = None,
+              sort: str = "-created_at") -> tuple[list[Run], str | None]:
+    """One page of runs and the cursor of the next page (None on the last page).
+
+    ``sort`` is one of :data:`RUN_SORT_KEYS`, "-" prefixed for descending; ties are broken by
+    id, so keyset pagination is stable while runs are added. ``cursor`` must come from a
+    previous call with the same ``sort`` (ValueError otherwise, as for an unknown sort key or
+    ``limit`` outside 1..1000)."""
+    descending = sort.startswith("-")
+    key = sort.lstrip("-")
+    if key not in RUN_SORT_KEYS:
+        raise ValueError(f"sort must be one of {', '.join(RUN_SORT_KEYS)} (optionally with '-'), "
+                         f"got {sort!r}")
+    if not 1 <= limit <= 1000:
+        raise ValueError(f"limit must be in 1..1000, got {limit}")
+    column = getattr(Run, key)
+    stmt = select(Run)
+    if status is not None:
+        stmt = stmt.where(Run.status == RunStatus(status))
+    if owner is not None:
+        stmt = stmt.where(Run.owner == owner)
+    if cursor is not None:
+        value, after_id = _decode_cursor(cursor, key)
+        if descending:
+            stmt = stmt.where(sa.or_(column < value, sa.and_(column == value, Run.id < after_id)))
+        else:
+            stmt = stmt.where(sa.or_(column > value, sa.and_(column == value, Run.id > after_id)))
+    order = (column.desc(), Run.id.desc()) if descending else (column.asc(), Run.id.asc())
+    rows = list(session.exec(stmt.order_by(*order).limit(limit + 1)
+                             .execution_options(populate_existing=True)))
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        value = getattr(last, key)
+        next_cursor = _encode_cursor(value.value if isinstance(value, RunStatus) else value,
+                                     last.id)
+    return rows, next_cursor

@@ -1,0 +1,120 @@
+"""Database fixtures for the tests (no tests here): a fresh PostgreSQL database per test
+session and a migrated SQLite file per test, behind one parametrized ``database`` fixture.
+
+PostgreSQL must be running (127.0.0.1:5432, user postgres, trust auth, or the admin URL in
+``MOEJOBS_TEST_POSTGRES_URL``): tests that need it fail with a message saying so, they are
+never skipped. Each session creates ``moejobs_test_<random>`` and drops it at the end.
+
+Use from a test module with ``from test_db_support import database, postgres_url, ...``.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg import sql
+
+from service.db import Database, migrate, open_database
+from service.models import metadata
+from service.settings import Settings
+
+#: Admin connection (libpq URL) used to create and drop the per-session test databases.
+PG_ADMIN_URL = os.environ.get(
+    "MOEJOBS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _admin_connect() -> psycopg.Connection:
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {error}\n"
+            "These tests need a real PostgreSQL server: start it (e.g. "
+            "`pg_ctlcluster 15 main start`) or point MOEJOBS_TEST_POSTGRES_URL at an admin "
+            "connection URL.",
+            pytrace=False,
+        )
+
+
+def create_pg_database(prefix: str = "moejobs_test") -> str:
+    """Create an empty database ``<prefix>_<random>`` and return its SQLAlchemy URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with _admin_connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = sa.make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+    return url.render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    """Drop the database of ``url``, disconnecting any leftover sessions first."""
+    name = sa.make_url(url).database
+    with _admin_connect() as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database for this test session (dropped afterwards)."""
+    url = create_pg_database()
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+@pytest.fixture(scope="session")
+def postgres_migrated(postgres_url: str) -> str:
+    """The session's PostgreSQL database, migrated to head once."""
+    migrate(settings_for(Path("/nonexistent-moejobs-home"), postgres_url))
+    return postgres_url
+
+
+def settings_for(tmp_path: Path, database_url: str | None = None, **overrides) -> Settings:
+    """Settings rooted in ``tmp_path`` whatever MOEJOBS_* variables the shell has."""
+    home = tmp_path / "home"
+    return Settings(
+        home=home,
+        database_url=database_url or f"sqlite:///{home / 'moejobs.sqlite3'}",
+        broker_url=f"sqla+sqlite:///{home / 'broker.sqlite3'}",
+        data_root=home / "data",
+        runs_dir=home / "runs",
+        host="127.0.0.1",
+        api_token=None,
+        **overrides,
+    )
+
+
+def _truncate_all(db: Database) -> None:
+    tables = ", ".join(t.name for t in metadata.sorted_tables)
+    with db.engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {tables} CASCADE"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated, empty database: a new SQLite file, or the session's PostgreSQL database
+    (emptied after the test). ``request.param`` names the backend."""
+    if request.param == "sqlite":
+        settings = settings_for(tmp_path)
+        migrate(settings)
+        db = open_database(settings)
+        try:
+            yield db
+        finally:
+            db.dispose()
+    else:
+        url = request.getfixturevalue("postgres_migrated")
+        db = open_database(settings_for(tmp_path, url))
+        try:
+            yield db
+        finally:
+            _truncate_all(db)
+            db.dispose()
