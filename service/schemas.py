@@ -1138,13 +1138,14 @@ def _train_rules(cfg: TrainConfig, raw: dict) -> list[Issue]:
     world = cfg.world_size
     per_step = t.micro_batch_size * world
     if t.global_batch_size % per_step != 0:
-        lo = max(per_step, t.global_batch_size // per_step * per_step)
-        hi = (t.global_batch_size // per_step + 1) * per_step
+        lo = t.global_batch_size // per_step * per_step
+        hi = lo + per_step
+        options = f"{lo} or {hi}" if lo else f"{hi}"
         errors.append(Issue(
             ("train", "global_batch_size"),
             f"global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size x devices x num_nodes "
             f"= {t.micro_batch_size} x {cfg.devices if cfg.devices != 'auto' else 1} x {cfg.num_nodes} = {per_step} "
-            f"(LitGPT would silently floor it); e.g. use {lo} or {hi}",
+            f"(LitGPT would silently floor it); e.g. use {options}",
         ))
     if t.min_lr > lr:
         errors.append(Issue(

@@ -288,8 +288,8 @@ def test_global_batch_size_divisible_by_micro_batch_times_devices():
 
 def test_global_batch_size_smaller_than_one_micro_batch_per_device():
     e = errors({"num_nodes": 2, "devices": 2, "train": {"global_batch_size": 2}})
-    assert e["train.global_batch_size"].startswith("global_batch_size (2) must be divisible by micro_batch_size x "
-                                                   "devices x num_nodes = 2 x 2 x 2 = 8")
+    assert e == {"train.global_batch_size": "global_batch_size (2) must be divisible by micro_batch_size x devices x "
+                 "num_nodes = 2 x 2 x 2 = 8 (LitGPT would silently floor it); e.g. use 8"}
 
 
 def test_n_embd_divisible_by_n_head():
