@@ -556,8 +556,11 @@ def _insert_ignoring_duplicates(session: Session, table: sa.Table, rows: list[di
     inserted = 0
     for start in range(0, len(rows), BATCH_SIZE):
         chunk = rows[start:start + BATCH_SIZE]
-        stmt = _insert(session, table).values(chunk).on_conflict_do_nothing(index_elements=key)
-        inserted += session.execute(stmt).rowcount
+        stmt = (_insert(session, table).values(chunk).on_conflict_do_nothing(index_elements=key)
+                .returning(table.c[key[-1]]))
+        # Count the rows RETURNING gives back (only inserted ones): the driver's rowcount
+        # is not reliable for multi-row INSERTs on every driver (psycopg reports -1).
+        inserted += len(session.execute(stmt).all())
     return inserted
 
 
