@@ -607,6 +607,16 @@ class TrainConfig(_Section):
         description="moejobs performance settings: compile, attention backends, MoE kernel.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # `eval:` with every line commented out is YAML null: treat an empty section as "all defaults"
+        if isinstance(data, dict):
+            empty = [k for k in ("train", "eval", "log", "optimizer", "optimization") if k in data and data[k] is None]
+            if empty:
+                data = {k: v for k, v in data.items() if k not in empty}
+        return data
+
     @property
     def world_size(self) -> int:
         """devices x num_nodes, with devices 'auto' counted as 1."""
@@ -1086,9 +1096,6 @@ def validate_model_config(model: dict) -> ModelConfig:
     if errors:
         raise ConfigError(errors)
     errors = _unknown_keys(model, ModelConfig, ModelConfig, (MODEL_LOC,), other_root=TrainConfig, other_name="train config")
-    for key in model:
-        if errors and key in TrainArgs.model_fields:
-            pass
     try:
         result = ModelConfig.model_validate(model)
     except ValidationError as exc:
@@ -1312,6 +1319,23 @@ def _warnings(cfg: TrainConfig, model: ModelConfig, plan) -> list[Issue]:
             ("optimization", "flash_attention_force"),
             "flash_attention_force with precision 32-true cannot run: flash-attention kernels need bf16/fp16 on a "
             "CUDA GPU, so the engine's pre-flight check will refuse this run",
+        ))
+    if model.is_moe and o.moe_implementation == "grouped":
+        align = 4 if cfg.precision == "32-true" else 8
+        unaligned = [f"{name} ({getattr(model, name)})" for name in ("n_embd", "moe_intermediate_size")
+                     if getattr(model, name) % align]
+        if unaligned:
+            w.append(Issue(
+                ("optimization", "moe_implementation"),
+                f"the grouped MoE kernel needs 16-byte rows ({cfg.precision}: widths divisible by {align}) but "
+                f"{' and '.join(unaligned)} {'is' if len(unaligned) == 1 else 'are'} not: every expert then runs on "
+                f"every token ({model.n_expert} instead of {model.n_expert_per_token} experts per token, "
+                f"{model.n_expert / model.n_expert_per_token:g}x the expert FLOPs)",
+            ))
+    if not model.is_moe and (t.moe_aux_loss_coef or t.moe_z_loss_coef):
+        w.append(Issue(
+            ("train", "moe_aux_loss_coef" if t.moe_aux_loss_coef else "moe_z_loss_coef"),
+            f"router losses are ignored: the model has no MoE layers (mlp_class_name {model.mlp_class_name})",
         ))
     if model.n_expert > 0 and not model.is_moe:
         w.append(Issue(

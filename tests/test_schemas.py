@@ -637,3 +637,89 @@ def test_json_schema_documents_allowlists_and_short_form():
     assert {"type": "string", "enum": ["Adam", "AdamW", "SGD", "torch.optim.Adam", "torch.optim.AdamW",
                                        "torch.optim.SGD"]} in opt["anyOf"]
     assert schema["additionalProperties"] is False
+
+
+def test_warning_unaligned_widths_for_the_grouped_moe_kernel():
+    w = warnings(model={"moe_intermediate_size": 100}, train={"precision": "bf16-mixed"})
+    assert w == {
+        "optimization.moe_implementation": "the grouped MoE kernel needs 16-byte rows (bf16-mixed: widths divisible "
+        "by 8) but moe_intermediate_size (100) is not: every expert then runs on every token (4 instead of 2 experts "
+        "per token, 2x the expert FLOPs)"
+    }
+    assert warnings(model={"moe_intermediate_size": 100}) == {}  # 32-true: 400-byte rows are fine
+    assert warnings(model={"moe_intermediate_size": 100}, train={"optimization": {"moe_implementation": "loop"},
+                                                                 "precision": "bf16-mixed"}) == {}
+
+
+def test_warning_router_losses_without_moe():
+    w = warnings({"train": {"moe_aux_loss_coef": 0.01}}, {"mlp_class_name": "LLaMAMLP", "intermediate_size": 128,
+                                                         "n_expert": 0})
+    assert w == {"train.moe_aux_loss_coef": "router losses are ignored: the model has no MoE layers "
+                 "(mlp_class_name LLaMAMLP)"}
+
+
+def test_empty_sections_mean_defaults():
+    v = validate({"eval": None, "log": None})
+    assert v.train.eval.interval == 1000 and v.train.eval.final_validation is True
+
+
+def test_validated_configs_survive_a_json_round_trip():
+    v = validate({"optimizer": "SGD", "train": {"min_lr": 0}})
+    again = validate_configs(v.train.model_dump(mode="json"), v.model.model_dump(mode="json"))
+    assert again.train == v.train and again.model == v.model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Same names, types and defaults as LitGPT
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_model_config_has_every_litgpt_config_field_with_its_default():
+    litgpt = pytest.importorskip("litgpt")
+    import dataclasses
+
+    ours = ModelConfig.model_fields
+    for f in dataclasses.fields(litgpt.Config):
+        assert f.name in ours, f.name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        assert ours[f.name].get_default(call_default_factory=True) == default, f.name
+    assert set(ours) == {f.name for f in dataclasses.fields(litgpt.Config)}
+
+
+def test_model_kwargs_build_the_same_litgpt_config():
+    litgpt = pytest.importorskip("litgpt")
+    m = validate().model
+    cfg = litgpt.Config(**m.litgpt_kwargs())
+    assert (cfg.head_size, cfg.padded_vocab_size, cfg.n_query_groups, cfg.intermediate_size, cfg.rope_n_elem) == (
+        m.resolved_head_size, m.resolved_padded_vocab_size, m.resolved_n_query_groups, m.resolved_intermediate_size,
+        m.rope_n_elem)
+
+
+def test_train_config_has_pretrains_keys_and_defaults():
+    pretrain = pytest.importorskip("litgpt.pretrain")
+    import dataclasses
+    import inspect
+
+    from litgpt.args import EvalArgs, LogArgs, TrainArgs
+
+    from service.schemas import EvalArgs as OurEval
+    from service.schemas import LogArgs as OurLog
+    from service.schemas import TrainArgs as OurTrain
+
+    params = inspect.signature(pretrain.setup).parameters
+    # top-level keys of `litgpt pretrain` (model_name/model_config live in the model document)
+    for name in params:
+        if name not in ("model_name", "model_config"):
+            assert name in TrainConfig.model_fields, name
+    # deliberate differences: precision None (auto) -> bf16-mixed, tensorboard -> csv, data TinyLlama -> required
+    same = ["initial_checkpoint_dir", "resume", "devices", "num_nodes", "tokenizer_dir", "seed"]
+    for name in same:
+        assert TrainConfig.model_fields[name].get_default() == params[name].default, name
+    assert TrainConfig.model_fields["out_dir"].get_default() == str(params["out_dir"].default)
+    for ours, theirs, setup_default in ((OurTrain, TrainArgs, params["train"].default),
+                                        (OurEval, EvalArgs, params["eval"].default),
+                                        (OurLog, LogArgs, params["log"].default)):
+        for f in dataclasses.fields(theirs):
+            assert f.name in ours.model_fields, f.name
+            assert ours.model_fields[f.name].get_default(call_default_factory=True) == getattr(setup_default, f.name), (
+                theirs.__name__, f.name)
