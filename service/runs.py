@@ -170,14 +170,22 @@ def _insert(session: Session, table: sa.Table):
     raise NotImplementedError(f"database dialect {name!r} is not supported")
 
 
-def _locked_run(session: Session, run_id: uuid.UUID, *, shared: bool = False) -> Run:
-    """The run, read fresh and row-locked on PostgreSQL (FOR UPDATE, or FOR SHARE with
-    ``shared``) until the transaction ends; SQLite's BEGIN IMMEDIATE already serialises
-    writers. Raises RunNotFound."""
-    stmt = (
-        select(Run).where(Run.id == run_id).with_for_update(read=shared)
-        .execution_options(populate_existing=True)
-    )
+def _locked_run(session: Session, run_id: uuid.UUID, *, shared: bool = False,
+                deleting: bool = False) -> Run:
+    """The run, read fresh and row-locked on PostgreSQL until the transaction ends; SQLite's
+    BEGIN IMMEDIATE already serialises writers. Raises RunNotFound.
+
+    Lock modes: FOR NO KEY UPDATE by default (blocks other status writers, but not the
+    KEY SHARE locks that foreign-key checks take, e.g. a worker heartbeat naming this run,
+    which would otherwise deadlock with the worker-row update in ``_move``); FOR SHARE with
+    ``shared`` (ingestion: status cannot change underneath); FOR UPDATE with ``deleting``."""
+    if deleting:
+        stmt = select(Run).where(Run.id == run_id).with_for_update()
+    elif shared:
+        stmt = select(Run).where(Run.id == run_id).with_for_update(read=True)
+    else:
+        stmt = select(Run).where(Run.id == run_id).with_for_update(key_share=True)
+    stmt = stmt.execution_options(populate_existing=True)
     run = session.exec(stmt).first()
     if run is None:
         raise RunNotFound(run_id)
@@ -498,7 +506,7 @@ def delete_run(session: Session, run_id: uuid.UUID) -> Run:
     remove its folder (``settings.run_dir(run.id)``); files are not touched here.
     Raises RunNotFound, RunActive (queued or running)."""
     with write_transaction(session):
-        run = _locked_run(session, run_id)
+        run = _locked_run(session, run_id, deleting=True)
         if run.status not in TERMINAL_STATUSES:
             raise RunActive(run_id, run.status)
         session.expunge(run)

@@ -33,13 +33,14 @@ def _admin_connect() -> psycopg.Connection:
     try:
         return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as error:
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {error}\n"
-            "These tests need a real PostgreSQL server: start it (e.g. "
-            "`pg_ctlcluster 15 main start`) or point MOEJOBS_TEST_POSTGRES_URL at an admin "
-            "connection URL.",
-            pytrace=False,
-        )
+        problem = str(error).strip()
+    pytest.fail(
+        f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {problem}\n"
+        "These tests need a real PostgreSQL server: start it (e.g. "
+        "`pg_ctlcluster 15 main start`) or point MOEJOBS_TEST_POSTGRES_URL at an admin "
+        "connection URL.",
+        pytrace=False,
+    )
 
 
 def create_pg_database(prefix: str = "moejobs_test") -> str:

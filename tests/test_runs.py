@@ -525,3 +525,66 @@ def test_list_runs_pages_through_everything_in_order(database):
         call(database, runs.list_runs, cursor="garbage")
     counts = call(database, runs.count_runs_by_status)
     assert counts[S.queued] == 7 and counts[S.cancelled] == 1 and counts[S.running] == 0
+
+
+# -- concurrency on SQLite ----------------------------------------------------------------------
+
+
+def test_write_after_a_stale_read_transaction(database):
+    """A session that read (opening a read transaction, an old WAL snapshot on SQLite) and
+    then writes after another connection committed must not fail with "database is
+    locked": write_transaction ends the read and begins with the write lock."""
+    run = create(database)
+    with database.session() as reader:
+        assert runs.list_runs(reader)[0][0].status == S.queued  # read transaction open
+        assert call(database, runs.claim_run, run.id, "w1", 60) is not None  # other commit
+        done = runs.transition(reader, run.id, S.succeeded, "ok", attempt=1)
+        assert done.status == S.succeeded
+
+
+def test_writers_in_several_processes_share_one_sqlite_file(tmp_path):
+    """Embedded mode: the API and workers are separate processes writing one SQLite file.
+    BEGIN IMMEDIATE + busy timeout: every write succeeds, none is lost."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from service.db import migrate, open_database
+    from test_db_support import settings_for
+
+    settings = settings_for(tmp_path)
+    migrate(settings)
+    code = """
+import sys, uuid
+from service.db import open_database
+from service.settings import Settings
+from service import runs
+db = open_database(Settings())
+worker = sys.argv[1]
+for i in range(15):
+    with db.session() as s:
+        run, _ = runs.create_run(s, name=f"{worker}-{i}", submitted_train={}, submitted_model={},
+                                 resolved_train={}, resolved_model={})
+        claimed = runs.claim_run(s, run.id, worker, 60)
+        runs.record_metrics(s, run.id, [{"step": k, "loss": 1.0} for k in range(20)],
+                            attempt=claimed.attempt)
+        runs.heartbeat_worker(s, worker)
+        runs.transition(s, run.id, "succeeded", attempt=claimed.attempt)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
+    env.update(settings.to_env())
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"p{i}"], cwd=root, env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stderr.close()
+    assert [rc for rc, _ in outcomes] == [0, 0], outcomes
+    db = open_database(settings)
+    try:
+        with db.session() as s:
+            assert runs.count_runs_by_status(s)[S.succeeded] == 30
+            assert s.execute(sa.select(sa.func.count()).select_from(MetricPoint)).scalar() == 600
+    finally:
+        db.dispose()
