@@ -1199,16 +1199,22 @@ def _cross_rules(cfg: TrainConfig, model: ModelConfig) -> list[Issue]:
         need = plan.grad_accum_iters * plan.tokens_per_micro_batch * plan.world_size
         errors.append(Issue(
             ("train", "max_tokens"),
-            f"max_tokens ({t.max_tokens:,}) does not cover one optimizer step: it gives {plan.micro_batches_total} "
-            f"micro-batches of {t.micro_batch_size} x {plan.seq_len} = {plan.tokens_per_micro_batch:,} tokens per "
-            f"device, but one step needs {plan.grad_accum_iters} (global_batch_size {t.global_batch_size} / "
-            f"micro_batch_size {t.micro_batch_size} / {plan.world_size} device(s)); raise max_tokens to at least {need:,}",
+            f"max_tokens ({t.max_tokens:,}) does not cover one optimizer step: it gives "
+            f"{_n(plan.micro_batches_total, 'micro-batch')} of {t.micro_batch_size} x {plan.seq_len} = "
+            f"{plan.tokens_per_micro_batch:,} tokens per device, but one step needs {plan.grad_accum_iters} "
+            f"({_batch_split(cfg)}); raise max_tokens to at least {need:,}",
         ))
     return errors
 
 
 #: Below this many optimizer steps a run gets the "only N optimizer steps" warning.
 FEW_STEPS = 10
+
+
+def _batch_split(cfg: TrainConfig) -> str:
+    t = cfg.train
+    return (f"global_batch_size {t.global_batch_size} / micro_batch_size {t.micro_batch_size} / "
+            f"{_n(cfg.world_size, 'device')}")
 
 
 def _n(count: int, word: str) -> str:
@@ -1230,16 +1236,21 @@ def _warnings(cfg: TrainConfig, model: ModelConfig, plan) -> list[Issue]:
             ("train", "max_tokens"),
             f"only {_n(steps, 'optimizer step')} will run: max_tokens {t.max_tokens:,} gives "
             f"{_n(plan.micro_batches_total, 'micro-batch')} of {plan.tokens_per_micro_batch:,} tokens per device "
-            f"and each step takes {plan.grad_accum_iters} (global_batch_size {t.global_batch_size})",
+            f"and each step takes {_n(plan.grad_accum_iters, 'micro-batch')} ({_batch_split(cfg)})",
         ))
     if plan.dropped_micro_batches:
         dropped_tokens = plan.dropped_micro_batches * plan.tokens_per_micro_batch * plan.world_size
+        d = plan.dropped_micro_batches
+        per_device = " per device" if plan.world_size > 1 else ""
+        what = (f"the last micro-batch{per_device} ({dropped_tokens:,} tokens) does not fill a whole optimizer step "
+                f"of {plan.grad_accum_iters} micro-batches, so it is never trained (LitGPT would compute it and drop "
+                "its gradients)") if d == 1 else (
+                f"the last {d:,} micro-batches{per_device} ({dropped_tokens:,} tokens) do not fill a whole optimizer "
+                f"step of {plan.grad_accum_iters} micro-batches, so they are never trained (LitGPT would compute them "
+                "and drop their gradients)")
         w.append(Issue(
             ("train", "max_tokens"),
-            f"{_n(plan.dropped_micro_batches, 'micro-batch')} ({dropped_tokens:,} tokens) do not fill a whole "
-            f"optimizer step of {plan.grad_accum_iters} micro-batches, so they are never trained (LitGPT would "
-            f"compute them and drop their gradients): {plan.tokens_trained:,} of max_tokens {t.max_tokens:,} "
-            "tokens are trained",
+            f"{what}: {plan.tokens_trained:,} of max_tokens {t.max_tokens:,} tokens are trained",
         ))
     if plan.warmup_steps > steps:
         reached = steps / plan.warmup_steps

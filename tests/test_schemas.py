@@ -370,8 +370,8 @@ def test_vocab_size_within_padded_vocab_size():
 
 def test_max_tokens_must_cover_one_optimizer_step():
     assert errors({"train": {"max_tokens": 100}}) == {
-        "train.max_tokens": "max_tokens (100) does not cover one optimizer step: it gives 1 micro-batches of 2 x 32 = "
-        "64 tokens per device, but one step needs 2 (global_batch_size 4 / micro_batch_size 2 / 1 device(s)); "
+        "train.max_tokens": "max_tokens (100) does not cover one optimizer step: it gives 1 micro-batch of 2 x 32 = "
+        "64 tokens per device, but one step needs 2 (global_batch_size 4 / micro_batch_size 2 / 1 device); "
         "raise max_tokens to at least 128"
     }
 
@@ -437,16 +437,23 @@ def test_warning_few_optimizer_steps():
     w = warnings({"train": {"max_tokens": 1024, "lr_warmup_steps": 1, "save_interval": 2}, "eval": {"interval": 2}})
     assert w == {
         "train.max_tokens": "only 8 optimizer steps will run: max_tokens 1,024 gives 16 micro-batches of 64 tokens "
-        "per device and each step takes 2 (global_batch_size 4)"
+        "per device and each step takes 2 micro-batches (global_batch_size 4 / micro_batch_size 2 / 1 device)"
     }
 
 
 def test_warning_dropped_micro_batches():
     w = warnings({"train": {"max_tokens": 2560 + 64}})
     assert w == {
-        "train.max_tokens": "1 micro-batch (64 tokens) do not fill a whole optimizer step of 2 micro-batches, so they "
-        "are never trained (LitGPT would compute them and drop their gradients): 2,560 of max_tokens 2,624 tokens "
+        "train.max_tokens": "the last micro-batch (64 tokens) does not fill a whole optimizer step of 2 micro-batches, "
+        "so it is never trained (LitGPT would compute it and drop its gradients): 2,560 of max_tokens 2,624 tokens "
         "are trained"
+    }
+    # 2 devices, 3 micro-batches per step: 62 micro-batches per device = 20 steps + 2 left over
+    w = warnings({"devices": 2, "train": {"global_batch_size": 12, "max_tokens": 62 * 64 * 2}})
+    assert w == {
+        "train.max_tokens": "the last 2 micro-batches per device (256 tokens) do not fill a whole optimizer step of 3 "
+        "micro-batches, so they are never trained (LitGPT would compute them and drop their gradients): 7,680 of "
+        "max_tokens 7,936 tokens are trained"
     }
 
 
@@ -560,7 +567,8 @@ def test_warning_max_new_tokens_ignored():
 SHIPPED_WARNINGS = [
     # litgpt-facts.md, "What the shipped defaults really do"
     ("train.max_tokens", "only 4 optimizer steps will run"),
-    ("train.max_tokens", "28 micro-batches (57,344 tokens) do not fill a whole optimizer step of 32 micro-batches"),
+    ("train.max_tokens", "the last 28 micro-batches (57,344 tokens) do not fill a whole optimizer step of 32 "
+                         "micro-batches"),
     ("train.lr_warmup_steps", "the learning rate never reaches its peak"),
     ("train.save_interval", "no intermediate checkpoint is written"),
     ("model.rotary_percentage", "LitGPT's default 0.25 applies: RoPE covers 16 of the 64 dimensions"),
