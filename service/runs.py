@@ -524,7 +524,7 @@ def _float_or_none(value: Any, column: str) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"metric {column}: not a number: {value!r}")
+        raise ValueError(f"metric {column}: not a number: {value!r}") from None
     # Non-finite values: SQLite cannot store NaN and JSON cannot carry either; NULL on both.
     return number if math.isfinite(number) else None
 
@@ -538,7 +538,7 @@ def _int(value: Any, column: str) -> int:
             number = int(number)
         return int(number)
     except (TypeError, ValueError):
-        raise ValueError(f"{column}: not an integer: {value!r}")
+        raise ValueError(f"{column}: not an integer: {value!r}") from None
 
 
 def _metric_row(run_id: uuid.UUID, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -890,7 +890,7 @@ def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
             raise ValueError
         return value, uuid.UUID(run_id)
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
-        raise ValueError(f"invalid cursor {cursor!r}")
+        raise ValueError(f"invalid cursor {cursor!r}") from None
 
 
 def list_runs(session: Session, *, status: RunStatus | str | None = None,

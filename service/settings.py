@@ -199,7 +199,7 @@ class Settings(BaseSettings):
             try:
                 indices = [int(v) for v in value]
             except (TypeError, ValueError):
-                raise ValueError(f'GPU list must be "all" or integers like "0,1", got {value!r}')
+                raise ValueError(f'GPU list must be "all" or integers like "0,1", got {value!r}') from None
             if any(i < 0 for i in indices):
                 raise ValueError(f"GPU indices must be >= 0, got {indices}")
             if len(set(indices)) != len(indices):

@@ -1,4 +1,5 @@
 """Settings, engines and migrations, on real SQLite and PostgreSQL."""
+# ruff: noqa: F811  (pytest fixtures imported from test_db_support)
 from __future__ import annotations
 
 import uuid

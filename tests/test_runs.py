@@ -1,4 +1,5 @@
 """The run lifecycle (service/runs.py) on real SQLite and PostgreSQL databases."""
+# ruff: noqa: F811  (pytest fixtures imported from test_db_support)
 from __future__ import annotations
 
 import threading
