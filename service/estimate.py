@@ -13,7 +13,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from service.schemas import ModelConfig, TrainConfig
 
-__all__ = ["TrainingPlan", "training_plan", "Estimate", "estimate", "ParamCounts", "count_parameters", "GPU_PEAK_FLOPS"]
+__all__ = [
+    "TrainingPlan",
+    "training_plan",
+    "ParamCounts",
+    "count_parameters",
+    "MemoryEstimate",
+    "activation_bytes",
+    "attention_flops_per_token",
+    "Estimate",
+    "estimate",
+    "GPU_PEAK_FLOPS",
+    "DEFAULT_MFU",
+]
 
 
 @dataclass(frozen=True)
@@ -210,7 +222,7 @@ def count_parameters(model: ModelConfig, tie_embeddings: bool = False) -> ParamC
     hs = model.resolved_head_size
     nh, ng = model.n_head, model.resolved_n_query_groups
     norms = _norm_params(model, c)  # ln_f
-    attention = attn_bias_total = 0
+    attention = 0
     router = experts = dense = 0
     active_matmul = 0
     expert_size = 0
@@ -273,7 +285,6 @@ def count_parameters(model: ModelConfig, tie_embeddings: bool = False) -> ParamC
     active_matmul += v * c
     total = embedding + lm_head + norms + attention + router + experts + dense
     inactive = moe_layers * (model.n_expert - model.n_expert_per_token) * expert_size
-    del attn_bias_total
     return ParamCounts(
         total=total,
         embedding=embedding,

@@ -731,3 +731,13 @@ def test_train_config_has_pretrains_keys_and_defaults():
             assert f.name in ours.model_fields, f.name
             assert ours.model_fields[f.name].get_default(call_default_factory=True) == getattr(setup_default, f.name), (
                 theirs.__name__, f.name)
+
+
+def test_config_modules_never_import_torch_or_litgpt():
+    import subprocess
+    import sys
+
+    code = ("import sys, service.schemas, service.configs, service.estimate; "
+            "print(sorted(m for m in ('torch', 'litgpt', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
