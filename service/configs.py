@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from service.schemas import ConfigError, Issue, Validated, validate_configs
+from service.schemas import ConfigError, Validated, validate_configs
 
 __all__ = [
     "CONFIGS_DIR",
