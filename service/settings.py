@@ -176,6 +176,20 @@ class Settings(BaseSettings):
         description="Queue runs that no registered live worker can serve (too many devices) "
         "instead of refusing them with 422.",
     )
+    # -- added by the API/queue work (issue 3, engineer E): the queue name lets several
+    #    deployments (or tests) share one Redis; the smoke-test model lets CI use a tiny model.
+    celery_queue: str = Field(
+        "moejobs",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Celery queue of training runs; short CPU jobs (tokenizers) go to "
+        "<CELERY_QUEUE>.aux. The API and every worker of one deployment must agree.",
+    )
+    smoke_model_config: Path | None = Field(
+        None,
+        description="Model config (YAML/JSON) the smoke test trains instead of the shipped "
+        "configs/model_config.yaml, e.g. a tiny model for CI.",
+    )
+
     sqlite_busy_timeout_ms: int = Field(
         30_000,
         ge=0,
