@@ -1,0 +1,777 @@
+"""Run one claimed attempt of a run: the training subprocess and everything the worker does
+while it lives. No Celery in here (``worker.tasks`` is the thin Celery layer around it).
+
+What :func:`execute_attempt` does for a run that :func:`service.runs.claim_run` just gave us:
+
+1. writes the run's resolved configs to ``RUN_DIR/train_config.yaml`` and
+   ``RUN_DIR/model_config.yaml`` (``RUN_DIR = settings.run_dir(run.id)``);
+2. starts ``python -m worker.train --train-config ... --model-config ... [--no-checkpoints]``
+   in its own session/process group, environment = this process's plus
+   ``settings.to_env()``; stdout and stderr go to ``RUN_DIR/train.log`` (the run's log; each
+   attempt appends a ``[moejobs]`` header and trailer line). The child gets a parent-death
+   signal (``worker.launch.die_with_parent``, Linux ``PR_SET_PDEATHSIG``): it never outlives
+   the worker, so a retry elsewhere never races a leftover. Its pid is in ``RUN_DIR/train.pid``;
+3. until the child exits, every ``POLL_SECONDS``: tails ``out_dir/metrics.csv`` (complete lines
+   only) into metric rows and ``out_dir/router.csv`` (when the engine writes one) into router
+   rows, records each complete checkpoint folder (``step-XXXXXXXX``/``final``: the engine
+   renames them into place when complete), applies ``settings.keep_checkpoints``, renews the
+   run's lease every ``settings.heartbeat_seconds`` and watches ``cancel_requested`` and the
+   worker's shutdown flag (SIGTERM to the process group; SIGKILL after
+   ``settings.cancel_grace_seconds``). Provenance is recorded once, from a helper thread (the
+   data hash reads every input file);
+4. after the exit: a last drain of metrics and checkpoints, then :func:`classify_exit`.
+
+The outcome is written by :func:`finish_attempt`, the only place that maps an outcome to
+``service.runs``' status functions (``transition`` / ``retry_or_fail``).
+
+Fencing: every write passes the claimed ``attempt``. When ``heartbeat_run`` raises
+``LeaseLost`` (the reconciler gave the run to another attempt) or no heartbeat succeeded for
+``lease_seconds - heartbeat_seconds`` (the database is unreachable: the lease may be about to
+expire and be taken over), the child is SIGKILLed at once and nothing more is written.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy.exc import SQLAlchemyError
+
+from service import runs
+from service.db import Database
+from service.models import METRIC_COLUMNS, FailureReason, Run, RunStatus
+from service.settings import Settings
+
+log = logging.getLogger("moejobs.runner")
+
+#: Repository root (holds the ``worker`` package); put on the child's PYTHONPATH.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: How often the runner loop looks at the child, the files and the cancel flag, in seconds.
+POLL_SECONDS = 0.5
+
+#: The engine's exit codes (worker/errors.py).
+EXIT_OK, EXIT_FAILURE, EXIT_INVALID_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 75
+
+#: Environment variable that makes ``worker.launch.die_with_parent`` arm PR_SET_PDEATHSIG in
+#: the training process (value: the pid of its parent, this worker).
+PARENT_ENV = "MOEJOBS_RANK_PARENT"
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_ENGINE_ERROR = re.compile(r"^error: ([a-z_ ]+?)(?::\s*(.*))?$")
+_OOM_TEXT = re.compile(r"out of memory|OutOfMemoryError|MemoryError|Cannot allocate memory",
+                       re.IGNORECASE)
+_LOG_TAIL_BYTES = 64 * 1024
+
+#: What the engine's one-line error reasons map to (``error: <reason>: message``).
+_ENGINE_REASONS = {
+    "invalid_data": FailureReason.invalid_data,
+    "invalid_config": FailureReason.invalid_config,
+    "invalid config": FailureReason.invalid_config,
+    "out_of_memory": FailureReason.out_of_memory,
+    "crashed": FailureReason.crashed,
+}
+
+
+# -- outcome ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended, before it is written.
+
+    ``kind``:
+      - ``"succeeded"`` / ``"cancelled"``: that terminal status;
+      - ``"failed"``: failed with ``reason`` (``killed`` goes through ``retry_or_fail``: it is
+        re-queued while attempts remain);
+      - ``"requeue"``: the worker is shutting down; the run goes back to queued and resumes
+        from its latest checkpoint on the next claim;
+      - ``"lease_lost"``: another attempt owns the run; nothing may be written.
+    ``message`` is a one-line human reason; ``exit_code`` the child's return code (negative:
+    killed by that signal), None when it never started.
+    """
+
+    kind: str
+    message: str
+    reason: FailureReason | None = None
+    exit_code: int | None = None
+
+    @property
+    def status(self) -> RunStatus | None:
+        """The status this outcome asks for (queued for a requeue; None when lease lost).
+        ``killed`` may still end in queued: see :func:`finish_attempt`."""
+        return {
+            "succeeded": RunStatus.succeeded, "cancelled": RunStatus.cancelled,
+            "failed": RunStatus.failed, "requeue": RunStatus.queued,
+        }.get(self.kind)
+
+
+def _signal_of(returncode: int) -> int | None:
+    """The signal that ended a process: ``-N`` from ``subprocess`` or ``128 + N`` from a shell."""
+    if returncode < 0:
+        return -returncode
+    if 128 < returncode < 128 + 65:
+        return returncode - 128
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _last_line(lines: list[str]) -> str:
+    for line in reversed(lines):
+        if line.strip() and not line.startswith("[moejobs]"):
+            return line.strip()
+    return ""
+
+
+def classify_exit(returncode: int, log_lines: list[str], *, cancel_requested: bool = False,
+                  shutting_down: bool = False, lease_lost: bool = False,
+                  oom_killed: bool = False) -> Outcome:
+    """Classify the end of a training process.
+
+    Args:
+        returncode: ``Popen.returncode`` (negative = killed by that signal; ``128 + N`` is
+            read as signal N too).
+        log_lines: the last lines of this attempt's output (stdout and stderr), oldest first.
+        cancel_requested: the run's cancel flag was set (we sent SIGTERM, maybe SIGKILL).
+        shutting_down: the worker is stopping (we sent SIGTERM to let it checkpoint).
+        lease_lost: another attempt owns the run (we SIGKILLed the child).
+        oom_killed: the kernel's OOM killer killed a process of our cgroup meanwhile.
+
+    Rules, first match wins: lease lost -> ``lease_lost``; exit 0 -> succeeded; cancel
+    requested -> cancelled; worker shutting down and the child stopped (75 or a signal) ->
+    ``requeue``; exit 2 -> failed ``invalid_config``; exit 1 -> the reason of the engine's last
+    ``error: <reason>: ...`` line (``invalid_data``, ``out_of_memory``, ``invalid_config``),
+    out of memory when the last line is a Python out-of-memory error, else ``crashed`` with the
+    last line; killed by a signal -> ``out_of_memory`` when there is OOM evidence (``oom_killed``
+    or an out-of-memory message in the log), else ``killed`` (retryable); exit 75 without a
+    shutdown (someone else sent SIGTERM) -> ``killed``; anything else -> ``crashed``.
+    """
+    last = _last_line(log_lines)
+    if lease_lost:
+        return Outcome("lease_lost", "another attempt owns the run", exit_code=returncode)
+    if returncode == EXIT_OK:
+        return Outcome("succeeded", "training finished", exit_code=returncode)
+    sig = _signal_of(returncode)
+    if cancel_requested:
+        how = f" ({_signal_name(sig)})" if sig else ""
+        return Outcome("cancelled", f"cancelled: training stopped{how}", exit_code=returncode)
+    if shutting_down and (returncode == EXIT_INTERRUPTED or sig is not None):
+        return Outcome("requeue", "worker shutting down: training stopped after a checkpoint"
+                       if returncode == EXIT_INTERRUPTED else
+                       f"worker shutting down: training stopped by {_signal_name(sig or 0)}",
+                       exit_code=returncode)
+
+    engine_reason, engine_message = None, None
+    for index in range(len(log_lines) - 1, -1, -1):
+        match = _ENGINE_ERROR.match(log_lines[index].strip())
+        if match and (match.group(1) in _ENGINE_REASONS or match.group(1) == "interrupted"):
+            engine_reason, engine_message = match.group(1), (match.group(2) or "").strip()
+            if engine_reason == "invalid config":  # "error: invalid config" + one issue a line
+                issues = [ln.strip() for ln in log_lines[index + 1:] if ln.strip()
+                          and not ln.startswith("[moejobs]")]
+                engine_message = "; ".join(issues)
+            break
+
+    if returncode == EXIT_INVALID_CONFIG:
+        text = engine_message or last or "invalid config"
+        return Outcome("failed", text, FailureReason.invalid_config, returncode)
+    if returncode == EXIT_FAILURE:
+        if engine_reason is not None and engine_reason != "interrupted":
+            reason = _ENGINE_REASONS[engine_reason]
+            text = engine_message or last
+            if reason == FailureReason.crashed and _OOM_TEXT.search(text or ""):
+                reason = FailureReason.out_of_memory
+            return Outcome("failed", text or engine_reason, reason, returncode)
+        if _OOM_TEXT.search(last):
+            return Outcome("failed", last, FailureReason.out_of_memory, returncode)
+        return Outcome("failed", last or "training exited with code 1", FailureReason.crashed,
+                       returncode)
+    if sig is not None:
+        tail_text = "\n".join(log_lines[-20:])
+        if oom_killed or (sig == signal.SIGKILL and _OOM_TEXT.search(tail_text)):
+            return Outcome("failed", f"killed by {_signal_name(sig)}: out of memory (OOM killer)",
+                           FailureReason.out_of_memory, returncode)
+        return Outcome("failed", f"training process killed by {_signal_name(sig)}",
+                       FailureReason.killed, returncode)
+    if returncode == EXIT_INTERRUPTED:
+        return Outcome("failed", engine_message or "training stopped by SIGTERM from outside the "
+                       "worker", FailureReason.killed, returncode)
+    return Outcome("failed", last or f"training exited with code {returncode}",
+                   FailureReason.crashed, returncode)
+
+
+def finish_attempt(db: Database, run_id: uuid.UUID, attempt: int, outcome: Outcome, *,
+                   settings: Settings, worker_id: str) -> Run | None:
+    """Write ``outcome`` for ``attempt`` of the run: the one place where an attempt's end
+    becomes a status, through ``service.runs`` (which writes the event row).
+
+    succeeded / cancelled / failed (permanent reasons) -> ``runs.transition``; failed
+    ``killed`` -> ``runs.retry_or_fail`` (queued again while fewer than
+    ``settings.max_attempts`` attempts were made); requeue (worker shutdown) ->
+    ``runs.transition`` to queued (cancelled instead when a cancel was requested meanwhile);
+    lease lost -> nothing. A run that is no longer this attempt's (LeaseLost) is left alone.
+
+    Returns the updated run (the caller enqueues it again when it is queued), or None when
+    nothing was written. Database errors propagate.
+    """
+    if outcome.kind == "lease_lost":
+        return None
+    actor = f"worker:{worker_id}"
+    with db.session() as session:
+        try:
+            if outcome.kind == "failed" and outcome.reason in runs.RETRYABLE_REASONS:
+                return runs.retry_or_fail(
+                    session, run_id, outcome.reason, outcome.message,
+                    max_attempts=settings.max_attempts, attempt=attempt, actor=actor,
+                    exit_code=outcome.exit_code)
+            if outcome.kind == "requeue":
+                try:
+                    return runs.transition(session, run_id, RunStatus.queued, outcome.message,
+                                           exit_code=outcome.exit_code, attempt=attempt,
+                                           actor=actor)
+                except runs.InvalidTransition:  # a cancel request came in meanwhile
+                    return runs.transition(session, run_id, RunStatus.cancelled,
+                                           "cancelled while the worker was shutting down",
+                                           exit_code=outcome.exit_code, attempt=attempt,
+                                           actor=actor)
+            status = outcome.status
+            assert status is not None
+            return runs.transition(
+                session, run_id, status, outcome.message, reason=outcome.reason,
+                exit_code=outcome.exit_code, attempt=attempt, actor=actor)
+        except runs.LeaseLost:
+            log.warning("run %s attempt %d: lease lost before the outcome (%s) was written",
+                        run_id, attempt, outcome.kind)
+            return None
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+class CsvTail:
+    """Reads the rows appended to a CSV file since the last call, complete lines only.
+
+    The first line is the header. A file that was replaced (other inode, e.g. the engine
+    rewrote metrics.csv when resuming) or truncated is read again from the start; callers'
+    inserts are idempotent, so rows read twice do no harm."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._reset(None)
+
+    def _reset(self, inode: int | None) -> None:
+        self._inode, self._offset, self._header, self._partial = inode, 0, None, b""
+
+    def read(self) -> list[dict[str, str]]:
+        """New complete rows as dicts keyed by the header (empty list when none or no file)."""
+        try:
+            fh = open(self.path, "rb")
+        except FileNotFoundError:
+            return []
+        with fh:
+            stat = os.fstat(fh.fileno())
+            if stat.st_ino != self._inode or stat.st_size < self._offset:
+                self._reset(stat.st_ino)
+            fh.seek(self._offset)
+            data = fh.read()
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # b"" after a final newline, else an unfinished line
+        rows: list[dict[str, str]] = []
+        for record in csv.reader(io.StringIO(b"\n".join(lines).decode("utf-8", "replace"))):
+            if not record:
+                continue
+            if self._header is None:
+                self._header = [name.strip() for name in record]
+                continue
+            if len(record) == len(self._header):
+                rows.append(dict(zip(self._header, record)))
+        return rows
+
+
+def folder_size(path: Path) -> int:
+    """Total size in bytes of the regular files under ``path``."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def checkpoint_folders(out_dir: Path) -> list[tuple[str, Path]]:
+    """Complete checkpoint folders in ``out_dir`` as ``(name, path)``: ``step-XXXXXXXX`` by
+    step, then ``final``. The engine writes a folder under a temporary name and renames it,
+    so these names only ever denote complete folders."""
+    found: list[tuple[int, str, Path]] = []
+    try:
+        entries = list(os.scandir(out_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        match = _STEP_DIR.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, Path(entry.path)))
+        elif entry.name == "final":
+            found.append((sys.maxsize, entry.name, Path(entry.path)))
+    return [(name, path) for _, name, path in sorted(found)]
+
+
+def _final_step(path: Path) -> int | None:
+    import json
+
+    try:
+        return int(json.loads((path / "training_state.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def hash_files(folders: Iterable[Path | str | None], pattern: str = "*.txt") -> str | None:
+    """sha256 hex over the files matching ``pattern`` at the top level of each folder (file
+    names and bytes, sorted by name); None when no folder exists."""
+    digest = hashlib.sha256()
+    seen = False
+    for folder in folders:
+        if not folder or not Path(folder).is_dir():
+            continue
+        seen = True
+        for path in sorted(Path(folder).glob(pattern)):
+            if not path.is_file():
+                continue
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            digest.update(b"\0")
+    return digest.hexdigest() if seen else None
+
+
+def _git_commit() -> str | None:
+    if not (REPO_ROOT / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    for name in ("moejobs", "torch", "litgpt", "lightning", "litdata", "tokenizers", "numpy",
+                 "celery", "sqlalchemy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def provenance(train_doc: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for ``runs.record_provenance`` from a resolved train config: package
+    versions, git commit of this code (None outside a git checkout), seed, ``hardware`` as
+    given, sha256 of the training and validation text files and of the tokenizer files
+    (``worker.tokenizer.tokenizer_hash``)."""
+    from worker.tokenizer import tokenizer_hash
+
+    args = (train_doc.get("data") or {}).get("init_args") or {}
+    tokenizer_dir = train_doc.get("tokenizer_dir") or train_doc.get("initial_checkpoint_dir")
+    return {
+        "package_versions": _package_versions(),
+        "git_commit": _git_commit(),
+        "seed": train_doc.get("seed"),
+        "hardware": hardware,
+        "data_hash": hash_files([args.get("train_data_path"), args.get("val_data_path")]),
+        "tokenizer_hash": (tokenizer_hash(Path(tokenizer_dir))
+                           if tokenizer_dir and Path(tokenizer_dir).is_dir() else None),
+    }
+
+
+def _read_tail(path: Path, start: int) -> list[str]:
+    """The lines of ``path`` after byte ``start`` (at most the last 64 KiB)."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(start, size - _LOG_TAIL_BYTES))
+            return fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+
+
+def _cgroup_oom_kills() -> int | None:
+    """The kernel's OOM-kill count for this process's cgroup (v2 ``memory.events``, v1
+    ``memory.oom_control``), None when unreadable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0":
+            candidates.append(Path("/sys/fs/cgroup") / parts[2].lstrip("/") / "memory.events")
+        elif "memory" in parts[1].split(","):
+            candidates.append(Path("/sys/fs/cgroup/memory") / parts[2].lstrip("/")
+                              / "memory.oom_control")
+    for path in candidates:
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+# -- the attempt --------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerInfo:
+    """What the runner needs to know about the worker it runs in."""
+
+    worker_id: str
+    #: CUDA_VISIBLE_DEVICES for the training process; None = leave the environment alone.
+    cuda_visible_devices: str | None = None
+    #: Hardware description stored in the run's provenance.
+    hardware: dict[str, Any] = field(default_factory=dict)
+    #: Set when the worker is shutting down: stop the child so it checkpoints, then requeue.
+    shutdown: threading.Event = field(default_factory=threading.Event)
+
+
+def _utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def training_command(train_path: Path, model_path: Path, *, checkpoints: bool) -> list[str]:
+    """The engine's command line (``python -m worker.train``) for two resolved config files."""
+    cmd = [sys.executable, "-m", "worker.train", "--train-config", str(train_path),
+           "--model-config", str(model_path)]
+    if not checkpoints:
+        cmd.append("--no-checkpoints")
+    return cmd
+
+
+def training_env(settings: Settings, info: WorkerInfo) -> dict[str, str]:
+    """Environment of the training process: this process's, ``settings.to_env()``, the
+    repository on PYTHONPATH, unbuffered output, the parent-death marker, and the worker's
+    GPUs in CUDA_VISIBLE_DEVICES when it owns a subset."""
+    env = dict(os.environ)
+    env.update(settings.to_env())
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_ENV] = str(os.getpid())
+    if info.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = info.cuda_visible_devices
+    return env
+
+
+def write_configs(run: Run, run_dir: Path) -> tuple[Path, Path]:
+    """Write ``run_dir/train_config.yaml`` and ``run_dir/model_config.yaml`` from the run's
+    resolved configs. From the second attempt on, ``resume`` becomes ``"auto"`` when the
+    output folder holds a checkpoint of an earlier attempt (continue it rather than refuse to
+    overwrite it, or restart from an older explicit checkpoint)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_doc = dict(run.resolved_train)
+    out_dir = train_doc.get("out_dir")
+    if run.attempt > 1 and out_dir and checkpoint_folders(Path(out_dir)):
+        train_doc["resume"] = "auto"
+    paths = (run_dir / "train_config.yaml", run_dir / "model_config.yaml")
+    for path, doc in zip(paths, (train_doc, run.resolved_model)):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, path)
+    return paths
+
+
+class _Attempt:
+    """State of one attempt while the child runs (see :func:`execute_attempt`)."""
+
+    def __init__(self, run: Run, db: Database, settings: Settings, info: WorkerInfo) -> None:
+        self.run, self.db, self.settings, self.info = run, db, settings, info
+        self.run_id, self.attempt = run.id, run.attempt
+        self.run_dir = settings.run_dir(run.id)
+        self.out_dir = Path(run.resolved_train.get("out_dir") or self.run_dir / "out")
+        self.metrics = CsvTail(self.out_dir / "metrics.csv")
+        self.router = CsvTail(self.out_dir / "router.csv")
+        self.pending_metrics: list[dict[str, str]] = []
+        self.pending_router: list[dict[str, str]] = []
+        self.recorded: dict[str, int] = {}  # checkpoint name -> folder mtime (ns) recorded
+        self.lease_lost = False
+        self.cancel_requested = False
+        self.stop_sent_at: float | None = None
+        self.killed = False
+        self.last_heartbeat_ok = time.monotonic()
+        self._warned_columns: set[str] = set()
+
+    # -- database writes, tolerant of a database hiccup (retried on the next poll) ------------
+
+    def _write(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        if self.lease_lost:
+            return None
+        try:
+            with self.db.session() as session:
+                return fn(session)
+        except runs.LeaseLost:
+            log.warning("run %s attempt %d: lease lost (%s)", self.run_id, self.attempt, what)
+            self.lease_lost = True
+        except SQLAlchemyError as error:
+            log.warning("run %s: %s failed, retrying later: %s", self.run_id, what,
+                        str(error).splitlines()[0])
+        return None
+
+    def heartbeat(self) -> None:
+        def beat(session):
+            return runs.heartbeat_run(session, self.run_id, self.info.worker_id, self.attempt,
+                                      self.settings.lease_seconds)
+
+        result = self._write("heartbeat", beat)
+        if result is not None:
+            self.last_heartbeat_ok = time.monotonic()
+            self.cancel_requested = self.cancel_requested or bool(result.cancel_requested)
+
+    def check_cancel(self) -> None:
+        if self.cancel_requested or self.lease_lost:
+            return
+        try:
+            with self.db.session() as session:
+                run = runs.get_run(session, self.run_id)
+        except (SQLAlchemyError, runs.RunNotFound) as error:
+            log.warning("run %s: reading the cancel flag failed: %s", self.run_id, error)
+            return
+        if run.status != RunStatus.running or run.attempt != self.attempt:
+            self.lease_lost = True
+        elif run.cancel_requested:
+            self.cancel_requested = True
+
+    def ingest(self) -> None:
+        """Metric rows, router rows and checkpoint folders that appeared since the last call."""
+        for row in self.metrics.read():
+            unknown = set(row) - {"step", *METRIC_COLUMNS}
+            if unknown - self._warned_columns:
+                log.warning("metrics.csv columns ignored: %s", sorted(unknown))
+                self._warned_columns |= unknown
+            if row.get("step", "").strip():
+                self.pending_metrics.append({k: v for k, v in row.items() if k not in unknown})
+        if self.pending_metrics:
+            rows = self.pending_metrics
+            try:
+                done = self._write("metrics", lambda s: runs.record_metrics(
+                    s, self.run_id, rows, attempt=self.attempt))
+            except ValueError as error:  # a malformed row: skip the batch, keep training
+                log.warning("run %s: metric rows skipped: %s", self.run_id, error)
+                done = 0
+            if done is not None:
+                self.pending_metrics = []
+        self.pending_router.extend(r for r in self.router.read()
+                                   if {"step", "layer", "expert", "fraction"} <= set(r))
+        if self.pending_router:
+            rows = self.pending_router
+            try:
+                done = self._write("router stats", lambda s: runs.record_router_stats(
+                    s, self.run_id, rows, attempt=self.attempt))
+            except (ValueError, KeyError) as error:
+                log.warning("run %s: router rows skipped: %s", self.run_id, error)
+                done = 0
+            if done is not None:
+                self.pending_router = []
+        self.record_checkpoints()
+
+    def record_checkpoints(self) -> None:
+        folders = checkpoint_folders(self.out_dir)
+        for name, path in folders:
+            try:
+                mtime = path.stat().st_mtime_ns
+            except OSError:
+                continue  # renamed away meanwhile (final/ being replaced)
+            if self.recorded.get(name) == mtime:
+                continue  # recorded already (a replaced final/ is a new folder: new mtime)
+            size = folder_size(path)
+            step = runs.checkpoint_step(name)
+            if step is None:
+                step = _final_step(path)
+            result = self._write(f"checkpoint {name}", lambda s: runs.record_checkpoint(
+                s, self.run_id, name, str(path), step=step, size_bytes=size,
+                attempt=self.attempt))
+            if result is not None:
+                self.recorded[name] = mtime
+                log.info("run %s: checkpoint %s recorded (%d bytes)", self.run_id, name, size)
+        self.apply_retention(folders)
+
+    def apply_retention(self, folders: list[tuple[str, Path]]) -> None:
+        keep = self.settings.keep_checkpoints
+        steps = [(name, path) for name, path in folders if name != "final"]
+        if keep <= 0 or len(steps) <= keep or self.lease_lost:
+            return
+        for name, path in steps[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                continue
+            self.recorded.pop(name, None)
+            try:
+                with self.db.session() as session:
+                    runs.remove_checkpoint(session, self.run_id, name)
+                log.info("run %s: checkpoint %s removed (keep_checkpoints=%d)", self.run_id,
+                         name, keep)
+            except SQLAlchemyError as error:
+                log.warning("run %s: forgetting checkpoint %s failed: %s", self.run_id, name,
+                            error)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the child's process group (its own session: pgid == pid)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _log_line(log_path: Path, text: str) -> None:
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(f"[moejobs] {_utc().isoformat(timespec='seconds')} {text}\n")
+
+
+def _record_provenance_later(att: _Attempt, train_doc: dict[str, Any]) -> threading.Thread:
+    def work() -> None:
+        try:
+            values = provenance(train_doc, att.info.hardware)
+            with att.db.session() as session:
+                runs.record_provenance(session, att.run_id, **values)
+        except Exception as error:  # provenance is informational; never fail a run for it
+            log.warning("run %s: provenance not recorded: %s", att.run_id, error)
+
+    thread = threading.Thread(target=work, name=f"provenance-{att.run_id}", daemon=True)
+    thread.start()
+    return thread
+
+
+def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo, *,
+                    poll_seconds: float = POLL_SECONDS) -> Outcome:
+    """Run the claimed attempt ``run.attempt`` of ``run`` to its end and classify it (see the
+    module docstring). Blocks until the training process has exited; it is never left
+    running when this returns or raises. Does not write the final status: pass the
+    outcome to :func:`finish_attempt`.
+
+    Errors starting the process (unwritable run folder, missing interpreter) give a
+    ``crashed`` outcome. A BaseException raised into this function (e.g. Celery's hard
+    shutdown) SIGKILLs the child group and propagates.
+    """
+    att = _Attempt(run, db, settings, info)
+    run_dir = att.run_dir
+    log_path = run_dir / "train.log"
+    checkpoints = run.preset != "smoke-test"
+    try:
+        train_path, model_path = write_configs(run, run_dir)
+        cmd = training_command(train_path, model_path, checkpoints=checkpoints)
+        _log_line(log_path, f"attempt {run.attempt} on worker {info.worker_id}: {' '.join(cmd)}")
+        log_start = log_path.stat().st_size
+        oom_before = _cgroup_oom_kills()
+        log_file = open(log_path, "ab")
+        try:
+            proc = subprocess.Popen(
+                cmd, cwd=str(run_dir), env=training_env(settings, info), stdin=subprocess.DEVNULL,
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        finally:
+            log_file.close()
+    except OSError as error:
+        log.exception("run %s: could not start training", run.id)
+        return Outcome("failed", f"could not start training: {error}", FailureReason.crashed)
+    (run_dir / "train.pid").write_text(f"{proc.pid}\n", encoding="utf-8")
+    log.info("run %s attempt %d: training pid %d", run.id, run.attempt, proc.pid)
+    _record_provenance_later(att, dict(run.resolved_train))
+
+    grace = settings.cancel_grace_seconds
+    heartbeat_every = settings.heartbeat_seconds
+    # Self-fencing: with no successful heartbeat for this long the lease may expire and the
+    # reconciler hand the run to someone else; stop before that can happen.
+    self_fence_after = max(settings.lease_seconds - heartbeat_every, heartbeat_every)
+    next_heartbeat = time.monotonic() + heartbeat_every
+    next_cancel_check = time.monotonic()
+    stop_reason = ""
+    try:
+        while proc.poll() is None:
+            now = time.monotonic()
+            att.ingest()
+            if now >= next_heartbeat:
+                att.heartbeat()
+                next_heartbeat = now + heartbeat_every
+            if now >= next_cancel_check:
+                att.check_cancel()
+                next_cancel_check = now + min(1.0, heartbeat_every)
+            if not att.lease_lost and now - att.last_heartbeat_ok > self_fence_after:
+                log.error("run %s: no heartbeat for %.0f s: stopping to keep the lease safe",
+                          run.id, now - att.last_heartbeat_ok)
+                att.lease_lost = True
+            if att.lease_lost and not att.killed:
+                _log_line(log_path, "lease lost: another attempt owns the run; killing training")
+                _signal_group(proc, signal.SIGKILL)
+                att.killed = True
+            elif att.stop_sent_at is None and (att.cancel_requested or info.shutdown.is_set()):
+                stop_reason = "cancel requested" if att.cancel_requested else "worker shutting down"
+                _log_line(log_path, f"{stop_reason}: SIGTERM to the training process")
+                _signal_group(proc, signal.SIGTERM)
+                att.stop_sent_at = now
+            elif (att.stop_sent_at is not None and not att.killed
+                  and now - att.stop_sent_at > grace):
+                _log_line(log_path, f"{stop_reason}: no exit after {grace:.0f} s: SIGKILL")
+                _signal_group(proc, signal.SIGKILL)
+                att.killed = True
+            time.sleep(poll_seconds)
+    except BaseException:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        _signal_group(proc, signal.SIGKILL)  # leftovers of the group (rank processes)
+
+    returncode = proc.returncode
+    att.ingest()  # the last rows and the final checkpoint
+    if not att.lease_lost:
+        att.check_cancel()
+    oom_after = _cgroup_oom_kills()
+    outcome = classify_exit(
+        returncode, _read_tail(log_path, log_start),
+        cancel_requested=att.cancel_requested, shutting_down=info.shutdown.is_set(),
+        lease_lost=att.lease_lost,
+        oom_killed=oom_before is not None and oom_after is not None and oom_after > oom_before,
+    )
+    if att.pending_metrics and outcome.kind != "lease_lost":
+        log.warning("run %s: %d metric rows could not be stored", run.id, len(att.pending_metrics))
+    _log_line(log_path, f"exit code {returncode}: {outcome.kind}"
+              + (f" ({outcome.reason.value})" if outcome.reason else "") + f": {outcome.message}")
+    return outcome

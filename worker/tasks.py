@@ -1,0 +1,138 @@
+"""The worker's tasks, thin: claim -> run -> record. Registered by ``worker.celery_app`` under
+``service.queue.TRAIN_TASK`` and ``TOKENIZER_TASK``; plain functions, callable without Celery.
+
+Nothing here imports torch; the training happens in a subprocess (``worker.runner``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from service import runs
+from service.models import FailureReason, RunStatus, Worker
+from worker.registry import current_runtime
+from worker.runner import Outcome, execute_attempt, finish_attempt
+
+log = logging.getLogger("moejobs.tasks")
+
+
+def _devices(train_doc: dict[str, Any]) -> int:
+    devices = train_doc.get("devices", 1)
+    try:
+        return 1 if devices == "auto" else int(devices)
+    except (TypeError, ValueError):
+        return 1
+
+
+def train_run(run_id: str) -> dict[str, Any]:
+    """Train run ``run_id`` (a UUID string) on this worker.
+
+    Claims the run atomically (``runs.claim_run``); when the run is not queued any more (a
+    duplicate or late delivery, a cancelled or finished run) or does not exist, does nothing.
+    A run asking for more devices than this worker owns is left queued for another worker
+    (the reconciler sends it again later). Otherwise runs the attempt
+    (``worker.runner.execute_attempt``), writes its outcome (``worker.runner.finish_attempt``,
+    the one place that ends an attempt) and, when the run went back to queued (worker shutdown,
+    killed with attempts left), enqueues it again.
+
+    Returns a small JSON-able summary (Celery stores no results; for logs and tests).
+    """
+    runtime = current_runtime()
+    try:
+        rid = uuid.UUID(str(run_id))
+    except ValueError:
+        log.error("task for %r: not a run id, ignored", run_id)
+        return {"run_id": run_id, "claimed": False, "why": "not a run id"}
+    db, settings = runtime.database(), runtime.settings
+
+    with db.session() as session:
+        try:
+            run = runs.get_run(session, rid)
+        except runs.RunNotFound:
+            log.warning("run %s: not found (deleted?), message ignored", rid)
+            return {"run_id": str(rid), "claimed": False, "why": "not found"}
+        if run.status != RunStatus.queued:
+            log.info("run %s is %s: message ignored (duplicate or late delivery)", rid,
+                     run.status.value)
+            return {"run_id": str(rid), "claimed": False, "why": run.status.value}
+        devices = _devices(run.resolved_train)
+        if not runs.worker_can_serve(Worker(id=runtime.worker_id, host="",
+                                            gpu_count=len(runtime.gpus)), devices):
+            log.warning("run %s asks for %d device(s); this worker owns %d GPU(s): left queued "
+                        "for another worker", rid, devices, len(runtime.gpus))
+            return {"run_id": str(rid), "claimed": False, "why": "not enough devices"}
+        run = runs.claim_run(session, rid, runtime.worker_id, settings.lease_seconds)
+    if run is None:
+        log.info("run %s: claimed by someone else or no longer queued", rid)
+        return {"run_id": str(rid), "claimed": False, "why": "claim lost"}
+    attempt = run.attempt
+    log.info("run %s attempt %d claimed by %s", rid, attempt, runtime.worker_id)
+
+    try:
+        outcome = execute_attempt(run, db, settings, runtime.info)
+    except Exception as error:  # a bug of ours: the run must not stay running
+        log.exception("run %s: worker error", rid)
+        outcome = Outcome("failed", f"worker error: {type(error).__name__}: {error}",
+                          FailureReason.crashed)
+    except BaseException:  # Celery's hard shutdown: the child is dead; give the run back
+        _finish_and_requeue(runtime, rid, attempt,
+                            Outcome("requeue", "worker terminated: training killed"))
+        raise
+    moved = _finish_and_requeue(runtime, rid, attempt, outcome)
+    status = moved.status.value if moved is not None else "lease lost"
+    log.info("run %s attempt %d: %s (%s)", rid, attempt, status, outcome.message)
+    return {"run_id": str(rid), "claimed": True, "attempt": attempt, "status": status,
+            "reason": outcome.reason.value if outcome.reason else None}
+
+
+def _finish_and_requeue(runtime, rid: uuid.UUID, attempt: int, outcome: Outcome):
+    moved = finish_attempt(runtime.database(), rid, attempt, outcome,
+                           settings=runtime.settings, worker_id=runtime.worker_id)
+    if moved is not None and moved.status == RunStatus.queued:
+        from service.queue import enqueue_run
+
+        result = enqueue_run(runtime.app(), str(rid))
+        if not result.ok:  # the reconciler sends it once the broker is back
+            log.warning("run %s re-queued but not enqueued: %s", rid, result.error)
+    return moved
+
+
+def _text_folders(dataset_dir: Path) -> list[Path]:
+    """``dataset_dir`` and every folder below it that holds ``.txt`` files at its top level."""
+    found = []
+    for root, dirs, files in os.walk(dataset_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if any(f.endswith(".txt") for f in files):
+            found.append(Path(root))
+    return found
+
+
+def train_tokenizer(name: str, dataset_dir: str, out_dir: str, vocab_size: int = 4096
+                    ) -> dict[str, Any]:
+    """Train tokenizer ``name`` on the ``.txt`` files in ``dataset_dir`` (and its sub-folders)
+    into ``out_dir`` (``worker.tokenizer.train_tokenizer``: written under a temporary name and
+    renamed, so a folder with ``tokenizer.json`` is complete). Success removes the request
+    marker and any earlier error file (``service.queue.tokenizer_marker_paths``); a failure
+    writes the reason into the error file. Returns ``{"name", "ok", "path"|"error"}``."""
+    from service.queue import tokenizer_marker_paths
+    from worker.tokenizer import train_tokenizer as train
+
+    settings = current_runtime().settings
+    marker, error_file = tokenizer_marker_paths(settings, name)
+    try:
+        folders = _text_folders(Path(dataset_dir))
+        if not folders:
+            raise ValueError(f"{dataset_dir}: no .txt files in this folder or below it")
+        path = train(folders, Path(out_dir), vocab_size=int(vocab_size))
+    except Exception as error:
+        log.warning("tokenizer %s failed: %s", name, error)
+        error_file.parent.mkdir(parents=True, exist_ok=True)
+        error_file.write_text(f"{error}\n", encoding="utf-8")
+        return {"name": name, "ok": False, "error": str(error)}
+    for leftover in (marker, error_file):
+        leftover.unlink(missing_ok=True)
+    log.info("tokenizer %s trained into %s", name, path)
+    return {"name": name, "ok": True, "path": str(path)}
