@@ -1,0 +1,125 @@
+"""File helpers of the API: a checkpoint folder as a streamed tar, the tail of a log.
+
+:func:`tar_stream` writes the ustar/pax format with ``tarfile.TarInfo`` headers and the file
+bytes read in chunks, so memory stays at one chunk whatever the size of the weights, and the
+exact length is known up front (``Content-Length``: download tools show progress).
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Bytes read from disk per chunk of a streamed archive.
+CHUNK = 1 << 20
+_BLOCK = tarfile.BLOCKSIZE          # 512
+_RECORD = tarfile.RECORDSIZE        # 10240: tar files end on a record boundary
+
+
+@dataclass(frozen=True)
+class _Entry:
+    header: bytes
+    path: Path | None   # None for a folder
+    size: int
+
+
+def _header(name: str, *, size: int, mtime: float, is_dir: bool) -> bytes:
+    info = tarfile.TarInfo(name + ("/" if is_dir else ""))
+    info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+    info.size = 0 if is_dir else size
+    info.mode = 0o755 if is_dir else 0o644
+    info.mtime = int(mtime)
+    info.uname = info.gname = ""
+    return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
+
+
+def _pad(size: int) -> int:
+    return (-size) % _BLOCK
+
+
+class TarPlan:
+    """The entries of a folder's archive under the top-level name ``root_name``, with the
+    archive's exact length (``length``). Symbolic links are not followed and not archived
+    (checkpoint folders hold none). Raises ``FileNotFoundError`` when ``folder`` is missing."""
+
+    def __init__(self, folder: Path, root_name: str):
+        if not folder.is_dir():
+            raise FileNotFoundError(str(folder))
+        entries: list[_Entry] = []
+        stat = folder.stat()
+        entries.append(_Entry(_header(root_name, size=0, mtime=stat.st_mtime, is_dir=True), None, 0))
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames.sort()
+            base = Path(dirpath)
+            rel_base = base.relative_to(folder)
+            for d in list(dirnames):
+                p = base / d
+                if p.is_symlink():
+                    dirnames.remove(d)
+                    continue
+                name = f"{root_name}/{(rel_base / d).as_posix()}"
+                entries.append(_Entry(_header(name, size=0, mtime=p.stat().st_mtime, is_dir=True),
+                                      None, 0))
+            for f in sorted(filenames):
+                p = base / f
+                if p.is_symlink() or not p.is_file():
+                    continue
+                st = p.stat()
+                name = f"{root_name}/{(rel_base / f).as_posix()}"
+                entries.append(_Entry(_header(name, size=st.st_size, mtime=st.st_mtime, is_dir=False),
+                                      p, st.st_size))
+        self.entries = entries
+        body = sum(len(e.header) + e.size + _pad(e.size) for e in entries) + 2 * _BLOCK
+        self.length = body + ((-body) % _RECORD)
+
+    def __iter__(self) -> Iterator[bytes]:
+        """The archive's bytes. A file that shrank since planning ends the stream early
+        (``OSError``): the client sees a short download instead of a corrupt model."""
+        written = 0
+        for entry in self.entries:
+            yield entry.header
+            written += len(entry.header)
+            if entry.path is None:
+                continue
+            remaining = entry.size
+            with open(entry.path, "rb") as handle:
+                while remaining > 0:
+                    chunk = handle.read(min(CHUNK, remaining))
+                    if not chunk:
+                        raise OSError(f"{entry.path} shrank while it was being sent")
+                    remaining -= len(chunk)
+                    written += len(chunk)
+                    yield chunk
+            pad = _pad(entry.size)
+            if pad:
+                yield b"\0" * pad
+                written += pad
+        tail = 2 * _BLOCK
+        tail += (-(written + tail)) % _RECORD
+        yield b"\0" * tail
+
+
+def tail_lines(path: Path, count: int, *, max_bytes: int = 8 << 20) -> str:
+    """The last ``count`` lines of a text file (read backwards in blocks, at most
+    ``max_bytes`` from the end). '' when the file does not exist. Undecodable bytes are
+    replaced."""
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return ""
+    with handle:
+        handle.seek(0, os.SEEK_END)
+        end = handle.tell()
+        pos, data = end, b""
+        while pos > 0 and data.count(b"\n") <= count and end - pos < max_bytes:
+            step = min(64 * 1024, pos)
+            pos -= step
+            handle.seek(pos)
+            data = handle.read(step) + data
+    lines = data.decode("utf-8", "replace").splitlines()
+    if pos > 0 and lines:
+        lines = lines[1:]  # the first one may be cut
+    selected = lines[-count:] if count > 0 else []
+    return "".join(line + "\n" for line in selected)

@@ -1,0 +1,239 @@
+"""API shapes (request and response bodies), kept apart from the tables in
+``service.models``: a response is built field by field from a row, never by dumping the row
+(no mass assignment in, no internal column out)."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.models import Checkpoint, MetricPoint, RouterPoint, Run, RunEvent, Worker
+
+
+class RunCreate(BaseModel):
+    """Body of ``POST /runs`` and ``POST /runs/validate``. The wire name ``model_config`` is
+    kept (pydantic reserves it as an attribute, hence the alias)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=200, description="Human-readable run name.")
+    preset: str | None = Field(
+        default=None, max_length=200,
+        description="Name of a preset from configs/presets/ merged over the two documents "
+        "(files < preset).",
+    )
+    train_config: dict[str, Any] = Field(description="The train config document.")
+    model_doc: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config",
+                                      description="The model config document.")
+
+
+class IssueOut(BaseModel):
+    """A warning or error about a config field; ``loc`` as in error responses."""
+
+    loc: list[str | int]
+    msg: str
+
+
+class RunPublic(BaseModel):
+    """A run as the API shows it."""
+
+    id: uuid.UUID
+    name: str
+    owner: str
+    status: str
+    preset: str | None
+    attempt: int
+    worker_id: str | None
+    estimate: dict[str, Any] | None
+    warnings: list[IssueOut]
+    cancel_requested: bool
+    failure_reason: str | None
+    failure_message: str | None
+    exit_code: int | None
+    created_at: datetime
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    heartbeat_at: datetime | None
+    lease_expires_at: datetime | None
+
+    @classmethod
+    def of(cls, run: Run) -> "RunPublic":
+        return cls(
+            id=run.id, name=run.name, owner=run.owner, status=run.status.value,
+            preset=run.preset, attempt=run.attempt, worker_id=run.worker_id,
+            estimate=run.estimate, warnings=[IssueOut(**w) for w in run.warnings or []],
+            cancel_requested=run.cancel_requested,
+            failure_reason=run.failure_reason.value if run.failure_reason else None,
+            failure_message=run.failure_message, exit_code=run.exit_code,
+            created_at=run.created_at, queued_at=run.queued_at, started_at=run.started_at,
+            finished_at=run.finished_at, updated_at=run.updated_at,
+            heartbeat_at=run.heartbeat_at, lease_expires_at=run.lease_expires_at,
+        )
+
+
+class RunCreated(RunPublic):
+    """``POST /runs`` answer: the run, plus whether its message reached the broker."""
+
+    enqueued: bool = Field(description="False when the broker was unreachable; the run stays "
+                           "queued and the reconciler sends it later.")
+    created: bool = Field(description="False when an Idempotency-Key retry returned the first run.")
+
+
+class RunPage(BaseModel):
+    items: list[RunPublic]
+    next_cursor: str | None
+
+
+class ValidationReport(BaseModel):
+    """``POST /runs/validate`` answer (always 200 for a well-formed request)."""
+
+    valid: bool
+    errors: list[dict[str, Any]]
+    warnings: list[IssueOut]
+    estimate: dict[str, Any] | None
+    resolved: dict[str, Any] | None = Field(
+        default=None, description="The resolved documents a run would get (paths absolute; "
+        "out_dir the placeholder run folder <RUNS_DIR>/<run id>/out).")
+
+
+class EventPublic(BaseModel):
+    id: int
+    at: datetime
+    from_status: str | None
+    to_status: str
+    reason: str | None
+    message: str
+    actor: str | None
+    attempt: int
+
+    @classmethod
+    def of(cls, e: RunEvent) -> "EventPublic":
+        return cls(id=e.id or 0, at=e.at, from_status=e.from_status.value if e.from_status else None,
+                   to_status=e.to_status.value, reason=e.reason.value if e.reason else None,
+                   message=e.message, actor=e.actor, attempt=e.attempt)
+
+
+class MetricRow(BaseModel):
+    step: int
+    tokens: int | None
+    loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    tokens_per_sec: float | None
+    mfu: float | None
+    elapsed_s: float | None
+    val_loss: float | None
+    val_ppl: float | None
+
+    @classmethod
+    def of(cls, p: MetricPoint) -> "MetricRow":
+        return cls(step=p.step, tokens=p.tokens, loss=p.loss, learning_rate=p.learning_rate,
+                   grad_norm=p.grad_norm, tokens_per_sec=p.tokens_per_sec, mfu=p.mfu,
+                   elapsed_s=p.elapsed_s, val_loss=p.val_loss, val_ppl=p.val_ppl)
+
+
+class MetricPage(BaseModel):
+    items: list[MetricRow]
+    next_after_step: int | None = Field(
+        description="Pass as after_step to get the rows after these (the last step returned, or "
+        "the after_step given when there were none).")
+    total: int = Field(description="Rows matched before downsampling.")
+    downsampled: bool
+
+
+class RouterRow(BaseModel):
+    step: int
+    layer: int
+    expert: int
+    fraction: float
+
+    @classmethod
+    def of(cls, p: RouterPoint) -> "RouterRow":
+        return cls(step=p.step, layer=p.layer, expert=p.expert, fraction=p.fraction)
+
+
+class RouterPage(BaseModel):
+    items: list[RouterRow]
+    next_after_step: int | None
+
+
+class CheckpointPublic(BaseModel):
+    name: str
+    step: int | None
+    path: str
+    size_bytes: int | None
+    created_at: datetime
+    archive_url: str
+
+    @classmethod
+    def of(cls, c: Checkpoint) -> "CheckpointPublic":
+        ref = "final" if c.name == "final" else (str(c.step) if c.step is not None else c.name)
+        return cls(name=c.name, step=c.step, path=c.path, size_bytes=c.size_bytes,
+                   created_at=c.created_at, archive_url=f"/runs/{c.run_id}/checkpoints/{ref}/archive")
+
+
+class WorkerPublic(BaseModel):
+    id: str
+    host: str
+    pid: int | None
+    gpus: list[Any]
+    gpu_count: int
+    gpu_memory_bytes: int | None
+    heartbeat_at: datetime
+    started_at: datetime
+    current_run_id: uuid.UUID | None
+    live: bool
+
+    @classmethod
+    def of(cls, w: Worker, live: bool) -> "WorkerPublic":
+        return cls(id=w.id, host=w.host, pid=w.pid, gpus=w.gpus, gpu_count=w.gpu_count,
+                   gpu_memory_bytes=w.gpu_memory_bytes, heartbeat_at=w.heartbeat_at,
+                   started_at=w.started_at, current_run_id=w.current_run_id, live=live)
+
+
+class DatasetPublic(BaseModel):
+    name: str
+    files: int = Field(description="Number of .txt files (all folders).")
+    bytes: int
+    folders: list[str] = Field(description="Sub-folders holding .txt files ('' = the top level), "
+                               "what train_data_path/val_data_path can name.")
+    modified_at: datetime
+
+
+class TokenizerCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1, max_length=300,
+                         description="Dataset name, or a folder under the data root "
+                         "(e.g. mydata/train), whose .txt files train the tokenizer.")
+    vocab_size: int = Field(4096, ge=512, le=262_144, description="Vocabulary size.")
+
+
+class TokenizerPublic(BaseModel):
+    name: str
+    status: Literal["ready", "pending", "failed"]
+    path: str
+    vocab_size: int | None = None
+    dataset: str | None = None
+    error: str | None = None
+    requested_at: datetime | None = None
+
+
+class SmokeStage(BaseModel):
+    name: str
+    seconds: float | None = Field(description="Duration of the stage; None when not reached.")
+    status: Literal["ok", "failed", "pending", "skipped"]
+
+
+class SmokeTestPublic(BaseModel):
+    id: uuid.UUID
+    status: Literal["pending", "running", "passed", "failed"]
+    run_status: str
+    stages: list[SmokeStage]
+    failed_stage: str | None
+    message: str | None
+    total_seconds: float | None

@@ -1,0 +1,298 @@
+"""From an HTTP request to a queued run: parse the body (JSON, YAML or multipart), validate the
+configs, resolve their paths, estimate, check that some worker can run it, create the row,
+enqueue. The routes call :func:`read_run_request` and :func:`submit_run` /
+:func:`validate_run`; state changes go through ``service.runs``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from celery import Celery
+from fastapi import Request
+from pydantic import ValidationError
+from sqlmodel import Session
+
+from service import reads
+from service import runs as runs_service
+from service.api.errors import ApiError, config_error, config_issue_locs, field_error, invalid
+from service.api.models import RunCreate
+from service.configs import list_presets, resolve_documents
+from service.estimate import estimate
+from service.models import Run
+from service.paths import resolve_run_paths
+from service.queue import enqueue_run
+from service.schemas import ConfigError, Issue, Validated, validate_configs, validate_train_config
+from service.settings import Settings
+
+log = logging.getLogger("moejobs.api")
+
+JSON_TYPES = ("application/json",)
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+MULTIPART = "multipart/form-data"
+
+#: Preset names only the server may use.
+RESERVED_PRESETS = frozenset({reads.SMOKE_TEST_PRESET})
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors/aliases: a few hundred bytes of nested aliases
+    expand to gigabytes once the document is serialised (the "billion laughs" document)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not accepted by the API; write the value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str | bytes, loc: list[str | int]) -> Any:
+    """Parse a YAML (or JSON) document; a 422 at ``loc`` with line and column on syntax errors."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - safe loader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise invalid(loc, f"invalid YAML{where}: {problem}", code="invalid_document") from None
+    except RecursionError:
+        raise invalid(loc, "the document is nested too deeply", code="invalid_document") from None
+
+
+def parse_json(data: bytes, loc: list[str | int]) -> Any:
+    """Parse JSON; a 422 at ``loc`` on syntax errors."""
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as error:
+        raise invalid(loc, f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}",
+                      code="invalid_document") from None
+    except (RecursionError, UnicodeDecodeError) as error:
+        raise invalid(loc, f"invalid JSON: {type(error).__name__}", code="invalid_document") from None
+
+
+def media_type(request: Request) -> str:
+    """The request's media type without parameters, lower case ('' when absent)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def _read_upload(value: Any) -> tuple[bytes, str]:
+    if hasattr(value, "read"):
+        return await value.read(), (getattr(value, "filename", None) or "")
+    return str(value).encode("utf-8"), ""
+
+
+async def read_run_request(request: Request) -> RunCreate:
+    """The ``POST /runs`` envelope from a JSON, YAML or multipart body (module docstring of
+    ``service.api.runs``). Raises ApiError 415 for other media types, 422 for unparseable
+    documents or a bad envelope (``loc`` starting with ``body``)."""
+    kind = media_type(request)
+    if kind == MULTIPART:
+        form = await request.form()
+        doc: dict[str, Any] = {}
+        for key in form.keys():
+            values = form.getlist(key)
+            if key not in ("train_config", "model_config", "name", "preset"):
+                raise invalid(["body", key], "unknown form field; expected train_config, "
+                              "model_config (files), name and preset")
+            if len(values) != 1:
+                raise invalid(["body", key], "given more than once")
+            value = values[0]
+            if key in ("train_config", "model_config"):
+                data, filename = await _read_upload(value)
+                parsed = (parse_json(data, ["body", key]) if filename.lower().endswith(".json")
+                          else parse_yaml(data, ["body", key]))
+                doc[key] = {} if parsed is None else parsed
+            else:
+                doc[key] = value if isinstance(value, str) else (await _read_upload(value))[0].decode(
+                    "utf-8", "replace")
+    else:
+        body = await request.body()
+        if kind in YAML_TYPES:
+            doc = parse_yaml(body, ["body"])
+        elif kind in JSON_TYPES or kind == "":
+            doc = parse_json(body, ["body"])
+        else:
+            raise ApiError(415, f"unsupported Content-Type {kind!r}: send application/json, "
+                           f"application/yaml or multipart/form-data")
+    if not isinstance(doc, dict):
+        raise invalid(["body"], f"the body must be a mapping with name, train_config and "
+                      f"model_config, got {type(doc).__name__}")
+    # An empty YAML section (all lines commented out) is null: treat it as an empty document.
+    for key in ("train_config", "model_config"):
+        if key in doc and doc[key] is None:
+            doc[key] = {}
+    try:
+        return RunCreate.model_validate(doc)
+    except ValidationError as error:
+        errors = []
+        for err in error.errors():
+            msg = str(err.get("msg", "invalid"))
+            if err.get("type") == "missing":
+                msg = "required key is missing"
+            elif err.get("type") == "extra_forbidden":
+                msg = "unknown key; expected name, preset, train_config, model_config"
+            errors.append(field_error(["body", *err.get("loc", ())], msg,
+                                      str(err.get("type", "value_error"))))
+        first = errors[0]
+        message = (f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}" if len(errors) == 1
+                   else f"{len(errors)} problems in the request body")
+        raise ApiError(422, message, errors=errors) from None
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A submission that passed every check: what :func:`service.runs.create_run` stores."""
+
+    run_id: uuid.UUID
+    request: RunCreate
+    validated: Validated
+    resolved_train: dict[str, Any]
+    resolved_model: dict[str, Any]
+    estimate: dict[str, Any]
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _warning_dicts(issues: list[Issue]) -> list[dict[str, Any]]:
+    return [{"loc": e["loc"], "msg": e["msg"]} for e in config_issue_locs(issues)]
+
+
+def _train_issue_keys(train: Any) -> set[tuple[tuple, str]]:
+    try:
+        validate_train_config(train)
+    except ConfigError as error:
+        return {(tuple(i.loc), i.message) for i in error.errors}
+    return set()
+
+
+def _device_count(validated: Validated) -> int:
+    devices = validated.train.devices
+    return 1 if devices == "auto" else int(devices)
+
+
+def check_schedulable(session: Session, settings: Settings, validated: Validated
+                      ) -> dict[str, Any] | None:
+    """None when a live worker can run the config; else the reason as an ``errors`` entry
+    (the caller refuses with 422 or, with ALLOW_UNSCHEDULABLE, keeps it as a warning)."""
+    devices = _device_count(validated)
+    if validated.train.num_nodes > 1:
+        return field_error(["body", "train_config", "num_nodes"],
+                           f"num_nodes {validated.train.num_nodes}: a moejobs worker runs a job on "
+                           f"one machine; use num_nodes 1", "unschedulable")
+    workers = runs_service.live_workers(session, settings.worker_stale_seconds)
+    if any(runs_service.worker_can_serve(w, devices) for w in workers):
+        return None
+    if not workers:
+        msg = (f"no live worker (none heartbeated in the last {settings.worker_stale_seconds:g} s) "
+               f"can run it: start one with `moejobs worker`, or set "
+               f"MOEJOBS_ALLOW_UNSCHEDULABLE=true to queue anyway")
+    else:
+        most = max(w.gpu_count for w in workers)
+        msg = (f"devices {devices}: no live worker can serve it (the largest has {most} GPU(s); "
+               f"{len(workers)} live worker(s)); lower devices or add a worker with more GPUs")
+    return field_error(["body", "train_config", "devices"], msg, "unschedulable")
+
+
+def prepare_run(session: Session, settings: Settings, request: RunCreate, *,
+                run_id: uuid.UUID | None = None, allow_reserved_preset: bool = False,
+                check_workers: bool = True) -> Prepared:
+    """Merge the preset, validate, resolve paths, estimate and check schedulability.
+    Raises ApiError 422 (``invalid_config`` with every field path, or ``unschedulable``)."""
+    run_id = run_id or uuid.uuid4()
+    preset = request.preset
+    if preset is not None and not (allow_reserved_preset and preset in RESERVED_PRESETS):
+        if preset not in list_presets():
+            raise invalid(["body", "preset"], f"unknown preset {preset!r}; available: "
+                          f"{', '.join(list_presets()) or 'none'}")
+    try:
+        train, model = resolve_documents(
+            None, None, preset if preset not in RESERVED_PRESETS else None,
+            train_doc=request.train_config, model_doc=request.model_doc)
+        validated = validate_configs(train, model)
+    except ConfigError as error:
+        keys = _train_issue_keys(request.train_config) if any(
+            i.loc and i.loc[0] == "model" for i in error.errors) else set()
+        raise config_error(error, train_issue_keys=keys) from None
+    assert settings.data_root is not None and settings.runs_dir is not None
+    try:
+        resolved_train, path_warnings = resolve_run_paths(
+            validated.train.model_dump(mode="json"), data_root=settings.data_root,
+            runs_dir=settings.runs_dir, run_dir=settings.run_dir(run_id))
+    except ConfigError as error:
+        raise config_error(error) from None
+    warnings = _warning_dicts(list(validated.warnings) + path_warnings)
+    if check_workers:
+        problem = check_schedulable(session, settings, validated)
+        if problem is not None:
+            if not settings.allow_unschedulable:
+                raise ApiError(422, problem["msg"], code="unschedulable", errors=[problem])
+            warnings.append({"loc": problem["loc"], "msg": problem["msg"] + " (queued anyway: "
+                             "MOEJOBS_ALLOW_UNSCHEDULABLE)"})
+    return Prepared(
+        run_id=run_id, request=request, validated=validated, resolved_train=resolved_train,
+        resolved_model=validated.model.model_dump(mode="json"),
+        estimate=estimate(validated.train, validated.model).to_dict(), warnings=warnings,
+    )
+
+
+def _submitted_hash(request: RunCreate) -> str:
+    return runs_service.request_hash({"name": request.name, "preset": request.preset,
+                                      "train_config": request.train_config,
+                                      "model_config": request.model_doc})
+
+
+@dataclass
+class Submitted:
+    run: Run
+    created: bool
+    enqueued: bool
+
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def submit_run(session: Session, settings: Settings, celery: Celery, request: RunCreate, *,
+               idempotency_key: str | None = None, owner: str = "local",
+               allow_reserved_preset: bool = False, check_workers: bool = True) -> Submitted:
+    """Validate and create the run, then enqueue it (after the commit). With
+    ``idempotency_key``: a retry with the same body returns the first run (``created``
+    False, nothing enqueued again), a different body is a 409 (``IdempotencyConflict``).
+    Raises ApiError 422 as :func:`prepare_run`."""
+    body_hash = _submitted_hash(request)
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
+            raise invalid(["header", "Idempotency-Key"],
+                          f"must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+        existing = reads.find_idempotent(session, owner, idempotency_key)
+        if existing is not None:
+            if existing.request_hash != body_hash:
+                raise runs_service.IdempotencyConflict(idempotency_key, existing.id)
+            return Submitted(run=existing, created=False, enqueued=True)
+    prepared = prepare_run(session, settings, request, allow_reserved_preset=allow_reserved_preset,
+                           check_workers=check_workers)
+    run, created = runs_service.create_run(
+        session, name=request.name, preset=request.preset,
+        submitted_train=request.train_config, submitted_model=request.model_doc,
+        resolved_train=prepared.resolved_train, resolved_model=prepared.resolved_model,
+        estimate=prepared.estimate, warnings=prepared.warnings, owner=owner,
+        idempotency_key=idempotency_key, body_hash=body_hash, run_id=prepared.run_id,
+    )
+    enqueued = True
+    if created:
+        result = enqueue_run(celery, run.id)
+        enqueued = result.ok
+        if not result.ok:
+            log.warning("run %s is queued in the database but its message could not be sent "
+                        "(%s); the reconciler will send it", run.id, result.error)
+    return Submitted(run=run, created=created, enqueued=enqueued)

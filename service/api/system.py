@@ -1,0 +1,229 @@
+"""Probes, workers, Prometheus metrics, JSON Schemas and the offline API docs.
+
+- ``GET /healthz``: the process answers (no dependency checked).
+- ``GET /readyz``: database (answers and is migrated to head), broker (a connection and a
+  queue declaration), workers (at least one heartbeat within ``WORKER_STALE_SECONDS``);
+  200 when all hold, else 503 naming what is down.
+- ``GET /metrics``: Prometheus text format, computed at scrape time (see :class:`StateCollector`).
+- ``GET /docs``: Swagger UI whose assets come from the ``swagger-ui-bundle-v2`` package
+  (``swagger_ui_bundle`` module), served under ``/docs/assets/``: no CDN.
+"""
+from __future__ import annotations
+
+import logging
+import mimetypes
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlmodel import Session
+
+from service import reads
+from service import runs as runs_service
+from service.api.deps import get_session, get_settings
+from service.api.errors import ApiError, error_body
+from service.api.models import WorkerPublic
+from service.db import current_revision
+from service.queue import check_broker, queue_depth, train_queue, worker_queues
+from service.schemas import model_config_json_schema, train_config_json_schema
+from service.settings import Settings
+
+log = logging.getLogger("moejobs.api")
+
+router = APIRouter(tags=["system"])
+#: System routes that need the token when one is set (the probes and /metrics do not).
+protected_router = APIRouter(tags=["system"])
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+#: Swagger UI files served under /docs/assets/ (nothing else from the package).
+DOCS_ASSETS = frozenset({"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png",
+                         "oauth2-redirect.html", "swagger-ui-bundle.js.map", "swagger-ui.css.map"})
+
+
+def _short(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:500]
+
+
+@router.get("/healthz", summary="Liveness")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def check_database(app: Any) -> str | None:
+    """None when the database answers and is at the migration head, else the reason."""
+    try:
+        with app.state.db.session() as session:
+            reads.ping(session)
+        revision = current_revision(app.state.db.engine)
+    except Exception as error:
+        return f"unreachable: {_short(error)}"
+    if revision != app.state.head_revision:
+        return (f"schema at revision {revision or 'none'}, the code needs "
+                f"{app.state.head_revision}: run `moejobs migrate`")
+    return None
+
+
+def check_workers(app: Any, settings: Settings) -> tuple[str | None, int]:
+    try:
+        with app.state.db.session() as session:
+            live = reads.count_live_workers(session, settings.worker_stale_seconds)
+    except Exception as error:
+        return f"unknown (database: {_short(error)})", 0
+    if live == 0:
+        return (f"no worker heartbeat in the last {settings.worker_stale_seconds:g} s "
+                f"(start `moejobs worker`)"), 0
+    return None, live
+
+
+@router.get("/readyz", summary="Readiness: database, broker, workers",
+            responses={503: {"description": "something is down (named in the body)"}})
+def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
+    app = request.app
+    checks: dict[str, dict[str, Any]] = {}
+    db_problem = check_database(app)
+    checks["database"] = {"ok": db_problem is None, **({"error": db_problem} if db_problem else {})}
+    broker_problem = check_broker(app.state.celery, train_queue(settings))
+    checks["broker"] = {"ok": broker_problem is None,
+                        **({"error": broker_problem} if broker_problem else {})}
+    worker_problem, live = check_workers(app, settings)
+    checks["workers"] = {"ok": worker_problem is None, "live": live,
+                         **({"error": worker_problem} if worker_problem else {})}
+    down = [name for name, check in checks.items() if not check["ok"]]
+    if down:
+        detail = "; ".join(f"{name}: {checks[name]['error']}" for name in down)
+        return JSONResponse(error_body(503, f"not ready: {', '.join(down)} down ({detail})",
+                                       code="not_ready", down=down, checks=checks),
+                            status_code=503)
+    return JSONResponse({"status": "ready", "checks": checks})
+
+
+@protected_router.get("/workers", response_model=list[WorkerPublic], summary="Registered workers")
+def list_workers(session: SessionDep, settings: SettingsDep) -> list[WorkerPublic]:
+    """Every registered worker; ``live`` when it heartbeated within WORKER_STALE_SECONDS."""
+    live_ids = {w.id for w in runs_service.live_workers(session, settings.worker_stale_seconds)}
+    return [WorkerPublic.of(w, w.id in live_ids) for w in reads.list_workers(session)]
+
+
+class StateCollector:
+    """Prometheus collector reading the state at scrape time: ``moejobs_runs{status}``,
+    ``moejobs_queue_depth{queue}`` (messages waiting in the broker; absent when it cannot
+    be read), ``moejobs_broker_up``, ``moejobs_workers_live``, ``moejobs_workers_registered``,
+    ``moejobs_metric_rows`` (metric rows ingested and stored, all runs), ``moejobs_database_up``."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    def collect(self):  # noqa: C901 - one metric after another
+        app, settings = self.app, self.app.state.settings
+        db_up = GaugeMetricFamily("moejobs_database_up", "1 when the database answered this scrape")
+        runs = GaugeMetricFamily("moejobs_runs", "Runs by status", labels=["status"])
+        live = GaugeMetricFamily("moejobs_workers_live",
+                                 "Workers with a heartbeat within WORKER_STALE_SECONDS")
+        registered = GaugeMetricFamily("moejobs_workers_registered", "Registered workers")
+        rows = GaugeMetricFamily("moejobs_metric_rows",
+                                 "Metric rows ingested from metrics.csv files and stored (all runs)")
+        try:
+            with app.state.db.session() as session:
+                counts = runs_service.count_runs_by_status(session)
+                n_live = reads.count_live_workers(session, settings.worker_stale_seconds)
+                n_registered = len(reads.list_workers(session))
+                n_rows = reads.count_metric_points(session)
+        except Exception as error:
+            log.warning("metrics: database unavailable: %s", _short(error))
+            db_up.add_metric([], 0)
+            yield db_up
+        else:
+            db_up.add_metric([], 1)
+            yield db_up
+            for status, count in counts.items():
+                runs.add_metric([status.value], count)
+            yield runs
+            live.add_metric([], n_live)
+            yield live
+            registered.add_metric([], n_registered)
+            yield registered
+            rows.add_metric([], n_rows)
+            yield rows
+        depth = GaugeMetricFamily("moejobs_queue_depth", "Messages waiting in the broker queue",
+                                  labels=["queue"])
+        broker_up = GaugeMetricFamily("moejobs_broker_up", "1 when the broker answered this scrape")
+        up = 1
+        for queue in worker_queues(settings):
+            n = queue_depth(app.state.celery, queue)
+            if n is None:
+                up = 0
+                break
+            depth.add_metric([queue], n)
+        broker_up.add_metric([], up)
+        yield broker_up
+        yield depth
+
+
+def make_registry(app: Any) -> CollectorRegistry:
+    """A registry of its own per app (several apps in one process, as in tests)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(app))
+    return registry
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics_registry),
+                    media_type=CONTENT_TYPE_LATEST)
+
+
+@protected_router.get("/schemas/train-config", summary="JSON Schema of the train config")
+def train_schema() -> dict[str, Any]:
+    return train_config_json_schema()
+
+
+@protected_router.get("/schemas/model-config", summary="JSON Schema of the model config")
+def model_schema() -> dict[str, Any]:
+    return model_config_json_schema()
+
+
+# -- docs without a CDN ---------------------------------------------------------------------------
+
+
+def _assets_dir() -> Path | None:
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    return Path(str(swagger_ui_path))
+
+
+docs_router = APIRouter(include_in_schema=False)
+
+
+@docs_router.get("/docs")
+def docs(request: Request) -> HTMLResponse:
+    if _assets_dir() is None:
+        raise ApiError(503, "the API docs need the swagger-ui-bundle-v2 package "
+                       "(pip install swagger-ui-bundle-v2); the schema is at /openapi.json",
+                       code="docs_unavailable")
+    return get_swagger_ui_html(
+        openapi_url=request.app.openapi_url or "/openapi.json",
+        title=f"{request.app.title} - API docs",
+        swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs/assets/swagger-ui.css",
+        swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        oauth2_redirect_url=None,
+    )
+
+
+@docs_router.get("/docs/assets/{filename}")
+def docs_asset(filename: str) -> FileResponse:
+    folder = _assets_dir()
+    if folder is None or filename not in DOCS_ASSETS or not (folder / filename).is_file():
+        raise ApiError(404, f"no docs asset {filename!r}")
+    media = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    return FileResponse(folder / filename, media_type=media,
+                        headers={"Cache-Control": "public, max-age=86400"})

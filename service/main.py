@@ -1,0 +1,143 @@
+"""The FastAPI application: :func:`create_app` builds it, :func:`serve` runs it with uvicorn.
+
+At start-up (the lifespan) the app opens the database, refuses to start unless the schema is
+at the newest migration (no ``create_all`` here: ``moejobs migrate`` owns the schema), creates
+the data and runs folders and builds the Celery app (``service.queue``). Nothing connects at
+import time, and neither torch nor ``worker`` is ever imported.
+
+Middleware and error handling live in ``service.api.errors``: one JSON error format, a bearer
+token when ``API_TOKEN`` is set, request-body limits, and no traceback ever sent to a client.
+
+Run it::
+
+    from service.main import serve
+    serve(settings)                      # uvicorn on settings.host:settings.port
+
+or ``uvicorn --factory service.main:create_app`` (settings from the MOEJOBS_* environment).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+
+from service.api import routers
+from service.api.errors import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    ErrorMiddleware,
+    install_exception_handlers,
+    limit_is_upload,
+)
+from service.api.system import make_registry
+from service.db import Database, current_revision, head_revision, open_database
+from service.queue import make_celery
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("moejobs.api")
+
+API_VERSION = "1"
+
+
+class StartupError(RuntimeError):
+    """The app cannot start: database unreachable or not migrated. The message says what to do."""
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database url>"
+
+
+def check_schema(db: Database, settings: Settings) -> None:
+    """Raise :class:`StartupError` unless the database answers and is at the migration head."""
+    url = _safe_url(settings.database_url or "")
+    try:
+        revision = current_revision(db.engine)
+    except Exception as error:
+        raise StartupError(f"database {url} is unreachable: {type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:300]}") from None
+    head = head_revision()
+    if revision != head:
+        state = "has no moejobs tables" if revision is None else f"is at revision {revision}"
+        raise StartupError(
+            f"database {url} {state}, but this code needs revision {head}: run `moejobs migrate` "
+            f"(or `moejobs up`, which migrates) and start the server again")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The moejobs API for ``settings`` (default :func:`service.settings.get_settings`).
+
+    The database, the Celery app and the metrics registry are built when the app starts
+    (lifespan), not here; starting raises :class:`StartupError` when the database is
+    unreachable or its schema is not at head."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = open_database(settings)
+        try:
+            check_schema(db, settings)
+        except BaseException:
+            db.dispose()
+            raise
+        settings.ensure_dirs()
+        celery = make_celery(settings)
+        app.state.db = db
+        app.state.celery = celery
+        app.state.head_revision = head_revision()
+        app.state.metrics_registry = make_registry(app)
+        app.state.smoke_lock = asyncio.Lock()
+        log.info("moejobs API ready: database %s, broker %s", _safe_url(settings.database_url or ""),
+                 _safe_url(settings.broker_url or ""))
+        try:
+            yield
+        finally:
+            celery.close()
+            db.dispose()
+
+    app = FastAPI(
+        title="moejobs",
+        version=API_VERSION,
+        description="Training jobs for LitGPT Mixture-of-Experts models: submit configs, follow "
+        "metrics, download checkpoints. Errors share one JSON shape: {code, message, errors?}.",
+        docs_url=None,       # served by service.api.system without a CDN
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_exception_handlers(app)
+    for router in routers():
+        app.include_router(router)
+
+    def limit_for(path: str) -> int:
+        return (settings.upload_limit_bytes if limit_is_upload({"path": path})
+                else settings.request_body_limit_bytes)
+
+    def token() -> str | None:
+        return settings.api_token.get_secret_value() if settings.api_token is not None else None
+
+    # Added innermost first: ErrorMiddleware ends up outermost.
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(AuthMiddleware, token_getter=token)
+    app.add_middleware(ErrorMiddleware)
+    return app
+
+
+def serve(settings: Settings | None = None, **uvicorn_options: Any) -> None:
+    """Run the API with uvicorn on ``settings.host``:``settings.port`` until interrupted.
+    ``uvicorn_options`` go to ``uvicorn.run`` (e.g. ``log_level="info"``). Raises
+    :class:`StartupError` (via uvicorn's lifespan) when the database is not ready."""
+    import uvicorn
+
+    settings = settings or get_settings()
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "info",
+                               "lifespan": "on"}
+    options.update(uvicorn_options)
+    uvicorn.run(create_app(settings), **options)

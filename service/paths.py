@@ -1,0 +1,172 @@
+"""Where the paths of a submitted config may point, and what they resolve to.
+
+A config sent to the API names folders on the *server*; the user must not be able to read or
+write anything else. Rules (applied by :func:`resolve_run_paths` after schema validation):
+
+- Inputs (``data.init_args.train_data_path``, ``data.init_args.val_data_path``,
+  ``tokenizer_dir``, ``initial_checkpoint_dir``, and ``resume`` when it is a path) resolve
+  under ``DATA_ROOT``: a relative path (``mydata/train``, ``./mydata/train``) is joined to it;
+  an absolute path must already lie inside it. The checkpoint fields
+  (``initial_checkpoint_dir``, ``resume``) may also name an absolute folder inside
+  ``RUNS_DIR`` (continue from an earlier run's checkpoint).
+- Outputs: ``out_dir`` is always ``RUNS_DIR/<run id>/out``. A submitted ``out_dir`` is ignored
+  unless it would escape the run's folder (absolute, or ``..`` climbing out), which is refused
+  like any escaping input.
+- Escaping is decided on the normalised text of the path (``..`` and ``.`` removed), not by
+  following symbolic links: links the operator put inside DATA_ROOT (e.g. to a big disk) are
+  trusted, and uploads through the API cannot create links (``service.api.datasets`` refuses
+  them). A NUL byte, ``~`` expansion and empty paths are refused.
+
+Errors are ``service.schemas.ConfigError`` whose issues name the field with the same
+locations as schema errors (``("data", "init_args", "train_data_path")``), so the API reports
+them as 422s with the full path. Missing folders are only warnings: data may be uploaded
+after the run is submitted but before it starts.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import posixpath
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from service.schemas import ConfigError, Issue
+
+#: Input fields: location in the train config -> may also point into RUNS_DIR.
+INPUT_FIELDS: dict[tuple[str, ...], bool] = {
+    ("data", "init_args", "train_data_path"): False,
+    ("data", "init_args", "val_data_path"): False,
+    ("tokenizer_dir",): False,
+    ("initial_checkpoint_dir",): True,
+    ("resume",): True,
+}
+
+#: Name of the engine's output folder inside the run's folder.
+RUN_OUT_DIR = "out"
+
+#: Dataset and tokenizer names: lower-case letters, digits, ".", "_", "-"; starting with a
+#: letter or digit; at most 64 characters.
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class PathEscape(ValueError):
+    """A path leaves the folder it must stay in (message says which and why)."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return ``name`` when it is a valid dataset/tokenizer name (:data:`NAME_PATTERN`, and not
+    ``.``-only); raise ``ValueError`` with a readable message otherwise."""
+    if not NAME_PATTERN.match(name) or set(name) == {"."} or ".." in name:
+        raise ValueError(
+            f"invalid {what} {name!r}: use 1-64 characters a-z, 0-9, '.', '_', '-', starting "
+            f"with a letter or digit (no '..')"
+        )
+    return name
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def resolve_under(value: str, root: Path, *, also: tuple[Path, ...] = ()) -> Path:
+    """``value`` resolved under ``root``: a relative path is joined to it, an absolute one must
+    lie inside ``root`` (or one of ``also``). The result is normalised and absolute.
+
+    Raises :class:`PathEscape` when the normalised path leaves ``root``/``also``, or when
+    ``value`` is empty, has a NUL byte or starts with ``~``.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise PathEscape("an empty path")
+    if "\x00" in value:
+        raise PathEscape("a NUL byte is not allowed in a path")
+    if value.startswith("~"):
+        raise PathEscape(f"{value!r}: '~' is not expanded on the server; use a path relative to "
+                         f"the data root")
+    root_text = posixpath.normpath(os.fspath(root))
+    allowed = [root_text, *(posixpath.normpath(os.fspath(a)) for a in also)]
+    if posixpath.isabs(value):
+        candidate = posixpath.normpath(value)
+    else:
+        candidate = posixpath.normpath(posixpath.join(root_text, value))
+    if not any(_is_within(candidate, a) for a in allowed):
+        where = " or ".join(allowed)
+        if posixpath.isabs(value):
+            raise PathEscape(f"{value!r} is outside the folders a config may use ({where}); "
+                             f"give a path relative to the data root")
+        raise PathEscape(f"{value!r} climbs out of the data root {root_text}")
+    return Path(candidate)
+
+
+def _get(doc: dict, loc: tuple[str, ...]) -> Any:
+    node: Any = doc
+    for key in loc:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _set(doc: dict, loc: tuple[str, ...], value: Any) -> None:
+    node = doc
+    for key in loc[:-1]:
+        node = node[key]
+    node[loc[-1]] = value
+
+
+def output_dir(run_dir: Path) -> Path:
+    """The engine's ``out_dir`` of a run: ``<run folder>/out``."""
+    return run_dir / RUN_OUT_DIR
+
+
+def resolve_run_paths(train: dict, *, data_root: Path, runs_dir: Path,
+                      run_dir: Path) -> tuple[dict, list[Issue]]:
+    """A copy of the validated train document (``TrainConfig.model_dump(mode="json")``) with
+    every input path made absolute under ``data_root`` and ``out_dir`` set to
+    ``run_dir/out``; plus warnings (``Issue``) for input folders that do not exist yet.
+
+    Raises ``ConfigError`` listing every escaping path with its field location.
+    """
+    out = copy.deepcopy(train)
+    errors: list[Issue] = []
+    warnings: list[Issue] = []
+    for loc, may_use_runs in INPUT_FIELDS.items():
+        value = _get(out, loc)
+        if value is None or isinstance(value, bool) or value == "auto":
+            continue  # unset, resume true/false/'auto'
+        try:
+            resolved = resolve_under(value, data_root, also=(runs_dir,) if may_use_runs else ())
+        except PathEscape as error:
+            errors.append(Issue(loc, f"{error}"))
+            continue
+        _set(out, loc, str(resolved))
+        if not resolved.exists():
+            warnings.append(Issue(loc, f"{resolved} does not exist yet; the run fails when it "
+                                       f"starts unless it is there by then"))
+    submitted_out = out.get("out_dir")
+    if isinstance(submitted_out, str) and submitted_out.strip():
+        try:
+            resolve_under(submitted_out, run_dir)
+        except PathEscape as error:
+            errors.append(Issue(("out_dir",), f"{error}; outputs always go to the run's folder"))
+    if errors:
+        raise ConfigError(errors)
+    out["out_dir"] = str(output_dir(run_dir))
+    return out, warnings
+
+
+def safe_relative(name: str) -> PurePosixPath:
+    """A member name of an upload (tar member or multipart file name) as a safe relative path.
+    Backslashes count as separators. Raises :class:`PathEscape` for absolute names, ``..``
+    parts, empty names and NUL bytes."""
+    if "\x00" in name:
+        raise PathEscape(f"{name!r}: NUL byte in a file name")
+    text = name.replace("\\", "/")
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        raise PathEscape(f"{name!r}: absolute path")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if not parts:
+        raise PathEscape(f"{name!r}: empty file name")
+    if any(p == ".." for p in parts):
+        raise PathEscape(f"{name!r}: '..' would leave the dataset folder")
+    return PurePosixPath(*parts)
