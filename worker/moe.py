@@ -9,8 +9,8 @@ computes every expert at once:
 
 1. the ``N * k`` (token, expert) assignments are sorted by expert with a stable ``argsort``,
 2. the tokens are gathered in that order (one ``index_select``),
-3. ``fc_1`` and ``fc_2`` of all experts run as one grouped GEMM (``torch._grouped_mm`` with
-   cumulative int32 row offsets), SiLU-gating follows, ``proj`` runs as a second grouped GEMM,
+3. ``fc_1``, ``fc_2`` and, after the SiLU gating, ``proj`` of all experts run as three grouped
+   GEMMs (``torch._grouped_mm`` with cumulative int32 row offsets),
 4. the outputs, weighted by the routing probabilities, go back with one ``index_add``.
 
 Nothing in the forward pass reads a tensor value on the host and every shape depends only on the
@@ -123,11 +123,12 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     Returns:
         ``(M, N)`` in ``a``'s dtype. Differentiable with respect to ``a`` and ``b``.
 
-    Uses ``torch._grouped_mm`` directly for bf16/fp16 (traceable by ``torch.compile``, where
-    Inductor may pick its own kernel) and the ``moejobs::grouped_mm`` custom op otherwise.
+    Uses ``torch._grouped_mm`` directly in eager mode and for bf16/fp16 under ``torch.compile``
+    (where Inductor may pick its own kernel), and the ``moejobs::grouped_mm`` custom op for other
+    dtypes under ``torch.compile``.
     Raises RuntimeError (from PyTorch) if strides are not 16-byte multiples.
     """
-    if a.dtype in (torch.bfloat16, torch.float16):
+    if a.dtype in (torch.bfloat16, torch.float16) or not torch.compiler.is_compiling():
         return torch._grouped_mm(a, b, offs=offs)
     return _grouped_mm_op(a, b, offs)
 
@@ -290,17 +291,18 @@ class GroupedMoE(LLaMAMoE):
             probs = probs * self.config.routed_scaling_factor
         return probs, indices, logits
 
-    def _stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Expert weights as ``w13 (E, 2I, C)`` (fc_1 rows then fc_2 rows) and ``w3 (E, C, I)``,
-        cast to ``dtype`` before stacking (one copy each); biases likewise or None."""
-        E, C, I = self.config.n_expert, self.config.n_embd, self.config.moe_intermediate_size
-        w13 = torch.stack([w.to(dtype) for e in self.experts for w in (e.fc_1.weight, e.fc_2.weight)])
-        w3 = torch.stack([e.proj.weight.to(dtype) for e in self.experts])
-        b13 = b3 = None
+    def _stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+        """Expert weights stacked as ``w1, w2 (E, I, C)`` (fc_1, fc_2) and ``w3 (E, C, I)`` (proj),
+        each cast to ``dtype`` before stacking (one copy of each weight); the three stacked biases
+        ``(E, I), (E, I), (E, C)`` when ``config.bias``, else None."""
+        experts = self.experts
+        w1 = torch.stack([e.fc_1.weight.to(dtype) for e in experts])
+        w2 = torch.stack([e.fc_2.weight.to(dtype) for e in experts])
+        w3 = torch.stack([e.proj.weight.to(dtype) for e in experts])
+        biases = None
         if self.config.bias:
-            b13 = torch.stack([b.to(dtype) for e in self.experts for b in (e.fc_1.bias, e.fc_2.bias)]).view(E, 2 * I)
-            b3 = torch.stack([e.proj.bias.to(dtype) for e in self.experts])
-        return w13.view(E, 2 * I, C), w3, b13, b3
+            biases = tuple(torch.stack([getattr(e, n).bias.to(dtype) for e in experts]) for n in ("fc_1", "fc_2", "proj"))
+        return w1, w2, w3, biases
 
     def resolved_backend(self, x: Tensor) -> str:
         """The backend a forward on ``x`` (under the current autocast state) would use."""
@@ -321,45 +323,48 @@ class GroupedMoE(LLaMAMoE):
         _record_router_stats(self, logits, counts, N * k)
 
         dtype = _compute_dtype(x2, self.experts[0].fc_1.weight)
-        w13, w3, b13, b3 = self._stacked(dtype)
+        weights = self._stacked(dtype)
         if self.resolved_backend(x2) == "grouped_mm":
-            y = self._grouped(x2, dtype, probs, flat, counts, w13, w3, b13, b3)
+            y = self._grouped(x2, dtype, probs, flat, counts, *weights)
         else:
-            y = self._dense(x2, dtype, probs, indices, w13, w3, b13, b3)
+            y = self._dense(x2, dtype, probs, indices, *weights)
         y = y.view(B, T, C)
         if self.config.n_shared_expert:
             y = y + self.shared_experts(x)
         return y
 
-    def _grouped(self, x2, dtype, probs, flat, counts, w13, w3, b13, b3) -> Tensor:
+    def _grouped(self, x2, dtype, probs, flat, counts, w1, w2, w3, biases) -> Tensor:
         N, C = x2.shape
-        k, I = self.config.n_expert_per_token, self.config.moe_intermediate_size
+        k = self.config.n_expert_per_token
         order = torch.argsort(flat, stable=True)  # assignments sorted by expert, token order kept
-        token = order // k  # (M,) source token of each sorted assignment
-        offs = counts.cumsum(0).to(torch.int32)  # (E,) cumulative end row per expert
+        token = order // k  # (M,) source token of each sorted assignment, M = N * k
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) cumulative end row of each expert
         xs = x2.to(dtype).index_select(0, token)  # (M, C)
-        h = grouped_mm(xs, w13.transpose(-2, -1), offs)  # (M, 2I)
-        if b13 is not None:
+        h1 = grouped_mm(xs, w1.transpose(-2, -1), offs)  # (M, I)
+        h2 = grouped_mm(xs, w2.transpose(-2, -1), offs)
+        if biases is not None:
             expert = flat.index_select(0, order)
-            h = h + b13.index_select(0, expert)
-        h = F.silu(h[:, :I]) * h[:, I:]
-        out = grouped_mm(h, w3.transpose(-2, -1), offs)  # (M, C)
-        if b3 is not None:
-            out = out + b3.index_select(0, expert)
+            h1 = h1 + biases[0].index_select(0, expert)
+            h2 = h2 + biases[1].index_select(0, expert)
+        out = grouped_mm(F.silu(h1) * h2, w3.transpose(-2, -1), offs)  # (M, C)
+        if biases is not None:
+            out = out + biases[2].index_select(0, expert)
         weighted = probs.reshape(-1).index_select(0, order).unsqueeze(-1) * out
         y = torch.zeros(N, C, dtype=x2.dtype, device=x2.device)
         return y.index_add_(0, token, weighted.to(x2.dtype))
 
-    def _dense(self, x2, dtype, probs, indices, w13, w3, b13, b3) -> Tensor:
+    def _dense(self, x2, dtype, probs, indices, w1, w2, w3, biases) -> Tensor:
         N, C = x2.shape
-        E, I = self.config.n_expert, self.config.moe_intermediate_size
-        h = torch.matmul(x2.to(dtype).unsqueeze(0), w13.transpose(-2, -1))  # (E, N, 2I)
-        if b13 is not None:
-            h = h + b13.unsqueeze(1)
-        h = F.silu(h[..., :I]) * h[..., I:]
-        out = torch.bmm(h, w3.transpose(-2, -1))  # (E, N, C)
-        if b3 is not None:
-            out = out + b3.unsqueeze(1)
+        E = self.config.n_expert
+        xc = x2.to(dtype).unsqueeze(0)  # (1, N, C), broadcast over experts
+        h1 = torch.matmul(xc, w1.transpose(-2, -1))  # (E, N, I)
+        h2 = torch.matmul(xc, w2.transpose(-2, -1))
+        if biases is not None:
+            h1 = h1 + biases[0].unsqueeze(1)
+            h2 = h2 + biases[1].unsqueeze(1)
+        out = torch.bmm(F.silu(h1) * h2, w3.transpose(-2, -1))  # (E, N, C)
+        if biases is not None:
+            out = out + biases[2].unsqueeze(1)
         combine = torch.zeros(N, E, dtype=probs.dtype, device=x2.device).scatter(1, indices, probs)  # (N, E)
         weighted = combine.t().unsqueeze(-1) * out  # (E, N, C)
         return weighted.sum(dim=0).to(x2.dtype)
