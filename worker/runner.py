@@ -680,11 +680,16 @@ def _record_provenance_later(att: _Attempt, train_doc: dict[str, Any]) -> thread
 
 
 def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo, *,
-                    poll_seconds: float = POLL_SECONDS) -> Outcome:
+                    poll_seconds: float = POLL_SECONDS,
+                    command: list[str] | None = None) -> Outcome:
     """Run the claimed attempt ``run.attempt`` of ``run`` to its end and classify it (see the
     module docstring). Blocks until the training process has exited; it is never left
     running when this returns or raises. Does not write the final status: pass the
     outcome to :func:`finish_attempt`.
+
+    ``command`` replaces the engine's command line (:func:`training_command`), e.g. a small
+    script in tests; it runs the same way (run folder as working directory, same environment,
+    output to the log).
 
     Errors starting the process (unwritable run folder, missing interpreter) give a
     ``crashed`` outcome. A BaseException raised into this function (e.g. Celery's hard
@@ -696,7 +701,7 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
     checkpoints = run.preset != "smoke-test"
     try:
         train_path, model_path = write_configs(run, run_dir)
-        cmd = training_command(train_path, model_path, checkpoints=checkpoints)
+        cmd = command or training_command(train_path, model_path, checkpoints=checkpoints)
         _log_line(log_path, f"attempt {run.attempt} on worker {info.worker_id}: {' '.join(cmd)}")
         log_start = log_path.stat().st_size
         oom_before = _cgroup_oom_kills()
@@ -713,7 +718,7 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
         return Outcome("failed", f"could not start training: {error}", FailureReason.crashed)
     (run_dir / "train.pid").write_text(f"{proc.pid}\n", encoding="utf-8")
     log.info("run %s attempt %d: training pid %d", run.id, run.attempt, proc.pid)
-    _record_provenance_later(att, dict(run.resolved_train))
+    provenance_thread = _record_provenance_later(att, dict(run.resolved_train))
 
     grace = settings.cancel_grace_seconds
     heartbeat_every = settings.heartbeat_seconds
@@ -763,6 +768,7 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
     att.ingest()  # the last rows and the final checkpoint
     if not att.lease_lost:
         att.check_cancel()
+    provenance_thread.join(timeout=30)
     oom_after = _cgroup_oom_kills()
     outcome = classify_exit(
         returncode, _read_tail(log_path, log_start),

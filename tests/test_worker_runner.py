@@ -1,0 +1,463 @@
+"""The runner (worker/runner.py) without Celery: real subprocesses, a real database.
+
+Small Python scripts stand in for the training engine (``execute_attempt(command=...)``): they
+exit with the engine's codes, print its error lines, write metrics.csv / router.csv and
+checkpoint folders the way it does (temporary name, then rename), and handle SIGTERM by
+"checkpointing" and exiting 75. The real engine runs in tests/test_worker_celery.py.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from service import runs
+from service.db import Database, migrate, open_database
+from service.models import FailureReason, RunProvenance, RunStatus, utcnow
+from test_db_support import database, postgres_migrated, postgres_url, settings_for  # noqa: F401
+from worker.runner import (
+    CsvTail,
+    Outcome,
+    WorkerInfo,
+    checkpoint_folders,
+    classify_exit,
+    execute_attempt,
+    finish_attempt,
+    write_configs,
+)
+
+WORKER = "test-worker"
+
+#: A stand-in engine. argv: steps, seconds per step, save_interval, on_sigterm ("exit75" |
+#: "ignore"). Writes out_dir/metrics.csv (each row in two writes, to leave partial lines
+#: around), out_dir/router.csv, out_dir/step-XXXXXXXX/ and out_dir/final/ like the engine.
+FAKE_ENGINE = textwrap.dedent('''
+    import json, os, signal, sys, time
+    from pathlib import Path
+    steps, pause, save_every, on_term = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    out = Path(os.environ["FAKE_OUT_DIR"])
+    out.mkdir(parents=True, exist_ok=True)
+    stop = []
+    if on_term == "ignore":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+
+    def save(name, step):
+        tmp = out / f".tmp-{name}-{os.getpid()}"
+        tmp.mkdir()
+        (tmp / "lit_model.pth").write_bytes(b"w" * 1000)
+        (tmp / "training_state.json").write_text(json.dumps({"step": step}))
+        if (out / name).exists():
+            os.replace(out / name, out / f".old-{name}")
+        os.replace(tmp, out / name)
+
+    with open(out / "metrics.csv", "w") as m, open(out / "router.csv", "w") as r:
+        m.write("step,tokens,loss,learning_rate,grad_norm,tokens_per_sec,mfu,elapsed_s,val_loss,val_ppl\\n")
+        r.write("step,layer,expert,fraction\\n")
+        m.flush(); r.flush()
+        for step in range(1, steps + 1):
+            m.write(f"{step},{step * 128},{10.0 / step:.6g},0.001,"); m.flush()
+            time.sleep(pause / 2)
+            m.write(f"0.5,1000,,{step * pause:.3f},,\\n"); m.flush()
+            for layer in range(2):
+                for expert in range(4):
+                    r.write(f"{step},{layer},{expert},0.25\\n")
+            r.flush()
+            print(f"step {step}", flush=True)
+            time.sleep(pause / 2)
+            if stop:
+                save(f"step-{step:08d}", step)
+                print(f"error: interrupted: stopped by SIGTERM after optimizer step {step}", file=sys.stderr, flush=True)
+                sys.exit(75)
+            if save_every and step % save_every == 0:
+                save(f"step-{step:08d}", step)
+        save("final", steps)
+''')
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path):
+    settings = settings_for(tmp_path)
+    migrate(settings)
+    db = open_database(settings)
+    yield db
+    db.dispose()
+
+
+def _settings(tmp_path: Path, db: Database, **overrides):
+    values = dict(heartbeat_seconds=0.5, lease_seconds=30, worker_stale_seconds=5,
+                  cancel_grace_seconds=20, keep_checkpoints=0)
+    values.update(overrides)
+    return settings_for(tmp_path, db.engine.url.render_as_string(hide_password=False), **values)
+
+
+def _claimed_run(db: Database, settings, tmp_path: Path, *, max_attempts_used: int = 0):
+    run_id = uuid.uuid4()
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "a.txt").write_text("some text\n")
+    train = {"out_dir": str(settings.run_dir(run_id) / "out"), "seed": 7, "resume": "auto",
+             "tokenizer_dir": None,
+             "data": {"init_args": {"train_data_path": str(data), "val_data_path": None}}}
+    model = {"name": "tiny"}
+    with db.session() as session:
+        runs.create_run(session, name="t", submitted_train=train, submitted_model=model,
+                        resolved_train=train, resolved_model=model, run_id=run_id)
+        run = runs.claim_run(session, run_id, WORKER, settings.lease_seconds)
+    assert run is not None
+    return run
+
+
+def _script(tmp_path: Path, body: str) -> list[str]:
+    path = tmp_path / f"engine_{uuid.uuid4().hex[:8]}.py"
+    path.write_text(textwrap.dedent(body))
+    return [sys.executable, str(path)]
+
+
+def _engine(tmp_path: Path, steps: int, pause: float, save_every: int, on_term: str = "exit75"):
+    path = tmp_path / "fake_engine.py"
+    path.write_text(FAKE_ENGINE)
+    return [sys.executable, str(path), str(steps), str(pause), str(save_every), on_term]
+
+
+def _run(db, settings, run, command, info=None, out_env=True):
+    info = info or WorkerInfo(worker_id=WORKER)
+    if out_env:
+        os.environ["FAKE_OUT_DIR"] = run.resolved_train["out_dir"]
+    try:
+        outcome = execute_attempt(run, db, settings, info, poll_seconds=0.1, command=command)
+    finally:
+        os.environ.pop("FAKE_OUT_DIR", None)
+    moved = finish_attempt(db, run.id, run.attempt, outcome, settings=settings, worker_id=WORKER)
+    return outcome, moved
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- classification of real exits --------------------------------------------------------------
+
+CASES = {
+    "ok": ("import sys; sys.exit(0)", "succeeded", None, "training finished", 0),
+    "invalid-config": (
+        "import sys\nprint('error: invalid config', file=sys.stderr)\n"
+        "print('train.micro_batch_size: must be at least 1', file=sys.stderr)\nsys.exit(2)",
+        "failed", FailureReason.invalid_config, "train.micro_batch_size: must be at least 1", 2),
+    "preflight": (
+        "import sys\nprint('error: invalid_config: devices: 4 GPUs requested but this machine "
+        "has 0 visible', file=sys.stderr)\nsys.exit(2)",
+        "failed", FailureReason.invalid_config, "devices: 4 GPUs requested", 2),
+    "invalid-data": (
+        "import sys\nprint('step 1')\nprint('error: invalid_data: /d/train: no .txt files at "
+        "the top level of this folder', file=sys.stderr)\nsys.exit(1)",
+        "failed", FailureReason.invalid_data, "/d/train: no .txt files", 1),
+    "oom-engine-line": (
+        "import sys\nprint('error: out_of_memory: host memory exhausted', file=sys.stderr)\n"
+        "sys.exit(1)",
+        "failed", FailureReason.out_of_memory, "host memory exhausted", 1),
+    "oom-traceback": (
+        "class OutOfMemoryError(RuntimeError):\n    pass\n"
+        "raise OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')",
+        "failed", FailureReason.out_of_memory, "CUDA out of memory", 1),
+    "crash-traceback": (
+        "def f():\n    raise RuntimeError('boom in the loop')\nf()",
+        "failed", FailureReason.crashed, "RuntimeError: boom in the loop", 1),
+    "crash-engine-line": (
+        "import sys\nprint('error: crashed: ValueError: bad shape', file=sys.stderr)\n"
+        "sys.exit(1)",
+        "failed", FailureReason.crashed, "ValueError: bad shape", 1),
+    "other-exit-code": ("import sys; print('something odd', flush=True); sys.exit(3)",
+                        "failed", FailureReason.crashed, "something odd", 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exit_classification_and_outcome(case, tmp_path, sqlite_db):
+    body, kind, reason, message, code = CASES[case]
+    settings = _settings(tmp_path, sqlite_db)
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    outcome, moved = _run(sqlite_db, settings, run, _script(tmp_path, body))
+    assert (outcome.kind, outcome.reason, outcome.exit_code) == (kind, reason, code)
+    assert message in outcome.message
+    assert moved.status == RunStatus(kind)
+    assert moved.failure_reason == reason and moved.exit_code == code
+    if reason is not None:
+        assert message in moved.failure_message
+    log = (settings.run_dir(run.id) / "train.log").read_text()
+    assert f"exit code {code}: {kind}" in log
+
+
+def test_killed_by_signal_is_retried_then_fails(tmp_path, sqlite_db):
+    settings = _settings(tmp_path, sqlite_db, max_attempts=2)
+    body = "import os, signal\nprint('step 1', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)"
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    outcome, moved = _run(sqlite_db, settings, run, _script(tmp_path, body))
+    assert (outcome.kind, outcome.reason, outcome.exit_code) == ("failed", FailureReason.killed,
+                                                                 -signal.SIGKILL)
+    assert "SIGKILL" in outcome.message
+    assert moved.status == RunStatus.queued  # attempt 1 of 2: retried
+
+    with sqlite_db.session() as session:
+        run = runs.claim_run(session, run.id, WORKER, settings.lease_seconds)
+    assert run.attempt == 2
+    outcome, moved = _run(sqlite_db, settings, run, _script(tmp_path, body))
+    assert moved.status == RunStatus.failed and moved.failure_reason == FailureReason.killed
+    with sqlite_db.session() as session:
+        assert "giving up" in runs.list_events(session, run.id)[-1].message
+
+
+def test_exit_75_without_shutdown_counts_as_killed(tmp_path, sqlite_db):
+    settings = _settings(tmp_path, sqlite_db)
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    outcome, moved = _run(sqlite_db, settings, run, _script(
+        tmp_path, "import sys\nprint('error: interrupted: stopped by SIGTERM after optimizer "
+                  "step 3', file=sys.stderr)\nsys.exit(75)"))
+    assert (outcome.reason, outcome.exit_code) == (FailureReason.killed, 75)
+    assert moved.status == RunStatus.queued
+
+
+def test_classify_exit_rules():
+    """Cases the scripts above cannot produce cheaply (OOM killer evidence, flags)."""
+    assert classify_exit(-9, ["step 3"], oom_killed=True).reason == FailureReason.out_of_memory
+    assert classify_exit(137, ["step 3"]).reason == FailureReason.killed  # 128 + SIGKILL
+    assert classify_exit(137, ["step 3"], oom_killed=True).reason == FailureReason.out_of_memory
+    assert classify_exit(-9, ["RuntimeError: out of memory"]).reason == FailureReason.out_of_memory
+    assert classify_exit(-15, []).reason == FailureReason.killed
+    assert classify_exit(75, [], shutting_down=True).kind == "requeue"
+    assert classify_exit(-9, [], shutting_down=True).kind == "requeue"
+    assert classify_exit(1, ["error: crashed: x"], shutting_down=True).reason == FailureReason.crashed
+    assert classify_exit(75, [], cancel_requested=True).kind == "cancelled"
+    assert classify_exit(-9, [], cancel_requested=True).kind == "cancelled"
+    assert classify_exit(0, [], cancel_requested=True).kind == "succeeded"
+    assert classify_exit(1, [], lease_lost=True).kind == "lease_lost"
+    assert classify_exit(1, []).message == "training exited with code 1"
+
+
+def test_start_failure_is_a_crash(tmp_path, sqlite_db):
+    settings = _settings(tmp_path, sqlite_db)
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    outcome, moved = _run(sqlite_db, settings, run, [str(tmp_path / "no-such-program")])
+    assert outcome.kind == "failed" and outcome.reason == FailureReason.crashed
+    assert "could not start training" in outcome.message
+    assert moved.status == RunStatus.failed
+
+
+# -- ingestion while the process runs -----------------------------------------------------------
+
+
+def test_metrics_router_checkpoints_retention_provenance(tmp_path, database):
+    settings = _settings(tmp_path, database, keep_checkpoints=2)
+    run = _claimed_run(database, settings, tmp_path)
+    outcome, moved = _run(database, settings, run, _engine(tmp_path, steps=8, pause=0.15,
+                                                           save_every=2))
+    assert outcome.kind == "succeeded" and moved.status == RunStatus.succeeded
+    out = Path(run.resolved_train["out_dir"])
+    with database.session() as session:
+        points = runs.list_metrics(session, run.id)
+        router = runs.list_router_points(session, run.id)
+        checkpoints = runs.list_checkpoints(session, run.id)
+        provenance = session.get(RunProvenance, run.id)
+        events = runs.list_events(session, run.id)
+    file_rows = _csv_rows(out / "metrics.csv")
+    assert [p.step for p in points] == [int(r["step"]) for r in file_rows] == list(range(1, 9))
+    for point, row in zip(points, file_rows):
+        assert point.tokens == int(row["tokens"])
+        assert point.loss == pytest.approx(float(row["loss"]))
+        assert point.elapsed_s == pytest.approx(float(row["elapsed_s"]))
+        assert point.mfu is None and point.val_loss is None
+    assert len(router) == 8 * 2 * 4 and {p.fraction for p in router} == {0.25}
+    # retention: the two newest step folders and final stay, on disk and in the database
+    on_disk = [name for name, _ in checkpoint_folders(out)]
+    assert on_disk == ["step-00000006", "step-00000008", "final"]
+    assert [(c.name, c.step) for c in checkpoints] == [("step-00000006", 6),
+                                                       ("step-00000008", 8), ("final", 8)]
+    for c in checkpoints:
+        assert Path(c.path) == out / c.name and c.size_bytes == 1000 + len(
+            (out / c.name / "training_state.json").read_bytes())
+    assert provenance is not None and provenance.seed == 7
+    assert provenance.data_hash and len(provenance.data_hash) == 64
+    assert provenance.package_versions["python"] == sys.version.split()[0]
+    assert [(e.from_status, e.to_status) for e in events][-1] == (RunStatus.running,
+                                                                  RunStatus.succeeded)
+    assert int((settings.run_dir(run.id) / "train.pid").read_text()) > 0
+
+
+def test_cancel_stops_the_process_and_ingestion(tmp_path, database):
+    settings = _settings(tmp_path, database)
+    run = _claimed_run(database, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+    pid_file = settings.run_dir(run.id) / "train.pid"
+
+    def cancel_after_rows():
+        _wait_for(lambda: (out / "metrics.csv").exists()
+                  and len(_csv_rows(out / "metrics.csv")) >= 3, what="metric rows")
+        with database.session() as session:
+            runs.request_cancel(session, run.id)
+
+    helper = threading.Thread(target=cancel_after_rows)
+    helper.start()
+    outcome, moved = _run(database, settings, run,
+                          _engine(tmp_path, steps=100000, pause=0.1, save_every=0))
+    helper.join()
+    assert (outcome.kind, outcome.exit_code) == ("cancelled", 75)
+    assert moved.status == RunStatus.cancelled and moved.failure_reason is None
+    assert _pid_gone(int(pid_file.read_text()))
+    with database.session() as session:
+        stored = [p.step for p in runs.list_metrics(session, run.id)]
+    # every row the process wrote is stored, and nothing more is written after the end
+    assert stored == [int(r["step"]) for r in _csv_rows(out / "metrics.csv")]
+    time.sleep(0.5)
+    with database.session() as session:
+        assert [p.step for p in runs.list_metrics(session, run.id)] == stored
+        events = runs.list_events(session, run.id)
+    assert [e.to_status for e in events][-2:] == [RunStatus.running, RunStatus.cancelled]
+    # the SIGTERM checkpoint was recorded before the run was cancelled
+    assert (out / f"step-{stored[-1]:08d}").is_dir()
+
+
+def test_cancel_escalates_to_sigkill_after_the_grace_period(tmp_path, sqlite_db):
+    settings = _settings(tmp_path, sqlite_db, cancel_grace_seconds=1)
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+
+    def cancel_soon():
+        _wait_for(lambda: (out / "metrics.csv").exists(), what="metrics.csv")
+        with sqlite_db.session() as session:
+            runs.request_cancel(session, run.id)
+
+    helper = threading.Thread(target=cancel_soon)
+    helper.start()
+    outcome, moved = _run(sqlite_db, settings, run,
+                          _engine(tmp_path, 100000, 0.1, 0, on_term="ignore"))
+    helper.join()
+    assert (outcome.kind, outcome.exit_code) == ("cancelled", -signal.SIGKILL)
+    assert moved.status == RunStatus.cancelled
+    log = (settings.run_dir(run.id) / "train.log").read_text()
+    assert "SIGTERM to the training process" in log and "SIGKILL" in log
+
+
+def test_worker_shutdown_requeues_after_the_checkpoint(tmp_path, sqlite_db):
+    settings = _settings(tmp_path, sqlite_db)
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+    info = WorkerInfo(worker_id=WORKER)
+
+    def shut_down():
+        _wait_for(lambda: (out / "metrics.csv").exists()
+                  and len(_csv_rows(out / "metrics.csv")) >= 2, what="metric rows")
+        info.shutdown.set()
+
+    helper = threading.Thread(target=shut_down)
+    helper.start()
+    outcome, moved = _run(sqlite_db, settings, run, _engine(tmp_path, 100000, 0.1, 0), info=info)
+    helper.join()
+    assert (outcome.kind, outcome.exit_code) == ("requeue", 75)
+    assert moved.status == RunStatus.queued and moved.worker_id is None
+    with sqlite_db.session() as session:
+        last = runs.list_events(session, run.id)[-1]
+        recorded = [c.name for c in runs.list_checkpoints(session, run.id)]
+    assert "worker shutting down" in last.message
+    assert recorded == [name for name, _ in checkpoint_folders(out)] and recorded
+
+
+def test_lost_lease_kills_the_process_and_writes_nothing(tmp_path, database):
+    settings = _settings(tmp_path, database)
+    run = _claimed_run(database, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+
+    def take_over():
+        _wait_for(lambda: (out / "metrics.csv").exists()
+                  and len(_csv_rows(out / "metrics.csv")) >= 2, what="metric rows")
+        with database.session() as session:  # the reconciler, believing the worker lost
+            moved = runs.recover_expired_run(session, run.id, max_attempts=3,
+                                             now=utcnow() + timedelta(hours=1))
+            assert moved.status == RunStatus.queued
+
+    helper = threading.Thread(target=take_over)
+    helper.start()
+    outcome, moved = _run(database, settings, run, _engine(tmp_path, 100000, 0.1, 0))
+    helper.join()
+    assert outcome.kind == "lease_lost" and moved is None
+    assert outcome.exit_code == -signal.SIGKILL
+    assert _pid_gone(int((settings.run_dir(run.id) / "train.pid").read_text()))
+    with database.session() as session:
+        current = runs.get_run(session, run.id)
+        events = runs.list_events(session, run.id)
+    assert current.status == RunStatus.queued and current.attempt == 1
+    assert (events[-1].from_status, events[-1].to_status, events[-1].actor) == (
+        RunStatus.running, RunStatus.queued, "reconciler")
+
+
+# -- pieces -------------------------------------------------------------------------------------
+
+
+def test_csv_tail_reads_complete_lines_and_follows_a_replaced_file(tmp_path):
+    path = tmp_path / "metrics.csv"
+    tail = CsvTail(path)
+    assert tail.read() == []
+    path.write_text("step,loss\n1,2.5\n2,2.")
+    assert tail.read() == [{"step": "1", "loss": "2.5"}]
+    with open(path, "a") as fh:
+        fh.write("25\n3")
+    assert tail.read() == [{"step": "2", "loss": "2.25"}]
+    replacement = tmp_path / "new.csv"
+    replacement.write_text("step,loss\n1,2.5\n2,9.0\n")
+    os.replace(replacement, path)  # what the engine does when it resumes
+    assert tail.read() == [{"step": "1", "loss": "2.5"}, {"step": "2", "loss": "9.0"}]
+    assert tail.read() == []
+
+
+def test_write_configs_resumes_later_attempts_from_their_checkpoint(tmp_path, sqlite_db):
+    import yaml
+
+    settings = _settings(tmp_path, sqlite_db)
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    run.resolved_train = {**run.resolved_train, "resume": False}
+    run_dir = settings.run_dir(run.id)
+    train_path, model_path = write_configs(run, run_dir)
+    assert yaml.safe_load(train_path.read_text())["resume"] is False
+    assert yaml.safe_load(model_path.read_text()) == {"name": "tiny"}
+    (Path(run.resolved_train["out_dir"]) / "step-00000004").mkdir(parents=True)
+    run.attempt = 2
+    train_path, _ = write_configs(run, run_dir)
+    assert yaml.safe_load(train_path.read_text())["resume"] == "auto"
+
+
+def test_finish_attempt_requeue_becomes_cancel_when_cancel_was_requested(tmp_path, sqlite_db):
+    settings = _settings(tmp_path, sqlite_db)
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    with sqlite_db.session() as session:
+        runs.request_cancel(session, run.id)
+    moved = finish_attempt(sqlite_db, run.id, run.attempt, Outcome("requeue", "shutting down", exit_code=75),
+                           settings=settings, worker_id=WORKER)
+    assert moved.status == RunStatus.cancelled
