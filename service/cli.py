@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,51 +43,150 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return train_main(argv, prog="moejobs validate")
 
 
-def _run_step(title: str, argv: list[str]) -> int:
-    print(f"\n== {title}\n$ run_train.py {' '.join(argv)}", flush=True)
-    # A subprocess per phase: all memory of the 549M-parameter smoke test is returned before
-    # the next phase, and Fabric can re-execute the command line for extra ranks.
-    return subprocess.call([sys.executable, "-m", "worker.cli", *argv])
+def _apply_settings(args: argparse.Namespace):
+    """Install the settings named by ``--home/--host/--port`` (else the environment) and return
+    them. Unsafe settings (e.g. listening beyond loopback with no API token) exit 2 with the reason."""
+    from service.settings import Settings, get_settings, settings_for_home, use_settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        if args.home:
+            settings = settings_for_home(args.home, **overrides)
+        elif overrides:
+            settings = Settings(**overrides)
+        else:
+            settings = get_settings()
+    except Exception as exc:  # pydantic.ValidationError or UnsafeSettingsError: one clear line
+        raise SystemExit(f"error: invalid settings: {exc}") from None
+    use_settings(settings)
+    return settings
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from service.db import current_revision, make_engine, migrate
+
+    settings = _apply_settings(args)
+    settings.ensure_dirs()
+    migrate(settings)
+    engine = make_engine(settings.database_url)
+    try:
+        print(f"database at migration {current_revision(engine)}")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.main import serve
+
+    serve(_apply_settings(args))
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import run_worker
+
+    return run_worker(_apply_settings(args), loglevel=args.loglevel, hostname=args.hostname)
+
+
+def _start_stack(settings):
+    from service.stack import LocalStack, StackError
+
+    stack = LocalStack(settings)
+    print(f"starting the API and one worker under {settings.home} (logs in {stack.log_dir}) ...", flush=True)
+    try:
+        stack.start()
+    except StackError as exc:
+        stack.stop(timeout=10)
+        raise SystemExit(f"error: {exc}") from None
+    print(f"ready: dashboard {stack.base_url}/   API docs {stack.base_url}/docs", flush=True)
+    return stack
+
+
+def _serve_until_interrupted(stack) -> int:
+    print("serving until Ctrl-C", flush=True)
+    try:
+        code = stack.wait()
+        print(f"a child process exited with code {code}; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping (a running training is checkpointed and re-queued) ...", flush=True)
+        return 0
+    finally:
+        stack.stop()
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    return _serve_until_interrupted(_start_stack(_apply_settings(args)))
+
+
+def seed_demo_data(data_root: Path) -> dict[str, Path]:
+    """Put the demo corpus and tokenizer where the shipped train config's relative paths
+    resolve under ``data_root`` (``./data/custom_text/{train,val}``, ``./data/tokenizer``), so
+    the shipped defaults run as submitted. Existing data is kept."""
     from worker.corpus import build_corpus
     from worker.tokenizer import train_tokenizer
 
-    data = Path(args.data_dir)
-    corpus = data / "custom_text"
-    train_dir, val_dir = build_corpus(corpus)
-    n_train, n_val = len(list(train_dir.glob("*.txt"))), len(list(val_dir.glob("*.txt")))
-    print(f"== corpus: {n_train} training and {n_val} validation files in {corpus} "
-          "(the Python standard library's own sources)")
-    tok = data / "tokenizer"
-    if not (tok / "tokenizer.json").is_file():
-        train_tokenizer([train_dir], tok, vocab_size=4096)
-        print(f"== tokenizer: byte-level BPE, 4096 ids, trained into {tok}")
+    base = Path(data_root) / "data"
+    train_dir, val_dir = build_corpus(base / "custom_text")
+    tokenizer = base / "tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():
+        train_tokenizer([train_dir], tokenizer, vocab_size=4096)
+    return {"train": train_dir, "val": val_dir, "tokenizer": tokenizer}
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from service import client
+
+    settings = _apply_settings(args)
+    settings.ensure_dirs()
+    paths = seed_demo_data(settings.data_root)
+    n_train = len(list(paths["train"].glob("*.txt")))
+    print(f"== demo data: {n_train} training files of Python standard-library source and a "
+          f"4,096-id BPE tokenizer under {paths['tokenizer'].parent}")
+    stack = _start_stack(settings)
+    base = stack.base_url
+    try:
+        if not args.skip_smoke_test:
+            print("\n== smoke test: the shipped MoE-200M configs with the spec's smoke-test overrides, "
+                  "through the queue and the worker (about 12 GB of RAM on a CPU)", flush=True)
+            result = client.smoke_test(base, wait=1800)
+            if client.smoke_state(result) != "passed":
+                print("smoke test failed; see above", file=sys.stderr)
+                return 1
+        print("\n== submitting the shipped configs with the cpu-tiny preset (a 4-layer, 4-expert MoE)", flush=True)
+        run = client.submit(base, REPO / "configs" / "train_config.yaml", REPO / "configs" / "model_config.yaml",
+                            name="demo-cpu-tiny", preset="cpu-tiny")
+        final_run = client.status(base, run["id"], follow=True)
+        if final_run.get("status") != "succeeded":
+            print(f"the demo run ended {final_run.get('status')}", file=sys.stderr)
+            return 1
+        final = Path(settings.runs_dir) / str(run["id"]) / "out" / "final"
+        from worker.sample import generate_sample
+
+        print(f"\n== a sample from {final}:\n", flush=True)
+        print(generate_sample(final, args.prompt, max_new_tokens=120))
+        print(f"\n== the trained model: {final} (a LitGPT checkpoint folder; "
+              f"`uv run litgpt generate {final} --prompt 'def '` works on it; "
+              f"`uv run moejobs download {run['id']}` fetches it over HTTP)")
+        print(f"== dashboard: {base}/   API docs: {base}/docs")
+        if args.exit:
+            return 0
+    except client.ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+        stack.stop()
+        return 130
+    except BaseException:
+        stack.stop()
+        raise
     else:
-        print(f"== tokenizer: using {tok}")
-
-    paths = ["--train-data-path", str(train_dir), "--val-data-path", str(val_dir), "--tokenizer-dir", str(tok)]
-    if not args.skip_smoke_test:
-        rc = _run_step("smoke test: the shipped MoE-200M configs with the spec's --smoke-test overrides",
-                       ["--smoke-test", *paths, "--out-dir", str(Path(args.out_dir) / "smoke-test")])
-        if rc != 0:
-            print(f"smoke test failed (exit {rc})", file=sys.stderr)
-            return rc
-    out = Path(args.out_dir) / "cpu-tiny"
-    rc = _run_step("training the cpu-tiny preset (a 4-layer, 4-expert MoE) on the corpus",
-                   ["--preset", "cpu-tiny", *paths, "--out-dir", str(out)])
-    if rc != 0:
-        print(f"training failed (exit {rc})", file=sys.stderr)
-        return rc
-    from worker.sample import generate_sample
-
-    final = out / "final"
-    print(f"\n== a sample from {final}:\n")
-    print(generate_sample(final, args.prompt, max_new_tokens=120))
-    print(f"\n== the trained model is in {final} (a LitGPT checkpoint folder: "
-          f"`uv run litgpt generate {final} --prompt 'def '` works on it)")
-    return 0
+        return _serve_until_interrupted(stack)
+    finally:
+        if args.exit:
+            stack.stop()
 
 
 def _cmd_train(argv: list[str]) -> int:
@@ -97,16 +195,39 @@ def _cmd_train(argv: list[str]) -> int:
     return train_main(argv, prog="moejobs train")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from service.client import add_client_commands
+
+    settings_opts = argparse.ArgumentParser(add_help=False)
+    settings_opts.add_argument("--home", help="folder of the embedded defaults (MOEJOBS_HOME, default ~/.moejobs)")
+    settings_opts.add_argument("--host", help="API host (MOEJOBS_HOST, default 127.0.0.1)")
+    settings_opts.add_argument("--port", type=int, help="API port (MOEJOBS_PORT, default 8000)")
+
     p = argparse.ArgumentParser(prog="moejobs", description="Training jobs for LitGPT Mixture-of-Experts models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="build a corpus and tokenizer, smoke-test, train cpu-tiny, print a sample")
-    d.add_argument("--data-dir", default="data", help="corpus and tokenizer go here")
-    d.add_argument("--out-dir", default="out", help="run outputs go here")
+    d = sub.add_parser("demo", parents=[settings_opts],
+                       help="up + demo data, smoke test, train cpu-tiny through the service, print a sample, keep serving")
     d.add_argument("--prompt", default="def ")
     d.add_argument("--skip-smoke-test", action="store_true", help="skip the MoE-200M smoke test (needs ~12 GB RAM on CPU)")
+    d.add_argument("--exit", action="store_true", help="stop the services after the sample instead of serving until Ctrl-C")
     d.set_defaults(func=_cmd_demo)
+
+    u = sub.add_parser("up", parents=[settings_opts], help="migrate, then run the API and one worker until Ctrl-C")
+    u.set_defaults(func=_cmd_up)
+    s = sub.add_parser("serve", parents=[settings_opts], help="run the API (production: many of these behind a proxy)")
+    s.set_defaults(func=_cmd_serve)
+    w = sub.add_parser("worker", parents=[settings_opts], help="run one worker (one per GPU slot)")
+    w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--hostname", help="Celery node name")
+    w.set_defaults(func=_cmd_worker)
+    m = sub.add_parser("migrate", parents=[settings_opts], help="upgrade the database to the newest migration")
+    m.set_defaults(func=_cmd_migrate)
+
+    add_client_commands(sub)
 
     sub.add_parser("train", help="train locally: same flags as run_train.py (moejobs train --help)", add_help=False)
 
@@ -117,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--smoke-test", action="store_true")
     v.set_defaults(func=_cmd_validate)
 
-    s = sub.add_parser("schema", help="print the JSON Schema of a config")
-    s.add_argument("which", choices=["train", "model"])
-    s.set_defaults(func=_cmd_schema)
+    sc = sub.add_parser("schema", help="print the JSON Schema of a config")
+    sc.add_argument("which", choices=["train", "model"])
+    sc.set_defaults(func=_cmd_schema)
 
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = t.add_subparsers(dest="tokenizer_command", required=True)
