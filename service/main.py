@@ -25,8 +25,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from service.api import routers
+from service.api.models import RunCreate
 from service.api.errors import (
     AuthMiddleware,
     BodyLimitMiddleware,
@@ -115,6 +117,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_exception_handlers(app)
     for router in routers():
         app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        # The run-submission routes read their body themselves (JSON, YAML or multipart), so
+        # FastAPI does not see RunCreate: add its schema for the $refs in their requestBody.
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            doc = RunCreate.model_json_schema(by_alias=True,
+                                              ref_template="#/components/schemas/{model}")
+            components.update(doc.pop("$defs", {}))
+            components["RunCreate"] = doc
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     def limit_for(path: str) -> int:
         return (settings.upload_limit_bytes if limit_is_upload({"path": path})

@@ -333,11 +333,18 @@ def _tokenizer_root(settings: Settings) -> Path:
 
 
 def _text_folder(folder: Path) -> Path | None:
-    """The folder whose top-level .txt files train a tokenizer: ``folder`` itself, else its
-    ``train`` sub-folder; None when neither holds one."""
-    for candidate in (folder, folder / "train"):
-        if candidate.is_dir() and any(p.is_file() for p in candidate.glob("*.txt")):
-            return candidate
+    """The folder to train a tokenizer on: ``folder`` when it holds .txt files at its top
+    level, else its ``train`` sub-folder when that does, else ``folder`` when any .txt file
+    lies below it (the task reads every folder below the one it gets); None without any."""
+    def has_txt(p: Path) -> bool:
+        return p.is_dir() and any(f.is_file() for f in p.glob("*.txt"))
+
+    if has_txt(folder):
+        return folder
+    if has_txt(folder / "train"):
+        return folder / "train"
+    if folder.is_dir() and any(f.is_file() for f in folder.rglob("*.txt")):
+        return folder
     return None
 
 
@@ -394,8 +401,8 @@ def create_tokenizer(name: NameParam, body: TokenizerCreate, settings: SettingsD
         raise invalid(["body", "dataset"], "name a dataset folder under the data root")
     text_dir = _text_folder(dataset_dir)
     if text_dir is None:
-        raise invalid(["body", "dataset"], f"{body.dataset!r}: no .txt files in {dataset_dir} or "
-                      f"its train/ folder (upload a dataset with POST /datasets/{{name}})")
+        raise invalid(["body", "dataset"], f"{body.dataset!r}: no .txt files in {dataset_dir} "
+                      f"(upload a dataset with POST /datasets/{{name}})")
     current = _tokenizer_status(settings, name)
     if current is not None and current.status != "failed":
         raise ApiError(409, f"tokenizer {name!r} is {current.status}; delete it first",

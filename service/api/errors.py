@@ -168,12 +168,12 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(runs_service.InvalidTransition)
     async def _transition(_request: Request, exc: runs_service.InvalidTransition) -> JSONResponse:
         return error_response(409, str(exc), code="invalid_transition", run_id=str(exc.run_id),
-                              status=exc.from_status.value)
+                              run_status=exc.from_status.value)
 
     @app.exception_handler(runs_service.RunActive)
     async def _active(_request: Request, exc: runs_service.RunActive) -> JSONResponse:
         return error_response(409, str(exc), code="run_active", run_id=str(exc.run_id),
-                              status=exc.status.value)
+                              run_status=exc.status.value)
 
     @app.exception_handler(runs_service.IdempotencyConflict)
     async def _idempotency(_request: Request, exc: runs_service.IdempotencyConflict) -> JSONResponse:
