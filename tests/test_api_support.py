@@ -112,13 +112,16 @@ def _sqlite_settings(tmp_path: Path, template: Path, **overrides: Any) -> Settin
 def make_env(request: pytest.FixtureRequest, tmp_path: Path, backend: str,
              **overrides: Any) -> Iterator[ApiEnv]:
     """Start the app for ``backend`` with settings ``overrides``; yields an :class:`ApiEnv`."""
-    token = overrides.pop("api_token", None)  # settings_for pins it to None
+    token = overrides.pop("api_token", None)  # settings_for pins these two
+    broker_url = overrides.pop("broker_url", None)
     if backend == "sqlite":
         settings = _sqlite_settings(tmp_path, request.getfixturevalue("sqlite_template"), **overrides)
     else:
         settings = settings_for(tmp_path, request.getfixturevalue("postgres_migrated"), **overrides)
     if token is not None:
         settings.api_token = SecretStr(token)
+    if broker_url is not None:
+        settings.broker_url = broker_url
     app = create_app(settings)
     db = open_database(settings)
     try:
