@@ -71,12 +71,12 @@ def pair(config: litgpt.Config, dtype=torch.float32, backend="auto", seed=0):
     return ref, new
 
 
-def starve_expert_zero(moe: torch.nn.Module) -> None:
-    """Gate weights such that expert 0 gets a negative logit for any positive input."""
+def starve_expert_zero(moe: torch.nn.Module, expert: int = 0) -> None:
+    """Gate weights such that ``expert`` gets a negative logit for any positive input."""
     with torch.no_grad():
         w = moe.gate.weight
         w.copy_(torch.rand_like(w) + 0.1)
-        w[0] = -1.0
+        w[expert] = -1.0
 
 
 def forward_backward(module, x, grad_out, autocast_dtype=None):
@@ -184,6 +184,24 @@ def test_layer_parity_bf16_true(backend, k, starve):
     assert_parity(ref, new, x, tol=1e-2)
 
 
+@pytest.mark.parametrize("align", [8, 16])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("empty", [None, 0, 3], ids=["none-empty", "first-empty", "last-empty"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_layer_parity_with_padded_expert_groups(align, k, empty, bias):
+    # the CUDA layout (each expert's rows padded to 16 bytes' worth), exercised on any device
+    ref, new = pair(moe_config(n_expert_per_token=k, bias=bias), backend="grouped_mm")
+    new.group_align = align
+    x = torch.randn(3, 5, 64, device=DEVICE)
+    if empty is not None:
+        starve_expert_zero(ref, empty)
+        new.load_state_dict(ref.state_dict())
+        x = torch.rand(3, 5, 64, device=DEVICE) + 0.05
+    assert_parity(ref, new, x, tol=1e-5)
+    if empty is not None:
+        assert new.last_token_fraction[empty].item() == 0.0
+
+
 @pytest.mark.parametrize("backend", ["grouped_mm", "dense"])
 def test_layer_parity_bf16_mixed_autocast(backend):
     ref, new = pair(moe_config(), backend=backend)
@@ -286,10 +304,13 @@ def test_whole_model_loss_and_gradient_parity():
 # ------------------------------------------------------------------------------------------
 # torch.compile
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-mixed"])
-def test_layer_compiles_fullgraph_and_matches_eager(autocast):
+@pytest.mark.parametrize(
+    "autocast,align", [(False, None), (True, None), (True, 8)], ids=["fp32", "bf16-mixed", "bf16-mixed-padded"]
+)
+def test_layer_compiles_fullgraph_and_matches_eager(autocast, align):
     torch._dynamo.reset()
     ref, new = pair(moe_config())
+    new.group_align = align
     # aot_eager runs Dynamo and AOTAutograd (fake tensors, the backward graph) without C++ codegen:
     # it proves the layer is one graph with no host synchronisation and no data-dependent shape.
     compiled = torch.compile(new, fullgraph=True, dynamic=True, backend="aot_eager")

@@ -253,6 +253,7 @@ class GroupedMoE(LLaMAMoE):
         if router_losses and self.config.n_expert_groups:
             raise ValueError(_NO_LOGITS)
         self.backend = backend
+        self.group_align: int | None = None
         self.router_losses = bool(router_losses)
         self.last_token_fraction: Tensor | None = None
         self.last_aux_loss: Tensor | None = None
@@ -312,6 +313,18 @@ class GroupedMoE(LLaMAMoE):
         widths = (self.config.n_embd, self.config.moe_intermediate_size)
         return select_backend(x.device.type, x.device.index or 0, dtype, widths)
 
+    def group_alignment(self, x: Tensor, dtype: torch.dtype) -> int:
+        """Rows each expert's group is padded to a multiple of (static): ``self.group_align`` when
+        set, else 16 bytes' worth of ``dtype`` elements on CUDA and 1 (no padding) elsewhere.
+
+        PyTorch's CUDA grouped GEMM kernel needs 16-byte-aligned group boundaries along the token
+        dimension when that dimension is the contiguous one (the weight-gradient GEMM contracts
+        over tokens); torchtitan pads token groups to 8 rows for bf16 for the same reason. The CPU
+        kernel has no such requirement (tested with arbitrary group sizes)."""
+        if self.group_align is not None:
+            return self.group_align
+        return max(1, 16 // dtype.itemsize) if x.device.type == "cuda" else 1
+
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T, C)`` -> ``(B, T, C)``; see the class docstring."""
         B, T, C = x.size()
@@ -335,23 +348,46 @@ class GroupedMoE(LLaMAMoE):
 
     def _grouped(self, x2, dtype, probs, flat, counts, w1, w2, w3, biases) -> Tensor:
         N, C = x2.shape
-        k = self.config.n_expert_per_token
+        E, k = self.config.n_expert, self.config.n_expert_per_token
+        M = N * k
         order = torch.argsort(flat, stable=True)  # assignments sorted by expert, token order kept
-        token = order // k  # (M,) source token of each sorted assignment, M = N * k
-        offs = counts.cumsum(0).to(torch.int32)  # (E,) cumulative end row of each expert
-        xs = x2.to(dtype).index_select(0, token)  # (M, C)
-        h1 = grouped_mm(xs, w1.transpose(-2, -1), offs)  # (M, I)
+        token = order // k  # (M,) source token of each sorted assignment
+        row_prob = probs.reshape(-1).index_select(0, order)  # (M,)
+        offs = counts.cumsum(0)  # (E,) cumulative end row of each expert
+        align = self.group_alignment(x2, dtype)
+        x_src = x2.to(dtype)
+        if align == 1:
+            row_token, n_src = token, N
+        else:
+            # Pad every expert's group to a multiple of ``align`` rows. Padding rows read an extra
+            # all-zero source row (index N) and carry weight 0; the last group also takes the
+            # slack, so the last offset is the static row count M + E * (align - 1).
+            padded = (counts + (align - 1)) // align * align
+            starts = torch.cumsum(padded, 0) - padded
+            shift = starts - (offs - counts)  # (E,) how far each group moves
+            pos = torch.arange(M, device=x2.device) + shift.index_select(0, flat.index_select(0, order))
+            rows = M + E * (align - 1)
+            offs = torch.cat([starts[1:], torch.full_like(starts[:1], rows)])
+            row_token = torch.full((rows,), N, dtype=token.dtype, device=x2.device).scatter(0, pos, token)
+            row_prob = row_prob.new_zeros(rows).scatter(0, pos, row_prob)
+            x_src = torch.cat([x_src, x_src.new_zeros(1, C)])
+            n_src = N + 1
+        offs = offs.to(torch.int32)
+        xs = x_src.index_select(0, row_token)  # (rows, C), grouped by expert
+        h1 = grouped_mm(xs, w1.transpose(-2, -1), offs)  # (rows, I)
         h2 = grouped_mm(xs, w2.transpose(-2, -1), offs)
         if biases is not None:
-            expert = flat.index_select(0, order)
+            rows_idx = torch.arange(xs.shape[0], device=x2.device, dtype=offs.dtype)
+            expert = torch.searchsorted(offs, rows_idx, right=True).clamp_(max=E - 1)
             h1 = h1 + biases[0].index_select(0, expert)
             h2 = h2 + biases[1].index_select(0, expert)
-        out = grouped_mm(F.silu(h1) * h2, w3.transpose(-2, -1), offs)  # (M, C)
+        out = grouped_mm(F.silu(h1) * h2, w3.transpose(-2, -1), offs)  # (rows, C)
         if biases is not None:
             out = out + biases[2].index_select(0, expert)
-        weighted = probs.reshape(-1).index_select(0, order).unsqueeze(-1) * out
-        y = torch.zeros(N, C, dtype=x2.dtype, device=x2.device)
-        return y.index_add_(0, token, weighted.to(x2.dtype))
+        weighted = row_prob.unsqueeze(-1) * out
+        y = torch.zeros(n_src, C, dtype=x2.dtype, device=x2.device)
+        y = y.index_add_(0, row_token, weighted.to(x2.dtype))
+        return y if n_src == N else y[:N]
 
     def _dense(self, x2, dtype, probs, indices, w1, w2, w3, biases) -> Tensor:
         N, C = x2.shape
