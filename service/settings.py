@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address the API listens on. CLI: --host.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on. CLI: --port.")
+    url: str | None = Field(
+        None,
+        description="Base URL of the API for the client commands (submit, runs, status, ...); "
+        "default http://HOST:PORT. CLI: --url.",
+    )
 
     lease_seconds: float = Field(
         120.0,
