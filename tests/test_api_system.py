@@ -1,0 +1,234 @@
+"""Probes, Prometheus metrics, workers, JSON Schemas and the smoke test through the API."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import runs
+from service.models import utcnow
+from service.queue import TRAIN_TASK
+from test_api_support import (  # noqa: F401 - fixtures
+    MODEL,
+    ApiEnv,
+    api,
+    backend,
+    body,
+    make_api,
+    postgres_migrated,
+    postgres_url,
+    sqlite_api,
+    sqlite_template,
+)
+
+
+def test_healthz_and_ready_when_everything_is_up(api: ApiEnv):
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    r = api.client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ready", "checks": {
+        "database": {"ok": True}, "broker": {"ok": True}, "workers": {"ok": True, "live": 1}}}
+
+
+def test_readyz_names_the_broker_when_it_is_unreachable(make_api):
+    env = make_api("sqlite", broker_url="redis://127.0.0.1:1/0")
+    r = env.client.get("/readyz")
+    assert r.status_code == 503
+    doc = r.json()
+    assert doc["code"] == "not_ready" and doc["down"] == ["broker"]
+    assert "broker" in doc["message"] and "127.0.0.1:1" in doc["checks"]["broker"]["error"]
+    # the API still takes runs: they stay queued for the reconciler
+    created = env.client.post("/runs", json=body())
+    assert created.status_code == 201 and created.json()["enqueued"] is False
+    assert created.json()["status"] == "queued"
+
+
+def test_readyz_names_workers_when_none_is_live(make_api):
+    env = make_api("sqlite", worker=False)
+    r = env.client.get("/readyz")
+    assert r.status_code == 503 and r.json()["down"] == ["workers"]
+    assert "no worker heartbeat" in r.json()["message"]
+    with env.session() as s:  # a worker whose last heartbeat is too old does not count
+        runs.register_worker(s, "old", "host", now=utcnow() - timedelta(seconds=3600))
+    assert env.client.get("/readyz").json()["down"] == ["workers"]
+    workers = env.client.get("/workers").json()
+    assert [(w["id"], w["live"]) for w in workers] == [("old", False)]
+    env.register_worker("fresh", gpus=2)
+    assert env.client.get("/readyz").status_code == 200
+    workers = {w["id"]: w for w in env.client.get("/workers").json()}
+    assert workers["fresh"]["live"] and workers["fresh"]["gpu_count"] == 2
+
+
+def test_readyz_names_the_database_when_its_schema_is_not_current(sqlite_api: ApiEnv):
+    with sqlite_api.db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'old'"))
+    r = sqlite_api.client.get("/readyz")
+    assert r.status_code == 503 and r.json()["down"] == ["database"]
+    assert "moejobs migrate" in r.json()["checks"]["database"]["error"]
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_prometheus_metrics(api: ApiEnv):
+    ids = [api.client.post("/runs", json=body(f"r{i}")).json()["id"] for i in range(3)]
+    api.client.post(f"/runs/{ids[0]}/cancel")
+    with api.session() as s:
+        runs.record_metrics(s, uuid.UUID(ids[1]), [{"step": i, "loss": 1.0} for i in range(1, 8)])
+    r = api.client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = _samples(r.text)
+    q = api.settings.celery_queue
+    assert m[("moejobs_runs", (("status", "queued"),))] == 2
+    assert m[("moejobs_runs", (("status", "cancelled"),))] == 1
+    assert m[("moejobs_runs", (("status", "running"),))] == 0
+    assert m[("moejobs_queue_depth", (("queue", q),))] == 3  # the cancelled run's message too
+    assert m[("moejobs_queue_depth", (("queue", q + ".aux"),))] == 0
+    assert m[("moejobs_workers_live", ())] == 1 and m[("moejobs_workers_registered", ())] == 1
+    assert m[("moejobs_metric_rows", ())] == 7
+    assert m[("moejobs_database_up", ())] == 1 and m[("moejobs_broker_up", ())] == 1
+
+
+def test_metrics_with_the_broker_down(make_api):
+    env = make_api("sqlite", broker_url="redis://127.0.0.1:1/0")
+    m = _samples(env.client.get("/metrics").text)
+    assert m[("moejobs_broker_up", ())] == 0
+    assert not any(name == "moejobs_queue_depth" for name, _ in m)
+
+
+def test_json_schemas(sqlite_api: ApiEnv):
+    train = sqlite_api.client.get("/schemas/train-config").json()
+    model = sqlite_api.client.get("/schemas/model-config").json()
+    assert "micro_batch_size" in str(train) and "optimizer" in train["properties"]
+    assert "n_expert" in model["properties"] and model["additionalProperties"] is False
+
+
+# -- smoke test ---------------------------------------------------------------------------------
+
+
+def _tiny_model(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny-model.yaml"
+    path.write_text(yaml.safe_dump({**MODEL, "block_size": 64}))
+    return path
+
+
+def _log_line(at: datetime, text: str) -> str:
+    local = at.astimezone()
+    return f"{local.strftime('%Y-%m-%d %H:%M:%S')},{local.microsecond // 1000:03d} {text}\n"
+
+
+def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path):
+    env = make_api("sqlite", smoke_model_config=_tiny_model(tmp_path))
+    c, settings = env.client, env.settings
+    r = c.post("/smoke-test")
+    assert r.status_code == 202, r.text
+    doc = r.json()
+    assert doc["status"] == "pending" and doc["failed_stage"] is None
+    assert [s["name"] for s in doc["stages"]] == ["queued_wait", "startup", "data_tokenizer",
+                                                  "model_build", "first_step", "finish"]
+    run_id = uuid.UUID(doc["id"])
+    with env.session() as s:
+        run = runs.get_run(s, run_id)
+    assert run.preset == "smoke-test" and run.name.startswith("smoke-test")
+    sample = settings.data_root / "sample"
+    t = run.resolved_train
+    assert t["tokenizer_dir"] == str(sample / "tokenizer")
+    assert t["data"]["init_args"] == {**t["data"]["init_args"],
+                                      "train_data_path": str(sample / "train"),
+                                      "val_data_path": str(sample / "val")}
+    assert (t["precision"], t["devices"], t["train"]["max_tokens"]) == ("32-true", 1, 64)
+    assert run.resolved_model["n_layer"] == MODEL["n_layer"]  # the configured small model
+    assert env.broker_messages() == [{"task": TRAIN_TASK, "args": [str(run_id)], "kwargs": {}}]
+    # one at a time: queued, then running
+    again = c.post("/smoke-test")
+    assert again.status_code == 409 and again.json()["run_id"] == str(run_id)
+    assert c.get(f"/smoke-test/{run_id}", params={"wait": 0.3}).json()["status"] == "pending"
+    with env.session() as s:  # whole seconds: log lines carry milliseconds only
+        claimed = runs.claim_run(s, run_id, "w1", 60, now=utcnow().replace(microsecond=0))
+    assert c.post("/smoke-test").status_code == 409
+    assert c.get(f"/smoke-test/{run_id}").json()["status"] == "running"
+
+    # what the worker leaves behind on success: the engine's log lines and metric rows
+    start = claimed.started_at
+    log = settings.run_dir(run_id) / "train.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        _log_line(start + timedelta(seconds=0.5), "WARNING moejobs.train: config: train.max_tokens: only 1 step")
+        + _log_line(start + timedelta(seconds=2.0), "INFO moejobs.train: data: 5000 training tokens in /x (3 windows of 65), validation: none")
+        + _log_line(start + timedelta(seconds=5.0), "INFO moejobs.train: plan: 1 optimizer steps x 1 micro-batches of 1 x 64 tokens on 1 rank(s)")
+        + "{\"steps\": 1}\n")
+    with env.session() as s:
+        runs.record_metrics(s, run_id, [{"step": 1, "loss": 5.5, "elapsed_s": 1.25}])
+        runs.transition(s, run_id, "succeeded", "exit 0", attempt=claimed.attempt,
+                        now=start + timedelta(seconds=7))
+    report = c.get(f"/smoke-test/{run_id}", params={"wait": 5}).json()
+    assert report["status"] == "passed" and report["failed_stage"] is None
+    seconds = {s["name"]: s["seconds"] for s in report["stages"]}
+    assert {s["status"] for s in report["stages"]} == {"ok"}
+    assert seconds["startup"] == 0.5 and seconds["data_tokenizer"] == 1.5
+    assert seconds["model_build"] == 3.0 and seconds["first_step"] == 1.25
+    assert seconds["finish"] == 0.75
+    assert seconds["queued_wait"] >= 0
+    assert report["total_seconds"] == round(sum(seconds.values()), 3)
+    # finished: a new one may start
+    assert c.post("/smoke-test").status_code == 202
+
+
+def test_smoke_test_names_the_failing_stage(make_api, tmp_path):
+    env = make_api("sqlite", smoke_model_config=_tiny_model(tmp_path))
+    run_id = uuid.UUID(env.client.post("/smoke-test").json()["id"])
+    with env.session() as s:
+        claimed = runs.claim_run(s, run_id, "w1", 60)
+    log = env.settings.run_dir(run_id) / "train.log"
+    log.parent.mkdir(parents=True)
+    start = claimed.started_at
+    log.write_text(
+        _log_line(start + timedelta(seconds=1), "INFO moejobs.train: data: 5000 training tokens in /x")
+        + "error: crashed: CUDA error: an illegal memory access was encountered\n")
+    with env.session() as s:
+        runs.transition(s, run_id, "failed", "exit 1", reason="crashed", attempt=claimed.attempt,
+                        failure_message=None)
+    report = env.client.get(f"/smoke-test/{run_id}").json()
+    assert report["status"] == "failed" and report["failed_stage"] == "model_build"
+    states = {s["name"]: s["status"] for s in report["stages"]}
+    assert states == {"queued_wait": "ok", "startup": "ok", "data_tokenizer": "ok",
+                      "model_build": "failed", "first_step": "skipped", "finish": "skipped"}
+    assert report["message"] == "exit 1"  # the run's failure message comes first
+
+
+def test_smoke_test_without_a_worker_fails_at_the_queue(make_api, tmp_path):
+    env = make_api("sqlite", worker=False, smoke_model_config=_tiny_model(tmp_path))
+    r = env.client.post("/smoke-test")
+    assert r.status_code == 202
+    doc = r.json()
+    assert doc["status"] == "failed" and doc["failed_stage"] == "queued_wait"
+    assert "no live worker" in doc["message"]
+    again = env.client.get(f"/smoke-test/{doc['id']}").json()
+    assert again["run_status"] == "cancelled" and again["failed_stage"] == "queued_wait"
+    assert "no live worker" in again["message"]
+    # it was cancelled, so another may be submitted
+    assert env.client.post("/smoke-test").status_code == 202
+
+
+def test_smoke_test_ids_must_be_smoke_tests(sqlite_api: ApiEnv):
+    run_id = sqlite_api.client.post("/runs", json=body()).json()["id"]
+    assert sqlite_api.client.get(f"/smoke-test/{run_id}").status_code == 404
+    assert sqlite_api.client.get(f"/smoke-test/{uuid.uuid4()}").status_code == 404
+
+
+def test_smoke_test_of_the_shipped_configs_validates(sqlite_api: ApiEnv):
+    r = sqlite_api.client.post("/smoke-test")  # default: configs/model_config.yaml (MoE-200M)
+    assert r.status_code == 202, r.text
+    with sqlite_api.session() as s:
+        run = runs.get_run(s, uuid.UUID(r.json()["id"]))
+    assert run.resolved_model["name"] == "MoE-200M"
+    assert run.resolved_train["train"]["global_batch_size"] == 1
