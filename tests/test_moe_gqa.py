@@ -69,13 +69,22 @@ def test_model_parity_with_stock_attention(overrides):
         assert rel_err(a, b) < 1e-5, name
 
 
-def test_bf16_parity():
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_bf16_parity(device):
+    # on CUDA this runs SDPA's flash kernel with enable_gqa (head_size 64, bf16)
     torch.manual_seed(0)
-    stock = litgpt.GPT(config()).to(torch.bfloat16)
+    cfg = config(n_embd=512, n_head=8, n_query_groups=2)
+    stock = litgpt.GPT(cfg).to(device, torch.bfloat16)
     ours = copy.deepcopy(stock)
     use_gqa_attention(ours)
-    idx = torch.randint(0, 80, (2, 16))
-    assert rel_err(ours(idx), stock(idx)) < 1e-2
+    idx = torch.randint(0, 80, (2, 32), device=device)
+    out_s, out_o = stock(idx), ours(idx)
+    grad = torch.randn_like(out_s)
+    g_s = torch.autograd.grad(out_s, list(stock.parameters()), grad)
+    g_o = torch.autograd.grad(out_o, list(ours.parameters()), grad)
+    assert rel_err(out_o, out_s) < 1e-2
+    for (name, _), a, b in zip(stock.named_parameters(), g_o, g_s):
+        assert rel_err(a, b) < 1e-2, name
 
 
 def test_kv_cache_path_defers_to_litgpt():
