@@ -4,7 +4,6 @@ tests/test_schemas.py as a 422 with its path, idempotency, limits, auth, paths, 
 metrics, checkpoints as streamed tars, logs, cancel and delete."""
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -642,3 +641,20 @@ def test_docs_are_served_without_a_cdn(sqlite_api: ApiEnv):
     content = spec["paths"]["/runs"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", "application/yaml", "multipart/form-data"}
     assert "model_config" in spec["components"]["schemas"]["RunCreate"]["properties"]
+
+
+def test_runs_are_enqueued_on_real_redis(make_api):
+    """The production broker: a unique queue per test on the shared Redis at 127.0.0.1:6379."""
+    queue = f"moejobs-test-{uuid.uuid4().hex[:12]}"
+    env = make_api("sqlite", broker_url="redis://127.0.0.1:6379/0", celery_queue=queue)
+    try:
+        assert env.client.get("/readyz").json()["checks"]["broker"] == {"ok": True}
+        run_id = _new_run(env)
+        assert env.broker_messages() == [{"task": TRAIN_TASK, "args": [run_id], "kwargs": {}}]
+        assert env.broker_messages() == []
+    finally:
+        import redis
+
+        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        client.delete(queue, queue + ".aux")
+        client.close()

@@ -152,8 +152,10 @@ def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path):
     again = c.post("/smoke-test")
     assert again.status_code == 409 and again.json()["run_id"] == str(run_id)
     assert c.get(f"/smoke-test/{run_id}", params={"wait": 0.3}).json()["status"] == "pending"
-    with env.session() as s:  # whole seconds: log lines carry milliseconds only
-        claimed = runs.claim_run(s, run_id, "w1", 60, now=utcnow().replace(microsecond=0))
+    # claimed at a whole second after submission: log lines carry milliseconds only
+    claim_at = (run.created_at + timedelta(seconds=1)).replace(microsecond=0)
+    with env.session() as s:
+        claimed = runs.claim_run(s, run_id, "w1", 60, now=claim_at)
     assert c.post("/smoke-test").status_code == 409
     assert c.get(f"/smoke-test/{run_id}").json()["status"] == "running"
 
@@ -177,7 +179,7 @@ def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path):
     assert seconds["startup"] == 0.5 and seconds["data_tokenizer"] == 1.5
     assert seconds["model_build"] == 3.0 and seconds["first_step"] == 1.25
     assert seconds["finish"] == 0.75
-    assert seconds["queued_wait"] >= 0
+    assert 0 < seconds["queued_wait"] <= 1
     assert report["total_seconds"] == round(sum(seconds.values()), 3)
     # finished: a new one may start
     assert c.post("/smoke-test").status_code == 202

@@ -27,7 +27,7 @@ import shutil
 import tarfile
 import tempfile
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path, PurePosixPath
 from typing import IO, Annotated
 
@@ -214,7 +214,7 @@ def _describe(folder: Path) -> DatasetPublic:
                 files += 1
                 size += (Path(dirpath) / f).stat().st_size
                 folders.add("" if rel == "." else rel)
-    modified = datetime.fromtimestamp(folder.stat().st_mtime, tz=timezone.utc)
+    modified = datetime.fromtimestamp(folder.stat().st_mtime, tz=UTC)
     return DatasetPublic(name=folder.name, files=files, bytes=size, folders=sorted(folders),
                          modified_at=modified)
 
@@ -410,7 +410,7 @@ def create_tokenizer(name: NameParam, body: TokenizerCreate, settings: SettingsD
     marker, error_file = tokenizer_marker_paths(settings, name)
     marker.parent.mkdir(parents=True, exist_ok=True)
     error_file.unlink(missing_ok=True)
-    requested_at = datetime.now(timezone.utc)
+    requested_at = datetime.now(UTC)
     out_dir = _tokenizer_root(settings) / name
     marker.write_text(json.dumps({"dataset": body.dataset, "dataset_dir": str(text_dir),
                                   "vocab_size": body.vocab_size,

@@ -24,7 +24,7 @@ import hmac
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -314,4 +314,3 @@ def limit_is_upload(scope: Scope) -> bool:
     return scope.get("path", "").startswith("/datasets/")
 
 
-AsyncCall = Callable[..., Awaitable[Any]]

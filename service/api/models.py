@@ -61,7 +61,7 @@ class RunPublic(BaseModel):
     lease_expires_at: datetime | None
 
     @classmethod
-    def of(cls, run: Run) -> "RunPublic":
+    def of(cls, run: Run) -> RunPublic:
         return cls(
             id=run.id, name=run.name, owner=run.owner, status=run.status.value,
             preset=run.preset, attempt=run.attempt, worker_id=run.worker_id,
@@ -111,7 +111,7 @@ class EventPublic(BaseModel):
     attempt: int
 
     @classmethod
-    def of(cls, e: RunEvent) -> "EventPublic":
+    def of(cls, e: RunEvent) -> EventPublic:
         return cls(id=e.id or 0, at=e.at, from_status=e.from_status.value if e.from_status else None,
                    to_status=e.to_status.value, reason=e.reason.value if e.reason else None,
                    message=e.message, actor=e.actor, attempt=e.attempt)
@@ -130,7 +130,7 @@ class MetricRow(BaseModel):
     val_ppl: float | None
 
     @classmethod
-    def of(cls, p: MetricPoint) -> "MetricRow":
+    def of(cls, p: MetricPoint) -> MetricRow:
         return cls(step=p.step, tokens=p.tokens, loss=p.loss, learning_rate=p.learning_rate,
                    grad_norm=p.grad_norm, tokens_per_sec=p.tokens_per_sec, mfu=p.mfu,
                    elapsed_s=p.elapsed_s, val_loss=p.val_loss, val_ppl=p.val_ppl)
@@ -152,7 +152,7 @@ class RouterRow(BaseModel):
     fraction: float
 
     @classmethod
-    def of(cls, p: RouterPoint) -> "RouterRow":
+    def of(cls, p: RouterPoint) -> RouterRow:
         return cls(step=p.step, layer=p.layer, expert=p.expert, fraction=p.fraction)
 
 
@@ -170,7 +170,7 @@ class CheckpointPublic(BaseModel):
     archive_url: str
 
     @classmethod
-    def of(cls, c: Checkpoint) -> "CheckpointPublic":
+    def of(cls, c: Checkpoint) -> CheckpointPublic:
         ref = "final" if c.name == "final" else (str(c.step) if c.step is not None else c.name)
         return cls(name=c.name, step=c.step, path=c.path, size_bytes=c.size_bytes,
                    created_at=c.created_at, archive_url=f"/runs/{c.run_id}/checkpoints/{ref}/archive")
@@ -189,7 +189,7 @@ class WorkerPublic(BaseModel):
     live: bool
 
     @classmethod
-    def of(cls, w: Worker, live: bool) -> "WorkerPublic":
+    def of(cls, w: Worker, live: bool) -> WorkerPublic:
         return cls(id=w.id, host=w.host, pid=w.pid, gpus=w.gpus, gpu_count=w.gpu_count,
                    gpu_memory_bytes=w.gpu_memory_bytes, heartbeat_at=w.heartbeat_at,
                    started_at=w.started_at, current_run_id=w.current_run_id, live=live)
