@@ -213,6 +213,7 @@ def test_smoke_test_without_a_worker_fails_at_the_queue(make_api, tmp_path):
     assert r.status_code == 202
     doc = r.json()
     assert doc["status"] == "failed" and doc["failed_stage"] == "queued_wait"
+    assert doc["run_status"] == "cancelled"
     assert "no live worker" in doc["message"]
     again = env.client.get(f"/smoke-test/{doc['id']}").json()
     assert again["run_status"] == "cancelled" and again["failed_stage"] == "queued_wait"

@@ -209,8 +209,9 @@ def _report(request: Request, settings: Settings, run_id: uuid.UUID) -> SmokeTes
             # Nothing can run it now; cancel so it does not start by surprise later and a new
             # smoke test can be submitted.
             session.commit()
-            runs_service.request_cancel(session, run_id, f"smoke test failed: {report.message}",
-                                        actor="api")
+            cancelled = runs_service.request_cancel(
+                session, run_id, f"smoke test failed: {report.message}", actor="api")
+            report.run_status = cancelled.status.value
         return report
 
 
