@@ -21,10 +21,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi.openapi.utils import get_openapi
 
 from service.api import routers
@@ -117,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_exception_handlers(app)
     for router in routers():
         app.include_router(router)
+    mount_dashboard(app)
 
     def openapi() -> dict[str, Any]:
         # The run-submission routes read their body themselves (JSON, YAML or multipart), so
@@ -146,6 +150,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AuthMiddleware, token_getter=token)
     app.add_middleware(ErrorMiddleware)
     return app
+
+
+#: The dashboard's files (index.html, app.js, app.css; no build step).
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def mount_dashboard(app: FastAPI) -> None:
+    """Serve the dashboard: ``GET /`` is ``service/static/index.html``, ``/static/*`` its assets.
+    Both are public (the page asks for the token itself; the data it fetches needs it).
+    Nothing is mounted when the folder is absent."""
+    if not (STATIC_DIR / "index.html").is_file():
+        return
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                            headers={"Cache-Control": "no-cache"})
 
 
 def serve(settings: Settings | None = None, **uvicorn_options: Any) -> None:

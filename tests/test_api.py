@@ -305,7 +305,7 @@ def test_bearer_token_is_required_when_set(make_api):
     assert c.get("/runs", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
     assert c.post("/runs", json=body()).status_code == 401
     for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
-                 "/docs/assets/swagger-ui.css"):
+                 "/docs/assets/swagger-ui.css", "/", "/static/app.js"):
         assert c.get(path).status_code not in (401, 403), path
     schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
     assert any(s.get("scheme") == "bearer" for s in schemes.values())

@@ -38,10 +38,11 @@ from service.schemas import ConfigError, Issue
 
 log = logging.getLogger("moejobs.api")
 
-#: Paths anyone may call without the token (probes, scrapers, the docs).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
-#: Path prefixes anyone may call without the token (the docs' own assets).
-PUBLIC_PREFIXES = ("/docs/",)
+#: Paths anyone may call without the token (probes, scrapers, the docs, the dashboard page,
+#: which holds no data and asks for the token itself).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/"})
+#: Path prefixes anyone may call without the token (the docs' and the dashboard's assets).
+PUBLIC_PREFIXES = ("/docs/", "/static/")
 
 _CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
