@@ -135,6 +135,13 @@ def seed_demo_data(data_root: Path) -> dict[str, Path]:
     return {"train": train_dir, "val": val_dir, "tokenizer": tokenizer}
 
 
+def _cmd_seed_data(args: argparse.Namespace) -> int:
+    paths = seed_demo_data(Path(args.root))
+    for key, path in paths.items():
+        print(f"{key:9s} {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from service import client
 
@@ -215,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-smoke-test", action="store_true", help="skip the MoE-200M smoke test (needs ~12 GB RAM on CPU)")
     d.add_argument("--exit", action="store_true", help="stop the services after the sample instead of serving until Ctrl-C")
     d.set_defaults(func=_cmd_demo)
+
+    sd = sub.add_parser("seed-data", help="write the demo corpus and tokenizer to ROOT/data/ (what the shipped configs read)")
+    sd.add_argument("--root", default=".", help="the shipped configs' ./data/... paths resolve here")
+    sd.set_defaults(func=_cmd_seed_data)
 
     u = sub.add_parser("up", parents=[settings_opts], help="migrate, then run the API and one worker until Ctrl-C")
     u.set_defaults(func=_cmd_up)
