@@ -14,7 +14,8 @@ All three share the weights and the input. Times are medians over ``--iters`` it
 ``--warmup``, the variants taking turns within each iteration. On CUDA ``*_ms`` is wall-clock time
 (synchronised before and after); on CPU it is the process CPU time with one thread by default (the
 wall time of an idle machine, unaffected by other jobs on a shared one; ``*_wall_ms`` has the wall
-time too). ``ratio = loop_ms / grouped_ms`` (> 1: grouped is faster).
+time too). ``ratio = loop_ms / grouped_ms`` (> 1: grouped is faster); ``ratio_paired`` is the
+median of the per-iteration ratios (the two ran back to back), robust to drifts of a shared machine.
 
 Defaults: on CPU the ``cpu-tiny`` widths (n_embd 128, 4 experts of 256, top-2) in fp32 (that preset
 trains in 32-true); on CUDA the MoE-200M widths (768, 8 experts of 2048, top-2) in bf16-mixed.
@@ -36,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from importlib.metadata import version as _version  # noqa: E402
 
 import litgpt  # noqa: E402
 from litgpt.model import LLaMAMoE  # noqa: E402
@@ -100,7 +102,10 @@ def time_layers(layers: dict, x, grad, device, precision, iters, warmup) -> dict
             if i >= warmup:
                 wall[name].append((time.perf_counter() - t0) * 1e3)
                 cpu[name].append((time.process_time() - c0) * 1e3)
-    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in layers}
+    out = {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in layers}
+    times = wall if device.type == "cuda" else cpu
+    out["paired_ratio"] = statistics.median(a / b for a, b in zip(times["loop"], times["grouped"]))
+    return out
 
 
 def main(argv=None) -> int:
@@ -146,13 +151,14 @@ def main(argv=None) -> int:
             backend = grouped.resolved_backend(x)
         t = time_layers(layers, x, grad, device, precision, iters, args.warmup)
         metric = "wall" if cuda else "cpu"
-        ms = {k: v[metric] for k, v in t.items()}
+        ms = {k: t[k][metric] for k in layers}
         rows.append({
             "tokens": n,
             "loop_ms": round(ms["loop"], 3),
             "grouped_ms": round(ms["grouped"], 3),
             "prestacked_ms": round(ms["prestacked"], 3),
             "ratio": round(ms["loop"] / ms["grouped"], 3),
+            "ratio_paired": round(t["paired_ratio"], 3),
             "stack_share": round(max(0.0, ms["grouped"] - ms["prestacked"]) / ms["grouped"], 3),
             "loop_wall_ms": round(t["loop"]["wall"], 3),
             "grouped_wall_ms": round(t["grouped"]["wall"], 3),
@@ -165,7 +171,7 @@ def main(argv=None) -> int:
         "benchmark": "moe_layer",
         "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
         "torch": torch.__version__,
-        "litgpt": getattr(litgpt, "__version__", "?"),
+        "litgpt": _version("litgpt"),
         "precision": precision,
         "compile": args.compile,
         "n_embd": n_embd, "moe_intermediate_size": inter, "n_expert": experts, "top_k": args.top_k,
@@ -179,10 +185,10 @@ def main(argv=None) -> int:
         print(f"MoE layer fwd+bwd on {meta['device']} | torch {meta['torch']} | {precision} | "
               f"n_embd {n_embd}, {experts} experts x {inter}, top-{args.top_k} | compile {args.compile} | "
               f"median of {iters} | {torch.get_num_threads()} thread(s) | ms = {meta['metric']}")
-        print("| tokens | loop ms | grouped ms | ratio loop/grouped | prestacked ms | stack share | backend |")
+        print("| tokens | loop ms | grouped ms | ratio loop/grouped (paired) | prestacked ms | stack share | backend |")
         print("|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
-            print(f"| {r['tokens']} | {r['loop_ms']:.2f} | {r['grouped_ms']:.2f} | {r['ratio']:.2f} | "
+            print(f"| {r['tokens']} | {r['loop_ms']:.2f} | {r['grouped_ms']:.2f} | {r['ratio']:.2f} ({r['ratio_paired']:.2f}) | "
                   f"{r['prestacked_ms']:.2f} | {r['stack_share']:.0%} | {r['backend']} |")
     return 0
 

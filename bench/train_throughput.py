@@ -16,12 +16,15 @@ Reported per micro-batch size: tokens/s, per-step time, MFU (CUDA only: active-p
 token from ``service.estimate`` over the datasheet peak in ``worker.metrics``), peak memory (CUDA
 only: ``torch.cuda.max_memory_allocated``; one process cannot separate two models' CPU memory),
 the first step's loss of each side (a parity check: same weights, same batch), and
-``ratio = engine tokens/s / stock tokens/s``.
+``ratio = engine tokens/s / stock tokens/s`` (on CPU also ``ratio_paired``, the median of the
+per-step time ratios of the alternating sides).
 
 On CPU the variants take turns step by step and the step time is process CPU time with one thread
 by default (robust on a shared machine; ``--threads 0`` for torch's default, ``wall_*`` fields
-hold wall time). On CUDA each variant runs alone (wall time, synchronised), so its peak memory is
-its own.
+hold wall time). On CUDA each variant runs alone (wall time, synchronised), compiled once for all
+micro-batch sizes, so its peak memory is its own (with CUDA graphs, the graph pools of smaller
+micro-batches measured before stay allocated). ``estimate`` is ``service.estimate``'s memory total
+for the same config and micro-batch.
 
     uv run python bench/train_throughput.py                       # CPU: preset cpu-tiny
     uv run python bench/train_throughput.py --json
@@ -44,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from importlib.metadata import version as _version  # noqa: E402
 
 import litgpt  # noqa: E402
 
@@ -64,11 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(CUDA). Default: the config's")
     p.add_argument("--seq-len", type=int, default=None, help="default: the config's train.max_seq_length")
     p.add_argument("--precision", default=None, help="default: the config's")
-    p.add_argument("--compile", default="config", choices=["config", "on", "off"])
+    p.add_argument("--compile", default="config", choices=["config", "on", "off"],
+                   help="engine: the config's optimization.compile (default), or forced on/off")
+    p.add_argument("--stock-compile", default="auto", choices=["auto", "on", "off"],
+                   help="stock: auto = as `litgpt pretrain` (torch.compile(model) whenever the engine compiles); "
+                        "off = eager (LitGPT's expert loop graph-breaks at every torch.where: ~100 graphs to compile)")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default 10 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="unmeasured first steps (default 2 CPU, 5 CUDA)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; 0 = torch's default)")
     p.add_argument("--max-micro-batch", type=int, default=512, help="upper bound of the 'max' search")
+    p.add_argument("--sequential", action="store_true",
+                   help="CPU: run the sides one after the other as on CUDA (default there) instead of alternating")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     return p.parse_args(argv)
 
@@ -118,7 +128,7 @@ class Side:
             torch.cuda.empty_cache()
 
 
-def build_sides(v, device, precision, compile_mode, names=("stock", "engine")) -> dict[str, Side]:
+def build_sides(v, device, precision, compile_mode, names=("stock", "engine"), stock_compile="auto") -> dict[str, Side]:
     t, opt = v.train, v.train.optimization
     plan_seq = v.train.train.max_seq_length or v.model.block_size
     torch.manual_seed(v.train.seed)
@@ -133,9 +143,10 @@ def build_sides(v, device, precision, compile_mode, names=("stock", "engine")) -
     if compile_on:
         mode = None if opt.compile_mode == "default" else opt.compile_mode
         ours_compile = dict(mode=mode, dynamic=opt.compile_dynamic, fullgraph=opt.compile_fullgraph)
-        stock_compile = {}
     else:
-        ours_compile = stock_compile = None
+        ours_compile = None
+    stock_on = compile_on if stock_compile == "auto" else stock_compile == "on"
+    stock_kwargs = {} if stock_on else None
     from worker.attention import choose_backends
 
     attention = choose_backends(flash_attention=opt.flash_attention, flash_attention_force=opt.flash_attention_force,
@@ -143,7 +154,7 @@ def build_sides(v, device, precision, compile_mode, names=("stock", "engine")) -
     cudagraphs = compile_on and device.type == "cuda" and opt.compile_mode in ("reduce-overhead", "max-autotune")
     sides = {}
     if "stock" in names:
-        sides["stock"] = Side("stock", stock_raw, t, device, precision, stock_compile, nullcontext, False)
+        sides["stock"] = Side("stock", stock_raw, t, device, precision, stock_kwargs, nullcontext, False)
     if "engine" in names:
         sides["engine"] = Side("engine", ours_raw, t, device, precision, ours_compile, attention.context, cudagraphs)
     return sides
@@ -154,19 +165,67 @@ def batches(vocab: int, mb: int, seq: int, n: int, device) -> list[torch.Tensor]
     return [torch.randint(0, vocab, (mb, seq + 1), generator=g).to(device) for _ in range(n)]
 
 
-def fits(v, device, precision, compile_mode, mb, seq) -> bool:
-    """Can the engine side run two training steps at micro-batch ``mb``? (CUDA)"""
-    sides = build_sides(v, device, precision, compile_mode, names=("engine",))
-    side = sides["engine"]
+def largest_micro_batch(v, device, precision, seq, start: int, limit: int) -> int | None:
+    """Largest power-of-two micro-batch (from ``start`` up to ``limit``) at which the engine's model,
+    run eagerly, completes two training steps without running out of CUDA memory. Eager needs at
+    least the memory of the compiled model, so the result fits the compiled one too (CUDA graph
+    pools aside)."""
+    side = build_sides(v, device, precision, "off", names=("engine",))["engine"]
+    best, mb = None, start
     try:
-        for b in batches(v.model.vocab_size, mb, seq, 2, device):
-            side.step(b, measure=False)
-        return True
-    except torch.cuda.OutOfMemoryError:
-        return False
+        while mb <= limit:
+            try:
+                for b in batches(v.model.vocab_size, mb, seq, 2, device):
+                    side.step(b, measure=False)
+            except torch.cuda.OutOfMemoryError:
+                break
+            best, mb = mb, mb * 2
+            side.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    finally:
+        side.release()
+    return best
+
+
+def run_side(name, v, device, precision, compile_mode, mbs, seq, warmup, steps, stock_compile="auto") -> dict:
+    """Build one side once (one compilation; dynamic shapes serve every micro-batch size) and time
+    it at each micro-batch size. Returns {mb: result dict or None (out of CUDA memory)}."""
+    side = build_sides(v, device, precision, compile_mode, names=(name,), stock_compile=stock_compile)[name]
+    out = {}
+    try:
+        for mb in mbs:
+            side.wall, side.cpu, side.losses = [], [], []
+            gc.collect()
+            cuda = device.type == "cuda"
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                for i, b in enumerate(batches(v.model.vocab_size, mb, seq, warmup + steps, device)):
+                    side.step(b, measure=i >= warmup)
+                out[mb] = dict(wall=side.wall, cpu=side.cpu, loss=float(side.losses[0]),
+                               peak=torch.cuda.max_memory_allocated(device) if cuda else None)
+            except torch.cuda.OutOfMemoryError:
+                out[mb] = None
+                side.optimizer.zero_grad(set_to_none=True)
     finally:
         side.release()
         torch._dynamo.reset()
+    return out
+
+
+def memory_estimate(v, mb: int) -> int | None:
+    """``service.estimate``'s training-memory total for the config at micro-batch ``mb`` (bytes)."""
+    try:
+        t = v.train.model_dump(mode="json")
+        t["train"]["micro_batch_size"] = mb
+        t["train"]["global_batch_size"] = max(mb, t["train"].get("global_batch_size") or mb)
+        from service.schemas import validate_configs
+
+        w = validate_configs(t, v.model.model_dump(mode="json"))
+        return int(estimate(w.train, w.model).memory.total)
+    except Exception:  # informational only
+        return None
 
 
 def main(argv=None) -> int:
@@ -193,10 +252,11 @@ def main(argv=None) -> int:
     if "max" in mbs:
         if not cuda:
             raise SystemExit("--micro-batch max needs CUDA")
-        best, mb = None, 4
-        while mb <= args.max_micro_batch and fits(v, device, precision, args.compile, mb, seq):
-            best, mb = mb, mb * 2
-        mbs = [m for m in mbs if m != "max"] + ([best] if best and best not in mbs else [])
+        fixed = [m for m in mbs if m != "max"]
+        best = largest_micro_batch(v, device, precision, seq, start=min(fixed or [4]) * 2, limit=args.max_micro_batch)
+        mbs = fixed + ([best] if best and best not in fixed else [])
+        if not args.json:
+            print(f"  largest micro-batch that fits (engine, eager): {best}", file=sys.stderr, flush=True)
 
     flops_per_token = getattr(estimate(v.train, v.model), "flops_per_token", None)
     peak = None
@@ -205,39 +265,36 @@ def main(argv=None) -> int:
 
         peak = peak_flops_per_device(torch.cuda.get_device_name(device), precision)
 
-    rows = []
-    for mb in mbs:
-        data = batches(v.model.vocab_size, mb, seq, warmup + steps, device)
-        results = {}
-        if cuda:  # one side at a time: own peak memory, no interference
-            for name in ("stock", "engine"):
-                side = build_sides(v, device, precision, args.compile, names=(name,))[name]
-                torch.cuda.reset_peak_memory_stats(device)
-                try:
-                    for i, b in enumerate(data):
-                        side.step(b, measure=i >= warmup)
-                    results[name] = dict(wall=side.wall, cpu=side.cpu, loss=float(side.losses[0]),
-                                         peak=torch.cuda.max_memory_allocated(device))
-                except torch.cuda.OutOfMemoryError:
-                    results[name] = None
-                side.release()
-                torch._dynamo.reset()
-        else:  # take turns step by step
-            sides = build_sides(v, device, precision, args.compile)
-            for i, b in enumerate(data):
+    per_mb: dict[int, dict] = {mb: {} for mb in mbs}
+    if cuda or args.sequential:  # one side at a time, compiled once for all micro-batch sizes: own peak memory
+        for name in ("engine", "stock"):
+            for mb, r in run_side(name, v, device, precision, args.compile, mbs, seq, warmup, steps,
+                                  args.stock_compile).items():
+                per_mb[mb][name] = r
+            if not args.json:
+                print(f"  measured {name}", file=sys.stderr, flush=True)
+    else:  # take turns step by step
+        for mb in mbs:
+            sides = build_sides(v, device, precision, args.compile, stock_compile=args.stock_compile)
+            for i, b in enumerate(batches(v.model.vocab_size, mb, seq, warmup + steps, device)):
                 for side in sides.values():
                     side.step(b, measure=i >= warmup)
             for name, side in sides.items():
-                results[name] = dict(wall=side.wall, cpu=side.cpu, loss=float(side.losses[0]), peak=None)
-            for side in sides.values():
+                per_mb[mb][name] = dict(wall=side.wall, cpu=side.cpu, loss=float(side.losses[0]), peak=None)
                 side.release()
+            if not args.json:
+                print(f"  measured micro-batch {mb}", file=sys.stderr, flush=True)
+
+    rows = []
+    for mb in mbs:
+        results = per_mb[mb]
         row = {"micro_batch": mb, "seq_len": seq, "tokens_per_step": mb * seq}
         for name in ("stock", "engine"):
-            r = results[name]
+            r = results.get(name)
             if r is None:
                 row.update({f"{name}_tokens_per_s": None, f"{name}_step_ms": None, f"{name}_oom": True})
                 continue
-            step_s = statistics.median(r["wall"] if cuda else r["cpu"])
+            step_s = statistics.median(r["wall"] if cuda else r["cpu"])  # noqa: E501
             tps = mb * seq / step_s
             row.update({
                 f"{name}_tokens_per_s": round(tps, 1),
@@ -247,11 +304,14 @@ def main(argv=None) -> int:
                 f"{name}_peak_mem_bytes": r["peak"],
                 f"{name}_first_loss": round(r["loss"], 5),
             })
+        row["estimate_mem_bytes"] = memory_estimate(v, mb)
         s, e = row.get("stock_tokens_per_s"), row.get("engine_tokens_per_s")
         row["ratio"] = round(e / s, 3) if s and e else None
+        if not cuda and not args.sequential and results.get("stock") and results.get("engine"):
+            # the two sides ran alternately: the median of per-step ratios cancels slow drifts of a shared machine
+            pairs = [a / b for a, b in zip(results["stock"]["cpu"], results["engine"]["cpu"])]
+            row["ratio_paired"] = round(statistics.median(pairs), 3)
         rows.append(row)
-        if not args.json:
-            print(f"  measured micro-batch {mb}", file=sys.stderr, flush=True)
 
     opt = v.train.optimization
     compile_on = opt.compile if args.compile == "config" else args.compile == "on"
@@ -259,12 +319,14 @@ def main(argv=None) -> int:
         "benchmark": "train_throughput",
         "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
         "torch": torch.__version__,
-        "litgpt": getattr(litgpt, "__version__", "?"),
+        "litgpt": _version("litgpt"),
         "preset": preset,
         "model": v.model.name,
         "precision": precision,
-        "compile": (f"engine: mode={opt.compile_mode} dynamic={opt.compile_dynamic} fullgraph={opt.compile_fullgraph}; "
-                    "stock: torch.compile(model)") if compile_on else "off",
+        "compile": (f"mode={opt.compile_mode} dynamic={opt.compile_dynamic} fullgraph={opt.compile_fullgraph}"
+                    if compile_on else "off"),
+        "stock_compile": ("torch.compile(model)" if (compile_on if args.stock_compile == "auto"
+                                                       else args.stock_compile == "on") else "off (eager)"),
         "moe_implementation": opt.moe_implementation,
         "steps": steps, "warmup": warmup,
         "threads": torch.get_num_threads(),
@@ -275,22 +337,24 @@ def main(argv=None) -> int:
         print(json.dumps({**meta, "rows": rows}, indent=1))
         return 0
     print(f"train throughput on {meta['device']} | torch {meta['torch']} | {meta['model']} | {precision} | "
-          f"compile: {meta['compile']} | MoE: {meta['moe_implementation']} | median of {steps} steps | "
+          f"engine compile: {meta['compile']} | stock compile: {meta['stock_compile']} | MoE: {meta['moe_implementation']} | median of {steps} steps | "
           f"{meta['threads']} thread(s) | time = {meta['metric']}")
 
     def fmt(x, spec="{:,.0f}"):
         return "-" if x is None else spec.format(x)
 
-    print("| micro-batch | seq | stock tok/s | engine tok/s | ratio | stock ms/step | engine ms/step | "
-          "stock MFU | engine MFU | stock peak GiB | engine peak GiB | first loss stock / engine |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| micro-batch | seq | stock tok/s | engine tok/s | ratio (paired) | stock ms/step | engine ms/step | "
+          "stock MFU | engine MFU | stock peak GiB | engine peak GiB | estimate GiB | first loss stock / engine |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         gib = lambda b: None if b is None else b / 2**30  # noqa: E731
+        ratio = fmt(r["ratio"], "{:.2f}") + (f" ({r['ratio_paired']:.2f})" if r.get("ratio_paired") else "")
         print(f"| {r['micro_batch']} | {r['seq_len']} | {fmt(r.get('stock_tokens_per_s'))} | "
-              f"{fmt(r.get('engine_tokens_per_s'))} | {fmt(r['ratio'], '{:.2f}')} | "
+              f"{fmt(r.get('engine_tokens_per_s'))} | {ratio} | "
               f"{fmt(r.get('stock_step_ms'), '{:.1f}')} | {fmt(r.get('engine_step_ms'), '{:.1f}')} | "
               f"{fmt(r.get('stock_mfu'), '{:.1%}')} | {fmt(r.get('engine_mfu'), '{:.1%}')} | "
               f"{fmt(gib(r.get('stock_peak_mem_bytes')), '{:.2f}')} | {fmt(gib(r.get('engine_peak_mem_bytes')), '{:.2f}')} | "
+              f"{fmt(gib(r.get('estimate_mem_bytes')), '{:.2f}')} | "
               f"{fmt(r.get('stock_first_loss'), '{:.4f}')} / {fmt(r.get('engine_first_loss'), '{:.4f}')} |")
     return 0
 

@@ -1,0 +1,86 @@
+"""The spec's smoke test through the real engine: wall time (compilation included) and peak memory
+against ``service.estimate``.
+
+It builds a small corpus from the Python standard library's own sources (``worker.corpus``) and a
+byte-level BPE tokenizer on it (``worker.tokenizer``) under ``--workdir``, resolves the shipped
+configs with the smoke-test overrides (``service.configs.resolve(..., smoke_test=True)``) and calls
+``worker.train.run_training`` without checkpoints. Prints one JSON document (or a small table).
+
+The default MoE-200M model needs ~12 GB of RAM for a CPU step: on the shared CPU machine run it
+under ``flock /tmp/moejobs-big.lock``. ``--preset cpu-tiny`` checks the script cheaply.
+
+    python bench/smoke_check.py --json                  # on the GPU machine (bench/gpu_check.sh)
+    flock /tmp/moejobs-big.lock uv run python bench/smoke_check.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="/tmp/moejobs-smoke")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from service.configs import resolve
+    from service.estimate import estimate
+    from worker.corpus import build_corpus
+    from worker.tokenizer import train_tokenizer
+    from worker.train import run_training
+
+    work = Path(args.workdir)
+    t0 = time.perf_counter()
+    train_dir, val_dir = build_corpus(work / "text")
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        train_tokenizer([train_dir], tok_dir, vocab_size=4096)
+    prep_s = time.perf_counter() - t0
+    overrides = {
+        "out_dir": str(work / "out"),
+        "tokenizer_dir": str(tok_dir),
+        "data": {"init_args": {"train_data_path": str(train_dir), "val_data_path": str(val_dir)}},
+    }
+    v = resolve(ROOT / "configs" / "train_config.yaml", ROOT / "configs" / "model_config.yaml",
+                preset=args.preset, smoke_test=True, train_overrides=overrides)
+    est = estimate(v.train, v.model)
+    t1 = time.perf_counter()
+    result = run_training(v.train, v.model, write_checkpoints=False)
+    wall = time.perf_counter() - t1
+    doc = {
+        "benchmark": "smoke_test",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "model": v.model.name,
+        "precision": v.train.precision,
+        "compile": v.train.optimization.compile,
+        "data_and_tokenizer_s": round(prep_s, 2),
+        "train_wall_s": round(wall, 2),
+        "engine_elapsed_s": round(result.elapsed_s, 2),
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "estimate_memory_bytes": int(est.memory.total),
+        "peak_over_estimate": (round(result.peak_memory_bytes / est.memory.total, 3)
+                               if result.peak_memory_bytes and est.memory.total else None),
+    }
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        for k, val in doc.items():
+            print(f"{k:24s} {val}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
