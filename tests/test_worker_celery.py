@@ -1,7 +1,8 @@
-"""Real worker processes (``python -m worker.celery_app``) on a SQLite database: a worker
-killed mid-run (SIGKILL) and the run recovered by another worker's reconciler, resumed from
-its checkpoint (Redis broker); and a worker on the embedded defaults (kombu's SQLAlchemy
-transport), which has no Celery remote control.
+"""Real worker processes (``python -m worker.celery_app``) on a SQLite database: a run that
+survives a worker's warm shutdown (SIGTERM: re-queued at once) and a killed worker (SIGKILL:
+recovered by another worker's reconciler), resuming from its checkpoints each time (Redis
+broker); and a worker on the embedded defaults (kombu's SQLAlchemy transport), which has no
+Celery remote control.
 
 The HTTP end to end on PostgreSQL (success, duplicate message, cancel, smoke test) is in
 tests/test_e2e_http.py.
@@ -33,10 +34,13 @@ from test_worker_support import (
 pytestmark = pytest.mark.slow
 
 
-def test_killed_worker_run_is_recovered_and_resumed_by_another_worker(tmp_path):
+def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
+    """Worker A is stopped (SIGTERM): the training checkpoints, the run is re-queued at once.
+    Worker B resumes it and is killed (SIGKILL, like a lost machine): the training dies with
+    it, the lease expires, worker C's reconciler re-queues the run, C resumes and finishes."""
     broker = require_redis()
     home = tmp_path / "home"
-    # Short lease: the reconciler (every lease/2 = 5 s) sees the dead worker's lease expire
+    # Short lease: the reconciler (every lease/2 = 5 s) sees a dead worker's lease expire
     # 10 s after its last heartbeat.
     settings = worker_settings(home, f"sqlite:///{home / 'moejobs.sqlite3'}", broker,
                                lease_seconds=10.0, heartbeat_seconds=1.0,
@@ -45,65 +49,83 @@ def test_killed_worker_run_is_recovered_and_resumed_by_another_worker(tmp_path):
     db = open_database(settings)
     corpus, tokenizer = build_data(settings.data_root)
     token_cache = tmp_path / "token-cache"
-    first = WorkerProcess(settings, home / "worker-a.log", token_cache).start()
-    second = WorkerProcess(settings, home / "worker-b.log", token_cache)
-    try:
-        first_id = first.wait_registered(db)
+    workers = {name: WorkerProcess(settings, home / f"worker-{name}.log", token_cache)
+               for name in "abc"}
+    logs = lambda: "\n".join(f"== worker {n}\n{w.log()}" for n, w in workers.items())  # noqa: E731
+
+    def checkpoints():
         with db.session() as session:
-            row = [w for w in runs.live_workers(session, 60) if w.id == first_id][0]
-        assert row.pid == first.pid and row.gpu_count == len(row.gpus)
+            return {c.name: c.step for c in runs.list_checkpoints(session, run.id)}
+
+    try:
+        a_id = workers["a"].start().wait_registered(db)
+        with db.session() as session:
+            row = [w for w in runs.live_workers(session, 60) if w.id == a_id][0]
+        assert row.pid == workers["a"].pid and row.gpu_count == len(row.gpus)
         sample = settings.data_root / "sample"  # seeded at start-up for the smoke test
         assert (sample / "tokenizer" / "tokenizer.json").is_file()
         assert any((sample / "train").glob("*.txt")) and any((sample / "val").glob("*.txt"))
 
-        run = create_tiny_run(db, settings, corpus, tokenizer, steps=16, save_interval=4)
+        run = create_tiny_run(db, settings, corpus, tokenizer, steps=24, save_interval=4)
         assert enqueue_run(make_celery(settings), run.id).ok
+        run_dir = settings.run_dir(run.id)
 
-        def checkpoint_recorded():
-            with db.session() as session:
-                return any(c.name == "step-00000004" for c in runs.list_checkpoints(session, run.id))
-        wait_for(checkpoint_recorded, 300, "the first checkpoint", on_fail=first.log)
-        pid = int((settings.run_dir(run.id) / "train.pid").read_text())
-        first.kill()  # like a lost machine: no shutdown, no cleanup
-        # the training process dies with its worker (parent-death signal)
-        wait_for(lambda: pid_gone(pid), 30, "the orphaned training process to die")
+        # 1. warm shutdown of A mid-run
+        wait_for(lambda: "step-00000004" in checkpoints(), 300, "the first checkpoint",
+                 on_fail=logs)
+        pid_a = int((run_dir / "train.pid").read_text())
+        assert workers["a"].stop() == 0, logs()
+        assert pid_gone(pid_a)
+        after_a = get_run(db, run.id)
+        assert after_a.status == RunStatus.queued and after_a.exit_code == 75
+        stopped_at = max(s for s in checkpoints().values())  # the SIGTERM checkpoint
+        assert stopped_at > 4
+        assert a_id not in {w.id for w in _all_workers(db)}  # deregistered
+
+        # 2. B resumes it (A re-sent the message) and is killed after its own checkpoint
+        b_id = workers["b"].start().wait_registered(db)
+        wait_for(lambda: max(checkpoints().values()) > stopped_at, 300,
+                 "a checkpoint of worker B", on_fail=logs)
+        pid_b = int((run_dir / "train.pid").read_text())
+        assert pid_b != pid_a
+        workers["b"].kill()
+        wait_for(lambda: pid_gone(pid_b), 30, "B's training process to die with B")
         assert get_run(db, run.id).status == RunStatus.running  # until the lease expires
 
-        second.start()
-        second_id = second.wait_registered(db)
+        # 3. C's reconciler recovers the run; C resumes and finishes it
+        c_id = workers["c"].start().wait_registered(db)
         done = wait_for(lambda: (r := get_run(db, run.id)).status in TERMINAL and r, 400,
-                        "the recovered run to finish", on_fail=second.log)
+                        "the recovered run to finish", on_fail=logs)
         assert done.status == RunStatus.succeeded, done.failure_message
-        assert done.attempt == 2 and done.worker_id == second_id
+        assert done.attempt == 3 and done.worker_id == c_id
         with db.session() as session:
             events = runs.list_events(session, run.id)
             steps = [p.step for p in runs.list_metrics(session, run.id)]
-            names = [c.name for c in runs.list_checkpoints(session, run.id)]
+        S = RunStatus
         assert [(e.from_status, e.to_status) for e in events] == [
-            (None, RunStatus.queued), (RunStatus.queued, RunStatus.running),
-            (RunStatus.running, RunStatus.queued), (RunStatus.queued, RunStatus.running),
-            (RunStatus.running, RunStatus.succeeded)]
-        lost = events[2]
-        assert lost.actor == "reconciler" and "lease expired" in lost.message
-        assert f"worker {first_id}" in lost.message
-        assert events[3].actor == f"worker:{second_id}" and events[3].attempt == 2
-        # resumed from a checkpoint, not started over: every step once, the file agrees
+            (None, S.queued), (S.queued, S.running), (S.running, S.queued),
+            (S.queued, S.running), (S.running, S.queued), (S.queued, S.running),
+            (S.running, S.succeeded)]
+        assert events[2].actor == f"worker:{a_id}" and "shutting down" in events[2].message
+        assert events[4].actor == "reconciler" and "lease expired" in events[4].message
+        assert f"worker {b_id}" in events[4].message
+        assert [e.attempt for e in events if e.to_status == S.running] == [1, 2, 3]
+        # resumed from checkpoints, never started over: every step once, the file agrees
         out = Path(run.resolved_train["out_dir"])
-        assert steps == list(range(1, 17))
+        assert steps == list(range(1, 25))
         assert [int(r["step"]) for r in csv_rows(out / "metrics.csv")] == steps
-        log = (settings.run_dir(run.id) / "train.log").read_text()
-        assert "attempt 1 on worker" in log and "attempt 2 on worker" in log
-        assert "resuming from" in log
-        assert names == ["step-00000004", "step-00000008", "step-00000012", "step-00000016",
-                         "final"]
-        assert first_id not in {w.id for w in _live(db)}
+        log = (run_dir / "train.log").read_text()
+        assert all(f"attempt {n} on worker" in log for n in (1, 2, 3))
+        assert log.count("resuming from") == 2
+        assert {"step-00000004", "step-00000024", "final"} <= set(checkpoints())
+        assert b_id not in {w.id for w in _live(db)}
 
         # a clean stop removes the worker's row
-        assert second.stop() == 0
-        assert second_id not in {w.id for w in _all_workers(db)}
+        assert workers["c"].stop() == 0
+        assert c_id not in {w.id for w in _all_workers(db)}
     finally:
-        first.kill()
-        second.stop()
+        for worker in workers.values():
+            worker.kill()
         db.dispose()
 
 
