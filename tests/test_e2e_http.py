@@ -20,10 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import TINY_MODEL, VAL_MODULES, stdlib_text_files, tiny_train_config
-from service.db import migrate
-from service.queue import enqueue_run, make_celery
 from test_client_support import free_port
 from test_db_support import create_pg_database, drop_pg_database
 from test_worker_support import (
@@ -36,6 +33,9 @@ from test_worker_support import (
     wait_for,
     worker_settings,
 )
+
+from service.db import migrate
+from service.queue import enqueue_run, make_celery
 from service.settings import ENV_PREFIX
 
 pytestmark = pytest.mark.slow

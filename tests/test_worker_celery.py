@@ -13,11 +13,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from service import runs
-from service.db import migrate, open_database
-from service.models import FailureReason, RunStatus
-from service.queue import enqueue_run, enqueue_tokenizer, make_celery, tokenizer_marker_paths
 from test_worker_support import (
     TERMINAL,
     WorkerProcess,
@@ -29,6 +24,16 @@ from test_worker_support import (
     require_redis,
     wait_for,
     worker_settings,
+)
+
+from service import runs
+from service.db import migrate, open_database
+from service.models import FailureReason, RunStatus
+from service.queue import (
+    enqueue_run,
+    enqueue_tokenizer,
+    make_celery,
+    tokenizer_marker_paths,
 )
 
 pytestmark = pytest.mark.slow
@@ -51,7 +56,9 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
     token_cache = tmp_path / "token-cache"
     workers = {name: WorkerProcess(settings, home / f"worker-{name}.log", token_cache)
                for name in "abc"}
-    logs = lambda: "\n".join(f"== worker {n}\n{w.log()}" for n, w in workers.items())  # noqa: E731
+
+    def logs() -> str:
+        return "\n".join(f"== worker {n}\n{w.log()}" for n, w in workers.items())
 
     def checkpoints():
         with db.session() as session:

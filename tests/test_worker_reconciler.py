@@ -8,17 +8,15 @@ import subprocess
 import sys
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import redis
-
-from service import runs
-from service.db import migrate
-from service.models import FailureReason, RunStatus, utcnow
-from service.queue import TRAIN_TASK, make_celery
 from test_db_support import database, postgres_migrated, postgres_url, settings_for  # noqa: F401
 from test_worker_support import REPO, require_redis
+
+from service import runs
+from service.models import FailureReason, RunStatus, utcnow
+from service.queue import TRAIN_TASK, make_celery
 from worker.reconciler import interval_seconds, reconcile
 from worker.registry import WorkerRuntime, ensure_sample_data, owned_gpus, sample_paths
 

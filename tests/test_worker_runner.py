@@ -19,11 +19,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from test_db_support import database, postgres_migrated, postgres_url, settings_for  # noqa: F401
 
 from service import runs
 from service.db import Database, migrate, open_database
 from service.models import FailureReason, RunProvenance, RunStatus, utcnow
-from test_db_support import database, postgres_migrated, postgres_url, settings_for  # noqa: F401
 from worker.runner import (
     CsvTail,
     Outcome,

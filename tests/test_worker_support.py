@@ -18,8 +18,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_MODEL, stdlib_text_files, tiny_train_config
+
 from service import runs
 from service.db import Database
 from service.models import Run, RunStatus
@@ -132,7 +132,7 @@ class WorkerProcess:
         self.settings, self.log_path, self.token_cache = settings, log_path, token_cache
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update(self.settings.to_env())
         env["MOEJOBS_TOKEN_CACHE"] = str(self.token_cache)

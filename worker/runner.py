@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -473,7 +473,7 @@ class WorkerInfo:
 
 
 def _utc() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def training_command(train_path: Path, model_path: Path, *, checkpoints: bool) -> list[str]:
@@ -624,9 +624,11 @@ class _Attempt:
             step = runs.checkpoint_step(name)
             if step is None:
                 step = _final_step(path)
-            result = self._write(f"checkpoint {name}", lambda s: runs.record_checkpoint(
-                s, self.run_id, name, str(path), step=step, size_bytes=size,
-                attempt=self.attempt))
+            result = self._write(
+                f"checkpoint {name}",
+                lambda s, name=name, path=path, step=step, size=size: runs.record_checkpoint(
+                    s, self.run_id, name, str(path), step=step, size_bytes=size,
+                    attempt=self.attempt))
             if result is not None:
                 self.recorded[name] = mtime
                 log.info("run %s: checkpoint %s recorded (%d bytes)", self.run_id, name, size)
