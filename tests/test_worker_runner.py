@@ -461,3 +461,73 @@ def test_finish_attempt_requeue_becomes_cancel_when_cancel_was_requested(tmp_pat
     moved = finish_attempt(sqlite_db, run.id, run.attempt, Outcome("requeue", "shutting down", exit_code=75),
                            settings=settings, worker_id=WORKER)
     assert moved.status == RunStatus.cancelled
+
+
+def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path):
+    """PostgreSQL refuses every connection to the run's database mid-run (ALLOW_CONNECTIONS
+    false, sessions terminated): no heartbeat succeeds, the watchdog SIGTERMs the training
+    after half the lease, it checkpoints and exits, and nothing is written meanwhile."""
+    import psycopg
+    import sqlalchemy as sa
+    from psycopg import sql
+    from sqlalchemy.exc import OperationalError
+
+    from test_db_support import PG_ADMIN_URL, create_pg_database, drop_pg_database
+
+    url = create_pg_database("moejobs_outage_test")
+    name = sa.make_url(url).database
+    settings = settings_for(tmp_path, url, heartbeat_seconds=0.5, lease_seconds=4,
+                            worker_stale_seconds=5)
+    migrate(settings)
+    db = open_database(settings)
+
+    def set_connections(allowed: bool) -> None:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(name), sql.Literal(allowed)))
+            if not allowed:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+
+    try:
+        run = _claimed_run(db, settings, tmp_path)
+        out = Path(run.resolved_train["out_dir"])
+
+        def outage():
+            _wait_for(lambda: (out / "metrics.csv").exists()
+                      and len(_csv_rows(out / "metrics.csv")) >= 3, what="metric rows")
+            set_connections(False)
+
+        helper = threading.Thread(target=outage)
+        helper.start()
+        os.environ["FAKE_OUT_DIR"] = str(out)
+        try:
+            outcome = execute_attempt(run, db, settings, WorkerInfo(worker_id=WORKER),
+                                      poll_seconds=0.1,
+                                      command=_engine(tmp_path, 100000, 0.1, 0))
+        finally:
+            os.environ.pop("FAKE_OUT_DIR", None)
+            helper.join()
+        assert (outcome.kind, outcome.exit_code) == ("requeue", 75)
+        assert "database unreachable" in outcome.message
+        assert _pid_gone(int((settings.run_dir(run.id) / "train.pid").read_text()))
+        log = (settings.run_dir(run.id) / "train.log").read_text()
+        assert "no heartbeat for" in log and "SIGKILL" not in log
+        with pytest.raises(OperationalError):  # still down: the outcome cannot be written
+            finish_attempt(db, run.id, run.attempt, outcome, settings=settings,
+                           worker_id=WORKER)
+        set_connections(True)
+        db.dispose()
+        with db.session() as session:  # nothing was written: the reconciler will take over
+            current = runs.get_run(session, run.id)
+            stored = len(runs.list_metrics(session, run.id))
+        assert current.status == RunStatus.running and current.attempt == 1
+        assert stored < len(_csv_rows(out / "metrics.csv"))
+        # once the database answers, the fenced outcome is written: re-queued, resumable
+        moved = finish_attempt(db, run.id, run.attempt, outcome, settings=settings,
+                               worker_id=WORKER)
+        assert moved.status == RunStatus.queued
+    finally:
+        set_connections(True)
+        db.dispose()
+        drop_pg_database(url)

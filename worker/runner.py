@@ -25,9 +25,11 @@ The outcome is written by :func:`finish_attempt`, the only place that maps an ou
 ``service.runs``' status functions (``transition`` / ``retry_or_fail``).
 
 Fencing: every write passes the claimed ``attempt``. When ``heartbeat_run`` raises
-``LeaseLost`` (the reconciler gave the run to another attempt) or no heartbeat succeeded for
-``lease_seconds - heartbeat_seconds`` (the database is unreachable: the lease may be about to
-expire and be taken over), the child is SIGKILLed at once and nothing more is written.
+``LeaseLost`` (the reconciler gave the run to another attempt) the child is SIGKILLed at once
+and nothing more is written. A watchdog thread stops the child when the lease cannot be
+renewed (database unreachable): SIGTERM after ``lease_seconds / 2`` without a successful
+heartbeat, SIGKILL after ``lease_seconds - heartbeat_seconds``, i.e. before the lease can
+expire and the run be taken over.
 """
 from __future__ import annotations
 
@@ -536,6 +538,7 @@ class _Attempt:
         self.stop_sent_at: float | None = None
         self.killed = False
         self.last_heartbeat_ok = time.monotonic()
+        self.self_fenced = False  # the watchdog stopped the training (no heartbeat)
         self._warned_columns: set[str] = set()
 
     # -- database writes, tolerant of a database hiccup (retried on the next poll) ------------
@@ -681,6 +684,34 @@ def _record_provenance_later(att: _Attempt, train_doc: dict[str, Any]) -> thread
     return thread
 
 
+def _watchdog(proc: subprocess.Popen, att: _Attempt, log_path: Path,
+              done: threading.Event) -> None:
+    """Self-fencing, beside the runner loop (so a database call that hangs cannot delay it):
+    when no heartbeat succeeded for half the lease (database unreachable), SIGTERM the
+    training (it checkpoints and exits 75; the run is re-queued if the database answers
+    again, else the reconciler re-queues it once its lease expires); after
+    ``lease_seconds - heartbeat_seconds`` SIGKILL it, before the lease can expire and the run
+    be handed to another attempt that would write the same folder."""
+    settings = att.settings
+    term_after = settings.lease_seconds / 2
+    kill_after = max(settings.lease_seconds - settings.heartbeat_seconds, term_after)
+    terminated = killed = False
+    while not done.wait(min(0.5, settings.heartbeat_seconds)):
+        silent = time.monotonic() - att.last_heartbeat_ok
+        if silent > term_after and not terminated:
+            terminated = att.self_fenced = True
+            log.error("run %s: no heartbeat for %.0f s: stopping the training", att.run_id,
+                      silent)
+            _log_line(log_path, f"no heartbeat for {silent:.0f} s (database unreachable?): "
+                      "SIGTERM to the training process")
+            _signal_group(proc, signal.SIGTERM)
+        if silent > kill_after and not killed:
+            killed = True
+            _log_line(log_path, f"no heartbeat for {silent:.0f} s: SIGKILL before the lease "
+                      "expires")
+            _signal_group(proc, signal.SIGKILL)
+
+
 def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo, *,
                     poll_seconds: float = POLL_SECONDS,
                     command: list[str] | None = None) -> Outcome:
@@ -724,9 +755,10 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
 
     grace = settings.cancel_grace_seconds
     heartbeat_every = settings.heartbeat_seconds
-    # Self-fencing: with no successful heartbeat for this long the lease may expire and the
-    # reconciler hand the run to someone else; stop before that can happen.
-    self_fence_after = max(settings.lease_seconds - heartbeat_every, heartbeat_every)
+    watchdog_done = threading.Event()
+    watchdog = threading.Thread(target=_watchdog, args=(proc, att, log_path, watchdog_done),
+                                name=f"lease-watchdog-{run.id}", daemon=True)
+    watchdog.start()
     next_heartbeat = time.monotonic() + heartbeat_every
     next_cancel_check = time.monotonic()
     stop_reason = ""
@@ -740,10 +772,6 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
             if now >= next_cancel_check:
                 att.check_cancel()
                 next_cancel_check = now + min(1.0, heartbeat_every)
-            if not att.lease_lost and now - att.last_heartbeat_ok > self_fence_after:
-                log.error("run %s: no heartbeat for %.0f s: stopping to keep the lease safe",
-                          run.id, now - att.last_heartbeat_ok)
-                att.lease_lost = True
             if att.lease_lost and not att.killed:
                 _log_line(log_path, "lease lost: another attempt owns the run; killing training")
                 _signal_group(proc, signal.SIGKILL)
@@ -764,7 +792,9 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
         proc.wait()
         raise
     finally:
+        watchdog_done.set()
         _signal_group(proc, signal.SIGKILL)  # leftovers of the group (rank processes)
+    watchdog.join(timeout=5)
 
     returncode = proc.returncode
     att.ingest()  # the last rows and the final checkpoint
@@ -774,10 +804,14 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
     oom_after = _cgroup_oom_kills()
     outcome = classify_exit(
         returncode, _read_tail(log_path, log_start),
-        cancel_requested=att.cancel_requested, shutting_down=info.shutdown.is_set(),
+        cancel_requested=att.cancel_requested,
+        shutting_down=info.shutdown.is_set() or att.self_fenced,
         lease_lost=att.lease_lost,
         oom_killed=oom_before is not None and oom_after is not None and oom_after > oom_before,
     )
+    if att.self_fenced and outcome.kind == "requeue":
+        outcome = Outcome("requeue", "database unreachable: training stopped to keep the lease "
+                          "safe", exit_code=returncode)
     if att.pending_metrics and outcome.kind != "lease_lost":
         log.warning("run %s: %d metric rows could not be stored", run.id, len(att.pending_metrics))
     _log_line(log_path, f"exit code {returncode}: {outcome.kind}"

@@ -11,6 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from service import runs
 from service.models import FailureReason, RunStatus, Worker
 from worker.registry import current_runtime
@@ -82,15 +84,21 @@ def train_run(run_id: str) -> dict[str, Any]:
                             Outcome("requeue", "worker terminated: training killed"))
         raise
     moved = _finish_and_requeue(runtime, rid, attempt, outcome)
-    status = moved.status.value if moved is not None else "lease lost"
+    status = moved.status.value if moved is not None else "not recorded"
     log.info("run %s attempt %d: %s (%s)", rid, attempt, status, outcome.message)
     return {"run_id": str(rid), "claimed": True, "attempt": attempt, "status": status,
             "reason": outcome.reason.value if outcome.reason else None}
 
 
 def _finish_and_requeue(runtime, rid: uuid.UUID, attempt: int, outcome: Outcome):
-    moved = finish_attempt(runtime.database(), rid, attempt, outcome,
-                           settings=runtime.settings, worker_id=runtime.worker_id)
+    try:
+        moved = finish_attempt(runtime.database(), rid, attempt, outcome,
+                               settings=runtime.settings, worker_id=runtime.worker_id)
+    except SQLAlchemyError as error:  # database down: the run keeps its (expiring) lease
+        log.error("run %s attempt %d: outcome %s not recorded (%s); the reconciler re-queues "
+                  "the run once its lease expires", rid, attempt, outcome.kind,
+                  str(error).splitlines()[0])
+        return None
     if moved is not None and moved.status == RunStatus.queued:
         from service.queue import enqueue_run
 
