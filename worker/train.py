@@ -194,7 +194,8 @@ def init_weights(model: nn.Module, config: litgpt.Config) -> None:
     pretraining recipes use it too): every Linear and Embedding weight ~ N(0, sqrt(2 / (5 d)))
     ("small init", Nguyen & Salazar 2019), and the residual-branch output projections (attention
     ``proj`` and every MLP/expert ``proj``) ~ N(0, 2 / (n_layer * sqrt(d))) ("wang init");
-    biases zero. ``d`` = n_embd."""
+    biases zero; every other module with a ``reset_parameters`` (norms: weight 1; ``GPT``: the
+    RoPE cache) is reset. ``d`` = n_embd. Works on a model materialised with ``to_empty``."""
     import litgpt.model as lm
 
     d, n_layer = config.n_embd, config.n_layer
@@ -205,6 +206,8 @@ def init_weights(model: nn.Module, config: litgpt.Config) -> None:
                 nn.init.normal_(mod.weight, mean=0.0, std=small)
                 if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
+            elif callable(getattr(mod, "reset_parameters", None)):
+                mod.reset_parameters()
         for mod in model.modules():
             if isinstance(mod, (lm.CausalSelfAttention, lm.LLaMAMLP, lm.GptNeoxMLP)):
                 nn.init.normal_(mod.proj.weight, mean=0.0, std=wang)
@@ -236,6 +239,7 @@ def build_model(
     moe_implementation: str = "loop",
     gradient_checkpointing: bool = False,
     tie_embeddings: bool = False,
+    router_losses: bool = False,
     notes: list[str] | None = None,
 ) -> litgpt.GPT:
     """The training model on the CPU in fp32, initialised with :func:`init_weights` from the
@@ -248,80 +252,79 @@ def build_model(
             "loop" keeps LitGPT's layers.
         gradient_checkpointing: wrap each block's forward in activation checkpointing.
         tie_embeddings: share ``transformer.wte.weight`` with ``lm_head.weight``.
+        router_losses: make every MoE layer compute the load-balancing and z losses of its
+            forward (read with ``worker.moe.collect_aux_losses``).
         notes: lines for the log are appended here.
+
+    Raises:
+        PreflightError: ``router_losses`` requested but ``worker.moe`` is not importable.
     """
     import litgpt
 
     notes = notes if notes is not None else []
     config = litgpt_config(model)
-    gpt = litgpt.GPT(config)
+    with torch.device("meta"):  # no memory and no default init: init_weights sets every value once
+        gpt = litgpt.GPT(config)
+        gpt.max_seq_length = seq_len
+    gpt.to_empty(device="cpu")
     init_weights(gpt, config)
     if tie_embeddings:
         gpt.lm_head.weight = gpt.transformer.wte.weight
         notes.append("tie_embeddings: lm_head shares the token-embedding matrix")
-    gpt.max_seq_length = seq_len
     if config.mlp_class_name == "LLaMAMoE":
-        if moe_implementation == "grouped":
-            try:
-                from worker.moe import swap_moe_layers
-            except ImportError as exc:
-                notes.append(f"moe_implementation grouped: worker.moe not available ({exc}); using LitGPT's loop")
-            else:
-                n = swap_moe_layers(gpt)
-                notes.append(f"moe_implementation grouped: {n} LLaMAMoE layers replaced by worker.moe.GroupedMoE")
-        else:
+        try:
+            from worker import moe
+        except ImportError as exc:
+            moe = None
+            if router_losses:
+                raise PreflightError(f"train.moe_aux_loss_coef/moe_z_loss_coef: need worker.moe ({exc})") from None
+            notes.append(f"worker.moe not importable ({exc}): LitGPT's per-expert LLaMAMoE loop")
+        if moe is not None and moe_implementation == "grouped":
+            n = moe.swap_moe_layers(gpt, router_losses=router_losses)
+            notes.append(f"moe_implementation grouped: {n} LLaMAMoE layers replaced by worker.moe.GroupedMoE")
+        elif moe is not None:
             notes.append("moe_implementation loop: LitGPT's per-expert LLaMAMoE loop")
+            if router_losses:
+                moe.attach_router_telemetry(gpt, router_losses=True)
+        if router_losses:
+            notes.append("MoE router losses on (load balancing, z-loss; worker.moe.router_losses)")
     if gradient_checkpointing:
         n = _checkpoint_block_forwards(gpt)
         notes.append(f"gradient_checkpointing: activation checkpointing of {n} transformer blocks")
     return gpt
 
 
-class RouterLosses:
-    """MoE auxiliary losses from the router logits of every MoE layer's ``gate`` (forward hooks).
+def compile_model(raw: nn.Module, opt, device_type: str, notes: list[str]) -> nn.Module:
+    """Apply ``optimization.compile*`` to the model built by :func:`build_model`.
 
-    * load balancing (Switch Transformer, Fedus et al. 2021, eq. 4, with top-k assignments as in
-      Mixtral): ``n_expert * sum_i f_i * P_i`` with ``f_i`` the fraction of the token->expert
-      assignments that go to expert ``i`` and ``P_i`` the mean router probability of ``i``;
-    * router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): ``mean_tokens(logsumexp(logits)^2)``.
-
-    Both are averaged over the MoE layers. Registered only when a coefficient is > 0, so the
-    default model is LitGPT's unchanged.
+    ``torch.compile(mode=..., dynamic=..., fullgraph=...)`` with ``compile_mode: default`` passed
+    as ``mode=None``. On CUDA the whole model is compiled. On a CPU each transformer ``Block`` is
+    compiled instead ("regional compilation", PyTorch's recipe against cold-start compile time):
+    the blocks share one code object, so one block's graph is traced, lowered and built with the
+    C++ compiler once and reused by all ``n_layer`` blocks, while a whole-model compile traces
+    and lowers every layer. Inductor builds each CPU kernel with ``g++ -O3`` (about 20 kernels per
+    block's forward+backward, seconds each on a small CPU), which is what makes a cold CPU compile
+    slow; the result is cached on disk (``TORCHINDUCTOR_CACHE_DIR``), so later runs start fast.
+    The embedding, final norm, LM head and loss stay eager on the CPU. Returns the module to call.
     """
-
-    def __init__(self, model: nn.Module, k: int, aux_coef: float, z_coef: float) -> None:
-        self.k, self.aux_coef, self.z_coef = k, aux_coef, z_coef
-        self.logits: list[torch.Tensor] = []
-        self.handles = []
-        for name, mod in model.named_modules():
-            if name.endswith(".mlp") and hasattr(mod, "gate") and hasattr(mod, "experts"):
-                if isinstance(mod.gate, nn.Linear):
-                    self.handles.append(mod.gate.register_forward_hook(self._hook))
-        self.n_layers = len(self.handles)
-
-    def _hook(self, module, args, output) -> None:
-        self.logits.append(output)
-
-    def reset(self) -> None:
-        self.logits.clear()
-
-    def loss(self) -> torch.Tensor | None:
-        if not self.logits:
-            return None
-        aux_terms, z_terms = [], []
-        for logits in self.logits[: self.n_layers]:  # recomputation under checkpointing appends more
-            logits = logits.float()
-            n_expert = logits.size(-1)
-            probs = logits.softmax(dim=-1)
-            top = logits.topk(self.k, dim=-1).indices
-            f = torch.zeros(n_expert, device=logits.device).scatter_add_(
-                0, top.reshape(-1), torch.ones(top.numel(), device=logits.device)
-            ) / top.numel()
-            aux_terms.append(n_expert * (f * probs.mean(dim=0)).sum())
-            z_terms.append(torch.logsumexp(logits, dim=-1).pow(2).mean())
-        total = self.aux_coef * torch.stack(aux_terms).mean() + self.z_coef * torch.stack(z_terms).mean()
-        self.reset()
-        return total
+    if not opt.compile:
+        notes.append("torch.compile off")
+        return raw
+    mode = None if opt.compile_mode == "default" else opt.compile_mode
+    kwargs = {"mode": mode, "dynamic": opt.compile_dynamic, "fullgraph": opt.compile_fullgraph}
+    desc = f"mode={mode}, dynamic={opt.compile_dynamic}, fullgraph={opt.compile_fullgraph}"
+    if device_type == "cuda":
+        notes.append(f"torch.compile({desc}) of the whole model")
+        return torch.compile(raw, **kwargs)
+    for block in raw.transformer.h:
+        block.compile(**kwargs)
+    notes.append(
+        f"torch.compile({desc}) per transformer block (CPU: regional compilation, one block's kernels "
+        "built once and reused by every layer; embedding, LM head and loss run eagerly)"
+        + ("; reduce-overhead/max-autotune CUDA graphs do not apply on a CPU" if mode in
+           ("reduce-overhead", "max-autotune") else "")
+    )
+    return raw
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -605,9 +608,11 @@ def _train_loop(
 
     # ---- model
     notes: list[str] = []
+    use_router_losses = model_cfg.is_moe and (t.moe_aux_loss_coef > 0 or t.moe_z_loss_coef > 0)
     raw = build_model(
         model_cfg, seq_len=plan.seq_len, moe_implementation=opt.moe_implementation,
-        gradient_checkpointing=t.gradient_checkpointing, tie_embeddings=bool(t.tie_embeddings), notes=notes,
+        gradient_checkpointing=t.gradient_checkpointing, tie_embeddings=bool(t.tie_embeddings),
+        router_losses=use_router_losses, notes=notes,
     )
     config = raw.config
     if resume_from is not None:
@@ -616,11 +621,8 @@ def _train_loop(
     elif train.initial_checkpoint_dir:
         raw.load_state_dict(ckpt.load_weights(Path(train.initial_checkpoint_dir)))
         notes.append(f"weights initialised from {train.initial_checkpoint_dir}")
-    router = None
-    if t.moe_aux_loss_coef > 0 or t.moe_z_loss_coef > 0:
-        router = RouterLosses(raw, config.n_expert_per_token, t.moe_aux_loss_coef, t.moe_z_loss_coef)
-        notes.append(f"MoE auxiliary losses on {router.n_layers} router(s): aux {t.moe_aux_loss_coef}, "
-                     f"z {t.moe_z_loss_coef}")
+    if use_router_losses:
+        from worker.moe import collect_aux_losses
     n_params = sum(p.numel() for p in raw.parameters())
 
     attention: AttentionChoice = choose_backends(
@@ -630,15 +632,7 @@ def _train_loop(
     notes.append(f"SDPA backends (priority order): {', '.join(attention.names())}")
     notes.extend(attention.notes)
 
-    model = raw
-    if opt.compile:
-        mode = None if opt.compile_mode == "default" else opt.compile_mode
-        model = torch.compile(raw, mode=mode, dynamic=opt.compile_dynamic, fullgraph=opt.compile_fullgraph)
-        notes.append(f"torch.compile(mode={mode}, dynamic={opt.compile_dynamic}, fullgraph={opt.compile_fullgraph})"
-                     + (": on CPU, reduce-overhead/max-autotune CUDA graphs do not apply"
-                        if device_type == "cpu" and mode in ("reduce-overhead", "max-autotune") else ""))
-    else:
-        notes.append("torch.compile off")
+    model = compile_model(raw, opt, device_type, notes)
 
     optimizer = _optimizer(train, raw.parameters())
     model, optimizer = fabric.setup(model, optimizer)
@@ -702,7 +696,8 @@ def _train_loop(
             return None
         raw.eval()
         total = torch.zeros(2, device=fabric.device, dtype=torch.float64)
-        with torch.no_grad(), attention.context(), fabric.autocast():
+        # eager: a compiled model would compile a second (inference) graph just for validation
+        with torch.no_grad(), attention.context(), fabric.autocast(), torch.compiler.set_stance("force_eager"):
             for batch in val_batches:
                 total[0] += lm_loss(raw, batch.to(fabric.device)).double()
                 total[1] += 1
@@ -758,14 +753,11 @@ def _train_loop(
                 k += 1
                 sync = nullcontext() if world == 1 else fabric.no_backward_sync(model, enabled=i < accum - 1)
                 with sync:
-                    if router is not None:
-                        router.reset()
                     loss = lm_loss(model, batch)
                     total = loss
-                    if router is not None:
-                        extra = router.loss()
-                        if extra is not None:
-                            total = loss + extra
+                    if use_router_losses:
+                        aux, z = collect_aux_losses(raw)  # of this forward; read before backward recomputes
+                        total = loss + t.moe_aux_loss_coef * aux + t.moe_z_loss_coef * z
                     fabric.backward(total / accum)
                 loss_sum += loss.detach().float()
             step += 1
