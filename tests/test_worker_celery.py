@@ -45,10 +45,10 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
     it, the lease expires, worker C's reconciler re-queues the run, C resumes and finishes."""
     broker = require_redis()
     home = tmp_path / "home"
-    # Short lease: the reconciler (every lease/2 = 5 s) sees a dead worker's lease expire
-    # 10 s after its last heartbeat.
+    # Short lease: the reconciler (every lease/2 = 6 s) sees a dead worker's lease expire
+    # 12 s after its last heartbeat.
     settings = worker_settings(home, f"sqlite:///{home / 'moejobs.sqlite3'}", broker,
-                               lease_seconds=10.0, heartbeat_seconds=1.0,
+                               lease_seconds=12.0, heartbeat_seconds=1.0,
                                worker_stale_seconds=5.0)
     migrate(settings)
     db = open_database(settings)
