@@ -361,12 +361,12 @@ class GroupedMoE(LLaMAMoE):
         else:
             # Pad every expert's group to a multiple of ``align`` rows. Padding rows read an extra
             # all-zero source row (index N) and carry weight 0; the last group also takes the
-            # slack, so the last offset is the static row count M + E * (align - 1).
+            # slack, so the last offset is the static row count, M + E * (align - 1) rounded up.
             padded = (counts + (align - 1)) // align * align
             starts = torch.cumsum(padded, 0) - padded
             shift = starts - (offs - counts)  # (E,) how far each group moves
             pos = torch.arange(M, device=x2.device) + shift.index_select(0, flat.index_select(0, order))
-            rows = M + E * (align - 1)
+            rows = (M + E * (align - 1) + align - 1) // align * align
             offs = torch.cat([starts[1:], torch.full_like(starts[:1], rows)])
             row_token = torch.full((rows,), N, dtype=token.dtype, device=x2.device).scatter(0, pos, token)
             row_prob = row_prob.new_zeros(rows).scatter(0, pos, row_prob)
