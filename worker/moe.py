@@ -13,6 +13,10 @@ computes every expert at once:
    GEMMs (``torch._grouped_mm`` with cumulative int32 row offsets),
 4. the outputs, weighted by the routing probabilities, go back with one ``index_add``.
 
+On CUDA each expert's rows are padded to a multiple of 16 bytes' worth of rows (8 in bf16) with
+static shapes (zero rows of weight 0), as PyTorch's grouped GEMM kernel wants aligned group
+boundaries in the weight-gradient product (see :meth:`GroupedMoE.group_alignment`).
+
 Nothing in the forward pass reads a tensor value on the host and every shape depends only on the
 input's shape, so ``torch.compile(fullgraph=True)`` captures the layer and CUDA graphs can replay it.
 
@@ -28,9 +32,9 @@ Backends (chosen statically from device type, compute dtype and widths, never fr
   (``n_embd`` and ``moe_intermediate_size`` divisible by 8 in bf16, by 4 in fp32). On CUDA it is
   used for bf16 on compute capability 9.x/10.x (Hopper/Blackwell), where PyTorch has its fast CUTLASS
   kernel; elsewhere PyTorch's CUDA fallback copies the offsets to the host, which would break CUDA
-  graphs. On CPU it is used for bf16 and fp32 (PyTorch >= 2.9 has a CPU implementation). fp32 goes
-  through a thin custom op (``moejobs::grouped_mm``) because PyTorch's meta kernel for
-  ``_grouped_mm`` only accepts bf16/fp16, which would make ``torch.compile`` fail.
+  graphs. On CPU it is used for bf16 and fp32 (PyTorch >= 2.9 has a CPU implementation). Under
+  ``torch.compile`` fp32 goes through a thin custom op (``moejobs::grouped_mm``) because PyTorch's
+  meta kernel for ``_grouped_mm`` only accepts bf16/fp16 (eager mode calls the kernel directly).
 - ``"dense"``: every expert on every token with batched matmuls, combined with a dense (N, E)
   routing-weight matrix. Static shapes, exact, ``n_expert / k`` times the expert FLOPs: the fallback
   for everything else (fp32 or pre-Hopper CUDA, unaligned widths, other devices).
