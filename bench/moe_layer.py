@@ -36,10 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 from importlib.metadata import version as _version  # noqa: E402
 
 import litgpt  # noqa: E402
+import torch  # noqa: E402
 from litgpt.model import LLaMAMoE  # noqa: E402
 
 from worker.moe import GroupedMoE  # noqa: E402

@@ -33,7 +33,6 @@ for the same config and micro-batch.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import platform
@@ -46,10 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 from importlib.metadata import version as _version  # noqa: E402
 
-import litgpt  # noqa: E402
+import torch  # noqa: E402
 
 from service.configs import resolve  # noqa: E402
 from service.estimate import estimate  # noqa: E402

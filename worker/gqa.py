@@ -20,9 +20,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from litgpt.model import CausalSelfAttention, apply_rope, apply_rope_interleave
+from torch import Tensor, nn
 
 __all__ = ["GQASelfAttention", "use_gqa_attention"]
 

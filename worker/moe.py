@@ -48,14 +48,14 @@ The same telemetry can be attached to stock ``LLaMAMoE`` layers with
 """
 from __future__ import annotations
 
-from typing import Iterator, Literal
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from collections.abc import Iterator
+from typing import Literal
 
 import litgpt
+import torch
+import torch.nn.functional as F
 from litgpt.model import LLaMAMoE
+from torch import Tensor, nn
 
 __all__ = [
     "Backend",
@@ -264,7 +264,7 @@ class GroupedMoE(LLaMAMoE):
         self.last_z_loss: Tensor | None = None
 
     @classmethod
-    def from_llama_moe(cls, moe: LLaMAMoE, backend: Backend = "auto", router_losses: bool = False) -> "GroupedMoE":
+    def from_llama_moe(cls, moe: LLaMAMoE, backend: Backend = "auto", router_losses: bool = False) -> GroupedMoE:
         """Wrap the submodules (and so the very parameter tensors) of an existing ``LLaMAMoE``.
 
         No weights are copied or re-initialised; ``moe`` should not be used afterwards.
@@ -394,7 +394,7 @@ class GroupedMoE(LLaMAMoE):
         return y if n_src == N else y[:N]
 
     def _dense(self, x2, dtype, probs, indices, w1, w2, w3, biases) -> Tensor:
-        N, C = x2.shape
+        N = x2.shape[0]
         E = self.config.n_expert
         xc = x2.to(dtype).unsqueeze(0)  # (1, N, C), broadcast over experts
         h1 = torch.matmul(xc, w1.transpose(-2, -1))  # (E, N, I)
