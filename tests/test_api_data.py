@@ -147,7 +147,8 @@ def test_bad_uploads(make_api):
     env = make_api("sqlite", upload_limit_bytes=50_000)
     c = env.client
     assert c.post("/datasets/Bad_Name", files={"f": ("a.txt", GOOD)}).status_code == 422
-    assert c.post("/datasets/..", files={"f": ("a.txt", GOOD)}).status_code in (404, 422)
+    # the client normalises "/datasets/.." to "/", the dashboard's page: POST there is a 405
+    assert c.post("/datasets/..", files={"f": ("a.txt", GOOD)}).status_code in (404, 405, 422)
     r = c.post("/datasets/tokenizers", files={"f": ("a.txt", GOOD)})
     assert r.status_code == 422 and "reserved" in r.json()["message"]
     assert c.delete("/datasets/sample").status_code == 422
