@@ -388,3 +388,13 @@ def test_mfu_formula():
     assert peak_flops_per_device("Some GPU", "bf16-mixed") is None
     assert model_flops_utilization(1e5, 1e9, 1e15, 2) == pytest.approx(0.05)
     assert model_flops_utilization(1e5, 1e9, None, 1) is None
+
+
+def test_log_interval_rows_and_the_last_step(train_doc, tiny_model):
+    train_doc["train"]["log_interval"] = 4  # 6 steps: rows at 4 and at the last step
+    rows: list[dict] = []
+    _run(train_doc, tiny_model, write_checkpoints=False, on_row=lambda row, plan: rows.append(row))
+    table = read_metrics(Path(train_doc["out_dir"]) / "metrics.csv")
+    assert [int(r["step"]) for r in table] == [4, 6]
+    assert [r["step"] for r in rows] == [4, 6] and set(rows[0]) == set(HEADER)
+    assert int(table[1]["tokens"]) == 768 and float(table[1]["tokens_per_sec"]) > 0

@@ -63,7 +63,7 @@ from worker.attention import AttentionChoice, choose_backends
 from worker.data import PreparedData, WindowSampler, prepare_data, validation_batches
 from worker.errors import DataError, EngineError, Interrupted, PreflightError
 from worker.launch import RankProcesses, die_with_parent, externally_launched, is_rank_zero_env
-from worker.metrics import MetricsWriter, model_flops_utilization, peak_flops_per_device
+from worker.metrics import HEADER, MetricsWriter, model_flops_utilization, peak_flops_per_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import litgpt
@@ -316,6 +316,13 @@ def compile_model(raw: nn.Module, opt, device_type: str, notes: list[str]) -> nn
     if device_type == "cuda":
         notes.append(f"torch.compile({desc}) of the whole model")
         return torch.compile(raw, **kwargs)
+    if (os.cpu_count() or 1) <= 4 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        # Inductor's default builds kernels in a pool of cpu_count worker processes; on a small
+        # machine starting them (each imports torch) costs more than the parallelism gains.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+        notes.append("inductor compile_threads=1 on this small CPU (set TORCHINDUCTOR_COMPILE_THREADS to override)")
     for block in raw.transformer.h:
         block.compile(**kwargs)
     notes.append(
@@ -715,6 +722,7 @@ def _train_loop(
         return float(total[0] / total[1]) if total[1] > 0 else None
 
     def emit(row: dict) -> None:
+        row = {key: row.get(key) for key in HEADER}
         if metrics is not None:
             metrics.write(row)
             if on_row is not None:
