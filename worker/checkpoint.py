@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from worker.tokenizer import TOKENIZER_FILES
 
@@ -211,8 +210,3 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_state(path: Path) -> dict[str, Any]:
     """The contents of ``training_state.pt`` of checkpoint folder ``path``."""
     return torch.load(Path(path) / STATE_PT, map_location="cpu", weights_only=False)
-
-
-def write_yaml(path: Path, data: dict) -> None:
-    """Write ``data`` as YAML (used for resolved configs handed to rank processes)."""
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

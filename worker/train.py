@@ -61,7 +61,7 @@ import torch.nn as nn
 from worker import checkpoint as ckpt
 from worker.attention import AttentionChoice, choose_backends
 from worker.data import PreparedData, WindowSampler, prepare_data, validation_batches
-from worker.errors import DataError, EngineError, Interrupted, PreflightError
+from worker.errors import EngineError, Interrupted, PreflightError
 from worker.launch import RankProcesses, die_with_parent, externally_launched, is_rank_zero_env
 from worker.metrics import HEADER, MetricsWriter, model_flops_utilization, peak_flops_per_device
 
@@ -887,6 +887,14 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"error: {exc.reason}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except Exception as exc:  # the traceback for the log, then one line (the last) with the reason
+        import traceback
+
+        traceback.print_exc()
+        reason = "out_of_memory" if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() else "crashed"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: {reason}: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+        return 1
     if rank_zero:
         print(json.dumps({
             "steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
