@@ -95,7 +95,7 @@ def test_checkpoint_layout_is_litgpt_loadable(finished_run):
     out = Path(doc["out_dir"])
     assert result.checkpoint_dir == out / "final"
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["final", "metrics.csv", "step-00000003", "step-00000006", "train.log"]
+    assert names == ["final", "metrics.csv", "router.csv", "step-00000003", "step-00000006", "train.log"]
     for folder in (out / "step-00000003", out / "final"):
         files = {p.name for p in folder.iterdir()}
         assert {"lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json",
@@ -201,7 +201,7 @@ def test_smoke_mode_writes_metrics_but_no_checkpoint(train_doc, tiny_model):
     result = _run(train_doc, tiny_model, write_checkpoints=False)
     out = Path(train_doc["out_dir"])
     assert result.checkpoint_dir is None
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "router.csv", "train.log"]
     assert len(read_metrics(out / "metrics.csv")) == 6
 
 

@@ -23,6 +23,12 @@ from typing import Any
 
 HEADER = ("step", "tokens", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s", "val_loss", "val_ppl")
 
+#: Columns of ``out_dir/router.csv``, the MoE router telemetry in long format: for each logged
+#: optimizer step, each MoE layer (0-based among the MoE layers) and each expert, the fraction of
+#: that layer's routing assignments (tokens x n_expert_per_token) the expert received in the
+#: step's last micro-batch (mean over ranks). A layer's fractions sum to 1; 1/n_expert is uniform.
+ROUTER_HEADER = ("step", "layer", "expert", "fraction")
+
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -42,15 +48,16 @@ class MetricsWriter:
     written after the checkpoint being resumed from), so a step never appears twice.
     """
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, header: tuple[str, ...] = HEADER) -> None:
         self.path = Path(path)
+        self.header = tuple(header)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[list[str]] = []
         if resume_step is not None and self.path.is_file():
             with open(self.path, newline="", encoding="utf-8") as fh:
                 reader = csv.reader(fh)
                 header = next(reader, None)
-                if header is not None and tuple(header) == HEADER:
+                if header is not None and tuple(header) == self.header:
                     for row in reader:
                         try:
                             if row and int(row[0]) <= resume_step:
@@ -60,7 +67,7 @@ class MetricsWriter:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
-            writer.writerow(HEADER)
+            writer.writerow(self.header)
             writer.writerows(kept)
         os.replace(tmp, self.path)
         self._fh = open(self.path, "a", newline="", encoding="utf-8")
@@ -68,7 +75,12 @@ class MetricsWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (missing columns are empty) and flush it to the OS."""
-        self._writer.writerow([_fmt(row.get(k)) for k in HEADER])
+        self._writer.writerow([_fmt(row.get(k)) for k in self.header])
+        self._fh.flush()
+
+    def write_many(self, rows: list[dict[str, Any]]) -> None:
+        """Append several rows, then flush once."""
+        self._writer.writerows([[_fmt(row.get(k)) for k in self.header] for row in rows])
         self._fh.flush()
 
     def close(self) -> None:

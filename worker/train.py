@@ -63,7 +63,7 @@ from worker.attention import AttentionChoice, choose_backends
 from worker.data import PreparedData, WindowSampler, prepare_data, validation_batches
 from worker.errors import EngineError, Interrupted, PreflightError
 from worker.launch import RankProcesses, die_with_parent, externally_launched, is_rank_zero_env
-from worker.metrics import HEADER, MetricsWriter, model_flops_utilization, peak_flops_per_device
+from worker.metrics import HEADER, ROUTER_HEADER, MetricsWriter, model_flops_utilization, peak_flops_per_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import litgpt
@@ -284,10 +284,14 @@ def build_model(
             notes.append(f"moe_implementation grouped: {n} LLaMAMoE layers replaced by worker.moe.GroupedMoE")
         elif moe is not None:
             notes.append("moe_implementation loop: LitGPT's per-expert LLaMAMoE loop")
-            if router_losses:
-                moe.attach_router_telemetry(gpt, router_losses=True)
+            moe.attach_router_telemetry(gpt, router_losses=router_losses)  # router.csv for both
         if router_losses:
             notes.append("MoE router losses on (load balancing, z-loss; worker.moe.router_losses)")
+    from worker.gqa import use_gqa_attention
+
+    n_gqa = use_gqa_attention(gpt)
+    notes.append(f"attention: SDPA with enable_gqa (no repeated K/V) in {n_gqa} grouped-query layers"
+                 if n_gqa else "attention: SDPA (multi-head; no grouped-query layers)")
     if gradient_checkpointing:
         n = _checkpoint_block_forwards(gpt)
         notes.append(f"gradient_checkpointing: activation checkpointing of {n} transformer blocks")
@@ -690,6 +694,11 @@ def _train_loop(
     val_batches = (validation_batches(data.val, plan.seq_len, plan.micro_batch_size, ev.max_iters,
                                       fabric.world_size, fabric.global_rank) if data.val is not None else [])
     metrics = MetricsWriter(out_dir / "metrics.csv", resume_step=step if resume_from is not None else None) if is_main else None
+    from worker import moe as moe_mod
+
+    has_router_stats = any(hasattr(m, "last_token_fraction") for m in moe_mod.moe_layers(raw))
+    router_csv = (MetricsWriter(out_dir / "router.csv", resume_step=step if resume_from is not None else None,
+                                header=ROUTER_HEADER) if is_main and has_router_stats else None)
 
     peak_flops = None
     flops_per_token = None
@@ -801,6 +810,16 @@ def _train_loop(
             interrupted, timed_out = bool(flags[0] > 0), bool(flags[1] > 0)
             last = step >= plan.optimizer_steps or interrupted or timed_out
 
+            if has_router_stats and (step % t.log_interval == 0 or last):
+                # the step's last training forward; read before validation runs another one
+                fractions = torch.stack(moe_mod.collect_router_stats(raw)).float()
+                if world > 1:
+                    fractions = fabric.all_reduce(fractions, reduce_op="mean")
+                if router_csv is not None:
+                    router_csv.write_many([
+                        {"step": step, "layer": layer, "expert": expert, "fraction": value}
+                        for layer, row in enumerate(fractions.tolist()) for expert, value in enumerate(row)])
+
             val = None
             if (ev.interval and step % ev.interval == 0) or (last and not interrupted and ev.final_validation):
                 val = validate()
@@ -838,6 +857,8 @@ def _train_loop(
         final = save(ckpt.FINAL)
     if metrics is not None:
         metrics.close()
+    if router_csv is not None:
+        router_csv.close()
     if is_main:
         log.info("done: %d steps (%d this session), %d tokens, loss %s, val_loss %s", step, step - first_step,
                  tokens, last_loss, last_val)
