@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address the API listens on. CLI: --host.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on. CLI: --port.")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak dense TFLOP/s of one GPU for the mfu column of metrics.csv, overriding the "
+        "datasheet table (worker/metrics.py: H100/H200 SXM 989.4 bf16, A100 312), e.g. for a "
+        "clock-limited or unlisted GPU.",
+    )
     url: str | None = Field(
         None,
         description="Base URL of the API for the client commands (submit, runs, status, ...); "

@@ -703,7 +703,11 @@ def _train_loop(
     peak_flops = None
     flops_per_token = None
     if device_type == "cuda":
-        peak_flops = peak_flops_per_device(torch.cuda.get_device_name(fabric.device), train.precision)
+        from service.settings import get_settings
+
+        override = get_settings().peak_tflops  # MOEJOBS_PEAK_TFLOPS
+        peak_flops = (override * 1e12 if override else
+                      peak_flops_per_device(torch.cuda.get_device_name(fabric.device), train.precision))
         flops_per_token = _flops_per_token(train, model_cfg)
 
     accum, world = plan.grad_accum_iters, fabric.world_size
