@@ -102,6 +102,12 @@ def test_up_then_submit_follow_download_and_smoke_test(tmp_path):
             assert float(f_row["loss"]) == pytest.approx(a_row["loss"], rel=1e-6)
         assert api_rows[-1]["val_loss"] is not None
 
+        router = httpx.get(f"{url}/runs/{run_id}/router", params={"limit": 10_000}).json()
+        router_rows = router["items"] if isinstance(router, dict) else router
+        with open(out_dir / "router.csv", newline="") as f:
+            router_file = list(csv.DictReader(f))
+        assert len(router_rows) == len(router_file) == 8 * TINY_MODEL["n_layer"] * TINY_MODEL["n_expert"]
+
         checkpoints = httpx.get(f"{url}/runs/{run_id}/checkpoints").json()
         checkpoints = checkpoints["items"] if isinstance(checkpoints, dict) else checkpoints
         on_disk = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -60,17 +60,17 @@ def test_plan_of_the_smoke_test():
 
 def test_plan_of_cpu_tiny(tiny):
     plan = training_plan(tiny.train, tiny.model)
-    assert (plan.optimizer_steps, plan.grad_accum_iters, plan.seq_len, plan.tokens_trained) == (300, 2, 128, 614_400)
+    assert (plan.optimizer_steps, plan.grad_accum_iters, plan.seq_len, plan.tokens_trained) == (300, 1, 128, 307_200)
 
 
 def test_plan_with_several_devices_and_max_steps():
     v = resolve(TRAIN, MODEL, preset="cpu-tiny",
                 train_overrides={"devices": 2, "num_nodes": 2, "train": {"max_steps": 50, "micro_batch_size": 2}})
     plan = training_plan(v.train, v.model)
-    # global 16 over 4 ranks of micro 2: 2 micro-batches per rank per step; 614,400 // 4 // 256 = 600 per rank
-    assert (plan.world_size, plan.grad_accum_iters, plan.micro_batches_total) == (4, 2, 600)
+    # global 8 over 4 ranks of micro 2: 1 micro-batch per rank per step; 307,200 // 4 // 256 = 300 per rank
+    assert (plan.world_size, plan.grad_accum_iters, plan.micro_batches_total) == (4, 1, 300)
     assert (plan.steps_from_tokens, plan.optimizer_steps) == (300, 50)
-    assert plan.tokens_trained == 50 * 16 * 128
+    assert plan.tokens_trained == 50 * 8 * 128
 
 
 def test_plan_uses_block_size_without_max_seq_length(tiny):
