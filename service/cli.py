@@ -103,6 +103,14 @@ def _start_stack(settings):
     return stack
 
 
+def _ignore_further_interrupts() -> None:
+    # Ctrl-C reaches every process of the terminal's group, and `uv run` forwards it once more:
+    # the first one starts an orderly stop, later ones must not abort that stop half-way.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _serve_until_interrupted(stack) -> int:
     print("serving until Ctrl-C", flush=True)
     try:
@@ -110,6 +118,7 @@ def _serve_until_interrupted(stack) -> int:
         print(f"a child process exited with code {code}; stopping", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _ignore_further_interrupts()
         print("\nstopping (a running training is checkpointed and re-queued) ...", flush=True)
         return 0
     finally:
@@ -183,7 +192,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("\nstopping ...")
+        _ignore_further_interrupts()
+        print("\nstopping ...", flush=True)
         stack.stop()
         return 130
     except BaseException:
