@@ -97,15 +97,9 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _is_rank_zero() -> bool:
-    # Fabric re-executes this command for ranks > 0 with LOCAL_RANK/NODE_RANK set.
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-
-
 def _say(*lines: str, file=sys.stdout) -> None:
-    if _is_rank_zero():
-        for line in lines:
-            print(line, file=file, flush=True)
+    for line in lines:
+        print(line, file=file, flush=True)
 
 
 def main(argv: list[str] | None = None, prog: str = "run_train.py") -> int:
@@ -147,7 +141,7 @@ def _train(validated, smoke_test: bool) -> int:
         _say(f"error: training needs the 'train' extra ({exc}); run `uv sync`", file=sys.stderr)
         return 1
 
-    bar = ProgressBar(enabled=_is_rank_zero())
+    bar = ProgressBar()  # extra ranks are `python -m worker.train` processes, never this command
     started = time.perf_counter()
     try:
         result = run_training(
