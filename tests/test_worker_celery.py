@@ -9,6 +9,8 @@ tests/test_e2e_http.py.
 """
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -37,6 +39,25 @@ from service.queue import (
 )
 
 pytestmark = pytest.mark.slow
+
+STEPS = 48  # optimizer steps of the tiny run that survives two workers
+
+
+def _disk_step(out: Path) -> int:
+    """The last step in ``out/metrics.csv`` (0 before the first row)."""
+    try:
+        rows = csv_rows(out / "metrics.csv")
+    except (OSError, ValueError):
+        return 0
+    return int(rows[-1]["step"]) if rows else 0
+
+
+def _new_checkpoint(out: Path, after: int) -> str | None:
+    """The name of a complete ``step-XXXXXXXX`` folder past step ``after``, if any."""
+    for path in sorted(out.glob("step-*")):
+        if path.is_dir() and int(path.name[5:]) > after:
+            return path.name
+    return None
 
 
 def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
@@ -73,28 +94,43 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
         assert (sample / "tokenizer" / "tokenizer.json").is_file()
         assert any((sample / "train").glob("*.txt")) and any((sample / "val").glob("*.txt"))
 
-        run = create_tiny_run(db, settings, corpus, tokenizer, steps=24, save_interval=4)
+        run = create_tiny_run(db, settings, corpus, tokenizer, steps=STEPS, save_interval=4)
         assert enqueue_run(make_celery(settings), run.id).ok
         run_dir = settings.run_dir(run.id)
+        out = Path(run.resolved_train["out_dir"])
 
-        # 1. warm shutdown of A mid-run
-        wait_for(lambda: "step-00000004" in checkpoints(), 300, "the first checkpoint",
-                 on_fail=logs)
+        # 1. warm shutdown of A mid-run. A tiny step takes milliseconds on a quiet CPU, so
+        # the training is frozen (SIGSTOP) while the test looks at the database: nothing
+        # here depends on how fast the machine is.
+        wait_for(lambda: (out / "step-00000004").is_dir(), 300, "the first checkpoint on disk",
+                 poll=0.01, on_fail=logs)
         pid_a = int((run_dir / "train.pid").read_text())
-        assert workers["a"].stop() == 0, logs()
+        os.kill(pid_a, signal.SIGSTOP)
+        wait_for(lambda: "step-00000004" in checkpoints(), 60, "the first checkpoint's row",
+                 on_fail=logs)
+        os.kill(pid_a, signal.SIGCONT)
+        wait_for(lambda: _disk_step(out) >= 6, 60, "step 6 in metrics.csv", poll=0.01)
+        os.kill(pid_a, signal.SIGSTOP)
+        workers["a"].proc.send_signal(signal.SIGTERM)  # warm shutdown
+        wait_for(lambda: "worker shutting down: SIGTERM" in (run_dir / "train.log").read_text(),
+                 60, "A to pass the shutdown on to its training", on_fail=logs)
+        os.kill(pid_a, signal.SIGCONT)  # the pending SIGTERM lands: checkpoint, exit 75
+        assert workers["a"].proc.wait(timeout=120) == 0, logs()
         assert pid_gone(pid_a)
         after_a = get_run(db, run.id)
         assert after_a.status == RunStatus.queued and after_a.exit_code == 75
         stopped_at = max(s for s in checkpoints().values())  # the SIGTERM checkpoint
-        assert stopped_at > 4
+        assert stopped_at >= 6
         assert a_id not in {w.id for w in _all_workers(db)}  # deregistered
 
         # 2. B resumes it (A re-sent the message) and is killed after its own checkpoint
         b_id = workers["b"].start().wait_registered(db)
-        wait_for(lambda: max(checkpoints().values()) > stopped_at, 300,
-                 "a checkpoint of worker B", on_fail=logs)
+        b_ckpt = wait_for(lambda: _new_checkpoint(out, stopped_at), 300,
+                          "a checkpoint of worker B on disk", poll=0.01, on_fail=logs)
         pid_b = int((run_dir / "train.pid").read_text())
         assert pid_b != pid_a
+        os.kill(pid_b, signal.SIGSTOP)  # frozen mid-run until B dies, so B never finishes
+        wait_for(lambda: b_ckpt in checkpoints(), 60, "B's checkpoint's row", on_fail=logs)
         workers["b"].kill()
         wait_for(lambda: pid_gone(pid_b), 30, "B's training process to die with B")
         assert get_run(db, run.id).status == RunStatus.running  # until the lease expires
@@ -118,13 +154,12 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
         assert f"worker {b_id}" in events[4].message
         assert [e.attempt for e in events if e.to_status == S.running] == [1, 2, 3]
         # resumed from checkpoints, never started over: every step once, the file agrees
-        out = Path(run.resolved_train["out_dir"])
-        assert steps == list(range(1, 25))
+        assert steps == list(range(1, STEPS + 1))
         assert [int(r["step"]) for r in csv_rows(out / "metrics.csv")] == steps
         log = (run_dir / "train.log").read_text()
         assert all(f"attempt {n} on worker" in log for n in (1, 2, 3))
         assert log.count("resuming from") == 2
-        assert {"step-00000004", "step-00000024", "final"} <= set(checkpoints())
+        assert {"step-00000004", f"step-{STEPS:08d}", "final"} <= set(checkpoints())
         assert b_id not in {w.id for w in _live(db)}
 
         # a clean stop removes the worker's row
