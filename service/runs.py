@@ -559,42 +559,64 @@ def _metric_row(run_id: uuid.UUID, row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _insert_ignoring_duplicates(session: Session, table: sa.Table, rows: list[dict[str, Any]],
-                                key: Sequence[str]) -> int:
-    inserted = 0
+def _upsert_changed(session: Session, table: sa.Table, rows: list[dict[str, Any]],
+                    key: Sequence[str]) -> int:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE`` the other columns, only where a value differs;
+    returns how many rows were inserted or changed (RETURNING gives back exactly those:
+    the driver's rowcount is not reliable for multi-row statements, psycopg reports -1).
+    Every dict in ``rows`` must have the same keys."""
+    changed = 0
     for start in range(0, len(rows), BATCH_SIZE):
         chunk = rows[start:start + BATCH_SIZE]
-        stmt = (_insert(session, table).values(chunk).on_conflict_do_nothing(index_elements=key)
-                .returning(table.c[key[-1]]))
-        # Count the rows RETURNING gives back (only inserted ones): the driver's rowcount
-        # is not reliable for multi-row INSERTs on every driver (psycopg reports -1).
-        inserted += len(session.execute(stmt).all())
-    return inserted
+        stmt = _insert(session, table).values(chunk)
+        columns = [c for c in chunk[0] if c not in key]
+        stmt = stmt.on_conflict_do_update(
+            index_elements=key,
+            set_={c: stmt.excluded[c] for c in columns},
+            where=sa.or_(*(table.c[c].is_distinct_from(stmt.excluded[c]) for c in columns)),
+        ).returning(table.c[key[-1]])
+        changed += len(session.execute(stmt).all())
+    return changed
+
+
+def _discard_after(session: Session, table: sa.Table, run_id: uuid.UUID, step: int) -> int:
+    """Delete ``table``'s rows of ``run_id`` past ``step``; returns how many."""
+    result = session.execute(sa.delete(table).where(table.c.run_id == run_id, table.c.step > step))
+    return int(result.rowcount or 0)
 
 
 def record_metrics(session: Session, run_id: uuid.UUID, rows: Iterable[Mapping[str, Any]], *,
-                   attempt: int | None = None) -> int:
-    """Store metrics.csv rows of a run; returns how many were new.
+                   attempt: int | None = None, keep_through: int | None = None) -> int:
+    """Store metrics.csv rows of a run; returns how many rows were inserted or changed.
 
     Each row maps ``step`` and any of the metrics.csv columns (:data:`METRIC_COLUMNS`) to
-    numbers or CSV strings; "" and missing mean NULL, as do NaN/inf. Idempotent by step:
-    a step already stored is skipped (``INSERT ... ON CONFLICT DO NOTHING``, first row wins),
-    so the runner can re-send a whole file after a restart. Inserted in batches of
-    :data:`BATCH_SIZE` in one transaction. With ``attempt`` the run must be running that
-    attempt (:class:`LeaseLost` otherwise). Raises ValueError for unknown columns or a
-    missing/negative step, RunNotFound.
+    numbers or CSV strings; "" and missing mean NULL, as do NaN/inf. One row per step, and the
+    last value sent for a step wins, which mirrors the file: a resumed attempt re-trains the
+    steps after its checkpoint and rewrites their rows (``worker.metrics.MetricsWriter``).
+    Re-sending identical rows changes nothing (``INSERT ... ON CONFLICT DO UPDATE ... WHERE``
+    a value differs), so the runner can re-send a whole file after a restart.
+
+    ``keep_through``: the file was rewritten and ends at this step (a resumed attempt dropped
+    the rows written after its checkpoint): stored rows past it are deleted first, in the
+    same transaction, so the database never keeps steps the file no longer has.
+
+    Inserted in batches of :data:`BATCH_SIZE` in one transaction. With ``attempt`` the run
+    must be running that attempt (:class:`LeaseLost` otherwise). Raises ValueError for
+    unknown columns or a missing/negative step, RunNotFound.
     """
     prepared: dict[int, dict[str, Any]] = {}
     for row in rows:
         item = _metric_row(run_id, row)
-        prepared.setdefault(item["step"], item)
-    if not prepared and attempt is None:
+        prepared[item["step"]] = item
+    if not prepared and attempt is None and keep_through is None:
         return 0
     with write_transaction(session):
         run = _locked_run(session, run_id, shared=True)
         _check_fence(run, attempt)
-        return _insert_ignoring_duplicates(
-            session, MetricPoint.__table__, list(prepared.values()), ("run_id", "step"))
+        if keep_through is not None:
+            _discard_after(session, MetricPoint.__table__, run_id, keep_through)
+        return _upsert_changed(session, MetricPoint.__table__,
+                               [prepared[k] for k in sorted(prepared)], ("run_id", "step"))
 
 
 def router_rows(step: int, fractions: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
@@ -608,11 +630,13 @@ def router_rows(step: int, fractions: Sequence[Sequence[float]]) -> list[dict[st
 
 
 def record_router_stats(session: Session, run_id: uuid.UUID, rows: Iterable[Mapping[str, Any]],
-                        *, attempt: int | None = None) -> int:
+                        *, attempt: int | None = None, keep_through: int | None = None) -> int:
     """Store MoE router telemetry rows ``{step, layer, expert, fraction}`` (see
-    :func:`router_rows`); returns how many were new. Idempotent by (step, layer, expert).
-    Fractions within 1e-6 outside [0, 1] are clamped (float round-off); further out is a
-    ValueError. Fenced by ``attempt`` like :func:`record_metrics`."""
+    :func:`router_rows`); returns how many rows were inserted or changed. One row per
+    (step, layer, expert), the last value sent wins; ``keep_through`` deletes stored rows
+    past that step first, as in :func:`record_metrics` (router.csv is rewritten on resume like
+    metrics.csv). Fractions within 1e-6 outside [0, 1] are clamped (float round-off); further
+    out is a ValueError. Fenced by ``attempt`` like :func:`record_metrics`."""
     prepared: dict[tuple[int, int, int], dict[str, Any]] = {}
     for row in rows:
         step, layer, expert = (_int(row[k], k) for k in ("step", "layer", "expert"))
@@ -620,18 +644,20 @@ def record_router_stats(session: Session, run_id: uuid.UUID, rows: Iterable[Mapp
         if not (-1e-6 <= fraction <= 1 + 1e-6):
             raise ValueError(f"router fraction must be in [0, 1], got {fraction} "
                              f"(step {step}, layer {layer}, expert {expert})")
-        prepared.setdefault((step, layer, expert), {
+        prepared[(step, layer, expert)] = {
             "run_id": run_id, "step": step, "layer": layer, "expert": expert,
             "fraction": min(1.0, max(0.0, fraction)),
-        })
-    if not prepared and attempt is None:
+        }
+    if not prepared and attempt is None and keep_through is None:
         return 0
     with write_transaction(session):
         run = _locked_run(session, run_id, shared=True)
         _check_fence(run, attempt)
-        return _insert_ignoring_duplicates(session, RouterPoint.__table__,
-                                           list(prepared.values()),
-                                           ("run_id", "step", "layer", "expert"))
+        if keep_through is not None:
+            _discard_after(session, RouterPoint.__table__, run_id, keep_through)
+        return _upsert_changed(session, RouterPoint.__table__,
+                               [prepared[k] for k in sorted(prepared)],
+                               ("run_id", "step", "layer", "expert"))
 
 
 def checkpoint_step(name: str) -> int | None:

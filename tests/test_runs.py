@@ -355,30 +355,60 @@ def csv_row(step: int, **kw: Any) -> dict[str, str]:
     return row
 
 
-def test_metrics_are_idempotent_by_step(database):
+def test_metrics_are_idempotent_by_step_and_the_last_value_wins(database):
     run = running(database)
     assert call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 11)],
                 attempt=1) == 10
-    # re-sending a tail (runner restart) stores only the new steps; first value wins
+    # re-sending identical rows (runner restart) changes nothing
+    assert call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 11)],
+                attempt=1) == 0
+    # rows of steps already stored with other values (a resumed attempt re-trained them)
+    # replace the stored ones, like the rewritten file
     resent = [csv_row(s, loss="999") for s in range(6, 16)]
-    assert call(database, runs.record_metrics, run.id, resent, attempt=1) == 5
+    assert call(database, runs.record_metrics, run.id, resent, attempt=1) == 10
     assert call(database, runs.record_metrics, run.id, resent) == 0
     points = call(database, runs.list_metrics, run.id)
     assert [p.step for p in points] == list(range(1, 16))
-    assert points[5].loss == pytest.approx(10 - 6 * 0.01) and points[12].loss == 999
+    assert points[4].loss == pytest.approx(10 - 5 * 0.01)
+    assert [p.loss for p in points[5:]] == [999.0] * 10
     p = points[0]
     assert (p.tokens, p.learning_rate, p.mfu, p.val_loss, p.elapsed_s) == (512, 3e-4, None, None, 0.5)
     assert [q.step for q in call(database, runs.list_metrics, run.id, after_step=12, limit=2)] == [13, 14]
+    # a value going back to NULL is a change too
+    assert call(database, runs.record_metrics, run.id, [csv_row(15, loss="")]) == 1
+    assert call(database, runs.list_metrics, run.id)[-1].loss is None
+
+
+def test_keep_through_drops_rows_past_a_rewritten_file(database):
+    """A resumed attempt rewrites metrics.csv and router.csv up to its checkpoint (step 4 here):
+    the rows the dead attempt stored past it go, in the same transaction as the new rows."""
+    run = running(database)
+    call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 9)], attempt=1)
+    call(database, runs.record_router_stats, run.id,
+         [r for s in range(1, 9) for r in runs.router_rows(s, [[0.25, 0.75]])], attempt=1)
+    assert call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 5)],
+                attempt=1, keep_through=4) == 0
+    assert [p.step for p in call(database, runs.list_metrics, run.id)] == [1, 2, 3, 4]
+    assert call(database, runs.record_router_stats, run.id, runs.router_rows(5, [[0.5, 0.5]]),
+                attempt=1, keep_through=5) == 2
+    router = call(database, runs.list_router_points, run.id)
+    assert sorted({r.step for r in router}) == [1, 2, 3, 4, 5]
+    assert [r.fraction for r in router if r.step == 5] == [0.5, 0.5]
+    # an empty rewritten file (the run started over) keeps nothing; fenced like any write
+    with pytest.raises(runs.LeaseLost):
+        call(database, runs.record_metrics, run.id, [], attempt=2, keep_through=0)
+    assert call(database, runs.record_metrics, run.id, [], attempt=1, keep_through=0) == 0
+    assert call(database, runs.list_metrics, run.id) == []
 
 
 def test_metrics_in_many_batches_with_duplicates_inside_one_call(database):
     run = running(database)
     rows = [{"step": s, "loss": 1.0 / (s + 1), "val_loss": 2.0 if s % 100 == 0 else None}
             for s in range(2 * runs.BATCH_SIZE + 7)]
-    rows.append({"step": 3, "loss": 123.0})  # duplicate inside the same call: first kept
+    rows.append({"step": 3, "loss": 123.0})  # duplicate inside the same call: the last wins
     assert call(database, runs.record_metrics, run.id, rows) == 2 * runs.BATCH_SIZE + 7
     points = call(database, runs.list_metrics, run.id)
-    assert len(points) == 2 * runs.BATCH_SIZE + 7 and points[3].loss == pytest.approx(0.25)
+    assert len(points) == 2 * runs.BATCH_SIZE + 7 and points[3].loss == 123.0
     assert points[100].val_loss == 2.0 and points[101].val_loss is None
 
 

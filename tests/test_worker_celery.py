@@ -143,7 +143,8 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
         assert done.attempt == 3 and done.worker_id == c_id
         with db.session() as session:
             events = runs.list_events(session, run.id)
-            steps = [p.step for p in runs.list_metrics(session, run.id)]
+            points = runs.list_metrics(session, run.id)
+        steps = [p.step for p in points]
         S = RunStatus
         assert [(e.from_status, e.to_status) for e in events] == [
             (None, S.queued), (S.queued, S.running), (S.running, S.queued),
@@ -155,7 +156,11 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
         assert [e.attempt for e in events if e.to_status == S.running] == [1, 2, 3]
         # resumed from checkpoints, never started over: every step once, the file agrees
         assert steps == list(range(1, STEPS + 1))
-        assert [int(r["step"]) for r in csv_rows(out / "metrics.csv")] == steps
+        file_rows = csv_rows(out / "metrics.csv")
+        assert [int(r["step"]) for r in file_rows] == steps
+        # the steps B trained past its checkpoint were trained again by C: the rows are C's
+        assert [p.loss for p in points] == pytest.approx([float(r["loss"]) for r in file_rows],
+                                                         rel=1e-5)
         log = (run_dir / "train.log").read_text()
         assert all(f"attempt {n} on worker" in log for n in (1, 2, 3))
         assert log.count("resuming from") == 2

@@ -312,6 +312,57 @@ def test_metrics_router_checkpoints_retention_provenance(tmp_path, database):
     assert int((settings.run_dir(run.id) / "train.pid").read_text()) > 0
 
 
+RESUMED_ENGINE = """
+    import os, sys, time
+    from pathlib import Path
+    out = Path(os.environ["FAKE_OUT_DIR"])
+    time.sleep(0.5)  # the runner reads the dead attempt's files first
+
+    def rewrite(name, header, lines):  # what worker.metrics.MetricsWriter does on resume
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(header + "".join(lines))
+        os.replace(tmp, out / name)
+
+    metrics = [f"{s},{s * 128},{10.0 / s:.6g},0.001,0.5,1000,,{s}.0,,\\n" for s in range(1, 5)]
+    metrics += [f"{s},{s * 128},99,0.001,0.5,1000,,{s}.0,,\\n" for s in (5, 6)]
+    rewrite("metrics.csv", "step,tokens,loss,learning_rate,grad_norm,tokens_per_sec,mfu,"
+            "elapsed_s,val_loss,val_ppl\\n", metrics)
+    router = [f"{s},0,{e},{0.5 if s <= 4 else (0.9 if e == 0 else 0.1)}\\n"
+              for s in range(1, 7) for e in (0, 1)]
+    rewrite("router.csv", "step,layer,expert,fraction\\n", router)
+    time.sleep(0.5)
+"""
+
+
+def test_a_resumed_attempt_rewrites_the_rows_past_its_checkpoint(tmp_path, database):
+    """Attempt 1 died at step 8 after its step-4 checkpoint; attempt 2 resumes from step 4,
+    rewrites metrics.csv/router.csv up to step 4 and re-trains steps 5-6 (other values).
+    The database mirrors the files: steps 7-8 of the dead attempt are gone, 5-6 replaced."""
+    settings = _settings(tmp_path, database)
+    run = _claimed_run(database, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+    out.mkdir(parents=True)
+    dead = [{"step": s, "tokens": s * 128, "loss": 10.0 / s} for s in range(1, 9)]
+    (out / "metrics.csv").write_text(
+        "step,tokens,loss\n" + "".join(f"{r['step']},{r['tokens']},{r['loss']:.6g}\n" for r in dead))
+    (out / "router.csv").write_text("step,layer,expert,fraction\n" + "".join(
+        f"{s},0,{e},0.5\n" for s in range(1, 9) for e in (0, 1)))
+    with database.session() as session:
+        runs.record_metrics(session, run.id, dead, attempt=1)
+        runs.record_router_stats(session, run.id, [r for s in range(1, 9)
+                                                   for r in runs.router_rows(s, [[0.5, 0.5]])])
+    outcome, moved = _run(database, settings, run, _script(tmp_path, RESUMED_ENGINE))
+    assert outcome.kind == "succeeded", outcome.message
+    with database.session() as session:
+        points = runs.list_metrics(session, run.id)
+        router = runs.list_router_points(session, run.id)
+    assert [p.step for p in points] == [int(r["step"]) for r in _csv_rows(out / "metrics.csv")]
+    assert [p.step for p in points] == [1, 2, 3, 4, 5, 6]
+    assert [p.loss for p in points] == pytest.approx([10.0, 5.0, 10 / 3, 2.5, 99.0, 99.0], rel=1e-5)
+    assert [(p.step, p.expert, p.fraction) for p in router if p.step >= 4] == [
+        (4, 0, 0.5), (4, 1, 0.5), (5, 0, 0.9), (5, 1, 0.1), (6, 0, 0.9), (6, 1, 0.1)]
+
+
 def test_cancel_stops_the_process_and_ingestion(tmp_path, database):
     settings = _settings(tmp_path, database)
     run = _claimed_run(database, settings, tmp_path)
@@ -426,15 +477,17 @@ def test_csv_tail_reads_complete_lines_and_follows_a_replaced_file(tmp_path):
     tail = CsvTail(path)
     assert tail.read() == []
     path.write_text("step,loss\n1,2.5\n2,2.")
-    assert tail.read() == [{"step": "1", "loss": "2.5"}]
+    assert tail.read() == [{"step": "1", "loss": "2.5"}] and tail.rewound
     with open(path, "a") as fh:
         fh.write("25\n3")
     assert tail.read() == [{"step": "2", "loss": "2.25"}]
     replacement = tmp_path / "new.csv"
     replacement.write_text("step,loss\n1,2.5\n2,9.0\n")
+    assert not tail.rewound
     os.replace(replacement, path)  # what the engine does when it resumes
     assert tail.read() == [{"step": "1", "loss": "2.5"}, {"step": "2", "loss": "9.0"}]
-    assert tail.read() == []
+    assert tail.rewound  # the rows above are the whole new file
+    assert tail.read() == [] and not tail.rewound
 
 
 def test_write_configs_resumes_later_attempts_from_their_checkpoint(tmp_path, sqlite_db):

@@ -277,10 +277,13 @@ class CsvTail:
 
     The first line is the header. A file that was replaced (other inode, e.g. the engine
     rewrote metrics.csv when resuming) or truncated is read again from the start; callers'
-    inserts are idempotent, so rows read twice do no harm."""
+    inserts are idempotent, so rows read twice do no harm. After a :meth:`read` that began a
+    file (it read the header), :attr:`rewound` is True: the rows returned are then the whole
+    file so far, and a caller can drop what it stored past them."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.rewound = False
         self._reset(None)
 
     def _reset(self, inode: int | None) -> None:
@@ -302,15 +305,23 @@ class CsvTail:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()  # b"" after a final newline, else an unfinished line
         rows: list[dict[str, str]] = []
+        self.rewound = False
         for record in csv.reader(io.StringIO(b"\n".join(lines).decode("utf-8", "replace"))):
             if not record:
                 continue
             if self._header is None:
                 self._header = [name.strip() for name in record]
+                self.rewound = True
                 continue
             if len(record) == len(self._header):
                 rows.append(dict(zip(self._header, record)))
         return rows
+
+
+def _last_step(rows: list[dict[str, str]]) -> int:
+    """The largest integer ``step`` among CSV rows (0 when there is none)."""
+    steps = [int(r["step"]) for r in rows if (r.get("step") or "").strip().isdigit()]
+    return max(steps, default=0)
 
 
 def folder_size(path: Path) -> int:
@@ -532,6 +543,10 @@ class _Attempt:
         self.router = CsvTail(self.out_dir / "router.csv")
         self.pending_metrics: list[dict[str, str]] = []
         self.pending_router: list[dict[str, str]] = []
+        # the last step of a rewritten metrics.csv / router.csv, until stored rows past it
+        # are deleted (a resumed attempt re-trains those steps)
+        self.metrics_keep_through: int | None = None
+        self.router_keep_through: int | None = None
         self.recorded: dict[str, int] = {}  # checkpoint name -> folder mtime (ns) recorded
         self.lease_lost = False
         self.cancel_requested = False
@@ -582,36 +597,48 @@ class _Attempt:
             self.cancel_requested = True
 
     def ingest(self) -> None:
-        """Metric rows, router rows and checkpoint folders that appeared since the last call."""
-        for row in self.metrics.read():
+        """Metric rows, router rows and checkpoint folders that appeared since the last call.
+
+        When the engine rewrote metrics.csv or router.csv (a resumed attempt keeps the rows up
+        to its checkpoint and re-trains the rest), rows still pending from the old file are
+        dropped and the database's rows past the new file's last step are deleted with the
+        next write, so the database always mirrors the files (last write of a step wins)."""
+        rows = self.metrics.read()
+        if self.metrics.rewound:
+            self.pending_metrics = []
+            self.metrics_keep_through = _last_step(rows)
+        for row in rows:
             unknown = set(row) - {"step", *METRIC_COLUMNS}
             if unknown - self._warned_columns:
                 log.warning("metrics.csv columns ignored: %s", sorted(unknown))
                 self._warned_columns |= unknown
             if row.get("step", "").strip():
                 self.pending_metrics.append({k: v for k, v in row.items() if k not in unknown})
-        if self.pending_metrics:
-            rows = self.pending_metrics
+        if self.pending_metrics or self.metrics_keep_through is not None:
+            rows, keep = self.pending_metrics, self.metrics_keep_through
             try:
                 done = self._write("metrics", lambda s: runs.record_metrics(
-                    s, self.run_id, rows, attempt=self.attempt))
+                    s, self.run_id, rows, attempt=self.attempt, keep_through=keep))
             except ValueError as error:  # a malformed row: skip the batch, keep training
                 log.warning("run %s: metric rows skipped: %s", self.run_id, error)
                 done = 0
             if done is not None:
-                self.pending_metrics = []
-        self.pending_router.extend(r for r in self.router.read()
-                                   if {"step", "layer", "expert", "fraction"} <= set(r))
-        if self.pending_router:
-            rows = self.pending_router
+                self.pending_metrics, self.metrics_keep_through = [], None
+        rows = self.router.read()
+        if self.router.rewound:
+            self.pending_router = []
+            self.router_keep_through = _last_step(rows)
+        self.pending_router.extend(r for r in rows if {"step", "layer", "expert", "fraction"} <= set(r))
+        if self.pending_router or self.router_keep_through is not None:
+            rows, keep = self.pending_router, self.router_keep_through
             try:
                 done = self._write("router stats", lambda s: runs.record_router_stats(
-                    s, self.run_id, rows, attempt=self.attempt))
+                    s, self.run_id, rows, attempt=self.attempt, keep_through=keep))
             except (ValueError, KeyError) as error:
                 log.warning("run %s: router rows skipped: %s", self.run_id, error)
                 done = 0
             if done is not None:
-                self.pending_router = []
+                self.pending_router, self.router_keep_through = [], None
         self.record_checkpoints()
 
     def record_checkpoints(self) -> None:
