@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from service.resources import project_path
+
 
 def _cmd_schema(args: argparse.Namespace) -> int:
     from service.schemas import model_config_json_schema, train_config_json_schema
@@ -171,7 +173,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 print("smoke test failed; see above", file=sys.stderr)
                 return 1
         print("\n== submitting the shipped configs with the cpu-tiny preset (a 4-layer, 4-expert MoE)", flush=True)
-        run = client.submit(base, REPO / "configs" / "train_config.yaml", REPO / "configs" / "model_config.yaml",
+        configs = project_path("configs")
+        run = client.submit(base, configs / "train_config.yaml", configs / "model_config.yaml",
                             name="demo-cpu-tiny", preset="cpu-tiny")
         final_run = client.status(base, run["id"], follow=True)
         if final_run.get("status") != "succeeded":
@@ -210,9 +213,6 @@ def _cmd_train(argv: list[str]) -> int:
     from worker.cli import main as train_main
 
     return train_main(argv, prog="moejobs train")
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:

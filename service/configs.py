@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from service.resources import project_path
 from service.schemas import ConfigError, Validated, validate_configs
 
 __all__ = [
@@ -26,8 +27,8 @@ __all__ = [
     "resolve_documents",
 ]
 
-#: The repository's configs/ folder.
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+#: The shipped configs/ folder (the repository's, or the copy inside an installed wheel).
+CONFIGS_DIR = project_path("configs")
 #: Named presets: configs/presets/<name>.yaml.
 PRESETS_DIR = CONFIGS_DIR / "presets"
 

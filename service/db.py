@@ -28,14 +28,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
+from service.resources import project_path
 from service.settings import Settings, normalize_database_url, sqlite_path
 
 #: Connection execution option that makes SQLite begin with BEGIN IMMEDIATE.
 _WRITE_OPTION = "moejobs_write"
 
-#: Repository folder holding alembic.ini and migrations/.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
+#: The shipped migrations/ folder and alembic.ini (repository root, or inside an installed wheel).
+MIGRATIONS_DIR = project_path("migrations")
+ALEMBIC_INI = project_path("alembic.ini")
 
 
 def make_engine(url: str, *, sqlite_busy_timeout_ms: int = 30_000, echo: bool = False,
@@ -167,7 +168,7 @@ def alembic_config(settings: Settings | None = None, engine: Engine | None = Non
     ``service.settings.get_settings()``."""
     from alembic.config import Config
 
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config = Config(str(ALEMBIC_INI))
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     if settings is not None:
         config.attributes["settings"] = settings

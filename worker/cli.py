@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from service.resources import project_path
+
+REPO_CONFIGS = project_path("configs")
 
 
 def _bool(text: str) -> bool:

@@ -1,0 +1,78 @@
+"""The built wheel: it carries the shipped configs, migrations and alembic.ini (inside the
+service package) and its core needs no torch, so an API-only install can migrate a database,
+load presets and validate configs away from the source checkout."""
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.fail("uv is not on PATH: the README installs and tests the project with uv")
+    dest = tmp_path_factory.mktemp("dist")
+    done = subprocess.run([uv, "build", "--wheel", "--out-dir", str(dest), str(REPO)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (built,) = dest.glob("moejobs-*.whl")
+    return built
+
+
+def test_wheel_carries_the_shipped_files_and_keeps_torch_optional(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        metadata_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = Parser().parsestr(zf.read(metadata_name).decode())
+    for shipped in ("configs", "migrations"):
+        tracked = subprocess.run(["git", "ls-files", shipped], cwd=REPO, capture_output=True,
+                                 text=True, check=True).stdout.split()
+        assert tracked, f"git lists nothing under {shipped}/"
+        assert {f"service/_bundled/{path}" for path in tracked} <= names
+    assert "service/_bundled/alembic.ini" in names
+    assert {"service/static/index.html", "service/static/app.js", "worker/train.py"} <= names
+    requires = metadata.get_all("Requires-Dist")
+    core = [r for r in requires if "extra ==" not in r]
+    train_extra = [r for r in requires if "extra == 'train'" in r or 'extra == "train"' in r]
+    assert not [r for r in core if r.split()[0].lower().startswith(("torch", "litgpt", "lightning"))]
+    assert any(r.startswith("torch") for r in train_extra)
+
+
+def test_installed_wheel_migrates_and_loads_presets_outside_the_checkout(wheel, tmp_path):
+    """The wheel unpacked (what an installer does) first on sys.path, run from an unrelated
+    folder: shipped files come from the wheel, not from this repository."""
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
+    env.update(PYTHONPATH=str(site), MOEJOBS_HOME=str(home))
+    code = (
+        "import sys, service, service.resources as r, service.configs as c\n"
+        "from service.cli import main\n"
+        "print(service.__file__)\n"
+        "print(r.project_path('migrations'))\n"
+        "print(sorted(c.list_presets()))\n"
+        "sys.exit(main(['migrate']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    module, migrations, presets = done.stdout.splitlines()[:3]
+    assert Path(module).is_relative_to(site)
+    assert Path(migrations) == site / "service" / "_bundled" / "migrations"
+    assert presets == "['cpu-tiny', 'production']"
+    with sqlite3.connect(home / "moejobs.sqlite3") as db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
+    assert {"alembic_version", "runs", "metric_points", "checkpoints"} <= tables
