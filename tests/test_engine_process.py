@@ -135,4 +135,12 @@ def test_two_ranks_from_run_train_py(tmp_path, corpus, tokenizer_dir):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [int(r["step"]) for r in read_metrics(tmp_path / "cli" / "metrics.csv")] == [1, 2, 3]
-    assert "2 rank(s)" in (tmp_path / "cli" / "train.log").read_text()
+    log = (tmp_path / "cli" / "train.log").read_text()
+    assert "2 rank(s)" in log
+    # the engine's log lines are on the console too, once each (rank 1 logs warnings only)
+    for line in ("plan: 3 optimizer steps", "attention: SDPA with enable_gqa",
+                 f"checkpoint {tmp_path / 'cli' / 'final'} written (step 3)"):
+        assert line in log and proc.stderr.count(line) == 1, line
+    summary = dict(line.split(" : ", 1) for line in proc.stdout.splitlines() if " : " in line)
+    assert summary["  optimizer steps"].strip() == "3"
+    assert Path(summary["  log            "].strip()) == tmp_path / "cli" / "train.log"

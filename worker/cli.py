@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +148,10 @@ def _train(validated, smoke_test: bool) -> int:
     bar = ProgressBar()  # extra ranks are `python -m worker.train` processes, never this command
     started = time.perf_counter()
     try:
-        result = run_training(
-            validated.train, validated.model, write_checkpoints=not smoke_test, on_row=bar.update
-        )
+        with _console_log():
+            result = run_training(
+                validated.train, validated.model, write_checkpoints=not smoke_test, on_row=bar.update
+            )
     except EngineError as exc:
         bar.close()
         _say(f"error: {exc.reason}: {exc}", file=sys.stderr)
@@ -171,6 +174,30 @@ def _train(validated, smoke_test: bool) -> int:
     return 0
 
 
+@contextmanager
+def _console_log() -> Iterator[None]:
+    """Show the engine's INFO lines (plan, MoE/attention/compile choices, checkpoints; the same
+    lines as ``out_dir/train.log``) on stderr while training, written above the progress bar
+    (tqdm's ``logging_redirect_tqdm``) instead of through it."""
+    import logging
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logger = logging.getLogger("moejobs")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        with logging_redirect_tqdm(loggers=[logger]):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
 def format_summary(result, elapsed_s: float, smoke_test: bool) -> list[str]:
     """Lines of the end-of-run summary printed by the CLI."""
     gib = result.peak_memory_bytes / 2**30 if result.peak_memory_bytes else 0.0
@@ -185,6 +212,7 @@ def format_summary(result, elapsed_s: float, smoke_test: bool) -> list[str]:
     lines += [
         f"  checkpoint      : {result.checkpoint_dir or 'none written' + (' (smoke test)' if smoke_test else '')}",
         f"  metrics         : {Path(result.out_dir) / 'metrics.csv'}",
+        f"  log             : {Path(result.out_dir) / 'train.log'}",
         f"  peak memory     : {gib:.2f} GiB",
         f"  wall time       : {elapsed_s:.1f} s",
     ]
