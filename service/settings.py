@@ -172,6 +172,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest accepted dataset upload (text files or a .tar of them).",
     )
+    download_link_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Lifetime of a signed checkpoint download link (POST .../link), which lets a "
+        "browser download an archive from a server with an API token without sending the header.",
+    )
     keep_checkpoints: int = Field(
         3,
         ge=0,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -553,6 +554,59 @@ def test_checkpoint_archive_streams_the_folder_as_a_tar(api: ApiEnv):
     shutil.rmtree(api.settings.run_dir(run_id) / "out" / "final")
     r = api.client.get(f"/runs/{run_id}/checkpoints/final/archive")
     assert r.status_code == 410 and r.json()["code"] == "checkpoint_gone"
+
+
+def test_signed_download_link_opens_one_archive_without_the_header(make_api):
+    """With an API token a browser cannot send the header with a link: POST .../link returns a
+    signed, expiring URL for that one archive, which a plain GET streams."""
+    from service.api.signing import sign_path
+
+    token = "s3cret-token"
+    env = make_api("sqlite", api_token=token)
+    auth = {"Authorization": f"Bearer {token}"}
+    env.client.headers.update(auth)
+    run_id = _new_run(env)
+    files = _make_checkpoint(env, run_id, "final")
+    _make_checkpoint(env, run_id, "step-00000005")
+    before = datetime.now(timezone.utc)
+    r = env.client.post(f"/runs/{run_id}/checkpoints/final/link")
+    assert r.status_code == 200, r.text
+    link = r.json()
+    path = f"/runs/{run_id}/checkpoints/final/archive"
+    assert link["url"].startswith(path + "?expires=") and "&signature=" in link["url"]
+    expires_at = datetime.fromisoformat(link["expires_at"])
+    assert 290 <= (expires_at - before).total_seconds() <= 302  # MOEJOBS_DOWNLOAD_LINK_SECONDS
+    del env.client.headers["Authorization"]
+    with env.client.stream("GET", link["url"]) as r:
+        assert r.status_code == 200
+        data = b"".join(r.iter_bytes())
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        got = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar if m.isfile()}
+    assert got == files
+    # the signature opens that path only, for GET, unaltered and unexpired
+    query = link["url"].split("?", 1)[1]
+    other = f"/runs/{run_id}/checkpoints/5/archive?{query}"
+    tampered = link["url"][:-1] + ("0" if link["url"][-1] != "0" else "1")
+    expired, _ = sign_path(token, path, -1)
+    wrong_key, _ = sign_path("another-token", path, 300)
+    for url in (other, tampered, expired, wrong_key):
+        r = env.client.get(url)
+        assert r.status_code == 403 and r.json()["code"] == "invalid_link", url
+    assert env.client.get(path).status_code == 401  # no signature, no header
+    assert env.client.get(f"/runs/{run_id}/events?{query}").status_code == 401  # not an archive
+    assert env.client.post(link["url"]).status_code in (401, 405)  # not for POST
+    assert env.client.post(f"/runs/{run_id}/checkpoints/final/link").status_code == 401
+    # unknown checkpoint: 404 before any link is made
+    r = env.client.post(f"/runs/{run_id}/checkpoints/9/link", headers=auth)
+    assert r.status_code == 404 and r.json()["code"] == "checkpoint_not_found"
+
+
+def test_download_link_without_a_token_is_the_plain_path(api: ApiEnv):
+    run_id = _new_run(api)
+    _make_checkpoint(api, run_id, "step-00000005")
+    link = api.client.post(f"/runs/{run_id}/checkpoints/5/link").json()
+    assert link == {"url": f"/runs/{run_id}/checkpoints/5/archive", "expires_at": None}
+    assert api.client.get(link["url"]).status_code == 200
 
 
 # -- logs, cancel, delete ---------------------------------------------------------------------

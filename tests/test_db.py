@@ -66,6 +66,15 @@ def test_defaults_derive_from_home(clean_env, tmp_path):
     assert (home / "data").is_dir() and (home / "runs").is_dir()
 
 
+def test_every_setting_is_in_the_readme_settings_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1] for line in readme.splitlines() if line.startswith("| `MOEJOBS_")}
+    documented = " ".join(rows)
+    missing = [f"MOEJOBS_{name.upper()}" for name in Settings.model_fields
+               if f"`MOEJOBS_{name.upper()}`" not in documented]
+    assert not missing, f"settings missing from the README's table: {missing}"
+
+
 def test_home_default_is_user_folder(clean_env, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert Settings().home == tmp_path / ".moejobs"

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import runs as runs_service
+from service.api.signing import signed_query_ok
 from service.schemas import ConfigError, Issue
 
 log = logging.getLogger("moejobs.api")
@@ -239,7 +240,9 @@ def _bearer_ok(scope: Scope, token: str) -> bool:
 class AuthMiddleware:
     """With a token configured (``token_getter()`` not None), every request outside
     :data:`PUBLIC_PATHS`/:data:`PUBLIC_PREFIXES` needs ``Authorization: Bearer <token>``;
-    otherwise 401 (no token given) or 403 (a wrong one). Compared in constant time."""
+    otherwise 401 (no token given) or 403 (a wrong one). Compared in constant time.
+    A GET or HEAD of a path ending in ``/archive`` may instead carry a signed link's query
+    (``service.api.signing``): a bad or expired signature is a 403."""
 
     def __init__(self, app: ASGIApp, token_getter: Callable[[], str | None]):
         self.app = app
@@ -253,6 +256,16 @@ class AuthMiddleware:
             return
         if _bearer_ok(scope, token):
             await self.app(scope, receive, send)
+            return
+        query = scope.get("query_string", b"")
+        if (scope.get("method") in ("GET", "HEAD") and path.endswith("/archive")
+                and b"signature=" in query):
+            if signed_query_ok(token, path, query):
+                await self.app(scope, receive, send)
+            else:
+                await _send_json(send, 403, error_body(
+                    403, "the download link is not valid or has expired: ask for a new one "
+                    "(POST .../link)", code="invalid_link"))
             return
         given = any(name == b"authorization" for name, _ in scope.get("headers", ()))
         if given:

@@ -176,6 +176,14 @@ class CheckpointPublic(BaseModel):
                    created_at=c.created_at, archive_url=f"/runs/{c.run_id}/checkpoints/{ref}/archive")
 
 
+class DownloadLink(BaseModel):
+    """A link that downloads one checkpoint archive without the bearer header."""
+    url: str = Field(description="Path and query to GET: the archive, signed when the server has "
+                     "an API token")
+    expires_at: datetime | None = Field(description="When the signature stops working (UTC); "
+                                        "null when the server needs no token")
+
+
 class WorkerPublic(BaseModel):
     id: str
     host: str

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -33,6 +34,7 @@ from service.api.errors import ApiError, invalid
 from service.api.files import TarPlan, tail_lines
 from service.api.models import (
     CheckpointPublic,
+    DownloadLink,
     EventPublic,
     MetricPage,
     MetricRow,
@@ -44,6 +46,7 @@ from service.api.models import (
     ValidationReport,
 )
 from service.api.series import downsample, to_csv
+from service.api.signing import sign_path
 from service.api.submission import prepare_run, read_run_request, submit_run
 from service.models import RunStatus
 from service.settings import Settings
@@ -240,6 +243,27 @@ def checkpoint_archive(run_id: uuid.UUID, ref: str, session: SessionDep,
         "Content-Length": str(plan.length),
         "Content-Disposition": f'attachment; filename="{root}.tar"',
     })
+
+
+@router.post("/runs/{run_id}/checkpoints/{ref}/link", response_model=DownloadLink,
+             summary="A signed download link for a checkpoint archive")
+def checkpoint_link(run_id: uuid.UUID, ref: str, session: SessionDep,
+                    settings: SettingsDep) -> DownloadLink:
+    """A URL that downloads the archive of checkpoint ``ref`` with a plain GET, for browsers
+    (a link cannot send the ``Authorization`` header, and fetching with it would hold the whole
+    tar in memory). With an API token the URL carries an HMAC signature of its path that
+    expires after ``MOEJOBS_DOWNLOAD_LINK_SECONDS`` (``service.api.signing``); without one it is
+    the archive's plain path. 404 when the run or checkpoint does not exist."""
+    runs_service.get_run(session, run_id)
+    checkpoint = runs_service.get_checkpoint(session, run_id, ref)
+    if checkpoint is None:
+        raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
+    path = CheckpointPublic.of(checkpoint).archive_url
+    if settings.api_token is None:
+        return DownloadLink(url=path, expires_at=None)
+    url, expires = sign_path(settings.api_token.get_secret_value(), path,
+                             settings.download_link_seconds)
+    return DownloadLink(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
 
 
 @router.get("/runs/{run_id}/events", response_model=list[EventPublic], summary="Run history")

@@ -1036,14 +1036,15 @@
         h('thead', {}, h('tr', {}, h('th', {}, 'Checkpoint'), h('th', { class: 'num' }, 'Step'), h('th', { class: 'num' }, 'Size'), h('th', {}, 'Written'), h('th', {}, ''))),
         h('tbody', {}, list.map((c) => {
           const ref = c.name === 'final' || !isNum(c.step) ? (c.name === 'final' ? 'final' : c.name) : String(c.step);
-          const url = `${API_BASE}${base}/checkpoints/${encodeURIComponent(ref)}/archive`;
+          const path = `${base}/checkpoints/${encodeURIComponent(ref)}/archive`;
+          const url = API_BASE + path;
           const file = `${shortId(runId)}-${c.name || ref}.tar`;
           return h('tr', {},
             h('td', { class: 'mono' }, c.name || ref),
             h('td', { class: 'num' }, isNum(c.step) ? fmtInt(c.step) : '–'),
             h('td', { class: 'num' }, fmtBytes(c.size_bytes)),
             h('td', {}, timeEl(c.created_at)),
-            h('td', {}, h('a', { href: url, download: file, onclick: (ev) => downloadWithToken(ev, url, file) }, 'download .tar')));
+            h('td', {}, h('a', { href: url, download: file, onclick: (ev) => downloadWithToken(ev, path, file) }, 'download .tar')));
         })))));
     }
 
@@ -1165,22 +1166,17 @@
     };
   }
 
-  /** Archive links: a plain link when no token is needed; with a token, fetch with the header
-   *  (a link cannot send one) and hand the browser the result. */
-  async function downloadWithToken(ev, url, file) {
-    const token = getToken();
-    if (!token) return; // the browser follows the link
+  /** Archive links: a plain link when no token is needed. With a token (a link cannot send the
+   *  header), ask the server for a signed, expiring link to that archive and follow it, so the
+   *  browser streams the tar to disk instead of holding it in memory. */
+  async function downloadWithToken(ev, path, file) {
+    if (!getToken()) return; // the browser follows the plain link
     ev.preventDefault();
-    toast(`Downloading ${file}…`);
     try {
-      const res = await fetch(url, { headers: { Authorization: 'Bearer ' + token } });
-      if (!res.ok) throw new Error(`HTTP ${res.status}`);
-      const blob = await res.blob();
-      const href = URL.createObjectURL(blob);
-      const a = h('a', { href, download: file });
+      const link = await api(path.replace(/\/archive$/, '/link'), { method: 'POST' });
+      const a = h('a', { href: API_BASE + link.url, download: file });
       document.body.append(a); a.click(); a.remove();
-      setTimeout(() => URL.revokeObjectURL(href), 60000);
-      toast(`Downloaded ${file} (${fmtBytes(blob.size)}).`, 'ok');
+      toast(`Downloading ${file}…`, 'ok');
     } catch (e) { toast(`Download failed: ${e.message}`, 'bad'); }
   }
 
