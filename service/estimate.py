@@ -543,10 +543,9 @@ def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU) -
     buffers = 4 * model.n_expert * params.moe_layers if model.n_expert_groups else 0
     ckpt = weights + buffers
     ckpt_opt = ckpt + optimizer_states
-    if t.save_interval:
-        intermediate = len(range(t.save_interval, plan.optimizer_steps, t.save_interval))
-    else:
-        intermediate = 0
+    # step-N folders at N = save_interval, 2 x save_interval, ... below the last step
+    # (the last step writes final/ instead)
+    intermediate = (plan.optimizer_steps - 1) // t.save_interval if t.save_interval and plan.optimizer_steps > 0 else 0
     written = intermediate + (1 if plan.optimizer_steps > 0 else 0)
 
     family = "tf32" if precision == "32-true" else "bf16"

@@ -145,11 +145,28 @@ class ConfigError(ValueError):
 # Helpers for field types
 # --------------------------------------------------------------------------------------------------
 
-_STRICT = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=False)
+_STRICT = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=False,
+                     allow_inf_nan=False)
+
+#: Largest integer any config field accepts: int64, what the databases and torch hold.
+INT_MAX = 2**63 - 1
+#: Largest ``n_layer`` accepted (the estimate walks the layers one by one).
+MAX_LAYERS = 1024
 
 
 class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, floats must be finite
+    (``allow_inf_nan=False``: YAML's ``.inf``/``.nan``), integers must fit in int64."""
+
     model_config = _STRICT
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_int64(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT_MAX <= value <= INT_MAX:
+            raise ValueError(f"must be at most {INT_MAX:,} in absolute value (int64), got a number "
+                             f"with {len(str(abs(value)))} digits")
+        return value
 
 
 def _int_like(value: Any) -> Any:
@@ -641,7 +658,9 @@ class ModelConfig(_Section):
                       "e.g. 'Gemma' in the name offsets RMSNorm).")
     hf_config: dict = Field(default_factory=dict, description="Hugging Face origin {org, name}; informational.")
     block_size: int = Field(default=4096, ge=1, description="Maximum context length (RoPE cache size).")
-    n_layer: int = Field(default=16, ge=1, description="Number of transformer blocks.")
+    n_layer: int = Field(default=16, ge=1, le=MAX_LAYERS,
+                         description=f"Number of transformer blocks (at most {MAX_LAYERS}: the deepest "
+                         "published LLMs have ~130; the bound keeps validation and estimates cheap).")
     n_embd: int = Field(default=4096, ge=1, description="Hidden size (embedding width).")
     vocab_size: int = Field(default=50254, ge=1, description="Number of tokenizer tokens. Must be <= padded_vocab_size.")
     padding_multiple: int = Field(
@@ -992,7 +1011,9 @@ def _message(err: dict) -> str:
         return f"{_short(got)} is not allowed; choose one of {ctx.get('expected', '')}"
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return f"expected an integer, got {_short(got)}"
-    if kind in ("float_parsing", "float_type", "finite_number"):
+    if kind == "finite_number":
+        return f"must be a finite number, got {_short(got)}"
+    if kind in ("float_parsing", "float_type"):
         return f"expected a number, got {_short(got)}"
     if kind in ("bool_parsing", "bool_type"):
         return f"expected true or false, got {_short(got)}"

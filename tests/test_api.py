@@ -406,6 +406,38 @@ def test_validate_queues_nothing(sqlite_api: ApiEnv):
     assert sqlite_api.client.post("/runs/validate", content=b"{").status_code == 422
 
 
+def test_extreme_values_are_answered_not_crashed_on(sqlite_api: ApiEnv):
+    """Huge but valid numbers get an estimate; numbers past int64, infinities and absurd depths
+    are 422s naming the field, answered at once (the API never loops over a submitted size)."""
+    import copy
+
+    def with_values(train_part: dict, model_part: dict | None = None) -> dict:
+        doc = body()
+        doc["train_config"] = copy.deepcopy(doc["train_config"])
+        doc["train_config"].setdefault("train", {}).update(train_part)
+        doc["model_config"] = {**doc["model_config"], **(model_part or {})}
+        return doc
+
+    c = sqlite_api.client
+    r = c.post("/runs/validate", json=with_values({"max_tokens": 2**62, "save_interval": 1}))
+    assert r.status_code == 200, r.text
+    steps = r.json()["estimate"]["plan"]["optimizer_steps"]
+    assert steps > 10**12 and r.json()["estimate"]["checkpoints_written"] == steps
+    for train_part, model_part, loc in (
+            ({"max_tokens": 10**30}, None, ["body", "train_config", "train", "max_tokens"]),
+            ({}, {"n_layer": 10**9}, ["body", "model_config", "n_layer"])):
+        r = c.post("/runs", json=with_values(train_part, model_part))
+        assert r.status_code == 422, r.text
+        assert loc in [e["loc"] for e in r.json()["errors"]]
+    r = c.post("/runs", content=b'{"name": "x", "train_config": {"train": {"max_norm": Infinity}}, '
+               b'"model_config": {}}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert {"loc": ["body", "train_config", "train", "max_norm"],
+            "msg": "must be a finite number, got inf"}.items() <= next(
+        e for e in r.json()["errors"] if e["loc"][-1] == "max_norm").items()
+    assert c.get("/runs").json()["items"] == []
+
+
 # -- listing ----------------------------------------------------------------------------------
 
 

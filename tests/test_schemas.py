@@ -261,6 +261,26 @@ def test_max_tokens_accepts_scientific_notation_string():
     assert v.train.train.max_tokens == 3_000_000
 
 
+def test_numbers_must_be_finite_and_fit_int64():
+    """YAML's .inf/.nan and integers past int64 (which no database column or tensor holds)
+    are errors naming the field, in every section."""
+    assert errors({"train": {"max_norm": float("inf")}}) == {
+        "train.max_norm": "must be a finite number, got inf"}
+    assert errors({"optimizer": {"init_args": {"lr": float("nan")}}}) == {
+        "optimizer.init_args.lr": "must be a finite number, got nan"}
+    big = 10**30
+    message = "must be at most 9,223,372,036,854,775,807 in absolute value (int64), got a number with 31 digits"
+    assert errors({"train": {"max_tokens": big}, "seed": big}, {"vocab_size": big}) == {
+        "train.max_tokens": message, "seed": message, "model.vocab_size": message}
+    assert errors({"train": {"max_tokens": "1e30"}}) == {"train.max_tokens": message}
+    assert validate({"train": {"max_tokens": 2**62}}).train.train.max_tokens == 2**62
+
+
+def test_n_layer_has_an_upper_bound():
+    assert errors(model={"n_layer": 1025}) == {"model.n_layer": "must be <= 1024, got 1025"}
+    assert validate(model={"n_layer": 1024}).model.n_layer == 1024
+
+
 def test_warmup_fraction_range():
     assert errors({"train": {"lr_warmup_fraction": 1.5}}) == {"train.lr_warmup_fraction": "must be <= 1, got 1.5"}
 
