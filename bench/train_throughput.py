@@ -95,7 +95,7 @@ class Side:
         if precision.endswith("-true") and precision != "32-true":
             self.raw = self.raw.to(torch.bfloat16 if precision.startswith("bf16") else torch.float16)
         self.model = torch.compile(self.raw, **compile_kwargs) if compile_kwargs is not None else self.raw
-        self.optimizer = engine._optimizer(train_cfg, self.raw.parameters())
+        self.optimizer = engine.build_optimizer(train_cfg, self.raw.parameters())
         self.device = device
         self.autocast = precision.endswith("-mixed")
         self.autocast_dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
