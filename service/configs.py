@@ -97,6 +97,22 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def replaced_values(base: dict, over: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The values of ``base`` that :func:`deep_merge` (``base``, ``over``) would replace with a
+    different value, as ``(dotted path, old, new)`` in document order. Used to tell an API user
+    which of the submitted values a preset overrides."""
+    out: list[tuple[str, Any, Any]] = []
+    for key, new in over.items():
+        if key not in base:
+            continue
+        path, old = f"{prefix}{key}", base[key]
+        if isinstance(new, dict) and isinstance(old, dict):
+            out += replaced_values(old, new, path + ".")
+        elif old != new:
+            out.append((path, old, new))
+    return out
+
+
 def list_presets() -> list[str]:
     """Names of the presets shipped in configs/presets/."""
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))

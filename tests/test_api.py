@@ -406,6 +406,37 @@ def test_validate_queues_nothing(sqlite_api: ApiEnv):
     assert sqlite_api.client.post("/runs/validate", content=b"{").status_code == 422
 
 
+def test_readme_example_with_the_cpu_tiny_preset_is_a_moe_and_names_what_the_preset_replaced(
+        sqlite_api: ApiEnv):
+    """The README's POST /runs example: a partial train config, a bare model config and the
+    cpu-tiny preset give the preset's MoE (not LitGPT's dense defaults); submitted values the
+    preset overrides are listed in one warning."""
+    data = sqlite_api.settings.data_root
+    for sub in ("data/custom_text/train", "data/custom_text/val", "data/tokenizer"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    doc = {"name": "tiny", "preset": "cpu-tiny",
+           "train_config": {"tokenizer_dir": "data/tokenizer",
+                            "train": {"max_tokens": 40960},
+                            "data": {"class_path": "litgpt.data.TextFiles",
+                                     "init_args": {"train_data_path": "data/custom_text/train",
+                                                   "val_data_path": "data/custom_text/val"}}},
+           "model_config": {"name": "MoE-tiny"}}
+    sqlite_api.register_worker()
+    r = sqlite_api.client.post("/runs", json=doc)
+    assert r.status_code == 201, r.text
+    run = r.json()
+    model = sqlite_api.client.get(f"/runs/{run['id']}/config").text
+    resolved = yaml.safe_load(model)["model_config"]
+    assert (resolved["mlp_class_name"], resolved["n_expert"], resolved["norm_class_name"]) == (
+        "LLaMAMoE", 4, "RMSNorm")
+    assert run["estimate"]["params"]["experts"] > 0 and run["estimate"]["params"]["moe_layers"] == 4
+    preset_warnings = [w for w in run["warnings"] if w["loc"] == ["body", "preset"]]
+    assert [w["msg"] for w in preset_warnings] == [
+        "preset 'cpu-tiny' replaced 1 submitted value(s): train_config.train.max_tokens 40960 -> "
+        "307200 (a preset overrides the documents; leave out `preset` to keep yours)"]
+    assert not [w for w in run["warnings"] if "is ignored" in w["msg"]]
+
+
 def test_extreme_values_are_answered_not_crashed_on(sqlite_api: ApiEnv):
     """Huge but valid numbers get an estimate; numbers past int64, infinities and absurd depths
     are 422s naming the field, answered at once (the API never loops over a submitted size)."""

@@ -21,7 +21,7 @@ from service import reads
 from service import runs as runs_service
 from service.api.errors import ApiError, config_error, config_issue_locs, field_error, invalid
 from service.api.models import RunCreate
-from service.configs import list_presets, resolve_documents
+from service.configs import list_presets, load_preset, replaced_values, resolve_documents
 from service.estimate import estimate
 from service.models import Run
 from service.paths import resolve_run_paths
@@ -232,6 +232,8 @@ def prepare_run(session: Session, settings: Settings, request: RunCreate, *,
     except ConfigError as error:
         raise config_error(error) from None
     warnings = _warning_dicts(list(validated.warnings) + path_warnings)
+    if preset is not None and preset not in RESERVED_PRESETS:
+        warnings += _preset_warning(preset, request)
     if check_workers:
         problem = check_schedulable(session, settings, validated)
         if problem is not None:
@@ -244,6 +246,23 @@ def prepare_run(session: Session, settings: Settings, request: RunCreate, *,
         resolved_model=validated.model.model_dump(mode="json"),
         estimate=estimate(validated.train, validated.model).to_dict(), warnings=warnings,
     )
+
+
+def _preset_warning(preset: str, request: RunCreate) -> list[dict[str, Any]]:
+    """One warning listing the submitted values the preset replaced (a preset is merged over
+    the documents, as ``--preset`` is over the config files on the command line)."""
+    doc = load_preset(preset)
+    replaced = ([("train_config." + k, a, b) for k, a, b in
+                 replaced_values(request.train_config or {}, doc["train_config"])]
+                + [("model_config." + k, a, b) for k, a, b in
+                   replaced_values(request.model_doc or {}, doc["model_config"])])
+    if not replaced:
+        return []
+    shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in replaced[:8])
+    more = f" and {len(replaced) - 8} more" if len(replaced) > 8 else ""
+    return [{"loc": ["body", "preset"],
+             "msg": f"preset {preset!r} replaced {len(replaced)} submitted value(s): {shown}{more} "
+                    f"(a preset overrides the documents; leave out `preset` to keep yours)"}]
 
 
 def _submitted_hash(request: RunCreate) -> str:
