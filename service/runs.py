@@ -76,6 +76,9 @@ RETRYABLE_REASONS = frozenset({FailureReason.killed, FailureReason.lost_worker})
 #: 5,500 a statement, well under SQLite's 32,766 and PostgreSQL's 65,535 limits).
 BATCH_SIZE = 500
 
+#: Largest step the step columns hold (INTEGER: 32-bit signed on PostgreSQL).
+MAX_STEP = 2**31 - 1
+
 #: Sort keys accepted by :func:`list_runs` ("-" prefix for descending).
 RUN_SORT_KEYS = ("created_at", "name", "status")
 
@@ -549,8 +552,8 @@ def _metric_row(run_id: uuid.UUID, row: Mapping[str, Any]) -> dict[str, Any]:
     if row.get("step") in (None, ""):
         raise ValueError(f"metric row without a step: {dict(row)!r}")
     step = _int(row["step"], "step")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+    if not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be >= 0 and <= {MAX_STEP}, got {step}")
     out: dict[str, Any] = {"run_id": run_id, "step": step}
     tokens = row.get("tokens")
     out["tokens"] = None if tokens in (None, "") else _int(tokens, "tokens")
@@ -882,7 +885,9 @@ def get_checkpoint(session: Session, run_id: uuid.UUID,
     """A checkpoint by ``"final"``, by step number (int or digits; the step-N folder, never
     ``final``), or by folder name. None when there is none."""
     stmt = select(Checkpoint).where(Checkpoint.run_id == run_id)
-    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
+        if not 0 <= int(ref) <= MAX_STEP:
+            return None  # no step column can hold it
         stmt = stmt.where(Checkpoint.step == int(ref), Checkpoint.name != "final")
     else:
         stmt = stmt.where(Checkpoint.name == ref)

@@ -672,6 +672,21 @@ def test_download_link_without_a_token_is_the_plain_path(api: ApiEnv):
     assert api.client.get(link["url"]).status_code == 200
 
 
+def test_out_of_range_steps_in_urls_are_4xx(api: ApiEnv):
+    """Numbers no step column can hold, in the path or the query, are a 404 or a 422, not a
+    database error."""
+    run_id = _new_run(api)
+    _make_checkpoint(api, run_id, "step-00000005")
+    c = api.client
+    for ref in ("99999999999999999999999", "2147483648", "²"):
+        r = c.get(f"/runs/{run_id}/checkpoints/{ref}/archive")
+        assert r.status_code == 404 and r.json()["code"] == "checkpoint_not_found", ref
+    for series in ("metrics", "router"):
+        r = c.get(f"/runs/{run_id}/{series}", params={"after_step": 99999999999999999999})
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query", "after_step"]
+        assert c.get(f"/runs/{run_id}/{series}", params={"after_step": 2**31 - 1}).status_code == 200
+
+
 # -- logs, cancel, delete ---------------------------------------------------------------------
 
 

@@ -177,7 +177,7 @@ def _wants_csv(request: Request, fmt: str | None) -> bool:
 @router.get("/runs/{run_id}/metrics", response_model=MetricPage, summary="Metric rows",
             responses={200: {"content": {"text/csv": {}}}})
 def get_metrics(run_id: uuid.UUID, request: Request, session: SessionDep,
-                after_step: Annotated[int | None, Query(ge=-1)] = None,
+                after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
                 limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
                 max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
                 format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None) -> Response:
@@ -199,7 +199,7 @@ def get_metrics(run_id: uuid.UUID, request: Request, session: SessionDep,
 @router.get("/runs/{run_id}/router", response_model=RouterPage,
             summary="MoE router telemetry (token fraction per layer and expert)")
 def get_router(run_id: uuid.UUID, session: SessionDep,
-               after_step: Annotated[int | None, Query(ge=-1)] = None,
+               after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
                limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000) -> RouterPage:
     """Rows ``{step, layer, expert, fraction}`` with ``step > after_step``, ordered by
     (step, layer, expert), at most ``limit``."""
