@@ -262,7 +262,8 @@ class TextFilesArgs(_Section):
         description="Folder with the validation .txt files. Null: LitGPT's TextFiles behaviour, the first "
         "sorted training file is used for validation (needs >= 2 training files).",
     )
-    seed: int = Field(default=42, description="Seed for shuffling the dataset.")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1,
+                      description="Seed for shuffling the dataset; 0 to 2**32-1, NumPy's range.")
     num_workers: int = Field(default=4, ge=0, description="Number of data-loading worker processes.")
 
 
@@ -596,7 +597,8 @@ class TrainConfig(_Section):
         "visible GPU, or 1 CPU process). Plans assume 1 for 'auto'.",
     )
     num_nodes: int = Field(default=1, ge=1, description="Number of nodes.")
-    seed: int = Field(default=42, description="Random seed (model init, data order).")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1,
+                      description="Random seed (model init, data order); 0 to 2**32-1, NumPy's range.")
     initial_checkpoint_dir: str | None = Field(
         default=None,
         description="Checkpoint folder to initialise the weights from (continued pretraining). "
@@ -1287,7 +1289,8 @@ def _warnings(cfg: TrainConfig, model: ModelConfig, plan) -> list[Issue]:
         w.append(Issue(
             ("train", "save_interval"),
             f"save_interval ({t.save_interval}) is not smaller than the run's {_n(steps, 'optimizer step')}: no "
-            "intermediate checkpoint is written, so an interrupted run cannot resume and starts over",
+            "intermediate checkpoint is written, so a run that crashes or is killed (kill -9, a lost "
+            "machine) starts over; a stop by SIGTERM or Ctrl-C still checkpoints and resumes",
         ))
     if t.max_steps is not None:
         if t.max_steps < plan.steps_from_tokens:

@@ -270,8 +270,11 @@ def test_numbers_must_be_finite_and_fit_int64():
         "optimizer.init_args.lr": "must be a finite number, got nan"}
     big = 10**30
     message = "must be at most 9,223,372,036,854,775,807 in absolute value (int64), got a number with 31 digits"
-    assert errors({"train": {"max_tokens": big}, "seed": big}, {"vocab_size": big}) == {
-        "train.max_tokens": message, "seed": message, "model.vocab_size": message}
+    assert errors({"train": {"max_tokens": big}}, {"vocab_size": big}) == {
+        "train.max_tokens": message, "model.vocab_size": message}
+    # the seed feeds NumPy's generators: 0 to 2**32-1
+    assert errors({"seed": 2**32}) == {"seed": f"must be <= {2**32 - 1}, got {2**32}"}
+    assert errors({"seed": -1}) == {"seed": "must be >= 0, got -1"}
     assert errors({"train": {"max_tokens": "1e30"}}) == {"train.max_tokens": message}
     assert validate({"train": {"max_tokens": 2**62}}).train.train.max_tokens == 2**62
 
@@ -490,7 +493,8 @@ def test_warning_save_interval_larger_than_run():
     w = warnings({"train": {"save_interval": 20}})
     assert w == {
         "train.save_interval": "save_interval (20) is not smaller than the run's 20 optimizer steps: no intermediate "
-        "checkpoint is written, so an interrupted run cannot resume and starts over"
+        "checkpoint is written, so a run that crashes or is killed (kill -9, a lost machine) starts over; "
+        "a stop by SIGTERM or Ctrl-C still checkpoints and resumes"
     }
 
 
