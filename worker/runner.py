@@ -178,7 +178,7 @@ def classify_exit(returncode: int, log_lines: list[str], *, cancel_requested: bo
     sig = _signal_of(returncode)
     if cancel_requested:
         how = f" ({_signal_name(sig)})" if sig else ""
-        return Outcome("cancelled", f"cancelled: training stopped{how}", exit_code=returncode)
+        return Outcome("cancelled", f"training stopped on request{how}", exit_code=returncode)
     if shutting_down and (returncode == EXIT_INTERRUPTED or sig is not None):
         return Outcome("requeue", "worker shutting down: training stopped after a checkpoint"
                        if returncode == EXIT_INTERRUPTED else

@@ -623,7 +623,7 @@ def _train_loop(
     is_main = fabric.global_rank == 0
     if not is_main:
         logging.getLogger("moejobs").setLevel(logging.WARNING)
-    fabric.seed_everything(train.seed)
+    fabric.seed_everything(train.seed, verbose=False)
 
     # ---- model
     notes: list[str] = []
