@@ -64,12 +64,14 @@ def load_document(path: str | Path) -> dict:
         raise ConfigError(f"{p}: cannot read: {exc}") from None
     if p.suffix.lower() == ".json":
         try:
-            data = json.loads(text) if text.strip() else {}
+            data = json.loads(text, object_pairs_hook=unique_json_object) if text.strip() else {}
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        except ValueError as exc:  # a duplicate key
+            raise ConfigError(f"{p}: invalid JSON: {exc}") from None
     else:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -80,6 +82,36 @@ def load_document(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping (key: value), got {type(data).__name__}")
     return data
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key written twice in one mapping (PyYAML would keep
+    the last one silently, so a value the user wrote would be lost without a word). Merge keys
+    (``<<: *base``) still override as YAML defines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = key_node.value
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def unique_json_object(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads`` ``object_pairs_hook`` that refuses a key given twice in one object.
+    Raises ValueError naming the key."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
 
 
 def deep_merge(base: dict, over: dict) -> dict:

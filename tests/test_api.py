@@ -234,6 +234,10 @@ def test_bad_envelopes_are_422s_naming_the_key(shared_sqlite_api: ApiEnv, doc: A
     (b"name: x\ntrain_config: [\n", "application/yaml", "invalid YAML at line"),
     (b"a: &x [1, 2]\nb: *x\n", "application/yaml", "aliases"),
     (b"[" * 100_000, "application/json", "invalid JSON"),
+    (b"name: x\nname: y\n", "application/yaml",
+     "invalid YAML at line 2, column 1: duplicate key 'name' (first given on line 1)"),
+    (b'{"name": "x", "train_config": {"seed": 1, "seed": 2}}', "application/json",
+     "invalid JSON: duplicate key 'seed'"),
 ])
 def test_unreadable_documents_are_422s(shared_sqlite_api: ApiEnv, content: bytes,
                                        content_type: str, needle: str):
@@ -404,6 +408,13 @@ def test_validate_queues_nothing(sqlite_api: ApiEnv):
     assert sqlite_api.broker_messages() == []
     assert sqlite_api.client.get("/runs").json()["items"] == []
     assert sqlite_api.client.post("/runs/validate", content=b"{").status_code == 422
+    # no name needed to validate: the config's own errors come back
+    doc = body()
+    del doc["name"]
+    doc["train_config"] = {**doc["train_config"], "seed": -1}
+    r = sqlite_api.client.post("/runs/validate", json=doc)
+    assert r.status_code == 200 and r.json()["valid"] is False
+    assert [e["loc"] for e in r.json()["errors"]] == [["body", "train_config", "seed"]]
 
 
 def test_readme_example_with_the_cpu_tiny_preset_is_a_moe_and_names_what_the_preset_replaced(

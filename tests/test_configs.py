@@ -61,6 +61,23 @@ def test_json_syntax_error_names_file_and_line(tmp_path):
         load_document(bad)
 
 
+def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  micro_batch_size: 2\n  global_batch_size: 8\n  micro_batch_size: 4\n")
+    with pytest.raises(ConfigError) as info:
+        load_document(dup)
+    assert str(info.value) == (f"{dup}: invalid YAML at line 4, column 3: duplicate key "
+                               f"'micro_batch_size' (first given on line 2)")
+    dup_json = tmp_path / "dup.json"
+    dup_json.write_text('{"train": {"max_tokens": 1, "max_tokens": 2}}')
+    with pytest.raises(ConfigError, match=r"dup\.json: invalid JSON: duplicate key 'max_tokens'"):
+        load_document(dup_json)
+    # YAML merge keys still override, as YAML defines them
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("base: &b {lr: 1}\nopt:\n  <<: *b\n  lr: 2\n")
+    assert load_document(merged)["opt"] == {"lr": 2}
+
+
 def test_top_level_must_be_a_mapping(tmp_path):
     bad = tmp_path / "list.yaml"
     bad.write_text("- a\n- b\n")

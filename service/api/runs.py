@@ -106,8 +106,8 @@ async def create_run(request: Request, settings: SettingsDep, celery: CeleryDep,
              summary="Check a run without queueing it")
 async def validate_run(request: Request, settings: SettingsDep) -> ValidationReport:
     """Errors, warnings and estimate of a submission; queues nothing. 200 with ``valid:
-    false`` for invalid configs, 422 only for an unreadable body."""
-    body = await read_run_request(request)
+    false`` for invalid configs, 422 only for an unreadable body. ``name`` may be left out."""
+    body = await read_run_request(request, default_name="validate")
     def work() -> ValidationReport:
         with request.app.state.db.session() as session:
             try:

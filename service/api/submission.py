@@ -21,7 +21,14 @@ from service import reads
 from service import runs as runs_service
 from service.api.errors import ApiError, config_error, config_issue_locs, field_error, invalid
 from service.api.models import RunCreate
-from service.configs import list_presets, load_preset, replaced_values, resolve_documents
+from service.configs import (
+    ConfigLoader,
+    list_presets,
+    load_preset,
+    replaced_values,
+    resolve_documents,
+    unique_json_object,
+)
 from service.estimate import estimate
 from service.models import Run
 from service.paths import resolve_run_paths
@@ -42,7 +49,7 @@ RESERVED_PRESETS = frozenset({reads.SMOKE_TEST_PRESET})
 # -- parsing ------------------------------------------------------------------------------------
 
 
-class _NoAliasLoader(yaml.SafeLoader):
+class _NoAliasLoader(ConfigLoader):
     """PyYAML's safe loader without anchors/aliases: a few hundred bytes of nested aliases
     expand to gigabytes once the document is serialised (the "billion laughs" document)."""
 
@@ -71,12 +78,14 @@ def parse_yaml(text: str | bytes, loc: list[str | int]) -> Any:
 def parse_json(data: bytes, loc: list[str | int]) -> Any:
     """Parse JSON; a 422 at ``loc`` on syntax errors."""
     try:
-        return json.loads(data)
+        return json.loads(data, object_pairs_hook=unique_json_object)
     except json.JSONDecodeError as error:
         raise invalid(loc, f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}",
                       code="invalid_document") from None
     except (RecursionError, UnicodeDecodeError) as error:
         raise invalid(loc, f"invalid JSON: {type(error).__name__}", code="invalid_document") from None
+    except ValueError as error:  # a duplicate key
+        raise invalid(loc, f"invalid JSON: {error}", code="invalid_document") from None
 
 
 def media_type(request: Request) -> str:
@@ -90,10 +99,11 @@ async def _read_upload(value: Any) -> tuple[bytes, str]:
     return str(value).encode("utf-8"), ""
 
 
-async def read_run_request(request: Request) -> RunCreate:
+async def read_run_request(request: Request, *, default_name: str | None = None) -> RunCreate:
     """The ``POST /runs`` envelope from a JSON, YAML or multipart body (module docstring of
-    ``service.api.runs``). Raises ApiError 415 for other media types, 422 for unparseable
-    documents or a bad envelope (``loc`` starting with ``body``)."""
+    ``service.api.runs``). ``default_name`` stands in for a missing ``name`` (``/runs/validate``
+    needs none). Raises ApiError 415 for other media types, 422 for unparseable documents or a
+    bad envelope (``loc`` starting with ``body``)."""
     kind = media_type(request)
     if kind == MULTIPART:
         form = await request.form()
@@ -130,6 +140,8 @@ async def read_run_request(request: Request) -> RunCreate:
     for key in ("train_config", "model_config"):
         if key in doc and doc[key] is None:
             doc[key] = {}
+    if default_name is not None and doc.get("name") in (None, ""):
+        doc["name"] = default_name
     try:
         return RunCreate.model_validate(doc)
     except ValidationError as error:
