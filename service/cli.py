@@ -91,9 +91,46 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(_apply_settings(args), loglevel=args.loglevel, hostname=args.hostname)
 
 
+#: The signal that started the stop of ``up``/``demo`` (SIGINT when none was recorded).
+_stop_signal: int | None = None
+
+
+def _interrupt_once(signum, frame) -> None:
+    # The first SIGINT or SIGTERM starts the orderly stop; any later one is ignored so that it
+    # cannot abort that stop half-way (Ctrl-C reaches every process of the terminal's group and
+    # `uv run` forwards it once more; supervisors may repeat SIGTERM).
+    global _stop_signal
+    _stop_signal = signum
+    _ignore_further_interrupts()
+    raise KeyboardInterrupt
+
+
+def _interrupted_exit_code() -> int:
+    """128 + the signal that interrupted: 130 for Ctrl-C, 143 for SIGTERM."""
+    import signal
+
+    return 128 + int(_stop_signal or signal.SIGINT)
+
+
+def _stop_on_signals() -> None:
+    """Make Ctrl-C and SIGTERM (``kill PID``, ``timeout``, ``docker stop``, systemd) raise
+    KeyboardInterrupt once in the main thread, so both take the same orderly stop. Without this,
+    SIGTERM killed ``up``/``demo`` at once and left the API and the worker running: they sit in
+    process groups of their own, so no signal sent to this process reaches them."""
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupt_once)
+    signal.signal(signal.SIGTERM, _interrupt_once)
+
+
 def _start_stack(settings):
+    """Start a :class:`service.stack.LocalStack` for ``settings`` and return it once ready.
+    From here on SIGTERM behaves as Ctrl-C. An interrupt before the stack is ready stops what
+    was started and exits 130 (Ctrl-C) or 143 (SIGTERM). Raises SystemExit with a one-line
+    message when the stack cannot start."""
     from service.stack import LocalStack, StackError
 
+    _stop_on_signals()
     stack = LocalStack(settings)
     print(f"starting the API and one worker under {settings.home} (logs in {stack.log_dir}) ...", flush=True)
     try:
@@ -101,20 +138,26 @@ def _start_stack(settings):
     except StackError as exc:
         stack.stop(timeout=10)
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:
+        _ignore_further_interrupts()
+        print("\nstopping ...", flush=True)
+        stack.stop(timeout=30)
+        raise SystemExit(_interrupted_exit_code()) from None
     print(f"ready: dashboard {stack.base_url}/   API docs {stack.base_url}/docs", flush=True)
     return stack
 
 
 def _ignore_further_interrupts() -> None:
-    # Ctrl-C reaches every process of the terminal's group, and `uv run` forwards it once more:
-    # the first one starts an orderly stop, later ones must not abort that stop half-way.
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _serve_until_interrupted(stack) -> int:
-    print("serving until Ctrl-C", flush=True)
+    """Serve until Ctrl-C or SIGTERM (exit code 0), or until a child process exits (1); stops
+    the stack in every case."""
+    print("serving until Ctrl-C (or SIGTERM)", flush=True)
     try:
         code = stack.wait()
         print(f"a child process exited with code {code}; stopping", file=sys.stderr)
@@ -124,6 +167,7 @@ def _serve_until_interrupted(stack) -> int:
         print("\nstopping (a running training is checkpointed and re-queued) ...", flush=True)
         return 0
     finally:
+        _ignore_further_interrupts()
         stack.stop()
 
 
@@ -198,7 +242,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         _ignore_further_interrupts()
         print("\nstopping ...", flush=True)
         stack.stop()
-        return 130
+        return _interrupted_exit_code()
     except BaseException:
         stack.stop()
         raise
