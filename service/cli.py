@@ -22,14 +22,19 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    """Train a tokenizer folder; one ``error: ...`` line and exit 2 when the data or ``--out``
+    is unusable (``--out`` must be new, empty or an earlier tokenizer folder), ``warning: ...``
+    lines when the corpus yields fewer ids than ``--vocab-size``."""
     from worker.errors import DataError
-    from worker.tokenizer import train_tokenizer
+    from worker.tokenizer import train_tokenizer, vocab_warnings
 
     try:
         out = train_tokenizer([Path(d) for d in args.data], Path(args.out), vocab_size=args.vocab_size)
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in vocab_warnings(out, args.vocab_size):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"tokenizer written to {out}")
     return 0
 

@@ -16,8 +16,10 @@ Tasks and their arguments (JSON only)
     that a folder holding ``tokenizer.json`` is complete. The API writes a request marker
     ``DATA_ROOT/tokenizers/.pending/<name>.json`` before sending; the task may write
     ``DATA_ROOT/tokenizers/.pending/<name>.error`` (plain text: the reason) when it fails, and
-    should remove the marker (and any old ``.error``) when it succeeds. See
-    :func:`tokenizer_marker_paths`.
+    should remove the marker (and any old ``.error``) when it succeeds. The finished folder
+    holds :data:`TOKENIZER_RECORD`, the request's record (``dataset`` and ``requested_at`` from
+    the marker, ``requested_vocab_size``, the learned ``vocab_size``, ``warnings``), so the
+    ready tokenizer keeps them. See :func:`tokenizer_marker_paths`.
 
 Queues
 ------
@@ -73,6 +75,11 @@ log = logging.getLogger("moejobs.queue")
 TRAIN_TASK = "moejobs.train_run"
 #: Task name of a tokenizer training; kwargs ``{name, dataset_dir, out_dir, vocab_size}``.
 TOKENIZER_TASK = "moejobs.train_tokenizer"
+
+#: File in a finished tokenizer folder: JSON ``{"dataset", "requested_at",
+#: "requested_vocab_size", "vocab_size", "warnings": [str]}`` (the worker's
+#: ``worker.tokenizer.RECORD_FILE``; named here too because the API never imports ``worker``).
+TOKENIZER_RECORD = "moejobs_tokenizer.json"
 
 #: Suffix of the queue for short CPU jobs (tokenizers), after ``settings.celery_queue``.
 AUX_QUEUE_SUFFIX = ".aux"

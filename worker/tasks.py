@@ -9,7 +9,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,6 +17,9 @@ from service import runs
 from service.models import FailureReason, RunStatus, Worker
 from worker.registry import current_runtime
 from worker.runner import Outcome, execute_attempt, finish_attempt
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from service.settings import Settings
 
 log = logging.getLogger("moejobs.tasks")
 
@@ -120,21 +123,41 @@ def _text_folders(dataset_dir: Path) -> list[Path]:
 
 def train_tokenizer(name: str, dataset_dir: str, out_dir: str, vocab_size: int = 4096
                     ) -> dict[str, Any]:
+    """The :data:`service.queue.TOKENIZER_TASK` task: :func:`tokenizer_job` with this worker's
+    settings."""
+    return tokenizer_job(current_runtime().settings, name=name, dataset_dir=dataset_dir,
+                         out_dir=out_dir, vocab_size=vocab_size)
+
+
+def tokenizer_job(settings: Settings, *, name: str, dataset_dir: str, out_dir: str,
+                  vocab_size: int = 4096) -> dict[str, Any]:
     """Train tokenizer ``name`` on the ``.txt`` files in ``dataset_dir`` (and its sub-folders)
     into ``out_dir`` (``worker.tokenizer.train_tokenizer``: written under a temporary name and
-    renamed, so a folder with ``tokenizer.json`` is complete). Success removes the request
-    marker and any earlier error file (``service.queue.tokenizer_marker_paths``); a failure
-    writes the reason into the error file. Returns ``{"name", "ok", "path"|"error"}``."""
-    from service.queue import tokenizer_marker_paths
+    renamed, so a folder with ``tokenizer.json`` is complete; an earlier tokenizer there is
+    replaced, a folder holding other files is refused).
+
+    The folder gets the request's record (``service.queue.TOKENIZER_RECORD``: dataset and
+    requested_at from the request marker, the requested and learned vocabulary sizes, warnings
+    such as a vocabulary smaller than requested), so the finished tokenizer keeps them; without
+    a marker (a duplicate delivery) they come from the record already in ``out_dir``. Success
+    then removes the request marker and any earlier error file
+    (``service.queue.tokenizer_marker_paths``); a failure writes the reason into the error file.
+    Never raises for a failed training.
+
+    Returns ``{"name", "ok", "path" and "warnings" | "error"}``."""
+    from service.queue import TOKENIZER_RECORD, tokenizer_marker_paths
     from worker.tokenizer import train_tokenizer as train
 
-    settings = current_runtime().settings
     marker, error_file = tokenizer_marker_paths(settings, name)
+    # a duplicate delivery finds the marker gone: the record of the first delivery has the request
+    request = _read_request(marker) or _read_request(Path(out_dir) / TOKENIZER_RECORD)
+    record = {"name": name, "dataset": request.get("dataset"), "dataset_dir": str(dataset_dir),
+              "requested_at": request.get("requested_at")}
     try:
         folders = _text_folders(Path(dataset_dir))
         if not folders:
             raise ValueError(f"{dataset_dir}: no .txt files in this folder or below it")
-        path = train(folders, Path(out_dir), vocab_size=int(vocab_size))
+        path = train(folders, Path(out_dir), vocab_size=int(vocab_size), record=record)
     except Exception as error:
         log.warning("tokenizer %s failed: %s", name, error)
         error_file.parent.mkdir(parents=True, exist_ok=True)
@@ -142,5 +165,19 @@ def train_tokenizer(name: str, dataset_dir: str, out_dir: str, vocab_size: int =
         return {"name": name, "ok": False, "error": str(error)}
     for leftover in (marker, error_file):
         leftover.unlink(missing_ok=True)
+    warnings = _read_request(path / TOKENIZER_RECORD).get("warnings") or []
     log.info("tokenizer %s trained into %s", name, path)
-    return {"name": name, "ok": True, "path": str(path)}
+    for warning in warnings:
+        log.warning("tokenizer %s: %s", name, warning)
+    return {"name": name, "ok": True, "path": str(path), "warnings": warnings}
+
+
+def _read_request(path: Path) -> dict[str, Any]:
+    """A JSON object file (request marker or tokenizer record); {} when missing or unreadable."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -43,7 +43,7 @@ from service.api.errors import ApiError, invalid
 from service.api.models import DatasetPublic, TokenizerCreate, TokenizerPublic
 from service.api.submission import media_type
 from service.paths import PathEscape, check_name, resolve_under, safe_relative
-from service.queue import enqueue_tokenizer, tokenizer_marker_paths
+from service.queue import TOKENIZER_RECORD, enqueue_tokenizer, tokenizer_marker_paths
 from service.settings import Settings
 
 router = APIRouter(tags=["datasets"])
@@ -349,29 +349,55 @@ def _text_folder(folder: Path) -> Path | None:
 
 
 def _read_marker(path: Path) -> dict:
+    """A JSON object file (request marker or tokenizer record); {} when missing or not one."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _tokenizer_status(settings: Settings, name: str) -> TokenizerPublic | None:
+    """Tokenizer ``name`` as the API shows it: ready (its folder holds tokenizer.json; dataset,
+    requested_at and warnings from the folder's record, else from a request marker still
+    there), failed (an error file), pending (a request marker), or None."""
     folder = _tokenizer_root(settings) / name
     marker, error_file = tokenizer_marker_paths(settings, name)
     info = _read_marker(marker) if marker.exists() else {}
-    requested = info.get("requested_at")
-    common = dict(name=name, path=str(folder), dataset=info.get("dataset"),
-                  requested_at=datetime.fromisoformat(requested) if requested else None)
     if (folder / "tokenizer.json").is_file():
-        return TokenizerPublic(status="ready", vocab_size=_vocab_size(folder) or info.get("vocab_size"),
-                               **common)
+        record = _read_marker(folder / TOKENIZER_RECORD)  # written by the worker's task
+        warnings = record.get("warnings")
+        return TokenizerPublic(
+            status="ready", vocab_size=_vocab_size(folder) or _int(record.get("vocab_size")),
+            requested_vocab_size=_int(record.get("requested_vocab_size") or info.get("vocab_size")),
+            warnings=[str(w) for w in warnings] if isinstance(warnings, list) else [],
+            **_request_fields(name, folder, {**info, **{k: v for k, v in record.items() if v}}))
+    common = _request_fields(name, folder, info)
+    requested_size = _int(info.get("vocab_size"))
     if error_file.exists():
         text = error_file.read_text(encoding="utf-8", errors="replace").strip()
-        return TokenizerPublic(status="failed", error=text or "failed", vocab_size=info.get("vocab_size"),
-                               **common)
+        return TokenizerPublic(status="failed", error=text or "failed", vocab_size=requested_size,
+                               requested_vocab_size=requested_size, **common)
     if marker.exists():
-        return TokenizerPublic(status="pending", vocab_size=info.get("vocab_size"), **common)
+        return TokenizerPublic(status="pending", vocab_size=requested_size,
+                               requested_vocab_size=requested_size, **common)
     return None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _request_fields(name: str, folder: Path, info: dict) -> dict:
+    """name, path, dataset and requested_at of a tokenizer from its marker or record."""
+    requested = info.get("requested_at")
+    try:
+        requested_at = datetime.fromisoformat(requested) if isinstance(requested, str) else None
+    except ValueError:
+        requested_at = None
+    dataset = info.get("dataset")
+    return dict(name=name, path=str(folder), dataset=dataset if isinstance(dataset, str) else None,
+                requested_at=requested_at)
 
 
 def _vocab_size(folder: Path) -> int | None:
@@ -422,7 +448,8 @@ def create_tokenizer(name: NameParam, body: TokenizerCreate, settings: SettingsD
         raise ApiError(503, f"the broker is unreachable, nothing was queued: {result.error}",
                        code="broker_unavailable")
     return TokenizerPublic(name=name, status="pending", path=str(out_dir), dataset=body.dataset,
-                           vocab_size=body.vocab_size, requested_at=requested_at)
+                           vocab_size=body.vocab_size, requested_vocab_size=body.vocab_size,
+                           requested_at=requested_at)
 
 
 @router.get("/tokenizers", response_model=list[TokenizerPublic], summary="List tokenizers")

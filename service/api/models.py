@@ -225,10 +225,17 @@ class TokenizerPublic(BaseModel):
     name: str
     status: Literal["ready", "pending", "failed"]
     path: str
-    vocab_size: int | None = None
-    dataset: str | None = None
+    vocab_size: int | None = Field(None, description="Ids of the trained tokenizer when ready "
+                                   "(may be fewer than requested, see warnings); the requested "
+                                   "size while pending or failed.")
+    requested_vocab_size: int | None = Field(None, description="The vocab_size of the request.")
+    dataset: str | None = Field(None, description="The dataset of the request.")
     error: str | None = None
     requested_at: datetime | None = None
+    warnings: list[str] = Field(default_factory=list, description=(
+        "Problems of a ready tokenizer, e.g. 'the corpus has too little distinct text for 8192 "
+        "tokens: 294 learned' when the dataset yields fewer ids than the requested vocab_size "
+        "(train on more text, or ask for fewer ids)."))
 
 
 class SmokeStage(BaseModel):
