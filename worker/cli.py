@@ -5,7 +5,8 @@ first: the two config files < ``--preset`` < ``--smoke-test`` < explicit flags.
 
 Exit codes: 0 success (also ``--dry-run``), 2 invalid config (the message names the field),
 1 training failure (one-line reason), 75 interrupted by SIGTERM/SIGINT after writing a
-resumable checkpoint (run the same command again to resume).
+resumable checkpoint (run the same command again to resume), 130 Ctrl-C before training started
+or a second Ctrl-C during training (no checkpoint).
 """
 from __future__ import annotations
 
@@ -107,7 +108,21 @@ def _say(*lines: str, file=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "run_train.py") -> int:
-    """Parse ``argv``, validate, and train (or only report with ``--dry-run``). Returns the exit code."""
+    """Parse ``argv``, validate, and train (or only report with ``--dry-run``). Returns the exit
+    code (see the module docstring). Ctrl-C before the engine's signal handlers are installed
+    (imports, config checks) prints ``interrupted before training started`` and returns 130; a
+    second Ctrl-C during training (later than ``StopFlag.SAME_INTERRUPT_SECONDS`` after the
+    first) aborts without a checkpoint, one line, 130. Raises SystemExit for argparse errors."""
+    try:
+        return _main(argv, prog)
+    except KeyboardInterrupt as exc:  # one line, never a traceback
+        # the engine's double Ctrl-C says why; Python's default handler says nothing
+        _say(f"interrupted: {exc.args[0]}" if exc.args else "interrupted before training started",
+             file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None, prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
 
     from service.configs import resolve
@@ -156,6 +171,9 @@ def _train(validated, smoke_test: bool) -> int:
         bar.close()
         _say(f"error: {exc.reason}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # reported by main()
+        bar.close()
+        raise
     except MemoryError:
         bar.close()
         _say("error: out_of_memory: host memory exhausted", file=sys.stderr)

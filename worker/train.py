@@ -355,19 +355,35 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 class StopFlag:
     """SIGTERM/SIGINT set a flag that the loop checks at each optimizer-step boundary.
-    A second SIGINT raises KeyboardInterrupt at once (the usual double Ctrl-C)."""
+
+    A second SIGINT more than :attr:`SAME_INTERRUPT_SECONDS` after the first raises
+    KeyboardInterrupt at once (the usual double Ctrl-C: abort without a checkpoint). One
+    within that window is the same Ctrl-C delivered twice and is ignored: the terminal sends
+    SIGINT to the whole foreground process group and ``uv run`` forwards it to its child once
+    more, so ``uv run python run_train.py`` receives two SIGINTs for one Ctrl-C.
+    """
+
+    #: A repeated SIGINT within this many seconds of the first signal counts as the same one.
+    SAME_INTERRUPT_SECONDS = 1.0
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._received_at: float | None = None
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            if now - (self._received_at or now) < self.SAME_INTERRUPT_SECONDS:
+                return  # the same Ctrl-C, delivered twice
+            raise KeyboardInterrupt("second SIGINT: aborted without writing a checkpoint")
         self.signal = signum
+        if self._received_at is None:
+            self._received_at = now
         log.warning("received %s: stopping at the next optimizer-step boundary", signal.Signals(signum).name)
 
     def install(self) -> None:
+        """Install the SIGTERM/SIGINT handlers (main thread only; elsewhere logs and does nothing)."""
         if threading.current_thread() is not threading.main_thread():
             log.info("not in the main thread: SIGTERM/SIGINT handlers not installed")
             return
@@ -375,6 +391,14 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handler)
 
     def restore(self) -> None:
+        """Put back the handlers that :meth:`install` replaced. Within
+        :attr:`SAME_INTERRUPT_SECONDS` of a signal, first waits out the rest of that window
+        (under this flag's handler): a step boundary can come sooner than the repeat of the
+        same Ctrl-C, which Python's default handler would turn into a KeyboardInterrupt."""
+        if self._previous and self._received_at is not None:
+            remaining = self._received_at + self.SAME_INTERRUPT_SECONDS - time.monotonic()
+            if remaining > 0:
+                time.sleep(remaining)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
