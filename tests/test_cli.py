@@ -89,3 +89,23 @@ def test_validate_command_with_preset():
     done = run("-m", "service.cli", "validate", "--preset", "cpu-tiny")
     assert done.returncode == 0, done.stderr
     assert "estimate:" in done.stdout
+
+
+def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path, corpus, tokenizer_dir):
+    from conftest import TINY_MODEL, tiny_train_config
+
+    out = tmp_path / "run"
+    train, model = tmp_path / "train.yaml", tmp_path / "model.yaml"
+    train.write_text(yaml.safe_dump(tiny_train_config(out, corpus, tokenizer_dir, max_tokens=4 * 32 * 3)))
+    model.write_text(yaml.safe_dump(TINY_MODEL))
+    first = run("run_train.py", "--config", str(train), "--model-config", str(model))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.splitlines()[0] == "training finished"
+
+    again = run("run_train.py", "--config", str(train), "--model-config", str(model))
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = again.stdout.splitlines()
+    assert lines[0] == ("nothing to train: final/ is already at step 3 of 3; raise train.max_tokens "
+                        "(or use a new out_dir) to train more"), again.stdout
+    assert "training finished" not in again.stdout
+    assert "  optimizer steps : 3" in lines

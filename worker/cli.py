@@ -188,7 +188,12 @@ def _train(validated, smoke_test: bool) -> int:
         return 1
     bar.close()
     elapsed = time.perf_counter() - started
-    _say(*format_summary(result, elapsed, smoke_test))
+    planned = None
+    if result.stopped_by == "nothing_to_do":
+        from service.estimate import training_plan
+
+        planned = training_plan(validated.train, validated.model).optimizer_steps
+    _say(*format_summary(result, elapsed, smoke_test, planned_steps=planned))
     return 0
 
 
@@ -216,11 +221,20 @@ def _console_log() -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def format_summary(result, elapsed_s: float, smoke_test: bool) -> list[str]:
-    """Lines of the end-of-run summary printed by the CLI."""
+def format_summary(result, elapsed_s: float, smoke_test: bool, planned_steps: int | None = None) -> list[str]:
+    """Lines of the end-of-run summary printed by the CLI. When ``result.stopped_by`` is
+    ``"nothing_to_do"`` (``final/`` already held every planned step, so nothing trained), the
+    first line says so and how to train more instead of "training finished"; ``planned_steps``
+    (the plan's optimizer steps) completes that line when given. Raises nothing."""
     gib = result.peak_memory_bytes / 2**30 if result.peak_memory_bytes else 0.0
+    if result.stopped_by == "nothing_to_do":
+        of = f" of {planned_steps}" if planned_steps is not None else ""
+        first = (f"nothing to train: final/ is already at step {result.steps}{of}; raise "
+                 f"train.max_tokens (or use a new out_dir) to train more")
+    else:
+        first = "smoke test passed" if smoke_test else "training finished"
     lines = [
-        "smoke test passed" if smoke_test else "training finished",
+        first,
         f"  optimizer steps : {result.steps}",
         f"  tokens trained  : {result.tokens:,}",
         f"  final loss      : {result.final_loss:.4f}" if result.final_loss is not None else "  final loss      : -",
