@@ -51,35 +51,46 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _apply_settings(args: argparse.Namespace):
-    """Install the settings named by ``--home/--host/--port`` (else the environment) and return
-    them. Unsafe settings (e.g. listening beyond loopback with no API token) exit 2 with the reason."""
-    from service.settings import Settings, get_settings, settings_for_home, use_settings
+    """Install the settings named by ``--home/--host/--port`` (else the environment), create
+    their folders, and return them. Malformed or unsafe settings and folders that cannot be
+    created exit 2 (SystemExit) with one ``error: NAME: problem`` line per problem, NAME being
+    the flag or the ``MOEJOBS_*`` variable the user set."""
+    from service.settings import InvalidSettingsError, load_settings, use_settings
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    given = {"home": args.home, "host": args.host, "port": args.port}
+    values = {k: Path(v) if k == "home" else v for k, v in given.items() if v not in (None, "")}
+    labels = {k: f"--{k}" for k in values}
     try:
-        if args.home:
-            settings = settings_for_home(args.home, **overrides)
-        elif overrides:
-            settings = Settings(**overrides)
-        else:
-            settings = get_settings()
-    except Exception as exc:  # pydantic.ValidationError or UnsafeSettingsError: one clear line
-        raise SystemExit(f"error: invalid settings: {exc}") from None
+        settings = load_settings(**values)
+        settings.ensure_dirs()
+    except InvalidSettingsError as exc:
+        for line in exc.lines(labels):
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
     use_settings(settings)
     return settings
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
+    """Upgrade the database to the newest migration; exit 1 with one line when the database
+    cannot be reached (wrong host, port or password in MOEJOBS_DATABASE_URL, server down)."""
+    import sqlalchemy as sa
+
     from service.db import current_revision, make_engine, migrate
 
     settings = _apply_settings(args)
-    settings.ensure_dirs()
-    migrate(settings)
-    engine = make_engine(settings.database_url)
     try:
-        print(f"database at migration {current_revision(engine)}")
-    finally:
-        engine.dispose()
+        migrate(settings)
+        engine = make_engine(settings.database_url)
+        try:
+            print(f"database at migration {current_revision(engine)}")
+        finally:
+            engine.dispose()
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        url = sa.make_url(settings.database_url).render_as_string(hide_password=True)
+        reason = " ".join((str(exc.orig or exc).strip().splitlines() or [""])[0].split())
+        print(f"error: cannot reach the database of MOEJOBS_DATABASE_URL ({url}): {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -206,7 +217,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from service import client
 
     settings = _apply_settings(args)
-    settings.ensure_dirs()
     paths = seed_demo_data(settings.data_root)
     n_train = len(list(paths["train"].glob("*.txt")))
     print(f"== demo data: {n_train} training files of Python standard-library source and a "

@@ -83,17 +83,19 @@ def default_token() -> str | None:
 
 
 def _settings():
+    """The process's settings. Raises ClientError (exit code 2) whose message has one line per
+    problem, each naming the MOEJOBS_* variable (``MOEJOBS_PORT: expected an integer, got
+    'abc'``); the lines after the first start with ``error: `` as the commands print the first."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
-    from service.settings import UnsafeSettingsError, get_settings
+    from service.settings import InvalidSettingsError, UnsafeSettingsError, get_settings
 
     try:
         return get_settings()
-    except ValidationError as error:
-        fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in error.errors())
-        raise ClientError(f"invalid MOEJOBS_* settings: {fields}") from None
-    except UnsafeSettingsError as error:
-        raise ClientError(str(error)) from None
+    except (ValidationError, UnsafeSettingsError, SettingsError) as error:
+        lines = InvalidSettingsError.from_exception(error).lines()
+        raise ClientError("\nerror: ".join(lines), exit_code=2) from None
 
 
 # -- HTTP -----------------------------------------------------------------------------------------

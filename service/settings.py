@@ -16,7 +16,9 @@ Paths and URLs that are not set are derived from ``HOME`` (default ``~/.moejobs`
 Malformed values fail with ``pydantic.ValidationError``. Unsafe combinations (listening beyond
 loopback without ``API_TOKEN``; a heartbeat interval not shorter than the lease it renews) fail
 with :class:`UnsafeSettingsError`, whose message says what to change and, unlike pydantic's
-error, never echoes the input values (the token among them).
+error, never echoes the input values (the token among them). Commands build settings with
+:func:`load_settings`, which turns both into :class:`InvalidSettingsError`: one line per problem,
+naming the setting as the user wrote it (``MOEJOBS_PORT: expected an integer, got 'abc'``).
 """
 from __future__ import annotations
 
@@ -26,8 +28,11 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from collections.abc import Mapping, Sequence
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as _SourceError
 
 ENV_PREFIX = "MOEJOBS_"
 
@@ -39,6 +44,83 @@ class UnsafeSettingsError(Exception):
     """The settings are individually valid but unsafe together. Deliberately not a
     ``ValueError``, so pydantic does not wrap it (its wrapper prints every input value,
     secrets included)."""
+
+
+#: Settings whose values are never repeated in a message: they may carry a password or token.
+_SECRET_FIELDS = frozenset({"api_token", "database_url", "broker_url"})
+
+#: pydantic error types -> what was expected, for values that do not parse.
+_EXPECTED = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
+    "bool_parsing": "true or false", "bool_type": "true or false",
+}
+
+
+def setting_name(field: str, labels: Mapping[str, str] | None = None) -> str:
+    """How the user wrote setting ``field``: ``labels[field]`` (e.g. ``--port`` when the CLI
+    flag gave it), else its environment variable ``MOEJOBS_<FIELD>``."""
+    return (labels or {}).get(field) or ENV_PREFIX + field.upper()
+
+
+class InvalidSettingsError(Exception):
+    """Settings that cannot be used, as one line per problem for a user.
+
+    ``problems`` holds ``(field, text)`` pairs; ``field`` is a :class:`Settings` field name, or
+    None when ``text`` already names what to change. :meth:`lines` renders them as
+    ``NAME: text`` with the name the user wrote; ``str()`` joins those lines with "; ". No
+    line repeats the value of a setting that may hold a secret (token, database or broker URL).
+    """
+
+    def __init__(self, problems: Sequence[tuple[str | None, str]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.lines()))
+
+    def lines(self, labels: Mapping[str, str] | None = None) -> list[str]:
+        """One line per problem, each naming the setting: ``labels`` maps a field to the name
+        the user gave it (a CLI flag such as ``--home``); others are ``MOEJOBS_<FIELD>``. In a
+        line that names settings itself (an unsafe combination), the variables of labelled
+        fields are replaced by their labels."""
+        lines = []
+        for field, text in self.problems:
+            if field is not None:
+                lines.append(f"{setting_name(field, labels)}: {text}")
+                continue
+            for name, label in (labels or {}).items():
+                text = text.replace(setting_name(name), label)
+            lines.append(text)
+        return lines
+
+    @classmethod
+    def from_exception(cls, error: Exception) -> "InvalidSettingsError":
+        """The problems of a ``pydantic.ValidationError`` (one per error), an
+        :class:`UnsafeSettingsError` or a pydantic-settings source error (one each)."""
+        if isinstance(error, InvalidSettingsError):
+            return error
+        if isinstance(error, ValidationError):
+            return cls([_problem(e) for e in error.errors(include_url=False)])
+        return cls([(None, " ".join(str(error).split()))])
+
+
+def _problem(error: Mapping) -> tuple[str | None, str]:
+    """``(field, text)`` for one entry of ``ValidationError.errors()``."""
+    loc = error.get("loc") or ()
+    field = str(loc[0]) if loc else None
+    kind, message, value = error.get("type", ""), str(error.get("msg", "")), error.get("input")
+    if kind == "value_error":  # our validators' messages say what is wrong and show what they may
+        return field, message.removeprefix("Value error, ")
+    if kind in _EXPECTED:
+        text = f"expected {_EXPECTED[kind]}"
+    else:
+        text = message[:1].lower() + message[1:]
+        for prefix, replacement in (("input should be", "must be"), ("string should", "must"),
+                                    ("input should", "must")):
+            if text.startswith(prefix):
+                text = replacement + text[len(prefix):]
+                break
+    if field not in _SECRET_FIELDS and isinstance(value, (str, int, float)):
+        text += f", got {value!r}"
+    return field, text
 
 
 def is_loopback_host(host: str) -> bool:
@@ -64,6 +146,27 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+#: Database URL schemes moejobs can use, after :func:`normalize_database_url`.
+DATABASE_SCHEMES = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
+
+DATABASE_URL_FORMS = ("sqlite:///PATH (the embedded default) or "
+                      "postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME "
+                      "(postgres://, postgresql:// and postgresql+psycopg2:// mean the same)")
+
+
+def check_database_url(url: str) -> str:
+    """``url`` normalised (:func:`normalize_database_url`) when its scheme is one moejobs can use
+    (:data:`DATABASE_SCHEMES`). Raises ValueError listing the accepted forms otherwise; the
+    message repeats the scheme only, never the URL (it may hold a password)."""
+    url = normalize_database_url(url.strip())
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL; use {DATABASE_URL_FORMS}")
+    if scheme.lower() not in DATABASE_SCHEMES:
+        raise ValueError(f"unsupported scheme {scheme + '://'!r}; use {DATABASE_URL_FORMS}")
+    return url
+
+
 class Settings(BaseSettings):
     """All of moejobs' configuration. Build one with :func:`get_settings` (cached, from the
     environment) or ``Settings(home=..., ...)`` (explicit values win over the environment).
@@ -81,6 +184,8 @@ class Settings(BaseSettings):
         validate_default=True,
         # Environment variables set to "" count as unset (e.g. MOEJOBS_API_TOKEN=).
         env_ignore_empty=True,
+        # str(ValidationError) must not print a database URL's password or the token.
+        hide_input_in_errors=True,
     )
 
     home: Path = Field(
@@ -240,6 +345,11 @@ class Settings(BaseSettings):
             return indices
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        return None if value is None else check_database_url(value)
+
     @field_validator("api_token", mode="before")
     @classmethod
     def _blank_token_is_none(cls, value: object) -> object:
@@ -291,14 +401,25 @@ class Settings(BaseSettings):
         return self.runs_dir / str(run_id)
 
     def ensure_dirs(self) -> None:
-        """Create HOME, DATA_ROOT, RUNS_DIR and the folders of SQLite database/broker files."""
+        """Create HOME, DATA_ROOT, RUNS_DIR and the folders of SQLite database/broker files.
+
+        Raises:
+            InvalidSettingsError: a folder cannot be created; the message names the setting
+                it comes from and the operating system's reason.
+        """
         assert self.data_root is not None and self.runs_dir is not None
-        for folder in (self.home, self.data_root, self.runs_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        for url in (self.database_url, self.broker_url):
-            path = sqlite_path(url or "")
+        folders: list[tuple[str, Path]] = [("home", self.home), ("data_root", self.data_root),
+                                           ("runs_dir", self.runs_dir)]
+        for field in ("database_url", "broker_url"):
+            path = sqlite_path(getattr(self, field) or "")
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                folders.append((field, path.parent))
+        for field, folder in folders:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise InvalidSettingsError(
+                    [(field, f"cannot create the folder {folder}: {error.strerror or error}")]) from None
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``MOEJOBS_*`` environment variables, for child processes (a
@@ -360,3 +481,16 @@ def settings_for_home(home: str | os.PathLike[str], **overrides: object) -> Sett
     """Settings rooted at ``home`` (what ``--home DIR`` means), other values from the
     environment unless given in ``overrides``."""
     return Settings(home=Path(home), **overrides)
+
+
+def load_settings(**values: object) -> Settings:
+    """``Settings(**values)`` (explicit values win over the environment) for a command to use.
+
+    Raises:
+        InvalidSettingsError: with one problem per malformed value, or the unsafe combination,
+            instead of pydantic's multi-line error.
+    """
+    try:
+        return Settings(**values)
+    except (ValidationError, UnsafeSettingsError, _SourceError) as error:
+        raise InvalidSettingsError.from_exception(error) from None

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
 from worker.cli import build_parser, train_overrides
@@ -109,3 +112,70 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path, corpu
                         "(or use a new out_dir) to train more"), again.stdout
     assert "training finished" not in again.stdout
     assert "  optimizer steps : 3" in lines
+
+
+# -- settings errors: one line per problem naming the setting as written, exit 2 -------------------
+
+
+def moejobs(*argv: str, tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    """``python -m service.cli ARGV`` with no MOEJOBS_* variable but ``variables`` (and a home
+    under ``tmp_path`` unless given)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
+    env.setdefault("MOEJOBS_HOME", str(tmp_path / "home"))
+    env.update(variables)
+    return subprocess.run([sys.executable, "-m", "service.cli", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", [
+    ["migrate"], ["serve"], ["worker"], ["up"], ["demo", "--skip-smoke-test", "--exit"], ["runs"],
+    ["status", str(uuid.uuid4())], ["download", str(uuid.uuid4())],
+])
+def test_a_malformed_setting_is_one_line_naming_the_variable(tmp_path, command):
+    done = moejobs(*command, tmp_path=tmp_path, MOEJOBS_PORT="abc")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "error: MOEJOBS_PORT: expected an integer, got 'abc'\n"
+
+
+def test_every_malformed_setting_gets_its_own_line(tmp_path):
+    done = moejobs("migrate", tmp_path=tmp_path, MOEJOBS_PORT="abc", MOEJOBS_LEASE_SECONDS="soon")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: MOEJOBS_PORT: expected an integer, got 'abc'",
+                                        "error: MOEJOBS_LEASE_SECONDS: expected a number, got 'soon'"]
+
+
+def test_an_unknown_database_scheme_lists_the_accepted_forms(tmp_path):
+    done = moejobs("migrate", tmp_path=tmp_path, MOEJOBS_DATABASE_URL="bogus://user:hunter2@db/moejobs")
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: MOEJOBS_DATABASE_URL: unsupported scheme 'bogus://'")
+    assert "sqlite:///PATH" in line and "postgresql+psycopg://" in line and "postgresql://" in line
+    assert "hunter2" not in line  # a URL's password is never repeated
+
+
+def test_a_home_that_cannot_be_created_names_the_flag_or_variable(tmp_path):
+    done = moejobs("migrate", "--home", "/proc/nope", tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == "error: --home: cannot create the folder /proc/nope: No such file or directory\n"
+    (tmp_path / "a-file").write_text("")
+    done = moejobs("migrate", tmp_path=tmp_path, MOEJOBS_HOME=str(tmp_path / "a-file" / "home"))
+    assert done.returncode == 2
+    assert done.stderr == (f"error: MOEJOBS_HOME: cannot create the folder {tmp_path / 'a-file' / 'home'}: "
+                           f"Not a directory\n")
+
+
+def test_an_unsafe_flag_is_named_as_written(tmp_path):
+    done = moejobs("serve", "--host", "0.0.0.0", tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: --host=0.0.0.0 listens beyond this machine but no API token")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_an_unreachable_database_is_one_line_without_the_password(tmp_path):
+    done = moejobs("migrate", tmp_path=tmp_path,
+                   MOEJOBS_DATABASE_URL="postgresql://nobody:hunter2@127.0.0.1:1/moejobs")
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: cannot reach the database of MOEJOBS_DATABASE_URL "
+                           "(postgresql+psycopg://nobody:***@127.0.0.1:1/moejobs): ")
+    assert "hunter2" not in line

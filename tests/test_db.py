@@ -149,6 +149,39 @@ def test_malformed_values_are_validation_errors(clean_env, tmp_path):
         Settings(home=tmp_path)
 
 
+@pytest.mark.parametrize("url, expected", [
+    ("sqlite:///x.sqlite3", "sqlite:///x.sqlite3"), ("sqlite://", "sqlite://"),
+    ("sqlite+pysqlite:///x", "sqlite+pysqlite:///x"),
+    ("postgresql+psycopg://u@h/d", "postgresql+psycopg://u@h/d"),
+    ("postgres://u@h/d", "postgresql+psycopg://u@h/d"),
+    ("postgresql+psycopg2://u@h/d", "postgresql+psycopg://u@h/d"),
+])
+def test_database_urls_moejobs_can_use(clean_env, tmp_path, url, expected):
+    assert Settings(home=tmp_path, database_url=url).database_url == expected
+
+
+@pytest.mark.parametrize("url", ["bogus://x", "mysql://u:hunter2@h/d",
+                                 "postgresql+asyncpg://u:hunter2@h/d", "hunter2"])
+def test_other_database_urls_are_refused_without_echoing_them(clean_env, tmp_path, url):
+    with pytest.raises(ValidationError, match="database_url") as info:
+        Settings(home=tmp_path, database_url=url)
+    assert "hunter2" not in str(info.value)
+    problem = settings_module.InvalidSettingsError.from_exception(info.value)
+    [line] = problem.lines()
+    assert line.startswith("MOEJOBS_DATABASE_URL: ") and "sqlite:///PATH" in line
+    assert "hunter2" not in line
+
+
+def test_load_settings_names_flags_and_variables(clean_env, tmp_path):
+    clean_env.setenv("MOEJOBS_LEASE_SECONDS", "soon")
+    with pytest.raises(settings_module.InvalidSettingsError) as info:
+        settings_module.load_settings(home=tmp_path, port=0)
+    assert info.value.lines({"port": "--port"}) == [
+        "--port: must be greater than or equal to 1, got 0",
+        "MOEJOBS_LEASE_SECONDS: expected a number, got 'soon'",
+    ]
+
+
 def test_to_env_round_trips(clean_env, tmp_path):
     original = Settings(home=tmp_path, host="0.0.0.0", api_token="tok", worker_gpus="0,1",
                         allow_unschedulable=True, lease_seconds=60)
