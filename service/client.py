@@ -489,11 +489,13 @@ def download(base_url: str | None, run_id: str, step: int | str | None = None,
     with _client(base_url, token, timeout=httpx.Timeout(REQUEST_TIMEOUT, read=300.0)) as client:
         try:
             with client.stream("GET", path, headers={"Accept": "application/x-tar"}) as response:
+                what = f"checkpoint {'final' if ref == 'final' else 'step ' + ref} of run {run_id}"
                 if response.status_code >= 400:
                     response.read()
-                _raise_for_status(client, response,
-                                  f"checkpoint {'final' if ref == 'final' else 'step ' + ref} "
-                                  f"of run {run_id}")
+                    if response.status_code == 404 and _error_code(response) == "checkpoint_not_found":
+                        raise ClientError(missing_checkpoint_message(client, run_id, what),
+                                          status_code=404, body=_json_or_none(response))
+                _raise_for_status(client, response, what)
                 total = int(response.headers.get("content-length") or 0) or None
                 if as_tar:
                     _stream_to_file(response, target, total, stdout)
@@ -508,6 +510,58 @@ def download(base_url: str | None, run_id: str, step: int | str | None = None,
             raise ClientError(f"download from {client.base_url} failed: {error}") from None
     print(f"checkpoint {label} of run {run_id} -> {target}", file=stdout)
     return target
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    """The ``code`` of an API error body (``checkpoint_not_found``, ...), else None."""
+    body = _json_or_none(response)
+    return str(body["code"]) if isinstance(body, dict) and body.get("code") else None
+
+
+#: How many checkpoint names a "not found" message lists (the newest ones).
+LISTED_CHECKPOINTS = 5
+
+
+def missing_checkpoint_message(client: httpx.Client, run_id: str, what: str) -> str:
+    """The one-line message for a checkpoint the run does not have: ``not found: WHAT``, the
+    run's status, and the checkpoints it does have (``GET /runs/{id}/checkpoints``, the newest
+    :data:`LISTED_CHECKPOINTS`) with the ``--step`` that picks one, e.g. for a cancelled run
+    ``...; its checkpoints: step-00000036, step-00000039; download one with --step N (e.g.
+    --step 39)``. When those extra reads fail, the message is ``not found: WHAT`` alone.
+    Raises nothing."""
+    message = f"not found: {what}"
+    try:
+        run = _json(_request(client, "GET", _run_path(run_id), what=f"run {run_id}"))
+        checkpoints = _items(_json(_request(client, "GET", f"{_run_path(run_id)}/checkpoints",
+                                            what=f"run {run_id}")))
+    except ClientError:
+        return message
+    status = run.get("status") if isinstance(run, dict) else None
+    if status:
+        message += f" (the run is {status})"
+    names = [c.get("name") for c in checkpoints if isinstance(c, dict) and c.get("name")]
+    if not names:
+        return message + "; it has no checkpoints" + ("" if status in TERMINAL else " yet")
+    shown = names[-LISTED_CHECKPOINTS:]
+    listed = ", ".join(shown)
+    if len(names) > len(shown):
+        listed = f"{len(names) - len(shown)} older, " + listed
+    steps = [c.get("step") for c in checkpoints
+             if isinstance(c, dict) and c.get("name") != "final" and isinstance(c.get("step"), int)]
+    hints = []
+    if steps:
+        hints.append(f"--step {steps[-1]}" if len(steps) == 1 else f"--step N (e.g. --step {steps[-1]})")
+    if "final" in names:
+        hints.append("without --step for final")
+    message += f"; its checkpoints: {listed}"
+    return f"{message}; download one with {' or '.join(hints)}" if hints else message
 
 
 def _stream_to_file(response: httpx.Response, target: Path, total: int | None,

@@ -263,6 +263,31 @@ def test_download_missing_checkpoint_is_one_line(server, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_download_of_a_run_without_final_lists_its_checkpoints(server, tmp_path, capsys):
+    run_id = make_run(server, "cancelled-midway")
+    attempt = start_run(server, run_id)
+    write_checkpoint(server, run_id, "step-00000036", 36)
+    write_checkpoint(server, run_id, "step-00000039", 39)
+    finish_run(server, run_id, "cancelled", attempt=attempt)
+
+    code = run_cli(["download", str(run_id), "--out", str(tmp_path / "m"), "--url", server.url])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == (f"error: not found: checkpoint final of run {run_id} (the run is cancelled); "
+                   f"its checkpoints: step-00000036, step-00000039; download one with --step N "
+                   f"(e.g. --step 39)\n")
+    assert not (tmp_path / "m").exists()
+    # the flag it names works
+    assert run_cli(["download", str(run_id), "--step", "39", "--out", str(tmp_path / "m"),
+                    "--url", server.url]) == 0
+    assert (tmp_path / "m" / "lit_model.pth").is_file()
+
+    queued = make_run(server, "queued-no-checkpoints")
+    assert run_cli(["download", str(queued), "--out", str(tmp_path / "q"), "--url", server.url]) == 1
+    assert capsys.readouterr().err == (f"error: not found: checkpoint final of run {queued} "
+                                       f"(the run is queued); it has no checkpoints yet\n")
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 
