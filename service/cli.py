@@ -150,7 +150,7 @@ def _start_stack(settings):
     stack = LocalStack(settings)
     print(f"starting the API and one worker under {settings.home} (logs in {stack.log_dir}) ...", flush=True)
     try:
-        stack.start()
+        stack.start(progress=lambda line: print(line, flush=True))
     except StackError as exc:
         stack.stop(timeout=10)
         raise SystemExit(f"error: {exc}") from None

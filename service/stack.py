@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -23,6 +25,24 @@ from service.settings import Settings
 
 class StackError(RuntimeError):
     """A child process died or the API did not become ready in time; the message says which."""
+
+
+#: Seconds between "still waiting" lines while the stack is not ready.
+PROGRESS_EVERY_S = 15.0
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***`` (``redis://:pw@h/0`` ->
+    ``redis://:***@h/0``); other URLs unchanged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class LocalStack:
@@ -53,21 +73,39 @@ class LocalStack:
         )
         log.close()
 
-    def start(self, ready_timeout: float = 180.0) -> None:
+    def start(self, ready_timeout: float = 180.0,
+              progress: Callable[[str], None] | None = None) -> None:
         """Migrate, start both children, and wait until ``GET /readyz`` answers 200.
 
+        ``progress`` (e.g. ``print``) gets a line whenever what the stack waits for changes
+        (the API to answer; the broker, the database or the worker, as /readyz names them) and
+        a "still waiting" line every :data:`PROGRESS_EVERY_S` seconds.
+
         Raises:
-            StackError: a child exited, or readiness did not come within ``ready_timeout`` s
-                (the message quotes the last lines of that child's log and of /readyz).
+            StackError: the database could not be migrated (names MOEJOBS_DATABASE_URL), a
+                child exited, or readiness did not come within ``ready_timeout`` s: the message
+                names the setting of what was down (MOEJOBS_BROKER_URL for the broker) or
+                quotes the last lines of that child's log and of /readyz.
         """
+        import sqlalchemy as sa
+
         from service.db import migrate
 
+        say = progress or (lambda line: None)
         self.settings.ensure_dirs()
-        migrate(self.settings)
+        try:
+            migrate(self.settings)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            reason = " ".join((str(exc.orig or exc).strip().splitlines() or [""])[0].split())
+            raise StackError(f"cannot migrate the database of MOEJOBS_DATABASE_URL "
+                             f"({redact_url(self.settings.database_url or '')}): {reason}") from None
         self._spawn("worker", ["-m", "worker.celery_app"])
         self._spawn("api", ["-m", "service.cli", "serve"])
-        deadline = time.monotonic() + ready_timeout
-        last = "no answer"
+        started = time.monotonic()
+        deadline = started + ready_timeout
+        last, down, errors = "no answer", ["api"], {}
+        shown: list[str] = []
+        shown_at = started
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
@@ -78,10 +116,61 @@ class LocalStack:
                 if response.status_code == 200:
                     return
                 last = response.text
+                down, errors = self._down(response)
             except httpx.HTTPError as exc:
-                last = str(exc)
+                last, down, errors = str(exc), ["api"], {}
+            now = time.monotonic()
+            if down != shown:  # a line when what is down changes, not for every new error text
+                say(f"waiting for {self._waiting_for(down, errors)}")
+                shown, shown_at = down, now
+            elif now - shown_at >= PROGRESS_EVERY_S:
+                say(f"still waiting ({now - started:.0f} s of {ready_timeout:.0f} s) for "
+                    f"{self._waiting_for(down, {})}")
+                shown_at = now
             time.sleep(0.5)
-        raise StackError(f"the API at {self.base_url} was not ready after {ready_timeout:.0f} s: {last}")
+        raise StackError(self._gave_up(ready_timeout, down, errors, last))
+
+    @staticmethod
+    def _down(response: httpx.Response) -> tuple[list[str], dict[str, str]]:
+        """The components a 503 from /readyz names as down, and their errors."""
+        try:
+            body = response.json()
+        except ValueError:
+            return ["api"], {}
+        if not isinstance(body, dict) or not isinstance(body.get("down"), list):
+            return ["api"], {}
+        checks = body.get("checks") if isinstance(body.get("checks"), dict) else {}
+        errors = {name: str((checks.get(name) or {}).get("error") or "") for name in body["down"]}
+        return [str(name) for name in body["down"]], errors
+
+    def _what(self, name: str) -> str:
+        if name == "broker":
+            return f"the broker at MOEJOBS_BROKER_URL={redact_url(self.settings.broker_url or '')}"
+        if name == "database":
+            return f"the database at MOEJOBS_DATABASE_URL={redact_url(self.settings.database_url or '')}"
+        if name == "workers":
+            return f"the worker to register (log: {self.log_dir / 'worker.log'})"
+        if name == "api":
+            return f"the API to answer at {self.base_url}"
+        return name
+
+    def _waiting_for(self, down: list[str], errors: dict[str, str]) -> str:
+        return "; ".join(self._what(name) + (f" ({errors[name]})" if errors.get(name) else "")
+                         for name in down)
+
+    def _gave_up(self, timeout: float, down: list[str], errors: dict[str, str], last: str) -> str:
+        if "broker" in down:
+            return (f"gave up after {timeout:.0f} s: {self._what('broker')} did not answer"
+                    + (f" ({errors['broker']})" if errors.get("broker") else "")
+                    + "; start that broker, or set MOEJOBS_BROKER_URL to one that runs (unset, it "
+                    "is the embedded SQLite broker under MOEJOBS_HOME)")
+        if "database" in down:
+            return (f"gave up after {timeout:.0f} s: {self._what('database')} is not ready"
+                    + (f" ({errors['database']})" if errors.get("database") else ""))
+        if "workers" in down:
+            return (f"gave up after {timeout:.0f} s: the worker did not register; its log ends:\n"
+                    f"{self.tail('worker')}")
+        return f"the API at {self.base_url} was not ready after {timeout:.0f} s: {last}\n{self.tail('api')}"
 
     def _auth(self) -> dict[str, str]:
         token = self.settings.api_token
