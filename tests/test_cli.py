@@ -45,6 +45,24 @@ def test_dry_run_of_the_shipped_configs_explains_them():
     assert "262,144" in done.stdout  # tokens actually trained
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="the production preset's flash kernels can run on this GPU")
+def test_dry_run_runs_the_engine_preflight():
+    """The production preset forces flash-attention kernels: on this CPU-only machine the dry
+    run fails like the real run would (exit 2, the field named), after printing the estimate."""
+    done = run("run_train.py", "--dry-run", "--preset", "production")
+    assert done.returncode == 2, done.stderr
+    assert "plan.optimizer_steps" in done.stdout
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: invalid_config: optimization.flash_attention_force: flash-attention kernels need a CUDA GPU")
+    assert "Traceback" not in done.stderr
+
+
 def test_smoke_test_then_flags_win(tmp_path):
     # --smoke-test sets micro 1 / global 1 / 64 tokens / seq 64; an explicit flag wins over it.
     done = run("run_train.py", "--dry-run", "--smoke-test", "--max-seq-length", "32", "--max-tokens", "128")

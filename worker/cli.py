@@ -146,8 +146,27 @@ def _main(argv: list[str] | None, prog: str) -> int:
         from service.estimate import estimate
 
         _say(*format_estimate(estimate(validated.train, validated.model)))
-        return 0
+        return _dry_run_preflight(validated)
     return _train(validated, smoke_test=args.smoke_test)
+
+
+def _dry_run_preflight(validated) -> int:
+    """The engine's device pre-flight (``worker.train.preflight``) for ``--dry-run``, so a
+    config this machine cannot run fails the dry run with the same line and exit code as the
+    real run. Skipped, with a note, on an install without torch."""
+    from worker.errors import EngineError
+
+    try:
+        from worker.train import preflight
+    except ImportError as exc:
+        _say(f"note: device pre-flight skipped: training needs the 'train' extra ({exc})", file=sys.stderr)
+        return 0
+    try:
+        preflight(validated.train)
+    except EngineError as exc:
+        _say(f"error: {exc.reason}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
 
 
 def _train(validated, smoke_test: bool) -> int:
