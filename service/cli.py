@@ -95,9 +95,21 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from service.main import serve
+    from service.db import open_database
+    from service.main import StartupError, check_schema, serve
 
-    serve(_apply_settings(args))
+    settings = _apply_settings(args)
+    # The app's lifespan makes the same check; doing it first turns uvicorn's start-up
+    # traceback into one line that says what to do.
+    db = open_database(settings)
+    try:
+        check_schema(db, settings)
+    except StartupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    serve(settings)
     return 0
 
 

@@ -197,3 +197,19 @@ def test_an_unreachable_database_is_one_line_without_the_password(tmp_path):
     assert line.startswith("error: cannot reach the database of MOEJOBS_DATABASE_URL "
                            "(postgresql+psycopg://nobody:***@127.0.0.1:1/moejobs): ")
     assert "hunter2" not in line
+
+
+def test_serve_on_a_database_that_is_not_ready_is_one_line(tmp_path):
+    """Not migrated, or unreachable: `moejobs serve` says what to do instead of uvicorn's
+    start-up traceback, and does not start listening."""
+    done = moejobs("serve", "--port", "8799", tmp_path=tmp_path)
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: database sqlite:///") and "has no moejobs tables" in line
+    assert "run `moejobs migrate`" in line
+    done = moejobs("serve", "--port", "8799", tmp_path=tmp_path,
+                   MOEJOBS_DATABASE_URL="postgresql://nobody:hunter2@127.0.0.1:1/moejobs")
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: database postgresql+psycopg://nobody:***@127.0.0.1:1/moejobs is unreachable")
+    assert "hunter2" not in line
