@@ -167,6 +167,23 @@ def check_database_url(url: str) -> str:
     return url
 
 
+def check_broker_url(url: str) -> str:
+    """``url`` stripped, when its scheme names a kombu transport (``redis://``, ``rediss://``,
+    ``amqp://``, ``sqla+sqlite://``...: kombu's ``TRANSPORT_ALIASES``, so the check follows the
+    installed kombu). Raises ValueError naming the scheme (never the URL: it may hold a
+    password) and the usual forms otherwise."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    url = url.strip()
+    scheme, sep, _ = url.partition("://")
+    transport = scheme.split("+", 1)[0].lower()
+    if not sep or transport not in {alias.lower() for alias in TRANSPORT_ALIASES}:
+        shown = f"unsupported scheme {scheme + '://'!r}" if sep else "not a broker URL"
+        raise ValueError(f"{shown}; use redis://HOST:6379/0 (production) or "
+                         f"sqla+sqlite:///PATH (embedded), or another kombu transport")
+    return url
+
+
 class Settings(BaseSettings):
     """All of moejobs' configuration. Build one with :func:`get_settings` (cached, from the
     environment) or ``Settings(home=..., ...)`` (explicit values win over the environment).
@@ -349,6 +366,11 @@ class Settings(BaseSettings):
     @classmethod
     def _known_database(cls, value: str | None) -> str | None:
         return None if value is None else check_database_url(value)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, value: str | None) -> str | None:
+        return None if value is None else check_broker_url(value)
 
     @field_validator("api_token", mode="before")
     @classmethod

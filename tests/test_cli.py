@@ -171,6 +171,16 @@ def test_an_unknown_database_scheme_lists_the_accepted_forms(tmp_path):
     assert "hunter2" not in line  # a URL's password is never repeated
 
 
+def test_an_unknown_broker_scheme_is_named_before_celery_sees_it(tmp_path):
+    done = moejobs("migrate", tmp_path=tmp_path, MOEJOBS_BROKER_URL="bogus://user:hunter2@mq/0")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("error: MOEJOBS_BROKER_URL: unsupported scheme 'bogus://'; use "
+                           "redis://HOST:6379/0 (production) or sqla+sqlite:///PATH (embedded), "
+                           "or another kombu transport\n")
+    for good in ("redis://127.0.0.1:6379/3", f"sqla+sqlite:///{tmp_path / 'b.sqlite3'}"):
+        assert moejobs("migrate", tmp_path=tmp_path, MOEJOBS_BROKER_URL=good).returncode == 0, good
+
+
 def test_a_home_that_cannot_be_created_names_the_flag_or_variable(tmp_path):
     done = moejobs("migrate", "--home", "/proc/nope", tmp_path=tmp_path)
     assert done.returncode == 2
