@@ -76,3 +76,32 @@ def test_installed_wheel_migrates_and_loads_presets_outside_the_checkout(wheel, 
     with sqlite3.connect(home / "moejobs.sqlite3") as db:
         tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
     assert {"alembic_version", "runs", "metric_points", "checkpoints"} <= tables
+
+
+def test_api_only_install_has_no_torch_and_reaches_a_redis_broker(tmp_path):
+    """`uv sync --no-dev --no-default-groups` (the API image's install): no torch, and kombu's
+    Redis transport works (it imports `packaging`, which only torch's dependencies brought in
+    before `celery[redis]`)."""
+    from test_worker_support import require_redis
+
+    broker = require_redis()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOEJOBS_", "VIRTUAL_ENV"))}
+    env["UV_PROJECT_ENVIRONMENT"] = str(tmp_path / "venv")
+    done = subprocess.run([shutil.which("uv") or "uv", "sync", "--frozen", "--no-dev",
+                           "--no-default-groups", "--quiet"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    code = (
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('torch') is None, 'torch in an API-only install'\n"
+        "from service.settings import Settings\n"
+        "from service.queue import check_broker, make_celery\n"
+        f"s = Settings(home={str(tmp_path / 'home')!r}, broker_url={broker!r})\n"
+        "problem = check_broker(make_celery(s), s.celery_queue)\n"
+        "print(problem or 'broker up')\n"
+    )
+    env["MOEJOBS_HOME"] = str(tmp_path / "home")
+    ran = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", code], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip() == "broker up"
