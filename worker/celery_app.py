@@ -138,13 +138,18 @@ def run_worker(settings: Settings | None = None, *, loglevel: str = "INFO",
                hostname: str | None = None) -> int:
     """Run a worker in this process until it is stopped (SIGTERM/SIGINT); returns its exit
     code. ``settings`` (default: from the environment) are installed process-wide first.
-    Raises nothing for a normal stop; a worker that cannot start (database not migrated,
-    broker unreachable) exits non-zero with Celery's message."""
+    Raises nothing for a normal stop. A database that is unreachable or not migrated is
+    checked before Celery starts: one ``error:`` line on stderr and exit code 2. A broker that
+    cannot be reached is Celery's to report (it retries)."""
     global _app
     if settings is not None:
         use_settings(settings)
     settings = get_settings()
     settings.ensure_dirs()
+    problem = _database_problem(settings)
+    if problem is not None:  # Celery would log an exception raised in worker_init and go on
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=getattr(logging, loglevel.upper(), logging.INFO),
                         format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     with _lock:
@@ -154,6 +159,22 @@ def run_worker(settings: Settings | None = None, *, loglevel: str = "INFO",
     except SystemExit as stop:
         return int(stop.code or 0) if not isinstance(stop.code, str) else 1
     return 0
+
+
+def _database_problem(settings: Settings) -> str | None:
+    """Why this worker cannot use the database (unreachable, or not migrated to the code's
+    revision: the message says to run ``moejobs migrate``), or None."""
+    from service.db import open_database
+    from service.main import StartupError, check_schema
+
+    db = open_database(settings)
+    try:
+        check_schema(db, settings)
+    except StartupError as error:
+        return str(error).replace("start the server again", "start the worker again")
+    finally:
+        db.dispose()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
