@@ -15,13 +15,14 @@ ENV UV_PROJECT_ENVIRONMENT=/app/.venv UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV
 
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --extra train --no-install-project
-RUN if [ "$FLASH_ATTN" = "1" ]; then uv pip install --no-build-isolation flash-attn; fi
 COPY service ./service
 COPY worker ./worker
 COPY migrations ./migrations
 COPY alembic.ini run_train.py ./
 COPY configs ./configs
 RUN uv sync --frozen --no-dev --extra train
+# After the last `uv sync`: a sync removes every package the lock file does not list.
+RUN if [ "$FLASH_ATTN" = "1" ]; then uv pip install --no-build-isolation flash-attn; fi
 
 # One worker process per GPU slot: MOEJOBS_WORKER_GPUS narrows what this container uses.
 CMD ["moejobs", "worker"]
