@@ -9,7 +9,8 @@ ENV UV_PROJECT_ENVIRONMENT=/app/.venv UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy PY
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project
 COPY service ./service
-COPY worker/__init__.py worker/errors.py ./worker/
+COPY worker ./worker
+COPY run_train.py ./
 COPY migrations ./migrations
 COPY alembic.ini ./
 COPY configs ./configs

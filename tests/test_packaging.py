@@ -105,3 +105,10 @@ def test_api_only_install_has_no_torch_and_reaches_a_redis_broker(tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.strip() == "broker up"
+    # the CLI's torch-free commands work there too (the API image copies worker/ for them)
+    checked = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-m", "service.cli",
+                              "validate"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "549,146,880" in checked.stdout
+    assert "device pre-flight skipped: training needs the 'train' extra" in checked.stderr
