@@ -45,6 +45,12 @@ def test_readyz_names_the_broker_when_it_is_unreachable(make_api):
     created = env.client.post("/runs", json=body())
     assert created.status_code == 201 and created.json()["enqueued"] is False
     assert created.json()["status"] == "queued"
+    assert created.json()["warnings"][-1] == {"loc": ["body"], "msg": (
+        "the broker did not take the run's message (see GET /readyz): the run stays queued and "
+        "a worker's reconciler sends it again after MOEJOBS_QUEUED_STALE_SECONDS (300 s)")}
+    # the warning belongs to that answer, not to the stored run
+    run = env.client.get(f"/runs/{created.json()['id']}").json()
+    assert not any("did not take" in w["msg"] for w in run["warnings"]), run["warnings"]
 
 
 def test_readyz_names_workers_when_none_is_live(make_api):

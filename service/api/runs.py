@@ -36,6 +36,7 @@ from service.api.models import (
     CheckpointPublic,
     DownloadLink,
     EventPublic,
+    IssueOut,
     MetricPage,
     MetricRow,
     RouterPage,
@@ -98,6 +99,11 @@ async def create_run(request: Request, settings: SettingsDep, celery: CeleryDep,
 
     submitted = await run_in_threadpool(work)
     public = RunPublic.of(submitted.run)
+    if not submitted.enqueued:  # said in this answer only: it is about the delivery, not the run
+        public.warnings.append(IssueOut(loc=["body"], msg=(
+            "the broker did not take the run's message (see GET /readyz): the run stays queued "
+            f"and a worker's reconciler sends it again after MOEJOBS_QUEUED_STALE_SECONDS "
+            f"({settings.queued_stale_seconds:g} s)")))
     return RunCreated(**public.model_dump(), enqueued=submitted.enqueued,
                       created=submitted.created)
 
