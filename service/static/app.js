@@ -318,6 +318,7 @@
     if (cached && cached.done) return cached.row;
     const base = `/runs/${encodeURIComponent(run.id)}/metrics`;
     let row = cached ? cached.row : null;
+    let fetched = false;
     try {
       if (!row) {
         const rows = itemsOf(await api(`${base}?limit=100000&max_points=2`));
@@ -326,8 +327,11 @@
         const rows = itemsOf(await api(`${base}?after_step=${row.step}&limit=1000`));
         if (rows.length) row = rows[rows.length - 1];
       }
+      fetched = true;
     } catch (e) { /* keep what we had */ }
-    latestCache.set(run.id, { row, done: TERMINAL.has(run.status) && row !== null });
+    // A finished run's rows are all stored before its status changes: one answer, even an
+    // empty one (a run that failed before its first step), is final.
+    latestCache.set(run.id, { row, done: TERMINAL.has(run.status) && fetched });
     return row;
   }
 
