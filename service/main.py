@@ -60,8 +60,9 @@ def _safe_url(url: str) -> str:
         return "<database url>"
 
 
-def check_schema(db: Database, settings: Settings) -> None:
-    """Raise :class:`StartupError` unless the database answers and is at the migration head."""
+def check_schema(db: Database, settings: Settings, process: str = "server") -> None:
+    """Raise :class:`StartupError` unless the database answers and is at the migration head;
+    the message tells the user to start ``process`` (``"server"``, ``"worker"``) again."""
     url = _safe_url(settings.database_url or "")
     try:
         revision = current_revision(db.engine)
@@ -73,7 +74,7 @@ def check_schema(db: Database, settings: Settings) -> None:
         state = "has no moejobs tables" if revision is None else f"is at revision {revision}"
         raise StartupError(
             f"database {url} {state}, but this code needs revision {head}: run `moejobs migrate` "
-            f"(or `moejobs up`, which migrates) and start the server again")
+            f"(or `moejobs up`, which migrates) and start the {process} again")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

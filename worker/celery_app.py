@@ -169,9 +169,9 @@ def _database_problem(settings: Settings) -> str | None:
 
     db = open_database(settings)
     try:
-        check_schema(db, settings)
+        check_schema(db, settings, process="worker")
     except StartupError as error:
-        return str(error).replace("start the server again", "start the worker again")
+        return str(error)
     finally:
         db.dispose()
     return None
