@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from service import contract
+
 if TYPE_CHECKING:  # pragma: no cover
     from service.schemas import ModelConfig, TrainConfig
 
@@ -305,14 +307,13 @@ def count_parameters(model: ModelConfig, tie_embeddings: bool = False) -> ParamC
 # FLOPs, memory, checkpoints, time
 # --------------------------------------------------------------------------------------------------
 
-#: Dense peak FLOP/s per GPU by precision family (vendors' datasheets, SXM parts, no sparsity):
-#: bf16/fp16 tensor cores for the 16-bit precisions, TF32 tensor cores for 32-true (the same table as
-#: ``worker.metrics.PEAK_FLOPS``, which computes the measured MFU).
-GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H100": {"bf16": 989.4e12, "tf32": 494.7e12},
-    "H200": {"bf16": 989.4e12, "tf32": 494.7e12},
-    "A100": {"bf16": 312e12, "tf32": 156e12},
-}
+#: GPUs the time estimates are given for.
+ESTIMATE_GPUS = ("H100", "H200", "A100")
+
+#: Dense peak FLOP/s per GPU by precision family (bf16/fp16 tensor cores for the 16-bit
+#: precisions, TF32 for 32-true) of :data:`ESTIMATE_GPUS`, from ``service.contract.PEAK_FLOPS``
+#: (the table the measured MFU uses too).
+GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {gpu: contract.PEAK_FLOPS[gpu] for gpu in ESTIMATE_GPUS}
 
 #: Model FLOPs utilisation assumed for the time estimates.
 DEFAULT_MFU = 0.4
@@ -548,7 +549,7 @@ def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU) -
     intermediate = (plan.optimizer_steps - 1) // t.save_interval if t.save_interval and plan.optimizer_steps > 0 else 0
     written = intermediate + (1 if plan.optimizer_steps > 0 else 0)
 
-    family = "tf32" if precision == "32-true" else "bf16"
+    family = contract.precision_family(precision)
     peaks = {gpu: p[family] for gpu, p in GPU_PEAK_FLOPS.items()}
     total_flops = flops_per_token * plan.tokens_trained
     times = {gpu: total_flops / (plan.world_size * peak * mfu) for gpu, peak in peaks.items()}

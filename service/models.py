@@ -27,6 +27,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
+from service import contract
+from service.contract import FailureReason
+
 #: Constraint/index names: the same on SQLite and PostgreSQL, so migrations can drop or alter
 #: them by name (SQLite has no names otherwise, which batch migrations need).
 NAMING_CONVENTION = {
@@ -101,19 +104,6 @@ class RunStatus(str, enum.Enum):
 
 
 TERMINAL_STATUSES = frozenset({RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled})
-
-
-class FailureReason(str, enum.Enum):
-    """Why a run failed (the fixed list). ``invalid_config``, ``invalid_data``,
-    ``out_of_memory`` and ``crashed`` are permanent; ``killed`` (signal from outside, e.g.
-    the OOM killer or preemption) and ``lost_worker`` (lease expired) may be retried."""
-
-    invalid_config = "invalid_config"
-    invalid_data = "invalid_data"
-    out_of_memory = "out_of_memory"
-    killed = "killed"
-    crashed = "crashed"
-    lost_worker = "lost_worker"
 
 
 def _enum(enum_cls: type[enum.Enum], name: str) -> sa.Enum:
@@ -271,11 +261,8 @@ class MetricPoint(Base, table=True):
     val_ppl: Optional[float] = Field(default=None)
 
 
-#: The metric columns in metrics.csv order (after ``step``).
-METRIC_COLUMNS: tuple[str, ...] = (
-    "tokens", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s",
-    "val_loss", "val_ppl",
-)
+#: The metric columns in metrics.csv order (after ``step``): ``service.contract``.
+METRIC_COLUMNS = contract.METRIC_COLUMNS
 
 
 class RouterPoint(Base, table=True):

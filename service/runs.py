@@ -30,7 +30,6 @@ import binascii
 import hashlib
 import json
 import math
-import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -41,6 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from service import contract
 from service.db import write_transaction
 from service.models import (
     METRIC_COLUMNS,
@@ -70,7 +70,7 @@ ALLOWED_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
 
 #: Failure reasons worth another attempt (the cause was outside the run); the others are
 #: permanent: the same config on the same data would fail the same way.
-RETRYABLE_REASONS = frozenset({FailureReason.killed, FailureReason.lost_worker})
+RETRYABLE_REASONS = contract.RETRYABLE_REASONS
 
 #: Rows per INSERT statement when ingesting metric/router points (11 parameters a metric row:
 #: 5,500 a statement, well under SQLite's 32,766 and PostgreSQL's 65,535 limits).
@@ -82,7 +82,6 @@ MAX_STEP = 2**31 - 1
 #: Sort keys accepted by :func:`list_runs` ("-" prefix for descending).
 RUN_SORT_KEYS = ("created_at", "name", "status")
 
-_CHECKPOINT_STEP = re.compile(r"^step-(\d+)$")
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -663,10 +662,8 @@ def record_router_stats(session: Session, run_id: uuid.UUID, rows: Iterable[Mapp
                                ("run_id", "step", "layer", "expert"))
 
 
-def checkpoint_step(name: str) -> int | None:
-    """The step of a LitGPT checkpoint folder name: ``step-00000500`` -> 500; None otherwise."""
-    match = _CHECKPOINT_STEP.match(name)
-    return int(match.group(1)) if match else None
+#: The step of a checkpoint folder name: ``step-00000500`` -> 500; None otherwise.
+checkpoint_step = contract.checkpoint_step
 
 
 def record_checkpoint(session: Session, run_id: uuid.UUID, name: str, path: str, *,

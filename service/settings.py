@@ -278,11 +278,31 @@ class Settings(BaseSettings):
         description="After SIGTERM, how long a cancelled training process gets to write its "
         "checkpoint and exit before SIGKILL.",
     )
+    trainer_deadline_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="A training process stops itself (without writing more) when its worker "
+        "has not vouched for the run's lease for this long: a frozen worker's training never "
+        "outlives its claim. Default: a quarter of LEASE_SECONDS (30 s).",
+    )
+    checkpoint_write_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="The longest a checkpoint write may take (the shipped model with its "
+        "optimizer state is 6.1 GiB on a CPU); a write under way when the trainer deadline "
+        "passes may finish within it. Default: 3/8 of LEASE_SECONDS (45 s).",
+    )
+    engine: Literal["litgpt", "stub"] = Field(
+        "litgpt",
+        description="Training engine the workers start: litgpt (the real one) or stub (a "
+        "torch-free stand-in that follows the same contract; for tests of the service).",
+    )
     max_attempts: int = Field(
         3,
         ge=1,
-        description="How many times a run may be started in all; a run whose worker was lost "
-        "is re-queued until this is reached, then fails with reason lost_worker.",
+        description="How many failures a run may have before it fails for good: a lost worker "
+        "or a killed training re-queues the run until this many failures, then it fails with "
+        "that reason. A graceful stop (worker shutdown: checkpoint and re-queue) is no failure.",
     )
     request_body_limit_bytes: int = Field(
         1_048_576,
@@ -402,6 +422,27 @@ class Settings(BaseSettings):
                 f"MOEJOBS_LEASE_SECONDS ({self.lease_seconds}), or every lease expires between "
                 f"two heartbeats"
             )
+        lease, beat = self.lease_seconds, self.heartbeat_seconds
+        if self.trainer_deadline_seconds is None:
+            self.trainer_deadline_seconds = lease / 4
+        if self.checkpoint_write_seconds is None:
+            self.checkpoint_write_seconds = lease * 3 / 8
+        deadline, write = self.trainer_deadline_seconds, self.checkpoint_write_seconds
+        if lease <= deadline + write + beat:
+            raise UnsafeSettingsError(
+                f"MOEJOBS_LEASE_SECONDS ({lease:g}) must be longer than "
+                f"MOEJOBS_TRAINER_DEADLINE_SECONDS ({deadline:g}) + "
+                f"MOEJOBS_CHECKPOINT_WRITE_SECONDS ({write:g}) + MOEJOBS_HEARTBEAT_SECONDS "
+                f"({beat:g}), or a silent worker's training could still be writing when its run "
+                f"is handed to another worker: raise the lease or lower the other two"
+            )
+        if self.vouch_seconds + deadline < 1.5 * beat:
+            raise UnsafeSettingsError(
+                f"MOEJOBS_TRAINER_DEADLINE_SECONDS ({deadline:g}) is too short for "
+                f"MOEJOBS_HEARTBEAT_SECONDS ({beat:g}) with this lease: a healthy worker's "
+                f"training would stop between two heartbeats; raise MOEJOBS_LEASE_SECONDS or "
+                f"the deadline, or shorten the heartbeat"
+            )
         if self.heartbeat_seconds >= self.worker_stale_seconds:
             raise UnsafeSettingsError(
                 f"MOEJOBS_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be shorter than "
@@ -410,6 +451,18 @@ class Settings(BaseSettings):
         return self
 
     # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def vouch_seconds(self) -> float:
+        """How long after its last renewed lease a worker still feeds its training's watchdog:
+        ``LEASE - TRAINER_DEADLINE - CHECKPOINT_WRITE - HEARTBEAT`` (the heartbeat interval is
+        the grace for the time between a renewal and its byte, and for clock skew between the
+        worker and the reconciler's machine). A training whose worker stops vouching is dead
+        before the lease can expire (``worker.fence``)."""
+        assert self.trainer_deadline_seconds is not None
+        assert self.checkpoint_write_seconds is not None
+        return (self.lease_seconds - self.trainer_deadline_seconds
+                - self.checkpoint_write_seconds - self.heartbeat_seconds)
 
     @property
     def is_sqlite(self) -> bool:

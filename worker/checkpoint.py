@@ -26,21 +26,20 @@ from typing import Any
 
 import torch
 
+from service import contract
+
 from worker.tokenizer import TOKENIZER_FILES
 
-FINAL = "final"
+FINAL = contract.FINAL
 STATE_PT = "training_state.pt"
 STATE_JSON = "training_state.json"
 WEIGHTS = "lit_model.pth"
 MODEL_CONFIG = "model_config.yaml"
 REQUIRED = (WEIGHTS, MODEL_CONFIG, STATE_PT, STATE_JSON)
-_STEP_RE = re.compile(r"^step-(\d{8})$")
 _TEMP_RE = re.compile(r"^\.(tmp|old)-(.+)-(\d+)$")
 
 
-def step_dir_name(step: int) -> str:
-    """``step-00000042`` for optimizer step 42."""
-    return f"step-{step:08d}"
+step_dir_name = contract.step_dir_name
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ def list_checkpoints(out_dir: Path) -> list[CheckpointInfo]:
     if not out_dir.is_dir():
         return found
     for entry in out_dir.iterdir():
-        if entry.name == FINAL or _STEP_RE.match(entry.name):
+        if contract.is_checkpoint_name(entry.name):
             info = read_checkpoint(entry)
             if info is not None:
                 found.append(info)

@@ -21,13 +21,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-HEADER = ("step", "tokens", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s", "val_loss", "val_ppl")
+from service import contract
 
-#: Columns of ``out_dir/router.csv``, the MoE router telemetry in long format: for each logged
-#: optimizer step, each MoE layer (0-based among the MoE layers) and each expert, the fraction of
-#: that layer's routing assignments (tokens x n_expert_per_token) the expert received in the
-#: step's last micro-batch (mean over ranks). A layer's fractions sum to 1; 1/n_expert is uniform.
-ROUTER_HEADER = ("step", "layer", "expert", "fraction")
+HEADER = contract.METRICS_HEADER
+
+#: Columns of ``out_dir/router.csv`` (``service.contract.ROUTER_HEADER`` describes them).
+ROUTER_HEADER = contract.ROUTER_HEADER
 
 
 def _fmt(value: Any) -> str:
@@ -93,29 +92,9 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-#: Dense (no sparsity) peak tensor-core FLOP/s per GPU by precision family, from the vendors'
-#: datasheets: NVIDIA H100/H200 SXM (989.4 TFLOPS bf16/fp16, 494.7 TF32), A100 (312 / 156),
-#: L40S (362.05 / 183), L4 (121 / 60), A10G (70 / 35), RTX 4090 (165.2 / 82.6).
-PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989.4e12, "tf32": 494.7e12},
-    "H100": {"bf16": 989.4e12, "tf32": 494.7e12},
-    "A100": {"bf16": 312e12, "tf32": 156e12},
-    "L40S": {"bf16": 362.05e12, "tf32": 183e12},
-    "L4": {"bf16": 121e12, "tf32": 60e12},
-    "A10G": {"bf16": 70e12, "tf32": 35e12},
-    "4090": {"bf16": 165.2e12, "tf32": 82.6e12},
-}
-
-
-def peak_flops_per_device(device_name: str, precision: str) -> float | None:
-    """Peak dense FLOP/s of one GPU named ``device_name`` (``torch.cuda.get_device_name()``)
-    for ``precision``; None when the GPU is not in :data:`PEAK_FLOPS`. 32-true counts as TF32."""
-    family = "tf32" if precision.startswith("32") else "bf16"
-    name = device_name.upper()
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # "L40S" before "L4"
-        if key in name:
-            return PEAK_FLOPS[key][family]
-    return None
+#: Peak FLOP/s table and lookup: one copy, in ``service.contract``.
+PEAK_FLOPS = contract.PEAK_FLOPS
+peak_flops_per_device = contract.peak_flops_per_device
 
 
 def model_flops_utilization(
