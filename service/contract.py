@@ -10,7 +10,7 @@ worker's runner with the run's folder as working directory and writes, in ``out_
     checkpoint. A process killed by a signal writes none; the runner then classifies from the
     exit code. The runner deletes a stale one before each attempt.
 ``events.jsonl`` (:class:`EngineEvent`, one JSON object a line, append-only)
-    what happened when: started, data ready, model built, first step, each checkpoint, a stop
+    what happened when: started, configured (engine loaded, config checked), data ready, model built, first step, each checkpoint, a stop
     request, a self-fencing, finished; each with an aware UTC timestamp and the attempt. The
     smoke test's stage timings and the dashboard read it; a line cut short by a crash is
     skipped.
@@ -196,6 +196,7 @@ class EventKind(str, enum.Enum):
     """What an engine event marks, in the order they normally happen."""
 
     started = "started"                  # the process is up (signal handlers installed)
+    configured = "configured"            # engine imported, config valid, pre-flight passed
     data_ready = "data_ready"            # tokenizer loaded, text tokenized (or read from cache)
     model_built = "model_built"          # model built, compiled, optimizer set up; plan known
     first_step = "first_step"            # the first optimizer step of this process finished
