@@ -126,16 +126,20 @@ def pid_gone(pid: int) -> bool:
 
 class WorkerProcess:
     """A real worker: ``python -m worker.celery_app`` with ``settings`` in its environment
-    (and nothing else from the shell's MOEJOBS_* variables), output in ``log_path``."""
+    (and nothing else from the shell's MOEJOBS_* variables, except ``extra_env``, e.g. the
+    stub engine's ``MOEJOBS_STUB_*``), output in ``log_path``."""
 
-    def __init__(self, settings: Settings, log_path: Path, token_cache: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, token_cache: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.settings, self.log_path, self.token_cache = settings, log_path, token_cache
+        self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update(self.settings.to_env())
         env["MOEJOBS_TOKEN_CACHE"] = str(self.token_cache)
+        env.update(self.extra_env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
