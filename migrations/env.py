@@ -92,13 +92,28 @@ def run_migrations_online() -> None:
                 render_item=render_item,
                 transactional_ddl=True,
             )
-            with context.begin_transaction():
-                if connection.dialect.name == "postgresql":
-                    connection.execute(
-                        sa.text("SELECT pg_advisory_xact_lock(:key)"),
-                        {"key": _PG_MIGRATION_LOCK},
-                    )
-                context.run_migrations()
+            raw = connection.connection.driver_connection if is_sqlite else None
+            if raw is not None:
+                # SQLite alters a table by copying it and dropping the old one: with foreign
+                # keys on, that DROP deletes every child row through ON DELETE CASCADE. The
+                # pragma only works outside a transaction; the keys are checked before commit.
+                raw.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with context.begin_transaction():
+                    if connection.dialect.name == "postgresql":
+                        connection.execute(
+                            sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                            {"key": _PG_MIGRATION_LOCK},
+                        )
+                    context.run_migrations()
+                    if raw is not None:
+                        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                        if broken:
+                            raise RuntimeError(f"migration left rows whose foreign keys point "
+                                               f"nowhere: {broken[:5]}")
+            finally:
+                if raw is not None:
+                    raw.execute("PRAGMA foreign_keys=ON")
     finally:
         if owned:
             engine.dispose()

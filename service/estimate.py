@@ -97,6 +97,17 @@ class TrainingPlan:
         return asdict(self)
 
 
+def warmup_steps(train: TrainConfig, optimizer_steps: int) -> int:
+    """Optimizer steps of linear warm-up for a run of ``optimizer_steps`` steps:
+    ``train.lr_warmup_steps``, or ``ceil(lr_warmup_fraction x optimizer_steps)``, or 0."""
+    t = train.train
+    if t.lr_warmup_steps:
+        return t.lr_warmup_steps
+    if t.lr_warmup_fraction:
+        return math.ceil(t.lr_warmup_fraction * optimizer_steps)
+    return 0
+
+
 def training_plan(train: TrainConfig, model: ModelConfig) -> TrainingPlan:
     """Cut a run into micro-batches and optimizer steps exactly as the engine will.
 
@@ -120,12 +131,7 @@ def training_plan(train: TrainConfig, model: ModelConfig) -> TrainingPlan:
     accum = max(1, t.global_batch_size // (world * t.micro_batch_size))
     steps_from_tokens = mb_total // accum
     steps = steps_from_tokens if t.max_steps is None else min(steps_from_tokens, t.max_steps)
-    if t.lr_warmup_steps:
-        warmup = t.lr_warmup_steps
-    elif t.lr_warmup_fraction:
-        warmup = math.ceil(t.lr_warmup_fraction * steps)
-    else:
-        warmup = 0
+    warmup = warmup_steps(train, steps)
     tokens_per_step = accum * tokens_per_mb * world
     return TrainingPlan(
         world_size=world,

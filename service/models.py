@@ -130,7 +130,8 @@ class Run(Base, table=True):
     ``status`` moves only through ``service.runs`` (one function writes it, each move also
     writes a :class:`RunEvent`). ``attempt`` counts claims (1 on the first start); it is the
     fencing token a worker passes back so that a worker whose lease was taken over cannot
-    write to the run any more. ``failure_reason`` is set exactly when ``status`` is failed.
+    write to the run any more; ``failures`` counts the attempts that failed (what
+    ``MOEJOBS_MAX_ATTEMPTS`` bounds: graceful stops and re-queues do not count). ``failure_reason`` is set exactly when ``status`` is failed.
     """
 
     __tablename__ = "runs"
@@ -139,6 +140,7 @@ class Run(Base, table=True):
         sa.Index(None, "status", "created_at"),
         sa.Index(None, "created_at"),
         sa.CheckConstraint("attempt >= 0", name="attempt_nonnegative"),
+        sa.CheckConstraint("failures >= 0", name="failures_nonnegative"),
         sa.CheckConstraint(
             "(status = 'failed' AND failure_reason IS NOT NULL)"
             " OR (status <> 'failed' AND failure_reason IS NULL)",
@@ -178,6 +180,10 @@ class Run(Base, table=True):
         default_factory=list, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
     )
     attempt: int = Field(default=0, description="Number of claims so far (fencing token).")
+    failures: int = Field(
+        default=0, sa_column_kwargs={"server_default": "0"},
+        description="Attempts that ended in a failure (lost worker, killed, crashed...); "
+        "MOEJOBS_MAX_ATTEMPTS bounds it. A graceful stop (checkpoint and re-queue) is none.")
     worker_id: Optional[str] = Field(default=None, max_length=200, index=True)
     heartbeat_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
     lease_expires_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())

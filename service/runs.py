@@ -212,11 +212,13 @@ def _move(session: Session, run_id: uuid.UUID, to_status: RunStatus, *,
           from_status: RunStatus, message: str, now: datetime,
           reason: FailureReason | None = None, actor: str | None = None,
           attempt: int | None = None, values: Mapping[str, Any] | None = None,
-          where: Sequence[Any] = ()) -> Run | None:
+          where: Sequence[Any] = (), event_reason: FailureReason | None = None) -> Run | None:
     """THE status writer. Compare-and-set ``status`` from ``from_status`` to ``to_status``
     (plus ``values``, extra ``where`` clauses and the fence ``attempt``) and write the event,
-    inside the caller's write transaction. Returns the updated run, or None when no row
-    matched (another writer got there first). Callers check the finer rules first."""
+    inside the caller's write transaction. ``reason`` is the failure reason of a failed run;
+    ``event_reason`` the cause written on the event only (a failure that re-queued the run).
+    Returns the updated run, or None when no row matched (another writer got there first).
+    Callers check the finer rules first."""
     assert to_status in ALLOWED_TRANSITIONS[from_status], (from_status, to_status)
     update_values: dict[str, Any] = {"status": to_status, "updated_at": now}
     if to_status == S.queued:
@@ -241,7 +243,8 @@ def _move(session: Session, run_id: uuid.UUID, to_status: RunStatus, *,
     run = session.execute(stmt).scalars().first()
     if run is None:
         return None
-    _add_event(session, run, from_status, to_status, message, at=now, reason=reason, actor=actor)
+    _add_event(session, run, from_status, to_status, message, at=now,
+               reason=reason or event_reason, actor=actor)
     if to_status == S.queued or to_status in TERMINAL_STATUSES:
         session.execute(
             sa.update(Worker).where(Worker.current_run_id == run_id).values(current_run_id=None)
@@ -375,6 +378,7 @@ def transition(session: Session, run_id: uuid.UUID, to_status: RunStatus | str,
             values["exit_code"] = exit_code
         if to_status == S.failed:
             values["failure_message"] = failure_message if failure_message is not None else message
+            values["failures"] = Run.failures + 1
         moved = _move(session, run_id, to_status, from_status=current, message=message,
                       now=now, reason=reason, actor=actor, attempt=attempt, values=values)
         assert moved is not None, "row is locked: the compare-and-set cannot miss"
@@ -415,11 +419,12 @@ def retry_or_fail(session: Session, run_id: uuid.UUID, reason: FailureReason | s
                   message: str, *, max_attempts: int, attempt: int | None = None,
                   actor: str | None = None, exit_code: int | None = None,
                   now: datetime | None = None) -> Run:
-    """Finish an attempt that ended for ``reason`` without the run's fault (worker lost or
-    shutting down, process killed): the run goes back to queued when the reason is retryable
-    (:data:`RETRYABLE_REASONS`) and fewer than ``max_attempts`` attempts were made; to
-    cancelled when a cancel was requested; else to failed with ``reason``. The caller
-    enqueues the run again when the result is queued. Fenced by ``attempt`` like
+    """Finish an attempt that failed for ``reason`` and count the failure (``failures + 1``).
+    The run goes back to queued when the reason is retryable (:data:`RETRYABLE_REASONS`: lost
+    worker, killed) and it has failed fewer than ``max_attempts`` times; to cancelled when a
+    cancel was requested; else to failed with ``reason``. The event names the reason and the
+    count. The caller enqueues the run again when the result is queued. A graceful stop is no
+    failure: it goes through :func:`transition` to queued. Fenced by ``attempt`` like
     :func:`transition`. Raises RunNotFound, InvalidTransition (run not running), LeaseLost."""
     reason = FailureReason(reason)
     now = _now(now)
@@ -428,19 +433,24 @@ def retry_or_fail(session: Session, run_id: uuid.UUID, reason: FailureReason | s
         _check_fence(run, attempt)
         if run.status != S.running:
             raise InvalidTransition(run_id, run.status, S.queued, "only a running run is retried")
-        values: dict[str, Any] = {} if exit_code is None else {"exit_code": exit_code}
+        failures = run.failures + 1
+        values: dict[str, Any] = {"failures": failures}
+        if exit_code is not None:
+            values["exit_code"] = exit_code
+        event_reason = None
         if run.cancel_requested:
             to, why = S.cancelled, None
-        elif reason in RETRYABLE_REASONS and run.attempt < max_attempts:
-            to, why = S.queued, None
-            message = f"{message} (re-queued after attempt {run.attempt} of {max_attempts})"
+        elif reason in RETRYABLE_REASONS and failures < max_attempts:
+            to, why, event_reason = S.queued, None, reason
+            message = f"{message} (failure {failures} of {max_attempts}: re-queued)"
         else:
             to, why = S.failed, reason
             values["failure_message"] = message
             if reason in RETRYABLE_REASONS:
-                message = f"{message} (attempt {run.attempt} of {max_attempts}: giving up)"
+                message = f"{message} (failure {failures} of {max_attempts}: giving up)"
         moved = _move(session, run_id, to, from_status=S.running, message=message, now=now,
-                      reason=why, actor=actor, attempt=attempt, values=values)
+                      reason=why, actor=actor, attempt=attempt, values=values,
+                      event_reason=event_reason)
         assert moved is not None
         return moved
 

@@ -231,6 +231,22 @@ Resume = Annotated[
 ]
 
 
+#: What ``resume_allow_changes`` can accept on resume (see the field's description).
+ResumeChange = Literal["data", "tokenizer", "schedule", "batch", "seq_len"]
+
+
+def _allow_changes(value: Any) -> Any:
+    # `resume_allow_changes: data` or "data,schedule" (a flag's value) read as a list
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+ResumeAllowChanges = Annotated[list[ResumeChange], BeforeValidator(_allow_changes)]
+
+
 def _str_or_int(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"must be 'first', 'random' or an integer index, got {value!r}")
@@ -601,13 +617,26 @@ class TrainConfig(_Section):
                       description="Random seed (model init, data order); 0 to 2**32-1, NumPy's range.")
     initial_checkpoint_dir: str | None = Field(
         default=None,
-        description="Checkpoint folder to initialise the weights from (continued pretraining). "
-        "Mutually exclusive with resume.",
+        description="Checkpoint folder to initialise the weights from (continued pretraining, fine-tuning). "
+        "With resume 'auto' or true the run continues from its own newest checkpoint in out_dir when it has "
+        "one and starts from these weights only when it has none; a resume path cannot be combined with it.",
     )
     resume: Resume = Field(
         default=False,
         description="false: start fresh; true: resume from the latest checkpoint in out_dir (error if none); "
-        "'auto': resume if one exists; or a path to a checkpoint folder.",
+        "'auto': resume if one exists; or a path to a checkpoint folder. A resume is refused when the data, "
+        "the tokenizer, lr/min_lr/warm-up, global_batch_size or the sequence length differ from the checkpoint "
+        "(see resume_allow_changes).",
+    )
+    resume_allow_changes: ResumeAllowChanges = Field(
+        default_factory=list,
+        description="Differences from the checkpoint that a resume accepts deliberately (a moejobs key; LitGPT "
+        "has none). A resume compares the checkpoint's training_state.json with this run and refuses, naming "
+        "each difference, unless it is listed here: 'data' (the bytes of the training or validation .txt "
+        "files), 'tokenizer' (the tokenizer files), 'schedule' (optimizer lr, train.min_lr, warm-up), 'batch' "
+        "(train.global_batch_size), 'seq_len' (the sequence length). A different train.max_tokens or "
+        "train.max_steps is always accepted, with a warning naming the old and new schedule.",
+        json_schema_extra={"uniqueItems": True},
     )
     logger_name: Literal["csv"] = Field(
         default="csv", description="Metrics logger. Only csv (out_dir/metrics.csv; needs no network)."
@@ -1194,11 +1223,12 @@ def _train_rules(cfg: TrainConfig, raw: dict) -> list[Issue]:
             "tokenizer_dir is required: TextFiles tokenizes the text with it (train one with "
             "`moejobs tokenizer train --data DIR --out DIR`)",
         ))
-    if cfg.initial_checkpoint_dir and cfg.resume:
+    if cfg.initial_checkpoint_dir and not (isinstance(cfg.resume, bool) or cfg.resume == "auto"):
         errors.append(Issue(
             ("initial_checkpoint_dir",),
-            f"initial_checkpoint_dir and resume ({cfg.resume!r}) are mutually exclusive: initialise from a checkpoint "
-            "or resume a run, not both",
+            f"initial_checkpoint_dir and resume: {cfg.resume} cannot be combined: the checkpoint path would "
+            "replace the initial weights; use resume: auto (continue this run's own newest checkpoint, start "
+            "from initial_checkpoint_dir while it has none) or drop one of the two",
         ))
     return errors
 

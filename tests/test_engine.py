@@ -176,8 +176,18 @@ def test_more_tokens_continue_from_final(finished_run, tmp_path, tiny_model):
     more["train"]["max_tokens"] = 4 * 32 * 8  # 8 steps now
     result = _run(more, tiny_model)
     assert result.steps == 8 and result.stopped_by == "completed"
-    steps = [int(r["step"]) for r in read_metrics(out / "metrics.csv")]
+    table = read_metrics(out / "metrics.csv")
+    steps = [int(r["step"]) for r in table]
     assert steps == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    # extending is accepted with a warning naming the old and the new schedule
+    v = _validated(more, tiny_model)
+    lr7 = training_plan(v.train, v.model).learning_rate(7, 3e-3, 3e-4)
+    assert float(table[7]["learning_rate"]) == pytest.approx(lr7, rel=1e-6) and lr7 > 3e-4
+    log = (out / "train.log").read_text()
+    assert (f"WARNING resume: extending the run from {out}/final (train.max_tokens 768 -> 1,024): planned optimizer "
+            "steps 6 -> 8; the learning-rate schedule is recomputed for the new length: the cosine decay now "
+            "reaches min_lr 0.0003 at step 8 instead of step 6; the next step (7) uses learning rate "
+            f"{lr7:.4g} (the old plan: 0.0003)") in log
     assert json.loads((out / "final" / "training_state.json").read_text())["step"] == 8
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 

@@ -12,9 +12,18 @@ import numpy as np
 import pytest
 
 from conftest import REPO, stdlib_text_files
-from worker.data import WindowSampler, cache_key, prepare_data, split_files, tokenize_files, validation_batches
+from worker.data import (
+    WindowSampler,
+    cache_key,
+    files_sha256,
+    prepare_data,
+    source_text,
+    split_files,
+    tokenize_files,
+    validation_batches,
+)
 from worker.errors import DataError
-from worker.tokenizer import load_tokenizer
+from worker.tokenizer import load_tokenizer, tokenizer_hash
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +78,50 @@ def test_cache_is_keyed_by_content_and_never_touches_the_inputs(tmp_path, tok, t
     other_tok = tmp_path / "tok2"
     shutil.copytree(tokenizer_dir, other_tok)
     (other_tok / "generation_config.json").write_text('{"bos_token_id": 0, "eos_token_id": 1, "x": 1}')
-    assert cache_key(files, other_tok) != cache_key(files, tokenizer_dir)
+    data_sha = files_sha256(files)
+    assert cache_key(data_sha, tokenizer_hash(other_tok)) != cache_key(data_sha, tokenizer_hash(tokenizer_dir))
+    assert a.path.name == f"{cache_key(data_sha, tokenizer_hash(tokenizer_dir))}.npy"
     assert _snapshot(folder) == before
     assert not [p for p in cache.iterdir() if ".tmp" in p.name]
+
+
+def test_raw_text_hash_is_names_and_bytes_in_reading_order(tmp_path, tok, tokenizer_dir, monkeypatch):
+    """The hash the resume checks record: file names and bytes in order, nothing else (not the
+    folder, the tokenizer or the cache format); prepare_data reuses a given SourceText."""
+    folder = stdlib_text_files(tmp_path / "data", ["abc", "bisect", "colorsys"])
+    files = sorted(folder.glob("*.txt"))
+    base = files_sha256(files)
+    assert len(base) == 64 and files_sha256(files) == base
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(folder, copy)
+    assert files_sha256(sorted(copy.glob("*.txt"))) == base  # the folder is not part of it
+    assert files_sha256(list(reversed(files))) != base  # the order is
+    (copy / "abc.txt").rename(copy / "abd.txt")
+    assert files_sha256(sorted(copy.glob("*.txt"))) != base  # so are the names
+    (copy / "abd.txt").rename(copy / "abc.txt")
+    with open(copy / "colorsys.txt", "ab") as fh:
+        fh.write(b" ")
+    assert files_sha256(sorted(copy.glob("*.txt"))) != base  # and one more byte
+    # the TextFiles split: the first file is validation when no val_data_path is given
+    src = source_text(folder, None)
+    assert [p.name for p in src.val.files] == ["abc.txt"] and src.val.sha256 == files_sha256(files[:1])
+    assert src.train.sha256 == files_sha256(files[1:])
+    assert src.train.n_bytes == sum(f.stat().st_size for f in files[1:])
+    assert source_text(folder, folder).val.sha256 == base
+    assert source_text(stdlib_text_files(tmp_path / "one", ["abc"]), None).val is None
+    # one hash per file set per start: prepare_data given the SourceText reads no file for hashing
+    import worker.data as data_mod
+
+    calls = []
+    real = data_mod._hash_files
+    monkeypatch.setattr(data_mod, "_hash_files", lambda fs: calls.append(len(fs)) or real(fs))
+    prepared = _prepare(folder, None, tok, tokenizer_dir, need_val=True, cache=tmp_path / "cache")
+    assert calls == [2, 1]  # train, val: once each
+    calls.clear()
+    again = prepare_data(folder, None, tok, tokenizer_dir, 1024, 32, 2, True, cache_dir=tmp_path / "cache",
+                         source=prepared.source, tokenizer_sha256=prepared.tokenizer_sha256)
+    assert calls == [] and again.train.path == prepared.train.path
+    assert prepared.tokenizer_sha256 == tokenizer_hash(tokenizer_dir)
 
 
 def test_two_processes_building_the_same_cache_at_once(tmp_path, corpus, tokenizer_dir):

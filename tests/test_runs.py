@@ -333,6 +333,30 @@ def test_retry_or_fail_classifies(database):
     assert failed.failure_message == "empty file a.txt"
 
 
+def test_graceful_stops_do_not_count_as_failures_and_failures_are_bounded(database):
+    """attempt counts claims (the fencing token); failures count failed attempts and are
+    what max_attempts bounds: five graceful stops and two lost workers still leave the run
+    queued at max_attempts=3; the third failure ends it."""
+    run = running(database)
+    for attempt in range(1, 6):  # five graceful stops (worker shutdown: checkpoint, re-queue)
+        back = call(database, runs.transition, run.id, S.queued, "graceful stop",
+                    attempt=attempt)
+        assert back.status == S.queued and back.failures == 0
+        call(database, runs.claim_run, run.id, "w1", 60)
+    for attempt, failures in ((6, 1), (7, 2)):
+        back = call(database, runs.retry_or_fail, run.id, "lost_worker", "lease expired",
+                    max_attempts=3, attempt=attempt)
+        assert (back.status, back.failures, back.attempt) == (S.queued, failures, attempt)
+        call(database, runs.claim_run, run.id, "w1", 60)
+    events = call(database, runs.list_events, run.id)
+    assert events[-2].reason == FailureReason.lost_worker  # the cause, on a re-queue event
+    assert "failure 2 of 3: re-queued" in events[-2].message
+    done = call(database, runs.retry_or_fail, run.id, "killed", "SIGKILL", max_attempts=3,
+                attempt=8)
+    assert (done.status, done.failures, done.failure_reason) == (S.failed, 3, FailureReason.killed)
+    assert "failure 3 of 3: giving up" in call(database, runs.list_events, run.id)[-1].message
+
+
 def test_stale_queued_runs_and_mark_enqueued(database):
     old = create(database, "old", now=T0)
     create(database, "new", now=T0 + timedelta(minutes=9))

@@ -427,11 +427,41 @@ def test_tokenizer_dir_required():
     }
 
 
-def test_initial_checkpoint_dir_and_resume_exclusive():
-    assert errors({"initial_checkpoint_dir": "ckpt", "resume": "auto"}) == {
-        "initial_checkpoint_dir": "initial_checkpoint_dir and resume ('auto') are mutually exclusive: initialise "
-        "from a checkpoint or resume a run, not both"
+def test_initial_checkpoint_dir_with_resume_auto_or_true_but_not_a_path():
+    """A fine-tune run re-queued with resume: auto continues its own checkpoint (the engine uses
+    the initial weights only while it has none), so auto and true are valid with
+    initial_checkpoint_dir; a resume path would replace the initial weights and is refused."""
+    for resume in ("auto", True, False):
+        v = validate({"initial_checkpoint_dir": "ckpt", "resume": resume})
+        assert v.train.resume == resume and v.train.initial_checkpoint_dir == "ckpt"
+        assert v.warnings == []
+    assert errors({"initial_checkpoint_dir": "ckpt", "resume": "out/test/step-00000005"}) == {
+        "initial_checkpoint_dir": "initial_checkpoint_dir and resume: out/test/step-00000005 cannot be combined: "
+        "the checkpoint path would replace the initial weights; use resume: auto (continue this run's own newest "
+        "checkpoint, start from initial_checkpoint_dir while it has none) or drop one of the two"
     }
+
+
+def test_resume_allow_changes():
+    assert validate().train.resume_allow_changes == []
+    assert validate({"resume": "auto", "resume_allow_changes": ["data", "tokenizer", "schedule", "batch", "seq_len"]}
+                    ).train.resume_allow_changes == ["data", "tokenizer", "schedule", "batch", "seq_len"]
+    # one entry or a comma-separated string (a flag's value) reads as a list; null as none
+    assert validate({"resume": "auto", "resume_allow_changes": "data"}).train.resume_allow_changes == ["data"]
+    assert validate({"resume": "auto", "resume_allow_changes": "data, schedule"}).train.resume_allow_changes == [
+        "data", "schedule"]
+    assert validate({"resume": "auto", "resume_allow_changes": None}).train.resume_allow_changes == []
+    assert errors({"resume": "auto", "resume_allow_changes": ["data", "lr"]}) == {
+        "resume_allow_changes[1]": "'lr' is not allowed; choose one of 'data', 'tokenizer', 'schedule', 'batch' "
+        "or 'seq_len'"
+    }
+    assert errors({"resume_allow_changes": 3}) == {"resume_allow_changes": "expected a list, got 3"}
+    # with resume: false it still matters: the service resumes later attempts of a run automatically
+    assert warnings({"resume": False, "resume_allow_changes": ["data"]}) == {}
+    prop = train_config_json_schema()["properties"]["resume_allow_changes"]
+    assert prop["type"] == "array" and prop["uniqueItems"] is True
+    assert prop["items"]["enum"] == ["data", "tokenizer", "schedule", "batch", "seq_len"]
+    assert "max_tokens" in prop["description"]
 
 
 def test_model_lists_and_groups():

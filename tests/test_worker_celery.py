@@ -217,11 +217,12 @@ def test_worker_on_the_embedded_broker(tmp_path):
         db.dispose()
 
 
-def test_failure_reason_list_is_what_the_runner_uses():
-    """The runner only produces reasons of the fixed list (service.models.FailureReason)."""
-    from worker import runner
+def test_failure_reasons_have_one_home():
+    """The database's failure reasons are the contract's (service.contract.FailureReason)."""
+    from service import contract, models
 
-    assert set(runner._ENGINE_REASONS.values()) <= set(FailureReason)
+    assert models.FailureReason is contract.FailureReason
+    assert set(contract.RETRYABLE_REASONS) | set(contract.PERMANENT_REASONS) == set(FailureReason)
 
 
 def _live(db):

@@ -1,7 +1,7 @@
 """The runner (worker/runner.py) without Celery: real subprocesses, a real database.
 
 Small Python scripts stand in for the training engine (``execute_attempt(command=...)``): they
-exit with the engine's codes, print its error lines, write metrics.csv / router.csv and
+exit with the engine's codes, write its ``result.json`` (``service.contract``), metrics.csv / router.csv and
 checkpoint folders the way it does (temporary name, then rename), and handle SIGTERM by
 "checkpointing" and exiting 75. The real engine runs in tests/test_worker_celery.py.
 """
@@ -47,6 +47,9 @@ FAKE_ENGINE = textwrap.dedent('''
     out = Path(os.environ["FAKE_OUT_DIR"])
     out.mkdir(parents=True, exist_ok=True)
     stop = []
+    if len(sys.argv) > 5 and sys.argv[5] == "fence":  # the engine's own watchdog
+        from worker import fence
+        fence.install(out)
     if on_term == "ignore":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
@@ -167,37 +170,47 @@ def _wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
 
 # -- classification of real exits --------------------------------------------------------------
 
+def _result(outcome: str, reason: str | None, message: str, code: int) -> str:
+    """Script lines that write the engine's result.json into FAKE_OUT_DIR and exit ``code``."""
+    return ("import os, sys\nfrom service.contract import EngineResult\n"
+            f"EngineResult(outcome={outcome!r}, reason={reason!r}, message={message!r}, "
+            f"exit_code={code}, attempt=int(os.environ['MOEJOBS_ATTEMPT'])"
+            ").write(os.environ['FAKE_OUT_DIR'])\n"
+            f"sys.exit({code})")
+
+
 CASES = {
     "ok": ("import sys; sys.exit(0)", "succeeded", None, "training finished", 0),
+    "ok-result": (_result("succeeded", None, "trained 8 steps", 0), "succeeded", None,
+                  "trained 8 steps", 0),
     "invalid-config": (
-        "import sys\nprint('error: invalid config', file=sys.stderr)\n"
-        "print('train.micro_batch_size: must be at least 1', file=sys.stderr)\nsys.exit(2)",
+        _result("failed", "invalid_config", "train.micro_batch_size: must be at least 1", 2),
         "failed", FailureReason.invalid_config, "train.micro_batch_size: must be at least 1", 2),
-    "preflight": (
-        "import sys\nprint('error: invalid_config: devices: 4 GPUs requested but this machine "
-        "has 0 visible', file=sys.stderr)\nsys.exit(2)",
+    "invalid-config-no-result": (
+        "import sys\nprint('devices: 4 GPUs requested but this machine has 0 visible', "
+        "file=sys.stderr)\nsys.exit(2)",
         "failed", FailureReason.invalid_config, "devices: 4 GPUs requested", 2),
     "invalid-data": (
-        "import sys\nprint('step 1')\nprint('error: invalid_data: /d/train: no .txt files at "
-        "the top level of this folder', file=sys.stderr)\nsys.exit(1)",
+        _result("failed", "invalid_data", "/d/train: no .txt files at the top level", 1),
         "failed", FailureReason.invalid_data, "/d/train: no .txt files", 1),
-    "oom-engine-line": (
-        "import sys\nprint('error: out_of_memory: host memory exhausted', file=sys.stderr)\n"
-        "sys.exit(1)",
-        "failed", FailureReason.out_of_memory, "host memory exhausted", 1),
-    "oom-traceback": (
-        "class OutOfMemoryError(RuntimeError):\n    pass\n"
-        "raise OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')",
+    "out-of-memory": (
+        _result("failed", "out_of_memory", "CUDA out of memory. Tried to allocate 2.00 GiB", 1),
         "failed", FailureReason.out_of_memory, "CUDA out of memory", 1),
+    "no-space": (
+        _result("failed", "no_space", "no space left on /runs/x/out (12 KiB free)", 1),
+        "failed", FailureReason.no_space, "no space left on /runs/x/out", 1),
     "crash-traceback": (
         "def f():\n    raise RuntimeError('boom in the loop')\nf()",
         "failed", FailureReason.crashed, "RuntimeError: boom in the loop", 1),
-    "crash-engine-line": (
-        "import sys\nprint('error: crashed: ValueError: bad shape', file=sys.stderr)\n"
-        "sys.exit(1)",
+    "crash-result": (
+        _result("failed", "crashed", "ValueError: bad shape", 1),
         "failed", FailureReason.crashed, "ValueError: bad shape", 1),
     "other-exit-code": ("import sys; print('something odd', flush=True); sys.exit(3)",
                         "failed", FailureReason.crashed, "something odd", 3),
+    # an error line that looks like the engine's is just text: only result.json counts
+    "log-text-is-not-a-reason": (
+        "import sys\nprint('error: out_of_memory: not really', file=sys.stderr)\nsys.exit(1)",
+        "failed", FailureReason.crashed, "error: out_of_memory: not really", 1),
 }
 
 
@@ -240,27 +253,51 @@ def test_exit_75_without_shutdown_counts_as_killed(tmp_path, sqlite_db):
     settings = _settings(tmp_path, sqlite_db)
     run = _claimed_run(sqlite_db, settings, tmp_path)
     outcome, moved = _run(sqlite_db, settings, run, _script(
-        tmp_path, "import sys\nprint('error: interrupted: stopped by SIGTERM after optimizer "
-                  "step 3', file=sys.stderr)\nsys.exit(75)"))
+        tmp_path, _result("interrupted", None, "stopped by SIGTERM after optimizer step 3", 75)))
     assert (outcome.reason, outcome.exit_code) == (FailureReason.killed, 75)
-    assert moved.status == RunStatus.queued
+    assert moved.status == RunStatus.queued and moved.failures == 1
+
+
+def test_a_stale_result_of_an_earlier_attempt_is_not_read(tmp_path, sqlite_db):
+    """Attempt 1 left a result.json saying invalid_data; attempt 2's process is SIGKILLed
+    before writing one: the outcome is killed, not the stale reason."""
+    from service.contract import EngineResult
+
+    settings = _settings(tmp_path, sqlite_db)
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+    EngineResult(outcome="failed", reason="invalid_data", message="old", exit_code=1,
+                 attempt=0).write(out)
+    body = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"
+    outcome, _ = _run(sqlite_db, settings, run, _script(tmp_path, body))
+    assert outcome.reason == FailureReason.killed
+    assert not (out / "result.json").exists()
 
 
 def test_classify_exit_rules():
     """Cases the scripts above cannot produce cheaply (OOM killer evidence, flags)."""
-    assert classify_exit(-9, ["step 3"], oom_killed=True).reason == FailureReason.out_of_memory
-    assert classify_exit(137, ["step 3"]).reason == FailureReason.killed  # 128 + SIGKILL
-    assert classify_exit(137, ["step 3"], oom_killed=True).reason == FailureReason.out_of_memory
-    assert classify_exit(-9, ["RuntimeError: out of memory"]).reason == FailureReason.out_of_memory
-    assert classify_exit(-15, []).reason == FailureReason.killed
-    assert classify_exit(75, [], shutting_down=True).kind == "requeue"
-    assert classify_exit(-9, [], shutting_down=True).kind == "requeue"
-    assert classify_exit(1, ["error: crashed: x"], shutting_down=True).reason == FailureReason.crashed
-    assert classify_exit(75, [], cancel_requested=True).kind == "cancelled"
-    assert classify_exit(-9, [], cancel_requested=True).kind == "cancelled"
-    assert classify_exit(0, [], cancel_requested=True).kind == "succeeded"
-    assert classify_exit(1, [], lease_lost=True).kind == "lease_lost"
-    assert classify_exit(1, []).message == "training exited with code 1"
+    from service.contract import EngineResult
+
+    done = EngineResult(outcome="interrupted", message="stopped", exit_code=75, steps=12,
+                        checkpoint="/r/out/step-00000012")
+    assert classify_exit(-9, None, ["step 3"], oom_killed=True).reason == FailureReason.out_of_memory
+    assert classify_exit(137, None, ["step 3"]).reason == FailureReason.killed  # 128 + SIGKILL
+    assert classify_exit(137, None, [], oom_killed=True).reason == FailureReason.out_of_memory
+    assert classify_exit(-15, None, []).reason == FailureReason.killed
+    requeue = classify_exit(75, done, [], shutting_down=True)
+    assert requeue.kind == "requeue" and "graceful stop" in requeue.message
+    assert "step-00000012" in requeue.message
+    assert classify_exit(143, None, [], shutting_down=True).kind == "requeue"  # before training
+    assert classify_exit(143, None, []).reason == FailureReason.killed
+    assert classify_exit(-9, None, [], shutting_down=True).kind == "requeue"
+    fenced = classify_exit(76, None, ["error: fenced: no heartbeat"], shutting_down=True)
+    assert (fenced.kind, fenced.reason) == ("failed", FailureReason.lost_worker)
+    assert classify_exit(1, None, ["x"], shutting_down=True).reason == FailureReason.crashed
+    assert classify_exit(75, done, [], cancel_requested=True).kind == "cancelled"
+    assert classify_exit(-9, None, [], cancel_requested=True).kind == "cancelled"
+    assert classify_exit(0, None, [], cancel_requested=True).kind == "succeeded"
+    assert classify_exit(1, None, [], lease_lost=True).kind == "lease_lost"
+    assert classify_exit(1, None, []).message == "training exited with code 1"
 
 
 def test_start_failure_is_a_crash(tmp_path, sqlite_db):
@@ -437,7 +474,8 @@ def test_worker_shutdown_requeues_after_the_checkpoint(tmp_path, sqlite_db):
     with sqlite_db.session() as session:
         last = runs.list_events(session, run.id)[-1]
         recorded = [c.name for c in runs.list_checkpoints(session, run.id)]
-    assert "worker shutting down" in last.message
+    assert "graceful stop: worker shutting down" in last.message and last.reason is None
+    assert moved.failures == 0  # a graceful stop is no failure
     assert recorded == [name for name, _ in checkpoint_folders(out)] and recorded
 
 
@@ -519,7 +557,8 @@ def test_finish_attempt_requeue_becomes_cancel_when_cancel_was_requested(tmp_pat
 def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path):
     """PostgreSQL refuses every connection to the run's database mid-run (ALLOW_CONNECTIONS
     false, sessions terminated): no heartbeat succeeds, the watchdog SIGTERMs the training
-    after half the lease, it checkpoints and exits, and nothing is written meanwhile."""
+    once it stops vouching for the lease, it checkpoints and exits, and nothing is written
+    meanwhile."""
     import psycopg
     import sqlalchemy as sa
     from psycopg import sql
@@ -565,7 +604,7 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
         assert "database unreachable" in outcome.message
         assert _pid_gone(int((settings.run_dir(run.id) / "train.pid").read_text()))
         log = (settings.run_dir(run.id) / "train.log").read_text()
-        assert "no heartbeat for" in log and "SIGKILL" not in log
+        assert "lease not renewed for" in log and "SIGKILL" not in log
         with pytest.raises(OperationalError):  # still down: the outcome cannot be written
             finish_attempt(db, run.id, run.attempt, outcome, settings=settings,
                            worker_id=WORKER)
@@ -584,3 +623,62 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
         set_connections(True)
         db.dispose()
         drop_pg_database(url)
+
+
+def test_the_watchdog_vouches_while_the_lease_is_renewed_and_the_trainer_fences_itself_after(
+        tmp_path, sqlite_db):
+    """The worker feeds the training's watchdog pipe while heartbeats succeed. When they stop
+    (the database answers no more: here the run's row is locked by another writer), the
+    runner stops vouching and sends SIGTERM; a training that ignores SIGTERM fences itself
+    (exit 76, ``worker.fence``) once its deadline passes, before the runner's SIGKILL and
+    before the lease expires."""
+    settings = _settings(tmp_path, sqlite_db, lease_seconds=6, heartbeat_seconds=0.3,
+                         trainer_deadline_seconds=1.0, checkpoint_write_seconds=1.0,
+                         sqlite_busy_timeout_ms=200)
+    run = _claimed_run(sqlite_db, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+    import sqlite3
+
+    from service.settings import sqlite_path
+
+    hold = threading.Event()
+    released = threading.Event()
+
+    def block_writes():
+        _wait_for(lambda: (out / "metrics.csv").exists()
+                  and len(_csv_rows(out / "metrics.csv")) >= 10, what="metric rows")
+        # rows kept coming for well over the trainer deadline: the watchdog was fed
+        conn = sqlite3.connect(sqlite_path(settings.database_url), isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # every writer now waits, then fails
+            hold.set()
+            released.wait(30)
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+    helper = threading.Thread(target=block_writes)
+    helper.start()
+    started = time.monotonic()
+    try:
+        os.environ["FAKE_OUT_DIR"] = str(out)
+        try:
+            outcome = execute_attempt(run, sqlite_db, settings, WorkerInfo(worker_id=WORKER),
+                                      poll_seconds=0.1,
+                                      command=_engine(tmp_path, 100000, 0.1, 3, "ignore")
+                                      + ["fence"])
+        finally:
+            os.environ.pop("FAKE_OUT_DIR", None)
+    finally:
+        released.set()
+        helper.join()
+    assert hold.is_set()
+    assert time.monotonic() - started > 2 * settings.trainer_deadline_seconds
+    assert (outcome.kind, outcome.reason, outcome.exit_code) == (
+        "failed", FailureReason.lost_worker, 76)
+    log = (settings.run_dir(run.id) / "train.log").read_text()
+    assert "lease not renewed for" in log and "SIGKILL" not in log
+    assert "error: fenced:" in log
+    from service.contract import read_events
+
+    assert [e.event.value for e in read_events(out)][-1] == "fenced"

@@ -6,7 +6,8 @@ Layout of ``out_dir/step-XXXXXXXX/`` (8-digit optimizer step) and ``out_dir/fina
     model_config.yaml      the ``litgpt.Config`` as YAML (what ``litgpt.utils.save_config`` writes)
     tokenizer.json, tokenizer_config.json, generation_config.json, ...   copied tokenizer files
     training_state.pt      optimizer state, RNG states and the fields of training_state.json
-    training_state.json    step, tokens, data position, elapsed time, the resolved train config
+    training_state.json    step, tokens, data position, elapsed time, the resolved train config, and
+                           what the resume checks compare (raw-data and tokenizer hashes, the plan)
 
 A folder is first written as ``out_dir/.tmp-<name>-<pid>/``, every file flushed to disk, and
 then renamed to its final name, so a folder named ``step-*`` or ``final`` is always complete.
@@ -17,16 +18,19 @@ between, :func:`clean_stale` puts the old folder back.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from service import contract
+from service.estimate import warmup_steps
 
 from worker.tokenizer import TOKENIZER_FILES
 
@@ -209,3 +213,188 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_state(path: Path) -> dict[str, Any]:
     """The contents of ``training_state.pt`` of checkpoint folder ``path``."""
     return torch.load(Path(path) / STATE_PT, map_location="cpu", weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume checks: what a checkpoint records about its run, and the comparison on resume
+# --------------------------------------------------------------------------------------------------
+
+#: ``training_state.json`` keys the resume checks need; checkpoints written before the checks
+#: existed lack them and are resumed unchecked (with a warning).
+RESUME_RECORD_KEYS = ("train_data", "tokenizer_sha256", "plan")
+
+
+def _text_record(text) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    return {"sha256": text.sha256, "files": len(text.files), "bytes": text.n_bytes}
+
+
+def resume_record(train, plan, source, tokenizer_sha256: str | None) -> dict[str, Any]:
+    """The fields of ``training_state.json`` (and the meta in ``training_state.pt``) that a later
+    resume compares with its own run (:func:`check_resume`).
+
+    Args:
+        train: the validated ``TrainConfig``.
+        plan: its ``service.estimate.TrainingPlan``.
+        source: the ``worker.data.SourceText`` the run reads (None: nothing about the data is recorded).
+        tokenizer_sha256: ``worker.tokenizer.tokenizer_hash`` of the tokenizer folder.
+
+    Returns:
+        ``{"train_data": {"sha256", "files", "bytes"}, "val_data": same or None, "tokenizer_sha256",
+        "plan": {"lr", "min_lr", "warmup_steps", "global_batch_size", "micro_batch_size", "seq_len",
+        "max_tokens", "max_steps", "optimizer_steps"}}``; the hashes are SHA-256 hex digests of the raw
+        bytes (``worker.data.files_sha256``), not of the token cache.
+    """
+    t = train.train
+    record: dict[str, Any] = {
+        "tokenizer_sha256": tokenizer_sha256,
+        "plan": {
+            "lr": train.optimizer.lr, "min_lr": t.min_lr, "warmup_steps": plan.warmup_steps,
+            "global_batch_size": t.global_batch_size, "micro_batch_size": plan.micro_batch_size,
+            "seq_len": plan.seq_len, "max_tokens": t.max_tokens, "max_steps": t.max_steps,
+            "optimizer_steps": plan.optimizer_steps,
+        },
+    }
+    if source is not None:
+        record["train_data"] = _text_record(source.train)
+        record["val_data"] = _text_record(source.val)
+    return record
+
+
+@dataclass
+class ResumeCheck:
+    """Outcome of :func:`check_resume`.
+
+    Attributes:
+        changes: ``(kind, text)`` per difference that needs ``resume_allow_changes``; ``kind`` is one
+            of ``service.schemas.ResumeChange`` and ``text`` reads ``"what: old -> new"``.
+        refused: the changes whose kind is not allowed.
+        warnings: lines for the log: accepted changes, a different run length, an unchecked checkpoint.
+    """
+
+    changes: list[tuple[str, str]]
+    refused: list[tuple[str, str]]
+    warnings: list[str]
+
+    def refusal(self, checkpoint: Path) -> str | None:
+        """The one-line error naming every refused change and how to accept it, or None."""
+        if not self.refused:
+            return None
+        kinds = list(dict.fromkeys(kind for kind, _ in self.refused))
+        return (
+            f"resume: {checkpoint} was written by a run that differs from this one: "
+            + "; ".join(text for _, text in self.refused)
+            + f". To continue it anyway, add resume_allow_changes: [{', '.join(kinds)}] to the train config "
+            f"(run_train.py: --resume-allow-changes {','.join(kinds)}); to train from scratch instead, use "
+            "another out_dir"
+        )
+
+
+def _describe_text(rec: dict[str, Any] | None) -> str:
+    if not rec:
+        return "none"
+    n = rec.get("files")
+    return f"{n} file{'s' if n != 1 else ''}, {rec.get('bytes', 0):,} bytes, sha256 {str(rec.get('sha256'))[:12]}"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def check_resume(
+    info: CheckpointInfo,
+    current: dict[str, Any],
+    *,
+    train,
+    plan,
+    allow: Iterable[str] = (),
+) -> ResumeCheck:
+    """Compare the run recorded in checkpoint ``info`` with the run about to continue from it.
+
+    Refused unless allowed (``kind``): other training or validation bytes (``data``), other
+    tokenizer files (``tokenizer``), another ``lr``, ``min_lr`` or warm-up (``schedule``; a warm-up
+    given as ``lr_warmup_fraction`` is compared at the checkpoint's run length), another
+    ``global_batch_size`` (``batch``), another sequence length (``seq_len``). Always accepted
+    with a warning: a different number of planned optimizer steps (``max_tokens``/``max_steps``):
+    the cosine schedule is recomputed for the new length. A checkpoint without the record
+    (:data:`RESUME_RECORD_KEYS`, written before these checks) is accepted with a warning.
+
+    Args:
+        info: the checkpoint to resume from.
+        current: :func:`resume_record` of the run about to start.
+        train, plan: its validated ``TrainConfig`` and ``TrainingPlan``.
+        allow: the config's ``resume_allow_changes``.
+
+    Returns:
+        :class:`ResumeCheck`. Raises nothing.
+    """
+    meta = info.meta
+    allow = set(allow)
+    if not all(meta.get(key) is not None for key in RESUME_RECORD_KEYS):
+        return ResumeCheck([], [], [
+            f"resume: {info.path} was written before moejobs recorded the data and tokenizer hashes and the "
+            "plan in training_state.json: resuming without checking that the data, the tokenizer, the "
+            "learning-rate schedule, the batch size and the sequence length are the same as then"
+        ])
+    changes: list[tuple[str, str]] = []
+    args = train.data.init_args
+    for key, where in (("train_data", f"training data ({args.train_data_path})"),
+                       ("val_data", "validation data"
+                        + (f" ({args.val_data_path})" if args.val_data_path is not None else " (first training file)"))):
+        old, new = meta.get(key), current.get(key)
+        if (old or {}).get("sha256") != (new or {}).get("sha256"):
+            changes.append(("data", f"{where}: {_describe_text(old)} -> {_describe_text(new)}"))
+    if meta["tokenizer_sha256"] != current.get("tokenizer_sha256"):
+        changes.append(("tokenizer", f"tokenizer ({train.tokenizer_dir or train.initial_checkpoint_dir}): sha256 "
+                                     f"{meta['tokenizer_sha256'][:12]} -> {str(current.get('tokenizer_sha256'))[:12]}"))
+    old_plan, new_plan = meta["plan"], current["plan"]
+    for key, what, kind in (("lr", "optimizer lr", "schedule"), ("min_lr", "train.min_lr", "schedule")):
+        if not math.isclose(float(old_plan[key]), float(new_plan[key]), rel_tol=1e-12, abs_tol=0.0):
+            changes.append((kind, f"{what}: {_num(old_plan[key])} -> {_num(new_plan[key])}"))
+    old_steps = int(old_plan["optimizer_steps"])
+    warmup_then = warmup_steps(train, old_steps)  # this config's warm-up at the checkpoint's run length
+    if warmup_then != int(old_plan["warmup_steps"]):
+        changes.append(("schedule", f"warm-up: {old_plan['warmup_steps']} -> {warmup_then} optimizer steps"))
+    if old_plan["global_batch_size"] != new_plan["global_batch_size"]:
+        changes.append(("batch", f"train.global_batch_size: {_num(old_plan['global_batch_size'])} -> "
+                                 f"{_num(new_plan['global_batch_size'])}"))
+    if old_plan["seq_len"] != new_plan["seq_len"]:
+        changes.append(("seq_len", f"sequence length (train.max_seq_length): {old_plan['seq_len']} -> "
+                                   f"{new_plan['seq_len']}"))
+    refused = [c for c in changes if c[0] not in allow]
+    warnings = [f"resume: accepted by resume_allow_changes ({kind}): {text}" for kind, text in changes
+                if kind in allow]
+    if plan.optimizer_steps != old_steps:
+        warnings.append(_length_warning(info, old_plan, new_plan, train, plan))
+    return ResumeCheck(changes, refused, warnings)
+
+
+def _length_warning(info: CheckpointInfo, old_plan: dict, new_plan: dict, train, plan) -> str:
+    """The warning for a resume whose plan has another number of optimizer steps."""
+    old_steps, new_steps = int(old_plan["optimizer_steps"]), plan.optimizer_steps
+    keys = [f"train.{key} {_num(old_plan.get(key))} -> {_num(new_plan[key])}"
+            for key in ("max_tokens", "max_steps") if old_plan.get(key) != new_plan[key]]
+    longer = new_steps > old_steps
+    lr, min_lr = train.optimizer.lr, train.train.min_lr
+    text = (f"resume: {'extending' if longer else 'shortening'} the run from {info.path} "
+            f"({', '.join(keys) or 'global batch or sequence length changed'}): planned optimizer steps "
+            f"{old_steps:,} -> {new_steps:,}; the learning-rate schedule is recomputed for the new length: the "
+            f"cosine decay now reaches min_lr {min_lr:g} at step {new_steps:,} instead of step {old_steps:,}")
+    if plan.warmup_steps != warmup_steps(train, old_steps):  # a warm-up fraction: it follows the length
+        text += (f", and the warm-up (lr_warmup_fraction {train.train.lr_warmup_fraction:g} of the run) is "
+                 f"{plan.warmup_steps} steps instead of {warmup_steps(train, old_steps)}")
+    step = info.step
+    if step >= new_steps:
+        return text + (f"; the checkpoint is already at step {step:,}, not before the new end: nothing more is "
+                       f"trained and final/ is written from it")
+    old = replace(plan, optimizer_steps=old_steps, warmup_steps=int(old_plan["warmup_steps"]))
+    old_lr = old.learning_rate(step + 1, float(old_plan["lr"]), float(old_plan["min_lr"]))
+    return text + (f"; the next step ({step + 1:,}) uses learning rate {plan.learning_rate(step + 1, lr, min_lr):.4g} "
+                   f"(the old plan: {old_lr:.4g})")

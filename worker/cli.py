@@ -62,6 +62,8 @@ def build_parser(prog: str = "run_train.py") -> argparse.ArgumentParser:
     g.add_argument("--devices", type=_devices)
     g.add_argument("--seed", type=int)
     g.add_argument("--resume", help="auto, false, or a checkpoint folder")
+    g.add_argument("--resume-allow-changes", metavar="KIND[,KIND]",
+                   help="differences from the checkpoint a resume accepts: data, tokenizer, schedule, batch, seq_len")
     g.add_argument("--compile", type=_bool, metavar="true|false")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     return p
@@ -81,6 +83,7 @@ FLAG_KEYS: dict[str, tuple[str, ...]] = {
     "devices": ("devices",),
     "seed": ("seed",),
     "resume": ("resume",),
+    "resume_allow_changes": ("resume_allow_changes",),
     "compile": ("optimization", "compile"),
     "gradient_checkpointing": ("train", "gradient_checkpointing"),
 }
@@ -95,6 +98,8 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if dest == "resume":
             value = {"false": False, "true": True}.get(value.lower(), value)
+        elif dest == "resume_allow_changes":
+            value = [part.strip() for part in value.split(",") if part.strip()]
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})

@@ -11,9 +11,11 @@ Semantics follow LitGPT's ``TextFiles`` (0.5.13) where it matters for the model:
 Where this module deliberately differs from ``TextFiles`` (see ../shared/design/litgpt-facts.md):
 
 * the tokens are cached **outside** the user's folders (``~/.cache/moejobs/tokens``, or the
-  ``MOEJOBS_TOKEN_CACHE`` environment variable), under a name that is a SHA-256 of the file names,
-  their bytes and the tokenizer files, so a cache is never stale and nothing is written into the
-  input folders;
+  ``MOEJOBS_TOKEN_CACHE`` environment variable), under a name derived from the SHA-256 of the file
+  names and bytes (:func:`files_sha256`), the tokenizer's hash and the cache format, so a cache is
+  never stale and nothing is written into the input folders. The same raw-text hashes are what a
+  checkpoint records for the resume checks (``worker.checkpoint``); each file is hashed once per
+  start (:func:`source_text`);
 * a cache file is written under a temporary name and renamed (``os.replace``), so two runs that
   build the same cache at once both end with the same complete file, and a reader never sees half;
 * the sampling order is a pure function of (seed, world size, data position), so a resumed run
@@ -72,17 +74,96 @@ def split_files(train_data_path: str | Path, val_data_path: str | Path | None) -
     return train_files, []
 
 
-def cache_key(files: Sequence[Path], tokenizer_dir: str | Path) -> str:
-    """SHA-256 (hex) of the cache format, the tokenizer files and each file's name and bytes.
+#: bytes read at a time while hashing a file
+_HASH_CHUNK = 1 << 20
 
-    The names are part of the key because they fix the order of concatenation; the folder is not,
-    so the same text in two places shares one cache.
+
+def files_sha256(files: Sequence[Path]) -> str:
+    """SHA-256 (hex) of the raw text of ``files`` in the given (reading) order.
+
+    For each file: its name, NUL, its size in bytes, NUL, its bytes. The names are included
+    because they fix the order of concatenation; the folder is not, so the same text in two
+    places hashes the same. Independent of the tokenizer and of :data:`CACHE_FORMAT`. Files are
+    read in 1 MiB chunks (memory stays flat for large corpora).
+
+    Raises:
+        DataError: a file cannot be read (the message names it).
     """
-    digest = hashlib.sha256(f"moejobs-tokens-v{CACHE_FORMAT}\0".encode())
-    digest.update(tokenizer_hash(Path(tokenizer_dir)).encode() + b"\0")
+    return _hash_files(files)[0]
+
+
+def _hash_files(files: Sequence[Path]) -> tuple[str, int]:
+    """(:func:`files_sha256`, total bytes)."""
+    digest = hashlib.sha256()
+    total = 0
     for path in files:
-        raw = Path(path).read_bytes()
-        digest.update(path.name.encode() + b"\0" + str(len(raw)).encode() + b"\0" + raw)
+        path = Path(path)
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                digest.update(path.name.encode() + b"\0" + str(size).encode() + b"\0")
+                while chunk := fh.read(_HASH_CHUNK):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+        total += size
+    return digest.hexdigest(), total
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """One list of text files in reading order and the hash of their raw bytes.
+
+    Attributes:
+        files: the ``.txt`` files, in concatenation order.
+        sha256: :func:`files_sha256` of ``files``.
+        n_bytes: total size of the files in bytes (for messages).
+    """
+
+    files: tuple[Path, ...]
+    sha256: str
+    n_bytes: int
+
+    @classmethod
+    def of(cls, files: Sequence[Path]) -> TextSet:
+        """Hash ``files`` (reads every byte once). Raises DataError naming an unreadable file."""
+        files = tuple(Path(f) for f in files)
+        sha, n_bytes = _hash_files(files)
+        return cls(files=files, sha256=sha, n_bytes=n_bytes)
+
+    def describe(self) -> str:
+        """``"14 files, 1,043,112 bytes, sha256 3f2a9c01e4b7"`` (the hash shortened to 12 hex digits)."""
+        return f"{len(self.files)} file{'s' if len(self.files) != 1 else ''}, {self.n_bytes:,} bytes, sha256 {self.sha256[:12]}"
+
+
+@dataclass(frozen=True)
+class SourceText:
+    """The raw text of a run, as the engine will read it (LitGPT ``TextFiles`` split).
+
+    Attributes:
+        train: the training files.
+        val: the validation files, or None when there is no validation set.
+    """
+
+    train: TextSet
+    val: TextSet | None
+
+
+def source_text(train_data_path: str | Path, val_data_path: str | Path | None) -> SourceText:
+    """Find the run's text files (:func:`split_files`) and hash them (:func:`files_sha256`).
+
+    Raises:
+        DataError: a folder is missing or has no ``.txt`` file, or a file cannot be read.
+    """
+    train_files, val_files = split_files(train_data_path, val_data_path)
+    return SourceText(train=TextSet.of(train_files), val=TextSet.of(val_files) if val_files else None)
+
+
+def cache_key(data_sha256: str, tokenizer_sha256: str) -> str:
+    """Name of a token cache: SHA-256 (hex) of the cache format, the tokenizer's hash
+    (``worker.tokenizer.tokenizer_hash``) and the raw text's hash (:func:`files_sha256`)."""
+    digest = hashlib.sha256(f"moejobs-tokens-v{CACHE_FORMAT}\0".encode())
+    digest.update(tokenizer_sha256.encode() + b"\0" + data_sha256.encode())
     return digest.hexdigest()
 
 
@@ -132,12 +213,16 @@ def tokenize_files(
     tokenizer_dir: str | Path,
     padded_vocab_size: int,
     cache_dir: Path | None = None,
+    *,
+    text: TextSet | None = None,
+    tokenizer_sha256: str | None = None,
 ) -> TokenSet:
     """Tokenize ``files`` (or reuse the cache) and return the memory-mapped tokens.
 
     The cache file name is :func:`cache_key`; it is written to a temporary file in the cache
     folder, flushed to disk and renamed, so concurrent builders are safe. Nothing is written
-    next to the input files.
+    next to the input files. ``text`` (the :class:`TextSet` of ``files``) and
+    ``tokenizer_sha256`` are the hashes when already computed; otherwise they are computed here.
 
     Raises:
         DataError: a file is empty or not UTF-8, an id is out of range, or the cache folder cannot
@@ -146,7 +231,9 @@ def tokenize_files(
     files = [Path(f) for f in files]
     folder = files[0].parent if files else Path(".")
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
-    key = cache_key(files, tokenizer_dir)
+    data_sha = text.sha256 if text is not None else files_sha256(files)
+    tok_sha = tokenizer_sha256 if tokenizer_sha256 is not None else tokenizer_hash(Path(tokenizer_dir))
+    key = cache_key(data_sha, tok_sha)
     path = cache_dir / f"{key}.npy"
     if not path.is_file():
         tokens = _encode_files(files, tokenizer, padded_vocab_size)
@@ -254,10 +341,18 @@ def validation_batches(
 
 @dataclass(frozen=True)
 class PreparedData:
-    """Tokenized training and (optional) validation data, checked against the batch shape."""
+    """Tokenized training and (optional) validation data, checked against the batch shape.
+
+    Attributes:
+        train, val: the token sets (``val`` None when no validation is configured).
+        source: the raw text's files and hashes (validation files hashed even when unused).
+        tokenizer_sha256: ``worker.tokenizer.tokenizer_hash`` of the tokenizer folder.
+    """
 
     train: TokenSet
     val: TokenSet | None
+    source: SourceText | None = None
+    tokenizer_sha256: str | None = None
 
 
 def prepare_data(
@@ -270,20 +365,29 @@ def prepare_data(
     micro_batch_size: int,
     need_validation: bool,
     cache_dir: Path | None = None,
+    *,
+    source: SourceText | None = None,
+    tokenizer_sha256: str | None = None,
 ) -> PreparedData:
     """Find, tokenize (cached) and check the data for one run.
 
     Validation data is tokenized only when ``need_validation`` (some validation is configured),
-    but a given ``val_data_path`` must always exist and hold ``.txt`` files.
+    but a given ``val_data_path`` must always exist and hold ``.txt`` files. ``source`` (from
+    :func:`source_text` of the same paths) and ``tokenizer_sha256`` are reused when given, so a
+    start that already hashed them for the resume checks does not hash again.
 
     Raises:
         DataError: naming the folder or file: missing folder, no ``.txt`` files, empty or non-UTF-8
             file, training or validation data shorter than one micro-batch of
             ``micro_batch_size x (seq_len + 1)`` tokens, validation needed but no validation set.
     """
-    train_files, val_files = split_files(train_data_path, val_data_path)
+    if source is None:
+        source = source_text(train_data_path, val_data_path)
+    if tokenizer_sha256 is None:
+        tokenizer_sha256 = tokenizer_hash(Path(tokenizer_dir))
     need = micro_batch_size * (seq_len + 1)
-    train = tokenize_files(train_files, tokenizer, tokenizer_dir, padded_vocab_size, cache_dir)
+    train = tokenize_files(source.train.files, tokenizer, tokenizer_dir, padded_vocab_size, cache_dir,
+                           text=source.train, tokenizer_sha256=tokenizer_sha256)
     if train.n_windows(seq_len + 1) < micro_batch_size:
         raise DataError(
             f"{Path(train_data_path)}: training data has {len(train)} tokens, fewer than one micro-batch "
@@ -291,17 +395,18 @@ def prepare_data(
         )
     val = None
     if need_validation:
-        if not val_files:
+        if source.val is None:
             raise DataError(
                 f"{Path(train_data_path)}: validation is configured but there is no validation set "
                 "(give data.init_args.val_data_path, or put at least 2 .txt files in train_data_path: "
                 "the first sorted file becomes validation)"
             )
-        val = tokenize_files(val_files, tokenizer, tokenizer_dir, padded_vocab_size, cache_dir)
-        where = Path(val_data_path) if val_data_path is not None else val_files[0]
+        val = tokenize_files(source.val.files, tokenizer, tokenizer_dir, padded_vocab_size, cache_dir,
+                             text=source.val, tokenizer_sha256=tokenizer_sha256)
+        where = Path(val_data_path) if val_data_path is not None else source.val.files[0]
         if val.n_windows(seq_len + 1) < micro_batch_size:
             raise DataError(
                 f"{where}: validation data has {len(val)} tokens, fewer than one micro-batch of "
                 f"micro_batch_size x (max_seq_length + 1) = {micro_batch_size} x {seq_len + 1} = {need} tokens"
             )
-    return PreparedData(train=train, val=val)
+    return PreparedData(train=train, val=val, source=source, tokenizer_sha256=tokenizer_sha256)

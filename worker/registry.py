@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,7 @@ class WorkerRuntime:
         self.info = WorkerInfo(worker_id=self.worker_id)
         self._stop = threading.Event()
         self._loops: list[_Loop] = []
+        self._resend: list[uuid.UUID] = []
         self.started = False
 
     @property
@@ -307,9 +309,32 @@ class WorkerRuntime:
             log.info("reconciler: %s", summary)
         return summary
 
+    def resend_at_exit(self, run_id: uuid.UUID) -> None:
+        """Send run ``run_id``'s message again when this worker stops (:meth:`stop`, after its
+        consumer stopped): a run given back or left queued by a stopping worker goes to
+        another worker at once, not after ``QUEUED_STALE_SECONDS``."""
+        if run_id not in self._resend:
+            self._resend.append(run_id)
+
+    def _send_given_back(self) -> None:
+        from service.queue import enqueue_run
+
+        for run_id in self._resend:
+            result = enqueue_run(self.app(), str(run_id))
+            if result.ok:
+                log.info("run %s sent again for another worker", run_id)
+            else:  # the reconciler of another worker sends it later
+                log.warning("run %s could not be sent again: %s", run_id, result.error)
+        self._resend.clear()
+
     def stop(self) -> None:
-        """Stop the threads and remove this worker's row (a clean shutdown)."""
+        """Send the runs this worker gave back (:meth:`resend_at_exit`), stop the threads and
+        remove this worker's row (a clean shutdown)."""
         self.shutdown.set()
+        try:
+            self._send_given_back()
+        except Exception:  # never block the shutdown; the reconciler covers a lost message
+            log.exception("sending given-back runs failed")
         self._stop.set()
         for loop in self._loops:
             loop.thread.join(timeout=30)

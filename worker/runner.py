@@ -5,12 +5,14 @@ What :func:`execute_attempt` does for a run that :func:`service.runs.claim_run` 
 
 1. writes the run's resolved configs to ``RUN_DIR/train_config.yaml`` and
    ``RUN_DIR/model_config.yaml`` (``RUN_DIR = settings.run_dir(run.id)``);
-2. starts ``python -m worker.train --train-config ... --model-config ... [--no-checkpoints]``
-   in its own session/process group, environment = this process's plus
-   ``settings.to_env()``; stdout and stderr go to ``RUN_DIR/train.log`` (the run's log; each
-   attempt appends a ``[moejobs]`` header and trailer line). The child gets a parent-death
-   signal (``worker.launch.die_with_parent``, Linux ``PR_SET_PDEATHSIG``): it never outlives
-   the worker, so a retry elsewhere never races a leftover. Its pid is in ``RUN_DIR/train.pid``;
+2. records the claim in ``out_dir/.owner.json`` (``service.contract.write_owner``), removes
+   a stale ``out_dir/result.json``, and starts ``python -m worker.entry --train-config ...
+   --model-config ... [--no-checkpoints]`` in its own session/process group, environment =
+   this process's plus ``settings.to_env()``, the attempt (``MOEJOBS_ATTEMPT``) and the read
+   end of a heartbeat pipe (``MOEJOBS_WATCHDOG_FD``); stdout and stderr go to
+   ``RUN_DIR/train.log`` (the run's log; each attempt appends a ``[moejobs]`` header and
+   trailer line). The child gets a parent-death signal (``worker.launch.die_with_parent``,
+   Linux ``PR_SET_PDEATHSIG``). Its pid is in ``RUN_DIR/train.pid``;
 3. until the child exits, every ``POLL_SECONDS``: tails ``out_dir/metrics.csv`` (complete lines
    only) into metric rows and ``out_dir/router.csv`` (when the engine writes one) into router
    rows, records each complete checkpoint folder (``step-XXXXXXXX``/``final``: the engine
@@ -19,26 +21,33 @@ What :func:`execute_attempt` does for a run that :func:`service.runs.claim_run` 
    worker's shutdown flag (SIGTERM to the process group; SIGKILL after
    ``settings.cancel_grace_seconds``). Provenance is recorded once, from a helper thread (the
    data hash reads every input file);
-4. after the exit: a last drain of metrics and checkpoints, then :func:`classify_exit`.
+4. after the exit: a last drain of metrics and checkpoints, then :func:`classify_exit` from
+   the engine's ``result.json`` and the exit code (``service.contract``; never from log text).
 
 The outcome is written by :func:`finish_attempt`, the only place that maps an outcome to
 ``service.runs``' status functions (``transition`` / ``retry_or_fail``).
 
 Fencing: every write passes the claimed ``attempt``. When ``heartbeat_run`` raises
 ``LeaseLost`` (the reconciler gave the run to another attempt) the child is SIGKILLed at once
-and nothing more is written. A watchdog thread stops the child when the lease cannot be
-renewed (database unreachable): SIGTERM after ``lease_seconds / 2`` without a successful
-heartbeat, SIGKILL after ``lease_seconds - heartbeat_seconds``, i.e. before the lease can
-expire and the run be taken over.
+and nothing more is written. A watchdog thread (:func:`_watchdog`), beside the runner loop so
+that a database call that hangs cannot delay it, vouches for the lease to the training
+process: it writes a byte to the heartbeat pipe every half second while the last successful
+renewal is less than ``settings.vouch_seconds`` old. The training process (``worker.fence``)
+stops itself when no byte came for ``TRAINER_DEADLINE_SECONDS``, so a frozen worker (SIGSTOP,
+a stalled host) cannot leave its training running past its lease. When the lease cannot be
+renewed (database unreachable) the watchdog stops vouching and SIGTERMs the training (it
+checkpoints and exits 75; the run is re-queued if the database answers again, else the
+reconciler re-queues it once its lease expires); after ``lease_seconds - heartbeat_seconds``
+it SIGKILLs whatever is left, before the lease can expire.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -55,9 +64,10 @@ from typing import Any
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import runs
+from service import contract, runs
+from service.contract import EngineResult, ExitCode, FailureReason
 from service.db import Database
-from service.models import METRIC_COLUMNS, FailureReason, Run, RunStatus
+from service.models import METRIC_COLUMNS, Run, RunStatus
 from service.settings import Settings
 
 log = logging.getLogger("moejobs.runner")
@@ -68,27 +78,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: How often the runner loop looks at the child, the files and the cancel flag, in seconds.
 POLL_SECONDS = 0.5
 
-#: The engine's exit codes (worker/errors.py).
-EXIT_OK, EXIT_FAILURE, EXIT_INVALID_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 75
 
 #: Environment variable that makes ``worker.launch.die_with_parent`` arm PR_SET_PDEATHSIG in
 #: the training process (value: the pid of its parent, this worker).
 PARENT_ENV = "MOEJOBS_RANK_PARENT"
 
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
-_ENGINE_ERROR = re.compile(r"^error: ([a-z_ ]+?)(?::\s*(.*))?$")
-_OOM_TEXT = re.compile(r"out of memory|OutOfMemoryError|MemoryError|Cannot allocate memory",
-                       re.IGNORECASE)
 _LOG_TAIL_BYTES = 64 * 1024
 
-#: What the engine's one-line error reasons map to (``error: <reason>: message``).
-_ENGINE_REASONS = {
-    "invalid_data": FailureReason.invalid_data,
-    "invalid_config": FailureReason.invalid_config,
-    "invalid config": FailureReason.invalid_config,
-    "out_of_memory": FailureReason.out_of_memory,
-    "crashed": FailureReason.crashed,
-}
+#: Exit codes that mean "stopped on a signal": the engine's own (a checkpoint at a step
+#: boundary, or before training started) and the shell's 128 + N.
+_STOPPED = frozenset({ExitCode.INTERRUPTED, ExitCode.SIGINT_BEFORE_START,
+                      ExitCode.SIGTERM_BEFORE_START})
 
 
 # -- outcome ------------------------------------------------------------------------------------
@@ -147,79 +147,74 @@ def _last_line(lines: list[str]) -> str:
     return ""
 
 
-def classify_exit(returncode: int, log_lines: list[str], *, cancel_requested: bool = False,
-                  shutting_down: bool = False, lease_lost: bool = False,
-                  oom_killed: bool = False) -> Outcome:
-    """Classify the end of a training process.
+def classify_exit(returncode: int, result: EngineResult | None, log_lines: list[str], *,
+                  cancel_requested: bool = False, shutting_down: bool = False,
+                  lease_lost: bool = False, oom_killed: bool = False) -> Outcome:
+    """Classify the end of a training process from the contract (``service.contract``).
 
     Args:
         returncode: ``Popen.returncode`` (negative = killed by that signal; ``128 + N`` is
             read as signal N too).
-        log_lines: the last lines of this attempt's output (stdout and stderr), oldest first.
+        result: the engine's ``out_dir/result.json`` of this attempt, None when it wrote none
+            (killed, fenced, or died before it could).
+        log_lines: the last lines of this attempt's output, oldest first; only the last
+            non-empty one is used, as the message when there is no result.
         cancel_requested: the run's cancel flag was set (we sent SIGTERM, maybe SIGKILL).
-        shutting_down: the worker is stopping (we sent SIGTERM to let it checkpoint).
+        shutting_down: the worker is stopping, or stopped the training because the database
+            did not answer (we sent SIGTERM to let it checkpoint).
         lease_lost: another attempt owns the run (we SIGKILLed the child).
         oom_killed: the kernel's OOM killer killed a process of our cgroup meanwhile.
 
     Rules, first match wins: lease lost -> ``lease_lost``; exit 0 -> succeeded; cancel
-    requested -> cancelled; worker shutting down and the child stopped (75 or a signal) ->
-    ``requeue``; exit 2 -> failed ``invalid_config``; exit 1 -> the reason of the engine's last
-    ``error: <reason>: ...`` line (``invalid_data``, ``out_of_memory``, ``invalid_config``),
-    out of memory when the last line is a Python out-of-memory error, else ``crashed`` with the
-    last line; killed by a signal -> ``out_of_memory`` when there is OOM evidence (``oom_killed``
-    or an out-of-memory message in the log), else ``killed`` (retryable); exit 75 without a
-    shutdown (someone else sent SIGTERM) -> ``killed``; anything else -> ``crashed``.
+    requested -> cancelled; shutting down and stopped (75, 130, 143 or a signal) ->
+    ``requeue`` (a graceful stop, no failure); exit 76 (the trainer fenced itself: its worker
+    went silent) -> failed ``lost_worker`` (retried); a result with outcome failed -> its
+    reason and message (``invalid_config``, ``invalid_data``, ``out_of_memory``,
+    ``no_space``, ``crashed``); exit 2 -> ``invalid_config``; exit 1 -> ``crashed``; a signal
+    -> ``out_of_memory`` when the OOM killer acted, else ``killed`` (retried); 75/130/143
+    without a stop of ours -> ``killed``; anything else -> ``crashed``.
     """
     last = _last_line(log_lines)
     if lease_lost:
         return Outcome("lease_lost", "another attempt owns the run", exit_code=returncode)
-    if returncode == EXIT_OK:
-        return Outcome("succeeded", "training finished", exit_code=returncode)
+    if returncode == ExitCode.OK:
+        text = result.message if result is not None and result.message else "training finished"
+        return Outcome("succeeded", text, exit_code=returncode)
     sig = _signal_of(returncode)
     if cancel_requested:
-        how = f" ({_signal_name(sig)})" if sig else ""
+        how = f" ({_signal_name(sig)})" if sig and returncode not in _STOPPED else ""
         return Outcome("cancelled", f"training stopped on request{how}", exit_code=returncode)
-    if shutting_down and (returncode == EXIT_INTERRUPTED or sig is not None):
-        return Outcome("requeue", "worker shutting down: training stopped after a checkpoint"
-                       if returncode == EXIT_INTERRUPTED else
-                       f"worker shutting down: training stopped by {_signal_name(sig or 0)}",
-                       exit_code=returncode)
-
-    engine_reason, engine_message = None, None
-    for index in range(len(log_lines) - 1, -1, -1):
-        match = _ENGINE_ERROR.match(log_lines[index].strip())
-        if match and (match.group(1) in _ENGINE_REASONS or match.group(1) == "interrupted"):
-            engine_reason, engine_message = match.group(1), (match.group(2) or "").strip()
-            if engine_reason == "invalid config":  # "error: invalid config" + one issue a line
-                issues = [ln.strip() for ln in log_lines[index + 1:] if ln.strip()
-                          and not ln.startswith("[moejobs]")]
-                engine_message = "; ".join(issues)
-            break
-
-    if returncode == EXIT_INVALID_CONFIG:
-        text = engine_message or last or "invalid config"
-        return Outcome("failed", text, FailureReason.invalid_config, returncode)
-    if returncode == EXIT_FAILURE:
-        if engine_reason is not None and engine_reason != "interrupted":
-            reason = _ENGINE_REASONS[engine_reason]
-            text = engine_message or last
-            if reason == FailureReason.crashed and _OOM_TEXT.search(text or ""):
-                reason = FailureReason.out_of_memory
-            return Outcome("failed", text or engine_reason, reason, returncode)
-        if _OOM_TEXT.search(last):
-            return Outcome("failed", last, FailureReason.out_of_memory, returncode)
+    if shutting_down and (returncode in _STOPPED or sig is not None):
+        if returncode == ExitCode.INTERRUPTED:
+            where = (f" ({result.checkpoint}, step {result.steps})"
+                     if result is not None and result.checkpoint else "")
+            text = f"graceful stop: worker shutting down, training checkpointed{where}"
+        elif returncode in _STOPPED:
+            text = "graceful stop: worker shutting down before training started"
+        else:
+            text = f"worker shutting down: training stopped by {_signal_name(sig or 0)}"
+        return Outcome("requeue", text, exit_code=returncode)
+    if returncode == ExitCode.FENCED:
+        return Outcome("failed", "the training stopped itself: " + (last or "its worker went "
+                       "silent"), FailureReason.lost_worker, returncode)
+    if result is not None and result.outcome == contract.Outcome.failed and result.reason:
+        return Outcome("failed", result.message or last or result.reason.value, result.reason,
+                       returncode)
+    if returncode == ExitCode.INVALID_CONFIG:
+        return Outcome("failed", (result.message if result else "") or last or "invalid config",
+                       FailureReason.invalid_config, returncode)
+    if returncode == ExitCode.FAILED:
         return Outcome("failed", last or "training exited with code 1", FailureReason.crashed,
                        returncode)
-    if sig is not None:
-        tail_text = "\n".join(log_lines[-20:])
-        if oom_killed or (sig == signal.SIGKILL and _OOM_TEXT.search(tail_text)):
+    if sig is not None and returncode not in _STOPPED:
+        if oom_killed:
             return Outcome("failed", f"killed by {_signal_name(sig)}: out of memory (OOM killer)",
                            FailureReason.out_of_memory, returncode)
         return Outcome("failed", f"training process killed by {_signal_name(sig)}",
                        FailureReason.killed, returncode)
-    if returncode == EXIT_INTERRUPTED:
-        return Outcome("failed", engine_message or "training stopped by SIGTERM from outside the "
-                       "worker", FailureReason.killed, returncode)
+    if returncode in _STOPPED:
+        return Outcome("failed", f"training stopped by {_signal_name(sig or signal.SIGTERM)} from "
+                       "outside the worker", FailureReason.killed, returncode)
     return Outcome("failed", last or f"training exited with code {returncode}",
                    FailureReason.crashed, returncode)
 
@@ -348,9 +343,9 @@ def checkpoint_folders(out_dir: Path) -> list[tuple[str, Path]]:
     for entry in entries:
         if not entry.is_dir(follow_symlinks=False):
             continue
-        match = _STEP_DIR.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.name, Path(entry.path)))
+        step = contract.checkpoint_step(entry.name)
+        if step is not None:
+            found.append((step, entry.name, Path(entry.path)))
         elif entry.name == "final":
             found.append((sys.maxsize, entry.name, Path(entry.path)))
     return [(name, path) for _, name, path in sorted(found)]
@@ -394,7 +389,7 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     commit = out.stdout.strip()
-    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+    return commit if out.returncode == 0 and len(commit) == 40 and set(commit) <= set("0123456789abcdef") else None
 
 
 def _package_versions() -> dict[str, str]:
@@ -490,20 +485,30 @@ def _utc() -> datetime:
 
 
 def training_command(train_path: Path, model_path: Path, *, checkpoints: bool) -> list[str]:
-    """The engine's command line (``python -m worker.train``) for two resolved config files."""
-    cmd = [sys.executable, "-m", "worker.train", "--train-config", str(train_path),
+    """The engine's command line (``python -m worker.entry``, the thin entry that installs the
+    signal handlers and the fence before the engine loads) for two resolved config files."""
+    cmd = [sys.executable, "-m", "worker.entry", "--train-config", str(train_path),
            "--model-config", str(model_path)]
     if not checkpoints:
         cmd.append("--no-checkpoints")
     return cmd
 
 
-def training_env(settings: Settings, info: WorkerInfo) -> dict[str, str]:
-    """Environment of the training process: this process's, ``settings.to_env()``, the
-    repository on PYTHONPATH, unbuffered output, the parent-death marker, and the worker's
-    GPUs in CUDA_VISIBLE_DEVICES when it owns a subset."""
+def training_env(settings: Settings, info: WorkerInfo, *, attempt: int | None = None,
+                 watchdog_fd: int | None = None) -> dict[str, str]:
+    """Environment of the training process: this process's, ``settings.to_env()`` (the
+    trainer deadline, checkpoint-write allowance and engine among them), the repository on
+    PYTHONPATH, unbuffered output, the parent-death marker, the worker's GPUs in
+    CUDA_VISIBLE_DEVICES when it owns a subset, and the contract's attempt and heartbeat-pipe
+    variables when given."""
     env = dict(os.environ)
+    for name in (contract.ENV_ATTEMPT, contract.ENV_WATCHDOG_FD):
+        env.pop(name, None)
     env.update(settings.to_env())
+    if attempt is not None:
+        env[contract.ENV_ATTEMPT] = str(attempt)
+    if watchdog_fd is not None:
+        env[contract.ENV_WATCHDOG_FD] = str(watchdog_fd)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
@@ -577,9 +582,12 @@ class _Attempt:
             return runs.heartbeat_run(session, self.run_id, self.info.worker_id, self.attempt,
                                       self.settings.lease_seconds)
 
+        # The lease runs from the moment the renewal was asked for, not from its answer: a
+        # slow database must not make the watchdog vouch for longer than the lease lasts.
+        asked = time.monotonic()
         result = self._write("heartbeat", beat)
         if result is not None:
-            self.last_heartbeat_ok = time.monotonic()
+            self.last_heartbeat_ok = max(self.last_heartbeat_ok, asked)
             self.cancel_requested = self.cancel_requested or bool(result.cancel_requested)
 
     def check_cancel(self) -> None:
@@ -711,32 +719,51 @@ def _record_provenance_later(att: _Attempt, train_doc: dict[str, Any]) -> thread
     return thread
 
 
-def _watchdog(proc: subprocess.Popen, att: _Attempt, log_path: Path,
-              done: threading.Event) -> None:
-    """Self-fencing, beside the runner loop (so a database call that hangs cannot delay it):
-    when no heartbeat succeeded for half the lease (database unreachable), SIGTERM the
-    training (it checkpoints and exits 75; the run is re-queued if the database answers
-    again, else the reconciler re-queues it once its lease expires); after
-    ``lease_seconds - heartbeat_seconds`` SIGKILL it, before the lease can expire and the run
-    be handed to another attempt that would write the same folder."""
+def _beat(fd: int) -> bool:
+    """Write one heartbeat byte; False when the training process is gone (broken pipe). A full
+    pipe (the child reads none) counts as written: it has bytes to read."""
+    try:
+        os.write(fd, b".")
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _watchdog(proc: subprocess.Popen, att: _Attempt, log_path: Path, done: threading.Event,
+              beat_fd: int | None) -> None:
+    """Vouch for the lease to the training process and stop it when the lease is at risk
+    (module docstring). While the last successful renewal is younger than
+    ``settings.vouch_seconds`` a byte goes to the heartbeat pipe every poll; past that (the
+    database does not answer) the training gets SIGTERM (a checkpoint and exit 75, then its
+    own deadline fences it); after ``lease_seconds - heartbeat_seconds`` SIGKILL, before the
+    lease can expire and the run be handed to another attempt that would write the same
+    folder."""
     settings = att.settings
-    term_after = settings.lease_seconds / 2
-    kill_after = max(settings.lease_seconds - settings.heartbeat_seconds, term_after)
+    vouch = settings.vouch_seconds
+    kill_after = settings.lease_seconds - settings.heartbeat_seconds
+    poll = max(0.05, min(0.5, (settings.trainer_deadline_seconds or 30.0) / 4))
     terminated = killed = False
-    while not done.wait(min(0.5, settings.heartbeat_seconds)):
+    pipe_open = beat_fd is not None
+    while proc.poll() is None:
         silent = time.monotonic() - att.last_heartbeat_ok
-        if silent > term_after and not terminated:
+        if pipe_open and silent < vouch and not att.lease_lost:
+            pipe_open = _beat(beat_fd)
+        elif silent >= vouch and not terminated and not att.lease_lost:
             terminated = att.self_fenced = True
-            log.error("run %s: no heartbeat for %.0f s: stopping the training", att.run_id,
+            log.error("run %s: lease not renewed for %.0f s: stopping the training", att.run_id,
                       silent)
-            _log_line(log_path, f"no heartbeat for {silent:.0f} s (database unreachable?): "
+            _log_line(log_path, f"lease not renewed for {silent:.0f} s (database unreachable?): "
                       "SIGTERM to the training process")
             _signal_group(proc, signal.SIGTERM)
         if silent > kill_after and not killed:
             killed = True
-            _log_line(log_path, f"no heartbeat for {silent:.0f} s: SIGKILL before the lease "
+            _log_line(log_path, f"lease not renewed for {silent:.0f} s: SIGKILL before the lease "
                       "expires")
             _signal_group(proc, signal.SIGKILL)
+        if done.wait(poll):
+            return
 
 
 def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo, *,
@@ -759,23 +786,37 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
     run_dir = att.run_dir
     log_path = run_dir / "train.log"
     checkpoints = run.preset != "smoke-test"
+    read_fd = beat_fd = None
     try:
         train_path, model_path = write_configs(run, run_dir)
         cmd = command or training_command(train_path, model_path, checkpoints=checkpoints)
+        # The claim, where the engine can see it: it renames a checkpoint into out_dir only
+        # while this file names its attempt. Then no result of an earlier attempt may pass
+        # for this one's.
+        contract.write_owner(att.out_dir, run.attempt, info.worker_id)
+        (att.out_dir / contract.RESULT_FILE).unlink(missing_ok=True)
         _log_line(log_path, f"attempt {run.attempt} on worker {info.worker_id}: {' '.join(cmd)}")
         log_start = log_path.stat().st_size
         oom_before = _cgroup_oom_kills()
+        read_fd, beat_fd = os.pipe()
+        os.set_blocking(beat_fd, False)
         log_file = open(log_path, "ab")
         try:
             proc = subprocess.Popen(
-                cmd, cwd=str(run_dir), env=training_env(settings, info), stdin=subprocess.DEVNULL,
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                cmd, cwd=str(run_dir), stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(read_fd,),
+                env=training_env(settings, info, attempt=run.attempt, watchdog_fd=read_fd),
             )
         finally:
             log_file.close()
+            os.close(read_fd)
     except OSError as error:
+        if beat_fd is not None:
+            os.close(beat_fd)
         log.exception("run %s: could not start training", run.id)
-        return Outcome("failed", f"could not start training: {error}", FailureReason.crashed)
+        reason = (FailureReason.no_space if error.errno == errno.ENOSPC
+                  else FailureReason.crashed)
+        return Outcome("failed", f"could not start training: {error}", reason)
     (run_dir / "train.pid").write_text(f"{proc.pid}\n", encoding="utf-8")
     log.info("run %s attempt %d: training pid %d", run.id, run.attempt, proc.pid)
     provenance_thread = _record_provenance_later(att, dict(run.resolved_train))
@@ -783,7 +824,8 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
     grace = settings.cancel_grace_seconds
     heartbeat_every = settings.heartbeat_seconds
     watchdog_done = threading.Event()
-    watchdog = threading.Thread(target=_watchdog, args=(proc, att, log_path, watchdog_done),
+    watchdog = threading.Thread(target=_watchdog,
+                                args=(proc, att, log_path, watchdog_done, beat_fd),
                                 name=f"lease-watchdog-{run.id}", daemon=True)
     watchdog.start()
     next_heartbeat = time.monotonic() + heartbeat_every
@@ -821,7 +863,8 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
     finally:
         watchdog_done.set()
         _signal_group(proc, signal.SIGKILL)  # leftovers of the group (rank processes)
-    watchdog.join(timeout=5)
+        watchdog.join(timeout=5)
+        os.close(beat_fd)
 
     returncode = proc.returncode
     att.ingest()  # the last rows and the final checkpoint
@@ -829,16 +872,19 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
         att.check_cancel()
     provenance_thread.join(timeout=30)
     oom_after = _cgroup_oom_kills()
+    result = EngineResult.read(att.out_dir)
+    if result is not None and result.attempt not in (None, run.attempt):
+        result = None  # not this attempt's (cannot happen while the owner file is respected)
     outcome = classify_exit(
-        returncode, _read_tail(log_path, log_start),
+        returncode, result, _read_tail(log_path, log_start),
         cancel_requested=att.cancel_requested,
         shutting_down=info.shutdown.is_set() or att.self_fenced,
         lease_lost=att.lease_lost,
         oom_killed=oom_before is not None and oom_after is not None and oom_after > oom_before,
     )
-    if att.self_fenced and outcome.kind == "requeue":
-        outcome = Outcome("requeue", "database unreachable: training stopped to keep the lease "
-                          "safe", exit_code=returncode)
+    if att.self_fenced and outcome.kind == "requeue" and not info.shutdown.is_set():
+        outcome = Outcome("requeue", "graceful stop: database unreachable, training stopped to "
+                          "keep the lease safe", exit_code=returncode)
     if att.pending_metrics and outcome.kind != "lease_lost":
         log.warning("run %s: %d metric rows could not be stored", run.id, len(att.pending_metrics))
     _log_line(log_path, f"exit code {returncode}: {outcome.kind}"

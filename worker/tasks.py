@@ -35,13 +35,18 @@ def _devices(train_doc: dict[str, Any]) -> int:
 def train_run(run_id: str) -> dict[str, Any]:
     """Train run ``run_id`` (a UUID string) on this worker.
 
+    A worker that is shutting down claims nothing: the run stays queued and its message is
+    sent again once this worker's consumer has stopped (``WorkerRuntime.stop``), so another
+    worker takes it at once instead of this one starting a training only to stop it.
+
     Claims the run atomically (``runs.claim_run``); when the run is not queued any more (a
     duplicate or late delivery, a cancelled or finished run) or does not exist, does nothing.
     A run asking for more devices than this worker owns is left queued for another worker
     (the reconciler sends it again later). Otherwise runs the attempt
     (``worker.runner.execute_attempt``), writes its outcome (``worker.runner.finish_attempt``,
-    the one place that ends an attempt) and, when the run went back to queued (worker shutdown,
-    killed with attempts left), enqueues it again.
+    the one place that ends an attempt) and, when the run went back to queued, enqueues it
+    again: at once after a failure with attempts left; at the worker's exit after a graceful
+    stop of this (stopping) worker.
 
     Returns a small JSON-able summary (Celery stores no results; for logs and tests).
     """
@@ -52,6 +57,11 @@ def train_run(run_id: str) -> dict[str, Any]:
         log.error("task for %r: not a run id, ignored", run_id)
         return {"run_id": run_id, "claimed": False, "why": "not a run id"}
     db, settings = runtime.database(), runtime.settings
+    if runtime.shutdown.is_set():
+        runtime.resend_at_exit(rid)
+        log.info("run %s: this worker is stopping; left queued and sent again when it has "
+                 "stopped", rid)
+        return {"run_id": str(rid), "claimed": False, "why": "worker stopping"}
 
     with db.session() as session:
         try:
@@ -103,6 +113,9 @@ def _finish_and_requeue(runtime, rid: uuid.UUID, attempt: int, outcome: Outcome)
                   str(error).splitlines()[0])
         return None
     if moved is not None and moved.status == RunStatus.queued:
+        if outcome.kind == "requeue" and runtime.shutdown.is_set():
+            runtime.resend_at_exit(rid)  # our own consumer must not take it again
+            return moved
         from service.queue import enqueue_run
 
         result = enqueue_run(runtime.app(), str(rid))

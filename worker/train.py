@@ -33,6 +33,15 @@ Continuing restores the weights, the optimizer state, the step counter, the data
 (samples consumed, so the same micro-batches follow) and the RNG states; the learning-rate
 schedule is a pure function of the step and the plan, so it continues where it was. Rows of
 ``metrics.csv`` after the resumed step are dropped before new ones are appended.
+
+Before continuing, the checkpoint's record of its run (``worker.checkpoint.resume_record``: the
+SHA-256 of the raw training and validation text, the tokenizer's hash, the plan) is compared
+with this run (``worker.checkpoint.check_resume``): other data, another tokenizer, or another
+lr, min_lr, warm-up, global batch size or sequence length is a ``PreflightError`` naming
+``resume`` and each difference, unless ``resume_allow_changes`` lists it; another run length
+(``max_tokens``/``max_steps``) is logged as a warning naming the old and new schedule. With
+``initial_checkpoint_dir``, ``resume: auto``/``true`` continues the run's own checkpoint and the
+initial weights are used only when it has none.
 """
 from __future__ import annotations
 
@@ -60,7 +69,7 @@ import torch.nn as nn
 
 from worker import checkpoint as ckpt
 from worker.attention import AttentionChoice, choose_backends
-from worker.data import PreparedData, WindowSampler, prepare_data, validation_batches
+from worker.data import PreparedData, WindowSampler, prepare_data, source_text, validation_batches
 from worker.errors import EngineError, Interrupted, PreflightError
 from worker.launch import RankProcesses, die_with_parent, externally_launched, is_rank_zero_env
 from worker.metrics import HEADER, ROUTER_HEADER, MetricsWriter, model_flops_utilization, peak_flops_per_device
@@ -450,6 +459,25 @@ def _resolve_resume(train: TrainConfig, out_dir: Path) -> ckpt.CheckpointInfo | 
     return info
 
 
+def _check_resume(
+    train: TrainConfig, plan: TrainingPlan, resume_from: ckpt.CheckpointInfo, current: dict, log_warnings: bool
+) -> None:
+    """Refuse to resume a checkpoint of a different run (``worker.checkpoint.check_resume``);
+    log the accepted differences and a changed run length as warnings when ``log_warnings``.
+
+    Raises:
+        PreflightError: naming ``resume``, every refused difference (old -> new) and the
+            ``resume_allow_changes`` entries that would accept them.
+    """
+    result = ckpt.check_resume(resume_from, current, train=train, plan=plan, allow=train.resume_allow_changes)
+    message = result.refusal(resume_from.path)
+    if message:
+        raise PreflightError(message)
+    if log_warnings:
+        for line in result.warnings:
+            log.warning("%s", line)
+
+
 @contextmanager
 def _run_log(out_dir: Path, enabled: bool) -> Iterator[None]:
     """Append this run's log lines to ``out_dir/train.log`` (rank 0)."""
@@ -561,16 +589,20 @@ def _run(
     tokenizer_dir = train.tokenizer_dir or train.initial_checkpoint_dir
     if tokenizer_dir is None:
         raise PreflightError("tokenizer_dir: a tokenizer folder is required (train one with `moejobs tokenizer train`)")
-    from worker.tokenizer import load_tokenizer
+    from worker.tokenizer import load_tokenizer, tokenizer_hash
 
     padded_vocab = model_cfg.resolved_padded_vocab_size
     tokenizer = load_tokenizer(Path(tokenizer_dir), padded_vocab)
     ev = train.eval
     need_val = bool(ev.interval) or ev.initial_validation or ev.final_validation
     args = train.data.init_args
+    source = source_text(args.train_data_path, args.val_data_path)  # the raw text, hashed once per start
+    tokenizer_sha = tokenizer_hash(Path(tokenizer_dir))
+    if resume_from is not None:
+        _check_resume(train, plan, resume_from, ckpt.resume_record(train, plan, source, tokenizer_sha), rank_zero)
     data = prepare_data(
         args.train_data_path, args.val_data_path, tokenizer, tokenizer_dir, padded_vocab,
-        plan.seq_len, plan.micro_batch_size, need_val,
+        plan.seq_len, plan.micro_batch_size, need_val, source=source, tokenizer_sha256=tokenizer_sha,
     )
     if rank_zero:
         log.info("data: %d training tokens in %s (%d windows of %d), validation: %s", len(data.train),
@@ -660,7 +692,9 @@ def _train_loop(
     config = raw.config
     if resume_from is not None:
         raw.load_state_dict(ckpt.load_weights(resume_from.path))
-        notes.append(f"resuming from {resume_from.path} (step {resume_from.step})")
+        notes.append(f"resuming from {resume_from.path} (step {resume_from.step})"
+                     + (f"; initial_checkpoint_dir {train.initial_checkpoint_dir} is not used: the run has its own "
+                        "checkpoint" if train.initial_checkpoint_dir else ""))
     elif train.initial_checkpoint_dir:
         raw.load_state_dict(ckpt.load_weights(Path(train.initial_checkpoint_dir)))
         notes.append(f"weights initialised from {train.initial_checkpoint_dir}")
@@ -777,6 +811,7 @@ def _train_loop(
                 "micro_batch_size": plan.micro_batch_size, "grad_accum_iters": accum,
                 "train_config": train.model_dump(mode="json"), "model_name": config.name,
                 "torch": torch.__version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **ckpt.resume_record(train, plan, data.source, data.tokenizer_sha256),  # for the resume checks
                 **(meta_extra or {}),
             }
             state = {
