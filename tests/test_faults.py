@@ -27,6 +27,7 @@ from test_faults_support import (
     assert_one_trainer_at_a_time,
     new_name,
     pid_gone,
+    report,
 )
 from test_worker_support import wait_for
 
@@ -72,10 +73,6 @@ def _steps_once(stack: Stack, run, steps: int) -> None:
     assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
 
 
-def _failures(run) -> int | None:
-    return getattr(run, "failures", None)
-
-
 # -- stub engine: scheduling under faults -------------------------------------------------------------
 
 
@@ -99,13 +96,14 @@ def test_duplicate_delivery_trains_once(stack):
              on_fail=stack.on_fail(run))
 
     assert done.status == S.succeeded, done.failure_message
-    assert done.attempt == 1 and _failures(done) in (None, 0)
+    assert done.attempt == 1 and done.failures == 0
     assert _transitions(stack, run) == [(None, "queued"), ("queued", "running"),
                                         ("running", "succeeded")]
     view = assert_one_trainer_at_a_time(stack, run)
     assert len(view.pids) == 1
     _steps_once(stack, run, 60)
     assert_exactly_once(stack, run, real=False)
+    report(stack, run)
     stack.forget(run)
 
 
@@ -127,7 +125,7 @@ def test_sigterm_of_a_worker_hands_the_run_over(stack):
 
     assert done.status == S.succeeded, done.failure_message
     assert done.attempt == 2 and not done.worker_id.endswith(a.worker_id_suffix)
-    assert _failures(done) in (None, 0)
+    assert done.failures == 0
     events = stack.events(run)
     assert [(f, t) for f, t, *_ in events] == [
         (None, "queued"), ("queued", "running"), ("running", "queued"), ("queued", "running"),
@@ -140,6 +138,7 @@ def test_sigterm_of_a_worker_hands_the_run_over(stack):
     assert len(view.pids) == 2
     _steps_once(stack, run, 120)
     assert_exactly_once(stack, run, real=False)
+    report(stack, run)
     stack.forget(run)
 
 
@@ -165,11 +164,62 @@ def test_kill_9_of_a_worker(stack):
         (None, "queued"), ("queued", "running"), ("running", "queued"), ("queued", "running"),
         ("running", "succeeded")]
     assert events[2][2] == FailureReason.lost_worker.value and "lease expired" in events[2][4]
-    assert _failures(done) in (None, 1)
+    assert done.failures == 1
     view = assert_one_trainer_at_a_time(stack, run)
     assert view.pids[trainer].last < killed_at + 10
     _steps_once(stack, run, 100)
     assert_exactly_once(stack, run, real=False)
+    report(stack, run)
+    stack.forget(run)
+
+
+def _cancel(stack: Stack, run) -> None:
+    from service import runs
+
+    with stack.db.session() as session:
+        runs.request_cancel(session, run.id, "fault suite: cleaning up")
+    stack.wait_done(run, timeout=60)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug: a worker frozen inside a transaction keeps its run's row locked (no "
+    "idle_in_transaction_session_timeout / lock_timeout), so every reconciler blocks on "
+    "that row and the run is not recovered until the worker continues; remove this mark "
+    "with the fix"))
+def test_sigstop_of_a_worker_inside_a_transaction(stack):
+    """A worker frozen (SIGSTOP) while it is inside a database transaction that locks its
+    run's row (a heartbeat, metric rows being stored): the lease must still expire and the run
+    move to the other worker; a row lock held by a frozen client must not wedge the
+    reconciler. The worker is stopped and continued in short bursts until PostgreSQL shows
+    its session idle inside a transaction holding a lock on ``runs``."""
+    _stub(stack)
+    run = stack.submit(steps=300, save_interval=10, name=new_name("sigstop-tx"))
+    running = stack.wait_status(run, S.running, 60, "the run to start")
+    a = stack.worker_of(running)
+    stack.wait_checkpoint_recorded(run, 10)
+    try:
+        tries = stack.freeze(a, in_transaction=True)
+        frozen_at = time.time()
+        moved = wait_for(lambda: (r := stack.run(run.id)).attempt >= 2 and r, 2 * LEASE,
+                         "the run to move to the other worker while the frozen worker holds "
+                         "a row lock", on_fail=lambda: stack.pg.activity())
+        assert not moved.worker_id.endswith(a.worker_id_suffix)
+    except AssertionError:
+        os.kill(a.pid, signal.SIGCONT)
+        _cancel(stack, run)  # leave the workers idle for the next case
+        raise
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    done = stack.wait_done(run, timeout=120)
+
+    assert done.status == S.succeeded, done.failure_message
+    events = stack.events(run)
+    assert events[2][2] == FailureReason.lost_worker.value
+    assert_one_trainer_at_a_time(stack, run)
+    _steps_once(stack, run, 300)
+    assert_exactly_once(stack, run, real=False)
+    all_workers_alive(stack)
+    report(stack, run, tries=tries, requeued_after_s=round(stack.event_times(run)[2] - frozen_at, 2))
     stack.forget(run)
 
 
@@ -189,12 +239,13 @@ def test_redis_restarted_with_runs_queued_and_running(stack):
 
     for run, final in zip((*first, waiting), done):
         assert final.status == S.succeeded, (run.name, final.failure_message)
-        assert final.attempt == 1 and _failures(final) in (None, 0), run.name
+        assert final.attempt == 1 and final.failures == 0, run.name
         assert _transitions(stack, run) == [(None, "queued"), ("queued", "running"),
                                             ("running", "succeeded")], run.name
         assert_one_trainer_at_a_time(stack, run)
         _steps_once(stack, run, 120 if run in first else 40)
         assert_exactly_once(stack, run, real=False)
+        report(stack, run)
     all_workers_alive(stack)
     for run in (*first, waiting):
         stack.forget(run)
@@ -236,6 +287,7 @@ def test_postgres_restarted_and_stopped_while_metrics_stream(stack):
     _steps_once(stack, run, 240)
     assert_exactly_once(stack, run, real=False)
     all_workers_alive(stack)
+    report(stack, run)
     stack.forget(run)
 
 
@@ -257,7 +309,7 @@ def test_kill_9_of_a_trainer(stack):
     done = stack.wait_done(run, timeout=240)
 
     assert done.status == S.succeeded, done.failure_message
-    assert done.attempt == 2 and _failures(done) in (None, 1)
+    assert done.attempt == 2 and done.failures == 1
     events = stack.events(run)
     assert [(f, t) for f, t, *_ in events] == [
         (None, "queued"), ("queued", "running"), ("running", "queued"), ("queued", "running"),
@@ -267,6 +319,7 @@ def test_kill_9_of_a_trainer(stack):
     assert trainer in view.pids and len(view.pids) == 2
     _steps_once(stack, run, steps)
     assert_exactly_once(stack, run, real=True)
+    report(stack, run)
     stack.forget(run)
 
 
@@ -288,9 +341,11 @@ def test_sigstop_of_a_worker_past_its_lease(stack):
     assert running.status == S.running and running.attempt == 1
     a = stack.worker_of(running)
     trainer_a = stack.trainer_pid(run)
-    os.kill(a.pid, signal.SIGSTOP)
-    frozen_at = time.time()
     try:
+        # frozen outside a database transaction: test_sigstop_of_a_worker_inside_a_transaction
+        # is the other case
+        stack.freeze(a, in_transaction=False)
+        frozen_at = time.time()
         # the frozen worker's training stops itself: a zombie (its parent cannot reap it)
         wait_for(lambda: trainer_a not in stack.sampler.alive_in(stack.run_dir(run)),
                  LEASE, "the frozen worker's training to stop itself",
@@ -317,11 +372,13 @@ def test_sigstop_of_a_worker_past_its_lease(stack):
     assert [(f, t) for f, t, *_ in events] == [
         (None, "queued"), ("queued", "running"), ("running", "queued"), ("queued", "running"),
         ("running", "succeeded")]
-    assert events[2][2] == FailureReason.lost_worker.value
+    assert events[2][2] == FailureReason.lost_worker.value and done.failures == 1
     view = assert_one_trainer_at_a_time(stack, run)
     assert set(view.pids) == {trainer_a, trainer_b}
-    # A's training was gone before B's started, and before the lease could expire
-    assert view.pids[trainer_a].last < view.pids[trainer_b].first
+    # A's training was gone before the reconciler re-queued the run (its lease expired), so
+    # before B's training started
+    requeued_at = stack.event_times(run)[2]
+    assert view.pids[trainer_a].last < requeued_at < view.pids[trainer_b].first
     assert fenced_after < LEASE
     fenced = [e for e in contract.read_events(out, attempt=1)
               if e.event == contract.EventKind.fenced]
@@ -329,6 +386,8 @@ def test_sigstop_of_a_worker_past_its_lease(stack):
     _steps_once(stack, run, steps)
     assert_exactly_once(stack, run, real=True)
     all_workers_alive(stack)  # A woke up, found its lease gone, and carries on
+    report(stack, run, fenced_after_s=round(fenced_after, 2),
+           requeued_after_s=round(requeued_at - frozen_at, 2))
     stack.forget(run)
 
 
@@ -362,6 +421,7 @@ def test_a_full_disk_fails_as_no_space(stack):
         assert_one_trainer_at_a_time(stack, run)
         assert_exactly_once(stack, run, real=True)
         assert not stack.recorded_checkpoints(run)
+        report(stack, run, message=done.failure_message)
     finally:
         ballast.unlink(missing_ok=True)
     all_workers_alive(stack)

@@ -114,6 +114,40 @@ class PrivatePostgres:
         self.stop()
         self.start()
 
+    def activity(self) -> str:
+        """The server's sessions that are in a transaction or waiting, and who blocks them
+        (``pg_stat_activity``; for failure messages)."""
+        import psycopg
+
+        try:
+            with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
+                                 connect_timeout=3, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT pid, application_name, state, wait_event_type, wait_event, "
+                    "pg_blocking_pids(pid), now() - xact_start, "
+                    "left(query, 60) || ' ... ' || right(query, 60) "
+                    "FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                    "AND pid <> pg_backend_pid() AND (state <> 'idle' OR wait_event_type = "
+                    "'Lock')").fetchall()
+        except psycopg.Error as error:
+            return f"pg_stat_activity unavailable: {error}"
+        return "\n".join(f"  pid {r[0]} {r[1]!r} {r[2]} wait {r[3]}/{r[4]} blocked by {r[5]} "
+                         f"xact {r[6]}: {r[7]}" for r in rows) or "  (no busy sessions)"
+
+    def idle_in_transaction_on(self, table: str, older_than: float) -> list[int]:
+        """Backends that are idle inside a transaction begun more than ``older_than`` seconds
+        ago and hold a lock on ``table``: a client stopped in the middle of a transaction."""
+        import psycopg
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
+                             connect_timeout=3, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
+                "WHERE a.state = 'idle in transaction' AND l.relation = to_regclass(%s) "
+                "AND now() - a.xact_start > make_interval(secs => %s)",
+                (table, older_than)).fetchall()
+        return [r[0] for r in rows]
+
     def close(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -390,6 +424,26 @@ class Stack:
         for worker in self.workers:
             worker.wait_registered(self.db)
 
+    def freeze(self, worker: WorkerProcess, *, in_transaction: bool,
+               within: float = 40.0) -> int:
+        """SIGSTOP ``worker`` at a moment when it is (``in_transaction``) or is not inside a
+        database transaction that locks a row of ``runs``: stop it, look at PostgreSQL after
+        0.3 s, and continue it and try again a little later until the state is the one asked
+        for. Returns the number of tries; fails after ``within`` seconds. The bursts are far
+        shorter than the trainer deadline."""
+        tries, give_up = 0, time.monotonic() + within
+        while time.monotonic() < give_up:
+            tries += 1
+            os.kill(worker.pid, signal.SIGSTOP)
+            time.sleep(0.3)
+            if bool(self.pg.idle_in_transaction_on("runs", 0.25)) == in_transaction:
+                return tries
+            os.kill(worker.pid, signal.SIGCONT)
+            time.sleep(0.05 + 0.02 * (tries % 7))
+        where = "inside" if in_transaction else "outside"
+        raise AssertionError(f"could not freeze the worker {where} a transaction in {tries} "
+                             "tries")
+
     def worker_of(self, run: Run) -> WorkerProcess:
         """The worker process whose id the run carries."""
         for worker in self.workers + self.retired:
@@ -430,7 +484,8 @@ class Stack:
     def on_fail(self, run: Run | None = None):
         def text() -> str:
             extra = f"\n== train.log\n{self.run_log(run)}" if run is not None else ""
-            return self.logs() + extra
+            busy = f"\n== PostgreSQL sessions\n{self.pg.activity()}" if self.pg else ""
+            return self.logs() + extra + busy
         return text
 
     def wait_status(self, run: Run, statuses, timeout: float, what: str) -> Run:
@@ -469,6 +524,11 @@ class Stack:
             return [(e.from_status.value if e.from_status else None, e.to_status.value,
                      e.reason.value if e.reason else None, e.attempt, e.message)
                     for e in runs.list_events(session, run.id)]
+
+    def event_times(self, run: Run) -> list[float]:
+        """When each status event happened (seconds since the epoch, like ``time.time()``)."""
+        with self.db.session() as session:
+            return [e.at.timestamp() for e in runs.list_events(session, run.id)]
 
     def forget(self, run: Run) -> None:
         """Free the tmpfs after a case passed (its checkpoints are megabytes each)."""
@@ -533,7 +593,7 @@ def assert_exactly_once(stack: Stack, run: Run, *, real: bool) -> None:
             state = ckpt.load_weights(path)
             if model is None:
                 model = _model(path)
-            model.load_state_dict(state, strict=True)
+            model.load_state_dict(state, strict=True, assign=True)
             assert ckpt.load_state(path)["meta"]["step"] == info.step, name
     leftovers = [p.name for p in out.glob(".tmp-*")] if out.is_dir() else []
     assert not leftovers, f"{run.name}: partial checkpoint folders left: {leftovers}"
@@ -548,6 +608,18 @@ def _model(path: Path):
     config = litgpt.Config.from_file(path / "model_config.yaml")
     with torch.device("meta"):
         return litgpt.GPT(config)
+
+
+def report(stack: Stack, run: Run, **measured: object) -> None:
+    """Print what a case saw (shown with ``pytest -s`` or when it fails): the status events
+    and the training processes the sampler saw, with any measurements."""
+    view = stack.sampler.view(stack.run_dir(run))
+    events = " | ".join(f"{f or '-'}->{t}" + (f" ({r})" if r else "")
+                        for f, t, r, _a, _m in stack.events(run))
+    spans = ", ".join(f"{s.pid}: {s.last - s.first:.1f} s" for s in view.pids.values())
+    extra = "".join(f"; {k} {v}" for k, v in measured.items())
+    print(f"\n[{run.name}] {events}; trainers seen {spans or 'none'}; max alive "
+          f"{view.max_alive}; {stack.sampler.scans} scans{extra}")
 
 
 def all_workers_alive(stack: Stack) -> None:
