@@ -76,7 +76,7 @@ def _steps_once(stack: Stack, run, steps: int) -> None:
     assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
 
 
-# -- stub engine: scheduling under faults -------------------------------------------------------------
+# -- stub engine: scheduling under faults ----------------------------------------------------------
 
 
 def test_duplicate_delivery_trains_once(stack):
@@ -201,7 +201,7 @@ def test_sigstop_of_a_worker_inside_a_transaction(stack):
     a = stack.worker_of(running)
     stack.wait_checkpoint_recorded(run, 10)
     try:
-        tries = stack.freeze(a, in_transaction=True)
+        tries = stack.freeze(a, run, in_transaction=True)
         frozen_at = time.time()
         moved = wait_for(lambda: (r := stack.run(run.id)).attempt >= 2 and r, 2 * LEASE,
                          "the run to move to the other worker while the frozen worker holds "
@@ -222,7 +222,8 @@ def test_sigstop_of_a_worker_inside_a_transaction(stack):
     _steps_once(stack, run, 300)
     assert_exactly_once(stack, run, real=False)
     all_workers_alive(stack)
-    report(stack, run, tries=tries, requeued_after_s=round(stack.event_times(run)[2] - frozen_at, 2))
+    report(stack, run, tries=tries,
+           requeued_after_s=round(stack.event_times(run)[2] - frozen_at, 2))
     stack.forget(run)
 
 
@@ -294,7 +295,7 @@ def test_postgres_restarted_and_stopped_while_metrics_stream(stack):
     stack.forget(run)
 
 
-# -- the real engine --------------------------------------------------------------------------------
+# -- the real engine -------------------------------------------------------------------------------
 
 
 def test_kill_9_of_a_trainer(stack):
@@ -347,7 +348,7 @@ def test_sigstop_of_a_worker_past_its_lease(stack):
     try:
         # frozen outside a database transaction: test_sigstop_of_a_worker_inside_a_transaction
         # is the other case
-        stack.freeze(a, in_transaction=False)
+        stack.freeze(a, run, in_transaction=False)
         frozen_at = time.time()
         # the frozen worker's training stops itself: a zombie (its parent cannot reap it)
         wait_for(lambda: trainer_a not in stack.sampler.alive_in(stack.run_dir(run)),

@@ -125,7 +125,8 @@ class PrivatePostgres:
                 rows = conn.execute(
                     "SELECT pid, application_name, state, wait_event_type, wait_event, "
                     "pg_blocking_pids(pid), now() - xact_start, "
-                    "left(query, 60) || ' ... ' || right(query, 60) "
+                    "left(query, 60) || ' ... ' "
+                    "|| right(regexp_replace(query, '\\s+', ' ', 'g'), 80) "
                     "FROM pg_stat_activity WHERE backend_type = 'client backend' "
                     "AND pid <> pg_backend_pid() AND (state <> 'idle' OR wait_event_type = "
                     "'Lock')").fetchall()
@@ -147,6 +148,23 @@ class PrivatePostgres:
                 "AND now() - a.xact_start > make_interval(secs => %s)",
                 (table, older_than)).fetchall()
         return [r[0] for r in rows]
+
+    def row_locked(self, run_id) -> bool:
+        """Whether another session holds the run's row in a mode that blocks the lock a status
+        change takes (FOR NO KEY UPDATE, as ``service.runs`` does): probed with a 100 ms
+        ``lock_timeout`` and rolled back."""
+        import psycopg
+
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
+                             connect_timeout=3) as conn:
+            try:
+                conn.execute("SET LOCAL lock_timeout = '100ms'")
+                conn.execute("SELECT 1 FROM runs WHERE id = %s FOR NO KEY UPDATE", (run_id,))
+                return False
+            except psycopg.errors.LockNotAvailable:
+                return True
+            finally:
+                conn.rollback()
 
     def close(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
@@ -424,19 +442,24 @@ class Stack:
         for worker in self.workers:
             worker.wait_registered(self.db)
 
-    def freeze(self, worker: WorkerProcess, *, in_transaction: bool,
-               within: float = 40.0) -> int:
+    def freeze(self, worker: WorkerProcess, run: Run, *, in_transaction: bool,
+               within: float = 60.0) -> int:
         """SIGSTOP ``worker`` at a moment when it is (``in_transaction``) or is not inside a
-        database transaction that locks a row of ``runs``: stop it, look at PostgreSQL after
-        0.3 s, and continue it and try again a little later until the state is the one asked
-        for. Returns the number of tries; fails after ``within`` seconds. The bursts are far
-        shorter than the trainer deadline."""
+        database transaction: stop it, look at PostgreSQL after 0.3 s, and continue it and try
+        again a little later until the state is the one asked for. Inside means a session
+        idle in a transaction holds ``run``'s row locked against a status change; outside
+        means no session is idle in a transaction that touched ``runs``. Returns the number of
+        tries; fails after ``within`` seconds. The bursts are far shorter than the trainer
+        deadline."""
         tries, give_up = 0, time.monotonic() + within
         while time.monotonic() < give_up:
             tries += 1
             os.kill(worker.pid, signal.SIGSTOP)
             time.sleep(0.3)
-            if bool(self.pg.idle_in_transaction_on("runs", 0.25)) == in_transaction:
+            idle = bool(self.pg.idle_in_transaction_on("runs", 0.25))
+            if in_transaction and idle and self.pg.row_locked(run.id):
+                return tries
+            if not in_transaction and not idle:
                 return tries
             os.kill(worker.pid, signal.SIGCONT)
             time.sleep(0.05 + 0.02 * (tries % 7))
@@ -535,7 +558,7 @@ class Stack:
         shutil.rmtree(self.run_dir(run), ignore_errors=True)
 
 
-# -- the assertions every case ends with ------------------------------------------------------------
+# -- the assertions every case ends with -----------------------------------------------------------
 
 
 def assert_one_trainer_at_a_time(stack: Stack, run: Run) -> _RunView:
