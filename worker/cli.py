@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from service.contract import METRICS_FILE
 from service.resources import project_path
 
 REPO_CONFIGS = project_path("configs")
@@ -289,7 +290,7 @@ def format_summary(result, elapsed_s: float, smoke_test: bool, planned_steps: in
         lines.append(f"  val loss        : {result.val_loss:.4f}")
     lines += [
         f"  checkpoint      : {result.checkpoint_dir or 'none written' + (' (smoke test)' if smoke_test else '')}",
-        f"  metrics         : {Path(result.out_dir) / 'metrics.csv'}",
+        f"  metrics         : {Path(result.out_dir) / METRICS_FILE}",
         f"  log             : {Path(result.out_dir) / 'train.log'}",
         f"  peak memory     : {gib:.2f} GiB",
         f"  wall time       : {elapsed_s:.1f} s",
