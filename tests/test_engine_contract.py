@@ -33,6 +33,7 @@ def _write(tmp_path: Path, doc: dict, model: dict | None = None) -> tuple[Path, 
     return t, m
 
 
+@pytest.mark.slow
 def test_worker_entry_success_result_and_events(tmp_path, corpus, tokenizer_dir):
     out = tmp_path / "run"
     t, m = _write(tmp_path, tiny_train_config(out, corpus, tokenizer_dir, max_tokens=4 * 32 * 3, save_interval=2))

@@ -166,6 +166,7 @@ def test_token_cache_on_a_full_disk_is_no_space_naming_the_cache(tmp_path, token
         assert [p.name for p in (disk / "cache").iterdir()] == []  # no partial cache file
 
 
+@pytest.mark.slow
 def test_full_disk_inside_torch_save_ends_the_engine_as_no_space(tmp_path, corpus, tokenizer_dir):
     """The operator's case: out_dir on a small filesystem; the first checkpoint does not fit
     (torch.save fails half-way). The engine exits 1 with result.json failed/no_space naming the
@@ -284,6 +285,7 @@ def _fenced_engine(tmp_path, corpus, tokenizer_dir, *, deadline: float, allowanc
     return out, proc, w, log
 
 
+@pytest.mark.slow
 def test_an_engine_whose_worker_goes_silent_fences_itself(tmp_path, corpus, tokenizer_dir):
     deadline, allowance = 3.0, 2.0
     out, proc, w, log = _fenced_engine(tmp_path, corpus, tokenizer_dir, deadline=deadline, allowance=allowance)
@@ -321,6 +323,7 @@ def test_an_engine_whose_worker_goes_silent_fences_itself(tmp_path, corpus, toke
     assert EventKind.finished not in {e.event for e in events}
 
 
+@pytest.mark.slow
 def test_an_engine_never_renames_a_checkpoint_into_a_folder_another_attempt_owns(tmp_path, corpus, tokenizer_dir):
     """The owner file changes under a live engine (frozen for that instant with SIGSTOP, so the
     snapshot is exact): not one more checkpoint folder appears, the engine exits 76. (The one

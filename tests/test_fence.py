@@ -137,6 +137,8 @@ def test_a_write_under_way_may_finish_within_the_allowance(tmp_path, pipe):
         assert exits.called.wait(2)
         assert exits.codes == [FENCED]
         assert exits.at - left_at < 1.0  # it exits as soon as the write is done, not at the allowance
+        (event,) = contract.read_events(tmp_path)
+        assert event.event == contract.EventKind.fenced and 0.3 <= event.data["waited_s"] < 3.0
     finally:
         guard.stop()
 
