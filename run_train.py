@@ -6,11 +6,16 @@
     uv run python run_train.py --preset cpu-tiny  # a small MoE that trains on a laptop CPU
     uv run python run_train.py --help             # every flag
 
-See worker/cli.py for the exit codes.
+Thin on purpose: SIGINT/SIGTERM handlers go in before anything heavy is imported, so a Ctrl-C
+in the first instant prints ``interrupted before training started`` and exits 130 (143 for
+SIGTERM) with nothing trained. See worker/cli.py for the exit codes.
 """
 import sys
 
-from worker.cli import main
-
 if __name__ == "__main__":
+    from worker.entry import install_early_handlers
+
+    install_early_handlers()
+    from worker.cli import main  # after the handlers, on purpose
+
     sys.exit(main())

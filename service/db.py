@@ -40,14 +40,17 @@ ALEMBIC_INI = project_path("alembic.ini")
 
 
 def make_engine(url: str, *, sqlite_busy_timeout_ms: int = 30_000, echo: bool = False,
-                **kwargs: Any) -> Engine:
+                idle_in_transaction_ms: int | None = None, **kwargs: Any) -> Engine:
     """An Engine for ``url`` (``sqlite:///PATH`` or a PostgreSQL URL, normalised to psycopg 3).
 
     SQLite: the folder of the database file is created; each new connection gets
     ``journal_mode=WAL`` (file databases), ``busy_timeout=sqlite_busy_timeout_ms``,
     ``foreign_keys=ON`` and ``synchronous=NORMAL`` (durable with WAL except for the last
     transactions on power loss); BEGIN is emitted by SQLAlchemy, IMMEDIATE for
-    :func:`write_transaction`. Extra ``kwargs`` go to ``sqlalchemy.create_engine``.
+    :func:`write_transaction`. PostgreSQL: ``idle_in_transaction_ms`` sets the server's
+    ``idle_in_transaction_session_timeout`` for these connections, so the server ends the
+    session of a client that stalls inside a transaction (a frozen worker) and its row locks
+    do not block everyone else. Extra ``kwargs`` go to ``sqlalchemy.create_engine``.
     """
     url = normalize_database_url(url)
     if url.startswith("sqlite"):
@@ -58,6 +61,11 @@ def make_engine(url: str, *, sqlite_busy_timeout_ms: int = 30_000, echo: bool = 
         _configure_sqlite(engine, sqlite_busy_timeout_ms, file_backed=path is not None)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    if idle_in_transaction_ms is not None:
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        option = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_ms)}"
+        connect_args["options"] = " ".join(p for p in (connect_args.get("options"), option) if p)
+        kwargs["connect_args"] = connect_args
     return sa.create_engine(url, echo=echo, **kwargs)
 
 
@@ -148,9 +156,20 @@ class Database:
         self.engine.dispose()
 
 
+def idle_in_transaction_ms(settings: Settings) -> int:
+    """How long PostgreSQL lets a session of ours sit idle inside a transaction before it
+    ends it: a quarter of the lease, at least one second. Our transactions last
+    milliseconds; a client idle inside one for this long is frozen (SIGSTOP, a hung host)
+    and its row locks would otherwise stop the reconciler from recovering its run."""
+    return max(1000, int(settings.lease_seconds * 1000 / 4))
+
+
 def open_database(settings: Settings, **engine_kwargs: Any) -> Database:
-    """The :class:`Database` of ``settings.database_url``. Connects lazily; does not migrate."""
+    """The :class:`Database` of ``settings.database_url``. Connects lazily; does not migrate.
+    On PostgreSQL, sessions idle inside a transaction are ended after
+    :func:`idle_in_transaction_ms`."""
     assert settings.database_url is not None
+    engine_kwargs.setdefault("idle_in_transaction_ms", idle_in_transaction_ms(settings))
     engine = make_engine(
         settings.database_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         **engine_kwargs,

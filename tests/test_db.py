@@ -371,3 +371,33 @@ def test_app_code_never_calls_create_all():
     for folder in ("service", "worker"):
         for path in (root / folder).rglob("*.py"):
             assert "create_all(" not in path.read_text(), path
+
+
+def test_postgresql_ends_a_session_frozen_inside_a_transaction(tmp_path, postgres_migrated):
+    """A client that stalls inside a transaction holding a row lock (a frozen worker) is
+    ended by the server after a quarter of the lease, so another session gets the lock."""
+    import time
+
+    from service.db import idle_in_transaction_ms, open_database
+
+    settings = settings_for(tmp_path, postgres_migrated, lease_seconds=4, heartbeat_seconds=0.5,
+                            worker_stale_seconds=2)
+    assert idle_in_transaction_ms(settings) == 1000
+    frozen, other = open_database(settings), open_database(settings)
+    try:
+        with frozen.engine.connect() as conn:
+            conn.execute(sa.text("CREATE TABLE IF NOT EXISTS lock_probe (id int primary key)"))
+            conn.execute(sa.text("INSERT INTO lock_probe VALUES (1) ON CONFLICT DO NOTHING"))
+            conn.commit()
+            conn.execute(sa.text("SELECT id FROM lock_probe WHERE id = 1 FOR UPDATE"))
+            time.sleep(2.5)  # "frozen" inside the transaction: the server ends the session
+            with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction timeout"):
+                conn.execute(sa.text("SELECT 1"))
+        with other.engine.connect() as conn:  # the lock is free again (else lock_timeout)
+            conn.execute(sa.text("SET lock_timeout = '1s'"))
+            conn.execute(sa.text("SELECT id FROM lock_probe WHERE id = 1 FOR UPDATE"))
+            conn.execute(sa.text("DROP TABLE lock_probe"))
+            conn.commit()
+    finally:
+        frozen.dispose()
+        other.dispose()

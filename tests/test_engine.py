@@ -95,7 +95,8 @@ def test_checkpoint_layout_is_litgpt_loadable(finished_run):
     out = Path(doc["out_dir"])
     assert result.checkpoint_dir == out / "final"
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["final", "metrics.csv", "router.csv", "step-00000003", "step-00000006", "train.log"]
+    assert names == ["events.jsonl", "final", "metrics.csv", "router.csv", "step-00000003", "step-00000006",
+                     "train.log"]
     for folder in (out / "step-00000003", out / "final"):
         files = {p.name for p in folder.iterdir()}
         assert {"lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json",
@@ -113,6 +114,30 @@ def test_checkpoint_layout_is_litgpt_loadable(finished_run):
     sd = torch.load(out / "final" / "lit_model.pth", weights_only=True)
     model.load_state_dict(sd, strict=True)  # plain LitGPT keys, no wrapper prefixes
     assert not any(k.startswith(("_orig_mod", "_forward_module", "module.")) for k in sd)
+
+
+def test_events_of_a_run_in_order_with_the_plan_and_each_checkpoint(finished_run):
+    """events.jsonl of an in-process run (rank 0): the stages in order, each with an aware UTC
+    time; the plan in model_built; one checkpoint_written per folder, naming it. (``started``
+    and ``finished`` belong to the process entry points, tested in test_engine_contract.py.)"""
+    from service.contract import EventKind, read_events
+
+    doc, _, _ = finished_run
+    out = Path(doc["out_dir"])
+    events = read_events(out)
+    kinds = [e.event for e in events]
+    assert kinds == [EventKind.configured, EventKind.data_ready, EventKind.model_built, EventKind.first_step,
+                     EventKind.checkpoint_written, EventKind.checkpoint_written, EventKind.checkpoint_written]
+    assert all(e.at.utcoffset().total_seconds() == 0 for e in events)
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    built = events[2].data
+    assert built["plan"]["optimizer_steps"] == 6 and built["plan"]["tokens_per_step"] == 128
+    assert built["parameters"] > 0 and built["resumed_from"] is None
+    assert events[1].data["train_tokens"] > 0
+    assert events[3].step == 1 and math.isfinite(events[3].data["loss"])
+    written = [(e.step, Path(e.data["path"])) for e in events[4:]]
+    assert written == [(3, out / "step-00000003"), (6, out / "step-00000006"), (6, out / "final")]
+    assert {e.pid for e in events} == {os.getpid()}
 
 
 @pytest.mark.slow
@@ -211,7 +236,7 @@ def test_smoke_mode_writes_metrics_but_no_checkpoint(train_doc, tiny_model):
     result = _run(train_doc, tiny_model, write_checkpoints=False)
     out = Path(train_doc["out_dir"])
     assert result.checkpoint_dir is None
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "router.csv", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["events.jsonl", "metrics.csv", "router.csv", "train.log"]
     assert len(read_metrics(out / "metrics.csv")) == 6
 
 

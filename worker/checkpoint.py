@@ -14,6 +14,18 @@ then renamed to its final name, so a folder named ``step-*`` or ``final`` is alw
 Replacing an existing folder (``final/`` of a resumed run) renames the old one to
 ``.old-<name>-<pid>`` first and deletes it after the new one is in place; if the process dies in
 between, :func:`clean_stale` puts the old folder back.
+
+Under a worker (``worker.fence`` installed) a write is a fenced section: it does not start once
+the process is fenced, and the rename into place is refused (:meth:`worker.fence.Fence.check_commit`)
+when another attempt owns the folder or the write outlasted the allowance; the temporary folder
+is then removed and the process exits with ``ExitCode.FENCED``.
+
+Resuming picks the newest checkpoint whose files actually load
+(:func:`latest_loadable_checkpoint`); a damaged one (a truncated ``lit_model.pth``, an
+unreadable ``training_state.json``) is skipped with a warning naming the file.
+
+Torch is imported only by the functions that write or load tensors: listing and reading
+``training_state.json`` work without it.
 """
 from __future__ import annotations
 
@@ -22,17 +34,19 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from service import contract
 from service.estimate import warmup_steps
-
+from worker import errors, fence
 from worker.tokenizer import TOKENIZER_FILES
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 FINAL = contract.FINAL
 STATE_PT = "training_state.pt"
@@ -114,6 +128,27 @@ def clean_stale(out_dir: Path) -> list[str]:
     return done
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict/list/tuple (the size a checkpoint file needs)."""
+    if hasattr(obj, "element_size") and hasattr(obj, "nelement"):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file object: a full disk then surfaces as the writer's
+    ``OSError(ENOSPC)`` (as the ``__context__`` of torch's "unexpected pos" RuntimeError)
+    instead of an error with no errno."""
+    import torch
+
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def save_checkpoint(
     out_dir: Path,
     name: str,
@@ -133,40 +168,70 @@ def save_checkpoint(
         state: training state for ``training_state.pt`` (optimizer state dict, RNG states, ...).
         meta: JSON-serialisable summary (must contain ``step``); stored in both state files.
 
+    With a fence installed (``worker.fence.current()``) the write runs inside
+    ``Fence.writing()`` and ``Fence.check_commit()`` is called right before the rename.
+
     Raises:
-        OSError: the folder cannot be written (disk full, permissions).
+        worker.errors.NoSpace: the filesystem is full (also inside ``torch.save``); the message
+            names the file and the free space; the temporary folder is removed.
+        worker.fence.Fenced: only when the fence's exit callback returns (tests): the process
+            is fenced; the temporary folder is removed and nothing was renamed. In production
+            the process exits with ``ExitCode.FENCED`` instead.
+        OSError: the folder cannot be written (permissions).
     """
     from litgpt.utils import save_config
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    guard = fence.current()
+    out_dir = Path(out_dir)
+    target = out_dir / name
     pid = os.getpid()
     tmp = out_dir / f".tmp-{name}-{pid}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    writing_now = WEIGHTS
     try:
-        torch.save(model_state, tmp / WEIGHTS)
-        save_config(model_config, tmp)
-        if tokenizer_dir is not None:
-            for fname in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / fname
-                if src.is_file():
-                    shutil.copyfile(src, tmp / fname)
-        torch.save({**state, "meta": meta}, tmp / STATE_PT)
-        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
-        target = out_dir / name
-        old = out_dir / f".old-{name}-{pid}"
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(out_dir)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with guard.writing() if guard is not None else nullcontext():
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+                _torch_save(model_state, tmp / WEIGHTS)
+                writing_now = MODEL_CONFIG
+                save_config(model_config, tmp)
+                if tokenizer_dir is not None:
+                    for fname in TOKENIZER_FILES:
+                        src = Path(tokenizer_dir) / fname
+                        if src.is_file():
+                            writing_now = fname
+                            shutil.copyfile(src, tmp / fname)
+                writing_now = STATE_PT
+                _torch_save({**state, "meta": meta}, tmp / STATE_PT)
+                writing_now = STATE_JSON
+                (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n",
+                                              encoding="utf-8")
+                writing_now = ""
+                for f in tmp.iterdir():
+                    _fsync_file(f)
+                _fsync_dir(tmp)
+                if guard is not None:
+                    guard.check_commit()  # raises Fenced: another attempt owns out_dir
+                old = out_dir / f".old-{name}-{pid}"
+                if target.exists():
+                    os.replace(target, old)
+                os.replace(tmp, target)
+                _fsync_dir(out_dir)
+                if old.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+            except BaseException:
+                # inside writing(): a watchdog that fenced meanwhile waits for this removal
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except fence.Fenced as exc:
+        guard.fence_now(str(exc))  # os._exit(FENCED); returns only with a test's exit callback
+        raise
+    except BaseException as exc:
+        if errors.no_space_errno(exc) is not None:
+            raise errors.no_space(target / writing_now if writing_now else target, "checkpoint",
+                                  _tensor_bytes(model_state) + _tensor_bytes(state)) from exc
         raise
     return target
 
@@ -183,9 +248,26 @@ def read_checkpoint(path: Path) -> CheckpointInfo | None:
         return None
 
 
+def _unreadable(path: Path) -> str:
+    """Why :func:`read_checkpoint` refuses ``path``: the missing or unreadable file."""
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        return f"{path / missing[0]}: missing"
+    try:
+        meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{path / STATE_JSON}: unreadable ({type(exc).__name__}: {_first_line(exc)})"
+    return f"{path}: unreadable"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 def list_checkpoints(out_dir: Path) -> list[CheckpointInfo]:
     """Complete ``step-*`` and ``final`` checkpoints in ``out_dir``, oldest step first
-    (at equal steps ``final`` sorts last)."""
+    (at equal steps ``final`` sorts last). Reads ``training_state.json`` only (no tensors)."""
     out_dir = Path(out_dir)
     found: list[CheckpointInfo] = []
     if not out_dir.is_dir():
@@ -199,20 +281,101 @@ def list_checkpoints(out_dir: Path) -> list[CheckpointInfo]:
 
 
 def latest_checkpoint(out_dir: Path) -> CheckpointInfo | None:
-    """The complete checkpoint with the highest step (``final`` wins a tie), or None."""
+    """The complete checkpoint with the highest step (``final`` wins a tie), or None. Does not
+    load tensors: use :func:`latest_loadable_checkpoint` to resume."""
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
 
 
+def load_problem(path: Path) -> str | None:
+    """None when the weights and the training state of checkpoint folder ``path`` load, else
+    one line naming the file that does not and why. Cheap: ``torch.load(mmap=True)`` maps the
+    tensors without reading them (a truncated file fails on its zip directory)."""
+    import torch
+
+    for fname, weights_only in ((WEIGHTS, True), (STATE_PT, False)):
+        f = Path(path) / fname
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=weights_only, mmap=True)
+            del obj
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot resume from this"
+            return f"{f}: {type(exc).__name__}: {_first_line(exc)}"
+    return None
+
+
+def latest_loadable_checkpoint(out_dir: Path, warn: Callable[[str], object] = print) -> CheckpointInfo | None:
+    """The newest checkpoint of ``out_dir`` (highest step, ``final`` winning a tie) whose files
+    load (:func:`load_problem`); each newer one that does not is skipped with ``warn(line)``
+    naming the file. None when ``out_dir`` holds no checkpoint folder at all.
+
+    Raises:
+        worker.errors.CheckpointError: checkpoint folders exist but none loads (the message
+            names each damaged file).
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    candidates: list[tuple[tuple[float, bool], Path, CheckpointInfo | None]] = []
+    for entry in out_dir.iterdir():
+        if not contract.is_checkpoint_name(entry.name) or not entry.is_dir():
+            continue
+        info = read_checkpoint(entry)
+        if info is not None:
+            key = (float(info.step), info.is_final)
+        else:  # damaged: by its name's step; a final/ of unknown step counts as the newest
+            step = contract.checkpoint_step(entry.name)
+            key = (float(step) if step is not None else math.inf, entry.name == FINAL)
+        candidates.append((key, entry, info))
+    problems: list[str] = []
+    for _, entry, info in sorted(candidates, key=lambda c: c[0], reverse=True):
+        problem = _unreadable(entry) if info is None else load_problem(entry)
+        if problem is None:
+            return info
+        problems.append(problem)
+        warn(f"checkpoint {entry.name} cannot be loaded and is skipped: {problem}")
+    if problems:
+        raise errors.CheckpointError(
+            f"resume: no loadable checkpoint in {out_dir}: {'; '.join(problems)}; remove the damaged "
+            "folder(s) to start over, or point resume at a good checkpoint")
+    return None
+
+
+def require_loadable(path: Path) -> None:
+    """Raise :class:`worker.errors.CheckpointError` naming the file when checkpoint folder
+    ``path`` does not load (:func:`load_problem`)."""
+    problem = load_problem(path)
+    if problem is not None:
+        raise errors.CheckpointError(f"resume: checkpoint {path} cannot be loaded: {problem}")
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model state dict of checkpoint folder ``path`` (accepts ``{"model": sd}`` too)."""
-    sd = torch.load(Path(path) / WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
+    """The model state dict of checkpoint folder ``path`` (accepts ``{"model": sd}`` too).
+
+    Raises:
+        worker.errors.CheckpointError: the file is missing or cannot be loaded (named)."""
+    import torch
+
+    f = Path(path) / WEIGHTS
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - name the file instead of "[Errno 22] Invalid argument"
+        raise errors.CheckpointError(f"{f}: cannot be loaded ({type(exc).__name__}: {_first_line(exc)})") from exc
     return sd.get("model", sd) if isinstance(sd, dict) and "model" in sd else sd
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """The contents of ``training_state.pt`` of checkpoint folder ``path``."""
-    return torch.load(Path(path) / STATE_PT, map_location="cpu", weights_only=False)
+    """The contents of ``training_state.pt`` of checkpoint folder ``path``.
+
+    Raises:
+        worker.errors.CheckpointError: the file is missing or cannot be loaded (named)."""
+    import torch
+
+    f = Path(path) / STATE_PT
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise errors.CheckpointError(f"{f}: cannot be loaded ({type(exc).__name__}: {_first_line(exc)})") from exc
+
 
 
 # --------------------------------------------------------------------------------------------------

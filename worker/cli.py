@@ -3,10 +3,16 @@
 ``run_train.py`` and ``moejobs train`` both call :func:`main`. Precedence of settings, lowest
 first: the two config files < ``--preset`` < ``--smoke-test`` < explicit flags.
 
-Exit codes: 0 success (also ``--dry-run``), 2 invalid config (the message names the field),
-1 training failure (one-line reason), 75 interrupted by SIGTERM/SIGINT after writing a
-resumable checkpoint (run the same command again to resume), 130 Ctrl-C before training started
-or a second Ctrl-C during training (no checkpoint).
+Exit codes (``service.contract.ExitCode``): 0 success (also ``--dry-run``), 2 invalid config
+(the message names the field), 1 training failure (one line ``error: <reason>: ...``; reasons
+invalid_data, out_of_memory, no_space, crashed), 75 interrupted by SIGTERM/SIGINT after writing a
+resumable checkpoint (run the same command again to resume), 130/143 SIGINT/SIGTERM before the
+first optimizer step (one line, nothing trained), 130 also for a second Ctrl-C during training
+(no checkpoint).
+
+Every end of a training (not ``--dry-run``) is also written to ``out_dir/result.json``
+(``service.contract.EngineResult``); for an invalid config, ``out_dir`` is the one the flags or
+the raw config file name, else the working directory.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from service.contract import METRICS_FILE
 from service.resources import project_path
 
 REPO_CONFIGS = project_path("configs")
@@ -127,6 +134,14 @@ def main(argv: list[str] | None = None, prog: str = "run_train.py") -> int:
         return 130
 
 
+def _invalid_config_out_dir(args: argparse.Namespace) -> str:
+    """Where to report an invalid config: ``--out-dir``, else the raw config file's out_dir,
+    else the working directory (``worker.reporting.raw_out_dir``)."""
+    from worker.reporting import raw_out_dir
+
+    return args.out_dir or raw_out_dir(args.config)
+
+
 def _main(argv: list[str] | None, prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
 
@@ -143,7 +158,14 @@ def _main(argv: list[str] | None, prog: str) -> int:
             train_overrides=train_overrides(args),
         )
     except ConfigError as exc:
-        _say("error: invalid config", *format_issues(exc.errors), file=sys.stderr)
+        issues = format_issues(exc.errors)
+        _say("error: invalid config", *issues, file=sys.stderr)
+        if not args.dry_run:
+            from worker.errors import PreflightError
+            from worker.reporting import Reporter
+
+            Reporter(_invalid_config_out_dir(args)).failed(PreflightError(
+                "invalid config: " + "; ".join(line.strip() for line in issues if line.strip())))
         return 2
     if validated.warnings:
         _say("warnings:", *format_issues(validated.warnings), file=sys.stderr)
@@ -169,19 +191,24 @@ def _dry_run_preflight(validated) -> int:
     try:
         preflight(validated.train)
     except EngineError as exc:
-        _say(f"error: {exc.reason}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        _say(f"error: {exc.label}: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
     return 0
 
 
 def _train(validated, smoke_test: bool) -> int:
-    from worker.errors import EngineError
+    from service.contract import FailureReason
+    from worker import errors
     from worker.progress import ProgressBar
+    from worker.reporting import Reporter
 
+    reporter = Reporter(validated.train.out_dir)
+    reporter.install_early_exit()  # a signal before the first step now writes result.json too
     try:
         from worker.train import run_training
     except ImportError as exc:  # an API-only install has no torch
         _say(f"error: training needs the 'train' extra ({exc}); run `uv sync`", file=sys.stderr)
+        reporter.failed(errors.EngineError(f"training needs the 'train' extra ({exc})"))
         return 1
 
     bar = ProgressBar()  # extra ranks are `python -m worker.train` processes, never this command
@@ -189,28 +216,29 @@ def _train(validated, smoke_test: bool) -> int:
     try:
         with _console_log():
             result = run_training(
-                validated.train, validated.model, write_checkpoints=not smoke_test, on_row=bar.update
+                validated.train, validated.model, write_checkpoints=not smoke_test, on_row=bar.update,
+                reporter=reporter,
             )
-    except EngineError as exc:
+    except KeyboardInterrupt as exc:  # reported by main()
         bar.close()
-        _say(f"error: {exc.reason}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:  # reported by main()
-        bar.close()
+        reporter.failed(errors.Interrupted(exc.args[0] if exc.args else errors.BEFORE_START,
+                                           signal_name="SIGINT", exit_code=130))
         raise
-    except MemoryError:
-        bar.close()
-        _say("error: out_of_memory: host memory exhausted", file=sys.stderr)
-        return 1
     except Exception as exc:  # one line for the user; the traceback on request
         bar.close()
-        if os.environ.get("MOEJOBS_DEBUG"):
+        err = errors.classify(exc, validated.train.out_dir)
+        reporter.failed(err)
+        if err is not exc and os.environ.get("MOEJOBS_DEBUG"):
             raise
-        reason = "out_of_memory" if "out of memory" in str(exc).lower() else "crashed"
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        _say(f"error: {reason}: {type(exc).__name__}: {first_line} (MOEJOBS_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
+        if isinstance(err, errors.Interrupted) and str(err) == errors.BEFORE_START:
+            _say(errors.BEFORE_START, file=sys.stderr)  # the one line, as from the early handlers
+            return int(err.exit_code)
+        hint = (" (MOEJOBS_DEBUG=1 shows the traceback)"
+                if err is not exc and err.reason == FailureReason.crashed else "")
+        _say(f"error: {err.label}: {err}{hint}", file=sys.stderr)
+        return int(err.exit_code)
     bar.close()
+    reporter.succeeded(result)
     elapsed = time.perf_counter() - started
     planned = None
     if result.stopped_by == "nothing_to_do":
@@ -267,7 +295,7 @@ def format_summary(result, elapsed_s: float, smoke_test: bool, planned_steps: in
         lines.append(f"  val loss        : {result.val_loss:.4f}")
     lines += [
         f"  checkpoint      : {result.checkpoint_dir or 'none written' + (' (smoke test)' if smoke_test else '')}",
-        f"  metrics         : {Path(result.out_dir) / 'metrics.csv'}",
+        f"  metrics         : {Path(result.out_dir) / METRICS_FILE}",
         f"  log             : {Path(result.out_dir) / 'train.log'}",
         f"  peak memory     : {gib:.2f} GiB",
         f"  wall time       : {elapsed_s:.1f} s",

@@ -9,11 +9,15 @@ Order:
    worker) and handlers that turn SIGINT/SIGTERM into one line on stderr, ``interrupted before
    training started``, and exit 130/143 with nothing trained;
 2. the fence (``worker.fence``): the watchdog on the worker's heartbeat pipe, the owner file
-   of ``out_dir`` (read from the train config, relative to the working directory);
-3. the ``started`` event (``service.contract``);
+   of ``out_dir`` (read from the raw train config, relative to the working directory:
+   ``worker.reporting.raw_out_dir``);
+3. the ``started`` event (``service.contract``), and a hook that makes a signal from here on
+   write ``result.json`` (outcome ``interrupted``) before the exit;
 4. the engine named by ``MOEJOBS_ENGINE``: ``litgpt`` (default, ``worker.train.main``) or
-   ``stub`` (``worker.stub.main``, torch-free, for tests). The engine replaces the handlers
-   with its own (stop at the next optimizer-step boundary) once it can honour them.
+   ``stub`` (``worker.stub.main``, torch-free, for tests). The engine keeps the early
+   handlers through data preparation, model build and compile, and replaces them with its own
+   (stop at the next optimizer-step boundary, ``worker.train.StopFlag``) when its first
+   optimizer step begins.
 
 Exit codes: ``service.contract.ExitCode``.
 """
@@ -22,42 +26,53 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
+
+#: Called with the signal number just before an early handler exits (``worker.reporting``
+#: sets it to write ``result.json``); None: exit without a result.
+_early_exit_hook: Callable[[int], object] | None = None
 
 
 def _before_start(signum: int, _frame: object) -> None:
     try:
-        sys.stderr.write("interrupted before training started\n")
-        sys.stderr.flush()
+        # os.write: a handler may interrupt a write to sys.stderr, whose buffer is not reentrant
+        os.write(2, b"interrupted before training started\n")
+        hook = _early_exit_hook
+        if hook is not None:
+            hook(signum)
     finally:
         os._exit(128 + signum)
 
 
 def install_early_handlers() -> None:
-    """SIGINT/SIGTERM -> one line on stderr and exit 128 + N at once (nothing trained)."""
+    """SIGINT/SIGTERM -> one line on stderr, ``result.json`` when a hook is set
+    (:func:`set_early_exit_hook`), and exit 128 + N at once: 130 SIGINT, 143 SIGTERM (nothing
+    trained). The engine keeps them until its first optimizer step begins
+    (``worker.train.StopFlag.arm``)."""
     signal.signal(signal.SIGINT, _before_start)
     signal.signal(signal.SIGTERM, _before_start)
 
 
-def _out_dir(argv: list[str]) -> str:
-    """``out_dir`` of the train config named by ``--train-config`` (LitGPT's default
-    ``out/pretrain`` when it is not set or the file cannot be read: the engine reports that)."""
+def is_early_handler(handler: object) -> bool:
+    """Whether ``handler`` (from ``signal.getsignal``) is this module's early handler."""
+    return handler is _before_start
+
+
+def set_early_exit_hook(hook: Callable[[int], object] | None) -> None:
+    """Call ``hook(signum)`` (it must not raise for long) before an early handler exits."""
+    global _early_exit_hook
+    _early_exit_hook = hook
+
+
+def _train_config(argv: list[str]) -> str | None:
+    """The path given with ``--train-config``, if any."""
     path = None
     for i, arg in enumerate(argv):
         if arg == "--train-config" and i + 1 < len(argv):
             path = argv[i + 1]
         elif arg.startswith("--train-config="):
             path = arg.split("=", 1)[1]
-    if path:
-        try:
-            import yaml
-
-            with open(path, encoding="utf-8") as fh:
-                doc = yaml.safe_load(fh)
-            if isinstance(doc, dict) and isinstance(doc.get("out_dir"), str):
-                return doc["out_dir"]
-        except (OSError, ValueError, yaml.YAMLError):
-            pass
-    return "out/pretrain"
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,16 +82,15 @@ def main(argv: list[str] | None = None) -> int:
 
     die_with_parent()
     argv = list(sys.argv[1:] if argv is None else argv)
-    out_dir = _out_dir(argv)
 
     from service import contract
-    from worker import fence
+    from worker import fence, reporting
 
-    guard = fence.install(out_dir)
-    try:
-        contract.append_event(out_dir, contract.EventKind.started, attempt=guard.attempt)
-    except OSError:
-        pass  # the engine reports an unwritable out_dir itself
+    out_dir = reporting.raw_out_dir(_train_config(argv))
+    fence.install(out_dir)
+    reporter = reporting.Reporter(out_dir)
+    reporter.install_early_exit()
+    reporter.event(contract.EventKind.started)
     engine = os.environ.get(contract.ENV_ENGINE, "litgpt")
     if engine == "stub":
         from worker.stub import main as engine_main
@@ -86,4 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as worker.entry, not as __main__: the engine recognises the early handlers and sets
+    # the exit hook by identity, in the module ``worker.entry``.
+    from worker.entry import main as _main
+
+    sys.exit(_main())

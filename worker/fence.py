@@ -177,6 +177,12 @@ class Fence:
                     f"(this is attempt {self.attempt})")
         return None
 
+    def fence_now(self, why: str) -> None:
+        """Fence the process from the training thread (a refused :meth:`check_commit`): the
+        same end as the watchdog's (event, one line, exit ``FENCED``); returns only when the
+        ``exit`` callback does (tests)."""
+        self._fence(why)
+
     # -- the watchdog --------------------------------------------------------------------------
 
     def _watch(self) -> None:
@@ -221,9 +227,10 @@ class Fence:
                 if self._writes == 0:
                     break
             time.sleep(0.05)
-        try:
+        try:  # waited_s: how long the write under way still ran (the fencing began that long ago)
             contract.append_event(self.out_dir, contract.EventKind.fenced,
-                                  attempt=self.attempt, message=why)
+                                  attempt=self.attempt, message=why,
+                                  waited_s=round(time.monotonic() - self._fenced_at, 3))
         except OSError:
             pass
         try:

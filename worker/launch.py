@@ -13,7 +13,9 @@ and sets the variables of Lightning's documented "processes launched externally"
 ``lightning.fabric.plugins.environments.LightningEnvironment``) in every rank, including its own
 process, before creating the Fabric; Fabric then sees ``LOCAL_RANK`` and starts nothing.
 The rank processes die with their parent (Linux ``PR_SET_PDEATHSIG``), so a ``kill -9`` of rank 0
-leaves no orphan blocked in a collective.
+leaves no orphan blocked in a collective. They do not inherit the worker's heartbeat pipe
+(``service.contract.ENV_WATCHDOG_FD`` is removed from their environment): rank 0's fence
+watches it, and the same number in a rank process would name some other file.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from service import contract
 
 #: environment variable that marks a rank process started by this module (value: parent pid)
 PARENT_ENV = "MOEJOBS_RANK_PARENT"
@@ -83,9 +87,18 @@ class RankProcesses:
         if not self.write_checkpoints:
             cmd.append("--no-checkpoints")
         for rank in range(1, self.world_size):
-            env = dict(os.environ, LOCAL_RANK=str(rank), **{PARENT_ENV: str(os.getpid())})
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-            self.procs.append(subprocess.Popen(cmd, env=env))
+            self.procs.append(subprocess.Popen(cmd, env=self.rank_env(rank)))
+
+    @staticmethod
+    def rank_env(rank: int) -> dict[str, str]:
+        """The environment of rank process ``rank``: this process' (with the distributed
+        variables set by :meth:`start`), its own ``LOCAL_RANK``, the parent's pid, the repository
+        on ``PYTHONPATH``, and without ``ENV_WATCHDOG_FD`` (the pipe is rank 0's; the
+        descriptor is not passed on, so the number would name another file)."""
+        env = dict(os.environ, LOCAL_RANK=str(rank), **{PARENT_ENV: str(os.getpid())})
+        env.pop(contract.ENV_WATCHDOG_FD, None)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        return env
 
     def wait(self, timeout: float) -> list[int | None]:
         """Wait up to ``timeout`` seconds in all for the ranks to exit; return their exit codes

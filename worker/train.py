@@ -9,19 +9,31 @@ Public API:
 * :func:`run_training` — train one validated config pair; raises ``worker.errors`` exceptions.
 * :func:`preflight` — the machine checks made before anything else.
 * :func:`build_model`, :func:`lm_loss` — the model and loss exactly as training uses them.
-* ``python -m worker.train --train-config T.yaml --model-config M.yaml [--no-checkpoints]``:
-  exit 0 done, 1 training failure (``EngineError``/``DataError`` or a crash), 2 invalid config or
-  failed pre-flight, 75 stopped by SIGTERM/SIGINT after writing a resumable checkpoint.
+* ``python -m worker.train --train-config T.yaml --model-config M.yaml [--no-checkpoints]``
+  (what ``python -m worker.entry`` runs after installing its signal handlers): exit codes
+  ``service.contract.ExitCode``: 0 done, 1 training failure (``result.json`` has the reason:
+  invalid_data, out_of_memory, no_space, crashed), 2 invalid config or failed pre-flight, 75
+  stopped by SIGTERM/SIGINT after writing a resumable checkpoint, 76 fenced (``worker.fence``),
+  130/143 SIGINT/SIGTERM before the first optimizer step (nothing trained).
 
-Files written in ``out_dir``: ``metrics.csv`` (see ``worker.metrics``), ``train.log``,
-``step-XXXXXXXX/`` every ``save_interval`` optimizer steps and ``final/`` at the end (see
-``worker.checkpoint``). Tokens are cached outside ``out_dir`` and the input folders
-(``worker.data``).
+Files written in ``out_dir``: ``metrics.csv`` (see ``worker.metrics``), ``router.csv``,
+``train.log``, ``events.jsonl`` and ``result.json`` (``service.contract``, rank 0, through
+``worker.reporting``), ``step-XXXXXXXX/`` every ``save_interval`` optimizer steps and ``final/``
+at the end (see ``worker.checkpoint``). Tokens are cached outside ``out_dir`` and the input
+folders (``worker.data``).
+
+Signals: until the first optimizer step begins, SIGINT/SIGTERM end the process at once with
+one line (``interrupted before training started``) and 130/143 when ``worker.entry``'s early
+handlers are installed (``run_train.py``, ``python -m worker.entry``); otherwise they are
+recorded and checked right before the loop (:meth:`StopFlag.arm`). From then on they stop the
+run at the next optimizer-step boundary with a checkpoint (exit 75).
 
 Resume rules (``resume``):
 
-* ``"auto"``: continue from the complete checkpoint with the highest step (``final/`` included);
-  start fresh when there is none. A ``final/`` that already reached the planned number of steps
+* ``"auto"``: continue from the complete checkpoint with the highest step (``final/`` included)
+  whose files load; newer ones that do not (a truncated ``lit_model.pth``) are skipped with a
+  warning naming the file; start fresh when there is none, fail naming the files when none
+  loads. A ``final/`` that already reached the planned number of steps
   means there is nothing more to do: the run returns at once (exit 0).
 * ``true``: the same, but having no checkpoint is an error.
 * a path: continue from that checkpoint folder.
@@ -46,6 +58,7 @@ initial weights are used only when it has none.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -67,12 +80,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from service import contract
+from service.contract import EventKind, ExitCode
 from worker import checkpoint as ckpt
+from worker import entry, errors
 from worker.attention import AttentionChoice, choose_backends
-from worker.data import PreparedData, WindowSampler, prepare_data, source_text, validation_batches
+from worker.data import PreparedData, WindowSampler, cache_root, prepare_data, source_text, validation_batches
 from worker.errors import EngineError, Interrupted, PreflightError
 from worker.launch import RankProcesses, die_with_parent, externally_launched, is_rank_zero_env
-from worker.metrics import HEADER, ROUTER_HEADER, MetricsWriter, model_flops_utilization, peak_flops_per_device
+from worker.metrics import MetricsWriter, model_flops_utilization
+from worker.reporting import Reporter
 
 if TYPE_CHECKING:  # pragma: no cover
     import litgpt
@@ -370,15 +387,27 @@ class StopFlag:
     within that window is the same Ctrl-C delivered twice and is ignored: the terminal sends
     SIGINT to the whole foreground process group and ``uv run`` forwards it to its child once
     more, so ``uv run python run_train.py`` receives two SIGINTs for one Ctrl-C.
+
+    Before training starts: where ``worker.entry``'s early handlers are installed (they end the
+    process at once with one line and 130/143), :meth:`install` leaves them in place and
+    :meth:`arm` replaces them when the first optimizer step begins; elsewhere (``run_training``
+    called in-process) the flag is set from :meth:`install` on and :meth:`arm` raises
+    ``Interrupted`` (before training started) when it is.
+
+    Args:
+        on_signal: called with the signal number from the handler (the ``stop_requested``
+            event); must not raise.
     """
 
     #: A repeated SIGINT within this many seconds of the first signal counts as the same one.
     SAME_INTERRUPT_SECONDS = 1.0
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
         self.signal: int | None = None
         self._received_at: float | None = None
         self._previous: dict[int, Any] = {}
+        self._deferred: list[int] = []
+        self._on_signal = on_signal
 
     def _handler(self, signum, frame) -> None:
         now = time.monotonic()
@@ -390,27 +419,54 @@ class StopFlag:
         if self._received_at is None:
             self._received_at = now
         log.warning("received %s: stopping at the next optimizer-step boundary", signal.Signals(signum).name)
+        if self._on_signal is not None:
+            self._on_signal(signum)
 
     def install(self) -> None:
-        """Install the SIGTERM/SIGINT handlers (main thread only; elsewhere logs and does nothing)."""
+        """Install the SIGTERM/SIGINT handlers (main thread only; elsewhere logs and does
+        nothing); ``worker.entry``'s early handlers stay until :meth:`arm`."""
         if threading.current_thread() is not threading.main_thread():
             log.info("not in the main thread: SIGTERM/SIGINT handlers not installed")
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if entry.is_early_handler(signal.getsignal(sig)):
+                self._deferred.append(sig)
+            else:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def arm(self) -> None:
+        """The first optimizer step begins: install the handlers :meth:`install` deferred.
+
+        Raises:
+            Interrupted: a signal was received since :meth:`install` (before training started;
+                exit code 128 + the signal, nothing trained).
+        """
+        for sig in self._deferred:
             self._previous[sig] = signal.signal(sig, self._handler)
+        self._deferred.clear()
+        if self.signal is not None:
+            raise errors.interrupted_before_start(self.signal, signal.Signals(self.signal).name)
 
     def restore(self) -> None:
         """Put back the handlers that :meth:`install` replaced. Within
         :attr:`SAME_INTERRUPT_SECONDS` of a signal, first waits out the rest of that window
         (under this flag's handler): a step boundary can come sooner than the repeat of the
-        same Ctrl-C, which Python's default handler would turn into a KeyboardInterrupt."""
-        if self._previous and self._received_at is not None:
+        same Ctrl-C, which Python's default handler would turn into a KeyboardInterrupt.
+        ``worker.entry``'s early handlers are not put back: the run has ended and is being
+        reported, so a signal from now on is ignored (its "before training started" would be
+        false)."""
+        early = {sig for sig, handler in self._previous.items() if entry.is_early_handler(handler)}
+        if self._previous and self._received_at is not None and len(early) < len(self._previous):
             remaining = self._received_at + self.SAME_INTERRUPT_SECONDS - time.monotonic()
             if remaining > 0:
                 time.sleep(remaining)
+        for sig in self._deferred:  # never armed: the run ended before its first step
+            early.add(sig)
+            self._previous[sig] = signal.SIG_IGN
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if sig in early else handler)
         self._previous.clear()
+        self._deferred.clear()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,7 +503,7 @@ def _resolve_resume(train: TrainConfig, out_dir: Path) -> ckpt.CheckpointInfo | 
             )
         return None
     if resume is True or resume == "auto":
-        latest = ckpt.latest_checkpoint(out_dir)
+        latest = ckpt.latest_loadable_checkpoint(out_dir, warn=log.warning)
         if latest is None and resume is True:
             raise PreflightError(f"resume: true but out_dir {out_dir} holds no complete checkpoint")
         return latest
@@ -456,6 +512,7 @@ def _resolve_resume(train: TrainConfig, out_dir: Path) -> ckpt.CheckpointInfo | 
         raise PreflightError(
             f"resume: {resume} is not a complete checkpoint folder (needs {', '.join(ckpt.REQUIRED)})"
         )
+    ckpt.require_loadable(info.path)
     return info
 
 
@@ -478,14 +535,43 @@ def _check_resume(
             log.warning("%s", line)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """``train.log``: a line that cannot be written (a full disk) is reported once on stderr
+    instead of a traceback per line, and the file is left alone from then on; the run goes on
+    (metrics.csv and checkpoints report their own failures)."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # flushing the unwritten tail of a failed file: already reported
+            pass
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            exc = sys.exc_info()[1]
+            try:
+                sys.stderr.write(f"warning: cannot write {self.baseFilename} ({exc}); train.log stops here\n")
+            except (OSError, ValueError):
+                pass
+
+
 @contextmanager
 def _run_log(out_dir: Path, enabled: bool) -> Iterator[None]:
     """Append this run's log lines to ``out_dir/train.log`` (rank 0)."""
     if not enabled:
         yield
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
+    with _no_space_names(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with _no_space_names(out_dir / "train.log"):
+        handler = _RunLogHandler(out_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("moejobs")
     previous = logger.level
@@ -506,6 +592,7 @@ def run_training(
     *,
     write_checkpoints: bool = True,
     on_row: Callable[[dict, TrainingPlan], None] | None = None,
+    reporter: Reporter | None = None,
 ) -> TrainingResult:
     """Train ``model`` as ``train`` says; see the module docstring for files and resume rules.
 
@@ -515,6 +602,8 @@ def run_training(
             still written.
         on_row: called on rank 0 with every metrics.csv row (a dict keyed by the header; values
             None when empty) and the plan, e.g. for a progress bar.
+        reporter: where events go and progress is kept (``worker.reporting``); default a new
+            one for ``train.out_dir`` (rank 0 only). The caller writes ``result.json`` with it.
 
     Returns:
         :class:`TrainingResult` (on every rank; rank 0's is the one to report).
@@ -522,31 +611,43 @@ def run_training(
     Raises:
         PreflightError: the machine cannot run the config, or the resume setting cannot be met.
         DataError: the data or tokenizer is unusable (message names the file or folder).
+        CheckpointError: the checkpoint to resume from does not load (names the file).
+        NoSpace: a write failed on a full filesystem (names the path and its free space).
         Interrupted: SIGTERM/SIGINT; a checkpoint ``step-XXXXXXXX`` was written (unless
-            ``write_checkpoints`` is False) and the run resumes from it with ``resume: auto``.
+            ``write_checkpoints`` is False) and the run resumes from it with ``resume: auto``;
+            or, before the first optimizer step, nothing was trained (exit code 130/143).
         EngineError: a rank process failed.
     """
     from service.estimate import training_plan
 
     started = time.perf_counter()
-    plan = training_plan(train, model)
-    preflight(train)
     out_dir = Path(train.out_dir)
     rank_zero = is_rank_zero_env()
-    env_before = dict(os.environ)
-    threads_before = torch.get_num_threads()
-    stop = StopFlag()
-    with _run_log(out_dir, enabled=rank_zero):
-        try:
-            stop.install()
-            return _run(train, model, plan, out_dir, rank_zero, write_checkpoints, on_row, stop, started)
-        finally:
-            stop.restore()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-            os.environ.clear()
-            os.environ.update(env_before)
-            torch.set_num_threads(threads_before)
+    if reporter is None:
+        reporter = Reporter(out_dir, enabled=rank_zero)
+    stop = StopFlag(on_signal=lambda signum: reporter.event(
+        EventKind.stop_requested, step=reporter.progress.steps, message=signal.Signals(signum).name,
+        signal=signal.Signals(signum).name))
+    stop.install()  # before anything slow: a signal from here on is never lost
+    try:
+        plan = training_plan(train, model)
+        preflight(train)
+        reporter.progress.planned_steps = plan.optimizer_steps
+        reporter.event(EventKind.configured, planned_steps=plan.optimizer_steps)
+        env_before = dict(os.environ)
+        threads_before = torch.get_num_threads()
+        with _run_log(out_dir, enabled=rank_zero):
+            try:
+                return _run(train, model, plan, out_dir, rank_zero, write_checkpoints, on_row, stop, started,
+                            reporter)
+            finally:
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
+                os.environ.clear()
+                os.environ.update(env_before)
+                torch.set_num_threads(threads_before)
+    finally:
+        stop.restore()
 
 
 def _run(
@@ -559,6 +660,7 @@ def _run(
     on_row: Callable[[dict, TrainingPlan], None] | None,
     stop: StopFlag,
     started: float,
+    reporter: Reporter,
 ) -> TrainingResult:
     import lightning as L
 
@@ -570,6 +672,8 @@ def _run(
         for line in ckpt.clean_stale(out_dir):
             log.info("out_dir: %s", line)
     resume_from = _resolve_resume(train, out_dir)
+    if resume_from is not None:
+        _progress_from(reporter, resume_from)
     if resume_from is not None and resume_from.is_final and resume_from.step >= plan.optimizer_steps:
         log.info("final/ is at step %d and the plan has %d optimizer steps: nothing more to do",
                  resume_from.step, plan.optimizer_steps)
@@ -600,10 +704,17 @@ def _run(
     tokenizer_sha = tokenizer_hash(Path(tokenizer_dir))
     if resume_from is not None:
         _check_resume(train, plan, resume_from, ckpt.resume_record(train, plan, source, tokenizer_sha), rank_zero)
-    data = prepare_data(
-        args.train_data_path, args.val_data_path, tokenizer, tokenizer_dir, padded_vocab,
-        plan.seq_len, plan.micro_batch_size, need_val, source=source, tokenizer_sha256=tokenizer_sha,
-    )
+    try:
+        data = prepare_data(
+            args.train_data_path, args.val_data_path, tokenizer, tokenizer_dir, padded_vocab,
+            plan.seq_len, plan.micro_batch_size, need_val, source=source, tokenizer_sha256=tokenizer_sha,
+        )
+    except OSError as exc:  # the token cache is the only thing prepare_data writes
+        if errors.no_space_errno(exc) is None:
+            raise
+        raise errors.no_space(exc.filename or cache_root(), "the token cache") from exc
+    reporter.event(EventKind.data_ready, train_tokens=len(data.train), train_path=str(data.train.path),
+                   val_tokens=len(data.val) if data.val is not None else None)
     if rank_zero:
         log.info("data: %d training tokens in %s (%d windows of %d), validation: %s", len(data.train),
                  data.train.path, data.train.n_windows(plan.seq_len + 1), plan.seq_len + 1,
@@ -631,7 +742,7 @@ def _run(
         )
         fabric.launch()
         result = _train_loop(fabric, train, model_cfg, plan, out_dir, data, tokenizer_dir, resume_from,
-                             write_checkpoints, on_row, stop, started, device_type)
+                             write_checkpoints, on_row, stop, started, device_type, reporter)
     except BaseException:
         if ranks is not None:
             ranks.kill()
@@ -674,6 +785,7 @@ def _train_loop(
     stop: StopFlag,
     started: float,
     device_type: str,
+    reporter: Reporter,
 ) -> TrainingResult:
     t, ev, opt = train.train, train.eval, train.optimization
     is_main = fabric.global_rank == 0
@@ -746,17 +858,23 @@ def _train_loop(
                  fabric.device, train.precision)
         for line in notes:
             log.info("%s", line)
+    reporter.event(EventKind.model_built, step=step, plan=dataclasses.asdict(plan), parameters=n_params,
+                   device=str(fabric.device), precision=train.precision,
+                   resumed_from=str(resume_from.path) if resume_from is not None else None)
 
     sampler = WindowSampler(data.train, plan.seq_len, plan.micro_batch_size, train.data.init_args.seed,
                             fabric.world_size, fabric.global_rank, start_sample=samples)
     val_batches = (validation_batches(data.val, plan.seq_len, plan.micro_batch_size, ev.max_iters,
                                       fabric.world_size, fabric.global_rank) if data.val is not None else [])
-    metrics = MetricsWriter(out_dir / "metrics.csv", resume_step=step if resume_from is not None else None) if is_main else None
     from worker import moe as moe_mod
 
     has_router_stats = any(hasattr(m, "last_token_fraction") for m in moe_mod.moe_layers(raw))
-    router_csv = (MetricsWriter(out_dir / "router.csv", resume_step=step if resume_from is not None else None,
-                                header=ROUTER_HEADER) if is_main and has_router_stats else None)
+    resume_step = step if resume_from is not None else None
+    with _no_space_names(out_dir / contract.METRICS_FILE):
+        metrics = MetricsWriter(out_dir / contract.METRICS_FILE, resume_step=resume_step) if is_main else None
+    with _no_space_names(out_dir / contract.ROUTER_FILE):
+        router_csv = (MetricsWriter(out_dir / contract.ROUTER_FILE, resume_step=resume_step,
+                                    header=contract.ROUTER_HEADER) if is_main and has_router_stats else None)
 
     peak_flops = None
     flops_per_token = None
@@ -765,7 +883,7 @@ def _train_loop(
 
         override = get_settings().peak_tflops  # MOEJOBS_PEAK_TFLOPS
         peak_flops = (override * 1e12 if override else
-                      peak_flops_per_device(torch.cuda.get_device_name(fabric.device), train.precision))
+                      contract.peak_flops_per_device(torch.cuda.get_device_name(fabric.device), train.precision))
         flops_per_token = _flops_per_token(train, model_cfg)
 
     accum, world = plan.grad_accum_iters, fabric.world_size
@@ -793,9 +911,10 @@ def _train_loop(
         return float(total[0] / total[1]) if total[1] > 0 else None
 
     def emit(row: dict) -> None:
-        row = {key: row.get(key) for key in HEADER}
+        row = {key: row.get(key) for key in contract.METRICS_HEADER}
         if metrics is not None:
-            metrics.write(row)
+            with _no_space_names(metrics.path):
+                metrics.write(row)
             if on_row is not None:
                 on_row(row, plan)
 
@@ -818,9 +937,13 @@ def _train_loop(
                 "optimizer": optimizer.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             }
+            began = time.perf_counter()
             path = ckpt.save_checkpoint(out_dir, name, model_state=raw.state_dict(), model_config=config,
                                         tokenizer_dir=Path(tokenizer_dir), state=state, meta=meta)
             log.info("checkpoint %s written (step %d)", path, step)
+            reporter.progress.checkpoint = path
+            reporter.event(EventKind.checkpoint_written, step=step, path=str(path), name=name,
+                           write_s=round(time.perf_counter() - began, 3))
         fabric.barrier()
         return path if is_main else out_dir / name
 
@@ -833,6 +956,8 @@ def _train_loop(
 
         stopped_by = "completed"
         k = 0  # micro-batches of this rank in this session
+        stop.arm()  # from here a signal stops the run at a step boundary (before: nothing trained)
+        reporter.progress.training_started = True
         while step < plan.optimizer_steps:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float32)
@@ -862,6 +987,11 @@ def _train_loop(
                 step_loss = fabric.all_reduce(step_loss, reduce_op="mean")
             last_loss = float(step_loss)  # also synchronises, so the step time below is real
             train_seconds += time.perf_counter() - t0
+            progress = reporter.progress
+            progress.steps, progress.tokens, progress.final_loss = step, tokens, last_loss
+            if step == first_step + 1:
+                reporter.event(EventKind.first_step, step=step, loss=last_loss,
+                               seconds=round(time.perf_counter() - session_start, 3))
 
             # stop requests agreed by all ranks: SIGTERM/SIGINT, max_time (this session's wall time)
             flags = torch.tensor(
@@ -879,15 +1009,16 @@ def _train_loop(
                 if world > 1:
                     fractions = fabric.all_reduce(fractions, reduce_op="mean")
                 if router_csv is not None:
-                    router_csv.write_many([
-                        {"step": step, "layer": layer, "expert": expert, "fraction": value}
-                        for layer, row in enumerate(fractions.tolist()) for expert, value in enumerate(row)])
+                    with _no_space_names(router_csv.path):
+                        router_csv.write_many([
+                            {"step": step, "layer": layer, "expert": expert, "fraction": value}
+                            for layer, row in enumerate(fractions.tolist()) for expert, value in enumerate(row)])
 
             val = None
             if (ev.interval and step % ev.interval == 0) or (last and not interrupted and ev.final_validation):
                 val = validate()
                 if val is not None:
-                    last_val = val
+                    last_val = reporter.progress.val_loss = val
             if step % t.log_interval == 0 or val is not None or last:
                 elapsed = prev_elapsed + time.perf_counter() - session_start
                 tps = (tokens - row_tokens) / train_seconds if train_seconds > 0 else None
@@ -903,11 +1034,12 @@ def _train_loop(
                 row_tokens, train_seconds = tokens, 0.0
             if interrupted:
                 path = save(ckpt.step_dir_name(step))
+                name = signal.Signals(stop.signal).name if stop.signal else None
                 raise Interrupted(
-                    f"stopped by {signal.Signals(stop.signal).name if stop.signal else 'a signal on another rank'} "
-                    f"after optimizer step {step}; "
+                    f"stopped by {name or 'a signal on another rank'} after optimizer step {step}; "
                     + (f"checkpoint {path}; run again with resume: auto to continue" if path
-                       else "checkpoints are off, nothing to resume from")
+                       else "checkpoints are off, nothing to resume from"),
+                    signal_name=name, checkpoint=path,
                 )
             if t.save_interval and step % t.save_interval == 0:
                 save(ckpt.step_dir_name(step))
@@ -932,6 +1064,29 @@ def _train_loop(
     )
 
 
+@contextmanager
+def _no_space_names(path: Path) -> Iterator[None]:
+    """Turn an ENOSPC ``OSError`` raised inside the block (which names no file when it comes
+    from a flush) into :class:`~worker.errors.NoSpace` naming ``path`` and its free space."""
+    try:
+        yield
+    except OSError as exc:
+        if errors.no_space_errno(exc) is None:
+            raise
+        raise errors.no_space(path) from exc
+
+
+def _progress_from(reporter: Reporter, info: ckpt.CheckpointInfo) -> None:
+    """Start the reporter's progress at the checkpoint being resumed (earlier attempts' work)."""
+    meta, p = info.meta, reporter.progress
+    p.steps = info.step
+    try:
+        p.tokens = int(meta.get("tokens", 0))
+    except (TypeError, ValueError):
+        p.tokens = 0
+    p.final_loss, p.val_loss = meta.get("loss"), meta.get("val_loss")
+
+
 def _ppl(loss: float | None) -> float | None:
     if loss is None:
         return None
@@ -944,7 +1099,11 @@ def _ppl(loss: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m worker.train``; returns the exit code (see module docstring)."""
+    """Entry point of ``python -m worker.train`` (and of ``python -m worker.entry``); returns the
+    exit code (``service.contract.ExitCode``; see the module docstring). On rank 0 it writes
+    ``out_dir/result.json`` for every end it can report: ``out_dir`` of the validated config, or
+    of the raw document when the config is invalid (``worker.reporting.raw_out_dir``). Every
+    failure also ends with one line ``error: <reason>: <message>`` on stderr."""
     die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m worker.train", description="Run one training job.")
     parser.add_argument("--train-config", required=True, help="resolved train config (YAML/JSON)")
@@ -957,28 +1116,43 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.configs import load_document
     from service.schemas import ConfigError, validate_configs
+    from worker.reporting import raw_out_dir
 
+    reporter = Reporter(raw_out_dir(args.train_config), enabled=rank_zero)
+    reporter.install_early_exit()
     try:
         validated = validate_configs(load_document(args.train_config), load_document(args.model_config))
     except ConfigError as exc:
         print("error: invalid config\n" + str(exc), file=sys.stderr, flush=True)
-        return 2
+        reporter.failed(PreflightError("invalid config: " + "; ".join(
+            line.strip() for line in str(exc).splitlines() if line.strip())))
+        return int(ExitCode.INVALID_CONFIG)
+    reporter.retarget(validated.train.out_dir)
+    reporter.install_early_exit()
     if rank_zero:
         for warning in validated.warnings:
             log.warning("config: %s", warning)
     try:
-        result = run_training(validated.train, validated.model, write_checkpoints=not args.no_checkpoints)
-    except EngineError as exc:
-        print(f"error: {exc.reason}: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except Exception as exc:  # the traceback for the log, then one line (the last) with the reason
-        import traceback
+        result = run_training(validated.train, validated.model, write_checkpoints=not args.no_checkpoints,
+                              reporter=reporter)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C during training: no checkpoint
+        text = exc.args[0] if exc.args else "interrupted"
+        reporter.failed(Interrupted(text, signal_name="SIGINT", exit_code=ExitCode.SIGINT_BEFORE_START))
+        print(f"interrupted: {text}", file=sys.stderr, flush=True)
+        return int(ExitCode.SIGINT_BEFORE_START)
+    except Exception as exc:
+        err = errors.classify(exc, validated.train.out_dir)
+        if err is not exc:  # not one of ours: the traceback for the log, the reason on the last line
+            import traceback
 
-        traceback.print_exc()
-        reason = "out_of_memory" if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() else "crashed"
-        first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"error: {reason}: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
-        return 1
+            traceback.print_exc()
+        reporter.failed(err)
+        if isinstance(err, Interrupted) and str(err) == errors.BEFORE_START:
+            print(errors.BEFORE_START, file=sys.stderr, flush=True)  # as the early handlers say it
+        else:
+            print(f"error: {err.label}: {err}", file=sys.stderr, flush=True)
+        return int(err.exit_code)
+    reporter.succeeded(result)
     if rank_zero:
         print(json.dumps({
             "steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
@@ -986,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_memory_bytes": result.peak_memory_bytes, "elapsed_s": round(result.elapsed_s, 3),
             "stopped_by": result.stopped_by,
         }), flush=True)
-    return 0
+    return int(ExitCode.OK)
 
 
 if __name__ == "__main__":
