@@ -7,8 +7,9 @@ steps of 50 ms); cases where the engine itself is under test (a trainer killed, 
 worker whose trainer must fence itself, a full disk inside ``torch.save``) train tiny real
 MoE models with frequent checkpoints.
 
-One case is a known bug, kept as a strict xfail until it is fixed: a worker frozen inside a
-database transaction holds its run's row lock, and every reconciler blocks on it.
+A worker is frozen twice: outside any database transaction (the trainer must fence itself)
+and inside one that row-locks its run (PostgreSQL must end the frozen session, or every
+reconciler blocks on that row and the run is never recovered).
 
 Every case asserts the run's final state, that a sampler scanning ``/proc`` every 50 ms never
 saw two training processes of the run alive at once, that the database's metric rows equal
@@ -184,16 +185,11 @@ def _cancel(stack: Stack, run) -> None:
     stack.wait_done(run, timeout=60)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: a worker frozen inside a transaction keeps its run's row locked (no "
-    "idle_in_transaction_session_timeout / lock_timeout), so every reconciler blocks on "
-    "that row and the run is not recovered until the worker continues; remove this mark "
-    "with the fix"))
 def test_sigstop_of_a_worker_inside_a_transaction(stack):
     """A worker frozen (SIGSTOP) while it is inside a database transaction that locks its
     run's row (a heartbeat, metric rows being stored): the lease must still expire and the run
     move to the other worker; a row lock held by a frozen client must not wedge the
-    reconciler. The worker is stopped and continued in short bursts until PostgreSQL shows
+    reconciler (``service.db`` sets ``idle_in_transaction_session_timeout``). The worker is stopped and continued in short bursts until PostgreSQL shows
     its session idle inside a transaction holding a lock on ``runs``."""
     _stub(stack)
     run = stack.submit(steps=300, save_interval=10, name=new_name("sigstop-tx"))
@@ -203,6 +199,7 @@ def test_sigstop_of_a_worker_inside_a_transaction(stack):
     try:
         tries = stack.freeze(a, run, in_transaction=True)
         frozen_at = time.time()
+        print(f"\nfrozen inside a transaction after {tries} tries:\n{stack.frozen_sessions}")
         moved = wait_for(lambda: (r := stack.run(run.id)).attempt >= 2 and r, 2 * LEASE,
                          "the run to move to the other worker while the frozen worker holds "
                          "a row lock", on_fail=lambda: stack.pg.activity())

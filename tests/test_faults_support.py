@@ -293,8 +293,11 @@ class TrainerSampler:
 
     @staticmethod
     def trainers() -> dict[str, list[int]]:
-        """Training processes alive now: working directory -> pids."""
-        found: dict[str, list[int]] = defaultdict(list)
+        """Training processes alive now: working directory -> pids. A process whose parent is
+        a training process in the same folder is not counted on its own: it is part of that
+        training (a rank, or a fork that has not yet exec'd another program, which still
+        shows its parent's command line)."""
+        found: dict[int, tuple[int, str]] = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -305,14 +308,18 @@ class TrainerSampler:
                 if not any(m in argv for m in TRAINER_MODULES):
                     continue
                 with open(f"/proc/{pid}/stat", "rb") as fh:
-                    state = fh.read().rsplit(b")", 1)[1].split()[0]
-                if state in (b"Z", b"X"):
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+                if fields[0] in (b"Z", b"X"):
                     continue
-                cwd = os.readlink(f"/proc/{pid}/cwd")
-            except OSError:
+                found[pid] = (int(fields[1]), os.readlink(f"/proc/{pid}/cwd"))
+            except (OSError, IndexError, ValueError):
                 continue
-            found[cwd].append(pid)
-        return found
+        by_dir: dict[str, list[int]] = defaultdict(list)
+        for pid, (ppid, cwd) in found.items():
+            if ppid in found and found[ppid][1] == cwd:
+                continue
+            by_dir[cwd].append(pid)
+        return by_dir
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -368,6 +375,8 @@ class Stack:
         self.stub_env: dict[str, str] = {"MOEJOBS_STUB_STEP_SECONDS": "0.05"}
         self.db: Database | None = None
         self._serial = 0
+        #: PostgreSQL's busy sessions when :meth:`freeze` caught a worker in a transaction
+        self.frozen_sessions = ""
 
     def up(self) -> Stack:
         self.pg = PrivatePostgres()
@@ -458,6 +467,7 @@ class Stack:
             time.sleep(0.3)
             idle = bool(self.pg.idle_in_transaction_on("runs", 0.25))
             if in_transaction and idle and self.pg.row_locked(run.id):
+                self.frozen_sessions = self.pg.activity()
                 return tries
             if not in_transaction and not idle:
                 return tries
