@@ -228,8 +228,10 @@ def test_serve_on_a_database_that_is_not_ready_is_one_line(tmp_path):
 def test_a_worker_on_an_unmigrated_database_exits_saying_so(tmp_path):
     """Celery swallows exceptions raised while a worker initialises; the check runs before
     Celery starts, so the worker exits instead of running without registering."""
+    from service.db import head_revision
+
     done = moejobs("worker", tmp_path=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1].endswith(
-        "has no moejobs tables, but this code needs revision 0001: run `moejobs migrate` (or "
+        f"has no moejobs tables, but this code needs revision {head_revision()}: run `moejobs migrate` (or "
         "`moejobs up`, which migrates) and start the worker again")
