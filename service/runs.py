@@ -82,6 +82,9 @@ MAX_STEP = 2**31 - 1
 #: Sort keys accepted by :func:`list_runs` ("-" prefix for descending).
 RUN_SORT_KEYS = ("created_at", "name", "status")
 
+#: The run columns that hold whole config documents (large; a list page does not need them).
+CONFIG_COLUMNS = ("submitted_train", "submitted_model", "resolved_train", "resolved_model")
+
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -830,10 +833,13 @@ def stale_queued_runs(session: Session, older_than_seconds: float, *,
 # -- reads --------------------------------------------------------------------------------------
 
 
-def get_run(session: Session, run_id: uuid.UUID) -> Run:
-    """The run, read fresh. Raises RunNotFound."""
-    run = session.exec(select(Run).where(Run.id == run_id)
-                       .execution_options(populate_existing=True)).first()
+def get_run(session: Session, run_id: uuid.UUID, *, configs: bool = True) -> Run:
+    """The run, read fresh. ``configs=False`` leaves the config documents unloaded (as
+    :func:`list_runs`). Raises RunNotFound."""
+    stmt = select(Run).where(Run.id == run_id)
+    if not configs:
+        stmt = stmt.options(*(sa.orm.defer(getattr(Run, c)) for c in CONFIG_COLUMNS))
+    run = session.exec(stmt.execution_options(populate_existing=True)).first()
     if run is None:
         raise RunNotFound(run_id)
     return run
@@ -859,13 +865,16 @@ def list_metrics(session: Session, run_id: uuid.UUID, *, after_step: int | None 
 
 
 def list_router_points(session: Session, run_id: uuid.UUID, *,
-                       after_step: int | None = None) -> list[RouterPoint]:
-    """A run's router points ordered by (step, layer, expert)."""
+                       after_step: int | None = None, limit: int | None = None) -> list[RouterPoint]:
+    """A run's router points ordered by (step, layer, expert), those with ``step >
+    after_step`` when given, at most ``limit``."""
     stmt = select(RouterPoint).where(RouterPoint.run_id == run_id)
     if after_step is not None:
         stmt = stmt.where(RouterPoint.step > after_step)
-    return list(session.exec(stmt.order_by(RouterPoint.step, RouterPoint.layer,
-                                           RouterPoint.expert)))
+    stmt = stmt.order_by(RouterPoint.step, RouterPoint.layer, RouterPoint.expert)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.exec(stmt))
 
 
 def list_checkpoints(session: Session, run_id: uuid.UUID) -> list[Checkpoint]:
@@ -923,8 +932,10 @@ def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
 
 def list_runs(session: Session, *, status: RunStatus | str | None = None,
               owner: str | None = None, limit: int = 50, cursor: str | None = None,
-              sort: str = "-created_at") -> tuple[list[Run], str | None]:
+              sort: str = "-created_at", configs: bool = True) -> tuple[list[Run], str | None]:
     """One page of runs and the cursor of the next page (None on the last page).
+    ``configs=False`` leaves the four config documents (:data:`CONFIG_COLUMNS`) unloaded:
+    reading them afterwards needs the session still open (a query each).
 
     ``sort`` is one of :data:`RUN_SORT_KEYS`, "-" prefixed for descending; ties are broken by
     id, so keyset pagination is stable while runs are added. ``cursor`` must come from a
@@ -950,6 +961,8 @@ def list_runs(session: Session, *, status: RunStatus | str | None = None,
         else:
             stmt = stmt.where(sa.or_(column > value, sa.and_(column == value, Run.id > after_id)))
     order = (column.desc(), Run.id.desc()) if descending else (column.asc(), Run.id.asc())
+    if not configs:
+        stmt = stmt.options(*(sa.orm.defer(getattr(Run, c)) for c in CONFIG_COLUMNS))
     rows = list(session.exec(stmt.order_by(*order).limit(limit + 1)
                              .execution_options(populate_existing=True)))
     next_cursor = None
