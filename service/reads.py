@@ -5,6 +5,7 @@ UTC datetimes, ``now`` parameters exist for tests.
 """
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -76,16 +77,20 @@ def latest_metrics(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.
     not with their rows."""
     if not run_ids:
         return {}
+    rows = session.execute(_latest_metrics_statement(), {"run_ids": list(run_ids)})
+    return {row.run_id: row for row in rows}
+
+
+@functools.cache
+def _latest_metrics_statement() -> sa.Select:
     newest = (sa.select(MetricPoint.step).where(MetricPoint.run_id == Run.id)
               .order_by(MetricPoint.step.desc()).limit(1).scalar_subquery())
-    last = sa.select(Run.id.label("run_id"), newest.label("step")) \
-        .where(Run.id.in_(list(run_ids))).subquery()
-    rows = session.execute(
-        sa.select(MetricPoint.run_id, MetricPoint.step,
-                  *(getattr(MetricPoint, c) for c in METRIC_COLUMNS))
-        .join(last, sa.and_(MetricPoint.run_id == last.c.run_id,
-                            MetricPoint.step == last.c.step)))
-    return {row.run_id: row for row in rows}
+    last = (sa.select(Run.id.label("run_id"), newest.label("step"))
+            .where(Run.id.in_(sa.bindparam("run_ids", expanding=True))).subquery())
+    return (sa.select(MetricPoint.run_id, MetricPoint.step,
+                      *(getattr(MetricPoint, c) for c in METRIC_COLUMNS))
+            .join(last, sa.and_(MetricPoint.run_id == last.c.run_id,
+                                MetricPoint.step == last.c.step)))
 
 
 def require_run(session: Session, run_id: uuid.UUID) -> None:

@@ -833,13 +833,19 @@ def stale_queued_runs(session: Session, older_than_seconds: float, *,
 # -- reads --------------------------------------------------------------------------------------
 
 
+def summary_columns() -> list[sa.Column]:
+    """The columns of ``runs`` but the config documents (:data:`CONFIG_COLUMNS`)."""
+    return [c for c in Run.__table__.c if c.name not in CONFIG_COLUMNS]
+
+
 def get_run(session: Session, run_id: uuid.UUID, *, configs: bool = True) -> Run:
-    """The run, read fresh. ``configs=False`` leaves the config documents unloaded (as
-    :func:`list_runs`). Raises RunNotFound."""
-    stmt = select(Run).where(Run.id == run_id)
-    if not configs:
-        stmt = stmt.options(*(sa.orm.defer(getattr(Run, c)) for c in CONFIG_COLUMNS))
-    run = session.exec(stmt.execution_options(populate_existing=True)).first()
+    """The run, read fresh. ``configs=False`` returns a read-only row without the config
+    documents (as :func:`list_runs`). Raises RunNotFound."""
+    if configs:
+        run = session.exec(select(Run).where(Run.id == run_id)
+                           .execution_options(populate_existing=True)).first()
+    else:
+        run = session.execute(sa.select(*summary_columns()).where(Run.id == run_id)).first()
     if run is None:
         raise RunNotFound(run_id)
     return run
@@ -934,8 +940,8 @@ def list_runs(session: Session, *, status: RunStatus | str | None = None,
               owner: str | None = None, limit: int = 50, cursor: str | None = None,
               sort: str = "-created_at", configs: bool = True) -> tuple[list[Run], str | None]:
     """One page of runs and the cursor of the next page (None on the last page).
-    ``configs=False`` leaves the four config documents (:data:`CONFIG_COLUMNS`) unloaded:
-    reading them afterwards needs the session still open (a query each).
+    ``configs=False`` returns read-only rows with every attribute of a run but the four config
+    documents (:data:`CONFIG_COLUMNS`), without building ORM objects: what a listing needs.
 
     ``sort`` is one of :data:`RUN_SORT_KEYS`, "-" prefixed for descending; ties are broken by
     id, so keyset pagination is stable while runs are added. ``cursor`` must come from a
@@ -949,7 +955,7 @@ def list_runs(session: Session, *, status: RunStatus | str | None = None,
     if not 1 <= limit <= 1000:
         raise ValueError(f"limit must be in 1..1000, got {limit}")
     column = getattr(Run, key)
-    stmt = select(Run)
+    stmt = select(Run) if configs else sa.select(*summary_columns())
     if status is not None:
         stmt = stmt.where(Run.status == RunStatus(status))
     if owner is not None:
@@ -961,10 +967,9 @@ def list_runs(session: Session, *, status: RunStatus | str | None = None,
         else:
             stmt = stmt.where(sa.or_(column > value, sa.and_(column == value, Run.id > after_id)))
     order = (column.desc(), Run.id.desc()) if descending else (column.asc(), Run.id.asc())
-    if not configs:
-        stmt = stmt.options(*(sa.orm.defer(getattr(Run, c)) for c in CONFIG_COLUMNS))
-    rows = list(session.exec(stmt.order_by(*order).limit(limit + 1)
-                             .execution_options(populate_existing=True)))
+    stmt = stmt.order_by(*order).limit(limit + 1)
+    rows = (list(session.exec(stmt.execution_options(populate_existing=True))) if configs
+            else list(session.execute(stmt)))
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]

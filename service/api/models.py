@@ -87,20 +87,28 @@ class RunPublic(BaseModel):
 
     @classmethod
     def of(cls, run: Run, latest: Any = None) -> RunPublic:
-        """From the run's row and its newest metric row (a ``MetricPoint`` or a row with the
-        same attributes, e.g. ``service.reads.latest_metrics``'), if any."""
-        return cls(
-            id=run.id, name=run.name, owner=run.owner, status=run.status.value,
-            preset=run.preset, attempt=run.attempt, worker_id=run.worker_id,
-            estimate=run.estimate, warnings=[IssueOut(**w) for w in run.warnings or []],
-            cancel_requested=run.cancel_requested,
-            failure_reason=run.failure_reason.value if run.failure_reason else None,
-            failure_message=run.failure_message, exit_code=run.exit_code,
-            created_at=run.created_at, queued_at=run.queued_at, started_at=run.started_at,
-            finished_at=run.finished_at, updated_at=run.updated_at,
-            heartbeat_at=run.heartbeat_at, lease_expires_at=run.lease_expires_at,
-            latest_metrics=MetricRow.of(latest) if latest is not None else None,
-        )
+        """From the run's row (a ``Run`` or a row with its attributes, e.g.
+        ``service.runs.list_runs(configs=False)``'s) and its newest metric row (a
+        ``MetricPoint`` or a row with the same attributes), if any."""
+        return cls.model_validate(cls.fields(run, latest))
+
+    @staticmethod
+    def fields(run: Any, latest: Any = None) -> dict[str, Any]:
+        """The fields of :meth:`of` as a plain dict (validate a whole page at once)."""
+        return {
+            "id": run.id, "name": run.name, "owner": run.owner, "status": run.status.value,
+            "preset": run.preset, "attempt": run.attempt, "worker_id": run.worker_id,
+            "estimate": run.estimate, "warnings": run.warnings or [],
+            "cancel_requested": run.cancel_requested,
+            "failure_reason": run.failure_reason.value if run.failure_reason else None,
+            "failure_message": run.failure_message, "exit_code": run.exit_code,
+            "created_at": run.created_at, "queued_at": run.queued_at,
+            "started_at": run.started_at, "finished_at": run.finished_at,
+            "updated_at": run.updated_at, "heartbeat_at": run.heartbeat_at,
+            "lease_expires_at": run.lease_expires_at,
+            "latest_metrics": None if latest is None else {
+                "step": latest.step, **{c: getattr(latest, c) for c in METRIC_COLUMNS}},
+        }
 
 
 class RunCreated(RunPublic):

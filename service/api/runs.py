@@ -165,8 +165,9 @@ async def list_runs(gate: GateDep,
         except ValueError as error:
             raise invalid(["query", "cursor"], str(error)) from None
         latest = reads.latest_metrics(session, [r.id for r in rows])
-        return RunPage(items=[RunPublic.of(r, latest.get(r.id)) for r in rows],
-                       next_cursor=next_cursor)
+        return RunPage.model_validate({
+            "items": [RunPublic.fields(r, latest.get(r.id)) for r in rows],
+            "next_cursor": next_cursor})
 
     return await gate.json(work)
 
