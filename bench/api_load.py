@@ -47,7 +47,6 @@ import platform
 import random
 import resource
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -492,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     raise_open_files()
     out = sys.stderr if args.json else sys.stdout
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load_start = os.getloadavg()
 
     def log(line: str) -> None:
         print(line, file=out, flush=True)
@@ -518,9 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(_fmt_row(row))
                 rows.append(row)
     doc = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "load_avg": os.getloadavg()},
+                    "python": platform.python_version(),
+                    "load_avg_start": load_start, "load_avg_end": os.getloadavg()},
         "settings": {k: getattr(args, k) for k in ("duration", "warmup", "timeout",
                                                    "client_procs", "runs", "steps")},
         "rows": rows,
