@@ -255,3 +255,25 @@ def test_smoke_test_of_the_shipped_configs_validates(sqlite_api: ApiEnv):
         run = runs.get_run(s, uuid.UUID(r.json()["id"]))
     assert run.resolved_model["name"] == "MoE-200M"
     assert run.resolved_train["train"]["global_batch_size"] == 1
+
+
+def test_smoke_report_of_a_run_whose_engine_wrote_no_events():
+    # an engine without events.jsonl: a success is still a pass, every stage done, the inner
+    # ones untimed; a failure fails at the first stage whose end is unknown
+    from service.api.smoke import build_report
+    from service.models import Run, RunStatus
+
+    created = utcnow()
+    run = Run(name="smoke", submitted_train={}, submitted_model={}, resolved_train={},
+              resolved_model={}, status=RunStatus.succeeded, attempt=1, created_at=created,
+              started_at=created + timedelta(seconds=2), finished_at=created + timedelta(seconds=9))
+    report = build_report(run, [], live_workers=1)
+    assert report.status == "passed" and report.failed_stage is None
+    assert [(s.name, s.seconds, s.status) for s in report.stages] == [
+        ("queued_wait", 2.0, "ok"), ("startup", None, "ok"), ("data_tokenizer", None, "ok"),
+        ("model_build", None, "ok"), ("first_step", None, "ok"), ("finish", None, "ok")]
+    assert report.total_seconds == 9.0
+    run.status, run.failure_message = RunStatus.failed, "crashed: boom"
+    report = build_report(run, [], live_workers=1)
+    assert report.status == "failed" and report.failed_stage == "startup"
+    assert report.message == "crashed: boom"

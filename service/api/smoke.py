@@ -115,7 +115,9 @@ def build_report(run: Run, events: list[EngineEvent], *, live_workers: int,
     succeeded = run.status == RunStatus.succeeded
     times.append(run.finished_at if succeeded else None)
     # times[i] is the start of stage i-1's successor: stage k runs from times[k] to times[k+1]
-    done = [times[k + 1] is not None for k in range(len(STAGES))]
+    # A run that succeeded went through every stage, timed or not (an engine that writes no
+    # events leaves the inner stages without a duration).
+    done = [succeeded or times[k + 1] is not None for k in range(len(STAGES))]
     failed_stage = None
     message = None
     verdict: str
@@ -144,8 +146,7 @@ def build_report(run: Run, events: list[EngineEvent], *, live_workers: int,
             state = "skipped"
         else:
             state = "pending"
-        stages.append(SmokeStage(name=name, seconds=_seconds(start, end) if done[k] else None,
-                                 status=state))
+        stages.append(SmokeStage(name=name, seconds=_seconds(start, end), status=state))
     total = _seconds(run.created_at, run.finished_at) if run.finished_at else None
     return SmokeTestPublic(id=run.id, status=verdict, run_status=run.status.value, stages=stages,
                            failed_stage=failed_stage, message=message, total_seconds=total)
