@@ -870,8 +870,8 @@ def list_metrics(session: Session, run_id: uuid.UUID, *, after_step: int | None 
     return list(session.exec(stmt.execution_options(populate_existing=True)))
 
 
-def list_router_points(session: Session, run_id: uuid.UUID, *,
-                       after_step: int | None = None, limit: int | None = None) -> list[RouterPoint]:
+def list_router_points(session: Session, run_id: uuid.UUID, *, after_step: int | None = None,
+                       limit: int | None = None) -> list[RouterPoint]:
     """A run's router points ordered by (step, layer, expert), those with ``step >
     after_step`` when given, at most ``limit``."""
     stmt = select(RouterPoint).where(RouterPoint.run_id == run_id)

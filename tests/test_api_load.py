@@ -37,7 +37,12 @@ from service.estimate import estimate
 from service.schemas import validate_configs
 from service.settings import ENV_PREFIX
 from test_api_support import MODEL, TRAIN
-from test_db_support import _truncate_all, postgres_migrated, postgres_url, settings_for  # noqa: F401
+from test_db_support import (  # noqa: F401 - fixtures
+    _truncate_all,
+    postgres_migrated,
+    postgres_url,
+    settings_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 READERS = 300

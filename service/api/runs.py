@@ -148,8 +148,8 @@ async def list_runs(gate: GateDep,
                     status_: Annotated[RunStatus | None, Query(alias="status")] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
                     cursor: Annotated[str | None, Query(max_length=500)] = None,
-                    sort: Annotated[str, Query(description="created_at, name or status; '-' "
-                                                           "prefix for descending")] = "-created_at",
+                    sort: Annotated[str, Query(description=(
+                        "created_at, name or status; '-' prefix for descending"))] = "-created_at",
                     ) -> Response:
     """One page of runs and the cursor of the next (``next_cursor`` null on the last page).
     Pass the same ``sort`` with a cursor. Each run carries ``latest_metrics``, its newest

@@ -107,7 +107,8 @@ async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
         detail = "; ".join(f"{name}: {checks[name]['error']}" for name in down)
         return JSONResponse(error_body(503, f"not ready: {', '.join(down)} down ({detail})",
                                        code="not_ready", down=down, checks=checks),
-                            status_code=503, headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
+                            status_code=503,
+                            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
     return JSONResponse({"status": "ready", "checks": checks})
 
 
