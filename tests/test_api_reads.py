@@ -2,6 +2,7 @@
 events (``GET /runs/{id}/engine-events``), and 503s naming the broker with ``Retry-After``."""
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from typing import Any
 
@@ -146,3 +147,48 @@ def test_routes_that_need_the_broker_say_503_naming_it(make_api, tmp_path):
     r = c.post("/runs", json=body())
     assert r.status_code == 201 and r.json()["enqueued"] is False
     assert any("broker did not take" in w["msg"] for w in r.json()["warnings"])
+
+
+def test_which_database_errors_mean_unavailable(tmp_path):
+    from service.db import make_engine, unavailable_reason
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.sqlite3'}", sqlite_busy_timeout_ms=0,
+                         pool_size=1, max_overflow=0, pool_timeout=0.1)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (a INTEGER)")
+
+    def error_of(fn) -> Exception:
+        try:
+            fn()
+        except Exception as error:  # noqa: BLE001 - the error is the subject
+            return error
+        raise AssertionError("no error")
+
+    def query(sql: str):
+        def run():
+            with engine.connect() as conn:
+                conn.exec_driver_sql(sql)
+        return run
+
+    # a bug in a query stays a bug (500), whatever the driver calls it
+    assert unavailable_reason(error_of(query("SELECT nosuch FROM t"))) is None
+    assert unavailable_reason(error_of(query("SELEC 1"))) is None
+    # the pool's wait ran out: busy
+    held = engine.connect()
+    assert "no pooled connection came free" in unavailable_reason(error_of(engine.connect))
+    held.close()
+    # a lock held by another process past the busy timeout
+    other = sqlite3.connect(tmp_path / "x.sqlite3", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        assert "database is locked" in unavailable_reason(
+            error_of(query("INSERT INTO t VALUES (1)")))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    engine.dispose()
+    # nothing listens there
+    pg = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/none",
+                     connect_args={"connect_timeout": 2})
+    assert "OperationalError" in unavailable_reason(error_of(pg.connect))
+    assert unavailable_reason(ValueError("x")) is None

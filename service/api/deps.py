@@ -29,7 +29,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from service.api.errors import ApiError
+from service.api.errors import BUSY_RETRY_AFTER_S, ApiError
 from service.db import Database
 from service.settings import Settings
 
@@ -37,9 +37,6 @@ log = logging.getLogger("moejobs.api")
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-#: Seconds a client is told to wait (Retry-After) when every database slot stayed busy.
-BUSY_RETRY_AFTER_S = 1
 
 
 class DatabaseGate:

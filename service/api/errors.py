@@ -96,6 +96,8 @@ def error_response(status: int, message: str, *, headers: Mapping[str, str] | No
 
 #: Seconds a client is told to wait (``Retry-After``) when a dependency does not answer.
 UNAVAILABLE_RETRY_AFTER_S = 5
+#: Seconds a client is told to wait when every database connection stayed busy.
+BUSY_RETRY_AFTER_S = 1
 
 
 def dependency_unavailable(dependency: str, reason: str, *,
@@ -190,7 +192,13 @@ def install_exception_handlers(app: FastAPI) -> None:
         if reason is None:
             raise exc  # a bug: ErrorMiddleware logs it and answers 500
         log.warning("%s %s: database unavailable: %s", request.method, request.url.path, reason)
-        error = dependency_unavailable("database", reason)
+        if isinstance(exc, sa.exc.TimeoutError):  # the pool's own wait ran out: busy, not down
+            error = ApiError(503, f"the database is busy: {reason}; retry after "
+                             f"{BUSY_RETRY_AFTER_S} s", code="database_busy",
+                             headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+                             dependency="database")
+        else:
+            error = dependency_unavailable("database", reason)
         return error_response(error.status, error.message, code=error.code,
                               headers=error.headers, **error.extra)
 
