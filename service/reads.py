@@ -9,6 +9,7 @@ import functools
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 import sqlalchemy as sa
 from sqlmodel import Session, select
@@ -91,6 +92,30 @@ def _latest_metrics_statement() -> sa.Select:
                       *(getattr(MetricPoint, c) for c in METRIC_COLUMNS))
             .join(last, sa.and_(MetricPoint.run_id == last.c.run_id,
                                 MetricPoint.step == last.c.step)))
+
+
+def run_with_latest_metrics(session: Session, run_id: uuid.UUID
+                            ) -> tuple[sa.Row, SimpleNamespace | None]:
+    """Run ``run_id`` without its config documents (as ``service.runs.get_run(configs=False)``)
+    and its newest metric row (as :func:`latest_metrics`; None before the first), in one
+    statement: the API's most polled read. Raises ``service.runs.RunNotFound``."""
+    from service.runs import RunNotFound, summary_columns
+
+    inner = MetricPoint.__table__.alias("newest")
+    newest = (sa.select(inner.c.step).where(inner.c.run_id == Run.id)
+              .order_by(inner.c.step.desc()).limit(1).correlate(Run).scalar_subquery())
+    metric = [MetricPoint.step.label("m_step"),
+              *(getattr(MetricPoint, c).label(f"m_{c}") for c in METRIC_COLUMNS)]
+    row = session.execute(
+        sa.select(*summary_columns(), *metric)
+        .outerjoin(MetricPoint, sa.and_(MetricPoint.run_id == Run.id, MetricPoint.step == newest))
+        .where(Run.id == run_id)).first()
+    if row is None:
+        raise RunNotFound(run_id)
+    if row.m_step is None:
+        return row, None
+    return row, SimpleNamespace(step=row.m_step,
+                                **{c: getattr(row, f"m_{c}") for c in METRIC_COLUMNS})
 
 
 def require_run(session: Session, run_id: uuid.UUID) -> None:

@@ -139,8 +139,7 @@ async def validate_run(request: Request, settings: SettingsDep, gate: GateDep) -
 
 
 def _run_public(session: Session, run_id: uuid.UUID) -> RunPublic:
-    run = runs_service.get_run(session, run_id, configs=False)
-    return RunPublic.of(run, reads.latest_metrics(session, [run.id]).get(run.id))
+    return RunPublic.of(*reads.run_with_latest_metrics(session, run_id))
 
 
 @router.get("/runs", response_model=RunPage, summary="List runs")
