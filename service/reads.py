@@ -99,17 +99,9 @@ def run_with_latest_metrics(session: Session, run_id: uuid.UUID
     """Run ``run_id`` without its config documents (as ``service.runs.get_run(configs=False)``)
     and its newest metric row (as :func:`latest_metrics`; None before the first), in one
     statement: the API's most polled read. Raises ``service.runs.RunNotFound``."""
-    from service.runs import RunNotFound, summary_columns
+    from service.runs import RunNotFound
 
-    inner = MetricPoint.__table__.alias("newest")
-    newest = (sa.select(inner.c.step).where(inner.c.run_id == Run.id)
-              .order_by(inner.c.step.desc()).limit(1).correlate(Run).scalar_subquery())
-    metric = [MetricPoint.step.label("m_step"),
-              *(getattr(MetricPoint, c).label(f"m_{c}") for c in METRIC_COLUMNS)]
-    row = session.execute(
-        sa.select(*summary_columns(), *metric)
-        .outerjoin(MetricPoint, sa.and_(MetricPoint.run_id == Run.id, MetricPoint.step == newest))
-        .where(Run.id == run_id)).first()
+    row = session.execute(_run_with_latest_statement(), {"run_id": run_id}).first()
     if row is None:
         raise RunNotFound(run_id)
     if row.m_step is None:
@@ -118,13 +110,33 @@ def run_with_latest_metrics(session: Session, run_id: uuid.UUID
                                 **{c: getattr(row, f"m_{c}") for c in METRIC_COLUMNS})
 
 
+@functools.cache
+def _run_with_latest_statement() -> sa.Select:
+    from service.runs import summary_columns
+
+    inner = MetricPoint.__table__.alias("newest")
+    newest = (sa.select(inner.c.step).where(inner.c.run_id == Run.id)
+              .order_by(inner.c.step.desc()).limit(1).correlate(Run).scalar_subquery())
+    metric = [MetricPoint.step.label("m_step"),
+              *(getattr(MetricPoint, c).label(f"m_{c}") for c in METRIC_COLUMNS)]
+    return (sa.select(*summary_columns(), *metric)
+            .outerjoin(MetricPoint, sa.and_(MetricPoint.run_id == Run.id,
+                                            MetricPoint.step == newest))
+            .where(Run.id == sa.bindparam("run_id", type_=sa.Uuid())))
+
+
 def require_run(session: Session, run_id: uuid.UUID) -> None:
     """Raise ``service.runs.RunNotFound`` unless run ``run_id`` exists (reads its key only,
     not the row's config documents)."""
     from service.runs import RunNotFound
 
-    if session.execute(sa.select(Run.id).where(Run.id == run_id)).first() is None:
+    if session.execute(_require_run_statement(), {"run_id": run_id}).first() is None:
         raise RunNotFound(run_id)
+
+
+@functools.cache
+def _require_run_statement() -> sa.Select:
+    return sa.select(Run.id).where(Run.id == sa.bindparam("run_id", type_=sa.Uuid()))
 
 
 def metric_rows(session: Session, run_id: uuid.UUID, *, after_step: int | None = None,
