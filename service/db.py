@@ -17,6 +17,7 @@ The schema belongs to Alembic: :func:`migrate` upgrades to head; the app never c
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,37 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int, *, file_backed: bool
     def _on_begin(conn: sa.Connection) -> None:
         immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+#: How SQLite's OperationalErrors that mean "not now" begin (lower case). Its other
+#: OperationalErrors (a syntax error, no such column) are bugs.
+_SQLITE_UNAVAILABLE = ("database is locked", "database table is locked", "database is busy",
+                       "unable to open database", "disk i/o error")
+
+
+def unavailable_reason(error: BaseException) -> str | None:
+    """A one-line reason when ``error`` (raised while using an engine) means the database
+    cannot serve right now and a retry later may work: unreachable or refusing connections,
+    a connection lost mid-query (server restarted or stopped), the pool's timeout, a SQLite
+    lock held past the busy timeout. None for every other error (a bug, a constraint
+    violation), which must stay a 500."""
+    if isinstance(error, sa.exc.TimeoutError):  # QueuePool timeout, not a DBAPI error
+        return f"no pooled connection came free: {_one_line(error)}"
+    if not isinstance(error, sa.exc.DBAPIError):
+        return None
+    if error.connection_invalidated:
+        return f"connection lost: {_one_line(error.orig)}"
+    if isinstance(error.orig, sqlite3.Error):
+        message = str(error.orig).lower()
+        return _one_line(error.orig) if message.startswith(_SQLITE_UNAVAILABLE) else None
+    if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        return _one_line(error.orig)
+    return None
+
+
+def _one_line(error: BaseException | None) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text[:300]
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

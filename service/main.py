@@ -39,10 +39,10 @@ from service.api.errors import (
     install_exception_handlers,
     limit_is_upload,
 )
-from service.api.system import make_registry
 from service.db import Database, current_revision, head_revision, open_database
 from service.queue import make_celery
-from service.settings import Settings, get_settings
+from service.api.deps import DatabaseGate
+from service.settings import Settings, get_settings, sqlite_path
 
 log = logging.getLogger("moejobs.api")
 
@@ -77,6 +77,32 @@ def check_schema(db: Database, settings: Settings, process: str = "server") -> N
             f"(or `moejobs up`, which migrates) and start the {process} again")
 
 
+#: The API's connection pool: this many connections kept, this many more when busy. Their sum
+#: is how many requests work on the database at once (``service.api.deps.DatabaseGate``).
+API_POOL_SIZE = 5
+API_POOL_OVERFLOW = 10
+#: Seconds a PostgreSQL connection attempt may take before the request answers 503.
+PG_CONNECT_TIMEOUT_S = 5
+
+
+def open_api_database(settings: Settings) -> tuple[Database, int]:
+    """The API's :class:`Database` and how many connections its pool can lend at once.
+
+    A file or PostgreSQL database gets a queue pool of :data:`API_POOL_SIZE` +
+    :data:`API_POOL_OVERFLOW` connections whose checkout waits at most
+    ``settings.db_wait_seconds`` (the gate normally leaves a connection free, so it does not
+    wait); PostgreSQL connection attempts give up after :data:`PG_CONNECT_TIMEOUT_S`. An
+    in-memory SQLite database (one connection) lends one."""
+    url = settings.database_url or ""
+    if url.startswith("sqlite") and sqlite_path(url) is None:
+        return open_database(settings), 1
+    kwargs: dict[str, Any] = {"pool_size": API_POOL_SIZE, "max_overflow": API_POOL_OVERFLOW,
+                              "pool_timeout": settings.db_wait_seconds}
+    if not url.startswith("sqlite"):
+        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    return open_database(settings, **kwargs), API_POOL_SIZE + API_POOL_OVERFLOW
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The moejobs API for ``settings`` (default :func:`service.settings.get_settings`).
 
@@ -87,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = open_database(settings)
+        db, capacity = open_api_database(settings)
         try:
             check_schema(db, settings)
         except BaseException:
@@ -96,9 +122,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.ensure_dirs()
         celery = make_celery(settings)
         app.state.db = db
+        app.state.gate = DatabaseGate(db, capacity=capacity, wait_seconds=settings.db_wait_seconds)
         app.state.celery = celery
         app.state.head_revision = head_revision()
-        app.state.metrics_registry = make_registry(app)
         app.state.smoke_lock = asyncio.Lock()
         log.info("moejobs API ready: database %s, broker %s", _safe_url(settings.database_url or ""),
                  _safe_url(settings.broker_url or ""))

@@ -82,6 +82,9 @@ MAX_STEP = 2**31 - 1
 #: Sort keys accepted by :func:`list_runs` ("-" prefix for descending).
 RUN_SORT_KEYS = ("created_at", "name", "status")
 
+#: The run columns that hold whole config documents (large; a list page does not need them).
+CONFIG_COLUMNS = ("submitted_train", "submitted_model", "resolved_train", "resolved_model")
+
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -840,10 +843,19 @@ def stale_queued_runs(session: Session, older_than_seconds: float, *,
 # -- reads --------------------------------------------------------------------------------------
 
 
-def get_run(session: Session, run_id: uuid.UUID) -> Run:
-    """The run, read fresh. Raises RunNotFound."""
-    run = session.exec(select(Run).where(Run.id == run_id)
-                       .execution_options(populate_existing=True)).first()
+def summary_columns() -> list[sa.Column]:
+    """The columns of ``runs`` but the config documents (:data:`CONFIG_COLUMNS`)."""
+    return [c for c in Run.__table__.c if c.name not in CONFIG_COLUMNS]
+
+
+def get_run(session: Session, run_id: uuid.UUID, *, configs: bool = True) -> Run:
+    """The run, read fresh. ``configs=False`` returns a read-only row without the config
+    documents (as :func:`list_runs`). Raises RunNotFound."""
+    if configs:
+        run = session.exec(select(Run).where(Run.id == run_id)
+                           .execution_options(populate_existing=True)).first()
+    else:
+        run = session.execute(sa.select(*summary_columns()).where(Run.id == run_id)).first()
     if run is None:
         raise RunNotFound(run_id)
     return run
@@ -868,14 +880,17 @@ def list_metrics(session: Session, run_id: uuid.UUID, *, after_step: int | None 
     return list(session.exec(stmt.execution_options(populate_existing=True)))
 
 
-def list_router_points(session: Session, run_id: uuid.UUID, *,
-                       after_step: int | None = None) -> list[RouterPoint]:
-    """A run's router points ordered by (step, layer, expert)."""
+def list_router_points(session: Session, run_id: uuid.UUID, *, after_step: int | None = None,
+                       limit: int | None = None) -> list[RouterPoint]:
+    """A run's router points ordered by (step, layer, expert), those with ``step >
+    after_step`` when given, at most ``limit``."""
     stmt = select(RouterPoint).where(RouterPoint.run_id == run_id)
     if after_step is not None:
         stmt = stmt.where(RouterPoint.step > after_step)
-    return list(session.exec(stmt.order_by(RouterPoint.step, RouterPoint.layer,
-                                           RouterPoint.expert)))
+    stmt = stmt.order_by(RouterPoint.step, RouterPoint.layer, RouterPoint.expert)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.exec(stmt))
 
 
 def list_checkpoints(session: Session, run_id: uuid.UUID) -> list[Checkpoint]:
@@ -933,8 +948,10 @@ def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
 
 def list_runs(session: Session, *, status: RunStatus | str | None = None,
               owner: str | None = None, limit: int = 50, cursor: str | None = None,
-              sort: str = "-created_at") -> tuple[list[Run], str | None]:
+              sort: str = "-created_at", configs: bool = True) -> tuple[list[Run], str | None]:
     """One page of runs and the cursor of the next page (None on the last page).
+    ``configs=False`` returns read-only rows with every attribute of a run but the four config
+    documents (:data:`CONFIG_COLUMNS`), without building ORM objects: what a listing needs.
 
     ``sort`` is one of :data:`RUN_SORT_KEYS`, "-" prefixed for descending; ties are broken by
     id, so keyset pagination is stable while runs are added. ``cursor`` must come from a
@@ -948,7 +965,7 @@ def list_runs(session: Session, *, status: RunStatus | str | None = None,
     if not 1 <= limit <= 1000:
         raise ValueError(f"limit must be in 1..1000, got {limit}")
     column = getattr(Run, key)
-    stmt = select(Run)
+    stmt = select(Run) if configs else sa.select(*summary_columns())
     if status is not None:
         stmt = stmt.where(Run.status == RunStatus(status))
     if owner is not None:
@@ -960,8 +977,9 @@ def list_runs(session: Session, *, status: RunStatus | str | None = None,
         else:
             stmt = stmt.where(sa.or_(column > value, sa.and_(column == value, Run.id > after_id)))
     order = (column.desc(), Run.id.desc()) if descending else (column.asc(), Run.id.asc())
-    rows = list(session.exec(stmt.order_by(*order).limit(limit + 1)
-                             .execution_options(populate_existing=True)))
+    stmt = stmt.order_by(*order).limit(limit + 1)
+    rows = (list(session.exec(stmt.execution_options(populate_existing=True))) if configs
+            else list(session.execute(stmt)))
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]

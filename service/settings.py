@@ -351,6 +351,14 @@ class Settings(BaseSettings):
         "configs/model_config.yaml, e.g. a tiny model for CI.",
     )
 
+    db_wait_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="API only: how long a request waits for one of the API's database "
+        "connections (15 per API process) before it answers 503 database_busy with "
+        "Retry-After; under load requests queue for them in arrival order.",
+    )
     sqlite_busy_timeout_ms: int = Field(
         30_000,
         ge=0,

@@ -1,8 +1,9 @@
 """Probes, Prometheus metrics, workers, JSON Schemas and the smoke test through the API."""
 from __future__ import annotations
 
+import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -10,6 +11,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import runs
+from service.contract import append_event
 from service.models import utcnow
 from service.queue import TRAIN_TASK
 from test_api_support import (  # noqa: F401 - fixtures
@@ -127,12 +129,17 @@ def _tiny_model(tmp_path: Path) -> Path:
     return path
 
 
-def _log_line(at: datetime, text: str) -> str:
-    local = at.astimezone()
-    return f"{local.strftime('%Y-%m-%d %H:%M:%S')},{local.microsecond // 1000:03d} {text}\n"
+def _engine_events(out_dir: Path, attempt: int, kinds: list[str], gaps: list[float]) -> dict:
+    """Append the engine's events ``kinds`` to ``out_dir/events.jsonl`` as the engine does,
+    ``gaps[i]`` seconds after the previous one; returns {kind: the event's UTC time}."""
+    marks = {}
+    for kind, gap in zip(kinds, gaps):
+        time.sleep(gap)
+        marks[kind] = append_event(out_dir, kind, attempt=attempt).at
+    return marks
 
 
-def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path):
+def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path, monkeypatch):
     env = make_api("sqlite", smoke_model_config=_tiny_model(tmp_path))
     c, settings = env.client, env.settings
     r = c.post("/smoke-test")
@@ -158,35 +165,46 @@ def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path):
     again = c.post("/smoke-test")
     assert again.status_code == 409 and again.json()["run_id"] == str(run_id)
     assert c.get(f"/smoke-test/{run_id}", params={"wait": 0.3}).json()["status"] == "pending"
-    # claimed at a whole second after submission: log lines carry milliseconds only
-    claim_at = (run.created_at + timedelta(seconds=1)).replace(microsecond=0)
     with env.session() as s:
-        claimed = runs.claim_run(s, run_id, "w1", 60, now=claim_at)
+        claimed = runs.claim_run(s, run_id, "w1", 60)
     assert c.post("/smoke-test").status_code == 409
     assert c.get(f"/smoke-test/{run_id}").json()["status"] == "running"
 
-    # what the worker leaves behind on success: the engine's log lines and metric rows
-    start = claimed.started_at
-    log = settings.run_dir(run_id) / "train.log"
-    log.parent.mkdir(parents=True)
-    log.write_text(
-        _log_line(start + timedelta(seconds=0.5), "WARNING moejobs.train: config: train.max_tokens: only 1 step")
-        + _log_line(start + timedelta(seconds=2.0), "INFO moejobs.train: data: 5000 training tokens in /x (3 windows of 65), validation: none")
-        + _log_line(start + timedelta(seconds=5.0), "INFO moejobs.train: plan: 1 optimizer steps x 1 micro-batches of 1 x 64 tokens on 1 rank(s)")
-        + "{\"steps\": 1}\n")
+    # what the engine leaves behind: its events file (UTC times), whatever this server's zone
+    monkeypatch.setenv("TZ", "Pacific/Chatham")  # +12:45 / +13:45
+    time.tzset()
+    out = settings.run_dir(run_id) / "out"
+    # an earlier attempt's events and a line cut short by a crash do not count
+    append_event(out, "configured", attempt=claimed.attempt - 1)
+    marks = _engine_events(out, claimed.attempt,
+                           ["started", "configured", "data_ready", "model_built", "first_step"],
+                           [0.01, 0.02, 0.03, 0.05, 0.07])
+    with open(out / "events.jsonl", "a") as fh:
+        fh.write('{"at": "2031-01-01T00:00:00Z", "event": "first_st')
+    finished_at = marks["first_step"] + timedelta(seconds=0.75)
     with env.session() as s:
         runs.record_metrics(s, run_id, [{"step": 1, "loss": 5.5, "elapsed_s": 1.25}])
         runs.transition(s, run_id, "succeeded", "exit 0", attempt=claimed.attempt,
-                        now=start + timedelta(seconds=7))
+                        now=finished_at)
     report = c.get(f"/smoke-test/{run_id}", params={"wait": 5}).json()
     assert report["status"] == "passed" and report["failed_stage"] is None
     seconds = {s["name"]: s["seconds"] for s in report["stages"]}
     assert {s["status"] for s in report["stages"]} == {"ok"}
-    assert seconds["startup"] == 0.5 and seconds["data_tokenizer"] == 1.5
-    assert seconds["model_build"] == 3.0 and seconds["first_step"] == 1.25
-    assert seconds["finish"] == 0.75
-    assert 0 < seconds["queued_wait"] <= 1
-    assert report["total_seconds"] == round(sum(seconds.values()), 3)
+
+    def gap(a, b) -> float:
+        return round((b - a).total_seconds(), 3)
+
+    assert seconds == {
+        "queued_wait": gap(run.created_at, claimed.started_at),
+        "startup": gap(claimed.started_at, marks["configured"]),
+        "data_tokenizer": gap(marks["configured"], marks["data_ready"]),
+        "model_build": gap(marks["data_ready"], marks["model_built"]),
+        "first_step": gap(marks["model_built"], marks["first_step"]),
+        "finish": 0.75,
+    }
+    assert seconds["model_build"] >= 0.05 and seconds["first_step"] >= 0.07
+    # each stage is rounded to the millisecond on its own
+    assert abs(report["total_seconds"] - sum(seconds.values())) <= 0.004
     # finished: a new one may start
     assert c.post("/smoke-test").status_code == 202
 
@@ -196,12 +214,8 @@ def test_smoke_test_names_the_failing_stage(make_api, tmp_path):
     run_id = uuid.UUID(env.client.post("/smoke-test").json()["id"])
     with env.session() as s:
         claimed = runs.claim_run(s, run_id, "w1", 60)
-    log = env.settings.run_dir(run_id) / "train.log"
-    log.parent.mkdir(parents=True)
-    start = claimed.started_at
-    log.write_text(
-        _log_line(start + timedelta(seconds=1), "INFO moejobs.train: data: 5000 training tokens in /x")
-        + "error: crashed: CUDA error: an illegal memory access was encountered\n")
+    _engine_events(env.settings.run_dir(run_id) / "out", claimed.attempt,
+                   ["started", "configured", "data_ready"], [0, 0.01, 0.01])
     with env.session() as s:
         runs.transition(s, run_id, "failed", "exit 1", reason="crashed", attempt=claimed.attempt,
                         failure_message=None)
@@ -241,3 +255,25 @@ def test_smoke_test_of_the_shipped_configs_validates(sqlite_api: ApiEnv):
         run = runs.get_run(s, uuid.UUID(r.json()["id"]))
     assert run.resolved_model["name"] == "MoE-200M"
     assert run.resolved_train["train"]["global_batch_size"] == 1
+
+
+def test_smoke_report_of_a_run_whose_engine_wrote_no_events():
+    # an engine without events.jsonl: a success is still a pass, every stage done, the inner
+    # ones untimed; a failure fails at the first stage whose end is unknown
+    from service.api.smoke import build_report
+    from service.models import Run, RunStatus
+
+    created = utcnow()
+    run = Run(name="smoke", submitted_train={}, submitted_model={}, resolved_train={},
+              resolved_model={}, status=RunStatus.succeeded, attempt=1, created_at=created,
+              started_at=created + timedelta(seconds=2), finished_at=created + timedelta(seconds=9))
+    report = build_report(run, [], live_workers=1)
+    assert report.status == "passed" and report.failed_stage is None
+    assert [(s.name, s.seconds, s.status) for s in report.stages] == [
+        ("queued_wait", 2.0, "ok"), ("startup", None, "ok"), ("data_tokenizer", None, "ok"),
+        ("model_build", None, "ok"), ("first_step", None, "ok"), ("finish", None, "ok")]
+    assert report.total_seconds == 9.0
+    run.status, run.failure_message = RunStatus.failed, "crashed: boom"
+    report = build_report(run, [], live_workers=1)
+    assert report.status == "failed" and report.failed_stage == "startup"
+    assert report.message == "crashed: boom"

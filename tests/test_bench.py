@@ -41,3 +41,15 @@ def test_train_throughput_benchmark_runs_stock_and_engine():
                  "--micro-batch", "2", "--seq-len", "32")
     rows = _rows(doc)
     assert all(r["ratio"] > 0 for r in rows)
+
+
+def test_api_load_benchmark_measures_the_app_and_the_bare_baseline():
+    doc = _bench("bench/api_load.py", "--backends", "sqlite", "--clients", "4",
+                 "--endpoints", "/runs,/runs/{id}", "--duration", "0.5", "--warmup", "0.2",
+                 "--runs", "2", "--steps", "10")
+    rows = _rows(doc)
+    assert [(r["backend"], r["endpoint"]) for r in rows] == [
+        ("bare", "/ping"), ("sqlite", "/runs"), ("sqlite", "/runs/{id}")]
+    assert all(r["requests"] > 0 and r["ratio"] > 0 for r in rows)
+    assert all(r["errors_5xx"] == r["timeouts"] == r["connection_errors"] == 0 for r in rows)
+    assert all(r["status"] == {"200": sum(r["status"].values())} for r in rows)

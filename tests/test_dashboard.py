@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from service.api.errors import PUBLIC_PATHS
+from service.contract import append_event
 from test_client_support import (
     STATIC_DIR,
     finish_run,
@@ -111,6 +112,10 @@ def finished_run(server) -> uuid.UUID:
     write_checkpoint(server, run_id, "final", 200)
     write_log(server, run_id, ["data: 25600 training tokens", "plan: 200 optimizer steps",
                                "step 200 loss 2.61", "saved final checkpoint"])
+    out = server.settings.run_dir(run_id) / "out"
+    for kind in ("started", "configured", "data_ready", "model_built", "first_step"):
+        append_event(out, kind, attempt=attempt)
+    append_event(out, "checkpoint_written", attempt=attempt, step=100, message="step-00000100")
     finish_run(server, run_id, attempt=attempt)
     return run_id
 
@@ -131,6 +136,10 @@ def test_run_page_renders_charts_router_checkpoints_events_and_log(server, finis
     assert f'href="/runs/{run_id}/checkpoints/final/archive"' in dom
     assert f'href="/runs/{run_id}/checkpoints/100/archive"' in dom
     assert "claimed by worker w-test" in dom
+    # the engine's own events, in the same timeline
+    assert "data ready" in dom and "model built" in dom
+    assert "checkpoint written (step 100)" in dom
+    assert dom.index("claimed by worker w-test") < dom.index("data ready")  # by time
     assert "saved final checkpoint" in dom
     assert "200 / 200" in dom
     shot = tmp_path / "run.png"

@@ -39,7 +39,7 @@ from starlette.datastructures import UploadFile
 
 from service import reads
 from service.api.deps import get_celery, get_settings
-from service.api.errors import ApiError, invalid
+from service.api.errors import ApiError, dependency_unavailable, invalid
 from service.api.models import DatasetPublic, TokenizerCreate, TokenizerPublic
 from service.api.submission import media_type
 from service.paths import PathEscape, check_name, resolve_under, safe_relative
@@ -276,7 +276,7 @@ async def upload_dataset(name: NameParam, request: Request, settings: SettingsDe
             raise ApiError(415, f"unsupported Content-Type {kind!r}: send multipart/form-data "
                            f"(.txt files or one .tar) or application/x-tar")
         writer.finish()
-        await run_in_threadpool(_check_not_in_use, request, target, "replace")
+        await _check_not_in_use(request, target, "replace")
         _publish(staging, target, overwrite)
     except UploadProblem as problem:
         raise ApiError(422, f"{problem.member}: {problem.reason}", code="invalid_upload",
@@ -288,11 +288,12 @@ async def upload_dataset(name: NameParam, request: Request, settings: SettingsDe
     return _describe(target)
 
 
-def _check_not_in_use(request: Request, folder: Path, verb: str) -> None:
+async def _check_not_in_use(request: Request, folder: Path, verb: str) -> None:
+    """409 ``in_use`` when a queued or running run reads ``folder`` (through the database
+    gate)."""
     if not folder.exists():
         return
-    with request.app.state.db.session() as session:
-        users = _in_use(session, folder)
+    users = await request.app.state.gate.run(_in_use, folder)
     if users:
         raise ApiError(409, f"cannot {verb} {folder.name!r}: used by queued/running run(s) "
                        f"{', '.join(users)}", code="in_use", run_ids=users)
@@ -310,7 +311,7 @@ def list_datasets(settings: SettingsDep) -> list[DatasetPublic]:
 
 @router.delete("/datasets/{name}", status_code=status.HTTP_204_NO_CONTENT,
                summary="Delete a dataset")
-def delete_dataset(name: NameParam, request: Request, settings: SettingsDep) -> Response:
+async def delete_dataset(name: NameParam, request: Request, settings: SettingsDep) -> Response:
     """404 when missing, 409 while a queued or running run reads it."""
     _name(name)
     if name in RESERVED:
@@ -318,11 +319,16 @@ def delete_dataset(name: NameParam, request: Request, settings: SettingsDep) -> 
     target = _root(settings) / name
     if not target.is_dir():
         raise ApiError(404, f"no dataset {name!r}", code="dataset_not_found")
-    _check_not_in_use(request, target, "delete")
-    trash = target.parent / f".trash-{uuid.uuid4().hex}"
-    os.rename(target, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    await _check_not_in_use(request, target, "delete")
+    await run_in_threadpool(_trash, target)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _trash(folder: Path) -> None:
+    """Rename ``folder`` away (readers see it gone at once), then delete it."""
+    trash = folder.parent / f".trash-{uuid.uuid4().hex}"
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # -- tokenizers --------------------------------------------------------------------------------------
@@ -445,8 +451,7 @@ def create_tokenizer(name: NameParam, body: TokenizerCreate, settings: SettingsD
                                vocab_size=body.vocab_size)
     if not result.ok:
         marker.unlink(missing_ok=True)
-        raise ApiError(503, f"the broker is unreachable, nothing was queued: {result.error}",
-                       code="broker_unavailable")
+        raise dependency_unavailable("broker", f"{result.error}; nothing was queued")
     return TokenizerPublic(name=name, status="pending", path=str(out_dir), dataset=body.dataset,
                            vocab_size=body.vocab_size, requested_vocab_size=body.vocab_size,
                            requested_at=requested_at)
@@ -468,7 +473,7 @@ def list_tokenizers(settings: SettingsDep) -> list[TokenizerPublic]:
 
 @router.delete("/tokenizers/{name}", status_code=status.HTTP_204_NO_CONTENT,
                summary="Delete a tokenizer")
-def delete_tokenizer(name: NameParam, request: Request, settings: SettingsDep) -> Response:
+async def delete_tokenizer(name: NameParam, request: Request, settings: SettingsDep) -> Response:
     """Removes the folder and any request marker; 404 when neither exists, 409 while a queued
     or running run uses it."""
     _name(name, "tokenizer name")
@@ -476,11 +481,9 @@ def delete_tokenizer(name: NameParam, request: Request, settings: SettingsDep) -
     marker, error_file = tokenizer_marker_paths(settings, name)
     if not (folder.exists() or marker.exists() or error_file.exists()):
         raise ApiError(404, f"no tokenizer {name!r}", code="tokenizer_not_found")
-    _check_not_in_use(request, folder, "delete")
+    await _check_not_in_use(request, folder, "delete")
     if folder.exists():
-        trash = folder.parent / f".trash-{uuid.uuid4().hex}"
-        os.rename(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        await run_in_threadpool(_trash, folder)
     marker.unlink(missing_ok=True)
     error_file.unlink(missing_ok=True)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -11,6 +11,12 @@ Every error response has one JSON shape::
 plus, where useful, extra keys (``run_id`` for conflicts). ``loc`` always starts with where the
 value came from: ``body``, ``query``, ``path`` or ``header``.
 
+A dependency that cannot serve is a **503** with ``Retry-After`` (seconds) and the extra key
+``dependency`` (``"database"`` or ``"broker"``): ``database_unavailable`` (unreachable,
+connection lost, locked: any route that reads or writes the database), ``database_busy`` (no
+database slot came free in time, ``service.api.deps.DatabaseGate``) and ``broker_unavailable``
+(a route that must hand work to the broker). Never a 500 for these.
+
 Middleware (outermost first): :class:`ErrorMiddleware` turns any unhandled exception into a
 500 in that format and logs the traceback with its ``error_id`` (no request ever returns a
 traceback); :class:`AuthMiddleware` checks ``Authorization: Bearer <API_TOKEN>`` when a token
@@ -27,6 +33,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -35,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import runs as runs_service
 from service.api.signing import signed_query_ok
+from service.db import unavailable_reason
 from service.schemas import ConfigError, Issue
 
 log = logging.getLogger("moejobs.api")
@@ -84,6 +92,21 @@ def error_response(status: int, message: str, *, headers: Mapping[str, str] | No
     """A JSONResponse carrying :func:`error_body`."""
     return JSONResponse(error_body(status, message, **kwargs), status_code=status,
                         headers=dict(headers or {}))
+
+
+#: Seconds a client is told to wait (``Retry-After``) when a dependency does not answer.
+UNAVAILABLE_RETRY_AFTER_S = 5
+#: Seconds a client is told to wait when every database connection stayed busy.
+BUSY_RETRY_AFTER_S = 1
+
+
+def dependency_unavailable(dependency: str, reason: str, *,
+                           retry_after: int = UNAVAILABLE_RETRY_AFTER_S) -> ApiError:
+    """A 503 ``<dependency>_unavailable`` (``dependency`` is ``"database"`` or ``"broker"``)
+    with ``Retry-After`` and ``"dependency"`` in the body; ``reason`` is one line."""
+    return ApiError(503, f"the {dependency} is unavailable: {reason}; retry after {retry_after} s",
+                    code=f"{dependency}_unavailable", headers={"Retry-After": str(retry_after)},
+                    dependency=dependency)
 
 
 def field_error(loc: Sequence[str | int], msg: str, type_: str = "value_error") -> dict[str, Any]:
@@ -162,6 +185,22 @@ def install_exception_handlers(app: FastAPI) -> None:
         first = f"{_dotted(errors[0]['loc'])}: {errors[0]['msg']}" if errors else "invalid request"
         message = first if len(errors) == 1 else f"{len(errors)} problems; first: {first}"
         return error_response(422, message, errors=errors)
+
+    @app.exception_handler(sa.exc.SQLAlchemyError)
+    async def _database_error(request: Request, exc: sa.exc.SQLAlchemyError) -> JSONResponse:
+        reason = unavailable_reason(exc)
+        if reason is None:
+            raise exc  # a bug: ErrorMiddleware logs it and answers 500
+        log.warning("%s %s: database unavailable: %s", request.method, request.url.path, reason)
+        if isinstance(exc, sa.exc.TimeoutError):  # the pool's own wait ran out: busy, not down
+            error = ApiError(503, f"the database is busy: {reason}; retry after "
+                             f"{BUSY_RETRY_AFTER_S} s", code="database_busy",
+                             headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+                             dependency="database")
+        else:
+            error = dependency_unavailable("database", reason)
+        return error_response(error.status, error.message, code=error.code,
+                              headers=error.headers, **error.extra)
 
     @app.exception_handler(runs_service.RunNotFound)
     async def _not_found(_request: Request, exc: runs_service.RunNotFound) -> JSONResponse:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.contract import METRIC_COLUMNS, EngineEvent
 from service.models import Checkpoint, MetricPoint, RouterPoint, Run, RunEvent, Worker
 
 
@@ -36,6 +37,27 @@ class IssueOut(BaseModel):
     msg: str
 
 
+class MetricRow(BaseModel):
+    """One row of a run's metrics.csv as stored: ``step`` and every metric column
+    (``service.contract.METRIC_COLUMNS``; README "Outputs" says what each means)."""
+
+    step: int
+    tokens: int | None
+    loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    tokens_per_sec: float | None
+    mfu: float | None
+    elapsed_s: float | None
+    val_loss: float | None
+    val_ppl: float | None
+
+    @classmethod
+    def of(cls, p: Any) -> MetricRow:
+        """From a ``MetricPoint`` or a row with the same attributes."""
+        return cls(step=p.step, **{column: getattr(p, column) for column in METRIC_COLUMNS})
+
+
 class RunPublic(BaseModel):
     """A run as the API shows it."""
 
@@ -59,20 +81,34 @@ class RunPublic(BaseModel):
     updated_at: datetime
     heartbeat_at: datetime | None
     lease_expires_at: datetime | None
+    latest_metrics: MetricRow | None = Field(
+        None, description="The run's metric row of the highest step (what the runs list shows); "
+        "null before its first logged step.")
 
     @classmethod
-    def of(cls, run: Run) -> RunPublic:
-        return cls(
-            id=run.id, name=run.name, owner=run.owner, status=run.status.value,
-            preset=run.preset, attempt=run.attempt, worker_id=run.worker_id,
-            estimate=run.estimate, warnings=[IssueOut(**w) for w in run.warnings or []],
-            cancel_requested=run.cancel_requested,
-            failure_reason=run.failure_reason.value if run.failure_reason else None,
-            failure_message=run.failure_message, exit_code=run.exit_code,
-            created_at=run.created_at, queued_at=run.queued_at, started_at=run.started_at,
-            finished_at=run.finished_at, updated_at=run.updated_at,
-            heartbeat_at=run.heartbeat_at, lease_expires_at=run.lease_expires_at,
-        )
+    def of(cls, run: Run, latest: Any = None) -> RunPublic:
+        """From the run's row (a ``Run`` or a row with its attributes, e.g.
+        ``service.runs.list_runs(configs=False)``'s) and its newest metric row (a
+        ``MetricPoint`` or a row with the same attributes), if any."""
+        return cls.model_validate(cls.fields(run, latest))
+
+    @staticmethod
+    def fields(run: Any, latest: Any = None) -> dict[str, Any]:
+        """The fields of :meth:`of` as a plain dict (validate a whole page at once)."""
+        return {
+            "id": run.id, "name": run.name, "owner": run.owner, "status": run.status.value,
+            "preset": run.preset, "attempt": run.attempt, "worker_id": run.worker_id,
+            "estimate": run.estimate, "warnings": run.warnings or [],
+            "cancel_requested": run.cancel_requested,
+            "failure_reason": run.failure_reason.value if run.failure_reason else None,
+            "failure_message": run.failure_message, "exit_code": run.exit_code,
+            "created_at": run.created_at, "queued_at": run.queued_at,
+            "started_at": run.started_at, "finished_at": run.finished_at,
+            "updated_at": run.updated_at, "heartbeat_at": run.heartbeat_at,
+            "lease_expires_at": run.lease_expires_at,
+            "latest_metrics": None if latest is None else {
+                "step": latest.step, **{c: getattr(latest, c) for c in METRIC_COLUMNS}},
+        }
 
 
 class RunCreated(RunPublic):
@@ -117,23 +153,22 @@ class EventPublic(BaseModel):
                    message=e.message, actor=e.actor, attempt=e.attempt)
 
 
-class MetricRow(BaseModel):
-    step: int
-    tokens: int | None
-    loss: float | None
-    learning_rate: float | None
-    grad_norm: float | None
-    tokens_per_sec: float | None
-    mfu: float | None
-    elapsed_s: float | None
-    val_loss: float | None
-    val_ppl: float | None
+class EngineEventPublic(BaseModel):
+    """One line of the engine's ``out/events.jsonl`` (``service.contract.EngineEvent``)."""
+
+    at: datetime = Field(description="When it happened (UTC, the engine's clock).")
+    event: str = Field(description="started, configured, data_ready, model_built, first_step, "
+                       "checkpoint_written, stop_requested, fenced, finished")
+    attempt: int | None = Field(description="The run's attempt whose process wrote it.")
+    pid: int | None
+    step: int | None
+    message: str | None
+    data: dict[str, Any]
 
     @classmethod
-    def of(cls, p: MetricPoint) -> MetricRow:
-        return cls(step=p.step, tokens=p.tokens, loss=p.loss, learning_rate=p.learning_rate,
-                   grad_norm=p.grad_norm, tokens_per_sec=p.tokens_per_sec, mfu=p.mfu,
-                   elapsed_s=p.elapsed_s, val_loss=p.val_loss, val_ppl=p.val_ppl)
+    def of(cls, e: EngineEvent) -> EngineEventPublic:
+        return cls(at=e.at, event=e.event.value, attempt=e.attempt, pid=e.pid, step=e.step,
+                   message=e.message, data=e.data)
 
 
 class MetricPage(BaseModel):

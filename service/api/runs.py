@@ -12,6 +12,10 @@ Every invalid field is a 422 naming its full path (``["body", "train_config", "t
 answers **200** with ``{"valid": false, "errors": [...]}`` for invalid configs (the check
 itself succeeded); a body that cannot be read at all (bad JSON, missing ``train_config``) is
 still a 422.
+
+Every route is ``async`` and does its database work in one ``DatabaseGate`` call (a session of
+its own in a worker thread, closed before the answer is rendered); file work (logs, events,
+archives) happens outside it, so no request holds a database connection while it reads a file.
 """
 from __future__ import annotations
 
@@ -28,19 +32,19 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from service import contract, reads
 from service import runs as runs_service
-from service.api.deps import get_celery, get_session, get_settings
+from service.api.deps import DatabaseGate, get_celery, get_gate, get_settings, json_response
 from service.api.errors import ApiError, invalid
 from service.api.files import TarPlan, tail_lines
 from service.api.models import (
     CheckpointPublic,
     DownloadLink,
+    EngineEventPublic,
     EventPublic,
     IssueOut,
     MetricPage,
-    MetricRow,
     RouterPage,
-    RouterRow,
     RunCreated,
     RunPage,
     RunPublic,
@@ -48,13 +52,13 @@ from service.api.models import (
 )
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
-from service.api.submission import prepare_run, read_run_request, submit_run
+from service.api.submission import prepare_run, read_run_request, send_run, submit_run
 from service.models import RunStatus
 from service.settings import Settings
 
 router = APIRouter(tags=["runs"])
 
-SessionDep = Annotated[Session, Depends(get_session)]
+GateDep = Annotated[DatabaseGate, Depends(get_gate)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
@@ -87,88 +91,107 @@ LOG_FILE = "train.log"
              responses={409: {"description": "Idempotency-Key reused with another body"},
                         413: {"description": "Body too large"},
                         422: {"description": "Invalid config (every field path listed) or no "
-                              "worker can run it"}})
-async def create_run(request: Request, settings: SettingsDep, celery: CeleryDep,
-                     idempotency_key: Annotated[str | None, Header()] = None) -> RunCreated:
+                              "worker can run it"},
+                        503: {"description": "The database is unavailable or busy"}})
+async def create_run(request: Request, settings: SettingsDep, celery: CeleryDep, gate: GateDep,
+                     idempotency_key: Annotated[str | None, Header()] = None) -> Response:
     """Validate, store and enqueue a run (201). With ``Idempotency-Key`` a retry returns the
-    first run (``created: false``) and the same key with another body is a 409."""
+    first run (``created: false``) and the same key with another body is a 409. When the
+    broker does not take the message the run is stored all the same (``enqueued: false`` and a
+    warning): a worker's reconciler sends it later."""
     body = await read_run_request(request)
-    def work():
-        with request.app.state.db.session() as session:
-            return submit_run(session, settings, celery, body, idempotency_key=idempotency_key)
-
-    submitted = await run_in_threadpool(work)
+    submitted = await gate.run(submit_run, settings, celery, body,
+                               idempotency_key=idempotency_key, send=False)
+    submitted = await run_in_threadpool(send_run, celery, submitted)
     public = RunPublic.of(submitted.run)
     if not submitted.enqueued:  # said in this answer only: it is about the delivery, not the run
         public.warnings.append(IssueOut(loc=["body"], msg=(
             "the broker did not take the run's message (see GET /readyz): the run stays queued "
             f"and a worker's reconciler sends it again after MOEJOBS_QUEUED_STALE_SECONDS "
             f"({settings.queued_stale_seconds:g} s)")))
-    return RunCreated(**public.model_dump(), enqueued=submitted.enqueued,
-                      created=submitted.created)
+    created = RunCreated(**public.model_dump(), enqueued=submitted.enqueued,
+                         created=submitted.created)
+    return Response(created.model_dump_json(), status_code=status.HTTP_201_CREATED,
+                    media_type="application/json")
 
 
 @router.post("/runs/validate", response_model=ValidationReport, openapi_extra=_RUN_BODY,
              summary="Check a run without queueing it")
-async def validate_run(request: Request, settings: SettingsDep) -> ValidationReport:
+async def validate_run(request: Request, settings: SettingsDep, gate: GateDep) -> Response:
     """Errors, warnings and estimate of a submission; queues nothing. 200 with ``valid:
     false`` for invalid configs, 422 only for an unreadable body. ``name`` may be left out."""
     body = await read_run_request(request, default_name="validate")
-    def work() -> ValidationReport:
-        with request.app.state.db.session() as session:
-            try:
-                prepared = prepare_run(session, settings, body, run_id=uuid.UUID(int=0))
-            except ApiError as error:
-                if error.status != 422 or error.errors is None:
-                    raise
-                return ValidationReport(valid=False, errors=error.errors, warnings=[],
-                                        estimate=None)
+
+    def work(session: Session) -> ValidationReport:
+        try:
+            prepared = prepare_run(session, settings, body, run_id=uuid.UUID(int=0))
+        except ApiError as error:
+            if error.status != 422 or error.errors is None:
+                raise
+            return ValidationReport(valid=False, errors=error.errors, warnings=[],
+                                    estimate=None)
         return ValidationReport(
             valid=True, errors=[], warnings=prepared.warnings, estimate=prepared.estimate,
             resolved={"train_config": prepared.resolved_train,
                       "model_config": prepared.resolved_model})
 
-    return await run_in_threadpool(work)
+    return await gate.json(work)
+
+
+def _run_public(session: Session, run_id: uuid.UUID) -> RunPublic:
+    return RunPublic.of(*reads.run_with_latest_metrics(session, run_id))
 
 
 @router.get("/runs", response_model=RunPage, summary="List runs")
-def list_runs(session: SessionDep,
-              status_: Annotated[RunStatus | None, Query(alias="status")] = None,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-              cursor: Annotated[str | None, Query(max_length=500)] = None,
-              sort: Annotated[str, Query(description="created_at, name or status; '-' prefix "
-                                                     "for descending")] = "-created_at",
-              ) -> RunPage:
+async def list_runs(gate: GateDep,
+                    status_: Annotated[RunStatus | None, Query(alias="status")] = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                    cursor: Annotated[str | None, Query(max_length=500)] = None,
+                    sort: Annotated[str, Query(description=(
+                        "created_at, name or status; '-' prefix for descending"))] = "-created_at",
+                    ) -> Response:
     """One page of runs and the cursor of the next (``next_cursor`` null on the last page).
-    Pass the same ``sort`` with a cursor."""
+    Pass the same ``sort`` with a cursor. Each run carries ``latest_metrics``, its newest
+    metric row (one query for the whole page)."""
     if sort.lstrip("-") not in runs_service.RUN_SORT_KEYS:
         raise invalid(["query", "sort"], f"unknown sort key {sort!r}; use one of "
                       f"{', '.join(runs_service.RUN_SORT_KEYS)}, optionally prefixed with '-'")
-    try:
-        rows, next_cursor = runs_service.list_runs(session, status=status_, limit=limit,
-                                                   cursor=cursor, sort=sort)
-    except ValueError as error:
-        raise invalid(["query", "cursor"], str(error)) from None
-    return RunPage(items=[RunPublic.of(r) for r in rows], next_cursor=next_cursor)
+
+    def work(session: Session) -> RunPage:
+        try:
+            rows, next_cursor = runs_service.list_runs(session, status=status_, limit=limit,
+                                                       cursor=cursor, sort=sort, configs=False)
+        except ValueError as error:
+            raise invalid(["query", "cursor"], str(error)) from None
+        latest = reads.latest_metrics(session, [r.id for r in rows])
+        return RunPage.model_validate({
+            "items": [RunPublic.fields(r, latest.get(r.id)) for r in rows],
+            "next_cursor": next_cursor})
+
+    return await gate.json(work)
 
 
 @router.get("/runs/{run_id}", response_model=RunPublic, summary="One run")
-def get_run(run_id: uuid.UUID, session: SessionDep) -> RunPublic:
-    return RunPublic.of(runs_service.get_run(session, run_id))
+async def get_run(run_id: uuid.UUID, gate: GateDep) -> Response:
+    """The run, with ``latest_metrics`` (its newest metric row, null before the first)."""
+    return await gate.json(_run_public, run_id)
 
 
 @router.get("/runs/{run_id}/config", summary="The resolved configs as YAML",
             response_class=PlainTextResponse,
             responses={200: {"content": {"application/yaml": {}}}})
-def get_config(run_id: uuid.UUID, session: SessionDep,
-               submitted: Annotated[bool, Query(description="the documents as submitted "
-                                                "instead of resolved")] = False) -> Response:
+async def get_config(run_id: uuid.UUID, gate: GateDep,
+                     submitted: Annotated[bool, Query(description="the documents as submitted "
+                                                      "instead of resolved")] = False) -> Response:
     """``{train_config: ..., model_config: ...}`` in YAML: what the engine runs (absolute paths,
     every default filled in), or with ``submitted=true`` what was sent."""
-    run = runs_service.get_run(session, run_id)
-    doc = ({"train_config": run.submitted_train, "model_config": run.submitted_model}
-           if submitted else {"train_config": run.resolved_train,
-                              "model_config": run.resolved_model})
+    def work(session: Session) -> dict:
+        run = runs_service.get_run(session, run_id)
+        return ({"train_config": run.submitted_train, "model_config": run.submitted_model}
+                if submitted else {"train_config": run.resolved_train,
+                                   "model_config": run.resolved_model})
+
+    doc = await gate.run(work)
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
     return Response(text, media_type="application/yaml")
 
@@ -182,58 +205,83 @@ def _wants_csv(request: Request, fmt: str | None) -> bool:
 
 @router.get("/runs/{run_id}/metrics", response_model=MetricPage, summary="Metric rows",
             responses={200: {"content": {"text/csv": {}}}})
-def get_metrics(run_id: uuid.UUID, request: Request, session: SessionDep,
-                after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
-                limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
-                max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
-                format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None) -> Response:
+async def get_metrics(run_id: uuid.UUID, request: Request, gate: GateDep,
+                      after_step: Annotated[int | None, Query(ge=-1,
+                                                              le=runs_service.MAX_STEP)] = None,
+                      limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+                      max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
+                      format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None
+                      ) -> Response:
     """Rows with ``step > after_step`` (at most ``limit``), by step; with ``max_points`` they are
     downsampled server-side (first, last and validation rows kept). JSON, or CSV (the
     metrics.csv header) with ``Accept: text/csv`` or ``format=csv``."""
-    runs_service.get_run(session, run_id)
-    points = runs_service.list_metrics(session, run_id, after_step=after_step, limit=limit)
-    total = len(points)
-    last = points[-1].step if points else after_step
-    shown = downsample(points, max_points) if max_points else points
-    if _wants_csv(request, format):
-        return Response(to_csv(shown), media_type="text/csv")
-    page = MetricPage(items=[MetricRow.of(p) for p in shown], next_after_step=last, total=total,
-                      downsampled=len(shown) < total)
-    return Response(page.model_dump_json(), media_type="application/json")
+    csv = _wants_csv(request, format)
+
+    def work(session: Session) -> list:
+        reads.require_run(session, run_id)
+        return reads.metric_rows(session, run_id, after_step=after_step, limit=limit)
+
+    def render(points: list) -> Response:
+        total = len(points)
+        last = points[-1].step if points else after_step
+        shown = downsample(points, max_points) if max_points else points
+        if csv:
+            return Response(to_csv(shown), media_type="text/csv")
+        page = MetricPage.model_validate({
+            "items": [p._mapping for p in shown], "next_after_step": last, "total": total,
+            "downsampled": len(shown) < total})
+        return json_response(page)
+
+    return await gate.render(work, render)
 
 
 @router.get("/runs/{run_id}/router", response_model=RouterPage,
             summary="MoE router telemetry (token fraction per layer and expert)")
-def get_router(run_id: uuid.UUID, session: SessionDep,
-               after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
-               limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000) -> RouterPage:
+async def get_router(run_id: uuid.UUID, gate: GateDep,
+                     after_step: Annotated[int | None, Query(ge=-1,
+                                                             le=runs_service.MAX_STEP)] = None,
+                     limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000) -> Response:
     """Rows ``{step, layer, expert, fraction}`` with ``step > after_step``, ordered by
     (step, layer, expert), at most ``limit``."""
-    runs_service.get_run(session, run_id)
-    points = runs_service.list_router_points(session, run_id, after_step=after_step)[:limit]
-    last = points[-1].step if points else after_step
-    return RouterPage(items=[RouterRow.of(p) for p in points], next_after_step=last)
+    def work(session: Session) -> list:
+        reads.require_run(session, run_id)
+        return reads.router_rows(session, run_id, after_step=after_step, limit=limit)
+
+    def render(points: list) -> Response:
+        last = points[-1].step if points else after_step
+        return json_response(RouterPage.model_validate(
+            {"items": [p._mapping for p in points], "next_after_step": last}))
+
+    return await gate.render(work, render)
 
 
 @router.get("/runs/{run_id}/checkpoints", response_model=list[CheckpointPublic],
             summary="Recorded checkpoints")
-def list_checkpoints(run_id: uuid.UUID, session: SessionDep) -> list[CheckpointPublic]:
-    runs_service.get_run(session, run_id)
-    return [CheckpointPublic.of(c) for c in runs_service.list_checkpoints(session, run_id)]
+async def list_checkpoints(run_id: uuid.UUID, gate: GateDep) -> Response:
+    def work(session: Session) -> list[CheckpointPublic]:
+        reads.require_run(session, run_id)
+        return [CheckpointPublic.of(c) for c in runs_service.list_checkpoints(session, run_id)]
+
+    return await gate.json(work)
+
+
+def _checkpoint(session: Session, run_id: uuid.UUID, ref: str):
+    run = runs_service.get_run(session, run_id)
+    checkpoint = runs_service.get_checkpoint(session, run_id, ref)
+    if checkpoint is None:
+        raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
+    return run, checkpoint
 
 
 @router.get("/runs/{run_id}/checkpoints/{ref}/archive", summary="Download a checkpoint (.tar)",
             response_class=StreamingResponse,
             responses={200: {"content": {"application/x-tar": {}}}})
-def checkpoint_archive(run_id: uuid.UUID, ref: str, session: SessionDep,
-                       settings: SettingsDep) -> StreamingResponse:
+async def checkpoint_archive(run_id: uuid.UUID, ref: str, gate: GateDep,
+                             settings: SettingsDep) -> StreamingResponse:
     """The checkpoint folder ``ref`` (a step number, ``final`` or the folder name) as an
     uncompressed tar streamed from disk, top-level folder ``<run id>-<checkpoint name>``:
     extract it and point ``litgpt generate`` at that folder."""
-    run = runs_service.get_run(session, run_id)
-    checkpoint = runs_service.get_checkpoint(session, run_id, ref)
-    if checkpoint is None:
-        raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
+    run, checkpoint = await gate.run(_checkpoint, run_id, ref)
     folder = Path(checkpoint.path)
     run_dir = settings.run_dir(run.id).resolve()
     if not folder.resolve().is_relative_to(run_dir):
@@ -241,7 +289,7 @@ def checkpoint_archive(run_id: uuid.UUID, ref: str, session: SessionDep,
                        code="checkpoint_not_found")
     root = f"{run.id}-{checkpoint.name}"
     try:
-        plan = TarPlan(folder, root)
+        plan = await run_in_threadpool(TarPlan, folder, root)
     except FileNotFoundError:
         raise ApiError(410, f"checkpoint {checkpoint.name} is recorded but its folder {folder} "
                        f"is gone (retention or a manual deletion)", code="checkpoint_gone") from None
@@ -253,17 +301,14 @@ def checkpoint_archive(run_id: uuid.UUID, ref: str, session: SessionDep,
 
 @router.post("/runs/{run_id}/checkpoints/{ref}/link", response_model=DownloadLink,
              summary="A signed download link for a checkpoint archive")
-def checkpoint_link(run_id: uuid.UUID, ref: str, session: SessionDep,
-                    settings: SettingsDep) -> DownloadLink:
+async def checkpoint_link(run_id: uuid.UUID, ref: str, gate: GateDep,
+                          settings: SettingsDep) -> DownloadLink:
     """A URL that downloads the archive of checkpoint ``ref`` with a plain GET, for browsers
     (a link cannot send the ``Authorization`` header, and fetching with it would hold the whole
     tar in memory). With an API token the URL carries an HMAC signature of its path that
     expires after ``MOEJOBS_DOWNLOAD_LINK_SECONDS`` (``service.api.signing``); without one it is
     the archive's plain path. 404 when the run or checkpoint does not exist."""
-    runs_service.get_run(session, run_id)
-    checkpoint = runs_service.get_checkpoint(session, run_id, ref)
-    if checkpoint is None:
-        raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
+    _run, checkpoint = await gate.run(_checkpoint, run_id, ref)
     path = CheckpointPublic.of(checkpoint).archive_url
     if settings.api_token is None:
         return DownloadLink(url=path, expires_at=None)
@@ -273,31 +318,63 @@ def checkpoint_link(run_id: uuid.UUID, ref: str, session: SessionDep,
 
 
 @router.get("/runs/{run_id}/events", response_model=list[EventPublic], summary="Run history")
-def list_events(run_id: uuid.UUID, session: SessionDep) -> list[EventPublic]:
-    runs_service.get_run(session, run_id)
-    return [EventPublic.of(e) for e in runs_service.list_events(session, run_id)]
+async def list_events(run_id: uuid.UUID, gate: GateDep) -> Response:
+    """The run's status changes and notes (queued, claimed, requeued, finished...), oldest
+    first, as the service recorded them. What the training process itself reported is
+    ``GET /runs/{id}/engine-events``."""
+    def work(session: Session) -> list[EventPublic]:
+        reads.require_run(session, run_id)
+        return [EventPublic.of(e) for e in runs_service.list_events(session, run_id)]
+
+    return await gate.json(work)
+
+
+@router.get("/runs/{run_id}/engine-events", response_model=list[EngineEventPublic],
+            summary="What the training process reported (out/events.jsonl)",
+            responses={404: {"description": "No such run"}})
+async def list_engine_events(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep,
+                             attempt: Annotated[int | None, Query(
+                                 ge=0, description="only this attempt's events")] = None
+                             ) -> Response:
+    """The engine's structured events, in the order written to ``RUNS_DIR/<id>/out/events.jsonl``
+    (every attempt; ``attempt`` selects one): started, configured, data_ready, model_built,
+    first_step, checkpoint_written, stop_requested, fenced, finished, each with its UTC time.
+    ``[]`` before the engine wrote any. 404 for an unknown run."""
+    await gate.run(reads.require_run, run_id)
+    out_dir = settings.run_dir(run_id) / "out"
+
+    def read() -> Response:
+        events = contract.read_events(out_dir, attempt=attempt)
+        return json_response([EngineEventPublic.of(e) for e in events])
+
+    return await run_in_threadpool(read)
 
 
 @router.get("/runs/{run_id}/logs", response_class=PlainTextResponse, summary="Run log (tail)")
-def get_logs(run_id: uuid.UUID, session: SessionDep, settings: SettingsDep,
-             tail: Annotated[int, Query(ge=0, le=100_000)] = 200) -> PlainTextResponse:
+async def get_logs(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep,
+                   tail: Annotated[int, Query(ge=0, le=100_000)] = 200) -> PlainTextResponse:
     """The last ``tail`` lines of the run's log (the training process' output,
     ``RUNS_DIR/<id>/train.log``); empty before the run starts."""
-    run = runs_service.get_run(session, run_id)
-    return PlainTextResponse(tail_lines(settings.run_dir(run.id) / LOG_FILE, tail))
+    await gate.run(reads.require_run, run_id)
+    text = await run_in_threadpool(tail_lines, settings.run_dir(run_id) / LOG_FILE, tail)
+    return PlainTextResponse(text)
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunPublic, summary="Cancel a run")
-def cancel_run(run_id: uuid.UUID, session: SessionDep) -> RunPublic:
+async def cancel_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     """A queued run is cancelled at once; a running one is flagged and its worker stops it
     (status becomes ``cancelled`` when the process has exited). 409 for a finished run."""
-    return RunPublic.of(runs_service.request_cancel(session, run_id))
+    def work(session: Session) -> RunPublic:
+        runs_service.request_cancel(session, run_id)
+        return _run_public(session, run_id)
+
+    return await gate.json(work)
 
 
 @router.delete("/runs/{run_id}", status_code=status.HTTP_204_NO_CONTENT,
                summary="Delete a finished run, its rows and its files")
-def delete_run(run_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> Response:
+async def delete_run(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep) -> Response:
     """409 while the run is queued or running (cancel it first)."""
-    run = runs_service.delete_run(session, run_id)
-    shutil.rmtree(settings.run_dir(run.id), ignore_errors=True)
+    run = await gate.run(runs_service.delete_run, run_id)
+    await run_in_threadpool(shutil.rmtree, settings.run_dir(run.id), ignore_errors=True)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -6,14 +6,15 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from service.models import METRIC_COLUMNS, MetricPoint
+from service.models import METRIC_COLUMNS
 
 #: CSV header of ``GET /runs/{id}/metrics`` with ``Accept: text/csv`` (metrics.csv's own).
 CSV_COLUMNS: tuple[str, ...] = ("step", *METRIC_COLUMNS)
 
 
-def downsample(points: Sequence[MetricPoint], max_points: int) -> list[MetricPoint]:
-    """At most about ``max_points`` of ``points`` (ordered by step), keeping the first and the
+def downsample(points: Sequence[Any], max_points: int) -> list[Any]:
+    """At most about ``max_points`` of ``points`` (``MetricPoint`` objects or rows with the same
+    attributes, ordered by step), keeping the first and the
     last row and every validation row (``val_loss`` set), and filling the rest of the budget
     with rows evenly spaced by index. Rows are returned unchanged (no averaging), in step
     order. When validation rows alone exceed the budget they are all kept (the result is then
@@ -40,8 +41,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def to_csv(points: Sequence[MetricPoint]) -> str:
-    """Rows as CSV with the metrics.csv header; empty cells for missing values."""
+def to_csv(points: Sequence[Any]) -> str:
+    """Rows (``MetricPoint`` objects or rows with the same attributes) as CSV with the
+    metrics.csv header; empty cells for missing values."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)

@@ -6,53 +6,52 @@ ordinary run through the real queue and a real worker, timed stage by stage.
 ``DATA_ROOT/sample/{train,val,tokenizer}``, which the worker seeds at start-up) and
 ``configs/model_config.yaml`` (or ``MOEJOBS_SMOKE_MODEL_CONFIG``), as a run with
 ``preset="smoke-test"`` (the runner writes no checkpoint for it). One at a time: a second
-request while one is queued or running is a 409 naming it.
+request while one is queued or running is a 409 naming it. The broker must answer (a 503
+naming it otherwise, and nothing is stored): a smoke test that waits for the reconciler would
+say nothing about the stack.
 
 ``GET /smoke-test/{id}`` reports the stages, each with its duration:
 
 =================  =====================================================================
-``queued_wait``    submitted -> claimed by a worker (run events)
-``startup``        claimed -> the training process' first log line (imports, config check)
-``data_tokenizer`` -> the engine's ``data: N training tokens ...`` line (tokenizer loaded,
-                   text tokenized into the cache)
-``model_build``    -> the engine's ``plan: N optimizer steps ...`` line (model built,
-                   compiled, optimizer set up)
-``first_step``     -> the first optimizer step done (``plan`` time + the first metric row's
-                   ``elapsed_s``)
+``queued_wait``    submitted -> claimed by a worker (``created_at`` -> ``started_at``)
+``startup``        -> the engine's ``configured`` event (imports, config check, pre-flight)
+``data_tokenizer`` -> ``data_ready`` (tokenizer loaded, text tokenized into the cache)
+``model_build``    -> ``model_built`` (model built, compiled, optimizer set up)
+``first_step``     -> ``first_step`` (the first optimizer step done)
 ``finish``         -> the run finished (``finished_at``)
 =================  =====================================================================
 
-Log lines come from ``RUNS_DIR/<id>/train.log`` (the process output the runner keeps) or the
-engine's own ``out/train.log``; their timestamps are the worker's local time, read in this
-server's time zone (API and workers are expected to share one). A run that failed or was
-cancelled fails at the first stage it did not complete, with the run's failure message (or
-the log's last ``error:`` line). A smoke test still queued while no worker is live fails at
+The engine's events come from ``RUNS_DIR/<id>/out/events.jsonl`` (``service.contract``; the
+claimed attempt's, each kind's first), with aware UTC timestamps, so the API and the workers
+need not share a clock's time zone. A run that failed or was cancelled fails at the first stage
+it did not complete, with the run's failure message (which the runner takes from the engine's
+``result.json``) or its last event's. A smoke test still queued while no worker is live fails at
 ``queued_wait`` (and is cancelled, so it cannot start much later by surprise). ``?wait=S``
 blocks up to S seconds for a verdict.
 """
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from pathlib import Path
+from datetime import datetime
 from typing import Annotated
 
 from celery import Celery
 from fastapi import APIRouter, Depends, Query, Request, status
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
 from service import runs as runs_service
 from service.api.deps import get_celery, get_settings
-from service.api.errors import ApiError
+from service.api.errors import ApiError, dependency_unavailable
 from service.api.models import RunCreate, SmokeStage, SmokeTestPublic
-from service.api.submission import submit_run
+from service.api.submission import Submitted, send_run, submit_run
 from service.configs import CONFIGS_DIR, SMOKE_TEST_OVERRIDES, deep_merge, load_document
+from service.contract import EngineEvent, EventKind, read_events
 from service.models import Run, RunStatus
+from service.queue import check_broker, train_queue
 from service.schemas import ConfigError
 from service.settings import Settings
 
@@ -62,15 +61,13 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 STAGES = ("queued_wait", "startup", "data_tokenizer", "model_build", "first_step", "finish")
+#: The engine event that ends each stage between the claim and the finish.
+STAGE_EVENTS = {"startup": EventKind.configured, "data_tokenizer": EventKind.data_ready,
+                "model_build": EventKind.model_built, "first_step": EventKind.first_step}
 SAMPLE = "sample"
 #: Longest ``wait`` accepted, seconds.
 MAX_WAIT_S = 600.0
 _POLL_S = 0.5
-
-_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?:[A-Z]+) (.*)$")
-_DATA = re.compile(r"\bdata: \d+ training tokens")
-_PLAN = re.compile(r"\bplan: \d+ optimizer steps")
-_ERROR = re.compile(r"^error: (.*)$")
 
 
 def smoke_documents(settings: Settings) -> tuple[dict, dict]:
@@ -90,52 +87,16 @@ def smoke_documents(settings: Settings) -> tuple[dict, dict]:
 # -- the report -------------------------------------------------------------------------------
 
 
-@dataclass
-class _LogMarks:
-    first: datetime | None = None
-    data: datetime | None = None
-    plan: datetime | None = None
-    error: str | None = None
-
-
-def _local_tz():
-    return datetime.now().astimezone().tzinfo
-
-
-def read_log_marks(run_dir: Path) -> _LogMarks:
-    """Stage markers from the run's log files (module docstring)."""
-    marks = _LogMarks()
-    tz = _local_tz()
-    for path in (run_dir / "train.log", run_dir / "out" / "train.log"):
-        try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
+def engine_marks(run: Run, events: list[EngineEvent]) -> dict[EventKind, datetime]:
+    """When each kind of engine event first happened in the run's current attempt (events
+    without an attempt count too: an engine started outside a worker writes none)."""
+    marks: dict[EventKind, datetime] = {}
+    for event in events:
+        if event.attempt not in (None, run.attempt):
             continue
-        for line in lines:
-            err = _ERROR.match(line)
-            if err:
-                marks.error = err.group(1)
-            m = _LINE.match(line)
-            if not m:
-                continue
-            try:
-                at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=tz)
-            except ValueError:
-                continue
-            rest = m.group(2)
-            marks.first = at if marks.first is None else min(marks.first, at)
-            if _DATA.search(rest) and (marks.data is None or at < marks.data):
-                marks.data = at
-            if _PLAN.search(rest) and (marks.plan is None or at < marks.plan):
-                marks.plan = at
+        if event.event not in marks or event.at < marks[event.event]:
+            marks[event.event] = event.at
     return marks
-
-
-def _first_step_elapsed(session, run_id: uuid.UUID) -> float | None:
-    for point in runs_service.list_metrics(session, run_id, limit=5):
-        if point.step >= 1 and point.elapsed_s is not None:
-            return point.elapsed_s
-    return None
 
 
 def _seconds(a: datetime | None, b: datetime | None) -> float | None:
@@ -144,22 +105,19 @@ def _seconds(a: datetime | None, b: datetime | None) -> float | None:
     return round(max(0.0, (b - a).total_seconds()), 3)
 
 
-def build_report(run: Run, marks: _LogMarks, first_step_elapsed: float | None, *,
-                 live_workers: int, last_event: str | None = None) -> SmokeTestPublic:
-    """The verdict and stage timings of a smoke-test run (pure: the caller reads the inputs)."""
+def build_report(run: Run, events: list[EngineEvent], *, live_workers: int,
+                 last_event: str | None = None) -> SmokeTestPublic:
+    """The verdict and stage timings of a smoke-test run from the run row and the engine's
+    events (``contract.read_events`` of its out folder). Pure: the caller reads the inputs."""
+    marks = engine_marks(run, events)
     times: list[datetime | None] = [run.created_at, run.started_at]
-    startup_end = marks.first or marks.data
-    times.append(startup_end)
-    times.append(marks.data)
-    times.append(marks.plan)
-    first_step = None
-    if marks.plan is not None and first_step_elapsed is not None:
-        first_step = marks.plan + timedelta(seconds=first_step_elapsed)
-    times.append(first_step)
+    times += [marks.get(STAGE_EVENTS[name]) for name in STAGES[1:-1]]
     succeeded = run.status == RunStatus.succeeded
     times.append(run.finished_at if succeeded else None)
     # times[i] is the start of stage i-1's successor: stage k runs from times[k] to times[k+1]
-    done = [times[k + 1] is not None for k in range(len(STAGES))]
+    # A run that succeeded went through every stage, timed or not (an engine that writes no
+    # events leaves the inner stages without a duration).
+    done = [succeeded or times[k + 1] is not None for k in range(len(STAGES))]
     failed_stage = None
     message = None
     verdict: str
@@ -168,7 +126,7 @@ def build_report(run: Run, marks: _LogMarks, first_step_elapsed: float | None, *
     elif run.status in (RunStatus.failed, RunStatus.cancelled):
         verdict = "failed"
         failed_stage = next((STAGES[k] for k in range(len(STAGES)) if not done[k]), "finish")
-        message = run.failure_message or marks.error or last_event or (
+        message = run.failure_message or last_event or (
             f"the run was {run.status.value}" + (f" ({run.failure_reason.value})"
                                                  if run.failure_reason else ""))
     elif run.status == RunStatus.queued and live_workers == 0:
@@ -188,31 +146,36 @@ def build_report(run: Run, marks: _LogMarks, first_step_elapsed: float | None, *
             state = "skipped"
         else:
             state = "pending"
-        stages.append(SmokeStage(name=name, seconds=_seconds(start, end) if done[k] else None,
-                                 status=state))
+        stages.append(SmokeStage(name=name, seconds=_seconds(start, end), status=state))
     total = _seconds(run.created_at, run.finished_at) if run.finished_at else None
     return SmokeTestPublic(id=run.id, status=verdict, run_status=run.status.value, stages=stages,
                            failed_stage=failed_stage, message=message, total_seconds=total)
 
 
-def _report(request: Request, settings: Settings, run_id: uuid.UUID) -> SmokeTestPublic:
-    with request.app.state.db.session() as session:
-        run = runs_service.get_run(session, run_id)
-        if run.preset != reads.SMOKE_TEST_PRESET:
-            raise ApiError(404, f"{run_id} is not a smoke test", code="smoke_test_not_found")
-        elapsed = _first_step_elapsed(session, run_id)
-        live = reads.count_live_workers(session, settings.worker_stale_seconds)
-        events = runs_service.list_events(session, run_id)
-        report = build_report(run, read_log_marks(settings.run_dir(run.id)), elapsed,
-                              live_workers=live, last_event=events[-1].message if events else None)
-        if report.status == "failed" and run.status == RunStatus.queued:
-            # Nothing can run it now; cancel so it does not start by surprise later and a new
-            # smoke test can be submitted.
-            session.commit()
-            cancelled = runs_service.request_cancel(
-                session, run_id, f"smoke test failed: {report.message}", actor="api")
-            report.run_status = cancelled.status.value
-        return report
+def _report_work(session: Session, settings: Settings, run_id: uuid.UUID,
+                 engine_events: list[EngineEvent]) -> SmokeTestPublic:
+    run = runs_service.get_run(session, run_id)
+    if run.preset != reads.SMOKE_TEST_PRESET:
+        raise ApiError(404, f"{run_id} is not a smoke test", code="smoke_test_not_found")
+    live = reads.count_live_workers(session, settings.worker_stale_seconds)
+    events = runs_service.list_events(session, run_id)
+    report = build_report(run, engine_events, live_workers=live,
+                          last_event=events[-1].message if events else None)
+    if report.status == "failed" and run.status == RunStatus.queued:
+        # Nothing can run it now; cancel so it does not start by surprise later and a new
+        # smoke test can be submitted.
+        session.commit()
+        cancelled = runs_service.request_cancel(
+            session, run_id, f"smoke test failed: {report.message}", actor="api")
+        report.run_status = cancelled.status.value
+    return report
+
+
+async def _report(request: Request, settings: Settings, run_id: uuid.UUID) -> SmokeTestPublic:
+    """The report of smoke test ``run_id``: its events file read first (no database slot held
+    for file work), then the run in one gate call."""
+    engine_events = await run_in_threadpool(read_events, settings.run_dir(run_id) / "out")
+    return await request.app.state.gate.run(_report_work, settings, run_id, engine_events)
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -225,26 +188,29 @@ async def start_smoke_test(request: Request, settings: SettingsDep,
     """Queue the smoke test (module docstring); 202 with its id. 409 with ``run_id`` while
     another smoke test is queued or running."""
     lock: asyncio.Lock = request.app.state.smoke_lock
+    gate = request.app.state.gate
     async with lock:  # one submission at a time in this process; the DB check covers the rest
-        def work() -> uuid.UUID:
-            with request.app.state.db.session() as session:
-                active = reads.active_smoke_test(session)
-                if active is not None:
-                    raise ApiError(409, f"smoke test {active.id} is still {active.status.value}",
-                                   code="smoke_test_running", run_id=str(active.id))
-                try:
-                    train, model = smoke_documents(settings)
-                except ConfigError as error:
-                    raise ApiError(500, f"the smoke test's configs cannot be read: {error}") from None
-                body = RunCreate(name=f"smoke-test-{time.strftime('%Y%m%d-%H%M%S')}",
-                                 preset=reads.SMOKE_TEST_PRESET, train_config=train,
-                                 model_config=model)
-                submitted = submit_run(session, settings, celery, body,
-                                       allow_reserved_preset=True, check_workers=False)
-                return submitted.run.id
+        def work(session: Session) -> Submitted:
+            active = reads.active_smoke_test(session)
+            if active is not None:
+                raise ApiError(409, f"smoke test {active.id} is still {active.status.value}",
+                               code="smoke_test_running", run_id=str(active.id))
+            try:
+                train, model = smoke_documents(settings)
+            except ConfigError as error:
+                raise ApiError(500, f"the smoke test's configs cannot be read: {error}") from None
+            body = RunCreate(name=f"smoke-test-{time.strftime('%Y%m%d-%H%M%S')}",
+                             preset=reads.SMOKE_TEST_PRESET, train_config=train,
+                             model_config=model)
+            return submit_run(session, settings, celery, body, allow_reserved_preset=True,
+                              check_workers=False, send=False)
 
-        run_id = await run_in_threadpool(work)
-    return await run_in_threadpool(_report, request, settings, run_id)
+        problem = await run_in_threadpool(check_broker, celery, train_queue(settings))
+        if problem is not None:
+            raise dependency_unavailable("broker", f"{problem}; no smoke test was started")
+        submitted = await gate.run(work)
+        await run_in_threadpool(send_run, celery, submitted)
+    return await _report(request, settings, submitted.run.id)
 
 
 @router.get("/smoke-test/{run_id}", response_model=SmokeTestPublic, summary="Smoke-test verdict")
@@ -256,7 +222,7 @@ async def get_smoke_test(run_id: uuid.UUID, request: Request, settings: Settings
     comes when the verdict is known (passed/failed) or after ``wait`` seconds."""
     deadline = time.monotonic() + wait
     while True:
-        report = await run_in_threadpool(_report, request, settings, run_id)
+        report = await _report(request, settings, run_id)
         remaining = deadline - time.monotonic()
         if report.status in ("passed", "failed") or remaining <= 0:
             return report

@@ -295,11 +295,13 @@ IDEMPOTENCY_KEY_MAX = 255
 
 def submit_run(session: Session, settings: Settings, celery: Celery, request: RunCreate, *,
                idempotency_key: str | None = None, owner: str = "local",
-               allow_reserved_preset: bool = False, check_workers: bool = True) -> Submitted:
+               allow_reserved_preset: bool = False, check_workers: bool = True,
+               send: bool = True) -> Submitted:
     """Validate and create the run, then enqueue it (after the commit). With
     ``idempotency_key``: a retry with the same body returns the first run (``created``
     False, nothing enqueued again), a different body is a 409 (``IdempotencyConflict``).
-    Raises ApiError 422 as :func:`prepare_run`."""
+    With ``send=False`` nothing is enqueued (``enqueued`` False): call :func:`send_run`
+    afterwards, outside the database work. Raises ApiError 422 as :func:`prepare_run`."""
     body_hash = _submitted_hash(request)
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
@@ -319,11 +321,18 @@ def submit_run(session: Session, settings: Settings, celery: Celery, request: Ru
         estimate=prepared.estimate, warnings=prepared.warnings, owner=owner,
         idempotency_key=idempotency_key, body_hash=body_hash, run_id=prepared.run_id,
     )
-    enqueued = True
-    if created:
-        result = enqueue_run(celery, run.id)
-        enqueued = result.ok
-        if not result.ok:
-            log.warning("run %s is queued in the database but its message could not be sent "
-                        "(%s); the reconciler will send it", run.id, result.error)
-    return Submitted(run=run, created=created, enqueued=enqueued)
+    submitted = Submitted(run=run, created=created, enqueued=not created)
+    return send_run(celery, submitted) if send else submitted
+
+
+def send_run(celery: Celery, submitted: Submitted) -> Submitted:
+    """Send a newly created run's message to the broker (nothing for an idempotent replay);
+    ``enqueued`` says whether the broker took it. Never raises for broker trouble: the run
+    stays queued and a worker's reconciler sends it later."""
+    if not submitted.created:
+        return Submitted(run=submitted.run, created=False, enqueued=True)
+    result = enqueue_run(celery, submitted.run.id)
+    if not result.ok:
+        log.warning("run %s is queued in the database but its message could not be sent "
+                    "(%s); the reconciler will send it", submitted.run.id, result.error)
+    return Submitted(run=submitted.run, created=True, enqueued=result.ok)

@@ -3,8 +3,8 @@
 - ``GET /healthz``: the process answers (no dependency checked).
 - ``GET /readyz``: database (answers and is migrated to head), broker (a connection and a
   queue declaration), workers (at least one heartbeat within ``WORKER_STALE_SECONDS``);
-  200 when all hold, else 503 naming what is down.
-- ``GET /metrics``: Prometheus text format, computed at scrape time (see :class:`StateCollector`).
+  200 when all hold, else 503 naming what is down (with ``Retry-After``).
+- ``GET /metrics``: Prometheus text format, read at scrape time (see :class:`StateCollector`).
 - ``GET /docs``: Swagger UI whose assets come from the ``swagger-ui-bundle-v2`` package
   (``swagger_ui_bundle`` module), served under ``/docs/assets/``: no CDN.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,13 +22,13 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from service import reads
 from service import runs as runs_service
-from service.api.deps import get_session, get_settings
-from service.api.errors import ApiError, error_body
+from service.api.deps import DatabaseGate, get_gate, get_settings
+from service.api.errors import UNAVAILABLE_RETRY_AFTER_S, ApiError, error_body
 from service.api.models import WorkerPublic
-from service.db import current_revision
 from service.queue import check_broker, queue_depth, train_queue, worker_queues
 from service.schemas import model_config_json_schema, train_config_json_schema
 from service.settings import Settings
@@ -38,7 +39,7 @@ router = APIRouter(tags=["system"])
 #: System routes that need the token when one is set (the probes and /metrics do not).
 protected_router = APIRouter(tags=["system"])
 
-SessionDep = Annotated[Session, Depends(get_session)]
+GateDep = Annotated[DatabaseGate, Depends(get_gate)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 #: Swagger UI files served under /docs/assets/ (nothing else from the package).
@@ -55,12 +56,19 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def check_database(app: Any) -> str | None:
+def _database_state(session: Session) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    reads.ping(session)
+    return MigrationContext.configure(session.connection()).get_current_revision()
+
+
+async def check_database(app: Any) -> str | None:
     """None when the database answers and is at the migration head, else the reason."""
     try:
-        with app.state.db.session() as session:
-            reads.ping(session)
-        revision = current_revision(app.state.db.engine)
+        revision = await app.state.gate.run(_database_state)
+    except ApiError as error:  # no slot came free: busy, not down
+        return error.message
     except Exception as error:
         return f"unreachable: {_short(error)}"
     if revision != app.state.head_revision:
@@ -69,12 +77,12 @@ def check_database(app: Any) -> str | None:
     return None
 
 
-def check_workers(app: Any, settings: Settings) -> tuple[str | None, int]:
+async def check_workers(app: Any, settings: Settings) -> tuple[str | None, int]:
     try:
-        with app.state.db.session() as session:
-            live = reads.count_live_workers(session, settings.worker_stale_seconds)
+        live = await app.state.gate.run(reads.count_live_workers, settings.worker_stale_seconds)
     except Exception as error:
-        return f"unknown (database: {_short(error)})", 0
+        detail = error.message if isinstance(error, ApiError) else _short(error)
+        return f"unknown (database: {detail})", 0
     if live == 0:
         return (f"no worker heartbeat in the last {settings.worker_stale_seconds:g} s "
                 f"(start `moejobs worker`)"), 0
@@ -83,15 +91,15 @@ def check_workers(app: Any, settings: Settings) -> tuple[str | None, int]:
 
 @router.get("/readyz", summary="Readiness: database, broker, workers",
             responses={503: {"description": "something is down (named in the body)"}})
-def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
+async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     app = request.app
     checks: dict[str, dict[str, Any]] = {}
-    db_problem = check_database(app)
+    db_problem = await check_database(app)
     checks["database"] = {"ok": db_problem is None, **({"error": db_problem} if db_problem else {})}
-    broker_problem = check_broker(app.state.celery, train_queue(settings))
+    broker_problem = await run_in_threadpool(check_broker, app.state.celery, train_queue(settings))
     checks["broker"] = {"ok": broker_problem is None,
                         **({"error": broker_problem} if broker_problem else {})}
-    worker_problem, live = check_workers(app, settings)
+    worker_problem, live = await check_workers(app, settings)
     checks["workers"] = {"ok": worker_problem is None, "live": live,
                          **({"error": worker_problem} if worker_problem else {})}
     down = [name for name, check in checks.items() if not check["ok"]]
@@ -99,84 +107,107 @@ def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
         detail = "; ".join(f"{name}: {checks[name]['error']}" for name in down)
         return JSONResponse(error_body(503, f"not ready: {', '.join(down)} down ({detail})",
                                        code="not_ready", down=down, checks=checks),
-                            status_code=503)
+                            status_code=503,
+                            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
     return JSONResponse({"status": "ready", "checks": checks})
 
 
 @protected_router.get("/workers", response_model=list[WorkerPublic], summary="Registered workers")
-def list_workers(session: SessionDep, settings: SettingsDep) -> list[WorkerPublic]:
+async def list_workers(gate: GateDep, settings: SettingsDep) -> Response:
     """Every registered worker; ``live`` when it heartbeated within WORKER_STALE_SECONDS."""
-    live_ids = {w.id for w in runs_service.live_workers(session, settings.worker_stale_seconds)}
-    return [WorkerPublic.of(w, w.id in live_ids) for w in reads.list_workers(session)]
+    def work(session: Session) -> list[WorkerPublic]:
+        live_ids = {w.id for w in runs_service.live_workers(session, settings.worker_stale_seconds)}
+        return [WorkerPublic.of(w, w.id in live_ids) for w in reads.list_workers(session)]
+
+    return await gate.json(work)
+
+
+@dataclass
+class State:
+    """What ``GET /metrics`` reports, read at scrape time. ``database`` is None when the
+    database did not answer; ``queue_depths`` None when the broker did not."""
+
+    database: dict[str, Any] | None
+    queue_depths: dict[str, int] | None
+
+
+def _database_counts(session: Session, settings: Settings) -> dict[str, Any]:
+    return {"runs": runs_service.count_runs_by_status(session),
+            "live": reads.count_live_workers(session, settings.worker_stale_seconds),
+            "registered": len(reads.list_workers(session)),
+            "rows": reads.count_metric_points(session)}
+
+
+def _queue_depths(app: Any, settings: Settings) -> dict[str, int] | None:
+    depths = {}
+    for queue in worker_queues(settings):
+        n = queue_depth(app.state.celery, queue)
+        if n is None:
+            return None
+        depths[queue] = n
+    return depths
+
+
+async def read_state(app: Any) -> State:
+    """The database counts (through the gate) and the broker's queue depths."""
+    settings = app.state.settings
+    try:
+        counts = await app.state.gate.run(_database_counts, settings)
+    except Exception as error:
+        detail = error.message if isinstance(error, ApiError) else _short(error)
+        log.warning("metrics: database unavailable: %s", detail)
+        counts = None
+    depths = await run_in_threadpool(_queue_depths, app, settings)
+    return State(database=counts, queue_depths=depths)
 
 
 class StateCollector:
-    """Prometheus collector reading the state at scrape time: ``moejobs_runs{status}``,
+    """Prometheus collector of one :class:`State`: ``moejobs_runs{status}``,
     ``moejobs_queue_depth{queue}`` (messages waiting in the broker; absent when it cannot
     be read), ``moejobs_broker_up``, ``moejobs_workers_live``, ``moejobs_workers_registered``,
     ``moejobs_metric_rows`` (metric rows ingested and stored, all runs), ``moejobs_database_up``."""
 
-    def __init__(self, app: Any):
-        self.app = app
+    def __init__(self, state: State):
+        self.state = state
 
-    def collect(self):  # noqa: C901 - one metric after another
-        app, settings = self.app, self.app.state.settings
+    def collect(self):
+        db = self.state.database
         db_up = GaugeMetricFamily("moejobs_database_up", "1 when the database answered this scrape")
-        runs = GaugeMetricFamily("moejobs_runs", "Runs by status", labels=["status"])
-        live = GaugeMetricFamily("moejobs_workers_live",
-                                 "Workers with a heartbeat within WORKER_STALE_SECONDS")
-        registered = GaugeMetricFamily("moejobs_workers_registered", "Registered workers")
-        rows = GaugeMetricFamily("moejobs_metric_rows",
-                                 "Metric rows ingested from metrics.csv files and stored (all runs)")
-        try:
-            with app.state.db.session() as session:
-                counts = runs_service.count_runs_by_status(session)
-                n_live = reads.count_live_workers(session, settings.worker_stale_seconds)
-                n_registered = len(reads.list_workers(session))
-                n_rows = reads.count_metric_points(session)
-        except Exception as error:
-            log.warning("metrics: database unavailable: %s", _short(error))
-            db_up.add_metric([], 0)
-            yield db_up
-        else:
-            db_up.add_metric([], 1)
-            yield db_up
-            for status, count in counts.items():
+        db_up.add_metric([], 0 if db is None else 1)
+        yield db_up
+        if db is not None:
+            runs = GaugeMetricFamily("moejobs_runs", "Runs by status", labels=["status"])
+            for status, count in db["runs"].items():
                 runs.add_metric([status.value], count)
             yield runs
-            live.add_metric([], n_live)
+            live = GaugeMetricFamily("moejobs_workers_live",
+                                     "Workers with a heartbeat within WORKER_STALE_SECONDS")
+            live.add_metric([], db["live"])
             yield live
-            registered.add_metric([], n_registered)
+            registered = GaugeMetricFamily("moejobs_workers_registered", "Registered workers")
+            registered.add_metric([], db["registered"])
             yield registered
-            rows.add_metric([], n_rows)
+            rows = GaugeMetricFamily("moejobs_metric_rows", "Metric rows ingested from "
+                                     "metrics.csv files and stored (all runs)")
+            rows.add_metric([], db["rows"])
             yield rows
         depth = GaugeMetricFamily("moejobs_queue_depth", "Messages waiting in the broker queue",
                                   labels=["queue"])
         broker_up = GaugeMetricFamily("moejobs_broker_up", "1 when the broker answered this scrape")
-        up = 1
-        for queue in worker_queues(settings):
-            n = queue_depth(app.state.celery, queue)
-            if n is None:
-                up = 0
-                break
+        depths = self.state.queue_depths
+        broker_up.add_metric([], 0 if depths is None else 1)
+        for queue, n in (depths or {}).items():
             depth.add_metric([queue], n)
-        broker_up.add_metric([], up)
         yield broker_up
         yield depth
 
 
-def make_registry(app: Any) -> CollectorRegistry:
-    """A registry of its own per app (several apps in one process, as in tests)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(StateCollector(app))
-    return registry
-
-
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
-def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics_registry),
-                    media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(await read_state(request.app)))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @protected_router.get("/schemas/train-config", summary="JSON Schema of the train config")

@@ -298,41 +298,11 @@
   }
 
   // ---------------------------------------------------------------------------------------------
-  // Latest metric row per run (runs list): from the run itself when the API includes it, else
-  // from /metrics (max_points=2 keeps the last row; then only newer rows while it is live).
+  // Latest metric row per run (runs list): the API sends it with each run (latest_metrics).
 
-  const latestCache = new Map(); // run id -> {row, done}
-
-  function latestFromRun(run) {
-    for (const key of ['latest_metrics', 'latest_metric', 'last_metrics', 'last_metric', 'progress']) {
-      const v = run[key];
-      if (v && typeof v === 'object' && isNum(v.step)) return v;
-    }
-    return null;
-  }
-
-  async function latestMetric(run) {
-    const inline = latestFromRun(run);
-    if (inline) return inline;
-    const cached = latestCache.get(run.id);
-    if (cached && cached.done) return cached.row;
-    const base = `/runs/${encodeURIComponent(run.id)}/metrics`;
-    let row = cached ? cached.row : null;
-    let fetched = false;
-    try {
-      if (!row) {
-        const rows = itemsOf(await api(`${base}?limit=100000&max_points=2`));
-        row = rows.length ? rows[rows.length - 1] : null;
-      } else {
-        const rows = itemsOf(await api(`${base}?after_step=${row.step}&limit=1000`));
-        if (rows.length) row = rows[rows.length - 1];
-      }
-      fetched = true;
-    } catch (e) { /* keep what we had */ }
-    // A finished run's rows are all stored before its status changes: one answer, even an
-    // empty one (a run that failed before its first step), is final.
-    latestCache.set(run.id, { row, done: TERMINAL.has(run.status) && fetched });
-    return row;
+  function latestMetric(run) {
+    const row = run && run.latest_metrics;
+    return row && isNum(row.step) ? row : null;
   }
 
   function progressEl(done, total, status) {
@@ -398,7 +368,7 @@
     async function render() {
       const seen = new Set();
       const runs = [...state.items, ...state.extra].filter((r) => !seen.has(r.id) && seen.add(r.id));
-      const latest = await Promise.all(runs.map((r) => latestMetric(r)));
+      const latest = runs.map(latestMetric);
       if (!alive()) return;
       more.hidden = !state.cursor;
       if (!runs.length) {
@@ -1052,13 +1022,28 @@
         })))));
     }
 
-    function renderEvents(events) {
-      if (!events.length) { fill(eventsBody, h('p', { class: 'muted' }, 'No events.')); return; }
-      fill(eventsBody, h('ol', { class: 'timeline' }, events.map((ev) => h('li', { class: ev.to_status || '' },
-        h('div', { class: 'when' }, fmtTime(ev.at || ev.created_at), ev.actor ? ` · ${ev.actor}` : '', isNum(ev.attempt) && ev.attempt ? ` · attempt ${ev.attempt}` : ''),
-        h('div', {}, ev.from_status && ev.from_status !== ev.to_status ? [badge(ev.from_status), ' → '] : null, badge(ev.to_status),
-          ev.reason ? h('span', { class: 'muted' }, ` ${ev.reason}`) : null),
-        ev.message ? h('div', { class: 'msg' }, ev.message) : null))));
+    // The run's history (status changes, written by the service) and what its training
+    // process reported (engine events from out/events.jsonl), in one list by time.
+    function engineText(ev) {
+      const label = String(ev.event || '').split('_').join(' ');
+      return isNum(ev.step) ? `${label} (step ${fmtInt(ev.step)})` : label;
+    }
+    function renderEvents(events, engineEvents) {
+      const items = [
+        ...events.map((ev) => ({ at: parseTime(ev.at || ev.created_at), kind: 'run', ev })),
+        ...(engineEvents || []).map((ev) => ({ at: parseTime(ev.at), kind: 'engine', ev })),
+      ].sort((a, b) => (a.at || 0) - (b.at || 0));
+      if (!items.length) { fill(eventsBody, h('p', { class: 'muted' }, 'No events.')); return; }
+      fill(eventsBody, h('ol', { class: 'timeline' }, items.map(({ kind, ev }) => (kind === 'engine'
+        ? h('li', { class: 'engine' },
+          h('div', { class: 'when' }, fmtTime(ev.at), ' · engine', isNum(ev.attempt) && ev.attempt ? ` · attempt ${ev.attempt}` : ''),
+          h('div', {}, h('span', { class: 'engine-event' }, engineText(ev))),
+          ev.message ? h('div', { class: 'msg' }, ev.message) : null)
+        : h('li', { class: ev.to_status || '' },
+          h('div', { class: 'when' }, fmtTime(ev.at || ev.created_at), ev.actor ? ` · ${ev.actor}` : '', isNum(ev.attempt) && ev.attempt ? ` · attempt ${ev.attempt}` : ''),
+          h('div', {}, ev.from_status && ev.from_status !== ev.to_status ? [badge(ev.from_status), ' → '] : null, badge(ev.to_status),
+            ev.reason ? h('span', { class: 'muted' }, ` ${ev.reason}`) : null),
+          ev.message ? h('div', { class: 'msg' }, ev.message) : null)))));
     }
 
     function renderEstimate(est) {
@@ -1088,8 +1073,7 @@
       else if (payload && typeof payload.log === 'string') text = payload.log;
       else text = payload ? JSON.stringify(payload, null, 2) : '';
       const atBottom = logPre.scrollTop + logPre.clientHeight >= logPre.scrollHeight - 8;
-      fill(logPre, ...(text || '(empty)').split('\n').map((line, i, arr) =>
-        (/^(error|Traceback)|Error\b/.test(line) ? h('span', { class: 'err' }, line + (i < arr.length - 1 ? '\n' : '')) : line + (i < arr.length - 1 ? '\n' : ''))));
+      logPre.textContent = text || '(empty)';
       if (st.followLog || atBottom) logPre.scrollTop = logPre.scrollHeight;
     }
 
@@ -1150,9 +1134,10 @@
         const [metricsChanged, routerChanged] = await Promise.all([
           loadMetrics().catch(() => false), loadRouter(),
         ]);
-        const [ckpts, events, log] = await Promise.all([
+        const [ckpts, events, engineEvents, log] = await Promise.all([
           api(`${base}/checkpoints`).then(itemsOf).catch(() => null),
           api(`${base}/events`).then(itemsOf).catch(() => null),
+          api(`${base}/engine-events`).then(itemsOf).catch(() => null),
           api(`${base}/logs?tail=${LOG_TAIL}`, { headers: { Accept: 'text/plain, application/json' } }).catch((e) => (e.status === 404 ? '(no log yet)' : `(log unavailable: ${e.message})`)),
         ]);
         if (!alive()) return POLL_LIVE_MS;
@@ -1160,7 +1145,7 @@
         if (metricsChanged || first) drawCharts();
         if (routerChanged || first) drawRouter();
         if (ckpts) renderCheckpoints(ckpts);
-        if (events) renderEvents(events);
+        if (events) renderEvents(events, engineEvents);
         if (first) renderEstimate(run.estimate);
         renderLog(log);
         first = false;
