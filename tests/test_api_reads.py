@@ -192,3 +192,18 @@ def test_which_database_errors_mean_unavailable(tmp_path):
                      connect_args={"connect_timeout": 2})
     assert "OperationalError" in unavailable_reason(error_of(pg.connect))
     assert unavailable_reason(ValueError("x")) is None
+
+
+def test_runs_show_their_failures_apart_from_their_attempts(api: ApiEnv):
+    """attempt counts claims, failures what MOEJOBS_MAX_ATTEMPTS bounds: a graceful stop adds
+    an attempt and no failure; a lost worker adds both."""
+    run_id = _new_run(api, "counted")
+    with api.session() as s:
+        runs.claim_run(s, run_id, "w1", 60)
+        runs.transition(s, run_id, "queued", "graceful stop", attempt=1)
+        runs.claim_run(s, run_id, "w1", 60)
+        runs.retry_or_fail(s, run_id, "lost_worker", "lease expired", max_attempts=3, attempt=2)
+    shown = api.client.get(f"/runs/{run_id}").json()
+    assert (shown["status"], shown["attempt"], shown["failures"]) == ("queued", 2, 1)
+    listed = {r["name"]: r for r in api.client.get("/runs").json()["items"]}["counted"]
+    assert (listed["attempt"], listed["failures"]) == (2, 1)

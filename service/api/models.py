@@ -66,7 +66,10 @@ class RunPublic(BaseModel):
     owner: str
     status: str
     preset: str | None
-    attempt: int
+    attempt: int = Field(description="Claims so far (the fencing token): graceful stops and "
+                         "retries each start a new attempt.")
+    failures: int = Field(description="Attempts that failed (lost worker, killed training...); "
+                          "the run fails for good at MOEJOBS_MAX_ATTEMPTS.")
     worker_id: str | None
     estimate: dict[str, Any] | None
     warnings: list[IssueOut]
@@ -97,7 +100,8 @@ class RunPublic(BaseModel):
         """The fields of :meth:`of` as a plain dict (validate a whole page at once)."""
         return {
             "id": run.id, "name": run.name, "owner": run.owner, "status": run.status.value,
-            "preset": run.preset, "attempt": run.attempt, "worker_id": run.worker_id,
+            "preset": run.preset, "attempt": run.attempt,
+            "failures": run.failures, "worker_id": run.worker_id,
             "estimate": run.estimate, "warnings": run.warnings or [],
             "cancel_requested": run.cancel_requested,
             "failure_reason": run.failure_reason.value if run.failure_reason else None,

@@ -926,7 +926,7 @@
         tile('Tokens/s', last && isNum(last.tokens_per_sec) ? fmtSI(last.tokens_per_sec) : '–', last && isNum(last.mfu) ? `MFU ${(last.mfu * 100).toFixed(1)}%` : null),
         tile('Tokens', tokens !== null ? fmtSI(tokens) : '–', isNum(plan.tokens_trained) ? `of ${fmtSI(plan.tokens_trained)}` : null),
         tile('Elapsed', last && isNum(last.elapsed_s) ? fmtDuration(last.elapsed_s) : '–', eta !== null ? `ETA ${fmtDuration(eta)}` : null),
-        tile('Worker', run.worker_id || '–', run.attempt ? `attempt ${run.attempt}` : null),
+        tile('Worker', run.worker_id || '–', run.attempt ? `attempt ${run.attempt}` + (run.failures ? ` · ${run.failures} failed` : '') : null),
         tile('Created', fmtAgo(run.created_at), fmtTime(run.created_at).slice(5)),
         run.started_at
           ? tile(run.finished_at ? 'Wall time' : 'Running for', wallTime(run), run.finished_at ? `finished ${fmtAgo(run.finished_at)}` : `started ${fmtAgo(run.started_at)}`)
