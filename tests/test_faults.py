@@ -181,7 +181,10 @@ def _cancel(stack: Stack, run) -> None:
     from service import runs
 
     with stack.db.session() as session:
-        runs.request_cancel(session, run.id, "fault suite: cleaning up")
+        try:
+            runs.request_cancel(session, run.id, "fault suite: cleaning up")
+        except runs.InvalidTransition:  # it finished meanwhile: nothing to clean up
+            return
     stack.wait_done(run, timeout=60)
 
 
@@ -189,8 +192,9 @@ def test_sigstop_of_a_worker_inside_a_transaction(stack):
     """A worker frozen (SIGSTOP) while it is inside a database transaction that locks its
     run's row (a heartbeat, metric rows being stored): the lease must still expire and the run
     move to the other worker; a row lock held by a frozen client must not wedge the
-    reconciler (``service.db`` sets ``idle_in_transaction_session_timeout``). The worker is stopped and continued in short bursts until PostgreSQL shows
-    its session idle inside a transaction holding a lock on ``runs``."""
+    reconciler (``service.db`` sets ``idle_in_transaction_session_timeout``). The worker is
+    stopped while its metric write waits on a table lock the test holds (``Stack.freeze``), so
+    it is frozen inside its transaction every time, whatever the machine's speed."""
     _stub(stack)
     run = stack.submit(steps=300, save_interval=10, name=new_name("sigstop-tx"))
     running = stack.wait_status(run, S.running, 60, "the run to start")
@@ -199,7 +203,6 @@ def test_sigstop_of_a_worker_inside_a_transaction(stack):
     try:
         tries = stack.freeze(a, run, in_transaction=True)
         frozen_at = time.time()
-        print(f"\nfrozen inside a transaction after {tries} tries:\n{stack.frozen_sessions}")
         moved = wait_for(lambda: (r := stack.run(run.id)).attempt >= 2 and r, 2 * LEASE,
                          "the run to move to the other worker while the frozen worker holds "
                          "a row lock", on_fail=lambda: stack.pg.activity())

@@ -453,29 +453,56 @@ class Stack:
 
     def freeze(self, worker: WorkerProcess, run: Run, *, in_transaction: bool,
                within: float = 60.0) -> int:
-        """SIGSTOP ``worker`` at a moment when it is (``in_transaction``) or is not inside a
-        database transaction: stop it, look at PostgreSQL after 0.3 s, and continue it and try
-        again a little later until the state is the one asked for. Inside means a session
-        idle in a transaction holds ``run``'s row locked against a status change; outside
-        means no session is idle in a transaction that touched ``runs``. Returns the number of
-        tries; fails after ``within`` seconds. The bursts are far shorter than the trainer
-        deadline."""
+        """SIGSTOP ``worker`` while it is (``in_transaction``) or is not inside a database
+        transaction. Returns the number of tries; fails after ``within`` seconds.
+
+        Inside: deterministic. A session of the test locks ``metric_points`` against writes;
+        the worker's next metric write takes the run's row lock (``service.runs`` locks the
+        run first) and then waits on the table; the worker is stopped while it waits and the
+        test's lock is released, so the write completes on the server but the frozen client
+        never commits: its session sits idle inside the transaction, holding the row lock.
+
+        Outside: stop it, look at PostgreSQL after 0.3 s, continue it and try again a little
+        later until no session of it is idle in a transaction that touched ``runs``."""
+        if in_transaction:
+            return self._freeze_inside(worker, run, within)
         tries, give_up = 0, time.monotonic() + within
         while time.monotonic() < give_up:
             tries += 1
             os.kill(worker.pid, signal.SIGSTOP)
             time.sleep(0.3)
-            idle = bool(self.pg.idle_in_transaction_on("runs", 0.25))
-            if in_transaction and idle and self.pg.row_locked(run.id):
-                self.frozen_sessions = self.pg.activity()
-                return tries
-            if not in_transaction and not idle:
+            if not self.pg.idle_in_transaction_on("runs", 0.25):
                 return tries
             os.kill(worker.pid, signal.SIGCONT)
             time.sleep(0.05 + 0.02 * (tries % 7))
-        where = "inside" if in_transaction else "outside"
-        raise AssertionError(f"could not freeze the worker {where} a transaction in {tries} "
+        raise AssertionError(f"could not freeze the worker outside a transaction in {tries} "
                              "tries")
+
+    def _freeze_inside(self, worker: WorkerProcess, run: Run, within: float) -> int:
+        import psycopg
+
+        url = f"postgresql://postgres@127.0.0.1:{self.pg.port}/postgres"
+        give_up = time.monotonic() + within
+        with psycopg.connect(url, connect_timeout=3) as gate:
+            gate.execute("LOCK TABLE metric_points IN SHARE MODE")  # writers wait; readers not
+            with psycopg.connect(url, connect_timeout=3, autocommit=True) as look:
+                while not look.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query ILIKE '%%metric_points%%'").fetchone()[0]:
+                    if time.monotonic() > give_up:
+                        raise AssertionError("the worker never wrote metric rows while the "
+                                             "table was locked")
+                    time.sleep(0.02)
+            os.kill(worker.pid, signal.SIGSTOP)
+            time.sleep(0.1)  # the stop is delivered before the write can complete
+            gate.rollback()  # the lock goes; the frozen worker's write completes uncommitted
+        # PostgreSQL ends such a session after a quarter of the lease: look at once
+        if not (self.pg.idle_in_transaction_on("runs", 0) and self.pg.row_locked(run.id)):
+            self.frozen_sessions = self.pg.activity()
+            raise AssertionError("the frozen worker's session is not idle in a transaction "
+                                 f"holding the run's row:\n{self.frozen_sessions}")
+        self.frozen_sessions = self.pg.activity()
+        return 1
 
     def worker_of(self, run: Run) -> WorkerProcess:
         """The worker process whose id the run carries."""
