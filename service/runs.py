@@ -880,17 +880,15 @@ def list_metrics(session: Session, run_id: uuid.UUID, *, after_step: int | None 
     return list(session.exec(stmt.execution_options(populate_existing=True)))
 
 
-def list_router_points(session: Session, run_id: uuid.UUID, *, after_step: int | None = None,
-                       limit: int | None = None) -> list[RouterPoint]:
+def list_router_points(session: Session, run_id: uuid.UUID, *,
+                       after_step: int | None = None) -> list[RouterPoint]:
     """A run's router points ordered by (step, layer, expert), those with ``step >
-    after_step`` when given, at most ``limit``."""
+    after_step`` when given (the API reads plain rows: ``service.reads.router_rows``)."""
     stmt = select(RouterPoint).where(RouterPoint.run_id == run_id)
     if after_step is not None:
         stmt = stmt.where(RouterPoint.step > after_step)
-    stmt = stmt.order_by(RouterPoint.step, RouterPoint.layer, RouterPoint.expert)
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    return list(session.exec(stmt))
+    return list(session.exec(stmt.order_by(RouterPoint.step, RouterPoint.layer,
+                                           RouterPoint.expert)))
 
 
 def list_checkpoints(session: Session, run_id: uuid.UUID) -> list[Checkpoint]:
