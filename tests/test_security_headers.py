@@ -92,3 +92,12 @@ def test_the_docs_page_runs_no_inline_script(server):
     init = httpx.get(server.url + "/docs/init.js", timeout=30)
     assert init.headers["content-type"].startswith("text/javascript")
     assert "SwaggerUIBundle(config)" in init.text and "eval" not in init.text
+
+
+def test_the_readme_states_the_policy_served():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"| `Content-Security-Policy` | `{CONTENT_SECURITY_POLICY}` |" in readme
+    for name, value in SECURITY_HEADERS.items():
+        assert f"| `{name}` | `{value}`" in readme, name
