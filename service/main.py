@@ -6,7 +6,8 @@ the data and runs folders and builds the Celery app (``service.queue``). Nothing
 import time, and neither torch nor ``worker`` is ever imported.
 
 Middleware and error handling live in ``service.api.errors``: one JSON error format, a bearer
-token when ``API_TOKEN`` is set, request-body limits, and no traceback ever sent to a client.
+token when ``API_TOKEN`` is set, request-body limits, and no traceback ever sent to a client;
+``service.api.headers`` puts the security headers (a Content-Security-Policy...) on every response.
 
 Run it::
 
@@ -39,6 +40,7 @@ from service.api.errors import (
     install_exception_handlers,
     limit_is_upload,
 )
+from service.api.headers import SecurityHeadersMiddleware
 from service.db import Database, current_revision, head_revision, open_database
 from service.queue import make_celery
 from service.api.deps import DatabaseGate
@@ -172,10 +174,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def token() -> str | None:
         return settings.api_token.get_secret_value() if settings.api_token is not None else None
 
-    # Added innermost first: ErrorMiddleware ends up outermost.
+    # Added innermost first: SecurityHeadersMiddleware ends up outermost (its headers are on
+    # the 500s, 401s and 413s of the others too).
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(AuthMiddleware, token_getter=token)
     app.add_middleware(ErrorMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     return app
 
 

@@ -14,7 +14,8 @@ Paths and URLs that are not set are derived from ``HOME`` (default ``~/.moejobs`
 ================  ==========================================================
 
 Malformed values fail with ``pydantic.ValidationError``. Unsafe combinations (listening beyond
-loopback without ``API_TOKEN``; a heartbeat interval not shorter than the lease it renews) fail
+loopback without ``API_TOKEN`` or with one shorter than :data:`MIN_REMOTE_TOKEN_LENGTH`
+characters; a heartbeat interval not shorter than the lease it renews) fail
 with :class:`UnsafeSettingsError`, whose message says what to change and, unlike pydantic's
 error, never echoes the input values (the token among them). Commands build settings with
 :func:`load_settings`, which turns both into :class:`InvalidSettingsError`: one line per problem,
@@ -38,6 +39,13 @@ ENV_PREFIX = "MOEJOBS_"
 
 #: Host names that only ever resolve to this machine.
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+#: Fewest characters of ``API_TOKEN`` when ``HOST`` is not a loopback address (a loopback-only
+#: server accepts any non-blank token).
+MIN_REMOTE_TOKEN_LENGTH = 32
+#: How the messages tell the user to make a token (43 URL-safe characters, 256 random bits).
+MAKE_TOKEN = '`python -c "import secrets; print(secrets.token_urlsafe(32))"`'
 
 
 class UnsafeSettingsError(Exception):
@@ -230,8 +238,8 @@ class Settings(BaseSettings):
     )
     api_token: SecretStr | None = Field(
         None,
-        description="Bootstrap bearer token for the API. Required when HOST is not a loopback "
-        "address.",
+        description="Bootstrap bearer token for the API. Required, of at least 32 characters, "
+        "when HOST is not a loopback address.",
     )
     host: str = Field("127.0.0.1", description="Address the API listens on. CLI: --host.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on. CLI: --port.")
@@ -422,7 +430,14 @@ class Settings(BaseSettings):
         if not is_loopback_host(self.host) and self.api_token is None:
             raise UnsafeSettingsError(
                 f"MOEJOBS_HOST={self.host} listens beyond this machine but no API token is set: "
-                f"set MOEJOBS_API_TOKEN (a long random string) or listen on 127.0.0.1"
+                f"set MOEJOBS_API_TOKEN (a long random string: {MAKE_TOKEN}) or listen on 127.0.0.1"
+            )
+        if (not is_loopback_host(self.host) and self.api_token is not None
+                and len(self.api_token.get_secret_value()) < MIN_REMOTE_TOKEN_LENGTH):
+            raise UnsafeSettingsError(
+                f"MOEJOBS_HOST={self.host} listens beyond this machine but MOEJOBS_API_TOKEN has "
+                f"{len(self.api_token.get_secret_value())} characters: it needs at least "
+                f"{MIN_REMOTE_TOKEN_LENGTH} there (make one with {MAKE_TOKEN}), or listen on 127.0.0.1"
             )
         if self.heartbeat_seconds >= self.lease_seconds:
             raise UnsafeSettingsError(

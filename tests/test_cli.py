@@ -197,6 +197,11 @@ def test_an_unsafe_flag_is_named_as_written(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: --host=0.0.0.0 listens beyond this machine but no API token")
     assert len(done.stderr.splitlines()) == 1
+    done = moejobs("serve", "--host", "0.0.0.0", tmp_path=tmp_path, MOEJOBS_API_TOKEN="short-token")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: --host=0.0.0.0 listens beyond this machine but MOEJOBS_API_TOKEN "
+                                  "has 11 characters: it needs at least 32 there (make one with `python -c")
+    assert "short-token" not in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 def test_an_unreachable_database_is_one_line_without_the_password(tmp_path):

@@ -98,9 +98,11 @@ def server_settings(tmp: Path, *, token: str | None = None, **overrides: Any) ->
 
 
 @contextlib.contextmanager
-def live_server(tmp: Path, *, token: str | None = None, **overrides: Any) -> Iterator[LiveServer]:
+def live_server(tmp: Path, *, token: str | None = None, wrap: Any = None,
+                **overrides: Any) -> Iterator[LiveServer]:
     """Migrate a fresh SQLite database under ``tmp``, start ``create_app`` with uvicorn on a free
-    loopback port in a thread, yield a :class:`LiveServer`, stop it afterwards."""
+    loopback port in a thread, yield a :class:`LiveServer`, stop it afterwards. ``wrap``, when
+    given, maps the app to the ASGI app uvicorn serves (a test's own outer middleware)."""
     settings = server_settings(tmp, token=token, **overrides)
     migrate(settings)
     app = create_app(settings)
@@ -110,7 +112,8 @@ def live_server(tmp: Path, *, token: str | None = None, **overrides: Any) -> Ite
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    served = wrap(app) if wrap is not None else app
+    server = uvicorn.Server(uvicorn.Config(served, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -3,15 +3,22 @@ to another host), and, where a Chromium is installed, rendered headless against 
 real runs, metrics, router rows, checkpoints and a log."""
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import shutil
+import socket
 import subprocess
+import threading
+import time
 import uuid
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from starlette.datastructures import MutableHeaders
 
 from service.api.errors import PUBLIC_PATHS
 from service.contract import append_event
@@ -42,9 +49,46 @@ class _Refs(HTMLParser):
         self.refs += [value for name, value in attrs if name in ("src", "href") and value]
 
 
+#: Where the browser posts its Content-Security-Policy violation reports in these tests.
+REPORT_PATH = "/__csp-report"
+#: The reports received (``csp-report`` objects), cleared by :func:`chromium` before each load.
+CSP_REPORTS: list[dict] = []
+
+
+class CspReportCollector:
+    """Outer ASGI wrapper for the test servers: adds ``report-uri`` to the Content-Security-Policy
+    the app sent (the app's own policy, unchanged otherwise) and collects what the browser reports
+    there into :data:`CSP_REPORTS`. Unlike the console, reports include violations a script caught
+    (an ``eval`` in a ``try``)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == REPORT_PATH and scope["method"] == "POST":
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+            CSP_REPORTS.append(json.loads(body).get("csp-report", {}))
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+
+        async def add_report_uri(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if "content-security-policy" in headers:
+                    headers["content-security-policy"] += f"; report-uri {REPORT_PATH}"
+            await send(message)
+
+        await self.app(scope, receive, add_report_uri)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    with live_server(tmp_path_factory.mktemp("dashboard")) as srv:
+    with live_server(tmp_path_factory.mktemp("dashboard"), wrap=CspReportCollector) as srv:
         yield srv
 
 
@@ -92,14 +136,40 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium instal
                                     "(Debian: apt-get install chromium)")
 
 
-def chromium(url: str, *args: str) -> str:
-    """Load ``url`` headless; 10 s of virtual time lets the page's fetches and first polls run."""
+#: A console message in Chromium's log (``--enable-logging=stderr``):
+#: ``[pid:tid:time:INFO:CONSOLE:0] "text", source: URL (line)`` (older builds: ``CONSOLE(0)``).
+CONSOLE_LINE = re.compile(r":CONSOLE[:(]\d+\)?\] \"(?P<text>.*)\", source: (?P<source>.*)$")
+
+
+def is_csp_violation(text: str) -> bool:
+    """Whether a console message is Chromium's report of a Content-Security-Policy violation."""
+    return "Content Security Policy" in text or "unsafe-eval" in text or "unsafe-inline" in text
+
+
+def chromium_console(url: str, *args: str, budget_ms: int = 10000) -> tuple[str, list[str]]:
+    """Load ``url`` headless (``budget_ms`` of virtual time lets the page's fetches and first
+    polls run); return its stdout and every console message (``"text (source)"``)."""
     result = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--virtual-time-budget=10000", *args, url],
+         f"--virtual-time-budget={budget_ms}", "--enable-logging=stderr", "--v=0", *args, url],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    console = [f"{m['text']} ({m['source']})" for m in map(CONSOLE_LINE.search, result.stderr.splitlines())
+               if m]
+    return result.stdout, console
+
+
+def chromium(url: str, *args: str) -> str:
+    """:func:`chromium_console`'s stdout; fails on any Content-Security-Policy violation, in
+    the console or reported to a :class:`CspReportCollector` server."""
+    CSP_REPORTS.clear()
+    out, console = chromium_console(url, *args)
+    time.sleep(0.5)  # lets the server finish a report the browser sent just before it exited
+    violations = [line for line in console if is_csp_violation(line)]
+    violations += [f"{r.get('violated-directive')}: {r.get('blocked-uri')} ({r.get('source-file')}:"
+                   f"{r.get('line-number')})" for r in CSP_REPORTS]
+    assert not violations, f"{url}: Content-Security-Policy violations: {violations}"
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +230,76 @@ def test_runs_list_shows_progress_loss_and_workers(server, finished_run):
     assert 'class="badge running"' in dom
     assert "w-live" in dom  # workers panel
     assert "Run smoke test" in dom
+
+
+# -- the Content-Security-Policy in a browser ------------------------------------------------------
+
+
+@needs_chromium
+def test_every_view_and_the_docs_run_under_the_content_security_policy(server, finished_run):
+    """Each page loads with the server's policy and the browser reports no violation
+    (:func:`chromium` fails on one); the views and Swagger UI actually render."""
+    views = {"/": "Run smoke test", "/#/workers": "w-test", "/#/smoke-test": "Run smoke test",
+             f"/#/runs/{finished_run}": 'class="series"',
+             "/docs": 'id="operations-tag-runs"'}
+    for path, rendered in views.items():
+        dom = chromium(server.url + path, "--window-size=1280,1600", "--dump-dom")
+        assert rendered in dom, path
+    # the docs' start-up code is a served script, not an inline one
+    page = httpx.get(server.url + "/docs", timeout=30).text
+    assert "<script>" not in page and '<script src="/docs/init.js"></script>' in page
+
+
+@contextlib.contextmanager
+def _policy_page(html: str, script: str):
+    """A throwaway server with only the moejobs security headers, serving ``html`` at / and
+    ``script`` at /page.js."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, Response
+    from starlette.routing import Route
+
+    from service.api.headers import SecurityHeadersMiddleware
+
+    app = CspReportCollector(SecurityHeadersMiddleware(Starlette(routes=[
+        Route("/", lambda _request: HTMLResponse(html)),
+        Route("/page.js", lambda _request: Response(script, media_type="text/javascript")),
+    ])))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@needs_chromium
+def test_the_policy_blocks_inline_script_eval_and_style_attributes_and_the_check_sees_it():
+    """The control for the test above: the same policy on a page that breaks it is reported."""
+    html = ('<!doctype html><p id="p" style="color: red">styled</p>'
+            '<script>document.title = "inline ran";</script><script src="/page.js"></script>')
+    script = ('document.getElementById("p").style.fontWeight = "bold";\n'  # CSSOM: allowed
+              'try { eval("document.title = \'eval ran\'"); } catch (e) { console.log("blocked: " + e.name); }\n'
+              'try { new Function("return 1")(); } catch (e) { console.log("blocked: " + e.name); }\n')
+    with _policy_page(html, script) as url:
+        CSP_REPORTS.clear()
+        dom, console = chromium_console(url + "/", "--dump-dom", budget_ms=3000)
+        time.sleep(0.5)
+        reported = sorted((r["violated-directive"], r["blocked-uri"]) for r in CSP_REPORTS)
+    assert "<title>" not in dom  # neither the inline script nor eval set a title
+    assert reported == [("script-src", "eval"), ("script-src", "eval"), ("script-src-elem", "inline"),
+                        ("style-src-attr", "inline")]
+    violations = [line for line in console if is_csp_violation(line)]
+    assert any("inline script" in v for v in violations), console
+    assert any("inline style" in v for v in violations), console
+    assert sum(line.startswith("blocked: EvalError") for line in console) == 2, console
+    with pytest.raises(AssertionError, match="Content-Security-Policy violations: .*script-src-elem"):
+        with _policy_page(html, script) as url:
+            chromium(url + "/")

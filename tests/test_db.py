@@ -105,8 +105,30 @@ def test_environment_is_read_with_prefix_and_explicit_values_win(clean_env, tmp_
 def test_listening_beyond_loopback_needs_a_token(clean_env, tmp_path, host):
     with pytest.raises(UnsafeSettingsError, match="MOEJOBS_API_TOKEN"):
         Settings(home=tmp_path, host=host)
-    s = Settings(home=tmp_path, host=host, api_token="a-long-random-token")
-    assert s.api_token.get_secret_value() == "a-long-random-token"
+    token = "a-long-random-token-of-32-chars!"
+    s = Settings(home=tmp_path, host=host, api_token=token)
+    assert s.api_token.get_secret_value() == token
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.com"])
+def test_a_short_token_is_refused_beyond_loopback(clean_env, tmp_path, host):
+    short = "x" * 31
+    with pytest.raises(UnsafeSettingsError) as info:
+        Settings(home=tmp_path, host=host, api_token=short)
+    assert str(info.value) == (
+        f"MOEJOBS_HOST={host} listens beyond this machine but MOEJOBS_API_TOKEN has 31 characters: it "
+        "needs at least 32 there (make one with `python -c \"import secrets; "
+        "print(secrets.token_urlsafe(32))\"`), or listen on 127.0.0.1")
+    assert short not in str(info.value)
+    # what the message suggests is long enough
+    import secrets
+    assert Settings(home=tmp_path, host=host, api_token=secrets.token_urlsafe(32)).host == host
+    assert Settings(home=tmp_path, host=host, api_token="x" * 32).host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_a_short_token_is_allowed_on_loopback(clean_env, tmp_path, host):
+    assert Settings(home=tmp_path, host=host, api_token="t").api_token.get_secret_value() == "t"
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
@@ -183,7 +205,7 @@ def test_load_settings_names_flags_and_variables(clean_env, tmp_path):
 
 
 def test_to_env_round_trips(clean_env, tmp_path):
-    original = Settings(home=tmp_path, host="0.0.0.0", api_token="tok", worker_gpus="0,1",
+    original = Settings(home=tmp_path, host="0.0.0.0", api_token="t" * 32, worker_gpus="0,1",
                         allow_unschedulable=True, lease_seconds=60)
     for name, value in original.to_env().items():
         clean_env.setenv(name, value)

@@ -44,9 +44,9 @@ def test_textfiles_semantics_bos_per_file_and_first_file_as_validation(tmp_path,
     train, val = split_files(folder, None)
     assert [p.name for p in val] == ["abc.txt"] and [p.name for p in train] == ["bisect.txt", "colorsys.txt"]
     ts = tokenize_files(train, tok, tokenizer_dir, 1024, cache_dir=tmp_path / "cache")
-    first = tok.encode((folder / "bisect.txt").read_text(), bos=True).tolist()
-    second = tok.encode((folder / "colorsys.txt").read_text(), bos=True).tolist()
-    assert ts.tokens.tolist() == first + second  # BOS in front of each file, no EOS
+    first = tok.encode((folder / "bisect.txt").read_text().strip(), bos=True).tolist()
+    second = tok.encode((folder / "colorsys.txt").read_text().strip(), bos=True).tolist()
+    assert ts.tokens.tolist() == first + second  # BOS in front of each (stripped) file, no EOS
     assert ts.tokens.dtype == np.uint16 and first[0] == tok.bos_id
     # one file and no val_data_path: no validation set (an error only when validation is used)
     single = stdlib_text_files(tmp_path / "single", ["bisect"])

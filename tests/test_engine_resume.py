@@ -226,6 +226,35 @@ def test_checkpoint_from_before_the_checks_resumes_with_a_warning(base, tmp_path
     assert json.loads((out / "final" / "training_state.json").read_text())["plan"]["lr"] == 1e-3
 
 
+def test_checkpoint_of_the_old_token_format_resumes_with_a_warning(base, tmp_path, caplog):
+    """A run in flight when moejobs began tokenizing like LitGPT (token format 1 -> 2): its
+    checkpoint records the same raw text, so the data check passes; the token change is a
+    warning in the log and the data_ready event, and the new checkpoints record format 2."""
+    from service.contract import read_events
+    from worker.data import CACHE_FORMAT
+
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(Path(base["out_dir"]) / STEP3, out / STEP3)
+    meta = json.loads((out / STEP3 / "training_state.json").read_text())
+    assert meta["token_format"] == CACHE_FORMAT == 2
+    del meta["token_format"]  # written before the field: format 1
+    (out / STEP3 / "training_state.json").write_text(json.dumps(meta))
+    doc = copy.deepcopy(base)
+    doc["out_dir"] = str(out)
+    caplog.set_level("WARNING", logger="moejobs")
+    result = _run(doc)
+    assert result.steps == 6
+    assert [int(r["step"]) for r in read_metrics(out / "metrics.csv")] == [4, 5, 6]
+    warning = (f"resume: {out}/{STEP3} was trained on tokens of format 1 and this run tokenizes the same text "
+               "with format 2 (each file is now read as LitGPT's tokenize() reads it: CRLF line ends become LF "
+               "and the text is stripped of leading and trailing whitespace): the steps from here on see "
+               "slightly different token ids than the steps before")
+    assert warning in [r.getMessage() for r in caplog.records]
+    assert [e.message for e in read_events(out) if e.event == "data_ready"] == [warning]
+    assert json.loads((out / "final" / "training_state.json").read_text())["token_format"] == 2
+
+
 def test_fine_tune_with_resume_auto_starts_from_initial_weights_then_from_its_own_checkpoint(
         base, tmp_path, corpus, tokenizer_dir):
     """initial_checkpoint_dir + resume: auto validates; an empty out_dir starts from the initial

@@ -405,13 +405,16 @@ def resume_record(train, plan, source, tokenizer_sha256: str | None) -> dict[str
 
     Returns:
         ``{"train_data": {"sha256", "files", "bytes"}, "val_data": same or None, "tokenizer_sha256",
-        "plan": {"lr", "min_lr", "warmup_steps", "global_batch_size", "micro_batch_size", "seq_len",
+        "token_format" (``worker.data.CACHE_FORMAT``: how the text became token ids), "plan": {"lr", "min_lr", "warmup_steps", "global_batch_size", "micro_batch_size", "seq_len",
         "max_tokens", "max_steps", "optimizer_steps"}}``; the hashes are SHA-256 hex digests of the raw
         bytes (``worker.data.files_sha256``), not of the token cache.
     """
+    from worker.data import CACHE_FORMAT
+
     t = train.train
     record: dict[str, Any] = {
         "tokenizer_sha256": tokenizer_sha256,
+        "token_format": CACHE_FORMAT,
         "plan": {
             "lr": train.optimizer.lr, "min_lr": t.min_lr, "warmup_steps": plan.warmup_steps,
             "global_batch_size": t.global_batch_size, "micro_batch_size": plan.micro_batch_size,
@@ -486,8 +489,9 @@ def check_resume(
     given as ``lr_warmup_fraction`` is compared at the checkpoint's run length), another
     ``global_batch_size`` (``batch``), another sequence length (``seq_len``). Always accepted
     with a warning: a different number of planned optimizer steps (``max_tokens``/``max_steps``):
-    the cosine schedule is recomputed for the new length. A checkpoint without the record
-    (:data:`RESUME_RECORD_KEYS`, written before these checks) is accepted with a warning.
+    the cosine schedule is recomputed for the new length, and tokens of another token format
+    (:func:`token_format_change`). A checkpoint without the record (:data:`RESUME_RECORD_KEYS`,
+    written before these checks) is accepted with a warning.
 
     Args:
         info: the checkpoint to resume from.
@@ -500,12 +504,13 @@ def check_resume(
     """
     meta = info.meta
     allow = set(allow)
+    format_change = token_format_change(info, current)
     if not all(meta.get(key) is not None for key in RESUME_RECORD_KEYS):
         return ResumeCheck([], [], [
             f"resume: {info.path} was written before moejobs recorded the data and tokenizer hashes and the "
             "plan in training_state.json: resuming without checking that the data, the tokenizer, the "
             "learning-rate schedule, the batch size and the sequence length are the same as then"
-        ])
+        ] + ([format_change] if format_change else []))
     changes: list[tuple[str, str]] = []
     args = train.data.init_args
     for key, where in (("train_data", f"training data ({args.train_data_path})"),
@@ -534,9 +539,33 @@ def check_resume(
     refused = [c for c in changes if c[0] not in allow]
     warnings = [f"resume: accepted by resume_allow_changes ({kind}): {text}" for kind, text in changes
                 if kind in allow]
+    if format_change:
+        warnings.append(format_change)
     if plan.optimizer_steps != old_steps:
         warnings.append(_length_warning(info, old_plan, new_plan, train, plan))
     return ResumeCheck(changes, refused, warnings)
+
+
+#: What each token format (``worker.data.CACHE_FORMAT``) changed, for the resume warning.
+_TOKEN_FORMAT_CHANGES = {
+    2: "each file is now read as LitGPT's tokenize() reads it: CRLF line ends become LF and the text "
+       "is stripped of leading and trailing whitespace",
+}
+
+
+def token_format_change(info: CheckpointInfo, current: dict[str, Any]) -> str | None:
+    """The warning for resuming a checkpoint whose tokens were made by another token format
+    (``token_format`` in its record; absent means format 1, before it was recorded), else None.
+    Not a refusal: the raw text is the same (the data check compares its bytes), only its token
+    ids differ slightly, and the run continues on the new ones."""
+    old, new = info.meta.get("token_format", 1), current.get("token_format")
+    if new is None or old == new:
+        return None
+    why = "; ".join(_TOKEN_FORMAT_CHANGES[v] for v in range(int(old) + 1, int(new) + 1)
+                    if v in _TOKEN_FORMAT_CHANGES)
+    return (f"resume: {info.path} was trained on tokens of format {old} and this run tokenizes the same "
+            f"text with format {new}" + (f" ({why})" if why else "") + ": the steps from here on see "
+            "slightly different token ids than the steps before")
 
 
 def _length_warning(info: CheckpointInfo, old_plan: dict, new_plan: dict, train, plan) -> str:

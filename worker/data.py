@@ -3,7 +3,9 @@
 Semantics follow LitGPT's ``TextFiles`` (0.5.13) where it matters for the model:
 
 * the ``*.txt`` files at the top level of a folder, sorted by name;
-* every file is encoded with a BOS token in front and no EOS, and the files are concatenated;
+* every file is read as ``tokenize()`` reads it (UTF-8 in text mode, so CRLF becomes LF, then
+  ``str.strip()``; a BOM is kept: ``worker.tokenizer.read_text``) and encoded with a BOS token in
+  front and no EOS, and the files are concatenated: the same token ids as LitGPT;
 * samples are non-overlapping windows of ``max_seq_length + 1`` tokens (input = window[:-1],
   target = window[1:]);
 * without ``val_data_path`` the first sorted training file is the validation set (needs >= 2 files).
@@ -46,8 +48,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import litgpt
     import torch
 
-#: bump when the cache file layout or the tokenization rule changes (invalidates old caches)
-CACHE_FORMAT = 1
+#: bump when the cache file layout or the tokenization rule changes (invalidates old caches).
+#: 1: each file's bytes as they are; 2: read as LitGPT's ``tokenize()`` reads them (CRLF -> LF,
+#: stripped: ``worker.tokenizer.read_text``). Checkpoints record it (``token_format``): a resume
+#: across a change is allowed with a warning (``worker.checkpoint.token_format_change``).
+CACHE_FORMAT = 2
 
 
 def cache_root() -> Path:

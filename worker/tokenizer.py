@@ -67,18 +67,25 @@ def text_files(folder: Path) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
-    """Read one UTF-8 text file.
+    """Read one UTF-8 text file as LitGPT's ``tokenize()`` (``litgpt/data/text_files.py``) does:
+    text mode, so ``\\r\\n`` and a lone ``\\r`` become ``\\n`` (universal newlines), then
+    ``str.strip()`` (leading and trailing whitespace, blank lines included, go). A UTF-8 BOM is
+    kept, as there: it decodes to U+FEFF, which is not whitespace. The training data
+    (``worker.data``) and tokenizer training (:func:`train_tokenizer`) both read text this way.
 
     Raises:
-        DataError: the file is empty or is not valid UTF-8 (the message gives the byte offset).
+        DataError: the file is not valid UTF-8 (the message gives the byte offset), or holds
+            nothing but whitespace.
     """
     raw = Path(path).read_bytes()
-    if not raw.strip():
-        raise DataError(f"{path}: file is empty")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    if not text:
+        raise DataError(f"{path}: file is empty (or only whitespace)")
+    return text
 
 
 def _iter_texts(folders: list[Path]) -> Iterator[str]:

@@ -51,7 +51,9 @@ SHA-256 of the raw training and validation text, the tokenizer's hash, the plan)
 with this run (``worker.checkpoint.check_resume``): other data, another tokenizer, or another
 lr, min_lr, warm-up, global batch size or sequence length is a ``PreflightError`` naming
 ``resume`` and each difference, unless ``resume_allow_changes`` lists it; another run length
-(``max_tokens``/``max_steps``) is logged as a warning naming the old and new schedule. With
+(``max_tokens``/``max_steps``) is logged as a warning naming the old and new schedule, and so is
+a checkpoint trained on tokens of another token-cache format (``worker.data.CACHE_FORMAT``; the
+warning is also the ``data_ready`` event's message). With
 ``initial_checkpoint_dir``, ``resume: auto``/``true`` continues the run's own checkpoint and the
 initial weights are used only when it has none.
 """
@@ -85,7 +87,15 @@ from service.contract import EventKind, ExitCode
 from worker import checkpoint as ckpt
 from worker import entry, errors
 from worker.attention import AttentionChoice, choose_backends
-from worker.data import PreparedData, WindowSampler, cache_root, prepare_data, source_text, validation_batches
+from worker.data import (
+    CACHE_FORMAT,
+    PreparedData,
+    WindowSampler,
+    cache_root,
+    prepare_data,
+    source_text,
+    validation_batches,
+)
 from worker.errors import EngineError, Interrupted, PreflightError
 from worker.launch import RankProcesses, die_with_parent, externally_launched, is_rank_zero_env
 from worker.metrics import MetricsWriter, model_flops_utilization
@@ -713,8 +723,10 @@ def _run(
         if errors.no_space_errno(exc) is None:
             raise
         raise errors.no_space(exc.filename or cache_root(), "the token cache") from exc
-    reporter.event(EventKind.data_ready, train_tokens=len(data.train), train_path=str(data.train.path),
-                   val_tokens=len(data.val) if data.val is not None else None)
+    format_change = (ckpt.token_format_change(resume_from, {"token_format": CACHE_FORMAT})
+                     if resume_from is not None else None)  # logged by _check_resume; the event says it too
+    reporter.event(EventKind.data_ready, message=format_change, train_tokens=len(data.train),
+                   train_path=str(data.train.path), val_tokens=len(data.val) if data.val is not None else None)
     if rank_zero:
         log.info("data: %d training tokens in %s (%d windows of %d), validation: %s", len(data.train),
                  data.train.path, data.train.n_windows(plan.seq_len + 1), plan.seq_len + 1,

@@ -6,10 +6,13 @@
   200 when all hold, else 503 naming what is down (with ``Retry-After``).
 - ``GET /metrics``: Prometheus text format, read at scrape time (see :class:`StateCollector`).
 - ``GET /docs``: Swagger UI whose assets come from the ``swagger-ui-bundle-v2`` package
-  (``swagger_ui_bundle`` module), served under ``/docs/assets/``: no CDN.
+  (``swagger_ui_bundle`` module), served under ``/docs/assets/``: no CDN; its start-up code is
+  ``/docs/init.js`` (no inline script: see ``service.api.headers``).
 """
 from __future__ import annotations
 
+import html
+import json
 import logging
 import mimetypes
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.docs import swagger_ui_default_parameters
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -234,20 +237,51 @@ def _assets_dir() -> Path | None:
 docs_router = APIRouter(include_in_schema=False)
 
 
+#: Swagger UI's start-up code, served as ``/docs/init.js`` (the Content-Security-Policy of
+#: ``service.api.headers`` allows no inline script). Its options are the JSON in the page's
+#: ``data-config`` attribute.
+DOCS_INIT_JS = """\
+(function () {
+  'use strict';
+  var holder = document.getElementById('swagger-ui');
+  var config = JSON.parse(holder.getAttribute('data-config'));
+  config.presets = [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset];
+  window.ui = SwaggerUIBundle(config);
+})();
+"""
+
+
+def docs_html(openapi_url: str, title: str) -> str:
+    """The ``/docs`` page: Swagger UI from ``/docs/assets/``, started by ``/docs/init.js``
+    with FastAPI's default options, ``url`` = ``openapi_url`` and no online validator (its
+    badge would load an image from another host). No inline script or style."""
+    config = {**swagger_ui_default_parameters, "url": openapi_url, "validatorUrl": None}
+    return (
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>{html.escape(title)}</title>\n"
+        "<link rel=\"stylesheet\" href=\"/docs/assets/swagger-ui.css\">\n"
+        "<link rel=\"icon\" href=\"/docs/assets/favicon-32x32.png\">\n</head>\n<body>\n"
+        f"<div id=\"swagger-ui\" data-config=\"{html.escape(json.dumps(config))}\"></div>\n"
+        "<script src=\"/docs/assets/swagger-ui-bundle.js\"></script>\n"
+        "<script src=\"/docs/init.js\"></script>\n</body>\n</html>\n"
+    )
+
+
 @docs_router.get("/docs")
 def docs(request: Request) -> HTMLResponse:
     if _assets_dir() is None:
         raise ApiError(503, "the API docs need the swagger-ui-bundle-v2 package "
                        "(pip install swagger-ui-bundle-v2); the schema is at /openapi.json",
                        code="docs_unavailable")
-    return get_swagger_ui_html(
-        openapi_url=request.app.openapi_url or "/openapi.json",
-        title=f"{request.app.title} - API docs",
-        swagger_js_url="/docs/assets/swagger-ui-bundle.js",
-        swagger_css_url="/docs/assets/swagger-ui.css",
-        swagger_favicon_url="/docs/assets/favicon-32x32.png",
-        oauth2_redirect_url=None,
-    )
+    return HTMLResponse(docs_html(request.app.openapi_url or "/openapi.json",
+                                  f"{request.app.title} - API docs"))
+
+
+@docs_router.get("/docs/init.js")
+def docs_init() -> Response:
+    return Response(DOCS_INIT_JS, media_type="text/javascript",
+                    headers={"Cache-Control": "no-cache"})
 
 
 @docs_router.get("/docs/assets/{filename}")
