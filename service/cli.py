@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", help="train locally: same flags as run_train.py (moejobs train --help)", add_help=False)
 
-    v = sub.add_parser("validate", help="validate configs, print warnings and the estimate")
+    v = sub.add_parser("validate", help="run_train.py --dry-run: validate the configs, check their input "
+                       "folders (from the current folder), print warnings, the estimate and the device "
+                       "pre-flight; exit 0 ok, 2 invalid config, 1 missing input")
     v.add_argument("train_config", nargs="?", default="configs/train_config.yaml")
     v.add_argument("model_config", nargs="?", default="configs/model_config.yaml")
     v.add_argument("--preset")

@@ -19,8 +19,9 @@ write anything else. Rules (applied by :func:`resolve_run_paths` after schema va
 
 Errors are ``service.schemas.ConfigError`` whose issues name the field with the same
 locations as schema errors (``("data", "init_args", "train_data_path")``), so the API reports
-them as 422s with the full path. Missing folders are only warnings: data may be uploaded
-after the run is submitted but before it starts.
+them as 422s with the full path. Whether the inputs exist is checked afterwards by
+``service.checks`` (the same check as on the command line; in the API a missing folder is a
+warning: data may be uploaded after the run is submitted but before it starts).
 """
 from __future__ import annotations
 
@@ -119,17 +120,15 @@ def output_dir(run_dir: Path) -> Path:
     return run_dir / RUN_OUT_DIR
 
 
-def resolve_run_paths(train: dict, *, data_root: Path, runs_dir: Path,
-                      run_dir: Path) -> tuple[dict, list[Issue]]:
+def resolve_run_paths(train: dict, *, data_root: Path, runs_dir: Path, run_dir: Path) -> dict:
     """A copy of the validated train document (``TrainConfig.model_dump(mode="json")``) with
     every input path made absolute under ``data_root`` and ``out_dir`` set to
-    ``run_dir/out``; plus warnings (``Issue``) for input folders that do not exist yet.
+    ``run_dir/out``. Existence is not checked here (``service.checks.input_problems``).
 
     Raises ``ConfigError`` listing every escaping path with its field location.
     """
     out = copy.deepcopy(train)
     errors: list[Issue] = []
-    warnings: list[Issue] = []
     for loc, may_use_runs in INPUT_FIELDS.items():
         value = _get(out, loc)
         if value is None or isinstance(value, bool) or value == "auto":
@@ -140,9 +139,6 @@ def resolve_run_paths(train: dict, *, data_root: Path, runs_dir: Path,
             errors.append(Issue(loc, f"{error}"))
             continue
         _set(out, loc, str(resolved))
-        if not resolved.exists():
-            warnings.append(Issue(loc, f"{resolved} does not exist yet; the run fails when it "
-                                       f"starts unless it is there by then"))
     submitted_out = out.get("out_dir")
     if isinstance(submitted_out, str) and submitted_out.strip():
         try:
@@ -152,7 +148,7 @@ def resolve_run_paths(train: dict, *, data_root: Path, runs_dir: Path,
     if errors:
         raise ConfigError(errors)
     out["out_dir"] = str(output_dir(run_dir))
-    return out, warnings
+    return out
 
 
 def safe_relative(name: str) -> PurePosixPath:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from test_api_support import make_api, sqlite_api, sqlite_template  # noqa: F401 - fixtures
 from worker.cli import build_parser, train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def seeded(tmp_path: Path, corpus: Path, tokenizer_dir: Path) -> Path:
+    """A working folder where the shipped config's relative input paths exist:
+    ``./data/custom_text/{train,val}`` and ``./data/tokenizer`` (links to the session's corpus
+    and tokenizer), as ``moejobs seed-data`` leaves them."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "custom_text").symlink_to(corpus, target_is_directory=True)
+    (tmp_path / "data" / "tokenizer").symlink_to(tokenizer_dir, target_is_directory=True)
+    return tmp_path
+
+
+TRAIN_PY = str(REPO / "run_train.py")
 
 
 def test_flags_map_to_config_keys():
@@ -35,8 +50,8 @@ def test_flags_map_to_config_keys():
     assert train_overrides(build_parser().parse_args([])) == {}
 
 
-def test_dry_run_of_the_shipped_configs_explains_them():
-    done = run("run_train.py", "--dry-run")
+def test_dry_run_of_the_shipped_configs_explains_them(seeded):
+    done = run(TRAIN_PY, "--dry-run", cwd=seeded)
     assert done.returncode == 0, done.stderr
     assert "only 4 optimizer steps will run" in done.stderr
     assert "the learning rate never reaches its peak" in done.stderr
@@ -52,10 +67,10 @@ def _has_cuda() -> bool:
 
 
 @pytest.mark.skipif(_has_cuda(), reason="the production preset's flash kernels can run on this GPU")
-def test_dry_run_runs_the_engine_preflight():
+def test_dry_run_runs_the_engine_preflight(seeded):
     """The production preset forces flash-attention kernels: on this CPU-only machine the dry
     run fails like the real run would (exit 2, the field named), after printing the estimate."""
-    done = run("run_train.py", "--dry-run", "--preset", "production")
+    done = run(TRAIN_PY, "--dry-run", "--preset", "production", cwd=seeded)
     assert done.returncode == 2, done.stderr
     assert "plan.optimizer_steps" in done.stdout
     assert done.stderr.strip().splitlines()[-1].startswith(
@@ -63,9 +78,10 @@ def test_dry_run_runs_the_engine_preflight():
     assert "Traceback" not in done.stderr
 
 
-def test_smoke_test_then_flags_win(tmp_path):
+def test_smoke_test_then_flags_win(seeded):
     # --smoke-test sets micro 1 / global 1 / 64 tokens / seq 64; an explicit flag wins over it.
-    done = run("run_train.py", "--dry-run", "--smoke-test", "--max-seq-length", "32", "--max-tokens", "128")
+    done = run(TRAIN_PY, "--dry-run", "--smoke-test", "--max-seq-length", "32", "--max-tokens", "128",
+               cwd=seeded)
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(None, 1) for line in done.stdout.splitlines()[1:] if line.startswith("  "))
     assert lines["plan.seq_len"].strip() == "32"
@@ -106,8 +122,9 @@ def test_schema_command_prints_json_schema_with_descriptions():
     assert "n_expert" in json.dumps(model)
 
 
-def test_validate_command_with_preset():
-    done = run("-m", "service.cli", "validate", "--preset", "cpu-tiny")
+def test_validate_command_with_preset(seeded):
+    done = run("-m", "service.cli", "validate", str(REPO / "configs/train_config.yaml"),
+               str(REPO / "configs/model_config.yaml"), "--preset", "cpu-tiny", cwd=seeded)
     assert done.returncode == 0, done.stderr
     assert "estimate:" in done.stdout
 
@@ -130,6 +147,110 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path, corpu
                         "(or use a new out_dir) to train more"), again.stdout
     assert "training finished" not in again.stdout
     assert "  optimizer steps : 3" in lines
+
+
+# -- one set of checks: the command line and the API say the same about unusable inputs ------------
+
+#: field -> what the dry run, `moejobs validate` and /runs/validate say, for the folder layouts
+#: below (paths relative to the data root, which is the command line's working folder).
+INPUT_CASES: dict[str, tuple[dict, dict[str, str], int]] = {
+    # nothing uploaded: tokenizer first, then the data, in the engine's order; exit 1 (invalid_data)
+    "nothing": ({}, {
+        "tokenizer_dir": "{root}/tok: folder does not exist (train one with `moejobs tokenizer "
+                         "train`, or POST /tokenizers/{{name}} on the API)",
+        "data.init_args.train_data_path": "{root}/ds/train: data folder does not exist",
+        "data.init_args.val_data_path": "{root}/ds/val: data folder does not exist",
+    }, 1),
+    # an empty data folder, a tokenizer folder with no tokenizer in it
+    "empty": ({"mkdir": ["ds/train", "tok"], "val": True}, {
+        "tokenizer_dir": "{root}/tok: holds neither tokenizer.json nor tokenizer.model",
+        "data.init_args.train_data_path": "{root}/ds/train: no .txt files at the top level of this folder",
+    }, 1),
+    "initial weights": ({"data": True, "train": {"initial_checkpoint_dir": "base"}}, {
+        "initial_checkpoint_dir": "{root}/base: folder does not exist",
+    }, 1),
+    # the engine refuses a resume path that is no checkpoint as an invalid config: exit 2
+    "resume path": ({"data": True, "train": {"resume": "old/step-00000010"}}, {
+        "resume": "{root}/old/step-00000010 is not a complete checkpoint folder (needs lit_model.pth, "
+                  "model_config.yaml, training_state.pt, training_state.json)",
+    }, 2),
+    "all there": ({"data": True}, {}, 0),
+}
+
+
+def _layout(root: Path, spec: dict, corpus: Path, tokenizer_dir: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in spec.get("mkdir", []):
+        (root / folder).mkdir(parents=True)
+    if spec.get("val") or spec.get("data"):
+        (root / "ds").mkdir(exist_ok=True)
+        (root / "ds" / "val").symlink_to(corpus / "val", target_is_directory=True)
+    if spec.get("data"):
+        (root / "ds" / "train").symlink_to(corpus / "train", target_is_directory=True)
+        (root / "tok").symlink_to(tokenizer_dir, target_is_directory=True)
+
+
+def _error_lines(stderr: str) -> dict[str, str]:
+    """``error: REASON: FIELD: message`` lines as {FIELD: message}."""
+    out = {}
+    for line in stderr.splitlines():
+        if line.startswith("error: invalid_"):
+            field, message = line.split(": ", 2)[2].split(": ", 1)
+            out[field] = message
+    return out
+
+
+@pytest.mark.parametrize("case", list(INPUT_CASES))
+def test_missing_inputs_are_the_same_problem_on_the_command_line_and_in_the_api(
+        case, sqlite_api, corpus, tokenizer_dir, tmp_path):
+    """The dry run (and `moejobs validate`) in the data root fail with the exact messages that
+    /runs/validate gives as warnings for the same config (paths from the working folder there,
+    under DATA_ROOT here), with the exit code the real run would have."""
+    from test_api_support import MODEL, TRAIN, body
+
+    from service.configs import deep_merge
+
+    spec, expected, code = INPUT_CASES[case]
+    root = sqlite_api.settings.data_root
+    _layout(root, spec, corpus, tokenizer_dir)
+    train = deep_merge(TRAIN, spec.get("train", {}))
+    train_file, model_file = tmp_path / "train.yaml", tmp_path / "model.yaml"
+    train_file.write_text(yaml.safe_dump(train))
+    model_file.write_text(yaml.safe_dump(MODEL))
+    expected = {k: v.format(root=root) for k, v in expected.items()}
+
+    done = run(TRAIN_PY, "--dry-run", "--config", str(train_file), "--model-config", str(model_file),
+               cwd=root)
+    assert done.returncode == code, done.stderr
+    assert _error_lines(done.stderr) == expected
+    assert "estimate:" in done.stdout and "Traceback" not in done.stderr
+    if case == "nothing":  # `moejobs validate` is the same check
+        validate = subprocess.run([str(Path(sys.executable).parent / "moejobs"), "validate",
+                                   str(train_file), str(model_file)],
+                                  cwd=root, capture_output=True, text=True, timeout=300)
+        assert validate.returncode == code, validate.stderr
+        assert _error_lines(validate.stderr) == expected
+
+    report = sqlite_api.client.post("/runs/validate", json=body(train_config=train)).json()
+    assert report["valid"] is True, report  # the API warns: the data may come before the run starts
+    warned = {".".join(w["loc"][2:]): w["msg"] for w in report["warnings"]}
+    assert warned == expected
+
+
+def test_a_real_run_fails_on_missing_data_with_the_dry_runs_message(tmp_path, tokenizer_dir):
+    """The engine raises the same text (service.checks) when it meets the missing folder."""
+    from conftest import TINY_MODEL, tiny_train_config
+
+    train = tiny_train_config(tmp_path / "out", tmp_path / "nowhere", tokenizer_dir)
+    train_file, model_file = tmp_path / "train.yaml", tmp_path / "model.yaml"
+    train_file.write_text(yaml.safe_dump(train))
+    model_file.write_text(yaml.safe_dump(TINY_MODEL))
+    argv = ("--config", str(train_file), "--model-config", str(model_file))
+    dry, real = run(TRAIN_PY, "--dry-run", *argv), run(TRAIN_PY, *argv)
+    message = f"{tmp_path}/nowhere/train: data folder does not exist"
+    assert dry.returncode == real.returncode == 1, real.stderr[-2000:]
+    assert f"error: invalid_data: data.init_args.train_data_path: {message}" in dry.stderr.splitlines()
+    assert real.stderr.strip().splitlines()[-1] == f"error: invalid_data: {message}"
 
 
 # -- settings errors: one line per problem naming the setting as written, exit 2 -------------------

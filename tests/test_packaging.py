@@ -105,10 +105,18 @@ def test_api_only_install_has_no_torch_and_reaches_a_redis_broker(tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.strip() == "broker up"
-    # the CLI's torch-free commands work there too (the API image copies worker/ for them)
+    # the CLI's torch-free commands work there too (the API image copies worker/ for them);
+    # `validate` checks the shipped config's ./data/... inputs in the working folder
+    work = tmp_path / "work"
+    for folder in ("data/custom_text/train", "data/custom_text/val", "data/tokenizer"):
+        (work / folder).mkdir(parents=True)
+    (work / "data/custom_text/train/a.txt").write_text("text\n")
+    (work / "data/custom_text/val/b.txt").write_text("text\n")
+    (work / "data/tokenizer/tokenizer.json").write_text("{}")
     checked = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-m", "service.cli",
-                              "validate"], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=120)
+                              "validate", str(REPO / "configs/train_config.yaml"),
+                              str(REPO / "configs/model_config.yaml")], cwd=work, env=env,
+                             capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert "549,146,880" in checked.stdout
     assert "device pre-flight skipped: training needs the 'train' extra" in checked.stderr

@@ -3,12 +3,16 @@
 ``run_train.py`` and ``moejobs train`` both call :func:`main`. Precedence of settings, lowest
 first: the two config files < ``--preset`` < ``--smoke-test`` < explicit flags.
 
-Exit codes (``service.contract.ExitCode``): 0 success (also ``--dry-run``), 2 invalid config
-(the message names the field), 1 training failure (one line ``error: <reason>: ...``; reasons
+Exit codes (``service.contract.ExitCode``): 0 success, 2 invalid config (the message names the
+field), 1 training failure (one line ``error: <reason>: ...``; reasons
 invalid_data, out_of_memory, no_space, crashed), 75 interrupted by SIGTERM/SIGINT after writing a
 resumable checkpoint (run the same command again to resume), 130/143 SIGINT/SIGTERM before the
 first optimizer step (one line, nothing trained), 130 also for a second Ctrl-C during training
-(no checkpoint).
+(no checkpoint). ``--dry-run`` (and ``moejobs validate``) checks what the API's
+``/runs/validate`` checks (``service.checks.check_run``, paths from the current folder) plus the
+device pre-flight, and exits as the real run would fail: 2 for an invalid config, a failed
+pre-flight or a ``resume`` path that is no checkpoint, 1 for a missing or unusable data folder,
+tokenizer folder or ``initial_checkpoint_dir`` (``error: invalid_data: FIELD: ...``), else 0.
 
 Every end of a training (not ``--dry-run``) is also written to ``out_dir/result.json``
 (``service.contract.EngineResult``); for an invalid config, ``out_dir`` is the one the flags or
@@ -145,18 +149,21 @@ def _invalid_config_out_dir(args: argparse.Namespace) -> str:
 def _main(argv: list[str] | None, prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
 
-    from service.configs import resolve
+    from service.checks import LocalPaths, check_run
+    from service.configs import resolve_documents
     from service.report import format_estimate, format_issues
     from service.schemas import ConfigError
 
     try:
-        validated = resolve(
+        train, model = resolve_documents(
             args.config,
             args.model_config,
             preset=args.preset,
             smoke_test=args.smoke_test,
             train_overrides=train_overrides(args),
         )
+        # the API's /runs/validate makes the same checks (paths under DATA_ROOT there)
+        checked = check_run(train, model, LocalPaths(Path.cwd()))
     except ConfigError as exc:
         issues = format_issues(exc.errors)
         _say("error: invalid config", *issues, file=sys.stderr)
@@ -167,13 +174,18 @@ def _main(argv: list[str] | None, prog: str) -> int:
             Reporter(_invalid_config_out_dir(args)).failed(PreflightError(
                 "invalid config: " + "; ".join(line.strip() for line in issues if line.strip())))
         return 2
-    if validated.warnings:
-        _say("warnings:", *format_issues(validated.warnings), file=sys.stderr)
+    validated = checked.validated
+    if checked.warnings:
+        _say("warnings:", *format_issues(checked.warnings), file=sys.stderr)
     if args.dry_run:
         from service.estimate import estimate
 
         _say(*format_estimate(estimate(validated.train, validated.model)))
-        return _dry_run_preflight(validated)
+        for problem in checked.errors:  # unusable inputs, as the engine would name them
+            _say(f"error: {problem.reason.value}: {problem.issue}", file=sys.stderr)
+        device = _dry_run_preflight(validated)
+        # the engine runs the device pre-flight first, then meets the inputs in this order
+        return device or (checked.errors[0].exit_code if checked.errors else 0)
     return _train(validated, smoke_test=args.smoke_test)
 
 

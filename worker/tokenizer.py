@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.checks import data_folder_problem, tokenizer_folder_problem
 from worker.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -56,14 +57,10 @@ def text_files(folder: Path) -> list[Path]:
         DataError: the folder does not exist, is not a folder, or holds no ``.txt`` file.
     """
     folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"{folder}: data folder does not exist")
-    if not folder.is_dir():
-        raise DataError(f"{folder}: expected a folder of .txt files, found a file")
-    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
-    if not files:
-        raise DataError(f"{folder}: no .txt files at the top level of this folder")
-    return files
+    problem = data_folder_problem(folder)  # the message a dry run and the API give
+    if problem:
+        raise DataError(problem)
+    return sorted(p for p in folder.glob("*.txt") if p.is_file())
 
 
 def read_text(path: Path) -> str:
@@ -286,10 +283,9 @@ def load_tokenizer(tokenizer_dir: Path, padded_vocab_size: int) -> litgpt.Tokeni
 
     folder = Path(tokenizer_dir)
     where = f"tokenizer_dir {folder}"
-    if not folder.is_dir():
-        raise DataError(f"{where}: folder does not exist (train one with `moejobs tokenizer train`)")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
-        raise DataError(f"{where}: holds neither tokenizer.json nor tokenizer.model")
+    problem = tokenizer_folder_problem(folder)  # the message a dry run and the API give
+    if problem:
+        raise DataError(f"tokenizer_dir {problem}")
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
         try:

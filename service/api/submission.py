@@ -21,6 +21,7 @@ from service import reads
 from service import runs as runs_service
 from service.api.errors import ApiError, config_error, config_issue_locs, field_error, invalid
 from service.api.models import RunCreate
+from service.checks import ServerPaths, check_run
 from service.configs import (
     ConfigLoader,
     list_presets,
@@ -31,9 +32,8 @@ from service.configs import (
 )
 from service.estimate import estimate
 from service.models import Run
-from service.paths import resolve_run_paths
 from service.queue import enqueue_run
-from service.schemas import ConfigError, Issue, Validated, validate_configs, validate_train_config
+from service.schemas import ConfigError, Issue, Validated, validate_train_config
 from service.settings import Settings
 
 log = logging.getLogger("moejobs.api")
@@ -219,31 +219,29 @@ def check_schedulable(session: Session, settings: Settings, validated: Validated
 def prepare_run(session: Session, settings: Settings, request: RunCreate, *,
                 run_id: uuid.UUID | None = None, allow_reserved_preset: bool = False,
                 check_workers: bool = True) -> Prepared:
-    """Merge the preset, validate, resolve paths, estimate and check schedulability.
-    Raises ApiError 422 (``invalid_config`` with every field path, or ``unschedulable``)."""
+    """Merge the preset, validate, resolve paths and check the inputs
+    (``service.checks.check_run``: unusable inputs are warnings here), estimate and check
+    schedulability. Raises ApiError 422 (``invalid_config`` with every field path, or ``unschedulable``)."""
     run_id = run_id or uuid.uuid4()
     preset = request.preset
     if preset is not None and not (allow_reserved_preset and preset in RESERVED_PRESETS):
         if preset not in list_presets():
             raise invalid(["body", "preset"], f"unknown preset {preset!r}; available: "
                           f"{', '.join(list_presets()) or 'none'}")
+    assert settings.data_root is not None and settings.runs_dir is not None
+    paths = ServerPaths(data_root=settings.data_root, runs_dir=settings.runs_dir,
+                        run_dir=settings.run_dir(run_id))
     try:
         train, model = resolve_documents(
             None, None, preset if preset not in RESERVED_PRESETS else None,
             train_doc=request.train_config, model_doc=request.model_doc)
-        validated = validate_configs(train, model)
+        checked = check_run(train, model, paths)  # the command line's checks, paths under DATA_ROOT
     except ConfigError as error:
         keys = _train_issue_keys(request.train_config) if any(
             i.loc and i.loc[0] == "model" for i in error.errors) else set()
         raise config_error(error, train_issue_keys=keys) from None
-    assert settings.data_root is not None and settings.runs_dir is not None
-    try:
-        resolved_train, path_warnings = resolve_run_paths(
-            validated.train.model_dump(mode="json"), data_root=settings.data_root,
-            runs_dir=settings.runs_dir, run_dir=settings.run_dir(run_id))
-    except ConfigError as error:
-        raise config_error(error) from None
-    warnings = _warning_dicts(list(validated.warnings) + path_warnings)
+    validated, resolved_train = checked.validated, checked.train
+    warnings = _warning_dicts(checked.warnings)
     if preset is not None and preset not in RESERVED_PRESETS:
         warnings += _preset_warning(preset, request)
     if check_workers:

@@ -1,0 +1,102 @@
+"""service.checks: the input checks every entry point shares (the command line's dry run and
+`moejobs validate`, the API's /runs/validate); tests/test_cli.py compares the entry points."""
+from __future__ import annotations
+
+import pytest
+
+from service.checks import (
+    CHECKPOINT_FILES,
+    LocalPaths,
+    ServerPaths,
+    check_run,
+    input_problems,
+)
+from service.contract import FailureReason
+from service.schemas import ConfigError
+from test_api_support import MODEL, TRAIN
+
+
+def _doc(**over) -> dict:
+    doc = {"tokenizer_dir": None, "initial_checkpoint_dir": None, "resume": False,
+           "data": {"init_args": {"train_data_path": None, "val_data_path": None}}}
+    doc.update(over)
+    return doc
+
+
+def _by_field(train: dict) -> dict[str, str]:
+    return {p.issue.path: p.issue.message for p in input_problems(train)}
+
+
+def test_the_checkpoint_files_are_the_engines():
+    from worker.checkpoint import REQUIRED
+
+    assert CHECKPOINT_FILES == REQUIRED
+
+
+def test_an_overlong_or_unreadable_path_is_a_problem_not_an_exception(tmp_path):
+    long = str(tmp_path) + "/" + "a/" * 3000  # over PATH_MAX: os.stat raises ENAMETOOLONG
+    problems = _by_field(_doc(tokenizer_dir=long, data={"init_args": {"train_data_path": long}}))
+    shown = f"{long[:200]}... ({len(long) - 1} characters)"  # Path drops the trailing '/'
+    assert problems["tokenizer_dir"] == f"{shown}: cannot be read (File name too long)"
+    assert problems["data.init_args.train_data_path"] == f"{shown}: cannot be read (File name too long)"
+
+
+def test_a_file_where_a_folder_belongs(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    problems = _by_field(_doc(tokenizer_dir=str(tmp_path / "f.txt"),
+                              data={"init_args": {"train_data_path": str(tmp_path / "f.txt")}}))
+    assert problems == {
+        "tokenizer_dir": f"{tmp_path}/f.txt: is a file, not a tokenizer folder",
+        "data.init_args.train_data_path": f"{tmp_path}/f.txt: expected a folder of .txt files, found a file",
+    }
+
+
+def test_checkpoints_resume_and_initial_weights(tmp_path):
+    ckpt = tmp_path / "step-00000004"
+    ckpt.mkdir()
+    for name in CHECKPOINT_FILES[:-1]:
+        (ckpt / name).write_bytes(b"x")
+    [problem] = input_problems(_doc(resume=str(ckpt)))
+    assert problem.issue.path == "resume" and problem.reason == FailureReason.invalid_config
+    assert problem.exit_code == 2 and "is not a complete checkpoint folder" in problem.issue.message
+    (ckpt / CHECKPOINT_FILES[-1]).write_text("{}")
+    assert input_problems(_doc(resume=str(ckpt))) == []
+    # initial weights without tokenizer_dir: the tokenizer comes from that folder too
+    weights = tmp_path / "base"
+    weights.mkdir()
+    (weights / "lit_model.pth").write_bytes(b"x")
+    [problem] = input_problems(_doc(initial_checkpoint_dir=str(weights)))
+    assert (problem.issue.path, problem.exit_code) == ("initial_checkpoint_dir", 1)
+    assert problem.issue.message == f"{weights}: holds neither tokenizer.json nor tokenizer.model"
+    (weights / "lit_model.pth").unlink()
+    assert _by_field(_doc(initial_checkpoint_dir=str(weights), tokenizer_dir=str(weights))) == {
+        "tokenizer_dir": f"{weights}: holds neither tokenizer.json nor tokenizer.model",
+        "initial_checkpoint_dir": f"{weights}: holds no lit_model.pth (the weights to start from)",
+    }
+
+
+def test_local_paths_resolve_from_the_working_folder_and_server_paths_under_the_data_root(tmp_path):
+    train = dict(TRAIN, tokenizer_dir="./tok/../tok", resume="auto")
+    local = check_run(train, MODEL, LocalPaths(tmp_path))
+    assert local.train["tokenizer_dir"] == f"{tmp_path}/tok"
+    assert local.train["resume"] == "auto" and local.train["out_dir"] == "out/test"
+    assert [e.issue.path for e in local.errors] == [
+        "tokenizer_dir", "data.init_args.train_data_path", "data.init_args.val_data_path"]
+    assert local.warnings == []
+
+    server = check_run(train, MODEL, ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r"))
+    assert server.errors == []
+    assert server.train["out_dir"] == f"{tmp_path}/runs/r/out"
+    assert [(w.path, w.message) for w in server.warnings] == [
+        (e.issue.path, e.issue.message.replace(str(tmp_path), str(tmp_path / "data")))
+        for e in local.errors]
+
+
+def test_schema_errors_and_escapes_are_raised(tmp_path):
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        check_run(dict(TRAIN, train={"micro_batch_size": 0}), MODEL, LocalPaths(tmp_path))
+    with pytest.raises(ConfigError, match="climbs out of the data root"):
+        check_run(dict(TRAIN, tokenizer_dir="../../etc"), MODEL,
+                  ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r"))
+    # on the command line any folder may be used
+    assert check_run(dict(TRAIN, tokenizer_dir="../../etc"), MODEL, LocalPaths(tmp_path)).errors
