@@ -236,10 +236,6 @@ def slots(workers: list[Worker]) -> list[Slot]:
     return out
 
 
-def _can_serve(slot: Slot, devices: int) -> bool:
-    return slot.devices >= devices or (slot.devices == 0 and devices == 1)
-
-
 def expected_times(est: Estimate, precision: str, model_key: str, kinds: list[str],
                    rows: list[Throughput]) -> list[dict[str, Any]]:
     """The expected training time on each worker kind in ``kinds`` (sorted fastest first,
@@ -367,8 +363,9 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
             [*_TRAIN, "num_nodes"], f"num_nodes {validated.train.num_nodes}: a moejobs worker "
             f"runs a job on one machine; use num_nodes 1"))
         return verdict
-    live = slots(runs_service.live_workers(session, settings.worker_stale_seconds))
-    able = [s for s in live if _can_serve(s, devices)]
+    workers = runs_service.live_workers(session, settings.worker_stale_seconds)
+    live = slots(workers)
+    able = [s for s, w in zip(live, workers) if runs_service.worker_can_serve(w, devices)]
     if not able:
         if not live:
             msg = (f"no live worker (none heartbeated in the last "
