@@ -2,7 +2,7 @@
 changes in ``service/runs.py``, the schema's history in ``migrations/``.
 
 Tables: ``runs``, ``run_events``, ``metric_points``, ``router_points``, ``checkpoints``,
-``workers``, ``run_provenance``. Every constraint and index is named by
+``workers``, ``throughput``, ``run_provenance``. Every constraint and index is named by
 :data:`NAMING_CONVENTION` so that migrations can refer to them on every database.
 
 Conventions
@@ -316,7 +316,12 @@ class Worker(Base, table=True):
     """A registered worker process (liveness comes from here, not Celery's remote control).
     ``gpus``: list of ``{"index": int, "name": str, "memory_bytes": int}``; ``gpu_count`` the
     GPUs it owns (0 = CPU only); ``gpu_memory_bytes`` the smallest GPU's total memory (what a
-    run can count on per device)."""
+    run can count on per device). ``kind`` names the hardware a run's speed depends on (the
+    GPU name, e.g. "NVIDIA H200", or "cpu: <model name>"); ``host_memory_bytes`` the memory
+    of the machine (or of its cgroup), which is what a CPU worker trains in and which the CPU
+    workers of one host share; ``free_bytes`` the free space under RUNS_DIR, renewed with
+    every heartbeat. NULL = not reported (a worker that reports no memory never causes a
+    refusal: ``service.admission``)."""
 
     __tablename__ = "workers"
 
@@ -328,6 +333,9 @@ class Worker(Base, table=True):
     )
     gpu_count: int = Field(default=0)
     gpu_memory_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    kind: Optional[str] = Field(default=None, max_length=200)
+    host_memory_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    free_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
     heartbeat_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
@@ -335,6 +343,34 @@ class Worker(Base, table=True):
         default=None, sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="SET NULL"
     )
     started_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+
+
+class Throughput(Base, table=True):
+    """Worker calibration: the training speed that succeeded runs of one model config reached
+    on one worker kind (``service.admission`` turns it into the expected time of new runs).
+
+    ``model_key``: sha256 hex of the resolved model config and the precision
+    (``service.admission.model_key``); ``worker_kind``: ``Worker.kind``.
+    ``tokens_per_sec_per_device``: tokens trained / seconds of training at the run's last
+    metric row, divided by its world size (mean over ``runs`` runs);
+    ``flops_per_sec_per_device``: the same times the estimate's FLOPs per token (model FLOP/s
+    reached; used for other configs on the same kind)."""
+
+    __tablename__ = "throughput"
+    __table_args__ = (
+        sa.CheckConstraint("runs >= 1", name="runs_positive"),
+        sa.CheckConstraint("tokens_per_sec_per_device > 0", name="tokens_per_sec_positive"),
+    )
+
+    model_key: str = Field(primary_key=True, max_length=64)
+    worker_kind: str = Field(primary_key=True, max_length=200)
+    tokens_per_sec_per_device: float = Field(sa_column_kwargs={"nullable": False})
+    flops_per_sec_per_device: Optional[float] = Field(default=None)
+    runs: int = Field(default=1)
+    last_run_id: Optional[uuid.UUID] = Field(default=None, sa_type=sa.Uuid())
+    updated_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
 

@@ -53,6 +53,7 @@ from service.models import (
     RunEvent,
     RunProvenance,
     RunStatus,
+    Throughput,
     Worker,
     utcnow,
 )
@@ -385,6 +386,8 @@ def transition(session: Session, run_id: uuid.UUID, to_status: RunStatus | str,
         moved = _move(session, run_id, to_status, from_status=current, message=message,
                       now=now, reason=reason, actor=actor, attempt=attempt, values=values)
         assert moved is not None, "row is locked: the compare-and-set cannot miss"
+        if to_status == S.succeeded:
+            _record_throughput(session, moved, now)
         return moved
 
 
@@ -750,20 +753,27 @@ def record_provenance(session: Session, run_id: uuid.UUID, *,
 
 def register_worker(session: Session, worker_id: str, host: str, *, pid: int | None = None,
                     gpus: Sequence[Mapping[str, Any]] = (),
-                    gpu_memory_bytes: int | None = None,
+                    gpu_memory_bytes: int | None = None, kind: str | None = None,
+                    host_memory_bytes: int | None = None, free_bytes: int | None = None,
                     now: datetime | None = None) -> Worker:
     """Register (or re-register after a restart) a worker: ``gpus`` is a list of
     ``{"index", "name", "memory_bytes"}``; ``gpu_memory_bytes`` defaults to the smallest
-    ``memory_bytes`` among them. Re-registering resets ``started_at``, the heartbeat and the
-    current run."""
+    ``memory_bytes`` among them; ``kind`` (max 200 characters) defaults to the first GPU's
+    name, or None for a CPU worker (pass "cpu: <model>"); ``host_memory_bytes`` is the
+    machine's memory (what a CPU worker trains in), ``free_bytes`` the free space under
+    RUNS_DIR (None = not reported). Re-registering resets ``started_at``, the heartbeat and
+    the current run."""
     now = _now(now)
     gpu_list = [dict(g) for g in gpus]
     if gpu_memory_bytes is None:
         sizes = [g["memory_bytes"] for g in gpu_list if g.get("memory_bytes") is not None]
         gpu_memory_bytes = min(sizes) if sizes else None
+    if kind is None and gpu_list and gpu_list[0].get("name"):
+        kind = str(gpu_list[0]["name"])
     values = {"host": host, "pid": pid, "gpus": gpu_list, "gpu_count": len(gpu_list),
               "gpu_memory_bytes": gpu_memory_bytes, "heartbeat_at": now,
-              "current_run_id": None, "started_at": now}
+              "kind": kind[:200] if kind else None, "host_memory_bytes": host_memory_bytes,
+              "free_bytes": free_bytes, "current_run_id": None, "started_at": now}
     with write_transaction(session):
         stmt = _insert(session, Worker.__table__).values(id=worker_id, **values)
         session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
@@ -776,14 +786,18 @@ _UNSET: Any = object()
 
 def heartbeat_worker(session: Session, worker_id: str, *,
                      current_run_id: uuid.UUID | None = _UNSET,
+                     free_bytes: int | None = _UNSET,
                      now: datetime | None = None) -> Worker | None:
-    """Record that a worker is alive (``heartbeat_at = now``), and what it runs when
-    ``current_run_id`` is given (None = idle). Returns None when the worker is not registered
-    (it was pruned): the worker should :func:`register_worker` again."""
+    """Record that a worker is alive (``heartbeat_at = now``), what it runs when
+    ``current_run_id`` is given (None = idle) and the free space under RUNS_DIR when
+    ``free_bytes`` is given. Returns None when the worker is not registered (it was pruned):
+    the worker should :func:`register_worker` again."""
     now = _now(now)
     values: dict[str, Any] = {"heartbeat_at": now}
     if current_run_id is not _UNSET:
         values["current_run_id"] = current_run_id
+    if free_bytes is not _UNSET:
+        values["free_bytes"] = free_bytes
     with write_transaction(session):
         return session.execute(
             sa.update(Worker).where(Worker.id == worker_id).values(**values).returning(Worker)
@@ -813,6 +827,82 @@ def worker_can_serve(worker: Worker, devices: int) -> bool:
     """Whether ``worker`` can run a config with ``devices`` devices (``devices: auto`` counts
     as 1): it owns at least that many GPUs, or it is CPU-only and one device is asked."""
     return worker.gpu_count >= devices or (worker.gpu_count == 0 and devices == 1)
+
+
+# -- calibration (worker throughput) -------------------------------------------------------------
+
+
+def throughput_key(resolved_model: Mapping[str, Any], precision: str) -> str:
+    """The model-config identity that :class:`Throughput` rows are kept by: sha256 hex of the
+    resolved model config (canonical JSON) and the precision (bf16 and fp32 differ several-fold
+    in speed). Other train settings (micro-batch, sequence length) are not part of it."""
+    return request_hash({"model": dict(resolved_model), "precision": precision})
+
+
+def measured_tokens_per_sec(session: Session, run_id: uuid.UUID) -> float | None:
+    """Training tokens per second a run reached over its whole training: ``tokens /
+    elapsed_s`` of its last metric row that has both (all ranks; compilation, evaluation and
+    checkpoint writes included, so it predicts wall time). None without such a row."""
+    point = session.exec(
+        select(MetricPoint).where(MetricPoint.run_id == run_id, MetricPoint.tokens > 0,
+                                  MetricPoint.elapsed_s > 0)
+        .order_by(MetricPoint.step.desc()).limit(1)
+    ).first()
+    if point is None:
+        return None
+    return float(point.tokens) / float(point.elapsed_s)
+
+
+def _record_throughput(session: Session, run: Run, now: datetime) -> Throughput | None:
+    """Inside the caller's transaction: fold a succeeded run's speed into the
+    :class:`Throughput` row of (its model config, its worker's kind). Nothing is recorded
+    when the worker row (or its kind), the metrics or the estimate are missing."""
+    if run.worker_id is None:
+        return None
+    worker = session.get(Worker, run.worker_id)
+    kind = worker.kind if worker is not None else None
+    tps = measured_tokens_per_sec(session, run.id)
+    estimate = run.estimate or {}
+    plan = estimate.get("plan") if isinstance(estimate, dict) else None
+    world = plan.get("world_size") if isinstance(plan, dict) else None
+    precision = (run.resolved_train or {}).get("precision")
+    if not kind or tps is None or not math.isfinite(tps) or tps <= 0 or not precision:
+        return None
+    world = world if isinstance(world, int) and world > 0 else 1
+    per_device = tps / world
+    fpt = estimate.get("flops_per_token")
+    flops = per_device * fpt if isinstance(fpt, (int, float)) and fpt > 0 else None
+    key = throughput_key(run.resolved_model, precision)
+    table = Throughput.__table__
+    stmt = _insert(session, table).values(
+        model_key=key, worker_kind=kind, tokens_per_sec_per_device=per_device,
+        flops_per_sec_per_device=flops, runs=1, last_run_id=run.id, updated_at=now)
+    n = table.c.runs
+    # a running mean over the runs; an upsert, so two runs finishing at once both count
+    stmt = stmt.on_conflict_do_update(index_elements=["model_key", "worker_kind"], set_={
+        "tokens_per_sec_per_device":
+            (table.c.tokens_per_sec_per_device * n + stmt.excluded.tokens_per_sec_per_device)
+            / (n + 1),
+        "flops_per_sec_per_device": sa.case(
+            (stmt.excluded.flops_per_sec_per_device.is_(None), table.c.flops_per_sec_per_device),
+            (table.c.flops_per_sec_per_device.is_(None), stmt.excluded.flops_per_sec_per_device),
+            else_=(table.c.flops_per_sec_per_device * n + stmt.excluded.flops_per_sec_per_device)
+            / (n + 1)),
+        "runs": n + 1, "last_run_id": stmt.excluded.last_run_id,
+        "updated_at": stmt.excluded.updated_at,
+    })
+    session.execute(stmt)
+    return session.exec(select(Throughput).where(Throughput.model_key == key,
+                                                 Throughput.worker_kind == kind)
+                        .execution_options(populate_existing=True)).one()
+
+
+def throughputs(session: Session, kinds: Iterable[str]) -> list[Throughput]:
+    """Every :class:`Throughput` row of the worker ``kinds``."""
+    wanted = sorted(set(kinds))
+    if not wanted:
+        return []
+    return list(session.exec(select(Throughput).where(Throughput.worker_kind.in_(wanted))))
 
 
 # -- reconciler queries -------------------------------------------------------------------------

@@ -342,8 +342,15 @@ class Settings(BaseSettings):
     )
     allow_unschedulable: bool = Field(
         False,
-        description="Queue runs that no registered live worker can serve (too many devices) "
-        "instead of refusing them with 422.",
+        description="Queue runs that no registered live worker can serve (too many devices, "
+        "more memory than any live worker has) with a warning instead of refusing them with "
+        "422. Plans no machine could run (README: Admission) are refused all the same.",
+    )
+    long_run_seconds: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="A run expected to take longer than this on the fastest live worker kind "
+        "is accepted with a warning (default one week).",
     )
     # -- added by the API/queue work (issue 3, engineer E): the queue name lets several
     #    deployments (or tests) share one Redis; the smoke-test model lets CI use a tiny model.

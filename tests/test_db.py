@@ -33,7 +33,7 @@ from test_db_support import (  # noqa: F401  (fixtures)
 )
 
 TABLES = {"runs", "run_events", "metric_points", "router_points", "checkpoints", "workers",
-          "run_provenance"}
+          "run_provenance", "throughput"}
 
 
 # -- settings -----------------------------------------------------------------------------------

@@ -47,6 +47,25 @@ POPULATE: dict[str, list[tuple[str, dict]]] = {
         ("run_provenance", dict(run_id=RUN_B, package_versions={}, hardware={},
                                 git_commit=None, seed=1, recorded_at=T0)),
     ],
+    "0002": [
+        ("runs", dict(id=RUN_A, name="a", owner="local", status="succeeded", preset=None,
+                      submitted_train={}, submitted_model={}, resolved_train={"x": 1},
+                      resolved_model={}, estimate={"plan": {"world_size": 1}}, warnings=[],
+                      attempt=1, failures=0, worker_id="w1", created_at=T0, queued_at=T0,
+                      updated_at=T0, finished_at=T0, cancel_requested=False)),
+        ("runs", dict(id=RUN_B, name="b", owner="local", status="failed", preset=None,
+                      submitted_train={}, submitted_model={}, resolved_train={},
+                      resolved_model={}, estimate=None, warnings=[], attempt=2, failures=2,
+                      created_at=T0, queued_at=T0, updated_at=T0, finished_at=T0,
+                      failure_reason="no_space", failure_message="disk full",
+                      cancel_requested=False)),
+        ("metric_points", dict(run_id=RUN_A, step=4, tokens=512, loss=5.0, elapsed_s=2.0)),
+        ("workers", dict(id="w1", host="h", pid=1, gpu_count=1, gpu_memory_bytes=80 << 30,
+                         gpus=[{"index": 0, "name": "NVIDIA H100", "memory_bytes": 80 << 30}],
+                         heartbeat_at=T0, current_run_id=None, started_at=T0)),
+        ("workers", dict(id="w2", host="h", pid=2, gpus=[], gpu_count=0, heartbeat_at=T0,
+                         started_at=T0)),
+    ],
 }
 
 
@@ -133,6 +152,19 @@ def test_upgrade_keeps_the_rows_of_a_populated_database(fresh_settings, step):
                 conn.execute(sa.text("UPDATE runs SET failure_reason='bogus' WHERE name='b'"))
             with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
                 conn.execute(sa.text("UPDATE runs SET failures=-1 WHERE name='b'"))
+        if (before, after) == ("0002", "0003"):
+            # workers registered before report nothing (NULL: never a reason to refuse)
+            assert {(r["id"], r["kind"], r["host_memory_bytes"], r["free_bytes"])
+                    for r in new["workers"]} == {("w1", None, None, None),
+                                                  ("w2", None, None, None)}
+            assert new["throughput"] == []
+            with engine.begin() as conn:
+                conn.execute(sa.text(
+                    "INSERT INTO throughput (model_key, worker_kind, tokens_per_sec_per_device,"
+                    " runs, updated_at) VALUES ('k', 'cpu: x', 10.5, 1, :t)"), {"t": T0})
+            for bad in ("tokens_per_sec_per_device = 0", "runs = 0"):
+                with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+                    conn.execute(sa.text(f"UPDATE throughput SET {bad}"))
     finally:
         engine.dispose()
 

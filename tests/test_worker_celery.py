@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sqlmodel import select
 from test_worker_support import (
     TERMINAL,
     WorkerProcess,
@@ -30,7 +31,7 @@ from test_worker_support import (
 
 from service import runs
 from service.db import migrate, open_database
-from service.models import FailureReason, RunStatus
+from service.models import FailureReason, RunStatus, Throughput, Worker
 from service.queue import (
     enqueue_run,
     enqueue_tokenizer,
@@ -166,6 +167,14 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
         assert log.count("resuming from") == 2
         assert {"step-00000004", f"step-{STEPS:08d}", "final"} <= set(checkpoints())
         assert b_id not in {w.id for w in _live(db)}
+        # calibration: the speed the run reached, filed under the kind of the worker that
+        # finished it (tokens / elapsed_s of its last metric row; one device)
+        with db.session() as session:
+            (speed,) = session.exec(select(Throughput)).all()
+            kind = session.get(Worker, c_id).kind
+        assert kind and speed.worker_kind == kind and speed.runs == 1
+        assert speed.tokens_per_sec_per_device == pytest.approx(
+            points[-1].tokens / points[-1].elapsed_s)
 
         # a clean stop removes the worker's row
         assert workers["c"].stop() == 0

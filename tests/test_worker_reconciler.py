@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
 import uuid
@@ -11,14 +12,22 @@ from datetime import timedelta
 
 import pytest
 import redis
+import sqlalchemy as sa
 from test_db_support import database, postgres_migrated, postgres_url, settings_for  # noqa: F401
 from test_worker_support import REPO, require_redis
 
 from service import runs
-from service.models import FailureReason, RunStatus, utcnow
+from service.models import FailureReason, RunStatus, Worker, utcnow
 from service.queue import TRAIN_TASK, make_celery
 from worker.reconciler import interval_seconds, reconcile
-from worker.registry import WorkerRuntime, ensure_sample_data, owned_gpus, sample_paths
+from worker.registry import (
+    WorkerRuntime,
+    ensure_sample_data,
+    host_memory_bytes,
+    owned_gpus,
+    sample_paths,
+    worker_kind,
+)
 
 
 @pytest.fixture
@@ -176,6 +185,19 @@ def test_runtime_registers_heartbeats_and_deregisters(tmp_path, database):
         assert row.heartbeat_at >= first and row.gpu_count == len(runtime.gpus)
         assert runtime.info.hardware["gpus"] == [
             {k: g.get(k) for k in ("index", "name", "memory_bytes")} for g in runtime.gpus]
+        # what admission compares runs with: the kind, the host's memory, the free space
+        assert row.kind == worker_kind(runtime.gpus) and row.kind
+        assert row.kind.startswith("cpu: ") == (not runtime.gpus)
+        assert row.host_memory_bytes == host_memory_bytes() and row.host_memory_bytes > 2**28
+        free = shutil.disk_usage(settings.runs_dir).free
+        assert abs(row.free_bytes - free) < 2**30
+        with database.session() as session:  # the heartbeat renews the free space
+            session.execute(sa.update(Worker).where(Worker.id == "rt-1").values(free_bytes=1))
+            session.commit()
+        runtime.heartbeat()
+        with database.session() as session:
+            (row,) = [w for w in runs.live_workers(session, 60) if w.id == "rt-1"]
+        assert abs(row.free_bytes - free) < 2**30
     finally:
         runtime.stop()
     with database.session() as session:

@@ -123,6 +123,79 @@ def owned_gpus(settings: Settings, detected: list[dict[str, Any]]
     return owned, ",".join(str(g["index"]) for g in owned)
 
 
+def _cgroup_memory_limit() -> int | None:
+    """This process's cgroup memory limit in bytes (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``), None when unlimited or unreadable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates: list[Path] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        rel = parts[2].lstrip("/")
+        if parts[0] == "0" and parts[1] == "":
+            candidates += [Path("/sys/fs/cgroup") / rel / "memory.max", Path("/sys/fs/cgroup/memory.max")]
+        elif "memory" in parts[1].split(","):
+            candidates += [Path("/sys/fs/cgroup/memory") / rel / "memory.limit_in_bytes",
+                           Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")]
+    for path in candidates:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # v1 writes a huge number for "no limit"
+            return int(text)
+        if text:
+            return None  # "max": no limit
+    return None
+
+
+def host_memory_bytes() -> int | None:
+    """The memory this process can use: the machine's physical memory, or its cgroup's limit
+    when lower (a container). None when it cannot be read."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = None
+    limit = _cgroup_memory_limit()
+    known = [v for v in (physical, limit) if v and v > 0]
+    return min(known) if known else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), or the
+    machine architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def worker_kind(gpus: list[dict[str, Any]]) -> str:
+    """What a run's speed on this worker depends on: the first owned GPU's name (e.g.
+    "NVIDIA H200"), or ``"cpu: <model name>"`` for a CPU worker. At most 200 characters."""
+    if gpus and gpus[0].get("name"):
+        return str(gpus[0]["name"])[:200]
+    return f"cpu: {cpu_model()}"[:200]
+
+
+def free_bytes(path: Path | None) -> int | None:
+    """Free space under ``path`` (RUNS_DIR) in bytes; None when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 def default_worker_id() -> str:
     """``<host>-<pid>``: unique among live workers (one process per GPU slot)."""
     return f"{socket.gethostname()}-{os.getpid()}"[:200]
@@ -280,14 +353,20 @@ class WorkerRuntime:
         return _Loop(name, thread)
 
     def register(self) -> None:
+        """Write this worker's row: its GPUs, kind (:func:`worker_kind`), host memory and the
+        free space under RUNS_DIR (what admission compares runs with)."""
         with self.database().session() as session:
             runs.register_worker(session, self.worker_id, socket.gethostname(),
-                                 pid=os.getpid(), gpus=self.gpus)
+                                 pid=os.getpid(), gpus=self.gpus, kind=worker_kind(self.gpus),
+                                 host_memory_bytes=host_memory_bytes(),
+                                 free_bytes=free_bytes(self.settings.runs_dir))
 
     def heartbeat(self) -> None:
-        """Renew this worker's heartbeat; register again if its row was removed."""
+        """Renew this worker's heartbeat and its free space under RUNS_DIR; register again if
+        its row was removed."""
         with self.database().session() as session:
-            if runs.heartbeat_worker(session, self.worker_id) is None:
+            if runs.heartbeat_worker(session, self.worker_id,
+                                     free_bytes=free_bytes(self.settings.runs_dir)) is None:
                 log.warning("worker row %s was gone: registering again", self.worker_id)
                 self.register()
 

@@ -230,6 +230,13 @@ class WorkerPublic(BaseModel):
     gpus: list[Any]
     gpu_count: int
     gpu_memory_bytes: int | None
+    kind: str | None = Field(default=None, description="GPU name (\"NVIDIA H200\") or "
+                             "\"cpu: <model>\": what calibration is kept by.")
+    host_memory_bytes: int | None = Field(default=None, description="The machine's memory "
+                                          "(a CPU worker trains in it; shared by its host's "
+                                          "CPU workers).")
+    free_bytes: int | None = Field(default=None, description="Free space under RUNS_DIR at "
+                                   "the last heartbeat.")
     heartbeat_at: datetime
     started_at: datetime
     current_run_id: uuid.UUID | None
@@ -238,8 +245,10 @@ class WorkerPublic(BaseModel):
     @classmethod
     def of(cls, w: Worker, live: bool) -> WorkerPublic:
         return cls(id=w.id, host=w.host, pid=w.pid, gpus=w.gpus, gpu_count=w.gpu_count,
-                   gpu_memory_bytes=w.gpu_memory_bytes, heartbeat_at=w.heartbeat_at,
-                   started_at=w.started_at, current_run_id=w.current_run_id, live=live)
+                   gpu_memory_bytes=w.gpu_memory_bytes, kind=w.kind,
+                   host_memory_bytes=w.host_memory_bytes, free_bytes=w.free_bytes,
+                   heartbeat_at=w.heartbeat_at, started_at=w.started_at,
+                   current_run_id=w.current_run_id, live=live)
 
 
 class DatasetPublic(BaseModel):

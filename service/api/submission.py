@@ -1,5 +1,5 @@
 """From an HTTP request to a queued run: parse the body (JSON, YAML or multipart), validate the
-configs, resolve their paths, estimate, check that some worker can run it, create the row,
+configs, resolve their paths, estimate, admit it (``service.admission``), create the row,
 enqueue. The routes call :func:`read_run_request` and :func:`submit_run` /
 :func:`validate_run`; state changes go through ``service.runs``.
 """
@@ -17,7 +17,7 @@ from fastapi import Request
 from pydantic import ValidationError
 from sqlmodel import Session
 
-from service import reads
+from service import admission, reads
 from service import runs as runs_service
 from service.api.errors import ApiError, config_error, config_issue_locs, field_error, invalid
 from service.api.models import RunCreate
@@ -188,40 +188,14 @@ def _train_issue_keys(train: Any) -> set[tuple[tuple, str]]:
     return set()
 
 
-def _device_count(validated: Validated) -> int:
-    devices = validated.train.devices
-    return 1 if devices == "auto" else int(devices)
-
-
-def check_schedulable(session: Session, settings: Settings, validated: Validated
-                      ) -> dict[str, Any] | None:
-    """None when a live worker can run the config; else the reason as an ``errors`` entry
-    (the caller refuses with 422 or, with ALLOW_UNSCHEDULABLE, keeps it as a warning)."""
-    devices = _device_count(validated)
-    if validated.train.num_nodes > 1:
-        return field_error(["body", "train_config", "num_nodes"],
-                           f"num_nodes {validated.train.num_nodes}: a moejobs worker runs a job on "
-                           f"one machine; use num_nodes 1", "unschedulable")
-    workers = runs_service.live_workers(session, settings.worker_stale_seconds)
-    if any(runs_service.worker_can_serve(w, devices) for w in workers):
-        return None
-    if not workers:
-        msg = (f"no live worker (none heartbeated in the last {settings.worker_stale_seconds:g} s) "
-               f"can run it: start one with `moejobs worker`, or set "
-               f"MOEJOBS_ALLOW_UNSCHEDULABLE=true to queue anyway")
-    else:
-        most = max(w.gpu_count for w in workers)
-        msg = (f"devices {devices}: no live worker can serve it (the largest has {most} GPU(s); "
-               f"{len(workers)} live worker(s)); lower devices or add a worker with more GPUs")
-    return field_error(["body", "train_config", "devices"], msg, "unschedulable")
-
-
 def prepare_run(session: Session, settings: Settings, request: RunCreate, *,
                 run_id: uuid.UUID | None = None, allow_reserved_preset: bool = False,
                 check_workers: bool = True) -> Prepared:
     """Merge the preset, validate, resolve paths and check the inputs
-    (``service.checks.check_run``: unusable inputs are warnings here), estimate and check
-    schedulability. Raises ApiError 422 (``invalid_config`` with every field path, or ``unschedulable``)."""
+    (``service.checks.check_run``: unusable inputs are warnings here), estimate, and admit
+    (``service.admission``: absurd plans always; the live workers' capacity unless
+    ``check_workers`` is False). Raises ApiError 422 (``invalid_config`` with every field path,
+    or ``unschedulable``)."""
     run_id = run_id or uuid.uuid4()
     preset = request.preset
     if preset is not None and not (allow_reserved_preset and preset in RESERVED_PRESETS):
@@ -244,18 +218,30 @@ def prepare_run(session: Session, settings: Settings, request: RunCreate, *,
     warnings = _warning_dicts(checked.warnings)
     if preset is not None and preset not in RESERVED_PRESETS:
         warnings += _preset_warning(preset, request)
+    est = estimate(validated.train, validated.model)
+    estimate_doc = est.to_dict()
+    absurd = admission.absurd_errors(validated, est)  # refused whatever the fleet and settings
+    if absurd:
+        raise _unschedulable(absurd)
     if check_workers:
-        problem = check_schedulable(session, settings, validated)
-        if problem is not None:
-            if not settings.allow_unschedulable:
-                raise ApiError(422, problem["msg"], code="unschedulable", errors=[problem])
-            warnings.append({"loc": problem["loc"], "msg": problem["msg"] + " (queued anyway: "
-                             "MOEJOBS_ALLOW_UNSCHEDULABLE)"})
+        verdict = admission.admit(session, settings, validated, est)
+        if verdict.refusals and not settings.allow_unschedulable:
+            raise _unschedulable(verdict.refusals)
+        warnings += [{"loc": p["loc"], "msg": p["msg"] + " (queued anyway: "
+                      "MOEJOBS_ALLOW_UNSCHEDULABLE)"} for p in verdict.refusals]
+        warnings += verdict.warnings
+        estimate_doc["fleet"] = verdict.fleet
     return Prepared(
         run_id=run_id, request=request, validated=validated, resolved_train=resolved_train,
-        resolved_model=validated.model.model_dump(mode="json"),
-        estimate=estimate(validated.train, validated.model).to_dict(), warnings=warnings,
+        resolved_model=validated.model.model_dump(mode="json"), estimate=estimate_doc,
+        warnings=warnings,
     )
+
+
+def _unschedulable(errors: list[dict[str, Any]]) -> ApiError:
+    first = errors[0]["msg"]
+    message = first if len(errors) == 1 else f"{len(errors)} problems; first: {first}"
+    return ApiError(422, message, code="unschedulable", errors=errors)
 
 
 def _preset_warning(preset: str, request: RunCreate) -> list[dict[str, Any]]:

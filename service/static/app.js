@@ -1050,6 +1050,8 @@
       if (!est || typeof est !== 'object') { fill(estimateBody, h('p', { class: 'muted' }, 'No estimate.')); return; }
       const plan = est.plan || {}; const params = est.params || {}; const mem = est.memory || {};
       const times = est.time_s && typeof est.time_s === 'object' ? Object.entries(est.time_s) : [];
+      // expected time on each live worker kind (measured / scaled / datasheet / none), when admitted against the fleet
+      const fleetTimes = est.fleet && Array.isArray(est.fleet.time) ? est.fleet.time.filter((e) => e && typeof e.kind === 'string') : [];
       const rows = [
         ['Parameters', isNum(params.total) ? `${fmtSI(params.total)} total, ${fmtSI(params.active)} active per token` : null],
         ['Optimizer steps', isNum(plan.optimizer_steps) ? `${fmtInt(plan.optimizer_steps)} × ${fmtSI(plan.tokens_per_step)} tokens (${plan.grad_accum_iters} micro-batch${plan.grad_accum_iters === 1 ? '' : 'es'} of ${plan.micro_batch_size} × ${plan.seq_len} per rank, ${plan.world_size} rank${plan.world_size === 1 ? '' : 's'})` : null],
@@ -1059,7 +1061,9 @@
         ['Total compute', isNum(est.total_flops) ? fmtSI(est.total_flops, 'FLOP') : null],
         ['Memory / rank', isNum(mem.total) ? `${fmtBytes(mem.total)} (weights ${fmtBytes(mem.weights)}, optimizer ${fmtBytes(mem.optimizer_states)}, activations ${fmtBytes(mem.activations)})` : null],
         ['Checkpoint', isNum(est.checkpoint_bytes) ? `${fmtBytes(est.checkpoint_bytes)} weights, ${fmtBytes(est.checkpoint_with_optimizer_bytes)} with optimizer; ${est.checkpoints_written} written` : null],
-        ['Time', times.length ? times.map(([gpu, sec]) => `${gpu} ${fmtDuration(sec)}`).join(' · ') + (isNum(est.mfu) ? ` (at ${(est.mfu * 100).toFixed(0)}% MFU)` : '') : null],
+        ['Time', fleetTimes.length
+          ? fleetTimes.map((e) => `${e.kind} ${isNum(e.time_s) ? fmtDuration(e.time_s) : 'no figure yet'} (${e.source})`).join(' · ')
+          : (times.length ? times.map(([gpu, sec]) => `${gpu} ${fmtDuration(sec)}`).join(' · ') + (isNum(est.mfu) ? ` (datasheet, at ${(est.mfu * 100).toFixed(0)}% MFU)` : '') : null)],
       ].filter(([, v]) => v);
       fill(estimateBody, h('dl', { class: 'kv' }, rows.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
         h('details', { style: { marginTop: '10px' } }, h('summary', {}, 'all fields'), h('pre', {}, JSON.stringify(est, null, 2))));
