@@ -935,10 +935,13 @@ def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
         value, run_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
         if key == "created_at":
             value = datetime.fromisoformat(value)
+            if value.tzinfo is None:
+                raise ValueError  # every stored time is aware
         elif key == "status":
             value = RunStatus(value)
-        elif not isinstance(value, str):
-            raise ValueError
+        elif not isinstance(value, str) or "\x00" in value or not value.isprintable() and any(
+                0xD800 <= ord(c) <= 0xDFFF for c in value):
+            raise ValueError  # no database compares with a NUL or a lone surrogate
         return value, uuid.UUID(run_id)
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
         raise ValueError(f"invalid cursor {cursor!r}") from None

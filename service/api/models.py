@@ -5,12 +5,38 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator
 
 from service.contract import METRIC_COLUMNS, EngineEvent
 from service.models import Checkpoint, MetricPoint, RouterPoint, Run, RunEvent, Worker
+from service.schemas import NameText, check_path_text
+
+
+def _unstorable(node: Any, where: str = "") -> str | None:
+    """The location of the first string (key or value) in a JSON document that no database
+    stores (a NUL: PostgreSQL's jsonb refuses it; a lone surrogate: not UTF-8), or None."""
+    if isinstance(node, str):
+        try:
+            check_path_text(node)
+        except ValueError:
+            return where or "(the document)"
+        return None
+    if isinstance(node, dict):
+        for key, value in node.items():
+            inner = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and _unstorable(key) is not None:
+                return inner
+            found = _unstorable(value, inner)
+            if found is not None:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _unstorable(value, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 class RunCreate(BaseModel):
@@ -19,15 +45,25 @@ class RunCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: str = Field(min_length=1, max_length=200, description="Human-readable run name.")
-    preset: str | None = Field(
-        default=None, max_length=200,
+    name: NameText = Field(min_length=1, description="Human-readable run name: 1 to 200 "
+                           "characters, no control characters.")
+    preset: NameText | None = Field(
+        default=None,
         description="Name of a preset from configs/presets/ merged over the two documents "
         "(files < preset).",
     )
     train_config: dict[str, Any] = Field(description="The train config document.")
     model_doc: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config",
                                       description="The model config document.")
+
+    @field_validator("train_config", "model_doc")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        where = _unstorable(value)
+        if where is not None:
+            raise ValueError(f"{where}: a NUL character or a lone surrogate is not allowed in "
+                             f"any key or value (no database stores it)")
+        return value
 
 
 class IssueOut(BaseModel):
@@ -254,10 +290,12 @@ class DatasetPublic(BaseModel):
 class TokenizerCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(min_length=1, max_length=300,
-                         description="Dataset name, or a folder under the data root "
-                         "(e.g. mydata/train), whose .txt files train the tokenizer.")
-    vocab_size: int = Field(4096, ge=512, le=262_144, description="Vocabulary size.")
+    dataset: Annotated[str, AfterValidator(check_path_text)] = Field(
+                              min_length=1, max_length=300,
+                              description="Dataset name, or a folder under the data root "
+                              "(e.g. mydata/train), whose .txt files train the tokenizer.")
+    vocab_size: Annotated[int, Strict()] = Field(4096, ge=512, le=262_144,
+                                                 description="Vocabulary size.")
 
 
 class TokenizerPublic(BaseModel):

@@ -147,7 +147,7 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
     except ValidationError as error:
         errors = []
         for err in error.errors():
-            msg = str(err.get("msg", "invalid"))
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
             if err.get("type") == "missing":
                 msg = "required key is missing"
             elif err.get("type") == "extra_forbidden":
