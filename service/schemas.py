@@ -191,8 +191,14 @@ def check_path_text(value: str) -> str:
     return value
 
 
+#: :func:`check_name_text` as a regular expression, for JSON Schema documents (the check itself
+#: is the function, whose message names the code points). Lone surrogates are left out: no
+#: pattern engine of a JSON Schema tool takes them, and UTF-8 JSON can only carry them escaped.
+NAME_TEXT_REGEX = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+
 #: A name or short free text: at most :data:`MAX_NAME_CHARS` characters, no control characters.
-NameText = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(check_name_text)]
+NameText = Annotated[str, Field(max_length=MAX_NAME_CHARS, json_schema_extra={"pattern": NAME_TEXT_REGEX}),
+                     AfterValidator(check_name_text)]
 #: A path in a config: at most :data:`MAX_PATH_CHARS` characters, no NUL or lone surrogate.
 PathText = Annotated[str, Field(max_length=MAX_PATH_CHARS), AfterValidator(check_path_text)]
 

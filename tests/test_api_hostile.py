@@ -267,3 +267,21 @@ def test_the_run_example_in_the_document_is_valid(shared_sqlite_api: ApiEnv):
     RunCreate.model_validate(example)
     r = shared_sqlite_api.client.post("/runs/validate", json=example)
     assert r.json()["valid"] is True, r.text
+
+
+def test_the_name_text_pattern_in_the_document_is_the_check():
+    """``NAME_TEXT_REGEX`` (what the document says of names) refuses exactly the code points
+    ``check_name_text`` refuses but lone surrogates, which the check refuses too (fullmatch:
+    JSON Schema's ``$`` does not match before a final newline as Python's does)."""
+    from service.schemas import NAME_TEXT_REGEX, check_name_text
+
+    pattern = re.compile(NAME_TEXT_REGEX)
+    for cp in range(0x110000):
+        c = chr(cp)
+        try:
+            check_name_text(c)
+            accepted = True
+        except ValueError:
+            accepted = False
+        surrogate = 0xD800 <= cp <= 0xDFFF
+        assert accepted == (bool(pattern.fullmatch(c)) and not surrogate), hex(cp)
