@@ -84,17 +84,65 @@ def test_nul_characters_are_422s_on_every_database(api: ApiEnv, where):
         loc = ("body", "name")
     elif where == "model_name":
         doc["model_config"] = {**doc["model_config"], "name": "tiny\x00"}
-        loc = ("body", "model_config")
+        loc = ("body", "model_config", "name")
     elif where == "log_project":
         doc = _with(("log", "project"), "p\x00")
-        loc = ("body", "train_config")
+        loc = ("body", "train_config", "log", "project")
     else:
         doc["model_config"] = {**doc["model_config"], "hf_config": {"org": "\x00"}}
-        loc = ("body", "model_config")
+        loc = ("body", "model_config", "hf_config", "org")
     r = api.client.post("/runs", json=doc)
     assert r.status_code == 422, r.text
     assert "NUL" in _errors(r)[loc] or "control characters" in _errors(r)[loc]
     assert api.client.get("/runs").json()["items"] == []
+
+
+def _yaml_body(train_extra: str = "", model_extra: str = "") -> bytes:
+    import yaml
+
+    text = yaml.safe_dump(body(), sort_keys=False)
+    text = text.replace("train_config:\n", "train_config:\n" + train_extra, 1)
+    return text.replace("model_config:\n", "model_config:\n" + model_extra, 1).encode()
+
+
+@pytest.mark.parametrize("train_extra,model_extra,loc,msg", [
+    ("  log:\n    metadata:\n      day: 2020-01-01\n", "",
+     ["train_config", "log", "metadata", "day"], "a date is not a JSON value"),
+    ("  log:\n    metadata:\n      raw: !!binary aGVsbG8=\n", "",
+     ["train_config", "log", "metadata", "raw"], "a bytes is not a JSON value"),
+    ("", "  hf_config: {1: a}\n", ["model_config", "hf_config", "1"], "keys must be strings"),
+    ("", "  rope_adjustments: {factor: .nan}\n", ["model_config", "rope_adjustments", "factor"],
+     "must be a finite number, got nan"),
+    ("", "  hf_config: {a: " + "[" * 40 + "]" * 40 + "}\n", None, "nested deeper than 32 levels"),
+    ("", "  hf_config: {a: " + "9" * 5000 + "}\n", ["body"], "invalid YAML: Exceeds the limit"),
+], ids=["date", "binary", "int-key", "nan", "deep", "huge-int"])
+def test_documents_that_are_not_plain_json_are_422s(api: ApiEnv, train_extra, model_extra, loc,
+                                                      msg):
+    """YAML reads more than JSON holds; what no database stores is refused, naming where
+    (these were 500s when the run was stored)."""
+    r = api.client.post("/runs", content=_yaml_body(train_extra, model_extra),
+                        headers={"Content-Type": "application/yaml"})
+    assert r.status_code == 422, r.text
+    error = r.json()["errors"][0]
+    assert msg in error["msg"], error
+    if loc == ["body"]:
+        assert error["loc"] == loc
+    elif loc is not None:
+        assert error["loc"] == ["body", *loc]
+    else:
+        assert error["loc"][:4] == ["body", "model_config", "hf_config", "a"]
+    assert api.client.get("/runs").json()["items"] == []
+
+
+def test_a_nan_in_json_is_refused_where_it_is(shared_sqlite_api: ApiEnv):
+    text = json.dumps(body()).replace('"model_config": {', '"model_config": {"hf_config": '
+                                      '{"x": [1, NaN]}, ', 1)
+    r = shared_sqlite_api.client.post("/runs", content=text.encode(),
+                                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["errors"] == [{"loc": ["body", "model_config", "hf_config", "x", 1],
+                                   "msg": "must be a finite number, got nan",
+                                   "type": "invalid_config"}]
 
 
 # -- loose input ----------------------------------------------------------------------------------

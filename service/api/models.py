@@ -7,35 +7,53 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
 from service.contract import METRIC_COLUMNS, EngineEvent
 from service.models import Checkpoint, MetricPoint, RouterPoint, Run, RunEvent, Worker
 from service.schemas import NameText, check_path_text
 
 
-def _unstorable(node: Any, where: str = "") -> str | None:
-    """The location of the first string (key or value) in a JSON document that no database
-    stores (a NUL: PostgreSQL's jsonb refuses it; a lone surrogate: not UTF-8), or None."""
-    if isinstance(node, str):
-        try:
-            check_path_text(node)
-        except ValueError:
-            return where or "(the document)"
-        return None
-    if isinstance(node, dict):
-        for key, value in node.items():
-            inner = f"{where}.{key}" if where else str(key)
-            if isinstance(key, str) and _unstorable(key) is not None:
-                return inner
-            found = _unstorable(value, inner)
-            if found is not None:
-                return found
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found = _unstorable(value, f"{where}[{i}]")
-            if found is not None:
-                return found
+#: Deepest nesting of lists and mappings a submitted document may have (a config has 4 levels;
+#: deeper structures would only reach the recursion limits of the serialisers).
+MAX_DOCUMENT_DEPTH = 32
+
+
+def document_problem(doc: Any) -> tuple[tuple[str | int, ...], str] | None:
+    """Why ``doc`` (a parsed config document) cannot be stored as JSON in every database:
+    ``(location inside doc, message)``; None when it can. Refused: keys that are not strings,
+    values that are not JSON (YAML dates, ``!!binary``, sets), NaN and infinities, a NUL
+    character or lone surrogate in any key or value (PostgreSQL's jsonb refuses a NUL; UTF-8
+    has no surrogates), and nesting deeper than :data:`MAX_DOCUMENT_DEPTH`. Iterative: any
+    depth is answered."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(doc, ())]
+    while stack:
+        node, loc = stack.pop()
+        if len(loc) > MAX_DOCUMENT_DEPTH:
+            return loc[:MAX_DOCUMENT_DEPTH + 1], f"nested deeper than {MAX_DOCUMENT_DEPTH} levels"
+        if isinstance(node, str):
+            try:
+                check_path_text(node)
+            except ValueError:
+                return loc, "a NUL character or a lone surrogate is not allowed (no database stores it)"
+        elif isinstance(node, float):
+            if node != node or node in (float("inf"), float("-inf")):
+                return loc, f"must be a finite number, got {node}"
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    return (*loc, str(key)), (f"keys must be strings, got {type(key).__name__} "
+                                              f"{key!r} (quote it)")
+                try:
+                    check_path_text(key)
+                except ValueError:
+                    return loc, "a key holds a NUL character or a lone surrogate"
+                stack.append((value, (*loc, key)))
+        elif isinstance(node, list):
+            stack.extend((value, (*loc, i)) for i, value in enumerate(node))
+        elif node is not None and not isinstance(node, (bool, int)):
+            return loc, (f"a {type(node).__name__} is not a JSON value (YAML reads dates and "
+                         f"tagged values as such: quote it)")
     return None
 
 
@@ -56,14 +74,6 @@ class RunCreate(BaseModel):
     model_doc: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config",
                                       description="The model config document.")
 
-    @field_validator("train_config", "model_doc")
-    @classmethod
-    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
-        where = _unstorable(value)
-        if where is not None:
-            raise ValueError(f"{where}: a NUL character or a lone surrogate is not allowed in "
-                             f"any key or value (no database stores it)")
-        return value
 
 
 class IssueOut(BaseModel):
