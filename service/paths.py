@@ -15,7 +15,8 @@ write anything else. Rules (applied by :func:`resolve_run_paths` after schema va
 - Escaping is decided on the normalised text of the path (``..`` and ``.`` removed), not by
   following symbolic links: links the operator put inside DATA_ROOT (e.g. to a big disk) are
   trusted, and uploads through the API cannot create links (``service.api.datasets`` refuses
-  them). A NUL byte, ``~`` expansion and empty paths are refused.
+  them). A NUL byte, ``~`` expansion, empty paths and paths longer than the kernel takes
+  (:data:`PATH_MAX_BYTES`, :data:`NAME_MAX_BYTES` per part) are refused.
 
 Errors are ``service.schemas.ConfigError`` whose issues name the field with the same
 locations as schema errors (``("data", "init_args", "train_data_path")``), so the API reports

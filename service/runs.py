@@ -56,6 +56,7 @@ from service.models import (
     Worker,
     utcnow,
 )
+from service.schemas import check_path_text
 
 S = RunStatus
 
@@ -939,9 +940,10 @@ def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
                 raise ValueError  # every stored time is aware
         elif key == "status":
             value = RunStatus(value)
-        elif not isinstance(value, str) or "\x00" in value or not value.isprintable() and any(
-                0xD800 <= ord(c) <= 0xDFFF for c in value):
-            raise ValueError  # no database compares with a NUL or a lone surrogate
+        elif not isinstance(value, str):
+            raise ValueError
+        else:
+            check_path_text(value)  # no database compares with a NUL or a lone surrogate
         return value, uuid.UUID(run_id)
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
         raise ValueError(f"invalid cursor {cursor!r}") from None
