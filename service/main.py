@@ -33,6 +33,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service.api import routers
 from service.api.models import RunCreate
+from service.api.openapi import complete_error_responses
 from service.api.errors import (
     AuthMiddleware,
     BodyLimitMiddleware,
@@ -162,7 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                               ref_template="#/components/schemas/{model}")
             components.update(doc.pop("$defs", {}))
             components["RunCreate"] = doc
-            app.openapi_schema = schema
+            app.openapi_schema = complete_error_responses(schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

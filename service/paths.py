@@ -15,7 +15,8 @@ write anything else. Rules (applied by :func:`resolve_run_paths` after schema va
 - Escaping is decided on the normalised text of the path (``..`` and ``.`` removed), not by
   following symbolic links: links the operator put inside DATA_ROOT (e.g. to a big disk) are
   trusted, and uploads through the API cannot create links (``service.api.datasets`` refuses
-  them). A NUL byte, ``~`` expansion and empty paths are refused.
+  them). A NUL byte, ``~`` expansion, empty paths and paths longer than the kernel takes
+  (:data:`PATH_MAX_BYTES`, :data:`NAME_MAX_BYTES` per part) are refused.
 
 Errors are ``service.schemas.ConfigError`` whose issues name the field with the same
 locations as schema errors (``("data", "init_args", "train_data_path")``), so the API reports
@@ -49,10 +50,39 @@ RUN_OUT_DIR = "out"
 #: Dataset and tokenizer names: lower-case letters, digits, ".", "_", "-"; starting with a
 #: letter or digit; at most 64 characters.
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+#: The names :func:`check_name` accepts as one regular expression without look-arounds (for
+#: the OpenAPI document: JSON Schema ``pattern`` with ``maxLength`` 64): no ``..`` anywhere.
+NAME_REGEX = r"^[a-z0-9](?:\.?[a-z0-9_-])*\.?$"
+
+#: Longest path the kernel opens, in bytes without the final NUL (Linux PATH_MAX - 1), and
+#: longest single file or folder name (NAME_MAX). A longer path is refused, not tried: the
+#: system call would fail with "File name too long".
+PATH_MAX_BYTES = 4095
+NAME_MAX_BYTES = 255
 
 
 class PathEscape(ValueError):
     """A path leaves the folder it must stay in (message says which and why)."""
+
+
+class PathTooLong(PathEscape):
+    """A path longer than the file system takes (:data:`PATH_MAX_BYTES` in all or
+    :data:`NAME_MAX_BYTES` for one part); the message gives the length and the limit."""
+
+
+def check_path_length(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`PathTooLong` when ``path`` (as the server would open it) is longer than
+    :data:`PATH_MAX_BYTES` UTF-8 bytes or one of its parts longer than :data:`NAME_MAX_BYTES`."""
+    text = os.fspath(path)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > PATH_MAX_BYTES:
+        raise PathTooLong(f"the path is {size:,} bytes long on the server; the limit is "
+                          f"{PATH_MAX_BYTES:,} bytes (PATH_MAX)")
+    for part in text.split("/"):
+        part_size = len(part.encode("utf-8", "surrogatepass"))
+        if part_size > NAME_MAX_BYTES:
+            raise PathTooLong(f"the name {part[:40]!r}... is {part_size:,} bytes long; a file or "
+                              f"folder name may have at most {NAME_MAX_BYTES} bytes (NAME_MAX)")
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -75,7 +105,8 @@ def resolve_under(value: str, root: Path, *, also: tuple[Path, ...] = ()) -> Pat
     lie inside ``root`` (or one of ``also``). The result is normalised and absolute.
 
     Raises :class:`PathEscape` when the normalised path leaves ``root``/``also``, or when
-    ``value`` is empty, has a NUL byte or starts with ``~``.
+    ``value`` is empty, has a NUL byte or starts with ``~``; :class:`PathTooLong` when the
+    result is longer than the file system takes (:func:`check_path_length`).
     """
     if not isinstance(value, str) or not value.strip():
         raise PathEscape("an empty path")
@@ -96,6 +127,7 @@ def resolve_under(value: str, root: Path, *, also: tuple[Path, ...] = ()) -> Pat
             raise PathEscape(f"{value!r} is outside the folders a config may use ({where}); "
                              f"give a path relative to the data root")
         raise PathEscape(f"{value!r} climbs out of the data root {root_text}")
+    check_path_length(candidate)
     return Path(candidate)
 
 

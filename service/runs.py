@@ -57,6 +57,7 @@ from service.models import (
     Worker,
     utcnow,
 )
+from service.schemas import check_path_text
 
 S = RunStatus
 
@@ -1025,10 +1026,14 @@ def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
         value, run_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
         if key == "created_at":
             value = datetime.fromisoformat(value)
+            if value.tzinfo is None:
+                raise ValueError  # every stored time is aware
         elif key == "status":
             value = RunStatus(value)
         elif not isinstance(value, str):
             raise ValueError
+        else:
+            check_path_text(value)  # no database compares with a NUL or a lone surrogate
         return value, uuid.UUID(run_id)
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
         raise ValueError(f"invalid cursor {cursor!r}") from None

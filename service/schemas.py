@@ -25,16 +25,19 @@ import difflib
 import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     WithJsonSchema,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -154,11 +157,87 @@ INT_MAX = 2**63 - 1
 MAX_LAYERS = 1024
 
 
+#: Longest name (run name, model name, preset, LogArgs texts): the ``runs.name`` column's length.
+MAX_NAME_CHARS = 200
+#: Longest path a config may give (characters; Linux PATH_MAX less its NUL). Where it points on
+#: the server is checked again in bytes (``service.paths.check_path_length``).
+MAX_PATH_CHARS = 4095
+
+#: Unicode categories refused in names: control characters (C0, DEL, C1: NUL, newline, escape...),
+#: lone surrogates (not encodable: no file system or database stores them) and the line and
+#: paragraph separators.
+_NAME_REFUSED = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+def _codepoints(chars: set[str]) -> str:
+    return ", ".join(f"U+{ord(c):04X}" for c in sorted(chars)[:5])
+
+
+def check_name_text(value: str, what: str = "a name") -> str:
+    """``value`` when it holds no control character, lone surrogate or line separator
+    (:data:`_NAME_REFUSED`); raise ``ValueError`` naming the code points otherwise."""
+    bad = {c for c in value if unicodedata.category(c) in _NAME_REFUSED}
+    if bad:
+        raise ValueError(f"control characters are not allowed in {what} (found {_codepoints(bad)})")
+    return value
+
+
+def check_path_text(value: str) -> str:
+    """``value`` when no file system would refuse its characters: no NUL, no lone surrogate;
+    raise ``ValueError`` otherwise."""
+    bad = {c for c in value if c == "\x00" or unicodedata.category(c) == "Cs"}
+    if bad:
+        raise ValueError(f"a path cannot contain {_codepoints(bad)} (NUL or a lone surrogate)")
+    return value
+
+
+#: :func:`check_name_text` as a regular expression, for JSON Schema documents (the check itself
+#: is the function, whose message names the code points). Lone surrogates are left out: no
+#: pattern engine of a JSON Schema tool takes them, and UTF-8 JSON can only carry them escaped.
+NAME_TEXT_REGEX = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+
+#: A name or short free text: at most :data:`MAX_NAME_CHARS` characters, no control characters.
+NameText = Annotated[str, Field(max_length=MAX_NAME_CHARS, json_schema_extra={"pattern": NAME_TEXT_REGEX}),
+                     AfterValidator(check_name_text)]
+#: A path in a config: at most :data:`MAX_PATH_CHARS` characters, no NUL or lone surrogate.
+PathText = Annotated[str, Field(max_length=MAX_PATH_CHARS), AfterValidator(check_path_text)]
+
+
+def _numeric_without_bool(annotation: Any) -> bool:
+    kinds = _unwrap(annotation)
+    return bool not in kinds and any(k in (int, float) for k in kinds)
+
+
+def _numeric_items(annotation: Any) -> bool:
+    """Whether ``annotation`` is a list/tuple whose items are numbers that are not bools."""
+    items = [a for k in _unwrap(annotation) if typing.get_origin(k) in (list, tuple)
+             for a in typing.get_args(k) if a is not Ellipsis]
+    return bool(items) and all(_numeric_without_bool(a) for a in items)
+
+
 class _Section(BaseModel):
     """Base of every config section: unknown keys are errors, floats must be finite
-    (``allow_inf_nan=False``: YAML's ``.inf``/``.nan``), integers must fit in int64."""
+    (``allow_inf_nan=False``: YAML's ``.inf``/``.nan``), integers must fit in int64, and a
+    boolean is never a number (``save_interval: true`` is refused, not read as 1). An integral
+    float (``1e12``, ``4.0``) is accepted for an integer field as the integer it denotes; a
+    fractional one (``2.5``) is refused."""
 
     model_config = _STRICT
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field_info = cls.model_fields.get(info.field_name or "")
+        if field_info is None:
+            return value
+        annotation = field_info.annotation
+        if isinstance(value, bool) and _numeric_without_bool(annotation):
+            kind = "an integer" if int in _unwrap(annotation) else "a number"
+            raise ValueError(f"expected {kind}, got {str(value).lower()} (a boolean is not a number)")
+        if (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
+                and _numeric_items(annotation)):
+            raise ValueError(f"expected numbers, got {_short(list(value))} (a boolean is not a number)")
+        return value
 
     @field_validator("*", mode="after")
     @classmethod
@@ -220,7 +299,10 @@ def _resume(value: Any) -> Any:
             return "auto"
         if not value.strip():
             raise ValueError("must be true, false, 'auto' or a checkpoint folder path, got an empty string")
-        return value
+        if len(value) > MAX_PATH_CHARS:
+            raise ValueError(f"a checkpoint folder path has at most {MAX_PATH_CHARS:,} characters, "
+                             f"got {len(value):,}")
+        return check_path_text(value)
     raise ValueError(f"must be true, false, 'auto' or a checkpoint folder path, got {value!r}")
 
 
@@ -270,10 +352,10 @@ Precision = Literal["bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true"]
 class TextFilesArgs(_Section):
     """``init_args`` of ``litgpt.data.TextFiles``."""
 
-    train_data_path: str = Field(
+    train_data_path: PathText = Field(
         description="Folder with the training .txt files (top level only, LitGPT's TextFiles glob)."
     )
-    val_data_path: str | None = Field(
+    val_data_path: PathText | None = Field(
         default=None,
         description="Folder with the validation .txt files. Null: LitGPT's TextFiles behaviour, the first "
         "sorted training file is used for validation (needs >= 2 training files).",
@@ -428,14 +510,14 @@ class EvalArgs(_Section):
 class LogArgs(_Section):
     """LitGPT's ``LogArgs`` (for WandB / LitLogger). Accepted for compatibility; unused by the csv logger."""
 
-    project: str | None = Field(default=None, description="WandB project name (unused by csv).")
-    run: str | None = Field(default=None, description="WandB run name (unused by csv).")
-    group: str | None = Field(default=None, description="WandB group name (unused by csv).")
-    teamspace: str | None = Field(default=None, description="Lightning teamspace (unused by csv).")
+    project: NameText | None = Field(default=None, description="WandB project name (unused by csv).")
+    run: NameText | None = Field(default=None, description="WandB run name (unused by csv).")
+    group: NameText | None = Field(default=None, description="WandB group name (unused by csv).")
+    teamspace: NameText | None = Field(default=None, description="Lightning teamspace (unused by csv).")
     metadata: dict | None = Field(default=None, description="Extra experiment metadata tags (unused by csv).")
     log_model: bool = Field(default=False, description="Log checkpoints as artifacts (unused by csv).")
     save_logs: bool = Field(default=True, description="Upload terminal logs (unused by csv).")
-    checkpoint_name: str | None = Field(default=None, description="Base name of logged checkpoints (unused by csv).")
+    checkpoint_name: NameText | None = Field(default=None, description="Base name of logged checkpoints (unused by csv).")
 
 
 class OptimizerArgs(_Section):
@@ -595,7 +677,7 @@ class TrainConfig(_Section):
 
     model_config = ConfigDict(**_STRICT, json_schema_extra=_train_schema_extra)
 
-    out_dir: str = Field(
+    out_dir: PathText = Field(
         default="out/pretrain", description="Folder for metrics.csv and checkpoints (step-XXXXXXXX/, final/)."
     )
     precision: Precision = Field(
@@ -603,7 +685,7 @@ class TrainConfig(_Section):
         description="Lightning precision: bf16-mixed, bf16-true, 16-mixed, 16-true or 32-true. LitGPT's default "
         "(null) picks bf16-mixed on bf16-capable GPUs. Optimizer state is fp32 in every mode except *-true.",
     )
-    tokenizer_dir: str | None = Field(
+    tokenizer_dir: PathText | None = Field(
         default=None,
         description="Folder with tokenizer.json (or tokenizer.model) and tokenizer_config.json.",
     )
@@ -615,7 +697,7 @@ class TrainConfig(_Section):
     num_nodes: int = Field(default=1, ge=1, description="Number of nodes.")
     seed: int = Field(default=42, ge=0, le=2**32 - 1,
                       description="Random seed (model init, data order); 0 to 2**32-1, NumPy's range.")
-    initial_checkpoint_dir: str | None = Field(
+    initial_checkpoint_dir: PathText | None = Field(
         default=None,
         description="Checkpoint folder to initialise the weights from (continued pretraining, fine-tuning). "
         "With resume 'auto' or true the run continues from its own newest checkpoint in out_dir when it has "
@@ -685,8 +767,9 @@ class ModelConfig(_Section):
     the values LitGPT computes in ``Config.__post_init__``.
     """
 
-    name: str = Field(default="", description="Model name (free text; LitGPT uses it for a few quirks, "
-                      "e.g. 'Gemma' in the name offsets RMSNorm).")
+    name: NameText = Field(default="", description="Model name (free text, at most 200 characters, no "
+                           "control characters; LitGPT uses it for a few quirks, e.g. 'Gemma' in "
+                           "the name offsets RMSNorm).")
     hf_config: dict = Field(default_factory=dict, description="Hugging Face origin {org, name}; informational.")
     block_size: int = Field(default=4096, ge=1, description="Maximum context length (RoPE cache size).")
     n_layer: int = Field(default=16, ge=1, le=MAX_LAYERS,
@@ -1054,6 +1137,11 @@ def _message(err: dict) -> str:
         return f"expected a mapping (key: value), got {_short(got)}"
     if kind in ("list_type", "tuple_type"):
         return f"expected a list, got {_short(got)}"
+    if kind in ("string_too_long", "string_too_short"):
+        size = len(got) if isinstance(got, str) else 0
+        if kind == "string_too_long":
+            return f"at most {ctx.get('max_length', 0):,} characters, got {size:,}"
+        return f"at least {ctx.get('min_length')} characters, got {size}"
     if kind in ("too_short", "too_long"):
         return f"expected {ctx.get('expected', ctx.get('min_length', ''))} items, got {_short(got)}"
     for bound, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):

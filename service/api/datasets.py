@@ -7,8 +7,9 @@ Uploads (``POST /datasets/{name}``):
 - or the raw archive as the body (``Content-Type: application/x-tar`` or ``application/gzip``).
 
 Each file is checked while it is written to a staging folder (``DATA_ROOT/.staging-<id>``):
-a safe relative name (no absolute path, no ``..``), a regular file (tar links, devices and
-FIFOs are refused), a ``.txt`` name, valid UTF-8, not empty; the extracted total is bounded by
+a safe relative name (no absolute path, no ``..``, no control character, each part at most
+255 bytes), a regular file (tar links, devices and FIFOs are refused), a ``.txt`` name, valid
+UTF-8 without NUL bytes (binary data), not empty; the extracted total is bounded by
 ``UPLOAD_LIMIT_BYTES`` (a compressed archive cannot expand past it). Any problem is a 422
 naming the member, and nothing is left behind. The staging folder is then renamed to
 ``DATA_ROOT/<name>`` (atomic on one file system); replacing an existing dataset needs
@@ -41,16 +42,29 @@ from service import reads
 from service.api.deps import get_celery, get_settings
 from service.api.errors import ApiError, dependency_unavailable, invalid
 from service.api.models import DatasetPublic, TokenizerCreate, TokenizerPublic
+from service.api.openapi import errors
 from service.api.submission import media_type
-from service.paths import PathEscape, check_name, resolve_under, safe_relative
+from service.paths import (
+    NAME_REGEX,
+    PathEscape,
+    PathTooLong,
+    check_name,
+    check_path_length,
+    resolve_under,
+    safe_relative,
+)
 from service.queue import TOKENIZER_RECORD, enqueue_tokenizer, tokenizer_marker_paths
+from service.schemas import check_name_text
 from service.settings import Settings
 
 router = APIRouter(tags=["datasets"])
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
-NameParam = Annotated[str, PathParam(min_length=1, max_length=64)]
+#: Dataset and tokenizer names: exactly what ``service.paths.check_name`` accepts.
+#: (The pattern is for the document; ``_name`` checks it with a message saying what is valid.)
+NameParam = Annotated[str, PathParam(min_length=1, max_length=64,
+                                     json_schema_extra={"pattern": NAME_REGEX})]
 
 TOKENIZERS_DIR = "tokenizers"
 SAMPLE_DIR = "sample"
@@ -111,7 +125,14 @@ class _Staging:
 
     def _target(self, member: str, *, is_dir: bool = False) -> tuple[PurePosixPath, Path]:
         try:
+            check_name_text(member, "a file name")
+        except ValueError as error:
+            raise UploadProblem(member, str(error)) from None
+        try:
             rel = safe_relative(member)
+            check_path_length(self.root.joinpath(*rel.parts))
+        except PathTooLong as error:
+            raise UploadProblem(member, str(error)) from None
         except PathEscape as error:
             raise UploadProblem(member, str(error).split(": ", 1)[-1]) from None
         if not is_dir and rel.suffix.lower() != ".txt":
@@ -144,6 +165,10 @@ class _Staging:
                 except UnicodeDecodeError as error:
                     raise UploadProblem(member, f"not valid UTF-8 text (byte {offset + error.start}: "
                                         f"{error.reason})") from None
+                nul = chunk.find(b"\x00")
+                if nul >= 0:
+                    raise UploadProblem(member, f"not a text file: a NUL byte at byte {offset + nul} "
+                                        f"(binary data)")
                 offset += len(chunk)
                 self.total += len(chunk)
                 if self.total > self.byte_limit:
@@ -230,6 +255,7 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 
 
 @router.post("/datasets/{name}", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic,
+             responses=errors(409, 415, 422, 503),
              openapi_extra=_UPLOAD_BODY, summary="Upload a dataset (.txt files or a .tar of them)")
 async def upload_dataset(name: NameParam, request: Request, settings: SettingsDep,
                          overwrite: bool = False) -> DatasetPublic:
@@ -310,6 +336,7 @@ def list_datasets(settings: SettingsDep) -> list[DatasetPublic]:
 
 
 @router.delete("/datasets/{name}", status_code=status.HTTP_204_NO_CONTENT,
+               responses=errors(404, 409, 422, 503),
                summary="Delete a dataset")
 async def delete_dataset(name: NameParam, request: Request, settings: SettingsDep) -> Response:
     """404 when missing, 409 while a queued or running run reads it."""
@@ -417,6 +444,7 @@ def _vocab_size(folder: Path) -> int | None:
 
 
 @router.post("/tokenizers/{name}", status_code=status.HTTP_202_ACCEPTED,
+             responses=errors(409, 422, 503),
              response_model=TokenizerPublic, summary="Train a tokenizer from a dataset")
 def create_tokenizer(name: NameParam, body: TokenizerCreate, settings: SettingsDep,
                      celery: CeleryDep) -> TokenizerPublic:
@@ -472,6 +500,7 @@ def list_tokenizers(settings: SettingsDep) -> list[TokenizerPublic]:
 
 
 @router.delete("/tokenizers/{name}", status_code=status.HTTP_204_NO_CONTENT,
+               responses=errors(404, 409, 422, 503),
                summary="Delete a tokenizer")
 async def delete_tokenizer(name: NameParam, request: Request, settings: SettingsDep) -> Response:
     """Removes the folder and any request marker; 404 when neither exists, 409 while a queued

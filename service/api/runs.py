@@ -37,6 +37,7 @@ from service import runs as runs_service
 from service.api.deps import DatabaseGate, get_celery, get_gate, get_settings, json_response
 from service.api.errors import ApiError, invalid
 from service.api.files import TarPlan, tail_lines
+from service.api.openapi import errors
 from service.api.models import (
     CheckpointPublic,
     DownloadLink,
@@ -62,12 +63,36 @@ GateDep = Annotated[DatabaseGate, Depends(get_gate)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
+#: A valid ``POST /runs`` body for the docs (a 2-layer MoE; data and tokenizer paths under
+#: DATA_ROOT, which need not exist yet: the run waits for them).
+RUN_EXAMPLE = {
+    "name": "tiny-moe",
+    "train_config": {
+        "devices": 1, "precision": "32-true", "tokenizer_dir": "tokenizers/mydata",
+        "data": {"class_path": "TextFiles", "init_args": {"train_data_path": "mydata/train",
+                                                          "val_data_path": "mydata/val"}},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_seq_length": 32,
+                  "max_tokens": 2560, "lr_warmup_steps": 2, "save_interval": 5, "min_lr": 1e-4},
+        "eval": {"interval": 5, "max_iters": 2},
+        "optimizer": {"class_path": "AdamW", "init_args": {"lr": 1e-3}},
+        "optimization": {"compile": False},
+    },
+    "model_config": {
+        "name": "tiny-moe", "block_size": 64, "n_layer": 2, "n_embd": 64, "n_head": 4,
+        "n_query_groups": 2, "mlp_class_name": "LLaMAMoE", "n_expert": 4,
+        "n_expert_per_token": 2, "moe_intermediate_size": 128, "vocab_size": 256,
+        "padded_vocab_size": 256, "norm_class_name": "RMSNorm", "bias": False,
+        "parallel_residual": False, "rotary_percentage": 1.0,
+    },
+}
+
 #: OpenAPI description of the three body forms of POST /runs and /runs/validate.
 _RUN_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/RunCreate"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/RunCreate"},
+                                 "example": RUN_EXAMPLE},
             "application/yaml": {"schema": {"$ref": "#/components/schemas/RunCreate"}},
             "multipart/form-data": {"schema": {
                 "type": "object",
@@ -88,11 +113,7 @@ LOG_FILE = "train.log"
 
 @router.post("/runs", status_code=status.HTTP_201_CREATED, response_model=RunCreated,
              openapi_extra=_RUN_BODY, summary="Submit a run",
-             responses={409: {"description": "Idempotency-Key reused with another body"},
-                        413: {"description": "Body too large"},
-                        422: {"description": "Invalid config (every field path listed) or no "
-                              "worker can run it"},
-                        503: {"description": "The database is unavailable or busy"}})
+             responses=errors(409, 415, 422, 503))
 async def create_run(request: Request, settings: SettingsDep, celery: CeleryDep, gate: GateDep,
                      idempotency_key: Annotated[str | None, Header()] = None) -> Response:
     """Validate, store and enqueue a run (201). With ``Idempotency-Key`` a retry returns the
@@ -116,7 +137,7 @@ async def create_run(request: Request, settings: SettingsDep, celery: CeleryDep,
 
 
 @router.post("/runs/validate", response_model=ValidationReport, openapi_extra=_RUN_BODY,
-             summary="Check a run without queueing it")
+             summary="Check a run without queueing it", responses=errors(415, 422, 503))
 async def validate_run(request: Request, settings: SettingsDep, gate: GateDep) -> Response:
     """Errors, warnings and estimate of a submission; queues nothing. 200 with ``valid:
     false`` for invalid configs, 422 only for an unreadable body. ``name`` may be left out."""
@@ -142,7 +163,7 @@ def _run_public(session: Session, run_id: uuid.UUID) -> RunPublic:
     return RunPublic.of(*reads.run_with_latest_metrics(session, run_id))
 
 
-@router.get("/runs", response_model=RunPage, summary="List runs")
+@router.get("/runs", response_model=RunPage, summary="List runs", responses=errors(422, 503))
 async def list_runs(gate: GateDep,
                     status_: Annotated[RunStatus | None, Query(alias="status")] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -171,7 +192,8 @@ async def list_runs(gate: GateDep,
     return await gate.json(work)
 
 
-@router.get("/runs/{run_id}", response_model=RunPublic, summary="One run")
+@router.get("/runs/{run_id}", response_model=RunPublic, summary="One run",
+            responses=errors(404, 503))
 async def get_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     """The run, with ``latest_metrics`` (its newest metric row, null before the first)."""
     return await gate.json(_run_public, run_id)
@@ -179,7 +201,7 @@ async def get_run(run_id: uuid.UUID, gate: GateDep) -> Response:
 
 @router.get("/runs/{run_id}/config", summary="The resolved configs as YAML",
             response_class=PlainTextResponse,
-            responses={200: {"content": {"application/yaml": {}}}})
+            responses={200: {"content": {"application/yaml": {}}}, **errors(404, 503)})
 async def get_config(run_id: uuid.UUID, gate: GateDep,
                      submitted: Annotated[bool, Query(description="the documents as submitted "
                                                       "instead of resolved")] = False) -> Response:
@@ -204,7 +226,7 @@ def _wants_csv(request: Request, fmt: str | None) -> bool:
 
 
 @router.get("/runs/{run_id}/metrics", response_model=MetricPage, summary="Metric rows",
-            responses={200: {"content": {"text/csv": {}}}})
+            responses={200: {"content": {"text/csv": {}}}, **errors(404, 503)})
 async def get_metrics(run_id: uuid.UUID, request: Request, gate: GateDep,
                       after_step: Annotated[int | None, Query(ge=-1,
                                                               le=runs_service.MAX_STEP)] = None,
@@ -235,7 +257,7 @@ async def get_metrics(run_id: uuid.UUID, request: Request, gate: GateDep,
     return await gate.render(work, render)
 
 
-@router.get("/runs/{run_id}/router", response_model=RouterPage,
+@router.get("/runs/{run_id}/router", response_model=RouterPage, responses=errors(404, 503),
             summary="MoE router telemetry (token fraction per layer and expert)")
 async def get_router(run_id: uuid.UUID, gate: GateDep,
                      after_step: Annotated[int | None, Query(ge=-1,
@@ -256,6 +278,7 @@ async def get_router(run_id: uuid.UUID, gate: GateDep,
 
 
 @router.get("/runs/{run_id}/checkpoints", response_model=list[CheckpointPublic],
+            responses=errors(404, 503),
             summary="Recorded checkpoints")
 async def list_checkpoints(run_id: uuid.UUID, gate: GateDep) -> Response:
     def work(session: Session) -> list[CheckpointPublic]:
@@ -267,7 +290,9 @@ async def list_checkpoints(run_id: uuid.UUID, gate: GateDep) -> Response:
 
 def _checkpoint(session: Session, run_id: uuid.UUID, ref: str):
     run = runs_service.get_run(session, run_id)
-    checkpoint = runs_service.get_checkpoint(session, run_id, ref)
+    # No checkpoint folder has a control character in its name (and PostgreSQL cannot compare
+    # with a NUL): such a reference names none, without asking the database.
+    checkpoint = runs_service.get_checkpoint(session, run_id, ref) if ref.isprintable() else None
     if checkpoint is None:
         raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
     return run, checkpoint
@@ -275,7 +300,7 @@ def _checkpoint(session: Session, run_id: uuid.UUID, ref: str):
 
 @router.get("/runs/{run_id}/checkpoints/{ref}/archive", summary="Download a checkpoint (.tar)",
             response_class=StreamingResponse,
-            responses={200: {"content": {"application/x-tar": {}}}})
+            responses={200: {"content": {"application/x-tar": {}}}, **errors(404, 410, 503)})
 async def checkpoint_archive(run_id: uuid.UUID, ref: str, gate: GateDep,
                              settings: SettingsDep) -> StreamingResponse:
     """The checkpoint folder ``ref`` (a step number, ``final`` or the folder name) as an
@@ -300,6 +325,7 @@ async def checkpoint_archive(run_id: uuid.UUID, ref: str, gate: GateDep,
 
 
 @router.post("/runs/{run_id}/checkpoints/{ref}/link", response_model=DownloadLink,
+             responses=errors(404, 503),
              summary="A signed download link for a checkpoint archive")
 async def checkpoint_link(run_id: uuid.UUID, ref: str, gate: GateDep,
                           settings: SettingsDep) -> DownloadLink:
@@ -317,7 +343,8 @@ async def checkpoint_link(run_id: uuid.UUID, ref: str, gate: GateDep,
     return DownloadLink(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
 
 
-@router.get("/runs/{run_id}/events", response_model=list[EventPublic], summary="Run history")
+@router.get("/runs/{run_id}/events", response_model=list[EventPublic], summary="Run history",
+            responses=errors(404, 503))
 async def list_events(run_id: uuid.UUID, gate: GateDep) -> Response:
     """The run's status changes and notes (queued, claimed, requeued, finished...), oldest
     first, as the service recorded them. What the training process itself reported is
@@ -331,7 +358,7 @@ async def list_events(run_id: uuid.UUID, gate: GateDep) -> Response:
 
 @router.get("/runs/{run_id}/engine-events", response_model=list[EngineEventPublic],
             summary="What the training process reported (out/events.jsonl)",
-            responses={404: {"description": "No such run"}})
+            responses=errors(404, 503))
 async def list_engine_events(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep,
                              attempt: Annotated[int | None, Query(
                                  ge=0, description="only this attempt's events")] = None
@@ -350,7 +377,8 @@ async def list_engine_events(run_id: uuid.UUID, gate: GateDep, settings: Setting
     return await run_in_threadpool(read)
 
 
-@router.get("/runs/{run_id}/logs", response_class=PlainTextResponse, summary="Run log (tail)")
+@router.get("/runs/{run_id}/logs", response_class=PlainTextResponse, summary="Run log (tail)",
+            responses=errors(404, 503))
 async def get_logs(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep,
                    tail: Annotated[int, Query(ge=0, le=100_000)] = 200) -> PlainTextResponse:
     """The last ``tail`` lines of the run's log (the training process' output,
@@ -360,7 +388,8 @@ async def get_logs(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep,
     return PlainTextResponse(text)
 
 
-@router.post("/runs/{run_id}/cancel", response_model=RunPublic, summary="Cancel a run")
+@router.post("/runs/{run_id}/cancel", response_model=RunPublic, summary="Cancel a run",
+             responses=errors(404, 409, 503))
 async def cancel_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     """A queued run is cancelled at once; a running one is flagged and its worker stops it
     (status becomes ``cancelled`` when the process has exited). 409 for a finished run."""
@@ -372,6 +401,7 @@ async def cancel_run(run_id: uuid.UUID, gate: GateDep) -> Response:
 
 
 @router.delete("/runs/{run_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses=errors(404, 409, 503),
                summary="Delete a finished run, its rows and its files")
 async def delete_run(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep) -> Response:
     """409 while the run is queued or running (cancel it first)."""

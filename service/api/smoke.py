@@ -47,6 +47,7 @@ from service import runs as runs_service
 from service.api.deps import get_celery, get_settings
 from service.api.errors import ApiError, dependency_unavailable
 from service.api.models import RunCreate, SmokeStage, SmokeTestPublic
+from service.api.openapi import errors
 from service.api.submission import Submitted, send_run, submit_run
 from service.configs import CONFIGS_DIR, SMOKE_TEST_OVERRIDES, deep_merge, load_document
 from service.contract import EngineEvent, EventKind, read_events
@@ -182,7 +183,7 @@ async def _report(request: Request, settings: Settings, run_id: uuid.UUID) -> Sm
 
 
 @router.post("/smoke-test", status_code=status.HTTP_202_ACCEPTED, response_model=SmokeTestPublic,
-             summary="Start the smoke test", responses={409: {"description": "one is running"}})
+             summary="Start the smoke test", responses=errors(409, 503))
 async def start_smoke_test(request: Request, settings: SettingsDep,
                            celery: CeleryDep) -> SmokeTestPublic:
     """Queue the smoke test (module docstring); 202 with its id. 409 with ``run_id`` while
@@ -213,7 +214,8 @@ async def start_smoke_test(request: Request, settings: SettingsDep,
     return await _report(request, settings, submitted.run.id)
 
 
-@router.get("/smoke-test/{run_id}", response_model=SmokeTestPublic, summary="Smoke-test verdict")
+@router.get("/smoke-test/{run_id}", response_model=SmokeTestPublic, summary="Smoke-test verdict",
+            responses=errors(404, 503))
 async def get_smoke_test(run_id: uuid.UUID, request: Request, settings: SettingsDep,
                          wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S,
                                                       description="seconds to wait for a verdict")] = 0

@@ -20,7 +20,7 @@ from sqlmodel import Session
 from service import admission, reads
 from service import runs as runs_service
 from service.api.errors import ApiError, config_error, config_issue_locs, field_error, invalid
-from service.api.models import RunCreate
+from service.api.models import RunCreate, document_problem
 from service.checks import ServerPaths, check_run
 from service.configs import (
     ConfigLoader,
@@ -73,6 +73,8 @@ def parse_yaml(text: str | bytes, loc: list[str | int]) -> Any:
         raise invalid(loc, f"invalid YAML{where}: {problem}", code="invalid_document") from None
     except RecursionError:
         raise invalid(loc, "the document is nested too deeply", code="invalid_document") from None
+    except (ValueError, OverflowError) as error:  # a scalar no constructor takes (a 5,000-digit int)
+        raise invalid(loc, f"invalid YAML: {error}", code="invalid_document") from None
 
 
 def parse_json(data: bytes, loc: list[str | int]) -> Any:
@@ -142,12 +144,16 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
             doc[key] = {}
     if default_name is not None and doc.get("name") in (None, ""):
         doc["name"] = default_name
+    for key in ("train_config", "model_config"):  # what no database could store
+        problem = document_problem(doc[key]) if isinstance(doc.get(key), dict) else None
+        if problem is not None:
+            raise invalid(["body", key, *problem[0]], problem[1], code="invalid_config")
     try:
         return RunCreate.model_validate(doc)
     except ValidationError as error:
         errors = []
         for err in error.errors():
-            msg = str(err.get("msg", "invalid"))
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
             if err.get("type") == "missing":
                 msg = "required key is missing"
             elif err.get("type") == "extra_forbidden":

@@ -32,6 +32,7 @@ from service import runs as runs_service
 from service.api.deps import DatabaseGate, get_gate, get_settings
 from service.api.errors import UNAVAILABLE_RETRY_AFTER_S, ApiError, error_body
 from service.api.models import WorkerPublic
+from service.api.openapi import errors
 from service.queue import check_broker, queue_depth, train_queue, worker_queues
 from service.schemas import model_config_json_schema, train_config_json_schema
 from service.settings import Settings
@@ -93,7 +94,7 @@ async def check_workers(app: Any, settings: Settings) -> tuple[str | None, int]:
 
 
 @router.get("/readyz", summary="Readiness: database, broker, workers",
-            responses={503: {"description": "something is down (named in the body)"}})
+            responses=errors(503))
 async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     app = request.app
     checks: dict[str, dict[str, Any]] = {}
@@ -115,7 +116,8 @@ async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "checks": checks})
 
 
-@protected_router.get("/workers", response_model=list[WorkerPublic], summary="Registered workers")
+@protected_router.get("/workers", response_model=list[WorkerPublic], summary="Registered workers",
+                      responses=errors(503))
 async def list_workers(gate: GateDep, settings: SettingsDep) -> Response:
     """Every registered worker; ``live`` when it heartbeated within WORKER_STALE_SECONDS."""
     def work(session: Session) -> list[WorkerPublic]:
