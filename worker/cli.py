@@ -172,9 +172,19 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if args.dry_run:
         from service.estimate import estimate
 
-        _say(*format_estimate(estimate(validated.train, validated.model)))
+        _say(*format_estimate(estimate(validated.train, validated.model, device_kind=_local_device_kind())))
         return _dry_run_preflight(validated)
     return _train(validated, smoke_test=args.smoke_test)
+
+
+def _local_device_kind() -> str:
+    """"cuda" when this machine would train on a GPU, else "cpu" (also without torch): the device
+    kind ``--dry-run``'s ``memory.total`` is for (``memory.total_cpu``/``total_cuda`` show both)."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _dry_run_preflight(validated) -> int:
