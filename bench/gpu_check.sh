@@ -159,8 +159,9 @@ else:
 mc = load("memory_check.json")
 print("\n### Memory estimate vs measured peak per rank (bench/memory_check.py)\n")
 if "rows" in mc:
-    print(f"device {mc['device']} {mc.get('gpu', '')}; measured = max_memory_reserved + memory outside the allocator "
-          "(CUDA context); estimate = memory.total_cuda\n")
+    print(f"device {mc['device']} {mc.get('gpu', '')}; " + (
+        "measured = max_memory_reserved + memory outside the allocator (CUDA context); estimate = memory.total_cuda\n"
+        if mc["device"] == "cuda" else "measured = peak resident set size; estimate = memory.total_cpu\n"))
     print("| config | precision | compile | micro-batch x seq | estimate GiB | measured GiB | estimate/measured | "
           "max allocated GiB | tensors estimate GiB | outside allocator GiB | step s |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -394,8 +394,8 @@ CUDA_RUNTIME_BYTES = int(0.75 * 2**30)
 #: Dynamo/AOTAutograd/Inductor's modules, the FX graphs of one transformer block's forward and
 #: backward, the generated C++ and the loaded kernels (regional compilation: one block's graphs,
 #: reused by every layer). Fitted to the smoke test's peak (compiled, 32-true, its activations
-#: negligible): 9.22 GiB measured = 8.18 GiB of weights, gradients and AdamW state + the runtime +
-#: this (bench/RESULTS.md).
+#: negligible): 9.14 and 9.22 GiB measured in two runs = 8.18 GiB of weights, gradients and AdamW
+#: state + the 0.8 GiB runtime + 0.16-0.24 GiB (bench/RESULTS.md).
 CPU_COMPILE_BYTES = int(0.25 * 2**30)
 
 #: The same on a CUDA GPU: Inductor compiles on the host, but CUDA graphs (``reduce-overhead``,
