@@ -9,9 +9,11 @@ same documents) and the run cannot disagree about the config. The demo corpus an
 Configs (``--only``/``--skip`` take these names, comma separated):
 
 * ``default``: configs/*.yaml as shipped (MoE-200M, 549M parameters, bf16-mixed, compiled, micro-batch
-  4 x 512), with ``global_batch_size 8`` (2 micro-batches per optimizer step instead of 32) and
-  ``max_tokens`` for ``--steps`` steps. Peak memory does not depend on the number of accumulated
-  micro-batches (the gradients are allocated once and accumulated in place).
+  4 x 512), with ``--accumulate`` micro-batches per optimizer step (default 2, shipped 32) and
+  ``max_tokens`` for ``--steps`` steps. The tensors at the peak do not depend on the number of
+  micro-batches (the gradients are allocated once and accumulated in place), but on a CPU the
+  resident set creeps up as a run goes on (glibc keeps freed memory): 13.9 GiB after 6 micro-batches,
+  15.0 after 16, 16.1 after the whole run's 128 (bench/RESULTS.md).
 * ``smoke``: the spec's smoke test (``--smoke-test``: MoE-200M, 32-true, one step of 64 tokens).
 * ``cpu-tiny``: the ``cpu-tiny`` preset (2.8M parameters, 32-true, eager), ``--steps`` steps, with
   its validation.
@@ -23,8 +25,8 @@ Configs (``--only``/``--skip`` take these names, comma separated):
 
 Measured, per config:
 
-* CPU: the child's peak resident set size (``os.wait4`` ``ru_maxrss``; equal to ``VmHWM``), i.e.
-  what the kernel's OOM killer and a cgroup limit see. This is what ``memory.total_cpu`` estimates.
+* CPU: the child's peak resident set size (``VmHWM`` of /proc/self/status at its end, the same as
+  its ``ru_maxrss``), i.e. what the kernel's OOM killer and a cgroup limit see. This is what ``memory.total_cpu`` estimates.
 * CUDA: ``torch.cuda.max_memory_reserved()`` (the caching allocator's peak, what an OOM is about)
   plus the device memory the process holds outside the allocator (CUDA context, kernels), measured
   at the end as ``mem_get_info`` used - ``memory_reserved()``. This is what ``memory.total_cuda``
@@ -32,11 +34,11 @@ Measured, per config:
 * time per step: the median of the differences of ``metrics.csv``'s ``elapsed_s`` after the first
   step (the first step, compilation included, is reported apart).
 
-The default MoE-200M needs ~17 GB of RAM on a CPU: on the shared machine run the big configs under
+The default MoE-200M needs ~15-16 GiB of RAM on a CPU: on the shared machine run the big configs under
 ``flock /tmp/moejobs-big.lock`` and alone.
 
     uv run python bench/memory_check.py --only cpu-tiny                # seconds
-    flock /tmp/moejobs-big.lock uv run python bench/memory_check.py     # all four, ~30 min on 2 CPU cores
+    flock /tmp/moejobs-big.lock uv run python bench/memory_check.py     # all four: 10-15 min on 2 quiet CPU cores
     python bench/memory_check.py --device cuda --json                  # bench/gpu_check.sh
 """
 from __future__ import annotations
@@ -117,10 +119,7 @@ def measure(name: str, steps: int, accumulate: int, work: Path, device_kind: str
     (work / f"{name}.train.json").write_text(json.dumps(train, indent=1))
     (work / f"{name}.model.json").write_text(json.dumps(model, indent=1))
     v = validate_configs(train, model)
-    try:
-        est = estimate(v.train, v.model, device_kind=device_kind)
-    except TypeError:  # an estimate without device kinds (before this bench)
-        est = estimate(v.train, v.model)
+    est = estimate(v.train, v.model, device_kind=device_kind)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--",
            "--config", str(work / f"{name}.train.json"), "--model-config", str(work / f"{name}.model.json")]
     if name == "smoke":
@@ -133,13 +132,14 @@ def measure(name: str, steps: int, accumulate: int, work: Path, device_kind: str
         proc.kill()
         stdout, stderr = proc.communicate()
     wall = time.perf_counter() - started
-    # the child is reaped by communicate(); its rusage is in RUSAGE_CHILDREN (max over children so far,
-    # so configs run largest-last would hide smaller ones: the child's own VmHWM is the per-run figure)
+    # the child reports its own peak (VmHWM): RUSAGE_CHILDREN's ru_maxrss is the largest child so far,
+    # which would hide a smaller config run after a larger one
     report = next((json.loads(line[len(MARK):]) for line in stdout.splitlines() if line.startswith(MARK)), {})
     row: dict = {"config": name, "model": v.model.name, "params": est.params.total, "precision": v.train.precision,
                  "compile": v.train.optimization.compile, "checkpointing": v.train.train.gradient_checkpointing,
                  "micro_batch": v.train.train.micro_batch_size, "seq_len": est.plan.seq_len,
-                 "steps": est.plan.optimizer_steps, "exit": report.get("exit", proc.returncode), "wall_s": round(wall, 1),
+                 "steps": est.plan.optimizer_steps, "exit": report.get("exit", proc.returncode),
+                 "wall_s": round(wall, 1),
                  "estimate_bytes": est.memory.total, "estimate": asdict(est.memory)}
     if device_kind == "cuda":
         if "cuda_max_reserved" in report:

@@ -7,8 +7,8 @@ byte-level BPE tokenizer on it (``worker.tokenizer``) under ``--workdir``, resol
 configs with the smoke-test overrides (``service.configs.resolve(..., smoke_test=True)``) and calls
 ``worker.train.run_training`` without checkpoints. Prints one JSON document (or a small table).
 
-The default MoE-200M model needs ~12 GB of RAM for a CPU step: on the shared CPU machine run it
-under ``flock /tmp/moejobs-big.lock``. ``--preset cpu-tiny`` checks the script cheaply.
+The smoke test of the default MoE-200M model needs ~9.2 GiB of RAM on a CPU (32-true, one step): on
+the shared CPU machine run it under ``flock /tmp/moejobs-big.lock``. ``--preset cpu-tiny`` checks the script cheaply.
 
     python bench/smoke_check.py --json                  # on the GPU machine (bench/gpu_check.sh)
     flock /tmp/moejobs-big.lock uv run python bench/smoke_check.py

@@ -375,4 +375,5 @@ def test_cpu_memory_estimate_is_within_15_percent_of_the_measured_peak(demo_data
     assert mem.total == mem.total_cpu
     assert 0.85 <= mem.total / measured <= 1.15, (
         f"estimate {mem.total / 2**30:.2f} GiB vs measured {measured / 2**30:.2f} GiB "
-        f"(tensors {mem.tensors / 2**30:.2f}, runtime {mem.runtime / 2**30:.2f}, slack {mem.allocator_slack / 2**30:.2f})")
+        f"(tensors {mem.tensors / 2**30:.2f}, runtime {mem.runtime / 2**30:.2f}, "
+        f"slack {mem.allocator_slack / 2**30:.2f})")
