@@ -25,7 +25,10 @@
 #   3. bench/train_throughput.py: MoE-200M, seq 512, bf16-mixed, micro-batch 4 and the largest that
 #      fits; stock LitGPT eager vs the engine compiled as configured (reduce-overhead, dynamic)
 #   4. bench/smoke_check.py: the spec's smoke test through the engine, time and peak memory vs estimate
-#   5. a markdown summary of everything (also in $OUT/gpu_check.md, the JSON files beside it)
+#   5. bench/memory_check.py: the memory estimate (memory.total_cuda) vs the measured per-rank peak
+#      (max_memory_reserved + the CUDA context) of a few real steps of the shipped config and cpu-tiny,
+#      each in its own process (the CPU table is in bench/RESULTS.md)
+#   6. a markdown summary of everything (also in $OUT/gpu_check.md, the JSON files beside it)
 #
 # Rehearsal on the development CPU with small settings:
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_NO_WHEELS=1 PYTHON="uv run python" OUT=/tmp/gc bash bench/gpu_check.sh
@@ -67,31 +70,38 @@ if [ "$DEV" = cuda ]; then
   LAYER_ARGS="--device cuda"
   TRAIN_ARGS="--device cuda --micro-batch 4,max --max-micro-batch 256 --steps 12 --warmup 4 --stock-compile off"
   SMOKE_ARGS=""
+  MEM_ARGS="--device cuda --only default,cpu-tiny --steps 3 --timeout 100"
   KARGS=()
 else  # rehearsal on a CPU: small and quick
   LAYER_ARGS="--device cpu --tokens 256,1024 --iters 2 --warmup 1"
   TRAIN_ARGS="--device cpu --steps 2 --warmup 1"
   SMOKE_ARGS="--preset cpu-tiny"
+  MEM_ARGS="--device cpu --only cpu-tiny --steps 2"
   KARGS=(-k "grouped_mm_matches or whole_model")
 fi
 
-stamp "1/4 parity tests"
-timeout 100 $PY -m pytest -q --maxfail=5 -p no:cacheprovider -m "not slow" ${KARGS[@]+"${KARGS[@]}"} \
+stamp "1/5 parity tests"
+timeout 90 $PY -m pytest -q --maxfail=5 -p no:cacheprovider -m "not slow" ${KARGS[@]+"${KARGS[@]}"} \
   tests/test_moe.py tests/test_moe_gqa.py >"$RES/parity.log" 2>&1
 echo "rc=$?" >>"$RES/parity.log"
 tail -n 4 "$RES/parity.log"
 
-stamp "2/4 MoE layer benchmark"
+stamp "2/5 MoE layer benchmark"
 timeout 45 $PY bench/moe_layer.py $LAYER_ARGS --json >"$RES/moe_layer.json" 2>"$RES/moe_layer.err" \
   || { echo "moe_layer failed or timed out"; tail -n 5 "$RES/moe_layer.err"; }
 
-stamp "3/4 training throughput"
-timeout 230 $PY bench/train_throughput.py $TRAIN_ARGS --json >"$RES/train_throughput.json" 2>"$RES/train_throughput.err" \
+stamp "3/5 training throughput"
+timeout 200 $PY bench/train_throughput.py $TRAIN_ARGS --json >"$RES/train_throughput.json" 2>"$RES/train_throughput.err" \
   || { echo "train_throughput failed or timed out"; tail -n 8 "$RES/train_throughput.err"; }
 
-stamp "4/4 smoke test"
-timeout 100 $PY bench/smoke_check.py $SMOKE_ARGS --json --workdir /tmp/moejobs-smoke >"$RES/smoke.json" 2>"$RES/smoke.err" \
+stamp "4/5 smoke test"
+timeout 80 $PY bench/smoke_check.py $SMOKE_ARGS --json --workdir /tmp/moejobs-smoke >"$RES/smoke.json" 2>"$RES/smoke.err" \
   || { echo "smoke test failed or timed out"; tail -n 8 "$RES/smoke.err"; }
+
+stamp "5/5 memory estimate vs measured"
+timeout 130 $PY bench/memory_check.py $MEM_ARGS --workdir /tmp/moejobs-memcheck --out "$RES/memory_check.json" \
+  >"$RES/memory_check.txt" 2>"$RES/memory_check.err" \
+  || { echo "memory check failed or timed out"; tail -n 8 "$RES/memory_check.err"; }
 
 stamp "summary"
 $PY - "$RES" <<'EOF' | tee "$RES/gpu_check.md"
@@ -146,5 +156,22 @@ if "train_wall_s" in sm:
           f"{gib(sm['estimate_memory_bytes'])} | {sm['peak_over_estimate']} |")
 else:
     print(sm.get("error"))
+mc = load("memory_check.json")
+print("\n### Memory estimate vs measured peak per rank (bench/memory_check.py)\n")
+if "rows" in mc:
+    print(f"device {mc['device']} {mc.get('gpu', '')}; " + (
+        "measured = max_memory_reserved + memory outside the allocator (CUDA context); estimate = memory.total_cuda\n"
+        if mc["device"] == "cuda" else "measured = peak resident set size; estimate = memory.total_cpu\n"))
+    print("| config | precision | compile | micro-batch x seq | estimate GiB | measured GiB | estimate/measured | "
+          "max allocated GiB | tensors estimate GiB | outside allocator GiB | step s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in mc["rows"]:
+        e = r.get("estimate") or {}
+        print(f"| {r['config']} | {r['precision']} | {r['compile']} | {r['micro_batch']} x {r['seq_len']} | "
+              f"{gib(r.get('estimate_bytes'))} | {gib(r.get('measured_bytes'))} | {r.get('ratio', '-')} | "
+              f"{gib(r.get('cuda_max_allocated'))} | {gib(e.get('tensors'))} | {gib(r.get('cuda_outside_allocator'))} | "
+              f"{r.get('step_s') or '-'} |" + (f" error: {r['error']}" if r.get("error") else ""))
+else:
+    print(mc.get("error"))
 EOF
 stamp "done"

@@ -213,7 +213,9 @@ def run_side(name, v, device, precision, compile_mode, mbs, seq, warmup, steps, 
 
 
 def memory_estimate(v, mb: int) -> int | None:
-    """``service.estimate``'s training-memory total for the config at micro-batch ``mb`` (bytes)."""
+    """``service.estimate``'s live tensors at the peak (``memory.tensors``, bytes) for the config at
+    micro-batch ``mb``: comparable with ``max_memory_allocated`` (no CUDA context, no allocator slack;
+    bench/memory_check.py compares the whole per-rank peak)."""
     try:
         t = v.train.model_dump(mode="json")
         t["train"]["micro_batch_size"] = mb
@@ -221,7 +223,7 @@ def memory_estimate(v, mb: int) -> int | None:
         from service.schemas import validate_configs
 
         w = validate_configs(t, v.model.model_dump(mode="json"))
-        return int(estimate(w.train, w.model).memory.total)
+        return int(estimate(w.train, w.model).memory.tensors)
     except Exception:  # informational only
         return None
 

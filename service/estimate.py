@@ -21,6 +21,7 @@ __all__ = [
     "ParamCounts",
     "count_parameters",
     "MemoryEstimate",
+    "DEVICE_KINDS",
     "activation_bytes",
     "attention_flops_per_token",
     "Estimate",
@@ -371,23 +372,109 @@ def attention_flops_per_token(model: ModelConfig, seq_len: int) -> int:
     return total
 
 
+#: Where a rank's training memory lives: "cpu" (host memory, the process's resident set size, what
+#: the kernel's OOM killer and a cgroup limit see) or "cuda" (the GPU's device memory).
+DEVICE_KINDS = ("cpu", "cuda")
+
+#: Resident memory of a training process before its first tensor, on a CPU: the Python interpreter,
+#: PyTorch (the CUDA build's libraries are mapped even on a CPU), Lightning, LitGPT, tokenizers, the
+#: token cache and the intra-op threads' stacks. Measured: 0.72 GiB after the imports (torch 2.14,
+#: Python 3.11, x86-64) and 0.81-0.84 GiB for `cpu-tiny` besides its 0.14 GiB of tensors
+#: (bench/memory_check.py, bench/RESULTS.md).
+CPU_RUNTIME_BYTES = int(0.8 * 2**30)
+
+#: Device memory a process holds outside PyTorch's caching allocator on a CUDA GPU: the CUDA context
+#: with lazily loaded kernels (CUDA_MODULE_LOADING=LAZY, the default since CUDA 11.7), cuBLAS/cuDNN
+#: handles and the NCCL buffers of one rank. PyTorch's CUDA notes ("Memory management") leave the
+#: context out of ``memory_allocated``; 0.5-1 GiB is what ``nvidia-smi`` shows for an idle PyTorch
+#: process on an H100. Not yet measured by this project: bench/gpu_check.sh does on a lent GPU.
+CUDA_RUNTIME_BYTES = int(0.75 * 2**30)
+
+#: Resident memory of TorchInductor compiling in the training process on a CPU (``compile_threads=1``):
+#: Dynamo/AOTAutograd/Inductor's modules, the FX graphs of one transformer block's forward and
+#: backward, the generated C++ and the loaded kernels (regional compilation: one block's graphs,
+#: reused by every layer). Fitted to the smoke test's peak (compiled, 32-true, its activations
+#: negligible): 9.14 and 9.22 GiB measured in two runs = 8.18 GiB of weights, gradients and AdamW
+#: state + the 0.8 GiB runtime + 0.16-0.24 GiB (bench/RESULTS.md).
+CPU_COMPILE_BYTES = int(0.25 * 2**30)
+
+#: The same on a CUDA GPU: Inductor compiles on the host, but CUDA graphs (``reduce-overhead``,
+#: ``max-autotune``) keep a private memory pool for the recorded graphs' inputs and outputs
+#: (PyTorch's "CUDA Graph Trees" notes) and Triton's autotuning allocates scratch buffers. Counted as
+#: this fraction of the activations of one micro-batch; to be checked on a GPU (bench/gpu_check.sh).
+CUDA_COMPILE_FRACTION = 0.1
+
+#: Memory the allocator holds beyond the live tensors, as a fraction of the *transient* tensors (the
+#: activations, autocast copies, logits gradient and backward temporaries that every micro-batch
+#: allocates and frees; the weights, gradients and optimizer state are allocated once and cost
+#: nothing extra: the smoke test's peak shows none).
+#:
+#: CPU: glibc malloc keeps freed blocks under its mmap threshold (dynamic, up to 32 MiB: most
+#: activations and the experts' 6 MiB weight gradients) in per-thread arenas, where the next
+#: micro-batch's differently sized blocks do not always fit (mallopt(3), "M_MMAP_THRESHOLD"), so
+#: the resident set creeps up as a run goes on. Measured on the shipped config (transient tensors
+#: 3.1 GiB; bench/RESULTS.md): 0.50x after 3 steps of 2 micro-batches, 0.84x after 2 steps of 8,
+#: 1.22x for the whole run (4 steps of 32). 0.85 keeps the estimate within 15% of all three.
+#:
+#: CUDA: PyTorch's caching allocator rounds and splits blocks (``memory_reserved`` over
+#: ``memory_allocated``; PyTorch's CUDA notes, "Memory management"); a usual figure, to be checked on
+#: a GPU (bench/gpu_check.sh).
+ALLOCATOR_SLACK = {"cpu": 0.85, "cuda": 0.2}
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Training memory of one data-parallel rank, in bytes (no sharding: every rank holds everything).
+    """Peak training memory of one data-parallel rank, in bytes (no sharding: every rank holds everything).
+
+    Tensors (the same on a CPU and a GPU):
 
     Attributes:
         weights: parameters x (4 bytes for 32-true and *-mixed, 2 for *-true).
-        gradients: same size as the weights.
+        gradients: same size as the weights (fp32 ``.grad`` under *-mixed, accumulated in place).
         optimizer_states: AdamW/Adam: 2 (3 with amsgrad) states per parameter in the parameters' dtype
-            (fp32 except *-true); SGD: 1 with momentum, else 0.
+            (fp32 except *-true); SGD: 1 with momentum, else 0. The engine uses the fused AdamW kernel,
+            which allocates no full-size temporaries (the foreach default would add several GB).
         autocast_weight_copies: *-mixed only: autocast keeps a 16-bit copy of every matmul weight
-            (2 bytes each) for the step.
+            (2 bytes each) for the step (saved for the backward pass; the grouped MoE stacks the
+            experts' weights in the autocast dtype, the same bytes).
         activations_no_checkpointing: activations saved for backward for one micro-batch.
         activations_checkpointing: the same with activation checkpointing of every block.
         activations: the one of the two that train.gradient_checkpointing selects.
-        total: weights + gradients + optimizer_states + autocast_weight_copies + activations.
-            Excludes the CUDA context (~0.5 GB), allocator fragmentation, torch.compile/cuDNN workspaces and
-            temporary buffers of the backward pass: expect the measured peak 10-30% higher.
+        logits_gradient: the gradient of the LM head's logits (tokens x padded_vocab_size x activation
+            bytes), allocated when the backward pass starts while every saved activation is still alive
+            (the logits and the fp32 log-softmax of ``litgpt.utils.chunked_cross_entropy`` are in
+            ``activations``).
+        backward_temporaries: the largest gradient that exists twice while it is accumulated into
+            ``.grad`` (fp32 size of the largest of embedding, LM head, or one MoE layer's stacked
+            expert weights, whose gradient the grouped GEMM produces in one piece).
+        tensors: the live tensors at the peak. With gradient accumulation (2 or more micro-batches per
+            optimizer step) the peak is the start of a later micro-batch's backward pass, where the
+            gradients of the earlier ones, the optimizer state and every saved activation coexist:
+            weights + gradients + optimizer_states + autocast_weight_copies + activations +
+            logits_gradient + backward_temporaries. With one micro-batch per step the gradients are
+            freed after each step (``zero_grad(set_to_none=True)``) and grow while the activations are
+            freed: weights + optimizer_states + backward_temporaries + the larger of gradients and
+            (activations + autocast_weight_copies + logits_gradient).
+
+    The process around the tensors, for ``device_kind``:
+
+    Attributes:
+        device_kind: "cpu" or "cuda": what ``runtime``, ``compile_workspace``, ``allocator_slack`` and
+            ``total`` are for (``estimate(..., device_kind=...)``).
+        runtime: the process's memory before its first tensor: `CPU_RUNTIME_BYTES` (resident set) or
+            `CUDA_RUNTIME_BYTES` (the CUDA context outside the caching allocator).
+        compile_workspace: 0 without ``optimization.compile``; else `CPU_COMPILE_BYTES` on a CPU, or
+            `CUDA_COMPILE_FRACTION` x activations on a GPU.
+        allocator_slack: `ALLOCATOR_SLACK` [device_kind] x the transient tensors (activations,
+            autocast_weight_copies, logits_gradient, backward_temporaries).
+        total: the per-rank peak on ``device_kind``: tensors + runtime + compile_workspace +
+            allocator_slack. What admission compares with a worker's memory per device.
+        total_cpu: ``total`` for a CPU rank (peak resident set size, host memory).
+        total_cuda: ``total`` for a CUDA rank (peak device memory: ``max_memory_reserved`` + the context).
+
+    Measured against real runs by bench/memory_check.py (bench/RESULTS.md): within 15% of the peak
+    resident set size of the shipped config, the smoke test, ``cpu-tiny`` and a production-like config
+    on a CPU. The CUDA terms are not yet checked on a GPU (bench/gpu_check.sh compares them).
     """
 
     weights: int
@@ -397,7 +484,35 @@ class MemoryEstimate:
     activations_no_checkpointing: int
     activations_checkpointing: int
     activations: int
+    logits_gradient: int
+    backward_temporaries: int
+    tensors: int
+    device_kind: str
+    runtime: int
+    compile_workspace: int
+    allocator_slack: int
     total: int
+    total_cpu: int
+    total_cuda: int
+
+    def for_device(self, kind: str) -> int:
+        """The per-rank peak on a ``kind`` ("cpu" or "cuda") worker: ``total_cpu`` or ``total_cuda``.
+        Raises ValueError for another kind."""
+        if kind not in DEVICE_KINDS:
+            raise ValueError(f"device kind must be one of {', '.join(DEVICE_KINDS)}, got {kind!r}")
+        return self.total_cpu if kind == "cpu" else self.total_cuda
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _process_memory(kind: str, transient: int, activations: int, compiled: bool) -> tuple[int, int, int]:
+    """(runtime, compile_workspace, allocator_slack) of a rank on a ``kind`` device (see `MemoryEstimate`)."""
+    if kind == "cpu":
+        runtime, workspace = CPU_RUNTIME_BYTES, (CPU_COMPILE_BYTES if compiled else 0)
+    else:
+        runtime, workspace = CUDA_RUNTIME_BYTES, (int(CUDA_COMPILE_FRACTION * activations) if compiled else 0)
+    return runtime, workspace, int(ALLOCATOR_SLACK[kind] * transient)
 
 
 def activation_bytes(model: ModelConfig, micro_batch_size: int, seq_len: int, precision: str,
@@ -498,13 +613,16 @@ class Estimate:
         return asdict(self)
 
 
-def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU) -> Estimate:
+def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU,
+             device_kind: str = "cuda") -> Estimate:
     """Parameters, FLOPs, memory, checkpoint size and time of a run, from validated configs (no torch).
 
     Args:
         train: validated `TrainConfig`.
         model: validated `ModelConfig`.
         mfu: assumed model FLOPs utilisation for the time estimates (0 < mfu <= 1).
+        device_kind: "cuda" (GPU device memory) or "cpu" (host memory, resident set size): what
+            ``memory.total`` is for. ``memory.total_cpu`` and ``memory.total_cuda`` hold both.
 
     Sources: parameter count from LitGPT 0.5.13's module structure (equals
     ``litgpt.utils.num_parameters(GPT(config))``); FLOPs per token ``6N + 12 * n_layer * n_head *
@@ -512,10 +630,12 @@ def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU) -
     Language Models" section 2.1 for 6N; PaLM, Chowdhery et al. 2022, appendix B for the attention term);
     activations after Korthikanti et al. 2022 (see `activation_bytes`).
 
-    Raises ValueError for mfu outside (0, 1].
+    Raises ValueError for mfu outside (0, 1] or an unknown device_kind.
     """
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    if device_kind not in DEVICE_KINDS:
+        raise ValueError(f"device_kind must be one of {', '.join(DEVICE_KINDS)}, got {device_kind!r}")
     plan = training_plan(train, model)
     t = train.train
     params = count_parameters(model, tie_embeddings=bool(t.tie_embeddings))
@@ -536,6 +656,20 @@ def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU) -
     act_plain = activation_bytes(model, t.micro_batch_size, plan.seq_len, precision, checkpointing=False)
     act_ckpt = activation_bytes(model, t.micro_batch_size, plan.seq_len, precision, checkpointing=True)
     act = act_ckpt if t.gradient_checkpointing else act_plain
+    logits_grad = t.micro_batch_size * plan.seq_len * model.resolved_padded_vocab_size * _activation_bytes(precision)
+    stacked_experts = 3 * model.n_expert * model.n_embd * (model.moe_intermediate_size or 0) if params.moe_layers else 0
+    temporaries = 4 * max(params.embedding, params.lm_head, stacked_experts)
+    transient = act + autocast + logits_grad + temporaries
+    if plan.grad_accum_iters > 1:
+        tensors = weights + gradients + optimizer_states + transient
+    else:
+        tensors = weights + optimizer_states + temporaries + max(gradients, act + autocast + logits_grad)
+    compiled = bool(train.optimization.compile)
+    per_kind = {}
+    for kind in DEVICE_KINDS:
+        runtime, workspace, slack = _process_memory(kind, transient, act, compiled)
+        per_kind[kind] = (runtime, workspace, slack, tensors + runtime + workspace + slack)
+    runtime, workspace, slack, total = per_kind[device_kind]
     memory = MemoryEstimate(
         weights=weights,
         gradients=gradients,
@@ -544,7 +678,16 @@ def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU) -
         activations_no_checkpointing=act_plain,
         activations_checkpointing=act_ckpt,
         activations=act,
-        total=weights + gradients + optimizer_states + autocast + act,
+        logits_gradient=logits_grad,
+        backward_temporaries=temporaries,
+        tensors=tensors,
+        device_kind=device_kind,
+        runtime=runtime,
+        compile_workspace=workspace,
+        allocator_slack=slack,
+        total=total,
+        total_cpu=per_kind["cpu"][3],
+        total_cuda=per_kind["cuda"][3],
     )
 
     buffers = 4 * model.n_expert * params.moe_layers if model.n_expert_groups else 0

@@ -43,6 +43,16 @@ def test_train_throughput_benchmark_runs_stock_and_engine():
     assert all(r["ratio"] > 0 for r in rows)
 
 
+def test_memory_check_compares_the_estimate_with_a_measured_peak(tmp_path):
+    doc = _bench("bench/memory_check.py", "--only", "cpu-tiny", "--steps", "1", "--device", "cpu",
+                 "--workdir", str(tmp_path))
+    (row,) = _rows(doc)
+    assert row["config"] == "cpu-tiny" and row["exit"] == 0 and row["steps"] == 1
+    assert row["measured_bytes"] > 2**28  # a real resident set: torch alone is ~0.5 GiB
+    assert row["ratio"] == round(row["estimate_bytes"] / row["measured_bytes"], 3)
+    assert row["estimate"]["device_kind"] == "cpu" and row["estimate_bytes"] == row["estimate"]["total_cpu"]
+
+
 def test_api_load_benchmark_measures_the_app_and_the_bare_baseline():
     doc = _bench("bench/api_load.py", "--backends", "sqlite", "--clients", "4",
                  "--endpoints", "/runs,/runs/{id}", "--duration", "0.5", "--warmup", "0.2",

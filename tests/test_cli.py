@@ -58,6 +58,7 @@ def test_dry_run_of_the_shipped_configs_explains_them(seeded):
     assert "no intermediate checkpoint" in done.stderr
     assert "549,146,880" in done.stdout  # params.total of MoE-200M
     assert "262,144" in done.stdout  # tokens actually trained
+    assert "memory.total_cpu" in done.stdout and "memory.total_cuda" in done.stdout
 
 
 def _has_cuda() -> bool:

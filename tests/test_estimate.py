@@ -204,12 +204,28 @@ def test_memory_and_checkpoint_of_the_shipped_config(shipped):
     assert m.optimizer_states == 8 * n  # AdamW: two fp32 moments
     assert m.autocast_weight_copies > 0
     assert m.activations == m.activations_no_checkpointing > m.activations_checkpointing
-    assert m.total == m.weights + m.gradients + m.optimizer_states + m.autocast_weight_copies + m.activations
+    assert m.logits_gradient == 4 * 512 * 50257 * 2  # bf16 logits of one micro-batch
+    assert m.backward_temporaries == 4 * 50257 * 768  # the LM head's fp32 gradient is the largest
+    assert m.tensors == (m.weights + m.gradients + m.optimizer_states + m.autocast_weight_copies + m.activations
+                         + m.logits_gradient + m.backward_temporaries)
+    assert m.device_kind == "cuda"  # the default: GPU device memory
+    assert m.total == m.total_cuda == m.tensors + m.runtime + m.compile_workspace + m.allocator_slack
+    cpu = estimate(shipped.train, shipped.model, device_kind="cpu").memory
+    assert cpu.device_kind == "cpu" and cpu.total == cpu.total_cpu == m.total_cpu > m.total_cuda
+    assert cpu.tensors == m.tensors and cpu.compile_workspace > 0  # compile: true
+    assert (m.for_device("cpu"), m.for_device("cuda")) == (m.total_cpu, m.total_cuda)
+    with pytest.raises(ValueError, match="device kind"):
+        m.for_device("tpu")
+    with pytest.raises(ValueError, match="device_kind"):
+        estimate(shipped.train, shipped.model, device_kind="gpu")
     assert e.checkpoint_bytes == 4 * n  # 2.2 GB
     assert e.checkpoint_with_optimizer_bytes == 12 * n  # 6.6 GB
     assert round(e.checkpoint_with_optimizer_bytes / 1e9, 1) == 6.6
     assert e.checkpoints_written == 1  # save_interval 500 > 4 steps: only final/
     assert 8e9 < m.total < 14e9
+    # bench/RESULTS.md: peak resident set of the shipped config on a CPU, 14.95 GiB after 2 steps of 8
+    # micro-batches, 16.1 GiB for the whole run (issue 8)
+    assert 0.85 < cpu.total / (14.95 * 2**30) < 1.15 and 0.85 < cpu.total / (16.1 * 2**30) < 1.15
 
 
 def test_gradient_checkpointing_and_precision_change_memory(shipped):
@@ -291,3 +307,73 @@ def test_merged_preset_param_counts_match_litgpt():
     for preset in sorted(p.stem for p in (CONFIGS / "presets").glob("*.yaml")):
         v = resolve(TRAIN, MODEL, preset=preset)
         assert count_parameters(v.model).total == _litgpt_count(v.model), preset
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory estimate vs a measured peak (a real training process)
+# ---------------------------------------------------------------------------------------------------
+
+ROOT = CONFIGS.parent
+
+#: model overrides over cpu-tiny whose tensors (~0.9 GB) weigh as much as the process's runtime, so
+#: the per-parameter and per-token terms are checked, not only the runtime constant
+WIDE = {"name": "MoE-wide", "n_embd": 512, "n_head": 8, "n_query_groups": 4, "n_expert": 8,
+        "moe_intermediate_size": 1024}
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from service.cli import seed_demo_data
+
+    root = tmp_path_factory.mktemp("memdata")
+    seed_demo_data(root)
+    return root
+
+
+def _peak_rss_of_training(train: dict, model: dict, work: Path) -> int:
+    """Train the merged documents with run_train.py in a child process; its peak resident set (bytes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (work / "train.json").write_text(json.dumps(train))
+    (work / "model.json").write_text(json.dumps(model))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), "--config", str(work / "train.json"),
+                             "--model-config", str(work / "model.json")],
+                            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    assert os.waitstatus_to_exitcode(status) == 0, err[-2000:]
+    return usage.ru_maxrss * 1024  # KiB on Linux
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="ru_maxrss in KiB is Linux's")
+@pytest.mark.parametrize(("model_overrides", "accumulate"), [(None, 1), (WIDE, 2)], ids=["cpu-tiny", "wide"])
+def test_cpu_memory_estimate_is_within_15_percent_of_the_measured_peak(demo_data, tmp_path, model_overrides,
+                                                                       accumulate):
+    """cpu-tiny (one micro-batch per step) and a wider MoE with gradient accumulation, 3 steps each."""
+    from service.configs import resolve_documents
+    from service.schemas import validate_configs
+
+    train, model = resolve_documents(TRAIN, MODEL, preset="cpu-tiny", train_overrides={
+        "out_dir": str(tmp_path / "out"), "resume": False,
+        "data": {"init_args": {"train_data_path": str(demo_data / "data/custom_text/train"),
+                               "val_data_path": str(demo_data / "data/custom_text/val")}},
+        "tokenizer_dir": str(demo_data / "data/tokenizer"),
+        "train": {"global_batch_size": 8 * accumulate, "max_tokens": 3 * 8 * accumulate * 128,
+                  "save_interval": None},
+        "eval": {"interval": 0, "initial_validation": False, "final_validation": False}},
+        model_overrides=model_overrides)
+    v = validate_configs(train, model)
+    mem = estimate(v.train, v.model, device_kind="cpu").memory
+    measured = _peak_rss_of_training(train, model, tmp_path)
+    # the runtime is a measured constant: the tensors must be a real share of the peak to test the rest
+    assert mem.tensors > (0.4 if model_overrides else 0.1) * mem.total
+    assert mem.total == mem.total_cpu
+    assert 0.85 <= mem.total / measured <= 1.15, (
+        f"estimate {mem.total / 2**30:.2f} GiB vs measured {measured / 2**30:.2f} GiB "
+        f"(tensors {mem.tensors / 2**30:.2f}, runtime {mem.runtime / 2**30:.2f}, "
+        f"slack {mem.allocator_slack / 2**30:.2f})")

@@ -180,13 +180,24 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if args.dry_run:
         from service.estimate import estimate
 
-        _say(*format_estimate(estimate(validated.train, validated.model)))
+        _say(*format_estimate(estimate(validated.train, validated.model,
+                                       device_kind=_local_device_kind())))
         for problem in checked.errors:  # unusable inputs, as the engine would name them
             _say(f"error: {problem.reason.value}: {problem.issue}", file=sys.stderr)
         device = _dry_run_preflight(validated)
         # the engine runs the device pre-flight first, then meets the inputs in this order
         return device or (checked.errors[0].exit_code if checked.errors else 0)
     return _train(validated, smoke_test=args.smoke_test)
+
+
+def _local_device_kind() -> str:
+    """"cuda" when this machine would train on a GPU, else "cpu" (also without torch): the device
+    kind ``--dry-run``'s ``memory.total`` is for (``memory.total_cpu``/``total_cuda`` show both)."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _dry_run_preflight(validated) -> int:

@@ -1059,7 +1059,7 @@
         ['Tokens trained', isNum(plan.tokens_trained) ? fmtSI(plan.tokens_trained) : null],
         ['FLOPs / token', isNum(est.flops_per_token) ? fmtSI(est.flops_per_token, 'FLOP') : null],
         ['Total compute', isNum(est.total_flops) ? fmtSI(est.total_flops, 'FLOP') : null],
-        ['Memory / rank', isNum(mem.total) ? `${fmtBytes(mem.total)} (weights ${fmtBytes(mem.weights)}, optimizer ${fmtBytes(mem.optimizer_states)}, activations ${fmtBytes(mem.activations)})` : null],
+        ['Memory / rank', isNum(mem.total) ? `${isNum(mem.total_cuda) ? `GPU ${fmtBytes(mem.total_cuda)}, CPU ${fmtBytes(mem.total_cpu)}` : fmtBytes(mem.total)} (weights ${fmtBytes(mem.weights)}, optimizer ${fmtBytes(mem.optimizer_states)}, activations ${fmtBytes(mem.activations)})` : null],
         ['Checkpoint', isNum(est.checkpoint_bytes) ? `${fmtBytes(est.checkpoint_bytes)} weights, ${fmtBytes(est.checkpoint_with_optimizer_bytes)} with optimizer; ${est.checkpoints_written} written` : null],
         ['Time', fleetTimes.length
           ? fleetTimes.map((e) => `${e.kind} ${isNum(e.time_s) ? fmtDuration(e.time_s) : 'no figure yet'} (${e.source})`).join(' · ')
