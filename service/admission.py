@@ -9,8 +9,10 @@ Rules (README "Admission"):
   :data:`MAX_TOTAL_FLOPS` FLOPs: always refused, with no worker live and with
   ``MOEJOBS_ALLOW_UNSCHEDULABLE`` too.
 - **Capacity** (:func:`admit`): the live workers that can serve the device count are compared
-  with the estimate's memory per rank (:func:`rank_memory_bytes`). More than
-  :data:`REFUSE_FACTOR` x the largest one's memory per device is refused; from
+  with the estimate's memory per rank on each one's device kind (:func:`rank_memory_bytes`:
+  the CPU peak against a CPU worker's host memory, the GPU peak against a GPU's memory); the
+  worker with the most room decides. More than :data:`REFUSE_FACTOR` x its memory per device
+  is refused; from
   :data:`WARN_FACTOR` x a warning (the estimate has not been checked against a GPU's measured
   peak yet). A worker that reported no memory never causes a refusal. A CPU worker's memory
   is its host's, shared by the CPU workers of that host. Checkpoints kept at once (retention
@@ -73,11 +75,12 @@ _TRAIN = ["body", "train_config"]
 _MODEL = ["body", "model_config"]
 
 
-def rank_memory_bytes(est: Estimate) -> int:
-    """The memory one data-parallel rank needs, in bytes: THE figure admission compares with
-    the workers (``est.memory.total``; kept behind this one accessor so that the estimate's
+def rank_memory_bytes(est: Estimate, device_kind: str = "cuda") -> int:
+    """The memory one data-parallel rank needs on a ``device_kind`` ("cuda": GPU device memory,
+    "cpu": host memory) worker, in bytes: THE figure admission compares with a worker's memory
+    per device (``est.memory.for_device``; kept behind this one accessor so that the estimate's
     formulas can change without touching the rules)."""
-    return int(est.memory.total)
+    return int(est.memory.for_device(device_kind))
 
 
 def kept_checkpoint_bytes(est: Estimate, keep_checkpoints: int) -> int:
@@ -143,7 +146,7 @@ def absurd_errors(validated: Validated, est: Estimate) -> list[dict[str, Any]]:
         out.append(_error(_MODEL, f"the model has {_num(params)} parameters ({shown}): more "
                           f"than {MAX_PARAMETERS:.0e}, which no machine can train; make it "
                           f"smaller"))
-    need = rank_memory_bytes(est)
+    need = max(rank_memory_bytes(est, "cpu"), rank_memory_bytes(est, "cuda"))
     if need > MAX_RANK_MEMORY_BYTES and params <= MAX_PARAMETERS:
         out.append(_error([*_TRAIN, "train", "micro_batch_size"],
                           f"one rank would need {fmt_bytes(need)} of memory (micro_batch_size "
@@ -206,6 +209,11 @@ class Slot:
     @property
     def cpu(self) -> bool:
         return self.devices == 0
+
+    @property
+    def device_kind(self) -> str:
+        """What a rank's memory is on this worker: "cpu" (host memory) or "cuda"."""
+        return "cpu" if self.cpu else "cuda"
 
     def describe(self) -> str:
         """``worker w1 (NVIDIA H200, 139.8 GiB per GPU)``."""
@@ -313,16 +321,16 @@ def _with_train(validated: Validated, **train_updates: Any):
     return t.model_copy(update={"train": t.train.model_copy(update=train_updates)})
 
 
-def remedies(validated: Validated, capacity: int) -> list[str]:
-    """Changes that bring the estimate's memory per rank within ``capacity`` bytes, computed
-    with the estimator: gradient checkpointing, and the largest smaller micro_batch_size
-    (with and without it) that divides global_batch_size / world_size."""
+def remedies(validated: Validated, capacity: int, device_kind: str = "cuda") -> list[str]:
+    """Changes that bring the estimate's memory per rank on ``device_kind`` within ``capacity``
+    bytes, computed with the estimator: gradient checkpointing, and the largest smaller
+    micro_batch_size (with and without it) that divides global_batch_size / world_size."""
     t = validated.train.train
     model = validated.model
     world = validated.train.world_size
 
     def need(**updates: Any) -> int:
-        return rank_memory_bytes(estimate(_with_train(validated, **updates), model))
+        return rank_memory_bytes(estimate(_with_train(validated, **updates), model), device_kind)
 
     out = []
     options = [t.gradient_checkpointing] + ([True] if not t.gradient_checkpointing else [])
@@ -354,7 +362,7 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
     Reads the ``workers`` and ``throughput`` tables; writes nothing."""
     verdict = Verdict()
     devices = _devices(validated)
-    need = rank_memory_bytes(est)
+    need = rank_memory_bytes(est)  # on a GPU; _check_memory replaces it by the best slot's kind
     kept = kept_checkpoint_bytes(est, settings.keep_checkpoints)
     verdict.fleet = {"memory_per_rank_bytes": need, "kept_checkpoint_bytes": kept,
                      "largest_worker": None, "time": []}
@@ -379,7 +387,7 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
         verdict.refusals.append(_error([*_TRAIN, "devices"], msg))
         return verdict
 
-    _check_memory(verdict, validated, need, able)
+    _check_memory(verdict, validated, est, able)
     _check_storage(verdict, kept, est, settings, able)
 
     precision = validated.train.precision
@@ -398,53 +406,62 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
     return verdict
 
 
-def _check_memory(verdict: Verdict, validated: Validated, need: int, able: list[Slot]) -> None:
+def _check_memory(verdict: Verdict, validated: Validated, est: Estimate,
+                  able: list[Slot]) -> None:
+    """Compare the rank's need on each worker's device kind (host memory for a CPU worker,
+    device memory for a GPU worker) with its memory; the worker it fits best decides."""
     known = [s for s in able if s.memory_per_device is not None]
     unknown = [s for s in able if s.memory_per_device is None]
     if not known:
         return
-    best = max(known, key=lambda s: s.memory_per_device or 0)
+    best = min(known, key=lambda s: (rank_memory_bytes(est, s.device_kind)
+                                     / (s.memory_per_device or 1), -(s.memory_per_device or 0)))
+    kind = best.device_kind
+    need = rank_memory_bytes(est, kind)
     cap = best.memory_per_device or 0
     ratio = need / cap
+    verdict.fleet["memory_per_rank_bytes"] = need
     verdict.fleet["largest_worker"] = {"worker_id": best.worker_id, "kind": best.kind,
-                                       "memory_per_device_bytes": cap, "ratio": ratio}
-    mem = f"the estimate needs {fmt_bytes(need)} per rank"
+                                       "device_kind": kind, "memory_per_device_bytes": cap,
+                                       "memory_per_rank_bytes": need, "ratio": ratio}
+    mem = (f"the estimate needs {fmt_bytes(need)} per rank "
+           f"({'host memory on a CPU' if kind == 'cpu' else 'device memory on a GPU'})")
     where = best.describe()
     if ratio > REFUSE_FACTOR:
-        fixes = remedies(validated, cap)
+        fixes = remedies(validated, cap, kind)
         hint = (f"; it would fit with {' or '.join(fixes)}" if fixes
                 else "; no smaller micro_batch_size or gradient checkpointing fits: make the "
                      "model smaller or add a worker with more memory")
-        msg = (f"{mem}, {ratio:.2f}x the memory of the largest live worker that can run it, "
+        msg = (f"{mem}, {ratio:.2f}x the memory of the live worker that can run it with the most room, "
                f"{where} (at most {REFUSE_FACTOR}x is accepted){hint}")
         if unknown:  # a worker of unknown size might hold it
-            verdict.warnings.append({"loc": _loc_for(validated, need), "msg": msg + (
+            verdict.warnings.append({"loc": _loc_for(est), "msg": msg + (
                 f" (queued: {len(unknown)} live worker(s) reported no memory, e.g. "
                 f"{unknown[0].worker_id})")})
         else:
-            verdict.refusals.append(_error(_loc_for(validated, need), msg))
+            verdict.refusals.append(_error(_loc_for(est), msg))
         return
     if ratio >= WARN_FACTOR:
-        fixes = remedies(validated, int(cap * WARN_FACTOR)) if ratio > 1 else []
+        fixes = remedies(validated, int(cap * WARN_FACTOR), kind) if ratio > 1 else []
         hint = f"; it fits with margin with {' or '.join(fixes)}" if fixes else ""
-        verdict.warnings.append({"loc": _loc_for(validated, need), "msg": (
+        verdict.warnings.append({"loc": _loc_for(est), "msg": (
             f"{mem}, {ratio:.2f}x the memory of {where}: the estimate has not been checked "
             f"against a GPU's measured peak yet, so the run may run out of memory{hint}")})
         return
     if best.cpu and best.shared_by > 1 and need >= WARN_FACTOR * cap / best.shared_by:
-        verdict.warnings.append({"loc": _loc_for(validated, need), "msg": (
+        verdict.warnings.append({"loc": _loc_for(est), "msg": (
             f"{mem}: it fits {where} only while the other CPU workers of that host leave "
             f"their share free ({fmt_bytes(cap / best.shared_by)} each)")})
 
 
-def _loc_for(validated: Validated, need: int) -> list[Any]:
-    """The model config when its state alone (everything but activations) is most of the
-    need, else the micro-batch (activations)."""
-    est = estimate(_with_train(validated, micro_batch_size=1, gradient_checkpointing=True),
-                   validated.model)
-    if rank_memory_bytes(est) * 2 >= need:
-        return list(_MODEL)
-    return [*_TRAIN, "train", "micro_batch_size"]
+def _loc_for(est: Estimate) -> list[Any]:
+    """The model config when its state (weights, gradients, optimizer states, autocast copies)
+    outweighs what grows with the micro-batch (activations, the logits' gradient, backward
+    temporaries), else the micro-batch."""
+    m = est.memory
+    state = m.weights + m.gradients + m.optimizer_states + m.autocast_weight_copies
+    batch = m.activations + m.logits_gradient + m.backward_temporaries
+    return list(_MODEL) if state >= batch else [*_TRAIN, "train", "micro_batch_size"]
 
 
 def _check_storage(verdict: Verdict, kept: int, est: Estimate, settings: Settings,

@@ -28,11 +28,12 @@ from sqlmodel import select
 from service import admission, contract, runs
 from service.models import RunStatus, Throughput
 
-#: A pair whose activations dominate its memory (micro-batch 8 x 64 tokens), so that a smaller
-#: micro-batch can fit where it does not: 10 optimizer steps.
-BIG_BATCH_TRAIN: dict = {**TRAIN, "train": {**TRAIN["train"], "micro_batch_size": 8,
-                                            "global_batch_size": 16, "max_seq_length": 64,
-                                            "max_tokens": 16 * 64 * 10}}
+#: A pair whose activations dominate what the run adds to the process's fixed runtime
+#: (micro-batch 1024 x 64 tokens), so that a smaller micro-batch, or gradient checkpointing, can
+#: fit where it does not: 10 optimizer steps (nothing trains in these tests).
+BIG_BATCH_TRAIN: dict = {**TRAIN, "train": {**TRAIN["train"], "micro_batch_size": 1024,
+                                            "global_batch_size": 2048, "max_seq_length": 64,
+                                            "max_tokens": 2048 * 64 * 10}}
 
 
 def _with(doc: dict, **section: Any) -> dict:
@@ -62,11 +63,12 @@ def validate(env: ApiEnv, doc: dict) -> dict:
     return r.json()
 
 
-def need_of(env: ApiEnv, doc: dict) -> int:
-    """The estimate's memory per rank, as the API reports it (``estimate.fleet``)."""
+def need_of(env: ApiEnv, doc: dict, device_kind: str = "cuda") -> int:
+    """The estimate's memory per rank on a ``device_kind`` worker, as the API reports it
+    (``estimate.memory.total_cuda`` / ``total_cpu``)."""
     report = validate(env, doc)
     assert report["valid"], report["errors"]
-    return report["estimate"]["fleet"]["memory_per_rank_bytes"]
+    return report["estimate"]["memory"][f"total_{device_kind}"]
 
 
 def memory_warnings(doc: dict) -> list[str]:
@@ -119,7 +121,7 @@ def test_two_workers_of_different_memory(backend, make_api):
     m = re.search(r"micro_batch_size (\d+)", e["msg"].split("would fit with", 1)[1])
     assert m is not None, e["msg"]
     smaller = int(m.group(1))
-    assert 1 <= smaller < 8 and 16 % smaller == 0
+    assert 1 <= smaller < 1024 and 2048 % smaller == 0
     # the suggestion is true: that micro-batch fits the worker
     fitted = _with(BIG_BATCH_TRAIN, train={"micro_batch_size": smaller})
     if "with gradient_checkpointing" in e["msg"].split("would fit with", 1)[1]:
@@ -161,7 +163,7 @@ def test_a_model_too_big_for_every_worker_names_the_model_config(make_api):
 def test_a_cpu_workers_memory_is_its_hosts_shared_by_its_cpu_workers(backend, make_api):
     env = make_api(backend, worker=False)
     register(env, "probe")
-    need = need_of(env, body())
+    need = need_of(env, body(), "cpu")  # a CPU worker's host memory holds the whole process
     with env.session() as s:
         runs.deregister_worker(s, "probe")
     # one CPU host too small, even with two CPU workers on it (its memory is not summed)
@@ -398,3 +400,32 @@ def test_int64_sizes_in_any_field_are_answered_not_crashed_on(make_api, value):
         assert r.status_code == 200, r.text
         r = env.client.post("/runs", json=doc)
         assert r.status_code in (201, 422), r.text
+
+
+def test_each_worker_is_compared_with_the_need_on_its_own_device_kind(backend, make_api):
+    """A CPU worker's host memory is compared with the CPU peak (resident set), a GPU's memory
+    with the GPU peak: the two estimates differ, and the worker with the most room decides."""
+    env = make_api(backend, worker=False)
+    register(env, "probe")
+    cpu_need, gpu_need = need_of(env, body(), "cpu"), need_of(env, body(), "cuda")
+    assert cpu_need != gpu_need
+    with env.session() as s:
+        runs.deregister_worker(s, "probe")
+    # memory sized between the two needs: the worker whose kind needs less fits, the other not
+    low, high = sorted([cpu_need, gpu_need])
+    size = int(low * 1.3) if low * 1.3 < high / 1.3 else (low + high) // 2
+    register(env, "cpu-box", kind="cpu: Test CPU", host="cpu-box", host_memory=size)
+    register(env, "gpu-box", gpus=1, gpu_memory=size, kind="NVIDIA L4", host="gpu-box")
+    r = env.client.post("/runs/validate", json=body())
+    fleet = r.json()["estimate"]["fleet"]
+    fits = "cpu-box" if cpu_need < gpu_need else "gpu-box"
+    assert fleet["largest_worker"]["worker_id"] == fits
+    assert fleet["largest_worker"]["device_kind"] == ("cpu" if fits == "cpu-box" else "cuda")
+    assert fleet["memory_per_rank_bytes"] == low
+    # alone, the other worker is judged on its own kind's figure
+    with env.session() as s:
+        runs.deregister_worker(s, fits)
+    r = env.client.post("/runs/validate", json=body())
+    other = r.json()["estimate"]["fleet"]["largest_worker"]
+    assert other["memory_per_rank_bytes"] == high
+    assert other["ratio"] == pytest.approx(high / size)
