@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from service.contract import ExitCode, FailureReason
-from service.schemas import Issue, Validated, validate_configs
+from service.paths import INPUT_FIELDS, doc_value, resolve_run_paths
+from service.schemas import ConfigError, Issue, Validated, validate_configs
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -45,6 +46,7 @@ __all__ = [
     "checkpoint_problem",
     "data_folder_problem",
     "input_problems",
+    "resume_true_problem",
     "tokenizer_folder_problem",
 ]
 
@@ -142,6 +144,19 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     return None
 
 
+def resume_true_problem(out_dir: str | Path) -> str | None:
+    """For ``resume: true``: why ``out_dir`` holds no complete checkpoint folder to resume
+    from (the engine's text), or None. Loading the tensors is left to the engine."""
+    out_dir = Path(out_dir)
+    try:
+        children = [p for p in out_dir.iterdir() if p.is_dir()] if out_dir.is_dir() else []
+    except OSError:
+        children = []
+    if any(checkpoint_problem(p) is None for p in children):
+        return None
+    return f"resume: true but out_dir {_shown(out_dir)} holds no complete checkpoint"
+
+
 def _weights_problem(folder: Path) -> str | None:
     problem = _folder_problem(folder, "folder does not exist")
     if problem:
@@ -167,15 +182,6 @@ class InputProblem:
                    else ExitCode.FAILED)
 
 
-def _get(doc: dict, loc: tuple[str, ...]) -> Any:
-    node: Any = doc
-    for key in loc:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def input_problems(train: dict) -> list[InputProblem]:
     """Every unusable input path of a train document whose paths are already resolved
     (absolute), in the order the engine meets them: ``resume`` (a path), the tokenizer
@@ -199,7 +205,7 @@ def input_problems(train: dict) -> list[InputProblem]:
         if problem:
             out.append(InputProblem(Issue(("initial_checkpoint_dir",), problem)))
     for loc in _DATA_FIELDS:
-        value = _get(train, loc)
+        value = doc_value(train, loc)
         if isinstance(value, str):
             problem = data_folder_problem(value)
             if problem:
@@ -220,13 +226,15 @@ class LocalPaths:
     cwd: Path
     missing_inputs_are_errors = True
 
+    def out_dir(self, train: dict) -> Path:
+        """Where the engine will look for checkpoints (``out_dir`` from ``cwd``)."""
+        return self.cwd / str(train.get("out_dir") or ".")
+
     def resolve(self, train: dict) -> dict:
         """A copy of ``train`` with every input path absolute (joined to ``cwd``, normalised)."""
-        from service.paths import INPUT_FIELDS
-
         out = copy.deepcopy(train)
         for loc in INPUT_FIELDS:
-            value = _get(out, loc)
+            value = doc_value(out, loc)
             if not isinstance(value, str) or value == "auto":
                 continue  # unset, resume true/false/'auto'
             node = out
@@ -248,8 +256,6 @@ class ServerPaths:
     missing_inputs_are_errors = False
 
     def resolve(self, train: dict) -> dict:
-        from service.paths import resolve_run_paths
-
         return resolve_run_paths(train, data_root=self.data_root, runs_dir=self.runs_dir,
                                  run_dir=self.run_dir)
 
@@ -274,13 +280,25 @@ def check_run(train: dict, model: dict, paths: LocalPaths | ServerPaths) -> Chec
     """Validate the merged documents, resolve their paths per ``paths`` and check the inputs.
 
     Raises ``service.schemas.ConfigError`` listing every schema or cross-field error (locations
-    of model-config issues start with ``"model"``), or every path that escapes its folder (API).
+    of model-config issues start with ``"model"``), or every path that escapes its folder (API),
+    or ``resume: true`` in the API (a new run has no checkpoint to resume from).
     Unusable inputs are not raised: they are :attr:`Checked.errors` on the command line,
     :attr:`Checked.warnings` in the API, with the same message text.
     """
     validated = validate_configs(train, model)
+    if validated.train.resume is True and not paths.missing_inputs_are_errors:
+        # an API run's out_dir is its own new folder: nothing can put a checkpoint there first
+        raise ConfigError(Issue(("resume",), "resume: true needs a complete checkpoint in "
+                                "out_dir, and a new run's out_dir is empty; use resume: auto "
+                                "(a run re-queued after a crash resumes from its own "
+                                "checkpoints) or resume: PATH of a checkpoint folder"))
     resolved = paths.resolve(validated.train.model_dump(mode="json"))
     problems = input_problems(resolved)
+    if validated.train.resume is True and isinstance(paths, LocalPaths):
+        problem = resume_true_problem(paths.out_dir(resolved))
+        if problem:
+            problems.insert(0, InputProblem(Issue(("resume",), problem),
+                                            FailureReason.invalid_config))
     warnings = list(validated.warnings)
     if paths.missing_inputs_are_errors:
         return Checked(validated=validated, train=resolved, warnings=warnings, errors=problems)

@@ -131,7 +131,8 @@ def resolve_under(value: str, root: Path, *, also: tuple[Path, ...] = ()) -> Pat
     return Path(candidate)
 
 
-def _get(doc: dict, loc: tuple[str, ...]) -> Any:
+def doc_value(doc: dict, loc: tuple[str, ...]) -> Any:
+    """The value at ``loc`` (keys) in nested dicts, or None when a key is missing."""
     node: Any = doc
     for key in loc:
         if not isinstance(node, dict) or key not in node:
@@ -162,7 +163,7 @@ def resolve_run_paths(train: dict, *, data_root: Path, runs_dir: Path, run_dir: 
     out = copy.deepcopy(train)
     errors: list[Issue] = []
     for loc, may_use_runs in INPUT_FIELDS.items():
-        value = _get(out, loc)
+        value = doc_value(out, loc)
         if value is None or isinstance(value, bool) or value == "auto":
             continue  # unset, resume true/false/'auto'
         try:

@@ -806,3 +806,15 @@ def test_runs_are_enqueued_on_real_redis(make_api):
         client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
         client.delete(queue, queue + ".aux")
         client.close()
+
+
+def test_resume_true_is_refused_for_a_new_run(sqlite_api: ApiEnv):
+    """A new run's out_dir is empty, so `resume: true` could only fail its first start."""
+    doc = body(train_config={**TRAIN, "resume": True})
+    r = sqlite_api.client.post("/runs", json=doc)
+    assert r.status_code == 422, r.text
+    [e] = r.json()["errors"]
+    assert e["loc"] == ["body", "train_config", "resume"] and "use resume: auto" in e["msg"]
+    report = sqlite_api.client.post("/runs/validate", json=doc).json()
+    assert report["valid"] is False and report["errors"][0]["loc"] == e["loc"]
+    assert sqlite_api.client.get("/runs").json()["items"] == []

@@ -100,3 +100,25 @@ def test_schema_errors_and_escapes_are_raised(tmp_path):
                   ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r"))
     # on the command line any folder may be used
     assert check_run(dict(TRAIN, tokenizer_dir="../../etc"), MODEL, LocalPaths(tmp_path)).errors
+
+
+def test_resume_true_needs_a_checkpoint_in_out_dir(tmp_path):
+    """`resume: true` fails a run whose out_dir holds no complete checkpoint (the engine's
+    pre-flight): the command line says so up front (exit 2); the API refuses it, since a new
+    run's out_dir is its own empty folder."""
+    train = dict(TRAIN, resume=True)
+    local = check_run(train, MODEL, LocalPaths(tmp_path))
+    first = local.errors[0]
+    assert (first.issue.path, first.exit_code) == ("resume", 2)
+    assert first.issue.message == (f"resume: true but out_dir {tmp_path}/out/test holds no "
+                                   f"complete checkpoint")
+    ckpt = tmp_path / "out/test/step-00000002"
+    ckpt.mkdir(parents=True)
+    for name in CHECKPOINT_FILES:
+        (ckpt / name).write_bytes(b"x")
+    assert "resume" not in [e.issue.path for e in check_run(train, MODEL, LocalPaths(tmp_path)).errors]
+
+    with pytest.raises(ConfigError) as raised:
+        check_run(train, MODEL, ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r"))
+    [issue] = raised.value.errors
+    assert issue.path == "resume" and "use resume: auto" in issue.message

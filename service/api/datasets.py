@@ -161,7 +161,7 @@ class _Staging:
                 if not chunk:
                     break
                 try:
-                    decoder.decode(chunk)
+                    text = decoder.decode(chunk)
                 except UnicodeDecodeError as error:
                     raise UploadProblem(member, f"not valid UTF-8 text (byte {offset + error.start}: "
                                         f"{error.reason})") from None
@@ -174,7 +174,8 @@ class _Staging:
                 if self.total > self.byte_limit:
                     raise UploadProblem(member, f"the dataset is larger than the upload limit of "
                                         f"{self.byte_limit:,} bytes (MOEJOBS_UPLOAD_LIMIT_BYTES)")
-                text_seen = text_seen or bool(chunk.strip())
+                # str.strip, as the engine reads it (Unicode whitespace such as U+3000 too)
+                text_seen = text_seen or bool(text.strip())
                 out.write(chunk)
             try:
                 decoder.decode(b"", final=True)
