@@ -65,11 +65,13 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 300
 
 
 @contextlib.contextmanager
-def _tmpfs(path: Path, size: str):
-    """A real tmpfs of ``size`` mounted at ``path``; skips the test where mounting is not allowed."""
+def _tmpfs(path: Path, size: str, options: str = ""):
+    """A real tmpfs of ``size`` mounted at ``path`` (``options`` appended to ``-o``, e.g.
+    ``nr_inodes=3``); skips the test where mounting is not allowed."""
     path.mkdir(parents=True, exist_ok=True)
+    extra = f",{options}" if options else ""
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755{extra}", "tmpfs", str(path)],
                               capture_output=True, text=True)
     except FileNotFoundError:
         pytest.skip("no mount command: the full-disk case needs a small tmpfs")
@@ -164,6 +166,25 @@ def test_token_cache_on_a_full_disk_is_no_space_naming_the_cache(tmp_path, token
         with pytest.raises(errors.NoSpace, match=rf"^no space left on device writing the token cache {disk / 'cache'}"):
             run_training(v.train, v.model)
         assert [p.name for p in (disk / "cache").iterdir()] == []  # no partial cache file
+
+
+def test_token_cache_with_no_inode_left_is_no_space_not_invalid_data(tmp_path, tokenizer_dir, monkeypatch):
+    """Creating the cache's temporary file fails with ENOSPC when the filesystem has no inode
+    left (free blocks or not): a full disk too, not unusable data."""
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("def f(x):\n    return x + 1\n" * 50)
+    with _tmpfs(tmp_path / "disk", "1m", "nr_inodes=2") as disk:  # the root and one folder
+        monkeypatch.setenv("MOEJOBS_TOKEN_CACHE", str(disk / "cache"))
+        (disk / "cache").mkdir()
+        with pytest.raises(OSError) as full:
+            (disk / "probe").touch()
+        assert full.value.errno == errno.ENOSPC and shutil.disk_usage(disk).free > 0
+        doc = tiny_train_config(tmp_path / "run", tmp_path, tokenizer_dir)
+        doc["data"]["init_args"] = {"train_data_path": str(text), "val_data_path": None, "num_workers": 0}
+        v = _validated(doc)
+        with pytest.raises(errors.NoSpace, match=rf"^no space left on device writing the token cache {disk / 'cache'}"):
+            run_training(v.train, v.model)
 
 
 @pytest.mark.slow

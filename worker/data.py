@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from worker.errors import DataError
+from worker.errors import DataError, no_space_errno
 from worker.tokenizer import read_text, text_files, tokenizer_hash
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -246,6 +246,8 @@ def tokenize_files(
             cache_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
         except OSError as exc:
+            if no_space_errno(exc) is not None:
+                raise  # a full filesystem (no block or no inode left): the caller's no_space
             raise DataError(f"token cache folder {cache_dir}: cannot write ({exc.strerror}); set MOEJOBS_TOKEN_CACHE") from None
         try:
             with os.fdopen(fd, "wb") as fh:
