@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # everything after `train` belongs to run_train.py's parser
+        from worker.entry import install_early_handlers  # torch-free, as in run_train.py
+
+        install_early_handlers()  # before the engine's heavy imports: Ctrl-C exits 130 at once
         return _cmd_train(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)

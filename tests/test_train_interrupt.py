@@ -37,8 +37,12 @@ def _configs(tmp_path: Path, corpus: Path, tokenizer_dir: Path) -> tuple[Path, P
     return out, t, m
 
 
-def _run_train(t: Path, m: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "run_train.py", "--config", str(t), "--model-config", str(m)],
+#: The two command lines that train in the terminal: run_train.py and `moejobs train`.
+COMMANDS = {"run_train.py": ["run_train.py"], "moejobs train": ["-m", "service.cli", "train"]}
+
+
+def _run_train(t: Path, m: Path, command: str = "run_train.py") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *COMMANDS[command], "--config", str(t), "--model-config", str(m)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -110,17 +114,19 @@ def test_a_later_second_sigint_still_aborts_at_once():
 
 
 @pytest.mark.slow
-def test_ctrl_c_before_training_starts_is_one_line_exit_130(tmp_path, corpus, tokenizer_dir):
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_ctrl_c_before_training_starts_is_one_line_exit_130(tmp_path, corpus, tokenizer_dir, command):
     """SIGINT while torch is being imported (the moment a loaded machine used to lose it):
-    run_train.py installed its handlers before importing anything heavy, so the signal ends the
-    process at once: 130, exactly one line, result.json says interrupted, nothing trained."""
+    run_train.py and `moejobs train` installed their handlers before importing anything heavy,
+    so the signal ends the process at once: 130, exactly one line, result.json says
+    interrupted, nothing trained."""
     out, t, m = _configs(tmp_path, corpus, tokenizer_dir)
-    proc = _run_train(t, m)
+    proc = _run_train(t, m, command)
     # torch's shared library is mapped: main() is importing the engine
     maps = Path(f"/proc/{proc.pid}/maps")
     _wait_for(lambda: "libtorch" in maps.read_text(), proc, timeout=120, poll=0.005)
     assert _catches(proc.pid, signal.SIGINT) and _catches(proc.pid, signal.SIGTERM), \
-        "run_train.py's early handlers are not installed"
+        f"{command}'s early handlers are not installed"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
