@@ -26,6 +26,7 @@ Times are aware UTC datetimes; ``now`` parameters exist for tests and default to
 from __future__ import annotations
 
 import base64
+import logging
 import binascii
 import hashlib
 import json
@@ -58,6 +59,8 @@ from service.models import (
     utcnow,
 )
 from service.schemas import check_path_text
+
+log = logging.getLogger(__name__)
 
 S = RunStatus
 
@@ -388,7 +391,12 @@ def transition(session: Session, run_id: uuid.UUID, to_status: RunStatus | str,
                       now=now, reason=reason, actor=actor, attempt=attempt, values=values)
         assert moved is not None, "row is locked: the compare-and-set cannot miss"
         if to_status == S.succeeded:
-            _record_throughput(session, moved, now)
+            try:  # calibration is a by-product: it must never undo a run's success
+                with session.begin_nested():
+                    _record_throughput(session, moved, now)
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("run %s succeeded, but its speed could not be recorded for "
+                            "calibration (%s)", run_id, exc.__class__.__name__, exc_info=True)
         return moved
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from test_api_support import (  # noqa: F401 - fixtures
     MODEL,
     TRAIN,
@@ -429,3 +430,31 @@ def test_each_worker_is_compared_with_the_need_on_its_own_device_kind(backend, m
     other = r.json()["estimate"]["fleet"]["largest_worker"]
     assert other["memory_per_rank_bytes"] == high
     assert other["ratio"] == pytest.approx(high / size)
+
+
+def test_a_failure_to_record_the_speed_never_undoes_a_success(backend, make_api, caplog):
+    """Calibration is a by-product: with the throughput table away while the run finishes (a
+    real database error in its upsert), the run still moves to succeeded and it is logged."""
+    env = make_api(backend, worker=False)
+    register(env, "cpu", kind="cpu: Test CPU", host_memory=64 << 30)
+    r = env.client.post("/runs", json=body())
+    assert r.status_code == 201, r.text
+    run_id = uuid.UUID(r.json()["id"])
+    with env.session() as s:
+        s.execute(sa.text("ALTER TABLE throughput RENAME TO throughput_away"))
+        s.commit()
+    try:
+        with env.session() as s:
+            assert runs.claim_run(s, run_id, "cpu", 60) is not None
+            runs.record_metrics(s, run_id, [{"step": 1, "tokens": 1000, "elapsed_s": 2.0,
+                                             "loss": 5.0}], attempt=1)
+            moved = runs.transition(s, run_id, RunStatus.succeeded, "done", attempt=1)
+            assert moved.status == RunStatus.succeeded
+    finally:
+        with env.session() as s:
+            s.execute(sa.text("ALTER TABLE throughput_away RENAME TO throughput"))
+            s.commit()
+    assert env.client.get(f"/runs/{run_id}").json()["status"] == "succeeded"
+    assert any("could not be recorded for calibration" in r.getMessage() for r in caplog.records)
+    with env.session() as s:
+        assert s.exec(select(Throughput)).all() == []
