@@ -443,10 +443,13 @@ def _check_memory(verdict: Verdict, validated: Validated, est: Estimate,
         return
     if ratio >= WARN_FACTOR:
         fixes = remedies(validated, int(cap * WARN_FACTOR), kind) if ratio > 1 else []
+        why = ("the CPU estimate is within about 15% of measured peaks (bench/RESULTS.md), "
+               "not closer" if kind == "cpu" else
+               "the estimate has not been checked against a GPU's measured peak yet")
         hint = f"; it fits with margin with {' or '.join(fixes)}" if fixes else ""
         verdict.warnings.append({"loc": _loc_for(est), "msg": (
-            f"{mem}, {ratio:.2f}x the memory of {where}: the estimate has not been checked "
-            f"against a GPU's measured peak yet, so the run may run out of memory{hint}")})
+            f"{mem}, {ratio:.2f}x the memory of {where}: {why}, so the run may run out of "
+            f"memory{hint}")})
         return
     if best.cpu and best.shared_by > 1 and need >= WARN_FACTOR * cap / best.shared_by:
         verdict.warnings.append({"loc": _loc_for(est), "msg": (

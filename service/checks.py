@@ -103,7 +103,9 @@ def data_folder_problem(folder: str | Path) -> str | None:
     level), or None. The message starts with the folder; ``worker.tokenizer.text_files``
     raises it as a ``DataError``."""
     folder = Path(folder)
-    problem = _folder_problem(folder, "data folder does not exist")
+    problem = _folder_problem(folder, "data folder does not exist (put .txt files there: "
+                                      "`moejobs seed-data` writes a demo corpus, "
+                                      "POST /datasets/{name} uploads one)")
     if problem:
         return problem
     if not folder.is_dir():

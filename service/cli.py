@@ -238,7 +238,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         if not args.skip_smoke_test:
             print("\n== smoke test: the shipped MoE-200M configs with the spec's smoke-test overrides, "
-                  "through the queue and the worker (about 12 GB of RAM on a CPU)", flush=True)
+                  "through the queue and the worker (about 9 GiB of RAM on a CPU)", flush=True)
             result = client.smoke_test(base, wait=1800)
             if client.smoke_state(result) != "passed":
                 print("smoke test failed; see above", file=sys.stderr)
@@ -259,9 +259,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n== the trained model: {final} (a LitGPT checkpoint folder; "
               f"`uv run litgpt generate {final} --prompt 'def '` works on it; "
               f"`uv run moejobs download {run['id']}` fetches it over HTTP)")
-        print(f"== dashboard: {base}/   API docs: {base}/docs")
         if args.exit:
             return 0
+        print(f"== dashboard: {base}/   API docs: {base}/docs   (Ctrl-C stops the service)")
     except client.ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", parents=[settings_opts],
                        help="up + demo data, smoke test, train cpu-tiny through the service, print a sample, keep serving")
     d.add_argument("--prompt", default="def ")
-    d.add_argument("--skip-smoke-test", action="store_true", help="skip the MoE-200M smoke test (needs ~12 GB RAM on CPU)")
+    d.add_argument("--skip-smoke-test", action="store_true", help="skip the MoE-200M smoke test (needs ~9 GiB RAM on CPU)")
     d.add_argument("--exit", action="store_true", help="stop the services after the sample instead of serving until Ctrl-C")
     d.set_defaults(func=_cmd_demo)
 
@@ -326,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="run_train.py --dry-run: validate the configs, check their input "
                        "folders (from the current folder), print warnings, the estimate and the device "
                        "pre-flight; exit 0 ok, 2 invalid config, 1 missing input")
-    v.add_argument("train_config", nargs="?", default="configs/train_config.yaml")
-    v.add_argument("model_config", nargs="?", default="configs/model_config.yaml")
+    v.add_argument("train_config", nargs="?", default=str(project_path("configs") / "train_config.yaml"),
+                   help="default: the shipped configs/train_config.yaml, as run_train.py")
+    v.add_argument("model_config", nargs="?", default=str(project_path("configs") / "model_config.yaml"),
+                   help="default: the shipped configs/model_config.yaml")
     v.add_argument("--preset")
     v.add_argument("--smoke-test", action="store_true")
     v.set_defaults(func=_cmd_validate)

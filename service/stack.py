@@ -155,7 +155,7 @@ class LocalStack:
         return name
 
     def _waiting_for(self, down: list[str], errors: dict[str, str]) -> str:
-        return "; ".join(self._what(name) + (f" ({errors[name]})" if errors.get(name) else "")
+        return "; ".join(self._what(name) + (f" ({_brief(errors[name])})" if errors.get(name) else "")
                          for name in down)
 
     def _gave_up(self, timeout: float, down: list[str], errors: dict[str, str], last: str) -> str:
@@ -208,3 +208,11 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def _brief(error: str, limit: int = 160) -> str:
+    """One short line of a component's error for the start-up progress: its first line, without
+    SQLAlchemy's ``[SQL: ...]`` statement, at most ``limit`` characters (``GET /readyz`` keeps
+    the whole text)."""
+    line = (error.strip().splitlines() or [""])[0].split(" [SQL:", 1)[0].rstrip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."

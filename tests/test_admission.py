@@ -458,3 +458,16 @@ def test_a_failure_to_record_the_speed_never_undoes_a_success(backend, make_api,
     assert any("could not be recorded for calibration" in r.getMessage() for r in caplog.records)
     with env.session() as s:
         assert s.exec(select(Throughput)).all() == []
+
+
+def test_the_near_capacity_warning_says_why_for_the_workers_device_kind(make_api):
+    env = make_api("sqlite", worker=False)
+    register(env, "probe")
+    need = need_of(env, body(), "cpu")
+    with env.session() as s:
+        runs.deregister_worker(s, "probe")
+    register(env, "cpu", kind="cpu: Test CPU", host="box", host_memory=int(need / 1.1))
+    r = env.client.post("/runs/validate", json=body())
+    (msg,) = memory_warnings(r.json())
+    assert "1.10x" in msg and "(host memory on a CPU)" in msg
+    assert "within about 15% of measured peaks" in msg and "GPU" not in msg

@@ -152,6 +152,10 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path, corpu
 
 # -- one set of checks: the command line and the API say the same about unusable inputs ------------
 
+#: The fix a missing data folder's message names (braces doubled: the cases are format strings).
+DATA_HINT = (" (put .txt files there: `moejobs seed-data` writes a demo corpus, "
+             "POST /datasets/{{name}} uploads one)")
+
 #: field -> what the dry run, `moejobs validate` and /runs/validate say, for the folder layouts
 #: below (paths relative to the data root, which is the command line's working folder).
 INPUT_CASES: dict[str, tuple[dict, dict[str, str], int]] = {
@@ -159,8 +163,8 @@ INPUT_CASES: dict[str, tuple[dict, dict[str, str], int]] = {
     "nothing": ({}, {
         "tokenizer_dir": "{root}/tok: folder does not exist (train one with `moejobs tokenizer "
                          "train`, or POST /tokenizers/{{name}} on the API)",
-        "data.init_args.train_data_path": "{root}/ds/train: data folder does not exist",
-        "data.init_args.val_data_path": "{root}/ds/val: data folder does not exist",
+        "data.init_args.train_data_path": "{root}/ds/train: data folder does not exist" + DATA_HINT,
+        "data.init_args.val_data_path": "{root}/ds/val: data folder does not exist" + DATA_HINT,
     }, 1),
     # an empty data folder, a tokenizer folder with no tokenizer in it
     "empty": ({"mkdir": ["ds/train", "tok"], "val": True}, {
@@ -248,7 +252,7 @@ def test_a_real_run_fails_on_missing_data_with_the_dry_runs_message(tmp_path, to
     model_file.write_text(yaml.safe_dump(TINY_MODEL))
     argv = ("--config", str(train_file), "--model-config", str(model_file))
     dry, real = run(TRAIN_PY, "--dry-run", *argv), run(TRAIN_PY, *argv)
-    message = f"{tmp_path}/nowhere/train: data folder does not exist"
+    message = f"{tmp_path}/nowhere/train: data folder does not exist" + DATA_HINT.replace("{{", "{").replace("}}", "}")
     assert dry.returncode == real.returncode == 1, real.stderr[-2000:]
     assert f"error: invalid_data: data.init_args.train_data_path: {message}" in dry.stderr.splitlines()
     assert real.stderr.strip().splitlines()[-1] == f"error: invalid_data: {message}"
@@ -362,3 +366,13 @@ def test_a_worker_on_an_unmigrated_database_exits_saying_so(tmp_path):
     assert done.stderr.splitlines()[-1].endswith(
         f"has no moejobs tables, but this code needs revision {head_revision()}: run `moejobs migrate` (or "
         "`moejobs up`, which migrates) and start the worker again")
+
+
+def test_validate_without_arguments_checks_the_shipped_configs_from_any_folder(tmp_path):
+    """`moejobs validate` reads the shipped configs wherever it runs, as run_train.py does,
+    and checks their relative input paths from the current folder (empty here: exit 1)."""
+    done = run("-m", "service.cli", "validate", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "file not found" not in done.stderr
+    assert (f"error: invalid_data: data.init_args.train_data_path: {tmp_path}/data/custom_text/train: "
+            f"data folder does not exist") in done.stderr

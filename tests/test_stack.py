@@ -44,3 +44,17 @@ def test_an_unreachable_database_is_named_before_anything_starts(tmp_path):
                                          r"\(postgresql\+psycopg://nobody:\*\*\*@127\.0\.0\.1:1/moejobs\)"):
         stack.start(ready_timeout=5)
     assert stack.procs == {}
+
+
+def test_start_up_progress_shows_one_short_line_of_an_error():
+    """A transient broker error while the embedded stack starts (the API and the worker both
+    creating kombu's queue table) is shown without its SQL statement; /readyz keeps it whole."""
+    from service.stack import _brief
+
+    raw = ("IntegrityError: (sqlite3.IntegrityError) UNIQUE constraint failed: kombu_queue.name "
+           "[SQL: INSERT INTO kombu_queue (name) VALUES (?)]\n[parameters: ('celery',)]\n"
+           "(Background on this error at: https://sqlalche.me/e/20/gkpj)")
+    assert _brief(raw) == ("IntegrityError: (sqlite3.IntegrityError) UNIQUE constraint failed: "
+                           "kombu_queue.name")
+    assert _brief("x" * 500) == "x" * 157 + "..."
+    assert _brief("Connection refused") == "Connection refused"
