@@ -45,9 +45,10 @@ from data; :func:`select_backend` is the rule, logged at model build):
   (``compile_mode`` reduce-overhead -> default, max-autotune -> max-autotune-no-cudagraphs). Any
   dtype, any capability, no group padding. Used on CUDA for everything the fast kernel does not cover
   (fp32 and fp16 anywhere, bf16 before Hopper: V100, A100, RTX 30xx/40xx, L4, and consumer
-  Blackwell 12.x) and on CPU for fp16. Same FLOPs as ``"grouped_mm"`` (PyTorch's own CUDA fallback for
-  ``_grouped_mm`` does the same per-group loop but copies the offsets to the host in each of the
-  nine grouped GEMMs of a forward+backward).
+  Blackwell 12.x) and on CPU for fp16. Same FLOPs as ``"grouped_mm"``. (Forcing ``"grouped_mm"`` there
+  runs PyTorch's CUDA fallback for ``_grouped_mm``, a per-group loop that copies the offsets to the
+  host in every call: nine per layer forward+backward. In the installed PyTorch 2.14 the meta kernel
+  also accepts fp16 only with cuBLASLt grouped GEMM, capability 9.x-11.x and CUDA >= 13.3.)
 - ``"dense"``: every expert on every token with batched matmuls, combined with a dense (N, E)
   routing-weight matrix. Static shapes, exact, ``n_expert / k`` times the expert FLOPs: chosen
   automatically only for widths that are not 16-byte aligned and for devices other than CPU/CUDA.
