@@ -125,6 +125,15 @@ def test_sync_layer_compiles_fullgraph_and_matches_eager(autocast):
                   autocast_dtype=BF16 if autocast else None)
 
 
+@pytest.mark.slow
+def test_sync_layer_compiles_with_inductor():
+    # Inductor codegen around the opaque segment_mm op and the offsets' copy to the host
+    torch._dynamo.reset()
+    ref, new = pair(moe_config(bias=True), backend="grouped_mm_sync")
+    compiled = torch.compile(new, fullgraph=True, dynamic=False)
+    assert_parity(ref, compiled, torch.randn(2, 8, 64), tol=1e-5)
+
+
 def test_auto_backend_on_cpu_fp16_is_the_sync_path():
     ref, new = pair(moe_config(), dtype=FP16)
     x = torch.randn(2, 7, 64, dtype=FP16)
