@@ -22,6 +22,8 @@
 #   1. parity tests on the GPU: tests/test_moe.py, tests/test_moe_gqa.py (bf16 cases run on CUDA:
 #      torch._grouped_mm's CUTLASS kernel, padded expert groups, flash SDPA with enable_gqa)
 #   2. bench/moe_layer.py: one MoE-200M-sized layer, loop vs grouped, bf16-mixed
+#   2b. the same layer with each expert backend forced (grouped_mm, grouped_mm_sync = the path of
+#      pre-Hopper GPUs and fp32, dense), bf16-mixed and 32-true (GPU_CHECK_BACKENDS to choose)
 #   3. bench/train_throughput.py: MoE-200M, seq 512, bf16-mixed, micro-batch 4 and the largest that
 #      fits; stock LitGPT eager vs the engine compiled as configured (reduce-overhead, dynamic)
 #   4. bench/smoke_check.py: the spec's smoke test through the engine, time and peak memory vs estimate
@@ -89,6 +91,20 @@ tail -n 4 "$RES/parity.log"
 stamp "2/5 MoE layer benchmark"
 timeout 45 $PY bench/moe_layer.py $LAYER_ARGS --json >"$RES/moe_layer.json" 2>"$RES/moe_layer.err" \
   || { echo "moe_layer failed or timed out"; tail -n 5 "$RES/moe_layer.err"; }
+
+# 2b (MoE backends, its own step): each expert backend forced, so the pre-Hopper/fp32 path
+# (grouped_mm_sync) is measured on any GPU; GPU_CHECK_BACKENDS="" skips it.
+BACKENDS=${GPU_CHECK_BACKENDS-grouped_mm,grouped_mm_sync,dense}
+if [ -n "$BACKENDS" ]; then
+  stamp "2b/5 MoE layer per forced backend ($BACKENDS)"
+  if [ "$DEV" = cuda ]; then BK_ARGS="--device cuda --tokens 4096,16384 --iters 10"; BK_PRECS="bf16-mixed 32-true"
+  else BK_ARGS="--device cpu --tokens 256 --iters 1 --warmup 0"; BK_PRECS="32-true"; fi
+  for prec in $BK_PRECS; do
+    timeout 60 $PY bench/moe_layer.py $BK_ARGS --precision $prec --backend "$BACKENDS" --json \
+      >"$RES/moe_backends_$prec.json" 2>"$RES/moe_backends_$prec.err" \
+      || { echo "moe_layer --backend ($prec) failed or timed out"; tail -n 5 "$RES/moe_backends_$prec.err"; }
+  done
+fi
 
 stamp "3/5 training throughput"
 timeout 200 $PY bench/train_throughput.py $TRAIN_ARGS --json >"$RES/train_throughput.json" 2>"$RES/train_throughput.err" \
@@ -174,4 +190,24 @@ if "rows" in mc:
 else:
     print(mc.get("error"))
 EOF
+if [ -n "$BACKENDS" ]; then  # summary of step 2b, appended
+$PY - "$RES" "$BK_PRECS" <<'EOF' | tee -a "$RES/gpu_check.md"
+import json, sys
+from pathlib import Path
+res = Path(sys.argv[1])
+print("\n### MoE layer per forced backend (bench/moe_layer.py --backend; loop = LitGPT LLaMAMoE)\n")
+print("| precision | backend | tokens | loop ms | backend ms | ratio loop/backend |\n|---|---|---:|---:|---:|---:|")
+for prec in sys.argv[2].split():
+    try:
+        doc = json.loads((res / f"moe_backends_{prec}.json").read_text())
+    except Exception as exc:
+        print(f"| {prec} | - | - | - | - | {type(exc).__name__} (see moe_backends_{prec}.err) |")
+        continue
+    for r in doc["rows"]:
+        if "error" in r:
+            print(f"| {prec} | {r['backend']} | {r['tokens']} | - | - | error: {r['error'][:120]} |")
+        else:
+            print(f"| {prec} | {r['backend']} | {r['tokens']} | {r['loop_ms']:.2f} | {r['grouped_ms']:.2f} | {r['ratio']:.2f} |")
+EOF
+fi
 stamp "done"

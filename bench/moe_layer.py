@@ -17,12 +17,18 @@ wall time of an idle machine, unaffected by other jobs on a shared one; ``*_wall
 time too). ``ratio = loop_ms / grouped_ms`` (> 1: grouped is faster); ``ratio_paired`` is the
 median of the per-iteration ratios (the two ran back to back), robust to drifts of a shared machine.
 
+``--backend`` forces the expert backend of ``grouped``/``prestacked`` (``auto`` = what the engine
+picks on this device, see ``worker.moe.select_backend``); a comma-separated list measures each in
+turn (one row per backend and token count), so a Hopper GPU can also measure the pre-Hopper
+``grouped_mm_sync`` path and ``dense``. A backend that fails records ``error`` in its rows.
+
 Defaults: on CPU the ``cpu-tiny`` widths (n_embd 128, 4 experts of 256, top-2) in fp32 (that preset
 trains in 32-true); on CUDA the MoE-200M widths (768, 8 experts of 2048, top-2) in bf16-mixed.
 
     uv run python bench/moe_layer.py                  # table
     uv run python bench/moe_layer.py --json           # one JSON document
     uv run python bench/moe_layer.py --device cuda --tokens 2048,8192,32768 --compile
+    uv run python bench/moe_layer.py --backend grouped_mm,grouped_mm_sync,dense --json
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ import litgpt  # noqa: E402
 import torch  # noqa: E402
 from litgpt.model import LLaMAMoE  # noqa: E402
 
-from worker.moe import GroupedMoE  # noqa: E402
+from worker.moe import _BACKENDS, GroupedMoE  # noqa: E402
 
 
 class PrestackedMoE(GroupedMoE):
@@ -68,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile each layer (default mode)")
+    p.add_argument("--backend", default="auto",
+                   help=f"GroupedMoE backend(s), comma-separated, each one of {', '.join(_BACKENDS)} (default auto)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads on CPU (default 1: stable on a shared machine; 0 = torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
@@ -108,6 +116,34 @@ def time_layers(layers: dict, x, grad, device, precision, iters, warmup) -> dict
     return out
 
 
+def measure(layers, grouped, n, n_embd, device, param_dtype, precision, iters, warmup) -> dict:
+    """One row: ``layers`` timed on ``n`` tokens (an ``error`` row when the backend fails)."""
+    cuda = device.type == "cuda"
+    g = torch.Generator(device="cpu").manual_seed(n)
+    x = torch.randn(1, n, n_embd, generator=g).to(device, param_dtype)
+    grad = torch.randn(1, n, n_embd, generator=g).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        backend = grouped.resolved_backend(x)
+    try:
+        t = time_layers(layers, x, grad, device, precision, iters, warmup)
+    except Exception as exc:  # e.g. a forced backend this PyTorch/GPU cannot run
+        return {"tokens": n, "backend": backend, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    metric = "wall" if cuda else "cpu"
+    ms = {k: t[k][metric] for k in layers}
+    return {
+        "tokens": n,
+        "loop_ms": round(ms["loop"], 3),
+        "grouped_ms": round(ms["grouped"], 3),
+        "prestacked_ms": round(ms["prestacked"], 3),
+        "ratio": round(ms["loop"] / ms["grouped"], 3),
+        "ratio_paired": round(t["paired_ratio"], 3),
+        "stack_share": round(max(0.0, ms["grouped"] - ms["prestacked"]) / ms["grouped"], 3),
+        "loop_wall_ms": round(t["loop"]["wall"], 3),
+        "grouped_wall_ms": round(t["grouped"]["wall"], 3),
+        "backend": backend,
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads and not torch.cuda.is_available():
@@ -124,6 +160,11 @@ def main(argv=None) -> int:
     iters = args.iters or (20 if cuda else 5)
     default_tokens = "2048,4096,8192,16384,32768" if cuda else "256,512,1024,2048,4096,8192"
     tokens = [int(t) for t in (args.tokens or default_tokens).split(",")]
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    bad = [b for b in backends if b not in _BACKENDS]
+    if bad or not backends:
+        print(f"--backend: {', '.join(bad) or 'empty'} is not one of {', '.join(_BACKENDS)}", file=sys.stderr)
+        return 2
     param_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
 
     config = litgpt.Config(
@@ -138,34 +179,18 @@ def main(argv=None) -> int:
     pre = PrestackedMoE(config).to(device, param_dtype)
     pre.load_state_dict(loop.state_dict())
     pre.prestack()
-    layers = {"loop": loop, "grouped": grouped, "prestacked": pre}
-    if args.compile:
-        layers = {k: torch.compile(v) for k, v in layers.items()}
-
     rows = []
-    for n in tokens:
-        g = torch.Generator(device="cpu").manual_seed(n)
-        x = torch.randn(1, n, n_embd, generator=g).to(device, param_dtype)
-        grad = torch.randn(1, n, n_embd, generator=g).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            backend = grouped.resolved_backend(x)
-        t = time_layers(layers, x, grad, device, precision, iters, args.warmup)
-        metric = "wall" if cuda else "cpu"
-        ms = {k: t[k][metric] for k in layers}
-        rows.append({
-            "tokens": n,
-            "loop_ms": round(ms["loop"], 3),
-            "grouped_ms": round(ms["grouped"], 3),
-            "prestacked_ms": round(ms["prestacked"], 3),
-            "ratio": round(ms["loop"] / ms["grouped"], 3),
-            "ratio_paired": round(t["paired_ratio"], 3),
-            "stack_share": round(max(0.0, ms["grouped"] - ms["prestacked"]) / ms["grouped"], 3),
-            "loop_wall_ms": round(t["loop"]["wall"], 3),
-            "grouped_wall_ms": round(t["grouped"]["wall"], 3),
-            "backend": backend,
-        })
-        if not args.json:
-            print(f"  measured {n} tokens", file=sys.stderr, flush=True)
+    for backend_arg in backends:
+        grouped.backend = pre.backend = backend_arg
+        layers = {"loop": loop, "grouped": grouped, "prestacked": pre}
+        if args.compile:
+            torch._dynamo.reset()
+            layers = {k: torch.compile(v) for k, v in layers.items()}
+        for n in tokens:
+            rows.append(measure(layers, grouped, n, n_embd, device, param_dtype, precision, iters, args.warmup))
+            rows[-1]["forced"] = backend_arg != "auto"
+            if not args.json:
+                print(f"  measured {n} tokens ({rows[-1]['backend']})", file=sys.stderr, flush=True)
 
     meta = {
         "benchmark": "moe_layer",
@@ -174,6 +199,7 @@ def main(argv=None) -> int:
         "litgpt": _version("litgpt"),
         "precision": precision,
         "compile": args.compile,
+        "backends": backends,
         "n_embd": n_embd, "moe_intermediate_size": inter, "n_expert": experts, "top_k": args.top_k,
         "iters": iters, "warmup": args.warmup,
         "metric": "wall-clock ms (CUDA-synchronised)" if cuda else "process CPU ms (time.process_time)",
@@ -188,6 +214,9 @@ def main(argv=None) -> int:
         print("| tokens | loop ms | grouped ms | ratio loop/grouped (paired) | prestacked ms | stack share | backend |")
         print("|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
+            if "error" in r:
+                print(f"| {r['tokens']} | - | - | - | - | - | {r['backend']}: {r['error']} |")
+                continue
             print(f"| {r['tokens']} | {r['loop_ms']:.2f} | {r['grouped_ms']:.2f} | {r['ratio']:.2f} ({r['ratio_paired']:.2f}) | "
                   f"{r['prestacked_ms']:.2f} | {r['stack_share']:.0%} | {r['backend']} |")
     return 0

@@ -138,8 +138,10 @@ def build_sides(v, device, precision, compile_mode, names=("stock", "engine"), s
     if not any(isinstance(m, GQASelfAttention) for m in ours_raw.modules()):
         use_gqa_attention(ours_raw)
     compile_on = opt.compile if compile_mode == "config" else compile_mode == "on"
+    # as the engine: a host-sync MoE backend (pre-Hopper GPU, fp32) turns CUDA graphs off
+    no_cudagraphs = engine.moe_backend_notes(ours_raw, device, engine.expert_dtype(precision, device.type), [])
+    mode, _ = engine.effective_compile_mode(opt.compile_mode, device.type, no_cudagraphs)
     if compile_on:
-        mode = None if opt.compile_mode == "default" else opt.compile_mode
         ours_compile = dict(mode=mode, dynamic=opt.compile_dynamic, fullgraph=opt.compile_fullgraph)
     else:
         ours_compile = None
@@ -149,7 +151,7 @@ def build_sides(v, device, precision, compile_mode, names=("stock", "engine"), s
 
     attention = choose_backends(flash_attention=opt.flash_attention, flash_attention_force=opt.flash_attention_force,
                                 disable_math_fallback=opt.disable_math_fallback, device_type=device.type)
-    cudagraphs = compile_on and device.type == "cuda" and opt.compile_mode in ("reduce-overhead", "max-autotune")
+    cudagraphs = compile_on and device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
     sides = {}
     if "stock" in names:
         sides["stock"] = Side("stock", stock_raw, t, device, precision, stock_kwargs, nullcontext, False)

@@ -36,6 +36,23 @@ def test_moe_layer_benchmark_runs_both_layers():
     assert all(r["ratio"] > 0 for r in rows)
 
 
+def test_moe_layer_benchmark_forces_each_backend():
+    doc = _bench("bench/moe_layer.py", "--device", "cpu", "--tokens", "64", "--iters", "1", "--warmup", "0",
+                 "--backend", "grouped_mm,grouped_mm_sync,dense")
+    rows = _rows(doc)
+    assert doc["backends"] == ["grouped_mm", "grouped_mm_sync", "dense"]
+    assert [(r["backend"], r["forced"]) for r in rows] == [
+        ("grouped_mm", True), ("grouped_mm_sync", True), ("dense", True)]
+    assert all(r["ratio"] > 0 and "error" not in r for r in rows)
+
+
+def test_moe_layer_benchmark_rejects_an_unknown_backend():
+    done = subprocess.run([sys.executable, "bench/moe_layer.py", "--backend", "grouped_mm,triton"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "--backend: triton is not one of auto, grouped_mm, grouped_mm_sync, dense" in done.stderr
+
+
 def test_train_throughput_benchmark_runs_stock_and_engine():
     doc = _bench("bench/train_throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1",
                  "--micro-batch", "2", "--seq-len", "32")

@@ -33,7 +33,16 @@ def router_runs(tmp_path_factory, corpus, tokenizer_dir):
         v = validate_configs(doc, copy.deepcopy(TINY_MODEL))
         result = run_training(v.train, v.model, write_checkpoints=False)
         out[impl] = _router_rows(result.out_dir / "router.csv")
+        out[f"{impl}.log"] = (result.out_dir / "train.log").read_text()
     return out
+
+
+def test_the_log_names_the_moe_expert_backend(router_runs):
+    n_layer = TINY_MODEL["n_layer"]
+    line = f"MoE expert backend on cpu, float32: grouped_mm ({n_layer} layer{'s' if n_layer > 1 else ''})"
+    assert line in router_runs["grouped.log"]
+    assert "MoE expert backend" not in router_runs["loop.log"]  # LitGPT's loop: nothing to choose
+    assert "CUDA graphs off" not in router_runs["grouped.log"]
 
 
 def test_router_csv_has_a_row_per_logged_step_layer_and_expert(router_runs):

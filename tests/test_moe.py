@@ -27,7 +27,8 @@ from worker.moe import (  # noqa: E402
 # fp32 and the compile/telemetry tests run on the CPU (CI); the bf16 parity tests also run on a CUDA
 # GPU when one is present (bench/gpu_check.sh), where torch._grouped_mm's CUTLASS kernel and the
 # padded expert groups are used. PyTorch's CUDA grouped GEMM is bf16-only on its fast path, so fp32
-# on CUDA is checked with the "dense" backend that GroupedMoE picks there.
+# on CUDA is checked with the "grouped_mm_sync" backend that GroupedMoE picks there (and "dense").
+# Backend selection per capability: tests/test_moe_backends.py.
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 
@@ -148,19 +149,20 @@ def test_grouped_mm_custom_op_registrations_are_consistent():
 
 
 def test_select_backend_rules():
-    assert select_backend("cpu", 0, torch.float32, (64, 96)) == "grouped_mm"
-    assert select_backend("cpu", 0, torch.bfloat16, (64, 96)) == "grouped_mm"
-    assert select_backend("cpu", 0, torch.bfloat16, (64, 100)) == "dense"  # 200 bytes: not 16-aligned
-    assert select_backend("cpu", 0, torch.float32, (6, 96)) == "dense"
-    assert select_backend("cpu", 0, torch.float16, (64, 96)) == "dense"
-    assert select_backend("mps", 0, torch.float32, (64, 96)) == "dense"
+    assert select_backend("cpu", None, torch.float32, (64, 96)) == "grouped_mm"
+    assert select_backend("cpu", None, torch.bfloat16, (64, 96)) == "grouped_mm"
+    assert select_backend("cpu", None, torch.bfloat16, (64, 100)) == "dense"  # 200 bytes: not 16-aligned
+    assert select_backend("cpu", None, torch.float32, (6, 96)) == "dense"
+    assert select_backend("cpu", None, torch.float16, (64, 96)) == "grouped_mm_sync"
+    assert select_backend("mps", None, torch.float32, (64, 96)) == "dense"
 
 
 # ------------------------------------------------------------------------------------------
 # layer parity with LLaMAMoE
 # ------------------------------------------------------------------------------------------
-FP32_CASES = [("cpu", "grouped_mm"), ("cpu", "dense")] + ([("cuda", "dense")] if CUDA else [])
-BF16_CASES = [(d, b) for d in DEVICES for b in ("grouped_mm", "dense")]
+FP32_CASES = [("cpu", "grouped_mm"), ("cpu", "grouped_mm_sync"), ("cpu", "dense")] + (
+    [("cuda", "grouped_mm_sync"), ("cuda", "dense")] if CUDA else [])
+BF16_CASES = [(d, b) for d in DEVICES for b in ("grouped_mm", "grouped_mm_sync", "dense")]
 
 
 @pytest.mark.parametrize("device,backend", FP32_CASES)

@@ -17,8 +17,10 @@ On CUDA each expert's rows are padded to a multiple of 16 bytes' worth of rows (
 static shapes (zero rows of weight 0), as PyTorch's grouped GEMM kernel wants aligned group
 boundaries in the weight-gradient product (see :meth:`GroupedMoE.group_alignment`).
 
-Nothing in the forward pass reads a tensor value on the host and every shape depends only on the
-input's shape, so ``torch.compile(fullgraph=True)`` captures the layer and CUDA graphs can replay it.
+With the ``"grouped_mm"`` and ``"dense"`` backends nothing in the forward pass reads a tensor value on
+the host and every shape depends only on the input's shape, so ``torch.compile(fullgraph=True)``
+captures the layer and CUDA graphs can replay it (``"grouped_mm_sync"`` compiles with
+``fullgraph=True`` too, but reads the offsets on the host).
 
 The parameters stay LitGPT's modules (``gate``, ``experts.{i}.fc_1`` / ``fc_2`` / ``proj``,
 ``shared_experts``), so ``state_dict()`` keys, parameter order, initialisation and optimizer state
@@ -26,18 +28,30 @@ are identical to stock LitGPT and checkpoints load both ways. The per-expert wei
 (and cast to the autocast dtype) inside ``forward``; under ``torch.compile`` that stack and the
 cast fuse into one copy, the same traffic as the weight cast autocast already does for the loop.
 
-Backends (chosen statically from device type, compute dtype and widths, never from data):
+Backends (chosen statically from device type, compute capability, compute dtype and widths, never
+from data; :func:`select_backend` is the rule, logged at model build):
 
-- ``"grouped_mm"``: ``torch._grouped_mm``. Needs row strides that are multiples of 16 bytes
-  (``n_embd`` and ``moe_intermediate_size`` divisible by 8 in bf16, by 4 in fp32). On CUDA it is
-  used for bf16 on compute capability 9.x/10.x (Hopper/Blackwell), where PyTorch has its fast CUTLASS
-  kernel; elsewhere PyTorch's CUDA fallback copies the offsets to the host, which would break CUDA
-  graphs. On CPU it is used for bf16 and fp32 (PyTorch >= 2.9 has a CPU implementation). Under
-  ``torch.compile`` fp32 goes through a thin custom op (``moejobs::grouped_mm``) because PyTorch's
-  meta kernel for ``_grouped_mm`` only accepts bf16/fp16 (eager mode calls the kernel directly).
+- ``"grouped_mm"``: ``torch._grouped_mm``, no host synchronisation. Needs row strides that are
+  multiples of 16 bytes (``n_embd`` and ``moe_intermediate_size`` divisible by 8 in bf16/fp16, by 4
+  in fp32). On CUDA it is used for bf16 on compute capability 9.x/10.x (Hopper/Blackwell), where
+  PyTorch has its fast CUTLASS kernel. On CPU it is used for bf16 and fp32 (PyTorch >= 2.9 has a CPU
+  implementation). Under ``torch.compile`` fp32 goes through a thin custom op
+  (``moejobs::grouped_mm``) because PyTorch's meta kernel for ``_grouped_mm`` only accepts bf16/fp16
+  (eager mode calls the kernel directly).
+- ``"grouped_mm_sync"``: the same sorted, grouped layout, each expert's contiguous row segment
+  multiplied with one ``torch.mm`` (custom op ``moejobs::segment_mm``). The group offsets are copied
+  to the host once per layer forward (one synchronisation, reused by the backward, instead of LitGPT's
+  one per expert), so CUDA graphs cannot capture it: the engine turns them off when it is chosen
+  (``compile_mode`` reduce-overhead -> default, max-autotune -> max-autotune-no-cudagraphs). Any
+  dtype, any capability, no group padding. Used on CUDA for everything the fast kernel does not cover
+  (fp32 and fp16 anywhere, bf16 before Hopper: V100, A100, RTX 30xx/40xx, L4, and consumer
+  Blackwell 12.x) and on CPU for fp16. Same FLOPs as ``"grouped_mm"``. (Forcing ``"grouped_mm"`` there
+  runs PyTorch's CUDA fallback for ``_grouped_mm``, a per-group loop that copies the offsets to the
+  host in every call: nine per layer forward+backward. In the installed PyTorch 2.14 the meta kernel
+  also accepts fp16 only with cuBLASLt grouped GEMM, capability 9.x-11.x and CUDA >= 13.3.)
 - ``"dense"``: every expert on every token with batched matmuls, combined with a dense (N, E)
-  routing-weight matrix. Static shapes, exact, ``n_expert / k`` times the expert FLOPs: the fallback
-  for everything else (fp32 or pre-Hopper CUDA, unaligned widths, other devices).
+  routing-weight matrix. Static shapes, exact, ``n_expert / k`` times the expert FLOPs: chosen
+  automatically only for widths that are not 16-byte aligned and for devices other than CPU/CUDA.
 
 Router telemetry: every forward stores ``last_token_fraction`` (shape ``(n_expert,)``, float32,
 detached; the share of the ``N * k`` routing assignments that went to each expert, summing to 1).
@@ -63,16 +77,21 @@ __all__ = [
     "attach_router_telemetry",
     "collect_aux_losses",
     "collect_router_stats",
+    "HOST_SYNC_BACKENDS",
     "grouped_mm",
+    "model_backends",
     "moe_layers",
+    "segment_mm",
     "router_losses",
     "select_backend",
     "set_router_losses",
     "swap_moe_layers",
 ]
 
-Backend = Literal["auto", "grouped_mm", "dense"]
-_BACKENDS = ("auto", "grouped_mm", "dense")
+Backend = Literal["auto", "grouped_mm", "grouped_mm_sync", "dense"]
+_BACKENDS = ("auto", "grouped_mm", "grouped_mm_sync", "dense")
+#: Backends that read tensor values on the host (CUDA graphs cannot capture them).
+HOST_SYNC_BACKENDS = frozenset({"grouped_mm_sync"})
 _NO_LOGITS = (
     "router losses need softmax router logits; LitGPT's grouped top-k router "
     "(config.n_expert_groups) has none"
@@ -137,28 +156,114 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     return _grouped_mm_op(a, b, offs)
 
 
-@torch.compiler.assume_constant_result
-def select_backend(device_type: str, device_index: int, dtype: torch.dtype, widths: tuple[int, ...]) -> str:
-    """Static choice of the expert computation for one device/dtype/width combination.
+# --------------------------------------------------------------------------------------------
+# per-segment GEMM with host offsets (the "grouped_mm_sync" backend)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("moejobs::segment_mm", mutates_args=())
+def _segment_mm_op(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    # ``ends`` lives on the CPU: reading it here costs no device synchronisation.
+    bounds = [0, *ends.tolist()]
+    if b.dim() == 3:  # (M, K) x (G, K, N) -> (M, N)
+        out = a.new_zeros(a.shape[0], b.shape[-1]) if bounds[-1] < a.shape[0] else a.new_empty(a.shape[0], b.shape[-1])
+        for g in range(b.shape[0]):
+            start, end = bounds[g], bounds[g + 1]
+            if end > start:
+                torch.mm(a[start:end], b[g], out=out[start:end])
+        return out
+    out = a.new_empty(ends.shape[0], a.shape[0], b.shape[-1])  # (K, M) x (M, N) -> (G, K, N)
+    for g in range(ends.shape[0]):
+        start, end = bounds[g], bounds[g + 1]
+        if end > start:
+            torch.mm(a[:, start:end], b[start:end], out=out[g])
+        else:
+            out[g].zero_()  # an expert with no rows gets a zero weight gradient
+    return out
+
+
+@_segment_mm_op.register_fake
+def _segment_mm_fake(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(ends.shape[0], a.shape[0], b.shape[-1])
+
+
+def _segment_mm_backward(ctx, grad: Tensor):
+    a, b, ends = ctx.saved_tensors
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = _segment_mm_op(grad, b.transpose(-2, -1), ends)
+    if ctx.needs_input_grad[1]:
+        grad_b = _segment_mm_op(a.transpose(0, 1), grad, ends)
+    return grad_a, grad_b, None
+
+
+_segment_mm_op.register_autograd(_segment_mm_backward, setup_context=_grouped_mm_setup_context)
+
+
+def segment_mm(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    """Row-grouped matrix product like :func:`grouped_mm`, one ``torch.mm`` per non-empty group.
 
     Args:
-        device_type: ``"cpu"``, ``"cuda"``, ...; device_index: CUDA device ordinal (ignored elsewhere).
+        a: ``(M, K)`` rows sorted by group (any strides, any dtype ``torch.mm`` supports).
+        b: ``(G, K, N)`` one matrix per group.
+        ends: ``(G,)`` integer tensor **on the CPU**, cumulative end row of each group
+            (``ends[-1] <= M``; rows past ``ends[-1]`` give zero output rows). Copy the device
+            offsets to the host once and pass the copy to every product of a layer (forward and
+            backward), so the whole layer costs one device synchronisation.
+
+    Returns:
+        ``(M, N)`` in ``a``'s dtype. Differentiable with respect to ``a`` and ``b`` (empty groups
+        get zero weight gradients). Works eagerly and under ``torch.compile`` (opaque custom op).
+    """
+    return _segment_mm_op(a, b, ends)
+
+
+def select_backend(
+    device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype, widths: tuple[int, ...]
+) -> str:
+    """Static choice of the expert computation: a pure function of its arguments.
+
+    Args:
+        device_type: ``"cpu"``, ``"cuda"``, ... (ROCm builds report ``"cuda"``).
+        capability: CUDA compute capability ``(major, minor)`` (``torch.cuda.get_device_capability``);
+            ignored for other device types (pass None).
         dtype: the dtype the expert matmuls run in (the autocast dtype when autocast is on).
         widths: the matrix widths whose row strides must be 16-byte multiples
             (``n_embd``, ``moe_intermediate_size``).
 
     Returns:
-        ``"grouped_mm"`` or ``"dense"`` (see the module docstring for the rules).
+        ``"grouped_mm"``: bf16 on CUDA capability 9.x/10.x; bf16/fp32 on CPU.
+        ``"grouped_mm_sync"``: every other dtype/capability on CUDA, fp16 (and other float dtypes) on CPU.
+        ``"dense"``: widths not 16-byte aligned for ``dtype``, or another device type.
+
+    Raises:
+        ValueError: ``device_type == "cuda"`` without a capability.
     """
     align = max(1, 16 // dtype.itemsize)
     if any(w % align for w in widths):
         return "dense"
     if device_type == "cpu":
-        return "grouped_mm" if dtype in (torch.bfloat16, torch.float32) else "dense"
-    if device_type == "cuda" and torch.version.hip is None and dtype == torch.bfloat16:
-        major, _ = torch.cuda.get_device_capability(device_index)
-        return "grouped_mm" if major in (9, 10) else "dense"
+        return "grouped_mm" if dtype in (torch.bfloat16, torch.float32) else "grouped_mm_sync"
+    if device_type == "cuda":
+        if capability is None:
+            raise ValueError("select_backend: device_type 'cuda' needs the compute capability (major, minor)")
+        fast = dtype == torch.bfloat16 and capability[0] in (9, 10) and torch.version.hip is None
+        return "grouped_mm" if fast else "grouped_mm_sync"
     return "dense"
+
+
+def device_capability(device: torch.device | str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a CUDA device, None for any other device type."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device.index or 0))
+
+
+@torch.compiler.assume_constant_result
+def _auto_backend(device_type: str, device_index: int, dtype: torch.dtype, widths: tuple[int, ...]) -> str:
+    capability = device_capability(torch.device(device_type, device_index)) if device_type == "cuda" else None
+    return select_backend(device_type, capability, dtype, widths)
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -229,7 +334,8 @@ class GroupedMoE(LLaMAMoE):
         config: the ``litgpt.Config`` (needs ``n_expert``, ``n_expert_per_token``,
             ``moe_intermediate_size``; honours ``bias``, ``routed_scaling_factor``,
             ``n_shared_expert`` and LitGPT's grouped top-k router ``n_expert_groups``).
-        backend: ``"auto"`` (default; :func:`select_backend`), ``"grouped_mm"`` or ``"dense"``.
+        backend: ``"auto"`` (default; :func:`select_backend`), ``"grouped_mm"``,
+            ``"grouped_mm_sync"`` or ``"dense"``.
         router_losses: compute the auxiliary and z losses in every forward (see
             :func:`router_losses`); off by default, the engine turns it on when a coefficient > 0.
 
@@ -315,11 +421,13 @@ class GroupedMoE(LLaMAMoE):
             return self.backend
         dtype = _compute_dtype(x, self.experts[0].fc_1.weight)
         widths = (self.config.n_embd, self.config.moe_intermediate_size)
-        return select_backend(x.device.type, x.device.index or 0, dtype, widths)
+        return _auto_backend(x.device.type, x.device.index or 0, dtype, widths)
 
-    def group_alignment(self, x: Tensor, dtype: torch.dtype) -> int:
+    def group_alignment(self, x: Tensor, dtype: torch.dtype, backend: str = "grouped_mm") -> int:
         """Rows each expert's group is padded to a multiple of (static): ``self.group_align`` when
-        set, else 16 bytes' worth of ``dtype`` elements on CUDA and 1 (no padding) elsewhere.
+        set, else 16 bytes' worth of ``dtype`` elements for ``"grouped_mm"`` on CUDA and 1 (no
+        padding) elsewhere (``"grouped_mm_sync"`` multiplies row slices with ``torch.mm``, which
+        takes any boundary).
 
         PyTorch's CUDA grouped GEMM kernel needs 16-byte-aligned group boundaries along the token
         dimension when that dimension is the contiguous one (the weight-gradient GEMM contracts
@@ -327,7 +435,7 @@ class GroupedMoE(LLaMAMoE):
         kernel has no such requirement (tested with arbitrary group sizes)."""
         if self.group_align is not None:
             return self.group_align
-        return max(1, 16 // dtype.itemsize) if x.device.type == "cuda" else 1
+        return max(1, 16 // dtype.itemsize) if x.device.type == "cuda" and backend == "grouped_mm" else 1
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T, C)`` -> ``(B, T, C)``; see the class docstring."""
@@ -341,8 +449,9 @@ class GroupedMoE(LLaMAMoE):
 
         dtype = _compute_dtype(x2, self.experts[0].fc_1.weight)
         weights = self._stacked(dtype)
-        if self.resolved_backend(x2) == "grouped_mm":
-            y = self._grouped(x2, dtype, probs, flat, counts, *weights)
+        backend = self.resolved_backend(x2)
+        if backend in ("grouped_mm", "grouped_mm_sync"):
+            y = self._grouped(x2, dtype, probs, flat, counts, *weights, backend=backend)
         else:
             y = self._dense(x2, dtype, probs, indices, *weights)
         y = y.view(B, T, C)
@@ -350,7 +459,7 @@ class GroupedMoE(LLaMAMoE):
             y = y + self.shared_experts(x)
         return y
 
-    def _grouped(self, x2, dtype, probs, flat, counts, w1, w2, w3, biases) -> Tensor:
+    def _grouped(self, x2, dtype, probs, flat, counts, w1, w2, w3, biases, backend="grouped_mm") -> Tensor:
         N, C = x2.shape
         E, k = self.config.n_expert, self.config.n_expert_per_token
         M = N * k
@@ -358,7 +467,7 @@ class GroupedMoE(LLaMAMoE):
         token = order // k  # (M,) source token of each sorted assignment
         row_prob = probs.reshape(-1).index_select(0, order)  # (M,)
         offs = counts.cumsum(0)  # (E,) cumulative end row of each expert
-        align = self.group_alignment(x2, dtype)
+        align = self.group_alignment(x2, dtype, backend)
         x_src = x2.to(dtype)
         if align == 1:
             row_token, n_src = token, N
@@ -377,15 +486,20 @@ class GroupedMoE(LLaMAMoE):
             x_src = torch.cat([x_src, x_src.new_zeros(1, C)])
             n_src = N + 1
         offs = offs.to(torch.int32)
+        if backend == "grouped_mm_sync":
+            ends = offs.to("cpu")  # the layer's one host synchronisation, shared by all six GEMMs
+            mm = lambda a, b: segment_mm(a, b, ends)  # noqa: E731
+        else:
+            mm = lambda a, b: grouped_mm(a, b, offs)  # noqa: E731
         xs = x_src.index_select(0, row_token)  # (rows, C), grouped by expert
-        h1 = grouped_mm(xs, w1.transpose(-2, -1), offs)  # (rows, I)
-        h2 = grouped_mm(xs, w2.transpose(-2, -1), offs)
+        h1 = mm(xs, w1.transpose(-2, -1))  # (rows, I)
+        h2 = mm(xs, w2.transpose(-2, -1))
         if biases is not None:
             rows_idx = torch.arange(xs.shape[0], device=x2.device, dtype=offs.dtype)
             expert = torch.searchsorted(offs, rows_idx, right=True).clamp_(max=E - 1)
             h1 = h1 + biases[0].index_select(0, expert)
             h2 = h2 + biases[1].index_select(0, expert)
-        out = grouped_mm(F.silu(h1) * h2, w3.transpose(-2, -1), offs)  # (rows, C)
+        out = mm(F.silu(h1) * h2, w3.transpose(-2, -1))  # (rows, C)
         if biases is not None:
             out = out + biases[2].index_select(0, expert)
         weighted = row_prob.unsqueeze(-1) * out
@@ -441,6 +555,21 @@ def swap_moe_layers(model: nn.Module, *, backend: Backend = "auto", router_losse
 def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
     """The ``LLaMAMoE`` layers (stock and :class:`GroupedMoE`) of ``model`` in module order."""
     return (m for m in model.modules() if isinstance(m, LLaMAMoE))
+
+
+def model_backends(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> dict[str, int]:
+    """The expert backend each :class:`GroupedMoE` of ``model`` will use on ``device`` with expert
+    matmuls in ``dtype`` (the autocast dtype under mixed precision): ``{backend: number of layers}``,
+    empty for a model without grouped MoE layers. Queries the device's capability, runs nothing."""
+    device = torch.device(device)
+    capability = device_capability(device)
+    found: dict[str, int] = {}
+    for moe in moe_layers(model):
+        if isinstance(moe, GroupedMoE):
+            widths = (moe.config.n_embd, moe.config.moe_intermediate_size)
+            name = moe.backend if moe.backend != "auto" else select_backend(device.type, capability, dtype, widths)
+            found[name] = found.get(name, 0) + 1
+    return found
 
 
 def _stock_gate_hook(moe: LLaMAMoE):

@@ -334,7 +334,56 @@ def build_model(
     return gpt
 
 
-def compile_model(raw: nn.Module, opt, device_type: str, notes: list[str]) -> nn.Module:
+def expert_dtype(precision: str, device_type: str) -> torch.dtype:
+    """The dtype the MoE expert matmuls run in under ``precision`` (the autocast dtype for *-mixed)."""
+    effective, _ = lightning_precision(precision, device_type)
+    if effective.startswith("bf16"):
+        return torch.bfloat16
+    if effective.startswith("16"):
+        return torch.float16
+    return torch.float64 if effective.startswith("64") else torch.float32
+
+
+def moe_backend_notes(raw: nn.Module, device, dtype: torch.dtype, notes: list[str]) -> str | None:
+    """Log line for the MoE expert backend(s) of ``raw`` on ``device`` (``worker.moe.select_backend``).
+
+    Returns the reason CUDA graphs must stay off (a backend that reads the group offsets on the
+    host), or None.
+    """
+    try:
+        from worker import moe
+    except ImportError:
+        return None
+    found = moe.model_backends(raw, device, dtype)
+    if not found:
+        return None
+    capability = moe.device_capability(device)
+    where = f"{torch.device(device).type}" + (f" sm{capability[0]}{capability[1]}" if capability else "")
+    listed = ", ".join(f"{name} ({n} layer{'s' if n != 1 else ''})" for name, n in sorted(found.items()))
+    notes.append(f"MoE expert backend on {where}, {str(dtype).removeprefix('torch.')}: {listed}")
+    if "dense" in found:
+        notes.append("MoE backend dense computes every expert on every token (n_expert / k x the expert FLOPs): "
+                     "the widths are not 16-byte aligned, or the device is neither CPU nor CUDA")
+    sync = sorted(set(found) & moe.HOST_SYNC_BACKENDS)
+    if sync:
+        return (f"MoE backend {sync[0]} reads the expert offsets on the host once per layer (no fast grouped GEMM "
+                f"for {str(dtype).removeprefix('torch.')} on {where})")
+    return None
+
+
+def effective_compile_mode(compile_mode: str, device_type: str, no_cudagraphs: str | None) -> tuple[str | None, str | None]:
+    """``torch.compile``'s ``mode`` for ``optimization.compile_mode`` (``"default"`` -> None) and a log
+    line when it had to change: on CUDA with a ``no_cudagraphs`` reason, ``reduce-overhead`` becomes
+    ``default`` and ``max-autotune`` becomes ``max-autotune-no-cudagraphs``."""
+    mode = None if compile_mode == "default" else compile_mode
+    if device_type != "cuda" or not no_cudagraphs or mode not in ("reduce-overhead", "max-autotune"):
+        return mode, None
+    new_mode = None if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
+    return new_mode, (f"compile_mode {mode} -> {new_mode or 'default'} (CUDA graphs off): {no_cudagraphs}, "
+                      "which a CUDA graph cannot capture")
+
+
+def compile_model(raw: nn.Module, opt, device_type: str, notes: list[str], no_cudagraphs: str | None = None) -> nn.Module:
     """Apply ``optimization.compile*`` to the model built by :func:`build_model`.
 
     ``torch.compile(mode=..., dynamic=..., fullgraph=...)`` with ``compile_mode: default`` passed
@@ -346,11 +395,17 @@ def compile_model(raw: nn.Module, opt, device_type: str, notes: list[str]) -> nn
     block's forward+backward, seconds each on a small CPU), which is what makes a cold CPU compile
     slow; the result is cached on disk (``TORCHINDUCTOR_CACHE_DIR``), so later runs start fast.
     The embedding, final norm, LM head and loss stay eager on the CPU. Returns the module to call.
+
+    ``no_cudagraphs``: a reason CUDA graphs cannot capture the model (from :func:`moe_backend_notes`);
+    on CUDA ``reduce-overhead`` then compiles as ``default`` and ``max-autotune`` as
+    ``max-autotune-no-cudagraphs``, with a warning that names the reason.
     """
     if not opt.compile:
         notes.append("torch.compile off")
         return raw
-    mode = None if opt.compile_mode == "default" else opt.compile_mode
+    mode, line = effective_compile_mode(opt.compile_mode, device_type, no_cudagraphs)
+    if line:
+        notes.append(line)
     kwargs = {"mode": mode, "dynamic": opt.compile_dynamic, "fullgraph": opt.compile_fullgraph}
     desc = f"mode={mode}, dynamic={opt.compile_dynamic}, fullgraph={opt.compile_fullgraph}"
     if device_type == "cuda":
@@ -833,7 +888,8 @@ def _train_loop(
     notes.append(f"SDPA backends (priority order): {', '.join(attention.names())}")
     notes.extend(attention.notes)
 
-    model = compile_model(raw, opt, device_type, notes)
+    no_cudagraphs = moe_backend_notes(raw, fabric.device, expert_dtype(train.precision, device_type), notes)
+    model = compile_model(raw, opt, device_type, notes, no_cudagraphs=no_cudagraphs)
 
     optimizer = build_optimizer(train, raw.parameters())
     model, optimizer = fabric.setup(model, optimizer)
