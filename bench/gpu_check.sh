@@ -137,7 +137,7 @@ if [ "$DEV" = cuda ]; then
   PROD_ARGS="--steps 50"
   MEM_ARGS="--device cuda --only default,cpu-tiny --steps 3 --timeout 100"
   KARGS=()
-elif [ -n "$REHEARSAL" ]; then  # tiny: every step's code path in about a minute; the figures mean nothing
+elif [ -n "$REHEARSAL" ]; then  # tiny: every step's code path, ~105 s of CPU; the figures mean nothing
   LAYER_ARGS="--device cpu --tokens 64 --n-embd 64 --intermediate 128 --experts 4 --iters 1 --warmup 0"
   TRAIN_ARGS="--device cpu --micro-batch 2,max --max-micro-batch 4 --seq-len 32 --steps 1 --warmup 1 --stock-compile off"
   COMPILED_ARGS="--device cpu --micro-batch 2 --seq-len 32 --steps 1 --warmup 1 --compile off --stock-compile off"

@@ -82,3 +82,31 @@ def test_rehearsal_summary_has_every_section_filled(rehearsal):
         assert f"| {name} | 0 |" in md
     parity = md.split("- parity tests:", 1)[1].split("\n", 1)[0]
     assert re.match(r" \d+ passed", parity) and "failed" not in parity, parity
+
+
+def _run_with(tmp_path, python: str, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """The script with PYTHON replaced by a stand-in command (``true``/``false``): its control flow only."""
+    full = {**os.environ, "GPU_CHECK_REHEARSAL": "1", "PYTHON": python, "OUT": str(tmp_path),
+            "GPU_CHECK_WORKDIR": str(tmp_path / "work"), **env}
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=full, capture_output=True, text=True, timeout=60)
+    return proc, [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+
+
+def test_a_failing_step_fails_the_check(tmp_path):
+    proc, rows = _run_with(tmp_path, "false")
+    assert proc.returncode == 1
+    assert sorted(r[0] for r in rows) == sorted(STEPS) and all(r[1] == "1" for r in rows), rows
+    assert "parity failed (exit 1" in proc.stdout
+
+
+def test_steps_beyond_the_time_budget_are_skipped_and_fail_the_check(tmp_path):
+    proc, rows = _run_with(tmp_path, "true", GPU_CHECK_BUDGET="25")  # 5 s left after the summary's 20
+    assert proc.returncode == 1
+    # the optional last step (stock LitGPT compiled) is "not run" rather than failed
+    assert {r[0]: r[1] for r in rows} == {**{name: "skipped" for name in STEPS}, "train_throughput_compiled": "not run"}
+
+
+def test_a_passing_run_exits_zero(tmp_path):
+    proc, rows = _run_with(tmp_path, "true")
+    assert proc.returncode == 0, proc.stdout
+    assert {r[0]: r[1] for r in rows} == {name: "0" for name in STEPS}
