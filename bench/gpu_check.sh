@@ -193,8 +193,10 @@ res = Path(sys.argv[1])
 def load(name):
     try:
         return json.loads((res / name).read_text())
-    except Exception as exc:  # a step that failed or timed out
-        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    except Exception as exc:  # a step that failed or timed out: its stderr's last lines say why
+        err = res / (name.rsplit(".", 1)[0] + ".err")
+        tail = [l for l in err.read_text(errors="replace").splitlines() if l.strip()][-3:] if err.exists() else []
+        return {"error": f"{type(exc).__name__}: {exc}"[:200] + "".join(f"\n    {l[:300]}" for l in tail)}
 gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"
 num = lambda x, f="{:,.0f}": "-" if x is None else f.format(x)
 print("## GPU check\n")

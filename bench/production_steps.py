@@ -98,7 +98,13 @@ def main(argv=None) -> int:
     est = estimate(v.train, v.model, device_kind="cuda" if cuda else "cpu")
     rows: list[dict] = []
     t1 = time.perf_counter()
-    result = run_training(v.train, v.model, write_checkpoints=False, on_row=lambda row, plan: rows.append(dict(row)))
+
+    def on_row(row, plan):  # each step also to stderr: a run killed by its timeout still shows its progress
+        rows.append(dict(row))
+        print(f"step {row.get('step')}/{args.steps} loss {row.get('loss')} tokens/s {row.get('tokens_per_sec')} "
+              f"elapsed {row.get('elapsed_s')} s", file=sys.stderr, flush=True)
+
+    result = run_training(v.train, v.model, write_checkpoints=False, on_row=on_row)
     wall = time.perf_counter() - t1
     peak = result.peak_memory_bytes  # CPU: peak resident set size, what memory.total_cpu estimates
     if cuda:  # what memory.total_cuda estimates: the allocator's peak reservation + memory outside it
