@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-config", default=str(ROOT / "configs" / "model_config.yaml"))
     p.add_argument("--micro-batch", default=None,
                    help="comma-separated micro-batch sizes; 'max' = the largest power of two that fits the engine "
-                        "(CUDA). Default: the config's")
+                        "(CUDA; on a CPU: --max-micro-batch, for rehearsals). Default: the config's")
     p.add_argument("--seq-len", type=int, default=None, help="default: the config's train.max_seq_length")
     p.add_argument("--precision", default=None, help="default: the config's")
     p.add_argument("--compile", default="config", choices=["config", "on", "off"],
@@ -252,8 +252,9 @@ def main(argv=None) -> int:
     for item in (args.micro_batch or str(v.train.train.micro_batch_size)).split(","):
         mbs.append("max" if item.strip() == "max" else int(item))
     if "max" in mbs:
-        if not cuda:
-            raise SystemExit("--micro-batch max needs CUDA")
+        if not cuda and args.max_micro_batch > 64:  # nothing runs out of memory there: the search ends at the bound
+            raise SystemExit("--micro-batch max on a CPU needs --max-micro-batch <= 64 (CPU memory is not searched; "
+                             "the bound is the result)")
         fixed = [m for m in mbs if m != "max"]
         best = largest_micro_batch(v, device, precision, seq, start=min(fixed or [4]) * 2, limit=args.max_micro_batch)
         mbs = fixed + ([best] if best and best not in fixed else [])
