@@ -715,6 +715,7 @@ def _run(
     tokenizer_sha = tokenizer_hash(Path(tokenizer_dir))
     if resume_from is not None:
         _check_resume(train, plan, resume_from, ckpt.resume_record(train, plan, source, tokenizer_sha), rank_zero)
+
     def data_progress(p: PrepProgress) -> None:  # every PROGRESS_INTERVAL_S while tokenizing, and at the end
         if rank_zero:
             log.info("data: tokenizing: %s", p.describe())
