@@ -197,6 +197,7 @@ class EventKind(str, enum.Enum):
 
     started = "started"                  # the process is up (signal handlers installed)
     configured = "configured"            # engine imported, config valid, pre-flight passed
+    data_progress = "data_progress"      # tokenizing: tokens, tokens/s, ETA (every few seconds, and when done)
     data_ready = "data_ready"            # tokenizer loaded, text tokenized (or read from cache)
     model_built = "model_built"          # model built, compiled, optimizer set up; plan known
     first_step = "first_step"            # the first optimizer step of this process finished

@@ -80,3 +80,12 @@ def test_api_load_benchmark_measures_the_app_and_the_bare_baseline():
     assert all(r["requests"] > 0 and r["ratio"] > 0 for r in rows)
     assert all(r["errors_5xx"] == r["timeouts"] == r["connection_errors"] == 0 for r in rows)
     assert all(r["status"] == {"200": sum(r["status"].values())} for r in rows)
+
+
+def test_data_prep_benchmark_runs_engine_and_library():
+    doc = _bench("bench/data_prep.py", "--sizes-mb", "0.5", "--file-mb", "0.2", "--tokenizer-mb", "0.5",
+                 "--vocab-size", "1024")
+    (row,) = _rows(doc)
+    assert row["files"] == 3 and row["tokens"] > 100_000
+    assert row["engine_tokens_per_s"] > 0 and row["library_tokens_per_s"] > 0 and row["ratio"] > 0
+    assert row["engine_prep_mb"] >= 0 and row["library_prep_mb"] >= 0

@@ -118,9 +118,11 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _say(*lines: str, file=sys.stdout) -> None:
+def _say(*lines: str, file=None) -> None:
+    """Print ``lines`` to ``file`` (default: the ``sys.stdout`` of the moment of the call, not
+    of the import: a test harness or a caller may have replaced it since)."""
     for line in lines:
-        print(line, file=file, flush=True)
+        print(line, file=file if file is not None else sys.stdout, flush=True)
 
 
 def main(argv: list[str] | None = None, prog: str = "run_train.py") -> int:

@@ -90,6 +90,7 @@ from worker.attention import AttentionChoice, choose_backends
 from worker.data import (
     CACHE_FORMAT,
     PreparedData,
+    PrepProgress,
     WindowSampler,
     cache_root,
     prepare_data,
@@ -769,10 +770,21 @@ def _run(
     tokenizer_sha = tokenizer_hash(Path(tokenizer_dir))
     if resume_from is not None:
         _check_resume(train, plan, resume_from, ckpt.resume_record(train, plan, source, tokenizer_sha), rank_zero)
+
+    def data_progress(p: PrepProgress) -> None:  # every PROGRESS_INTERVAL_S while tokenizing, and at the end
+        if rank_zero:
+            log.info("data: tokenizing: %s", p.describe())
+        eta = p.eta_s
+        reporter.event(EventKind.data_progress, message=p.describe(), tokens=p.tokens,
+                       bytes_done=p.bytes_done, bytes_total=p.bytes_total,
+                       tokens_per_s=round(p.tokens_per_s, 1), eta_s=round(eta, 1) if eta is not None else None,
+                       done=p.done)
+
     try:
         data = prepare_data(
             args.train_data_path, args.val_data_path, tokenizer, tokenizer_dir, padded_vocab,
             plan.seq_len, plan.micro_batch_size, need_val, source=source, tokenizer_sha256=tokenizer_sha,
+            on_progress=data_progress,
         )
     except OSError as exc:  # the token cache is the only thing prepare_data writes
         if errors.no_space_errno(exc) is None:

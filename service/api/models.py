@@ -207,7 +207,7 @@ class EngineEventPublic(BaseModel):
     """One line of the engine's ``out/events.jsonl`` (``service.contract.EngineEvent``)."""
 
     at: datetime = Field(description="When it happened (UTC, the engine's clock).")
-    event: str = Field(description="started, configured, data_ready, model_built, first_step, "
+    event: str = Field(description="started, configured, data_progress, data_ready, model_built, first_step, "
                        "checkpoint_written, stop_requested, fenced, finished")
     attempt: int | None = Field(description="The run's attempt whose process wrote it.")
     pid: int | None

@@ -364,7 +364,7 @@ async def list_engine_events(run_id: uuid.UUID, gate: GateDep, settings: Setting
                                  ge=0, description="only this attempt's events")] = None
                              ) -> Response:
     """The engine's structured events, in the order written to ``RUNS_DIR/<id>/out/events.jsonl``
-    (every attempt; ``attempt`` selects one): started, configured, data_ready, model_built,
+    (every attempt; ``attempt`` selects one): started, configured, data_progress, data_ready, model_built,
     first_step, checkpoint_written, stop_requested, fenced, finished, each with its UTC time.
     ``[]`` before the engine wrote any. 404 for an unknown run."""
     await gate.run(reads.require_run, run_id)
