@@ -36,16 +36,13 @@ def main(argv=None) -> int:
 
     from service.configs import resolve
     from service.estimate import estimate
-    from worker.corpus import build_corpus
-    from worker.tokenizer import train_tokenizer
+    from service.cli import seed_demo_data
     from worker.train import run_training
 
     work = Path(args.workdir)
     t0 = time.perf_counter()
-    train_dir, val_dir = build_corpus(work / "text")
-    tok_dir = work / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer([train_dir], tok_dir, vocab_size=4096)
+    demo = seed_demo_data(work)  # the demo corpus and 4,096-id tokenizer, as `moejobs seed-data`
+    train_dir, val_dir, tok_dir = demo["train"], demo["val"], demo["tokenizer"]
     prep_s = time.perf_counter() - t0
     overrides = {
         "out_dir": str(work / "out"),
