@@ -371,7 +371,7 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
             [*_TRAIN, "num_nodes"], f"num_nodes {validated.train.num_nodes}: a moejobs worker "
             f"runs a job on one machine; use num_nodes 1"))
         return verdict
-    workers = runs_service.live_workers(session, settings.worker_stale_seconds)
+    workers = runs_service.live_workers(session, settings.worker_stale_seconds, role="trains")
     live = slots(workers)
     able = [s for s, w in zip(live, workers) if runs_service.worker_can_serve(w, devices)]
     if not able:

@@ -57,9 +57,10 @@ def _apply_settings(args: argparse.Namespace):
     the flag or the ``MOEJOBS_*`` variable the user set."""
     from service.settings import InvalidSettingsError, load_settings, use_settings
 
-    given = {"home": args.home, "host": args.host, "port": args.port}
+    given = {"home": args.home, "host": args.host, "port": args.port,
+             "worker_role": getattr(args, "role", None)}
     values = {k: Path(v) if k == "home" else v for k, v in given.items() if v not in (None, "")}
-    labels = {k: f"--{k}" for k in values}
+    labels = {k: "--role" if k == "worker_role" else f"--{k}" for k in values}
     try:
         settings = load_settings(**values)
         settings.ensure_dirs()
@@ -160,7 +161,7 @@ def _start_stack(settings):
 
     _stop_on_signals()
     stack = LocalStack(settings)
-    print(f"starting the API and one worker under {settings.home} (logs in {stack.log_dir}) ...", flush=True)
+    print(f"starting the API, a training worker and an aux worker under {settings.home} (logs in {stack.log_dir}) ...", flush=True)
     try:
         stack.start(progress=lambda line: print(line, flush=True))
     except StackError as exc:
@@ -308,11 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--root", default=".", help="the shipped configs' ./data/... paths resolve here")
     sd.set_defaults(func=_cmd_seed_data)
 
-    u = sub.add_parser("up", parents=[settings_opts], help="migrate, then run the API and one worker until Ctrl-C")
+    u = sub.add_parser("up", parents=[settings_opts], help="migrate, then run the API, one training worker and one aux worker until Ctrl-C")
     u.set_defaults(func=_cmd_up)
     s = sub.add_parser("serve", parents=[settings_opts], help="run the API (production: many of these behind a proxy)")
     s.set_defaults(func=_cmd_serve)
     w = sub.add_parser("worker", parents=[settings_opts], help="run one worker (one per GPU slot)")
+    w.add_argument("--role", choices=["all", "train", "aux"], default=None,
+                   help="queues to consume: all (runs, then tokenizers and data preparation; the "
+                   "default, MOEJOBS_WORKER_ROLE), train (runs only: a GPU slot), aux (tokenizers "
+                   "and data preparation only, beside the GPU slots)")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--hostname", help="Celery node name")
     w.set_defaults(func=_cmd_worker)

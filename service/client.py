@@ -369,6 +369,19 @@ def iter_metrics(client: httpx.Client, run_id: str, after_step: int = -1,
         after_step = rows[-1]["step"]
 
 
+def data_progress(client: httpx.Client, run_id: str) -> str | None:
+    """The message of the run's newest ``data_progress`` engine event while its text is being
+    tokenized (``"12,345,678 tokens, 40% of 99.0 MB, 1.10M tokens/s, ETA 54 s"``), None when
+    there is none or the newest says the tokenization is done. Raises ClientError."""
+    events = _items(_json(_request(client, "GET", f"{_run_path(run_id)}/engine-events",
+                                   what=f"run {run_id}'s engine events")))
+    for event in reversed(events):
+        if isinstance(event, dict) and event.get("event") == "data_progress":
+            done = (event.get("data") or {}).get("done")
+            return None if done else str(event.get("message") or "") or None
+    return None
+
+
 def status(base_url: str | None, run_id: str, follow: bool = False, token: str | None = None,
            *, poll_seconds: float = POLL_SECONDS, out: IO[str] | None = None,
            progress: bool = True) -> dict:
@@ -376,7 +389,8 @@ def status(base_url: str | None, run_id: str, follow: bool = False, token: str |
 
     With ``follow``: show a tqdm progress bar over optimizer steps (total from the estimate),
     fed by polling ``/runs/{id}/metrics?after_step=...`` every ``poll_seconds`` and showing the
-    latest loss, tokens/s and tqdm's ETA, until the run is terminal; then print the final
+    latest loss, tokens/s and tqdm's ETA (before the first step, the tokenization's progress
+    while the run's text is being prepared: :func:`data_progress`), until the run is terminal; then print the final
     status and the failure reason, if any, and return the final run. Raises ClientError."""
     out = out or sys.stdout
     with _client(base_url, token) as client:
@@ -400,8 +414,10 @@ def status(base_url: str | None, run_id: str, follow: bool = False, token: str |
                     bar.update(max(0, last_step - bar.n))
                     bar.set_postfix_str(_postfix(latest), refresh=True)
                 else:
+                    tokenizing = data_progress(client, run_id)
+                    state = f"tokenizing: {tokenizing}" if tokenizing else run.get("status")
                     bar.set_description_str(f"{str(run.get('name') or run_id)[:30]} "
-                                            f"[{run.get('status')}]", refresh=True)
+                                            f"[{state}]", refresh=True)
                 # The run was read before the metrics above: when it was already terminal,
                 # every row it will ever have has been read.
                 if run.get("status") in TERMINAL:
@@ -441,8 +457,12 @@ def _print_run(run: dict, client: httpx.Client, run_id: str, out: IO[str]) -> No
     if last:
         done = f"{last['step']}/{total}" if total else str(last["step"])
         print(f"steps    {done}  {_postfix(last)}", file=out)
-    elif total:
-        print(f"steps    0/{total}", file=out)
+    else:
+        if total:
+            print(f"steps    0/{total}", file=out)
+        tokenizing = data_progress(client, run_id)
+        if tokenizing:
+            print(f"data     tokenizing: {tokenizing}", file=out)
     for warning in run.get("warnings") or []:
         print(f"warning  {_warning_text(warning)}", file=out)
 

@@ -321,9 +321,11 @@ class Worker(Base, table=True):
     of the machine (or of its cgroup), which is what a CPU worker trains in and which the CPU
     workers of one host share; ``free_bytes`` the free space under RUNS_DIR, renewed with
     every heartbeat. NULL = not reported (a worker that reports no memory never causes a
-    refusal: ``service.admission``)."""
+    refusal: ``service.admission``). ``role`` says which queues it consumes (:class:`WorkerRole`):
+    only workers that train count for admission, readiness and the reconciler's re-sends."""
 
     __tablename__ = "workers"
+    __table_args__ = (sa.CheckConstraint("role IN ('all', 'train', 'aux')", name="role_known"),)
 
     id: str = Field(primary_key=True, max_length=200)
     host: str = Field(max_length=255)
@@ -336,6 +338,8 @@ class Worker(Base, table=True):
     kind: Optional[str] = Field(default=None, max_length=200)
     host_memory_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
     free_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    role: str = Field(default="all", max_length=8,
+                      sa_column_kwargs={"nullable": False, "server_default": "all"})
     heartbeat_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
@@ -345,6 +349,25 @@ class Worker(Base, table=True):
     started_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
+
+
+class WorkerRole(str, enum.Enum):
+    """Which queues a worker consumes (``service.queue.worker_queues``)."""
+
+    #: training runs and short CPU jobs (tokenizers, data preparation): a lone worker
+    all = "all"
+    #: training runs only (a GPU slot beside an ``aux`` worker)
+    train = "train"
+    #: short CPU jobs only: tokenizers and data preparation; never trains
+    aux = "aux"
+
+    @property
+    def trains(self) -> bool:
+        return self is not WorkerRole.aux
+
+
+#: Roles of workers that train runs.
+TRAINING_ROLES = (WorkerRole.all.value, WorkerRole.train.value)
 
 
 class Throughput(Base, table=True):

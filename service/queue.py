@@ -9,6 +9,10 @@ Tasks and their arguments (JSON only)
 :data:`TRAIN_TASK` ``"moejobs.train_run"``, args ``[run_id]`` (the run's UUID as a string).
     The database row is the whole job description (resolved configs, attempt, cancel flag);
     the message carries only the id.
+:data:`PREPARE_TASK` ``"moejobs.prepare_data"``, args ``[run_id]``: tokenize the run's corpus
+    into the shared token cache (``worker.prepare``) while the run waits ``queued``; a training
+    worker sends it (never the API) when it receives a run whose data is not prepared, and the
+    task sends :data:`TRAIN_TASK` again when the cache is ready.
 :data:`TOKENIZER_TASK` ``"moejobs.train_tokenizer"``, kwargs ``{"name", "dataset_dir",
     "out_dir", "vocab_size"}``: train a tokenizer on the ``.txt`` files under ``dataset_dir``
     (absolute, inside DATA_ROOT) and write it to ``out_dir`` (absolute,
@@ -24,9 +28,11 @@ Tasks and their arguments (JSON only)
 Queues
 ------
 ``settings.celery_queue`` (default ``moejobs``) carries training runs; ``<queue>.aux`` carries
-short CPU jobs (tokenizers), so that a tokenizer request does not wait behind an hours-long
-run. A worker consumes both (``worker_queues(settings)``). Tests use a unique queue name per
-test on a shared Redis.
+short CPU jobs (tokenizers, data preparation), so that they do not wait behind an hours-long
+run. Which a worker consumes depends on its role (``settings.worker_role``,
+:func:`worker_queues`): ``all`` both (a lone worker), ``train`` the runs only (a GPU slot),
+``aux`` the short jobs only (a CPU process beside the GPU slots). Tests use a unique queue name
+per test on a shared Redis.
 
 Delivery strategy: early ack + database lease + reconciler
 ----------------------------------------------------------
@@ -73,6 +79,8 @@ log = logging.getLogger("moejobs.queue")
 
 #: Task name of a training run; args ``[run_id: str]``.
 TRAIN_TASK = "moejobs.train_run"
+#: Task name of a run's data preparation; args ``[run_id: str]``.
+PREPARE_TASK = "moejobs.prepare_data"
 #: Task name of a tokenizer training; kwargs ``{name, dataset_dir, out_dir, vocab_size}``.
 TOKENIZER_TASK = "moejobs.train_tokenizer"
 
@@ -104,7 +112,13 @@ def aux_queue(settings: Settings) -> str:
 
 
 def worker_queues(settings: Settings) -> list[str]:
-    """The queues a worker consumes, in priority order: training runs, then short jobs."""
+    """The queues a worker of ``settings.worker_role`` consumes, in priority order: training
+    runs, then short jobs (role ``all``); training runs (``train``); short jobs (``aux``)."""
+    role = settings.worker_role
+    if role == "train":
+        return [train_queue(settings)]
+    if role == "aux":
+        return [aux_queue(settings)]
     return [train_queue(settings), aux_queue(settings)]
 
 
@@ -135,7 +149,8 @@ def make_celery(settings: Settings, *, main: str = "moejobs") -> Celery:
         task_soft_time_limit=None,
         # Routing: runs on the main queue, tokenizers on the aux queue.
         task_default_queue=queue,
-        task_routes={TRAIN_TASK: {"queue": queue}, TOKENIZER_TASK: {"queue": aux}},
+        task_routes={TRAIN_TASK: {"queue": queue}, TOKENIZER_TASK: {"queue": aux},
+                     PREPARE_TASK: {"queue": aux}},
         task_create_missing_queues=True,
         # Publishing from the API must not hang on a dead broker.
         broker_connection_timeout=BROKER_CONNECT_TIMEOUT,
@@ -182,6 +197,13 @@ def enqueue_run(app: Celery, run_id: uuid.UUID | str) -> EnqueueResult:
     and the reconciler re-sends the still-queued run later. A duplicate message is harmless
     (the claim is atomic)."""
     return _send(app, TRAIN_TASK, args=[str(run_id)])
+
+
+def enqueue_prepare(app: Celery, run_id: uuid.UUID | str) -> EnqueueResult:
+    """Send :data:`PREPARE_TASK` for ``run_id`` to the aux queue. Never raises for broker
+    trouble (see :func:`enqueue_run`); a duplicate is harmless (the preparation is locked per
+    run, and a prepared cache is found in milliseconds)."""
+    return _send(app, PREPARE_TASK, args=[str(run_id)])
 
 
 def enqueue_tokenizer(app: Celery, *, name: str, dataset_dir: Path, out_dir: Path,

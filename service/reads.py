@@ -14,7 +14,16 @@ from types import SimpleNamespace
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from service.models import METRIC_COLUMNS, MetricPoint, RouterPoint, Run, RunStatus, Worker, utcnow
+from service.models import (
+    METRIC_COLUMNS,
+    TRAINING_ROLES,
+    MetricPoint,
+    RouterPoint,
+    Run,
+    RunStatus,
+    Worker,
+    utcnow,
+)
 
 #: The preset value that marks a smoke-test run.
 SMOKE_TEST_PRESET = "smoke-test"
@@ -35,10 +44,12 @@ def list_workers(session: Session) -> list[Worker]:
 
 def count_live_workers(session: Session, stale_after_seconds: float, *,
                        now: datetime | None = None) -> int:
-    """Workers whose last heartbeat is at most ``stale_after_seconds`` old."""
+    """Workers that train runs (roles ``all`` and ``train``; not ``aux``) whose last heartbeat
+    is at most ``stale_after_seconds`` old."""
     cutoff = (now or utcnow()) - timedelta(seconds=stale_after_seconds)
     return int(session.execute(
-        sa.select(sa.func.count()).select_from(Worker).where(Worker.heartbeat_at >= cutoff)
+        sa.select(sa.func.count()).select_from(Worker).where(
+            Worker.heartbeat_at >= cutoff, Worker.role.in_(TRAINING_ROLES))
     ).scalar_one())
 
 

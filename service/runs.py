@@ -46,6 +46,7 @@ from service.db import write_transaction
 from service.models import (
     METRIC_COLUMNS,
     TERMINAL_STATUSES,
+    TRAINING_ROLES,
     Checkpoint,
     FailureReason,
     MetricPoint,
@@ -56,6 +57,7 @@ from service.models import (
     RunStatus,
     Throughput,
     Worker,
+    WorkerRole,
     utcnow,
 )
 from service.schemas import check_path_text
@@ -430,6 +432,20 @@ def request_cancel(session: Session, run_id: uuid.UUID, message: str = "cancel r
         return result
 
 
+def add_note(session: Session, run_id: uuid.UUID, message: str, *, actor: str | None = None,
+             status: RunStatus = RunStatus.queued, now: datetime | None = None) -> bool:
+    """Write a history line without a transition (``status`` -> ``status``) while the run is
+    in ``status`` (e.g. a queued run's data preparation). Returns False, writing nothing, when
+    the run is in another status. Raises RunNotFound."""
+    now = _now(now)
+    with write_transaction(session):
+        run = _locked_run(session, run_id)
+        if run.status != status:
+            return False
+        _add_event(session, run, status, status, message, at=now, actor=actor)
+        return True
+
+
 def retry_or_fail(session: Session, run_id: uuid.UUID, reason: FailureReason | str,
                   message: str, *, max_attempts: int, attempt: int | None = None,
                   actor: str | None = None, exit_code: int | None = None,
@@ -764,15 +780,17 @@ def register_worker(session: Session, worker_id: str, host: str, *, pid: int | N
                     gpus: Sequence[Mapping[str, Any]] = (),
                     gpu_memory_bytes: int | None = None, kind: str | None = None,
                     host_memory_bytes: int | None = None, free_bytes: int | None = None,
+                    role: WorkerRole | str = WorkerRole.all,
                     now: datetime | None = None) -> Worker:
     """Register (or re-register after a restart) a worker: ``gpus`` is a list of
     ``{"index", "name", "memory_bytes"}``; ``gpu_memory_bytes`` defaults to the smallest
     ``memory_bytes`` among them; ``kind`` (max 200 characters) defaults to the first GPU's
     name, or None for a CPU worker (pass "cpu: <model>"); ``host_memory_bytes`` is the
     machine's memory (what a CPU worker trains in), ``free_bytes`` the free space under
-    RUNS_DIR (None = not reported). Re-registering resets ``started_at``, the heartbeat and
-    the current run."""
+    RUNS_DIR (None = not reported); ``role`` which queues it consumes (:class:`WorkerRole`).
+    Re-registering resets ``started_at``, the heartbeat and the current run."""
     now = _now(now)
+    role = WorkerRole(role).value
     gpu_list = [dict(g) for g in gpus]
     if gpu_memory_bytes is None:
         sizes = [g["memory_bytes"] for g in gpu_list if g.get("memory_bytes") is not None]
@@ -782,7 +800,8 @@ def register_worker(session: Session, worker_id: str, host: str, *, pid: int | N
     values = {"host": host, "pid": pid, "gpus": gpu_list, "gpu_count": len(gpu_list),
               "gpu_memory_bytes": gpu_memory_bytes, "heartbeat_at": now,
               "kind": kind[:200] if kind else None, "host_memory_bytes": host_memory_bytes,
-              "free_bytes": free_bytes, "current_run_id": None, "started_at": now}
+              "free_bytes": free_bytes, "role": role, "current_run_id": None,
+              "started_at": now}
     with write_transaction(session):
         stmt = _insert(session, Worker.__table__).values(id=worker_id, **values)
         session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
@@ -823,18 +842,27 @@ def deregister_worker(session: Session, worker_id: str) -> bool:
 
 
 def live_workers(session: Session, stale_after_seconds: float, *,
-                 now: datetime | None = None) -> list[Worker]:
-    """Workers whose last heartbeat is at most ``stale_after_seconds`` old, by id."""
+                 now: datetime | None = None, role: str | None = None) -> list[Worker]:
+    """Workers whose last heartbeat is at most ``stale_after_seconds`` old, by id.
+    ``role``: ``"trains"`` keeps the workers that train runs (roles all and train), ``"aux"``
+    those that take short CPU jobs (roles all and aux); None keeps every one."""
     cutoff = _now(now) - timedelta(seconds=stale_after_seconds)
-    return list(session.exec(
-        select(Worker).where(Worker.heartbeat_at >= cutoff).order_by(Worker.id)
-        .execution_options(populate_existing=True)
-    ))
+    query = select(Worker).where(Worker.heartbeat_at >= cutoff)
+    if role == "trains":
+        query = query.where(Worker.role.in_(TRAINING_ROLES))
+    elif role == "aux":
+        query = query.where(Worker.role.in_((WorkerRole.all.value, WorkerRole.aux.value)))
+    elif role is not None:
+        raise ValueError(f"role must be 'trains', 'aux' or None, not {role!r}")
+    return list(session.exec(query.order_by(Worker.id).execution_options(populate_existing=True)))
 
 
 def worker_can_serve(worker: Worker, devices: int) -> bool:
     """Whether ``worker`` can run a config with ``devices`` devices (``devices: auto`` counts
-    as 1): it owns at least that many GPUs, or it is CPU-only and one device is asked."""
+    as 1): it trains at all (not an ``aux`` worker) and owns at least that many GPUs, or it is
+    CPU-only and one device is asked."""
+    if (worker.role or WorkerRole.all.value) not in TRAINING_ROLES:
+        return False
     return worker.gpu_count >= devices or (worker.gpu_count == 0 and devices == 1)
 
 

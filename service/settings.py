@@ -360,6 +360,28 @@ class Settings(BaseSettings):
         description="Celery queue of training runs; short CPU jobs (tokenizers) go to "
         "<CELERY_QUEUE>.aux. The API and every worker of one deployment must agree.",
     )
+    worker_role: Literal["all", "train", "aux"] = Field(
+        "all",
+        description="Queues a worker consumes: all (training runs, then short CPU jobs: a lone "
+        "worker), train (training runs only: a GPU slot) or aux (tokenizers and data "
+        "preparation only: a CPU process beside the GPU slots, so no GPU waits for "
+        "tokenization). CLI: moejobs worker --role.",
+    )
+    prepare_min_bytes: int = Field(
+        16 * 2**20,
+        ge=0,
+        description="A run whose training and validation text is at least this many bytes and "
+        "not yet tokenized is prepared by a worker that consumes the aux queue while it waits "
+        "queued, and claimed for training when its token cache is ready; smaller corpora (seconds "
+        "to tokenize) are tokenized by the training process itself. 0 prepares every corpus "
+        "ahead. Only with ENGINE=litgpt.",
+    )
+    token_cache: Path | None = Field(
+        None,
+        description="Folder of the tokenized corpora the workers share (keyed by content and "
+        "tokenizer; given to the training and preparation processes as MOEJOBS_TOKEN_CACHE). "
+        "Default: HOME/token-cache. Put it where every worker of a deployment sees it.",
+    )
     smoke_model_config: Path | None = Field(
         None,
         description="Model config (YAML/JSON) the smoke test trains instead of the shipped "
@@ -433,6 +455,7 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{home / 'broker.sqlite3'}"
         self.data_root = (self.data_root or home / "data").expanduser().absolute()
         self.runs_dir = (self.runs_dir or home / "runs").expanduser().absolute()
+        self.token_cache = (self.token_cache or home / "token-cache").expanduser().absolute()
 
         if not is_loopback_host(self.host) and self.api_token is None:
             raise UnsafeSettingsError(

@@ -1,7 +1,8 @@
 """The embedded stack that ``moejobs up`` and ``moejobs demo`` run on one machine.
 
-It migrates the database, then starts the API (``moejobs serve``) and one worker
-(``python -m worker.celery_app``) as child processes that see exactly this process's settings
+It migrates the database, then starts the API (``moejobs serve``), one training worker
+(``python -m worker.celery_app --role train``) and one aux worker (``--role aux``: tokenizers
+and data preparation, so that a training never waits behind them) as child processes that see exactly this process's settings
 (passed as ``MOEJOBS_*`` variables). Separate processes rather than threads: the worker's
 Celery signal handlers and the training subprocesses it starts need a main thread of their own,
 and each can be stopped cleanly with SIGTERM (the worker then checkpoints a running training
@@ -46,9 +47,11 @@ def redact_url(url: str) -> str:
 
 
 class LocalStack:
-    """API + one worker under ``settings`` (call :meth:`start`, then :meth:`stop`).
+    """API, a training worker and an aux worker under ``settings`` (call :meth:`start`, then
+    :meth:`stop`).
 
-    The children's output goes to ``HOME/logs/api.log`` and ``HOME/logs/worker.log``.
+    The children's output goes to ``HOME/logs/api.log``, ``HOME/logs/worker.log`` and
+    ``HOME/logs/aux.log``.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -99,7 +102,8 @@ class LocalStack:
             reason = " ".join((str(exc.orig or exc).strip().splitlines() or [""])[0].split())
             raise StackError(f"cannot migrate the database of MOEJOBS_DATABASE_URL "
                              f"({redact_url(self.settings.database_url or '')}): {reason}") from None
-        self._spawn("worker", ["-m", "worker.celery_app"])
+        self._spawn("worker", ["-m", "worker.celery_app", "--role", "train"])
+        self._spawn("aux", ["-m", "worker.celery_app", "--role", "aux"])
         self._spawn("api", ["-m", "service.cli", "serve"])
         started = time.monotonic()
         deadline = started + ready_timeout
@@ -194,7 +198,7 @@ class LocalStack:
             time.sleep(0.5)
 
     def stop(self, timeout: float | None = None) -> None:
-        """SIGTERM both children (the worker checkpoints a running training and requeues it),
+        """SIGTERM every child (the worker checkpoints a running training and requeues it),
         wait up to ``timeout`` s (default: the cancel grace period + 30 s), then SIGKILL."""
         if timeout is None:
             timeout = float(self.settings.cancel_grace_seconds) + 30.0

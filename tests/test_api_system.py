@@ -100,7 +100,8 @@ def test_prometheus_metrics(api: ApiEnv):
     assert m[("moejobs_runs", (("status", "cancelled"),))] == 1
     assert m[("moejobs_runs", (("status", "running"),))] == 0
     assert m[("moejobs_queue_depth", (("queue", q),))] == 3  # the cancelled run's message too
-    assert m[("moejobs_queue_depth", (("queue", q + ".aux"),))] == 0
+    # each run's data preparation (engine litgpt), sent before its training message
+    assert m[("moejobs_queue_depth", (("queue", q + ".aux"),))] == 3
     assert m[("moejobs_workers_live", ())] == 1 and m[("moejobs_workers_registered", ())] == 1
     assert m[("moejobs_metric_rows", ())] == 7
     assert m[("moejobs_database_up", ())] == 1 and m[("moejobs_broker_up", ())] == 1

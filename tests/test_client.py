@@ -155,6 +155,42 @@ def test_status_prints_the_latest_step(server, capsys):
     assert "steps    30/200  loss=" in out
 
 
+def test_status_shows_the_tokenization_of_a_queued_run(server, capsys):
+    from service.contract import EventKind, append_event
+
+    run_id = make_run(server, "preparing")
+    out_dir = server.settings.run_dir(run_id) / "out"
+    assert run_cli(["status", str(run_id), "--url", server.url]) == 0
+    assert "tokenizing" not in capsys.readouterr().out
+    append_event(out_dir, EventKind.data_progress, message="1,000 tokens, 10% of 1.0 MB, "
+                 "0.50M tokens/s, ETA 9 s", tokens=1000, done=False, stage="prepare")
+    assert run_cli(["status", str(run_id), "--url", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "status   queued" in out
+    assert "data     tokenizing: 1,000 tokens, 10% of 1.0 MB, 0.50M tokens/s, ETA 9 s" in out
+    text = io.StringIO()
+
+    def finish() -> None:
+        time.sleep(0.3)
+        with server.session() as session:
+            from service import runs
+
+            runs.request_cancel(session, run_id)
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    try:
+        client.status(server.url, str(run_id), follow=True, poll_seconds=0.1, out=text,
+                      progress=True)
+    finally:
+        thread.join()
+    assert "[tokenizing: 1,000 tokens, 10% of 1.0 MB" in text.getvalue()
+    append_event(out_dir, EventKind.data_progress, message="10,000 tokens, done in 2.0 s",
+                 tokens=10000, done=True, stage="prepare")
+    assert run_cli(["status", str(run_id), "--url", server.url]) == 0
+    assert "tokenizing" not in capsys.readouterr().out
+
+
 def test_status_follow_ends_when_the_run_is_terminal(server):
     run_id = make_run(server, "follow-me")
     attempt = start_run(server, run_id)

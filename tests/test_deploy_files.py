@@ -60,3 +60,13 @@ def test_flash_attn_is_installed_after_the_last_uv_sync():
 def test_docker_build_context_leaves_out_environments_and_outputs():
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "checkpoints", "out"} <= set(ignored)
+
+
+def test_gpu_workers_train_and_one_aux_worker_prepares_data():
+    services = _compose()["services"]
+    workers = {name: svc for name, svc in services.items() if name.startswith("worker")}
+    assert {svc["environment"]["MOEJOBS_WORKER_ROLE"] for svc in workers.values()} == {"train"}
+    aux = services["aux"]
+    assert aux["environment"]["MOEJOBS_WORKER_ROLE"] == "aux"
+    assert "deploy" not in aux, "the aux worker needs no GPU"
+    assert aux["volumes"] == workers["worker-0"]["volumes"], "it fills the shared token cache"

@@ -66,6 +66,21 @@ POPULATE: dict[str, list[tuple[str, dict]]] = {
         ("workers", dict(id="w2", host="h", pid=2, gpus=[], gpu_count=0, heartbeat_at=T0,
                          started_at=T0)),
     ],
+    "0003": [
+        ("runs", dict(id=RUN_A, name="a", owner="local", status="queued", preset=None,
+                      submitted_train={}, submitted_model={}, resolved_train={"x": 1},
+                      resolved_model={}, estimate=None, warnings=[], attempt=0, failures=0,
+                      created_at=T0, queued_at=T0, updated_at=T0, cancel_requested=False)),
+        ("workers", dict(id="w1", host="h", pid=1, gpu_count=1, gpu_memory_bytes=80 << 30,
+                         gpus=[{"index": 0, "name": "NVIDIA H100", "memory_bytes": 80 << 30}],
+                         kind="NVIDIA H100", host_memory_bytes=64 << 30, free_bytes=1 << 40,
+                         heartbeat_at=T0, current_run_id=RUN_A, started_at=T0)),
+        ("workers", dict(id="w2", host="h", pid=2, gpus=[], gpu_count=0, kind="cpu: x",
+                         heartbeat_at=T0, started_at=T0)),
+        ("throughput", dict(model_key="k" * 64, worker_kind="NVIDIA H100",
+                            tokens_per_sec_per_device=1e5, flops_per_sec_per_device=1e14,
+                            runs=2, last_run_id=RUN_A, updated_at=T0)),
+    ],
 }
 
 
@@ -165,6 +180,15 @@ def test_upgrade_keeps_the_rows_of_a_populated_database(fresh_settings, step):
             for bad in ("tokens_per_sec_per_device = 0", "runs = 0"):
                 with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
                     conn.execute(sa.text(f"UPDATE throughput SET {bad}"))
+        if (before, after) == ("0003", "0004"):
+            # workers registered before consumed both queues: role "all"; roles are checked
+            assert {(r["id"], r["role"]) for r in new["workers"]} == {("w1", "all"), ("w2", "all")}
+            with engine.begin() as conn:
+                conn.execute(sa.text("UPDATE workers SET role='aux' WHERE id='w2'"))
+            with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+                conn.execute(sa.text("UPDATE workers SET role='gpu' WHERE id='w1'"))
+            with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+                conn.execute(sa.text("UPDATE workers SET role=NULL WHERE id='w1'"))
     finally:
         engine.dispose()
 

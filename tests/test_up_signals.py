@@ -80,7 +80,7 @@ def test_sigterm_stops_up_and_its_children(tmp_path):
     up, port, log_path = _start_up(tmp_path)
     children = _children(up.pid)
     try:
-        assert len(children) == 2, (children, log_path.read_text())  # the API and the worker
+        assert len(children) == 3, (children, log_path.read_text())  # the API and two workers
         up.send_signal(signal.SIGTERM)  # to `up` alone, not its group: what `kill PID` does
         try:
             code = up.wait(timeout=120)

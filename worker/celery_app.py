@@ -2,9 +2,13 @@
 
 Start a worker::
 
-    python -m worker.celery_app [--loglevel INFO] [--hostname NAME]
+    python -m worker.celery_app [--role all|train|aux] [--loglevel INFO] [--hostname NAME]
     celery -A worker.celery_app worker --pool=solo --concurrency=1 --prefetch-multiplier=1 \\
-        -Q <CELERY_QUEUE>,<CELERY_QUEUE>.aux          # equivalent, by hand
+        -Q <CELERY_QUEUE>,<CELERY_QUEUE>.aux          # role all, by hand
+
+The role (``MOEJOBS_WORKER_ROLE``) says which queues it consumes (``service.queue``): ``all``
+(default) trains runs and takes the short CPU jobs when idle; ``train`` only trains; ``aux``
+only prepares data and trains tokenizers, so that a training worker is never held by them.
 
 or from Python (what ``moejobs worker`` / ``moejobs up`` call)::
 
@@ -16,7 +20,8 @@ given ones first.
 
 The app is ``service.queue.make_celery(settings)`` (JSON only, prefetch 1, early ack; see
 ``worker.reconciler`` for the delivery strategy) with the tasks of ``worker.tasks`` registered
-under ``service.queue.TRAIN_TASK`` and ``TOKENIZER_TASK``. A worker runs one run at a time: the
+under ``service.queue.TRAIN_TASK``, ``PREPARE_TASK`` and ``TOKENIZER_TASK``. A worker runs one
+task at a time: the
 ``solo`` pool, concurrency 1, so the training subprocess is the child of the worker's own
 (non-daemonic) main process (../shared/design/litgpt-facts.md, "Celery and PyTorch together";
 prefork children are daemonic and cannot start DataLoader workers). One worker process per GPU
@@ -45,7 +50,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from service.queue import TOKENIZER_TASK, TRAIN_TASK, make_celery, worker_queues
+from service.queue import PREPARE_TASK, TOKENIZER_TASK, TRAIN_TASK, make_celery, worker_queues
 from service.settings import Settings, get_settings, use_settings
 
 log = logging.getLogger("moejobs.worker")
@@ -62,6 +67,7 @@ def create_app(settings: Settings) -> Celery:
     app = make_celery(settings)
     app.task(name=TRAIN_TASK, ignore_result=True)(tasks.train_run)
     app.task(name=TOKENIZER_TASK, ignore_result=True)(tasks.train_tokenizer)
+    app.task(name=PREPARE_TASK, ignore_result=True)(tasks.prepare_data)
     _connect_signals()
     return app
 
@@ -178,14 +184,19 @@ def _database_problem(settings: Settings) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m worker.celery_app [--loglevel LEVEL] [--hostname NAME]``."""
+    """``python -m worker.celery_app [--role ROLE] [--loglevel LEVEL] [--hostname NAME]``."""
     parser = argparse.ArgumentParser(prog="python -m worker.celery_app",
                                      description="Run one moejobs worker (settings: MOEJOBS_*).")
+    parser.add_argument("--role", choices=["all", "train", "aux"], default=None,
+                        help="queues to consume (default MOEJOBS_WORKER_ROLE, else all)")
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--hostname", default=None, help="Celery node name (default "
                         "moejobs-<pid>@<host>)")
     args = parser.parse_args(argv)
-    return run_worker(loglevel=args.loglevel, hostname=args.hostname)
+    settings = None
+    if args.role is not None:
+        settings = get_settings().model_copy(update={"worker_role": args.role})
+    return run_worker(settings, loglevel=args.loglevel, hostname=args.hostname)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def reconcile(settings: Settings, *, db: Database | None = None, celery_app: Any
                     log.warning("run %s: lease expired: %s", run.id, moved.status.value)
                     summary.finished.append(str(moved.id))
 
-            idle = [w for w in runs.live_workers(session, settings.worker_stale_seconds, now=now)
+            idle = [w for w in runs.live_workers(session, settings.worker_stale_seconds, now=now,
+                                                 role="trains")
                     if w.current_run_id is None]
             session.commit()
             if idle:

@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service import runs
 from service.db import Database, open_database, schema_is_current
+from service.queue import worker_queues
 from service.settings import Settings
 from worker.runner import WorkerInfo
 
@@ -324,7 +325,8 @@ class WorkerRuntime:
                 ensure_sample_data(self.settings)
             except Exception as error:  # the smoke test will name the missing data
                 log.error("could not seed the sample data: %s", error)
-        detected = detect_gpus()
+        # an aux worker trains nothing: it owns no GPU (a training worker beside it may)
+        detected = detect_gpus() if self.settings.worker_role != "aux" else []
         self.gpus, visible = owned_gpus(self.settings, detected)
         self.info.cuda_visible_devices = visible
         self.info.hardware = hardware_description(self.gpus)
@@ -337,8 +339,9 @@ class WorkerRuntime:
             self._loops.append(self._spawn("reconciler", interval_seconds(self.settings),
                                            self.reconcile_once))
         self.started = True
-        log.info("worker %s registered: %d GPU(s)%s", self.worker_id, len(self.gpus),
-                 "".join(f", {g['index']}: {g['name']}" for g in self.gpus))
+        log.info("worker %s registered (role %s, queues %s): %d GPU(s)%s", self.worker_id,
+                 self.settings.worker_role, ", ".join(worker_queues(self.settings)),
+                 len(self.gpus), "".join(f", {g['index']}: {g['name']}" for g in self.gpus))
 
     def _spawn(self, name: str, every: float, fn) -> _Loop:
         def loop() -> None:
@@ -359,7 +362,8 @@ class WorkerRuntime:
             runs.register_worker(session, self.worker_id, socket.gethostname(),
                                  pid=os.getpid(), gpus=self.gpus, kind=worker_kind(self.gpus),
                                  host_memory_bytes=host_memory_bytes(),
-                                 free_bytes=free_bytes(self.settings.runs_dir))
+                                 free_bytes=free_bytes(self.settings.runs_dir),
+                                 role=self.settings.worker_role)
 
     def heartbeat(self) -> None:
         """Renew this worker's heartbeat and its free space under RUNS_DIR; register again if

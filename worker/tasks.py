@@ -1,5 +1,6 @@
 """The worker's tasks, thin: claim -> run -> record. Registered by ``worker.celery_app`` under
-``service.queue.TRAIN_TASK`` and ``TOKENIZER_TASK``; plain functions, callable without Celery.
+``service.queue.TRAIN_TASK``, ``PREPARE_TASK`` and ``TOKENIZER_TASK``; plain functions,
+callable without Celery.
 
 Nothing here imports torch; the training happens in a subprocess (``worker.runner``).
 """
@@ -15,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service import runs
 from service.models import FailureReason, RunStatus, Worker
+from worker import prepare
 from worker.registry import current_runtime
 from worker.runner import Outcome, execute_attempt, finish_attempt
 
@@ -42,7 +44,9 @@ def train_run(run_id: str) -> dict[str, Any]:
     Claims the run atomically (``runs.claim_run``); when the run is not queued any more (a
     duplicate or late delivery, a cancelled or finished run) or does not exist, does nothing.
     A run asking for more devices than this worker owns is left queued for another worker
-    (the reconciler sends it again later). Otherwise runs the attempt
+    (the reconciler sends it again later). A run whose corpus is not tokenized yet is left
+    queued too, its preparation sent to the aux queue (``worker.prepare.decide``): the
+    preparation sends this task again when the token cache is ready. Otherwise runs the attempt
     (``worker.runner.execute_attempt``), writes its outcome (``worker.runner.finish_attempt``,
     the one place that ends an attempt) and, when the run went back to queued, enqueues it
     again: at once after a failure with attempts left; at the worker's exit after a graceful
@@ -79,6 +83,20 @@ def train_run(run_id: str) -> dict[str, Any]:
             log.warning("run %s asks for %d device(s); this worker owns %d GPU(s): left queued "
                         "for another worker", rid, devices, len(runtime.gpus))
             return {"run_id": str(rid), "claimed": False, "why": "not enough devices"}
+        decision = prepare.decide(run, settings, lambda: bool(runs.live_workers(
+            session, settings.worker_stale_seconds, role="aux")))
+        if decision.action != "train":
+            if decision.action == "prepare":
+                prepare.write_marker(settings.run_dir(rid), "sent", worker=runtime.worker_id)
+                from service.queue import enqueue_prepare
+
+                sent = enqueue_prepare(runtime.app(), str(rid))
+                if not sent.ok:  # the reconciler sends the run again; this worker asks again
+                    prepare.write_marker(settings.run_dir(rid), "failed-to-send",
+                                         message=sent.error)
+            log.info("run %s left queued: %s", rid, decision.why)
+            return {"run_id": str(rid), "claimed": False, "why": decision.why}
+        log.info("run %s: %s", rid, decision.why)
         run = runs.claim_run(session, rid, runtime.worker_id, settings.lease_seconds)
     if run is None:
         log.info("run %s: claimed by someone else or no longer queued", rid)
@@ -122,6 +140,35 @@ def _finish_and_requeue(runtime, rid: uuid.UUID, attempt: int, outcome: Outcome)
         if not result.ok:  # the reconciler sends it once the broker is back
             log.warning("run %s re-queued but not enqueued: %s", rid, result.error)
     return moved
+
+
+def prepare_data(run_id: str) -> dict[str, Any]:
+    """The :data:`service.queue.PREPARE_TASK` task: tokenize run ``run_id``'s corpus while it
+    waits queued (``worker.prepare.prepare_run``), then send it to training. Runs on a worker
+    that consumes the aux queue. Returns a small JSON-able summary."""
+    from service.queue import enqueue_prepare, enqueue_run
+    from worker.runner import training_env
+
+    runtime = current_runtime()
+    try:
+        rid = uuid.UUID(str(run_id))
+    except ValueError:
+        log.error("preparation for %r: not a run id, ignored", run_id)
+        return {"run_id": run_id, "state": "skipped"}
+
+    def send(enqueue):
+        def go(target: uuid.UUID) -> None:
+            result = enqueue(runtime.app(), str(target))
+            if not result.ok:  # the reconciler re-sends queued runs
+                log.warning("run %s: message not sent: %s", target, result.error)
+        return go
+
+    outcome = prepare.prepare_run(
+        rid, db=runtime.database(), settings=runtime.settings, worker_id=runtime.worker_id,
+        send_train=send(enqueue_run), send_prepare=send(enqueue_prepare),
+        shutdown=runtime.shutdown.is_set, env=training_env(runtime.settings, runtime.info))
+    log.info("run %s data preparation: %s (%s)", rid, outcome.state, outcome.message)
+    return {"run_id": str(rid), "state": outcome.state, "message": outcome.message}
 
 
 def _text_folders(dataset_dir: Path) -> list[Path]:

@@ -283,6 +283,9 @@ class WorkerPublic(BaseModel):
                                           "CPU workers).")
     free_bytes: int | None = Field(default=None, description="Free space under RUNS_DIR at "
                                    "the last heartbeat.")
+    role: Literal["all", "train", "aux"] = Field(
+        default="all", description="Queues it consumes: all (training runs and short CPU jobs), "
+        "train (training runs only) or aux (tokenizers and data preparation; never trains).")
     heartbeat_at: datetime
     started_at: datetime
     current_run_id: uuid.UUID | None
@@ -293,7 +296,7 @@ class WorkerPublic(BaseModel):
         return cls(id=w.id, host=w.host, pid=w.pid, gpus=w.gpus, gpu_count=w.gpu_count,
                    gpu_memory_bytes=w.gpu_memory_bytes, kind=w.kind,
                    host_memory_bytes=w.host_memory_bytes, free_bytes=w.free_bytes,
-                   heartbeat_at=w.heartbeat_at, started_at=w.started_at,
+                   role=w.role or "all", heartbeat_at=w.heartbeat_at, started_at=w.started_at,
                    current_run_id=w.current_run_id, live=live)
 
 

@@ -123,7 +123,8 @@ async def create_run(request: Request, settings: SettingsDep, celery: CeleryDep,
     body = await read_run_request(request)
     submitted = await gate.run(submit_run, settings, celery, body,
                                idempotency_key=idempotency_key, send=False)
-    submitted = await run_in_threadpool(send_run, celery, submitted)
+    submitted = await run_in_threadpool(send_run, celery, submitted,
+                                        prepare=settings.engine == "litgpt")
     public = RunPublic.of(submitted.run)
     if not submitted.enqueued:  # said in this answer only: it is about the delivery, not the run
         public.warnings.append(IssueOut(loc=["body"], msg=(

@@ -32,7 +32,7 @@ from service.configs import (
 )
 from service.estimate import estimate
 from service.models import Run
-from service.queue import enqueue_run
+from service.queue import enqueue_prepare, enqueue_run
 from service.schemas import ConfigError, Issue, Validated, validate_train_config
 from service.settings import Settings
 
@@ -312,15 +312,23 @@ def submit_run(session: Session, settings: Settings, celery: Celery, request: Ru
         idempotency_key=idempotency_key, body_hash=body_hash, run_id=prepared.run_id,
     )
     submitted = Submitted(run=run, created=created, enqueued=not created)
-    return send_run(celery, submitted) if send else submitted
+    return send_run(celery, submitted, prepare=settings.engine == "litgpt") if send else submitted
 
 
-def send_run(celery: Celery, submitted: Submitted) -> Submitted:
+def send_run(celery: Celery, submitted: Submitted, *, prepare: bool = False) -> Submitted:
     """Send a newly created run's message to the broker (nothing for an idempotent replay);
     ``enqueued`` says whether the broker took it. Never raises for broker trouble: the run
-    stays queued and a worker's reconciler sends it later."""
+    stays queued and a worker's reconciler sends it later. ``prepare`` first sends its data
+    preparation to the aux queue, so that tokenizing starts at once, even while every
+    training worker is busy (``worker.prepare``; the aux worker does nothing for a small or
+    already tokenized corpus, and a lost message is sent again by the training worker)."""
     if not submitted.created:
         return Submitted(run=submitted.run, created=False, enqueued=True)
+    if prepare:
+        prep = enqueue_prepare(celery, submitted.run.id)
+        if not prep.ok:
+            log.info("run %s: data preparation not sent (%s); the training worker sends it",
+                     submitted.run.id, prep.error)
     result = enqueue_run(celery, submitted.run.id)
     if not result.ok:
         log.warning("run %s is queued in the database but its message could not be sent "

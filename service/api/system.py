@@ -33,7 +33,7 @@ from service.api.deps import DatabaseGate, get_gate, get_settings
 from service.api.errors import UNAVAILABLE_RETRY_AFTER_S, ApiError, error_body
 from service.api.models import WorkerPublic
 from service.api.openapi import errors
-from service.queue import check_broker, queue_depth, train_queue, worker_queues
+from service.queue import aux_queue, check_broker, queue_depth, train_queue
 from service.schemas import model_config_json_schema, train_config_json_schema
 from service.settings import Settings
 
@@ -145,7 +145,7 @@ def _database_counts(session: Session, settings: Settings) -> dict[str, Any]:
 
 def _queue_depths(app: Any, settings: Settings) -> dict[str, int] | None:
     depths = {}
-    for queue in worker_queues(settings):
+    for queue in (train_queue(settings), aux_queue(settings)):
         n = queue_depth(app.state.celery, queue)
         if n is None:
             return None
