@@ -276,9 +276,8 @@ def prepare_run(run_id: uuid.UUID, *, db, settings: Settings, worker_id: str,
     ``env`` is the preparation process' environment (default: this one's, with
     ``MOEJOBS_TOKEN_CACHE`` from ``settings``). Never raises for a failed preparation."""
     from service import runs
-    from service.models import FailureReason, RunStatus
+    from service.models import RunStatus
 
-    actor = f"worker:{worker_id}"
     if settings.engine != "litgpt":
         return PrepOutcome("skipped", f"the {settings.engine} engine tokenizes nothing")
     with db.session() as session:
@@ -295,53 +294,72 @@ def prepare_run(run_id: uuid.UUID, *, db, settings: Settings, worker_id: str,
         return PrepOutcome("fallback", "the data cannot be checked")
     if need.n_bytes < settings.prepare_min_bytes:  # the training process tokenizes it
         return PrepOutcome("skipped", f"{need.describe()}: below MOEJOBS_PREPARE_MIN_BYTES")
-    with run_lock(run_dir) as got:
-        if not got:
-            return PrepOutcome("skipped", "another worker is preparing it")
-        cache_dir = Path(settings.token_cache or "")
-        try:
-            found = cached_paths(need, cache_dir)
-        except DataError as error:  # unreadable file: the training process fails it properly
-            write_marker(run_dir, "failed", worker=worker_id, message=str(error))
-            send_train(run.id)
-            return PrepOutcome("fallback", str(error))
-        if found is not None:
-            write_marker(run_dir, "done", worker=worker_id, caches=[str(p) for p in found])
-            send_train(run.id)
-            return PrepOutcome("ready", "already prepared")
-        write_marker(run_dir, "running", worker=worker_id)
-        _note(db, run.id, f"preparing data on {worker_id}: {need.describe()} (the run stays "
-              "queued; progress in the engine events)", actor)
-        result, stopped = _run_preparation(run, run_dir, settings, db, shutdown, env)
-        if stopped:
-            write_marker(run_dir, "stopped", worker=worker_id, message=stopped)
-            if stopped == "worker stopping":
-                send_prepare(run.id)  # another aux worker (or this one, restarted) goes on
-            return PrepOutcome("stopped", stopped)
-        if result.get("ok"):
-            caches = [str(p) for p in result.get("caches") or []]
-            write_marker(run_dir, "done", worker=worker_id, caches=caches,
-                         tokens=result.get("tokens"), seconds=result.get("seconds"))
-            _note(db, run.id, f"data prepared: {result.get('message', '')}", actor)
-            send_train(run.id)
-            return PrepOutcome("ready", str(result.get("message", "")))
-        reason, message = result.get("reason"), str(result.get("message") or "preparation failed")
-        if reason in (FailureReason.invalid_data.value, FailureReason.no_space.value,
-                      FailureReason.invalid_config.value):
-            write_marker(run_dir, "failed", worker=worker_id, reason=reason, message=message)
-            with db.session() as session:
-                try:
-                    runs.transition(session, run.id, RunStatus.failed,
-                                    f"data preparation: {message}", reason=reason,
-                                    failure_message=message, actor=actor)
-                except runs.RunError as error:  # cancelled meanwhile: nothing to fail
-                    log.info("run %s: not failed after its preparation (%s)", run.id, error)
-            return PrepOutcome("failed_run", message)
-        write_marker(run_dir, "failed", worker=worker_id, reason=reason, message=message)
-        _note(db, run.id, f"data preparation failed ({message}): the training process will "
-              "tokenize", actor)
+    try:
+        with run_lock(run_dir) as got:
+            if not got:
+                return PrepOutcome("skipped", "another worker is preparing it")
+            return _prepare_locked(run, run_dir, need, db=db, settings=settings,
+                                   worker_id=worker_id, send_train=send_train,
+                                   send_prepare=send_prepare, shutdown=shutdown, env=env)
+    except OSError as error:  # the run folder or the cache cannot be written: the training
+        log.warning("run %s: data preparation failed: %s", run.id, error)  # reports it
         send_train(run.id)
-        return PrepOutcome("fallback", message)
+        return PrepOutcome("fallback", str(error))
+
+
+def _prepare_locked(run: Run, run_dir: Path, need: DataNeed, *, db, settings: Settings,
+                    worker_id: str, send_train: Callable[[uuid.UUID], object],
+                    send_prepare: Callable[[uuid.UUID], object], shutdown: Callable[[], bool],
+                    env: dict[str, str] | None) -> PrepOutcome:
+    """:func:`prepare_run` once the run's lock is held."""
+    from service import runs
+    from service.models import FailureReason, RunStatus
+
+    actor = f"worker:{worker_id}"
+    cache_dir = Path(settings.token_cache or "")
+    try:
+        found = cached_paths(need, cache_dir)
+    except DataError as error:  # unreadable file: the training process fails it properly
+        write_marker(run_dir, "failed", worker=worker_id, message=str(error))
+        send_train(run.id)
+        return PrepOutcome("fallback", str(error))
+    if found is not None:
+        write_marker(run_dir, "done", worker=worker_id, caches=[str(p) for p in found])
+        send_train(run.id)
+        return PrepOutcome("ready", "already prepared")
+    write_marker(run_dir, "running", worker=worker_id)
+    _note(db, run.id, f"preparing data on {worker_id}: {need.describe()} (the run stays "
+          "queued; progress in the engine events)", actor)
+    result, stopped = _run_preparation(run, run_dir, settings, db, shutdown, env)
+    if stopped:
+        write_marker(run_dir, "stopped", worker=worker_id, message=stopped)
+        if stopped == "worker stopping":
+            send_prepare(run.id)  # another aux worker (or this one, restarted) goes on
+        return PrepOutcome("stopped", stopped)
+    if result.get("ok"):
+        caches = [str(p) for p in result.get("caches") or []]
+        write_marker(run_dir, "done", worker=worker_id, caches=caches,
+                     tokens=result.get("tokens"), seconds=result.get("seconds"))
+        _note(db, run.id, f"data prepared: {result.get('message', '')}", actor)
+        send_train(run.id)
+        return PrepOutcome("ready", str(result.get("message", "")))
+    reason, message = result.get("reason"), str(result.get("message") or "preparation failed")
+    if reason in (FailureReason.invalid_data.value, FailureReason.no_space.value,
+                  FailureReason.invalid_config.value):
+        write_marker(run_dir, "failed", worker=worker_id, reason=reason, message=message)
+        with db.session() as session:
+            try:
+                runs.transition(session, run.id, RunStatus.failed,
+                                f"data preparation: {message}", reason=reason,
+                                failure_message=message, actor=actor)
+            except runs.RunError as error:  # cancelled meanwhile: nothing to fail
+                log.info("run %s: not failed after its preparation (%s)", run.id, error)
+        return PrepOutcome("failed_run", message)
+    write_marker(run_dir, "failed", worker=worker_id, reason=reason, message=message)
+    _note(db, run.id, f"data preparation failed ({message}): the training process will "
+          "tokenize", actor)
+    send_train(run.id)
+    return PrepOutcome("fallback", message)
 
 
 def _note(db, run_id: uuid.UUID, message: str, actor: str) -> None:

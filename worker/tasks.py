@@ -85,15 +85,19 @@ def train_run(run_id: str) -> dict[str, Any]:
             return {"run_id": str(rid), "claimed": False, "why": "not enough devices"}
         decision = prepare.decide(run, settings, lambda: bool(runs.live_workers(
             session, settings.worker_stale_seconds, role="aux")))
-        if decision.action != "train":
-            if decision.action == "prepare":
+        if decision.action == "prepare":
+            try:
                 prepare.write_marker(settings.run_dir(rid), "sent", worker=runtime.worker_id)
+            except OSError as error:  # the run folder cannot be written: the training says so
+                decision = prepare.Decision("train", f"run folder: {error}")
+            else:
                 from service.queue import enqueue_prepare
 
                 sent = enqueue_prepare(runtime.app(), str(rid))
                 if not sent.ok:  # the reconciler sends the run again; this worker asks again
                     prepare.write_marker(settings.run_dir(rid), "failed-to-send",
                                          message=sent.error)
+        if decision.action != "train":
             log.info("run %s left queued: %s", rid, decision.why)
             return {"run_id": str(rid), "claimed": False, "why": decision.why}
         log.info("run %s: %s", rid, decision.why)
