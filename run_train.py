@@ -10,6 +10,7 @@ Thin on purpose: SIGINT/SIGTERM handlers go in before anything heavy is imported
 in the first instant prints ``interrupted before training started`` and exits 130 (143 for
 SIGTERM) with nothing trained. See worker/cli.py for the exit codes.
 """
+
 import sys
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ a status >= 500 as a 5xx (both over the whole run, warm-up and drain included).
 PostgreSQL: a database ``moejobs_bench_<random>`` is created through ``--postgres-url`` (an admin
 connection, default ``postgresql://postgres@127.0.0.1:5432/postgres``) and dropped at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,20 +64,43 @@ BARE_PATH = "/ping"
 
 # A small valid config pair (the same as the tests' live server): 200 optimizer steps.
 _TRAIN: dict[str, Any] = {
-    "out_dir": "out", "precision": "32-true", "devices": 1, "tokenizer_dir": "tok",
-    "data": {"class_path": "TextFiles", "init_args": {"train_data_path": "ds/train",
-                                                      "val_data_path": "ds/val"}},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_seq_length": 32,
-              "max_tokens": 25_600, "lr_warmup_steps": 10, "save_interval": 50, "min_lr": 1e-4},
+    "out_dir": "out",
+    "precision": "32-true",
+    "devices": 1,
+    "tokenizer_dir": "tok",
+    "data": {
+        "class_path": "TextFiles",
+        "init_args": {"train_data_path": "ds/train", "val_data_path": "ds/val"},
+    },
+    "train": {
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "max_seq_length": 32,
+        "max_tokens": 25_600,
+        "lr_warmup_steps": 10,
+        "save_interval": 50,
+        "min_lr": 1e-4,
+    },
     "eval": {"interval": 25, "max_iters": 2},
     "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
     "optimization": {"compile": False},
 }
 _MODEL: dict[str, Any] = {
-    "name": "tiny-moe", "block_size": 64, "n_layer": 4, "n_embd": 64, "n_head": 4,
-    "n_query_groups": 2, "mlp_class_name": "LLaMAMoE", "n_expert": 8, "n_expert_per_token": 2,
-    "moe_intermediate_size": 128, "vocab_size": 256, "padded_vocab_size": 256,
-    "norm_class_name": "RMSNorm", "bias": False, "parallel_residual": False,
+    "name": "tiny-moe",
+    "block_size": 64,
+    "n_layer": 4,
+    "n_embd": 64,
+    "n_head": 4,
+    "n_query_groups": 2,
+    "mlp_class_name": "LLaMAMoE",
+    "n_expert": 8,
+    "n_expert_per_token": 2,
+    "moe_intermediate_size": 128,
+    "vocab_size": 256,
+    "padded_vocab_size": 256,
+    "norm_class_name": "RMSNorm",
+    "bias": False,
+    "parallel_residual": False,
     "rotary_percentage": 1.0,
 }
 
@@ -86,8 +110,9 @@ def raise_open_files() -> None:
     on some systems)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
-                                                    else 65536, hard))
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard)
+        )
 
 
 # -- the data -----------------------------------------------------------------------------------
@@ -97,10 +122,16 @@ def _metric_rows(first: int, last: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows = []
     for step in range(first, last + 1):
-        row = {"step": step, "tokens": step * 128, "loss": 2.6 + 3 * math.exp(-step / 40)
-               + 0.08 * rng.gauss(0, 1), "learning_rate": 1e-3, "grad_norm": 0.7 + rng.random(),
-               "tokens_per_sec": 52_000 + 2_500 * rng.gauss(0, 1), "mfu": 0.41,
-               "elapsed_s": 0.35 * step}
+        row = {
+            "step": step,
+            "tokens": step * 128,
+            "loss": 2.6 + 3 * math.exp(-step / 40) + 0.08 * rng.gauss(0, 1),
+            "learning_rate": 1e-3,
+            "grad_norm": 0.7 + rng.random(),
+            "tokens_per_sec": 52_000 + 2_500 * rng.gauss(0, 1),
+            "mfu": 0.41,
+            "elapsed_s": 0.35 * step,
+        }
         if step % 25 == 0:
             row["val_loss"] = 2.6 + 3 * math.exp(-step / 40)
             row["val_ppl"] = math.exp(row["val_loss"])
@@ -122,30 +153,47 @@ def populate(settings: Any, *, n_runs: int, steps: int) -> uuid.UUID:
     first = None
     try:
         with db.session() as s:
-            runs.register_worker(s, "bench-w1", "gpu-host-1", pid=4242, gpus=[
-                {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30}])
+            runs.register_worker(
+                s,
+                "bench-w1",
+                "gpu-host-1",
+                pid=4242,
+                gpus=[{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30}],
+            )
         for i in range(n_runs):
             run_id = uuid.uuid4()
             resolved_train = validated.train.model_dump(mode="json")
             resolved_train["out_dir"] = str(settings.run_dir(run_id) / "out")
             with db.session() as s:
-                runs.create_run(s, name=f"bench-{i}", submitted_train=_TRAIN,
-                                submitted_model=_MODEL, resolved_train=resolved_train,
-                                resolved_model=resolved_model, estimate=doc_estimate,
-                                warnings=[], run_id=run_id)
+                runs.create_run(
+                    s,
+                    name=f"bench-{i}",
+                    submitted_train=_TRAIN,
+                    submitted_model=_MODEL,
+                    resolved_train=resolved_train,
+                    resolved_model=resolved_model,
+                    estimate=doc_estimate,
+                    warnings=[],
+                    run_id=run_id,
+                )
                 run = runs.claim_run(s, run_id, "bench-w1", lease_seconds=3600)
-                runs.record_metrics(s, run_id, _metric_rows(1, steps if i == 0 else 10, i),
-                                    attempt=run.attempt)
+                runs.record_metrics(
+                    s, run_id, _metric_rows(1, steps if i == 0 else 10, i), attempt=run.attempt
+                )
                 if i == 0:
                     for step in range(10, steps + 1, 10):
-                        matrix = [[(1 + 0.1 * ((e + layer + step) % 3)) for e in range(8)]
-                                  for layer in range(4)]
+                        matrix = [
+                            [(1 + 0.1 * ((e + layer + step) % 3)) for e in range(8)]
+                            for layer in range(4)
+                        ]
                         matrix = [[w / sum(row) for w in row] for row in matrix]
-                        runs.record_router_stats(s, run_id, runs.router_rows(step, matrix),
-                                                 attempt=run.attempt)
+                        runs.record_router_stats(
+                            s, run_id, runs.router_rows(step, matrix), attempt=run.attempt
+                        )
                 elif i % 2:
-                    runs.transition(s, run_id, "succeeded", "exit 0", attempt=run.attempt,
-                                    exit_code=0)
+                    runs.transition(
+                        s, run_id, "succeeded", "exit 0", attempt=run.attempt, exit_code=0
+                    )
             first = first or run_id
     finally:
         db.dispose()
@@ -177,6 +225,7 @@ def _serve(kind: str, port: int) -> None:
         app = bare_app()
     else:
         from service.main import create_app
+
         app = create_app()
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
 
@@ -198,8 +247,12 @@ class Server:
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen(
                 [sys.executable, __file__, "--serve", kind, "--port", str(self.port)],
-                cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL)
+                cwd=REPO,
+                env=full_env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
@@ -255,7 +308,7 @@ class _Conn:
         at = lower.find(b"\r\ncontent-length:")
         if at >= 0:
             end = lower.index(b"\r\n", at + 2)
-            await self.reader.readexactly(int(lower[at + 17:end]))
+            await self.reader.readexactly(int(lower[at + 17 : end]))
         elif b"transfer-encoding: chunked" in lower:
             while True:
                 size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
@@ -325,8 +378,12 @@ async def _client_main(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.gather(cpu_marks(), *(client(c) for c in conns))
     for c in conns:
         c.close()
-    return {"latencies": latencies, "statuses": statuses, **counts,
-            "cpu_s": cpu.get("to", 0.0) - cpu.get("from", 0.0)}
+    return {
+        "latencies": latencies,
+        "statuses": statuses,
+        **counts,
+        "cpu_s": cpu.get("to", 0.0) - cpu.get("from", 0.0),
+    }
 
 
 def _client_process(spec_json: str) -> None:
@@ -342,10 +399,23 @@ def measure(port: int, path: str, clients: int, args: argparse.Namespace) -> dic
     start_at = time.time() + 1.0 + clients / 500
     children = []
     for share in shares:
-        spec = {"port": port, "path": path, "clients": share, "start_at": start_at,
-                "warmup": args.warmup, "duration": args.duration, "timeout": args.timeout}
-        children.append(subprocess.Popen([sys.executable, __file__, "--client", json.dumps(spec)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO))
+        spec = {
+            "port": port,
+            "path": path,
+            "clients": share,
+            "start_at": start_at,
+            "warmup": args.warmup,
+            "duration": args.duration,
+            "timeout": args.timeout,
+        }
+        children.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--client", json.dumps(spec)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=REPO,
+            )
+        )
     parts = []
     for child in children:
         out, err = child.communicate(timeout=args.warmup + args.duration + args.timeout + 120)
@@ -362,9 +432,12 @@ def measure(port: int, path: str, clients: int, args: argparse.Namespace) -> dic
         return round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 2) if lat else None
 
     return {
-        "clients": clients, "path": path, "requests": len(lat),
+        "clients": clients,
+        "path": path,
+        "requests": len(lat),
         "rps": round(len(lat) / args.duration, 1),
-        "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
         "status": statuses,
         "errors_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
         "timeouts": sum(p["timeouts"] for p in parts),
@@ -384,8 +457,11 @@ def _pg_create(admin_url: str) -> str:
     name = f"moejobs_bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return sa.make_url(admin_url).set(drivername="postgresql+psycopg", database=name) \
+    return (
+        sa.make_url(admin_url)
+        .set(drivername="postgresql+psycopg", database=name)
         .render_as_string(hide_password=False)
+    )
 
 
 def _pg_drop(admin_url: str, url: str) -> None:
@@ -395,21 +471,28 @@ def _pg_drop(admin_url: str, url: str) -> None:
 
     name = sa.make_url(url).database
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def _app_settings(home: Path, database_url: str | None) -> Any:
     from service.settings import Settings
 
-    return Settings(home=home, database_url=database_url or f"sqlite:///{home / 'moejobs.sqlite3'}",
-                    broker_url=f"sqla+sqlite:///{home / 'broker.sqlite3'}",
-                    data_root=home / "data", runs_dir=home / "runs", host="127.0.0.1",
-                    api_token=None)
+    return Settings(
+        home=home,
+        database_url=database_url or f"sqlite:///{home / 'moejobs.sqlite3'}",
+        broker_url=f"sqla+sqlite:///{home / 'broker.sqlite3'}",
+        data_root=home / "data",
+        runs_dir=home / "runs",
+        host="127.0.0.1",
+        api_token=None,
+    )
 
 
-def run_backend(backend: str, args: argparse.Namespace, tmp: Path,
-                log=print) -> list[dict[str, Any]]:
+def run_backend(
+    backend: str, args: argparse.Namespace, tmp: Path, log=print
+) -> list[dict[str, Any]]:
     """Measure every endpoint at every client count on ``backend``."""
     from service.db import migrate
 
@@ -438,17 +521,21 @@ def run_backend(backend: str, args: argparse.Namespace, tmp: Path,
 
 def _fmt_row(row: dict[str, Any]) -> str:
     ratio = f"{row['ratio']:.2f}x" if row.get("ratio") is not None else "-"
-    return (f"{row['backend']:<10} {row['endpoint']:<20} {row['clients']:>5} {row['rps']:>9.1f} "
-            f"{_ms(row['p50_ms']):>9} {_ms(row['p99_ms']):>9} {ratio:>7} {row['errors_5xx']:>5} "
-            f"{row['timeouts']:>5} {row['connection_errors']:>5} {row['client_cpu']:>6.2f}")
+    return (
+        f"{row['backend']:<10} {row['endpoint']:<20} {row['clients']:>5} {row['rps']:>9.1f} "
+        f"{_ms(row['p50_ms']):>9} {_ms(row['p99_ms']):>9} {ratio:>7} {row['errors_5xx']:>5} "
+        f"{row['timeouts']:>5} {row['connection_errors']:>5} {row['client_cpu']:>6.2f}"
+    )
 
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-HEADER = (f"{'backend':<10} {'endpoint':<20} {'conc':>5} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
-          f"{'vs bare':>7} {'5xx':>5} {'t/o':>5} {'conn':>5} {'clCPU':>6}")
+HEADER = (
+    f"{'backend':<10} {'endpoint':<20} {'conc':>5} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
+    f"{'vs bare':>7} {'5xx':>5} {'t/o':>5} {'conn':>5} {'clCPU':>6}"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -462,8 +549,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-procs", type=int, default=2, help="load-generator processes")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--steps", type=int, default=100, help="metric rows of the measured run")
-    p.add_argument("--postgres-url", default=os.environ.get(
-        "MOEJOBS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    p.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "MOEJOBS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -519,12 +610,19 @@ def main(argv: list[str] | None = None) -> int:
                 log(_fmt_row(row))
                 rows.append(row)
     doc = {
-        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "load_avg_start": load_start, "load_avg_end": os.getloadavg()},
-        "settings": {k: getattr(args, k) for k in ("duration", "warmup", "timeout",
-                                                   "client_procs", "runs", "steps")},
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_start": load_start,
+            "load_avg_end": os.getloadavg(),
+        },
+        "settings": {
+            k: getattr(args, k)
+            for k in ("duration", "warmup", "timeout", "client_procs", "runs", "steps")
+        },
         "rows": rows,
     }
     if args.json:

@@ -17,6 +17,7 @@ bench/RESULTS.md.
 
     uv run python bench/data_prep.py --sizes-mb 100,300 --repeat 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-_CHILD = r'''
+_CHILD = r"""
 import json, re, resource, sys, time
 from pathlib import Path
 mode, tok_dir, corpus, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
@@ -69,7 +70,7 @@ else:
 seconds = time.perf_counter() - t0
 print(json.dumps({"tokens": n, "seconds": seconds, "base_kib": base,
                   "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
-'''
+"""
 
 
 def build_corpus(dest: Path, size_bytes: int, sources: list[Path], file_bytes: int) -> Path:
@@ -93,11 +94,11 @@ def build_corpus(dest: Path, size_bytes: int, sources: list[Path], file_bytes: i
         shift = (i * 7919) % len(blob)
         rotated = bytes(blob[shift:] + blob[:shift])
         # start each file at a line start so the rotation never cuts a UTF-8 character
-        rotated = rotated[rotated.index(b"\n") + 1:] if b"\n" in rotated else rotated
+        rotated = rotated[rotated.index(b"\n") + 1 :] if b"\n" in rotated else rotated
         for j in range(0, len(rotated), file_bytes):
-            piece = rotated[j:j + file_bytes]
+            piece = rotated[j : j + file_bytes]
             cut = piece.rfind(b"\n") + 1 if j + file_bytes < len(rotated) else len(piece)
-            piece = piece[:cut or len(piece)][:max(size_bytes - written, 1)]
+            piece = piece[: cut or len(piece)][: max(size_bytes - written, 1)]
             (dest / f"{i:04d}-{j // file_bytes:03d}.txt").write_bytes(piece)
             written += len(piece)
             if written >= size_bytes:
@@ -110,8 +111,13 @@ def _run(mode: str, tok_dir: Path, corpus: Path, work: Path) -> dict:
     out = work / f"out-{mode}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    done = subprocess.run([sys.executable, "-c", _CHILD, mode, str(tok_dir), str(corpus), str(out)], cwd=REPO,
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, mode, str(tok_dir), str(corpus), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     if done.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -124,16 +130,34 @@ def _run(mode: str, tok_dir: Path, corpus: Path, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes-mb", default="100", help="corpus sizes in MB, comma-separated (default 100)")
-    parser.add_argument("--source", action="append", type=Path,
-                        help="folder of *.py/*.txt public text (repeatable; default: the stdlib sources)")
-    parser.add_argument("--file-mb", type=float, default=4.0, help="size of one corpus file (default 4)")
+    parser.add_argument(
+        "--sizes-mb", default="100", help="corpus sizes in MB, comma-separated (default 100)"
+    )
+    parser.add_argument(
+        "--source",
+        action="append",
+        type=Path,
+        help="folder of *.py/*.txt public text (repeatable; default: the stdlib sources)",
+    )
+    parser.add_argument(
+        "--file-mb", type=float, default=4.0, help="size of one corpus file (default 4)"
+    )
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--tokenizer-mb", type=float, default=5.0,
-                        help="text the tokenizer is trained on, in MB (default 5)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs of each side, alternating; the fastest of each is reported (default 1)")
-    parser.add_argument("--workdir", type=Path, help="where corpora are built (default: a temporary folder)")
+    parser.add_argument(
+        "--tokenizer-mb",
+        type=float,
+        default=5.0,
+        help="text the tokenizer is trained on, in MB (default 5)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each side, alternating; the fastest of each is reported (default 1)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="where corpora are built (default: a temporary folder)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
     sources = args.source or [Path(sysconfig.get_paths()["stdlib"])]
@@ -144,46 +168,72 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     try:
-        tok_corpus = build_corpus(work / "tok-corpus", int(args.tokenizer_mb * 1e6), sources, 1_000_000)
+        tok_corpus = build_corpus(
+            work / "tok-corpus", int(args.tokenizer_mb * 1e6), sources, 1_000_000
+        )
         tok_dir = train_tokenizer([tok_corpus], work / "tokenizer", vocab_size=args.vocab_size)
         for size in sizes:
-            corpus = build_corpus(work / f"corpus-{size:g}mb", int(size * 1e6), sources, int(args.file_mb * 1e6))
+            corpus = build_corpus(
+                work / f"corpus-{size:g}mb", int(size * 1e6), sources, int(args.file_mb * 1e6)
+            )
             n_bytes = sum(p.stat().st_size for p in corpus.glob("*.txt"))
             runs: dict[str, list[dict]] = {"library": [], "engine": []}
             for _ in range(args.repeat):  # alternating, so both sides see the same load
                 for mode in runs:
                     runs[mode].append(_run(mode, tok_dir, corpus, work))
-            library, engine = (max(runs[m], key=lambda r: r["tokens_per_s"]) for m in ("library", "engine"))
-            rows.append({"corpus_mb": round(n_bytes / 1e6, 1), "files": len(list(corpus.glob("*.txt"))),
-                         "tokens": engine["tokens"], "library_tokens": library["tokens"],
-                         "engine_tokens_per_s": round(engine["tokens_per_s"]),
-                         "library_tokens_per_s": round(library["tokens_per_s"]),
-                         "ratio": round(engine["tokens_per_s"] / library["tokens_per_s"], 3),
-                         "engine_runs_tokens_per_s": [round(r["tokens_per_s"]) for r in runs["engine"]],
-                         "library_runs_tokens_per_s": [round(r["tokens_per_s"]) for r in runs["library"]],
-                         "engine_prep_mb": round(engine["prep_mb"], 1),
-                         "library_prep_mb": round(library["prep_mb"], 1),
-                         "engine_peak_mb": round(engine["peak_mb"], 1),
-                         "library_peak_mb": round(library["peak_mb"], 1)})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each size as soon as it is measured
+            library, engine = (
+                max(runs[m], key=lambda r: r["tokens_per_s"]) for m in ("library", "engine")
+            )
+            rows.append(
+                {
+                    "corpus_mb": round(n_bytes / 1e6, 1),
+                    "files": len(list(corpus.glob("*.txt"))),
+                    "tokens": engine["tokens"],
+                    "library_tokens": library["tokens"],
+                    "engine_tokens_per_s": round(engine["tokens_per_s"]),
+                    "library_tokens_per_s": round(library["tokens_per_s"]),
+                    "ratio": round(engine["tokens_per_s"] / library["tokens_per_s"], 3),
+                    "engine_runs_tokens_per_s": [round(r["tokens_per_s"]) for r in runs["engine"]],
+                    "library_runs_tokens_per_s": [
+                        round(r["tokens_per_s"]) for r in runs["library"]
+                    ],
+                    "engine_prep_mb": round(engine["prep_mb"], 1),
+                    "library_prep_mb": round(library["prep_mb"], 1),
+                    "engine_peak_mb": round(engine["peak_mb"], 1),
+                    "library_peak_mb": round(library["peak_mb"], 1),
+                }
+            )
+            print(
+                json.dumps(rows[-1]), file=sys.stderr, flush=True
+            )  # each size as soon as it is measured
             shutil.rmtree(corpus, ignore_errors=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    doc = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_1m": round(os.getloadavg()[0], 2),
-           "vocab_size": args.vocab_size, "rows": rows}
+    doc = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_1m": round(os.getloadavg()[0], 2),
+        "vocab_size": args.vocab_size,
+        "rows": rows,
+    }
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
     print(f"{doc['machine']}, load {doc['load_1m']}, tokenizer of {args.vocab_size} ids")
-    print(f"{'corpus':>9} {'files':>5} {'tokens':>12} {'engine tok/s':>13} {'library tok/s':>14} {'ratio':>6} "
-          f"{'engine MB':>10} {'library MB':>11}")
+    print(
+        f"{'corpus':>9} {'files':>5} {'tokens':>12} {'engine tok/s':>13} {'library tok/s':>14} {'ratio':>6} "
+        f"{'engine MB':>10} {'library MB':>11}"
+    )
     for r in rows:
-        print(f"{r['corpus_mb']:>7.1f}MB {r['files']:>5} {r['tokens']:>12,} {r['engine_tokens_per_s']:>13,} "
-              f"{r['library_tokens_per_s']:>14,} {r['ratio']:>5.2f}x {r['engine_prep_mb']:>10.1f} "
-              f"{r['library_prep_mb']:>11.1f}")
-    print("MB: peak RSS of the preparation itself (ru_maxrss after the imports, minus the RSS then); "
-          f"tokens/s: the fastest of {args.repeat} alternating run(s) per side")
+        print(
+            f"{r['corpus_mb']:>7.1f}MB {r['files']:>5} {r['tokens']:>12,} {r['engine_tokens_per_s']:>13,} "
+            f"{r['library_tokens_per_s']:>14,} {r['ratio']:>5.2f}x {r['engine_prep_mb']:>10.1f} "
+            f"{r['library_prep_mb']:>11.1f}"
+        )
+    print(
+        "MB: peak RSS of the preparation itself (ru_maxrss after the imports, minus the RSS then); "
+        f"tokens/s: the fastest of {args.repeat} alternating run(s) per side"
+    )
     return 0
 
 

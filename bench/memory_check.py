@@ -41,6 +41,7 @@ The default MoE-200M needs ~15-16 GiB of RAM on a CPU: on the shared machine run
     flock /tmp/moejobs-big.lock uv run python bench/memory_check.py     # all four: 10-15 min on 2 quiet CPU cores
     python bench/memory_check.py --device cuda --json                  # bench/gpu_check.sh
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,19 +67,40 @@ def layers(name: str, steps: int, accumulate: int = 2) -> dict:
     """``resolve_documents`` keyword arguments for config ``name`` run for ``steps`` optimizer steps of
     ``accumulate`` micro-batches (default and production; cpu-tiny and smoke keep theirs)."""
     gbs = 4 * accumulate
-    base = {"resume": False, "eval": {"interval": 0, "final_validation": False, "initial_validation": False}}
+    base = {
+        "resume": False,
+        "eval": {"interval": 0, "final_validation": False, "initial_validation": False},
+    }
     if name == "default":
-        return {"train_overrides": {**base, "train": {"global_batch_size": gbs, "max_tokens": steps * gbs * 512}}}
+        return {
+            "train_overrides": {
+                **base,
+                "train": {"global_batch_size": gbs, "max_tokens": steps * gbs * 512},
+            }
+        }
     if name == "smoke":
         return {"smoke_test": True, "train_overrides": {"resume": False}}
     if name == "cpu-tiny":
-        return {"preset": "cpu-tiny",
-                "train_overrides": {"resume": False, "train": {"max_tokens": steps * 8 * 128, "save_interval": None}}}
+        return {
+            "preset": "cpu-tiny",
+            "train_overrides": {
+                "resume": False,
+                "train": {"max_tokens": steps * 8 * 128, "save_interval": None},
+            },
+        }
     if name == "production":
-        return {"preset": "production", "train_overrides": {
-            **base, "train": {"global_batch_size": gbs, "max_tokens": steps * gbs * 512},
-            "optimization": {"flash_attention_force": False, "disable_math_fallback": False,
-                             "compile_mode": "default"}}}
+        return {
+            "preset": "production",
+            "train_overrides": {
+                **base,
+                "train": {"global_batch_size": gbs, "max_tokens": steps * gbs * 512},
+                "optimization": {
+                    "flash_attention_force": False,
+                    "disable_math_fallback": False,
+                    "compile_mode": "default",
+                },
+            },
+        }
     raise ValueError(f"unknown config {name!r}; valid: {', '.join(CONFIGS)}")
 
 
@@ -98,21 +120,28 @@ def _child(argv: list[str]) -> int:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         free, total = torch.cuda.mem_get_info()
         reserved = torch.cuda.memory_reserved()
-        doc.update(cuda_max_reserved=torch.cuda.max_memory_reserved(),
-                   cuda_max_allocated=torch.cuda.max_memory_allocated(),
-                   cuda_outside_allocator=max(0, total - free - reserved))
+        doc.update(
+            cuda_max_reserved=torch.cuda.max_memory_reserved(),
+            cuda_max_allocated=torch.cuda.max_memory_allocated(),
+            cuda_outside_allocator=max(0, total - free - reserved),
+        )
     print(MARK + json.dumps(doc), flush=True)
     return code
 
 
-def measure(name: str, steps: int, accumulate: int, work: Path, device_kind: str, timeout: float) -> dict:
+def measure(
+    name: str, steps: int, accumulate: int, work: Path, device_kind: str, timeout: float
+) -> dict:
     """Run config ``name`` in a child process; the row of the table (estimate, measured, ratio)."""
     from service.configs import resolve_documents, validate_configs
     from service.estimate import estimate
     from worker.metrics import read_metrics
 
-    train, model = resolve_documents(ROOT / "configs" / "train_config.yaml", ROOT / "configs" / "model_config.yaml",
-                                     **layers(name, steps, accumulate))
+    train, model = resolve_documents(
+        ROOT / "configs" / "train_config.yaml",
+        ROOT / "configs" / "model_config.yaml",
+        **layers(name, steps, accumulate),
+    )
     out = work / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)
     train["out_dir"] = str(out)
@@ -120,12 +149,24 @@ def measure(name: str, steps: int, accumulate: int, work: Path, device_kind: str
     (work / f"{name}.model.json").write_text(json.dumps(model, indent=1))
     v = validate_configs(train, model)
     est = estimate(v.train, v.model, device_kind=device_kind)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--",
-           "--config", str(work / f"{name}.train.json"), "--model-config", str(work / f"{name}.model.json")]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--",
+        "--config",
+        str(work / f"{name}.train.json"),
+        "--model-config",
+        str(work / f"{name}.model.json"),
+    ]
     if name == "smoke":
-        cmd.append("--smoke-test")  # same overrides again, and no checkpoint (as run_train.py --smoke-test)
+        cmd.append(
+            "--smoke-test"
+        )  # same overrides again, and no checkpoint (as run_train.py --smoke-test)
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -134,17 +175,33 @@ def measure(name: str, steps: int, accumulate: int, work: Path, device_kind: str
     wall = time.perf_counter() - started
     # the child reports its own peak (VmHWM): RUSAGE_CHILDREN's ru_maxrss is the largest child so far,
     # which would hide a smaller config run after a larger one
-    report = next((json.loads(line[len(MARK):]) for line in stdout.splitlines() if line.startswith(MARK)), {})
-    row: dict = {"config": name, "model": v.model.name, "params": est.params.total, "precision": v.train.precision,
-                 "compile": v.train.optimization.compile, "checkpointing": v.train.train.gradient_checkpointing,
-                 "micro_batch": v.train.train.micro_batch_size, "seq_len": est.plan.seq_len,
-                 "steps": est.plan.optimizer_steps, "exit": report.get("exit", proc.returncode),
-                 "wall_s": round(wall, 1),
-                 "estimate_bytes": est.memory.total, "estimate": asdict(est.memory)}
+    report = next(
+        (json.loads(line[len(MARK) :]) for line in stdout.splitlines() if line.startswith(MARK)), {}
+    )
+    row: dict = {
+        "config": name,
+        "model": v.model.name,
+        "params": est.params.total,
+        "precision": v.train.precision,
+        "compile": v.train.optimization.compile,
+        "checkpointing": v.train.train.gradient_checkpointing,
+        "micro_batch": v.train.train.micro_batch_size,
+        "seq_len": est.plan.seq_len,
+        "steps": est.plan.optimizer_steps,
+        "exit": report.get("exit", proc.returncode),
+        "wall_s": round(wall, 1),
+        "estimate_bytes": est.memory.total,
+        "estimate": asdict(est.memory),
+    }
     if device_kind == "cuda":
         if "cuda_max_reserved" in report:
             row["measured_bytes"] = report["cuda_max_reserved"] + report["cuda_outside_allocator"]
-            row.update({k: report[k] for k in ("cuda_max_reserved", "cuda_max_allocated", "cuda_outside_allocator")})
+            row.update(
+                {
+                    k: report[k]
+                    for k in ("cuda_max_reserved", "cuda_max_allocated", "cuda_outside_allocator")
+                }
+            )
     else:
         row["measured_bytes"] = report.get("vmhwm_bytes")
     if row.get("measured_bytes"):
@@ -166,15 +223,18 @@ def _gib(b) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | model | precision | compile | ckpt | micro-batch x seq | estimate GiB | measured GiB | "
-             "estimate/measured | first step s | step s |",
-             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| config | model | precision | compile | ckpt | micro-batch x seq | estimate GiB | measured GiB | "
+        "estimate/measured | first step s | step s |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['model']} | {r['precision']} | {r['compile']} | {r['checkpointing']} | "
             f"{r['micro_batch']} x {r['seq_len']} | {_gib(r['estimate_bytes'])} | {_gib(r.get('measured_bytes'))} | "
             f"{r.get('ratio', '-')} | {r.get('first_step_s', '-')} | {r.get('step_s') or '-'} |"
-            + (f" error: {r['error']}" if r.get("error") else ""))
+            + (f" error: {r['error']}" if r.get("error") else "")
+        )
     return "\n".join(lines)
 
 
@@ -183,20 +243,40 @@ def main(argv=None) -> int:
     if argv[:1] == ["--child"]:
         return _child(argv[2:] if argv[1:2] == ["--"] else argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default=None, help=f"comma-separated configs to run ({', '.join(CONFIGS)})")
+    p.add_argument(
+        "--only", default=None, help=f"comma-separated configs to run ({', '.join(CONFIGS)})"
+    )
     p.add_argument("--skip", default="", help="comma-separated configs to skip")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per config (smoke: always 1)")
-    p.add_argument("--accumulate", type=int, default=2,
-                   help="micro-batches per optimizer step for default and production (shipped: 32)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="what to measure (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--steps", type=int, default=3, help="optimizer steps per config (smoke: always 1)"
+    )
+    p.add_argument(
+        "--accumulate",
+        type=int,
+        default=2,
+        help="micro-batches per optimizer step for default and production (shipped: 32)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="what to measure (default: cuda when available, else cpu)",
+    )
     p.add_argument("--workdir", default="/tmp/moejobs-memcheck")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per config")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    p.add_argument("--out", default=None, help="also write the JSON document here, after each config "
-                   "(what finished survives a timeout)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="also write the JSON document here, after each config "
+        "(what finished survives a timeout)",
+    )
     args = p.parse_args(argv)
-    names = [n for n in (args.only.split(",") if args.only else CONFIGS) if n and n not in args.skip.split(",")]
+    names = [
+        n
+        for n in (args.only.split(",") if args.only else CONFIGS)
+        if n and n not in args.skip.split(",")
+    ]
     for n in names:
         layers(n, 1)  # unknown names fail before anything runs
     import torch
@@ -207,16 +287,26 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     seed_demo_data(work)
-    head = {"benchmark": "memory_check", "device": kind, "torch": torch.__version__, "machine": platform.machine(),
-            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    head = {
+        "benchmark": "memory_check",
+        "device": kind,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     if kind == "cuda":
         head["gpu"] = torch.cuda.get_device_name()
     rows = []
     for n in names:
         row = measure(n, args.steps, args.accumulate, work, kind, args.timeout)
         rows.append(row)
-        print(f"{n}: estimate {_gib(row['estimate_bytes'])} GiB, measured {_gib(row.get('measured_bytes'))} GiB, "
-              f"ratio {row.get('ratio', '-')}, exit {row['exit']}", file=sys.stderr, flush=True)
+        print(
+            f"{n}: estimate {_gib(row['estimate_bytes'])} GiB, measured {_gib(row.get('measured_bytes'))} GiB, "
+            f"ratio {row.get('ratio', '-')}, exit {row['exit']}",
+            file=sys.stderr,
+            flush=True,
+        )
         if args.out:
             Path(args.out).write_text(json.dumps({**head, "rows": rows}, indent=1))
     if args.json:

@@ -30,6 +30,7 @@ trains in 32-true); on CUDA the MoE-200M widths (768, 8 experts of 2048, top-2) 
     uv run python bench/moe_layer.py --device cuda --tokens 2048,8192,32768 --compile
     uv run python bench/moe_layer.py --backend grouped_mm,grouped_mm_sync,dense --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,10 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile each layer (default mode)")
-    p.add_argument("--backend", default="auto",
-                   help=f"GroupedMoE backend(s), comma-separated, each one of {', '.join(_BACKENDS)} (default auto)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads on CPU (default 1: stable on a shared machine; 0 = torch's default)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help=f"GroupedMoE backend(s), comma-separated, each one of {', '.join(_BACKENDS)} (default auto)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads on CPU (default 1: stable on a shared machine; 0 = torch's default)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     return p.parse_args(argv)
 
@@ -87,7 +95,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_layers(layers: dict, x, grad, device, precision, iters, warmup) -> dict[str, dict[str, float]]:
+def time_layers(
+    layers: dict, x, grad, device, precision, iters, warmup
+) -> dict[str, dict[str, float]]:
     """Median wall and process-CPU milliseconds of one forward + backward per layer.
 
     The layers take turns within each iteration, so a slow phase of a shared machine hits all of
@@ -110,7 +120,9 @@ def time_layers(layers: dict, x, grad, device, precision, iters, warmup) -> dict
             if i >= warmup:
                 wall[name].append((time.perf_counter() - t0) * 1e3)
                 cpu[name].append((time.process_time() - c0) * 1e3)
-    out = {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in layers}
+    out = {
+        k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in layers
+    }
     times = wall if device.type == "cuda" else cpu
     out["paired_ratio"] = statistics.median(a / b for a, b in zip(times["loop"], times["grouped"]))
     return out
@@ -163,14 +175,24 @@ def main(argv=None) -> int:
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     bad = [b for b in backends if b not in _BACKENDS]
     if bad or not backends:
-        print(f"--backend: {', '.join(bad) or 'empty'} is not one of {', '.join(_BACKENDS)}", file=sys.stderr)
+        print(
+            f"--backend: {', '.join(bad) or 'empty'} is not one of {', '.join(_BACKENDS)}",
+            file=sys.stderr,
+        )
         return 2
     param_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
 
     config = litgpt.Config(
-        n_embd=n_embd, n_head=max(1, n_embd // 64), n_layer=1, padded_vocab_size=64, vocab_size=64,
-        mlp_class_name="LLaMAMoE", n_expert=experts, n_expert_per_token=args.top_k,
-        moe_intermediate_size=inter, bias=False,
+        n_embd=n_embd,
+        n_head=max(1, n_embd // 64),
+        n_layer=1,
+        padded_vocab_size=64,
+        vocab_size=64,
+        mlp_class_name="LLaMAMoE",
+        n_expert=experts,
+        n_expert_per_token=args.top_k,
+        moe_intermediate_size=inter,
+        bias=False,
     )
     torch.manual_seed(0)
     loop = LLaMAMoE(config).to(device, param_dtype)
@@ -187,38 +209,56 @@ def main(argv=None) -> int:
             torch._dynamo.reset()
             layers = {k: torch.compile(v) for k, v in layers.items()}
         for n in tokens:
-            rows.append(measure(layers, grouped, n, n_embd, device, param_dtype, precision, iters, args.warmup))
+            rows.append(
+                measure(
+                    layers, grouped, n, n_embd, device, param_dtype, precision, iters, args.warmup
+                )
+            )
             rows[-1]["forced"] = backend_arg != "auto"
             if not args.json:
                 print(f"  measured {n} tokens ({rows[-1]['backend']})", file=sys.stderr, flush=True)
 
     meta = {
         "benchmark": "moe_layer",
-        "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name(device)
+        if cuda
+        else (platform.processor() or platform.machine()),
         "torch": torch.__version__,
         "litgpt": _version("litgpt"),
         "precision": precision,
         "compile": args.compile,
         "backends": backends,
-        "n_embd": n_embd, "moe_intermediate_size": inter, "n_expert": experts, "top_k": args.top_k,
-        "iters": iters, "warmup": args.warmup,
-        "metric": "wall-clock ms (CUDA-synchronised)" if cuda else "process CPU ms (time.process_time)",
+        "n_embd": n_embd,
+        "moe_intermediate_size": inter,
+        "n_expert": experts,
+        "top_k": args.top_k,
+        "iters": iters,
+        "warmup": args.warmup,
+        "metric": "wall-clock ms (CUDA-synchronised)"
+        if cuda
+        else "process CPU ms (time.process_time)",
         "threads": torch.get_num_threads(),
     }
     if args.json:
         print(json.dumps({**meta, "rows": rows}, indent=1))
     else:
-        print(f"MoE layer fwd+bwd on {meta['device']} | torch {meta['torch']} | {precision} | "
-              f"n_embd {n_embd}, {experts} experts x {inter}, top-{args.top_k} | compile {args.compile} | "
-              f"median of {iters} | {torch.get_num_threads()} thread(s) | ms = {meta['metric']}")
-        print("| tokens | loop ms | grouped ms | ratio loop/grouped (paired) | prestacked ms | stack share | backend |")
+        print(
+            f"MoE layer fwd+bwd on {meta['device']} | torch {meta['torch']} | {precision} | "
+            f"n_embd {n_embd}, {experts} experts x {inter}, top-{args.top_k} | compile {args.compile} | "
+            f"median of {iters} | {torch.get_num_threads()} thread(s) | ms = {meta['metric']}"
+        )
+        print(
+            "| tokens | loop ms | grouped ms | ratio loop/grouped (paired) | prestacked ms | stack share | backend |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
             if "error" in r:
                 print(f"| {r['tokens']} | - | - | - | - | - | {r['backend']}: {r['error']} |")
                 continue
-            print(f"| {r['tokens']} | {r['loop_ms']:.2f} | {r['grouped_ms']:.2f} | {r['ratio']:.2f} ({r['ratio_paired']:.2f}) | "
-                  f"{r['prestacked_ms']:.2f} | {r['stack_share']:.0%} | {r['backend']} |")
+            print(
+                f"| {r['tokens']} | {r['loop_ms']:.2f} | {r['grouped_ms']:.2f} | {r['ratio']:.2f} ({r['ratio_paired']:.2f}) | "
+                f"{r['prestacked_ms']:.2f} | {r['stack_share']:.0%} | {r['backend']} |"
+            )
     return 0
 
 

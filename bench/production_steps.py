@@ -16,6 +16,7 @@ per step), so the script's path is exercised in CI in seconds.
     python bench/production_steps.py --json --max-time 150     # on the GPU machine (bench/gpu_check.sh)
     uv run python bench/production_steps.py --tiny --steps 10  # a CPU check of the script
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,17 @@ sys.path.insert(0, str(ROOT))
 #: What ``--tiny`` puts over the preset so that it runs on a CPU in seconds.
 TINY_TRAIN = {
     "precision": "32-true",
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_seq_length": 64, "lr_warmup_steps": 2},
-    "optimization": {"compile": False, "flash_attention_force": False, "disable_math_fallback": False},
+    "train": {
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "max_seq_length": 64,
+        "lr_warmup_steps": 2,
+    },
+    "optimization": {
+        "compile": False,
+        "flash_attention_force": False,
+        "disable_math_fallback": False,
+    },
 }
 
 
@@ -56,9 +66,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="production")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps (train.max_steps)")
-    p.add_argument("--max-time", type=float, default=None,
-                   help="seconds of training after which the run stops at a step boundary (train.max_time)")
-    p.add_argument("--tiny", action="store_true", help="CPU rehearsal: cpu-tiny's model, CPU overrides")
+    p.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        help="seconds of training after which the run stops at a step boundary (train.max_time)",
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="CPU rehearsal: cpu-tiny's model, CPU overrides"
+    )
     p.add_argument("--workdir", default="/tmp/moejobs-smoke")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -89,24 +105,39 @@ def main(argv=None) -> int:
     if args.tiny:
         overrides = deep_merge(TINY_TRAIN, overrides)
         model_overrides = load_preset("cpu-tiny")["model_config"]
-    v = resolve(ROOT / "configs" / "train_config.yaml", ROOT / "configs" / "model_config.yaml",
-                preset=args.preset, train_overrides=overrides, model_overrides=model_overrides)
+    v = resolve(
+        ROOT / "configs" / "train_config.yaml",
+        ROOT / "configs" / "model_config.yaml",
+        preset=args.preset,
+        train_overrides=overrides,
+        model_overrides=model_overrides,
+    )
     cuda = torch.cuda.is_available() and not args.tiny
     est = estimate(v.train, v.model, device_kind="cuda" if cuda else "cpu")
     rows: list[dict] = []
     t1 = time.perf_counter()
 
-    def on_row(row, plan):  # each step also to stderr: a run killed by its timeout still shows its progress
+    def on_row(
+        row, plan
+    ):  # each step also to stderr: a run killed by its timeout still shows its progress
         rows.append(dict(row))
-        print(f"step {row.get('step')}/{args.steps} loss {row.get('loss')} tokens/s {row.get('tokens_per_sec')} "
-              f"elapsed {row.get('elapsed_s')} s", file=sys.stderr, flush=True)
+        print(
+            f"step {row.get('step')}/{args.steps} loss {row.get('loss')} tokens/s {row.get('tokens_per_sec')} "
+            f"elapsed {row.get('elapsed_s')} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     result = run_training(v.train, v.model, write_checkpoints=False, on_row=on_row)
     wall = time.perf_counter() - t1
     peak = result.peak_memory_bytes  # CPU: peak resident set size, what memory.total_cpu estimates
-    if cuda:  # what memory.total_cuda estimates: the allocator's peak reservation + memory outside it
+    if (
+        cuda
+    ):  # what memory.total_cuda estimates: the allocator's peak reservation + memory outside it
         free, total = torch.cuda.mem_get_info()
-        peak = torch.cuda.max_memory_reserved() + max(0, total - free - torch.cuda.memory_reserved())
+        peak = torch.cuda.max_memory_reserved() + max(
+            0, total - free - torch.cuda.memory_reserved()
+        )
     tps = steady_tokens_per_s(rows)
     mfus = [float(r["mfu"]) for r in rows if r.get("mfu") is not None]
     t = v.train.train
@@ -136,7 +167,9 @@ def main(argv=None) -> int:
         "mfu": round(mfus[-1], 4) if mfus else None,
         "peak_memory_bytes": peak,
         "estimate_memory_bytes": int(est.memory.total),
-        "peak_over_estimate": round(peak / est.memory.total, 3) if peak and est.memory.total else None,
+        "peak_over_estimate": round(peak / est.memory.total, 3)
+        if peak and est.memory.total
+        else None,
     }
     if args.json:
         print(json.dumps(doc, indent=1))

@@ -13,6 +13,7 @@ the shared CPU machine run it under ``flock /tmp/moejobs-big.lock``. ``--preset 
     python bench/smoke_check.py --json                  # on the GPU machine (bench/gpu_check.sh)
     flock /tmp/moejobs-big.lock uv run python bench/smoke_check.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,17 +50,26 @@ def main(argv=None) -> int:
         "tokenizer_dir": str(tok_dir),
         "data": {"init_args": {"train_data_path": str(train_dir), "val_data_path": str(val_dir)}},
     }
-    v = resolve(ROOT / "configs" / "train_config.yaml", ROOT / "configs" / "model_config.yaml",
-                preset=args.preset, smoke_test=True, train_overrides=overrides)
+    v = resolve(
+        ROOT / "configs" / "train_config.yaml",
+        ROOT / "configs" / "model_config.yaml",
+        preset=args.preset,
+        smoke_test=True,
+        train_overrides=overrides,
+    )
     cuda = torch.cuda.is_available()
     est = estimate(v.train, v.model, device_kind="cuda" if cuda else "cpu")
     t1 = time.perf_counter()
     result = run_training(v.train, v.model, write_checkpoints=False)
     wall = time.perf_counter() - t1
     peak = result.peak_memory_bytes  # CPU: peak resident set size, what memory.total_cpu estimates
-    if cuda:  # what memory.total_cuda estimates: the allocator's peak reservation + memory outside it
+    if (
+        cuda
+    ):  # what memory.total_cuda estimates: the allocator's peak reservation + memory outside it
         free, total = torch.cuda.mem_get_info()
-        peak = torch.cuda.max_memory_reserved() + max(0, total - free - torch.cuda.memory_reserved())
+        peak = torch.cuda.max_memory_reserved() + max(
+            0, total - free - torch.cuda.memory_reserved()
+        )
     doc = {
         "benchmark": "smoke_test",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -75,7 +85,9 @@ def main(argv=None) -> int:
         "peak_memory_bytes": peak,
         "peak_allocated_bytes": result.peak_memory_bytes if cuda else None,
         "estimate_memory_bytes": int(est.memory.total),
-        "peak_over_estimate": round(peak / est.memory.total, 3) if peak and est.memory.total else None,
+        "peak_over_estimate": round(peak / est.memory.total, 3)
+        if peak and est.memory.total
+        else None,
     }
     if args.json:
         print(json.dumps(doc, indent=1))

@@ -11,6 +11,7 @@ lock up front: BEGIN IMMEDIATE on SQLite, an advisory transaction lock on Postgr
 processes migrating at once (``moejobs up`` twice) run one after the other and the second finds
 nothing to do. SQLite gets batch mode (copy-and-move) for ALTERs it cannot do in place.
 """
+
 from __future__ import annotations
 
 import logging.config
@@ -109,8 +110,10 @@ def run_migrations_online() -> None:
                     if raw is not None:
                         broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                         if broken:
-                            raise RuntimeError(f"migration left rows whose foreign keys point "
-                                               f"nowhere: {broken[:5]}")
+                            raise RuntimeError(
+                                f"migration left rows whose foreign keys point "
+                                f"nowhere: {broken[:5]}"
+                            )
             finally:
                 if raw is not None:
                     raw.execute("PRAGMA foreign_keys=ON")

@@ -27,6 +27,7 @@ Rules (README "Admission"):
 Refusals are returned, not raised: the API turns them into 422 ``unschedulable`` (or, for the
 capacity ones with ALLOW_UNSCHEDULABLE, into warnings).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,10 +45,22 @@ if TYPE_CHECKING:  # pragma: no cover
     from service.settings import Settings
 
 __all__ = [
-    "WARN_FACTOR", "REFUSE_FACTOR", "MAX_PARAMETERS", "MAX_RANK_MEMORY_BYTES",
-    "MAX_OPTIMIZER_STEPS", "MAX_MICRO_BATCHES", "MAX_CHECKPOINTS", "MAX_TOTAL_FLOPS",
-    "rank_memory_bytes", "kept_checkpoint_bytes", "absurd_errors", "Slot", "slots",
-    "expected_times", "Verdict", "admit",
+    "WARN_FACTOR",
+    "REFUSE_FACTOR",
+    "MAX_PARAMETERS",
+    "MAX_RANK_MEMORY_BYTES",
+    "MAX_OPTIMIZER_STEPS",
+    "MAX_MICRO_BATCHES",
+    "MAX_CHECKPOINTS",
+    "MAX_TOTAL_FLOPS",
+    "rank_memory_bytes",
+    "kept_checkpoint_bytes",
+    "absurd_errors",
+    "Slot",
+    "slots",
+    "expected_times",
+    "Verdict",
+    "admit",
 ]
 
 #: From this fraction of the largest live worker's memory per device: a warning.
@@ -137,47 +150,82 @@ def absurd_errors(validated: Validated, est: Estimate) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     params = est.params.total
     if params > MAX_PARAMETERS:
-        width = ("moe_intermediate_size", model.moe_intermediate_size) if model.is_moe else (
-            "intermediate_size", model.resolved_intermediate_size)
-        fields = [("n_layer", model.n_layer), ("n_embd", model.n_embd),
-                  ("n_expert", model.n_expert) if model.is_moe else None, width,
-                  ("padded_vocab_size", model.resolved_padded_vocab_size)]
+        width = (
+            ("moe_intermediate_size", model.moe_intermediate_size)
+            if model.is_moe
+            else ("intermediate_size", model.resolved_intermediate_size)
+        )
+        fields = [
+            ("n_layer", model.n_layer),
+            ("n_embd", model.n_embd),
+            ("n_expert", model.n_expert) if model.is_moe else None,
+            width,
+            ("padded_vocab_size", model.resolved_padded_vocab_size),
+        ]
         shown = ", ".join(f"{k} {_num(v)}" for k, v in filter(None, fields))
-        out.append(_error(_MODEL, f"the model has {_num(params)} parameters ({shown}): more "
-                          f"than {MAX_PARAMETERS:.0e}, which no machine can train; make it "
-                          f"smaller"))
+        out.append(
+            _error(
+                _MODEL,
+                f"the model has {_num(params)} parameters ({shown}): more "
+                f"than {MAX_PARAMETERS:.0e}, which no machine can train; make it "
+                f"smaller",
+            )
+        )
     need = max(rank_memory_bytes(est, "cpu"), rank_memory_bytes(est, "cuda"))
     if need > MAX_RANK_MEMORY_BYTES and params <= MAX_PARAMETERS:
-        out.append(_error([*_TRAIN, "train", "micro_batch_size"],
-                          f"one rank would need {fmt_bytes(need)} of memory (micro_batch_size "
-                          f"{_num(t.micro_batch_size)} samples of {_num(plan.seq_len)} tokens): "
-                          f"more than "
-                          f"{fmt_bytes(MAX_RANK_MEMORY_BYTES)}, which no machine has"))
-    steps_field = "max_steps" if t.max_steps is not None and t.max_steps < plan.steps_from_tokens \
+        out.append(
+            _error(
+                [*_TRAIN, "train", "micro_batch_size"],
+                f"one rank would need {fmt_bytes(need)} of memory (micro_batch_size "
+                f"{_num(t.micro_batch_size)} samples of {_num(plan.seq_len)} tokens): "
+                f"more than "
+                f"{fmt_bytes(MAX_RANK_MEMORY_BYTES)}, which no machine has",
+            )
+        )
+    steps_field = (
+        "max_steps"
+        if t.max_steps is not None and t.max_steps < plan.steps_from_tokens
         else "max_tokens"
+    )
     steps_value = t.max_steps if steps_field == "max_steps" else t.max_tokens
     if plan.optimizer_steps > MAX_OPTIMIZER_STEPS:
-        out.append(_error([*_TRAIN, "train", steps_field],
-                          f"{steps_field} {_num(steps_value)} plans {_num(plan.optimizer_steps)} "
-                          f"optimizer steps of {_num(plan.tokens_per_step)} tokens: more than "
-                          f"{MAX_OPTIMIZER_STEPS:.0e}; lower {steps_field} or raise "
-                          f"global_batch_size"))
+        out.append(
+            _error(
+                [*_TRAIN, "train", steps_field],
+                f"{steps_field} {_num(steps_value)} plans {_num(plan.optimizer_steps)} "
+                f"optimizer steps of {_num(plan.tokens_per_step)} tokens: more than "
+                f"{MAX_OPTIMIZER_STEPS:.0e}; lower {steps_field} or raise "
+                f"global_batch_size",
+            )
+        )
     elif plan.micro_batches_trained > MAX_MICRO_BATCHES:
-        out.append(_error([*_TRAIN, "train", steps_field],
-                          f"{steps_field} {_num(steps_value)} plans "
-                          f"{_num(plan.micro_batches_trained)} micro-batches per rank: more than "
-                          f"{MAX_MICRO_BATCHES:.0e}; lower {steps_field}"))
+        out.append(
+            _error(
+                [*_TRAIN, "train", steps_field],
+                f"{steps_field} {_num(steps_value)} plans "
+                f"{_num(plan.micro_batches_trained)} micro-batches per rank: more than "
+                f"{MAX_MICRO_BATCHES:.0e}; lower {steps_field}",
+            )
+        )
     if est.checkpoints_written > MAX_CHECKPOINTS:
-        out.append(_error([*_TRAIN, "train", "save_interval"],
-                          f"save_interval {_num(t.save_interval)} writes "
-                          f"{_num(est.checkpoints_written)} checkpoints over "
-                          f"{_num(plan.optimizer_steps)} steps: more than {MAX_CHECKPOINTS:.0e}; "
-                          f"raise save_interval"))
+        out.append(
+            _error(
+                [*_TRAIN, "train", "save_interval"],
+                f"save_interval {_num(t.save_interval)} writes "
+                f"{_num(est.checkpoints_written)} checkpoints over "
+                f"{_num(plan.optimizer_steps)} steps: more than {MAX_CHECKPOINTS:.0e}; "
+                f"raise save_interval",
+            )
+        )
     if est.total_flops > MAX_TOTAL_FLOPS and not out:
-        out.append(_error([*_TRAIN, "train", "max_tokens"],
-                          f"the run needs {float(est.total_flops):.3g} FLOPs "
-                          f"({_num(plan.tokens_trained)} tokens x {float(est.flops_per_token):.3g} "
-                          f"FLOPs per token): more than {MAX_TOTAL_FLOPS:.0e}; lower max_tokens"))
+        out.append(
+            _error(
+                [*_TRAIN, "train", "max_tokens"],
+                f"the run needs {float(est.total_flops):.3g} FLOPs "
+                f"({_num(plan.tokens_trained)} tokens x {float(est.flops_per_token):.3g} "
+                f"FLOPs per token): more than {MAX_TOTAL_FLOPS:.0e}; lower max_tokens",
+            )
+        )
     return out
 
 
@@ -220,8 +268,11 @@ class Slot:
         if self.memory_per_device is None:
             mem = "no memory reported"
         elif self.cpu:
-            shared = (f", shared by {self.shared_by} CPU workers of host {self.host}"
-                      if self.shared_by > 1 else "")
+            shared = (
+                f", shared by {self.shared_by} CPU workers of host {self.host}"
+                if self.shared_by > 1
+                else ""
+            )
             mem = f"{fmt_bytes(self.memory_per_device)} host memory{shared}"
         else:
             mem = f"{fmt_bytes(self.memory_per_device)} per GPU"
@@ -238,14 +289,23 @@ def slots(workers: list[Worker]) -> list[Slot]:
     for w in workers:
         cpu = w.gpu_count == 0
         memory = w.host_memory_bytes if cpu else w.gpu_memory_bytes
-        out.append(Slot(worker_id=w.id, host=w.host, kind=w.kind or "unknown",
-                        devices=w.gpu_count, memory_per_device=memory if memory else None,
-                        shared_by=cpu_per_host[w.host] if cpu else 1, free_bytes=w.free_bytes))
+        out.append(
+            Slot(
+                worker_id=w.id,
+                host=w.host,
+                kind=w.kind or "unknown",
+                devices=w.gpu_count,
+                memory_per_device=memory if memory else None,
+                shared_by=cpu_per_host[w.host] if cpu else 1,
+                free_bytes=w.free_bytes,
+            )
+        )
     return out
 
 
-def expected_times(est: Estimate, precision: str, model_key: str, kinds: list[str],
-                   rows: list[Throughput]) -> list[dict[str, Any]]:
+def expected_times(
+    est: Estimate, precision: str, model_key: str, kinds: list[str], rows: list[Throughput]
+) -> list[dict[str, Any]]:
     """The expected training time on each worker kind in ``kinds`` (sorted fastest first,
     kinds without a figure last): ``{"kind", "time_s" (None without a figure), "source"
     ("measured" | "scaled" | "datasheet" | "none"), "basis"}``.
@@ -261,29 +321,42 @@ def expected_times(est: Estimate, precision: str, model_key: str, kinds: list[st
     for kind in sorted(set(kinds)):
         mine = [r for r in rows if r.worker_kind == kind]
         exact = next((r for r in mine if r.model_key == model_key), None)
-        others = [r.flops_per_sec_per_device for r in mine
-                  if r.model_key != model_key and r.flops_per_sec_per_device]
+        others = [
+            r.flops_per_sec_per_device
+            for r in mine
+            if r.model_key != model_key and r.flops_per_sec_per_device
+        ]
         peak = contract.peak_flops_per_device(kind, precision)
         if exact is not None:
             tps = exact.tokens_per_sec_per_device * world
-            entry = {"time_s": tokens / tps, "source": "measured",
-                     "basis": f"{tps:,.4g} tokens/s measured on {exact.runs} finished run(s) of "
-                              f"this model config"}
+            entry = {
+                "time_s": tokens / tps,
+                "source": "measured",
+                "basis": f"{tps:,.4g} tokens/s measured on {exact.runs} finished run(s) of "
+                f"this model config",
+            }
         elif others:
             flops = sum(others) / len(others)
-            entry = {"time_s": float(est.total_flops) / (flops * world), "source": "scaled",
-                     "basis": f"{flops / 1e12:,.4g} TFLOP/s per device reached by "
-                              f"{len(others)} other model config(s) on this kind"}
+            entry = {
+                "time_s": float(est.total_flops) / (flops * world),
+                "source": "scaled",
+                "basis": f"{flops / 1e12:,.4g} TFLOP/s per device reached by "
+                f"{len(others)} other model config(s) on this kind",
+            }
         elif peak is not None:
-            entry = {"time_s": float(est.total_flops) / (world * peak * est.mfu),
-                     "source": "datasheet",
-                     "basis": f"datasheet peak {peak / 1e12:,.4g} TFLOP/s at "
-                              f"{est.mfu:.0%} MFU"}
+            entry = {
+                "time_s": float(est.total_flops) / (world * peak * est.mfu),
+                "source": "datasheet",
+                "basis": f"datasheet peak {peak / 1e12:,.4g} TFLOP/s at {est.mfu:.0%} MFU",
+            }
         else:
-            entry = {"time_s": None, "source": "none",
-                     "basis": "no figure yet: no run has finished on this kind and it has no "
-                              "datasheet entry (CPUs have none); the first run to succeed "
-                              "here calibrates it"}
+            entry = {
+                "time_s": None,
+                "source": "none",
+                "basis": "no figure yet: no run has finished on this kind and it has no "
+                "datasheet entry (CPUs have none); the first run to succeed "
+                "here calibrates it",
+            }
         out.append({"kind": kind, **entry})
     out.sort(key=lambda e: (e["time_s"] is None, e["time_s"] or 0.0))
     return out
@@ -337,7 +410,10 @@ def remedies(validated: Validated, capacity: int, device_kind: str = "cuda") -> 
     if not t.gradient_checkpointing and (n := need(gradient_checkpointing=True)) <= capacity:
         out.append(f"gradient_checkpointing: true ({fmt_bytes(n)})")
     for ckpt in options:
-        if t.micro_batch_size <= 1 or need(micro_batch_size=1, gradient_checkpointing=ckpt) > capacity:
+        if (
+            t.micro_batch_size <= 1
+            or need(micro_batch_size=1, gradient_checkpointing=ckpt) > capacity
+        ):
             continue
         lo, hi = 1, t.micro_batch_size - 1  # memory grows with the micro-batch: bisect
         while lo < hi:
@@ -346,12 +422,15 @@ def remedies(validated: Validated, capacity: int, device_kind: str = "cuda") -> 
                 lo = mid
             else:
                 hi = mid - 1
-        m = next((m for m in range(lo, max(0, lo - 4096), -1)
-                  if t.global_batch_size % (m * world) == 0), None)
+        m = next(
+            (m for m in range(lo, max(0, lo - 4096), -1) if t.global_batch_size % (m * world) == 0),
+            None,
+        )
         if m is None:
             continue
-        what = f"micro_batch_size {m}" + (" with gradient_checkpointing: true"
-                                           if ckpt and not t.gradient_checkpointing else "")
+        what = f"micro_batch_size {m}" + (
+            " with gradient_checkpointing: true" if ckpt and not t.gradient_checkpointing else ""
+        )
         out.append(f"{what} ({fmt_bytes(need(micro_batch_size=m, gradient_checkpointing=ckpt))})")
         break
     return out
@@ -364,26 +443,38 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
     devices = _devices(validated)
     need = rank_memory_bytes(est)  # on a GPU; _check_memory replaces it by the best slot's kind
     kept = kept_checkpoint_bytes(est, settings.keep_checkpoints)
-    verdict.fleet = {"memory_per_rank_bytes": need, "kept_checkpoint_bytes": kept,
-                     "largest_worker": None, "time": []}
+    verdict.fleet = {
+        "memory_per_rank_bytes": need,
+        "kept_checkpoint_bytes": kept,
+        "largest_worker": None,
+        "time": [],
+    }
     if validated.train.num_nodes > 1:
-        verdict.refusals.append(_error(
-            [*_TRAIN, "num_nodes"], f"num_nodes {validated.train.num_nodes}: a moejobs worker "
-            f"runs a job on one machine; use num_nodes 1"))
+        verdict.refusals.append(
+            _error(
+                [*_TRAIN, "num_nodes"],
+                f"num_nodes {validated.train.num_nodes}: a moejobs worker "
+                f"runs a job on one machine; use num_nodes 1",
+            )
+        )
         return verdict
     workers = runs_service.live_workers(session, settings.worker_stale_seconds, role="trains")
     live = slots(workers)
     able = [s for s, w in zip(live, workers) if runs_service.worker_can_serve(w, devices)]
     if not able:
         if not live:
-            msg = (f"no live worker (none heartbeated in the last "
-                   f"{settings.worker_stale_seconds:g} s) can run it: start one with `moejobs "
-                   f"worker`, or set MOEJOBS_ALLOW_UNSCHEDULABLE=true to queue anyway")
+            msg = (
+                f"no live worker (none heartbeated in the last "
+                f"{settings.worker_stale_seconds:g} s) can run it: start one with `moejobs "
+                f"worker`, or set MOEJOBS_ALLOW_UNSCHEDULABLE=true to queue anyway"
+            )
         else:
             most = max(s.devices for s in live)
-            msg = (f"devices {devices}: no live worker can serve it (the largest has {most} "
-                   f"GPU(s); {len(live)} live worker(s)); lower devices or add a worker with "
-                   f"more GPUs")
+            msg = (
+                f"devices {devices}: no live worker can serve it (the largest has {most} "
+                f"GPU(s); {len(live)} live worker(s)); lower devices or add a worker with "
+                f"more GPUs"
+            )
         verdict.refusals.append(_error([*_TRAIN, "devices"], msg))
         return verdict
 
@@ -399,62 +490,105 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
     verdict.fleet["time"] = times
     fastest = next((e for e in times if e["time_s"] is not None), None)
     if fastest is not None and fastest["time_s"] > settings.long_run_seconds:
-        verdict.warnings.append({"loc": [*_TRAIN, "train", "max_tokens"], "msg": (
-            f"expected to take {fmt_seconds(fastest['time_s'])} on the fastest live worker kind "
-            f"({fastest['kind']}, {fastest['source']}: {fastest['basis']}): more than "
-            f"MOEJOBS_LONG_RUN_SECONDS ({fmt_seconds(settings.long_run_seconds)})")})
+        verdict.warnings.append(
+            {
+                "loc": [*_TRAIN, "train", "max_tokens"],
+                "msg": (
+                    f"expected to take {fmt_seconds(fastest['time_s'])} on the fastest live worker kind "
+                    f"({fastest['kind']}, {fastest['source']}: {fastest['basis']}): more than "
+                    f"MOEJOBS_LONG_RUN_SECONDS ({fmt_seconds(settings.long_run_seconds)})"
+                ),
+            }
+        )
     return verdict
 
 
-def _check_memory(verdict: Verdict, validated: Validated, est: Estimate,
-                  able: list[Slot]) -> None:
+def _check_memory(verdict: Verdict, validated: Validated, est: Estimate, able: list[Slot]) -> None:
     """Compare the rank's need on each worker's device kind (host memory for a CPU worker,
     device memory for a GPU worker) with its memory; the worker it fits best decides."""
     known = [s for s in able if s.memory_per_device is not None]
     unknown = [s for s in able if s.memory_per_device is None]
     if not known:
         return
-    best = min(known, key=lambda s: (rank_memory_bytes(est, s.device_kind)
-                                     / (s.memory_per_device or 1), -(s.memory_per_device or 0)))
+    best = min(
+        known,
+        key=lambda s: (
+            rank_memory_bytes(est, s.device_kind) / (s.memory_per_device or 1),
+            -(s.memory_per_device or 0),
+        ),
+    )
     kind = best.device_kind
     need = rank_memory_bytes(est, kind)
     cap = best.memory_per_device or 0
     ratio = need / cap
     verdict.fleet["memory_per_rank_bytes"] = need
-    verdict.fleet["largest_worker"] = {"worker_id": best.worker_id, "kind": best.kind,
-                                       "device_kind": kind, "memory_per_device_bytes": cap,
-                                       "memory_per_rank_bytes": need, "ratio": ratio}
-    mem = (f"the estimate needs {fmt_bytes(need)} per rank "
-           f"({'host memory on a CPU' if kind == 'cpu' else 'device memory on a GPU'})")
+    verdict.fleet["largest_worker"] = {
+        "worker_id": best.worker_id,
+        "kind": best.kind,
+        "device_kind": kind,
+        "memory_per_device_bytes": cap,
+        "memory_per_rank_bytes": need,
+        "ratio": ratio,
+    }
+    mem = (
+        f"the estimate needs {fmt_bytes(need)} per rank "
+        f"({'host memory on a CPU' if kind == 'cpu' else 'device memory on a GPU'})"
+    )
     where = best.describe()
     if ratio > REFUSE_FACTOR:
         fixes = remedies(validated, cap, kind)
-        hint = (f"; it would fit with {' or '.join(fixes)}" if fixes
-                else "; no smaller micro_batch_size or gradient checkpointing fits: make the "
-                     "model smaller or add a worker with more memory")
-        msg = (f"{mem}, {ratio:.2f}x the memory of the live worker that can run it with the most room, "
-               f"{where} (at most {REFUSE_FACTOR}x is accepted){hint}")
+        hint = (
+            f"; it would fit with {' or '.join(fixes)}"
+            if fixes
+            else "; no smaller micro_batch_size or gradient checkpointing fits: make the "
+            "model smaller or add a worker with more memory"
+        )
+        msg = (
+            f"{mem}, {ratio:.2f}x the memory of the live worker that can run it with the most room, "
+            f"{where} (at most {REFUSE_FACTOR}x is accepted){hint}"
+        )
         if unknown:  # a worker of unknown size might hold it
-            verdict.warnings.append({"loc": _loc_for(est), "msg": msg + (
-                f" (queued: {len(unknown)} live worker(s) reported no memory, e.g. "
-                f"{unknown[0].worker_id})")})
+            verdict.warnings.append(
+                {
+                    "loc": _loc_for(est),
+                    "msg": msg
+                    + (
+                        f" (queued: {len(unknown)} live worker(s) reported no memory, e.g. "
+                        f"{unknown[0].worker_id})"
+                    ),
+                }
+            )
         else:
             verdict.refusals.append(_error(_loc_for(est), msg))
         return
     if ratio >= WARN_FACTOR:
         fixes = remedies(validated, int(cap * WARN_FACTOR), kind) if ratio > 1 else []
-        why = ("the CPU estimate is within about 15% of measured peaks (bench/RESULTS.md), "
-               "not closer" if kind == "cpu" else
-               "the estimate has not been checked against a GPU's measured peak yet")
+        why = (
+            "the CPU estimate is within about 15% of measured peaks (bench/RESULTS.md), not closer"
+            if kind == "cpu"
+            else "the estimate has not been checked against a GPU's measured peak yet"
+        )
         hint = f"; it fits with margin with {' or '.join(fixes)}" if fixes else ""
-        verdict.warnings.append({"loc": _loc_for(est), "msg": (
-            f"{mem}, {ratio:.2f}x the memory of {where}: {why}, so the run may run out of "
-            f"memory{hint}")})
+        verdict.warnings.append(
+            {
+                "loc": _loc_for(est),
+                "msg": (
+                    f"{mem}, {ratio:.2f}x the memory of {where}: {why}, so the run may run out of "
+                    f"memory{hint}"
+                ),
+            }
+        )
         return
     if best.cpu and best.shared_by > 1 and need >= WARN_FACTOR * cap / best.shared_by:
-        verdict.warnings.append({"loc": _loc_for(est), "msg": (
-            f"{mem}: it fits {where} only while the other CPU workers of that host leave "
-            f"their share free ({fmt_bytes(cap / best.shared_by)} each)")})
+        verdict.warnings.append(
+            {
+                "loc": _loc_for(est),
+                "msg": (
+                    f"{mem}: it fits {where} only while the other CPU workers of that host leave "
+                    f"their share free ({fmt_bytes(cap / best.shared_by)} each)"
+                ),
+            }
+        )
 
 
 def _loc_for(est: Estimate) -> list[Any]:
@@ -467,8 +601,9 @@ def _loc_for(est: Estimate) -> list[Any]:
     return list(_MODEL) if state >= batch else [*_TRAIN, "train", "micro_batch_size"]
 
 
-def _check_storage(verdict: Verdict, kept: int, est: Estimate, settings: Settings,
-                   able: list[Slot]) -> None:
+def _check_storage(
+    verdict: Verdict, kept: int, est: Estimate, settings: Settings, able: list[Slot]
+) -> None:
     known = [s for s in able if s.free_bytes is not None]
     if not known or kept <= 0:
         return
@@ -477,10 +612,15 @@ def _check_storage(verdict: Verdict, kept: int, est: Estimate, settings: Setting
     if kept > free:
         keep = settings.keep_checkpoints
         held = kept // max(1, est.checkpoint_with_optimizer_bytes)
-        verdict.warnings.append({"loc": [*_TRAIN, "train", "save_interval"], "msg": (
-            f"the run keeps up to {held} checkpoint(s) of "
-            f"{fmt_bytes(est.checkpoint_with_optimizer_bytes)} at once ({fmt_bytes(kept)}; "
-            f"{est.checkpoints_written} written, MOEJOBS_KEEP_CHECKPOINTS {keep}"
-            f"{' keeps all' if keep == 0 else ''}), more than the {fmt_bytes(free)} free under "
-            f"RUNS_DIR on {best.describe()}: the run would fail with no_space")})
-
+        verdict.warnings.append(
+            {
+                "loc": [*_TRAIN, "train", "save_interval"],
+                "msg": (
+                    f"the run keeps up to {held} checkpoint(s) of "
+                    f"{fmt_bytes(est.checkpoint_with_optimizer_bytes)} at once ({fmt_bytes(kept)}; "
+                    f"{est.checkpoints_written} written, MOEJOBS_KEEP_CHECKPOINTS {keep}"
+                    f"{' keeps all' if keep == 0 else ''}), more than the {fmt_bytes(free)} free under "
+                    f"RUNS_DIR on {best.describe()}: the run would fail with no_space"
+                ),
+            }
+        )

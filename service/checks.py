@@ -22,6 +22,7 @@ after the run is submitted but before it starts). What stays outside: the fleet'
 (the API's) and the device pre-flight (``worker.train.preflight``, the command line's).
 Nothing here imports torch or the worker.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,7 +53,12 @@ __all__ = [
 
 #: The files of a complete checkpoint folder (``worker.checkpoint.REQUIRED``; a test keeps
 #: the two equal).
-CHECKPOINT_FILES = ("lit_model.pth", "model_config.yaml", "training_state.pt", "training_state.json")
+CHECKPOINT_FILES = (
+    "lit_model.pth",
+    "model_config.yaml",
+    "training_state.pt",
+    "training_state.json",
+)
 #: The weights file of a checkpoint folder (what ``initial_checkpoint_dir`` must hold).
 WEIGHTS_FILE = "lit_model.pth"
 #: A tokenizer folder holds one of these (what ``litgpt.Tokenizer`` loads).
@@ -103,9 +109,12 @@ def data_folder_problem(folder: str | Path) -> str | None:
     level), or None. The message starts with the folder; ``worker.tokenizer.text_files``
     raises it as a ``DataError``."""
     folder = Path(folder)
-    problem = _folder_problem(folder, "data folder does not exist (put .txt files there: "
-                                      "`moejobs seed-data` writes a demo corpus, "
-                                      "POST /datasets/{name} uploads one)")
+    problem = _folder_problem(
+        folder,
+        "data folder does not exist (put .txt files there: "
+        "`moejobs seed-data` writes a demo corpus, "
+        "POST /datasets/{name} uploads one)",
+    )
     if problem:
         return problem
     if not folder.is_dir():
@@ -125,8 +134,11 @@ def tokenizer_folder_problem(folder: str | Path) -> str | None:
     ``worker.tokenizer.load_tokenizer`` raises it (after ``tokenizer_dir``) as a ``DataError``
     and checks the contents further when it loads them."""
     folder = Path(folder)
-    problem = _folder_problem(folder, "folder does not exist (train one with `moejobs tokenizer "
-                                      "train`, or POST /tokenizers/{name} on the API)")
+    problem = _folder_problem(
+        folder,
+        "folder does not exist (train one with `moejobs tokenizer "
+        "train`, or POST /tokenizers/{name} on the API)",
+    )
     if problem:
         return problem
     if not folder.is_dir():
@@ -140,8 +152,11 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     """Why ``folder`` is not a complete checkpoint folder to resume from, or None (the text
     the engine gives for ``resume: PATH``)."""
     folder = Path(folder)
-    if _stat(folder) is None or not folder.is_dir() or not all(
-            _is_file(folder / name) for name in CHECKPOINT_FILES):
+    if (
+        _stat(folder) is None
+        or not folder.is_dir()
+        or not all(_is_file(folder / name) for name in CHECKPOINT_FILES)
+    ):
         return f"{_shown(folder)} is not a complete checkpoint folder (needs {', '.join(CHECKPOINT_FILES)})"
     return None
 
@@ -180,8 +195,11 @@ class InputProblem:
     @property
     def exit_code(self) -> int:
         """The engine's exit code for it: 2 for ``invalid_config``, else 1."""
-        return int(ExitCode.INVALID_CONFIG if self.reason == FailureReason.invalid_config
-                   else ExitCode.FAILED)
+        return int(
+            ExitCode.INVALID_CONFIG
+            if self.reason == FailureReason.invalid_config
+            else ExitCode.FAILED
+        )
 
 
 def input_problems(train: dict) -> list[InputProblem]:
@@ -202,7 +220,9 @@ def input_problems(train: dict) -> list[InputProblem]:
         problem = tokenizer_folder_problem(tokenizer)
         if problem:
             out.append(InputProblem(Issue(("tokenizer_dir",), problem)))
-    elif isinstance(initial, str) and initial_problem is None:  # the tokenizer comes with the weights
+    elif (
+        isinstance(initial, str) and initial_problem is None
+    ):  # the tokenizer comes with the weights
         problem = tokenizer_folder_problem(initial)
         if problem:
             out.append(InputProblem(Issue(("initial_checkpoint_dir",), problem)))
@@ -258,8 +278,9 @@ class ServerPaths:
     missing_inputs_are_errors = False
 
     def resolve(self, train: dict) -> dict:
-        return resolve_run_paths(train, data_root=self.data_root, runs_dir=self.runs_dir,
-                                 run_dir=self.run_dir)
+        return resolve_run_paths(
+            train, data_root=self.data_root, runs_dir=self.runs_dir, run_dir=self.run_dir
+        )
 
 
 @dataclass
@@ -290,19 +311,26 @@ def check_run(train: dict, model: dict, paths: LocalPaths | ServerPaths) -> Chec
     validated = validate_configs(train, model)
     if validated.train.resume is True and not paths.missing_inputs_are_errors:
         # an API run's out_dir is its own new folder: nothing can put a checkpoint there first
-        raise ConfigError(Issue(("resume",), "resume: true needs a complete checkpoint in "
-                                "out_dir, and a new run's out_dir is empty; use resume: auto "
-                                "(a run re-queued after a crash resumes from its own "
-                                "checkpoints) or resume: PATH of a checkpoint folder"))
+        raise ConfigError(
+            Issue(
+                ("resume",),
+                "resume: true needs a complete checkpoint in "
+                "out_dir, and a new run's out_dir is empty; use resume: auto "
+                "(a run re-queued after a crash resumes from its own "
+                "checkpoints) or resume: PATH of a checkpoint folder",
+            )
+        )
     resolved = paths.resolve(validated.train.model_dump(mode="json"))
     problems = input_problems(resolved)
     if validated.train.resume is True and isinstance(paths, LocalPaths):
         problem = resume_true_problem(paths.out_dir(resolved))
         if problem:
-            problems.insert(0, InputProblem(Issue(("resume",), problem),
-                                            FailureReason.invalid_config))
+            problems.insert(
+                0, InputProblem(Issue(("resume",), problem), FailureReason.invalid_config)
+            )
     warnings = list(validated.warnings)
     if paths.missing_inputs_are_errors:
         return Checked(validated=validated, train=resolved, warnings=warnings, errors=problems)
-    return Checked(validated=validated, train=resolved,
-                   warnings=warnings + [p.issue for p in problems])
+    return Checked(
+        validated=validated, train=resolved, warnings=warnings + [p.issue for p in problems]
+    )

@@ -3,6 +3,7 @@
 Subcommands that train import torch lazily, so the command works on an API-only install for
 everything else.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from worker.tokenizer import train_tokenizer, vocab_warnings
 
     try:
-        out = train_tokenizer([Path(d) for d in args.data], Path(args.out), vocab_size=args.vocab_size)
+        out = train_tokenizer(
+            [Path(d) for d in args.data], Path(args.out), vocab_size=args.vocab_size
+        )
     except (DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -57,8 +60,12 @@ def _apply_settings(args: argparse.Namespace):
     the flag or the ``MOEJOBS_*`` variable the user set."""
     from service.settings import InvalidSettingsError, load_settings, use_settings
 
-    given = {"home": args.home, "host": args.host, "port": args.port,
-             "worker_role": getattr(args, "role", None)}
+    given = {
+        "home": args.home,
+        "host": args.host,
+        "port": args.port,
+        "worker_role": getattr(args, "role", None),
+    }
     values = {k: Path(v) if k == "home" else v for k, v in given.items() if v not in (None, "")}
     labels = {k: "--role" if k == "worker_role" else f"--{k}" for k in values}
     try:
@@ -90,7 +97,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
         url = sa.make_url(settings.database_url).render_as_string(hide_password=True)
         reason = " ".join((str(exc.orig or exc).strip().splitlines() or [""])[0].split())
-        print(f"error: cannot reach the database of MOEJOBS_DATABASE_URL ({url}): {reason}", file=sys.stderr)
+        print(
+            f"error: cannot reach the database of MOEJOBS_DATABASE_URL ({url}): {reason}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -161,7 +171,10 @@ def _start_stack(settings):
 
     _stop_on_signals()
     stack = LocalStack(settings)
-    print(f"starting the API, a training worker and an aux worker under {settings.home} (logs in {stack.log_dir}) ...", flush=True)
+    print(
+        f"starting the API, a training worker and an aux worker under {settings.home} (logs in {stack.log_dir}) ...",
+        flush=True,
+    )
     try:
         stack.start(progress=lambda line: print(line, flush=True))
     except StackError as exc:
@@ -232,22 +245,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     settings = _apply_settings(args)
     paths = seed_demo_data(settings.data_root)
     n_train = len(list(paths["train"].glob("*.txt")))
-    print(f"== demo data: {n_train} training files of Python standard-library source and a "
-          f"4,096-id BPE tokenizer under {paths['tokenizer'].parent}")
+    print(
+        f"== demo data: {n_train} training files of Python standard-library source and a "
+        f"4,096-id BPE tokenizer under {paths['tokenizer'].parent}"
+    )
     stack = _start_stack(settings)
     base = stack.base_url
     try:
         if not args.skip_smoke_test:
-            print("\n== smoke test: the shipped MoE-200M configs with the spec's smoke-test overrides, "
-                  "through the queue and the worker (about 9 GiB of RAM on a CPU)", flush=True)
+            print(
+                "\n== smoke test: the shipped MoE-200M configs with the spec's smoke-test overrides, "
+                "through the queue and the worker (about 9 GiB of RAM on a CPU)",
+                flush=True,
+            )
             result = client.smoke_test(base, wait=1800)
             if client.smoke_state(result) != "passed":
                 print("smoke test failed; see above", file=sys.stderr)
                 return 1
-        print("\n== submitting the shipped configs with the cpu-tiny preset (a 4-layer, 4-expert MoE)", flush=True)
+        print(
+            "\n== submitting the shipped configs with the cpu-tiny preset (a 4-layer, 4-expert MoE)",
+            flush=True,
+        )
         configs = project_path("configs")
-        run = client.submit(base, configs / "train_config.yaml", configs / "model_config.yaml",
-                            name="demo-cpu-tiny", preset="cpu-tiny")
+        run = client.submit(
+            base,
+            configs / "train_config.yaml",
+            configs / "model_config.yaml",
+            name="demo-cpu-tiny",
+            preset="cpu-tiny",
+        )
         final_run = client.status(base, run["id"], follow=True)
         if final_run.get("status") != "succeeded":
             print(f"the demo run ended {final_run.get('status')}", file=sys.stderr)
@@ -257,9 +283,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         print(f"\n== a sample from {final}:\n", flush=True)
         print(generate_sample(final, args.prompt, max_new_tokens=120))
-        print(f"\n== the trained model: {final} (a LitGPT checkpoint folder; "
-              f"`uv run litgpt generate {final} --prompt 'def '` works on it; "
-              f"`uv run moejobs download {run['id']}` fetches it over HTTP)")
+        print(
+            f"\n== the trained model: {final} (a LitGPT checkpoint folder; "
+            f"`uv run litgpt generate {final} --prompt 'def '` works on it; "
+            f"`uv run moejobs download {run['id']}` fetches it over HTTP)"
+        )
         if args.exit:
             return 0
         print(f"== dashboard: {base}/   API docs: {base}/docs   (Ctrl-C stops the service)")
@@ -291,50 +319,99 @@ def build_parser() -> argparse.ArgumentParser:
     from service.client import add_client_commands
 
     settings_opts = argparse.ArgumentParser(add_help=False)
-    settings_opts.add_argument("--home", help="folder of the embedded defaults (MOEJOBS_HOME, default ~/.moejobs)")
+    settings_opts.add_argument(
+        "--home", help="folder of the embedded defaults (MOEJOBS_HOME, default ~/.moejobs)"
+    )
     settings_opts.add_argument("--host", help="API host (MOEJOBS_HOST, default 127.0.0.1)")
     settings_opts.add_argument("--port", type=int, help="API port (MOEJOBS_PORT, default 8000)")
 
-    p = argparse.ArgumentParser(prog="moejobs", description="Training jobs for LitGPT Mixture-of-Experts models.")
+    p = argparse.ArgumentParser(
+        prog="moejobs", description="Training jobs for LitGPT Mixture-of-Experts models."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", parents=[settings_opts],
-                       help="up + demo data, smoke test, train cpu-tiny through the service, print a sample, keep serving")
+    d = sub.add_parser(
+        "demo",
+        parents=[settings_opts],
+        help="up + demo data, smoke test, train cpu-tiny through the service, print a sample, keep serving",
+    )
     d.add_argument("--prompt", default="def ")
-    d.add_argument("--skip-smoke-test", action="store_true", help="skip the MoE-200M smoke test (needs ~9 GiB RAM on CPU)")
-    d.add_argument("--exit", action="store_true", help="stop the services after the sample instead of serving until Ctrl-C")
+    d.add_argument(
+        "--skip-smoke-test",
+        action="store_true",
+        help="skip the MoE-200M smoke test (needs ~9 GiB RAM on CPU)",
+    )
+    d.add_argument(
+        "--exit",
+        action="store_true",
+        help="stop the services after the sample instead of serving until Ctrl-C",
+    )
     d.set_defaults(func=_cmd_demo)
 
-    sd = sub.add_parser("seed-data", help="write the demo corpus and tokenizer to ROOT/data/ (what the shipped configs read)")
-    sd.add_argument("--root", default=".", help="the shipped configs' ./data/... paths resolve here")
+    sd = sub.add_parser(
+        "seed-data",
+        help="write the demo corpus and tokenizer to ROOT/data/ (what the shipped configs read)",
+    )
+    sd.add_argument(
+        "--root", default=".", help="the shipped configs' ./data/... paths resolve here"
+    )
     sd.set_defaults(func=_cmd_seed_data)
 
-    u = sub.add_parser("up", parents=[settings_opts], help="migrate, then run the API, one training worker and one aux worker until Ctrl-C")
+    u = sub.add_parser(
+        "up",
+        parents=[settings_opts],
+        help="migrate, then run the API, one training worker and one aux worker until Ctrl-C",
+    )
     u.set_defaults(func=_cmd_up)
-    s = sub.add_parser("serve", parents=[settings_opts], help="run the API (production: many of these behind a proxy)")
+    s = sub.add_parser(
+        "serve",
+        parents=[settings_opts],
+        help="run the API (production: many of these behind a proxy)",
+    )
     s.set_defaults(func=_cmd_serve)
     w = sub.add_parser("worker", parents=[settings_opts], help="run one worker (one per GPU slot)")
-    w.add_argument("--role", choices=["all", "train", "aux"], default=None,
-                   help="queues to consume: all (runs, then tokenizers and data preparation; the "
-                   "default, MOEJOBS_WORKER_ROLE), train (runs only: a GPU slot), aux (tokenizers "
-                   "and data preparation only, beside the GPU slots)")
+    w.add_argument(
+        "--role",
+        choices=["all", "train", "aux"],
+        default=None,
+        help="queues to consume: all (runs, then tokenizers and data preparation; the "
+        "default, MOEJOBS_WORKER_ROLE), train (runs only: a GPU slot), aux (tokenizers "
+        "and data preparation only, beside the GPU slots)",
+    )
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--hostname", help="Celery node name")
     w.set_defaults(func=_cmd_worker)
-    m = sub.add_parser("migrate", parents=[settings_opts], help="upgrade the database to the newest migration")
+    m = sub.add_parser(
+        "migrate", parents=[settings_opts], help="upgrade the database to the newest migration"
+    )
     m.set_defaults(func=_cmd_migrate)
 
     add_client_commands(sub)
 
-    sub.add_parser("train", help="train locally: same flags as run_train.py (moejobs train --help)", add_help=False)
+    sub.add_parser(
+        "train",
+        help="train locally: same flags as run_train.py (moejobs train --help)",
+        add_help=False,
+    )
 
-    v = sub.add_parser("validate", help="run_train.py --dry-run: validate the configs, check their input "
-                       "folders (from the current folder), print warnings, the estimate and the device "
-                       "pre-flight; exit 0 ok, 2 invalid config, 1 missing input")
-    v.add_argument("train_config", nargs="?", default=str(project_path("configs") / "train_config.yaml"),
-                   help="default: the shipped configs/train_config.yaml, as run_train.py")
-    v.add_argument("model_config", nargs="?", default=str(project_path("configs") / "model_config.yaml"),
-                   help="default: the shipped configs/model_config.yaml")
+    v = sub.add_parser(
+        "validate",
+        help="run_train.py --dry-run: validate the configs, check their input "
+        "folders (from the current folder), print warnings, the estimate and the device "
+        "pre-flight; exit 0 ok, 2 invalid config, 1 missing input",
+    )
+    v.add_argument(
+        "train_config",
+        nargs="?",
+        default=str(project_path("configs") / "train_config.yaml"),
+        help="default: the shipped configs/train_config.yaml, as run_train.py",
+    )
+    v.add_argument(
+        "model_config",
+        nargs="?",
+        default=str(project_path("configs") / "model_config.yaml"),
+        help="default: the shipped configs/model_config.yaml",
+    )
     v.add_argument("--preset")
     v.add_argument("--smoke-test", action="store_true")
     v.set_defaults(func=_cmd_validate)
@@ -346,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = t.add_subparsers(dest="tokenizer_command", required=True)
     tt = tsub.add_parser("train", help="train a byte-level BPE tokenizer folder that LitGPT loads")
-    tt.add_argument("--data", action="append", required=True, help="folder of .txt files (repeatable)")
+    tt.add_argument(
+        "--data", action="append", required=True, help="folder of .txt files (repeatable)"
+    )
     tt.add_argument("--out", required=True, help="tokenizer folder to write")
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.set_defaults(func=_cmd_tokenizer_train)

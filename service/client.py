@@ -16,6 +16,7 @@ The base URL is the ``--url`` argument, else ``http://HOST:PORT`` of the setting
 ``--token``, else the settings' ``API_TOKEN``. ``service.settings`` stays the only reader of
 environment variables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ class ClientError(Exception):
     command's exit code (1, or 2 for an invalid config), ``.status_code`` the HTTP status when
     the server answered (else None), ``.body`` the decoded error body when there was one."""
 
-    def __init__(self, message: str, exit_code: int = 1, *, status_code: int | None = None,
-                 body: Any = None):
+    def __init__(
+        self, message: str, exit_code: int = 1, *, status_code: int | None = None, body: Any = None
+    ):
         super().__init__(message)
         self.exit_code = exit_code
         self.status_code = status_code
@@ -101,8 +103,9 @@ def _settings():
 # -- HTTP -----------------------------------------------------------------------------------------
 
 
-def _client(base_url: str | None, token: str | None, timeout: float = REQUEST_TIMEOUT
-            ) -> httpx.Client:
+def _client(
+    base_url: str | None, token: str | None, timeout: float = REQUEST_TIMEOUT
+) -> httpx.Client:
     base = (base_url or default_base_url()).rstrip("/")
     if not base.startswith(("http://", "https://")):
         base = "http://" + base
@@ -157,14 +160,17 @@ def field_errors(body: Any) -> list[str]:
     return lines
 
 
-def _request(client: httpx.Client, method: str, path: str, *, what: str = "",
-             **kwargs: Any) -> httpx.Response:
+def _request(
+    client: httpx.Client, method: str, path: str, *, what: str = "", **kwargs: Any
+) -> httpx.Response:
     """Send one request and turn every failure into ClientError; returns 2xx responses."""
     try:
         response = client.request(method, path, **kwargs)
     except httpx.ConnectError:
-        raise ClientError(f"cannot connect to {client.base_url}: connection refused "
-                          f"(is the server running? set --url or MOEJOBS_URL)") from None
+        raise ClientError(
+            f"cannot connect to {client.base_url}: connection refused "
+            f"(is the server running? set --url or MOEJOBS_URL)"
+        ) from None
     except httpx.TimeoutException:
         raise ClientError(f"{client.base_url} did not answer {method} {path} in time") from None
     except httpx.HTTPError as error:
@@ -187,35 +193,50 @@ def _raise_for_status(client: httpx.Client, response: httpx.Response, what: str)
     if code == 401:
         sent = "Authorization" in client.headers
         raise ClientError(
-            f"{client.base_url} rejected the API token" if sent else
-            f"{client.base_url} needs an API token: pass --token or set MOEJOBS_API_TOKEN",
-            status_code=code, body=body)
+            f"{client.base_url} rejected the API token"
+            if sent
+            else f"{client.base_url} needs an API token: pass --token or set MOEJOBS_API_TOKEN",
+            status_code=code,
+            body=body,
+        )
     if code == 403:
         if isinstance(body, dict) and body.get("code") == "invalid_token":
-            raise ClientError(f"{client.base_url} rejected the API token (check --token or "
-                              f"MOEJOBS_API_TOKEN)", status_code=code, body=body)
+            raise ClientError(
+                f"{client.base_url} rejected the API token (check --token or MOEJOBS_API_TOKEN)",
+                status_code=code,
+                body=body,
+            )
         raise ClientError(f"forbidden: {_detail(body)}", status_code=code, body=body)
     if code == 404:
-        raise ClientError(f"not found: {what or response.request.url.path}"
-                          + (f" ({_detail(body)})" if body and what else ""),
-                          status_code=code, body=body)
+        raise ClientError(
+            f"not found: {what or response.request.url.path}"
+            + (f" ({_detail(body)})" if body and what else ""),
+            status_code=code,
+            body=body,
+        )
     if code == 422:
         lines = field_errors(body)
-        raise ClientError("invalid request:\n  " + "\n  ".join(lines), exit_code=2,
-                          status_code=code, body=body)
+        raise ClientError(
+            "invalid request:\n  " + "\n  ".join(lines), exit_code=2, status_code=code, body=body
+        )
     if code == 409:
         raise ClientError(f"conflict: {_detail(body)}", status_code=code, body=body)
-    raise ClientError(f"server error {code} on {response.request.method} "
-                      f"{response.request.url.path}: {_detail(body)}", status_code=code,
-                      body=body)
+    raise ClientError(
+        f"server error {code} on {response.request.method} "
+        f"{response.request.url.path}: {_detail(body)}",
+        status_code=code,
+        body=body,
+    )
 
 
 def _json(response: httpx.Response) -> Any:
     try:
         return response.json()
     except ValueError:
-        raise ClientError(f"{response.request.url} answered {response.status_code} with "
-                          f"something that is not JSON") from None
+        raise ClientError(
+            f"{response.request.url} answered {response.status_code} with "
+            f"something that is not JSON"
+        ) from None
 
 
 # -- small helpers on API shapes --------------------------------------------------------------------
@@ -246,8 +267,9 @@ def _run_path(run_id: str) -> str:
     try:
         uuid.UUID(run_id)
     except ValueError:
-        raise ClientError(f"{run_id!r} is not a run id (a UUID like "
-                          f"3f2b6c1e-8a4d-4e7f-9c0a-1b2c3d4e5f60)") from None
+        raise ClientError(
+            f"{run_id!r} is not a run id (a UUID like 3f2b6c1e-8a4d-4e7f-9c0a-1b2c3d4e5f60)"
+        ) from None
     return f"/runs/{run_id}"
 
 
@@ -272,9 +294,17 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
 # -- commands as functions ------------------------------------------------------------------------
 
 
-def submit(base_url: str | None, train_path: str | Path, model_path: str | Path,
-           name: str | None = None, preset: str | None = None, token: str | None = None, *,
-           idempotency_key: str | None = None, out: IO[str] | None = None) -> dict:
+def submit(
+    base_url: str | None,
+    train_path: str | Path,
+    model_path: str | Path,
+    name: str | None = None,
+    preset: str | None = None,
+    token: str | None = None,
+    *,
+    idempotency_key: str | None = None,
+    out: IO[str] | None = None,
+) -> dict:
     """Submit a run: read the two config documents (YAML or JSON files), POST them as
     ``{"name", "preset", "train_config", "model_config"}`` to ``/runs`` and return the created
     run (status ``queued``, estimate, warnings), printing its id and warnings on ``out``.
@@ -291,8 +321,11 @@ def submit(base_url: str | None, train_path: str | Path, model_path: str | Path,
         model = load_document(model_path)
     except ConfigError as error:
         raise ClientError(str(error), exit_code=2) from None
-    body: dict[str, Any] = {"name": name or Path(train_path).stem,
-                            "train_config": train, "model_config": model}
+    body: dict[str, Any] = {
+        "name": name or Path(train_path).stem,
+        "train_config": train,
+        "model_config": model,
+    }
     if preset:
         body["preset"] = preset
     headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
@@ -302,8 +335,10 @@ def submit(base_url: str | None, train_path: str | Path, model_path: str | Path,
     if run.get("created") is False:
         print("  (the same request was submitted before: this is that run)", file=out)
     if run.get("enqueued") is False:
-        print("  the broker was unreachable: the run stays queued until the reconciler sends it",
-              file=out)
+        print(
+            "  the broker was unreachable: the run stays queued until the reconciler sends it",
+            file=out,
+        )
     total = steps_total(run)
     if total is not None:
         print(f"  {total} optimizer steps planned", file=out)
@@ -322,9 +357,14 @@ def _warning_text(warning: Any) -> str:
     return str(warning)
 
 
-def list_runs(base_url: str | None, status: str | None = None, limit: int = 20,
-              cursor: str | None = None, sort: str | None = None, token: str | None = None
-              ) -> dict:
+def list_runs(
+    base_url: str | None,
+    status: str | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
+    sort: str | None = None,
+    token: str | None = None,
+) -> dict:
     """One page of runs: ``{"items": [run, ...], "next_cursor": str | None}`` (newest first
     unless ``sort`` says otherwise). Raises ClientError (422 for a bad status/sort/cursor)."""
     params: dict[str, Any] = {"limit": limit}
@@ -347,21 +387,38 @@ def get_run(base_url: str | None, run_id: str, token: str | None = None) -> dict
 def latest_metric(client: httpx.Client, run_id: str) -> dict | None:
     """The run's last metric row (None before the first): ``max_points=2`` keeps the first and
     the last row of everything matched."""
-    rows = _items(_json(_request(client, "GET", f"{_run_path(run_id)}/metrics",
-                                 what=f"run {run_id}",
-                                 params={"limit": 100_000, "max_points": 2})))
+    rows = _items(
+        _json(
+            _request(
+                client,
+                "GET",
+                f"{_run_path(run_id)}/metrics",
+                what=f"run {run_id}",
+                params={"limit": 100_000, "max_points": 2},
+            )
+        )
+    )
     rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
     return rows[-1] if rows else None
 
 
-def iter_metrics(client: httpx.Client, run_id: str, after_step: int = -1,
-                 page: int = 1000) -> Iterator[dict]:
+def iter_metrics(
+    client: httpx.Client, run_id: str, after_step: int = -1, page: int = 1000
+) -> Iterator[dict]:
     """Every metric row of the run with ``step > after_step``, in step order, paging through
     ``/runs/{id}/metrics?after_step=&limit=``."""
     while True:
-        rows = _items(_json(_request(
-            client, "GET", f"{_run_path(run_id)}/metrics", what=f"run {run_id}",
-            params={"after_step": after_step, "limit": page})))
+        rows = _items(
+            _json(
+                _request(
+                    client,
+                    "GET",
+                    f"{_run_path(run_id)}/metrics",
+                    what=f"run {run_id}",
+                    params={"after_step": after_step, "limit": page},
+                )
+            )
+        )
         rows = [r for r in rows if isinstance(r.get("step"), int) and r["step"] > after_step]
         yield from rows
         if len(rows) < page:
@@ -373,8 +430,16 @@ def data_progress(client: httpx.Client, run_id: str) -> str | None:
     """The message of the run's newest ``data_progress`` engine event while its text is being
     tokenized (``"12,345,678 tokens, 40% of 99.0 MB, 1.10M tokens/s, ETA 54 s"``), None when
     there is none or the newest says the tokenization is done. Raises ClientError."""
-    events = _items(_json(_request(client, "GET", f"{_run_path(run_id)}/engine-events",
-                                   what=f"run {run_id}'s engine events")))
+    events = _items(
+        _json(
+            _request(
+                client,
+                "GET",
+                f"{_run_path(run_id)}/engine-events",
+                what=f"run {run_id}'s engine events",
+            )
+        )
+    )
     for event in reversed(events):
         if isinstance(event, dict) and event.get("event") == "data_progress":
             done = (event.get("data") or {}).get("done")
@@ -382,9 +447,16 @@ def data_progress(client: httpx.Client, run_id: str) -> str | None:
     return None
 
 
-def status(base_url: str | None, run_id: str, follow: bool = False, token: str | None = None,
-           *, poll_seconds: float = POLL_SECONDS, out: IO[str] | None = None,
-           progress: bool = True) -> dict:
+def status(
+    base_url: str | None,
+    run_id: str,
+    follow: bool = False,
+    token: str | None = None,
+    *,
+    poll_seconds: float = POLL_SECONDS,
+    out: IO[str] | None = None,
+    progress: bool = True,
+) -> dict:
     """Print a run's status; return the run.
 
     With ``follow``: show a tqdm progress bar over optimizer steps (total from the estimate),
@@ -403,8 +475,14 @@ def status(base_url: str | None, run_id: str, follow: bool = False, token: str |
         total = steps_total(run)
         latest = latest_metric(client, run_id)
         last_step = latest["step"] if latest else -1
-        bar = tqdm(total=total, unit="step", desc=str(run.get("name") or run_id)[:30],
-                   file=out, dynamic_ncols=True, disable=not progress)
+        bar = tqdm(
+            total=total,
+            unit="step",
+            desc=str(run.get("name") or run_id)[:30],
+            file=out,
+            dynamic_ncols=True,
+            disable=not progress,
+        )
         try:
             while True:
                 for row in iter_metrics(client, run_id, last_step):
@@ -416,8 +494,9 @@ def status(base_url: str | None, run_id: str, follow: bool = False, token: str |
                 else:
                     tokenizing = data_progress(client, run_id)
                     state = f"tokenizing: {tokenizing}" if tokenizing else run.get("status")
-                    bar.set_description_str(f"{str(run.get('name') or run_id)[:30]} "
-                                            f"[{state}]", refresh=True)
+                    bar.set_description_str(
+                        f"{str(run.get('name') or run_id)[:30]} [{state}]", refresh=True
+                    )
                 # The run was read before the metrics above: when it was already terminal,
                 # every row it will ever have has been read.
                 if run.get("status") in TERMINAL:
@@ -448,8 +527,9 @@ def _print_run(run: dict, client: httpx.Client, run_id: str, out: IO[str]) -> No
     total = steps_total(run)
     print(f"run      {run.get('id')}", file=out)
     print(f"name     {run.get('name')}", file=out)
-    print(f"status   {run.get('status')}" + (f" ({_reason(run)})" if _reason(run) else ""),
-          file=out)
+    print(
+        f"status   {run.get('status')}" + (f" ({_reason(run)})" if _reason(run) else ""), file=out
+    )
     for key in ("created_at", "started_at", "finished_at"):
         if run.get(key):
             print(f"{key.split('_')[0]:<8} {_when(run[key])}", file=out)
@@ -467,26 +547,35 @@ def _print_run(run: dict, client: httpx.Client, run_id: str, out: IO[str]) -> No
         print(f"warning  {_warning_text(warning)}", file=out)
 
 
-def cancel(base_url: str | None, run_id: str, token: str | None = None, *,
-           out: IO[str] | None = None) -> dict:
+def cancel(
+    base_url: str | None, run_id: str, token: str | None = None, *, out: IO[str] | None = None
+) -> dict:
     """Ask the server to cancel a run (``POST /runs/{id}/cancel``); returns the run. A queued
     run is cancelled at once; a running one stops after its worker sees the request. Raises
     ClientError (404 no such run, 409 the run already finished)."""
     out = out or sys.stdout
     with _client(base_url, token) as client:
-        run = _json(_request(client, "POST", f"{_run_path(run_id)}/cancel",
-                             what=f"run {run_id}"))
+        run = _json(_request(client, "POST", f"{_run_path(run_id)}/cancel", what=f"run {run_id}"))
     if run.get("status") == "cancelled":
         print(f"run {run.get('id', run_id)} cancelled", file=out)
     else:
-        print(f"run {run.get('id', run_id)}: cancel requested (status {run.get('status')}); "
-              f"it stops after its next checkpoint", file=out)
+        print(
+            f"run {run.get('id', run_id)}: cancel requested (status {run.get('status')}); "
+            f"it stops after its next checkpoint",
+            file=out,
+        )
     return run
 
 
-def download(base_url: str | None, run_id: str, step: int | str | None = None,
-             out: str | Path | None = None, token: str | None = None, *,
-             stdout: IO[str] | None = None) -> Path:
+def download(
+    base_url: str | None,
+    run_id: str,
+    step: int | str | None = None,
+    out: str | Path | None = None,
+    token: str | None = None,
+    *,
+    stdout: IO[str] | None = None,
+) -> Path:
     """Download a checkpoint (``step`` number, or the final one when None) through
     ``/runs/{id}/checkpoints/{step|final}/archive``.
 
@@ -512,9 +601,15 @@ def download(base_url: str | None, run_id: str, step: int | str | None = None,
                 what = f"checkpoint {'final' if ref == 'final' else 'step ' + ref} of run {run_id}"
                 if response.status_code >= 400:
                     response.read()
-                    if response.status_code == 404 and _error_code(response) == "checkpoint_not_found":
-                        raise ClientError(missing_checkpoint_message(client, run_id, what),
-                                          status_code=404, body=_json_or_none(response))
+                    if (
+                        response.status_code == 404
+                        and _error_code(response) == "checkpoint_not_found"
+                    ):
+                        raise ClientError(
+                            missing_checkpoint_message(client, run_id, what),
+                            status_code=404,
+                            body=_json_or_none(response),
+                        )
                 _raise_for_status(client, response, what)
                 total = int(response.headers.get("content-length") or 0) or None
                 if as_tar:
@@ -522,8 +617,10 @@ def download(base_url: str | None, run_id: str, step: int | str | None = None,
                 else:
                     _stream_extract(response, target, stdout)
         except httpx.ConnectError:
-            raise ClientError(f"cannot connect to {client.base_url}: connection refused "
-                              f"(is the server running? set --url or MOEJOBS_URL)") from None
+            raise ClientError(
+                f"cannot connect to {client.base_url}: connection refused "
+                f"(is the server running? set --url or MOEJOBS_URL)"
+            ) from None
         except httpx.TimeoutException:
             raise ClientError(f"the download from {client.base_url} stalled") from None
         except httpx.HTTPError as error:
@@ -559,8 +656,9 @@ def missing_checkpoint_message(client: httpx.Client, run_id: str, what: str) -> 
     message = f"not found: {what}"
     try:
         run = _json(_request(client, "GET", _run_path(run_id), what=f"run {run_id}"))
-        checkpoints = _items(_json(_request(client, "GET", f"{_run_path(run_id)}/checkpoints",
-                                            what=f"run {run_id}")))
+        checkpoints = _items(
+            _json(_request(client, "GET", f"{_run_path(run_id)}/checkpoints", what=f"run {run_id}"))
+        )
     except ClientError:
         return message
     status = run.get("status") if isinstance(run, dict) else None
@@ -573,26 +671,40 @@ def missing_checkpoint_message(client: httpx.Client, run_id: str, what: str) -> 
     listed = ", ".join(shown)
     if len(names) > len(shown):
         listed = f"{len(names) - len(shown)} older, " + listed
-    steps = [c.get("step") for c in checkpoints
-             if isinstance(c, dict) and c.get("name") != "final" and isinstance(c.get("step"), int)]
+    steps = [
+        c.get("step")
+        for c in checkpoints
+        if isinstance(c, dict) and c.get("name") != "final" and isinstance(c.get("step"), int)
+    ]
     hints = []
     if steps:
-        hints.append(f"--step {steps[-1]}" if len(steps) == 1 else f"--step N (e.g. --step {steps[-1]})")
+        hints.append(
+            f"--step {steps[-1]}" if len(steps) == 1 else f"--step N (e.g. --step {steps[-1]})"
+        )
     if "final" in names:
         hints.append("without --step for final")
     message += f"; its checkpoints: {listed}"
     return f"{message}; download one with {' or '.join(hints)}" if hints else message
 
 
-def _stream_to_file(response: httpx.Response, target: Path, total: int | None,
-                    stdout: IO[str]) -> None:
+def _stream_to_file(
+    response: httpx.Response, target: Path, total: int | None, stdout: IO[str]
+) -> None:
     from tqdm import tqdm
 
     partial = target.with_name(target.name + ".part")
     try:
-        with open(partial, "wb") as fh, tqdm(total=total, unit="B", unit_scale=True,
-                                             unit_divisor=1024, file=stdout,
-                                             disable=not total) as bar:
+        with (
+            open(partial, "wb") as fh,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=stdout,
+                disable=not total,
+            ) as bar,
+        ):
             for chunk in response.iter_bytes(1 << 20):
                 fh.write(chunk)
                 bar.update(len(chunk))
@@ -642,8 +754,14 @@ def _stream_extract(response: httpx.Response, target: Path, stdout: IO[str]) -> 
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def smoke_test(base_url: str | None, wait: float = 900.0, token: str | None = None, *,
-               poll_seconds: float = 10.0, out: IO[str] | None = None) -> dict:
+def smoke_test(
+    base_url: str | None,
+    wait: float = 900.0,
+    token: str | None = None,
+    *,
+    poll_seconds: float = 10.0,
+    out: IO[str] | None = None,
+) -> dict:
     """Start the server's smoke test (``POST /smoke-test``; when one is already running, follow
     that one) and wait up to ``wait`` seconds for its verdict through ``GET
     /smoke-test/{id}?wait=``. Prints each stage with its time and, on failure, the failing
@@ -669,9 +787,15 @@ def smoke_test(base_url: str | None, wait: float = 900.0, token: str | None = No
             remaining = deadline - time.monotonic()
             if _smoke_done(result) or remaining <= 0:
                 break
-            result = _json(_request(client, "GET", f"/smoke-test/{test_id}",
-                                    params={"wait": int(max(1, min(remaining, 60)))},
-                                    what=f"smoke test {test_id}"))
+            result = _json(
+                _request(
+                    client,
+                    "GET",
+                    f"/smoke-test/{test_id}",
+                    params={"wait": int(max(1, min(remaining, 60)))},
+                    what=f"smoke test {test_id}",
+                )
+            )
             if not _smoke_done(result):
                 time.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
     for line in smoke_lines(result):
@@ -717,14 +841,22 @@ def smoke_stages(result: dict) -> list[tuple[str, float | None, str]]:
     stages = result.get("stages") or result.get("timings") or []
     rows = []
     if isinstance(stages, dict):
-        stages = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "seconds": v}
-                  for k, v in stages.items()]
+        stages = [
+            dict(v, name=k) if isinstance(v, dict) else {"name": k, "seconds": v}
+            for k, v in stages.items()
+        ]
     for stage in stages if isinstance(stages, list) else []:
         if not isinstance(stage, dict):
             continue
         name = str(stage.get("name") or stage.get("stage") or "?")
-        seconds = next((stage[k] for k in ("seconds", "duration_s", "elapsed_s", "duration")
-                        if isinstance(stage.get(k), (int, float))), None)
+        seconds = next(
+            (
+                stage[k]
+                for k in ("seconds", "duration_s", "elapsed_s", "duration")
+                if isinstance(stage.get(k), (int, float))
+            ),
+            None,
+        )
         state = stage.get("status") or stage.get("state")
         if state is None and "ok" in stage:
             state = "ok" if stage["ok"] else "failed"
@@ -767,22 +899,39 @@ def _run_command(fn: Callable[[], Any]) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """``moejobs submit TRAIN MODEL [--name] [--preset] [--follow]``."""
+
     def go() -> None:
-        run = submit(args.url, args.train_config, args.model_config, name=args.name,
-                     preset=args.preset, token=args.token)
+        run = submit(
+            args.url,
+            args.train_config,
+            args.model_config,
+            name=args.name,
+            preset=args.preset,
+            token=args.token,
+        )
         if getattr(args, "follow", False):
             final = status(args.url, run["id"], follow=True, token=args.token)
             if final.get("status") != "succeeded":
-                raise ClientError(f"run {final.get('id')} {final.get('status')}"
-                                  + (f": {_reason(final)}" if _reason(final) else ""))
+                raise ClientError(
+                    f"run {final.get('id')} {final.get('status')}"
+                    + (f": {_reason(final)}" if _reason(final) else "")
+                )
+
     return _run_command(go)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """``moejobs runs [--status S] [--limit N] [--sort KEY] [--cursor C]``: a table."""
+
     def go() -> None:
-        page = list_runs(args.url, status=args.status, limit=args.limit, cursor=args.cursor,
-                         sort=args.sort, token=args.token)
+        page = list_runs(
+            args.url,
+            status=args.status,
+            limit=args.limit,
+            cursor=args.cursor,
+            sort=args.sort,
+            token=args.token,
+        )
         items = page.get("items") or []
         if not items:
             print("no runs")
@@ -791,10 +940,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
             for run in items:
                 created = str(run.get("created_at") or "")[:19].replace("T", " ")
                 total = steps_total(run)
-                print(f"{run.get('id', ''):<36}  {run.get('status', ''):<9}  {created:<19}  "
-                      f"{'' if total is None else total:>8}  {run.get('name', '')}")
+                print(
+                    f"{run.get('id', ''):<36}  {run.get('status', ''):<9}  {created:<19}  "
+                    f"{'' if total is None else total:>8}  {run.get('name', '')}"
+                )
         if page.get("next_cursor"):
             print(f"more: --cursor {page['next_cursor']}")
+
     return _run_command(go)
 
 
@@ -804,6 +956,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     def go() -> None:
         result.update(status(args.url, args.run_id, follow=args.follow, token=args.token))
+
     code = _run_command(go)
     if code == 0 and args.follow and result.get("status") != "succeeded":
         return 1
@@ -817,8 +970,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     """``moejobs download ID [--step N] [--out PATH]``."""
-    return _run_command(lambda: download(args.url, args.run_id, step=args.step, out=args.out,
-                                         token=args.token))
+    return _run_command(
+        lambda: download(args.url, args.run_id, step=args.step, out=args.out, token=args.token)
+    )
 
 
 def cmd_smoke_test(args: argparse.Namespace) -> int:
@@ -827,6 +981,7 @@ def cmd_smoke_test(args: argparse.Namespace) -> int:
 
     def go() -> None:
         result.update(smoke_test(args.url, wait=args.wait, token=args.token))
+
     code = _run_command(go)
     if code == 0 and smoke_state(result) != "passed":
         return 1
@@ -845,13 +1000,18 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     ``cmd_*`` function: ``return args.func(args)`` runs it. Every command takes ``--url``
     (default: settings) and ``--token`` (default: MOEJOBS_API_TOKEN)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=None,
-                        help="API base URL (default: MOEJOBS_URL, else http://MOEJOBS_HOST:PORT)")
-    common.add_argument("--token", default=None,
-                        help="API bearer token (default: MOEJOBS_API_TOKEN)")
+    common.add_argument(
+        "--url",
+        default=None,
+        help="API base URL (default: MOEJOBS_URL, else http://MOEJOBS_HOST:PORT)",
+    )
+    common.add_argument(
+        "--token", default=None, help="API bearer token (default: MOEJOBS_API_TOKEN)"
+    )
 
-    p = subparsers.add_parser("submit", parents=[common],
-                              help="submit a training run to the server")
+    p = subparsers.add_parser(
+        "submit", parents=[common], help="submit a training run to the server"
+    )
     p.add_argument("train_config", help="train config (YAML or JSON)")
     p.add_argument("model_config", help="model config (YAML or JSON)")
     p.add_argument("--name", default=None, help="run name (default: the train file's name)")
@@ -860,8 +1020,9 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_submit)
 
     p = subparsers.add_parser("runs", parents=[common], help="list runs on the server")
-    p.add_argument("--status", default=None,
-                   choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    p.add_argument(
+        "--status", default=None, choices=["queued", "running", "succeeded", "failed", "cancelled"]
+    )
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--sort", default=None, help="created_at, name or status; '-' for descending")
     p.add_argument("--cursor", default=None, help="next page (printed after a full page)")
@@ -869,24 +1030,34 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("status", parents=[common], help="show a run")
     p.add_argument("run_id")
-    p.add_argument("--follow", "-f", action="store_true",
-                   help="progress bar until the run finishes (exit 0 only if it succeeded)")
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="progress bar until the run finishes (exit 0 only if it succeeded)",
+    )
     p.set_defaults(func=cmd_status)
 
     p = subparsers.add_parser("cancel", parents=[common], help="cancel a run")
     p.add_argument("run_id")
     p.set_defaults(func=cmd_cancel)
 
-    p = subparsers.add_parser("download", parents=[common],
-                              help="download a checkpoint folder (LitGPT format)")
+    p = subparsers.add_parser(
+        "download", parents=[common], help="download a checkpoint folder (LitGPT format)"
+    )
     p.add_argument("run_id")
-    p.add_argument("--step", type=_step, default=None,
-                   help="checkpoint step (default: the final checkpoint)")
-    p.add_argument("--out", default=None,
-                   help="folder to extract into, or a .tar file (default: ./ID-final)")
+    p.add_argument(
+        "--step", type=_step, default=None, help="checkpoint step (default: the final checkpoint)"
+    )
+    p.add_argument(
+        "--out", default=None, help="folder to extract into, or a .tar file (default: ./ID-final)"
+    )
     p.set_defaults(func=cmd_download)
 
-    p = subparsers.add_parser("smoke-test", parents=[common],
-                              help="run the server's smoke test and print its stage timings")
+    p = subparsers.add_parser(
+        "smoke-test",
+        parents=[common],
+        help="run the server's smoke test and print its stage timings",
+    )
     p.add_argument("--wait", type=float, default=900.0, help="seconds to wait for the verdict")
     p.set_defaults(func=cmd_smoke_test)

@@ -66,7 +66,9 @@ def load_document(path: str | Path) -> dict:
         try:
             data = json.loads(text, object_pairs_hook=unique_json_object) if text.strip() else {}
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+            raise ConfigError(
+                f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+            ) from None
         except ValueError as exc:  # a duplicate key
             raise ConfigError(f"{p}: invalid JSON: {exc}") from None
     else:
@@ -74,13 +76,17 @@ def load_document(path: str | Path) -> dict:
             data = yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            where = (
+                f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            )
             problem = getattr(exc, "problem", None) or str(exc)
             raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping (key: value), got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: the top level must be a mapping (key: value), got {type(data).__name__}"
+        )
     return data
 
 
@@ -92,13 +98,18 @@ class ConfigLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[str, int] = {}
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                key_node, yaml.ScalarNode
+            ):
                 continue
             key = key_node.value
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark)
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first given on line {seen[key]})",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -153,7 +164,9 @@ def list_presets() -> list[str]:
 def _preset_path(name_or_path: str | Path) -> Path:
     text = str(name_or_path)
     candidate = Path(text)
-    looks_like_path = candidate.suffix.lower() in (".yaml", ".yml", ".json") or "/" in text or "\\" in text
+    looks_like_path = (
+        candidate.suffix.lower() in (".yaml", ".yml", ".json") or "/" in text or "\\" in text
+    )
     if looks_like_path:
         return candidate
     named = PRESETS_DIR / f"{text}.yaml"
@@ -183,7 +196,9 @@ def load_preset(name_or_path: str | Path) -> dict:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: {key} must be a mapping (key: value), got {type(value).__name__}")
+            raise ConfigError(
+                f"{path}: {key} must be a mapping (key: value), got {type(value).__name__}"
+            )
         out[key] = value
     for key in _PRESET_KEYS:
         out.setdefault(key, {})
@@ -206,8 +221,16 @@ def resolve_documents(
     ``train_doc``/``model_doc`` may be given instead of paths (the API receives documents). Layers:
     file (or doc) < preset < `SMOKE_TEST_OVERRIDES` (when ``smoke_test``) < ``*_overrides``.
     """
-    train = dict(train_doc) if train_doc is not None else (load_document(train_path) if train_path else {})
-    model = dict(model_doc) if model_doc is not None else (load_document(model_path) if model_path else {})
+    train = (
+        dict(train_doc)
+        if train_doc is not None
+        else (load_document(train_path) if train_path else {})
+    )
+    model = (
+        dict(model_doc)
+        if model_doc is not None
+        else (load_document(model_path) if model_path else {})
+    )
     if preset:
         p = load_preset(preset)
         train = deep_merge(train, p["train_config"])
@@ -234,5 +257,7 @@ def resolve(
     Returns `Validated` (``.train``, ``.model``, ``.warnings``). Raises `ConfigError` for unreadable files,
     a bad preset, or an invalid result (each issue names the dotted key).
     """
-    train, model = resolve_documents(train_path, model_path, preset, smoke_test, train_overrides, model_overrides)
+    train, model = resolve_documents(
+        train_path, model_path, preset, smoke_test, train_overrides, model_overrides
+    )
     return validate_configs(train, model)

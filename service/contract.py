@@ -30,6 +30,7 @@ without a byte after which the engine stops itself) and :data:`ENV_CHECKPOINT_WR
 longer a checkpoint write already under way may take), :data:`ENV_ENGINE` (``stub`` selects the
 torch-free test engine). ``worker.fence`` implements the engine's side.
 """
+
 from __future__ import annotations
 
 import enum
@@ -155,21 +156,28 @@ class EngineResult(BaseModel):
 
     outcome: Outcome
     reason: FailureReason | None = Field(
-        None, description="Set when outcome is failed (and only then).")
-    message: str = Field("", description="One line for people: what happened, naming the "
-                         "field, file or path concerned.")
+        None, description="Set when outcome is failed (and only then)."
+    )
+    message: str = Field(
+        "",
+        description="One line for people: what happened, naming the field, file or path concerned.",
+    )
     exit_code: int = Field(description="The ExitCode the process exits with.")
-    attempt: int | None = Field(None, description="MOEJOBS_ATTEMPT of the process, when a "
-                                "worker started it.")
+    attempt: int | None = Field(
+        None, description="MOEJOBS_ATTEMPT of the process, when a worker started it."
+    )
     steps: int = Field(0, ge=0, description="Optimizer steps completed, all attempts.")
     planned_steps: int | None = Field(None, ge=0)
     tokens: int = Field(0, ge=0, description="Tokens trained, all ranks, all attempts.")
     final_loss: float | None = None
     val_loss: float | None = None
-    checkpoint: str | None = Field(None, description="Path of the newest checkpoint this "
-                                   "process wrote (final/ on success), if any.")
-    stopped_by: str | None = Field(None, description="completed, max_time, nothing_to_do, "
-                                   "SIGTERM, SIGINT, watchdog, owner.")
+    checkpoint: str | None = Field(
+        None,
+        description="Path of the newest checkpoint this process wrote (final/ on success), if any.",
+    )
+    stopped_by: str | None = Field(
+        None, description="completed, max_time, nothing_to_do, SIGTERM, SIGINT, watchdog, owner."
+    )
     peak_memory_bytes: int | None = None
     elapsed_s: float | None = Field(None, description="Wall seconds of this process.")
     finished_at: AwareDatetime = Field(default_factory=utc_now)
@@ -195,16 +203,18 @@ class EngineResult(BaseModel):
 class EventKind(str, enum.Enum):
     """What an engine event marks, in the order they normally happen."""
 
-    started = "started"                  # the process is up (signal handlers installed)
-    configured = "configured"            # engine imported, config valid, pre-flight passed
-    data_progress = "data_progress"      # tokenizing: tokens, tokens/s, ETA (every few seconds, and when done)
-    data_ready = "data_ready"            # tokenizer loaded, text tokenized (or read from cache)
-    model_built = "model_built"          # model built, compiled, optimizer set up; plan known
-    first_step = "first_step"            # the first optimizer step of this process finished
+    started = "started"  # the process is up (signal handlers installed)
+    configured = "configured"  # engine imported, config valid, pre-flight passed
+    data_progress = (
+        "data_progress"  # tokenizing: tokens, tokens/s, ETA (every few seconds, and when done)
+    )
+    data_ready = "data_ready"  # tokenizer loaded, text tokenized (or read from cache)
+    model_built = "model_built"  # model built, compiled, optimizer set up; plan known
+    first_step = "first_step"  # the first optimizer step of this process finished
     checkpoint_written = "checkpoint_written"
-    stop_requested = "stop_requested"    # SIGTERM/SIGINT received
-    fenced = "fenced"                    # the watchdog stopped the process
-    finished = "finished"                # mirrors result.json's outcome
+    stop_requested = "stop_requested"  # SIGTERM/SIGINT received
+    fenced = "fenced"  # the watchdog stopped the process
+    finished = "finished"  # mirrors result.json's outcome
 
 
 class EngineEvent(BaseModel):
@@ -221,14 +231,27 @@ class EngineEvent(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-def append_event(out_dir: Path | str, event: EventKind | str, *, attempt: int | None = None,
-                 step: int | None = None, message: str | None = None,
-                 **data: Any) -> EngineEvent:
+def append_event(
+    out_dir: Path | str,
+    event: EventKind | str,
+    *,
+    attempt: int | None = None,
+    step: int | None = None,
+    message: str | None = None,
+    **data: Any,
+) -> EngineEvent:
     """Append one event line to ``out_dir/events.jsonl`` (created with its folder) and flush it
     to the OS; returns the event. Extra keyword values go to ``data`` (JSON-able). Raises
     OSError."""
-    item = EngineEvent(at=utc_now(), event=EventKind(event), attempt=attempt, pid=os.getpid(),
-                       step=step, message=message, data=data)
+    item = EngineEvent(
+        at=utc_now(),
+        event=EventKind(event),
+        attempt=attempt,
+        pid=os.getpid(),
+        step=step,
+        message=message,
+        data=data,
+    )
     path = Path(out_dir) / EVENTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     line = item.model_dump_json(exclude_none=True) + "\n"
@@ -314,9 +337,8 @@ def step_dir_name(step: int) -> str:
 def checkpoint_step(name: str) -> int | None:
     """The step of a ``step-XXXXXXXX`` folder name (8 or more ASCII digits); None for any
     other name, ``final`` included."""
-    digits = name[len(_STEP_PREFIX):]
-    if (name.startswith(_STEP_PREFIX) and len(digits) >= 8 and digits.isascii()
-            and digits.isdigit()):
+    digits = name[len(_STEP_PREFIX) :]
+    if name.startswith(_STEP_PREFIX) and len(digits) >= 8 and digits.isascii() and digits.isdigit():
         return int(digits)
     return None
 
@@ -333,8 +355,16 @@ ROUTER_FILE = "router.csv"
 
 #: The columns of metrics.csv, in file order (README "Outputs" describes each).
 METRICS_HEADER: tuple[str, ...] = (
-    "step", "tokens", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu",
-    "elapsed_s", "val_loss", "val_ppl",
+    "step",
+    "tokens",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_sec",
+    "mfu",
+    "elapsed_s",
+    "val_loss",
+    "val_ppl",
 )
 #: The metric columns after ``step`` (the database's metric_points columns).
 METRIC_COLUMNS: tuple[str, ...] = METRICS_HEADER[1:]

@@ -14,6 +14,7 @@ PostgreSQL goes through psycopg 3 (``postgresql+psycopg://``) with pre-ping on c
 The schema belongs to Alembic: :func:`migrate` upgrades to head; the app never calls
 ``create_all``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,14 @@ MIGRATIONS_DIR = project_path("migrations")
 ALEMBIC_INI = project_path("alembic.ini")
 
 
-def make_engine(url: str, *, sqlite_busy_timeout_ms: int = 30_000, echo: bool = False,
-                idle_in_transaction_ms: int | None = None, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    sqlite_busy_timeout_ms: int = 30_000,
+    echo: bool = False,
+    idle_in_transaction_ms: int | None = None,
+    **kwargs: Any,
+) -> Engine:
     """An Engine for ``url`` (``sqlite:///PATH`` or a PostgreSQL URL, normalised to psycopg 3).
 
     SQLite: the folder of the database file is created; each new connection gets
@@ -93,8 +100,13 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int, *, file_backed: bool
 
 #: How SQLite's OperationalErrors that mean "not now" begin (lower case). Its other
 #: OperationalErrors (a syntax error, no such column) are bugs.
-_SQLITE_UNAVAILABLE = ("database is locked", "database table is locked", "database is busy",
-                       "unable to open database", "disk i/o error")
+_SQLITE_UNAVAILABLE = (
+    "database is locked",
+    "database table is locked",
+    "database is busy",
+    "unable to open database",
+    "disk i/o error",
+)
 
 
 def unavailable_reason(error: BaseException) -> str | None:
@@ -203,7 +215,8 @@ def open_database(settings: Settings, **engine_kwargs: Any) -> Database:
     assert settings.database_url is not None
     engine_kwargs.setdefault("idle_in_transaction_ms", idle_in_transaction_ms(settings))
     engine = make_engine(
-        settings.database_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        settings.database_url,
+        sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         **engine_kwargs,
     )
     return Database(engine=engine, sessions=make_session_factory(engine))

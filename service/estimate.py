@@ -271,7 +271,9 @@ def count_parameters(model: ModelConfig, tie_embeddings: bool = False) -> ParamC
         attention += attn_w + attn_b
         active_matmul += attn_w
         # MLP
-        dense_layer = model.first_k_dense_replace is not None and layer < model.first_k_dense_replace
+        dense_layer = (
+            model.first_k_dense_replace is not None and layer < model.first_k_dense_replace
+        )
         if model.is_moe and not dense_layer:
             moe_layers += 1
             router += c * model.n_expert  # nn.Linear(bias=False) or GroupedTopkRouter.weight
@@ -280,7 +282,9 @@ def count_parameters(model: ModelConfig, tie_embeddings: bool = False) -> ParamC
             experts += model.n_expert * expert_size
             active_matmul += c * model.n_expert + model.n_expert_per_token * ew
             if model.n_shared_expert:
-                sw, sb = _mlp(model, "LLaMAMLP", (model.moe_intermediate_size or 0) * model.n_shared_expert)
+                sw, sb = _mlp(
+                    model, "LLaMAMLP", (model.moe_intermediate_size or 0) * model.n_shared_expert
+                )
                 dense += sw + sb
                 active_matmul += sw
         else:
@@ -320,7 +324,9 @@ ESTIMATE_GPUS = ("H100", "H200", "A100")
 #: Dense peak FLOP/s per GPU by precision family (bf16/fp16 tensor cores for the 16-bit
 #: precisions, TF32 for 32-true) of :data:`ESTIMATE_GPUS`, from ``service.contract.PEAK_FLOPS``
 #: (the table the measured MFU uses too).
-GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {gpu: contract.PEAK_FLOPS[gpu] for gpu in ESTIMATE_GPUS}
+GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
+    gpu: contract.PEAK_FLOPS[gpu] for gpu in ESTIMATE_GPUS
+}
 
 #: Model FLOPs utilisation assumed for the time estimates.
 DEFAULT_MFU = 0.4
@@ -506,17 +512,23 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def _process_memory(kind: str, transient: int, activations: int, compiled: bool) -> tuple[int, int, int]:
+def _process_memory(
+    kind: str, transient: int, activations: int, compiled: bool
+) -> tuple[int, int, int]:
     """(runtime, compile_workspace, allocator_slack) of a rank on a ``kind`` device (see `MemoryEstimate`)."""
     if kind == "cpu":
         runtime, workspace = CPU_RUNTIME_BYTES, (CPU_COMPILE_BYTES if compiled else 0)
     else:
-        runtime, workspace = CUDA_RUNTIME_BYTES, (int(CUDA_COMPILE_FRACTION * activations) if compiled else 0)
+        runtime, workspace = (
+            CUDA_RUNTIME_BYTES,
+            (int(CUDA_COMPILE_FRACTION * activations) if compiled else 0),
+        )
     return runtime, workspace, int(ALLOCATOR_SLACK[kind] * transient)
 
 
-def activation_bytes(model: ModelConfig, micro_batch_size: int, seq_len: int, precision: str,
-                     checkpointing: bool) -> int:
+def activation_bytes(
+    model: ModelConfig, micro_batch_size: int, seq_len: int, precision: str, checkpointing: bool
+) -> int:
     """Activation memory saved for backward for one micro-batch, in bytes.
 
     Method of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
@@ -547,10 +559,14 @@ def activation_bytes(model: ModelConfig, micro_batch_size: int, seq_len: int, pr
     nh = model.n_head
     tokens = micro_batch_size * seq_len
     attn = 4 * c + 5 * nh * hs
-    attn_bytes_extra = nh * seq_len * (2 * a + 4) if model.attention_logit_softcapping is not None else 0
+    attn_bytes_extra = (
+        nh * seq_len * (2 * a + 4) if model.attention_logit_softcapping is not None else 0
+    )
     per_layer: list[int] = []
     for layer in range(model.n_layer):
-        dense_layer = model.first_k_dense_replace is not None and layer < model.first_k_dense_replace
+        dense_layer = (
+            model.first_k_dense_replace is not None and layer < model.first_k_dense_replace
+        )
         if model.is_moe and not dense_layer:
             i = model.moe_intermediate_size or 0
             mlp = model.n_expert + model.n_expert_per_token * (2 * c + 4 * i)
@@ -613,8 +629,9 @@ class Estimate:
         return asdict(self)
 
 
-def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU,
-             device_kind: str = "cuda") -> Estimate:
+def estimate(
+    train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU, device_kind: str = "cuda"
+) -> Estimate:
     """Parameters, FLOPs, memory, checkpoint size and time of a run, from validated configs (no torch).
 
     Args:
@@ -635,14 +652,18 @@ def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU,
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     if device_kind not in DEVICE_KINDS:
-        raise ValueError(f"device_kind must be one of {', '.join(DEVICE_KINDS)}, got {device_kind!r}")
+        raise ValueError(
+            f"device_kind must be one of {', '.join(DEVICE_KINDS)}, got {device_kind!r}"
+        )
     plan = training_plan(train, model)
     t = train.train
     params = count_parameters(model, tie_embeddings=bool(t.tie_embeddings))
     attn = attention_flops_per_token(model, plan.seq_len)
     flops_per_token = 6 * params.active_matmul + attn
     lm_head_matmul = model.resolved_padded_vocab_size * model.n_embd
-    recompute = (2 * (params.active_matmul - lm_head_matmul) + attn // 3) if t.gradient_checkpointing else 0
+    recompute = (
+        (2 * (params.active_matmul - lm_head_matmul) + attn // 3) if t.gradient_checkpointing else 0
+    )
 
     precision = train.precision
     pb = _param_bytes(precision)
@@ -653,17 +674,32 @@ def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU,
     if t.tie_embeddings:
         matmul_weights += params.embedding  # the tied matrix is the LM head's weight
     autocast = 2 * matmul_weights if precision.endswith("-mixed") else 0
-    act_plain = activation_bytes(model, t.micro_batch_size, plan.seq_len, precision, checkpointing=False)
-    act_ckpt = activation_bytes(model, t.micro_batch_size, plan.seq_len, precision, checkpointing=True)
+    act_plain = activation_bytes(
+        model, t.micro_batch_size, plan.seq_len, precision, checkpointing=False
+    )
+    act_ckpt = activation_bytes(
+        model, t.micro_batch_size, plan.seq_len, precision, checkpointing=True
+    )
     act = act_ckpt if t.gradient_checkpointing else act_plain
-    logits_grad = t.micro_batch_size * plan.seq_len * model.resolved_padded_vocab_size * _activation_bytes(precision)
-    stacked_experts = 3 * model.n_expert * model.n_embd * (model.moe_intermediate_size or 0) if params.moe_layers else 0
+    logits_grad = (
+        t.micro_batch_size
+        * plan.seq_len
+        * model.resolved_padded_vocab_size
+        * _activation_bytes(precision)
+    )
+    stacked_experts = (
+        3 * model.n_expert * model.n_embd * (model.moe_intermediate_size or 0)
+        if params.moe_layers
+        else 0
+    )
     temporaries = 4 * max(params.embedding, params.lm_head, stacked_experts)
     transient = act + autocast + logits_grad + temporaries
     if plan.grad_accum_iters > 1:
         tensors = weights + gradients + optimizer_states + transient
     else:
-        tensors = weights + optimizer_states + temporaries + max(gradients, act + autocast + logits_grad)
+        tensors = (
+            weights + optimizer_states + temporaries + max(gradients, act + autocast + logits_grad)
+        )
     compiled = bool(train.optimization.compile)
     per_kind = {}
     for kind in DEVICE_KINDS:
@@ -695,7 +731,11 @@ def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU,
     ckpt_opt = ckpt + optimizer_states
     # step-N folders at N = save_interval, 2 x save_interval, ... below the last step
     # (the last step writes final/ instead)
-    intermediate = (plan.optimizer_steps - 1) // t.save_interval if t.save_interval and plan.optimizer_steps > 0 else 0
+    intermediate = (
+        (plan.optimizer_steps - 1) // t.save_interval
+        if t.save_interval and plan.optimizer_steps > 0
+        else 0
+    )
     written = intermediate + (1 if plan.optimizer_steps > 0 else 0)
 
     family = contract.precision_family(precision)
@@ -724,5 +764,7 @@ def estimate(train: TrainConfig, model: ModelConfig, mfu: float = DEFAULT_MFU,
 def _bias_params(model: ModelConfig) -> int:
     """Bias parameters of all linear layers (not norms)."""
     full = count_parameters(model)
-    no_bias = count_parameters(model.model_copy(update={"bias": False, "attn_bias": False, "lm_head_bias": False}))
+    no_bias = count_parameters(
+        model.model_copy(update={"bias": False, "attn_bias": False, "lm_head_bias": False})
+    )
     return full.total - no_bias.total

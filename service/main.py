@@ -16,6 +16,7 @@ Run it::
 
 or ``uvicorn --factory service.main:create_app`` (settings from the MOEJOBS_* environment).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -70,14 +71,17 @@ def check_schema(db: Database, settings: Settings, process: str = "server") -> N
     try:
         revision = current_revision(db.engine)
     except Exception as error:
-        raise StartupError(f"database {url} is unreachable: {type(error).__name__}: "
-                           f"{' '.join(str(error).split())[:300]}") from None
+        raise StartupError(
+            f"database {url} is unreachable: {type(error).__name__}: "
+            f"{' '.join(str(error).split())[:300]}"
+        ) from None
     head = head_revision()
     if revision != head:
         state = "has no moejobs tables" if revision is None else f"is at revision {revision}"
         raise StartupError(
             f"database {url} {state}, but this code needs revision {head}: run `moejobs migrate` "
-            f"(or `moejobs up`, which migrates) and start the {process} again")
+            f"(or `moejobs up`, which migrates) and start the {process} again"
+        )
 
 
 #: The API's connection pool: this many connections kept, this many more when busy. Their sum
@@ -99,8 +103,11 @@ def open_api_database(settings: Settings) -> tuple[Database, int]:
     url = settings.database_url or ""
     if url.startswith("sqlite") and sqlite_path(url) is None:
         return open_database(settings), 1
-    kwargs: dict[str, Any] = {"pool_size": API_POOL_SIZE, "max_overflow": API_POOL_OVERFLOW,
-                              "pool_timeout": settings.db_wait_seconds}
+    kwargs: dict[str, Any] = {
+        "pool_size": API_POOL_SIZE,
+        "max_overflow": API_POOL_OVERFLOW,
+        "pool_timeout": settings.db_wait_seconds,
+    }
     if not url.startswith("sqlite"):
         kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
     return open_database(settings, **kwargs), API_POOL_SIZE + API_POOL_OVERFLOW
@@ -129,8 +136,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.celery = celery
         app.state.head_revision = head_revision()
         app.state.smoke_lock = asyncio.Lock()
-        log.info("moejobs API ready: database %s, broker %s", _safe_url(settings.database_url or ""),
-                 _safe_url(settings.broker_url or ""))
+        log.info(
+            "moejobs API ready: database %s, broker %s",
+            _safe_url(settings.database_url or ""),
+            _safe_url(settings.broker_url or ""),
+        )
         try:
             yield
         finally:
@@ -142,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=API_VERSION,
         description="Training jobs for LitGPT Mixture-of-Experts models: submit configs, follow "
         "metrics, download checkpoints. Errors share one JSON shape: {code, message, errors?}.",
-        docs_url=None,       # served by service.api.system without a CDN
+        docs_url=None,  # served by service.api.system without a CDN
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -156,11 +166,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The run-submission routes read their body themselves (JSON, YAML or multipart), so
         # FastAPI does not see RunCreate: add its schema for the $refs in their requestBody.
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version,
-                                 description=app.description, routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            doc = RunCreate.model_json_schema(by_alias=True,
-                                              ref_template="#/components/schemas/{model}")
+            doc = RunCreate.model_json_schema(
+                by_alias=True, ref_template="#/components/schemas/{model}"
+            )
             components.update(doc.pop("$defs", {}))
             components["RunCreate"] = doc
             app.openapi_schema = complete_error_responses(schema)
@@ -169,8 +181,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
 
     def limit_for(path: str) -> int:
-        return (settings.upload_limit_bytes if limit_is_upload({"path": path})
-                else settings.request_body_limit_bytes)
+        return (
+            settings.upload_limit_bytes
+            if limit_is_upload({"path": path})
+            else settings.request_body_limit_bytes
+        )
 
     def token() -> str | None:
         return settings.api_token.get_secret_value() if settings.api_token is not None else None
@@ -198,8 +213,9 @@ def mount_dashboard(app: FastAPI) -> None:
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                            headers={"Cache-Control": "no-cache"})
+        return FileResponse(
+            STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"}
+        )
 
 
 def serve(settings: Settings | None = None, **uvicorn_options: Any) -> None:
@@ -209,7 +225,11 @@ def serve(settings: Settings | None = None, **uvicorn_options: Any) -> None:
     import uvicorn
 
     settings = settings or get_settings()
-    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "info",
-                               "lifespan": "on"}
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "info",
+        "lifespan": "on",
+    }
     options.update(uvicorn_options)
     uvicorn.run(create_app(settings), **options)

@@ -18,6 +18,7 @@ Conventions
   step it was written at when the caller knows it, else NULL. A checkpoint is identified by its
   folder name, unique per run (see ``runs.get_checkpoint`` for lookups by step or "final").
 """
+
 import enum
 import uuid
 from datetime import datetime, timezone
@@ -160,19 +161,23 @@ class Run(Base, table=True):
     )
     preset: Optional[str] = Field(default=None, max_length=200)
     submitted_train: dict[str, Any] = Field(
-        sa_type=JSONDoc, sa_column_kwargs={"nullable": False},
+        sa_type=JSONDoc,
+        sa_column_kwargs={"nullable": False},
         description="train_config exactly as submitted (before presets/overrides).",
     )
     submitted_model: dict[str, Any] = Field(
-        sa_type=JSONDoc, sa_column_kwargs={"nullable": False},
+        sa_type=JSONDoc,
+        sa_column_kwargs={"nullable": False},
         description="model_config exactly as submitted.",
     )
     resolved_train: dict[str, Any] = Field(
-        sa_type=JSONDoc, sa_column_kwargs={"nullable": False},
+        sa_type=JSONDoc,
+        sa_column_kwargs={"nullable": False},
         description="The validated train config the engine runs (paths resolved).",
     )
     resolved_model: dict[str, Any] = Field(
-        sa_type=JSONDoc, sa_column_kwargs={"nullable": False},
+        sa_type=JSONDoc,
+        sa_column_kwargs={"nullable": False},
         description="The validated model config the engine runs.",
     )
     estimate: Optional[dict[str, Any]] = Field(default=None, sa_type=JSONDoc)
@@ -181,9 +186,11 @@ class Run(Base, table=True):
     )
     attempt: int = Field(default=0, description="Number of claims so far (fencing token).")
     failures: int = Field(
-        default=0, sa_column_kwargs={"server_default": "0"},
+        default=0,
+        sa_column_kwargs={"server_default": "0"},
         description="Attempts that ended in a failure (lost worker, killed, crashed...); "
-        "MOEJOBS_MAX_ATTEMPTS bounds it. A graceful stop (checkpoint and re-queue) is none.")
+        "MOEJOBS_MAX_ATTEMPTS bounds it. A graceful stop (checkpoint and re-queue) is none.",
+    )
     worker_id: Optional[str] = Field(default=None, max_length=200, index=True)
     heartbeat_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
     lease_expires_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
@@ -191,7 +198,9 @@ class Run(Base, table=True):
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
     queued_at: datetime = Field(
-        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False},
+        default_factory=utcnow,
+        sa_type=UTCDateTime(),
+        sa_column_kwargs={"nullable": False},
         description="When it last entered queued (creation or re-queue).",
     )
     started_at: Optional[datetime] = Field(
@@ -228,15 +237,11 @@ class RunEvent(Base, table=True):
     at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
-    from_status: Optional[RunStatus] = Field(
-        default=None, sa_type=_enum(RunStatus, "from_status")
-    )
+    from_status: Optional[RunStatus] = Field(default=None, sa_type=_enum(RunStatus, "from_status"))
     to_status: RunStatus = Field(
         sa_type=_enum(RunStatus, "to_status"), sa_column_kwargs={"nullable": False}
     )
-    reason: Optional[FailureReason] = Field(
-        default=None, sa_type=_enum(FailureReason, "reason")
-    )
+    reason: Optional[FailureReason] = Field(default=None, sa_type=_enum(FailureReason, "reason"))
     message: str = Field(default="", sa_type=sa.Text(), sa_column_kwargs={"nullable": False})
     actor: Optional[str] = Field(default=None, max_length=200)
     attempt: int = Field(default=0)
@@ -255,7 +260,9 @@ class MetricPoint(Base, table=True):
     run_id: uuid.UUID = Field(
         sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE", primary_key=True
     )
-    step: int = Field(primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False})
+    step: int = Field(
+        primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False}
+    )
     tokens: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
     loss: Optional[float] = Field(default=None)
     learning_rate: Optional[float] = Field(default=None)
@@ -277,16 +284,20 @@ class RouterPoint(Base, table=True):
     (step, layer) the fractions over experts sum to 1. Primary key = uniqueness rule."""
 
     __tablename__ = "router_points"
-    __table_args__ = (
-        sa.CheckConstraint("fraction >= 0 AND fraction <= 1", name="fraction_range"),
-    )
+    __table_args__ = (sa.CheckConstraint("fraction >= 0 AND fraction <= 1", name="fraction_range"),)
 
     run_id: uuid.UUID = Field(
         sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE", primary_key=True
     )
-    step: int = Field(primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False})
-    layer: int = Field(primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False})
-    expert: int = Field(primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False})
+    step: int = Field(
+        primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False}
+    )
+    layer: int = Field(
+        primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False}
+    )
+    expert: int = Field(
+        primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False}
+    )
     fraction: float = Field(sa_column_kwargs={"nullable": False})
 
 
@@ -338,8 +349,9 @@ class Worker(Base, table=True):
     kind: Optional[str] = Field(default=None, max_length=200)
     host_memory_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
     free_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
-    role: str = Field(default="all", max_length=8,
-                      sa_column_kwargs={"nullable": False, "server_default": "all"})
+    role: str = Field(
+        default="all", max_length=8, sa_column_kwargs={"nullable": False, "server_default": "all"}
+    )
     heartbeat_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )

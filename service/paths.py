@@ -24,6 +24,7 @@ them as 422s with the full path. Whether the inputs exist is checked afterwards 
 ``service.checks`` (the same check as on the command line; in the API a missing folder is a
 warning: data may be uploaded after the run is submitted but before it starts).
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,13 +77,17 @@ def check_path_length(path: str | os.PathLike[str]) -> None:
     text = os.fspath(path)
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > PATH_MAX_BYTES:
-        raise PathTooLong(f"the path is {size:,} bytes long on the server; the limit is "
-                          f"{PATH_MAX_BYTES:,} bytes (PATH_MAX)")
+        raise PathTooLong(
+            f"the path is {size:,} bytes long on the server; the limit is "
+            f"{PATH_MAX_BYTES:,} bytes (PATH_MAX)"
+        )
     for part in text.split("/"):
         part_size = len(part.encode("utf-8", "surrogatepass"))
         if part_size > NAME_MAX_BYTES:
-            raise PathTooLong(f"the name {part[:40]!r}... is {part_size:,} bytes long; a file or "
-                              f"folder name may have at most {NAME_MAX_BYTES} bytes (NAME_MAX)")
+            raise PathTooLong(
+                f"the name {part[:40]!r}... is {part_size:,} bytes long; a file or "
+                f"folder name may have at most {NAME_MAX_BYTES} bytes (NAME_MAX)"
+            )
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -113,8 +118,9 @@ def resolve_under(value: str, root: Path, *, also: tuple[Path, ...] = ()) -> Pat
     if "\x00" in value:
         raise PathEscape("a NUL byte is not allowed in a path")
     if value.startswith("~"):
-        raise PathEscape(f"{value!r}: '~' is not expanded on the server; use a path relative to "
-                         f"the data root")
+        raise PathEscape(
+            f"{value!r}: '~' is not expanded on the server; use a path relative to the data root"
+        )
     root_text = posixpath.normpath(os.fspath(root))
     allowed = [root_text, *(posixpath.normpath(os.fspath(a)) for a in also)]
     if posixpath.isabs(value):
@@ -124,8 +130,10 @@ def resolve_under(value: str, root: Path, *, also: tuple[Path, ...] = ()) -> Pat
     if not any(_is_within(candidate, a) for a in allowed):
         where = " or ".join(allowed)
         if posixpath.isabs(value):
-            raise PathEscape(f"{value!r} is outside the folders a config may use ({where}); "
-                             f"give a path relative to the data root")
+            raise PathEscape(
+                f"{value!r} is outside the folders a config may use ({where}); "
+                f"give a path relative to the data root"
+            )
         raise PathEscape(f"{value!r} climbs out of the data root {root_text}")
     check_path_length(candidate)
     return Path(candidate)

@@ -63,6 +63,7 @@ failure instead of raising, after a bounded number of quick retries.
 
 This module imports neither torch nor ``worker``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -94,8 +95,12 @@ AUX_QUEUE_SUFFIX = ".aux"
 
 #: How the API retries publishing before giving up (the reconciler covers the rest): at most
 #: 2 retries, 0.2 s then 0.4 s apart. Seconds.
-PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2,
-                        "interval_max": 0.5}
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 2,
+    "interval_start": 0.2,
+    "interval_step": 0.2,
+    "interval_max": 0.5,
+}
 
 #: Seconds to wait for a broker connection (publishing, readiness checks).
 BROKER_CONNECT_TIMEOUT = 3.0
@@ -149,8 +154,11 @@ def make_celery(settings: Settings, *, main: str = "moejobs") -> Celery:
         task_soft_time_limit=None,
         # Routing: runs on the main queue, tokenizers on the aux queue.
         task_default_queue=queue,
-        task_routes={TRAIN_TASK: {"queue": queue}, TOKENIZER_TASK: {"queue": aux},
-                     PREPARE_TASK: {"queue": aux}},
+        task_routes={
+            TRAIN_TASK: {"queue": queue},
+            TOKENIZER_TASK: {"queue": aux},
+            PREPARE_TASK: {"queue": aux},
+        },
         task_create_missing_queues=True,
         # Publishing from the API must not hang on a dead broker.
         broker_connection_timeout=BROKER_CONNECT_TIMEOUT,
@@ -179,11 +187,23 @@ class EnqueueResult:
     error: str | None = None
 
 
-def _send(app: Celery, name: str, *, args: list[Any] | None = None,
-          kwargs: dict[str, Any] | None = None, task_id: str | None = None) -> EnqueueResult:
+def _send(
+    app: Celery,
+    name: str,
+    *,
+    args: list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    task_id: str | None = None,
+) -> EnqueueResult:
     try:
-        result = app.send_task(name, args=args, kwargs=kwargs, task_id=task_id,
-                               retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+        result = app.send_task(
+            name,
+            args=args,
+            kwargs=kwargs,
+            task_id=task_id,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
     except Exception as error:  # kombu raises OperationalError and friends
         reason = f"{type(error).__name__}: {error}"
         log.warning("could not send %s to the broker: %s", name, reason)
@@ -206,14 +226,21 @@ def enqueue_prepare(app: Celery, run_id: uuid.UUID | str) -> EnqueueResult:
     return _send(app, PREPARE_TASK, args=[str(run_id)])
 
 
-def enqueue_tokenizer(app: Celery, *, name: str, dataset_dir: Path, out_dir: Path,
-                      vocab_size: int) -> EnqueueResult:
+def enqueue_tokenizer(
+    app: Celery, *, name: str, dataset_dir: Path, out_dir: Path, vocab_size: int
+) -> EnqueueResult:
     """Send :data:`TOKENIZER_TASK` (kwargs as in the module docstring; paths absolute).
     Never raises for broker trouble (see :func:`enqueue_run`)."""
-    return _send(app, TOKENIZER_TASK, kwargs={
-        "name": name, "dataset_dir": str(dataset_dir), "out_dir": str(out_dir),
-        "vocab_size": int(vocab_size),
-    })
+    return _send(
+        app,
+        TOKENIZER_TASK,
+        kwargs={
+            "name": name,
+            "dataset_dir": str(dataset_dir),
+            "out_dir": str(out_dir),
+            "vocab_size": int(vocab_size),
+        },
+    )
 
 
 def tokenizer_marker_paths(settings: Settings, name: str) -> tuple[Path, Path]:
@@ -231,10 +258,12 @@ def check_broker(app: Celery, queue: str, timeout: float = BROKER_CONNECT_TIMEOU
     "connecting" opens nothing."""
     try:
         with app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
-                                   timeout=timeout)
-            conn.default_channel.queue_declare(queue=queue, passive=False, durable=True,
-                                               auto_delete=False)
+            conn.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+            )
+            conn.default_channel.queue_declare(
+                queue=queue, passive=False, durable=True, auto_delete=False
+            )
     except Exception as error:
         return " ".join(f"{type(error).__name__}: {error}".split())
     return None
@@ -245,11 +274,15 @@ def queue_depth(app: Celery, queue: str, timeout: float = BROKER_CONNECT_TIMEOUT
     cannot say (unreachable). Declares the queue if it does not exist (it then has 0)."""
     try:
         with app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
-                                   timeout=timeout)
+            conn.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+            )
             channel = conn.default_channel
-            return int(channel.queue_declare(queue=queue, passive=False, durable=True,
-                                             auto_delete=False).message_count)
+            return int(
+                channel.queue_declare(
+                    queue=queue, passive=False, durable=True, auto_delete=False
+                ).message_count
+            )
     except Exception as error:
         log.debug("queue depth of %s unavailable: %s", queue, error)
         return None

@@ -3,6 +3,7 @@
 Nothing here writes or commits; every function takes a ``sqlmodel.Session``. Times are aware
 UTC datetimes, ``now`` parameters exist for tests.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,19 +39,24 @@ def ping(session: Session) -> None:
 
 def list_workers(session: Session) -> list[Worker]:
     """Every registered worker (live or not), by id."""
-    return list(session.exec(select(Worker).order_by(Worker.id)
-                             .execution_options(populate_existing=True)))
+    return list(
+        session.exec(select(Worker).order_by(Worker.id).execution_options(populate_existing=True))
+    )
 
 
-def count_live_workers(session: Session, stale_after_seconds: float, *,
-                       now: datetime | None = None) -> int:
+def count_live_workers(
+    session: Session, stale_after_seconds: float, *, now: datetime | None = None
+) -> int:
     """Workers that train runs (roles ``all`` and ``train``; not ``aux``) whose last heartbeat
     is at most ``stale_after_seconds`` old."""
     cutoff = (now or utcnow()) - timedelta(seconds=stale_after_seconds)
-    return int(session.execute(
-        sa.select(sa.func.count()).select_from(Worker).where(
-            Worker.heartbeat_at >= cutoff, Worker.role.in_(TRAINING_ROLES))
-    ).scalar_one())
+    return int(
+        session.execute(
+            sa.select(sa.func.count())
+            .select_from(Worker)
+            .where(Worker.heartbeat_at >= cutoff, Worker.role.in_(TRAINING_ROLES))
+        ).scalar_one()
+    )
 
 
 def count_metric_points(session: Session) -> int:
@@ -61,17 +67,23 @@ def count_metric_points(session: Session) -> int:
 def active_smoke_test(session: Session) -> Run | None:
     """The oldest smoke-test run still queued or running, if any."""
     return session.exec(
-        select(Run).where(Run.preset == SMOKE_TEST_PRESET, Run.status.in_(_LIVE))
-        .order_by(Run.created_at).execution_options(populate_existing=True)
+        select(Run)
+        .where(Run.preset == SMOKE_TEST_PRESET, Run.status.in_(_LIVE))
+        .order_by(Run.created_at)
+        .execution_options(populate_existing=True)
     ).first()
 
 
 def active_runs(session: Session) -> list[Run]:
     """Runs that are queued or running (oldest first): the ones whose inputs must not vanish."""
-    return list(session.exec(
-        select(Run).where(Run.status.in_(_LIVE)).order_by(Run.created_at)
-        .execution_options(populate_existing=True)
-    ))
+    return list(
+        session.exec(
+            select(Run)
+            .where(Run.status.in_(_LIVE))
+            .order_by(Run.created_at)
+            .execution_options(populate_existing=True)
+        )
+    )
 
 
 def last_metric_step(session: Session, run_id) -> int | None:
@@ -95,18 +107,26 @@ def latest_metrics(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.
 
 @functools.cache
 def _latest_metrics_statement() -> sa.Select:
-    newest = (sa.select(MetricPoint.step).where(MetricPoint.run_id == Run.id)
-              .order_by(MetricPoint.step.desc()).limit(1).scalar_subquery())
-    last = (sa.select(Run.id.label("run_id"), newest.label("step"))
-            .where(Run.id.in_(sa.bindparam("run_ids", expanding=True))).subquery())
-    return (sa.select(MetricPoint.run_id, MetricPoint.step,
-                      *(getattr(MetricPoint, c) for c in METRIC_COLUMNS))
-            .join(last, sa.and_(MetricPoint.run_id == last.c.run_id,
-                                MetricPoint.step == last.c.step)))
+    newest = (
+        sa.select(MetricPoint.step)
+        .where(MetricPoint.run_id == Run.id)
+        .order_by(MetricPoint.step.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    last = (
+        sa.select(Run.id.label("run_id"), newest.label("step"))
+        .where(Run.id.in_(sa.bindparam("run_ids", expanding=True)))
+        .subquery()
+    )
+    return sa.select(
+        MetricPoint.run_id, MetricPoint.step, *(getattr(MetricPoint, c) for c in METRIC_COLUMNS)
+    ).join(last, sa.and_(MetricPoint.run_id == last.c.run_id, MetricPoint.step == last.c.step))
 
 
-def run_with_latest_metrics(session: Session, run_id: uuid.UUID
-                            ) -> tuple[sa.Row, SimpleNamespace | None]:
+def run_with_latest_metrics(
+    session: Session, run_id: uuid.UUID
+) -> tuple[sa.Row, SimpleNamespace | None]:
     """Run ``run_id`` without its config documents (as ``service.runs.get_run(configs=False)``)
     and its newest metric row (as :func:`latest_metrics`; None before the first), in one
     statement: the API's most polled read. Raises ``service.runs.RunNotFound``."""
@@ -117,8 +137,9 @@ def run_with_latest_metrics(session: Session, run_id: uuid.UUID
         raise RunNotFound(run_id)
     if row.m_step is None:
         return row, None
-    return row, SimpleNamespace(step=row.m_step,
-                                **{c: getattr(row, f"m_{c}") for c in METRIC_COLUMNS})
+    return row, SimpleNamespace(
+        step=row.m_step, **{c: getattr(row, f"m_{c}") for c in METRIC_COLUMNS}
+    )
 
 
 @functools.cache
@@ -126,14 +147,23 @@ def _run_with_latest_statement() -> sa.Select:
     from service.runs import summary_columns
 
     inner = MetricPoint.__table__.alias("newest")
-    newest = (sa.select(inner.c.step).where(inner.c.run_id == Run.id)
-              .order_by(inner.c.step.desc()).limit(1).correlate(Run).scalar_subquery())
-    metric = [MetricPoint.step.label("m_step"),
-              *(getattr(MetricPoint, c).label(f"m_{c}") for c in METRIC_COLUMNS)]
-    return (sa.select(*summary_columns(), *metric)
-            .outerjoin(MetricPoint, sa.and_(MetricPoint.run_id == Run.id,
-                                            MetricPoint.step == newest))
-            .where(Run.id == sa.bindparam("run_id", type_=sa.Uuid())))
+    newest = (
+        sa.select(inner.c.step)
+        .where(inner.c.run_id == Run.id)
+        .order_by(inner.c.step.desc())
+        .limit(1)
+        .correlate(Run)
+        .scalar_subquery()
+    )
+    metric = [
+        MetricPoint.step.label("m_step"),
+        *(getattr(MetricPoint, c).label(f"m_{c}") for c in METRIC_COLUMNS),
+    ]
+    return (
+        sa.select(*summary_columns(), *metric)
+        .outerjoin(MetricPoint, sa.and_(MetricPoint.run_id == Run.id, MetricPoint.step == newest))
+        .where(Run.id == sa.bindparam("run_id", type_=sa.Uuid()))
+    )
 
 
 def require_run(session: Session, run_id: uuid.UUID) -> None:
@@ -150,14 +180,16 @@ def _require_run_statement() -> sa.Select:
     return sa.select(Run.id).where(Run.id == sa.bindparam("run_id", type_=sa.Uuid()))
 
 
-def metric_rows(session: Session, run_id: uuid.UUID, *, after_step: int | None = None,
-                limit: int | None = None) -> list[sa.Row]:
+def metric_rows(
+    session: Session, run_id: uuid.UUID, *, after_step: int | None = None, limit: int | None = None
+) -> list[sa.Row]:
     """A run's metric rows by step as plain rows (attributes ``step`` and every
     ``METRIC_COLUMNS`` name), those with ``step > after_step``, at most ``limit``. What
     ``service.runs.list_metrics`` reads, without building an ORM object per row (the API's
     pages have thousands)."""
-    stmt = sa.select(MetricPoint.step, *(getattr(MetricPoint, c) for c in METRIC_COLUMNS)) \
-        .where(MetricPoint.run_id == run_id)
+    stmt = sa.select(MetricPoint.step, *(getattr(MetricPoint, c) for c in METRIC_COLUMNS)).where(
+        MetricPoint.run_id == run_id
+    )
     if after_step is not None:
         stmt = stmt.where(MetricPoint.step > after_step)
     stmt = stmt.order_by(MetricPoint.step)
@@ -166,12 +198,14 @@ def metric_rows(session: Session, run_id: uuid.UUID, *, after_step: int | None =
     return list(session.execute(stmt))
 
 
-def router_rows(session: Session, run_id: uuid.UUID, *, after_step: int | None = None,
-                limit: int | None = None) -> list[sa.Row]:
+def router_rows(
+    session: Session, run_id: uuid.UUID, *, after_step: int | None = None, limit: int | None = None
+) -> list[sa.Row]:
     """A run's router telemetry as plain rows ``(step, layer, expert, fraction)`` ordered by
     (step, layer, expert), those with ``step > after_step``, at most ``limit``."""
-    stmt = sa.select(RouterPoint.step, RouterPoint.layer, RouterPoint.expert,
-                     RouterPoint.fraction).where(RouterPoint.run_id == run_id)
+    stmt = sa.select(
+        RouterPoint.step, RouterPoint.layer, RouterPoint.expert, RouterPoint.fraction
+    ).where(RouterPoint.run_id == run_id)
     if after_step is not None:
         stmt = stmt.where(RouterPoint.step > after_step)
     stmt = stmt.order_by(RouterPoint.step, RouterPoint.layer, RouterPoint.expert)
@@ -183,6 +217,7 @@ def router_rows(session: Session, run_id: uuid.UUID, *, after_step: int | None =
 def find_idempotent(session: Session, owner: str, key: str) -> Run | None:
     """The run ``owner`` created with Idempotency-Key ``key``, if any."""
     return session.exec(
-        select(Run).where(Run.owner == owner, Run.idempotency_key == key)
+        select(Run)
+        .where(Run.owner == owner, Run.idempotency_key == key)
         .execution_options(populate_existing=True)
     ).first()

@@ -1,4 +1,5 @@
 """Plain-text rendering of validation results and estimates for the command line."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -57,4 +58,6 @@ def format_estimate(est: Any) -> list[str]:
     """The estimate as aligned ``name  value`` lines (every field of ``est.to_dict()``, with units)."""
     rows = _flatten(est.to_dict())
     width = max((len(name) for name, _ in rows), default=0)
-    return ["estimate:"] + [f"  {name.ljust(width)}  {_with_unit(name, value)}" for name, value in rows]
+    return ["estimate:"] + [
+        f"  {name.ljust(width)}  {_with_unit(name, value)}" for name, value in rows
+    ]

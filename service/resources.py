@@ -6,6 +6,7 @@ In a source checkout (``uv sync``, the Docker images) they sit at the repository
 ``service/_bundled/`` (``[tool.hatch.build.targets.wheel.force-include]`` in pyproject.toml),
 because a wheel may only install packages. :func:`project_path` finds either.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

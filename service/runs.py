@@ -23,6 +23,7 @@ nothing, so a worker that lost its run can never write to it again.
 
 Times are aware UTC datetimes; ``now`` parameters exist for tests and default to the clock.
 """
+
 from __future__ import annotations
 
 import base64
@@ -93,7 +94,6 @@ RUN_SORT_KEYS = ("created_at", "name", "status")
 CONFIG_COLUMNS = ("submitted_train", "submitted_model", "resolved_train", "resolved_model")
 
 
-
 # -- errors -------------------------------------------------------------------------------------
 
 
@@ -113,8 +113,9 @@ class InvalidTransition(RunError):
     """The move is not allowed from the run's current status (``.from_status`` ->
     ``.to_status``), e.g. anything out of a terminal status."""
 
-    def __init__(self, run_id: uuid.UUID, from_status: RunStatus, to_status: RunStatus,
-                 detail: str = ""):
+    def __init__(
+        self, run_id: uuid.UUID, from_status: RunStatus, to_status: RunStatus, detail: str = ""
+    ):
         text = f"run {run_id}: cannot go from {from_status.value} to {to_status.value}"
         super().__init__(f"{text}: {detail}" if detail else text)
         self.run_id, self.from_status, self.to_status = run_id, from_status, to_status
@@ -145,7 +146,9 @@ class LeaseLost(RunError):
     write nothing more for this run."""
 
     def __init__(self, run_id: uuid.UUID, attempt: int, detail: str = ""):
-        super().__init__(f"run {run_id}: attempt {attempt} no longer holds the run {detail}".strip())
+        super().__init__(
+            f"run {run_id}: attempt {attempt} no longer holds the run {detail}".strip()
+        )
         self.run_id, self.attempt = run_id, attempt
 
 
@@ -155,8 +158,9 @@ class LeaseLost(RunError):
 def request_hash(document: Any) -> str:
     """sha256 hex digest of ``document`` as canonical JSON (sorted keys, no whitespace), so
     that equal documents hash equal whatever their key order or wire format."""
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=str)
+    text = json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -182,8 +186,9 @@ def _insert(session: Session, table: sa.Table):
     raise NotImplementedError(f"database dialect {name!r} is not supported")
 
 
-def _locked_run(session: Session, run_id: uuid.UUID, *, shared: bool = False,
-                deleting: bool = False) -> Run:
+def _locked_run(
+    session: Session, run_id: uuid.UUID, *, shared: bool = False, deleting: bool = False
+) -> Run:
     """The run, read fresh and row-locked on PostgreSQL until the transaction ends; SQLite's
     BEGIN IMMEDIATE already serialises writers. Raises RunNotFound.
 
@@ -209,20 +214,46 @@ def _check_fence(run: Run, attempt: int | None) -> None:
         raise LeaseLost(run.id, attempt, f"(run is {run.status.value}, attempt {run.attempt})")
 
 
-def _add_event(session: Session, run: Run, from_status: RunStatus | None, to_status: RunStatus,
-               message: str, *, at: datetime, reason: FailureReason | None = None,
-               actor: str | None = None) -> None:
-    session.add(RunEvent(
-        run_id=run.id, at=at, from_status=from_status, to_status=to_status, reason=reason,
-        message=message, actor=actor, attempt=run.attempt,
-    ))
+def _add_event(
+    session: Session,
+    run: Run,
+    from_status: RunStatus | None,
+    to_status: RunStatus,
+    message: str,
+    *,
+    at: datetime,
+    reason: FailureReason | None = None,
+    actor: str | None = None,
+) -> None:
+    session.add(
+        RunEvent(
+            run_id=run.id,
+            at=at,
+            from_status=from_status,
+            to_status=to_status,
+            reason=reason,
+            message=message,
+            actor=actor,
+            attempt=run.attempt,
+        )
+    )
 
 
-def _move(session: Session, run_id: uuid.UUID, to_status: RunStatus, *,
-          from_status: RunStatus, message: str, now: datetime,
-          reason: FailureReason | None = None, actor: str | None = None,
-          attempt: int | None = None, values: Mapping[str, Any] | None = None,
-          where: Sequence[Any] = (), event_reason: FailureReason | None = None) -> Run | None:
+def _move(
+    session: Session,
+    run_id: uuid.UUID,
+    to_status: RunStatus,
+    *,
+    from_status: RunStatus,
+    message: str,
+    now: datetime,
+    reason: FailureReason | None = None,
+    actor: str | None = None,
+    attempt: int | None = None,
+    values: Mapping[str, Any] | None = None,
+    where: Sequence[Any] = (),
+    event_reason: FailureReason | None = None,
+) -> Run | None:
     """THE status writer. Compare-and-set ``status`` from ``from_status`` to ``to_status``
     (plus ``values``, extra ``where`` clauses and the fence ``attempt``) and write the event,
     inside the caller's write transaction. ``reason`` is the failure reason of a failed run;
@@ -232,8 +263,9 @@ def _move(session: Session, run_id: uuid.UUID, to_status: RunStatus, *,
     assert to_status in ALLOWED_TRANSITIONS[from_status], (from_status, to_status)
     update_values: dict[str, Any] = {"status": to_status, "updated_at": now}
     if to_status == S.queued:
-        update_values.update(worker_id=None, heartbeat_at=None, lease_expires_at=None,
-                             queued_at=now)
+        update_values.update(
+            worker_id=None, heartbeat_at=None, lease_expires_at=None, queued_at=now
+        )
     if to_status in TERMINAL_STATUSES:
         update_values.update(finished_at=now, lease_expires_at=None)
     if to_status == S.failed:
@@ -247,14 +279,25 @@ def _move(session: Session, run_id: uuid.UUID, to_status: RunStatus, *,
     if attempt is not None:
         conditions.append(Run.attempt == attempt)
     stmt = (
-        sa.update(Run).where(*conditions).values(**update_values).returning(Run)
+        sa.update(Run)
+        .where(*conditions)
+        .values(**update_values)
+        .returning(Run)
         .execution_options(populate_existing=True, synchronize_session=False)
     )
     run = session.execute(stmt).scalars().first()
     if run is None:
         return None
-    _add_event(session, run, from_status, to_status, message, at=now,
-               reason=reason or event_reason, actor=actor)
+    _add_event(
+        session,
+        run,
+        from_status,
+        to_status,
+        message,
+        at=now,
+        reason=reason or event_reason,
+        actor=actor,
+    )
     if to_status == S.queued or to_status in TERMINAL_STATUSES:
         session.execute(
             sa.update(Worker).where(Worker.current_run_id == run_id).values(current_run_id=None)
@@ -265,13 +308,24 @@ def _move(session: Session, run_id: uuid.UUID, to_status: RunStatus, *,
 # -- creation -----------------------------------------------------------------------------------
 
 
-def create_run(session: Session, *, name: str, submitted_train: dict[str, Any],
-               submitted_model: dict[str, Any], resolved_train: dict[str, Any],
-               resolved_model: dict[str, Any], estimate: dict[str, Any] | None = None,
-               warnings: Sequence[Any] = (), preset: str | None = None, owner: str = "local",
-               idempotency_key: str | None = None, body_hash: str | None = None,
-               run_id: uuid.UUID | None = None, actor: str | None = "api",
-               now: datetime | None = None) -> tuple[Run, bool]:
+def create_run(
+    session: Session,
+    *,
+    name: str,
+    submitted_train: dict[str, Any],
+    submitted_model: dict[str, Any],
+    resolved_train: dict[str, Any],
+    resolved_model: dict[str, Any],
+    estimate: dict[str, Any] | None = None,
+    warnings: Sequence[Any] = (),
+    preset: str | None = None,
+    owner: str = "local",
+    idempotency_key: str | None = None,
+    body_hash: str | None = None,
+    run_id: uuid.UUID | None = None,
+    actor: str | None = "api",
+    now: datetime | None = None,
+) -> tuple[Run, bool]:
     """Insert a queued run and its creation event (NULL -> queued); returns ``(run, created)``.
 
     ``run_id`` lets the caller pick the id first (the resolved config's ``out_dir`` is
@@ -286,9 +340,14 @@ def create_run(session: Session, *, name: str, submitted_train: dict[str, Any],
     """
     now = _now(now)
     if idempotency_key is not None and body_hash is None:
-        body_hash = request_hash({"name": name, "preset": preset,
-                                  "train_config": submitted_train,
-                                  "model_config": submitted_model})
+        body_hash = request_hash(
+            {
+                "name": name,
+                "preset": preset,
+                "train_config": submitted_train,
+                "model_config": submitted_model,
+            }
+        )
     for _ in range(2):
         try:
             with write_transaction(session):
@@ -299,12 +358,22 @@ def create_run(session: Session, *, name: str, submitted_train: dict[str, Any],
                             raise IdempotencyConflict(idempotency_key, existing.id)
                         return existing, False
                 run = Run(
-                    id=run_id or uuid.uuid4(), name=name, owner=owner, status=S.queued,
-                    preset=preset, submitted_train=submitted_train,
-                    submitted_model=submitted_model, resolved_train=resolved_train,
-                    resolved_model=resolved_model, estimate=estimate, warnings=list(warnings),
-                    idempotency_key=idempotency_key, request_hash=body_hash,
-                    created_at=now, queued_at=now, updated_at=now,
+                    id=run_id or uuid.uuid4(),
+                    name=name,
+                    owner=owner,
+                    status=S.queued,
+                    preset=preset,
+                    submitted_train=submitted_train,
+                    submitted_model=submitted_model,
+                    resolved_train=resolved_train,
+                    resolved_model=resolved_model,
+                    estimate=estimate,
+                    warnings=list(warnings),
+                    idempotency_key=idempotency_key,
+                    request_hash=body_hash,
+                    created_at=now,
+                    queued_at=now,
+                    updated_at=now,
                 )
                 session.add(run)
                 session.flush()
@@ -319,16 +388,25 @@ def create_run(session: Session, *, name: str, submitted_train: dict[str, Any],
 
 
 def _find_idempotent(session: Session, owner: str, key: str) -> Run | None:
-    stmt = (select(Run).where(Run.owner == owner, Run.idempotency_key == key)
-            .execution_options(populate_existing=True))
+    stmt = (
+        select(Run)
+        .where(Run.owner == owner, Run.idempotency_key == key)
+        .execution_options(populate_existing=True)
+    )
     return session.exec(stmt).first()
 
 
 # -- status changes -----------------------------------------------------------------------------
 
 
-def claim_run(session: Session, run_id: uuid.UUID, worker_id: str, lease_seconds: float, *,
-              now: datetime | None = None) -> Run | None:
+def claim_run(
+    session: Session,
+    run_id: uuid.UUID,
+    worker_id: str,
+    lease_seconds: float,
+    *,
+    now: datetime | None = None,
+) -> Run | None:
     """Atomically take a queued run for ``worker_id``: ``UPDATE ... WHERE status='queued' AND
     NOT cancel_requested RETURNING``. On success the run is running, ``attempt`` is one more
     (the fencing token to pass back), the lease runs ``lease_seconds`` from ``now``, an event
@@ -338,25 +416,44 @@ def claim_run(session: Session, run_id: uuid.UUID, worker_id: str, lease_seconds
     now = _now(now)
     with write_transaction(session):
         run = _move(
-            session, run_id, S.running, from_status=S.queued,
-            message=f"claimed by worker {worker_id}", now=now, actor=f"worker:{worker_id}",
+            session,
+            run_id,
+            S.running,
+            from_status=S.queued,
+            message=f"claimed by worker {worker_id}",
+            now=now,
+            actor=f"worker:{worker_id}",
             where=[Run.cancel_requested.is_(False)],
             values={
-                "worker_id": worker_id, "attempt": Run.attempt + 1, "started_at": now,
-                "heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_seconds),
+                "worker_id": worker_id,
+                "attempt": Run.attempt + 1,
+                "started_at": now,
+                "heartbeat_at": now,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
             },
         )
         if run is not None:
-            session.execute(sa.update(Worker).where(Worker.id == worker_id)
-                            .values(current_run_id=run_id, heartbeat_at=now))
+            session.execute(
+                sa.update(Worker)
+                .where(Worker.id == worker_id)
+                .values(current_run_id=run_id, heartbeat_at=now)
+            )
         return run
 
 
-def transition(session: Session, run_id: uuid.UUID, to_status: RunStatus | str,
-               message: str = "", *, reason: FailureReason | str | None = None,
-               failure_message: str | None = None, exit_code: int | None = None,
-               attempt: int | None = None, actor: str | None = None,
-               now: datetime | None = None) -> Run:
+def transition(
+    session: Session,
+    run_id: uuid.UUID,
+    to_status: RunStatus | str,
+    message: str = "",
+    *,
+    reason: FailureReason | str | None = None,
+    failure_message: str | None = None,
+    exit_code: int | None = None,
+    attempt: int | None = None,
+    actor: str | None = None,
+    now: datetime | None = None,
+) -> Run:
     """Move a run to ``to_status`` and write the event row; the one public way to change
     status (except :func:`claim_run`, which enters running). Returns the updated run.
 
@@ -389,21 +486,41 @@ def transition(session: Session, run_id: uuid.UUID, to_status: RunStatus | str,
         if to_status == S.failed:
             values["failure_message"] = failure_message if failure_message is not None else message
             values["failures"] = Run.failures + 1
-        moved = _move(session, run_id, to_status, from_status=current, message=message,
-                      now=now, reason=reason, actor=actor, attempt=attempt, values=values)
+        moved = _move(
+            session,
+            run_id,
+            to_status,
+            from_status=current,
+            message=message,
+            now=now,
+            reason=reason,
+            actor=actor,
+            attempt=attempt,
+            values=values,
+        )
         assert moved is not None, "row is locked: the compare-and-set cannot miss"
         if to_status == S.succeeded:
             try:  # calibration is a by-product: it must never undo a run's success
                 with session.begin_nested():
                     _record_throughput(session, moved, now)
             except sa.exc.SQLAlchemyError as exc:
-                log.warning("run %s succeeded, but its speed could not be recorded for "
-                            "calibration (%s)", run_id, exc.__class__.__name__, exc_info=True)
+                log.warning(
+                    "run %s succeeded, but its speed could not be recorded for calibration (%s)",
+                    run_id,
+                    exc.__class__.__name__,
+                    exc_info=True,
+                )
         return moved
 
 
-def request_cancel(session: Session, run_id: uuid.UUID, message: str = "cancel requested", *,
-                   actor: str | None = "api", now: datetime | None = None) -> Run:
+def request_cancel(
+    session: Session,
+    run_id: uuid.UUID,
+    message: str = "cancel requested",
+    *,
+    actor: str | None = "api",
+    now: datetime | None = None,
+) -> Run:
     """Ask for a run to stop. A queued run is cancelled at once (queued -> cancelled; a
     later delivery of its message claims nothing). A running run gets ``cancel_requested``
     set and a running -> running event; its worker sees the flag on its next heartbeat,
@@ -419,21 +536,42 @@ def request_cancel(session: Session, run_id: uuid.UUID, message: str = "cancel r
             raise InvalidTransition(run_id, run.status, S.cancelled, "the run already finished")
         flag = {"cancel_requested": True, "cancel_requested_at": now}
         if run.status == S.queued:
-            moved = _move(session, run_id, S.cancelled, from_status=S.queued,
-                          message=message, now=now, actor=actor, values=flag)
+            moved = _move(
+                session,
+                run_id,
+                S.cancelled,
+                from_status=S.queued,
+                message=message,
+                now=now,
+                actor=actor,
+                values=flag,
+            )
             assert moved is not None
             return moved
-        result = session.execute(
-            sa.update(Run).where(Run.id == run_id, Run.status == S.running)
-            .values(updated_at=now, **flag).returning(Run)
-            .execution_options(populate_existing=True, synchronize_session=False)
-        ).scalars().one()
+        result = (
+            session.execute(
+                sa.update(Run)
+                .where(Run.id == run_id, Run.status == S.running)
+                .values(updated_at=now, **flag)
+                .returning(Run)
+                .execution_options(populate_existing=True, synchronize_session=False)
+            )
+            .scalars()
+            .one()
+        )
         _add_event(session, result, S.running, S.running, message, at=now, actor=actor)
         return result
 
 
-def add_note(session: Session, run_id: uuid.UUID, message: str, *, actor: str | None = None,
-             status: RunStatus = RunStatus.queued, now: datetime | None = None) -> bool:
+def add_note(
+    session: Session,
+    run_id: uuid.UUID,
+    message: str,
+    *,
+    actor: str | None = None,
+    status: RunStatus = RunStatus.queued,
+    now: datetime | None = None,
+) -> bool:
     """Write a history line without a transition (``status`` -> ``status``) while the run is
     in ``status`` (e.g. a queued run's data preparation). Returns False, writing nothing, when
     the run is in another status. Raises RunNotFound."""
@@ -446,10 +584,18 @@ def add_note(session: Session, run_id: uuid.UUID, message: str, *, actor: str | 
         return True
 
 
-def retry_or_fail(session: Session, run_id: uuid.UUID, reason: FailureReason | str,
-                  message: str, *, max_attempts: int, attempt: int | None = None,
-                  actor: str | None = None, exit_code: int | None = None,
-                  now: datetime | None = None) -> Run:
+def retry_or_fail(
+    session: Session,
+    run_id: uuid.UUID,
+    reason: FailureReason | str,
+    message: str,
+    *,
+    max_attempts: int,
+    attempt: int | None = None,
+    actor: str | None = None,
+    exit_code: int | None = None,
+    now: datetime | None = None,
+) -> Run:
     """Finish an attempt that failed for ``reason`` and count the failure (``failures + 1``).
     The run goes back to queued when the reason is retryable (:data:`RETRYABLE_REASONS`: lost
     worker, killed) and it has failed fewer than ``max_attempts`` times; to cancelled when a
@@ -479,16 +625,31 @@ def retry_or_fail(session: Session, run_id: uuid.UUID, reason: FailureReason | s
             values["failure_message"] = message
             if reason in RETRYABLE_REASONS:
                 message = f"{message} (failure {failures} of {max_attempts}: giving up)"
-        moved = _move(session, run_id, to, from_status=S.running, message=message, now=now,
-                      reason=why, actor=actor, attempt=attempt, values=values,
-                      event_reason=event_reason)
+        moved = _move(
+            session,
+            run_id,
+            to,
+            from_status=S.running,
+            message=message,
+            now=now,
+            reason=why,
+            actor=actor,
+            attempt=attempt,
+            values=values,
+            event_reason=event_reason,
+        )
         assert moved is not None
         return moved
 
 
-def recover_expired_run(session: Session, run_id: uuid.UUID, *, max_attempts: int,
-                        actor: str | None = "reconciler", now: datetime | None = None
-                        ) -> Run | None:
+def recover_expired_run(
+    session: Session,
+    run_id: uuid.UUID,
+    *,
+    max_attempts: int,
+    actor: str | None = "reconciler",
+    now: datetime | None = None,
+) -> Run | None:
     """Reconciler step for one run from :func:`expired_runs`: if it is still running with a
     lease that expired before ``now``, its worker is presumed lost: :func:`retry_or_fail`
     with reason lost_worker. Returns the updated run, or None when there was nothing to do
@@ -500,30 +661,50 @@ def recover_expired_run(session: Session, run_id: uuid.UUID, *, max_attempts: in
         return None
     try:
         return retry_or_fail(
-            session, run_id, FailureReason.lost_worker,
+            session,
+            run_id,
+            FailureReason.lost_worker,
             f"lease expired at {run.lease_expires_at.isoformat()} (worker {run.worker_id})",
-            max_attempts=max_attempts, attempt=run.attempt, actor=actor, now=now,
+            max_attempts=max_attempts,
+            attempt=run.attempt,
+            actor=actor,
+            now=now,
         )
     except LeaseLost:
         return None  # moved on between the read and the write
 
 
-def heartbeat_run(session: Session, run_id: uuid.UUID, worker_id: str, attempt: int,
-                  lease_seconds: float, *, now: datetime | None = None) -> Run:
+def heartbeat_run(
+    session: Session,
+    run_id: uuid.UUID,
+    worker_id: str,
+    attempt: int,
+    lease_seconds: float,
+    *,
+    now: datetime | None = None,
+) -> Run:
     """Renew the lease of a running run: ``heartbeat_at = now``, ``lease_expires_at = now +
     lease_seconds``. Returns the run, whose ``cancel_requested`` tells the worker whether to
     stop. Raises :class:`LeaseLost` when the run is no longer running ``attempt`` on
     ``worker_id`` (nothing is written then)."""
     now = _now(now)
     with write_transaction(session):
-        run = session.execute(
-            sa.update(Run)
-            .where(Run.id == run_id, Run.status == S.running, Run.attempt == attempt,
-                   Run.worker_id == worker_id)
-            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
-            .returning(Run)
-            .execution_options(populate_existing=True, synchronize_session=False)
-        ).scalars().first()
+        run = (
+            session.execute(
+                sa.update(Run)
+                .where(
+                    Run.id == run_id,
+                    Run.status == S.running,
+                    Run.attempt == attempt,
+                    Run.worker_id == worker_id,
+                )
+                .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+                .returning(Run)
+                .execution_options(populate_existing=True, synchronize_session=False)
+            )
+            .scalars()
+            .first()
+        )
         if run is None:
             raise LeaseLost(run_id, attempt)
         return run
@@ -536,7 +717,8 @@ def mark_enqueued(session: Session, run_id: uuid.UUID, *, now: datetime | None =
     now = _now(now)
     with write_transaction(session):
         result = session.execute(
-            sa.update(Run).where(Run.id == run_id, Run.status == S.queued)
+            sa.update(Run)
+            .where(Run.id == run_id, Run.status == S.queued)
             .values(queued_at=now, updated_at=now)
             .execution_options(synchronize_session=False)
         )
@@ -553,8 +735,9 @@ def delete_run(session: Session, run_id: uuid.UUID) -> Run:
         if run.status not in TERMINAL_STATUSES:
             raise RunActive(run_id, run.status)
         session.expunge(run)
-        session.execute(sa.delete(Run).where(Run.id == run_id)
-                        .execution_options(synchronize_session=False))
+        session.execute(
+            sa.delete(Run).where(Run.id == run_id).execution_options(synchronize_session=False)
+        )
         return run
 
 
@@ -587,8 +770,10 @@ def _int(value: Any, column: str) -> int:
 def _metric_row(run_id: uuid.UUID, row: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(row) - {"step", *METRIC_COLUMNS}
     if unknown:
-        raise ValueError(f"unknown metric columns {sorted(unknown)}; expected step and "
-                         f"{', '.join(METRIC_COLUMNS)}")
+        raise ValueError(
+            f"unknown metric columns {sorted(unknown)}; expected step and "
+            f"{', '.join(METRIC_COLUMNS)}"
+        )
     if row.get("step") in (None, ""):
         raise ValueError(f"metric row without a step: {dict(row)!r}")
     step = _int(row["step"], "step")
@@ -602,15 +787,16 @@ def _metric_row(run_id: uuid.UUID, row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _upsert_changed(session: Session, table: sa.Table, rows: list[dict[str, Any]],
-                    key: Sequence[str]) -> int:
+def _upsert_changed(
+    session: Session, table: sa.Table, rows: list[dict[str, Any]], key: Sequence[str]
+) -> int:
     """``INSERT ... ON CONFLICT (key) DO UPDATE`` the other columns, only where a value differs;
     returns how many rows were inserted or changed (RETURNING gives back exactly those:
     the driver's rowcount is not reliable for multi-row statements, psycopg reports -1).
     Every dict in ``rows`` must have the same keys."""
     changed = 0
     for start in range(0, len(rows), BATCH_SIZE):
-        chunk = rows[start:start + BATCH_SIZE]
+        chunk = rows[start : start + BATCH_SIZE]
         stmt = _insert(session, table).values(chunk)
         columns = [c for c in chunk[0] if c not in key]
         stmt = stmt.on_conflict_do_update(
@@ -628,8 +814,14 @@ def _discard_after(session: Session, table: sa.Table, run_id: uuid.UUID, step: i
     return int(result.rowcount or 0)
 
 
-def record_metrics(session: Session, run_id: uuid.UUID, rows: Iterable[Mapping[str, Any]], *,
-                   attempt: int | None = None, keep_through: int | None = None) -> int:
+def record_metrics(
+    session: Session,
+    run_id: uuid.UUID,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    attempt: int | None = None,
+    keep_through: int | None = None,
+) -> int:
     """Store metrics.csv rows of a run; returns how many rows were inserted or changed.
 
     Each row maps ``step`` and any of the metrics.csv columns (:data:`METRIC_COLUMNS`) to
@@ -658,8 +850,12 @@ def record_metrics(session: Session, run_id: uuid.UUID, rows: Iterable[Mapping[s
         _check_fence(run, attempt)
         if keep_through is not None:
             _discard_after(session, MetricPoint.__table__, run_id, keep_through)
-        return _upsert_changed(session, MetricPoint.__table__,
-                               [prepared[k] for k in sorted(prepared)], ("run_id", "step"))
+        return _upsert_changed(
+            session,
+            MetricPoint.__table__,
+            [prepared[k] for k in sorted(prepared)],
+            ("run_id", "step"),
+        )
 
 
 def router_rows(step: int, fractions: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
@@ -672,8 +868,14 @@ def router_rows(step: int, fractions: Sequence[Sequence[float]]) -> list[dict[st
     ]
 
 
-def record_router_stats(session: Session, run_id: uuid.UUID, rows: Iterable[Mapping[str, Any]],
-                        *, attempt: int | None = None, keep_through: int | None = None) -> int:
+def record_router_stats(
+    session: Session,
+    run_id: uuid.UUID,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    attempt: int | None = None,
+    keep_through: int | None = None,
+) -> int:
     """Store MoE router telemetry rows ``{step, layer, expert, fraction}`` (see
     :func:`router_rows`); returns how many rows were inserted or changed. One row per
     (step, layer, expert), the last value sent wins; ``keep_through`` deletes stored rows
@@ -685,10 +887,15 @@ def record_router_stats(session: Session, run_id: uuid.UUID, rows: Iterable[Mapp
         step, layer, expert = (_int(row[k], k) for k in ("step", "layer", "expert"))
         fraction = float(row["fraction"])
         if not (-1e-6 <= fraction <= 1 + 1e-6):
-            raise ValueError(f"router fraction must be in [0, 1], got {fraction} "
-                             f"(step {step}, layer {layer}, expert {expert})")
+            raise ValueError(
+                f"router fraction must be in [0, 1], got {fraction} "
+                f"(step {step}, layer {layer}, expert {expert})"
+            )
         prepared[(step, layer, expert)] = {
-            "run_id": run_id, "step": step, "layer": layer, "expert": expert,
+            "run_id": run_id,
+            "step": step,
+            "layer": layer,
+            "expert": expert,
             "fraction": min(1.0, max(0.0, fraction)),
         }
     if not prepared and attempt is None and keep_through is None:
@@ -698,18 +905,29 @@ def record_router_stats(session: Session, run_id: uuid.UUID, rows: Iterable[Mapp
         _check_fence(run, attempt)
         if keep_through is not None:
             _discard_after(session, RouterPoint.__table__, run_id, keep_through)
-        return _upsert_changed(session, RouterPoint.__table__,
-                               [prepared[k] for k in sorted(prepared)],
-                               ("run_id", "step", "layer", "expert"))
+        return _upsert_changed(
+            session,
+            RouterPoint.__table__,
+            [prepared[k] for k in sorted(prepared)],
+            ("run_id", "step", "layer", "expert"),
+        )
 
 
 #: The step of a checkpoint folder name: ``step-00000500`` -> 500; None otherwise.
 checkpoint_step = contract.checkpoint_step
 
 
-def record_checkpoint(session: Session, run_id: uuid.UUID, name: str, path: str, *,
-                      step: int | None = None, size_bytes: int | None = None,
-                      attempt: int | None = None, now: datetime | None = None) -> Checkpoint:
+def record_checkpoint(
+    session: Session,
+    run_id: uuid.UUID,
+    name: str,
+    path: str,
+    *,
+    step: int | None = None,
+    size_bytes: int | None = None,
+    attempt: int | None = None,
+    now: datetime | None = None,
+) -> Checkpoint:
     """Record a complete checkpoint folder ``name`` (``step-00000500`` or ``final``) at
     ``path``. ``step`` defaults to the number in a ``step-N`` name (for ``final`` pass the step
     it was written at if known). Idempotent by (run, name): recording again updates path, step
@@ -722,17 +940,25 @@ def record_checkpoint(session: Session, run_id: uuid.UUID, name: str, path: str,
         run = _locked_run(session, run_id, shared=True)
         _check_fence(run, attempt)
         stmt = _insert(session, Checkpoint.__table__).values(
-            run_id=run_id, name=name, path=str(path), step=step, size_bytes=size_bytes,
+            run_id=run_id,
+            name=name,
+            path=str(path),
+            step=step,
+            size_bytes=size_bytes,
             created_at=now,
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=["run_id", "name"],
-            set_={"path": stmt.excluded.path, "step": stmt.excluded.step,
-                  "size_bytes": stmt.excluded.size_bytes},
+            set_={
+                "path": stmt.excluded.path,
+                "step": stmt.excluded.step,
+                "size_bytes": stmt.excluded.size_bytes,
+            },
         )
         session.execute(stmt)
         return session.exec(
-            select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.name == name)
+            select(Checkpoint)
+            .where(Checkpoint.run_id == run_id, Checkpoint.name == name)
             .execution_options(populate_existing=True)
         ).one()
 
@@ -742,25 +968,36 @@ def remove_checkpoint(session: Session, run_id: uuid.UUID, name: str) -> bool:
     record existed."""
     with write_transaction(session):
         result = session.execute(
-            sa.delete(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.name == name)
+            sa.delete(Checkpoint)
+            .where(Checkpoint.run_id == run_id, Checkpoint.name == name)
             .execution_options(synchronize_session=False)
         )
         return result.rowcount == 1
 
 
-def record_provenance(session: Session, run_id: uuid.UUID, *,
-                      package_versions: Mapping[str, str] | None = None,
-                      git_commit: str | None = None, seed: int | None = None,
-                      hardware: Mapping[str, Any] | None = None, data_hash: str | None = None,
-                      tokenizer_hash: str | None = None,
-                      now: datetime | None = None) -> RunProvenance:
+def record_provenance(
+    session: Session,
+    run_id: uuid.UUID,
+    *,
+    package_versions: Mapping[str, str] | None = None,
+    git_commit: str | None = None,
+    seed: int | None = None,
+    hardware: Mapping[str, Any] | None = None,
+    data_hash: str | None = None,
+    tokenizer_hash: str | None = None,
+    now: datetime | None = None,
+) -> RunProvenance:
     """Store (or replace, on a later attempt) what produced the run: package versions, code
     commit, seed, hardware description, sha256 digests of the data and the tokenizer."""
     now = _now(now)
     values = {
-        "package_versions": dict(package_versions or {}), "git_commit": git_commit,
-        "seed": seed, "hardware": dict(hardware or {}), "data_hash": data_hash,
-        "tokenizer_hash": tokenizer_hash, "recorded_at": now,
+        "package_versions": dict(package_versions or {}),
+        "git_commit": git_commit,
+        "seed": seed,
+        "hardware": dict(hardware or {}),
+        "data_hash": data_hash,
+        "tokenizer_hash": tokenizer_hash,
+        "recorded_at": now,
     }
     with write_transaction(session):
         _locked_run(session, run_id, shared=True)
@@ -768,7 +1005,8 @@ def record_provenance(session: Session, run_id: uuid.UUID, *,
         stmt = stmt.on_conflict_do_update(index_elements=["run_id"], set_=values)
         session.execute(stmt)
         return session.exec(
-            select(RunProvenance).where(RunProvenance.run_id == run_id)
+            select(RunProvenance)
+            .where(RunProvenance.run_id == run_id)
             .execution_options(populate_existing=True)
         ).one()
 
@@ -776,12 +1014,20 @@ def record_provenance(session: Session, run_id: uuid.UUID, *,
 # -- workers ------------------------------------------------------------------------------------
 
 
-def register_worker(session: Session, worker_id: str, host: str, *, pid: int | None = None,
-                    gpus: Sequence[Mapping[str, Any]] = (),
-                    gpu_memory_bytes: int | None = None, kind: str | None = None,
-                    host_memory_bytes: int | None = None, free_bytes: int | None = None,
-                    role: WorkerRole | str = WorkerRole.all,
-                    now: datetime | None = None) -> Worker:
+def register_worker(
+    session: Session,
+    worker_id: str,
+    host: str,
+    *,
+    pid: int | None = None,
+    gpus: Sequence[Mapping[str, Any]] = (),
+    gpu_memory_bytes: int | None = None,
+    kind: str | None = None,
+    host_memory_bytes: int | None = None,
+    free_bytes: int | None = None,
+    role: WorkerRole | str = WorkerRole.all,
+    now: datetime | None = None,
+) -> Worker:
     """Register (or re-register after a restart) a worker: ``gpus`` is a list of
     ``{"index", "name", "memory_bytes"}``; ``gpu_memory_bytes`` defaults to the smallest
     ``memory_bytes`` among them; ``kind`` (max 200 characters) defaults to the first GPU's
@@ -797,25 +1043,39 @@ def register_worker(session: Session, worker_id: str, host: str, *, pid: int | N
         gpu_memory_bytes = min(sizes) if sizes else None
     if kind is None and gpu_list and gpu_list[0].get("name"):
         kind = str(gpu_list[0]["name"])
-    values = {"host": host, "pid": pid, "gpus": gpu_list, "gpu_count": len(gpu_list),
-              "gpu_memory_bytes": gpu_memory_bytes, "heartbeat_at": now,
-              "kind": kind[:200] if kind else None, "host_memory_bytes": host_memory_bytes,
-              "free_bytes": free_bytes, "role": role, "current_run_id": None,
-              "started_at": now}
+    values = {
+        "host": host,
+        "pid": pid,
+        "gpus": gpu_list,
+        "gpu_count": len(gpu_list),
+        "gpu_memory_bytes": gpu_memory_bytes,
+        "heartbeat_at": now,
+        "kind": kind[:200] if kind else None,
+        "host_memory_bytes": host_memory_bytes,
+        "free_bytes": free_bytes,
+        "role": role,
+        "current_run_id": None,
+        "started_at": now,
+    }
     with write_transaction(session):
         stmt = _insert(session, Worker.__table__).values(id=worker_id, **values)
         session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
-        return session.exec(select(Worker).where(Worker.id == worker_id)
-                            .execution_options(populate_existing=True)).one()
+        return session.exec(
+            select(Worker).where(Worker.id == worker_id).execution_options(populate_existing=True)
+        ).one()
 
 
 _UNSET: Any = object()
 
 
-def heartbeat_worker(session: Session, worker_id: str, *,
-                     current_run_id: uuid.UUID | None = _UNSET,
-                     free_bytes: int | None = _UNSET,
-                     now: datetime | None = None) -> Worker | None:
+def heartbeat_worker(
+    session: Session,
+    worker_id: str,
+    *,
+    current_run_id: uuid.UUID | None = _UNSET,
+    free_bytes: int | None = _UNSET,
+    now: datetime | None = None,
+) -> Worker | None:
     """Record that a worker is alive (``heartbeat_at = now``), what it runs when
     ``current_run_id`` is given (None = idle) and the free space under RUNS_DIR when
     ``free_bytes`` is given. Returns None when the worker is not registered (it was pruned):
@@ -827,22 +1087,37 @@ def heartbeat_worker(session: Session, worker_id: str, *,
     if free_bytes is not _UNSET:
         values["free_bytes"] = free_bytes
     with write_transaction(session):
-        return session.execute(
-            sa.update(Worker).where(Worker.id == worker_id).values(**values).returning(Worker)
-            .execution_options(populate_existing=True, synchronize_session=False)
-        ).scalars().first()
+        return (
+            session.execute(
+                sa.update(Worker)
+                .where(Worker.id == worker_id)
+                .values(**values)
+                .returning(Worker)
+                .execution_options(populate_existing=True, synchronize_session=False)
+            )
+            .scalars()
+            .first()
+        )
 
 
 def deregister_worker(session: Session, worker_id: str) -> bool:
     """Remove a worker's row (clean shutdown). Returns whether it existed."""
     with write_transaction(session):
-        result = session.execute(sa.delete(Worker).where(Worker.id == worker_id)
-                                 .execution_options(synchronize_session=False))
+        result = session.execute(
+            sa.delete(Worker)
+            .where(Worker.id == worker_id)
+            .execution_options(synchronize_session=False)
+        )
         return result.rowcount == 1
 
 
-def live_workers(session: Session, stale_after_seconds: float, *,
-                 now: datetime | None = None, role: str | None = None) -> list[Worker]:
+def live_workers(
+    session: Session,
+    stale_after_seconds: float,
+    *,
+    now: datetime | None = None,
+    role: str | None = None,
+) -> list[Worker]:
     """Workers whose last heartbeat is at most ``stale_after_seconds`` old, by id.
     ``role``: ``"trains"`` keeps the workers that train runs (roles all and train), ``"aux"``
     those that take short CPU jobs (roles all and aux); None keeps every one."""
@@ -881,9 +1156,10 @@ def measured_tokens_per_sec(session: Session, run_id: uuid.UUID) -> float | None
     elapsed_s`` of its last metric row that has both (all ranks; compilation, evaluation and
     checkpoint writes included, so it predicts wall time). None without such a row."""
     point = session.exec(
-        select(MetricPoint).where(MetricPoint.run_id == run_id, MetricPoint.tokens > 0,
-                                  MetricPoint.elapsed_s > 0)
-        .order_by(MetricPoint.step.desc()).limit(1)
+        select(MetricPoint)
+        .where(MetricPoint.run_id == run_id, MetricPoint.tokens > 0, MetricPoint.elapsed_s > 0)
+        .order_by(MetricPoint.step.desc())
+        .limit(1)
     ).first()
     if point is None:
         return None
@@ -912,26 +1188,48 @@ def _record_throughput(session: Session, run: Run, now: datetime) -> Throughput 
     key = throughput_key(run.resolved_model, precision)
     table = Throughput.__table__
     stmt = _insert(session, table).values(
-        model_key=key, worker_kind=kind, tokens_per_sec_per_device=per_device,
-        flops_per_sec_per_device=flops, runs=1, last_run_id=run.id, updated_at=now)
+        model_key=key,
+        worker_kind=kind,
+        tokens_per_sec_per_device=per_device,
+        flops_per_sec_per_device=flops,
+        runs=1,
+        last_run_id=run.id,
+        updated_at=now,
+    )
     n = table.c.runs
     # a running mean over the runs; an upsert, so two runs finishing at once both count
-    stmt = stmt.on_conflict_do_update(index_elements=["model_key", "worker_kind"], set_={
-        "tokens_per_sec_per_device":
-            (table.c.tokens_per_sec_per_device * n + stmt.excluded.tokens_per_sec_per_device)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["model_key", "worker_kind"],
+        set_={
+            "tokens_per_sec_per_device": (
+                table.c.tokens_per_sec_per_device * n + stmt.excluded.tokens_per_sec_per_device
+            )
             / (n + 1),
-        "flops_per_sec_per_device": sa.case(
-            (stmt.excluded.flops_per_sec_per_device.is_(None), table.c.flops_per_sec_per_device),
-            (table.c.flops_per_sec_per_device.is_(None), stmt.excluded.flops_per_sec_per_device),
-            else_=(table.c.flops_per_sec_per_device * n + stmt.excluded.flops_per_sec_per_device)
-            / (n + 1)),
-        "runs": n + 1, "last_run_id": stmt.excluded.last_run_id,
-        "updated_at": stmt.excluded.updated_at,
-    })
+            "flops_per_sec_per_device": sa.case(
+                (
+                    stmt.excluded.flops_per_sec_per_device.is_(None),
+                    table.c.flops_per_sec_per_device,
+                ),
+                (
+                    table.c.flops_per_sec_per_device.is_(None),
+                    stmt.excluded.flops_per_sec_per_device,
+                ),
+                else_=(
+                    table.c.flops_per_sec_per_device * n + stmt.excluded.flops_per_sec_per_device
+                )
+                / (n + 1),
+            ),
+            "runs": n + 1,
+            "last_run_id": stmt.excluded.last_run_id,
+            "updated_at": stmt.excluded.updated_at,
+        },
+    )
     session.execute(stmt)
-    return session.exec(select(Throughput).where(Throughput.model_key == key,
-                                                 Throughput.worker_kind == kind)
-                        .execution_options(populate_existing=True)).one()
+    return session.exec(
+        select(Throughput)
+        .where(Throughput.model_key == key, Throughput.worker_kind == kind)
+        .execution_options(populate_existing=True)
+    ).one()
 
 
 def throughputs(session: Session, kinds: Iterable[str]) -> list[Throughput]:
@@ -949,22 +1247,32 @@ def expired_runs(session: Session, *, now: datetime | None = None) -> list[Run]:
     """Running runs whose lease expired before ``now`` (their worker stopped heartbeating),
     oldest expiry first. Feed each to :func:`recover_expired_run`."""
     now = _now(now)
-    return list(session.exec(
-        select(Run).where(Run.status == S.running, Run.lease_expires_at < now)
-        .order_by(Run.lease_expires_at).execution_options(populate_existing=True)
-    ))
+    return list(
+        session.exec(
+            select(Run)
+            .where(Run.status == S.running, Run.lease_expires_at < now)
+            .order_by(Run.lease_expires_at)
+            .execution_options(populate_existing=True)
+        )
+    )
 
 
-def stale_queued_runs(session: Session, older_than_seconds: float, *,
-                      now: datetime | None = None, limit: int = 100) -> list[Run]:
+def stale_queued_runs(
+    session: Session, older_than_seconds: float, *, now: datetime | None = None, limit: int = 100
+) -> list[Run]:
     """Queued runs not claimed for ``older_than_seconds`` since they were (re-)queued or last
     enqueued (their broker message may be lost), oldest first. The reconciler re-enqueues
     each and calls :func:`mark_enqueued` (a duplicate message is harmless: claims are atomic)."""
     cutoff = _now(now) - timedelta(seconds=older_than_seconds)
-    return list(session.exec(
-        select(Run).where(Run.status == S.queued, Run.queued_at < cutoff)
-        .order_by(Run.queued_at).limit(limit).execution_options(populate_existing=True)
-    ))
+    return list(
+        session.exec(
+            select(Run)
+            .where(Run.status == S.queued, Run.queued_at < cutoff)
+            .order_by(Run.queued_at)
+            .limit(limit)
+            .execution_options(populate_existing=True)
+        )
+    )
 
 
 # -- reads --------------------------------------------------------------------------------------
@@ -979,8 +1287,9 @@ def get_run(session: Session, run_id: uuid.UUID, *, configs: bool = True) -> Run
     """The run, read fresh. ``configs=False`` returns a read-only row without the config
     documents (as :func:`list_runs`). Raises RunNotFound."""
     if configs:
-        run = session.exec(select(Run).where(Run.id == run_id)
-                           .execution_options(populate_existing=True)).first()
+        run = session.exec(
+            select(Run).where(Run.id == run_id).execution_options(populate_existing=True)
+        ).first()
     else:
         run = session.execute(sa.select(*summary_columns()).where(Run.id == run_id)).first()
     if run is None:
@@ -990,12 +1299,14 @@ def get_run(session: Session, run_id: uuid.UUID, *, configs: bool = True) -> Run
 
 def list_events(session: Session, run_id: uuid.UUID) -> list[RunEvent]:
     """A run's events in the order they happened."""
-    return list(session.exec(select(RunEvent).where(RunEvent.run_id == run_id)
-                             .order_by(RunEvent.id)))
+    return list(
+        session.exec(select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))
+    )
 
 
-def list_metrics(session: Session, run_id: uuid.UUID, *, after_step: int | None = None,
-                 limit: int | None = None) -> list[MetricPoint]:
+def list_metrics(
+    session: Session, run_id: uuid.UUID, *, after_step: int | None = None, limit: int | None = None
+) -> list[MetricPoint]:
     """A run's metric points by step, those with ``step > after_step`` when given, at most
     ``limit``."""
     stmt = select(MetricPoint).where(MetricPoint.run_id == run_id)
@@ -1007,28 +1318,34 @@ def list_metrics(session: Session, run_id: uuid.UUID, *, after_step: int | None 
     return list(session.exec(stmt.execution_options(populate_existing=True)))
 
 
-def list_router_points(session: Session, run_id: uuid.UUID, *,
-                       after_step: int | None = None) -> list[RouterPoint]:
+def list_router_points(
+    session: Session, run_id: uuid.UUID, *, after_step: int | None = None
+) -> list[RouterPoint]:
     """A run's router points ordered by (step, layer, expert), those with ``step >
     after_step`` when given (the API reads plain rows: ``service.reads.router_rows``)."""
     stmt = select(RouterPoint).where(RouterPoint.run_id == run_id)
     if after_step is not None:
         stmt = stmt.where(RouterPoint.step > after_step)
-    return list(session.exec(stmt.order_by(RouterPoint.step, RouterPoint.layer,
-                                           RouterPoint.expert)))
+    return list(
+        session.exec(stmt.order_by(RouterPoint.step, RouterPoint.layer, RouterPoint.expert))
+    )
 
 
 def list_checkpoints(session: Session, run_id: uuid.UUID) -> list[Checkpoint]:
     """A run's checkpoints: step-N folders by step, then ``final``."""
-    return list(session.exec(
-        select(Checkpoint).where(Checkpoint.run_id == run_id)
-        .order_by((Checkpoint.name == "final"), Checkpoint.step, Checkpoint.id)
-        .execution_options(populate_existing=True)
-    ))
+    return list(
+        session.exec(
+            select(Checkpoint)
+            .where(Checkpoint.run_id == run_id)
+            .order_by((Checkpoint.name == "final"), Checkpoint.step, Checkpoint.id)
+            .execution_options(populate_existing=True)
+        )
+    )
 
 
-def get_checkpoint(session: Session, run_id: uuid.UUID,
-                   ref: int | Literal["final"] | str) -> Checkpoint | None:
+def get_checkpoint(
+    session: Session, run_id: uuid.UUID, ref: int | Literal["final"] | str
+) -> Checkpoint | None:
     """A checkpoint by ``"final"``, by step number (int or digits; the step-N folder, never
     ``final``), or by folder name. None when there is none."""
     stmt = select(Checkpoint).where(Checkpoint.run_id == run_id)
@@ -1075,9 +1392,16 @@ def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
         raise ValueError(f"invalid cursor {cursor!r}") from None
 
 
-def list_runs(session: Session, *, status: RunStatus | str | None = None,
-              owner: str | None = None, limit: int = 50, cursor: str | None = None,
-              sort: str = "-created_at", configs: bool = True) -> tuple[list[Run], str | None]:
+def list_runs(
+    session: Session,
+    *,
+    status: RunStatus | str | None = None,
+    owner: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+    sort: str = "-created_at",
+    configs: bool = True,
+) -> tuple[list[Run], str | None]:
     """One page of runs and the cursor of the next page (None on the last page).
     ``configs=False`` returns read-only rows with every attribute of a run but the four config
     documents (:data:`CONFIG_COLUMNS`), without building ORM objects: what a listing needs.
@@ -1089,8 +1413,9 @@ def list_runs(session: Session, *, status: RunStatus | str | None = None,
     descending = sort.startswith("-")
     key = sort.lstrip("-")
     if key not in RUN_SORT_KEYS:
-        raise ValueError(f"sort must be one of {', '.join(RUN_SORT_KEYS)} (optionally with '-'), "
-                         f"got {sort!r}")
+        raise ValueError(
+            f"sort must be one of {', '.join(RUN_SORT_KEYS)} (optionally with '-'), got {sort!r}"
+        )
     if not 1 <= limit <= 1000:
         raise ValueError(f"limit must be in 1..1000, got {limit}")
     column = getattr(Run, key)
@@ -1107,13 +1432,17 @@ def list_runs(session: Session, *, status: RunStatus | str | None = None,
             stmt = stmt.where(sa.or_(column > value, sa.and_(column == value, Run.id > after_id)))
     order = (column.desc(), Run.id.desc()) if descending else (column.asc(), Run.id.asc())
     stmt = stmt.order_by(*order).limit(limit + 1)
-    rows = (list(session.exec(stmt.execution_options(populate_existing=True))) if configs
-            else list(session.execute(stmt)))
+    rows = (
+        list(session.exec(stmt.execution_options(populate_existing=True)))
+        if configs
+        else list(session.execute(stmt))
+    )
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
         last = rows[-1]
         value = getattr(last, key)
-        next_cursor = _encode_cursor(value.value if isinstance(value, RunStatus) else value,
-                                     last.id)
+        next_cursor = _encode_cursor(
+            value.value if isinstance(value, RunStatus) else value, last.id
+        )
     return rows, next_cursor

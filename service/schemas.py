@@ -88,9 +88,27 @@ OPTIMIZER_CLASSES: dict[str, str] = {
 
 #: Constructor defaults of the allowed torch optimizers (torch 2.x), and which keywords each accepts.
 _OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "torch.optim.AdamW": {"lr": 1e-3, "weight_decay": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
-    "torch.optim.Adam": {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False},
-    "torch.optim.SGD": {"lr": 1e-3, "weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0, "nesterov": False},
+    "torch.optim.AdamW": {
+        "lr": 1e-3,
+        "weight_decay": 1e-2,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "amsgrad": False,
+    },
+    "torch.optim.Adam": {
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "amsgrad": False,
+    },
+    "torch.optim.SGD": {
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "nesterov": False,
+    },
 }
 
 
@@ -148,8 +166,9 @@ class ConfigError(ValueError):
 # Helpers for field types
 # --------------------------------------------------------------------------------------------------
 
-_STRICT = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=False,
-                     allow_inf_nan=False)
+_STRICT = ConfigDict(
+    extra="forbid", validate_default=True, use_attribute_docstrings=False, allow_inf_nan=False
+)
 
 #: Largest integer any config field accepts: int64, what the databases and torch hold.
 INT_MAX = 2**63 - 1
@@ -197,8 +216,11 @@ def check_path_text(value: str) -> str:
 NAME_TEXT_REGEX = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
 
 #: A name or short free text: at most :data:`MAX_NAME_CHARS` characters, no control characters.
-NameText = Annotated[str, Field(max_length=MAX_NAME_CHARS, json_schema_extra={"pattern": NAME_TEXT_REGEX}),
-                     AfterValidator(check_name_text)]
+NameText = Annotated[
+    str,
+    Field(max_length=MAX_NAME_CHARS, json_schema_extra={"pattern": NAME_TEXT_REGEX}),
+    AfterValidator(check_name_text),
+]
 #: A path in a config: at most :data:`MAX_PATH_CHARS` characters, no NUL or lone surrogate.
 PathText = Annotated[str, Field(max_length=MAX_PATH_CHARS), AfterValidator(check_path_text)]
 
@@ -210,8 +232,13 @@ def _numeric_without_bool(annotation: Any) -> bool:
 
 def _numeric_items(annotation: Any) -> bool:
     """Whether ``annotation`` is a list/tuple whose items are numbers that are not bools."""
-    items = [a for k in _unwrap(annotation) if typing.get_origin(k) in (list, tuple)
-             for a in typing.get_args(k) if a is not Ellipsis]
+    items = [
+        a
+        for k in _unwrap(annotation)
+        if typing.get_origin(k) in (list, tuple)
+        for a in typing.get_args(k)
+        if a is not Ellipsis
+    ]
     return bool(items) and all(_numeric_without_bool(a) for a in items)
 
 
@@ -233,18 +260,31 @@ class _Section(BaseModel):
         annotation = field_info.annotation
         if isinstance(value, bool) and _numeric_without_bool(annotation):
             kind = "an integer" if int in _unwrap(annotation) else "a number"
-            raise ValueError(f"expected {kind}, got {str(value).lower()} (a boolean is not a number)")
-        if (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
-                and _numeric_items(annotation)):
-            raise ValueError(f"expected numbers, got {_short(list(value))} (a boolean is not a number)")
+            raise ValueError(
+                f"expected {kind}, got {str(value).lower()} (a boolean is not a number)"
+            )
+        if (
+            isinstance(value, (list, tuple))
+            and any(isinstance(v, bool) for v in value)
+            and _numeric_items(annotation)
+        ):
+            raise ValueError(
+                f"expected numbers, got {_short(list(value))} (a boolean is not a number)"
+            )
         return value
 
     @field_validator("*", mode="after")
     @classmethod
     def _fits_int64(cls, value: Any) -> Any:
-        if isinstance(value, int) and not isinstance(value, bool) and not -INT_MAX <= value <= INT_MAX:
-            raise ValueError(f"must be at most {INT_MAX:,} in absolute value (int64), got a number "
-                             f"with {len(str(abs(value)))} digits")
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and not -INT_MAX <= value <= INT_MAX
+        ):
+            raise ValueError(
+                f"must be at most {INT_MAX:,} in absolute value (int64), got a number "
+                f"with {len(str(abs(value)))} digits"
+            )
         return value
 
 
@@ -298,10 +338,14 @@ def _resume(value: Any) -> Any:
         if low == "auto":
             return "auto"
         if not value.strip():
-            raise ValueError("must be true, false, 'auto' or a checkpoint folder path, got an empty string")
+            raise ValueError(
+                "must be true, false, 'auto' or a checkpoint folder path, got an empty string"
+            )
         if len(value) > MAX_PATH_CHARS:
-            raise ValueError(f"a checkpoint folder path has at most {MAX_PATH_CHARS:,} characters, "
-                             f"got {len(value):,}")
+            raise ValueError(
+                f"a checkpoint folder path has at most {MAX_PATH_CHARS:,} characters, "
+                f"got {len(value):,}"
+            )
         return check_path_text(value)
     raise ValueError(f"must be true, false, 'auto' or a checkpoint folder path, got {value!r}")
 
@@ -360,9 +404,15 @@ class TextFilesArgs(_Section):
         description="Folder with the validation .txt files. Null: LitGPT's TextFiles behaviour, the first "
         "sorted training file is used for validation (needs >= 2 training files).",
     )
-    seed: int = Field(default=42, ge=0, le=2**32 - 1,
-                      description="Seed for shuffling the dataset; 0 to 2**32-1, NumPy's range.")
-    num_workers: int = Field(default=4, ge=0, description="Number of data-loading worker processes.")
+    seed: int = Field(
+        default=42,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for shuffling the dataset; 0 to 2**32-1, NumPy's range.",
+    )
+    num_workers: int = Field(
+        default=4, ge=0, description="Number of data-loading worker processes."
+    )
 
 
 class DataConfig(_Section):
@@ -394,7 +444,9 @@ class TrainArgs(_Section):
         description="Number of optimizer steps between intermediate checkpoints (out_dir/step-XXXXXXXX). "
         "Null: no intermediate checkpoints.",
     )
-    log_interval: int = Field(default=1, ge=1, description="Number of optimizer steps between metrics rows.")
+    log_interval: int = Field(
+        default=1, ge=1, description="Number of optimizer steps between metrics rows."
+    )
     global_batch_size: int = Field(
         default=512,
         ge=1,
@@ -456,7 +508,9 @@ class TrainArgs(_Section):
         default=1.0, gt=0, description="Gradient-clipping norm (global L2). Null: no clipping."
     )
     min_lr: float = Field(
-        default=4e-5, ge=0, description="Learning rate at the end of the cosine decay. Must be <= optimizer lr."
+        default=4e-5,
+        ge=0,
+        description="Learning rate at the end of the cosine decay. Must be <= optimizer lr.",
     )
     # ---- this project's keys
     gradient_checkpointing: bool = Field(
@@ -481,7 +535,11 @@ class TrainArgs(_Section):
     def _fraction_replaces_default_steps(cls, data: Any) -> Any:
         # LitGPT's TrainArgs errors when both are set; with pretrain's default lr_warmup_steps=2000 that
         # would make lr_warmup_fraction unusable unless the user also writes lr_warmup_steps: null.
-        if isinstance(data, dict) and data.get("lr_warmup_fraction") is not None and "lr_warmup_steps" not in data:
+        if (
+            isinstance(data, dict)
+            and data.get("lr_warmup_fraction") is not None
+            and "lr_warmup_steps" not in data
+        ):
             data = {**data, "lr_warmup_steps": None}
         return data
 
@@ -496,10 +554,16 @@ class EvalArgs(_Section):
         "(stock LitGPT divides by it and crashes).",
     )
     max_new_tokens: int | None = Field(
-        default=None, ge=1, description="LitGPT finetuning key (tokens to generate); accepted and ignored by pretraining."
+        default=None,
+        ge=1,
+        description="LitGPT finetuning key (tokens to generate); accepted and ignored by pretraining.",
     )
-    max_iters: int = Field(default=100, ge=1, description="Validation micro-batches per validation run.")
-    initial_validation: bool = Field(default=False, description="Validate once before the first step.")
+    max_iters: int = Field(
+        default=100, ge=1, description="Validation micro-batches per validation run."
+    )
+    initial_validation: bool = Field(
+        default=False, description="Validate once before the first step."
+    )
     final_validation: bool = Field(default=True, description="Validate once after the last step.")
     evaluate_example: EvaluateExample = Field(
         default="first",
@@ -510,33 +574,53 @@ class EvalArgs(_Section):
 class LogArgs(_Section):
     """LitGPT's ``LogArgs`` (for WandB / LitLogger). Accepted for compatibility; unused by the csv logger."""
 
-    project: NameText | None = Field(default=None, description="WandB project name (unused by csv).")
+    project: NameText | None = Field(
+        default=None, description="WandB project name (unused by csv)."
+    )
     run: NameText | None = Field(default=None, description="WandB run name (unused by csv).")
     group: NameText | None = Field(default=None, description="WandB group name (unused by csv).")
-    teamspace: NameText | None = Field(default=None, description="Lightning teamspace (unused by csv).")
-    metadata: dict | None = Field(default=None, description="Extra experiment metadata tags (unused by csv).")
-    log_model: bool = Field(default=False, description="Log checkpoints as artifacts (unused by csv).")
+    teamspace: NameText | None = Field(
+        default=None, description="Lightning teamspace (unused by csv)."
+    )
+    metadata: dict | None = Field(
+        default=None, description="Extra experiment metadata tags (unused by csv)."
+    )
+    log_model: bool = Field(
+        default=False, description="Log checkpoints as artifacts (unused by csv)."
+    )
     save_logs: bool = Field(default=True, description="Upload terminal logs (unused by csv).")
-    checkpoint_name: NameText | None = Field(default=None, description="Base name of logged checkpoints (unused by csv).")
+    checkpoint_name: NameText | None = Field(
+        default=None, description="Base name of logged checkpoints (unused by csv)."
+    )
 
 
 class OptimizerArgs(_Section):
     """Keyword arguments of the optimizer. Unset keys take the chosen torch optimizer's own default;
     keys the chosen optimizer does not accept stay null (and are refused when given)."""
 
-    lr: float | None = Field(default=None, gt=0, description="Peak learning rate (after warm-up). Must be > 0.")
+    lr: float | None = Field(
+        default=None, gt=0, description="Peak learning rate (after warm-up). Must be > 0."
+    )
     weight_decay: float | None = Field(
-        default=None, ge=0, description="Weight decay (decoupled for AdamW). Default: 0.01 for AdamW, 0 otherwise."
+        default=None,
+        ge=0,
+        description="Weight decay (decoupled for AdamW). Default: 0.01 for AdamW, 0 otherwise.",
     )
     betas: tuple[float, float] | None = Field(
-        default=None, description="Adam/AdamW moment coefficients (beta1, beta2), each in [0, 1). Default (0.9, 0.999)."
+        default=None,
+        description="Adam/AdamW moment coefficients (beta1, beta2), each in [0, 1). Default (0.9, 0.999).",
     )
-    eps: float | None = Field(default=None, gt=0, description="Adam/AdamW denominator epsilon. Default 1e-8.")
-    amsgrad: bool | None = Field(default=None, description="Adam/AdamW AMSGrad variant. Default false.")
+    eps: float | None = Field(
+        default=None, gt=0, description="Adam/AdamW denominator epsilon. Default 1e-8."
+    )
+    amsgrad: bool | None = Field(
+        default=None, description="Adam/AdamW AMSGrad variant. Default false."
+    )
     momentum: float | None = Field(default=None, ge=0, description="SGD momentum. Default 0.")
     dampening: float | None = Field(default=None, ge=0, description="SGD dampening. Default 0.")
     nesterov: bool | None = Field(
-        default=None, description="SGD Nesterov momentum (needs momentum > 0 and dampening 0). Default false."
+        default=None,
+        description="SGD Nesterov momentum (needs momentum > 0 and dampening 0). Default false.",
     )
 
     @field_validator("betas")
@@ -562,7 +646,8 @@ class OptimizerConfig(_Section):
         json_schema_extra={"enum": sorted(OPTIMIZER_CLASSES)},
     )
     init_args: OptimizerArgs = Field(
-        default_factory=OptimizerArgs, description="Optimizer keyword arguments (lr, weight_decay, betas, ...)."
+        default_factory=OptimizerArgs,
+        description="Optimizer keyword arguments (lr, weight_decay, betas, ...).",
     )
 
     @field_validator("class_path", mode="before")
@@ -582,8 +667,13 @@ class OptimizerConfig(_Section):
         errors: list[tuple[tuple[str, ...], str]] = []
         for key in sorted(self.init_args.model_fields_set):
             if key not in defaults and getattr(self.init_args, key) is not None:
-                errors.append((("init_args", key), f"not an argument of {self.class_path}; {name} accepts: "
-                               + ", ".join(defaults)))
+                errors.append(
+                    (
+                        ("init_args", key),
+                        f"not an argument of {self.class_path}; {name} accepts: "
+                        + ", ".join(defaults),
+                    )
+                )
         if errors:
             raise _RuleErrors(errors)
         for key, value in defaults.items():
@@ -591,9 +681,15 @@ class OptimizerConfig(_Section):
                 object.__setattr__(self.init_args, key, value)
         if self.class_path == "torch.optim.SGD" and self.init_args.nesterov:
             if not self.init_args.momentum or self.init_args.dampening:
-                raise _RuleErrors([(("init_args", "nesterov"),
-                    "Nesterov momentum needs momentum > 0 and dampening 0 "
-                    f"(got momentum={self.init_args.momentum:g}, dampening={self.init_args.dampening:g})")])
+                raise _RuleErrors(
+                    [
+                        (
+                            ("init_args", "nesterov"),
+                            "Nesterov momentum needs momentum > 0 and dampening 0 "
+                            f"(got momentum={self.init_args.momentum:g}, dampening={self.init_args.dampening:g})",
+                        )
+                    ]
+                )
         return self
 
     @property
@@ -628,7 +724,9 @@ class OptimizationConfig(_Section):
     """moejobs' performance knobs (not LitGPT keys): torch.compile, attention backends, MoE kernel."""
 
     compile: bool = Field(default=True, description="Wrap the model in torch.compile.")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field(
         default="default",
         description="torch.compile mode. reduce-overhead and max-autotune use CUDA graphs on a GPU.",
     )
@@ -638,7 +736,8 @@ class OptimizationConfig(_Section):
         "shapes, null = torch's automatic choice (recompile as dynamic after a shape changes).",
     )
     compile_fullgraph: bool = Field(
-        default=False, description="torch.compile fullgraph: fail on any graph break instead of falling back."
+        default=False,
+        description="torch.compile fullgraph: fail on any graph break instead of falling back.",
     )
     flash_attention: bool = Field(
         default=True,
@@ -665,11 +764,13 @@ def _train_schema_extra(schema: dict) -> None:
     if prop is not None:
         obj = {k: v for k, v in prop.items() if k not in ("description", "title", "default")}
         prop.clear()
-        prop.update({
-            "title": "Optimizer",
-            "description": TrainConfig.model_fields["optimizer"].description,
-            "anyOf": [{"type": "string", "enum": sorted(OPTIMIZER_CLASSES)}, obj],
-        })
+        prop.update(
+            {
+                "title": "Optimizer",
+                "description": TrainConfig.model_fields["optimizer"].description,
+                "anyOf": [{"type": "string", "enum": sorted(OPTIMIZER_CLASSES)}, obj],
+            }
+        )
 
 
 class TrainConfig(_Section):
@@ -678,7 +779,8 @@ class TrainConfig(_Section):
     model_config = ConfigDict(**_STRICT, json_schema_extra=_train_schema_extra)
 
     out_dir: PathText = Field(
-        default="out/pretrain", description="Folder for metrics.csv and checkpoints (step-XXXXXXXX/, final/)."
+        default="out/pretrain",
+        description="Folder for metrics.csv and checkpoints (step-XXXXXXXX/, final/).",
     )
     precision: Precision = Field(
         default="bf16-mixed",
@@ -695,8 +797,12 @@ class TrainConfig(_Section):
         "visible GPU, or 1 CPU process). Plans assume 1 for 'auto'.",
     )
     num_nodes: int = Field(default=1, ge=1, description="Number of nodes.")
-    seed: int = Field(default=42, ge=0, le=2**32 - 1,
-                      description="Random seed (model init, data order); 0 to 2**32-1, NumPy's range.")
+    seed: int = Field(
+        default=42,
+        ge=0,
+        le=2**32 - 1,
+        description="Random seed (model init, data order); 0 to 2**32-1, NumPy's range.",
+    )
     initial_checkpoint_dir: PathText | None = Field(
         default=None,
         description="Checkpoint folder to initialise the weights from (continued pretraining, fine-tuning). "
@@ -721,11 +827,16 @@ class TrainConfig(_Section):
         json_schema_extra={"uniqueItems": True},
     )
     logger_name: Literal["csv"] = Field(
-        default="csv", description="Metrics logger. Only csv (out_dir/metrics.csv; needs no network)."
+        default="csv",
+        description="Metrics logger. Only csv (out_dir/metrics.csv; needs no network).",
     )
     data: DataConfig = Field(description="Data module (litgpt.data.TextFiles).")
-    train: TrainArgs = Field(default_factory=TrainArgs, description="Training arguments (LitGPT's TrainArgs).")
-    eval: EvalArgs = Field(default_factory=EvalArgs, description="Validation arguments (LitGPT's EvalArgs).")
+    train: TrainArgs = Field(
+        default_factory=TrainArgs, description="Training arguments (LitGPT's TrainArgs)."
+    )
+    eval: EvalArgs = Field(
+        default_factory=EvalArgs, description="Validation arguments (LitGPT's EvalArgs)."
+    )
     log: LogArgs = Field(default_factory=LogArgs, description="LitGPT's LogArgs (unused by csv).")
     optimizer: OptimizerField = Field(
         default_factory=OptimizerConfig,
@@ -742,7 +853,11 @@ class TrainConfig(_Section):
     def _empty_sections(cls, data: Any) -> Any:
         # `eval:` with every line commented out is YAML null: treat an empty section as "all defaults"
         if isinstance(data, dict):
-            empty = [k for k in ("train", "eval", "log", "optimizer", "optimization") if k in data and data[k] is None]
+            empty = [
+                k
+                for k in ("train", "eval", "log", "optimizer", "optimization")
+                if k in data and data[k] is None
+            ]
             if empty:
                 data = {k: v for k, v in data.items() if k not in empty}
         return data
@@ -767,18 +882,33 @@ class ModelConfig(_Section):
     the values LitGPT computes in ``Config.__post_init__``.
     """
 
-    name: NameText = Field(default="", description="Model name (free text, at most 200 characters, no "
-                           "control characters; LitGPT uses it for a few quirks, e.g. 'Gemma' in "
-                           "the name offsets RMSNorm).")
-    hf_config: dict = Field(default_factory=dict, description="Hugging Face origin {org, name}; informational.")
-    block_size: int = Field(default=4096, ge=1, description="Maximum context length (RoPE cache size).")
-    n_layer: int = Field(default=16, ge=1, le=MAX_LAYERS,
-                         description=f"Number of transformer blocks (at most {MAX_LAYERS}: the deepest "
-                         "published LLMs have ~130; the bound keeps validation and estimates cheap).")
+    name: NameText = Field(
+        default="",
+        description="Model name (free text, at most 200 characters, no "
+        "control characters; LitGPT uses it for a few quirks, e.g. 'Gemma' in "
+        "the name offsets RMSNorm).",
+    )
+    hf_config: dict = Field(
+        default_factory=dict, description="Hugging Face origin {org, name}; informational."
+    )
+    block_size: int = Field(
+        default=4096, ge=1, description="Maximum context length (RoPE cache size)."
+    )
+    n_layer: int = Field(
+        default=16,
+        ge=1,
+        le=MAX_LAYERS,
+        description=f"Number of transformer blocks (at most {MAX_LAYERS}: the deepest "
+        "published LLMs have ~130; the bound keeps validation and estimates cheap).",
+    )
     n_embd: int = Field(default=4096, ge=1, description="Hidden size (embedding width).")
-    vocab_size: int = Field(default=50254, ge=1, description="Number of tokenizer tokens. Must be <= padded_vocab_size.")
+    vocab_size: int = Field(
+        default=50254, ge=1, description="Number of tokenizer tokens. Must be <= padded_vocab_size."
+    )
     padding_multiple: int = Field(
-        default=512, ge=1, description="padded_vocab_size is rounded up to a multiple of this when not set."
+        default=512,
+        ge=1,
+        description="padded_vocab_size is rounded up to a multiple of this when not set.",
     )
     padded_vocab_size: int | None = Field(
         default=None,
@@ -786,42 +916,61 @@ class ModelConfig(_Section):
         description="Rows of the embedding and LM head. Null: vocab_size rounded up to padding_multiple.",
     )
     norm_class_name: Literal["LayerNorm", "RMSNorm"] = Field(
-        default="LayerNorm", description="Normalisation layer: LayerNorm (weight+bias) or RMSNorm (weight)."
+        default="LayerNorm",
+        description="Normalisation layer: LayerNorm (weight+bias) or RMSNorm (weight).",
     )
     norm_eps: float = Field(default=1e-5, gt=0, description="Epsilon of the normalisation layers.")
     norm_qk: bool = Field(default=False, description="Normalise queries and keys (QK-norm).")
     norm_qk_type: Literal["default", "olmo2"] = Field(
-        default="default", description="QK-norm shape: per head (default) or over all heads (olmo2)."
+        default="default",
+        description="QK-norm shape: per head (default) or over all heads (olmo2).",
     )
-    post_attention_norm: bool = Field(default=False, description="Extra norm after attention (Gemma-2 style).")
-    post_mlp_norm: bool = Field(default=False, description="Extra norm after the MLP (Gemma-2 style).")
+    post_attention_norm: bool = Field(
+        default=False, description="Extra norm after attention (Gemma-2 style)."
+    )
+    post_mlp_norm: bool = Field(
+        default=False, description="Extra norm after the MLP (Gemma-2 style)."
+    )
     parallel_residual: bool = Field(
-        default=True, description="GPT-NeoX parallel attention+MLP residual (false: sequential, LLaMA style)."
+        default=True,
+        description="GPT-NeoX parallel attention+MLP residual (false: sequential, LLaMA style).",
     )
     shared_attention_norm: bool = Field(
-        default=False, description="Reuse norm_1's output for the MLP (only with parallel_residual)."
+        default=False,
+        description="Reuse norm_1's output for the MLP (only with parallel_residual).",
     )
     n_head: int = Field(default=32, ge=1, description="Number of query heads.")
     head_size: int | None = Field(
-        default=None, ge=1, description="Width of one attention head. Null: n_embd // n_head (n_embd must divide)."
+        default=None,
+        ge=1,
+        description="Width of one attention head. Null: n_embd // n_head (n_embd must divide).",
     )
     n_query_groups: int | None = Field(
         default=None,
         ge=1,
         description="Key/value heads (GQA): n_head = MHA, 1 = MQA. n_head must be divisible by it. Null: n_head.",
     )
-    attn_bias: bool = Field(default=False, description="Bias in the qkv projection (also on when bias is true).")
+    attn_bias: bool = Field(
+        default=False, description="Bias in the qkv projection (also on when bias is true)."
+    )
     attention_scores_scalar: int | None = Field(
-        default=None, ge=1, description="Scale attention scores by 1/sqrt(this) instead of 1/sqrt(head_size)."
+        default=None,
+        ge=1,
+        description="Scale attention scores by 1/sqrt(this) instead of 1/sqrt(head_size).",
     )
     sliding_window_size: int | None = Field(
-        default=None, ge=1, description="Sliding-window attention width (null: full causal attention)."
+        default=None,
+        ge=1,
+        description="Sliding-window attention width (null: full causal attention).",
     )
     sliding_window_indices: list[int] | None = Field(
-        default=None, description="Per layer 0/1: which layers use the sliding window (default all)."
+        default=None,
+        description="Per layer 0/1: which layers use the sliding window (default all).",
     )
     attention_logit_softcapping: float | None = Field(
-        default=None, gt=0, description="Soft-cap attention logits (disables fused SDPA/flash attention)."
+        default=None,
+        gt=0,
+        description="Soft-cap attention logits (disables fused SDPA/flash attention).",
     )
     rope_base: int = Field(default=10000, ge=1, description="RoPE base period (theta).")
     rotary_percentage: float = Field(
@@ -831,7 +980,9 @@ class ModelConfig(_Section):
         description="Fraction of each head's dimensions that get rotary embeddings. LitGPT's default 0.25 is "
         "GPT-NeoX's; LLaMA/Mixtral use 1.0.",
     )
-    rope_condense_ratio: int = Field(default=1, ge=1, description="Position interpolation factor for RoPE.")
+    rope_condense_ratio: int = Field(
+        default=1, ge=1, description="Position interpolation factor for RoPE."
+    )
     rope_adjustments: dict | None = Field(
         default=None, description="RoPE scaling (Llama-3.1 / YaRN style) parameters."
     )
@@ -850,29 +1001,49 @@ class ModelConfig(_Section):
         description="MLP block: GptNeoxMLP (GELU), LLaMAMLP (SwiGLU), GemmaMLP (GeGLU) or LLaMAMoE "
         "(mixture of SwiGLU experts).",
     )
-    gelu_approximate: Literal["none", "tanh"] = Field(default="none", description="GELU approximation.")
-    n_expert: int = Field(default=0, ge=0, description="Number of experts per MoE layer (LLaMAMoE).")
+    gelu_approximate: Literal["none", "tanh"] = Field(
+        default="none", description="GELU approximation."
+    )
+    n_expert: int = Field(
+        default=0, ge=0, description="Number of experts per MoE layer (LLaMAMoE)."
+    )
     n_shared_expert: int | None = Field(
-        default=None, ge=0, description="Always-active shared experts (DeepSeek style), width moe_intermediate_size each."
+        default=None,
+        ge=0,
+        description="Always-active shared experts (DeepSeek style), width moe_intermediate_size each.",
     )
     n_expert_groups: int | None = Field(
         default=None, ge=1, description="Expert groups for group-limited routing (DeepSeek-V3)."
     )
-    n_topk_groups: int | None = Field(default=None, ge=1, description="Groups kept per token in group-limited routing.")
+    n_topk_groups: int | None = Field(
+        default=None, ge=1, description="Groups kept per token in group-limited routing."
+    )
     n_topk_scores_per_group: int | None = Field(
-        default=None, ge=1, description="Scores per group used to rank groups in group-limited routing."
+        default=None,
+        ge=1,
+        description="Scores per group used to rank groups in group-limited routing.",
     )
     n_expert_per_token: int = Field(
-        default=0, ge=0, description="Experts each token is routed to (top-k); 1 <= k <= n_expert for LLaMAMoE."
+        default=0,
+        ge=0,
+        description="Experts each token is routed to (top-k); 1 <= k <= n_expert for LLaMAMoE.",
     )
     first_k_dense_replace: int | None = Field(
         default=None, ge=0, description="The first k layers use a dense LLaMAMLP instead of MoE."
     )
-    routed_scaling_factor: float = Field(default=1.0, gt=0, description="Multiplier on the routing weights.")
-    norm_topk_prob: bool = Field(default=False, description="Renormalise top-k routing probabilities (grouped router).")
-    scale_embeddings: bool = Field(default=False, description="Multiply embeddings by sqrt(n_embd) (Gemma).")
+    routed_scaling_factor: float = Field(
+        default=1.0, gt=0, description="Multiplier on the routing weights."
+    )
+    norm_topk_prob: bool = Field(
+        default=False, description="Renormalise top-k routing probabilities (grouped router)."
+    )
+    scale_embeddings: bool = Field(
+        default=False, description="Multiply embeddings by sqrt(n_embd) (Gemma)."
+    )
     lm_head_bias: bool = Field(default=False, description="Bias in the LM head.")
-    final_logit_softcapping: float | None = Field(default=None, gt=0, description="Soft-cap the output logits.")
+    final_logit_softcapping: float | None = Field(
+        default=None, gt=0, description="Soft-cap the output logits."
+    )
     norm_1: bool = Field(default=True, description="Norm before attention (false: identity).")
     norm_2: bool = Field(default=True, description="Norm before the MLP (false: identity).")
     latent_attention: dict | None = Field(
@@ -926,85 +1097,149 @@ class ModelConfig(_Section):
         errors: list[tuple[str, str]] = []
         if self.head_size is None and self.n_embd % self.n_head != 0:
             errors.append(
-                ("n_embd", f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) when head_size is "
-                 f"not set (head_size = n_embd / n_head = {self.n_embd / self.n_head:g})")
+                (
+                    "n_embd",
+                    f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) when head_size is "
+                    f"not set (head_size = n_embd / n_head = {self.n_embd / self.n_head:g})",
+                )
             )
         if self.n_query_groups is not None:
             if self.n_query_groups > self.n_head or self.n_head % self.n_query_groups != 0:
                 errors.append(
-                    ("n_query_groups", f"n_head ({self.n_head}) must be divisible by n_query_groups "
-                     f"({self.n_query_groups})")
+                    (
+                        "n_query_groups",
+                        f"n_head ({self.n_head}) must be divisible by n_query_groups "
+                        f"({self.n_query_groups})",
+                    )
                 )
         if self.padded_vocab_size is not None and self.vocab_size > self.padded_vocab_size:
             errors.append(
-                ("vocab_size", f"vocab_size ({self.vocab_size}) must be <= padded_vocab_size "
-                 f"({self.padded_vocab_size}); LitGPT would silently cut vocab_size to {self.padded_vocab_size}")
+                (
+                    "vocab_size",
+                    f"vocab_size ({self.vocab_size}) must be <= padded_vocab_size "
+                    f"({self.padded_vocab_size}); LitGPT would silently cut vocab_size to {self.padded_vocab_size}",
+                )
             )
         if self.mlp_class_name == "LLaMAMLP" and self.intermediate_size is None:
-            errors.append(("intermediate_size", "mlp_class_name LLaMAMLP requires intermediate_size"))
+            errors.append(
+                ("intermediate_size", "mlp_class_name LLaMAMLP requires intermediate_size")
+            )
         if self.is_moe:
             if self.n_expert < 1:
-                errors.append(("n_expert", f"mlp_class_name LLaMAMoE requires n_expert >= 1, got {self.n_expert}"))
+                errors.append(
+                    (
+                        "n_expert",
+                        f"mlp_class_name LLaMAMoE requires n_expert >= 1, got {self.n_expert}",
+                    )
+                )
             elif not 1 <= self.n_expert_per_token <= self.n_expert:
                 errors.append(
-                    ("n_expert_per_token", f"n_expert_per_token ({self.n_expert_per_token}) must be between 1 and "
-                     f"n_expert ({self.n_expert}) for mlp_class_name LLaMAMoE")
+                    (
+                        "n_expert_per_token",
+                        f"n_expert_per_token ({self.n_expert_per_token}) must be between 1 and "
+                        f"n_expert ({self.n_expert}) for mlp_class_name LLaMAMoE",
+                    )
                 )
             if self.moe_intermediate_size is None:
                 errors.append(
-                    ("moe_intermediate_size", "mlp_class_name LLaMAMoE requires moe_intermediate_size "
-                     "(the width of each expert)")
+                    (
+                        "moe_intermediate_size",
+                        "mlp_class_name LLaMAMoE requires moe_intermediate_size "
+                        "(the width of each expert)",
+                    )
                 )
         else:
             if self.first_k_dense_replace is not None:
                 errors.append(
-                    ("first_k_dense_replace", "first_k_dense_replace needs mlp_class_name LLaMAMoE, got "
-                     f"{self.mlp_class_name}")
+                    (
+                        "first_k_dense_replace",
+                        "first_k_dense_replace needs mlp_class_name LLaMAMoE, got "
+                        f"{self.mlp_class_name}",
+                    )
                 )
         if self.n_expert_groups is not None:
             if self.n_expert_groups < 2 or self.n_expert % self.n_expert_groups != 0:
                 errors.append(
-                    ("n_expert_groups", f"n_expert_groups ({self.n_expert_groups}) must be > 1 and divide n_expert "
-                     f"({self.n_expert})")
+                    (
+                        "n_expert_groups",
+                        f"n_expert_groups ({self.n_expert_groups}) must be > 1 and divide n_expert "
+                        f"({self.n_expert})",
+                    )
                 )
             elif self.n_topk_groups is None:
                 errors.append(("n_topk_groups", "n_expert_groups requires n_topk_groups"))
-            elif self.n_topk_scores_per_group is None or self.n_topk_scores_per_group > self.n_expert // self.n_expert_groups:
+            elif (
+                self.n_topk_scores_per_group is None
+                or self.n_topk_scores_per_group > self.n_expert // self.n_expert_groups
+            ):
                 errors.append(
-                    ("n_topk_scores_per_group", "n_expert_groups requires n_topk_scores_per_group <= experts per "
-                     f"group ({self.n_expert // self.n_expert_groups})")
+                    (
+                        "n_topk_scores_per_group",
+                        "n_expert_groups requires n_topk_scores_per_group <= experts per "
+                        f"group ({self.n_expert // self.n_expert_groups})",
+                    )
                 )
         if not self.parallel_residual and self.shared_attention_norm:
             errors.append(
-                ("shared_attention_norm", "shared_attention_norm needs parallel_residual true "
-                 "(LitGPT has no non-parallel residual with a shared attention norm)")
+                (
+                    "shared_attention_norm",
+                    "shared_attention_norm needs parallel_residual true "
+                    "(LitGPT has no non-parallel residual with a shared attention norm)",
+                )
             )
         for name in ("sliding_window_indices", "rope_indices"):
             values = getattr(self, name)
             if values is not None:
                 if len(values) < self.n_layer:
-                    errors.append((name, f"{name} needs one 0/1 entry per layer (n_layer={self.n_layer}), got {len(values)}"))
+                    errors.append(
+                        (
+                            name,
+                            f"{name} needs one 0/1 entry per layer (n_layer={self.n_layer}), got {len(values)}",
+                        )
+                    )
                 elif not set(values) <= {0, 1}:
                     errors.append((name, f"{name} may only contain 0 and 1, got {values}"))
         if self.latent_attention is not None:
-            keys = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
-            missing = [k for k in keys if not isinstance(self.latent_attention.get(k), int) or self.latent_attention[k] < 1]
+            keys = (
+                "q_lora_rank",
+                "kv_lora_rank",
+                "qk_rope_head_dim",
+                "qk_nope_head_dim",
+                "v_head_dim",
+            )
+            missing = [
+                k
+                for k in keys
+                if not isinstance(self.latent_attention.get(k), int) or self.latent_attention[k] < 1
+            ]
             unknown = [k for k in self.latent_attention if k not in keys]
             if missing or unknown:
                 errors.append(
-                    ("latent_attention", "latent_attention needs positive integers " + ", ".join(keys)
-                     + (f"; missing/invalid: {', '.join(missing)}" if missing else "")
-                     + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+                    (
+                        "latent_attention",
+                        "latent_attention needs positive integers "
+                        + ", ".join(keys)
+                        + (f"; missing/invalid: {', '.join(missing)}" if missing else "")
+                        + (f"; unknown: {', '.join(unknown)}" if unknown else ""),
+                    )
                 )
             elif self.resolved_n_query_groups != self.n_head:
-                errors.append(("n_query_groups", "latent_attention does not support GQA/MQA: n_query_groups must equal n_head"))
+                errors.append(
+                    (
+                        "n_query_groups",
+                        "latent_attention does not support GQA/MQA: n_query_groups must equal n_head",
+                    )
+                )
         if not errors and self.latent_attention is None:
             hs = self.resolved_head_size
             n_elem = self.rope_n_elem
             if n_elem % 2:
                 errors.append(
-                    ("rotary_percentage", f"rotary_percentage x head_size = {self.rotary_percentage} x {hs} gives "
-                     f"{n_elem} rotary dimensions; RoPE needs an even number")
+                    (
+                        "rotary_percentage",
+                        f"rotary_percentage x head_size = {self.rotary_percentage} x {hs} gives "
+                        f"{n_elem} rotary dimensions; RoPE needs an even number",
+                    )
                 )
         if errors:
             raise _RuleErrors(errors)
@@ -1062,8 +1297,13 @@ def _dotted(loc: tuple) -> str:
 
 
 def _unknown_keys(
-    data: Any, model: type[BaseModel], root: type[BaseModel], loc_prefix: tuple, path: tuple = (),
-    other_root: type[BaseModel] | None = None, other_name: str = "",
+    data: Any,
+    model: type[BaseModel],
+    root: type[BaseModel],
+    loc_prefix: tuple,
+    path: tuple = (),
+    other_root: type[BaseModel] | None = None,
+    other_name: str = "",
 ) -> list[Issue]:
     """Issues for keys of ``data`` that ``model`` (at ``path`` inside ``root``) does not define."""
     issues: list[Issue] = []
@@ -1075,13 +1315,24 @@ def _unknown_keys(
         if skey in model.model_fields:
             sub = _sub_model(model, skey)
             if sub is not None and isinstance(value, dict):
-                issues.extend(_unknown_keys(value, sub, root, loc_prefix, path + (skey,), other_root, other_name))
+                issues.extend(
+                    _unknown_keys(
+                        value, sub, root, loc_prefix, path + (skey,), other_root, other_name
+                    )
+                )
             continue
-        issues.append(Issue(loc_prefix + path + (skey,), _suggest(skey, fields, root, path, other_root, other_name)))
+        issues.append(
+            Issue(
+                loc_prefix + path + (skey,),
+                _suggest(skey, fields, root, path, other_root, other_name),
+            )
+        )
     return issues
 
 
-def _suggest(key: str, fields: list[str], root: type[BaseModel], path: tuple, other_root, other_name: str) -> str:
+def _suggest(
+    key: str, fields: list[str], root: type[BaseModel], path: tuple, other_root, other_name: str
+) -> str:
     close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
     if close:
         return f"unknown key; did you mean {close[0]}?"
@@ -1145,14 +1396,19 @@ def _message(err: dict) -> str:
     if kind in ("too_short", "too_long"):
         return f"expected {ctx.get('expected', ctx.get('min_length', ''))} items, got {_short(got)}"
     for bound, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-        if bound in ctx and kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        if bound in ctx and kind in (
+            "greater_than_equal",
+            "greater_than",
+            "less_than_equal",
+            "less_than",
+        ):
             return f"must be {op} {_num(ctx[bound])}, got {_num(got)}"
     if kind == "extra_forbidden":
         return "unknown key"
     msg = str(err.get("msg", "invalid value"))
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     return msg
 
 
@@ -1219,7 +1475,9 @@ def validate_train_config(train: dict) -> TrainConfig:
     errors = _check_mapping(train, "train config", ())
     if errors:
         raise ConfigError(errors)
-    errors = _unknown_keys(train, TrainConfig, TrainConfig, (), other_root=ModelConfig, other_name="model config")
+    errors = _unknown_keys(
+        train, TrainConfig, TrainConfig, (), other_root=ModelConfig, other_name="model config"
+    )
     try:
         result = TrainConfig.model_validate(train)
     except ValidationError as exc:
@@ -1235,7 +1493,14 @@ def validate_model_config(model: dict) -> ModelConfig:
     errors = _check_mapping(model, "model config", (MODEL_LOC,))
     if errors:
         raise ConfigError(errors)
-    errors = _unknown_keys(model, ModelConfig, ModelConfig, (MODEL_LOC,), other_root=TrainConfig, other_name="train config")
+    errors = _unknown_keys(
+        model,
+        ModelConfig,
+        ModelConfig,
+        (MODEL_LOC,),
+        other_root=TrainConfig,
+        other_name="train config",
+    )
     try:
         result = ModelConfig.model_validate(model)
     except ValidationError as exc:
@@ -1288,36 +1553,46 @@ def _train_rules(cfg: TrainConfig, raw: dict) -> list[Issue]:
         lo = t.global_batch_size // per_step * per_step
         hi = lo + per_step
         options = f"{lo} or {hi}" if lo else f"{hi}"
-        errors.append(Issue(
-            ("train", "global_batch_size"),
-            f"global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size x devices x num_nodes "
-            f"= {t.micro_batch_size} x {cfg.devices if cfg.devices != 'auto' else 1} x {cfg.num_nodes} = {per_step} "
-            f"(LitGPT would silently floor it); e.g. use {options}",
-        ))
+        errors.append(
+            Issue(
+                ("train", "global_batch_size"),
+                f"global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size x devices x num_nodes "
+                f"= {t.micro_batch_size} x {cfg.devices if cfg.devices != 'auto' else 1} x {cfg.num_nodes} = {per_step} "
+                f"(LitGPT would silently floor it); e.g. use {options}",
+            )
+        )
     if t.min_lr > lr:
-        errors.append(Issue(
-            ("train", "min_lr"),
-            f"min_lr ({t.min_lr:g}) must be <= the optimizer's lr ({lr:g}): the cosine schedule decays from lr to min_lr",
-        ))
+        errors.append(
+            Issue(
+                ("train", "min_lr"),
+                f"min_lr ({t.min_lr:g}) must be <= the optimizer's lr ({lr:g}): the cosine schedule decays from lr to min_lr",
+            )
+        )
     raw_train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     if t.lr_warmup_steps and t.lr_warmup_fraction and "lr_warmup_steps" in raw_train:
-        errors.append(Issue(
-            ("train", "lr_warmup_fraction"),
-            f"set either lr_warmup_steps ({t.lr_warmup_steps}) or lr_warmup_fraction ({t.lr_warmup_fraction:g}), not both",
-        ))
+        errors.append(
+            Issue(
+                ("train", "lr_warmup_fraction"),
+                f"set either lr_warmup_steps ({t.lr_warmup_steps}) or lr_warmup_fraction ({t.lr_warmup_fraction:g}), not both",
+            )
+        )
     if cfg.tokenizer_dir is None and cfg.initial_checkpoint_dir is None:
-        errors.append(Issue(
-            ("tokenizer_dir",),
-            "tokenizer_dir is required: TextFiles tokenizes the text with it (train one with "
-            "`moejobs tokenizer train --data DIR --out DIR`)",
-        ))
+        errors.append(
+            Issue(
+                ("tokenizer_dir",),
+                "tokenizer_dir is required: TextFiles tokenizes the text with it (train one with "
+                "`moejobs tokenizer train --data DIR --out DIR`)",
+            )
+        )
     if cfg.initial_checkpoint_dir and not (isinstance(cfg.resume, bool) or cfg.resume == "auto"):
-        errors.append(Issue(
-            ("initial_checkpoint_dir",),
-            f"initial_checkpoint_dir and resume: {cfg.resume} cannot be combined: the checkpoint path would "
-            "replace the initial weights; use resume: auto (continue this run's own newest checkpoint, start "
-            "from initial_checkpoint_dir while it has none) or drop one of the two",
-        ))
+        errors.append(
+            Issue(
+                ("initial_checkpoint_dir",),
+                f"initial_checkpoint_dir and resume: {cfg.resume} cannot be combined: the checkpoint path would "
+                "replace the initial weights; use resume: auto (continue this run's own newest checkpoint, start "
+                "from initial_checkpoint_dir while it has none) or drop one of the two",
+            )
+        )
     return errors
 
 
@@ -1328,23 +1603,27 @@ def _cross_rules(cfg: TrainConfig, model: ModelConfig) -> list[Issue]:
     errors: list[Issue] = []
     t = cfg.train
     if t.max_seq_length is not None and t.max_seq_length > model.block_size:
-        errors.append(Issue(
-            ("train", "max_seq_length"),
-            f"max_seq_length ({t.max_seq_length}) must be <= the model's block_size ({model.block_size})",
-        ))
+        errors.append(
+            Issue(
+                ("train", "max_seq_length"),
+                f"max_seq_length ({t.max_seq_length}) must be <= the model's block_size ({model.block_size})",
+            )
+        )
         return errors
     if t.global_batch_size % (t.micro_batch_size * cfg.world_size):
         return errors  # already reported; the plan below needs a whole number of micro-batches per step
     plan = training_plan(cfg, model)
     if plan.steps_from_tokens < 1:
         need = plan.grad_accum_iters * plan.tokens_per_micro_batch * plan.world_size
-        errors.append(Issue(
-            ("train", "max_tokens"),
-            f"max_tokens ({t.max_tokens:,}) does not cover one optimizer step: it gives "
-            f"{_n(plan.micro_batches_total, 'micro-batch')} of {t.micro_batch_size} x {plan.seq_len} = "
-            f"{plan.tokens_per_micro_batch:,} tokens per device, but one step needs {plan.grad_accum_iters} "
-            f"({_batch_split(cfg)}); raise max_tokens to at least {need:,}",
-        ))
+        errors.append(
+            Issue(
+                ("train", "max_tokens"),
+                f"max_tokens ({t.max_tokens:,}) does not cover one optimizer step: it gives "
+                f"{_n(plan.micro_batches_total, 'micro-batch')} of {t.micro_batch_size} x {plan.seq_len} = "
+                f"{plan.tokens_per_micro_batch:,} tokens per device, but one step needs {plan.grad_accum_iters} "
+                f"({_batch_split(cfg)}); raise max_tokens to at least {need:,}",
+            )
+        )
     return errors
 
 
@@ -1354,8 +1633,10 @@ FEW_STEPS = 10
 
 def _batch_split(cfg: TrainConfig) -> str:
     t = cfg.train
-    return (f"global_batch_size {t.global_batch_size} / micro_batch_size {t.micro_batch_size} / "
-            f"{_n(cfg.world_size, 'device')}")
+    return (
+        f"global_batch_size {t.global_batch_size} / micro_batch_size {t.micro_batch_size} / "
+        f"{_n(cfg.world_size, 'device')}"
+    )
 
 
 def _n(count: int, word: str) -> str:
@@ -1373,133 +1654,181 @@ def _warnings(cfg: TrainConfig, model: ModelConfig, plan) -> list[Issue]:
     steps = plan.optimizer_steps
     lr = cfg.optimizer.lr
     if steps < FEW_STEPS:
-        w.append(Issue(
-            ("train", "max_tokens"),
-            f"only {_n(steps, 'optimizer step')} will run: max_tokens {t.max_tokens:,} gives "
-            f"{_n(plan.micro_batches_total, 'micro-batch')} of {plan.tokens_per_micro_batch:,} tokens per device "
-            f"and each step takes {_n(plan.grad_accum_iters, 'micro-batch')} ({_batch_split(cfg)})",
-        ))
+        w.append(
+            Issue(
+                ("train", "max_tokens"),
+                f"only {_n(steps, 'optimizer step')} will run: max_tokens {t.max_tokens:,} gives "
+                f"{_n(plan.micro_batches_total, 'micro-batch')} of {plan.tokens_per_micro_batch:,} tokens per device "
+                f"and each step takes {_n(plan.grad_accum_iters, 'micro-batch')} ({_batch_split(cfg)})",
+            )
+        )
     if plan.dropped_micro_batches:
         dropped_tokens = plan.dropped_micro_batches * plan.tokens_per_micro_batch * plan.world_size
         d = plan.dropped_micro_batches
         per_device = " per device" if plan.world_size > 1 else ""
-        what = (f"the last micro-batch{per_device} ({dropped_tokens:,} tokens) does not fill a whole optimizer step "
+        what = (
+            (
+                f"the last micro-batch{per_device} ({dropped_tokens:,} tokens) does not fill a whole optimizer step "
                 f"of {plan.grad_accum_iters} micro-batches, so it is never trained (LitGPT would compute it and drop "
-                "its gradients)") if d == 1 else (
+                "its gradients)"
+            )
+            if d == 1
+            else (
                 f"the last {d:,} micro-batches{per_device} ({dropped_tokens:,} tokens) do not fill a whole optimizer "
                 f"step of {plan.grad_accum_iters} micro-batches, so they are never trained (LitGPT would compute them "
-                "and drop their gradients)")
-        w.append(Issue(
-            ("train", "max_tokens"),
-            f"{what}: {plan.tokens_trained:,} of max_tokens {t.max_tokens:,} tokens are trained",
-        ))
+                "and drop their gradients)"
+            )
+        )
+        w.append(
+            Issue(
+                ("train", "max_tokens"),
+                f"{what}: {plan.tokens_trained:,} of max_tokens {t.max_tokens:,} tokens are trained",
+            )
+        )
     if plan.warmup_steps > steps:
         reached = steps / plan.warmup_steps
         key = "lr_warmup_steps" if t.lr_warmup_steps else "lr_warmup_fraction"
-        w.append(Issue(
-            ("train", key),
-            f"the warm-up of {_n(plan.warmup_steps, 'optimizer step')} "
-            f"({_n(plan.warmup_steps * plan.grad_accum_iters, 'micro-batch')}) is longer than the run "
-            f"({_n(steps, 'step')}, {_n(plan.micro_batches_total, 'micro-batch')}): the learning rate never "
-            f"reaches its peak {lr:g}; it reaches at most {reached:.0%} of it ({lr * reached:.3g}) at step {steps}",
-        ))
+        w.append(
+            Issue(
+                ("train", key),
+                f"the warm-up of {_n(plan.warmup_steps, 'optimizer step')} "
+                f"({_n(plan.warmup_steps * plan.grad_accum_iters, 'micro-batch')}) is longer than the run "
+                f"({_n(steps, 'step')}, {_n(plan.micro_batches_total, 'micro-batch')}): the learning rate never "
+                f"reaches its peak {lr:g}; it reaches at most {reached:.0%} of it ({lr * reached:.3g}) at step {steps}",
+            )
+        )
     if t.save_interval is not None and t.save_interval >= steps:
-        w.append(Issue(
-            ("train", "save_interval"),
-            f"save_interval ({t.save_interval}) is not smaller than the run's {_n(steps, 'optimizer step')}: no "
-            "intermediate checkpoint is written, so a run that crashes or is killed (kill -9, a lost "
-            "machine) starts over; a stop by SIGTERM or Ctrl-C still checkpoints and resumes",
-        ))
+        w.append(
+            Issue(
+                ("train", "save_interval"),
+                f"save_interval ({t.save_interval}) is not smaller than the run's {_n(steps, 'optimizer step')}: no "
+                "intermediate checkpoint is written, so a run that crashes or is killed (kill -9, a lost "
+                "machine) starts over; a stop by SIGTERM or Ctrl-C still checkpoints and resumes",
+            )
+        )
     if t.max_steps is not None:
         if t.max_steps < plan.steps_from_tokens:
-            w.append(Issue(
-                ("train", "max_steps"),
-                f"max_steps ({t.max_steps}) stops the run before max_tokens is used up "
-                f"({_n(plan.steps_from_tokens, 'step')}): {plan.tokens_trained:,} of {t.max_tokens:,} tokens are "
-                f"trained and the cosine schedule decays over {_n(t.max_steps, 'step')} "
-                "(LitGPT's pretrain would ignore max_steps)",
-            ))
+            w.append(
+                Issue(
+                    ("train", "max_steps"),
+                    f"max_steps ({t.max_steps}) stops the run before max_tokens is used up "
+                    f"({_n(plan.steps_from_tokens, 'step')}): {plan.tokens_trained:,} of {t.max_tokens:,} tokens are "
+                    f"trained and the cosine schedule decays over {_n(t.max_steps, 'step')} "
+                    "(LitGPT's pretrain would ignore max_steps)",
+                )
+            )
         elif t.max_steps > plan.steps_from_tokens:
-            w.append(Issue(
-                ("train", "max_steps"),
-                f"max_steps ({t.max_steps}) has no effect: max_tokens {t.max_tokens:,} allows only "
-                f"{_n(plan.steps_from_tokens, 'optimizer step')}",
-            ))
+            w.append(
+                Issue(
+                    ("train", "max_steps"),
+                    f"max_steps ({t.max_steps}) has no effect: max_tokens {t.max_tokens:,} allows only "
+                    f"{_n(plan.steps_from_tokens, 'optimizer step')}",
+                )
+            )
     if t.epochs is not None:
-        w.append(Issue(
-            ("train", "epochs"),
-            f"epochs ({t.epochs}) is ignored: pretraining length is set by max_tokens (and max_steps/max_time); "
-            "LitGPT's pretrain refuses epochs",
-        ))
+        w.append(
+            Issue(
+                ("train", "epochs"),
+                f"epochs ({t.epochs}) is ignored: pretraining length is set by max_tokens (and max_steps/max_time); "
+                "LitGPT's pretrain refuses epochs",
+            )
+        )
     if "rotary_percentage" not in model.model_fields_set and model.latent_attention is None:
         hs = model.resolved_head_size
-        w.append(Issue(
-            (MODEL_LOC, "rotary_percentage"),
-            f"rotary_percentage is not set, so LitGPT's default 0.25 applies: RoPE covers {model.rope_n_elem} of the "
-            f"{hs} dimensions of each head (LLaMA and Mixtral configs in LitGPT use 1.0)",
-        ))
+        w.append(
+            Issue(
+                (MODEL_LOC, "rotary_percentage"),
+                f"rotary_percentage is not set, so LitGPT's default 0.25 applies: RoPE covers {model.rope_n_elem} of the "
+                f"{hs} dimensions of each head (LLaMA and Mixtral configs in LitGPT use 1.0)",
+            )
+        )
     if cfg.precision == "16-mixed":
-        w.append(Issue(
-            ("precision",),
-            "16-mixed: where no CUDA GPU is present, Lightning runs 16-mixed as bf16 (bf16 autocast), not fp16; "
-            "on a GPU it is fp16 autocast with a gradient scaler",
-        ))
+        w.append(
+            Issue(
+                ("precision",),
+                "16-mixed: where no CUDA GPU is present, Lightning runs 16-mixed as bf16 (bf16 autocast), not fp16; "
+                "on a GPU it is fp16 autocast with a gradient scaler",
+            )
+        )
     no_periodic = cfg.eval.interval == 0 or cfg.eval.interval > steps
     if no_periodic and not cfg.eval.final_validation and not cfg.eval.initial_validation:
-        why = "0 (off)" if cfg.eval.interval == 0 else f"{cfg.eval.interval}, more than the run's {_n(steps, 'step')}"
-        w.append(Issue(
-            ("eval", "interval"),
-            f"eval.interval is {why} and eval.final_validation is false: the run computes no validation loss at "
-            "all (val_loss and val_ppl stay empty in metrics.csv)",
-        ))
+        why = (
+            "0 (off)"
+            if cfg.eval.interval == 0
+            else f"{cfg.eval.interval}, more than the run's {_n(steps, 'step')}"
+        )
+        w.append(
+            Issue(
+                ("eval", "interval"),
+                f"eval.interval is {why} and eval.final_validation is false: the run computes no validation loss at "
+                "all (val_loss and val_ppl stay empty in metrics.csv)",
+            )
+        )
     if cfg.devices == "auto":
-        w.append(Issue(
-            ("devices",),
-            "devices is 'auto' (LitGPT's default): Lightning would use every visible GPU (1 process on a CPU); "
-            f"the step and token numbers here assume 1 device ({_n(steps, 'step')}); set devices explicitly",
-        ))
+        w.append(
+            Issue(
+                ("devices",),
+                "devices is 'auto' (LitGPT's default): Lightning would use every visible GPU (1 process on a CPU); "
+                f"the step and token numbers here assume 1 device ({_n(steps, 'step')}); set devices explicitly",
+            )
+        )
     o = cfg.optimization
     if o.compile and o.compile_mode == "reduce-overhead" and o.compile_dynamic:
-        w.append(Issue(
-            ("optimization", "compile_dynamic"),
-            "compile_dynamic true compiles shape-generic kernels although every training micro-batch has the same "
-            f"shape ({t.micro_batch_size} x {plan.seq_len}); with compile_mode reduce-overhead, CUDA graphs are "
-            "recorded per concrete shape anyway, so dynamic shapes add compile work and can slow kernels "
-            "(null lets torch decide)",
-        ))
+        w.append(
+            Issue(
+                ("optimization", "compile_dynamic"),
+                "compile_dynamic true compiles shape-generic kernels although every training micro-batch has the same "
+                f"shape ({t.micro_batch_size} x {plan.seq_len}); with compile_mode reduce-overhead, CUDA graphs are "
+                "recorded per concrete shape anyway, so dynamic shapes add compile work and can slow kernels "
+                "(null lets torch decide)",
+            )
+        )
     if o.flash_attention_force and cfg.precision == "32-true":
-        w.append(Issue(
-            ("optimization", "flash_attention_force"),
-            "flash_attention_force with precision 32-true cannot run: flash-attention kernels need bf16/fp16 on a "
-            "CUDA GPU, so the engine's pre-flight check will refuse this run",
-        ))
+        w.append(
+            Issue(
+                ("optimization", "flash_attention_force"),
+                "flash_attention_force with precision 32-true cannot run: flash-attention kernels need bf16/fp16 on a "
+                "CUDA GPU, so the engine's pre-flight check will refuse this run",
+            )
+        )
     if model.is_moe and o.moe_implementation == "grouped":
         align = 4 if cfg.precision == "32-true" else 8
-        unaligned = [f"{name} ({getattr(model, name)})" for name in ("n_embd", "moe_intermediate_size")
-                     if getattr(model, name) % align]
+        unaligned = [
+            f"{name} ({getattr(model, name)})"
+            for name in ("n_embd", "moe_intermediate_size")
+            if getattr(model, name) % align
+        ]
         if unaligned:
-            w.append(Issue(
-                ("optimization", "moe_implementation"),
-                f"the grouped MoE kernel needs 16-byte rows ({cfg.precision}: widths divisible by {align}) but "
-                f"{' and '.join(unaligned)} {'is' if len(unaligned) == 1 else 'are'} not: every expert then runs on "
-                f"every token ({model.n_expert} instead of {model.n_expert_per_token} experts per token, "
-                f"{model.n_expert / model.n_expert_per_token:g}x the expert FLOPs)",
-            ))
+            w.append(
+                Issue(
+                    ("optimization", "moe_implementation"),
+                    f"the grouped MoE kernel needs 16-byte rows ({cfg.precision}: widths divisible by {align}) but "
+                    f"{' and '.join(unaligned)} {'is' if len(unaligned) == 1 else 'are'} not: every expert then runs on "
+                    f"every token ({model.n_expert} instead of {model.n_expert_per_token} experts per token, "
+                    f"{model.n_expert / model.n_expert_per_token:g}x the expert FLOPs)",
+                )
+            )
     if not model.is_moe and (t.moe_aux_loss_coef or t.moe_z_loss_coef):
-        w.append(Issue(
-            ("train", "moe_aux_loss_coef" if t.moe_aux_loss_coef else "moe_z_loss_coef"),
-            f"router losses are ignored: the model has no MoE layers (mlp_class_name {model.mlp_class_name})",
-        ))
+        w.append(
+            Issue(
+                ("train", "moe_aux_loss_coef" if t.moe_aux_loss_coef else "moe_z_loss_coef"),
+                f"router losses are ignored: the model has no MoE layers (mlp_class_name {model.mlp_class_name})",
+            )
+        )
     if model.n_expert > 0 and not model.is_moe:
-        w.append(Issue(
-            (MODEL_LOC, "n_expert"),
-            f"n_expert ({model.n_expert}) is ignored: mlp_class_name is {model.mlp_class_name}, not LLaMAMoE",
-        ))
+        w.append(
+            Issue(
+                (MODEL_LOC, "n_expert"),
+                f"n_expert ({model.n_expert}) is ignored: mlp_class_name is {model.mlp_class_name}, not LLaMAMoE",
+            )
+        )
     if cfg.eval.max_new_tokens is not None:
-        w.append(Issue(
-            ("eval", "max_new_tokens"),
-            f"max_new_tokens ({cfg.eval.max_new_tokens}) is ignored by pretraining (LitGPT's pretrain refuses it)",
-        ))
+        w.append(
+            Issue(
+                ("eval", "max_new_tokens"),
+                f"max_new_tokens ({cfg.eval.max_new_tokens}) is ignored by pretraining (LitGPT's pretrain refuses it)",
+            )
+        )
     return w
 
 

@@ -21,6 +21,7 @@ error, never echoes the input values (the token among them). Commands build sett
 :func:`load_settings`, which turns both into :class:`InvalidSettingsError`: one line per problem,
 naming the setting as the user wrote it (``MOEJOBS_PORT: expected an integer, got 'abc'``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,9 +60,14 @@ _SECRET_FIELDS = frozenset({"api_token", "database_url", "broker_url"})
 
 #: pydantic error types -> what was expected, for values that do not parse.
 _EXPECTED = {
-    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
-    "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
-    "bool_parsing": "true or false", "bool_type": "true or false",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
 }
 
 
@@ -121,10 +127,13 @@ def _problem(error: Mapping) -> tuple[str | None, str]:
         text = f"expected {_EXPECTED[kind]}"
     else:
         text = message[:1].lower() + message[1:]
-        for prefix, replacement in (("input should be", "must be"), ("string should", "must"),
-                                    ("input should", "must")):
+        for prefix, replacement in (
+            ("input should be", "must be"),
+            ("string should", "must"),
+            ("input should", "must"),
+        ):
             if text.startswith(prefix):
-                text = replacement + text[len(prefix):]
+                text = replacement + text[len(prefix) :]
                 break
     if field not in _SECRET_FIELDS and isinstance(value, (str, int, float)):
         text += f", got {value!r}"
@@ -150,16 +159,18 @@ def normalize_database_url(url: str) -> str:
     ``postgresql+psycopg://`` (psycopg 3); other URLs are returned unchanged."""
     for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
 #: Database URL schemes moejobs can use, after :func:`normalize_database_url`.
 DATABASE_SCHEMES = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
 
-DATABASE_URL_FORMS = ("sqlite:///PATH (the embedded default) or "
-                      "postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME "
-                      "(postgres://, postgresql:// and postgresql+psycopg2:// mean the same)")
+DATABASE_URL_FORMS = (
+    "sqlite:///PATH (the embedded default) or "
+    "postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME "
+    "(postgres://, postgresql:// and postgresql+psycopg2:// mean the same)"
+)
 
 
 def check_database_url(url: str) -> str:
@@ -187,8 +198,10 @@ def check_broker_url(url: str) -> str:
     transport = scheme.split("+", 1)[0].lower()
     if not sep or transport not in {alias.lower() for alias in TRANSPORT_ALIASES}:
         shown = f"unsupported scheme {scheme + '://'!r}" if sep else "not a broker URL"
-        raise ValueError(f"{shown}; use redis://HOST:6379/0 (production) or "
-                         f"sqla+sqlite:///PATH (embedded), or another kombu transport")
+        raise ValueError(
+            f"{shown}; use redis://HOST:6379/0 (production) or "
+            f"sqla+sqlite:///PATH (embedded), or another kombu transport"
+        )
     return url
 
 
@@ -419,7 +432,9 @@ class Settings(BaseSettings):
             try:
                 indices = [int(v) for v in value]
             except (TypeError, ValueError):
-                raise ValueError(f'GPU list must be "all" or integers like "0,1", got {value!r}') from None
+                raise ValueError(
+                    f'GPU list must be "all" or integers like "0,1", got {value!r}'
+                ) from None
             if any(i < 0 for i in indices):
                 raise ValueError(f"GPU indices must be >= 0, got {indices}")
             if len(set(indices)) != len(indices):
@@ -462,8 +477,11 @@ class Settings(BaseSettings):
                 f"MOEJOBS_HOST={self.host} listens beyond this machine but no API token is set: "
                 f"set MOEJOBS_API_TOKEN (a long random string: {MAKE_TOKEN}) or listen on 127.0.0.1"
             )
-        if (not is_loopback_host(self.host) and self.api_token is not None
-                and len(self.api_token.get_secret_value()) < MIN_REMOTE_TOKEN_LENGTH):
+        if (
+            not is_loopback_host(self.host)
+            and self.api_token is not None
+            and len(self.api_token.get_secret_value()) < MIN_REMOTE_TOKEN_LENGTH
+        ):
             raise UnsafeSettingsError(
                 f"MOEJOBS_HOST={self.host} listens beyond this machine but MOEJOBS_API_TOKEN has "
                 f"{len(self.api_token.get_secret_value())} characters: it needs at least "
@@ -514,8 +532,12 @@ class Settings(BaseSettings):
         before the lease can expire (``worker.fence``)."""
         assert self.trainer_deadline_seconds is not None
         assert self.checkpoint_write_seconds is not None
-        return (self.lease_seconds - self.trainer_deadline_seconds
-                - self.checkpoint_write_seconds - self.heartbeat_seconds)
+        return (
+            self.lease_seconds
+            - self.trainer_deadline_seconds
+            - self.checkpoint_write_seconds
+            - self.heartbeat_seconds
+        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -536,8 +558,11 @@ class Settings(BaseSettings):
                 it comes from and the operating system's reason.
         """
         assert self.data_root is not None and self.runs_dir is not None
-        folders: list[tuple[str, Path]] = [("home", self.home), ("data_root", self.data_root),
-                                           ("runs_dir", self.runs_dir)]
+        folders: list[tuple[str, Path]] = [
+            ("home", self.home),
+            ("data_root", self.data_root),
+            ("runs_dir", self.runs_dir),
+        ]
         for field in ("database_url", "broker_url"):
             path = sqlite_path(getattr(self, field) or "")
             if path is not None:
@@ -547,7 +572,8 @@ class Settings(BaseSettings):
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise InvalidSettingsError(
-                    [(field, f"cannot create the folder {folder}: {error.strerror or error}")]) from None
+                    [(field, f"cannot create the folder {folder}: {error.strerror or error}")]
+                ) from None
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``MOEJOBS_*`` environment variables, for child processes (a
@@ -572,7 +598,7 @@ def sqlite_path(url: str) -> Path | None:
     for in-memory SQLite."""
     for prefix in ("sqlite:///", "sqla+sqlite:///", "sqlite+pysqlite:///"):
         if url.startswith(prefix):
-            rest = url[len(prefix):].split("?", 1)[0]
+            rest = url[len(prefix) :].split("?", 1)[0]
             if not rest or rest == ":memory:":
                 return None
             return Path(rest)

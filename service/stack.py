@@ -8,6 +8,7 @@ Celery signal handlers and the training subprocesses it starts need a main threa
 and each can be stopped cleanly with SIGTERM (the worker then checkpoints a running training
 and puts the run back in the queue).
 """
+
 from __future__ import annotations
 
 import os
@@ -71,13 +72,18 @@ class LocalStack:
         env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         log = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            [sys.executable, *argv],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
 
-    def start(self, ready_timeout: float = 180.0,
-              progress: Callable[[str], None] | None = None) -> None:
+    def start(
+        self, ready_timeout: float = 180.0, progress: Callable[[str], None] | None = None
+    ) -> None:
         """Migrate, start both children, and wait until ``GET /readyz`` answers 200.
 
         ``progress`` (e.g. ``print``) gets a line whenever what the stack waits for changes
@@ -100,8 +106,10 @@ class LocalStack:
             migrate(self.settings)
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             reason = " ".join((str(exc.orig or exc).strip().splitlines() or [""])[0].split())
-            raise StackError(f"cannot migrate the database of MOEJOBS_DATABASE_URL "
-                             f"({redact_url(self.settings.database_url or '')}): {reason}") from None
+            raise StackError(
+                f"cannot migrate the database of MOEJOBS_DATABASE_URL "
+                f"({redact_url(self.settings.database_url or '')}): {reason}"
+            ) from None
         self._spawn("worker", ["-m", "worker.celery_app", "--role", "train"])
         self._spawn("aux", ["-m", "worker.celery_app", "--role", "aux"])
         self._spawn("api", ["-m", "service.cli", "serve"])
@@ -113,10 +121,11 @@ class LocalStack:
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise StackError(f"the {name} exited with code {proc.returncode}:\n{self.tail(name)}")
+                    raise StackError(
+                        f"the {name} exited with code {proc.returncode}:\n{self.tail(name)}"
+                    )
             try:
-                response = httpx.get(f"{self.base_url}/readyz", timeout=2.0,
-                                     headers=self._auth())
+                response = httpx.get(f"{self.base_url}/readyz", timeout=2.0, headers=self._auth())
                 if response.status_code == 200:
                     return
                 last = response.text
@@ -128,8 +137,10 @@ class LocalStack:
                 say(f"waiting for {self._waiting_for(down, errors)}")
                 shown, shown_at = down, now
             elif now - shown_at >= PROGRESS_EVERY_S:
-                say(f"still waiting ({now - started:.0f} s of {ready_timeout:.0f} s) for "
-                    f"{self._waiting_for(down, {})}")
+                say(
+                    f"still waiting ({now - started:.0f} s of {ready_timeout:.0f} s) for "
+                    f"{self._waiting_for(down, {})}"
+                )
                 shown_at = now
             time.sleep(0.5)
         raise StackError(self._gave_up(ready_timeout, down, errors, last))
@@ -159,21 +170,28 @@ class LocalStack:
         return name
 
     def _waiting_for(self, down: list[str], errors: dict[str, str]) -> str:
-        return "; ".join(self._what(name) + (f" ({_brief(errors[name])})" if errors.get(name) else "")
-                         for name in down)
+        return "; ".join(
+            self._what(name) + (f" ({_brief(errors[name])})" if errors.get(name) else "")
+            for name in down
+        )
 
     def _gave_up(self, timeout: float, down: list[str], errors: dict[str, str], last: str) -> str:
         if "broker" in down:
-            return (f"gave up after {timeout:.0f} s: {self._what('broker')} did not answer"
-                    + (f" ({errors['broker']})" if errors.get("broker") else "")
-                    + "; start that broker, or set MOEJOBS_BROKER_URL to one that runs (unset, it "
-                    "is the embedded SQLite broker under MOEJOBS_HOME)")
+            return (
+                f"gave up after {timeout:.0f} s: {self._what('broker')} did not answer"
+                + (f" ({errors['broker']})" if errors.get("broker") else "")
+                + "; start that broker, or set MOEJOBS_BROKER_URL to one that runs (unset, it "
+                "is the embedded SQLite broker under MOEJOBS_HOME)"
+            )
         if "database" in down:
-            return (f"gave up after {timeout:.0f} s: {self._what('database')} is not ready"
-                    + (f" ({errors['database']})" if errors.get("database") else ""))
+            return f"gave up after {timeout:.0f} s: {self._what('database')} is not ready" + (
+                f" ({errors['database']})" if errors.get("database") else ""
+            )
         if "workers" in down:
-            return (f"gave up after {timeout:.0f} s: the worker did not register; its log ends:\n"
-                    f"{self.tail('worker')}")
+            return (
+                f"gave up after {timeout:.0f} s: the worker did not register; its log ends:\n"
+                f"{self.tail('worker')}"
+            )
         return f"the API at {self.base_url} was not ready after {timeout:.0f} s: {last}\n{self.tail('api')}"
 
     def _auth(self) -> dict[str, str]:

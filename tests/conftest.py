@@ -4,6 +4,7 @@ it, and tiny MoE model / training config documents that train on a CPU in second
 Every test gets its own token cache (``MOEJOBS_TOKEN_CACHE``) so nothing is written under the
 user's home folder.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,8 +56,22 @@ def stdlib_text_files(dest: Path, names: list[str]) -> Path:
     return dest
 
 
-TRAIN_MODULES = ["argparse", "ast", "calendar", "csv", "dataclasses", "difflib", "functools", "inspect",
-                 "ipaddress", "pathlib", "shutil", "string", "textwrap", "typing"]
+TRAIN_MODULES = [
+    "argparse",
+    "ast",
+    "calendar",
+    "csv",
+    "dataclasses",
+    "difflib",
+    "functools",
+    "inspect",
+    "ipaddress",
+    "pathlib",
+    "shutil",
+    "string",
+    "textwrap",
+    "typing",
+]
 VAL_MODULES = ["fractions", "heapq"]
 
 
@@ -79,7 +94,9 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
     """A 1024-id byte-level BPE trained on the corpus with ``worker.tokenizer.train_tokenizer``."""
     from worker.tokenizer import train_tokenizer
 
-    return train_tokenizer([corpus / "train"], tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=1024)
+    return train_tokenizer(
+        [corpus / "train"], tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=1024
+    )
 
 
 def tiny_train_config(out_dir: Path, corpus: Path, tokenizer_dir: Path, **train_overrides) -> dict:
@@ -95,8 +112,11 @@ def tiny_train_config(out_dir: Path, corpus: Path, tokenizer_dir: Path, **train_
         "resume": "auto",
         "data": {
             "class_path": "litgpt.data.TextFiles",
-            "init_args": {"train_data_path": str(corpus / "train"), "val_data_path": str(corpus / "val"),
-                          "num_workers": 0},
+            "init_args": {
+                "train_data_path": str(corpus / "train"),
+                "val_data_path": str(corpus / "val"),
+                "num_workers": 0,
+            },
         },
         "train": {
             "global_batch_size": 4,
@@ -110,7 +130,10 @@ def tiny_train_config(out_dir: Path, corpus: Path, tokenizer_dir: Path, **train_
             "min_lr": 3e-4,
         },
         "eval": {"interval": 0, "final_validation": False, "max_iters": 4},
-        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.01}},
+        "optimizer": {
+            "class_path": "torch.optim.AdamW",
+            "init_args": {"lr": 3e-3, "weight_decay": 0.01},
+        },
         "optimization": {"compile": False, "flash_attention": True, "moe_implementation": "loop"},
         "logger_name": "csv",
     }

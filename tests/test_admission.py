@@ -2,6 +2,7 @@
 PostgreSQL): workers of different memory, a CPU host's shared memory, workers that reported no
 memory, storage and time warnings, plans no machine could run, and the calibration of the
 expected time per worker kind from finished runs."""
+
 from __future__ import annotations
 
 import copy
@@ -32,9 +33,16 @@ from service.models import RunStatus, Throughput
 #: A pair whose activations dominate what the run adds to the process's fixed runtime
 #: (micro-batch 1024 x 64 tokens), so that a smaller micro-batch, or gradient checkpointing, can
 #: fit where it does not: 10 optimizer steps (nothing trains in these tests).
-BIG_BATCH_TRAIN: dict = {**TRAIN, "train": {**TRAIN["train"], "micro_batch_size": 1024,
-                                            "global_batch_size": 2048, "max_seq_length": 64,
-                                            "max_tokens": 2048 * 64 * 10}}
+BIG_BATCH_TRAIN: dict = {
+    **TRAIN,
+    "train": {
+        **TRAIN["train"],
+        "micro_batch_size": 1024,
+        "global_batch_size": 2048,
+        "max_seq_length": 64,
+        "max_tokens": 2048 * 64 * 10,
+    },
+}
 
 
 def _with(doc: dict, **section: Any) -> dict:
@@ -47,15 +55,31 @@ def _with(doc: dict, **section: Any) -> dict:
     return out
 
 
-def register(env: ApiEnv, worker_id: str, *, gpus: int = 0, gpu_memory: int | None = None,
-             kind: str | None = None, host: str = "testhost", host_memory: int | None = None,
-             free: int | None = None) -> None:
+def register(
+    env: ApiEnv,
+    worker_id: str,
+    *,
+    gpus: int = 0,
+    gpu_memory: int | None = None,
+    kind: str | None = None,
+    host: str = "testhost",
+    host_memory: int | None = None,
+    free: int | None = None,
+) -> None:
     """A live worker row as ``WorkerRuntime.register`` writes it."""
     with env.session() as s:
         runs.register_worker(
-            s, worker_id, host, pid=1, kind=kind, host_memory_bytes=host_memory, free_bytes=free,
-            gpus=[{"index": i, "name": kind or "GPU", "memory_bytes": gpu_memory}
-                  for i in range(gpus)])
+            s,
+            worker_id,
+            host,
+            pid=1,
+            kind=kind,
+            host_memory_bytes=host_memory,
+            free_bytes=free,
+            gpus=[
+                {"index": i, "name": kind or "GPU", "memory_bytes": gpu_memory} for i in range(gpus)
+            ],
+        )
 
 
 def validate(env: ApiEnv, doc: dict) -> dict:
@@ -98,8 +122,14 @@ def test_two_workers_of_different_memory(backend, make_api):
 
     # within 0.9x..1.25x of the larger one: accepted with a warning naming it
     with env.session() as s:
-        runs.register_worker(s, "large", "testhost", pid=1, kind="NVIDIA H100 80GB HBM3", gpus=[
-            {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": int(need / 1.1)}])
+        runs.register_worker(
+            s,
+            "large",
+            "testhost",
+            pid=1,
+            kind="NVIDIA H100 80GB HBM3",
+            gpus=[{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": int(need / 1.1)}],
+        )
     r = env.client.post("/runs", json=doc)
     assert r.status_code == 201, r.text
     (msg,) = memory_warnings(r.json())
@@ -109,8 +139,14 @@ def test_two_workers_of_different_memory(backend, make_api):
     # more than 1.25x both: refused, naming the estimate, the worker and what would fit
     cap = int(need / 1.5)
     with env.session() as s:
-        runs.register_worker(s, "large", "testhost", pid=1, kind="NVIDIA H100 80GB HBM3", gpus=[
-            {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": cap}])
+        runs.register_worker(
+            s,
+            "large",
+            "testhost",
+            pid=1,
+            kind="NVIDIA H100 80GB HBM3",
+            gpus=[{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": cap}],
+        )
     r = env.client.post("/runs", json=doc)
     assert r.status_code == 422, r.text
     err = r.json()
@@ -138,8 +174,9 @@ def test_gradient_checkpointing_is_suggested_when_it_fits(make_api):
     register(env, "probe")
     doc = body(train_config=BIG_BATCH_TRAIN)
     need = need_of(env, doc)
-    ckpt = need_of(env, body(train_config=_with(BIG_BATCH_TRAIN,
-                                                train={"gradient_checkpointing": True})))
+    ckpt = need_of(
+        env, body(train_config=_with(BIG_BATCH_TRAIN, train={"gradient_checkpointing": True}))
+    )
     assert ckpt < need / 1.25
     with env.session() as s:
         runs.deregister_worker(s, "probe")
@@ -207,8 +244,10 @@ def test_allow_unschedulable_queues_a_run_too_big_for_the_fleet(make_api):
     register(env, "gpu", gpus=1, gpu_memory=1 << 20, kind="NVIDIA L4")
     r = env.client.post("/runs", json=body())
     assert r.status_code == 201
-    assert any("queued anyway: MOEJOBS_ALLOW_UNSCHEDULABLE" in w["msg"] and "worker gpu" in w["msg"]
-               for w in r.json()["warnings"])
+    assert any(
+        "queued anyway: MOEJOBS_ALLOW_UNSCHEDULABLE" in w["msg"] and "worker gpu" in w["msg"]
+        for w in r.json()["warnings"]
+    )
 
 
 # -- storage and time --------------------------------------------------------------------------
@@ -243,17 +282,24 @@ def test_a_run_longer_than_the_bound_is_a_warning(make_api):
     assert "NVIDIA H100 80GB HBM3, datasheet" in msg
 
 
-def _finish_a_run(env: ApiEnv, doc: dict, worker_id: str, *, tokens: int, seconds: float
-                  ) -> uuid.UUID:
+def _finish_a_run(
+    env: ApiEnv, doc: dict, worker_id: str, *, tokens: int, seconds: float
+) -> uuid.UUID:
     """Submit ``doc`` and play a worker that trains it: claim, metric rows, succeeded."""
     r = env.client.post("/runs", json=doc)
     assert r.status_code == 201, r.text
     run_id = uuid.UUID(r.json()["id"])
     with env.session() as s:
         assert runs.claim_run(s, run_id, worker_id, 60) is not None
-        runs.record_metrics(s, run_id, [
-            {"step": 1, "tokens": tokens // 2, "elapsed_s": seconds / 2, "loss": 5.0},
-            {"step": 2, "tokens": tokens, "elapsed_s": seconds, "loss": 4.0}], attempt=1)
+        runs.record_metrics(
+            s,
+            run_id,
+            [
+                {"step": 1, "tokens": tokens // 2, "elapsed_s": seconds / 2, "loss": 5.0},
+                {"step": 2, "tokens": tokens, "elapsed_s": seconds, "loss": 4.0},
+            ],
+            attempt=1,
+        )
         runs.transition(s, run_id, RunStatus.succeeded, "done", attempt=1)
     return run_id
 
@@ -268,7 +314,8 @@ def test_expected_time_per_worker_kind_measured_then_datasheet(backend, make_api
     peak = contract.peak_flops_per_device("NVIDIA H100 80GB HBM3", "32-true")
     assert peak == 494.7e12  # the TF32 datasheet peak for 32-true
     assert h100["source"] == "datasheet" and h100["time_s"] == pytest.approx(
-        est["total_flops"] / (peak * est["mfu"]))
+        est["total_flops"] / (peak * est["mfu"])
+    )
     cpu = times["cpu: Test CPU"]
     assert cpu["source"] == "none" and cpu["time_s"] is None and "no figure yet" in cpu["basis"]
     assert [e["kind"] for e in est["fleet"]["time"]][-1] == "cpu: Test CPU"  # no figure: last
@@ -321,27 +368,62 @@ def test_no_calibration_without_metrics_or_worker_kind(make_api):
 
 
 ABSURD = [
-    pytest.param({"model_config": {**MODEL, "n_embd": 65536, "n_layer": 1000, "n_head": 64,
-                                   "n_query_groups": 8, "moe_intermediate_size": 262144}},
-                 ["body", "model_config"], "more than 1e+13", id="3-PiB-model"),
-    pytest.param({"model_config": {**MODEL, "n_embd": 10**12}},
-                 ["body", "model_config"], "n_embd 1e+12", id="n_embd-1e12"),
-    pytest.param({"train_config": {**TRAIN, "train": {**TRAIN["train"], "max_tokens": 10**18,
-                                                      "save_interval": 500}}},
-                 ["body", "train_config", "train", "max_tokens"], "max_tokens 1e+18 plans",
-                 id="max_tokens-1e18"),
-    pytest.param({"train_config": {**TRAIN, "train": {**TRAIN["train"], "micro_batch_size": 2**31,
-                                                      "global_batch_size": 2**31,
-                                                      "max_seq_length": 64,
-                                                      "max_tokens": 2**37}}},
-                 ["body", "train_config", "train", "micro_batch_size"], "which no machine has",
-                 id="1-PiB-of-activations"),
+    pytest.param(
+        {
+            "model_config": {
+                **MODEL,
+                "n_embd": 65536,
+                "n_layer": 1000,
+                "n_head": 64,
+                "n_query_groups": 8,
+                "moe_intermediate_size": 262144,
+            }
+        },
+        ["body", "model_config"],
+        "more than 1e+13",
+        id="3-PiB-model",
+    ),
+    pytest.param(
+        {"model_config": {**MODEL, "n_embd": 10**12}},
+        ["body", "model_config"],
+        "n_embd 1e+12",
+        id="n_embd-1e12",
+    ),
+    pytest.param(
+        {
+            "train_config": {
+                **TRAIN,
+                "train": {**TRAIN["train"], "max_tokens": 10**18, "save_interval": 500},
+            }
+        },
+        ["body", "train_config", "train", "max_tokens"],
+        "max_tokens 1e+18 plans",
+        id="max_tokens-1e18",
+    ),
+    pytest.param(
+        {
+            "train_config": {
+                **TRAIN,
+                "train": {
+                    **TRAIN["train"],
+                    "micro_batch_size": 2**31,
+                    "global_batch_size": 2**31,
+                    "max_seq_length": 64,
+                    "max_tokens": 2**37,
+                },
+            }
+        },
+        ["body", "train_config", "train", "micro_batch_size"],
+        "which no machine has",
+        id="1-PiB-of-activations",
+    ),
 ]
 
 
 @pytest.mark.parametrize("change, loc, text", ABSURD)
 def test_plans_no_machine_could_run_are_refused_even_with_allow_unschedulable(
-        make_api, change, loc, text):
+    make_api, change, loc, text
+):
     env = make_api("sqlite", worker=False, allow_unschedulable=True)  # and no worker live
     r = env.client.post("/runs", json=body(**change))
     assert r.status_code == 422, r.text
@@ -355,8 +437,12 @@ def test_plans_no_machine_could_run_are_refused_even_with_allow_unschedulable(
 
 def test_max_tokens_1e18_names_steps_and_checkpoints(make_api):
     env = make_api("sqlite", worker=False)
-    doc = body(train_config={**TRAIN, "train": {**TRAIN["train"], "max_tokens": 10**18,
-                                                 "save_interval": 500}})
+    doc = body(
+        train_config={
+            **TRAIN,
+            "train": {**TRAIN["train"], "max_tokens": 10**18, "save_interval": 500},
+        }
+    )
     errors = env.client.post("/runs", json=doc).json()["errors"]
     assert [e["loc"][-1] for e in errors] == ["max_tokens", "save_interval"]
     assert "7.81e+15 optimizer steps" in errors[0]["msg"]
@@ -373,8 +459,9 @@ def test_absurd_bounds_leave_real_configs_alone():
     layers = [(None, None)] + [(None, name) for name in list_presets()]
     seen = 0
     for _, preset in layers:
-        train, model = resolve_documents(configs / "train_config.yaml",
-                                         configs / "model_config.yaml", preset)
+        train, model = resolve_documents(
+            configs / "train_config.yaml", configs / "model_config.yaml", preset
+        )
         v = validate_configs(train, model)
         est = estimate(v.train, v.model)
         assert admission.absurd_errors(v, est) == [], preset
@@ -390,12 +477,33 @@ def test_int64_sizes_in_any_field_are_answered_not_crashed_on(make_api, value):
     env = make_api("sqlite", worker=False)
     register(env, "gpu", gpus=1, gpu_memory=80 << 30, kind="NVIDIA H100", free=1 << 40)
     register(env, "cpu", kind="cpu: Test CPU", host_memory=64 << 30, free=1 << 40)
-    docs = [body(model_config={**MODEL, f: value}) for f in (
-        "n_embd", "vocab_size", "padded_vocab_size", "n_expert", "n_expert_per_token",
-        "moe_intermediate_size", "block_size", "n_head", "n_query_groups", "head_size")]
-    docs += [body(train_config={**TRAIN, "train": {**TRAIN["train"], f: value}}) for f in (
-        "micro_batch_size", "global_batch_size", "max_tokens", "max_seq_length",
-        "save_interval", "max_steps", "lr_warmup_steps")]
+    docs = [
+        body(model_config={**MODEL, f: value})
+        for f in (
+            "n_embd",
+            "vocab_size",
+            "padded_vocab_size",
+            "n_expert",
+            "n_expert_per_token",
+            "moe_intermediate_size",
+            "block_size",
+            "n_head",
+            "n_query_groups",
+            "head_size",
+        )
+    ]
+    docs += [
+        body(train_config={**TRAIN, "train": {**TRAIN["train"], f: value}})
+        for f in (
+            "micro_batch_size",
+            "global_batch_size",
+            "max_tokens",
+            "max_seq_length",
+            "save_interval",
+            "max_steps",
+            "lr_warmup_steps",
+        )
+    ]
     for doc in docs:
         r = env.client.post("/runs/validate", json=doc)
         assert r.status_code == 200, r.text
@@ -446,8 +554,9 @@ def test_a_failure_to_record_the_speed_never_undoes_a_success(backend, make_api,
     try:
         with env.session() as s:
             assert runs.claim_run(s, run_id, "cpu", 60) is not None
-            runs.record_metrics(s, run_id, [{"step": 1, "tokens": 1000, "elapsed_s": 2.0,
-                                             "loss": 5.0}], attempt=1)
+            runs.record_metrics(
+                s, run_id, [{"step": 1, "tokens": 1000, "elapsed_s": 2.0, "loss": 5.0}], attempt=1
+            )
             moved = runs.transition(s, run_id, RunStatus.succeeded, "done", attempt=1)
             assert moved.status == RunStatus.succeeded
     finally:

@@ -2,6 +2,7 @@
 embedded SQLite broker: submission in JSON/YAML/multipart, every invalid config shape of
 tests/test_schemas.py as a 422 with its path, idempotency, limits, auth, paths, listing,
 metrics, checkpoints as streamed tars, logs, cancel and delete."""
+
 from __future__ import annotations
 
 import io
@@ -86,13 +87,20 @@ def test_json_submission_is_stored_resolved_and_enqueued(api: ApiEnv):
 
 def test_yaml_and_multipart_bodies_give_the_same_run(sqlite_api: ApiEnv):
     c = sqlite_api.client
-    r = c.post("/runs", content=yaml.safe_dump(body("as-yaml")),
-               headers={"Content-Type": "application/yaml"})
+    r = c.post(
+        "/runs",
+        content=yaml.safe_dump(body("as-yaml")),
+        headers={"Content-Type": "application/yaml"},
+    )
     assert r.status_code == 201, r.text
-    r2 = c.post("/runs", data={"name": "as-multipart"}, files={
-        "train_config": ("train.yaml", yaml.safe_dump(TRAIN), "application/yaml"),
-        "model_config": ("model.json", json.dumps(MODEL), "application/json"),
-    })
+    r2 = c.post(
+        "/runs",
+        data={"name": "as-multipart"},
+        files={
+            "train_config": ("train.yaml", yaml.safe_dump(TRAIN), "application/yaml"),
+            "model_config": ("model.json", json.dumps(MODEL), "application/json"),
+        },
+    )
     assert r2.status_code == 201, r2.text
     with sqlite_api.session() as s:
         a = runs.get_run(s, uuid.UUID(r.json()["id"]))
@@ -106,8 +114,10 @@ def test_yaml_and_multipart_bodies_give_the_same_run(sqlite_api: ApiEnv):
 def test_preset_is_merged_over_the_documents(sqlite_api: ApiEnv):
     train = yaml.safe_load(Path("configs/train_config.yaml").read_text())
     model = yaml.safe_load(Path("configs/model_config.yaml").read_text())
-    r = sqlite_api.client.post("/runs", json={"name": "tiny", "preset": "cpu-tiny",
-                                              "train_config": train, "model_config": model})
+    r = sqlite_api.client.post(
+        "/runs",
+        json={"name": "tiny", "preset": "cpu-tiny", "train_config": train, "model_config": model},
+    )
     assert r.status_code == 201, r.text
     assert r.json()["estimate"]["plan"]["optimizer_steps"] == 300
     with sqlite_api.session() as s:
@@ -122,43 +132,88 @@ T, M = "train_config", "model_config"
 INVALID: list[tuple[str, dict, dict, list[tuple]]] = [
     ("unknown-key", {"train": {"micro_batch_szie": 4}}, {}, [(T, "train", "micro_batch_szie")]),
     ("unknown-model-key", {}, {"n_embed": 64}, [(M, "n_embed")]),
-    ("unknown-optimizer-key", {"optimizer": {"init_args": {"lrr": 0.1}}}, {},
-     [(T, "optimizer", "init_args", "lrr")]),
+    (
+        "unknown-optimizer-key",
+        {"optimizer": {"init_args": {"lrr": 0.1}}},
+        {},
+        [(T, "optimizer", "init_args", "lrr")],
+    ),
     ("key-in-wrong-section", {"max_seq_length": 32}, {}, [(T, "max_seq_length")]),
     ("model-key-in-train", {"n_layer": 2}, {}, [(T, "n_layer")]),
     ("train-key-in-model", {}, {"micro_batch_size": 2}, [(M, "micro_batch_size")]),
     ("unknown-eval-key", {"eval": {"zzz": 1}}, {}, [(T, "eval", "zzz")]),
     ("train-key-named-model", {"model": {"n_layer": 2}}, {}, [(T, "model")]),
-    ("micro-batch-bound", {"train": {"micro_batch_size": 0}}, {}, [(T, "train", "micro_batch_size")]),
+    (
+        "micro-batch-bound",
+        {"train": {"micro_batch_size": 0}},
+        {},
+        [(T, "train", "micro_batch_size")],
+    ),
     ("type-error", {"train": {"micro_batch_size": "four"}}, {}, [(T, "train", "micro_batch_size")]),
     ("precision", {"precision": "bf16"}, {}, [(T, "precision")]),
     ("logger", {"logger_name": "tensorboard"}, {}, [(T, "logger_name")]),
     ("missing-data", {"data": DELETE}, {}, [(T, "data")]),
-    ("null-train-path", {"data": {"init_args": {"train_data_path": None}}}, {},
-     [(T, "data", "init_args", "train_data_path")]),
+    (
+        "null-train-path",
+        {"data": {"init_args": {"train_data_path": None}}},
+        {},
+        [(T, "data", "init_args", "train_data_path")],
+    ),
     ("data-class", {"data": {"class_path": "os.system"}}, {}, [(T, "data", "class_path")]),
-    ("optimizer-class", {"optimizer": {"class_path": "bitsandbytes.optim.AdamW8bit"}}, {},
-     [(T, "optimizer", "class_path")]),
-    ("optimizer-short-form", {"optimizer": DELETE, "__optimizer": "RMSprop"}, {},
-     [(T, "optimizer", "class_path")]),
-    ("optimizer-foreign-arg", {"optimizer": {"class_path": "SGD", "init_args": {"betas": [0.9, 0.95]}}},
-     {}, [(T, "optimizer", "init_args", "betas")]),
-    ("nesterov", {"optimizer": {"class_path": "SGD", "init_args": {"nesterov": True}}}, {},
-     [(T, "optimizer", "init_args", "nesterov")]),
-    ("betas", {"optimizer": {"init_args": {"betas": [0.9, 1.0]}}}, {},
-     [(T, "optimizer", "init_args", "betas")]),
+    (
+        "optimizer-class",
+        {"optimizer": {"class_path": "bitsandbytes.optim.AdamW8bit"}},
+        {},
+        [(T, "optimizer", "class_path")],
+    ),
+    (
+        "optimizer-short-form",
+        {"optimizer": DELETE, "__optimizer": "RMSprop"},
+        {},
+        [(T, "optimizer", "class_path")],
+    ),
+    (
+        "optimizer-foreign-arg",
+        {"optimizer": {"class_path": "SGD", "init_args": {"betas": [0.9, 0.95]}}},
+        {},
+        [(T, "optimizer", "init_args", "betas")],
+    ),
+    (
+        "nesterov",
+        {"optimizer": {"class_path": "SGD", "init_args": {"nesterov": True}}},
+        {},
+        [(T, "optimizer", "init_args", "nesterov")],
+    ),
+    (
+        "betas",
+        {"optimizer": {"init_args": {"betas": [0.9, 1.0]}}},
+        {},
+        [(T, "optimizer", "init_args", "betas")],
+    ),
     ("lr", {"optimizer": {"init_args": {"lr": 0}}}, {}, [(T, "optimizer", "init_args", "lr")]),
     ("devices-0", {"devices": 0}, {}, [(T, "devices")]),
     ("devices-all", {"devices": "all"}, {}, [(T, "devices")]),
     ("resume", {"resume": 3}, {}, [(T, "resume")]),
-    ("warmup-fraction", {"train": {"lr_warmup_fraction": 1.5}}, {},
-     [(T, "train", "lr_warmup_fraction")]),
+    (
+        "warmup-fraction",
+        {"train": {"lr_warmup_fraction": 1.5}},
+        {},
+        [(T, "train", "lr_warmup_fraction")],
+    ),
     ("mlp-class", {}, {"mlp_class_name": "SwiGLU"}, [(M, "mlp_class_name")]),
     ("norm-class", {}, {"norm_class_name": "BatchNorm"}, [(M, "norm_class_name")]),
-    ("global-batch", {"devices": 2, "train": {"global_batch_size": 6}}, {},
-     [(T, "train", "global_batch_size")]),
-    ("global-batch-nodes", {"num_nodes": 2, "devices": 2, "train": {"global_batch_size": 2}}, {},
-     [(T, "train", "global_batch_size")]),
+    (
+        "global-batch",
+        {"devices": 2, "train": {"global_batch_size": 6}},
+        {},
+        [(T, "train", "global_batch_size")],
+    ),
+    (
+        "global-batch-nodes",
+        {"num_nodes": 2, "devices": 2, "train": {"global_batch_size": 2}},
+        {},
+        [(T, "train", "global_batch_size")],
+    ),
     ("n-embd", {}, {"n_embd": 66}, [(M, "n_embd")]),
     ("query-groups", {}, {"n_query_groups": 3}, [(M, "n_query_groups")]),
     ("rope-odd", {}, {"head_size": 15, "n_embd": 64}, [(M, "rotary_percentage")]),
@@ -166,25 +221,55 @@ INVALID: list[tuple[str, dict, dict, list[tuple]]] = [
     ("experts-per-token-5", {}, {"n_expert_per_token": 5}, [(M, "n_expert_per_token")]),
     ("moe-no-experts", {}, {"n_expert": 0}, [(M, "n_expert")]),
     ("moe-width", {}, {"moe_intermediate_size": DELETE}, [(M, "moe_intermediate_size")]),
-    ("llama-mlp-width", {}, {"mlp_class_name": "LLaMAMLP", "n_expert": 0}, [(M, "intermediate_size")]),
-    ("dense-replace", {}, {"mlp_class_name": "GptNeoxMLP", "n_expert": 0, "first_k_dense_replace": 1},
-     [(M, "first_k_dense_replace")]),
+    (
+        "llama-mlp-width",
+        {},
+        {"mlp_class_name": "LLaMAMLP", "n_expert": 0},
+        [(M, "intermediate_size")],
+    ),
+    (
+        "dense-replace",
+        {},
+        {"mlp_class_name": "GptNeoxMLP", "n_expert": 0, "first_k_dense_replace": 1},
+        [(M, "first_k_dense_replace")],
+    ),
     ("shared-norm", {}, {"shared_attention_norm": True}, [(M, "shared_attention_norm")]),
     ("seq-len", {"train": {"max_seq_length": 128}}, {}, [(T, "train", "max_seq_length")]),
     ("vocab", {}, {"vocab_size": 300}, [(M, "vocab_size")]),
     ("max-tokens", {"train": {"max_tokens": 100}}, {}, [(T, "train", "max_tokens")]),
     ("min-lr", {"train": {"min_lr": 0.01}}, {}, [(T, "train", "min_lr")]),
-    ("warmup-both", {"train": {"lr_warmup_steps": 2, "lr_warmup_fraction": 0.1}}, {},
-     [(T, "train", "lr_warmup_fraction")]),
+    (
+        "warmup-both",
+        {"train": {"lr_warmup_steps": 2, "lr_warmup_fraction": 0.1}},
+        {},
+        [(T, "train", "lr_warmup_fraction")],
+    ),
     ("tokenizer-required", {"tokenizer_dir": None}, {}, [(T, "tokenizer_dir")]),
-    ("init-and-resume-path", {"initial_checkpoint_dir": "ckpt", "resume": "ckpt/step-00000005"}, {},
-     [(T, "initial_checkpoint_dir")]),
-    ("resume-allow-changes", {"resume_allow_changes": ["lr"]}, {}, [(T, "resume_allow_changes", 0)]),
-    ("sliding-window", {}, {"sliding_window_size": 16, "sliding_window_indices": [1]},
-     [(M, "sliding_window_indices")]),
+    (
+        "init-and-resume-path",
+        {"initial_checkpoint_dir": "ckpt", "resume": "ckpt/step-00000005"},
+        {},
+        [(T, "initial_checkpoint_dir")],
+    ),
+    (
+        "resume-allow-changes",
+        {"resume_allow_changes": ["lr"]},
+        {},
+        [(T, "resume_allow_changes", 0)],
+    ),
+    (
+        "sliding-window",
+        {},
+        {"sliding_window_size": 16, "sliding_window_indices": [1]},
+        [(M, "sliding_window_indices")],
+    ),
     ("expert-groups", {}, {"n_expert_groups": 3}, [(M, "n_expert_groups")]),
-    ("both-documents", {"train": {"micro_batch_size": 0}, "precision": "fp8"}, {"n_layer": "many"},
-     [(T, "precision"), (T, "train", "micro_batch_size"), (M, "n_layer")]),
+    (
+        "both-documents",
+        {"train": {"micro_batch_size": 0}, "precision": "fp8"},
+        {"n_layer": "many"},
+        [(T, "precision"), (T, "train", "micro_batch_size"), (M, "n_layer")],
+    ),
 ]
 
 
@@ -205,45 +290,78 @@ def test_every_invalid_config_is_a_422_with_the_field_path(shared_sqlite_api: Ap
     assert all(e["msg"] and "Traceback" not in e["msg"] for e in doc["errors"])
     assert doc["message"]
     # the same document through /runs/validate: 200, valid false, the same errors
-    v = shared_sqlite_api.client.post("/runs/validate",
-                                      json=body(train_config=train, model_config=model))
+    v = shared_sqlite_api.client.post(
+        "/runs/validate", json=body(train_config=train, model_config=model)
+    )
     assert v.status_code == 200 and v.json()["valid"] is False
     assert [tuple(e["loc"]) for e in v.json()["errors"]] == locs
 
 
-@pytest.mark.parametrize("doc, loc", [
-    ({"name": "x", "train_config": ["a"], "model_config": MODEL}, ("body", "train_config")),
-    ({"name": "x", "train_config": TRAIN, "model_config": "b"}, ("body", "model_config")),
-    ({"name": "x", "train_config": TRAIN}, ("body", "model_config")),
-    ({"train_config": TRAIN, "model_config": MODEL}, ("body", "name")),
-    ({"name": "", "train_config": TRAIN, "model_config": MODEL}, ("body", "name")),
-    ({"name": "x", "train_config": TRAIN, "model_config": MODEL, "extra": 1}, ("body", "extra")),
-    ({"name": "x", "preset": "nope", "train_config": TRAIN, "model_config": MODEL}, ("body", "preset")),
-    ({"name": "x", "preset": "smoke-test", "train_config": TRAIN, "model_config": MODEL},
-     ("body", "preset")),
-    (["not", "a", "mapping"], ("body",)),
-], ids=["train-list", "model-str", "model-missing", "name-missing", "name-empty", "extra-key",
-        "unknown-preset", "reserved-preset", "body-list"])
+@pytest.mark.parametrize(
+    "doc, loc",
+    [
+        ({"name": "x", "train_config": ["a"], "model_config": MODEL}, ("body", "train_config")),
+        ({"name": "x", "train_config": TRAIN, "model_config": "b"}, ("body", "model_config")),
+        ({"name": "x", "train_config": TRAIN}, ("body", "model_config")),
+        ({"train_config": TRAIN, "model_config": MODEL}, ("body", "name")),
+        ({"name": "", "train_config": TRAIN, "model_config": MODEL}, ("body", "name")),
+        (
+            {"name": "x", "train_config": TRAIN, "model_config": MODEL, "extra": 1},
+            ("body", "extra"),
+        ),
+        (
+            {"name": "x", "preset": "nope", "train_config": TRAIN, "model_config": MODEL},
+            ("body", "preset"),
+        ),
+        (
+            {"name": "x", "preset": "smoke-test", "train_config": TRAIN, "model_config": MODEL},
+            ("body", "preset"),
+        ),
+        (["not", "a", "mapping"], ("body",)),
+    ],
+    ids=[
+        "train-list",
+        "model-str",
+        "model-missing",
+        "name-missing",
+        "name-empty",
+        "extra-key",
+        "unknown-preset",
+        "reserved-preset",
+        "body-list",
+    ],
+)
 def test_bad_envelopes_are_422s_naming_the_key(shared_sqlite_api: ApiEnv, doc: Any, loc: tuple):
     r = shared_sqlite_api.client.post("/runs", json=doc)
     assert r.status_code == 422, r.text
     assert loc in [tuple(e["loc"]) for e in r.json()["errors"]]
 
 
-@pytest.mark.parametrize("content, content_type, needle", [
-    (b'{"name": "x", ', "application/json", "invalid JSON at line 1"),
-    (b"name: x\ntrain_config: [\n", "application/yaml", "invalid YAML at line"),
-    (b"a: &x [1, 2]\nb: *x\n", "application/yaml", "aliases"),
-    (b"[" * 100_000, "application/json", "invalid JSON"),
-    (b"name: x\nname: y\n", "application/yaml",
-     "invalid YAML at line 2, column 1: duplicate key 'name' (first given on line 1)"),
-    (b'{"name": "x", "train_config": {"seed": 1, "seed": 2}}', "application/json",
-     "invalid JSON: duplicate key 'seed'"),
-])
-def test_unreadable_documents_are_422s(shared_sqlite_api: ApiEnv, content: bytes,
-                                       content_type: str, needle: str):
-    r = shared_sqlite_api.client.post("/runs", content=content,
-                                      headers={"Content-Type": content_type})
+@pytest.mark.parametrize(
+    "content, content_type, needle",
+    [
+        (b'{"name": "x", ', "application/json", "invalid JSON at line 1"),
+        (b"name: x\ntrain_config: [\n", "application/yaml", "invalid YAML at line"),
+        (b"a: &x [1, 2]\nb: *x\n", "application/yaml", "aliases"),
+        (b"[" * 100_000, "application/json", "invalid JSON"),
+        (
+            b"name: x\nname: y\n",
+            "application/yaml",
+            "invalid YAML at line 2, column 1: duplicate key 'name' (first given on line 1)",
+        ),
+        (
+            b'{"name": "x", "train_config": {"seed": 1, "seed": 2}}',
+            "application/json",
+            "invalid JSON: duplicate key 'seed'",
+        ),
+    ],
+)
+def test_unreadable_documents_are_422s(
+    shared_sqlite_api: ApiEnv, content: bytes, content_type: str, needle: str
+):
+    r = shared_sqlite_api.client.post(
+        "/runs", content=content, headers={"Content-Type": content_type}
+    )
     assert r.status_code == 422, r.text
     assert needle in r.json()["message"] and r.json()["errors"][0]["loc"] == ["body"]
 
@@ -254,9 +372,14 @@ def test_unsupported_media_type_is_415(shared_sqlite_api: ApiEnv):
 
 
 def test_multipart_with_a_broken_file_names_the_part(shared_sqlite_api: ApiEnv):
-    r = shared_sqlite_api.client.post("/runs", data={"name": "x"}, files={
-        "train_config": ("t.yaml", "a: [", "application/yaml"),
-        "model_config": ("m.yaml", yaml.safe_dump(MODEL), "application/yaml")})
+    r = shared_sqlite_api.client.post(
+        "/runs",
+        data={"name": "x"},
+        files={
+            "train_config": ("t.yaml", "a: [", "application/yaml"),
+            "model_config": ("m.yaml", yaml.safe_dump(MODEL), "application/yaml"),
+        },
+    )
     assert r.status_code == 422
     assert r.json()["errors"][0]["loc"] == ["body", "train_config"]
 
@@ -294,7 +417,7 @@ def test_oversized_bodies_are_413(make_api):
     def chunks():  # no Content-Length: counted while streaming
         payload = json.dumps(big).encode()
         for i in range(0, len(payload), 1000):
-            yield payload[i:i + 1000]
+            yield payload[i : i + 1000]
 
     r = env.client.post("/runs", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413
@@ -310,8 +433,16 @@ def test_bearer_token_is_required_when_set(make_api):
     assert c.get("/runs", headers={"Authorization": "Bearer nope"}).status_code == 403
     assert c.get("/runs", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
     assert c.post("/runs", json=body()).status_code == 401
-    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
-                 "/docs/assets/swagger-ui.css", "/", "/static/app.js"):
+    for path in (
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/openapi.json",
+        "/docs/assets/swagger-ui.css",
+        "/",
+        "/static/app.js",
+    ):
         assert c.get(path).status_code not in (401, 403), path
     schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
     assert any(s.get("scheme") == "bearer" for s in schemes.values())
@@ -341,18 +472,26 @@ def test_unknown_and_malformed_run_ids(sqlite_api: ApiEnv):
 # -- paths --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("over, loc", [
-    ({"tokenizer_dir": "../../etc"}, ("tokenizer_dir",)),
-    ({"tokenizer_dir": "/etc"}, ("tokenizer_dir",)),
-    ({"tokenizer_dir": "~/tok"}, ("tokenizer_dir",)),
-    ({"data": {"init_args": {"train_data_path": "ds/../../../x"}}},
-     ("data", "init_args", "train_data_path")),
-    ({"data": {"init_args": {"val_data_path": "/var/lib"}}}, ("data", "init_args", "val_data_path")),
-    ({"out_dir": "/tmp/elsewhere"}, ("out_dir",)),
-    ({"out_dir": "../../x"}, ("out_dir",)),
-    ({"resume": "/etc/ckpt"}, ("resume",)),
-    ({"resume": False, "initial_checkpoint_dir": "../outside"}, ("initial_checkpoint_dir",)),
-])
+@pytest.mark.parametrize(
+    "over, loc",
+    [
+        ({"tokenizer_dir": "../../etc"}, ("tokenizer_dir",)),
+        ({"tokenizer_dir": "/etc"}, ("tokenizer_dir",)),
+        ({"tokenizer_dir": "~/tok"}, ("tokenizer_dir",)),
+        (
+            {"data": {"init_args": {"train_data_path": "ds/../../../x"}}},
+            ("data", "init_args", "train_data_path"),
+        ),
+        (
+            {"data": {"init_args": {"val_data_path": "/var/lib"}}},
+            ("data", "init_args", "val_data_path"),
+        ),
+        ({"out_dir": "/tmp/elsewhere"}, ("out_dir",)),
+        ({"out_dir": "../../x"}, ("out_dir",)),
+        ({"resume": "/etc/ckpt"}, ("resume",)),
+        ({"resume": False, "initial_checkpoint_dir": "../outside"}, ("initial_checkpoint_dir",)),
+    ],
+)
 def test_paths_escaping_their_roots_are_422s(shared_sqlite_api: ApiEnv, over: dict, loc: tuple):
     r = shared_sqlite_api.client.post("/runs", json=body(train_config=deep_merge(TRAIN, over)))
     assert r.status_code == 422, r.text
@@ -361,9 +500,17 @@ def test_paths_escaping_their_roots_are_422s(shared_sqlite_api: ApiEnv, over: di
 
 def test_checkpoint_inputs_may_name_an_earlier_runs_folder(sqlite_api: ApiEnv):
     earlier = sqlite_api.settings.runs_dir / "0000" / "out" / "final"
-    r = sqlite_api.client.post("/runs", json=body(
-        train_config={**TRAIN, "resume": False, "initial_checkpoint_dir": str(earlier),
-                      "out_dir": "./checkpoints"}))
+    r = sqlite_api.client.post(
+        "/runs",
+        json=body(
+            train_config={
+                **TRAIN,
+                "resume": False,
+                "initial_checkpoint_dir": str(earlier),
+                "out_dir": "./checkpoints",
+            }
+        ),
+    )
     assert r.status_code == 201, r.text
     with sqlite_api.session() as s:
         row = runs.get_run(s, uuid.UUID(r.json()["id"]))
@@ -376,8 +523,11 @@ def test_checkpoint_inputs_may_name_an_earlier_runs_folder(sqlite_api: ApiEnv):
 
 def test_runs_no_live_worker_can_serve_are_refused(make_api):
     env = make_api("sqlite", worker=False)
-    two = body(train_config=deep_merge(TRAIN, {"devices": 2, "train": {"global_batch_size": 4,
-                                                                        "micro_batch_size": 2}}))
+    two = body(
+        train_config=deep_merge(
+            TRAIN, {"devices": 2, "train": {"global_batch_size": 4, "micro_batch_size": 2}}
+        )
+    )
     r = env.client.post("/runs", json=body())
     assert r.status_code == 422 and r.json()["code"] == "unschedulable"
     assert "no live worker" in r.json()["message"]
@@ -388,8 +538,16 @@ def test_runs_no_live_worker_can_serve_are_refused(make_api):
     assert r.json()["errors"][0]["loc"] == ["body", "train_config", "devices"]
     env.register_worker("two-gpus", gpus=2)
     assert env.client.post("/runs", json=two).status_code == 201
-    r = env.client.post("/runs", json=body(train_config={**TRAIN, "num_nodes": 2, "train": {
-        **TRAIN["train"], "global_batch_size": 4}}))
+    r = env.client.post(
+        "/runs",
+        json=body(
+            train_config={
+                **TRAIN,
+                "num_nodes": 2,
+                "train": {**TRAIN["train"], "global_batch_size": 4},
+            }
+        ),
+    )
     assert r.status_code == 422 and r.json()["errors"][0]["loc"][-1] == "num_nodes"
 
 
@@ -419,20 +577,30 @@ def test_validate_queues_nothing(sqlite_api: ApiEnv):
 
 
 def test_readme_example_with_the_cpu_tiny_preset_is_a_moe_and_names_what_the_preset_replaced(
-        sqlite_api: ApiEnv):
+    sqlite_api: ApiEnv,
+):
     """The README's POST /runs example: a partial train config, a bare model config and the
     cpu-tiny preset give the preset's MoE (not LitGPT's dense defaults); submitted values the
     preset overrides are listed in one warning."""
     data = sqlite_api.settings.data_root
     for sub in ("data/custom_text/train", "data/custom_text/val", "data/tokenizer"):
         (data / sub).mkdir(parents=True, exist_ok=True)
-    doc = {"name": "tiny", "preset": "cpu-tiny",
-           "train_config": {"tokenizer_dir": "data/tokenizer",
-                            "train": {"max_tokens": 40960},
-                            "data": {"class_path": "litgpt.data.TextFiles",
-                                     "init_args": {"train_data_path": "data/custom_text/train",
-                                                   "val_data_path": "data/custom_text/val"}}},
-           "model_config": {"name": "MoE-tiny"}}
+    doc = {
+        "name": "tiny",
+        "preset": "cpu-tiny",
+        "train_config": {
+            "tokenizer_dir": "data/tokenizer",
+            "train": {"max_tokens": 40960},
+            "data": {
+                "class_path": "litgpt.data.TextFiles",
+                "init_args": {
+                    "train_data_path": "data/custom_text/train",
+                    "val_data_path": "data/custom_text/val",
+                },
+            },
+        },
+        "model_config": {"name": "MoE-tiny"},
+    }
     sqlite_api.register_worker()
     r = sqlite_api.client.post("/runs", json=doc)
     assert r.status_code == 201, r.text
@@ -440,12 +608,16 @@ def test_readme_example_with_the_cpu_tiny_preset_is_a_moe_and_names_what_the_pre
     model = sqlite_api.client.get(f"/runs/{run['id']}/config").text
     resolved = yaml.safe_load(model)["model_config"]
     assert (resolved["mlp_class_name"], resolved["n_expert"], resolved["norm_class_name"]) == (
-        "LLaMAMoE", 4, "RMSNorm")
+        "LLaMAMoE",
+        4,
+        "RMSNorm",
+    )
     assert run["estimate"]["params"]["experts"] > 0 and run["estimate"]["params"]["moe_layers"] == 4
     preset_warnings = [w for w in run["warnings"] if w["loc"] == ["body", "preset"]]
     assert [w["msg"] for w in preset_warnings] == [
         "preset 'cpu-tiny' replaced 1 submitted value(s): train_config.train.max_tokens 40960 -> "
-        "307200 (a preset overrides the documents; leave out `preset` to keep yours)"]
+        "307200 (a preset overrides the documents; leave out `preset` to keep yours)"
+    ]
     assert not [w for w in run["warnings"] if "is ignored" in w["msg"]]
 
 
@@ -471,17 +643,23 @@ def test_extreme_values_are_answered_not_crashed_on(sqlite_api: ApiEnv):
     assert r.status_code == 200 and r.json()["valid"] is False
     assert [e["loc"][-1] for e in r.json()["errors"]] == ["max_tokens", "save_interval"]
     for train_part, model_part, loc in (
-            ({"max_tokens": 10**30}, None, ["body", "train_config", "train", "max_tokens"]),
-            ({}, {"n_layer": 10**9}, ["body", "model_config", "n_layer"])):
+        ({"max_tokens": 10**30}, None, ["body", "train_config", "train", "max_tokens"]),
+        ({}, {"n_layer": 10**9}, ["body", "model_config", "n_layer"]),
+    ):
         r = c.post("/runs", json=with_values(train_part, model_part))
         assert r.status_code == 422, r.text
         assert loc in [e["loc"] for e in r.json()["errors"]]
-    r = c.post("/runs", content=b'{"name": "x", "train_config": {"train": {"max_norm": Infinity}}, '
-               b'"model_config": {}}', headers={"Content-Type": "application/json"})
+    r = c.post(
+        "/runs",
+        content=b'{"name": "x", "train_config": {"train": {"max_norm": Infinity}}, '
+        b'"model_config": {}}',
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 422
-    assert {"loc": ["body", "train_config", "train", "max_norm"],
-            "msg": "must be a finite number, got inf"}.items() <= next(
-        e for e in r.json()["errors"] if e["loc"][-1] == "max_norm").items()
+    assert {
+        "loc": ["body", "train_config", "train", "max_norm"],
+        "msg": "must be a finite number, got inf",
+    }.items() <= next(e for e in r.json()["errors"] if e["loc"][-1] == "max_norm").items()
     assert c.get("/runs").json()["items"] == []
 
 
@@ -524,8 +702,16 @@ def test_pagination_sort_and_filters(api: ApiEnv):
 def _metric_rows(n: int, val_every: int = 25) -> list[dict]:
     rows = []
     for step in range(1, n + 1):
-        row = {"step": step, "tokens": step * 128, "loss": 10.0 / step, "learning_rate": 1e-3,
-               "grad_norm": 1.5, "tokens_per_sec": 1000.0, "mfu": "", "elapsed_s": step * 0.5}
+        row = {
+            "step": step,
+            "tokens": step * 128,
+            "loss": 10.0 / step,
+            "learning_rate": 1e-3,
+            "grad_norm": 1.5,
+            "tokens_per_sec": 1000.0,
+            "mfu": "",
+            "elapsed_s": step * 0.5,
+        }
         if step % val_every == 0:
             row.update(val_loss=5.0 / step, val_ppl=2.0)
         rows.append(row)
@@ -545,9 +731,18 @@ def test_metrics_json_csv_paging_and_downsampling(api: ApiEnv):
     c = api.client
     page = c.get(f"/runs/{run_id}/metrics").json()
     assert page["total"] == 100 and len(page["items"]) == 100 and not page["downsampled"]
-    assert page["items"][0] == {"step": 1, "tokens": 128, "loss": 10.0, "learning_rate": 1e-3,
-                                "grad_norm": 1.5, "tokens_per_sec": 1000.0, "mfu": None,
-                                "elapsed_s": 0.5, "val_loss": None, "val_ppl": None}
+    assert page["items"][0] == {
+        "step": 1,
+        "tokens": 128,
+        "loss": 10.0,
+        "learning_rate": 1e-3,
+        "grad_norm": 1.5,
+        "tokens_per_sec": 1000.0,
+        "mfu": None,
+        "elapsed_s": 0.5,
+        "val_loss": None,
+        "val_ppl": None,
+    }
     after = c.get(f"/runs/{run_id}/metrics", params={"after_step": 90}).json()
     assert [i["step"] for i in after["items"]] == list(range(91, 101))
     limited = c.get(f"/runs/{run_id}/metrics", params={"after_step": 10, "limit": 5}).json()
@@ -563,7 +758,10 @@ def test_metrics_json_csv_paging_and_downsampling(api: ApiEnv):
     csv_text = c.get(f"/runs/{run_id}/metrics", headers={"Accept": "text/csv"})
     assert csv_text.headers["content-type"].startswith("text/csv")
     lines = csv_text.text.splitlines()
-    assert lines[0] == "step,tokens,loss,learning_rate,grad_norm,tokens_per_sec,mfu,elapsed_s,val_loss,val_ppl"
+    assert (
+        lines[0]
+        == "step,tokens,loss,learning_rate,grad_norm,tokens_per_sec,mfu,elapsed_s,val_loss,val_ppl"
+    )
     assert lines[1] == "1,128,10.0,0.001,1.5,1000.0,,0.5,,"
     assert len(lines) == 101
     assert c.get(f"/runs/{run_id}/metrics?format=csv&max_points=5").text.count("\n") <= 7
@@ -599,8 +797,9 @@ def _make_checkpoint(env: ApiEnv, run_id: str, name: str) -> dict[str, bytes]:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)
     with env.session() as s:
-        runs.record_checkpoint(s, uuid.UUID(run_id), name, str(folder),
-                               size_bytes=sum(map(len, files.values())))
+        runs.record_checkpoint(
+            s, uuid.UUID(run_id), name, str(folder), size_bytes=sum(map(len, files.values()))
+        )
     return files
 
 
@@ -611,8 +810,11 @@ def test_checkpoint_archive_streams_the_folder_as_a_tar(api: ApiEnv):
     listed = api.client.get(f"/runs/{run_id}/checkpoints").json()
     assert [(c["name"], c["step"]) for c in listed] == [("step-00000005", 5), ("final", None)]
     assert listed[0]["archive_url"] == f"/runs/{run_id}/checkpoints/5/archive"
-    for ref, name, expected in (("5", "step-00000005", files), ("final", "final", final_files),
-                                ("step-00000005", "step-00000005", files)):
+    for ref, name, expected in (
+        ("5", "step-00000005", files),
+        ("final", "final", final_files),
+        ("step-00000005", "step-00000005", files),
+    ):
         with api.client.stream("GET", f"/runs/{run_id}/checkpoints/{ref}/archive") as r:
             assert r.status_code == 200
             assert r.headers["content-type"] == "application/x-tar"
@@ -623,13 +825,17 @@ def test_checkpoint_archive_streams_the_folder_as_a_tar(api: ApiEnv):
         assert f'filename="{root}.tar"' in r.headers["content-disposition"]
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             members = {m.name: m for m in tar.getmembers()}
-            got = {m.name[len(root) + 1:]: tar.extractfile(m).read()
-                   for m in members.values() if m.isfile()}
+            got = {
+                m.name[len(root) + 1 :]: tar.extractfile(m).read()
+                for m in members.values()
+                if m.isfile()
+            }
         assert got == expected
         assert members[root].isdir() and members[f"{root}/state"].isdir()
     assert api.client.get(f"/runs/{run_id}/checkpoints/7/archive").status_code == 404
     # recorded, but the folder is gone (retention)
     import shutil
+
     shutil.rmtree(api.settings.run_dir(run_id) / "out" / "final")
     r = api.client.get(f"/runs/{run_id}/checkpoints/final/archive")
     assert r.status_code == 410 and r.json()["code"] == "checkpoint_gone"
@@ -700,7 +906,9 @@ def test_out_of_range_steps_in_urls_are_4xx(api: ApiEnv):
     for series in ("metrics", "router"):
         r = c.get(f"/runs/{run_id}/{series}", params={"after_step": 99999999999999999999})
         assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query", "after_step"]
-        assert c.get(f"/runs/{run_id}/{series}", params={"after_step": 2**31 - 1}).status_code == 200
+        assert (
+            c.get(f"/runs/{run_id}/{series}", params={"after_step": 2**31 - 1}).status_code == 200
+        )
 
 
 # -- logs, cancel, delete ---------------------------------------------------------------------
@@ -766,11 +974,18 @@ def test_app_refuses_to_start_on_an_unmigrated_database(tmp_path: Path):
 
 
 def test_importing_the_app_loads_neither_torch_nor_worker():
-    code = ("import sys, service.main, service.queue, service.api; "
-            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') "
-            "or m == 'worker' or m.startswith('worker.') or m == 'litgpt'); print(bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, service.main, service.queue, service.api; "
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') "
+        "or m == 'worker' or m.startswith('worker.') or m == 'litgpt'); print(bad)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.strip() == "[]"
 
 

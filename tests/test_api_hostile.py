@@ -2,6 +2,7 @@
 the limit, on SQLite and PostgreSQL (where NUL characters and over-long strings fail in the
 database, not in Python). The OpenAPI document declares every status with the error schema.
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,8 +30,13 @@ from test_api_support import (  # noqa: F401 - fixtures
     sqlite_template,
 )
 
-PATH_FIELDS = [("tokenizer_dir",), ("data", "init_args", "train_data_path"),
-               ("data", "init_args", "val_data_path"), ("resume",), ("initial_checkpoint_dir",)]
+PATH_FIELDS = [
+    ("tokenizer_dir",),
+    ("data", "init_args", "train_data_path"),
+    ("data", "init_args", "val_data_path"),
+    ("resume",),
+    ("initial_checkpoint_dir",),
+]
 
 
 def _with(path: tuple[str, ...], value: Any, doc: str = "train_config") -> dict:
@@ -50,12 +56,18 @@ def _errors(response) -> dict[tuple, str]:
 
 
 @pytest.mark.parametrize("field", PATH_FIELDS, ids=lambda f: ".".join(f))
-@pytest.mark.parametrize("value,limit", [("a/" * 3000, "at most 4,095 characters"),
-                                         ("a/" * 2040, f"{PATH_MAX_BYTES:,} bytes (PATH_MAX)"),
-                                         ("x" * 300, f"{NAME_MAX_BYTES} bytes (NAME_MAX)")],
-                         ids=["over-4095-chars", "over-PATH_MAX-once-joined", "over-NAME_MAX"])
-def test_over_long_paths_are_422s_naming_field_and_limit(shared_sqlite_api: ApiEnv, field, value,
-                                                        limit):
+@pytest.mark.parametrize(
+    "value,limit",
+    [
+        ("a/" * 3000, "at most 4,095 characters"),
+        ("a/" * 2040, f"{PATH_MAX_BYTES:,} bytes (PATH_MAX)"),
+        ("x" * 300, f"{NAME_MAX_BYTES} bytes (NAME_MAX)"),
+    ],
+    ids=["over-4095-chars", "over-PATH_MAX-once-joined", "over-NAME_MAX"],
+)
+def test_over_long_paths_are_422s_naming_field_and_limit(
+    shared_sqlite_api: ApiEnv, field, value, limit
+):
     doc = _with(field, value)
     if field == ("resume",):
         doc["train_config"].pop("initial_checkpoint_dir", None)
@@ -105,23 +117,48 @@ def _yaml_body(train_extra: str = "", model_extra: str = "") -> bytes:
     return text.replace("model_config:\n", "model_config:\n" + model_extra, 1).encode()
 
 
-@pytest.mark.parametrize("train_extra,model_extra,loc,msg", [
-    ("  log:\n    metadata:\n      day: 2020-01-01\n", "",
-     ["train_config", "log", "metadata", "day"], "a date is not a JSON value"),
-    ("  log:\n    metadata:\n      raw: !!binary aGVsbG8=\n", "",
-     ["train_config", "log", "metadata", "raw"], "a bytes is not a JSON value"),
-    ("", "  hf_config: {1: a}\n", ["model_config", "hf_config", "1"], "keys must be strings"),
-    ("", "  rope_adjustments: {factor: .nan}\n", ["model_config", "rope_adjustments", "factor"],
-     "must be a finite number, got nan"),
-    ("", "  hf_config: {a: " + "[" * 40 + "]" * 40 + "}\n", None, "nested deeper than 32 levels"),
-    ("", "  hf_config: {a: " + "9" * 5000 + "}\n", ["body"], "invalid YAML: Exceeds the limit"),
-], ids=["date", "binary", "int-key", "nan", "deep", "huge-int"])
-def test_documents_that_are_not_plain_json_are_422s(api: ApiEnv, train_extra, model_extra, loc,
-                                                      msg):
+@pytest.mark.parametrize(
+    "train_extra,model_extra,loc,msg",
+    [
+        (
+            "  log:\n    metadata:\n      day: 2020-01-01\n",
+            "",
+            ["train_config", "log", "metadata", "day"],
+            "a date is not a JSON value",
+        ),
+        (
+            "  log:\n    metadata:\n      raw: !!binary aGVsbG8=\n",
+            "",
+            ["train_config", "log", "metadata", "raw"],
+            "a bytes is not a JSON value",
+        ),
+        ("", "  hf_config: {1: a}\n", ["model_config", "hf_config", "1"], "keys must be strings"),
+        (
+            "",
+            "  rope_adjustments: {factor: .nan}\n",
+            ["model_config", "rope_adjustments", "factor"],
+            "must be a finite number, got nan",
+        ),
+        (
+            "",
+            "  hf_config: {a: " + "[" * 40 + "]" * 40 + "}\n",
+            None,
+            "nested deeper than 32 levels",
+        ),
+        ("", "  hf_config: {a: " + "9" * 5000 + "}\n", ["body"], "invalid YAML: Exceeds the limit"),
+    ],
+    ids=["date", "binary", "int-key", "nan", "deep", "huge-int"],
+)
+def test_documents_that_are_not_plain_json_are_422s(
+    api: ApiEnv, train_extra, model_extra, loc, msg
+):
     """YAML reads more than JSON holds; what no database stores is refused, naming where
     (these were 500s when the run was stored)."""
-    r = api.client.post("/runs", content=_yaml_body(train_extra, model_extra),
-                        headers={"Content-Type": "application/yaml"})
+    r = api.client.post(
+        "/runs",
+        content=_yaml_body(train_extra, model_extra),
+        headers={"Content-Type": "application/yaml"},
+    )
     assert r.status_code == 422, r.text
     error = r.json()["errors"][0]
     assert msg in error["msg"], error
@@ -135,21 +172,28 @@ def test_documents_that_are_not_plain_json_are_422s(api: ApiEnv, train_extra, mo
 
 
 def test_a_nan_in_json_is_refused_where_it_is(shared_sqlite_api: ApiEnv):
-    text = json.dumps(body()).replace('"model_config": {', '"model_config": {"hf_config": '
-                                      '{"x": [1, NaN]}, ', 1)
-    r = shared_sqlite_api.client.post("/runs", content=text.encode(),
-                                      headers={"Content-Type": "application/json"})
+    text = json.dumps(body()).replace(
+        '"model_config": {', '"model_config": {"hf_config": {"x": [1, NaN]}, ', 1
+    )
+    r = shared_sqlite_api.client.post(
+        "/runs", content=text.encode(), headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 422
-    assert r.json()["errors"] == [{"loc": ["body", "model_config", "hf_config", "x", 1],
-                                   "msg": "must be a finite number, got nan",
-                                   "type": "invalid_config"}]
+    assert r.json()["errors"] == [
+        {
+            "loc": ["body", "model_config", "hf_config", "x", 1],
+            "msg": "must be a finite number, got nan",
+            "type": "invalid_config",
+        }
+    ]
 
 
 # -- loose input ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["line\nbreak", "tab\there", "esc\x1b[31m", "del\x7f",
-                                  "c1\x85", "sep\u2028"])
+@pytest.mark.parametrize(
+    "name", ["line\nbreak", "tab\there", "esc\x1b[31m", "del\x7f", "c1\x85", "sep\u2028"]
+)
 def test_control_characters_in_names_are_refused(shared_sqlite_api: ApiEnv, name):
     c = shared_sqlite_api.client
     r = c.post("/runs", json=body(name=name))
@@ -167,16 +211,26 @@ def test_names_are_bounded_by_their_column(shared_sqlite_api: ApiEnv):
     doc = body()
     doc["model_config"] = {**doc["model_config"], "name": "m" * 500_000}
     r = c.post("/runs/validate", json=doc)
-    assert {"loc": ["body", "model_config", "name"],
-            "msg": "at most 200 characters, got 500,000"}.items() <= r.json()["errors"][0].items()
+    assert {
+        "loc": ["body", "model_config", "name"],
+        "msg": "at most 200 characters, got 500,000",
+    }.items() <= r.json()["errors"][0].items()
     doc["model_config"]["name"] = "m" * 200
     assert c.post("/runs/validate", json=doc).json()["valid"] is True
 
 
-@pytest.mark.parametrize("path,value", [
-    (("train", "save_interval"), True), (("train", "micro_batch_size"), False),
-    (("train", "max_tokens"), True), (("optimizer", "init_args", "lr"), True),
-    (("train", "min_lr"), False), (("seed",), True), (("num_nodes",), True)])
+@pytest.mark.parametrize(
+    "path,value",
+    [
+        (("train", "save_interval"), True),
+        (("train", "micro_batch_size"), False),
+        (("train", "max_tokens"), True),
+        (("optimizer", "init_args", "lr"), True),
+        (("train", "min_lr"), False),
+        (("seed",), True),
+        (("num_nodes",), True),
+    ],
+)
 def test_a_boolean_is_never_a_number(shared_sqlite_api: ApiEnv, path, value):
     r = shared_sqlite_api.client.post("/runs/validate", json=_with(path, value))
     errors = {tuple(e["loc"]): e["msg"] for e in r.json()["errors"]}
@@ -184,7 +238,8 @@ def test_a_boolean_is_never_a_number(shared_sqlite_api: ApiEnv, path, value):
 
 
 def test_boolean_lists_and_fractional_integers_are_refused_integral_floats_kept(
-        shared_sqlite_api: ApiEnv):
+    shared_sqlite_api: ApiEnv,
+):
     c = shared_sqlite_api.client
     doc = body()
     doc["model_config"] = {**doc["model_config"], "sliding_window_indices": [True, False]}
@@ -200,33 +255,44 @@ def test_boolean_lists_and_fractional_integers_are_refused_integral_floats_kept(
 
 
 def _upload(client, name: str, files: dict[str, bytes]):
-    return client.post(f"/datasets/{name}",
-                       files=[("files", (n, data, "text/plain")) for n, data in files.items()])
+    return client.post(
+        f"/datasets/{name}", files=[("files", (n, data, "text/plain")) for n, data in files.items()]
+    )
 
 
 def test_a_newline_in_an_upload_file_name_is_refused(sqlite_api: ApiEnv):
     """A raw line feed inside the multipart header's file name (clients escape it; an
     attacker's raw request does not)."""
-    raw = (b"--XX\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a\nb.txt\"\r\n"
-           b"Content-Type: text/plain\r\n\r\nhello\r\n--XX--\r\n")
-    r = sqlite_api.client.post("/datasets/ds", content=raw,
-                               headers={"Content-Type": "multipart/form-data; boundary=XX"})
+    raw = (
+        b'--XX\r\nContent-Disposition: form-data; name="files"; filename="a\nb.txt"\r\n'
+        b"Content-Type: text/plain\r\n\r\nhello\r\n--XX--\r\n"
+    )
+    r = sqlite_api.client.post(
+        "/datasets/ds", content=raw, headers={"Content-Type": "multipart/form-data; boundary=XX"}
+    )
     assert r.status_code == 422, r.text
-    assert r.json()["errors"] == [{"loc": ["body", "a\nb.txt"], "type": "invalid_upload",
-                                   "msg": "control characters are not allowed in a file name "
-                                          "(found U+000A)"}]
+    assert r.json()["errors"] == [
+        {
+            "loc": ["body", "a\nb.txt"],
+            "type": "invalid_upload",
+            "msg": "control characters are not allowed in a file name (found U+000A)",
+        }
+    ]
     assert not sqlite_api.settings.data_root.joinpath("ds").exists()
 
 
-@pytest.mark.parametrize("filename,data,reason", [
-    ("esc\x1b.txt", b"text", "control characters"),
-    ("x" * 300 + ".txt", b"text", "NAME_MAX"),
-    ("zeros.txt", b"\x00" * 4096, "NUL byte at byte 0"),
-    ("mixed.txt", b"some text\x00\x01\x02 then binary", "NUL byte at byte 9"),
-    ("blank.txt", " \n\t\r\n".encode(), "only whitespace"),
-    # Unicode whitespace (ideographic space, no-break space): the engine's str.strip drops it
-    ("wide-blank.txt", "\u3000\u00a0\n\u2003".encode(), "only whitespace"),
-])
+@pytest.mark.parametrize(
+    "filename,data,reason",
+    [
+        ("esc\x1b.txt", b"text", "control characters"),
+        ("x" * 300 + ".txt", b"text", "NAME_MAX"),
+        ("zeros.txt", b"\x00" * 4096, "NUL byte at byte 0"),
+        ("mixed.txt", b"some text\x00\x01\x02 then binary", "NUL byte at byte 9"),
+        ("blank.txt", " \n\t\r\n".encode(), "only whitespace"),
+        # Unicode whitespace (ideographic space, no-break space): the engine's str.strip drops it
+        ("wide-blank.txt", "\u3000\u00a0\n\u2003".encode(), "only whitespace"),
+    ],
+)
 def test_refused_upload_files_are_named(sqlite_api: ApiEnv, filename, data, reason):
     r = _upload(sqlite_api.client, "ds", {"good.txt": b"fine text\n", filename: data})
     assert r.status_code == 422, r.text
@@ -241,8 +307,9 @@ def test_a_tar_member_with_a_control_character_is_refused(sqlite_api: ApiEnv):
         info = tarfile.TarInfo("train/a\rb.txt")
         info.size = 4
         tar.addfile(info, io.BytesIO(b"text"))
-    r = sqlite_api.client.post("/datasets/ds", content=buffer.getvalue(),
-                               headers={"Content-Type": "application/x-tar"})
+    r = sqlite_api.client.post(
+        "/datasets/ds", content=buffer.getvalue(), headers={"Content-Type": "application/x-tar"}
+    )
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "train/a\rb.txt"]
 
 
@@ -251,8 +318,9 @@ def _cursor(value: Any) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-@pytest.mark.parametrize("sort,value", [("name", "a\x00"), ("name", "\ud800"),
-                                        ("created_at", "2026-01-01T00:00:00")])
+@pytest.mark.parametrize(
+    "sort,value", [("name", "a\x00"), ("name", "\ud800"), ("created_at", "2026-01-01T00:00:00")]
+)
 def test_crafted_cursors_are_422s(api: ApiEnv, sort, value):
     r = api.client.get("/runs", params={"sort": sort, "cursor": _cursor(value)})
     assert r.status_code == 422, r.text
@@ -285,7 +353,8 @@ def test_every_operation_declares_its_errors_with_the_error_schema(shared_sqlite
             for status, answer in op["responses"].items():
                 if status[0] in "45":
                     assert answer["content"]["application/json"]["schema"] == {
-                        "$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
+                        "$ref": "#/components/schemas/ErrorBody"
+                    }, (method, path, status)
     runs = doc["paths"]["/runs"]["post"]["responses"]
     assert {"201", "409", "413", "415", "422", "503"} <= set(runs)
     assert {"404", "503"} <= set(doc["paths"]["/runs/{run_id}"]["get"]["responses"])
@@ -299,8 +368,25 @@ def test_name_patterns_in_the_document_equal_what_the_api_accepts(shared_sqlite_
             (param,) = [p for p in op["parameters"] if p["name"] == "name"]
             assert param["schema"]["pattern"] == NAME_REGEX and param["schema"]["maxLength"] == 64
     pattern = re.compile(NAME_REGEX)
-    for name in ["a", "a.b", "a..b", "..", ".a", "a.", "0-_.x", "A", "a b", "a/b", "é", "a" * 64,
-                 "a" * 65, "a._-.", "a.-", "-a", "_a"]:
+    for name in [
+        "a",
+        "a.b",
+        "a..b",
+        "..",
+        ".a",
+        "a.",
+        "0-_.x",
+        "A",
+        "a b",
+        "a/b",
+        "é",
+        "a" * 64,
+        "a" * 65,
+        "a._-.",
+        "a.-",
+        "-a",
+        "_a",
+    ]:
         try:
             check_name(name)
             accepted = True

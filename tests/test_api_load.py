@@ -10,6 +10,7 @@ few runs, metric rows and router rows.
   the pool's capacity answer 503 ``database_busy`` after MOEJOBS_DB_WAIT_SECONDS instead of
   waiting; the held ones finish with 200 when the lock goes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -81,19 +82,40 @@ def populate(settings, n_runs: int = 4, steps: int = 60) -> uuid.UUID:
             resolved = validated.train.model_dump(mode="json")
             resolved["out_dir"] = str(settings.run_dir(run_id) / "out")
             with db.session() as s:
-                runs.create_run(s, name=f"load-{i}", submitted_train=TRAIN, submitted_model=MODEL,
-                                resolved_train=resolved,
-                                resolved_model=validated.model.model_dump(mode="json"),
-                                estimate=estimate(validated.train, validated.model).to_dict(),
-                                warnings=[], run_id=run_id)
+                runs.create_run(
+                    s,
+                    name=f"load-{i}",
+                    submitted_train=TRAIN,
+                    submitted_model=MODEL,
+                    resolved_train=resolved,
+                    resolved_model=validated.model.model_dump(mode="json"),
+                    estimate=estimate(validated.train, validated.model).to_dict(),
+                    warnings=[],
+                    run_id=run_id,
+                )
                 attempt = runs.claim_run(s, run_id, "w-load", 600).attempt
-                runs.record_metrics(s, run_id, [
-                    {"step": k, "tokens": 64 * k, "loss": 5 * math.exp(-k / 30), "elapsed_s": k / 3}
-                    for k in range(1, steps + 1)], attempt=attempt)
+                runs.record_metrics(
+                    s,
+                    run_id,
+                    [
+                        {
+                            "step": k,
+                            "tokens": 64 * k,
+                            "loss": 5 * math.exp(-k / 30),
+                            "elapsed_s": k / 3,
+                        }
+                        for k in range(1, steps + 1)
+                    ],
+                    attempt=attempt,
+                )
                 if i == 0:
                     for step in range(5, steps + 1, 5):
-                        runs.record_router_stats(s, run_id, runs.router_rows(
-                            step, [[0.25] * 4, [0.4, 0.2, 0.2, 0.2]]), attempt=attempt)
+                        runs.record_router_stats(
+                            s,
+                            run_id,
+                            runs.router_rows(step, [[0.25] * 4, [0.4, 0.2, 0.2, 0.2]]),
+                            attempt=attempt,
+                        )
             first = first or run_id
     finally:
         db.dispose()
@@ -113,9 +135,25 @@ class Server:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app",
-                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
-                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "service.main:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
@@ -159,7 +197,7 @@ class _Connection:
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
         at = head.index(b"\r\ncontent-length:") + len(b"\r\ncontent-length:")
-        await self.reader.readexactly(int(head[at:head.index(b"\r\n", at)]))
+        await self.reader.readexactly(int(head[at : head.index(b"\r\n", at)]))
         return int(head[9:12])
 
     def close(self) -> None:
@@ -167,8 +205,9 @@ class _Connection:
             self.writer.close()
 
 
-async def _readers(port: int, paths: list[str], readers: int, per_request_s: float
-                   ) -> list[tuple[str, int | str]]:
+async def _readers(
+    port: int, paths: list[str], readers: int, per_request_s: float
+) -> list[tuple[str, int | str]]:
     """``readers`` clients at once, each on its own connection GETting every path in turn;
     ``(path, status)``, the status ``"timeout"`` when an answer took longer than
     ``per_request_s`` (or ``"error: ..."``)."""
@@ -211,8 +250,10 @@ def test_300_concurrent_readers_get_200s_within_10_s(backend, request, tmp_path)
         paths = [p.replace("{id}", str(run_id)) for p in DASHBOARD_PATHS]
         results = asyncio.run(_readers(server.port, paths, READERS, per_request_s=10.0))
         bad = Counter((path, status) for path, status in results if status != 200)
-        assert not bad, f"{sum(bad.values())} answers not a 200 within 10 s: {dict(bad)}\n" \
+        assert not bad, (
+            f"{sum(bad.values())} answers not a 200 within 10 s: {dict(bad)}\n"
             f"{server.text()[-3000:]}"
+        )
         assert len(results) == READERS * len(paths)
         # and what they read is the data: the list's run carries its newest metric row
         page = httpx.get(server.url + "/runs", timeout=10).json()
@@ -308,12 +349,19 @@ def test_a_stopped_database_is_a_503_naming_it_then_service_resumes(postgres_mig
         assert http.get("/runs").status_code == 200
         relay.stop()  # PostgreSQL is gone: its port refuses connections
         for method, path, kwargs in [
-                ("GET", "/runs", {}), ("GET", f"/runs/{run_id}", {}),
-                ("GET", f"/runs/{run_id}/metrics", {}), ("GET", f"/runs/{run_id}/router", {}),
-                ("GET", "/workers", {}), ("GET", f"/runs/{run_id}/engine-events", {}),
-                ("POST", f"/runs/{run_id}/cancel", {}),
-                ("POST", "/runs", {"json": {"name": "x", "train_config": TRAIN,
-                                            "model_config": MODEL}})]:
+            ("GET", "/runs", {}),
+            ("GET", f"/runs/{run_id}", {}),
+            ("GET", f"/runs/{run_id}/metrics", {}),
+            ("GET", f"/runs/{run_id}/router", {}),
+            ("GET", "/workers", {}),
+            ("GET", f"/runs/{run_id}/engine-events", {}),
+            ("POST", f"/runs/{run_id}/cancel", {}),
+            (
+                "POST",
+                "/runs",
+                {"json": {"name": "x", "train_config": TRAIN, "model_config": MODEL}},
+            ),
+        ]:
             r = http.request(method, path, **kwargs)
             assert r.status_code == 503, (method, path, r.status_code, r.text)
             doc = r.json()
@@ -341,8 +389,11 @@ def test_requests_beyond_the_pool_get_a_fast_503_not_a_stall(postgres_migrated, 
     settings = settings_for(tmp_path, postgres_migrated)
     populate(settings, n_runs=1, steps=3)
     server = Server(settings, tmp_path / "api.log", MOEJOBS_DB_WAIT_SECONDS="0.5")
-    lock = psycopg.connect(sa.make_url(postgres_migrated).set(drivername="postgresql")
-                           .render_as_string(hide_password=False))
+    lock = psycopg.connect(
+        sa.make_url(postgres_migrated)
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False)
+    )
     try:
         lock.execute("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")  # every read of runs waits
 
@@ -352,8 +403,9 @@ def test_requests_beyond_the_pool_get_a_fast_503_not_a_stall(postgres_migrated, 
                 tasks = [asyncio.create_task(c.get("/runs")) for _ in range(40)]
                 done: list = []
                 while len(done) < 25:  # those beyond the 15 held ones answer on their own
-                    finished, _ = await asyncio.wait(tasks, timeout=30,
-                                                     return_when=asyncio.FIRST_COMPLETED)
+                    finished, _ = await asyncio.wait(
+                        tasks, timeout=30, return_when=asyncio.FIRST_COMPLETED
+                    )
                     assert finished, "no answer while the lock is held: the API stalls"
                     done += [t for t in finished if t not in done]
                     tasks = [t for t in tasks if t not in finished]
@@ -366,7 +418,8 @@ def test_requests_beyond_the_pool_get_a_fast_503_not_a_stall(postgres_migrated, 
         answers = asyncio.run(scenario())
         early, late = answers[:25], answers[25:]
         assert {(s, d["code"], d["dependency"]) for s, _h, d in early} == {
-            (503, "database_busy", "database")}
+            (503, "database_busy", "database")
+        }
         assert all(int(h["retry-after"]) >= 1 for _s, h, _d in early)
         assert "MOEJOBS_DB_WAIT_SECONDS" in early[0][2]["message"]
         assert [s for s, _h, _d in late] == [200] * 15

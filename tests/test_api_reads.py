@@ -1,5 +1,6 @@
 """What the dashboard reads: ``latest_metrics`` on runs (one query per page), the engine's
 events (``GET /runs/{id}/engine-events``), and 503s naming the broker with ``Retry-After``."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -31,9 +32,17 @@ def _new_run(env: ApiEnv, name: str = "run") -> uuid.UUID:
 
 
 def _row(step: int, **extra: Any) -> dict[str, Any]:
-    return {"step": step, "tokens": step * 64, "loss": 9.0 - step / 100, "learning_rate": 1e-3,
-            "grad_norm": 0.5 + step / 1000, "tokens_per_sec": 1000.0 + step, "mfu": 0.25,
-            "elapsed_s": step / 4, **extra}
+    return {
+        "step": step,
+        "tokens": step * 64,
+        "loss": 9.0 - step / 100,
+        "learning_rate": 1e-3,
+        "grad_norm": 0.5 + step / 1000,
+        "tokens_per_sec": 1000.0 + step,
+        "mfu": 0.25,
+        "elapsed_s": step / 4,
+        **extra,
+    }
 
 
 def test_metric_rows_have_exactly_the_contract_columns():
@@ -50,9 +59,18 @@ def test_latest_metrics_is_the_row_of_the_highest_step(api: ApiEnv):
         runs.record_metrics(s, other, [_row(7)])
     page = {r["name"]: r for r in c.get("/runs").json()["items"]}
     assert page["quiet"]["latest_metrics"] is None
-    expected = {"step": 4, "tokens": 256, "loss": 8.96, "learning_rate": 1e-3, "grad_norm": 0.504,
-                "tokens_per_sec": 1004.0, "mfu": 0.25, "elapsed_s": 1.0, "val_loss": 2.5,
-                "val_ppl": 12.18}
+    expected = {
+        "step": 4,
+        "tokens": 256,
+        "loss": 8.96,
+        "learning_rate": 1e-3,
+        "grad_norm": 0.504,
+        "tokens_per_sec": 1004.0,
+        "mfu": 0.25,
+        "elapsed_s": 1.0,
+        "val_loss": 2.5,
+        "val_ppl": 12.18,
+    }
     assert page["busy"]["latest_metrics"] == expected
     assert page["other"]["latest_metrics"]["step"] == 7
     assert c.get(f"/runs/{busy}").json()["latest_metrics"] == expected
@@ -104,27 +122,41 @@ def test_engine_events_of_a_run(api: ApiEnv):
     run_id = _new_run(api)
     assert c.get(f"/runs/{run_id}/engine-events").json() == []  # no file yet
     out = api.settings.run_dir(run_id) / "out"
-    written = [append_event(out, "started", attempt=1),
-               append_event(out, "configured", attempt=1),
-               append_event(out, "checkpoint_written", attempt=1, step=5,
-                            message="step-00000005", path=str(out / "step-00000005")),
-               append_event(out, "started", attempt=2)]
+    written = [
+        append_event(out, "started", attempt=1),
+        append_event(out, "configured", attempt=1),
+        append_event(
+            out,
+            "checkpoint_written",
+            attempt=1,
+            step=5,
+            message="step-00000005",
+            path=str(out / "step-00000005"),
+        ),
+        append_event(out, "started", attempt=2),
+    ]
     with open(out / "events.jsonl", "a") as fh:
         fh.write('{"at": "2030-01-01T00:00:00Z", "ev')  # cut short by a crash: skipped
     got = c.get(f"/runs/{run_id}/engine-events").json()
     assert [(e["event"], e["attempt"]) for e in got] == [
-        ("started", 1), ("configured", 1), ("checkpoint_written", 1), ("started", 2)]
+        ("started", 1),
+        ("configured", 1),
+        ("checkpoint_written", 1),
+        ("started", 2),
+    ]
     assert got[2]["step"] == 5 and got[2]["message"] == "step-00000005"
     assert got[2]["data"] == {"path": str(out / "step-00000005")}
     assert [e["at"] for e in got] == [w.at.isoformat().replace("+00:00", "Z") for w in written]
-    assert [e["event"] for e in c.get(f"/runs/{run_id}/engine-events",
-                                      params={"attempt": 2}).json()] == ["started"]
+    assert [
+        e["event"] for e in c.get(f"/runs/{run_id}/engine-events", params={"attempt": 2}).json()
+    ] == ["started"]
     missing = c.get(f"/runs/{uuid.uuid4()}/engine-events")
     assert missing.status_code == 404 and missing.json()["code"] == "run_not_found"
     spec = c.get("/openapi.json").json()
     op = spec["paths"]["/runs/{run_id}/engine-events"]["get"]
-    assert op["responses"]["200"]["content"]["application/json"]["schema"]["items"]["$ref"] \
-        .endswith("/EngineEventPublic")
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["items"][
+        "$ref"
+    ].endswith("/EngineEventPublic")
     assert "404" in op["responses"]
 
 
@@ -152,8 +184,13 @@ def test_routes_that_need_the_broker_say_503_naming_it(make_api, tmp_path):
 def test_which_database_errors_mean_unavailable(tmp_path):
     from service.db import make_engine, unavailable_reason
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'x.sqlite3'}", sqlite_busy_timeout_ms=0,
-                         pool_size=1, max_overflow=0, pool_timeout=0.1)
+    engine = make_engine(
+        f"sqlite:///{tmp_path / 'x.sqlite3'}",
+        sqlite_busy_timeout_ms=0,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.1,
+    )
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE t (a INTEGER)")
 
@@ -168,6 +205,7 @@ def test_which_database_errors_mean_unavailable(tmp_path):
         def run():
             with engine.connect() as conn:
                 conn.exec_driver_sql(sql)
+
         return run
 
     # a bug in a query stays a bug (500), whatever the driver calls it
@@ -182,14 +220,16 @@ def test_which_database_errors_mean_unavailable(tmp_path):
     other.execute("BEGIN EXCLUSIVE")
     try:
         assert "database is locked" in unavailable_reason(
-            error_of(query("INSERT INTO t VALUES (1)")))
+            error_of(query("INSERT INTO t VALUES (1)"))
+        )
     finally:
         other.execute("ROLLBACK")
         other.close()
     engine.dispose()
     # nothing listens there
-    pg = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/none",
-                     connect_args={"connect_timeout": 2})
+    pg = make_engine(
+        "postgresql+psycopg://postgres@127.0.0.1:1/none", connect_args={"connect_timeout": 2}
+    )
     assert "OperationalError" in unavailable_reason(error_of(pg.connect))
     assert unavailable_reason(ValueError("x")) is None
 

@@ -5,6 +5,7 @@ consumer.
 
 Use with ``from test_api_support import api, sqlite_api, ApiEnv, ...``.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -31,19 +32,39 @@ TRAIN: dict = {
     "precision": "32-true",
     "devices": 1,
     "tokenizer_dir": "tok",
-    "data": {"class_path": "TextFiles", "init_args": {"train_data_path": "ds/train",
-                                                      "val_data_path": "ds/val"}},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_seq_length": 32,
-              "max_tokens": 2560, "lr_warmup_steps": 2, "save_interval": 5, "min_lr": 1e-4},
+    "data": {
+        "class_path": "TextFiles",
+        "init_args": {"train_data_path": "ds/train", "val_data_path": "ds/val"},
+    },
+    "train": {
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "max_seq_length": 32,
+        "max_tokens": 2560,
+        "lr_warmup_steps": 2,
+        "save_interval": 5,
+        "min_lr": 1e-4,
+    },
     "eval": {"interval": 5, "max_iters": 2},
     "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
     "optimization": {"compile": False},
 }
 MODEL: dict = {
-    "name": "tiny-moe", "block_size": 64, "n_layer": 2, "n_embd": 64, "n_head": 4,
-    "n_query_groups": 2, "mlp_class_name": "LLaMAMoE", "n_expert": 4, "n_expert_per_token": 2,
-    "moe_intermediate_size": 128, "vocab_size": 256, "padded_vocab_size": 256,
-    "norm_class_name": "RMSNorm", "bias": False, "parallel_residual": False,
+    "name": "tiny-moe",
+    "block_size": 64,
+    "n_layer": 2,
+    "n_embd": 64,
+    "n_head": 4,
+    "n_query_groups": 2,
+    "mlp_class_name": "LLaMAMoE",
+    "n_expert": 4,
+    "n_expert_per_token": 2,
+    "moe_intermediate_size": 128,
+    "vocab_size": 256,
+    "padded_vocab_size": 256,
+    "norm_class_name": "RMSNorm",
+    "bias": False,
+    "parallel_residual": False,
     "rotary_percentage": 1.0,
 }
 
@@ -70,8 +91,13 @@ class ApiEnv:
     def register_worker(self, worker_id: str = "w1", gpus: int = 0) -> None:
         """A worker row with a fresh heartbeat (what a running worker writes)."""
         with self.db.session() as s:
-            runs.register_worker(s, worker_id, "testhost", pid=1, gpus=[
-                {"index": i, "name": "GPU", "memory_bytes": 80 << 30} for i in range(gpus)])
+            runs.register_worker(
+                s,
+                worker_id,
+                "testhost",
+                pid=1,
+                gpus=[{"index": i, "name": "GPU", "memory_bytes": 80 << 30} for i in range(gpus)],
+            )
 
     def broker_messages(self, queue: str | None = None) -> list[dict]:
         """Consume every message waiting in ``queue`` (default the training queue) with a
@@ -109,13 +135,16 @@ def _sqlite_settings(tmp_path: Path, template: Path, **overrides: Any) -> Settin
     return settings
 
 
-def make_env(request: pytest.FixtureRequest, tmp_path: Path, backend: str,
-             **overrides: Any) -> Iterator[ApiEnv]:
+def make_env(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, **overrides: Any
+) -> Iterator[ApiEnv]:
     """Start the app for ``backend`` with settings ``overrides``; yields an :class:`ApiEnv`."""
     token = overrides.pop("api_token", None)  # settings_for pins these two
     broker_url = overrides.pop("broker_url", None)
     if backend == "sqlite":
-        settings = _sqlite_settings(tmp_path, request.getfixturevalue("sqlite_template"), **overrides)
+        settings = _sqlite_settings(
+            tmp_path, request.getfixturevalue("sqlite_template"), **overrides
+        )
     else:
         settings = settings_for(tmp_path, request.getfixturevalue("postgres_migrated"), **overrides)
     if token is not None:
@@ -173,8 +202,9 @@ def sqlite_api(make_api: Any) -> ApiEnv:
 
 
 @pytest.fixture(scope="module")
-def shared_sqlite_api(request: pytest.FixtureRequest,
-                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiEnv]:
+def shared_sqlite_api(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiEnv]:
     """One SQLite app for a whole module, for tests that only read or are refused before
     anything is stored (e.g. the many invalid configs)."""
     tmp = tmp_path_factory.mktemp("shared")

@@ -1,4 +1,5 @@
 """Probes, Prometheus metrics, workers, JSON Schemas and the smoke test through the API."""
+
 from __future__ import annotations
 
 import time
@@ -32,8 +33,14 @@ def test_healthz_and_ready_when_everything_is_up(api: ApiEnv):
     assert api.client.get("/healthz").json() == {"status": "ok"}
     r = api.client.get("/readyz")
     assert r.status_code == 200, r.text
-    assert r.json() == {"status": "ready", "checks": {
-        "database": {"ok": True}, "broker": {"ok": True}, "workers": {"ok": True, "live": 1}}}
+    assert r.json() == {
+        "status": "ready",
+        "checks": {
+            "database": {"ok": True},
+            "broker": {"ok": True},
+            "workers": {"ok": True, "live": 1},
+        },
+    }
 
 
 def test_readyz_names_the_broker_when_it_is_unreachable(make_api):
@@ -47,9 +54,13 @@ def test_readyz_names_the_broker_when_it_is_unreachable(make_api):
     created = env.client.post("/runs", json=body())
     assert created.status_code == 201 and created.json()["enqueued"] is False
     assert created.json()["status"] == "queued"
-    assert created.json()["warnings"][-1] == {"loc": ["body"], "msg": (
-        "the broker did not take the run's message (see GET /readyz): the run stays queued and "
-        "a worker's reconciler sends it again after MOEJOBS_QUEUED_STALE_SECONDS (300 s)")}
+    assert created.json()["warnings"][-1] == {
+        "loc": ["body"],
+        "msg": (
+            "the broker did not take the run's message (see GET /readyz): the run stays queued and "
+            "a worker's reconciler sends it again after MOEJOBS_QUEUED_STALE_SECONDS (300 s)"
+        ),
+    }
     # the warning belongs to that answer, not to the stored run
     run = env.client.get(f"/runs/{created.json()['id']}").json()
     assert not any("did not take" in w["msg"] for w in run["warnings"]), run["warnings"]
@@ -147,8 +158,14 @@ def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path, monke
     assert r.status_code == 202, r.text
     doc = r.json()
     assert doc["status"] == "pending" and doc["failed_stage"] is None
-    assert [s["name"] for s in doc["stages"]] == ["queued_wait", "startup", "data_tokenizer",
-                                                  "model_build", "first_step", "finish"]
+    assert [s["name"] for s in doc["stages"]] == [
+        "queued_wait",
+        "startup",
+        "data_tokenizer",
+        "model_build",
+        "first_step",
+        "finish",
+    ]
     run_id = uuid.UUID(doc["id"])
     with env.session() as s:
         run = runs.get_run(s, run_id)
@@ -156,9 +173,11 @@ def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path, monke
     sample = settings.data_root / "sample"
     t = run.resolved_train
     assert t["tokenizer_dir"] == str(sample / "tokenizer")
-    assert t["data"]["init_args"] == {**t["data"]["init_args"],
-                                      "train_data_path": str(sample / "train"),
-                                      "val_data_path": str(sample / "val")}
+    assert t["data"]["init_args"] == {
+        **t["data"]["init_args"],
+        "train_data_path": str(sample / "train"),
+        "val_data_path": str(sample / "val"),
+    }
     assert (t["precision"], t["devices"], t["train"]["max_tokens"]) == ("32-true", 1, 64)
     assert run.resolved_model["n_layer"] == MODEL["n_layer"]  # the configured small model
     assert env.broker_messages() == [{"task": TRAIN_TASK, "args": [str(run_id)], "kwargs": {}}]
@@ -177,16 +196,18 @@ def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path, monke
     out = settings.run_dir(run_id) / "out"
     # an earlier attempt's events and a line cut short by a crash do not count
     append_event(out, "configured", attempt=claimed.attempt - 1)
-    marks = _engine_events(out, claimed.attempt,
-                           ["started", "configured", "data_ready", "model_built", "first_step"],
-                           [0.01, 0.02, 0.03, 0.05, 0.07])
+    marks = _engine_events(
+        out,
+        claimed.attempt,
+        ["started", "configured", "data_ready", "model_built", "first_step"],
+        [0.01, 0.02, 0.03, 0.05, 0.07],
+    )
     with open(out / "events.jsonl", "a") as fh:
         fh.write('{"at": "2031-01-01T00:00:00Z", "event": "first_st')
     finished_at = marks["first_step"] + timedelta(seconds=0.75)
     with env.session() as s:
         runs.record_metrics(s, run_id, [{"step": 1, "loss": 5.5, "elapsed_s": 1.25}])
-        runs.transition(s, run_id, "succeeded", "exit 0", attempt=claimed.attempt,
-                        now=finished_at)
+        runs.transition(s, run_id, "succeeded", "exit 0", attempt=claimed.attempt, now=finished_at)
     report = c.get(f"/smoke-test/{run_id}", params={"wait": 5}).json()
     assert report["status"] == "passed" and report["failed_stage"] is None
     seconds = {s["name"]: s["seconds"] for s in report["stages"]}
@@ -215,16 +236,33 @@ def test_smoke_test_names_the_failing_stage(make_api, tmp_path):
     run_id = uuid.UUID(env.client.post("/smoke-test").json()["id"])
     with env.session() as s:
         claimed = runs.claim_run(s, run_id, "w1", 60)
-    _engine_events(env.settings.run_dir(run_id) / "out", claimed.attempt,
-                   ["started", "configured", "data_ready"], [0, 0.01, 0.01])
+    _engine_events(
+        env.settings.run_dir(run_id) / "out",
+        claimed.attempt,
+        ["started", "configured", "data_ready"],
+        [0, 0.01, 0.01],
+    )
     with env.session() as s:
-        runs.transition(s, run_id, "failed", "exit 1", reason="crashed", attempt=claimed.attempt,
-                        failure_message=None)
+        runs.transition(
+            s,
+            run_id,
+            "failed",
+            "exit 1",
+            reason="crashed",
+            attempt=claimed.attempt,
+            failure_message=None,
+        )
     report = env.client.get(f"/smoke-test/{run_id}").json()
     assert report["status"] == "failed" and report["failed_stage"] == "model_build"
     states = {s["name"]: s["status"] for s in report["stages"]}
-    assert states == {"queued_wait": "ok", "startup": "ok", "data_tokenizer": "ok",
-                      "model_build": "failed", "first_step": "skipped", "finish": "skipped"}
+    assert states == {
+        "queued_wait": "ok",
+        "startup": "ok",
+        "data_tokenizer": "ok",
+        "model_build": "failed",
+        "first_step": "skipped",
+        "finish": "skipped",
+    }
     assert report["message"] == "exit 1"  # the run's failure message comes first
 
 
@@ -265,14 +303,28 @@ def test_smoke_report_of_a_run_whose_engine_wrote_no_events():
     from service.models import Run, RunStatus
 
     created = utcnow()
-    run = Run(name="smoke", submitted_train={}, submitted_model={}, resolved_train={},
-              resolved_model={}, status=RunStatus.succeeded, attempt=1, created_at=created,
-              started_at=created + timedelta(seconds=2), finished_at=created + timedelta(seconds=9))
+    run = Run(
+        name="smoke",
+        submitted_train={},
+        submitted_model={},
+        resolved_train={},
+        resolved_model={},
+        status=RunStatus.succeeded,
+        attempt=1,
+        created_at=created,
+        started_at=created + timedelta(seconds=2),
+        finished_at=created + timedelta(seconds=9),
+    )
     report = build_report(run, [], live_workers=1)
     assert report.status == "passed" and report.failed_stage is None
     assert [(s.name, s.seconds, s.status) for s in report.stages] == [
-        ("queued_wait", 2.0, "ok"), ("startup", None, "ok"), ("data_tokenizer", None, "ok"),
-        ("model_build", None, "ok"), ("first_step", None, "ok"), ("finish", None, "ok")]
+        ("queued_wait", 2.0, "ok"),
+        ("startup", None, "ok"),
+        ("data_tokenizer", None, "ok"),
+        ("model_build", None, "ok"),
+        ("first_step", None, "ok"),
+        ("finish", None, "ok"),
+    ]
     assert report.total_seconds == 9.0
     run.status, run.failure_message = RunStatus.failed, "crashed: boom"
     report = build_report(run, [], live_workers=1)

@@ -2,6 +2,7 @@
 says when its vocabulary is smaller than requested, and the worker's task never replaces a
 folder of other files. The task runs in-process (``worker.tasks.tokenizer_job``, what the
 Celery task calls) on the message the API put on the embedded broker."""
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ def test_ready_tokenizer_keeps_its_request_and_warns_about_a_small_vocabulary(sq
     learned = ready["vocab_size"]
     assert ready["status"] == "ready" and 258 < learned < 512
     assert ready["dataset"] == "kjv"
-    assert datetime.fromisoformat(ready["requested_at"]) == datetime.fromisoformat(pending["requested_at"])
+    assert datetime.fromisoformat(ready["requested_at"]) == datetime.fromisoformat(
+        pending["requested_at"]
+    )
     assert ready["requested_vocab_size"] == 8192
     expected = [f"the corpus has too little distinct text for 8192 tokens: {learned} learned"]
     assert ready["warnings"] == expected == result["warnings"]
@@ -60,8 +63,13 @@ def test_ready_tokenizer_keeps_its_request_and_warns_about_a_small_vocabulary(sq
     before = (folder / "tokenizer.json").stat().st_ino
     messages = sqlite_api.broker_messages(aux_queue(settings))
     assert messages == []  # already consumed above; send the same kwargs again by hand
-    again = tokenizer_job(settings, name="kjv", dataset_dir=str(settings.data_root / "kjv"),
-                          out_dir=str(folder), vocab_size=8192)
+    again = tokenizer_job(
+        settings,
+        name="kjv",
+        dataset_dir=str(settings.data_root / "kjv"),
+        out_dir=str(folder),
+        vocab_size=8192,
+    )
     assert again["ok"], again
     assert (folder / "tokenizer.json").stat().st_ino != before  # replaced, not kept
     assert _listed(sqlite_api)["kjv"] == ready
@@ -73,10 +81,16 @@ def test_ready_tokenizer_keeps_its_request_and_warns_about_a_small_vocabulary(sq
     assert r.status_code == 202, r.text
     assert _run_sent_task(sqlite_api)["ok"]
     again = _listed(sqlite_api)["kjv"]
-    assert (again["status"], again["vocab_size"], again["requested_vocab_size"], again["dataset"]) == (
-        "ready", learned, 512, "kjv")
+    assert (
+        again["status"],
+        again["vocab_size"],
+        again["requested_vocab_size"],
+        again["dataset"],
+    ) == ("ready", learned, 512, "kjv")
     assert again["requested_at"] != ready["requested_at"]
-    assert again["warnings"] == [f"the corpus has too little distinct text for 512 tokens: {learned} learned"]
+    assert again["warnings"] == [
+        f"the corpus has too little distinct text for 512 tokens: {learned} learned"
+    ]
 
 
 def test_task_refuses_a_tokenizer_folder_holding_other_files(sqlite_api: ApiEnv):
@@ -92,5 +106,6 @@ def test_task_refuses_a_tokenizer_folder_holding_other_files(sqlite_api: ApiEnv)
     assert (folder / "notes.txt").read_text() == "keep me\n"
     failed = _listed(sqlite_api)["kjv"]
     assert failed["status"] == "failed" and failed["dataset"] == "kjv"
-    assert failed["error"] == (f"{folder} is not a tokenizer folder (it holds notes.txt): "
-                               "choose an empty or new folder")
+    assert failed["error"] == (
+        f"{folder} is not a tokenizer folder (it holds notes.txt): choose an empty or new folder"
+    )

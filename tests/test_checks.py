@@ -1,5 +1,6 @@
 """service.checks: the input checks every entry point shares (the command line's dry run and
 `moejobs validate`, the API's /runs/validate); tests/test_cli.py compares the entry points."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,12 @@ from test_api_support import MODEL, TRAIN
 
 
 def _doc(**over) -> dict:
-    doc = {"tokenizer_dir": None, "initial_checkpoint_dir": None, "resume": False,
-           "data": {"init_args": {"train_data_path": None, "val_data_path": None}}}
+    doc = {
+        "tokenizer_dir": None,
+        "initial_checkpoint_dir": None,
+        "resume": False,
+        "data": {"init_args": {"train_data_path": None, "val_data_path": None}},
+    }
     doc.update(over)
     return doc
 
@@ -38,13 +43,20 @@ def test_an_overlong_or_unreadable_path_is_a_problem_not_an_exception(tmp_path):
     problems = _by_field(_doc(tokenizer_dir=long, data={"init_args": {"train_data_path": long}}))
     shown = f"{long[:200]}... ({len(long) - 1} characters)"  # Path drops the trailing '/'
     assert problems["tokenizer_dir"] == f"{shown}: cannot be read (File name too long)"
-    assert problems["data.init_args.train_data_path"] == f"{shown}: cannot be read (File name too long)"
+    assert (
+        problems["data.init_args.train_data_path"]
+        == f"{shown}: cannot be read (File name too long)"
+    )
 
 
 def test_a_file_where_a_folder_belongs(tmp_path):
     (tmp_path / "f.txt").write_text("x")
-    problems = _by_field(_doc(tokenizer_dir=str(tmp_path / "f.txt"),
-                              data={"init_args": {"train_data_path": str(tmp_path / "f.txt")}}))
+    problems = _by_field(
+        _doc(
+            tokenizer_dir=str(tmp_path / "f.txt"),
+            data={"init_args": {"train_data_path": str(tmp_path / "f.txt")}},
+        )
+    )
     assert problems == {
         "tokenizer_dir": f"{tmp_path}/f.txt: is a file, not a tokenizer folder",
         "data.init_args.train_data_path": f"{tmp_path}/f.txt: expected a folder of .txt files, found a file",
@@ -81,23 +93,32 @@ def test_local_paths_resolve_from_the_working_folder_and_server_paths_under_the_
     assert local.train["tokenizer_dir"] == f"{tmp_path}/tok"
     assert local.train["resume"] == "auto" and local.train["out_dir"] == "out/test"
     assert [e.issue.path for e in local.errors] == [
-        "tokenizer_dir", "data.init_args.train_data_path", "data.init_args.val_data_path"]
+        "tokenizer_dir",
+        "data.init_args.train_data_path",
+        "data.init_args.val_data_path",
+    ]
     assert local.warnings == []
 
-    server = check_run(train, MODEL, ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r"))
+    server = check_run(
+        train, MODEL, ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r")
+    )
     assert server.errors == []
     assert server.train["out_dir"] == f"{tmp_path}/runs/r/out"
     assert [(w.path, w.message) for w in server.warnings] == [
         (e.issue.path, e.issue.message.replace(str(tmp_path), str(tmp_path / "data")))
-        for e in local.errors]
+        for e in local.errors
+    ]
 
 
 def test_schema_errors_and_escapes_are_raised(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch_size"):
         check_run(dict(TRAIN, train={"micro_batch_size": 0}), MODEL, LocalPaths(tmp_path))
     with pytest.raises(ConfigError, match="climbs out of the data root"):
-        check_run(dict(TRAIN, tokenizer_dir="../../etc"), MODEL,
-                  ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r"))
+        check_run(
+            dict(TRAIN, tokenizer_dir="../../etc"),
+            MODEL,
+            ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r"),
+        )
     # on the command line any folder may be used
     assert check_run(dict(TRAIN, tokenizer_dir="../../etc"), MODEL, LocalPaths(tmp_path)).errors
 
@@ -110,15 +131,20 @@ def test_resume_true_needs_a_checkpoint_in_out_dir(tmp_path):
     local = check_run(train, MODEL, LocalPaths(tmp_path))
     first = local.errors[0]
     assert (first.issue.path, first.exit_code) == ("resume", 2)
-    assert first.issue.message == (f"resume: true but out_dir {tmp_path}/out/test holds no "
-                                   f"complete checkpoint")
+    assert first.issue.message == (
+        f"resume: true but out_dir {tmp_path}/out/test holds no complete checkpoint"
+    )
     ckpt = tmp_path / "out/test/step-00000002"
     ckpt.mkdir(parents=True)
     for name in CHECKPOINT_FILES:
         (ckpt / name).write_bytes(b"x")
-    assert "resume" not in [e.issue.path for e in check_run(train, MODEL, LocalPaths(tmp_path)).errors]
+    assert "resume" not in [
+        e.issue.path for e in check_run(train, MODEL, LocalPaths(tmp_path)).errors
+    ]
 
     with pytest.raises(ConfigError) as raised:
-        check_run(train, MODEL, ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r"))
+        check_run(
+            train, MODEL, ServerPaths(tmp_path / "data", tmp_path / "runs", tmp_path / "runs/r")
+        )
     [issue] = raised.value.errors
     assert issue.path == "resume" and "use resume: auto" in issue.message

@@ -1,4 +1,5 @@
 """run_train.py / moejobs as a user runs them: exit codes, messages, precedence, dry runs."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture
@@ -37,8 +40,21 @@ TRAIN_PY = str(REPO / "run_train.py")
 
 def test_flags_map_to_config_keys():
     args = build_parser().parse_args(
-        ["--micro-batch-size", "2", "--global-batch-size", "64", "--compile", "false",
-         "--no-gradient-checkpointing", "--train-data-path", "d/t", "--devices", "2", "--resume", "false"]
+        [
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "64",
+            "--compile",
+            "false",
+            "--no-gradient-checkpointing",
+            "--train-data-path",
+            "d/t",
+            "--devices",
+            "2",
+            "--resume",
+            "false",
+        ]
     )
     assert train_overrides(args) == {
         "train": {"micro_batch_size": 2, "global_batch_size": 64, "gradient_checkpointing": False},
@@ -74,17 +90,32 @@ def test_dry_run_runs_the_engine_preflight(seeded):
     done = run(TRAIN_PY, "--dry-run", "--preset", "production", cwd=seeded)
     assert done.returncode == 2, done.stderr
     assert "plan.optimizer_steps" in done.stdout
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        "error: invalid_config: optimization.flash_attention_force: flash-attention kernels need a CUDA GPU")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: invalid_config: optimization.flash_attention_force: flash-attention kernels need a CUDA GPU"
+        )
+    )
     assert "Traceback" not in done.stderr
 
 
 def test_smoke_test_then_flags_win(seeded):
     # --smoke-test sets micro 1 / global 1 / 64 tokens / seq 64; an explicit flag wins over it.
-    done = run(TRAIN_PY, "--dry-run", "--smoke-test", "--max-seq-length", "32", "--max-tokens", "128",
-               cwd=seeded)
+    done = run(
+        TRAIN_PY,
+        "--dry-run",
+        "--smoke-test",
+        "--max-seq-length",
+        "32",
+        "--max-tokens",
+        "128",
+        cwd=seeded,
+    )
     assert done.returncode == 0, done.stderr
-    lines = dict(line.split(None, 1) for line in done.stdout.splitlines()[1:] if line.startswith("  "))
+    lines = dict(
+        line.split(None, 1) for line in done.stdout.splitlines()[1:] if line.startswith("  ")
+    )
     assert lines["plan.seq_len"].strip() == "32"
     assert lines["plan.optimizer_steps"].strip() == "4"  # 128 tokens / (1 x 32) / accumulation 1
 
@@ -124,8 +155,16 @@ def test_schema_command_prints_json_schema_with_descriptions():
 
 
 def test_validate_command_with_preset(seeded):
-    done = run("-m", "service.cli", "validate", str(REPO / "configs/train_config.yaml"),
-               str(REPO / "configs/model_config.yaml"), "--preset", "cpu-tiny", cwd=seeded)
+    done = run(
+        "-m",
+        "service.cli",
+        "validate",
+        str(REPO / "configs/train_config.yaml"),
+        str(REPO / "configs/model_config.yaml"),
+        "--preset",
+        "cpu-tiny",
+        cwd=seeded,
+    )
     assert done.returncode == 0, done.stderr
     assert "estimate:" in done.stdout
 
@@ -135,7 +174,9 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path, corpu
 
     out = tmp_path / "run"
     train, model = tmp_path / "train.yaml", tmp_path / "model.yaml"
-    train.write_text(yaml.safe_dump(tiny_train_config(out, corpus, tokenizer_dir, max_tokens=4 * 32 * 3)))
+    train.write_text(
+        yaml.safe_dump(tiny_train_config(out, corpus, tokenizer_dir, max_tokens=4 * 32 * 3))
+    )
     model.write_text(yaml.safe_dump(TINY_MODEL))
     first = run("run_train.py", "--config", str(train), "--model-config", str(model))
     assert first.returncode == 0, first.stderr[-3000:]
@@ -144,8 +185,10 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path, corpu
     again = run("run_train.py", "--config", str(train), "--model-config", str(model))
     assert again.returncode == 0, again.stderr[-3000:]
     lines = again.stdout.splitlines()
-    assert lines[0] == ("nothing to train: final/ is already at step 3 of 3; raise train.max_tokens "
-                        "(or use a new out_dir) to train more"), again.stdout
+    assert lines[0] == (
+        "nothing to train: final/ is already at step 3 of 3; raise train.max_tokens "
+        "(or use a new out_dir) to train more"
+    ), again.stdout
     assert "training finished" not in again.stdout
     assert "  optimizer steps : 3" in lines
 
@@ -153,32 +196,51 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path, corpu
 # -- one set of checks: the command line and the API say the same about unusable inputs ------------
 
 #: The fix a missing data folder's message names (braces doubled: the cases are format strings).
-DATA_HINT = (" (put .txt files there: `moejobs seed-data` writes a demo corpus, "
-             "POST /datasets/{{name}} uploads one)")
+DATA_HINT = (
+    " (put .txt files there: `moejobs seed-data` writes a demo corpus, "
+    "POST /datasets/{{name}} uploads one)"
+)
 
 #: field -> what the dry run, `moejobs validate` and /runs/validate say, for the folder layouts
 #: below (paths relative to the data root, which is the command line's working folder).
 INPUT_CASES: dict[str, tuple[dict, dict[str, str], int]] = {
     # nothing uploaded: tokenizer first, then the data, in the engine's order; exit 1 (invalid_data)
-    "nothing": ({}, {
-        "tokenizer_dir": "{root}/tok: folder does not exist (train one with `moejobs tokenizer "
-                         "train`, or POST /tokenizers/{{name}} on the API)",
-        "data.init_args.train_data_path": "{root}/ds/train: data folder does not exist" + DATA_HINT,
-        "data.init_args.val_data_path": "{root}/ds/val: data folder does not exist" + DATA_HINT,
-    }, 1),
+    "nothing": (
+        {},
+        {
+            "tokenizer_dir": "{root}/tok: folder does not exist (train one with `moejobs tokenizer "
+            "train`, or POST /tokenizers/{{name}} on the API)",
+            "data.init_args.train_data_path": "{root}/ds/train: data folder does not exist"
+            + DATA_HINT,
+            "data.init_args.val_data_path": "{root}/ds/val: data folder does not exist" + DATA_HINT,
+        },
+        1,
+    ),
     # an empty data folder, a tokenizer folder with no tokenizer in it
-    "empty": ({"mkdir": ["ds/train", "tok"], "val": True}, {
-        "tokenizer_dir": "{root}/tok: holds neither tokenizer.json nor tokenizer.model",
-        "data.init_args.train_data_path": "{root}/ds/train: no .txt files at the top level of this folder",
-    }, 1),
-    "initial weights": ({"data": True, "train": {"initial_checkpoint_dir": "base"}}, {
-        "initial_checkpoint_dir": "{root}/base: folder does not exist",
-    }, 1),
+    "empty": (
+        {"mkdir": ["ds/train", "tok"], "val": True},
+        {
+            "tokenizer_dir": "{root}/tok: holds neither tokenizer.json nor tokenizer.model",
+            "data.init_args.train_data_path": "{root}/ds/train: no .txt files at the top level of this folder",
+        },
+        1,
+    ),
+    "initial weights": (
+        {"data": True, "train": {"initial_checkpoint_dir": "base"}},
+        {
+            "initial_checkpoint_dir": "{root}/base: folder does not exist",
+        },
+        1,
+    ),
     # the engine refuses a resume path that is no checkpoint as an invalid config: exit 2
-    "resume path": ({"data": True, "train": {"resume": "old/step-00000010"}}, {
-        "resume": "{root}/old/step-00000010 is not a complete checkpoint folder (needs lit_model.pth, "
-                  "model_config.yaml, training_state.pt, training_state.json)",
-    }, 2),
+    "resume path": (
+        {"data": True, "train": {"resume": "old/step-00000010"}},
+        {
+            "resume": "{root}/old/step-00000010 is not a complete checkpoint folder (needs lit_model.pth, "
+            "model_config.yaml, training_state.pt, training_state.json)",
+        },
+        2,
+    ),
     "all there": ({"data": True}, {}, 0),
 }
 
@@ -207,7 +269,8 @@ def _error_lines(stderr: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("case", list(INPUT_CASES))
 def test_missing_inputs_are_the_same_problem_on_the_command_line_and_in_the_api(
-        case, sqlite_api, corpus, tokenizer_dir, tmp_path):
+    case, sqlite_api, corpus, tokenizer_dir, tmp_path
+):
     """The dry run (and `moejobs validate`) in the data root fail with the exact messages that
     /runs/validate gives as warnings for the same config (paths from the working folder there,
     under DATA_ROOT here), with the exit code the real run would have."""
@@ -224,15 +287,31 @@ def test_missing_inputs_are_the_same_problem_on_the_command_line_and_in_the_api(
     model_file.write_text(yaml.safe_dump(MODEL))
     expected = {k: v.format(root=root) for k, v in expected.items()}
 
-    done = run(TRAIN_PY, "--dry-run", "--config", str(train_file), "--model-config", str(model_file),
-               cwd=root)
+    done = run(
+        TRAIN_PY,
+        "--dry-run",
+        "--config",
+        str(train_file),
+        "--model-config",
+        str(model_file),
+        cwd=root,
+    )
     assert done.returncode == code, done.stderr
     assert _error_lines(done.stderr) == expected
     assert "estimate:" in done.stdout and "Traceback" not in done.stderr
     if case == "nothing":  # `moejobs validate` is the same check
-        validate = subprocess.run([str(Path(sys.executable).parent / "moejobs"), "validate",
-                                   str(train_file), str(model_file)],
-                                  cwd=root, capture_output=True, text=True, timeout=300)
+        validate = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "moejobs"),
+                "validate",
+                str(train_file),
+                str(model_file),
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert validate.returncode == code, validate.stderr
         assert _error_lines(validate.stderr) == expected
 
@@ -252,9 +331,13 @@ def test_a_real_run_fails_on_missing_data_with_the_dry_runs_message(tmp_path, to
     model_file.write_text(yaml.safe_dump(TINY_MODEL))
     argv = ("--config", str(train_file), "--model-config", str(model_file))
     dry, real = run(TRAIN_PY, "--dry-run", *argv), run(TRAIN_PY, *argv)
-    message = f"{tmp_path}/nowhere/train: data folder does not exist" + DATA_HINT.replace("{{", "{").replace("}}", "}")
+    message = f"{tmp_path}/nowhere/train: data folder does not exist" + DATA_HINT.replace(
+        "{{", "{"
+    ).replace("}}", "}")
     assert dry.returncode == real.returncode == 1, real.stderr[-2000:]
-    assert f"error: invalid_data: data.init_args.train_data_path: {message}" in dry.stderr.splitlines()
+    assert (
+        f"error: invalid_data: data.init_args.train_data_path: {message}" in dry.stderr.splitlines()
+    )
     assert real.stderr.strip().splitlines()[-1] == f"error: invalid_data: {message}"
 
 
@@ -267,14 +350,29 @@ def moejobs(*argv: str, tmp_path: Path, **variables: str) -> subprocess.Complete
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
     env.setdefault("MOEJOBS_HOME", str(tmp_path / "home"))
     env.update(variables)
-    return subprocess.run([sys.executable, "-m", "service.cli", *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("command", [
-    ["migrate"], ["serve"], ["worker"], ["up"], ["demo", "--skip-smoke-test", "--exit"], ["runs"],
-    ["status", str(uuid.uuid4())], ["download", str(uuid.uuid4())],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["migrate"],
+        ["serve"],
+        ["worker"],
+        ["up"],
+        ["demo", "--skip-smoke-test", "--exit"],
+        ["runs"],
+        ["status", str(uuid.uuid4())],
+        ["download", str(uuid.uuid4())],
+    ],
+)
 def test_a_malformed_setting_is_one_line_naming_the_variable(tmp_path, command):
     done = moejobs(*command, tmp_path=tmp_path, MOEJOBS_PORT="abc")
     assert done.returncode == 2, done.stderr
@@ -284,12 +382,16 @@ def test_a_malformed_setting_is_one_line_naming_the_variable(tmp_path, command):
 def test_every_malformed_setting_gets_its_own_line(tmp_path):
     done = moejobs("migrate", tmp_path=tmp_path, MOEJOBS_PORT="abc", MOEJOBS_LEASE_SECONDS="soon")
     assert done.returncode == 2
-    assert done.stderr.splitlines() == ["error: MOEJOBS_PORT: expected an integer, got 'abc'",
-                                        "error: MOEJOBS_LEASE_SECONDS: expected a number, got 'soon'"]
+    assert done.stderr.splitlines() == [
+        "error: MOEJOBS_PORT: expected an integer, got 'abc'",
+        "error: MOEJOBS_LEASE_SECONDS: expected a number, got 'soon'",
+    ]
 
 
 def test_an_unknown_database_scheme_lists_the_accepted_forms(tmp_path):
-    done = moejobs("migrate", tmp_path=tmp_path, MOEJOBS_DATABASE_URL="bogus://user:hunter2@db/moejobs")
+    done = moejobs(
+        "migrate", tmp_path=tmp_path, MOEJOBS_DATABASE_URL="bogus://user:hunter2@db/moejobs"
+    )
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.splitlines()
     assert line.startswith("error: MOEJOBS_DATABASE_URL: unsupported scheme 'bogus://'")
@@ -300,9 +402,11 @@ def test_an_unknown_database_scheme_lists_the_accepted_forms(tmp_path):
 def test_an_unknown_broker_scheme_is_named_before_celery_sees_it(tmp_path):
     done = moejobs("migrate", tmp_path=tmp_path, MOEJOBS_BROKER_URL="bogus://user:hunter2@mq/0")
     assert done.returncode == 2, done.stderr
-    assert done.stderr == ("error: MOEJOBS_BROKER_URL: unsupported scheme 'bogus://'; use "
-                           "redis://HOST:6379/0 (production) or sqla+sqlite:///PATH (embedded), "
-                           "or another kombu transport\n")
+    assert done.stderr == (
+        "error: MOEJOBS_BROKER_URL: unsupported scheme 'bogus://'; use "
+        "redis://HOST:6379/0 (production) or sqla+sqlite:///PATH (embedded), "
+        "or another kombu transport\n"
+    )
     for good in ("redis://127.0.0.1:6379/3", f"sqla+sqlite:///{tmp_path / 'b.sqlite3'}"):
         assert moejobs("migrate", tmp_path=tmp_path, MOEJOBS_BROKER_URL=good).returncode == 0, good
 
@@ -310,33 +414,47 @@ def test_an_unknown_broker_scheme_is_named_before_celery_sees_it(tmp_path):
 def test_a_home_that_cannot_be_created_names_the_flag_or_variable(tmp_path):
     done = moejobs("migrate", "--home", "/proc/nope", tmp_path=tmp_path)
     assert done.returncode == 2
-    assert done.stderr == "error: --home: cannot create the folder /proc/nope: No such file or directory\n"
+    assert (
+        done.stderr
+        == "error: --home: cannot create the folder /proc/nope: No such file or directory\n"
+    )
     (tmp_path / "a-file").write_text("")
     done = moejobs("migrate", tmp_path=tmp_path, MOEJOBS_HOME=str(tmp_path / "a-file" / "home"))
     assert done.returncode == 2
-    assert done.stderr == (f"error: MOEJOBS_HOME: cannot create the folder {tmp_path / 'a-file' / 'home'}: "
-                           f"Not a directory\n")
+    assert done.stderr == (
+        f"error: MOEJOBS_HOME: cannot create the folder {tmp_path / 'a-file' / 'home'}: "
+        f"Not a directory\n"
+    )
 
 
 def test_an_unsafe_flag_is_named_as_written(tmp_path):
     done = moejobs("serve", "--host", "0.0.0.0", tmp_path=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.startswith("error: --host=0.0.0.0 listens beyond this machine but no API token")
+    assert done.stderr.startswith(
+        "error: --host=0.0.0.0 listens beyond this machine but no API token"
+    )
     assert len(done.stderr.splitlines()) == 1
     done = moejobs("serve", "--host", "0.0.0.0", tmp_path=tmp_path, MOEJOBS_API_TOKEN="short-token")
     assert done.returncode == 2
-    assert done.stderr.startswith("error: --host=0.0.0.0 listens beyond this machine but MOEJOBS_API_TOKEN "
-                                  "has 11 characters: it needs at least 32 there (make one with `python -c")
+    assert done.stderr.startswith(
+        "error: --host=0.0.0.0 listens beyond this machine but MOEJOBS_API_TOKEN "
+        "has 11 characters: it needs at least 32 there (make one with `python -c"
+    )
     assert "short-token" not in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 def test_an_unreachable_database_is_one_line_without_the_password(tmp_path):
-    done = moejobs("migrate", tmp_path=tmp_path,
-                   MOEJOBS_DATABASE_URL="postgresql://nobody:hunter2@127.0.0.1:1/moejobs")
+    done = moejobs(
+        "migrate",
+        tmp_path=tmp_path,
+        MOEJOBS_DATABASE_URL="postgresql://nobody:hunter2@127.0.0.1:1/moejobs",
+    )
     assert done.returncode == 1
     [line] = done.stderr.splitlines()
-    assert line.startswith("error: cannot reach the database of MOEJOBS_DATABASE_URL "
-                           "(postgresql+psycopg://nobody:***@127.0.0.1:1/moejobs): ")
+    assert line.startswith(
+        "error: cannot reach the database of MOEJOBS_DATABASE_URL "
+        "(postgresql+psycopg://nobody:***@127.0.0.1:1/moejobs): "
+    )
     assert "hunter2" not in line
 
 
@@ -348,11 +466,18 @@ def test_serve_on_a_database_that_is_not_ready_is_one_line(tmp_path):
     [line] = done.stderr.splitlines()
     assert line.startswith("error: database sqlite:///") and "has no moejobs tables" in line
     assert "run `moejobs migrate`" in line
-    done = moejobs("serve", "--port", "8799", tmp_path=tmp_path,
-                   MOEJOBS_DATABASE_URL="postgresql://nobody:hunter2@127.0.0.1:1/moejobs")
+    done = moejobs(
+        "serve",
+        "--port",
+        "8799",
+        tmp_path=tmp_path,
+        MOEJOBS_DATABASE_URL="postgresql://nobody:hunter2@127.0.0.1:1/moejobs",
+    )
     assert done.returncode == 1
     [line] = done.stderr.splitlines()
-    assert line.startswith("error: database postgresql+psycopg://nobody:***@127.0.0.1:1/moejobs is unreachable")
+    assert line.startswith(
+        "error: database postgresql+psycopg://nobody:***@127.0.0.1:1/moejobs is unreachable"
+    )
     assert "hunter2" not in line
 
 
@@ -365,7 +490,8 @@ def test_a_worker_on_an_unmigrated_database_exits_saying_so(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1].endswith(
         f"has no moejobs tables, but this code needs revision {head_revision()}: run `moejobs migrate` (or "
-        "`moejobs up`, which migrates) and start the worker again")
+        "`moejobs up`, which migrates) and start the worker again"
+    )
 
 
 def test_validate_without_arguments_checks_the_shipped_configs_from_any_folder(tmp_path):
@@ -374,5 +500,7 @@ def test_validate_without_arguments_checks_the_shipped_configs_from_any_folder(t
     done = run("-m", "service.cli", "validate", cwd=tmp_path)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "file not found" not in done.stderr
-    assert (f"error: invalid_data: data.init_args.train_data_path: {tmp_path}/data/custom_text/train: "
-            f"data folder does not exist") in done.stderr
+    assert (
+        f"error: invalid_data: data.init_args.train_data_path: {tmp_path}/data/custom_text/train: "
+        f"data folder does not exist"
+    ) in done.stderr

@@ -1,6 +1,7 @@
 """The HTTP client (service/client.py) against the real app served by uvicorn on a free port,
 over a migrated SQLite database under a temporary HOME. Runs are advanced through
 ``service.runs`` as a worker would."""
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def run_cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-def write_configs(folder: Path, train: dict | None = None, model: dict | None = None,
-                  suffix: str = ".yaml") -> tuple[Path, Path]:
+def write_configs(
+    folder: Path, train: dict | None = None, model: dict | None = None, suffix: str = ".yaml"
+) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     train_path, model_path = folder / f"train{suffix}", folder / f"model{suffix}"
     train_path.write_text(yaml.safe_dump(train or TRAIN))
@@ -79,10 +81,12 @@ def test_submit_returns_a_queued_run(server, tmp_path, capsys):
 def test_submit_sends_an_idempotency_key(server, tmp_path):
     train, model = write_configs(tmp_path)
     key = f"key-{uuid.uuid4()}"
-    first = client.submit(server.url, train, model, name="once", idempotency_key=key,
-                          out=io.StringIO())
-    again = client.submit(server.url, train, model, name="once", idempotency_key=key,
-                          out=io.StringIO())
+    first = client.submit(
+        server.url, train, model, name="once", idempotency_key=key, out=io.StringIO()
+    )
+    again = client.submit(
+        server.url, train, model, name="once", idempotency_key=key, out=io.StringIO()
+    )
     assert again["id"] == first["id"] and again["created"] is False
 
 
@@ -109,8 +113,7 @@ def test_submit_unreadable_file_is_exit_2(server, tmp_path, capsys):
     assert run_cli(["submit", str(train), str(model), "--url", server.url]) == 2
     err = capsys.readouterr().err
     assert "invalid YAML at line" in err and str(train) in err
-    assert run_cli(["submit", str(tmp_path / "missing.yaml"), str(model), "--url",
-                    server.url]) == 2
+    assert run_cli(["submit", str(tmp_path / "missing.yaml"), str(model), "--url", server.url]) == 2
     assert "file not found" in capsys.readouterr().err
 
 
@@ -162,8 +165,14 @@ def test_status_shows_the_tokenization_of_a_queued_run(server, capsys):
     out_dir = server.settings.run_dir(run_id) / "out"
     assert run_cli(["status", str(run_id), "--url", server.url]) == 0
     assert "tokenizing" not in capsys.readouterr().out
-    append_event(out_dir, EventKind.data_progress, message="1,000 tokens, 10% of 1.0 MB, "
-                 "0.50M tokens/s, ETA 9 s", tokens=1000, done=False, stage="prepare")
+    append_event(
+        out_dir,
+        EventKind.data_progress,
+        message="1,000 tokens, 10% of 1.0 MB, 0.50M tokens/s, ETA 9 s",
+        tokens=1000,
+        done=False,
+        stage="prepare",
+    )
     assert run_cli(["status", str(run_id), "--url", server.url]) == 0
     out = capsys.readouterr().out
     assert "status   queued" in out
@@ -180,13 +189,20 @@ def test_status_shows_the_tokenization_of_a_queued_run(server, capsys):
     thread = threading.Thread(target=finish)
     thread.start()
     try:
-        client.status(server.url, str(run_id), follow=True, poll_seconds=0.1, out=text,
-                      progress=True)
+        client.status(
+            server.url, str(run_id), follow=True, poll_seconds=0.1, out=text, progress=True
+        )
     finally:
         thread.join()
     assert "[tokenizing: 1,000 tokens, 10% of 1.0 MB" in text.getvalue()
-    append_event(out_dir, EventKind.data_progress, message="10,000 tokens, done in 2.0 s",
-                 tokens=10000, done=True, stage="prepare")
+    append_event(
+        out_dir,
+        EventKind.data_progress,
+        message="10,000 tokens, done in 2.0 s",
+        tokens=10000,
+        done=True,
+        stage="prepare",
+    )
     assert run_cli(["status", str(run_id), "--url", server.url]) == 0
     assert "tokenizing" not in capsys.readouterr().out
 
@@ -222,8 +238,14 @@ def test_status_follow_reports_the_failure_reason(server, capsys):
 
     def fail() -> None:
         time.sleep(0.3)
-        finish_run(server, run_id, "failed", attempt=attempt, reason="out_of_memory",
-                   message="CUDA out of memory")
+        finish_run(
+            server,
+            run_id,
+            "failed",
+            attempt=attempt,
+            reason="out_of_memory",
+            message="CUDA out of memory",
+        )
 
     thread = threading.Thread(target=fail)
     thread.start()
@@ -290,8 +312,9 @@ def test_download_extracts_the_checkpoint_folder(server, tmp_path, capsys):
 
 def test_download_missing_checkpoint_is_one_line(server, tmp_path, capsys):
     run_id = make_run(server, "no-checkpoints")
-    code = run_cli(["download", str(run_id), "--step", "7", "--out", str(tmp_path / "x"),
-                    "--url", server.url])
+    code = run_cli(
+        ["download", str(run_id), "--step", "7", "--out", str(tmp_path / "x"), "--url", server.url]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith(f"error: not found: checkpoint step 7 of run {run_id}")
@@ -309,19 +332,38 @@ def test_download_of_a_run_without_final_lists_its_checkpoints(server, tmp_path,
     code = run_cli(["download", str(run_id), "--out", str(tmp_path / "m"), "--url", server.url])
     err = capsys.readouterr().err
     assert code == 1
-    assert err == (f"error: not found: checkpoint final of run {run_id} (the run is cancelled); "
-                   f"its checkpoints: step-00000036, step-00000039; download one with --step N "
-                   f"(e.g. --step 39)\n")
+    assert err == (
+        f"error: not found: checkpoint final of run {run_id} (the run is cancelled); "
+        f"its checkpoints: step-00000036, step-00000039; download one with --step N "
+        f"(e.g. --step 39)\n"
+    )
     assert not (tmp_path / "m").exists()
     # the flag it names works
-    assert run_cli(["download", str(run_id), "--step", "39", "--out", str(tmp_path / "m"),
-                    "--url", server.url]) == 0
+    assert (
+        run_cli(
+            [
+                "download",
+                str(run_id),
+                "--step",
+                "39",
+                "--out",
+                str(tmp_path / "m"),
+                "--url",
+                server.url,
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "m" / "lit_model.pth").is_file()
 
     queued = make_run(server, "queued-no-checkpoints")
-    assert run_cli(["download", str(queued), "--out", str(tmp_path / "q"), "--url", server.url]) == 1
-    assert capsys.readouterr().err == (f"error: not found: checkpoint final of run {queued} "
-                                       f"(the run is queued); it has no checkpoints yet\n")
+    assert (
+        run_cli(["download", str(queued), "--out", str(tmp_path / "q"), "--url", server.url]) == 1
+    )
+    assert capsys.readouterr().err == (
+        f"error: not found: checkpoint final of run {queued} "
+        f"(the run is queued); it has no checkpoints yet\n"
+    )
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -331,8 +373,10 @@ def test_connection_refused_is_one_line(capsys):
     url = f"http://127.0.0.1:{free_port()}"
     assert run_cli(["runs", "--url", url]) == 1
     err = capsys.readouterr().err
-    assert err == f"error: cannot connect to {url}: connection refused (is the server running? " \
-                  "set --url or MOEJOBS_URL)\n"
+    assert (
+        err == f"error: cannot connect to {url}: connection refused (is the server running? "
+        "set --url or MOEJOBS_URL)\n"
+    )
 
 
 def test_unknown_run_and_bad_id(server, capsys):
@@ -348,7 +392,8 @@ def test_token_required(tmp_path, capsys):
     with live_server(tmp_path, token="s3cret-token") as srv:
         assert run_cli(["runs", "--url", srv.url]) == 1
         assert capsys.readouterr().err == (
-            f"error: {srv.url} needs an API token: pass --token or set MOEJOBS_API_TOKEN\n")
+            f"error: {srv.url} needs an API token: pass --token or set MOEJOBS_API_TOKEN\n"
+        )
         assert run_cli(["runs", "--url", srv.url, "--token", "wrong"]) == 1
         assert "rejected the API token" in capsys.readouterr().err
         assert run_cli(["runs", "--url", srv.url, "--token", "s3cret-token"]) == 0
@@ -362,19 +407,31 @@ def test_smoke_test_lines_from_the_api_shape():
     from service.api.models import SmokeStage, SmokeTestPublic
 
     passed = SmokeTestPublic(
-        id=uuid.uuid4(), status="passed", run_status="succeeded", failed_stage=None,
-        message=None, total_seconds=12.5,
-        stages=[SmokeStage(name="queued_wait", seconds=0.4, status="ok"),
-                SmokeStage(name="first_step", seconds=7.25, status="ok")],
+        id=uuid.uuid4(),
+        status="passed",
+        run_status="succeeded",
+        failed_stage=None,
+        message=None,
+        total_seconds=12.5,
+        stages=[
+            SmokeStage(name="queued_wait", seconds=0.4, status="ok"),
+            SmokeStage(name="first_step", seconds=7.25, status="ok"),
+        ],
     ).model_dump(mode="json")
     assert client.smoke_state(passed) == "passed"
     lines = client.smoke_lines(passed)
     assert lines[0].split() == ["queued_wait", "0.4", "s", "ok"]
     assert lines[-1] == "smoke test passed"
 
-    failed = {**passed, "status": "failed", "failed_stage": "queued_wait",
-              "message": "no live worker"}
-    assert client.smoke_lines(failed)[-1] == "smoke test failed at stage queued_wait: no live worker"
+    failed = {
+        **passed,
+        "status": "failed",
+        "failed_stage": "queued_wait",
+        "message": "no live worker",
+    }
+    assert (
+        client.smoke_lines(failed)[-1] == "smoke test failed at stage queued_wait: no live worker"
+    )
     assert client.smoke_state({**passed, "status": "pending"}) == "running"
 
 

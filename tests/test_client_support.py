@@ -5,6 +5,7 @@ worker does.
 
 Use with ``from test_client_support import LiveServer, live_server, make_run, ...``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,19 +44,39 @@ TRAIN: dict[str, Any] = {
     "precision": "32-true",
     "devices": 1,
     "tokenizer_dir": "tok",
-    "data": {"class_path": "TextFiles", "init_args": {"train_data_path": "ds/train",
-                                                      "val_data_path": "ds/val"}},
-    "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_seq_length": 32,
-              "max_tokens": 25_600, "lr_warmup_steps": 10, "save_interval": 50, "min_lr": 1e-4},
+    "data": {
+        "class_path": "TextFiles",
+        "init_args": {"train_data_path": "ds/train", "val_data_path": "ds/val"},
+    },
+    "train": {
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "max_seq_length": 32,
+        "max_tokens": 25_600,
+        "lr_warmup_steps": 10,
+        "save_interval": 50,
+        "min_lr": 1e-4,
+    },
     "eval": {"interval": 25, "max_iters": 2},
     "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
     "optimization": {"compile": False},
 }
 MODEL: dict[str, Any] = {
-    "name": "tiny-moe", "block_size": 64, "n_layer": 4, "n_embd": 64, "n_head": 4,
-    "n_query_groups": 2, "mlp_class_name": "LLaMAMoE", "n_expert": 8, "n_expert_per_token": 2,
-    "moe_intermediate_size": 128, "vocab_size": 256, "padded_vocab_size": 256,
-    "norm_class_name": "RMSNorm", "bias": False, "parallel_residual": False,
+    "name": "tiny-moe",
+    "block_size": 64,
+    "n_layer": 4,
+    "n_embd": 64,
+    "n_head": 4,
+    "n_query_groups": 2,
+    "mlp_class_name": "LLaMAMoE",
+    "n_expert": 8,
+    "n_expert_per_token": 2,
+    "moe_intermediate_size": 128,
+    "vocab_size": 256,
+    "padded_vocab_size": 256,
+    "norm_class_name": "RMSNorm",
+    "bias": False,
+    "parallel_residual": False,
     "rotary_percentage": 1.0,
 }
 
@@ -98,8 +119,9 @@ def server_settings(tmp: Path, *, token: str | None = None, **overrides: Any) ->
 
 
 @contextlib.contextmanager
-def live_server(tmp: Path, *, token: str | None = None, wrap: Any = None,
-                **overrides: Any) -> Iterator[LiveServer]:
+def live_server(
+    tmp: Path, *, token: str | None = None, wrap: Any = None, **overrides: Any
+) -> Iterator[LiveServer]:
     """Migrate a fresh SQLite database under ``tmp``, start ``create_app`` with uvicorn on a free
     loopback port in a thread, yield a :class:`LiveServer`, stop it afterwards. ``wrap``, when
     given, maps the app to the ASGI app uvicorn serves (a test's own outer middleware)."""
@@ -141,8 +163,14 @@ def free_port() -> int:
 # -- writing what a worker would -------------------------------------------------------------------
 
 
-def make_run(server: LiveServer, name: str = "run", *, train: dict | None = None,
-             model: dict | None = None, preset: str | None = None) -> uuid.UUID:
+def make_run(
+    server: LiveServer,
+    name: str = "run",
+    *,
+    train: dict | None = None,
+    model: dict | None = None,
+    preset: str | None = None,
+) -> uuid.UUID:
     """A queued run created directly through ``service.runs`` (with its estimate)."""
     train = train or TRAIN
     model = model or MODEL
@@ -152,31 +180,55 @@ def make_run(server: LiveServer, name: str = "run", *, train: dict | None = None
     resolved_train["out_dir"] = str(server.settings.run_dir(run_id) / "out")
     with server.session() as s:
         run, _ = runs.create_run(
-            s, name=name, submitted_train=train, submitted_model=model,
-            resolved_train=resolved_train, resolved_model=validated.model.model_dump(mode="json"),
+            s,
+            name=name,
+            submitted_train=train,
+            submitted_model=model,
+            resolved_train=resolved_train,
+            resolved_model=validated.model.model_dump(mode="json"),
             estimate=estimate(validated.train, validated.model).to_dict(),
             warnings=[{"loc": list(w.loc), "msg": w.message} for w in validated.warnings],
-            preset=preset, run_id=run_id)
+            preset=preset,
+            run_id=run_id,
+        )
     return run.id
 
 
 def start_run(server: LiveServer, run_id: uuid.UUID, worker: str = "w-test") -> int:
     """Claim the run for ``worker`` (registered with one GPU); returns the attempt."""
     with server.session() as s:
-        runs.register_worker(s, worker, "gpu-host-1", pid=4242,
-                             gpus=[{"index": 0, "name": "NVIDIA H100 80GB HBM3",
-                                    "memory_bytes": 80 << 30}])
+        runs.register_worker(
+            s,
+            worker,
+            "gpu-host-1",
+            pid=4242,
+            gpus=[{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": 80 << 30}],
+        )
         run = runs.claim_run(s, run_id, worker, lease_seconds=600)
     assert run is not None
     return run.attempt
 
 
-def finish_run(server: LiveServer, run_id: uuid.UUID, status: str = "succeeded", *,
-               attempt: int | None = None, reason: str | None = None, message: str = "") -> None:
+def finish_run(
+    server: LiveServer,
+    run_id: uuid.UUID,
+    status: str = "succeeded",
+    *,
+    attempt: int | None = None,
+    reason: str | None = None,
+    message: str = "",
+) -> None:
     """Move a running run to a terminal status through ``runs.transition``."""
     with server.session() as s:
-        runs.transition(s, run_id, status, message or f"training {status}", reason=reason,
-                        attempt=attempt, exit_code=0 if status == "succeeded" else 1)
+        runs.transition(
+            s,
+            run_id,
+            status,
+            message or f"training {status}",
+            reason=reason,
+            attempt=attempt,
+            exit_code=0 if status == "succeeded" else 1,
+        )
 
 
 def metric_rows(first: int, last: int, *, total: int = 200, seed: int = 0) -> list[dict]:
@@ -186,12 +238,21 @@ def metric_rows(first: int, last: int, *, total: int = 200, seed: int = 0) -> li
     rows = []
     for step in range(first, last + 1):
         loss = 2.6 + 3.0 * math.exp(-step / 40) + 0.08 * rng.gauss(0, 1)
-        lr = 1e-3 * step / 10 if step <= 10 else (
-            1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (step - 10) / (total - 10))))
-        row = {"step": step, "tokens": step * 128, "loss": loss, "learning_rate": lr,
-               "grad_norm": 0.6 + 2.5 * math.exp(-step / 30) + 0.05 * rng.random(),
-               "tokens_per_sec": 52_000 + 2_500 * rng.gauss(0, 1), "mfu": 0.41,
-               "elapsed_s": 0.35 * step}
+        lr = (
+            1e-3 * step / 10
+            if step <= 10
+            else (1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (step - 10) / (total - 10))))
+        )
+        row = {
+            "step": step,
+            "tokens": step * 128,
+            "loss": loss,
+            "learning_rate": lr,
+            "grad_norm": 0.6 + 2.5 * math.exp(-step / 30) + 0.05 * rng.random(),
+            "tokens_per_sec": 52_000 + 2_500 * rng.gauss(0, 1),
+            "mfu": 0.41,
+            "elapsed_s": 0.35 * step,
+        }
         if step % 25 == 0:
             row["val_loss"] = 2.55 + 3.0 * math.exp(-step / 40) + 0.05
             row["val_ppl"] = math.exp(row["val_loss"])
@@ -199,14 +260,22 @@ def metric_rows(first: int, last: int, *, total: int = 200, seed: int = 0) -> li
     return rows
 
 
-def record_metrics(server: LiveServer, run_id: uuid.UUID, rows: list[dict],
-                   attempt: int | None = None) -> None:
+def record_metrics(
+    server: LiveServer, run_id: uuid.UUID, rows: list[dict], attempt: int | None = None
+) -> None:
     with server.session() as s:
         runs.record_metrics(s, run_id, rows, attempt=attempt)
 
 
-def record_router(server: LiveServer, run_id: uuid.UUID, steps: list[int], *, n_layer: int = 4,
-                  n_expert: int = 8, collapse_layer: int | None = 2) -> None:
+def record_router(
+    server: LiveServer,
+    run_id: uuid.UUID,
+    steps: list[int],
+    *,
+    n_layer: int = 4,
+    n_expert: int = 8,
+    collapse_layer: int | None = 2,
+) -> None:
     """Router fractions per (step, layer, expert): balanced layers, and one layer whose expert
     0 takes over (collapse) as steps go on."""
     with server.session() as s:
@@ -221,8 +290,9 @@ def record_router(server: LiveServer, run_id: uuid.UUID, steps: list[int], *, n_
             runs.record_router_stats(s, run_id, runs.router_rows(step, matrix))
 
 
-def write_checkpoint(server: LiveServer, run_id: uuid.UUID, name: str = "final",
-                     step: int | None = None) -> Path:
+def write_checkpoint(
+    server: LiveServer, run_id: uuid.UUID, name: str = "final", step: int | None = None
+) -> Path:
     """A LitGPT-like checkpoint folder in the run's out/ folder, recorded in the database."""
     folder = server.settings.run_dir(run_id) / "out" / name
     folder.mkdir(parents=True, exist_ok=True)

@@ -66,8 +66,10 @@ def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
     dup.write_text("train:\n  micro_batch_size: 2\n  global_batch_size: 8\n  micro_batch_size: 4\n")
     with pytest.raises(ConfigError) as info:
         load_document(dup)
-    assert str(info.value) == (f"{dup}: invalid YAML at line 4, column 3: duplicate key "
-                               f"'micro_batch_size' (first given on line 2)")
+    assert str(info.value) == (
+        f"{dup}: invalid YAML at line 4, column 3: duplicate key "
+        f"'micro_batch_size' (first given on line 2)"
+    )
     dup_json = tmp_path / "dup.json"
     dup_json.write_text('{"train": {"max_tokens": 1, "max_tokens": 2}}')
     with pytest.raises(ConfigError, match=r"dup\.json: invalid JSON: duplicate key 'max_tokens'"):
@@ -137,7 +139,12 @@ def test_preset_section_must_be_a_mapping(tmp_path):
 
 def test_smoke_test_overrides_are_the_specs():
     assert SMOKE_TEST_OVERRIDES == {
-        "train": {"micro_batch_size": 1, "global_batch_size": 1, "max_tokens": 64, "max_seq_length": 64},
+        "train": {
+            "micro_batch_size": 1,
+            "global_batch_size": 1,
+            "max_tokens": 64,
+            "max_seq_length": 64,
+        },
         "precision": "32-true",
         "logger_name": "csv",
     }
@@ -146,8 +153,14 @@ def test_smoke_test_overrides_are_the_specs():
 def test_shipped_files_are_the_specs_values():
     train = load_document(TRAIN)
     assert train["train"] == {
-        "global_batch_size": 128, "log_interval": 1, "max_tokens": 320000, "lr_warmup_steps": 5,
-        "micro_batch_size": 4, "save_interval": 500, "gradient_checkpointing": False, "max_norm": 1.0,
+        "global_batch_size": 128,
+        "log_interval": 1,
+        "max_tokens": 320000,
+        "lr_warmup_steps": 5,
+        "micro_batch_size": 4,
+        "save_interval": 500,
+        "gradient_checkpointing": False,
+        "max_norm": 1.0,
         "max_seq_length": 512,
     }
     assert load_document(MODEL)["n_expert"] == 8
@@ -155,21 +168,46 @@ def test_shipped_files_are_the_specs_values():
 
 def test_precedence_files_preset_smoke_overrides(tmp_path):
     preset = tmp_path / "p.yaml"
-    preset.write_text(yaml.safe_dump({
-        "train_config": {"out_dir": "from-preset", "precision": "bf16-true", "train": {"micro_batch_size": 2}},
-        "model_config": {"n_layer": 3},
-    }))
+    preset.write_text(
+        yaml.safe_dump(
+            {
+                "train_config": {
+                    "out_dir": "from-preset",
+                    "precision": "bf16-true",
+                    "train": {"micro_batch_size": 2},
+                },
+                "model_config": {"n_layer": 3},
+            }
+        )
+    )
     # the preset beats the files
     train, model = resolve_documents(TRAIN, MODEL, preset=preset)
-    assert (train["out_dir"], train["precision"], train["train"]["micro_batch_size"]) == ("from-preset", "bf16-true", 2)
-    assert train["train"]["global_batch_size"] == 128 and model["n_layer"] == 3 and model["n_embd"] == 768
+    assert (train["out_dir"], train["precision"], train["train"]["micro_batch_size"]) == (
+        "from-preset",
+        "bf16-true",
+        2,
+    )
+    assert (
+        train["train"]["global_batch_size"] == 128
+        and model["n_layer"] == 3
+        and model["n_embd"] == 768
+    )
     # the smoke test beats the preset
     train, _ = resolve_documents(TRAIN, MODEL, preset=preset, smoke_test=True)
-    assert (train["precision"], train["train"]["micro_batch_size"], train["out_dir"]) == ("32-true", 1, "from-preset")
+    assert (train["precision"], train["train"]["micro_batch_size"], train["out_dir"]) == (
+        "32-true",
+        1,
+        "from-preset",
+    )
     # explicit overrides beat everything
-    train, model = resolve_documents(TRAIN, MODEL, preset=preset, smoke_test=True,
-                                     train_overrides={"train": {"micro_batch_size": 1, "global_batch_size": 2}},
-                                     model_overrides={"n_layer": 1})
+    train, model = resolve_documents(
+        TRAIN,
+        MODEL,
+        preset=preset,
+        smoke_test=True,
+        train_overrides={"train": {"micro_batch_size": 1, "global_batch_size": 2}},
+        model_overrides={"n_layer": 1},
+    )
     assert train["train"]["global_batch_size"] == 2 and model["n_layer"] == 1
     assert train["train"]["max_tokens"] == 64
 
@@ -183,6 +221,11 @@ def test_resolve_validates_and_reports_the_dotted_key():
 
 
 def test_resolve_with_documents_instead_of_files():
-    train, model = resolve_documents(None, None, train_doc=load_document(TRAIN), model_doc=load_document(MODEL),
-                                     preset="cpu-tiny")
+    train, model = resolve_documents(
+        None,
+        None,
+        train_doc=load_document(TRAIN),
+        model_doc=load_document(MODEL),
+        preset="cpu-tiny",
+    )
     assert model["n_embd"] == 128 and train["out_dir"] == "./out/cpu-tiny"

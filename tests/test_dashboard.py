@@ -1,6 +1,7 @@
 """The dashboard (service/static/): served by the real app, every asset local (no CDN, no URL
 to another host), and, where a Chromium is installed, rendered headless against a server with
 real runs, metrics, router rows, checkpoints and a log."""
+
 from __future__ import annotations
 
 import contextlib
@@ -117,10 +118,13 @@ def test_no_served_file_points_at_another_host():
         assert "@import" not in text and "url(http" not in text
 
 
-@pytest.mark.xfail("/" not in PUBLIC_PATHS,
-                   reason="the dashboard page must load without the token (it holds no data and "
-                   "asks for the token itself): add '/' to PUBLIC_PATHS and '/static/' to "
-                   "PUBLIC_PREFIXES in service/api/errors.py", strict=True)
+@pytest.mark.xfail(
+    "/" not in PUBLIC_PATHS,
+    reason="the dashboard page must load without the token (it holds no data and "
+    "asks for the token itself): add '/' to PUBLIC_PATHS and '/static/' to "
+    "PUBLIC_PREFIXES in service/api/errors.py",
+    strict=True,
+)
 def test_page_loads_without_the_token_but_the_data_needs_it(tmp_path):
     with live_server(tmp_path, token="dash-token") as srv:
         assert httpx.get(srv.url + "/runs", timeout=30).status_code == 401
@@ -130,10 +134,13 @@ def test_page_loads_without_the_token_but_the_data_needs_it(tmp_path):
 
 # -- headless browser ----------------------------------------------------------------------------
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(n)), None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed "
-                                    "(Debian: apt-get install chromium)")
+CHROMIUM = next(
+    (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+    None,
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install chromium)"
+)
 
 
 #: A console message in Chromium's log (``--enable-logging=stderr``):
@@ -150,12 +157,28 @@ def chromium_console(url: str, *args: str, budget_ms: int = 10000) -> tuple[str,
     """Load ``url`` headless (``budget_ms`` of virtual time lets the page's fetches and first
     polls run); return its stdout and every console message (``"text (source)"``)."""
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--virtual-time-budget={budget_ms}", "--enable-logging=stderr", "--v=0", *args, url],
-        capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--virtual-time-budget={budget_ms}",
+            "--enable-logging=stderr",
+            "--v=0",
+            *args,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    console = [f"{m['text']} ({m['source']})" for m in map(CONSOLE_LINE.search, result.stderr.splitlines())
-               if m]
+    console = [
+        f"{m['text']} ({m['source']})"
+        for m in map(CONSOLE_LINE.search, result.stderr.splitlines())
+        if m
+    ]
     return result.stdout, console
 
 
@@ -166,8 +189,11 @@ def chromium(url: str, *args: str) -> str:
     out, console = chromium_console(url, *args)
     time.sleep(0.5)  # lets the server finish a report the browser sent just before it exited
     violations = [line for line in console if is_csp_violation(line)]
-    violations += [f"{r.get('violated-directive')}: {r.get('blocked-uri')} ({r.get('source-file')}:"
-                   f"{r.get('line-number')})" for r in CSP_REPORTS]
+    violations += [
+        f"{r.get('violated-directive')}: {r.get('blocked-uri')} ({r.get('source-file')}:"
+        f"{r.get('line-number')})"
+        for r in CSP_REPORTS
+    ]
     assert not violations, f"{url}: Content-Security-Policy violations: {violations}"
     return out
 
@@ -180,8 +206,16 @@ def finished_run(server) -> uuid.UUID:
     record_router(server, run_id, list(range(10, 201, 10)), collapse_layer=2)
     write_checkpoint(server, run_id, "step-00000100", 100)
     write_checkpoint(server, run_id, "final", 200)
-    write_log(server, run_id, ["data: 25600 training tokens", "plan: 200 optimizer steps",
-                               "step 200 loss 2.61", "saved final checkpoint"])
+    write_log(
+        server,
+        run_id,
+        [
+            "data: 25600 training tokens",
+            "plan: 200 optimizer steps",
+            "step 200 loss 2.61",
+            "saved final checkpoint",
+        ],
+    )
     out = server.settings.run_dir(run_id) / "out"
     for kind in ("started", "configured", "data_ready", "model_built", "first_step"):
         append_event(out, kind, attempt=attempt)
@@ -239,9 +273,13 @@ def test_runs_list_shows_progress_loss_and_workers(server, finished_run):
 def test_every_view_and_the_docs_run_under_the_content_security_policy(server, finished_run):
     """Each page loads with the server's policy and the browser reports no violation
     (:func:`chromium` fails on one); the views and Swagger UI actually render."""
-    views = {"/": "Run smoke test", "/#/workers": "w-test", "/#/smoke-test": "Run smoke test",
-             f"/#/runs/{finished_run}": 'class="series"',
-             "/docs": 'id="operations-tag-runs"'}
+    views = {
+        "/": "Run smoke test",
+        "/#/workers": "w-test",
+        "/#/smoke-test": "Run smoke test",
+        f"/#/runs/{finished_run}": 'class="series"',
+        "/docs": 'id="operations-tag-runs"',
+    }
     for path, rendered in views.items():
         dom = chromium(server.url + path, "--window-size=1280,1600", "--dump-dom")
         assert rendered in dom, path
@@ -260,10 +298,18 @@ def _policy_page(html: str, script: str):
 
     from service.api.headers import SecurityHeadersMiddleware
 
-    app = CspReportCollector(SecurityHeadersMiddleware(Starlette(routes=[
-        Route("/", lambda _request: HTMLResponse(html)),
-        Route("/page.js", lambda _request: Response(script, media_type="text/javascript")),
-    ])))
+    app = CspReportCollector(
+        SecurityHeadersMiddleware(
+            Starlette(
+                routes=[
+                    Route("/", lambda _request: HTMLResponse(html)),
+                    Route(
+                        "/page.js", lambda _request: Response(script, media_type="text/javascript")
+                    ),
+                ]
+            )
+        )
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -283,23 +329,33 @@ def _policy_page(html: str, script: str):
 @needs_chromium
 def test_the_policy_blocks_inline_script_eval_and_style_attributes_and_the_check_sees_it():
     """The control for the test above: the same policy on a page that breaks it is reported."""
-    html = ('<!doctype html><p id="p" style="color: red">styled</p>'
-            '<script>document.title = "inline ran";</script><script src="/page.js"></script>')
-    script = ('document.getElementById("p").style.fontWeight = "bold";\n'  # CSSOM: allowed
-              'try { eval("document.title = \'eval ran\'"); } catch (e) { console.log("blocked: " + e.name); }\n'
-              'try { new Function("return 1")(); } catch (e) { console.log("blocked: " + e.name); }\n')
+    html = (
+        '<!doctype html><p id="p" style="color: red">styled</p>'
+        '<script>document.title = "inline ran";</script><script src="/page.js"></script>'
+    )
+    script = (
+        'document.getElementById("p").style.fontWeight = "bold";\n'  # CSSOM: allowed
+        'try { eval("document.title = \'eval ran\'"); } catch (e) { console.log("blocked: " + e.name); }\n'
+        'try { new Function("return 1")(); } catch (e) { console.log("blocked: " + e.name); }\n'
+    )
     with _policy_page(html, script) as url:
         CSP_REPORTS.clear()
         dom, console = chromium_console(url + "/", "--dump-dom", budget_ms=3000)
         time.sleep(0.5)
         reported = sorted((r["violated-directive"], r["blocked-uri"]) for r in CSP_REPORTS)
     assert "<title>" not in dom  # neither the inline script nor eval set a title
-    assert reported == [("script-src", "eval"), ("script-src", "eval"), ("script-src-elem", "inline"),
-                        ("style-src-attr", "inline")]
+    assert reported == [
+        ("script-src", "eval"),
+        ("script-src", "eval"),
+        ("script-src-elem", "inline"),
+        ("style-src-attr", "inline"),
+    ]
     violations = [line for line in console if is_csp_violation(line)]
     assert any("inline script" in v for v in violations), console
     assert any("inline style" in v for v in violations), console
     assert sum(line.startswith("blocked: EvalError") for line in console) == 2, console
-    with pytest.raises(AssertionError, match="Content-Security-Policy violations: .*script-src-elem"):
+    with pytest.raises(
+        AssertionError, match="Content-Security-Policy violations: .*script-src-elem"
+    ):
         with _policy_page(html, script) as url:
             chromium(url + "/")

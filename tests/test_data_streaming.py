@@ -3,6 +3,7 @@ whole (LitGPT's ``tokenize()``) on real text with CRLF, a BOM, lone CRs, very lo
 multi-byte characters cut by the reader; the uint16/uint32 choice; progress reports; a tokenizer
 that may not be chunked takes the whole-file path with the same ids; and peak memory that does
 not grow with the corpus (measured in subprocesses)."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,14 @@ from litgpt.data.text_files import tokenize as litgpt_tokenize
 
 from conftest import REPO
 from worker import data as data_module
-from worker.data import PrepProgress, chunking_problem, file_chunks, iter_text, safe_split, tokenize_files
+from worker.data import (
+    PrepProgress,
+    chunking_problem,
+    file_chunks,
+    iter_text,
+    safe_split,
+    tokenize_files,
+)
 from worker.errors import DataError
 from worker.tokenizer import load_tokenizer, read_text
 
@@ -43,8 +51,10 @@ def texts(tmp_path_factory) -> list[Path]:
         "c-bom-crlf.txt": b"\xef\xbb\xbf\r\n\r\n" + src.replace(b"\n", b"\r\n") + b"\r\n\r\n  \t",
         "d-lone-cr.txt": src.replace(b"\n", b"\r"),
         "e-one-long-line.txt": prose.replace(b"\n", b" "),  # ~20 kB without a newline
-        "f-unicode.txt": ("caf\u00e9 na\u00efve \u00fcber \u4e2d\u6587 \u0645\u0631\u062d\u0628\u0627 \U0001F600\n"
-                          "\u3000indented\u2028next\u0085line\n\n\n\u00e9t\u00e9 d\u00e9j\u00e0\n" * 400).encode(),
+        "f-unicode.txt": (
+            "caf\u00e9 na\u00efve \u00fcber \u4e2d\u6587 \u0645\u0631\u062d\u0628\u0627 \U0001f600\n"
+            "\u3000indented\u2028next\u0085line\n\n\n\u00e9t\u00e9 d\u00e9j\u00e0\n" * 400
+        ).encode(),
         "g-special-tokens.txt": b"<|bos|>starts with bos\nmiddle <|eos|> text\nends with eos <|eos|>",
         "h-whitespace-runs.txt": b"a\n\nb\n \nc  d\t\te\n\n\n  f g\nh\n" * 300,
     }
@@ -64,7 +74,9 @@ def _litgpt(tokenizer_dir: Path, path: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("chunk_chars", [1, 13, 4096])
-def test_chunks_concatenate_to_the_text_and_encode_to_the_same_ids(texts, tok, monkeypatch, chunk_chars):
+def test_chunks_concatenate_to_the_text_and_encode_to_the_same_ids(
+    texts, tok, monkeypatch, chunk_chars
+):
     """chunk_chars=1 cuts at every safe point there is; tiny reads cut CRLF pairs and multi-byte
     characters between two reads."""
     assert chunking_problem(tok) is None
@@ -85,12 +97,17 @@ def test_cutting_anywhere_else_would_change_the_ids(tok):
         assert enc(text).ids != enc(text[:bad]).ids + enc(text[bad:]).ids, text
         assert safe_split(text, 1) == -1, text
     assert safe_split("ab\ncd", 1) == 3 and safe_split("ab cd", 1) == 2
-    assert safe_split("ab\n\ncd", 1) == -1 and safe_split("ab \ncd", 1) == -1 and safe_split("1 2", 1) == -1
+    assert (
+        safe_split("ab\n\ncd", 1) == -1
+        and safe_split("ab \ncd", 1) == -1
+        and safe_split("1 2", 1) == -1
+    )
 
 
 @pytest.mark.parametrize("chunk,batch", [(1, 1), (64, 1000), (None, None)])
-def test_cache_ids_equal_the_previous_preparation_and_litgpt(texts, tok, tokenizer_dir, tmp_path, monkeypatch,
-                                                             chunk, batch):
+def test_cache_ids_equal_the_previous_preparation_and_litgpt(
+    texts, tok, tokenizer_dir, tmp_path, monkeypatch, chunk, batch
+):
     if chunk is not None:
         monkeypatch.setattr(data_module, "CHUNK_CHARS", chunk)
         monkeypatch.setattr(data_module, "BATCH_CHARS", batch)
@@ -133,11 +150,20 @@ def test_reader_errors_are_read_texts(tmp_path, monkeypatch):
         assert str(got.value) == str(want.value)
 
 
-def test_progress_reports_tokens_bytes_and_a_final_done(texts, tok, tokenizer_dir, tmp_path, monkeypatch):
+def test_progress_reports_tokens_bytes_and_a_final_done(
+    texts, tok, tokenizer_dir, tmp_path, monkeypatch
+):
     monkeypatch.setattr(data_module, "BATCH_CHARS", 2000)
     seen: list[PrepProgress] = []
-    ts = tokenize_files(texts, tok, tokenizer_dir, 1024, cache_dir=tmp_path / "cache", on_progress=seen.append,
-                        progress_interval_s=0.0)
+    ts = tokenize_files(
+        texts,
+        tok,
+        tokenizer_dir,
+        1024,
+        cache_dir=tmp_path / "cache",
+        on_progress=seen.append,
+        progress_interval_s=0.0,
+    )
     assert len(seen) > 5 and seen[-1].done and not any(p.done for p in seen[:-1])
     assert [p.tokens for p in seen] == sorted(p.tokens for p in seen) and seen[-1].tokens == len(ts)
     total = sum(p.stat().st_size for p in texts)
@@ -146,7 +172,9 @@ def test_progress_reports_tokens_bytes_and_a_final_done(texts, tok, tokenizer_di
     assert f"{len(ts):,} tokens, 100% of" in seen[-1].describe()
     # a cache that exists is not tokenized again: no report
     again: list[PrepProgress] = []
-    tokenize_files(texts, tok, tokenizer_dir, 1024, cache_dir=tmp_path / "cache", on_progress=again.append)
+    tokenize_files(
+        texts, tok, tokenizer_dir, 1024, cache_dir=tmp_path / "cache", on_progress=again.append
+    )
     assert again == []
 
 
@@ -156,11 +184,15 @@ def test_a_tokenizer_that_may_not_be_chunked_encodes_whole_files(texts, tokenize
     folder = tmp_path / "tok-template"
     shutil.copytree(tokenizer_dir, folder)
     doc = json.loads((folder / "tokenizer.json").read_text())
-    doc["post_processor"] = {"type": "TemplateProcessing",
-                             "single": [{"SpecialToken": {"id": "<|bos|>", "type_id": 0}},
-                                        {"Sequence": {"id": "A", "type_id": 0}}],
-                             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                             "special_tokens": {"<|bos|>": {"id": "<|bos|>", "ids": [0], "tokens": ["<|bos|>"]}}}
+    doc["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": "<|bos|>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|bos|>": {"id": "<|bos|>", "ids": [0], "tokens": ["<|bos|>"]}},
+    }
     (folder / "tokenizer.json").write_text(json.dumps(doc))
     tok = load_tokenizer(folder, 1024)
     assert chunking_problem(tok) == "its post-processor is TemplateProcessing"
@@ -201,13 +233,20 @@ def _corpus(dest: Path, n_files: int) -> Path:
         if len(blob) > 1_000_000:
             break
     for i in range(n_files):
-        (dest / f"{i:03d}.txt").write_bytes(blob[i * 997:] + blob[: i * 997])  # not byte-identical files
+        (dest / f"{i:03d}.txt").write_bytes(
+            blob[i * 997 :] + blob[: i * 997]
+        )  # not byte-identical files
     return dest
 
 
 def _peak_kib(tokenizer_dir: Path, corpus: Path, cache: Path) -> tuple[int, int, int]:
-    done = subprocess.run([sys.executable, "-c", _PEAK, str(tokenizer_dir), str(corpus), str(cache)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(tokenizer_dir), str(corpus), str(cache)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     base, peak, tokens = map(int, done.stdout.split())
     return base, peak, tokens
@@ -221,8 +260,19 @@ def test_peak_memory_does_not_grow_with_the_corpus(tokenizer_dir, tmp_path):
     2026-12-03: +7 MB here; the previous preparation, int64 parts concatenated: +59 MB.)"""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    base_s, peak_s, tokens_s = _peak_kib(tokenizer_dir, _corpus(tmp_path / "small", 2), tmp_path / "cache-s")
-    base_l, peak_l, tokens_l = _peak_kib(tokenizer_dir, _corpus(tmp_path / "large", 20), tmp_path / "cache-l")
+    base_s, peak_s, tokens_s = _peak_kib(
+        tokenizer_dir, _corpus(tmp_path / "small", 2), tmp_path / "cache-s"
+    )
+    base_l, peak_l, tokens_l = _peak_kib(
+        tokenizer_dir, _corpus(tmp_path / "large", 20), tmp_path / "cache-l"
+    )
     assert tokens_l > 9 * tokens_s
     grown_bytes = ((peak_l - base_l) - (peak_s - base_s)) * 1024
-    assert grown_bytes < 2 * (tokens_l - tokens_s), (base_s, peak_s, base_l, peak_l, tokens_s, tokens_l)
+    assert grown_bytes < 2 * (tokens_l - tokens_s), (
+        base_s,
+        peak_s,
+        base_l,
+        peak_l,
+        tokens_s,
+        tokens_l,
+    )

@@ -1,4 +1,5 @@
 """Settings, engines and migrations, on real SQLite and PostgreSQL."""
+
 # ruff: noqa: F811  (pytest fixtures imported from test_db_support)
 from __future__ import annotations
 
@@ -32,8 +33,16 @@ from test_db_support import (  # noqa: F401  (fixtures)
     settings_for,
 )
 
-TABLES = {"runs", "run_events", "metric_points", "router_points", "checkpoints", "workers",
-          "run_provenance", "throughput"}
+TABLES = {
+    "runs",
+    "run_events",
+    "metric_points",
+    "router_points",
+    "checkpoints",
+    "workers",
+    "run_provenance",
+    "throughput",
+}
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -70,8 +79,11 @@ def test_every_setting_is_in_the_readme_settings_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = {line.split("|")[1] for line in readme.splitlines() if line.startswith("| `MOEJOBS_")}
     documented = " ".join(rows)
-    missing = [f"MOEJOBS_{name.upper()}" for name in Settings.model_fields
-               if f"`MOEJOBS_{name.upper()}`" not in documented]
+    missing = [
+        f"MOEJOBS_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`MOEJOBS_{name.upper()}`" not in documented
+    ]
     assert not missing, f"settings missing from the README's table: {missing}"
 
 
@@ -117,11 +129,13 @@ def test_a_short_token_is_refused_beyond_loopback(clean_env, tmp_path, host):
         Settings(home=tmp_path, host=host, api_token=short)
     assert str(info.value) == (
         f"MOEJOBS_HOST={host} listens beyond this machine but MOEJOBS_API_TOKEN has 31 characters: it "
-        "needs at least 32 there (make one with `python -c \"import secrets; "
-        "print(secrets.token_urlsafe(32))\"`), or listen on 127.0.0.1")
+        'needs at least 32 there (make one with `python -c "import secrets; '
+        'print(secrets.token_urlsafe(32))"`), or listen on 127.0.0.1'
+    )
     assert short not in str(info.value)
     # what the message suggests is long enough
     import secrets
+
     assert Settings(home=tmp_path, host=host, api_token=secrets.token_urlsafe(32)).host == host
     assert Settings(home=tmp_path, host=host, api_token="x" * 32).host == host
 
@@ -150,9 +164,16 @@ def test_blank_token_from_environment_is_unset(clean_env, tmp_path):
         Settings(home=tmp_path)
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("all", "all"), ("ALL", "all"), ("0", [0]), ("1,3", [1, 3]), ([2, 0], [2, 0]),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("all", "all"),
+        ("ALL", "all"),
+        ("0", [0]),
+        ("1,3", [1, 3]),
+        ([2, 0], [2, 0]),
+    ],
+)
 def test_worker_gpus_parsing(clean_env, tmp_path, value, expected):
     assert Settings(home=tmp_path, worker_gpus=value).worker_gpus == expected
 
@@ -171,19 +192,24 @@ def test_malformed_values_are_validation_errors(clean_env, tmp_path):
         Settings(home=tmp_path)
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("sqlite:///x.sqlite3", "sqlite:///x.sqlite3"), ("sqlite://", "sqlite://"),
-    ("sqlite+pysqlite:///x", "sqlite+pysqlite:///x"),
-    ("postgresql+psycopg://u@h/d", "postgresql+psycopg://u@h/d"),
-    ("postgres://u@h/d", "postgresql+psycopg://u@h/d"),
-    ("postgresql+psycopg2://u@h/d", "postgresql+psycopg://u@h/d"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("sqlite:///x.sqlite3", "sqlite:///x.sqlite3"),
+        ("sqlite://", "sqlite://"),
+        ("sqlite+pysqlite:///x", "sqlite+pysqlite:///x"),
+        ("postgresql+psycopg://u@h/d", "postgresql+psycopg://u@h/d"),
+        ("postgres://u@h/d", "postgresql+psycopg://u@h/d"),
+        ("postgresql+psycopg2://u@h/d", "postgresql+psycopg://u@h/d"),
+    ],
+)
 def test_database_urls_moejobs_can_use(clean_env, tmp_path, url, expected):
     assert Settings(home=tmp_path, database_url=url).database_url == expected
 
 
-@pytest.mark.parametrize("url", ["bogus://x", "mysql://u:hunter2@h/d",
-                                 "postgresql+asyncpg://u:hunter2@h/d", "hunter2"])
+@pytest.mark.parametrize(
+    "url", ["bogus://x", "mysql://u:hunter2@h/d", "postgresql+asyncpg://u:hunter2@h/d", "hunter2"]
+)
 def test_other_database_urls_are_refused_without_echoing_them(clean_env, tmp_path, url):
     with pytest.raises(ValidationError, match="database_url") as info:
         Settings(home=tmp_path, database_url=url)
@@ -205,8 +231,14 @@ def test_load_settings_names_flags_and_variables(clean_env, tmp_path):
 
 
 def test_to_env_round_trips(clean_env, tmp_path):
-    original = Settings(home=tmp_path, host="0.0.0.0", api_token="t" * 32, worker_gpus="0,1",
-                        allow_unschedulable=True, lease_seconds=60)
+    original = Settings(
+        home=tmp_path,
+        host="0.0.0.0",
+        api_token="t" * 32,
+        worker_gpus="0,1",
+        allow_unschedulable=True,
+        lease_seconds=60,
+    )
     for name, value in original.to_env().items():
         clean_env.setenv(name, value)
     assert Settings() == original
@@ -261,8 +293,16 @@ def test_timestamps_come_back_aware_utc(database):
     plus_two = timezone(timedelta(hours=2))
     stamp = datetime(2025, 3, 1, 12, 30, 15, 123456, tzinfo=plus_two)
     with database.session() as s:
-        run = Run(name="t", submitted_train={}, submitted_model={}, resolved_train={},
-                  resolved_model={}, created_at=stamp, queued_at=stamp, updated_at=stamp)
+        run = Run(
+            name="t",
+            submitted_train={},
+            submitted_model={},
+            resolved_train={},
+            resolved_model={},
+            created_at=stamp,
+            queued_at=stamp,
+            updated_at=stamp,
+        )
         s.add(run)
         s.commit()
         run_id = run.id
@@ -272,16 +312,34 @@ def test_timestamps_come_back_aware_utc(database):
         assert got.created_at.tzinfo is not None and got.created_at.utcoffset() == timedelta(0)
         assert got.created_at.hour == 10
         # SQL comparison with an aware bound value agrees with Python's
-        assert s.execute(sa.select(sa.func.count()).select_from(Run)
-                         .where(Run.created_at < stamp + timedelta(microseconds=1))).scalar() == 1
-        assert s.execute(sa.select(sa.func.count()).select_from(Run)
-                         .where(Run.created_at > stamp)).scalar() == 0
+        assert (
+            s.execute(
+                sa.select(sa.func.count())
+                .select_from(Run)
+                .where(Run.created_at < stamp + timedelta(microseconds=1))
+            ).scalar()
+            == 1
+        )
+        assert (
+            s.execute(
+                sa.select(sa.func.count()).select_from(Run).where(Run.created_at > stamp)
+            ).scalar()
+            == 0
+        )
 
 
 def test_naive_timestamps_are_refused(database):
     with database.session() as s:
-        s.add(Run(name="t", submitted_train={}, submitted_model={}, resolved_train={},
-                  resolved_model={}, created_at=datetime(2025, 1, 1)))
+        s.add(
+            Run(
+                name="t",
+                submitted_train={},
+                submitted_model={},
+                resolved_train={},
+                resolved_model={},
+                created_at=datetime(2025, 1, 1),
+            )
+        )
         with pytest.raises(sa.exc.StatementError, match="naive datetime"):
             s.commit()
 
@@ -298,8 +356,10 @@ def test_check_constraints_hold_in_the_database(database):
         )
         t = datetime(2025, 1, 1, tzinfo=timezone.utc)
         ident = rid if database.engine.dialect.name == "sqlite" else str(uuid.UUID(rid))
-        for status, constraint in (("failed", "ck_runs_failure_reason_iff_failed"),
-                                   ("paused", "ck_runs_status")):
+        for status, constraint in (
+            ("failed", "ck_runs_failure_reason_iff_failed"),
+            ("paused", "ck_runs_status"),
+        ):
             with pytest.raises(sa.exc.IntegrityError, match=constraint):
                 with conn.begin_nested():
                     conn.execute(insert, {"id": ident, "status": status, "t": t})
@@ -360,10 +420,16 @@ def test_concurrent_migrations_run_one_after_the_other(empty_settings):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
     env.update(empty_settings.to_env())
-    code = "from service.db import migrate; from service.settings import Settings; migrate(Settings())"
+    code = (
+        "from service.db import migrate; from service.settings import Settings; migrate(Settings())"
+    )
     root = Path(__file__).resolve().parents[1]
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=root, env=env, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     for p in procs:
         p.stderr.close()
@@ -402,8 +468,9 @@ def test_postgresql_ends_a_session_frozen_inside_a_transaction(tmp_path, postgre
 
     from service.db import idle_in_transaction_ms, open_database
 
-    settings = settings_for(tmp_path, postgres_migrated, lease_seconds=4, heartbeat_seconds=0.5,
-                            worker_stale_seconds=2)
+    settings = settings_for(
+        tmp_path, postgres_migrated, lease_seconds=4, heartbeat_seconds=0.5, worker_stale_seconds=2
+    )
     assert idle_in_transaction_ms(settings) == 1000
     frozen, other = open_database(settings), open_database(settings)
     try:

@@ -7,6 +7,7 @@ never skipped. Each session creates ``moejobs_test_<random>`` and drops it at th
 
 Use from a test module with ``from test_db_support import database, postgres_url, ...``.
 """
+
 from __future__ import annotations
 
 import os

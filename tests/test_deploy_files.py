@@ -1,6 +1,7 @@
 """docker/ and compose.yaml agree with the code (Docker itself is not needed): every worker
 service owns one distinct GPU, the MOEJOBS_* variables are real settings, the commands are
 real `moejobs` subcommands, and nothing in an image is removed by a later install step."""
+
 from __future__ import annotations
 
 import re

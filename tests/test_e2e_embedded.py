@@ -5,6 +5,7 @@ the API and one worker as child processes), then the README's client commands as
 them: ``moejobs submit``, ``moejobs status --follow``, ``moejobs download``, ``moejobs smoke-test``;
 finally Ctrl-C (SIGINT) stops everything. Tiny real MoE models train on the CPU.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def moejobs(*argv: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_up_then_submit_follow_download_and_smoke_test(tmp_path):
@@ -41,30 +48,51 @@ def test_up_then_submit_follow_download_and_smoke_test(tmp_path):
     # The smoke test trains a tiny model (the shipped MoE-200M needs ~12 GB and minutes here);
     # its vocabulary covers the worker's 4,096-id sample tokenizer.
     smoke_model = tmp_path / "smoke_model.yaml"
-    smoke_model.write_text(yaml.safe_dump({**TINY_MODEL, "vocab_size": 4096, "padded_vocab_size": 4096}))
+    smoke_model.write_text(
+        yaml.safe_dump({**TINY_MODEL, "vocab_size": 4096, "padded_vocab_size": 4096})
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
-    env.update(MOEJOBS_SMOKE_MODEL_CONFIG=str(smoke_model), MOEJOBS_URL=url,
-               MOEJOBS_TOKEN_CACHE=str(tmp_path / "token-cache"), PYTHONUNBUFFERED="1")
+    env.update(
+        MOEJOBS_SMOKE_MODEL_CONFIG=str(smoke_model),
+        MOEJOBS_URL=url,
+        MOEJOBS_TOKEN_CACHE=str(tmp_path / "token-cache"),
+        PYTHONUNBUFFERED="1",
+    )
 
     # A user's own data under the data root, referred to by relative paths in the config.
     data_root = home / "data"
     stdlib_text_files(data_root / "mytext" / "train", TRAIN_MODULES)
     stdlib_text_files(data_root / "mytext" / "val", VAL_MODULES)
-    train_tokenizer([data_root / "mytext" / "train"], data_root / "tokenizers" / "mytok", vocab_size=1024)
+    train_tokenizer(
+        [data_root / "mytext" / "train"], data_root / "tokenizers" / "mytok", vocab_size=1024
+    )
     train_doc = yaml.safe_load((REPO / "configs" / "train_config.yaml").read_text())
     train_doc.update(tokenizer_dir="tokenizers/mytok", precision="32-true", devices=1)
-    train_doc["data"]["init_args"].update(train_data_path="./mytext/train", val_data_path="./mytext/val",
-                                          num_workers=0)
-    train_doc["train"].update(micro_batch_size=2, global_batch_size=4, max_seq_length=32,
-                              max_tokens=4 * 32 * 8, save_interval=3, lr_warmup_steps=2)
+    train_doc["data"]["init_args"].update(
+        train_data_path="./mytext/train", val_data_path="./mytext/val", num_workers=0
+    )
+    train_doc["train"].update(
+        micro_batch_size=2,
+        global_batch_size=4,
+        max_seq_length=32,
+        max_tokens=4 * 32 * 8,
+        save_interval=3,
+        lr_warmup_steps=2,
+    )
     train_doc["eval"].update(final_validation=True, max_iters=2)
     train_doc["optimization"]["compile"] = False
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(train_doc))
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(TINY_MODEL))
 
     log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--home", str(home), "--port", str(port)],
-                          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--home", str(home), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -78,8 +106,14 @@ def test_up_then_submit_follow_download_and_smoke_test(tmp_path):
             time.sleep(1)
         assert (home / "moejobs.sqlite3").is_file() and (home / "broker.sqlite3").is_file()
 
-        submitted = moejobs("submit", str(tmp_path / "train.yaml"), str(tmp_path / "model.yaml"),
-                            "--name", "e2e-embedded", env=env)
+        submitted = moejobs(
+            "submit",
+            str(tmp_path / "train.yaml"),
+            str(tmp_path / "model.yaml"),
+            "--name",
+            "e2e-embedded",
+            env=env,
+        )
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         run_id = re.search(r"submitted run ([0-9a-f-]{36})", submitted.stdout).group(1)
 
@@ -97,7 +131,11 @@ def test_up_then_submit_follow_download_and_smoke_test(tmp_path):
             file_rows = list(csv.DictReader(f))
         api = httpx.get(f"{url}/runs/{run_id}/metrics", params={"limit": 10_000}).json()
         api_rows = api["items"] if isinstance(api, dict) else api
-        assert [int(r["step"]) for r in file_rows] == [r["step"] for r in api_rows] == list(range(1, 9))
+        assert (
+            [int(r["step"]) for r in file_rows]
+            == [r["step"] for r in api_rows]
+            == list(range(1, 9))
+        )
         for f_row, a_row in zip(file_rows, api_rows):
             assert float(f_row["loss"]) == pytest.approx(a_row["loss"], rel=1e-6)
         assert api_rows[-1]["val_loss"] is not None
@@ -106,12 +144,22 @@ def test_up_then_submit_follow_download_and_smoke_test(tmp_path):
         router_rows = router["items"] if isinstance(router, dict) else router
         with open(out_dir / "router.csv", newline="") as f:
             router_file = list(csv.DictReader(f))
-        assert len(router_rows) == len(router_file) == 8 * TINY_MODEL["n_layer"] * TINY_MODEL["n_expert"]
+        assert (
+            len(router_rows)
+            == len(router_file)
+            == 8 * TINY_MODEL["n_layer"] * TINY_MODEL["n_expert"]
+        )
 
         checkpoints = httpx.get(f"{url}/runs/{run_id}/checkpoints").json()
         checkpoints = checkpoints["items"] if isinstance(checkpoints, dict) else checkpoints
-        on_disk = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        assert sorted(c["name"] for c in checkpoints) == on_disk == ["final", "step-00000003", "step-00000006"]
+        on_disk = sorted(
+            p.name for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        assert (
+            sorted(c["name"] for c in checkpoints)
+            == on_disk
+            == ["final", "step-00000003", "step-00000006"]
+        )
 
         model_dir = tmp_path / "downloaded"
         downloaded = moejobs("download", run_id, "--out", str(model_dir), env=env)

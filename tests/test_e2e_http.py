@@ -6,6 +6,7 @@ through the API; the trained model is downloaded as a tar and generated from wit
 ``POST /smoke-test`` is not run here: it trains the shipped train config, whose
 ``compile: true`` costs minutes of torch.compile on a CPU.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,10 +55,25 @@ class Api:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app",
-                 "--host", "127.0.0.1", "--port", str(settings.port), "--log-level", "warning"],
-                cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL)
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "service.main:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(settings.port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=str(REPO),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
     def log(self) -> str:
@@ -71,6 +87,7 @@ class Api:
                 return self.http.get("/healthz").status_code == 200
             except httpx.TransportError:
                 return False
+
         wait_for(up, 120, "the API to listen", on_fail=self.log)
 
     def stop(self) -> None:
@@ -95,9 +112,12 @@ def e2e(tmp_path_factory):
     worker = WorkerProcess(settings, home / "worker.log", home / "token-cache").start()
     try:
         api.wait_up()
-        wait_for(lambda: api.http.get("/readyz").status_code == 200, 120,
-                 "readyz (database, broker, a live worker)",
-                 on_fail=lambda: api.http.get("/readyz").text + "\n" + worker.log())
+        wait_for(
+            lambda: api.http.get("/readyz").status_code == 200,
+            120,
+            "readyz (database, broker, a live worker)",
+            on_fail=lambda: api.http.get("/readyz").text + "\n" + worker.log(),
+        )
         yield {"settings": settings, "api": api, "http": api.http, "worker": worker}
     finally:
         code = worker.stop()
@@ -110,8 +130,10 @@ def _wait_run(e2e, run_id, timeout=400.0) -> dict:
     def finished():
         run = e2e["http"].get(f"/runs/{run_id}").json()
         return run if run["status"] in TERMINAL else None
-    return wait_for(finished, timeout, f"run {run_id} to finish", poll=0.5,
-                    on_fail=e2e["worker"].log)
+
+    return wait_for(
+        finished, timeout, f"run {run_id} to finish", poll=0.5, on_fail=e2e["worker"].log
+    )
 
 
 def _metrics(e2e, run_id) -> list[dict]:
@@ -132,10 +154,17 @@ def _assert_metrics_match_file(items: list[dict], path: Path) -> None:
 
 def _submit(e2e, name: str, steps: int, save_interval: int | None) -> dict:
     # Paths relative to the data root; out_dir is the server's choice (RUNS_DIR/<id>/out).
-    train = tiny_train_config(Path("out"), Path("tiny"), Path("tokenizers/tiny-tok"),
-                              max_tokens=4 * 32 * steps, save_interval=save_interval)
-    response = e2e["http"].post("/runs", json={"name": name, "train_config": train,
-                                               "model_config": copy.deepcopy(TINY_MODEL)})
+    train = tiny_train_config(
+        Path("out"),
+        Path("tiny"),
+        Path("tokenizers/tiny-tok"),
+        max_tokens=4 * 32 * steps,
+        save_interval=save_interval,
+    )
+    response = e2e["http"].post(
+        "/runs",
+        json={"name": name, "train_config": train, "model_config": copy.deepcopy(TINY_MODEL)},
+    )
     assert response.status_code == 201, response.text
     created = response.json()
     assert created["status"] == "queued" and created["enqueued"]
@@ -154,8 +183,11 @@ def test_dataset_tokenizer_train_download_generate(e2e, tmp_path):
     texts = tmp_path / "texts"
     stdlib_text_files(texts / "train", CORPUS_TRAIN)
     stdlib_text_files(texts / "val", VAL_MODULES[:1])
-    files = [("files", (f"{part}/{p.name}", p.read_bytes(), "text/plain"))
-             for part in ("train", "val") for p in sorted((texts / part).glob("*.txt"))]
+    files = [
+        ("files", (f"{part}/{p.name}", p.read_bytes(), "text/plain"))
+        for part in ("train", "val")
+        for p in sorted((texts / part).glob("*.txt"))
+    ]
     response = http.post("/datasets/tiny", files=files)
     assert response.status_code == 201, response.text
     response = http.post("/tokenizers/tiny-tok", json={"dataset": "tiny", "vocab_size": 1024})
@@ -165,6 +197,7 @@ def test_dataset_tokenizer_train_download_generate(e2e, tmp_path):
         state = {t["name"]: t for t in http.get("/tokenizers").json()}.get("tiny-tok")
         assert state is None or state["status"] != "failed", state
         return state if state and state["status"] == "ready" else None
+
     ready = wait_for(tokenizer_ready, 120, "the tokenizer", on_fail=e2e["worker"].log)
     assert ready["vocab_size"] <= 1024
 
@@ -181,22 +214,37 @@ def test_dataset_tokenizer_train_download_generate(e2e, tmp_path):
     assert len(items) == 20
     _assert_metrics_match_file(items, out / "metrics.csv")
     checkpoints = http.get(f"/runs/{run_id}/checkpoints").json()
-    on_disk = sorted(p.name for p in out.iterdir()
-                     if p.is_dir() and (p.name == "final" or p.name.startswith("step-")))
+    on_disk = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.is_dir() and (p.name == "final" or p.name.startswith("step-"))
+    )
     assert sorted(c["name"] for c in checkpoints) == on_disk
     assert [c["name"] for c in checkpoints] == [
-        "step-00000005", "step-00000010", "step-00000015", "step-00000020", "final"]
+        "step-00000005",
+        "step-00000010",
+        "step-00000015",
+        "step-00000020",
+        "final",
+    ]
     for c in checkpoints:
         assert Path(c["path"]) == out / c["name"] and c["size_bytes"] > 0
     events = http.get(f"/runs/{run_id}/events").json()
     assert [(e["from_status"], e["to_status"]) for e in events] == [
-        (None, "queued"), ("queued", "running"), ("running", "succeeded")]
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     logs = http.get(f"/runs/{run_id}/logs", params={"tail": 5}).text
     assert "exit code 0: succeeded" in logs
 
     # the duplicate message was consumed and did nothing
-    wait_for(lambda: f"run {run_id} is succeeded: message ignored" in e2e["worker"].log(), 60,
-             "the duplicate delivery", on_fail=e2e["worker"].log)
+    wait_for(
+        lambda: f"run {run_id} is succeeded: message ignored" in e2e["worker"].log(),
+        60,
+        "the duplicate delivery",
+        on_fail=e2e["worker"].log,
+    )
     assert http.get(f"/runs/{run_id}").json()["attempt"] == 1
     assert len(http.get(f"/runs/{run_id}/events").json()) == 3
 
@@ -218,8 +266,13 @@ def test_dataset_tokenizer_train_download_generate(e2e, tmp_path):
 def test_cancel_over_http(e2e):
     http = e2e["http"]
     run_id = _submit(e2e, "e2e-cancel", steps=100_000, save_interval=None)["id"]
-    wait_for(lambda: http.get(f"/runs/{run_id}/metrics").json()["total"] >= 3, 300,
-             "metric rows of the running run", poll=0.5, on_fail=e2e["worker"].log)
+    wait_for(
+        lambda: http.get(f"/runs/{run_id}/metrics").json()["total"] >= 3,
+        300,
+        "metric rows of the running run",
+        poll=0.5,
+        on_fail=e2e["worker"].log,
+    )
     pid = int((e2e["settings"].run_dir(run_id) / "train.pid").read_text())
     assert not pid_gone(pid)
     response = http.post(f"/runs/{run_id}/cancel")

@@ -1,5 +1,6 @@
 """The training engine on a tiny MoE, in-process: schedule, metrics, checkpoints, resume rules,
 loss parity with stock LitGPT, pre-flight and attention mapping."""
+
 from __future__ import annotations
 
 import copy
@@ -47,7 +48,12 @@ def finished_run(tmp_path_factory, corpus, tokenizer_dir):
     """6 optimizer steps (2 micro-batches each), a checkpoint every 3 steps, validation at the end."""
     out = tmp_path_factory.mktemp("finished") / "run"
     doc = tiny_train_config(out, corpus, tokenizer_dir, save_interval=3)
-    doc["eval"] = {"interval": 0, "final_validation": True, "initial_validation": True, "max_iters": 2}
+    doc["eval"] = {
+        "interval": 0,
+        "final_validation": True,
+        "initial_validation": True,
+        "max_iters": 2,
+    }
     from conftest import TINY_MODEL
 
     rows: list[dict] = []
@@ -59,7 +65,10 @@ def test_metrics_rows_header_and_learning_rates(finished_run):
     doc, result, rows = finished_run
     out = Path(doc["out_dir"])
     lines = (out / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "step,tokens,loss,learning_rate,grad_norm,tokens_per_sec,mfu,elapsed_s,val_loss,val_ppl"
+    assert (
+        lines[0]
+        == "step,tokens,loss,learning_rate,grad_norm,tokens_per_sec,mfu,elapsed_s,val_loss,val_ppl"
+    )
     table = read_metrics(out / "metrics.csv")
     assert [int(r["step"]) for r in table] == [0, 1, 2, 3, 4, 5, 6]
     # step 0: the initial validation only
@@ -79,7 +88,8 @@ def test_metrics_rows_header_and_learning_rates(finished_run):
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))  # monotone decay after the warm-up
     # final validation lands on the last row; the callback got the same rows
     assert table[-1]["val_loss"] != "" and float(table[-1]["val_ppl"]) == pytest.approx(
-        math.exp(float(table[-1]["val_loss"])), rel=1e-4)
+        math.exp(float(table[-1]["val_loss"])), rel=1e-4
+    )
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     assert result.steps == 6 and result.tokens == 768 and result.val_loss is not None
 
@@ -95,12 +105,26 @@ def test_checkpoint_layout_is_litgpt_loadable(finished_run):
     out = Path(doc["out_dir"])
     assert result.checkpoint_dir == out / "final"
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["events.jsonl", "final", "metrics.csv", "router.csv", "step-00000003", "step-00000006",
-                     "train.log"]
+    assert names == [
+        "events.jsonl",
+        "final",
+        "metrics.csv",
+        "router.csv",
+        "step-00000003",
+        "step-00000006",
+        "train.log",
+    ]
     for folder in (out / "step-00000003", out / "final"):
         files = {p.name for p in folder.iterdir()}
-        assert {"lit_model.pth", "model_config.yaml", "tokenizer.json", "tokenizer_config.json",
-                "generation_config.json", "training_state.pt", "training_state.json"} <= files
+        assert {
+            "lit_model.pth",
+            "model_config.yaml",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "training_state.pt",
+            "training_state.json",
+        } <= files
     meta = json.loads((out / "step-00000003" / "training_state.json").read_text())
     assert meta["step"] == 3 and meta["tokens"] == 384 and meta["samples"] == 12
     assert meta["train_config"]["train"]["save_interval"] == 3
@@ -130,8 +154,15 @@ def test_events_of_a_run_in_order_with_the_plan_and_each_checkpoint(finished_run
     assert not progress or progress[-1].data["done"] is True
     events = [e for e in everything if e.event != EventKind.data_progress]
     kinds = [e.event for e in events]
-    assert kinds == [EventKind.configured, EventKind.data_ready, EventKind.model_built, EventKind.first_step,
-                     EventKind.checkpoint_written, EventKind.checkpoint_written, EventKind.checkpoint_written]
+    assert kinds == [
+        EventKind.configured,
+        EventKind.data_ready,
+        EventKind.model_built,
+        EventKind.first_step,
+        EventKind.checkpoint_written,
+        EventKind.checkpoint_written,
+        EventKind.checkpoint_written,
+    ]
     assert all(e.at.utcoffset().total_seconds() == 0 for e in events)
     assert [e.at for e in events] == sorted(e.at for e in events)
     built = events[2].data
@@ -149,9 +180,23 @@ def test_litgpt_generate_runs_on_final_checkpoint(finished_run):
     doc, _, _ = finished_run
     final = Path(doc["out_dir"]) / "final"
     proc = subprocess.run(
-        [sys.executable, "-m", "litgpt", "generate", str(final), "--prompt", "def", "--max_new_tokens", "10",
-         "--precision", "32-true"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "litgpt",
+            "generate",
+            str(final),
+            "--prompt",
+            "def",
+            "--max_new_tokens",
+            "10",
+            "--precision",
+            "32-true",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Time for inference" in proc.stderr + proc.stdout
@@ -164,7 +209,9 @@ def test_litgpt_generate_runs_on_final_checkpoint(finished_run):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(finished_run, tmp_path, tiny_model):
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(
+    finished_run, tmp_path, tiny_model
+):
     """Resuming from step-3 replays steps 4-6 with the same data and learning rates: the final
     weights equal those of the run that was never interrupted."""
     doc, _, _ = finished_run
@@ -213,10 +260,12 @@ def test_more_tokens_continue_from_final(finished_run, tmp_path, tiny_model):
     lr7 = training_plan(v.train, v.model).learning_rate(7, 3e-3, 3e-4)
     assert float(table[7]["learning_rate"]) == pytest.approx(lr7, rel=1e-6) and lr7 > 3e-4
     log = (out / "train.log").read_text()
-    assert (f"WARNING resume: extending the run from {out}/final (train.max_tokens 768 -> 1,024): planned optimizer "
-            "steps 6 -> 8; the learning-rate schedule is recomputed for the new length: the cosine decay now "
-            "reaches min_lr 0.0003 at step 8 instead of step 6; the next step (7) uses learning rate "
-            f"{lr7:.4g} (the old plan: 0.0003)") in log
+    assert (
+        f"WARNING resume: extending the run from {out}/final (train.max_tokens 768 -> 1,024): planned optimizer "
+        "steps 6 -> 8; the learning-rate schedule is recomputed for the new length: the cosine decay now "
+        "reaches min_lr 0.0003 at step 8 instead of step 6; the next step (7) uses learning rate "
+        f"{lr7:.4g} (the old plan: 0.0003)"
+    ) in log
     assert json.loads((out / "final" / "training_state.json").read_text())["step"] == 8
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
@@ -225,7 +274,9 @@ def test_resume_false_refuses_an_out_dir_with_checkpoints(finished_run, tiny_mod
     doc, _, _ = finished_run
     fresh = copy.deepcopy(doc)
     fresh["resume"] = False
-    with pytest.raises(PreflightError, match=r"^resume: false but out_dir .* already holds checkpoints"):
+    with pytest.raises(
+        PreflightError, match=r"^resume: false but out_dir .* already holds checkpoints"
+    ):
         _run(fresh, tiny_model)
 
 
@@ -240,7 +291,12 @@ def test_smoke_mode_writes_metrics_but_no_checkpoint(train_doc, tiny_model):
     result = _run(train_doc, tiny_model, write_checkpoints=False)
     out = Path(train_doc["out_dir"])
     assert result.checkpoint_dir is None
-    assert sorted(p.name for p in out.iterdir()) == ["events.jsonl", "metrics.csv", "router.csv", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "events.jsonl",
+        "metrics.csv",
+        "router.csv",
+        "train.log",
+    ]
     assert len(read_metrics(out / "metrics.csv")) == 6
 
 
@@ -253,7 +309,12 @@ def test_max_steps_and_max_time(train_doc, tiny_model):
     train_doc["out_dir"] += "-time"
     result = _run(train_doc, tiny_model)
     assert result.steps == 1 and result.stopped_by == "max_time"
-    assert json.loads((Path(train_doc["out_dir"]) / "final" / "training_state.json").read_text())["step"] == 1
+    assert (
+        json.loads((Path(train_doc["out_dir"]) / "final" / "training_state.json").read_text())[
+            "step"
+        ]
+        == 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,11 +328,20 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _save(out: Path, name: str, state: dict, tokenizer_dir: Path, tiny_model: dict, step: int = 1) -> Path:
+def _save(
+    out: Path, name: str, state: dict, tokenizer_dir: Path, tiny_model: dict, step: int = 1
+) -> Path:
     v = validate_configs(tiny_train_config(out, out, tokenizer_dir), tiny_model)
     model = build_model(v.model, seq_len=32)
-    return ckpt.save_checkpoint(out, name, model_state=model.state_dict(), model_config=model.config,
-                                tokenizer_dir=tokenizer_dir, state=state, meta={"step": step})
+    return ckpt.save_checkpoint(
+        out,
+        name,
+        model_state=model.state_dict(),
+        model_config=model.config,
+        tokenizer_dir=tokenizer_dir,
+        state=state,
+        meta={"step": step},
+    )
 
 
 def test_checkpoint_write_is_atomic(tmp_path, tokenizer_dir, tiny_model):
@@ -280,7 +350,9 @@ def test_checkpoint_write_is_atomic(tmp_path, tokenizer_dir, tiny_model):
     assert ckpt.read_checkpoint(good).step == 1
     # a write that fails half-way (an unpicklable training state) leaves the old folder intact
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
-        _save(out, "final", {"optimizer": {}, "bad": lambda: None}, tokenizer_dir, tiny_model, step=2)
+        _save(
+            out, "final", {"optimizer": {}, "bad": lambda: None}, tokenizer_dir, tiny_model, step=2
+        )
     assert sorted(p.name for p in out.iterdir()) == ["final"]
     assert ckpt.read_checkpoint(out / "final").step == 1
     # replacing works and leaves nothing behind
@@ -315,14 +387,20 @@ def test_stale_temporary_folders_are_cleaned_or_restored(tmp_path):
 
 @pytest.mark.parametrize("moe_implementation", ["loop", "grouped"])
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_loss_equals_stock_litgpt(tiny_model, tmp_path, tokenizer_dir, moe_implementation, gradient_checkpointing):
+def test_loss_equals_stock_litgpt(
+    tiny_model, tmp_path, tokenizer_dir, moe_implementation, gradient_checkpointing
+):
     import litgpt
     from litgpt.utils import chunked_cross_entropy
 
     v = validate_configs(tiny_train_config(tmp_path, tmp_path, tokenizer_dir), tiny_model)
     torch.manual_seed(0)
-    ours = build_model(v.model, seq_len=32, moe_implementation=moe_implementation,
-                       gradient_checkpointing=gradient_checkpointing)
+    ours = build_model(
+        v.model,
+        seq_len=32,
+        moe_implementation=moe_implementation,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     stock = litgpt.GPT(litgpt.Config(**tiny_model))
     stock.load_state_dict(ours.state_dict(), strict=True)
     assert list(ours.state_dict()) == list(stock.state_dict())
@@ -370,15 +448,33 @@ def test_preflight_names_the_field(train_doc, tiny_model):
         preflight(validate_configs(doc, tiny_model).train, **machine)
 
     force = {"optimization": {"flash_attention_force": True}, "precision": "bf16-mixed"}
-    with pytest.raises(PreflightError, match=r"^optimization.flash_attention_force: .*need a CUDA GPU"):
+    with pytest.raises(
+        PreflightError, match=r"^optimization.flash_attention_force: .*need a CUDA GPU"
+    ):
         check(force, cuda_available=False)
-    with pytest.raises(PreflightError, match=r"^optimization.flash_attention_force: .*precision is 32-true"):
-        check({**force, "precision": "32-true"}, cuda_available=True, cuda_device_count=1, bf16_supported=True)
+    with pytest.raises(
+        PreflightError, match=r"^optimization.flash_attention_force: .*precision is 32-true"
+    ):
+        check(
+            {**force, "precision": "32-true"},
+            cuda_available=True,
+            cuda_device_count=1,
+            bf16_supported=True,
+        )
     with pytest.raises(PreflightError, match=r"^precision: bf16-mixed needs a GPU with bfloat16"):
-        check({"precision": "bf16-mixed"}, cuda_available=True, cuda_device_count=1, bf16_supported=False)
+        check(
+            {"precision": "bf16-mixed"},
+            cuda_available=True,
+            cuda_device_count=1,
+            bf16_supported=False,
+        )
     with pytest.raises(PreflightError, match=r"^devices: 4 GPUs requested but this machine has 2"):
-        check({"devices": 4, "train": {"global_batch_size": 8}}, cuda_available=True, cuda_device_count=2,
-              bf16_supported=True)
+        check(
+            {"devices": 4, "train": {"global_batch_size": 8}},
+            cuda_available=True,
+            cuda_device_count=2,
+            bf16_supported=True,
+        )
     # allowed: CPU processes beyond the core count, bf16 on a CPU, forcing flash on a bf16 GPU
     check({"devices": 4, "train": {"global_batch_size": 8}}, cuda_available=False)
     check({"precision": "bf16-mixed"}, cuda_available=False)
@@ -400,17 +496,31 @@ def test_attention_backend_mapping():
     from worker.attention import choose_backends
 
     def names(device, **flags):
-        base = {"flash_attention": True, "flash_attention_force": False, "disable_math_fallback": False}
+        base = {
+            "flash_attention": True,
+            "flash_attention_force": False,
+            "disable_math_fallback": False,
+        }
         return choose_backends(**{**base, **flags}, device_type=device)
 
     gpu = names("cuda")
     assert gpu.backends == [B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION, B.MATH]
-    assert names("cuda", disable_math_fallback=True).backends == [B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION,
-                                                                  B.CUDNN_ATTENTION]
+    assert names("cuda", disable_math_fallback=True).backends == [
+        B.FLASH_ATTENTION,
+        B.EFFICIENT_ATTENTION,
+        B.CUDNN_ATTENTION,
+    ]
     assert names("cuda", flash_attention_force=True).backends == [B.FLASH_ATTENTION]
-    assert names("cuda", flash_attention=False).backends == [B.EFFICIENT_ATTENTION, B.CUDNN_ATTENTION, B.MATH]
+    assert names("cuda", flash_attention=False).backends == [
+        B.EFFICIENT_ATTENTION,
+        B.CUDNN_ATTENTION,
+        B.MATH,
+    ]
     cpu = names("cpu")
-    assert cpu.backends == [B.FLASH_ATTENTION, B.MATH] and "not using EFFICIENT_ATTENTION" in cpu.notes[0]
+    assert (
+        cpu.backends == [B.FLASH_ATTENTION, B.MATH]
+        and "not using EFFICIENT_ATTENTION" in cpu.notes[0]
+    )
     assert names("cpu", flash_attention=False, disable_math_fallback=True).backends == [B.MATH]
     # the CPU selection really runs attention forward and backward
     q = torch.randn(1, 2, 8, 16, requires_grad=True)

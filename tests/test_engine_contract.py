@@ -3,6 +3,7 @@ the engine can report, from ``python -m worker.entry`` (a real subprocess, as th
 it) and from ``run_train.py``'s ``worker.cli.main``, and the one classifier of exceptions.
 
 Cost: one engine subprocess (~10 s, mostly importing torch) and a few in-process tiny runs."""
+
 from __future__ import annotations
 
 import math
@@ -36,24 +37,54 @@ def _write(tmp_path: Path, doc: dict, model: dict | None = None) -> tuple[Path, 
 @pytest.mark.slow
 def test_worker_entry_success_result_and_events(tmp_path, corpus, tokenizer_dir):
     out = tmp_path / "run"
-    t, m = _write(tmp_path, tiny_train_config(out, corpus, tokenizer_dir, max_tokens=4 * 32 * 3, save_interval=2))
-    proc = subprocess.run([sys.executable, "-m", "worker.entry", "--train-config", str(t), "--model-config", str(m)],
-                          cwd=REPO, env=dict(os.environ, MOEJOBS_ATTEMPT="7"), capture_output=True, text=True,
-                          timeout=600)
+    t, m = _write(
+        tmp_path,
+        tiny_train_config(out, corpus, tokenizer_dir, max_tokens=4 * 32 * 3, save_interval=2),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.entry", "--train-config", str(t), "--model-config", str(m)],
+        cwd=REPO,
+        env=dict(os.environ, MOEJOBS_ATTEMPT="7"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = EngineResult.read(out)
-    assert (result.outcome, result.reason, result.exit_code, result.attempt) == (Outcome.succeeded, None, 0, 7)
-    assert (result.steps, result.planned_steps, result.tokens, result.stopped_by) == (3, 3, 384, "completed")
+    assert (result.outcome, result.reason, result.exit_code, result.attempt) == (
+        Outcome.succeeded,
+        None,
+        0,
+        7,
+    )
+    assert (result.steps, result.planned_steps, result.tokens, result.stopped_by) == (
+        3,
+        3,
+        384,
+        "completed",
+    )
     assert Path(result.checkpoint) == out / "final" and math.isfinite(result.final_loss)
     assert result.message == "trained 3 optimizer steps (384 tokens)"
     assert result.elapsed_s > 0 and result.finished_at.utcoffset().total_seconds() == 0
-    events = [e for e in read_events(out) if e.event != EventKind.data_progress]  # only when it tokenized
+    events = [
+        e for e in read_events(out) if e.event != EventKind.data_progress
+    ]  # only when it tokenized
     assert [e.event for e in events] == [
-        EventKind.started, EventKind.configured, EventKind.data_ready, EventKind.model_built, EventKind.first_step,
-        EventKind.checkpoint_written, EventKind.checkpoint_written, EventKind.finished]
+        EventKind.started,
+        EventKind.configured,
+        EventKind.data_ready,
+        EventKind.model_built,
+        EventKind.first_step,
+        EventKind.checkpoint_written,
+        EventKind.checkpoint_written,
+        EventKind.finished,
+    ]
     assert {e.attempt for e in events} == {7} and {e.pid for e in events} == {events[0].pid}
-    assert [(e.step, Path(e.data["path"]).name) for e in events if e.event == EventKind.checkpoint_written] == \
-        [(2, "step-00000002"), (3, "final")]
+    assert [
+        (e.step, Path(e.data["path"]).name)
+        for e in events
+        if e.event == EventKind.checkpoint_written
+    ] == [(2, "step-00000002"), (3, "final")]
     assert events[-1].data["outcome"] == "succeeded" and events[-1].step == 3
 
 
@@ -64,14 +95,20 @@ def test_invalid_config_is_reported_in_the_raw_out_dir(tmp_path, corpus, tokeniz
     t, m = _write(tmp_path, doc)
     assert engine.main(["--train-config", str(t), "--model-config", str(m)]) == 2
     result = EngineResult.read(out)
-    assert (result.outcome, result.reason, result.exit_code) == (Outcome.failed, FailureReason.invalid_config, 2)
+    assert (result.outcome, result.reason, result.exit_code) == (
+        Outcome.failed,
+        FailureReason.invalid_config,
+        2,
+    )
     assert result.message.startswith("invalid config: ") and "bogus_key" in result.message
     assert "\n" not in result.message
     assert "error: invalid config" in capsys.readouterr().err
     assert [e.event for e in read_events(out)] == [EventKind.finished]
 
 
-def test_invalid_config_without_a_usable_out_dir_reports_in_the_working_directory(tmp_path, monkeypatch):
+def test_invalid_config_without_a_usable_out_dir_reports_in_the_working_directory(
+    tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     t, m = _write(tmp_path, {"out_dir": 42})
     assert engine.main(["--train-config", str(t), "--model-config", str(m)]) == 2
@@ -84,14 +121,24 @@ def test_invalid_data_is_reported_naming_the_folder(tmp_path, corpus, tokenizer_
     empty.mkdir()
     out = tmp_path / "run"
     doc = tiny_train_config(out, corpus, tokenizer_dir)
-    doc["data"]["init_args"] = {"train_data_path": str(empty), "val_data_path": None, "num_workers": 0}
+    doc["data"]["init_args"] = {
+        "train_data_path": str(empty),
+        "val_data_path": None,
+        "num_workers": 0,
+    }
     t, m = _write(tmp_path, doc)
     assert engine.main(["--train-config", str(t), "--model-config", str(m)]) == 1
     result = EngineResult.read(out)
-    assert (result.outcome, result.reason, result.exit_code, result.steps) == \
-        (Outcome.failed, FailureReason.invalid_data, 1, 0)
+    assert (result.outcome, result.reason, result.exit_code, result.steps) == (
+        Outcome.failed,
+        FailureReason.invalid_data,
+        1,
+        0,
+    )
     assert str(empty) in result.message
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: invalid_data: {result.message}"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1] == f"error: invalid_data: {result.message}"
+    )
     kinds = [e.event for e in read_events(out)]
     assert kinds == [EventKind.configured, EventKind.finished]
 
@@ -112,8 +159,21 @@ def test_run_train_cli_writes_result_json(tmp_path, corpus, tokenizer_dir, capsy
     assert again.message == "nothing to train: final/ is already at step 2"
     # an invalid override: reported in --out-dir, exit 2
     bad = tmp_path / "bad"
-    assert main(["--config", str(t), "--model-config", str(m), "--out-dir", str(bad), "--micro-batch-size",
-                 "-3"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(t),
+                "--model-config",
+                str(m),
+                "--out-dir",
+                str(bad),
+                "--micro-batch-size",
+                "-3",
+            ]
+        )
+        == 2
+    )
     failed = EngineResult.read(bad)
     assert (failed.reason, failed.exit_code) == (FailureReason.invalid_config, 2)
     assert "micro_batch_size" in failed.message
@@ -124,7 +184,11 @@ def test_classify_real_exceptions():
     with pytest.raises(MemoryError) as oom:
         bytearray(2**62)
     err = errors.classify(oom.value, "/x")
-    assert (err.reason, err.exit_code, err.label) == (FailureReason.out_of_memory, 1, "out_of_memory")
+    assert (err.reason, err.exit_code, err.label) == (
+        FailureReason.out_of_memory,
+        1,
+        "out_of_memory",
+    )
     with pytest.raises(ZeroDivisionError) as bug:
         1 / 0  # noqa: B018
     err = errors.classify(bug.value, "/x")

@@ -1,5 +1,6 @@
 """Training data: TextFiles semantics, the content-keyed token cache, data errors naming the
 file or folder, and the deterministic sampler."""
+
 from __future__ import annotations
 
 import os
@@ -39,10 +40,15 @@ def _prepare(train, val, tok, tokenizer_dir, seq=32, mbs=2, need_val=True, cache
     return prepare_data(train, val, tok, tokenizer_dir, 1024, seq, mbs, need_val, cache_dir=cache)
 
 
-def test_textfiles_semantics_bos_per_file_and_first_file_as_validation(tmp_path, tok, tokenizer_dir):
+def test_textfiles_semantics_bos_per_file_and_first_file_as_validation(
+    tmp_path, tok, tokenizer_dir
+):
     folder = stdlib_text_files(tmp_path / "t", ["abc", "bisect", "colorsys"])
     train, val = split_files(folder, None)
-    assert [p.name for p in val] == ["abc.txt"] and [p.name for p in train] == ["bisect.txt", "colorsys.txt"]
+    assert [p.name for p in val] == ["abc.txt"] and [p.name for p in train] == [
+        "bisect.txt",
+        "colorsys.txt",
+    ]
     ts = tokenize_files(train, tok, tokenizer_dir, 1024, cache_dir=tmp_path / "cache")
     first = tok.encode((folder / "bisect.txt").read_text().strip(), bos=True).tolist()
     second = tok.encode((folder / "colorsys.txt").read_text().strip(), bos=True).tolist()
@@ -51,9 +57,14 @@ def test_textfiles_semantics_bos_per_file_and_first_file_as_validation(tmp_path,
     # one file and no val_data_path: no validation set (an error only when validation is used)
     single = stdlib_text_files(tmp_path / "single", ["bisect"])
     assert split_files(single, None)[1] == []
-    with pytest.raises(DataError, match=rf"{single}: validation is configured but there is no validation set"):
+    with pytest.raises(
+        DataError, match=rf"{single}: validation is configured but there is no validation set"
+    ):
         _prepare(single, None, tok, tokenizer_dir, cache=tmp_path / "cache")
-    assert _prepare(single, None, tok, tokenizer_dir, need_val=False, cache=tmp_path / "cache").val is None
+    assert (
+        _prepare(single, None, tok, tokenizer_dir, need_val=False, cache=tmp_path / "cache").val
+        is None
+    )
 
 
 def test_cache_is_keyed_by_content_and_never_touches_the_inputs(tmp_path, tok, tokenizer_dir):
@@ -77,15 +88,21 @@ def test_cache_is_keyed_by_content_and_never_touches_the_inputs(tmp_path, tok, t
     # so does another tokenizer
     other_tok = tmp_path / "tok2"
     shutil.copytree(tokenizer_dir, other_tok)
-    (other_tok / "generation_config.json").write_text('{"bos_token_id": 0, "eos_token_id": 1, "x": 1}')
+    (other_tok / "generation_config.json").write_text(
+        '{"bos_token_id": 0, "eos_token_id": 1, "x": 1}'
+    )
     data_sha = files_sha256(files)
-    assert cache_key(data_sha, tokenizer_hash(other_tok)) != cache_key(data_sha, tokenizer_hash(tokenizer_dir))
+    assert cache_key(data_sha, tokenizer_hash(other_tok)) != cache_key(
+        data_sha, tokenizer_hash(tokenizer_dir)
+    )
     assert a.path.name == f"{cache_key(data_sha, tokenizer_hash(tokenizer_dir))}.npy"
     assert _snapshot(folder) == before
     assert not [p for p in cache.iterdir() if ".tmp" in p.name]
 
 
-def test_raw_text_hash_is_names_and_bytes_in_reading_order(tmp_path, tok, tokenizer_dir, monkeypatch):
+def test_raw_text_hash_is_names_and_bytes_in_reading_order(
+    tmp_path, tok, tokenizer_dir, monkeypatch
+):
     """The hash the resume checks record: file names and bytes in order, nothing else (not the
     folder, the tokenizer or the cache format); prepare_data reuses a given SourceText."""
     folder = stdlib_text_files(tmp_path / "data", ["abc", "bisect", "colorsys"])
@@ -104,7 +121,9 @@ def test_raw_text_hash_is_names_and_bytes_in_reading_order(tmp_path, tok, tokeni
     assert files_sha256(sorted(copy.glob("*.txt"))) != base  # and one more byte
     # the TextFiles split: the first file is validation when no val_data_path is given
     src = source_text(folder, None)
-    assert [p.name for p in src.val.files] == ["abc.txt"] and src.val.sha256 == files_sha256(files[:1])
+    assert [p.name for p in src.val.files] == ["abc.txt"] and src.val.sha256 == files_sha256(
+        files[:1]
+    )
     assert src.train.sha256 == files_sha256(files[1:])
     assert src.train.n_bytes == sum(f.stat().st_size for f in files[1:])
     assert source_text(folder, folder).val.sha256 == base
@@ -118,8 +137,19 @@ def test_raw_text_hash_is_names_and_bytes_in_reading_order(tmp_path, tok, tokeni
     prepared = _prepare(folder, None, tok, tokenizer_dir, need_val=True, cache=tmp_path / "cache")
     assert calls == [2, 1]  # train, val: once each
     calls.clear()
-    again = prepare_data(folder, None, tok, tokenizer_dir, 1024, 32, 2, True, cache_dir=tmp_path / "cache",
-                         source=prepared.source, tokenizer_sha256=prepared.tokenizer_sha256)
+    again = prepare_data(
+        folder,
+        None,
+        tok,
+        tokenizer_dir,
+        1024,
+        32,
+        2,
+        True,
+        cache_dir=tmp_path / "cache",
+        source=prepared.source,
+        tokenizer_sha256=prepared.tokenizer_sha256,
+    )
     assert calls == [] and again.train.path == prepared.train.path
     assert prepared.tokenizer_sha256 == tokenizer_hash(tokenizer_dir)
 
@@ -134,12 +164,16 @@ def test_two_processes_building_the_same_cache_at_once(tmp_path, corpus, tokeniz
         f"ts = tokenize_files(files, tok, Path({str(tokenizer_dir)!r}), 1024, cache_dir=Path({str(cache)!r}));"
         "print(ts.path, len(ts))"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1]
-    assert len(list(cache.glob("*.npy"))) == 1 and not [p for p in cache.iterdir() if ".tmp" in p.name]
+    assert len(list(cache.glob("*.npy"))) == 1 and not [
+        p for p in cache.iterdir() if ".tmp" in p.name
+    ]
 
 
 def test_data_errors_name_the_file_or_folder(tmp_path, tok, tokenizer_dir):
@@ -167,10 +201,15 @@ def test_data_errors_name_the_file_or_folder(tmp_path, tok, tokenizer_dir):
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     (tiny / "a.txt").write_text("x = 1\n")
-    with pytest.raises(DataError, match=rf"^{tiny}: validation data has \d+ tokens, fewer than one micro-batch "
-                                        r"of micro_batch_size x \(max_seq_length \+ 1\) = 2 x 33 = 66 tokens"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{tiny}: validation data has \d+ tokens, fewer than one micro-batch "
+        r"of micro_batch_size x \(max_seq_length \+ 1\) = 2 x 33 = 66 tokens",
+    ):
         _prepare(good, tiny, tok, tokenizer_dir, cache=cache)
-    with pytest.raises(DataError, match=rf"^{tiny}: training data has \d+ tokens, fewer than one micro-batch"):
+    with pytest.raises(
+        DataError, match=rf"^{tiny}: training data has \d+ tokens, fewer than one micro-batch"
+    ):
         _prepare(tiny, good, tok, tokenizer_dir, cache=cache)
     # validation that is not used is not tokenized, but a given folder must still exist
     assert _prepare(good, tiny, tok, tokenizer_dir, need_val=False, cache=cache).val is None
@@ -188,7 +227,9 @@ def test_engine_reports_data_errors_before_training(train_doc, tiny_model, tmp_p
 
 
 def test_sampler_is_deterministic_and_resumes_at_its_position(tmp_path, tok, tokenizer_dir, corpus):
-    data = _prepare(corpus / "train", corpus / "val", tok, tokenizer_dir, seq=16, mbs=3, cache=tmp_path / "c")
+    data = _prepare(
+        corpus / "train", corpus / "val", tok, tokenizer_dir, seq=16, mbs=3, cache=tmp_path / "c"
+    )
     s = WindowSampler(data.train, 16, 3, seed=7)
     first = [s.batch(k) for k in range(10)]
     assert all(b.shape == (3, 17) for b in first)
@@ -208,7 +249,7 @@ def test_sampler_is_deterministic_and_resumes_at_its_position(tmp_path, tok, tok
     assert sorted(windows) == list(range(n))  # an epoch is a permutation of all windows
     # windows are non-overlapping slices of seq+1 tokens
     w = windows[0]
-    assert first[0][0].tolist() == np.asarray(data.train.tokens[w * 17:(w + 1) * 17]).tolist()
+    assert first[0][0].tolist() == np.asarray(data.train.tokens[w * 17 : (w + 1) * 17]).tolist()
     # validation batches: fixed, in order, split across ranks
     vb = validation_batches(data.val, 16, 3, max_iters=5)
     assert len(vb) == 5 and vb[0][0].tolist() == np.asarray(data.val.tokens[:17]).tolist()

@@ -1,5 +1,6 @@
 """The engine as a process: kill -9 then resume, SIGTERM (exit 75) then resume, and
 data-parallel training with 2 CPU ranks (in-process and through run_train.py)."""
+
 from __future__ import annotations
 
 import copy
@@ -33,7 +34,15 @@ def _write_configs(tmp_path: Path, train_doc: dict, model_doc: dict) -> tuple[Pa
 
 
 def _engine_cmd(t: Path, m: Path) -> list[str]:
-    return [sys.executable, "-m", "worker.train", "--train-config", str(t), "--model-config", str(m)]
+    return [
+        sys.executable,
+        "-m",
+        "worker.train",
+        "--train-config",
+        str(t),
+        "--model-config",
+        str(m),
+    ]
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -63,7 +72,9 @@ def _assert_steps_once(out: Path) -> list[int]:
 
 def test_kill_9_after_first_checkpoint_then_resume(tmp_path, corpus, tokenizer_dir):
     out, t, m = _long_run(tmp_path, corpus, tokenizer_dir)
-    proc = subprocess.Popen(_engine_cmd(t, m), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _engine_cmd(t, m), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(lambda: (out / "step-00000004").is_dir(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -83,9 +94,13 @@ def test_kill_9_after_first_checkpoint_then_resume(tmp_path, corpus, tokenizer_d
 
 def test_sigterm_writes_a_resumable_checkpoint_and_exits_75(tmp_path, corpus, tokenizer_dir):
     out, t, m = _long_run(tmp_path, corpus, tokenizer_dir)
-    proc = subprocess.Popen(_engine_cmd(t, m), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _engine_cmd(t, m), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = out / "metrics.csv"
-    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc)  # step 2 done
+    _wait_for(
+        lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc
+    )  # step 2 done
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
@@ -130,16 +145,31 @@ def test_two_ranks_from_run_train_py(tmp_path, corpus, tokenizer_dir):
     doc = tiny_train_config(tmp_path / "cli", corpus, tokenizer_dir, max_tokens=4 * 32 * 3)
     t, m = _write_configs(tmp_path, doc, TINY_MODEL)
     proc = subprocess.run(
-        [sys.executable, "run_train.py", "--config", str(t), "--model-config", str(m), "--devices", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "run_train.py",
+            "--config",
+            str(t),
+            "--model-config",
+            str(m),
+            "--devices",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [int(r["step"]) for r in read_metrics(tmp_path / "cli" / "metrics.csv")] == [1, 2, 3]
     log = (tmp_path / "cli" / "train.log").read_text()
     assert "2 rank(s)" in log
     # the engine's log lines are on the console too, once each (rank 1 logs warnings only)
-    for line in ("plan: 3 optimizer steps", "attention: SDPA with enable_gqa",
-                 f"checkpoint {tmp_path / 'cli' / 'final'} written (step 3)"):
+    for line in (
+        "plan: 3 optimizer steps",
+        "attention: SDPA with enable_gqa",
+        f"checkpoint {tmp_path / 'cli' / 'final'} written (step 3)",
+    ):
         assert line in log and proc.stderr.count(line) == 1, line
     summary = dict(line.split(" : ", 1) for line in proc.stdout.splitlines() if " : " in line)
     assert summary["  optimizer steps"].strip() == "3"

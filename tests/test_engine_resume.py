@@ -5,6 +5,7 @@ it; a checkpoint from before the checks resumes with a warning; fine-tune runs
 
 Cost: one 6-step base run shared by the module; the refusals stop before the token cache and the
 model are built; three short training runs (2-3 steps) and one fine-tune of 2 + 1 steps."""
+
 from __future__ import annotations
 
 import copy
@@ -69,13 +70,24 @@ def test_checkpoint_records_data_tokenizer_and_plan(base, corpus, tokenizer_dir)
 
     meta = json.loads((Path(base["out_dir"]) / STEP3 / "training_state.json").read_text())
     train_files = sorted((corpus / "train").glob("*.txt"))
-    assert meta["train_data"] == {"sha256": files_sha256(train_files), "files": len(train_files),
-                                  "bytes": sum(f.stat().st_size for f in train_files)}
+    assert meta["train_data"] == {
+        "sha256": files_sha256(train_files),
+        "files": len(train_files),
+        "bytes": sum(f.stat().st_size for f in train_files),
+    }
     assert meta["val_data"]["sha256"] == files_sha256(sorted((corpus / "val").glob("*.txt")))
     assert meta["tokenizer_sha256"] == tokenizer_hash(tokenizer_dir)
-    assert meta["plan"] == {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "global_batch_size": 4,
-                            "micro_batch_size": 2, "seq_len": 32, "max_tokens": 768, "max_steps": None,
-                            "optimizer_steps": 6}
+    assert meta["plan"] == {
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 2,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "seq_len": 32,
+        "max_tokens": 768,
+        "max_steps": None,
+        "optimizer_steps": 6,
+    }
     assert ckpt.load_state(Path(base["out_dir"]) / STEP3)["meta"]["plan"] == meta["plan"]
 
 
@@ -88,13 +100,19 @@ def test_changed_text_is_refused_naming_the_data(base, tmp_path):
     doc["data"]["init_args"]["train_data_path"] = str(train)
     before = _cache_files()
     message = _refusal(doc)
-    old = json.loads((Path(base["out_dir"]) / STEP3 / "training_state.json").read_text())["train_data"]
-    assert message.startswith(f"resume: {base['out_dir']}/{STEP3} was written by a run that differs from this one: "
-                              f"training data ({train}): 14 files, {old['bytes']:,} bytes, sha256 {old['sha256'][:12]} "
-                              f"-> 14 files, {old['bytes'] + 16:,} bytes, sha256 "), message
-    assert message.endswith(". To continue it anyway, add resume_allow_changes: [data] to the train config "
-                            "(run_train.py: --resume-allow-changes data); to train from scratch instead, use "
-                            "another out_dir")
+    old = json.loads((Path(base["out_dir"]) / STEP3 / "training_state.json").read_text())[
+        "train_data"
+    ]
+    assert message.startswith(
+        f"resume: {base['out_dir']}/{STEP3} was written by a run that differs from this one: "
+        f"training data ({train}): 14 files, {old['bytes']:,} bytes, sha256 {old['sha256'][:12]} "
+        f"-> 14 files, {old['bytes'] + 16:,} bytes, sha256 "
+    ), message
+    assert message.endswith(
+        ". To continue it anyway, add resume_allow_changes: [data] to the train config "
+        "(run_train.py: --resume-allow-changes data); to train from scratch instead, use "
+        "another out_dir"
+    )
     assert "tokenizer" not in message and "lr" not in message
     assert _cache_files() == before  # refused before the changed text was tokenized
     assert not ckpt.list_checkpoints(tmp_path / "run")
@@ -109,7 +127,10 @@ def test_another_tokenizer_is_refused_naming_the_tokenizer(base, tmp_path, token
     doc = _from_step3(base, tmp_path / "run")
     doc["tokenizer_dir"] = str(other)
     message = _refusal(doc)
-    assert f": tokenizer ({other}): sha256 " in message and "resume_allow_changes: [tokenizer]" in message
+    assert (
+        f": tokenizer ({other}): sha256 " in message
+        and "resume_allow_changes: [tokenizer]" in message
+    )
     assert "training data" not in message
 
 
@@ -118,8 +139,16 @@ PLAN_CHANGES = {
     "lr": ({"optimizer": {"init_args": {"lr": 1e-3}}}, "optimizer lr: 0.003 -> 0.001", "schedule"),
     "min_lr": ({"train": {"min_lr": 1e-4}}, "train.min_lr: 0.0003 -> 0.0001", "schedule"),
     "warm-up": ({"train": {"lr_warmup_steps": 3}}, "warm-up: 2 -> 3 optimizer steps", "schedule"),
-    "global batch": ({"train": {"global_batch_size": 8}}, "train.global_batch_size: 4 -> 8", "batch"),
-    "seq len": ({"train": {"max_seq_length": 64}}, "sequence length (train.max_seq_length): 32 -> 64", "seq_len"),
+    "global batch": (
+        {"train": {"global_batch_size": 8}},
+        "train.global_batch_size: 4 -> 8",
+        "batch",
+    ),
+    "seq len": (
+        {"train": {"max_seq_length": 64}},
+        "sequence length (train.max_seq_length): 32 -> 64",
+        "seq_len",
+    ),
 }
 
 
@@ -136,10 +165,15 @@ def _changed(base: dict, out: Path, *names: str) -> dict:
 def test_each_plan_change_is_refused_naming_it(base, tmp_path, name):
     _, text, kind = PLAN_CHANGES[name]
     message = _refusal(_changed(base, tmp_path / "run", name))
-    assert f"differs from this one: {text}. To continue it anyway, add resume_allow_changes: [{kind}] " in message
+    assert (
+        f"differs from this one: {text}. To continue it anyway, add resume_allow_changes: [{kind}] "
+        in message
+    )
 
 
-def test_all_changes_in_one_message_and_the_allow_key_accepts_each(base, tmp_path, tokenizer_dir, caplog):
+def test_all_changes_in_one_message_and_the_allow_key_accepts_each(
+    base, tmp_path, tokenizer_dir, caplog
+):
     """Every difference in one message; leaving out any one entry of resume_allow_changes refuses
     just that one; with all of them the run continues (and says what it accepted)."""
     train = tmp_path / "train"
@@ -162,9 +196,14 @@ def test_all_changes_in_one_message_and_the_allow_key_accepts_each(base, tmp_pat
     for left_out in every:
         doc["resume_allow_changes"] = [k for k in every if k != left_out]
         again = _refusal(doc)
-        refused = again.split(" differs from this one: ", 1)[1].split(". To continue", 1)[0].split("; ")
-        assert refused == ([parts[0]] if left_out == "data" else
-                           [t for _, t, kind in PLAN_CHANGES.values() if kind == left_out]), left_out
+        refused = (
+            again.split(" differs from this one: ", 1)[1].split(". To continue", 1)[0].split("; ")
+        )
+        assert refused == (
+            [parts[0]]
+            if left_out == "data"
+            else [t for _, t, kind in PLAN_CHANGES.values() if kind == left_out]
+        ), left_out
         assert f"resume_allow_changes: [{left_out}] " in again
 
     doc["resume_allow_changes"] = every
@@ -188,12 +227,16 @@ def test_shorter_run_says_nothing_more_is_trained(base, tmp_path, caplog):
     doc = _from_step3(base, tmp_path / "run", max_tokens=4 * 32 * 2)
     result = _run(doc)
     assert result.steps == 3 and result.checkpoint_dir == tmp_path / "run" / "final"
-    assert not (tmp_path / "run" / "metrics.csv").exists() or read_metrics(tmp_path / "run" / "metrics.csv") == []
+    assert (
+        not (tmp_path / "run" / "metrics.csv").exists()
+        or read_metrics(tmp_path / "run" / "metrics.csv") == []
+    )
     assert [r.getMessage() for r in caplog.records if "shortening" in r.getMessage()] == [
         f"resume: shortening the run from {base['out_dir']}/{STEP3} (train.max_tokens 768 -> 256): planned "
         "optimizer steps 6 -> 2; the learning-rate schedule is recomputed for the new length: the cosine decay "
         "now reaches min_lr 0.0003 at step 2 instead of step 6; the checkpoint is already at step 3, not before "
-        "the new end: nothing more is trained and final/ is written from it"]
+        "the new end: nothing more is trained and final/ is written from it"
+    ]
 
 
 def _strip_record(folder: Path) -> None:
@@ -219,10 +262,11 @@ def test_checkpoint_from_before_the_checks_resumes_with_a_warning(base, tmp_path
     result = _run(doc)
     assert result.steps == 6
     assert [int(r["step"]) for r in read_metrics(out / "metrics.csv")] == [4, 5, 6]
-    assert (f"resume: {out}/{STEP3} was written before moejobs recorded the data and tokenizer hashes and the "
-            "plan in training_state.json: resuming without checking that the data, the tokenizer, the "
-            "learning-rate schedule, the batch size and the sequence length are the same as then"
-            ) in [r.getMessage() for r in caplog.records]
+    assert (
+        f"resume: {out}/{STEP3} was written before moejobs recorded the data and tokenizer hashes and the "
+        "plan in training_state.json: resuming without checking that the data, the tokenizer, the "
+        "learning-rate schedule, the batch size and the sequence length are the same as then"
+    ) in [r.getMessage() for r in caplog.records]
     assert json.loads((out / "final" / "training_state.json").read_text())["plan"]["lr"] == 1e-3
 
 
@@ -246,17 +290,20 @@ def test_checkpoint_of_the_old_token_format_resumes_with_a_warning(base, tmp_pat
     result = _run(doc)
     assert result.steps == 6
     assert [int(r["step"]) for r in read_metrics(out / "metrics.csv")] == [4, 5, 6]
-    warning = (f"resume: {out}/{STEP3} was trained on tokens of format 1 and this run tokenizes the same text "
-               "with format 2 (each file is now read as LitGPT's tokenize() reads it: CRLF line ends become LF "
-               "and the text is stripped of leading and trailing whitespace): the steps from here on see "
-               "slightly different token ids than the steps before")
+    warning = (
+        f"resume: {out}/{STEP3} was trained on tokens of format 1 and this run tokenizes the same text "
+        "with format 2 (each file is now read as LitGPT's tokenize() reads it: CRLF line ends become LF "
+        "and the text is stripped of leading and trailing whitespace): the steps from here on see "
+        "slightly different token ids than the steps before"
+    )
     assert warning in [r.getMessage() for r in caplog.records]
     assert [e.message for e in read_events(out) if e.event == "data_ready"] == [warning]
     assert json.loads((out / "final" / "training_state.json").read_text())["token_format"] == 2
 
 
 def test_fine_tune_with_resume_auto_starts_from_initial_weights_then_from_its_own_checkpoint(
-        base, tmp_path, corpus, tokenizer_dir):
+    base, tmp_path, corpus, tokenizer_dir
+):
     """initial_checkpoint_dir + resume: auto validates; an empty out_dir starts from the initial
     weights (the first step's loss is that of the initial model on the first batches); once the
     run has a checkpoint, a re-queued attempt continues it (same final weights as one attempt)."""
@@ -266,8 +313,9 @@ def test_fine_tune_with_resume_auto_starts_from_initial_weights_then_from_its_ow
 
     initial = Path(base["out_dir"]) / "final"
     out = tmp_path / "finetune"
-    doc = tiny_train_config(out, corpus, tokenizer_dir, max_tokens=4 * 32 * 2, save_interval=1,
-                            lr_warmup_steps=1)
+    doc = tiny_train_config(
+        out, corpus, tokenizer_dir, max_tokens=4 * 32 * 2, save_interval=1, lr_warmup_steps=1
+    )
     doc.update(initial_checkpoint_dir=str(initial), resume="auto", seed=99)
     v = validate_configs(doc, copy.deepcopy(TINY_MODEL))
     assert v.train.resume == "auto" and v.train.initial_checkpoint_dir == str(initial)
@@ -295,8 +343,10 @@ def test_fine_tune_with_resume_auto_starts_from_initial_weights_then_from_its_ow
     assert result.steps == 2
     assert [int(r["step"]) for r in read_metrics(out / "metrics.csv")] == [1, 2]
     log = (out / "train.log").read_text()
-    assert (f"resuming from {out}/step-00000001 (step 1); initial_checkpoint_dir {initial} is not used: the run "
-            "has its own checkpoint") in log
+    assert (
+        f"resuming from {out}/step-00000001 (step 1); initial_checkpoint_dir {initial} is not used: the run "
+        "has its own checkpoint"
+    ) in log
     again = torch.load(out / "final" / "lit_model.pth", weights_only=True)
     for key in weights:
         torch.testing.assert_close(again[key], weights[key], rtol=1e-5, atol=1e-6)
@@ -316,9 +366,21 @@ def test_run_train_refuses_with_exit_2_and_the_flag_accepts(base, tmp_path, caps
     code = main(["--config", str(train_yaml), "--model-config", str(model_yaml)])
     err = capsys.readouterr().err.splitlines()
     assert code == 2
-    assert err[-1].startswith("error: invalid_config: resume: ") and "optimizer lr: 0.003 -> 0.001" in err[-1]
+    assert (
+        err[-1].startswith("error: invalid_config: resume: ")
+        and "optimizer lr: 0.003 -> 0.001" in err[-1]
+    )
     # accepted with the flag: the 3 remaining steps train
-    code = main(["--config", str(train_yaml), "--model-config", str(model_yaml), "--resume-allow-changes", "schedule"])
+    code = main(
+        [
+            "--config",
+            str(train_yaml),
+            "--model-config",
+            str(model_yaml),
+            "--resume-allow-changes",
+            "schedule",
+        ]
+    )
     assert code == 0, capsys.readouterr().err[-2000:]
     assert json.loads((tmp_path / "run" / "final" / "training_state.json").read_text())["step"] == 6
 
@@ -335,7 +397,9 @@ def test_warm_up_fraction_is_compared_at_the_old_length(tmp_path, corpus, tokeni
         rec["train_data"] = {"sha256": "x", "files": 1, "bytes": 1}
         return v.train, plan, rec
 
-    old_doc = tiny_train_config(tmp_path / "run", corpus, tokenizer_dir, lr_warmup_steps=None, lr_warmup_fraction=0.5)
+    old_doc = tiny_train_config(
+        tmp_path / "run", corpus, tokenizer_dir, lr_warmup_steps=None, lr_warmup_fraction=0.5
+    )
     _, old_plan, old_rec = record(old_doc)
     assert old_plan.warmup_steps == 3 and old_plan.optimizer_steps == 6
     info = ckpt.CheckpointInfo(path=tmp_path / "run" / STEP3, step=3, meta={"step": 3, **old_rec})
@@ -349,7 +413,8 @@ def test_warm_up_fraction_is_compared_at_the_old_length(tmp_path, corpus, tokeni
         "the learning-rate schedule is recomputed for the new length: the cosine decay now reaches min_lr 0.0003 at "
         "step 8 instead of step 6, and the warm-up (lr_warmup_fraction 0.5 of the run) is 4 steps instead of 3; the "
         f"next step (4) uses learning rate {plan.learning_rate(4, 3e-3, 3e-4):.4g} (the old plan: "
-        f"{old_plan.learning_rate(4, 3e-3, 3e-4):.4g})"]
+        f"{old_plan.learning_rate(4, 3e-3, 3e-4):.4g})"
+    ]
 
     other = copy.deepcopy(old_doc)
     other["train"]["lr_warmup_fraction"] = 0.25
@@ -357,4 +422,5 @@ def test_warm_up_fraction_is_compared_at_the_old_length(tmp_path, corpus, tokeni
     check = ckpt.check_resume(info, rec, train=train, plan=plan)
     assert check.refused == [("schedule", "warm-up: 3 -> 2 optimizer steps")]
     assert ckpt.check_resume(info, rec, train=train, plan=plan, allow=["schedule"]).warnings == [
-        "resume: accepted by resume_allow_changes (schedule): warm-up: 3 -> 2 optimizer steps"]
+        "resume: accepted by resume_allow_changes (schedule): warm-up: 3 -> 2 optimizer steps"
+    ]

@@ -1,5 +1,6 @@
 """Router telemetry: ``out_dir/router.csv`` (long format) for both MoE implementations, with the
 same routing, and the grouped-query attention the engine builds."""
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,13 @@ def router_runs(tmp_path_factory, corpus, tokenizer_dir):
     """The same 4-step run with the grouped layer and with LitGPT's loop."""
     out = {}
     for impl in ("grouped", "loop"):
-        doc = tiny_train_config(tmp_path_factory.mktemp(impl) / "run", corpus, tokenizer_dir,
-                                max_tokens=4 * 32 * 4, log_interval=2)
+        doc = tiny_train_config(
+            tmp_path_factory.mktemp(impl) / "run",
+            corpus,
+            tokenizer_dir,
+            max_tokens=4 * 32 * 4,
+            log_interval=2,
+        )
         doc["optimization"]["moe_implementation"] = impl
         v = validate_configs(doc, copy.deepcopy(TINY_MODEL))
         result = run_training(v.train, v.model, write_checkpoints=False)
@@ -62,7 +68,9 @@ def test_router_csv_has_a_row_per_logged_step_layer_and_expert(router_runs):
 
 
 def test_loop_and_grouped_route_the_same_tokens(router_runs):
-    grouped = [(r["step"], r["layer"], r["expert"], float(r["fraction"])) for r in router_runs["grouped"]]
+    grouped = [
+        (r["step"], r["layer"], r["expert"], float(r["fraction"])) for r in router_runs["grouped"]
+    ]
     loop = [(r["step"], r["layer"], r["expert"], float(r["fraction"])) for r in router_runs["loop"]]
     assert [g[:3] for g in grouped] == [lp[:3] for lp in loop]
     for g, lp in zip(grouped, loop):
@@ -74,8 +82,10 @@ def test_engine_model_uses_sdpa_with_enable_gqa_and_keeps_litgpt_keys():
 
     from worker.gqa import GQASelfAttention
 
-    v = validate_configs({"tokenizer_dir": "t", "data": {"init_args": {"train_data_path": "d"}}},
-                         copy.deepcopy(TINY_MODEL))
+    v = validate_configs(
+        {"tokenizer_dir": "t", "data": {"init_args": {"train_data_path": "d"}}},
+        copy.deepcopy(TINY_MODEL),
+    )
     torch.manual_seed(0)
     model = build_model(v.model, seq_len=32, moe_implementation="grouped")
     attention = [m for m in model.modules() if isinstance(m, litgpt.model.CausalSelfAttention)]

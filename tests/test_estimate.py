@@ -55,17 +55,35 @@ def test_plan_of_the_shipped_configs(shipped):
 def test_plan_of_the_smoke_test():
     v = resolve(TRAIN, MODEL, smoke_test=True)
     plan = training_plan(v.train, v.model)
-    assert (plan.optimizer_steps, plan.grad_accum_iters, plan.tokens_trained, plan.dropped_micro_batches) == (1, 1, 64, 0)
+    assert (
+        plan.optimizer_steps,
+        plan.grad_accum_iters,
+        plan.tokens_trained,
+        plan.dropped_micro_batches,
+    ) == (1, 1, 64, 0)
 
 
 def test_plan_of_cpu_tiny(tiny):
     plan = training_plan(tiny.train, tiny.model)
-    assert (plan.optimizer_steps, plan.grad_accum_iters, plan.seq_len, plan.tokens_trained) == (300, 1, 128, 307_200)
+    assert (plan.optimizer_steps, plan.grad_accum_iters, plan.seq_len, plan.tokens_trained) == (
+        300,
+        1,
+        128,
+        307_200,
+    )
 
 
 def test_plan_with_several_devices_and_max_steps():
-    v = resolve(TRAIN, MODEL, preset="cpu-tiny",
-                train_overrides={"devices": 2, "num_nodes": 2, "train": {"max_steps": 50, "micro_batch_size": 2}})
+    v = resolve(
+        TRAIN,
+        MODEL,
+        preset="cpu-tiny",
+        train_overrides={
+            "devices": 2,
+            "num_nodes": 2,
+            "train": {"max_steps": 50, "micro_batch_size": 2},
+        },
+    )
     plan = training_plan(v.train, v.model)
     # global 8 over 4 ranks of micro 2: 1 micro-batch per rank per step; 307,200 // 4 // 256 = 300 per rank
     assert (plan.world_size, plan.grad_accum_iters, plan.micro_batches_total) == (4, 1, 300)
@@ -74,13 +92,19 @@ def test_plan_with_several_devices_and_max_steps():
 
 
 def test_plan_uses_block_size_without_max_seq_length(tiny):
-    v = resolve(TRAIN, MODEL, preset="cpu-tiny", train_overrides={"train": {"max_seq_length": None}})
+    v = resolve(
+        TRAIN, MODEL, preset="cpu-tiny", train_overrides={"train": {"max_seq_length": None}}
+    )
     assert training_plan(v.train, v.model).seq_len == 256
 
 
 def test_warmup_fraction_is_a_fraction_of_the_run():
-    v = resolve(TRAIN, MODEL, preset="cpu-tiny",
-                train_overrides={"train": {"lr_warmup_steps": None, "lr_warmup_fraction": 0.05}})
+    v = resolve(
+        TRAIN,
+        MODEL,
+        preset="cpu-tiny",
+        train_overrides={"train": {"lr_warmup_steps": None, "lr_warmup_fraction": 0.05}},
+    )
     assert training_plan(v.train, v.model).warmup_steps == 15
 
 
@@ -141,28 +165,76 @@ def test_cpu_tiny_parameter_count_on_a_real_model(tiny):
 
 
 def test_tied_embeddings(tiny):
-    assert count_parameters(tiny.model, tie_embeddings=True).total == _litgpt_count(tiny.model, tie=True)
-    assert count_parameters(tiny.model).total - count_parameters(tiny.model, tie_embeddings=True).total == 4096 * 128
+    assert count_parameters(tiny.model, tie_embeddings=True).total == _litgpt_count(
+        tiny.model, tie=True
+    )
+    assert (
+        count_parameters(tiny.model).total - count_parameters(tiny.model, tie_embeddings=True).total
+        == 4096 * 128
+    )
 
 
 VARIANTS = {
     "gptneox-layernorm-bias": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, bias=True),
-    "llama-attn-bias-qk-norm": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, bias=False, attn_bias=True,
-                                    lm_head_bias=True, mlp_class_name="LLaMAMLP", intermediate_size=100,
-                                    norm_qk=True, norm_class_name="RMSNorm"),
-    "olmo2-gemma-post-norms-mqa": dict(n_layer=3, n_embd=64, n_head=4, vocab_size=1000, norm_qk=True,
-                                       norm_qk_type="olmo2", n_query_groups=1, mlp_class_name="GemmaMLP",
-                                       name="OLMo-x", post_attention_norm=True, post_mlp_norm=True,
-                                       shared_attention_norm=True),
-    "moe-shared-dense-first": dict(n_layer=3, n_embd=64, n_head=4, head_size=24, vocab_size=1000,
-                                   mlp_class_name="LLaMAMoE", n_expert=6, n_expert_per_token=2,
-                                   moe_intermediate_size=32, n_shared_expert=2, first_k_dense_replace=1,
-                                   intermediate_size=80, norm_2=False, bias=True),
+    "llama-attn-bias-qk-norm": dict(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=1000,
+        bias=False,
+        attn_bias=True,
+        lm_head_bias=True,
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=100,
+        norm_qk=True,
+        norm_class_name="RMSNorm",
+    ),
+    "olmo2-gemma-post-norms-mqa": dict(
+        n_layer=3,
+        n_embd=64,
+        n_head=4,
+        vocab_size=1000,
+        norm_qk=True,
+        norm_qk_type="olmo2",
+        n_query_groups=1,
+        mlp_class_name="GemmaMLP",
+        name="OLMo-x",
+        post_attention_norm=True,
+        post_mlp_norm=True,
+        shared_attention_norm=True,
+    ),
+    "moe-shared-dense-first": dict(
+        n_layer=3,
+        n_embd=64,
+        n_head=4,
+        head_size=24,
+        vocab_size=1000,
+        mlp_class_name="LLaMAMoE",
+        n_expert=6,
+        n_expert_per_token=2,
+        moe_intermediate_size=32,
+        n_shared_expert=2,
+        first_k_dense_replace=1,
+        intermediate_size=80,
+        norm_2=False,
+        bias=True,
+    ),
     "moe-grouped-router-latent-attention": dict(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=1000, mlp_class_name="LLaMAMoE", n_expert=8,
-        n_expert_per_token=2, moe_intermediate_size=32, n_expert_groups=4, n_topk_groups=2,
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=1000,
+        mlp_class_name="LLaMAMoE",
+        n_expert=8,
+        n_expert_per_token=2,
+        moe_intermediate_size=32,
+        n_expert_groups=4,
+        n_topk_groups=2,
         n_topk_scores_per_group=2,
-        latent_attention=dict(q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12)),
+        latent_attention=dict(
+            q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12
+        ),
+    ),
 }
 
 
@@ -190,8 +262,13 @@ def test_flops_per_token_of_the_shipped_config(shipped):
 
 def test_sliding_window_reduces_attention_flops():
     full = validate_model_config(VARIANTS["gptneox-layernorm-bias"])
-    window = validate_model_config({**VARIANTS["gptneox-layernorm-bias"], "sliding_window_size": 16,
-                                    "sliding_window_indices": [1, 0]})
+    window = validate_model_config(
+        {
+            **VARIANTS["gptneox-layernorm-bias"],
+            "sliding_window_size": 16,
+            "sliding_window_indices": [1, 0],
+        }
+    )
     assert attention_flops_per_token(window, 64) == 6 * 4 * 32 * (16 + 64)
     assert attention_flops_per_token(full, 64) == 12 * 2 * 4 * 16 * 64
 
@@ -206,10 +283,19 @@ def test_memory_and_checkpoint_of_the_shipped_config(shipped):
     assert m.activations == m.activations_no_checkpointing > m.activations_checkpointing
     assert m.logits_gradient == 4 * 512 * 50257 * 2  # bf16 logits of one micro-batch
     assert m.backward_temporaries == 4 * 50257 * 768  # the LM head's fp32 gradient is the largest
-    assert m.tensors == (m.weights + m.gradients + m.optimizer_states + m.autocast_weight_copies + m.activations
-                         + m.logits_gradient + m.backward_temporaries)
+    assert m.tensors == (
+        m.weights
+        + m.gradients
+        + m.optimizer_states
+        + m.autocast_weight_copies
+        + m.activations
+        + m.logits_gradient
+        + m.backward_temporaries
+    )
     assert m.device_kind == "cuda"  # the default: GPU device memory
-    assert m.total == m.total_cuda == m.tensors + m.runtime + m.compile_workspace + m.allocator_slack
+    assert (
+        m.total == m.total_cuda == m.tensors + m.runtime + m.compile_workspace + m.allocator_slack
+    )
     cpu = estimate(shipped.train, shipped.model, device_kind="cpu").memory
     assert cpu.device_kind == "cpu" and cpu.total == cpu.total_cpu == m.total_cpu > m.total_cuda
     assert cpu.tensors == m.tensors and cpu.compile_workspace > 0  # compile: true
@@ -229,22 +315,47 @@ def test_memory_and_checkpoint_of_the_shipped_config(shipped):
 
 
 def test_gradient_checkpointing_and_precision_change_memory(shipped):
-    ckpt = resolve(TRAIN, MODEL, train_overrides={"train": {"gradient_checkpointing": True}, "precision": "bf16-true"})
+    ckpt = resolve(
+        TRAIN,
+        MODEL,
+        train_overrides={"train": {"gradient_checkpointing": True}, "precision": "bf16-true"},
+    )
     e = estimate(ckpt.train, ckpt.model)
     n = 549_146_880
-    assert e.memory.weights == 2 * n and e.memory.optimizer_states == 4 * n and e.memory.autocast_weight_copies == 0
+    assert (
+        e.memory.weights == 2 * n
+        and e.memory.optimizer_states == 4 * n
+        and e.memory.autocast_weight_copies == 0
+    )
     assert e.memory.activations == e.memory.activations_checkpointing
     assert e.recompute_flops_per_token > 0
 
 
 def test_optimizer_state_count_depends_on_the_optimizer(tiny):
     n = count_parameters(tiny.model).total
-    sgd = resolve(TRAIN, MODEL, preset="cpu-tiny", train_overrides={"optimizer": "SGD", "train": {"min_lr": 0}})
+    sgd = resolve(
+        TRAIN,
+        MODEL,
+        preset="cpu-tiny",
+        train_overrides={"optimizer": "SGD", "train": {"min_lr": 0}},
+    )
     assert estimate(sgd.train, sgd.model).memory.optimizer_states == 0
-    mom = resolve(TRAIN, MODEL, preset="cpu-tiny", train_overrides={
-        "optimizer": {"class_path": "SGD", "init_args": {"momentum": 0.9}}, "train": {"min_lr": 0}})
+    mom = resolve(
+        TRAIN,
+        MODEL,
+        preset="cpu-tiny",
+        train_overrides={
+            "optimizer": {"class_path": "SGD", "init_args": {"momentum": 0.9}},
+            "train": {"min_lr": 0},
+        },
+    )
     assert estimate(mom.train, mom.model).memory.optimizer_states == 4 * n
-    ams = resolve(TRAIN, MODEL, preset="cpu-tiny", train_overrides={"optimizer": {"init_args": {"amsgrad": True}}})
+    ams = resolve(
+        TRAIN,
+        MODEL,
+        preset="cpu-tiny",
+        train_overrides={"optimizer": {"init_args": {"amsgrad": True}}},
+    )
     assert estimate(ams.train, ams.model).memory.optimizer_states == 12 * n
 
 
@@ -298,7 +409,9 @@ def test_activation_estimate_is_close_to_what_autograd_saves(tiny):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         logits = model(batch[:, :t])
         chunked_cross_entropy(logits, batch[:, 1:])
-    measured = sum(saved.values()) + logits.numel() * 4  # the logits stay alive until backward as well
+    measured = (
+        sum(saved.values()) + logits.numel() * 4
+    )  # the logits stay alive until backward as well
     est = activation_bytes(tiny.model, b, t, "32-true", checkpointing=False)
     assert 0.8 < est / measured < 1.25, (est, measured)
 
@@ -317,8 +430,14 @@ ROOT = CONFIGS.parent
 
 #: model overrides over cpu-tiny whose tensors (~0.9 GB) weigh as much as the process's runtime, so
 #: the per-parameter and per-token terms are checked, not only the runtime constant
-WIDE = {"name": "MoE-wide", "n_embd": 512, "n_head": 8, "n_query_groups": 4, "n_expert": 8,
-        "moe_intermediate_size": 1024}
+WIDE = {
+    "name": "MoE-wide",
+    "n_embd": 512,
+    "n_head": 8,
+    "n_query_groups": 4,
+    "n_expert": 8,
+    "moe_intermediate_size": 1024,
+}
 
 
 @pytest.fixture(scope="module")
@@ -339,9 +458,19 @@ def _peak_rss_of_training(train: dict, model: dict, work: Path) -> int:
 
     (work / "train.json").write_text(json.dumps(train))
     (work / "model.json").write_text(json.dumps(model))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), "--config", str(work / "train.json"),
-                             "--model-config", str(work / "model.json")],
-                            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "run_train.py"),
+            "--config",
+            str(work / "train.json"),
+            "--model-config",
+            str(work / "model.json"),
+        ],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
     err = proc.stderr.read().decode(errors="replace")
     proc.stderr.close()
@@ -351,22 +480,39 @@ def _peak_rss_of_training(train: dict, model: dict, work: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="ru_maxrss in KiB is Linux's")
-@pytest.mark.parametrize(("model_overrides", "accumulate"), [(None, 1), (WIDE, 2)], ids=["cpu-tiny", "wide"])
-def test_cpu_memory_estimate_is_within_15_percent_of_the_measured_peak(demo_data, tmp_path, model_overrides,
-                                                                       accumulate):
+@pytest.mark.parametrize(
+    ("model_overrides", "accumulate"), [(None, 1), (WIDE, 2)], ids=["cpu-tiny", "wide"]
+)
+def test_cpu_memory_estimate_is_within_15_percent_of_the_measured_peak(
+    demo_data, tmp_path, model_overrides, accumulate
+):
     """cpu-tiny (one micro-batch per step) and a wider MoE with gradient accumulation, 3 steps each."""
     from service.configs import resolve_documents
     from service.schemas import validate_configs
 
-    train, model = resolve_documents(TRAIN, MODEL, preset="cpu-tiny", train_overrides={
-        "out_dir": str(tmp_path / "out"), "resume": False,
-        "data": {"init_args": {"train_data_path": str(demo_data / "data/custom_text/train"),
-                               "val_data_path": str(demo_data / "data/custom_text/val")}},
-        "tokenizer_dir": str(demo_data / "data/tokenizer"),
-        "train": {"global_batch_size": 8 * accumulate, "max_tokens": 3 * 8 * accumulate * 128,
-                  "save_interval": None},
-        "eval": {"interval": 0, "initial_validation": False, "final_validation": False}},
-        model_overrides=model_overrides)
+    train, model = resolve_documents(
+        TRAIN,
+        MODEL,
+        preset="cpu-tiny",
+        train_overrides={
+            "out_dir": str(tmp_path / "out"),
+            "resume": False,
+            "data": {
+                "init_args": {
+                    "train_data_path": str(demo_data / "data/custom_text/train"),
+                    "val_data_path": str(demo_data / "data/custom_text/val"),
+                }
+            },
+            "tokenizer_dir": str(demo_data / "data/tokenizer"),
+            "train": {
+                "global_batch_size": 8 * accumulate,
+                "max_tokens": 3 * 8 * accumulate * 128,
+                "save_interval": None,
+            },
+            "eval": {"interval": 0, "initial_validation": False, "final_validation": False},
+        },
+        model_overrides=model_overrides,
+    )
     v = validate_configs(train, model)
     mem = estimate(v.train, v.model, device_kind="cpu").memory
     measured = _peak_rss_of_training(train, model, tmp_path)
@@ -376,4 +522,5 @@ def test_cpu_memory_estimate_is_within_15_percent_of_the_measured_peak(demo_data
     assert 0.85 <= mem.total / measured <= 1.15, (
         f"estimate {mem.total / 2**30:.2f} GiB vs measured {measured / 2**30:.2f} GiB "
         f"(tensors {mem.tensors / 2**30:.2f}, runtime {mem.runtime / 2**30:.2f}, "
-        f"slack {mem.allocator_slack / 2**30:.2f})")
+        f"slack {mem.allocator_slack / 2**30:.2f})"
+    )

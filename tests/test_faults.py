@@ -15,6 +15,7 @@ Every case asserts the run's final state, that a sampler scanning ``/proc`` ever
 saw two training processes of the run alive at once, that the database's metric rows equal
 ``metrics.csv``, and that every checkpoint folder on disk is recorded exactly once and loads.
 """
+
 from __future__ import annotations
 
 import os
@@ -94,15 +95,26 @@ def test_duplicate_delivery_trains_once(stack):
     rid = str(run.id)
 
     def ignored() -> int:
-        return sum(1 for line in stack.logs().splitlines() if rid in line and (
-            "message ignored" in line or "claimed by someone else" in line))
-    wait_for(lambda: ignored() >= 4, 60, "four duplicate messages to be ignored",
-             on_fail=stack.on_fail(run))
+        return sum(
+            1
+            for line in stack.logs().splitlines()
+            if rid in line and ("message ignored" in line or "claimed by someone else" in line)
+        )
+
+    wait_for(
+        lambda: ignored() >= 4,
+        60,
+        "four duplicate messages to be ignored",
+        on_fail=stack.on_fail(run),
+    )
 
     assert done.status == S.succeeded, done.failure_message
     assert done.attempt == 1 and done.failures == 0
-    assert _transitions(stack, run) == [(None, "queued"), ("queued", "running"),
-                                        ("running", "succeeded")]
+    assert _transitions(stack, run) == [
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     view = assert_one_trainer_at_a_time(stack, run)
     assert len(view.pids) == 1
     _steps_once(stack, run, 60)
@@ -132,11 +144,18 @@ def test_sigterm_of_a_worker_hands_the_run_over(stack):
     assert done.failures == 0
     events = stack.events(run)
     assert [(f, t) for f, t, *_ in events] == [
-        (None, "queued"), ("queued", "running"), ("running", "queued"), ("queued", "running"),
-        ("running", "succeeded")]
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "queued"),
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     assert events[2][2] is None and "shutting down" in events[2][4]
-    stopped = [e for e in contract.read_events(stack.out_dir(run), attempt=1)
-               if e.event == contract.EventKind.stop_requested]
+    stopped = [
+        e
+        for e in contract.read_events(stack.out_dir(run), attempt=1)
+        if e.event == contract.EventKind.stop_requested
+    ]
     assert stopped, "the first attempt never saw the stop request"
     view = assert_one_trainer_at_a_time(stack, run)
     assert len(view.pids) == 2
@@ -165,8 +184,12 @@ def test_kill_9_of_a_worker(stack):
     assert done.attempt == 2 and not done.worker_id.endswith(a.worker_id_suffix)
     events = stack.events(run)
     assert [(f, t) for f, t, *_ in events] == [
-        (None, "queued"), ("queued", "running"), ("running", "queued"), ("queued", "running"),
-        ("running", "succeeded")]
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "queued"),
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     assert events[2][2] == FailureReason.lost_worker.value and "lease expired" in events[2][4]
     assert done.failures == 1
     view = assert_one_trainer_at_a_time(stack, run)
@@ -203,9 +226,12 @@ def test_sigstop_of_a_worker_inside_a_transaction(stack):
     try:
         tries = stack.freeze(a, run, in_transaction=True)
         frozen_at = time.time()
-        moved = wait_for(lambda: (r := stack.run(run.id)).attempt >= 2 and r, 2 * LEASE,
-                         "the run to move to the other worker while the frozen worker holds "
-                         "a row lock", on_fail=lambda: stack.pg.activity())
+        moved = wait_for(
+            lambda: (r := stack.run(run.id)).attempt >= 2 and r,
+            2 * LEASE,
+            "the run to move to the other worker while the frozen worker holds a row lock",
+            on_fail=lambda: stack.pg.activity(),
+        )
         assert not moved.worker_id.endswith(a.worker_id_suffix)
     except AssertionError:
         os.kill(a.pid, signal.SIGCONT)
@@ -222,8 +248,9 @@ def test_sigstop_of_a_worker_inside_a_transaction(stack):
     _steps_once(stack, run, 300)
     assert_exactly_once(stack, run, real=False)
     all_workers_alive(stack)
-    report(stack, run, tries=tries,
-           requeued_after_s=round(stack.event_times(run)[2] - frozen_at, 2))
+    report(
+        stack, run, tries=tries, requeued_after_s=round(stack.event_times(run)[2] - frozen_at, 2)
+    )
     stack.forget(run)
 
 
@@ -232,8 +259,9 @@ def test_redis_restarted_with_runs_queued_and_running(stack):
     the waiting message is lost): the running ones finish undisturbed, the lost one is sent
     again by the reconciler; each trains once."""
     _stub(stack)
-    first = [stack.submit(steps=120, save_interval=20, name=new_name(f"redis-run{i}"))
-             for i in (1, 2)]
+    first = [
+        stack.submit(steps=120, save_interval=20, name=new_name(f"redis-run{i}")) for i in (1, 2)
+    ]
     for run in first:
         stack.wait_status(run, S.running, 60, f"{run.name} to start")
     waiting = stack.submit(steps=40, save_interval=20, name=new_name("redis-queued"))
@@ -244,8 +272,11 @@ def test_redis_restarted_with_runs_queued_and_running(stack):
     for run, final in zip((*first, waiting), done):
         assert final.status == S.succeeded, (run.name, final.failure_message)
         assert final.attempt == 1 and final.failures == 0, run.name
-        assert _transitions(stack, run) == [(None, "queued"), ("queued", "running"),
-                                            ("running", "succeeded")], run.name
+        assert _transitions(stack, run) == [
+            (None, "queued"),
+            ("queued", "running"),
+            ("running", "succeeded"),
+        ], run.name
         assert_one_trainer_at_a_time(stack, run)
         _steps_once(stack, run, 120 if run in first else 40)
         assert_exactly_once(stack, run, real=False)
@@ -279,8 +310,12 @@ def test_postgres_restarted_and_stopped_while_metrics_stream(stack):
 
     before = metric_rows()
     stack.pg.restart()
-    wait_for(lambda: metric_rows() > before + 10, 60, "metric rows after the restart",
-             on_fail=stack.on_fail(run))
+    wait_for(
+        lambda: metric_rows() > before + 10,
+        60,
+        "metric rows after the restart",
+        on_fail=stack.on_fail(run),
+    )
     stack.pg.stop()
     time.sleep(LEASE + 1)
     stack.pg.start()
@@ -306,8 +341,13 @@ def test_kill_9_of_a_trainer(stack):
     steps = 120
     run = stack.submit(steps=steps, save_interval=20, name=new_name("kill-trainer"))
     out = stack.out_dir(run)
-    wait_for(lambda: (out / "step-00000020").is_dir(), 240, "the first checkpoint on disk",
-             poll=0.01, on_fail=stack.on_fail(run))
+    wait_for(
+        lambda: (out / "step-00000020").is_dir(),
+        240,
+        "the first checkpoint on disk",
+        poll=0.01,
+        on_fail=stack.on_fail(run),
+    )
     trainer = stack.trainer_pid(run)
     os.kill(trainer, signal.SIGKILL)
     done = stack.wait_done(run, timeout=240)
@@ -316,8 +356,12 @@ def test_kill_9_of_a_trainer(stack):
     assert done.attempt == 2 and done.failures == 1
     events = stack.events(run)
     assert [(f, t) for f, t, *_ in events] == [
-        (None, "queued"), ("queued", "running"), ("running", "queued"), ("queued", "running"),
-        ("running", "succeeded")]
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "queued"),
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     assert events[2][2] == FailureReason.killed.value
     view = assert_one_trainer_at_a_time(stack, run)
     assert trainer in view.pids and len(view.pids) == 2
@@ -339,8 +383,13 @@ def test_sigstop_of_a_worker_past_its_lease(stack):
     steps = 500
     run = stack.submit(steps=steps, save_interval=25, name=new_name("sigstop"))
     out = stack.out_dir(run)
-    wait_for(lambda: (out / "step-00000025").is_dir(), 240, "the first checkpoint on disk",
-             poll=0.01, on_fail=stack.on_fail(run))
+    wait_for(
+        lambda: (out / "step-00000025").is_dir(),
+        240,
+        "the first checkpoint on disk",
+        poll=0.01,
+        on_fail=stack.on_fail(run),
+    )
     running = stack.run(run.id)
     assert running.status == S.running and running.attempt == 1
     a = stack.worker_of(running)
@@ -351,21 +400,33 @@ def test_sigstop_of_a_worker_past_its_lease(stack):
         stack.freeze(a, run, in_transaction=False)
         frozen_at = time.time()
         # the frozen worker's training stops itself: a zombie (its parent cannot reap it)
-        wait_for(lambda: trainer_a not in stack.sampler.alive_in(stack.run_dir(run)),
-                 LEASE, "the frozen worker's training to stop itself",
-                 on_fail=stack.on_fail(run))
+        wait_for(
+            lambda: trainer_a not in stack.sampler.alive_in(stack.run_dir(run)),
+            LEASE,
+            "the frozen worker's training to stop itself",
+            on_fail=stack.on_fail(run),
+        )
         fenced_after = time.time() - frozen_at
-        moved = wait_for(lambda: (r := stack.run(run.id)).attempt >= 2
-                         and r.status == S.running and r, 60,
-                         "the other worker to claim the run", on_fail=stack.on_fail(run))
+        moved = wait_for(
+            lambda: (r := stack.run(run.id)).attempt >= 2 and r.status == S.running and r,
+            60,
+            "the other worker to claim the run",
+            on_fail=stack.on_fail(run),
+        )
         b = stack.worker_of(moved)
         assert b is not a
         trainer_b = stack.trainer_pid(run, other_than={trainer_a})
         # let B train past its resume point while A is still frozen
         last_a = max((contract.checkpoint_step(p.name) or 0) for p in out.glob("step-*"))
-        wait_for(lambda: any((contract.checkpoint_step(p.name) or 0) > last_a
-                             for p in out.glob("step-*")), 120,
-                 "a checkpoint of the second attempt", poll=0.05, on_fail=stack.on_fail(run))
+        wait_for(
+            lambda: any(
+                (contract.checkpoint_step(p.name) or 0) > last_a for p in out.glob("step-*")
+            ),
+            120,
+            "a checkpoint of the second attempt",
+            poll=0.05,
+            on_fail=stack.on_fail(run),
+        )
     finally:
         os.kill(a.pid, signal.SIGCONT)
     done = stack.wait_done(run, timeout=240)
@@ -374,8 +435,12 @@ def test_sigstop_of_a_worker_past_its_lease(stack):
     assert done.attempt == 2 and done.worker_id.endswith(b.worker_id_suffix)
     events = stack.events(run)
     assert [(f, t) for f, t, *_ in events] == [
-        (None, "queued"), ("queued", "running"), ("running", "queued"), ("queued", "running"),
-        ("running", "succeeded")]
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "queued"),
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     assert events[2][2] == FailureReason.lost_worker.value and done.failures == 1
     view = assert_one_trainer_at_a_time(stack, run)
     assert set(view.pids) == {trainer_a, trainer_b}
@@ -384,14 +449,19 @@ def test_sigstop_of_a_worker_past_its_lease(stack):
     requeued_at = stack.event_times(run)[2]
     assert view.pids[trainer_a].last < requeued_at < view.pids[trainer_b].first
     assert fenced_after < LEASE
-    fenced = [e for e in contract.read_events(out, attempt=1)
-              if e.event == contract.EventKind.fenced]
+    fenced = [
+        e for e in contract.read_events(out, attempt=1) if e.event == contract.EventKind.fenced
+    ]
     assert fenced, "the first attempt's training did not record that it fenced itself"
     _steps_once(stack, run, steps)
     assert_exactly_once(stack, run, real=True)
     all_workers_alive(stack)  # A woke up, found its lease gone, and carries on
-    report(stack, run, fenced_after_s=round(fenced_after, 2),
-           requeued_after_s=round(requeued_at - frozen_at, 2))
+    report(
+        stack,
+        run,
+        fenced_after_s=round(fenced_after, 2),
+        requeued_after_s=round(requeued_at - frozen_at, 2),
+    )
     stack.forget(run)
 
 
@@ -411,7 +481,7 @@ def test_a_full_disk_fails_as_no_space(stack):
         chunk = b"\0" * 2**20
         left = free - keep
         while left > 0:
-            fh.write(chunk[:min(left, len(chunk))])
+            fh.write(chunk[: min(left, len(chunk))])
             left -= len(chunk)
     try:
         assert enqueue_run(stack.app, run.id).ok
@@ -420,8 +490,11 @@ def test_a_full_disk_fails_as_no_space(stack):
         assert done.failure_reason == FailureReason.no_space, done.failure_message
         assert str(stack.out_dir(run)) in (done.failure_message or "")
         assert done.attempt == 1
-        assert _transitions(stack, run) == [(None, "queued"), ("queued", "running"),
-                                            ("running", "failed")]
+        assert _transitions(stack, run) == [
+            (None, "queued"),
+            ("queued", "running"),
+            ("running", "failed"),
+        ]
         assert_one_trainer_at_a_time(stack, run)
         assert_exactly_once(stack, run, real=True)
         assert not stack.recorded_checkpoints(run)

@@ -7,6 +7,7 @@ PostgreSQL (``initdb`` + ``pg_ctl`` from the Debian packages, run as the ``postg
 through ``runuser`` when the tests run as root, since initdb refuses root) and its own
 ``redis-server`` (no persistence), each on a free loopback port, and kills only those.
 """
+
 from __future__ import annotations
 
 import glob
@@ -48,8 +49,10 @@ from service.settings import Settings
 
 def _pg_bin() -> Path | None:
     """The newest ``/usr/lib/postgresql/<version>/bin`` that has initdb and pg_ctl."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     return Path(found[-1]).parent if found else None
 
 
@@ -60,9 +63,11 @@ class PrivatePostgres:
     def __init__(self) -> None:
         bin_dir = _pg_bin()
         if bin_dir is None:
-            pytest.fail("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
-                        "(Debian's postgresql package); the fault suite starts its own server",
-                        pytrace=False)
+            pytest.fail(
+                "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
+                "(Debian's postgresql package); the fault suite starts its own server",
+                pytrace=False,
+            )
         self.bin = bin_dir
         self.port = free_port()
         # a folder of its own under /tmp: pytest's folders are private to root
@@ -74,11 +79,22 @@ class PrivatePostgres:
             try:
                 user = pwd.getpwnam("postgres")
             except KeyError:
-                pytest.fail("running as root but there is no postgres user to run initdb as",
-                            pytrace=False)
+                pytest.fail(
+                    "running as root but there is no postgres user to run initdb as", pytrace=False
+                )
             os.chown(self.dir, user.pw_uid, user.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                  "-E", "UTF8", "--no-sync", "--locale=C")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        )
         self.start()
 
     @property
@@ -91,8 +107,10 @@ class PrivatePostgres:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=self.dir)
         if check and done.returncode != 0:
-            raise RuntimeError(f"{tool} {' '.join(args)} failed ({done.returncode}):\n"
-                               f"{done.stdout}\n{done.stderr}\n{self.log()}")
+            raise RuntimeError(
+                f"{tool} {' '.join(args)} failed ({done.returncode}):\n"
+                f"{done.stdout}\n{done.stderr}\n{self.log()}"
+            )
         return done
 
     def log(self) -> str:
@@ -102,10 +120,23 @@ class PrivatePostgres:
             return ""
 
     def start(self) -> None:
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-o", options,
-                  "-w", "-t", "60", "start")
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log_path),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
@@ -120,8 +151,11 @@ class PrivatePostgres:
         import psycopg
 
         try:
-            with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
-                                 connect_timeout=3, autocommit=True) as conn:
+            with psycopg.connect(
+                f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
+                connect_timeout=3,
+                autocommit=True,
+            ) as conn:
                 rows = conn.execute(
                     "SELECT pid, application_name, state, wait_event_type, wait_event, "
                     "pg_blocking_pids(pid), now() - xact_start, "
@@ -129,24 +163,35 @@ class PrivatePostgres:
                     "|| right(regexp_replace(query, '\\s+', ' ', 'g'), 80) "
                     "FROM pg_stat_activity WHERE backend_type = 'client backend' "
                     "AND pid <> pg_backend_pid() AND (state <> 'idle' OR wait_event_type = "
-                    "'Lock')").fetchall()
+                    "'Lock')"
+                ).fetchall()
         except psycopg.Error as error:
             return f"pg_stat_activity unavailable: {error}"
-        return "\n".join(f"  pid {r[0]} {r[1]!r} {r[2]} wait {r[3]}/{r[4]} blocked by {r[5]} "
-                         f"xact {r[6]}: {r[7]}" for r in rows) or "  (no busy sessions)"
+        return (
+            "\n".join(
+                f"  pid {r[0]} {r[1]!r} {r[2]} wait {r[3]}/{r[4]} blocked by {r[5]} "
+                f"xact {r[6]}: {r[7]}"
+                for r in rows
+            )
+            or "  (no busy sessions)"
+        )
 
     def idle_in_transaction_on(self, table: str, older_than: float) -> list[int]:
         """Backends that are idle inside a transaction begun more than ``older_than`` seconds
         ago and hold a lock on ``table``: a client stopped in the middle of a transaction."""
         import psycopg
 
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
-                             connect_timeout=3, autocommit=True) as conn:
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
+            connect_timeout=3,
+            autocommit=True,
+        ) as conn:
             rows = conn.execute(
                 "SELECT DISTINCT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
                 "WHERE a.state = 'idle in transaction' AND l.relation = to_regclass(%s) "
                 "AND now() - a.xact_start > make_interval(secs => %s)",
-                (table, older_than)).fetchall()
+                (table, older_than),
+            ).fetchall()
         return [r[0] for r in rows]
 
     def row_locked(self, run_id) -> bool:
@@ -155,8 +200,9 @@ class PrivatePostgres:
         ``lock_timeout`` and rolled back."""
         import psycopg
 
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
-                             connect_timeout=3) as conn:
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", connect_timeout=3
+        ) as conn:
             try:
                 conn.execute("SET LOCAL lock_timeout = '100ms'")
                 conn.execute("SELECT 1 FROM runs WHERE id = %s FOR NO KEY UPDATE", (run_id,))
@@ -177,8 +223,9 @@ class PrivateRedis:
 
     def __init__(self, folder: Path) -> None:
         if shutil.which("redis-server") is None:
-            pytest.fail("redis-server not found; the fault suite starts its own Redis",
-                        pytrace=False)
+            pytest.fail(
+                "redis-server not found; the fault suite starts its own Redis", pytrace=False
+            )
         self.port = free_port()
         self.dir = folder
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -195,9 +242,23 @@ class PrivateRedis:
         log = open(self.dir / "redis.log", "ab")
         with log:
             self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.dir),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
         def up():
             if self.proc.poll() is not None:
@@ -233,8 +294,12 @@ def mount_tmpfs(path: Path, size: str) -> str | None:
     mounted, else why not (not permitted here)."""
     path.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                               str(path)], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError) as error:
         return f"mount failed: {error}"
     if done.returncode != 0:
@@ -340,8 +405,11 @@ class TrainerSampler:
     def view(self, folder: Path) -> _RunView:
         with self._lock:
             view = self._views.get(str(folder.resolve()), _RunView())
-            return _RunView(view.max_alive, list(view.overlaps),
-                            {p: Sighting(s.pid, s.first, s.last) for p, s in view.pids.items()})
+            return _RunView(
+                view.max_alive,
+                list(view.overlaps),
+                {p: Sighting(s.pid, s.first, s.last) for p, s in view.pids.items()},
+            )
 
     def alive_in(self, folder: Path) -> list[int]:
         """The training processes alive in ``folder`` right now (a fresh scan)."""
@@ -352,8 +420,14 @@ class TrainerSampler:
 
 #: Timing of the suite's deployment, in seconds: leases of a few seconds that still satisfy
 #: the invariant lease > trainer deadline + checkpoint write + heartbeat.
-TIMING = dict(heartbeat_seconds=0.5, lease_seconds=7.0, trainer_deadline_seconds=2.0,
-              checkpoint_write_seconds=2.0, worker_stale_seconds=3.0, queued_stale_seconds=5.0)
+TIMING = dict(
+    heartbeat_seconds=0.5,
+    lease_seconds=7.0,
+    trainer_deadline_seconds=2.0,
+    checkpoint_write_seconds=2.0,
+    worker_stale_seconds=3.0,
+    queued_stale_seconds=5.0,
+)
 
 
 class Stack:
@@ -412,8 +486,12 @@ class Stack:
 
     def new_worker(self) -> WorkerProcess:
         self._serial += 1
-        worker = WorkerProcess(self.worker_settings(), self.home / f"worker-{self._serial}.log",
-                               self.token_cache, extra_env=self.stub_env)
+        worker = WorkerProcess(
+            self.worker_settings(),
+            self.home / f"worker-{self._serial}.log",
+            self.token_cache,
+            extra_env=self.stub_env,
+        )
         return worker.start()
 
     def use_engine(self, engine: str, **stub_env: str) -> None:
@@ -451,8 +529,9 @@ class Stack:
         for worker in self.workers:
             worker.wait_registered(self.db)
 
-    def freeze(self, worker: WorkerProcess, run: Run, *, in_transaction: bool,
-               within: float = 60.0) -> int:
+    def freeze(
+        self, worker: WorkerProcess, run: Run, *, in_transaction: bool, within: float = 60.0
+    ) -> int:
         """SIGSTOP ``worker`` while it is (``in_transaction``) or is not inside a database
         transaction. Returns the number of tries; fails after ``within`` seconds.
 
@@ -475,8 +554,7 @@ class Stack:
                 return tries
             os.kill(worker.pid, signal.SIGCONT)
             time.sleep(0.05 + 0.02 * (tries % 7))
-        raise AssertionError(f"could not freeze the worker outside a transaction in {tries} "
-                             "tries")
+        raise AssertionError(f"could not freeze the worker outside a transaction in {tries} tries")
 
     def _freeze_inside(self, worker: WorkerProcess, run: Run, within: float) -> int:
         import psycopg
@@ -487,11 +565,13 @@ class Stack:
             gate.execute("LOCK TABLE metric_points IN SHARE MODE")  # writers wait; readers not
             with psycopg.connect(url, connect_timeout=3, autocommit=True) as look:
                 while not look.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query ILIKE '%%metric_points%%'").fetchone()[0]:
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query ILIKE '%%metric_points%%'"
+                ).fetchone()[0]:
                     if time.monotonic() > give_up:
-                        raise AssertionError("the worker never wrote metric rows while the "
-                                             "table was locked")
+                        raise AssertionError(
+                            "the worker never wrote metric rows while the table was locked"
+                        )
                     time.sleep(0.02)
             os.kill(worker.pid, signal.SIGSTOP)
             time.sleep(0.1)  # the stop is delivered before the write can complete
@@ -499,8 +579,10 @@ class Stack:
         # PostgreSQL ends such a session after a quarter of the lease: look at once
         if not (self.pg.idle_in_transaction_on("runs", 0) and self.pg.row_locked(run.id)):
             self.frozen_sessions = self.pg.activity()
-            raise AssertionError("the frozen worker's session is not idle in a transaction "
-                                 f"holding the run's row:\n{self.frozen_sessions}")
+            raise AssertionError(
+                "the frozen worker's session is not idle in a transaction "
+                f"holding the run's row:\n{self.frozen_sessions}"
+            )
         self.frozen_sessions = self.pg.activity()
         return 1
 
@@ -512,16 +594,26 @@ class Stack:
         raise AssertionError(f"no worker of ours has id {run.worker_id}")
 
     def logs(self) -> str:
-        parts = [f"== {w.log_path.name} (pid {w.proc.pid if w.proc else '-'})\n{w.log()[-6000:]}"
-                 for w in self.workers + self.retired]
+        parts = [
+            f"== {w.log_path.name} (pid {w.proc.pid if w.proc else '-'})\n{w.log()[-6000:]}"
+            for w in self.workers + self.retired
+        ]
         return "\n".join(parts)
 
     # -- runs -------------------------------------------------------------------------------------
 
-    def submit(self, *, steps: int, save_interval: int | None, name: str,
-               enqueue: bool = True) -> Run:
-        run = create_tiny_run(self.db, self.settings, self.corpus, self.tokenizer, steps=steps,
-                              save_interval=save_interval, name=name)
+    def submit(
+        self, *, steps: int, save_interval: int | None, name: str, enqueue: bool = True
+    ) -> Run:
+        run = create_tiny_run(
+            self.db,
+            self.settings,
+            self.corpus,
+            self.tokenizer,
+            steps=steps,
+            save_interval=save_interval,
+            name=name,
+        )
         if enqueue:
             assert enqueue_run(self.app, run.id).ok
         return run
@@ -546,12 +638,17 @@ class Stack:
             extra = f"\n== train.log\n{self.run_log(run)}" if run is not None else ""
             busy = f"\n== PostgreSQL sessions\n{self.pg.activity()}" if self.pg else ""
             return self.logs() + extra + busy
+
         return text
 
     def wait_status(self, run: Run, statuses, timeout: float, what: str) -> Run:
         wanted = {statuses} if isinstance(statuses, RunStatus) else set(statuses)
-        return wait_for(lambda: (r := self.run(run.id)).status in wanted and r, timeout, what,
-                        on_fail=self.on_fail(run))
+        return wait_for(
+            lambda: (r := self.run(run.id)).status in wanted and r,
+            timeout,
+            what,
+            on_fail=self.on_fail(run),
+        )
 
     def wait_done(self, run: Run, timeout: float = 240) -> Run:
         return self.wait_status(run, TERMINAL, timeout, f"run {run.name} to finish")
@@ -562,28 +659,52 @@ class Stack:
 
     def wait_checkpoint_recorded(self, run: Run, min_step: int, timeout: float = 180) -> str:
         """Wait until a ``step-*`` checkpoint at or past ``min_step`` is in the database."""
+
         def found():
-            steps = [s for n, s in self.recorded_checkpoints(run).items()
-                     if n.startswith("step-") and s is not None and s >= min_step]
+            steps = [
+                s
+                for n, s in self.recorded_checkpoints(run).items()
+                if n.startswith("step-") and s is not None and s >= min_step
+            ]
             return contract.step_dir_name(min(steps)) if steps else None
-        return wait_for(found, timeout, f"a checkpoint of {run.name} at step >= {min_step}",
-                        poll=0.1, on_fail=self.on_fail(run))
+
+        return wait_for(
+            found,
+            timeout,
+            f"a checkpoint of {run.name} at step >= {min_step}",
+            poll=0.1,
+            on_fail=self.on_fail(run),
+        )
 
     def trainer_pid(self, run: Run, timeout: float = 120, other_than=()) -> int:
         """The pid of the run's live training process (fails when there are several)."""
+
         def one():
             pids = [p for p in self.sampler.alive_in(self.run_dir(run)) if p not in other_than]
             assert len(pids) <= 1, f"several training processes of {run.name}: {pids}"
             return pids[0] if pids else None
-        return wait_for(one, timeout, f"the training process of {run.name}", poll=0.05,
-                        on_fail=self.on_fail(run))
+
+        return wait_for(
+            one,
+            timeout,
+            f"the training process of {run.name}",
+            poll=0.05,
+            on_fail=self.on_fail(run),
+        )
 
     def events(self, run: Run) -> list[tuple[str | None, str, str | None, int, str]]:
         """(from, to, reason, attempt, message) of the run's status events."""
         with self.db.session() as session:
-            return [(e.from_status.value if e.from_status else None, e.to_status.value,
-                     e.reason.value if e.reason else None, e.attempt, e.message)
-                    for e in runs.list_events(session, run.id)]
+            return [
+                (
+                    e.from_status.value if e.from_status else None,
+                    e.to_status.value,
+                    e.reason.value if e.reason else None,
+                    e.attempt,
+                    e.message,
+                )
+                for e in runs.list_events(session, run.id)
+            ]
 
     def event_times(self, run: Run) -> list[float]:
         """When each status event happened (seconds since the epoch, like ``time.time()``)."""
@@ -604,7 +725,8 @@ def assert_one_trainer_at_a_time(stack: Stack, run: Run) -> _RunView:
     assert stack.sampler.scans > 0
     assert view.max_alive <= 1, (
         f"{run.name}: {view.max_alive} training processes alive at once; overlapping scans "
-        f"(time, pids): {view.overlaps[:5]}")
+        f"(time, pids): {view.overlaps[:5]}"
+    )
     return view
 
 
@@ -623,7 +745,8 @@ def assert_exactly_once(stack: Stack, run: Run, *, real: bool) -> None:
     rows = csv_rows(out / contract.METRICS_FILE) if (out / contract.METRICS_FILE).exists() else []
     assert [p.step for p in points] == [int(r["step"]) for r in rows], (
         f"{run.name}: database steps {[p.step for p in points]} != metrics.csv steps "
-        f"{[int(r['step']) for r in rows]}")
+        f"{[int(r['step']) for r in rows]}"
+    )
     for point, row in zip(points, rows):
         for column, text in row.items():
             value = getattr(point, column)
@@ -636,14 +759,16 @@ def assert_exactly_once(stack: Stack, run: Run, *, real: bool) -> None:
     assert len(names) == len(set(names)), f"{run.name}: a checkpoint recorded twice: {names}"
     on_disk = checkpoint_folders(out)
     assert sorted(names) == sorted(n for n, _ in on_disk), (
-        f"{run.name}: recorded {sorted(names)}, on disk {[n for n, _ in on_disk]}")
+        f"{run.name}: recorded {sorted(names)}, on disk {[n for n, _ in on_disk]}"
+    )
     by_name = {c.name: c for c in recorded}
     model = None
     for name, path in on_disk:
         row = by_name[name]
         assert Path(row.path) == path, (name, row.path)
         assert row.size_bytes == folder_size(path), (
-            f"{run.name}: {name} recorded with {row.size_bytes} bytes, {folder_size(path)} on disk")
+            f"{run.name}: {name} recorded with {row.size_bytes} bytes, {folder_size(path)} on disk"
+        )
         info = ckpt.read_checkpoint(path)
         assert info is not None, f"{path} is not a complete checkpoint"
         assert row.step == info.step, (name, row.step, info.step)
@@ -674,18 +799,22 @@ def report(stack: Stack, run: Run, **measured: object) -> None:
     """Print what a case saw (shown with ``pytest -s`` or when it fails): the status events
     and the training processes the sampler saw, with any measurements."""
     view = stack.sampler.view(stack.run_dir(run))
-    events = " | ".join(f"{f or '-'}->{t}" + (f" ({r})" if r else "")
-                        for f, t, r, _a, _m in stack.events(run))
+    events = " | ".join(
+        f"{f or '-'}->{t}" + (f" ({r})" if r else "") for f, t, r, _a, _m in stack.events(run)
+    )
     spans = ", ".join(f"{s.pid}: {s.last - s.first:.1f} s" for s in view.pids.values())
     extra = "".join(f"; {k} {v}" for k, v in measured.items())
-    print(f"\n[{run.name}] {events}; trainers seen {spans or 'none'}; max alive "
-          f"{view.max_alive}; {stack.sampler.scans} scans{extra}")
+    print(
+        f"\n[{run.name}] {events}; trainers seen {spans or 'none'}; max alive "
+        f"{view.max_alive}; {stack.sampler.scans} scans{extra}"
+    )
 
 
 def all_workers_alive(stack: Stack) -> None:
     for worker in stack.workers:
         assert worker.proc is not None and worker.proc.poll() is None, (
-            f"{worker.log_path.name} exited with {worker.proc.returncode}:\n{worker.log()[-3000:]}")
+            f"{worker.log_path.name} exited with {worker.proc.returncode}:\n{worker.log()[-3000:]}"
+        )
 
 
 def new_name(prefix: str) -> str:
@@ -693,7 +822,15 @@ def new_name(prefix: str) -> str:
 
 
 __all__ = [
-    "PrivatePostgres", "PrivateRedis", "Stack", "TrainerSampler", "assert_exactly_once",
-    "assert_one_trainer_at_a_time", "all_workers_alive", "mount_tmpfs", "new_name", "pid_gone",
+    "PrivatePostgres",
+    "PrivateRedis",
+    "Stack",
+    "TrainerSampler",
+    "assert_exactly_once",
+    "assert_one_trainer_at_a_time",
+    "all_workers_alive",
+    "mount_tmpfs",
+    "new_name",
+    "pid_gone",
     "unmount",
 ]

@@ -1,5 +1,6 @@
 """worker.fence on its own: a real pipe, a real owner file, and an ``exit`` callback that records
 instead of ending pytest. Torch-free, a few seconds in all."""
+
 from __future__ import annotations
 
 import os
@@ -136,7 +137,9 @@ def test_a_write_under_way_may_finish_within_the_allowance(tmp_path, pipe):
             left_at = time.monotonic()
         assert exits.called.wait(2)
         assert exits.codes == [FENCED]
-        assert exits.at - left_at < 1.0  # it exits as soon as the write is done, not at the allowance
+        assert (
+            exits.at - left_at < 1.0
+        )  # it exits as soon as the write is done, not at the allowance
         (event,) = contract.read_events(tmp_path)
         assert event.event == contract.EventKind.fenced and 0.3 <= event.data["waited_s"] < 3.0
     finally:

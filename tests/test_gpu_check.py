@@ -4,6 +4,7 @@ the same outputs) runs here, so a change that breaks a step of the GPU check fai
 The rehearsal costs about 105 s of CPU time (mostly nine imports of torch + litgpt, one per step
 process); it runs two steps at a time, so about a minute on an idle 2-core machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,24 @@ STEPS = {
 
 
 def test_gpu_check_script_parses():
-    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True).returncode == 0
+    assert (
+        subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True).returncode == 0
+    )
 
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    env = {**os.environ, "GPU_CHECK_REHEARSAL": "1", "PYTHON": sys.executable, "OUT": str(out),
-           "GPU_CHECK_WORKDIR": str(out / "work")}
-    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
+    env = {
+        **os.environ,
+        "GPU_CHECK_REHEARSAL": "1",
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "GPU_CHECK_WORKDIR": str(out / "work"),
+    }
+    proc = subprocess.run(
+        ["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=700
+    )
     return proc, out
 
 
@@ -75,8 +85,14 @@ def test_rehearsal_writes_each_steps_json(rehearsal):
 def test_rehearsal_summary_has_every_section_filled(rehearsal):
     _, out = rehearsal
     md = (out / "gpu_check.md").read_text()
-    for heading in ("### MoE layer", "### Training throughput (stock LitGPT eager", "### Smoke test",
-                    "### Production preset", "### Memory estimate", "### Training throughput (stock LitGPT compiled"):
+    for heading in (
+        "### MoE layer",
+        "### Training throughput (stock LitGPT eager",
+        "### Smoke test",
+        "### Production preset",
+        "### Memory estimate",
+        "### Training throughput (stock LitGPT compiled",
+    ):
         section = md.split(heading, 1)[1].split("\n### ", 1)[0]
         assert "| " in section and "Error" not in section, section  # a table, not a load error
     for name in STEPS:
@@ -87,9 +103,17 @@ def test_rehearsal_summary_has_every_section_filled(rehearsal):
 
 def _run_with(tmp_path, python: str, **env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """The script with PYTHON replaced by a stand-in command (``true``/``false``): its control flow only."""
-    full = {**os.environ, "GPU_CHECK_REHEARSAL": "1", "PYTHON": python, "OUT": str(tmp_path),
-            "GPU_CHECK_WORKDIR": str(tmp_path / "work"), **env}
-    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=full, capture_output=True, text=True, timeout=60)
+    full = {
+        **os.environ,
+        "GPU_CHECK_REHEARSAL": "1",
+        "PYTHON": python,
+        "OUT": str(tmp_path),
+        "GPU_CHECK_WORKDIR": str(tmp_path / "work"),
+        **env,
+    }
+    proc = subprocess.run(
+        ["bash", str(SCRIPT)], cwd=ROOT, env=full, capture_output=True, text=True, timeout=60
+    )
     return proc, [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
 
 
@@ -101,10 +125,15 @@ def test_a_failing_step_fails_the_check(tmp_path):
 
 
 def test_steps_beyond_the_time_budget_are_skipped_and_fail_the_check(tmp_path):
-    proc, rows = _run_with(tmp_path, "true", GPU_CHECK_BUDGET="25")  # 5 s left after the summary's 20
+    proc, rows = _run_with(
+        tmp_path, "true", GPU_CHECK_BUDGET="25"
+    )  # 5 s left after the summary's 20
     assert proc.returncode == 1
     # the optional last step (stock LitGPT compiled) is "not run" rather than failed
-    assert {r[0]: r[1] for r in rows} == {**{name: "skipped" for name in STEPS}, "train_throughput_compiled": "not run"}
+    assert {r[0]: r[1] for r in rows} == {
+        **{name: "skipped" for name in STEPS},
+        "train_throughput_compiled": "not run",
+    }
 
 
 def test_a_passing_run_exits_zero(tmp_path):

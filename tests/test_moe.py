@@ -1,4 +1,5 @@
 """Parity, compile and telemetry tests of worker/moe.py against LitGPT's own LLaMAMoE (CPU, fast)."""
+
 from __future__ import annotations
 
 import copy
@@ -96,7 +97,10 @@ def forward_backward(module, x, grad_out, autocast_dtype=None):
 
 def assert_parity(ref, new, x, tol, autocast_dtype=None):
     torch.manual_seed(123)
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with (
+        torch.no_grad(),
+        torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+    ):
         shape = ref(x).shape
     grad_out = torch.randn(shape, device=x.device)  # random upstream gradient, not .sum()
     y_ref, g_ref = forward_backward(ref, x, grad_out, autocast_dtype)
@@ -113,7 +117,8 @@ def assert_parity(ref, new, x, tol, autocast_dtype=None):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "device,dtype",
-    [("cpu", torch.float32), ("cpu", torch.bfloat16)] + ([("cuda", torch.bfloat16)] if CUDA else []),
+    [("cpu", torch.float32), ("cpu", torch.bfloat16)]
+    + ([("cuda", torch.bfloat16)] if CUDA else []),
 )
 def test_grouped_mm_matches_per_group_matmul_with_empty_groups(device, dtype):
     torch.manual_seed(0)
@@ -151,7 +156,9 @@ def test_grouped_mm_custom_op_registrations_are_consistent():
 def test_select_backend_rules():
     assert select_backend("cpu", None, torch.float32, (64, 96)) == "grouped_mm"
     assert select_backend("cpu", None, torch.bfloat16, (64, 96)) == "grouped_mm"
-    assert select_backend("cpu", None, torch.bfloat16, (64, 100)) == "dense"  # 200 bytes: not 16-aligned
+    assert (
+        select_backend("cpu", None, torch.bfloat16, (64, 100)) == "dense"
+    )  # 200 bytes: not 16-aligned
     assert select_backend("cpu", None, torch.float32, (6, 96)) == "dense"
     assert select_backend("cpu", None, torch.float16, (64, 96)) == "grouped_mm_sync"
     assert select_backend("mps", None, torch.float32, (64, 96)) == "dense"
@@ -161,7 +168,8 @@ def test_select_backend_rules():
 # layer parity with LLaMAMoE
 # ------------------------------------------------------------------------------------------
 FP32_CASES = [("cpu", "grouped_mm"), ("cpu", "grouped_mm_sync"), ("cpu", "dense")] + (
-    [("cuda", "grouped_mm_sync"), ("cuda", "dense")] if CUDA else [])
+    [("cuda", "grouped_mm_sync"), ("cuda", "dense")] if CUDA else []
+)
 BF16_CASES = [(d, b) for d in DEVICES for b in ("grouped_mm", "grouped_mm_sync", "dense")]
 
 
@@ -189,7 +197,9 @@ def test_layer_parity_float32(device, backend, k, shape, starve):
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("starve", [False, True], ids=["all-experts", "expert0-empty"])
 def test_layer_parity_bf16_true(device, backend, k, starve):
-    ref, new = pair(moe_config(n_expert_per_token=k), dtype=torch.bfloat16, backend=backend, device=device)
+    ref, new = pair(
+        moe_config(n_expert_per_token=k), dtype=torch.bfloat16, backend=backend, device=device
+    )
     if starve:
         starve_expert_zero(ref)
         new.load_state_dict(ref.state_dict())
@@ -223,7 +233,9 @@ def test_layer_parity_bf16_mixed_autocast(device, backend):
     x = torch.randn(2, 24, 64, device=device)
     assert_parity(ref, new, x, tol=1e-2, autocast_dtype=torch.bfloat16)
     with torch.autocast(device, dtype=torch.bfloat16):
-        assert new(x).dtype == ref(x).dtype == torch.float32  # residual stream stays fp32, as in LitGPT
+        assert (
+            new(x).dtype == ref(x).dtype == torch.float32
+        )  # residual stream stays fp32, as in LitGPT
 
 
 @pytest.mark.parametrize(
@@ -233,7 +245,13 @@ def test_layer_parity_bf16_mixed_autocast(device, backend):
         dict(n_shared_expert=1),
         dict(routed_scaling_factor=2.5),
         dict(n_expert=8, n_expert_per_token=3),
-        dict(n_expert=8, n_expert_groups=4, n_topk_groups=2, n_topk_scores_per_group=1, norm_topk_prob=True),
+        dict(
+            n_expert=8,
+            n_expert_groups=4,
+            n_topk_groups=2,
+            n_topk_scores_per_group=1,
+            norm_topk_prob=True,
+        ),
     ],
     ids=["bias", "shared-expert", "scaling-factor", "8-experts-top3", "grouped-router"],
 )
@@ -247,7 +265,9 @@ def test_layer_parity_config_variants(overrides, device, backend):
         new.load_state_dict(ref.state_dict())
     cuda = device == "cuda"
     x = torch.randn(2, 9, 64, device=device)
-    assert_parity(ref, new, x, tol=1e-2 if cuda else 1e-5, autocast_dtype=torch.bfloat16 if cuda else None)
+    assert_parity(
+        ref, new, x, tol=1e-2 if cuda else 1e-5, autocast_dtype=torch.bfloat16 if cuda else None
+    )
 
 
 def test_auto_backend_is_grouped_mm_on_cpu_for_aligned_widths():
@@ -328,7 +348,9 @@ def test_whole_model_loss_and_gradient_parity(device):
 # torch.compile
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "autocast,align", [(False, None), (True, None), (True, 8)], ids=["fp32", "bf16-mixed", "bf16-mixed-padded"]
+    "autocast,align",
+    [(False, None), (True, None), (True, 8)],
+    ids=["fp32", "bf16-mixed", "bf16-mixed-padded"],
 )
 def test_layer_compiles_fullgraph_and_matches_eager(autocast, align):
     torch._dynamo.reset()
@@ -372,7 +394,9 @@ def test_no_recompilation_across_training_steps():
         idx = torch.randint(0, config.vocab_size, (2, 16), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = compiled(idx)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), idx.roll(-1, 1).reshape(-1))
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), idx.roll(-1, 1).reshape(-1)
+        )
         aux, z = collect_aux_losses(model)
         (loss + 0.01 * aux + 0.001 * z).backward()
         optimizer.step()
@@ -459,7 +483,9 @@ def test_model_helpers_and_stock_telemetry_agree():
 def test_errors_are_clear():
     with pytest.raises(ValueError, match="backend"):
         GroupedMoE(moe_config(), backend="triton")
-    grouped_router = moe_config(n_expert=8, n_expert_groups=4, n_topk_groups=2, n_topk_scores_per_group=1)
+    grouped_router = moe_config(
+        n_expert=8, n_expert_groups=4, n_topk_groups=2, n_topk_scores_per_group=1
+    )
     with pytest.raises(ValueError, match="router logits"):
         GroupedMoE(grouped_router, router_losses=True)
     with pytest.raises(RuntimeError, match="no MoE layer"):

@@ -1,5 +1,6 @@
 """MoE expert backends: the selection rule per device capability and dtype (pure, no GPU needed), the
 host-offset "grouped_mm_sync" path's numerics on the CPU, and the engine's CUDA-graph switch."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,13 @@ from worker.train import effective_compile_mode, expert_dtype, moe_backend_notes
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 ALIGNED = (768, 2048)  # MoE-200M widths
 CUDA_GPUS = {  # capability: a card with it
-    (7, 0): "V100", (8, 0): "A100", (8, 6): "RTX 3090", (8, 9): "L4 / RTX 4090",
-    (9, 0): "H100 / H200", (10, 0): "B200", (12, 0): "RTX 5090",
+    (7, 0): "V100",
+    (8, 0): "A100",
+    (8, 6): "RTX 3090",
+    (8, 9): "L4 / RTX 4090",
+    (9, 0): "H100 / H200",
+    (10, 0): "B200",
+    (12, 0): "RTX 5090",
 }
 HIP = torch.version.hip is not None
 
@@ -40,13 +46,17 @@ def test_cuda_selection_never_dense_for_aligned_widths(capability, dtype):
 
 
 @pytest.mark.parametrize("capability", [None, *CUDA_GPUS])
-@pytest.mark.parametrize("dtype,widths", [(BF16, (768, 2044)), (FP16, (764, 2048)), (FP32, (766, 2048))])
+@pytest.mark.parametrize(
+    "dtype,widths", [(BF16, (768, 2044)), (FP16, (764, 2048)), (FP32, (766, 2048))]
+)
 def test_unaligned_widths_are_dense_everywhere(capability, dtype, widths):
     device = "cpu" if capability is None else "cuda"
     assert select_backend(device, capability, dtype, widths) == "dense"
 
 
-@pytest.mark.parametrize("dtype,expected", [(BF16, "grouped_mm"), (FP32, "grouped_mm"), (FP16, "grouped_mm_sync")])
+@pytest.mark.parametrize(
+    "dtype,expected", [(BF16, "grouped_mm"), (FP32, "grouped_mm"), (FP16, "grouped_mm_sync")]
+)
 def test_cpu_selection(dtype, expected):
     assert select_backend("cpu", None, dtype, ALIGNED) == expected
     assert select_backend("cpu", (9, 0), dtype, ALIGNED) == expected  # capability ignored off CUDA
@@ -63,7 +73,9 @@ def test_selection_needs_the_capability_on_cuda_and_is_dense_on_other_devices():
 # ------------------------------------------------------------------------------------------
 # segment_mm (the grouped_mm_sync GEMM) against a per-group float64 reference
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,tol", [(FP32, 1e-6), (BF16, 1e-2), (FP16, 2e-3)], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype,tol", [(FP32, 1e-6), (BF16, 1e-2), (FP16, 2e-3)], ids=["fp32", "bf16", "fp16"]
+)
 @pytest.mark.parametrize("tail", [0, 3], ids=["exact", "trailing-rows"])
 def test_segment_mm_matches_per_group_matmul(dtype, tol, tail):
     torch.manual_seed(0)
@@ -105,7 +117,9 @@ def test_segment_mm_custom_op_registrations_are_consistent():
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_sync_layer_parity_fp16_true(k, bias):
-    ref, new = pair(moe_config(n_expert_per_token=k, bias=bias), dtype=FP16, backend="grouped_mm_sync")
+    ref, new = pair(
+        moe_config(n_expert_per_token=k, bias=bias), dtype=FP16, backend="grouped_mm_sync"
+    )
     assert_parity(ref, new, torch.randn(2, 13, 64, dtype=FP16), tol=5e-3)
 
 
@@ -121,8 +135,13 @@ def test_sync_layer_compiles_fullgraph_and_matches_eager(autocast):
     torch._dynamo.reset()
     ref, new = pair(moe_config(bias=True), backend="grouped_mm_sync")
     compiled = torch.compile(new, fullgraph=True, dynamic=True, backend="aot_eager")
-    assert_parity(ref, compiled, torch.randn(2, 11, 64), tol=1e-2 if autocast else 1e-5,
-                  autocast_dtype=BF16 if autocast else None)
+    assert_parity(
+        ref,
+        compiled,
+        torch.randn(2, 11, 64),
+        tol=1e-2 if autocast else 1e-5,
+        autocast_dtype=BF16 if autocast else None,
+    )
 
 
 @pytest.mark.slow
@@ -181,16 +200,26 @@ def test_model_backends_and_notes_on_cpu():
 def test_effective_compile_mode_turns_cuda_graphs_off_for_host_sync(mode, device, reason, expected):
     got, line = effective_compile_mode(mode, device, reason)
     assert got == expected
-    changed = device == "cuda" and reason is not None and mode in ("reduce-overhead", "max-autotune")
+    changed = (
+        device == "cuda" and reason is not None and mode in ("reduce-overhead", "max-autotune")
+    )
     assert (line is not None) == changed
     if changed:
-        assert line.startswith(f"compile_mode {mode} -> {expected or 'default'} (CUDA graphs off): sync")
+        assert line.startswith(
+            f"compile_mode {mode} -> {expected or 'default'} (CUDA graphs off): sync"
+        )
 
 
 @pytest.mark.parametrize(
     "precision,device,expected",
-    [("bf16-mixed", "cuda", BF16), ("bf16-true", "cpu", BF16), ("16-mixed", "cuda", FP16),
-     ("16-mixed", "cpu", BF16), ("16-true", "cuda", FP16), ("32-true", "cuda", FP32)],
+    [
+        ("bf16-mixed", "cuda", BF16),
+        ("bf16-true", "cpu", BF16),
+        ("16-mixed", "cuda", FP16),
+        ("16-mixed", "cpu", BF16),
+        ("16-true", "cuda", FP16),
+        ("32-true", "cuda", FP32),
+    ],
 )
 def test_expert_dtype(precision, device, expected):
     assert expert_dtype(precision, device) == expected

@@ -1,4 +1,5 @@
 """worker/gqa.py: SDPA with enable_gqa gives LitGPT's attention outputs and gradients (CPU, fast)."""
+
 from __future__ import annotations
 
 import copy
@@ -49,7 +50,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
         dict(attention_scores_scalar=24),
         dict(bias=True),
     ],
-    ids=["gqa", "mqa", "full-rope-interleaved", "norm-qk", "norm-qk-olmo2", "scores-scalar", "bias"],
+    ids=[
+        "gqa",
+        "mqa",
+        "full-rope-interleaved",
+        "norm-qk",
+        "norm-qk-olmo2",
+        "scores-scalar",
+        "bias",
+    ],
 )
 def test_model_parity_with_stock_attention(overrides):
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """The built wheel: it carries the shipped configs, migrations and alembic.ini (inside the
 service package) and its core needs no torch, so an API-only install can migrate a database,
 load presets and validate configs away from the source checkout."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,12 @@ def wheel(tmp_path_factory) -> Path:
     if uv is None:
         pytest.fail("uv is not on PATH: the README installs and tests the project with uv")
     dest = tmp_path_factory.mktemp("dist")
-    done = subprocess.run([uv, "build", "--wheel", "--out-dir", str(dest), str(REPO)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [uv, "build", "--wheel", "--out-dir", str(dest), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (built,) = dest.glob("moejobs-*.whl")
     return built
@@ -36,8 +41,9 @@ def test_wheel_carries_the_shipped_files_and_keeps_torch_optional(wheel):
         metadata_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
         metadata = Parser().parsestr(zf.read(metadata_name).decode())
     for shipped in ("configs", "migrations"):
-        tracked = subprocess.run(["git", "ls-files", shipped], cwd=REPO, capture_output=True,
-                                 text=True, check=True).stdout.split()
+        tracked = subprocess.run(
+            ["git", "ls-files", shipped], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
         assert tracked, f"git lists nothing under {shipped}/"
         assert {f"service/_bundled/{path}" for path in tracked} <= names
     assert "service/_bundled/alembic.ini" in names
@@ -45,7 +51,9 @@ def test_wheel_carries_the_shipped_files_and_keeps_torch_optional(wheel):
     requires = metadata.get_all("Requires-Dist")
     core = [r for r in requires if "extra ==" not in r]
     train_extra = [r for r in requires if "extra == 'train'" in r or 'extra == "train"' in r]
-    assert not [r for r in core if r.split()[0].lower().startswith(("torch", "litgpt", "lightning"))]
+    assert not [
+        r for r in core if r.split()[0].lower().startswith(("torch", "litgpt", "lightning"))
+    ]
     assert any(r.startswith("torch") for r in train_extra)
 
 
@@ -66,8 +74,14 @@ def test_installed_wheel_migrates_and_loads_presets_outside_the_checkout(wheel, 
         "print(sorted(c.list_presets()))\n"
         "sys.exit(main(['migrate']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     module, migrations, presets = done.stdout.splitlines()[:3]
     assert Path(module).is_relative_to(site)
@@ -87,9 +101,21 @@ def test_api_only_install_has_no_torch_and_reaches_a_redis_broker(tmp_path):
     broker = require_redis()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOEJOBS_", "VIRTUAL_ENV"))}
     env["UV_PROJECT_ENVIRONMENT"] = str(tmp_path / "venv")
-    done = subprocess.run([shutil.which("uv") or "uv", "sync", "--frozen", "--no-dev",
-                           "--no-default-groups", "--quiet"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            shutil.which("uv") or "uv",
+            "sync",
+            "--frozen",
+            "--no-dev",
+            "--no-default-groups",
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     code = (
         "import importlib.util, sys\n"
@@ -101,8 +127,14 @@ def test_api_only_install_has_no_torch_and_reaches_a_redis_broker(tmp_path):
         "print(problem or 'broker up')\n"
     )
     env["MOEJOBS_HOME"] = str(tmp_path / "home")
-    ran = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", code], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=120)
+    ran = subprocess.run(
+        [str(tmp_path / "venv" / "bin" / "python"), "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.strip() == "broker up"
     # the CLI's torch-free commands work there too (the API image copies worker/ for them);
@@ -113,10 +145,21 @@ def test_api_only_install_has_no_torch_and_reaches_a_redis_broker(tmp_path):
     (work / "data/custom_text/train/a.txt").write_text("text\n")
     (work / "data/custom_text/val/b.txt").write_text("text\n")
     (work / "data/tokenizer/tokenizer.json").write_text("{}")
-    checked = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-m", "service.cli",
-                              "validate", str(REPO / "configs/train_config.yaml"),
-                              str(REPO / "configs/model_config.yaml")], cwd=work, env=env,
-                             capture_output=True, text=True, timeout=120)
+    checked = subprocess.run(
+        [
+            str(tmp_path / "venv" / "bin" / "python"),
+            "-m",
+            "service.cli",
+            "validate",
+            str(REPO / "configs/train_config.yaml"),
+            str(REPO / "configs/model_config.yaml"),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert "549,146,880" in checked.stdout
     assert "device pre-flight skipped: training needs the 'train' extra" in checked.stderr

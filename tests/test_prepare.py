@@ -3,6 +3,7 @@ queued run, the aux worker's preparation (a real subprocess tokenizing real text
 token cache the training process reads), its failures and cancellation, and, with real worker
 processes on the real Redis, a training worker training one run while an aux worker prepares
 another run's corpus."""
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,13 @@ def deployment(tmp_path):
     """Settings (SQLite, prepare every corpus ahead), a migrated database, a tiny corpus and
     tokenizer; yields (settings, db, corpus, tokenizer)."""
     home = tmp_path / "home"
-    settings = worker_settings(home, f"sqlite:///{home / 'moejobs.sqlite3'}",
-                               "redis://127.0.0.1:1/0", prepare_min_bytes=0,
-                               token_cache=tmp_path / "token-cache")
+    settings = worker_settings(
+        home,
+        f"sqlite:///{home / 'moejobs.sqlite3'}",
+        "redis://127.0.0.1:1/0",
+        prepare_min_bytes=0,
+        token_cache=tmp_path / "token-cache",
+    )
     migrate(settings)
     db = open_database(settings)
     corpus, tokenizer = build_data(settings.data_root)
@@ -59,15 +64,24 @@ class Sent:
 
 
 def _prepare(settings, db, run_id, sent: Sent, **kwargs):
-    return prepare.prepare_run(run_id, db=db, settings=settings, worker_id="aux-test",
-                               send_train=sent.train.append, send_prepare=sent.prepare.append,
-                               **kwargs)
+    return prepare.prepare_run(
+        run_id,
+        db=db,
+        settings=settings,
+        worker_id="aux-test",
+        send_train=sent.train.append,
+        send_prepare=sent.prepare.append,
+        **kwargs,
+    )
 
 
 def _notes(db, run_id) -> list[str]:
     with db.session() as session:
-        return [e.message for e in runs.list_events(session, run_id)
-                if e.from_status == e.to_status == RunStatus.queued]
+        return [
+            e.message
+            for e in runs.list_events(session, run_id)
+            if e.from_status == e.to_status == RunStatus.queued
+        ]
 
 
 def test_decide_follows_engine_size_marker_lock_and_aux_workers(deployment):
@@ -126,8 +140,9 @@ def test_preparation_fills_the_cache_the_training_process_reads(deployment):
     from worker.tokenizer import load_tokenizer
 
     files = sorted((corpus / "train").glob("*.txt"))
-    own = tokenize_files(files, load_tokenizer(tokenizer, 1024), tokenizer, 1024,
-                         cache_dir=run_dir / "own-cache")
+    own = tokenize_files(
+        files, load_tokenizer(tokenizer, 1024), tokenizer, 1024, cache_dir=run_dir / "own-cache"
+    )
     assert own.path.name == cache.name
     np.testing.assert_array_equal(np.load(cache, mmap_mode="r"), own.tokens)
 
@@ -205,18 +220,31 @@ def test_a_training_worker_trains_while_an_aux_worker_prepares(tmp_path):
     the training worker takes B once A is over."""
     broker = require_redis()
     home = tmp_path / "home"
-    settings = worker_settings(home, f"sqlite:///{home / 'moejobs.sqlite3'}", broker,
-                               prepare_min_bytes=0, token_cache=tmp_path / "token-cache")
+    settings = worker_settings(
+        home,
+        f"sqlite:///{home / 'moejobs.sqlite3'}",
+        broker,
+        prepare_min_bytes=0,
+        token_cache=tmp_path / "token-cache",
+    )
     migrate(settings)
     db = open_database(settings)
     corpus, tokenizer = build_data(settings.data_root)
     other = settings.data_root / "other"  # B's text: not tokenized by A
     stdlib_text_files(other / "train", ["ast", "difflib", "pathlib", "typing"])
     stdlib_text_files(other / "val", ["heapq"])
-    trainer = WorkerProcess(settings, home / "train.log", tmp_path / "token-cache",
-                            extra_env={"MOEJOBS_WORKER_ROLE": "train"})
-    aux = WorkerProcess(settings, home / "aux.log", tmp_path / "token-cache",
-                        extra_env={"MOEJOBS_WORKER_ROLE": "aux"})
+    trainer = WorkerProcess(
+        settings,
+        home / "train.log",
+        tmp_path / "token-cache",
+        extra_env={"MOEJOBS_WORKER_ROLE": "train"},
+    )
+    aux = WorkerProcess(
+        settings,
+        home / "aux.log",
+        tmp_path / "token-cache",
+        extra_env={"MOEJOBS_WORKER_ROLE": "aux"},
+    )
     app = make_celery(settings)
 
     def logs() -> str:
@@ -231,8 +259,9 @@ def test_a_training_worker_trains_while_an_aux_worker_prepares(tmp_path):
             assert roles == {train_id: "train", aux_id: "aux"}
             assert [w.id for w in runs.live_workers(session, 60, role="trains")] == [train_id]
 
-        a = create_tiny_run(db, settings, corpus, tokenizer, steps=400, save_interval=None,
-                            name="a")
+        a = create_tiny_run(
+            db, settings, corpus, tokenizer, steps=400, save_interval=None, name="a"
+        )
         assert enqueue_prepare(app, a.id).ok and enqueue_run(app, a.id).ok  # as the API does
         a_out = Path(a.resolved_train["out_dir"])
         wait_for(lambda: (a_out / "metrics.csv").is_file(), 300, "run A to train", on_fail=logs)
@@ -243,8 +272,12 @@ def test_a_training_worker_trains_while_an_aux_worker_prepares(tmp_path):
         b = create_tiny_run(db, settings, other, tokenizer, steps=2, name="b")
         assert enqueue_prepare(app, b.id).ok and enqueue_run(app, b.id).ok
         b_dir = settings.run_dir(b.id)
-        wait_for(lambda: prepare.read_marker(b_dir).get("state") == "done", 300,
-                 "the aux worker to prepare B", on_fail=logs)
+        wait_for(
+            lambda: prepare.read_marker(b_dir).get("state") == "done",
+            300,
+            "the aux worker to prepare B",
+            on_fail=logs,
+        )
         # B was prepared while A held the training worker, without being claimed
         assert get_run(db, a.id).status == RunStatus.running
         assert get_run(db, b.id).status == RunStatus.queued and get_run(db, b.id).attempt == 0
@@ -255,14 +288,20 @@ def test_a_training_worker_trains_while_an_aux_worker_prepares(tmp_path):
         assert [e for e in events if e.event.value == "data_progress" and e.data.get("done")]
         assert not [e for e in events if e.event.value == "started"]  # no training process yet
         notes = _notes(db, b.id)
-        assert notes[0].startswith(f"preparing data on {aux_id}") and notes[1].startswith("data prepared")
+        assert notes[0].startswith(f"preparing data on {aux_id}") and notes[1].startswith(
+            "data prepared"
+        )
 
         with db.session() as session:
             runs.request_cancel(session, a.id)
         os.kill(frozen, signal.SIGCONT)
         frozen = None
-        wait_for(lambda: get_run(db, b.id).status == RunStatus.succeeded, 300,
-                 "the training worker to train B", on_fail=logs)
+        wait_for(
+            lambda: get_run(db, b.id).status == RunStatus.succeeded,
+            300,
+            "the training worker to train B",
+            on_fail=logs,
+        )
         assert get_run(db, a.id).status == RunStatus.cancelled
         b_log = (b_dir / "train.log").read_text()
         tail = b_log.split(f"attempt 1 on worker {train_id}", 1)[1]
@@ -283,10 +322,15 @@ def test_roles_choose_queues_and_only_training_workers_count(deployment):
     from worker.celery_app import worker_argv
 
     settings, db, *_ = deployment
-    queues = {role: worker_queues(settings.model_copy(update={"worker_role": role}))
-              for role in ("all", "train", "aux")}
-    assert queues == {"all": [train_queue(settings), aux_queue(settings)],
-                      "train": [train_queue(settings)], "aux": [aux_queue(settings)]}
+    queues = {
+        role: worker_queues(settings.model_copy(update={"worker_role": role}))
+        for role in ("all", "train", "aux")
+    }
+    assert queues == {
+        "all": [train_queue(settings), aux_queue(settings)],
+        "train": [train_queue(settings)],
+        "aux": [aux_queue(settings)],
+    }
     argv = worker_argv(settings.model_copy(update={"worker_role": "aux"}))
     assert argv[argv.index("-Q") + 1] == aux_queue(settings)
     with db.session() as session:
@@ -294,8 +338,13 @@ def test_roles_choose_queues_and_only_training_workers_count(deployment):
         assert count_live_workers(session, 60) == 0  # readiness needs a worker that trains
         assert not runs.worker_can_serve(aux, 1)
         assert runs.live_workers(session, 60, role="trains") == []
-        runs.register_worker(session, "gpu-1", "h", role="train", gpus=[
-            {"index": 0, "name": "NVIDIA H100", "memory_bytes": 80 << 30}])
+        runs.register_worker(
+            session,
+            "gpu-1",
+            "h",
+            role="train",
+            gpus=[{"index": 0, "name": "NVIDIA H100", "memory_bytes": 80 << 30}],
+        )
         assert count_live_workers(session, 60) == 1
         assert [w.id for w in runs.live_workers(session, 60, role="aux")] == ["aux-1"]
         with pytest.raises(ValueError):

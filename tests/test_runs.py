@@ -1,4 +1,5 @@
 """The run lifecycle (service/runs.py) on real SQLite and PostgreSQL databases."""
+
 # ruff: noqa: F811  (pytest fixtures imported from test_db_support)
 from __future__ import annotations
 
@@ -32,9 +33,15 @@ MODEL = {"name": "tiny-moe", "n_layer": 2, "n_expert": 4}
 
 def new_run(db: Database, name: str = "run", **kw: Any):
     with db.session() as s:
-        args = dict(name=name, submitted_train=TRAIN, submitted_model=MODEL,
-                    resolved_train={**TRAIN, "out_dir": "/runs/x"}, resolved_model=MODEL,
-                    estimate={"optimizer_steps": 4}, warnings=[{"loc": ["train"], "msg": "w"}])
+        args = dict(
+            name=name,
+            submitted_train=TRAIN,
+            submitted_model=MODEL,
+            resolved_train={**TRAIN, "out_dir": "/runs/x"},
+            resolved_model=MODEL,
+            estimate={"optimizer_steps": 4},
+            warnings=[{"loc": ["train"], "msg": "w"}],
+        )
         args.update(kw)
         return runs.create_run(s, **args)
 
@@ -76,7 +83,8 @@ def test_create_run_stores_documents_and_writes_the_creation_event(database):
     assert got.created_at == T0 == got.queued_at and got.preset == "production"
     events = call(database, runs.list_events, rid)
     assert [(e.from_status, e.to_status, e.message, e.actor) for e in events] == [
-        (None, S.queued, "submitted", "api")]
+        (None, S.queued, "submitted", "api")
+    ]
     with pytest.raises(runs.RunNotFound):
         call(database, runs.get_run, uuid.uuid4())
 
@@ -107,8 +115,9 @@ def test_idempotency_key_with_a_different_body_is_a_conflict(database):
 
 
 def test_request_hash_ignores_key_order():
-    assert runs.request_hash({"a": 1, "b": [1, {"c": 2, "d": 3}]}) == \
-        runs.request_hash({"b": [1, {"d": 3, "c": 2}], "a": 1})
+    assert runs.request_hash({"a": 1, "b": [1, {"c": 2, "d": 3}]}) == runs.request_hash(
+        {"b": [1, {"d": 3, "c": 2}], "a": 1}
+    )
     assert runs.request_hash({"a": 1}) != runs.request_hash({"a": 2})
 
 
@@ -181,16 +190,34 @@ def test_concurrent_claims_exactly_one_wins(database, contenders):
 
 def test_success_path_and_terminal_states_are_final(database):
     run = running(database)
-    done = call(database, runs.transition, run.id, S.succeeded, "training finished",
-                attempt=1, exit_code=0, actor="worker:w1", now=T0 + timedelta(minutes=5))
+    done = call(
+        database,
+        runs.transition,
+        run.id,
+        S.succeeded,
+        "training finished",
+        attempt=1,
+        exit_code=0,
+        actor="worker:w1",
+        now=T0 + timedelta(minutes=5),
+    )
     assert done.status == S.succeeded and done.finished_at == T0 + timedelta(minutes=5)
     assert done.lease_expires_at is None and done.exit_code == 0
     assert event_path(database, run.id) == [
-        (None, "queued"), ("queued", "running"), ("running", "succeeded")]
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
     for target in S:
         with pytest.raises(runs.InvalidTransition):
-            call(database, runs.transition, run.id, target, "again",
-                 reason=FailureReason.crashed if target == S.failed else None)
+            call(
+                database,
+                runs.transition,
+                run.id,
+                target,
+                "again",
+                reason=FailureReason.crashed if target == S.failed else None,
+            )
     assert len(call(database, runs.list_events, run.id)) == 3
 
 
@@ -201,8 +228,15 @@ def test_failure_needs_a_reason_and_records_it(database):
     with pytest.raises(ValueError, match="only goes with failed"):
         call(database, runs.transition, run.id, S.succeeded, "ok", reason="crashed")
     assert call(database, runs.get_run, run.id).status == S.running  # nothing half-written
-    failed = call(database, runs.transition, run.id, "failed", "CUDA out of memory",
-                  reason="out_of_memory", exit_code=1)
+    failed = call(
+        database,
+        runs.transition,
+        run.id,
+        "failed",
+        "CUDA out of memory",
+        reason="out_of_memory",
+        exit_code=1,
+    )
     assert failed.failure_reason == FailureReason.out_of_memory
     assert failed.failure_message == "CUDA out of memory"
     last = call(database, runs.list_events, run.id)[-1]
@@ -218,7 +252,9 @@ def test_transition_rules(database):
     with pytest.raises(runs.InvalidTransition):
         call(database, runs.transition, queued.id, S.queued)
     # a queued run may fail before it ever starts (e.g. nothing can run it)
-    failed = call(database, runs.transition, queued.id, S.failed, "no worker", reason="invalid_config")
+    failed = call(
+        database, runs.transition, queued.id, S.failed, "no worker", reason="invalid_config"
+    )
     assert failed.status == S.failed
     with pytest.raises(runs.RunNotFound):
         call(database, runs.transition, uuid.uuid4(), S.cancelled)
@@ -226,8 +262,15 @@ def test_transition_rules(database):
 
 def test_requeue_clears_the_worker_and_fences_the_old_attempt(database):
     run = running(database)
-    back = call(database, runs.transition, run.id, S.queued, "worker shutting down",
-                attempt=1, now=T0 + timedelta(seconds=5))
+    back = call(
+        database,
+        runs.transition,
+        run.id,
+        S.queued,
+        "worker shutting down",
+        attempt=1,
+        now=T0 + timedelta(seconds=5),
+    )
     assert back.status == S.queued and back.worker_id is None and back.lease_expires_at is None
     assert back.queued_at == T0 + timedelta(seconds=5) and back.attempt == 1
     with pytest.raises(runs.LeaseLost):
@@ -253,7 +296,9 @@ def test_heartbeat_renews_the_lease(database):
     with pytest.raises(runs.LeaseLost):
         call(database, runs.heartbeat_run, run.id, "other-worker", 1, 60)
     assert call(database, runs.expired_runs, now=T0 + timedelta(seconds=89)) == []
-    assert [r.id for r in call(database, runs.expired_runs, now=T0 + timedelta(seconds=91))] == [run.id]
+    assert [r.id for r in call(database, runs.expired_runs, now=T0 + timedelta(seconds=91))] == [
+        run.id
+    ]
 
 
 # -- cancellation -------------------------------------------------------------------------------
@@ -279,11 +324,22 @@ def test_cancelling_a_running_run_sets_the_flag_for_its_worker(database):
     assert beat.cancel_requested
     with pytest.raises(runs.InvalidTransition, match="cancel was requested"):
         call(database, runs.transition, run.id, S.queued, attempt=1)
-    done = call(database, runs.transition, run.id, S.cancelled, "stopped after SIGTERM",
-                attempt=1, exit_code=75)
+    done = call(
+        database,
+        runs.transition,
+        run.id,
+        S.cancelled,
+        "stopped after SIGTERM",
+        attempt=1,
+        exit_code=75,
+    )
     assert done.status == S.cancelled
     assert event_path(database, run.id) == [
-        (None, "queued"), ("queued", "running"), ("running", "running"), ("running", "cancelled")]
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "running"),
+        ("running", "cancelled"),
+    ]
 
 
 def test_finished_runs_cannot_be_cancelled(database):
@@ -299,36 +355,68 @@ def test_finished_runs_cannot_be_cancelled(database):
 def test_expired_lease_requeues_until_max_attempts_then_fails(database):
     run = running(database, now=T0, lease=60)
     later = T0 + timedelta(seconds=61)
-    assert call(database, runs.recover_expired_run, run.id, max_attempts=2,
-                now=T0 + timedelta(seconds=59)) is None  # not expired yet
+    assert (
+        call(
+            database,
+            runs.recover_expired_run,
+            run.id,
+            max_attempts=2,
+            now=T0 + timedelta(seconds=59),
+        )
+        is None
+    )  # not expired yet
     back = call(database, runs.recover_expired_run, run.id, max_attempts=2, now=later)
     assert back.status == S.queued
     assert call(database, runs.recover_expired_run, run.id, max_attempts=2, now=later) is None
     call(database, runs.claim_run, run.id, "w2", 60, now=later)
-    gone = call(database, runs.recover_expired_run, run.id, max_attempts=2,
-                now=later + timedelta(seconds=61))
+    gone = call(
+        database,
+        runs.recover_expired_run,
+        run.id,
+        max_attempts=2,
+        now=later + timedelta(seconds=61),
+    )
     assert gone.status == S.failed and gone.failure_reason == FailureReason.lost_worker
     assert "giving up" in call(database, runs.list_events, run.id)[-1].message
     assert event_path(database, run.id)[1:] == [
-        ("queued", "running"), ("running", "queued"), ("queued", "running"), ("running", "failed")]
+        ("queued", "running"),
+        ("running", "queued"),
+        ("queued", "running"),
+        ("running", "failed"),
+    ]
 
 
 def test_expired_run_with_a_cancel_request_ends_cancelled(database):
     run = running(database, now=T0, lease=60)
     call(database, runs.request_cancel, run.id)
-    done = call(database, runs.recover_expired_run, run.id, max_attempts=3,
-                now=T0 + timedelta(minutes=5))
+    done = call(
+        database, runs.recover_expired_run, run.id, max_attempts=3, now=T0 + timedelta(minutes=5)
+    )
     assert done.status == S.cancelled
 
 
 def test_retry_or_fail_classifies(database):
     run = running(database)
-    back = call(database, runs.retry_or_fail, run.id, "killed", "SIGKILL from outside",
-                max_attempts=3, attempt=1)
+    back = call(
+        database,
+        runs.retry_or_fail,
+        run.id,
+        "killed",
+        "SIGKILL from outside",
+        max_attempts=3,
+        attempt=1,
+    )
     assert back.status == S.queued
     call(database, runs.claim_run, run.id, "w1", 60)
-    failed = call(database, runs.retry_or_fail, run.id, "invalid_data", "empty file a.txt",
-                  max_attempts=3, attempt=2)
+    failed = call(
+        database,
+        runs.retry_or_fail,
+        run.id,
+        "invalid_data",
+        "empty file a.txt",
+        max_attempts=3,
+        attempt=2,
+    )
     assert failed.status == S.failed and failed.failure_reason == FailureReason.invalid_data
     assert failed.failure_message == "empty file a.txt"
 
@@ -339,20 +427,27 @@ def test_graceful_stops_do_not_count_as_failures_and_failures_are_bounded(databa
     queued at max_attempts=3; the third failure ends it."""
     run = running(database)
     for attempt in range(1, 6):  # five graceful stops (worker shutdown: checkpoint, re-queue)
-        back = call(database, runs.transition, run.id, S.queued, "graceful stop",
-                    attempt=attempt)
+        back = call(database, runs.transition, run.id, S.queued, "graceful stop", attempt=attempt)
         assert back.status == S.queued and back.failures == 0
         call(database, runs.claim_run, run.id, "w1", 60)
     for attempt, failures in ((6, 1), (7, 2)):
-        back = call(database, runs.retry_or_fail, run.id, "lost_worker", "lease expired",
-                    max_attempts=3, attempt=attempt)
+        back = call(
+            database,
+            runs.retry_or_fail,
+            run.id,
+            "lost_worker",
+            "lease expired",
+            max_attempts=3,
+            attempt=attempt,
+        )
         assert (back.status, back.failures, back.attempt) == (S.queued, failures, attempt)
         call(database, runs.claim_run, run.id, "w1", 60)
     events = call(database, runs.list_events, run.id)
     assert events[-2].reason == FailureReason.lost_worker  # the cause, on a re-queue event
     assert "failure 2 of 3: re-queued" in events[-2].message
-    done = call(database, runs.retry_or_fail, run.id, "killed", "SIGKILL", max_attempts=3,
-                attempt=8)
+    done = call(
+        database, runs.retry_or_fail, run.id, "killed", "SIGKILL", max_attempts=3, attempt=8
+    )
     assert (done.status, done.failures, done.failure_reason) == (S.failed, 3, FailureReason.killed)
     assert "failure 3 of 3: giving up" in call(database, runs.list_events, run.id)[-1].message
 
@@ -372,20 +467,33 @@ def test_stale_queued_runs_and_mark_enqueued(database):
 
 
 def csv_row(step: int, **kw: Any) -> dict[str, str]:
-    row = {"step": str(step), "tokens": str(step * 512), "loss": f"{10 - step * 0.01:.4f}",
-           "learning_rate": "0.0003", "grad_norm": "1.5", "tokens_per_sec": "1000.0",
-           "mfu": "", "elapsed_s": f"{step * 0.5}", "val_loss": "", "val_ppl": ""}
+    row = {
+        "step": str(step),
+        "tokens": str(step * 512),
+        "loss": f"{10 - step * 0.01:.4f}",
+        "learning_rate": "0.0003",
+        "grad_norm": "1.5",
+        "tokens_per_sec": "1000.0",
+        "mfu": "",
+        "elapsed_s": f"{step * 0.5}",
+        "val_loss": "",
+        "val_ppl": "",
+    }
     row.update(kw)
     return row
 
 
 def test_metrics_are_idempotent_by_step_and_the_last_value_wins(database):
     run = running(database)
-    assert call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 11)],
-                attempt=1) == 10
+    assert (
+        call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 11)], attempt=1)
+        == 10
+    )
     # re-sending identical rows (runner restart) changes nothing
-    assert call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 11)],
-                attempt=1) == 0
+    assert (
+        call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 11)], attempt=1)
+        == 0
+    )
     # rows of steps already stored with other values (a resumed attempt re-trained them)
     # replace the stored ones, like the rewritten file
     resent = [csv_row(s, loss="999") for s in range(6, 16)]
@@ -396,8 +504,17 @@ def test_metrics_are_idempotent_by_step_and_the_last_value_wins(database):
     assert points[4].loss == pytest.approx(10 - 5 * 0.01)
     assert [p.loss for p in points[5:]] == [999.0] * 10
     p = points[0]
-    assert (p.tokens, p.learning_rate, p.mfu, p.val_loss, p.elapsed_s) == (512, 3e-4, None, None, 0.5)
-    assert [q.step for q in call(database, runs.list_metrics, run.id, after_step=12, limit=2)] == [13, 14]
+    assert (p.tokens, p.learning_rate, p.mfu, p.val_loss, p.elapsed_s) == (
+        512,
+        3e-4,
+        None,
+        None,
+        0.5,
+    )
+    assert [q.step for q in call(database, runs.list_metrics, run.id, after_step=12, limit=2)] == [
+        13,
+        14,
+    ]
     # a value going back to NULL is a change too
     assert call(database, runs.record_metrics, run.id, [csv_row(15, loss="")]) == 1
     assert call(database, runs.list_metrics, run.id)[-1].loss is None
@@ -408,13 +525,36 @@ def test_keep_through_drops_rows_past_a_rewritten_file(database):
     the rows the dead attempt stored past it go, in the same transaction as the new rows."""
     run = running(database)
     call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 9)], attempt=1)
-    call(database, runs.record_router_stats, run.id,
-         [r for s in range(1, 9) for r in runs.router_rows(s, [[0.25, 0.75]])], attempt=1)
-    assert call(database, runs.record_metrics, run.id, [csv_row(s) for s in range(1, 5)],
-                attempt=1, keep_through=4) == 0
+    call(
+        database,
+        runs.record_router_stats,
+        run.id,
+        [r for s in range(1, 9) for r in runs.router_rows(s, [[0.25, 0.75]])],
+        attempt=1,
+    )
+    assert (
+        call(
+            database,
+            runs.record_metrics,
+            run.id,
+            [csv_row(s) for s in range(1, 5)],
+            attempt=1,
+            keep_through=4,
+        )
+        == 0
+    )
     assert [p.step for p in call(database, runs.list_metrics, run.id)] == [1, 2, 3, 4]
-    assert call(database, runs.record_router_stats, run.id, runs.router_rows(5, [[0.5, 0.5]]),
-                attempt=1, keep_through=5) == 2
+    assert (
+        call(
+            database,
+            runs.record_router_stats,
+            run.id,
+            runs.router_rows(5, [[0.5, 0.5]]),
+            attempt=1,
+            keep_through=5,
+        )
+        == 2
+    )
     router = call(database, runs.list_router_points, run.id)
     assert sorted({r.step for r in router}) == [1, 2, 3, 4, 5]
     assert [r.fraction for r in router if r.step == 5] == [0.5, 0.5]
@@ -427,8 +567,10 @@ def test_keep_through_drops_rows_past_a_rewritten_file(database):
 
 def test_metrics_in_many_batches_with_duplicates_inside_one_call(database):
     run = running(database)
-    rows = [{"step": s, "loss": 1.0 / (s + 1), "val_loss": 2.0 if s % 100 == 0 else None}
-            for s in range(2 * runs.BATCH_SIZE + 7)]
+    rows = [
+        {"step": s, "loss": 1.0 / (s + 1), "val_loss": 2.0 if s % 100 == 0 else None}
+        for s in range(2 * runs.BATCH_SIZE + 7)
+    ]
     rows.append({"step": 3, "loss": 123.0})  # duplicate inside the same call: the last wins
     assert call(database, runs.record_metrics, run.id, rows) == 2 * runs.BATCH_SIZE + 7
     points = call(database, runs.list_metrics, run.id)
@@ -446,8 +588,15 @@ def test_metric_values_are_checked(database):
         call(database, runs.record_metrics, run.id, [{"step": 1, "loss": "abc"}])
     with pytest.raises(ValueError, match=">= 0"):
         call(database, runs.record_metrics, run.id, [{"step": -1}])
-    assert call(database, runs.record_metrics, run.id,
-                [{"step": "2", "loss": "nan", "grad_norm": float("inf")}]) == 1
+    assert (
+        call(
+            database,
+            runs.record_metrics,
+            run.id,
+            [{"step": "2", "loss": "nan", "grad_norm": float("inf")}],
+        )
+        == 1
+    )
     (point,) = call(database, runs.list_metrics, run.id)
     assert point.loss is None and point.grad_norm is None
     with pytest.raises(runs.RunNotFound):
@@ -470,11 +619,27 @@ def test_router_stats_are_idempotent(database):
 
 def test_checkpoints_are_idempotent_by_name(database):
     run = running(database)
-    first = call(database, runs.record_checkpoint, run.id, "step-00000002", "/runs/x/step-00000002",
-                 size_bytes=100, attempt=1, now=T0)
+    first = call(
+        database,
+        runs.record_checkpoint,
+        run.id,
+        "step-00000002",
+        "/runs/x/step-00000002",
+        size_bytes=100,
+        attempt=1,
+        now=T0,
+    )
     assert first.step == 2 and first.size_bytes == 100
-    again = call(database, runs.record_checkpoint, run.id, "step-00000002", "/runs/x/step-00000002",
-                 size_bytes=120, attempt=1, now=T0 + timedelta(minutes=1))
+    again = call(
+        database,
+        runs.record_checkpoint,
+        run.id,
+        "step-00000002",
+        "/runs/x/step-00000002",
+        size_bytes=120,
+        attempt=1,
+        now=T0 + timedelta(minutes=1),
+    )
     assert again.id == first.id and again.size_bytes == 120 and again.created_at == T0
     call(database, runs.record_checkpoint, run.id, "step-00000004", "/runs/x/step-00000004")
     call(database, runs.record_checkpoint, run.id, "final", "/runs/x/final", step=4)
@@ -491,9 +656,17 @@ def test_checkpoints_are_idempotent_by_name(database):
 
 def test_provenance_is_recorded_and_replaced(database):
     run = running(database)
-    first = call(database, runs.record_provenance, run.id, package_versions={"torch": "2.14.1"},
-                 git_commit="abc123", seed=42, hardware={"gpus": []}, data_hash="d" * 64,
-                 tokenizer_hash="t" * 64)
+    first = call(
+        database,
+        runs.record_provenance,
+        run.id,
+        package_versions={"torch": "2.14.1"},
+        git_commit="abc123",
+        seed=42,
+        hardware={"gpus": []},
+        data_hash="d" * 64,
+        tokenizer_hash="t" * 64,
+    )
     assert first.seed == 42 and first.package_versions == {"torch": "2.14.1"}
     second = call(database, runs.record_provenance, run.id, seed=43)
     assert second.seed == 43 and second.git_commit is None
@@ -503,8 +676,10 @@ def test_provenance_is_recorded_and_replaced(database):
 
 
 def test_worker_registry(database):
-    gpus = [{"index": 0, "name": "H200", "memory_bytes": 140 * 2**30},
-            {"index": 1, "name": "H100", "memory_bytes": 80 * 2**30}]
+    gpus = [
+        {"index": 0, "name": "H200", "memory_bytes": 140 * 2**30},
+        {"index": 1, "name": "H100", "memory_bytes": 80 * 2**30},
+    ]
     w = call(database, runs.register_worker, "w1", "gpu-host", pid=123, gpus=gpus, now=T0)
     assert (w.gpu_count, w.gpu_memory_bytes, w.started_at) == (2, 80 * 2**30, T0)
     call(database, runs.register_worker, "cpu", "laptop", now=T0 - timedelta(minutes=5))
@@ -546,16 +721,21 @@ def test_delete_run_removes_its_rows(database):
     assert deleted.id == run.id and deleted.status == S.succeeded
     with database.session() as s:
         for model in (RunEvent, MetricPoint, RouterPoint, Checkpoint, RunProvenance):
-            assert s.execute(sa.select(sa.func.count()).select_from(model)
-                             .where(model.run_id == run.id)).scalar() == 0, model
+            assert (
+                s.execute(
+                    sa.select(sa.func.count()).select_from(model).where(model.run_id == run.id)
+                ).scalar()
+                == 0
+            ), model
     assert len(call(database, runs.list_metrics, keep.id)) == 1
     with pytest.raises(runs.RunNotFound):
         call(database, runs.delete_run, run.id)
 
 
 def test_list_runs_pages_through_everything_in_order(database):
-    created = [create(database, f"run-{i % 3}", now=T0 + timedelta(seconds=i // 2))
-               for i in range(8)]
+    created = [
+        create(database, f"run-{i % 3}", now=T0 + timedelta(seconds=i // 2)) for i in range(8)
+    ]
     call(database, runs.request_cancel, created[0].id)
     for sort in ("-created_at", "created_at", "name", "-name", "status", "-status"):
         seen: list[uuid.UUID] = []
@@ -630,8 +810,16 @@ for i in range(15):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
     env.update(settings.to_env())
     root = Path(__file__).resolve().parents[1]
-    procs = [subprocess.Popen([sys.executable, "-c", code, f"p{i}"], cwd=root, env=env,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, f"p{i}"],
+            cwd=root,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     for p in procs:
         p.stderr.close()

@@ -28,7 +28,10 @@ BASE_TRAIN: dict = {
     "precision": "32-true",
     "devices": 1,
     "tokenizer_dir": "data/tokenizer",
-    "data": {"class_path": "TextFiles", "init_args": {"train_data_path": "data/train", "val_data_path": "data/val"}},
+    "data": {
+        "class_path": "TextFiles",
+        "init_args": {"train_data_path": "data/train", "val_data_path": "data/val"},
+    },
     "train": {
         "micro_batch_size": 2,
         "global_batch_size": 4,
@@ -63,7 +66,9 @@ BASE_MODEL: dict = {
 
 
 def validate(train: dict | None = None, model: dict | None = None):
-    return validate_configs(deep_merge(BASE_TRAIN, train or {}), deep_merge(BASE_MODEL, model or {}))
+    return validate_configs(
+        deep_merge(BASE_TRAIN, train or {}), deep_merge(BASE_MODEL, model or {})
+    )
 
 
 def errors(train: dict | None = None, model: dict | None = None) -> dict[str, str]:
@@ -91,7 +96,9 @@ def test_base_configs_are_valid_without_warnings():
 def test_issue_str_and_config_error_lists_one_per_line():
     issue = Issue(("train", "micro_batch_size"), "must be >= 1, got 0")
     assert str(issue) == "train.micro_batch_size: must be >= 1, got 0"
-    assert Issue(("model", "sliding_window_indices", 3), "x").path == "model.sliding_window_indices[3]"
+    assert (
+        Issue(("model", "sliding_window_indices", 3), "x").path == "model.sliding_window_indices[3]"
+    )
     err = ConfigError([issue, Issue(("precision",), "bad")])
     assert str(err) == "train.micro_batch_size: must be >= 1, got 0\nprecision: bad"
     assert issue.to_dict() == {"loc": "train.micro_batch_size", "message": "must be >= 1, got 0"}
@@ -101,7 +108,11 @@ def test_errors_of_both_documents_are_reported_together_without_pydantic_noise()
     with pytest.raises(ConfigError) as info:
         validate({"train": {"micro_batch_size": 0}, "precision": "fp8"}, {"n_layer": "many"})
     text = str(info.value)
-    assert [e.path for e in info.value.errors] == ["precision", "train.micro_batch_size", "model.n_layer"]
+    assert [e.path for e in info.value.errors] == [
+        "precision",
+        "train.micro_batch_size",
+        "model.n_layer",
+    ]
     assert "https://" not in text and "pydantic" not in text and "Input should" not in text
     assert len(text.splitlines()) == 3
 
@@ -139,7 +150,9 @@ def test_model_key_in_train_config_says_where_it_belongs():
 
 def test_unknown_key_without_a_close_match_lists_valid_keys():
     e = errors({"eval": {"zzz": 1}})
-    assert e["eval.zzz"].startswith("unknown key; valid keys here: interval, max_new_tokens, max_iters")
+    assert e["eval.zzz"].startswith(
+        "unknown key; valid keys here: interval, max_new_tokens, max_iters"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +161,9 @@ def test_unknown_key_without_a_close_match_lists_valid_keys():
 
 
 def test_micro_batch_size_bound():
-    assert errors({"train": {"micro_batch_size": 0}}) == {"train.micro_batch_size": "must be >= 1, got 0"}
+    assert errors({"train": {"micro_batch_size": 0}}) == {
+        "train.micro_batch_size": "must be >= 1, got 0"
+    }
 
 
 def test_type_error_is_readable():
@@ -159,7 +174,9 @@ def test_type_error_is_readable():
 
 def test_precision_allowlist():
     e = errors({"precision": "bf16"})
-    assert e["precision"].startswith("'bf16' is not allowed; choose one of 'bf16-mixed', 'bf16-true', '16-mixed'")
+    assert e["precision"].startswith(
+        "'bf16' is not allowed; choose one of 'bf16-mixed', 'bf16-true', '16-mixed'"
+    )
 
 
 def test_logger_name_only_csv():
@@ -200,21 +217,37 @@ def test_optimizer_short_form_is_normalised():
     v = validate_configs(train, BASE_MODEL)
     assert v.train.optimizer.class_path == "torch.optim.Adam"
     assert v.train.optimizer.torch_kwargs() == {
-        "lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "amsgrad": False,
     }
     train["optimizer"] = "RMSprop"
-    with pytest.raises(ConfigError, match=r"optimizer.class_path: 'RMSprop' is not an allowed optimizer"):
+    with pytest.raises(
+        ConfigError, match=r"optimizer.class_path: 'RMSprop' is not an allowed optimizer"
+    ):
         validate_configs(train, BASE_MODEL)
 
 
 def test_optimizer_defaults_follow_the_class():
     v = validate()
     assert v.train.optimizer.torch_kwargs() == {
-        "lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False
+        "lr": 1e-3,
+        "weight_decay": 0.01,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "amsgrad": False,
     }
-    v = validate({"optimizer": {"class_path": "SGD", "init_args": {"momentum": 0.9, "nesterov": True}}})
+    v = validate(
+        {"optimizer": {"class_path": "SGD", "init_args": {"momentum": 0.9, "nesterov": True}}}
+    )
     assert v.train.optimizer.torch_kwargs() == {
-        "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "dampening": 0.0, "nesterov": True
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "momentum": 0.9,
+        "dampening": 0.0,
+        "nesterov": True,
     }
 
 
@@ -239,20 +272,33 @@ def test_betas_range():
 
 
 def test_lr_must_be_positive():
-    assert errors({"optimizer": {"init_args": {"lr": 0}}}) == {"optimizer.init_args.lr": "must be > 0, got 0"}
+    assert errors({"optimizer": {"init_args": {"lr": 0}}}) == {
+        "optimizer.init_args.lr": "must be > 0, got 0"
+    }
 
 
 def test_devices_positive_or_auto():
-    assert errors({"devices": 0}) == {"devices": "must be a positive integer (>= 1) or 'auto', got 0"}
-    assert errors({"devices": "all"}) == {"devices": "must be a positive integer or 'auto', got 'all'"}
-    assert validate({"devices": "2", "train": {"global_batch_size": 8, "max_tokens": 5120}}).train.devices == 2
+    assert errors({"devices": 0}) == {
+        "devices": "must be a positive integer (>= 1) or 'auto', got 0"
+    }
+    assert errors({"devices": "all"}) == {
+        "devices": "must be a positive integer or 'auto', got 'all'"
+    }
+    assert (
+        validate(
+            {"devices": "2", "train": {"global_batch_size": 8, "max_tokens": 5120}}
+        ).train.devices
+        == 2
+    )
 
 
 def test_resume_forms():
     assert validate({"resume": "auto"}).train.resume == "auto"
     assert validate({"resume": True}).train.resume is True
     assert validate({"resume": "out/test/step-00000005"}).train.resume == "out/test/step-00000005"
-    assert errors({"resume": 3}) == {"resume": "must be true, false, 'auto' or a checkpoint folder path, got 3"}
+    assert errors({"resume": 3}) == {
+        "resume": "must be true, false, 'auto' or a checkpoint folder path, got 3"
+    }
 
 
 def test_max_tokens_accepts_scientific_notation_string():
@@ -265,13 +311,17 @@ def test_numbers_must_be_finite_and_fit_int64():
     """YAML's .inf/.nan and integers past int64 (which no database column or tensor holds)
     are errors naming the field, in every section."""
     assert errors({"train": {"max_norm": float("inf")}}) == {
-        "train.max_norm": "must be a finite number, got inf"}
+        "train.max_norm": "must be a finite number, got inf"
+    }
     assert errors({"optimizer": {"init_args": {"lr": float("nan")}}}) == {
-        "optimizer.init_args.lr": "must be a finite number, got nan"}
+        "optimizer.init_args.lr": "must be a finite number, got nan"
+    }
     big = 10**30
     message = "must be at most 9,223,372,036,854,775,807 in absolute value (int64), got a number with 31 digits"
     assert errors({"train": {"max_tokens": big}}, {"vocab_size": big}) == {
-        "train.max_tokens": message, "model.vocab_size": message}
+        "train.max_tokens": message,
+        "model.vocab_size": message,
+    }
     # the seed feeds NumPy's generators: 0 to 2**32-1
     assert errors({"seed": 2**32}) == {"seed": f"must be <= {2**32 - 1}, got {2**32}"}
     assert errors({"seed": -1}) == {"seed": "must be >= 0, got -1"}
@@ -285,15 +335,21 @@ def test_n_layer_has_an_upper_bound():
 
 
 def test_warmup_fraction_range():
-    assert errors({"train": {"lr_warmup_fraction": 1.5}}) == {"train.lr_warmup_fraction": "must be <= 1, got 1.5"}
+    assert errors({"train": {"lr_warmup_fraction": 1.5}}) == {
+        "train.lr_warmup_fraction": "must be <= 1, got 1.5"
+    }
 
 
 def test_mlp_and_norm_class_allowlists():
     e = errors(model={"mlp_class_name": "SwiGLU"})
-    assert e == {"model.mlp_class_name": "'SwiGLU' is not allowed; choose one of 'GptNeoxMLP', 'LLaMAMLP', "
-                 "'GemmaMLP' or 'LLaMAMoE'"}
+    assert e == {
+        "model.mlp_class_name": "'SwiGLU' is not allowed; choose one of 'GptNeoxMLP', 'LLaMAMLP', "
+        "'GemmaMLP' or 'LLaMAMoE'"
+    }
     e = errors(model={"norm_class_name": "BatchNorm"})
-    assert e == {"model.norm_class_name": "'BatchNorm' is not allowed; choose one of 'LayerNorm' or 'RMSNorm'"}
+    assert e == {
+        "model.norm_class_name": "'BatchNorm' is not allowed; choose one of 'LayerNorm' or 'RMSNorm'"
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,8 +367,10 @@ def test_global_batch_size_divisible_by_micro_batch_times_devices():
 
 def test_global_batch_size_smaller_than_one_micro_batch_per_device():
     e = errors({"num_nodes": 2, "devices": 2, "train": {"global_batch_size": 2}})
-    assert e == {"train.global_batch_size": "global_batch_size (2) must be divisible by micro_batch_size x devices x "
-                 "num_nodes = 2 x 2 x 2 = 8 (LitGPT would silently floor it); e.g. use 8"}
+    assert e == {
+        "train.global_batch_size": "global_batch_size (2) must be divisible by micro_batch_size x devices x "
+        "num_nodes = 2 x 2 x 2 = 8 (LitGPT would silently floor it); e.g. use 8"
+    }
 
 
 def test_n_embd_divisible_by_n_head():
@@ -349,7 +407,9 @@ def test_n_expert_per_token_between_1_and_n_expert(k):
 
 
 def test_moe_requires_experts():
-    assert errors(model={"n_expert": 0}) == {"model.n_expert": "mlp_class_name LLaMAMoE requires n_expert >= 1, got 0"}
+    assert errors(model={"n_expert": 0}) == {
+        "model.n_expert": "mlp_class_name LLaMAMoE requires n_expert >= 1, got 0"
+    }
 
 
 def test_moe_requires_moe_intermediate_size():
@@ -369,13 +429,17 @@ def test_llama_mlp_requires_intermediate_size():
 
 def test_first_k_dense_replace_needs_moe():
     e = errors(model={"mlp_class_name": "GptNeoxMLP", "n_expert": 0, "first_k_dense_replace": 1})
-    assert e == {"model.first_k_dense_replace": "first_k_dense_replace needs mlp_class_name LLaMAMoE, got GptNeoxMLP"}
+    assert e == {
+        "model.first_k_dense_replace": "first_k_dense_replace needs mlp_class_name LLaMAMoE, got GptNeoxMLP"
+    }
 
 
 def test_shared_attention_norm_needs_parallel_residual():
     e = errors(model={"shared_attention_norm": True})
-    assert e == {"model.shared_attention_norm": "shared_attention_norm needs parallel_residual true (LitGPT has no "
-                 "non-parallel residual with a shared attention norm)"}
+    assert e == {
+        "model.shared_attention_norm": "shared_attention_norm needs parallel_residual true (LitGPT has no "
+        "non-parallel residual with a shared attention norm)"
+    }
 
 
 def test_max_seq_length_within_block_size():
@@ -444,13 +508,22 @@ def test_initial_checkpoint_dir_with_resume_auto_or_true_but_not_a_path():
 
 def test_resume_allow_changes():
     assert validate().train.resume_allow_changes == []
-    assert validate({"resume": "auto", "resume_allow_changes": ["data", "tokenizer", "schedule", "batch", "seq_len"]}
-                    ).train.resume_allow_changes == ["data", "tokenizer", "schedule", "batch", "seq_len"]
+    assert validate(
+        {
+            "resume": "auto",
+            "resume_allow_changes": ["data", "tokenizer", "schedule", "batch", "seq_len"],
+        }
+    ).train.resume_allow_changes == ["data", "tokenizer", "schedule", "batch", "seq_len"]
     # one entry or a comma-separated string (a flag's value) reads as a list; null as none
-    assert validate({"resume": "auto", "resume_allow_changes": "data"}).train.resume_allow_changes == ["data"]
-    assert validate({"resume": "auto", "resume_allow_changes": "data, schedule"}).train.resume_allow_changes == [
-        "data", "schedule"]
-    assert validate({"resume": "auto", "resume_allow_changes": None}).train.resume_allow_changes == []
+    assert validate(
+        {"resume": "auto", "resume_allow_changes": "data"}
+    ).train.resume_allow_changes == ["data"]
+    assert validate(
+        {"resume": "auto", "resume_allow_changes": "data, schedule"}
+    ).train.resume_allow_changes == ["data", "schedule"]
+    assert (
+        validate({"resume": "auto", "resume_allow_changes": None}).train.resume_allow_changes == []
+    )
     assert errors({"resume": "auto", "resume_allow_changes": ["data", "lr"]}) == {
         "resume_allow_changes[1]": "'lr' is not allowed; choose one of 'data', 'tokenizer', 'schedule', 'batch' "
         "or 'seq_len'"
@@ -487,7 +560,12 @@ def test_not_a_mapping():
 
 
 def test_warning_few_optimizer_steps():
-    w = warnings({"train": {"max_tokens": 1024, "lr_warmup_steps": 1, "save_interval": 2}, "eval": {"interval": 2}})
+    w = warnings(
+        {
+            "train": {"max_tokens": 1024, "lr_warmup_steps": 1, "save_interval": 2},
+            "eval": {"interval": 2},
+        }
+    )
     assert w == {
         "train.max_tokens": "only 8 optimizer steps will run: max_tokens 1,024 gives 16 micro-batches of 64 tokens "
         "per device and each step takes 2 micro-batches (global_batch_size 4 / micro_batch_size 2 / 1 device)"
@@ -587,13 +665,32 @@ def test_warning_devices_auto():
 
 
 def test_warning_reduce_overhead_with_dynamic_shapes():
-    w = warnings({"optimization": {"compile": True, "compile_mode": "reduce-overhead", "compile_dynamic": True}})
+    w = warnings(
+        {
+            "optimization": {
+                "compile": True,
+                "compile_mode": "reduce-overhead",
+                "compile_dynamic": True,
+            }
+        }
+    )
     assert w == {
         "optimization.compile_dynamic": "compile_dynamic true compiles shape-generic kernels although every training "
         "micro-batch has the same shape (2 x 32); with compile_mode reduce-overhead, CUDA graphs are recorded per "
         "concrete shape anyway, so dynamic shapes add compile work and can slow kernels (null lets torch decide)"
     }
-    assert warnings({"optimization": {"compile": False, "compile_mode": "reduce-overhead", "compile_dynamic": True}}) == {}
+    assert (
+        warnings(
+            {
+                "optimization": {
+                    "compile": False,
+                    "compile_mode": "reduce-overhead",
+                    "compile_dynamic": True,
+                }
+            }
+        )
+        == {}
+    )
 
 
 def test_warning_flash_forced_with_32_true():
@@ -605,7 +702,9 @@ def test_warning_flash_forced_with_32_true():
 
 def test_warning_experts_without_moe():
     w = warnings(model={"mlp_class_name": "GptNeoxMLP"})
-    assert w == {"model.n_expert": "n_expert (4) is ignored: mlp_class_name is GptNeoxMLP, not LLaMAMoE"}
+    assert w == {
+        "model.n_expert": "n_expert (4) is ignored: mlp_class_name is GptNeoxMLP, not LLaMAMoE"
+    }
 
 
 def test_warning_max_new_tokens_ignored():
@@ -621,11 +720,17 @@ def test_warning_max_new_tokens_ignored():
 SHIPPED_WARNINGS = [
     # litgpt-facts.md, "What the shipped defaults really do"
     ("train.max_tokens", "only 4 optimizer steps will run"),
-    ("train.max_tokens", "the last 28 micro-batches (57,344 tokens) do not fill a whole optimizer step of 32 "
-                         "micro-batches"),
+    (
+        "train.max_tokens",
+        "the last 28 micro-batches (57,344 tokens) do not fill a whole optimizer step of 32 "
+        "micro-batches",
+    ),
     ("train.lr_warmup_steps", "the learning rate never reaches its peak"),
     ("train.save_interval", "no intermediate checkpoint is written"),
-    ("model.rotary_percentage", "LitGPT's default 0.25 applies: RoPE covers 16 of the 64 dimensions"),
+    (
+        "model.rotary_percentage",
+        "LitGPT's default 0.25 applies: RoPE covers 16 of the 64 dimensions",
+    ),
     # and the other consequences of the spec's values
     ("eval.interval", "no validation loss at all"),
     ("devices", "devices is 'auto'"),
@@ -696,8 +801,17 @@ def test_json_schema_has_a_description_on_every_field(make):
 def test_json_schema_documents_allowlists_and_short_form():
     schema = train_config_json_schema()
     opt = schema["properties"]["optimizer"]
-    assert {"type": "string", "enum": ["Adam", "AdamW", "SGD", "torch.optim.Adam", "torch.optim.AdamW",
-                                       "torch.optim.SGD"]} in opt["anyOf"]
+    assert {
+        "type": "string",
+        "enum": [
+            "Adam",
+            "AdamW",
+            "SGD",
+            "torch.optim.Adam",
+            "torch.optim.AdamW",
+            "torch.optim.SGD",
+        ],
+    } in opt["anyOf"]
     assert schema["additionalProperties"] is False
 
 
@@ -709,15 +823,24 @@ def test_warning_unaligned_widths_for_the_grouped_moe_kernel():
         "per token, 2x the expert FLOPs)"
     }
     assert warnings(model={"moe_intermediate_size": 100}) == {}  # 32-true: 400-byte rows are fine
-    assert warnings(model={"moe_intermediate_size": 100}, train={"optimization": {"moe_implementation": "loop"},
-                                                                 "precision": "bf16-mixed"}) == {}
+    assert (
+        warnings(
+            model={"moe_intermediate_size": 100},
+            train={"optimization": {"moe_implementation": "loop"}, "precision": "bf16-mixed"},
+        )
+        == {}
+    )
 
 
 def test_warning_router_losses_without_moe():
-    w = warnings({"train": {"moe_aux_loss_coef": 0.01}}, {"mlp_class_name": "LLaMAMLP", "intermediate_size": 128,
-                                                         "n_expert": 0})
-    assert w == {"train.moe_aux_loss_coef": "router losses are ignored: the model has no MoE layers "
-                 "(mlp_class_name LLaMAMLP)"}
+    w = warnings(
+        {"train": {"moe_aux_loss_coef": 0.01}},
+        {"mlp_class_name": "LLaMAMLP", "intermediate_size": 128, "n_expert": 0},
+    )
+    assert w == {
+        "train.moe_aux_loss_coef": "router losses are ignored: the model has no MoE layers "
+        "(mlp_class_name LLaMAMLP)"
+    }
 
 
 def test_empty_sections_mean_defaults():
@@ -752,9 +875,19 @@ def test_model_kwargs_build_the_same_litgpt_config():
     litgpt = pytest.importorskip("litgpt")
     m = validate().model
     cfg = litgpt.Config(**m.litgpt_kwargs())
-    assert (cfg.head_size, cfg.padded_vocab_size, cfg.n_query_groups, cfg.intermediate_size, cfg.rope_n_elem) == (
-        m.resolved_head_size, m.resolved_padded_vocab_size, m.resolved_n_query_groups, m.resolved_intermediate_size,
-        m.rope_n_elem)
+    assert (
+        cfg.head_size,
+        cfg.padded_vocab_size,
+        cfg.n_query_groups,
+        cfg.intermediate_size,
+        cfg.rope_n_elem,
+    ) == (
+        m.resolved_head_size,
+        m.resolved_padded_vocab_size,
+        m.resolved_n_query_groups,
+        m.resolved_intermediate_size,
+        m.rope_n_elem,
+    )
 
 
 def test_train_config_has_pretrains_keys_and_defaults():
@@ -778,20 +911,27 @@ def test_train_config_has_pretrains_keys_and_defaults():
     for name in same:
         assert TrainConfig.model_fields[name].get_default() == params[name].default, name
     assert TrainConfig.model_fields["out_dir"].get_default() == str(params["out_dir"].default)
-    for ours, theirs, setup_default in ((OurTrain, TrainArgs, params["train"].default),
-                                        (OurEval, EvalArgs, params["eval"].default),
-                                        (OurLog, LogArgs, params["log"].default)):
+    for ours, theirs, setup_default in (
+        (OurTrain, TrainArgs, params["train"].default),
+        (OurEval, EvalArgs, params["eval"].default),
+        (OurLog, LogArgs, params["log"].default),
+    ):
         for f in dataclasses.fields(theirs):
             assert f.name in ours.model_fields, f.name
-            assert ours.model_fields[f.name].get_default(call_default_factory=True) == getattr(setup_default, f.name), (
-                theirs.__name__, f.name)
+            assert ours.model_fields[f.name].get_default(call_default_factory=True) == getattr(
+                setup_default, f.name
+            ), (theirs.__name__, f.name)
 
 
 def test_config_modules_never_import_torch_or_litgpt():
     import subprocess
     import sys
 
-    code = ("import sys, service.schemas, service.configs, service.estimate; "
-            "print(sorted(m for m in ('torch', 'litgpt', 'lightning') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    code = (
+        "import sys, service.schemas, service.configs, service.estimate; "
+        "print(sorted(m for m in ('torch', 'litgpt', 'lightning') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"

@@ -15,6 +15,7 @@ Examples per operation: ``MOEJOBS_SCHEMATHESIS_EXAMPLES`` (default 25, what CI r
 by hand, README "Limits of every input"); the seed ``MOEJOBS_SCHEMATHESIS_SEED`` (default fixed,
 so a failure reproduces).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,12 @@ from test_db_support import settings_for
 
 EXAMPLES = int(os.environ.get("MOEJOBS_SCHEMATHESIS_EXAMPLES", "25"))
 SEED = int(os.environ.get("MOEJOBS_SCHEMATHESIS_SEED", "20261203"))
-CHECKS = ("not_a_server_error", "status_code_conformance", "response_schema_conformance",
-          "content_type_conformance")
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "response_schema_conformance",
+    "content_type_conformance",
+)
 TOKEN = "schemathesis-" + "x" * 40
 
 #: Schemathesis configuration: the token header and /readyz's expected 503.
@@ -61,18 +66,37 @@ def server(tmp_path: Path):
 def test_schemathesis_finds_no_failure_on_any_operation(server: Server, tmp_path: Path):
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
-    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
-               f"{server.url}/openapi.json", "--checks", ",".join(CHECKS),
-               "--max-examples", str(EXAMPLES), "--seed", str(SEED),
-               "--generation-database", "none", "--workers", "1", "--no-color",
-               "--request-timeout", "30"]
+    command = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "--config-file",
+        str(config),
+        "run",
+        f"{server.url}/openapi.json",
+        "--checks",
+        ",".join(CHECKS),
+        "--max-examples",
+        str(EXAMPLES),
+        "--seed",
+        str(SEED),
+        "--generation-database",
+        "none",
+        "--workers",
+        "1",
+        "--no-color",
+        "--request-timeout",
+        "30",
+    ]
     env = {**os.environ, "MOEJOBS_ST_TOKEN": TOKEN}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     output = result.stdout + result.stderr
     tail = output[-12000:]
-    assert result.returncode == 0, f"schemathesis failed:\n{tail}\n--- server log ---\n" \
-                                   f"{server.text()[-6000:]}"
+    assert result.returncode == 0, (
+        f"schemathesis failed:\n{tail}\n--- server log ---\n{server.text()[-6000:]}"
+    )
     selected = re.search(r"Selected: (\d+)/(\d+)", output)
     tested = re.search(r"Tested: (\d+)", output)
     assert selected and tested, tail

@@ -2,6 +2,7 @@
 dashboard and its assets, the API, the docs and the schema, probes, and the errors of every
 layer (401 and 403 from the token check, 404, 405, 413 from the body limit, 422, and the 500 of
 the error middleware). The browser side (the pages run under the policy) is in test_dashboard.py."""
+
 from __future__ import annotations
 
 import re
@@ -19,6 +20,7 @@ TOKEN = "t" * 40
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     with live_server(tmp_path_factory.mktemp("headers"), token=TOKEN) as srv:
+
         async def boom() -> None:
             raise RuntimeError("a bug")
 
@@ -74,8 +76,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method, path, headers, body, status", CASES,
-                         ids=[f"{c[0]} {c[1]} {c[4]}" for c in CASES])
+@pytest.mark.parametrize(
+    "method, path, headers, body, status", CASES, ids=[f"{c[0]} {c[1]} {c[4]}" for c in CASES]
+)
 def test_every_response_carries_the_security_headers(server, method, path, headers, body, status):
     response = httpx.request(method, server.url + path, headers=headers, content=body, timeout=60)
     assert response.status_code == status, response.text[:300]
@@ -86,7 +89,9 @@ def test_every_response_carries_the_security_headers(server, method, path, heade
 def test_the_docs_page_runs_no_inline_script(server):
     page = httpx.get(server.url + "/docs", timeout=30).text
     assert page.count("<script") == 2 and "<script>" not in page
-    assert not re.search(r"\son[a-z]+\s*=", page) and "style=" not in page  # no handler, no inline style
+    assert (
+        not re.search(r"\son[a-z]+\s*=", page) and "style=" not in page
+    )  # no handler, no inline style
     assert '<script src="/docs/assets/swagger-ui-bundle.js"></script>' in page
     assert '<script src="/docs/init.js"></script>' in page
     init = httpx.get(server.url + "/docs/init.js", timeout=30)

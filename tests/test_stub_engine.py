@@ -3,6 +3,7 @@ engine (``python -m worker.entry`` with ``MOEJOBS_ENGINE=stub``), real files, re
 real heartbeat pipe. Every process runs with an import guard that makes importing torch,
 LitGPT or Lightning fail and reports any such module left in ``sys.modules`` at exit.
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,12 +67,19 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def _configs(folder: Path, data: Path, *, steps: int, save_interval: int | None = 3,
-             **train) -> tuple[Path, Path, Path]:
+def _configs(
+    folder: Path, data: Path, *, steps: int, save_interval: int | None = 3, **train
+) -> tuple[Path, Path, Path]:
     """Write train.yaml / model.yaml for a tiny run of ``steps`` steps; returns (out, t, m)."""
     out = folder / "run" / "out"
-    doc = tiny_train_config(out, data / "corpus", data / "tokenizer", max_tokens=4 * 32 * steps,
-                            save_interval=save_interval, **train)
+    doc = tiny_train_config(
+        out,
+        data / "corpus",
+        data / "tokenizer",
+        max_tokens=4 * 32 * steps,
+        save_interval=save_interval,
+        **train,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     t, m = folder / "train.yaml", folder / "model.yaml"
     t.write_text(yaml.safe_dump(doc))
@@ -79,20 +87,34 @@ def _configs(folder: Path, data: Path, *, steps: int, save_interval: int | None 
     return out, t, m
 
 
-def _start(t: Path, m: Path, *, cwd: Path, env: dict[str, str] | None = None,
-           pass_fds: tuple[int, ...] = (), extra: list[str] = ()) -> subprocess.Popen:
+def _start(
+    t: Path,
+    m: Path,
+    *,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    extra: list[str] = (),
+) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
-    full.update({"MOEJOBS_ENGINE": "stub", "MOEJOBS_STUB_STEP_SECONDS": "0.01",
-                 "PYTHONPATH": str(REPO)})
+    full.update(
+        {"MOEJOBS_ENGINE": "stub", "MOEJOBS_STUB_STEP_SECONDS": "0.01", "PYTHONPATH": str(REPO)}
+    )
     full.update(env or {})
     return subprocess.Popen(
-        [sys.executable, "-c", GUARD, "--train-config", str(t), "--model-config", str(m),
-         *extra], cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        pass_fds=pass_fds)
+        [sys.executable, "-c", GUARD, "--train-config", str(t), "--model-config", str(m), *extra],
+        cwd=cwd,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=pass_fds,
+    )
 
 
-def _run(t: Path, m: Path, *, cwd: Path, env: dict[str, str] | None = None,
-         extra: list[str] = ()) -> tuple[int, str, str]:
+def _run(
+    t: Path, m: Path, *, cwd: Path, env: dict[str, str] | None = None, extra: list[str] = ()
+) -> tuple[int, str, str]:
     proc = _start(t, m, cwd=cwd, env=env, extra=extra)
     out, err = proc.communicate(timeout=60)
     assert "IMPORT GUARD" not in err, err
@@ -137,7 +159,8 @@ def test_a_full_run_follows_the_contract_without_torch(tmp_path, data):
     plan = training_plan(validated.train, validated.model)
     assert [int(r["tokens"]) for r in rows] == [plan.tokens_per_step * s for s in range(1, 8)]
     assert [float(r["learning_rate"]) for r in rows] == pytest.approx(
-        [plan.learning_rate(s, 3e-3, 3e-4) for s in range(1, 8)], rel=1e-5)
+        [plan.learning_rate(s, 3e-3, 3e-4) for s in range(1, 8)], rel=1e-5
+    )
     losses = [float(r["loss"]) for r in rows]
     assert losses == sorted(losses, reverse=True) and losses[0] > losses[-1]
     # deterministic: a second run elsewhere writes the same values
@@ -150,8 +173,11 @@ def test_a_full_run_follows_the_contract_without_torch(tmp_path, data):
     assert len(router) == 7 * TINY_MODEL["n_layer"] * TINY_MODEL["n_expert"]
     for step in range(1, 8):
         for layer in range(TINY_MODEL["n_layer"]):
-            total = sum(float(r["fraction"]) for r in router
-                        if int(r["step"]) == step and int(r["layer"]) == layer)
+            total = sum(
+                float(r["fraction"])
+                for r in router
+                if int(r["step"]) == step and int(r["layer"]) == layer
+            )
             assert total == pytest.approx(1.0, abs=1e-5)
 
     assert _step_folders(out) == ["step-00000003", "step-00000006"]
@@ -166,11 +192,23 @@ def test_a_full_run_follows_the_contract_without_torch(tmp_path, data):
     result = EngineResult.read(out)
     assert result is not None and result.outcome == Outcome.succeeded
     assert (result.exit_code, result.steps, result.planned_steps, result.tokens) == (
-        0, 7, 7, plan.tokens_per_step * 7)
+        0,
+        7,
+        7,
+        plan.tokens_per_step * 7,
+    )
     assert result.checkpoint == str(out / "final") and result.stopped_by == "completed"
-    assert _events(out) == ["started", "configured", "data_ready", "model_built", "first_step",
-                            "checkpoint_written", "checkpoint_written", "checkpoint_written",
-                            "finished"]
+    assert _events(out) == [
+        "started",
+        "configured",
+        "data_ready",
+        "model_built",
+        "first_step",
+        "checkpoint_written",
+        "checkpoint_written",
+        "checkpoint_written",
+        "finished",
+    ]
     assert json.loads(stdout.strip().splitlines()[-1])["steps"] == 7
 
     # nothing left: a run again finds final/ at the planned step and returns at once
@@ -234,11 +272,14 @@ def test_a_signal_before_training_started_is_one_line(tmp_path, data, signum, co
     assert _events(out)[-2:] == ["stop_requested", "finished"]
 
 
-@pytest.mark.parametrize("fault, reason, text", [
-    ("crash@3", FailureReason.crashed, "RuntimeError: injected crash at step 3"),
-    ("oom@3", FailureReason.out_of_memory, "MemoryError: injected out of memory at step 3"),
-    ("nospace@3", FailureReason.no_space, "metrics.csv ("),
-])
+@pytest.mark.parametrize(
+    "fault, reason, text",
+    [
+        ("crash@3", FailureReason.crashed, "RuntimeError: injected crash at step 3"),
+        ("oom@3", FailureReason.out_of_memory, "MemoryError: injected out of memory at step 3"),
+        ("nospace@3", FailureReason.no_space, "metrics.csv ("),
+    ],
+)
 def test_injected_faults_are_reported_with_their_reason(tmp_path, data, fault, reason, text):
     out, t, m = _configs(tmp_path, data, steps=6)
     code, _, err = _run(t, m, cwd=tmp_path, env={"MOEJOBS_STUB_FAIL": fault})
@@ -285,10 +326,19 @@ def test_silent_worker_fences_the_stub(tmp_path, data):
     out, t, m = _configs(tmp_path, data, steps=1000, save_interval=2)
     read_fd, write_fd = os.pipe()
     contract.write_owner(out, 3, "w1")
-    proc = _start(t, m, cwd=tmp_path, pass_fds=(read_fd,), env={
-        contract.ENV_WATCHDOG_FD: str(read_fd), contract.ENV_TRAINER_DEADLINE: "1.5",
-        contract.ENV_CHECKPOINT_WRITE: "0.5", contract.ENV_ATTEMPT: "3",
-        "MOEJOBS_STUB_STEP_SECONDS": "0.02"})
+    proc = _start(
+        t,
+        m,
+        cwd=tmp_path,
+        pass_fds=(read_fd,),
+        env={
+            contract.ENV_WATCHDOG_FD: str(read_fd),
+            contract.ENV_TRAINER_DEADLINE: "1.5",
+            contract.ENV_CHECKPOINT_WRITE: "0.5",
+            contract.ENV_ATTEMPT: "3",
+            "MOEJOBS_STUB_STEP_SECONDS": "0.02",
+        },
+    )
     os.close(read_fd)
     try:
         beat_until = time.monotonic() + 3.0
@@ -320,8 +370,9 @@ def test_another_owner_stops_the_stub_before_its_next_rename(tmp_path, data):
     place and it exits 76 (no watchdog pipe: the check at the rename does it)."""
     out, t, m = _configs(tmp_path, data, steps=1000, save_interval=5)
     contract.write_owner(out, 1, "w1")
-    proc = _start(t, m, cwd=tmp_path, env={contract.ENV_ATTEMPT: "1",
-                                            "MOEJOBS_STUB_STEP_SECONDS": "0.05"})
+    proc = _start(
+        t, m, cwd=tmp_path, env={contract.ENV_ATTEMPT: "1", "MOEJOBS_STUB_STEP_SECONDS": "0.05"}
+    )
     _wait(lambda: "step-00000005" in _step_folders(out), proc)
     contract.write_owner(out, 2, "w2")
     taken = _step_folders(out)
@@ -337,14 +388,16 @@ def test_a_full_disk_is_no_space(tmp_path, data):
     """A real ENOSPC: out_dir on a 1 MiB tmpfs, placeholder weights of 2 MiB."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         out, t, m = _configs(mnt, data, steps=6, save_interval=2)
-        code, _, err = _run(t, m, cwd=tmp_path,
-                            env={"MOEJOBS_STUB_CHECKPOINT_BYTES": str(2 * 2**20)})
+        code, _, err = _run(
+            t, m, cwd=tmp_path, env={"MOEJOBS_STUB_CHECKPOINT_BYTES": str(2 * 2**20)}
+        )
         assert code == ExitCode.FAILED, err
         result = EngineResult.read(out)
         assert result.reason == FailureReason.no_space

@@ -1,4 +1,5 @@
 """Tokenizer folders: training, the checks made before training, and the demo corpus."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,9 @@ def small_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(small_corpus, tmp_path_factory) -> Path:
-    return train_tokenizer([small_corpus], tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=1024)
+    return train_tokenizer(
+        [small_corpus], tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=1024
+    )
 
 
 def test_trained_tokenizer_round_trips_and_has_bos(tokenizer_dir):
@@ -41,7 +44,9 @@ def test_trained_tokenizer_round_trips_and_has_bos(tokenizer_dir):
 
 
 def test_tokenizer_too_big_for_model_names_both_sizes(tokenizer_dir):
-    with pytest.raises(DataError, match=r"has 1024 token ids but the model's padded_vocab_size is 512"):
+    with pytest.raises(
+        DataError, match=r"has 1024 token ids but the model's padded_vocab_size is 512"
+    ):
         load_tokenizer(tokenizer_dir, padded_vocab_size=512)
 
 
@@ -59,7 +64,9 @@ def test_config_without_tokenizer_class_and_without_bos(tokenizer_dir, tmp_path)
     (broken / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>"}))
     with pytest.raises(DataError, match="no 'tokenizer_class'"):
         load_tokenizer(broken, 1024)
-    (broken / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (broken / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"})
+    )
     with pytest.raises(DataError, match="no BOS token"):
         load_tokenizer(broken, 1024)
 
@@ -90,16 +97,40 @@ def test_hash_changes_with_content(tokenizer_dir, tmp_path):
 def test_cli_tokenizer_train(small_corpus, tmp_path):
     out = tmp_path / "cli-tok"
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "tokenizer", "train", "--data", str(small_corpus),
-         "--out", str(out), "--vocab-size", "600"],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "tokenizer",
+            "train",
+            "--data",
+            str(small_corpus),
+            "--out",
+            str(out),
+            "--vocab-size",
+            "600",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert load_tokenizer(out, 600).processor.get_vocab_size() == 600
     bad = subprocess.run(
-        [sys.executable, "-m", "service.cli", "tokenizer", "train", "--data", str(tmp_path / "missing"),
-         "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "tokenizer",
+            "train",
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2
     assert "missing: data folder does not exist" in bad.stderr

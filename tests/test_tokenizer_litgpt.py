@@ -1,6 +1,7 @@
 """Token ids identical to LitGPT's own ``litgpt.data.text_files.tokenize`` (0.5.13: text mode,
 ``strip()``, BOS and no EOS) on files with CRLF line ends, a BOM, trailing newlines and blank
 lines; tokenizer training reads text the same way; a changed token format never reuses a cache."""
+
 from __future__ import annotations
 
 import json
@@ -58,7 +59,9 @@ def test_reading_normalizes_line_ends_strips_and_keeps_the_bom(files):
     texts = {p.name: read_text(p) for p in files}
     assert texts["a-crlf.txt"] == "def f(x):\n    return x + 1\n\nprint(f(2))"
     assert texts["b-bom.txt"] == "\ufeffimport os\nprint(os.sep)"
-    assert texts["c-bom-crlf-blank.txt"] == "\ufeff\n\n  indented after a BOM"  # whitespace after a BOM stays
+    assert (
+        texts["c-bom-crlf-blank.txt"] == "\ufeff\n\n  indented after a BOM"
+    )  # whitespace after a BOM stays
     assert texts["d-trailing-newlines.txt"] == "x = 1\ny = 2"
     assert texts["e-blank-lines-around.txt"] == "# a comment\n\n\n\nz = 3"
     assert texts["f-lone-cr.txt"] == "old mac\nline ends"
@@ -66,11 +69,15 @@ def test_reading_normalizes_line_ends_strips_and_keeps_the_bom(files):
     assert texts["h-no-newline.txt"] == "pass"
 
 
-def test_crlf_and_trailing_whitespace_no_longer_make_extra_tokens(files, tok, tokenizer_dir, tmp_path):
+def test_crlf_and_trailing_whitespace_no_longer_make_extra_tokens(
+    files, tok, tokenizer_dir, tmp_path
+):
     """What the issue measured (a CRLF file: 115 tokens vs LitGPT's 98): the raw bytes gave more."""
     crlf = next(p for p in files if p.name == "a-crlf.txt")
     raw_ids = tok.encode(crlf.read_bytes().decode(), bos=True).tolist()
-    ours = tokenize_files([crlf], tok, tokenizer_dir, 1024, cache_dir=tmp_path / "cache").tokens.tolist()
+    ours = tokenize_files(
+        [crlf], tok, tokenizer_dir, 1024, cache_dir=tmp_path / "cache"
+    ).tokens.tolist()
     assert len(ours) < len(raw_ids) and ours == _litgpt_ids(crlf, tokenizer_dir)
 
 
@@ -86,10 +93,14 @@ def test_tokenizer_training_reads_text_like_litgpt(files, tmp_path):
     b = train_tokenizer([plain], tmp_path / "tok-b", vocab_size=512)
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
     vocab = json.loads((a / "tokenizer.json").read_text())["model"]["vocab"]
-    assert not any("č" in token for token in vocab if len(token) > 1)  # 'č' is byte 0x0D (\r) in byte-level BPE
+    assert not any(
+        "č" in token for token in vocab if len(token) > 1
+    )  # 'č' is byte 0x0D (\r) in byte-level BPE
 
 
-def test_a_new_token_format_never_reuses_an_old_cache(files, tok, tokenizer_dir, tmp_path, monkeypatch):
+def test_a_new_token_format_never_reuses_an_old_cache(
+    files, tok, tokenizer_dir, tmp_path, monkeypatch
+):
     assert CACHE_FORMAT == 2
     old_key = None
     with monkeypatch.context() as m:
@@ -98,5 +109,6 @@ def test_a_new_token_format_never_reuses_an_old_cache(files, tok, tokenizer_dir,
         old_key = old.path.stem
     new = tokenize_files(files[:1], tok, tokenizer_dir, 1024, cache_dir=tmp_path / "cache")
     assert new.path.stem != old_key and new.path.stem == cache_key(
-        data_module.files_sha256(files[:1]), data_module.tokenizer_hash(tokenizer_dir))
+        data_module.files_sha256(files[:1]), data_module.tokenizer_hash(tokenizer_dir)
+    )
     assert json.loads(new.path.with_suffix(".json").read_text())["format"] == 2

@@ -1,6 +1,7 @@
 """Where `moejobs tokenizer train` / ``train_tokenizer`` may write: never over the current
 folder, a data folder or a folder of other files (it once wiped `--out .`), and the warning when
 the corpus is too small for the requested vocabulary."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,9 @@ SMALL_TEXT = Path(json.__file__).read_text(encoding="utf-8")
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -47,17 +50,29 @@ def workdir(tmp_path: Path) -> Path:
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """`moejobs tokenizer train ARGS` of this checkout, run in ``cwd``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "service.cli", "tokenizer", "train", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "tokenizer", "train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("out, message", [
-    (".", ". is the current folder, not a tokenizer folder: choose an empty or new folder"),
-    ("mydocs", "mydocs is not a tokenizer folder (it holds a.txt, b.txt): choose an empty or new folder"),
-    ("a.txt", "a.txt is a file, not a folder: choose an empty or new folder"),
-    ("text", "text is the data folder text: choose an empty or new folder"),
-    ("..", ".. holds the current folder"),
-])
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        (".", ". is the current folder, not a tokenizer folder: choose an empty or new folder"),
+        (
+            "mydocs",
+            "mydocs is not a tokenizer folder (it holds a.txt, b.txt): choose an empty or new folder",
+        ),
+        ("a.txt", "a.txt is a file, not a folder: choose an empty or new folder"),
+        ("text", "text is the data folder text: choose an empty or new folder"),
+        ("..", ".. holds the current folder"),
+    ],
+)
 def test_cli_refuses_folders_that_are_not_tokenizer_folders(workdir, out, message):
     before = _snapshot(workdir.parent)
     done = _cli(workdir, "--data", "text", "--out", out, "--vocab-size", "512")
@@ -75,7 +90,8 @@ def test_cli_warns_when_the_corpus_is_too_small(workdir):
     learned = load_tokenizer(workdir / "tok", 8192).processor.get_vocab_size()
     assert learned < 8192
     assert done.stderr.splitlines() == [
-        f"warning: the corpus has too little distinct text for 8192 tokens: {learned} learned"]
+        f"warning: the corpus has too little distinct text for 8192 tokens: {learned} learned"
+    ]
     assert "tokenizer written to tok" in done.stdout
 
 
@@ -89,7 +105,9 @@ def test_refusals_in_process(workdir, monkeypatch):
     monkeypatch.chdir(workdir.parent)
     with pytest.raises(DataError, match=r"work holds the data folder"):  # a parent of a data folder
         train_tokenizer(text, Path("work"), vocab_size=512)
-    with pytest.raises(DataError, match=r"a.txt is a file, not a folder"):  # checked before training
+    with pytest.raises(
+        DataError, match=r"a.txt is a file, not a folder"
+    ):  # checked before training
         train_tokenizer(text, workdir / "a.txt" / "tok", vocab_size=512)
     (workdir / "link").symlink_to(workdir / "mydocs")
     with pytest.raises(DataError, match=r"link is a symbolic link"):
@@ -98,10 +116,15 @@ def test_refusals_in_process(workdir, monkeypatch):
     many.mkdir()
     for i in range(7):
         (many / f"f{i}.txt").write_text("x")
-    (many / "tokenizer.json").write_text("{}")  # a tokenizer file does not make the rest replaceable
+    (many / "tokenizer.json").write_text(
+        "{}"
+    )  # a tokenizer file does not make the rest replaceable
     (many / "sub").mkdir()
-    with pytest.raises(DataError, match=r"many is not a tokenizer folder \(it holds f0.txt, f1.txt, "
-                       r"f2.txt, f3.txt, f4.txt and 3 more\): choose an empty or new folder"):
+    with pytest.raises(
+        DataError,
+        match=r"many is not a tokenizer folder \(it holds f0.txt, f1.txt, "
+        r"f2.txt, f3.txt, f4.txt and 3 more\): choose an empty or new folder",
+    ):
         train_tokenizer(text, many, vocab_size=512)
     assert len(list(many.iterdir())) == 9
 
@@ -116,13 +139,25 @@ def test_new_empty_and_earlier_tokenizer_folders_are_written(workdir):
     train_tokenizer(text, out, vocab_size=600, record={"dataset": "d"})  # earlier output: replaced
     assert load_tokenizer(out, 600).processor.get_vocab_size() == 600
     record = json.loads((out / RECORD_FILE).read_text())
-    assert record == {"dataset": "d", "requested_vocab_size": 600, "vocab_size": 600, "warnings": []}
+    assert record == {
+        "dataset": "d",
+        "requested_vocab_size": 600,
+        "vocab_size": 600,
+        "warnings": [],
+    }
     empty = workdir / "empty"
     empty.mkdir()
     train_tokenizer(text, empty, vocab_size=512)  # empty
     assert (empty / "tokenizer.json").is_file()
     # no temporary or old folders left next to them
-    assert sorted(p.name for p in workdir.iterdir()) == ["a.txt", "b.txt", "empty", "mydocs", "text", "tok"]
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "a.txt",
+        "b.txt",
+        "empty",
+        "mydocs",
+        "text",
+        "tok",
+    ]
 
 
 def test_vocabulary_smaller_than_requested_is_reported(workdir):

@@ -4,6 +4,7 @@ and so never see a signal sent to ``up``, are stopped, and the port is free agai
 
 No training runs here: the stack starts, answers /readyz, and is stopped.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,9 +61,14 @@ def _start_up(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
         # A session of its own: the test's signal goes to `up` only, as `kill PID` does.
-        up = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--home", str(home),
-                               "--port", str(port)], cwd=REPO, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "up", "--home", str(home), "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 240
     while True:  # `up` says it serves after its own /readyz check passed
         assert up.poll() is None, log_path.read_text()

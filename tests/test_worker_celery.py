@@ -7,6 +7,7 @@ Celery remote control.
 The HTTP end to end on PostgreSQL (success, duplicate message, cancel, smoke test) is in
 tests/test_e2e_http.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,15 +70,21 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
     home = tmp_path / "home"
     # Short lease: the reconciler (every lease/2 = 6 s) sees a dead worker's lease expire
     # 12 s after its last heartbeat.
-    settings = worker_settings(home, f"sqlite:///{home / 'moejobs.sqlite3'}", broker,
-                               lease_seconds=12.0, heartbeat_seconds=1.0,
-                               worker_stale_seconds=5.0)
+    settings = worker_settings(
+        home,
+        f"sqlite:///{home / 'moejobs.sqlite3'}",
+        broker,
+        lease_seconds=12.0,
+        heartbeat_seconds=1.0,
+        worker_stale_seconds=5.0,
+    )
     migrate(settings)
     db = open_database(settings)
     corpus, tokenizer = build_data(settings.data_root)
     token_cache = tmp_path / "token-cache"
-    workers = {name: WorkerProcess(settings, home / f"worker-{name}.log", token_cache)
-               for name in "abc"}
+    workers = {
+        name: WorkerProcess(settings, home / f"worker-{name}.log", token_cache) for name in "abc"
+    }
 
     def logs() -> str:
         return "\n".join(f"== worker {n}\n{w.log()}" for n, w in workers.items())
@@ -103,18 +110,28 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
         # 1. warm shutdown of A mid-run. A tiny step takes milliseconds on a quiet CPU, so
         # the training is frozen (SIGSTOP) while the test looks at the database: nothing
         # here depends on how fast the machine is.
-        wait_for(lambda: (out / "step-00000004").is_dir(), 300, "the first checkpoint on disk",
-                 poll=0.01, on_fail=logs)
+        wait_for(
+            lambda: (out / "step-00000004").is_dir(),
+            300,
+            "the first checkpoint on disk",
+            poll=0.01,
+            on_fail=logs,
+        )
         pid_a = int((run_dir / "train.pid").read_text())
         os.kill(pid_a, signal.SIGSTOP)
-        wait_for(lambda: "step-00000004" in checkpoints(), 60, "the first checkpoint's row",
-                 on_fail=logs)
+        wait_for(
+            lambda: "step-00000004" in checkpoints(), 60, "the first checkpoint's row", on_fail=logs
+        )
         os.kill(pid_a, signal.SIGCONT)
         wait_for(lambda: _disk_step(out) >= 6, 60, "step 6 in metrics.csv", poll=0.01)
         os.kill(pid_a, signal.SIGSTOP)
         workers["a"].proc.send_signal(signal.SIGTERM)  # warm shutdown
-        wait_for(lambda: "worker shutting down: SIGTERM" in (run_dir / "train.log").read_text(),
-                 60, "A to pass the shutdown on to its training", on_fail=logs)
+        wait_for(
+            lambda: "worker shutting down: SIGTERM" in (run_dir / "train.log").read_text(),
+            60,
+            "A to pass the shutdown on to its training",
+            on_fail=logs,
+        )
         os.kill(pid_a, signal.SIGCONT)  # the pending SIGTERM lands: checkpoint, exit 75
         assert workers["a"].proc.wait(timeout=120) == 0, logs()
         assert pid_gone(pid_a)
@@ -126,8 +143,13 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
 
         # 2. B resumes it (A re-sent the message) and is killed after its own checkpoint
         b_id = workers["b"].start().wait_registered(db)
-        b_ckpt = wait_for(lambda: _new_checkpoint(out, stopped_at), 300,
-                          "a checkpoint of worker B on disk", poll=0.01, on_fail=logs)
+        b_ckpt = wait_for(
+            lambda: _new_checkpoint(out, stopped_at),
+            300,
+            "a checkpoint of worker B on disk",
+            poll=0.01,
+            on_fail=logs,
+        )
         pid_b = int((run_dir / "train.pid").read_text())
         assert pid_b != pid_a
         os.kill(pid_b, signal.SIGSTOP)  # frozen mid-run until B dies, so B never finishes
@@ -138,8 +160,12 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
 
         # 3. C's reconciler recovers the run; C resumes and finishes it
         c_id = workers["c"].start().wait_registered(db)
-        done = wait_for(lambda: (r := get_run(db, run.id)).status in TERMINAL and r, 400,
-                        "the recovered run to finish", on_fail=logs)
+        done = wait_for(
+            lambda: (r := get_run(db, run.id)).status in TERMINAL and r,
+            400,
+            "the recovered run to finish",
+            on_fail=logs,
+        )
         assert done.status == RunStatus.succeeded, done.failure_message
         assert done.attempt == 3 and done.worker_id == c_id
         with db.session() as session:
@@ -148,9 +174,14 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
         steps = [p.step for p in points]
         S = RunStatus
         assert [(e.from_status, e.to_status) for e in events] == [
-            (None, S.queued), (S.queued, S.running), (S.running, S.queued),
-            (S.queued, S.running), (S.running, S.queued), (S.queued, S.running),
-            (S.running, S.succeeded)]
+            (None, S.queued),
+            (S.queued, S.running),
+            (S.running, S.queued),
+            (S.queued, S.running),
+            (S.running, S.queued),
+            (S.queued, S.running),
+            (S.running, S.succeeded),
+        ]
         assert events[2].actor == f"worker:{a_id}" and "shutting down" in events[2].message
         assert events[4].actor == "reconciler" and "lease expired" in events[4].message
         assert f"worker {b_id}" in events[4].message
@@ -160,8 +191,9 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
         file_rows = csv_rows(out / "metrics.csv")
         assert [int(r["step"]) for r in file_rows] == steps
         # the steps B trained past its checkpoint were trained again by C: the rows are C's
-        assert [p.loss for p in points] == pytest.approx([float(r["loss"]) for r in file_rows],
-                                                         rel=1e-5)
+        assert [p.loss for p in points] == pytest.approx(
+            [float(r["loss"]) for r in file_rows], rel=1e-5
+        )
         log = (run_dir / "train.log").read_text()
         assert all(f"attempt {n} on worker" in log for n in (1, 2, 3))
         assert log.count("resuming from") == 2
@@ -174,7 +206,8 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
             kind = session.get(Worker, c_id).kind
         assert kind and speed.worker_kind == kind and speed.runs == 1
         assert speed.tokens_per_sec_per_device == pytest.approx(
-            points[-1].tokens / points[-1].elapsed_s)
+            points[-1].tokens / points[-1].elapsed_s
+        )
 
         # a clean stop removes the worker's row
         assert workers["c"].stop() == 0
@@ -189,8 +222,9 @@ def test_worker_on_the_embedded_broker(tmp_path):
     """SQLite database + kombu's SQLAlchemy transport (what `moejobs up` uses): the worker
     starts without remote control, skips messages for unknown runs, trains tokenizers."""
     home = tmp_path / "home"
-    settings = worker_settings(home, f"sqlite:///{home / 'moejobs.sqlite3'}",
-                               f"sqla+sqlite:///{home / 'broker.sqlite3'}")
+    settings = worker_settings(
+        home, f"sqlite:///{home / 'moejobs.sqlite3'}", f"sqla+sqlite:///{home / 'broker.sqlite3'}"
+    )
     migrate(settings)
     db = open_database(settings)
     corpus = settings.data_root / "texts"
@@ -207,18 +241,33 @@ def test_worker_on_the_embedded_broker(tmp_path):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("{}")
         out = settings.data_root / "tokenizers" / "tok"
-        assert enqueue_tokenizer(app, name="tok", dataset_dir=corpus, out_dir=out,
-                                 vocab_size=600).ok
+        assert enqueue_tokenizer(
+            app, name="tok", dataset_dir=corpus, out_dir=out, vocab_size=600
+        ).ok
         _, bad_error = tokenizer_marker_paths(settings, "bad")
-        assert enqueue_tokenizer(app, name="bad", dataset_dir=settings.data_root / "none",
-                                 out_dir=settings.data_root / "tokenizers" / "bad",
-                                 vocab_size=600).ok
-        wait_for(lambda: (out / "tokenizer.json").is_file() and not marker.exists()
-                 and bad_error.exists(), 120, "the tokenizer tasks", on_fail=worker.log)
+        assert enqueue_tokenizer(
+            app,
+            name="bad",
+            dataset_dir=settings.data_root / "none",
+            out_dir=settings.data_root / "tokenizers" / "bad",
+            vocab_size=600,
+        ).ok
+        wait_for(
+            lambda: (
+                (out / "tokenizer.json").is_file() and not marker.exists() and bad_error.exists()
+            ),
+            120,
+            "the tokenizer tasks",
+            on_fail=worker.log,
+        )
         assert not error_file.exists()
         assert "no .txt files" in bad_error.read_text()
-        wait_for(lambda: f"run {ghost}: not found" in worker.log()
-                 and "not a run id" in worker.log(), 60, "the run messages", on_fail=worker.log)
+        wait_for(
+            lambda: f"run {ghost}: not found" in worker.log() and "not a run id" in worker.log(),
+            60,
+            "the run messages",
+            on_fail=worker.log,
+        )
         assert worker.stop() == 0
         assert worker_id not in {w.id for w in _all_workers(db)}
     finally:

@@ -1,5 +1,6 @@
 """The reconciler (worker/reconciler.py) and the worker registry (worker/registry.py) against
 real databases (SQLite and PostgreSQL) and the real Redis; time is moved with ``now=``."""
+
 from __future__ import annotations
 
 import base64
@@ -33,10 +34,16 @@ from worker.registry import (
 @pytest.fixture
 def deployment(tmp_path, database):
     broker = require_redis()
-    settings = settings_for(tmp_path, database.engine.url.render_as_string(hide_password=False),
-                            celery_queue=f"test-rec-{uuid.uuid4().hex[:10]}",
-                            lease_seconds=30, heartbeat_seconds=5, worker_stale_seconds=20,
-                            queued_stale_seconds=60, max_attempts=2)
+    settings = settings_for(
+        tmp_path,
+        database.engine.url.render_as_string(hide_password=False),
+        celery_queue=f"test-rec-{uuid.uuid4().hex[:10]}",
+        lease_seconds=30,
+        heartbeat_seconds=5,
+        worker_stale_seconds=20,
+        queued_stale_seconds=60,
+        max_attempts=2,
+    )
     settings = settings.model_copy(update={"broker_url": broker})
     client = redis.Redis.from_url(broker)
     yield settings, database, make_celery(settings), client
@@ -56,9 +63,14 @@ def _queued_ids(client, queue: str) -> list[str]:
 def _run(db, name="r"):
     train, model = {"out_dir": "/nowhere"}, {"name": "m"}
     with db.session() as session:
-        run, _ = runs.create_run(session, name=name, submitted_train=train,
-                                 submitted_model=model, resolved_train=train,
-                                 resolved_model=model)
+        run, _ = runs.create_run(
+            session,
+            name=name,
+            submitted_train=train,
+            submitted_model=model,
+            resolved_train=train,
+            resolved_model=model,
+        )
     return run
 
 
@@ -79,8 +91,11 @@ def test_expired_lease_requeues_and_enqueues(deployment):
         current = runs.get_run(session, run.id)
         last = runs.list_events(session, run.id)[-1]
     assert current.status == RunStatus.queued and current.worker_id is None
-    assert (last.actor, last.from_status, last.to_status) == ("reconciler", RunStatus.running,
-                                                              RunStatus.queued)
+    assert (last.actor, last.from_status, last.to_status) == (
+        "reconciler",
+        RunStatus.running,
+        RunStatus.queued,
+    )
     assert "lost-worker" in last.message
     assert _queued_ids(client, settings.celery_queue) == [str(run.id)]
     # a second pass finds nothing more to do
@@ -143,8 +158,9 @@ def test_broker_down_is_reported_and_the_run_stays_queued(deployment):
     down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     run = _run(db)
     _claim(db, run)
-    summary = reconcile(down, db=db, celery_app=make_celery(down),
-                        now=utcnow() + timedelta(seconds=31))
+    summary = reconcile(
+        down, db=db, celery_app=make_celery(down), now=utcnow() + timedelta(seconds=31)
+    )
     assert summary.errors and str(run.id) in summary.errors[0] and not summary.requeued
     with db.session() as session:
         assert runs.get_run(session, run.id).status == RunStatus.queued
@@ -152,10 +168,18 @@ def test_broker_down_is_reported_and_the_run_stays_queued(deployment):
 
 def test_interval_follows_the_lease_and_stale_periods(tmp_path):
     assert interval_seconds(settings_for(tmp_path)) == 60.0
-    assert interval_seconds(settings_for(tmp_path, lease_seconds=10, heartbeat_seconds=1,
-                                         worker_stale_seconds=5)) == 5.0
-    assert interval_seconds(settings_for(tmp_path, lease_seconds=1, heartbeat_seconds=0.2,
-                                         worker_stale_seconds=5)) == 1.0
+    assert (
+        interval_seconds(
+            settings_for(tmp_path, lease_seconds=10, heartbeat_seconds=1, worker_stale_seconds=5)
+        )
+        == 5.0
+    )
+    assert (
+        interval_seconds(
+            settings_for(tmp_path, lease_seconds=1, heartbeat_seconds=0.2, worker_stale_seconds=5)
+        )
+        == 1.0
+    )
 
 
 # -- registry -----------------------------------------------------------------------------------
@@ -184,7 +208,8 @@ def test_runtime_registers_heartbeats_and_deregisters(tmp_path, database):
             (row,) = [w for w in runs.live_workers(session, 60) if w.id == "rt-1"]
         assert row.heartbeat_at >= first and row.gpu_count == len(runtime.gpus)
         assert runtime.info.hardware["gpus"] == [
-            {k: g.get(k) for k in ("index", "name", "memory_bytes")} for g in runtime.gpus]
+            {k: g.get(k) for k in ("index", "name", "memory_bytes")} for g in runtime.gpus
+        ]
         # what admission compares runs with: the kind, the host's memory, the free space
         assert row.kind == worker_kind(runtime.gpus) and row.kind
         assert row.kind.startswith("cpu: ") == (not runtime.gpus)
@@ -215,12 +240,16 @@ def test_runtime_refuses_an_unmigrated_database(tmp_path):
 
 def test_sample_data_seeded_once_by_concurrent_workers(tmp_path):
     settings = settings_for(tmp_path)
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-            "from test_db_support import settings_for\nfrom pathlib import Path\n"
-            "from worker.registry import ensure_sample_data\n"
-            f"ensure_sample_data(settings_for(Path({str(tmp_path)!r})))\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_db_support import settings_for\nfrom pathlib import Path\n"
+        "from worker.registry import ensure_sample_data\n"
+        f"ensure_sample_data(settings_for(Path({str(tmp_path)!r})))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err

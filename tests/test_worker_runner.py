@@ -5,6 +5,7 @@ exit with the engine's codes, write its ``result.json`` (``service.contract``), 
 checkpoint folders the way it does (temporary name, then rename), and handle SIGTERM by
 "checkpointing" and exiting 75. The real engine runs in tests/test_worker_celery.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,7 +41,7 @@ WORKER = "test-worker"
 #: A stand-in engine. argv: steps, seconds per step, save_interval, on_sigterm ("exit75" |
 #: "ignore"). Writes out_dir/metrics.csv (each row in two writes, to leave partial lines
 #: around), out_dir/router.csv, out_dir/step-XXXXXXXX/ and out_dir/final/ like the engine.
-FAKE_ENGINE = textwrap.dedent('''
+FAKE_ENGINE = textwrap.dedent("""
     import json, os, signal, sys, time
     from pathlib import Path
     steps, pause, save_every, on_term = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -85,7 +86,7 @@ FAKE_ENGINE = textwrap.dedent('''
             if save_every and step % save_every == 0:
                 save(f"step-{step:08d}", step)
         save("final", steps)
-''')
+""")
 
 
 @pytest.fixture
@@ -98,8 +99,13 @@ def sqlite_db(tmp_path: Path):
 
 
 def _settings(tmp_path: Path, db: Database, **overrides):
-    values = dict(heartbeat_seconds=0.5, lease_seconds=30, worker_stale_seconds=5,
-                  cancel_grace_seconds=20, keep_checkpoints=0)
+    values = dict(
+        heartbeat_seconds=0.5,
+        lease_seconds=30,
+        worker_stale_seconds=5,
+        cancel_grace_seconds=20,
+        keep_checkpoints=0,
+    )
     values.update(overrides)
     return settings_for(tmp_path, db.engine.url.render_as_string(hide_password=False), **values)
 
@@ -109,13 +115,24 @@ def _claimed_run(db: Database, settings, tmp_path: Path, *, max_attempts_used: i
     data = tmp_path / "data" / "train"
     data.mkdir(parents=True, exist_ok=True)
     (data / "a.txt").write_text("some text\n")
-    train = {"out_dir": str(settings.run_dir(run_id) / "out"), "seed": 7, "resume": "auto",
-             "tokenizer_dir": None,
-             "data": {"init_args": {"train_data_path": str(data), "val_data_path": None}}}
+    train = {
+        "out_dir": str(settings.run_dir(run_id) / "out"),
+        "seed": 7,
+        "resume": "auto",
+        "tokenizer_dir": None,
+        "data": {"init_args": {"train_data_path": str(data), "val_data_path": None}},
+    }
     model = {"name": "tiny"}
     with db.session() as session:
-        runs.create_run(session, name="t", submitted_train=train, submitted_model=model,
-                        resolved_train=train, resolved_model=model, run_id=run_id)
+        runs.create_run(
+            session,
+            name="t",
+            submitted_train=train,
+            submitted_model=model,
+            resolved_train=train,
+            resolved_model=model,
+            run_id=run_id,
+        )
         run = runs.claim_run(session, run_id, WORKER, settings.lease_seconds)
     assert run is not None
     return run
@@ -170,47 +187,92 @@ def _wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
 
 # -- classification of real exits --------------------------------------------------------------
 
+
 def _result(outcome: str, reason: str | None, message: str, code: int) -> str:
     """Script lines that write the engine's result.json into FAKE_OUT_DIR and exit ``code``."""
-    return ("import os, sys\nfrom service.contract import EngineResult\n"
-            f"EngineResult(outcome={outcome!r}, reason={reason!r}, message={message!r}, "
-            f"exit_code={code}, attempt=int(os.environ['MOEJOBS_ATTEMPT'])"
-            ").write(os.environ['FAKE_OUT_DIR'])\n"
-            f"sys.exit({code})")
+    return (
+        "import os, sys\nfrom service.contract import EngineResult\n"
+        f"EngineResult(outcome={outcome!r}, reason={reason!r}, message={message!r}, "
+        f"exit_code={code}, attempt=int(os.environ['MOEJOBS_ATTEMPT'])"
+        ").write(os.environ['FAKE_OUT_DIR'])\n"
+        f"sys.exit({code})"
+    )
 
 
 CASES = {
     "ok": ("import sys; sys.exit(0)", "succeeded", None, "training finished", 0),
-    "ok-result": (_result("succeeded", None, "trained 8 steps", 0), "succeeded", None,
-                  "trained 8 steps", 0),
+    "ok-result": (
+        _result("succeeded", None, "trained 8 steps", 0),
+        "succeeded",
+        None,
+        "trained 8 steps",
+        0,
+    ),
     "invalid-config": (
         _result("failed", "invalid_config", "train.micro_batch_size: must be at least 1", 2),
-        "failed", FailureReason.invalid_config, "train.micro_batch_size: must be at least 1", 2),
+        "failed",
+        FailureReason.invalid_config,
+        "train.micro_batch_size: must be at least 1",
+        2,
+    ),
     "invalid-config-no-result": (
         "import sys\nprint('devices: 4 GPUs requested but this machine has 0 visible', "
         "file=sys.stderr)\nsys.exit(2)",
-        "failed", FailureReason.invalid_config, "devices: 4 GPUs requested", 2),
+        "failed",
+        FailureReason.invalid_config,
+        "devices: 4 GPUs requested",
+        2,
+    ),
     "invalid-data": (
         _result("failed", "invalid_data", "/d/train: no .txt files at the top level", 1),
-        "failed", FailureReason.invalid_data, "/d/train: no .txt files", 1),
+        "failed",
+        FailureReason.invalid_data,
+        "/d/train: no .txt files",
+        1,
+    ),
     "out-of-memory": (
         _result("failed", "out_of_memory", "CUDA out of memory. Tried to allocate 2.00 GiB", 1),
-        "failed", FailureReason.out_of_memory, "CUDA out of memory", 1),
+        "failed",
+        FailureReason.out_of_memory,
+        "CUDA out of memory",
+        1,
+    ),
     "no-space": (
         _result("failed", "no_space", "no space left on /runs/x/out (12 KiB free)", 1),
-        "failed", FailureReason.no_space, "no space left on /runs/x/out", 1),
+        "failed",
+        FailureReason.no_space,
+        "no space left on /runs/x/out",
+        1,
+    ),
     "crash-traceback": (
         "def f():\n    raise RuntimeError('boom in the loop')\nf()",
-        "failed", FailureReason.crashed, "RuntimeError: boom in the loop", 1),
+        "failed",
+        FailureReason.crashed,
+        "RuntimeError: boom in the loop",
+        1,
+    ),
     "crash-result": (
         _result("failed", "crashed", "ValueError: bad shape", 1),
-        "failed", FailureReason.crashed, "ValueError: bad shape", 1),
-    "other-exit-code": ("import sys; print('something odd', flush=True); sys.exit(3)",
-                        "failed", FailureReason.crashed, "something odd", 3),
+        "failed",
+        FailureReason.crashed,
+        "ValueError: bad shape",
+        1,
+    ),
+    "other-exit-code": (
+        "import sys; print('something odd', flush=True); sys.exit(3)",
+        "failed",
+        FailureReason.crashed,
+        "something odd",
+        3,
+    ),
     # an error line that looks like the engine's is just text: only result.json counts
     "log-text-is-not-a-reason": (
         "import sys\nprint('error: out_of_memory: not really', file=sys.stderr)\nsys.exit(1)",
-        "failed", FailureReason.crashed, "error: out_of_memory: not really", 1),
+        "failed",
+        FailureReason.crashed,
+        "error: out_of_memory: not really",
+        1,
+    ),
 }
 
 
@@ -235,8 +297,11 @@ def test_killed_by_signal_is_retried_then_fails(tmp_path, sqlite_db):
     body = "import os, signal\nprint('step 1', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)"
     run = _claimed_run(sqlite_db, settings, tmp_path)
     outcome, moved = _run(sqlite_db, settings, run, _script(tmp_path, body))
-    assert (outcome.kind, outcome.reason, outcome.exit_code) == ("failed", FailureReason.killed,
-                                                                 -signal.SIGKILL)
+    assert (outcome.kind, outcome.reason, outcome.exit_code) == (
+        "failed",
+        FailureReason.killed,
+        -signal.SIGKILL,
+    )
     assert "SIGKILL" in outcome.message
     assert moved.status == RunStatus.queued  # attempt 1 of 2: retried
 
@@ -252,8 +317,14 @@ def test_killed_by_signal_is_retried_then_fails(tmp_path, sqlite_db):
 def test_exit_75_without_shutdown_counts_as_killed(tmp_path, sqlite_db):
     settings = _settings(tmp_path, sqlite_db)
     run = _claimed_run(sqlite_db, settings, tmp_path)
-    outcome, moved = _run(sqlite_db, settings, run, _script(
-        tmp_path, _result("interrupted", None, "stopped by SIGTERM after optimizer step 3", 75)))
+    outcome, moved = _run(
+        sqlite_db,
+        settings,
+        run,
+        _script(
+            tmp_path, _result("interrupted", None, "stopped by SIGTERM after optimizer step 3", 75)
+        ),
+    )
     assert (outcome.reason, outcome.exit_code) == (FailureReason.killed, 75)
     assert moved.status == RunStatus.queued and moved.failures == 1
 
@@ -266,8 +337,9 @@ def test_a_stale_result_of_an_earlier_attempt_is_not_read(tmp_path, sqlite_db):
     settings = _settings(tmp_path, sqlite_db)
     run = _claimed_run(sqlite_db, settings, tmp_path)
     out = Path(run.resolved_train["out_dir"])
-    EngineResult(outcome="failed", reason="invalid_data", message="old", exit_code=1,
-                 attempt=0).write(out)
+    EngineResult(
+        outcome="failed", reason="invalid_data", message="old", exit_code=1, attempt=0
+    ).write(out)
     body = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"
     outcome, _ = _run(sqlite_db, settings, run, _script(tmp_path, body))
     assert outcome.reason == FailureReason.killed
@@ -278,9 +350,16 @@ def test_classify_exit_rules():
     """Cases the scripts above cannot produce cheaply (OOM killer evidence, flags)."""
     from service.contract import EngineResult
 
-    done = EngineResult(outcome="interrupted", message="stopped", exit_code=75, steps=12,
-                        checkpoint="/r/out/step-00000012")
-    assert classify_exit(-9, None, ["step 3"], oom_killed=True).reason == FailureReason.out_of_memory
+    done = EngineResult(
+        outcome="interrupted",
+        message="stopped",
+        exit_code=75,
+        steps=12,
+        checkpoint="/r/out/step-00000012",
+    )
+    assert (
+        classify_exit(-9, None, ["step 3"], oom_killed=True).reason == FailureReason.out_of_memory
+    )
     assert classify_exit(137, None, ["step 3"]).reason == FailureReason.killed  # 128 + SIGKILL
     assert classify_exit(137, None, [], oom_killed=True).reason == FailureReason.out_of_memory
     assert classify_exit(-15, None, []).reason == FailureReason.killed
@@ -315,8 +394,9 @@ def test_start_failure_is_a_crash(tmp_path, sqlite_db):
 def test_metrics_router_checkpoints_retention_provenance(tmp_path, database):
     settings = _settings(tmp_path, database, keep_checkpoints=2)
     run = _claimed_run(database, settings, tmp_path)
-    outcome, moved = _run(database, settings, run, _engine(tmp_path, steps=8, pause=0.15,
-                                                           save_every=2))
+    outcome, moved = _run(
+        database, settings, run, _engine(tmp_path, steps=8, pause=0.15, save_every=2)
+    )
     assert outcome.kind == "succeeded" and moved.status == RunStatus.succeeded
     out = Path(run.resolved_train["out_dir"])
     with database.session() as session:
@@ -336,16 +416,22 @@ def test_metrics_router_checkpoints_retention_provenance(tmp_path, database):
     # retention: the two newest step folders and final stay, on disk and in the database
     on_disk = [name for name, _ in checkpoint_folders(out)]
     assert on_disk == ["step-00000006", "step-00000008", "final"]
-    assert [(c.name, c.step) for c in checkpoints] == [("step-00000006", 6),
-                                                       ("step-00000008", 8), ("final", 8)]
+    assert [(c.name, c.step) for c in checkpoints] == [
+        ("step-00000006", 6),
+        ("step-00000008", 8),
+        ("final", 8),
+    ]
     for c in checkpoints:
         assert Path(c.path) == out / c.name and c.size_bytes == 1000 + len(
-            (out / c.name / "training_state.json").read_bytes())
+            (out / c.name / "training_state.json").read_bytes()
+        )
     assert provenance is not None and provenance.seed == 7
     assert provenance.data_hash and len(provenance.data_hash) == 64
     assert provenance.package_versions["python"] == sys.version.split()[0]
-    assert [(e.from_status, e.to_status) for e in events][-1] == (RunStatus.running,
-                                                                  RunStatus.succeeded)
+    assert [(e.from_status, e.to_status) for e in events][-1] == (
+        RunStatus.running,
+        RunStatus.succeeded,
+    )
     assert int((settings.run_dir(run.id) / "train.pid").read_text()) > 0
 
 
@@ -381,13 +467,17 @@ def test_a_resumed_attempt_rewrites_the_rows_past_its_checkpoint(tmp_path, datab
     out.mkdir(parents=True)
     dead = [{"step": s, "tokens": s * 128, "loss": 10.0 / s} for s in range(1, 9)]
     (out / "metrics.csv").write_text(
-        "step,tokens,loss\n" + "".join(f"{r['step']},{r['tokens']},{r['loss']:.6g}\n" for r in dead))
-    (out / "router.csv").write_text("step,layer,expert,fraction\n" + "".join(
-        f"{s},0,{e},0.5\n" for s in range(1, 9) for e in (0, 1)))
+        "step,tokens,loss\n" + "".join(f"{r['step']},{r['tokens']},{r['loss']:.6g}\n" for r in dead)
+    )
+    (out / "router.csv").write_text(
+        "step,layer,expert,fraction\n"
+        + "".join(f"{s},0,{e},0.5\n" for s in range(1, 9) for e in (0, 1))
+    )
     with database.session() as session:
         runs.record_metrics(session, run.id, dead, attempt=1)
-        runs.record_router_stats(session, run.id, [r for s in range(1, 9)
-                                                   for r in runs.router_rows(s, [[0.5, 0.5]])])
+        runs.record_router_stats(
+            session, run.id, [r for s in range(1, 9) for r in runs.router_rows(s, [[0.5, 0.5]])]
+        )
     outcome, moved = _run(database, settings, run, _script(tmp_path, RESUMED_ENGINE))
     assert outcome.kind == "succeeded", outcome.message
     with database.session() as session:
@@ -397,7 +487,13 @@ def test_a_resumed_attempt_rewrites_the_rows_past_its_checkpoint(tmp_path, datab
     assert [p.step for p in points] == [1, 2, 3, 4, 5, 6]
     assert [p.loss for p in points] == pytest.approx([10.0, 5.0, 10 / 3, 2.5, 99.0, 99.0], rel=1e-5)
     assert [(p.step, p.expert, p.fraction) for p in router if p.step >= 4] == [
-        (4, 0, 0.5), (4, 1, 0.5), (5, 0, 0.9), (5, 1, 0.1), (6, 0, 0.9), (6, 1, 0.1)]
+        (4, 0, 0.5),
+        (4, 1, 0.5),
+        (5, 0, 0.9),
+        (5, 1, 0.1),
+        (6, 0, 0.9),
+        (6, 1, 0.1),
+    ]
 
 
 def test_cancel_stops_the_process_and_ingestion(tmp_path, database):
@@ -407,15 +503,18 @@ def test_cancel_stops_the_process_and_ingestion(tmp_path, database):
     pid_file = settings.run_dir(run.id) / "train.pid"
 
     def cancel_after_rows():
-        _wait_for(lambda: (out / "metrics.csv").exists()
-                  and len(_csv_rows(out / "metrics.csv")) >= 3, what="metric rows")
+        _wait_for(
+            lambda: (out / "metrics.csv").exists() and len(_csv_rows(out / "metrics.csv")) >= 3,
+            what="metric rows",
+        )
         with database.session() as session:
             runs.request_cancel(session, run.id)
 
     helper = threading.Thread(target=cancel_after_rows)
     helper.start()
-    outcome, moved = _run(database, settings, run,
-                          _engine(tmp_path, steps=100000, pause=0.1, save_every=0))
+    outcome, moved = _run(
+        database, settings, run, _engine(tmp_path, steps=100000, pause=0.1, save_every=0)
+    )
     helper.join()
     assert (outcome.kind, outcome.exit_code) == ("cancelled", 75)
     assert moved.status == RunStatus.cancelled and moved.failure_reason is None
@@ -445,8 +544,9 @@ def test_cancel_escalates_to_sigkill_after_the_grace_period(tmp_path, sqlite_db)
 
     helper = threading.Thread(target=cancel_soon)
     helper.start()
-    outcome, moved = _run(sqlite_db, settings, run,
-                          _engine(tmp_path, 100000, 0.1, 0, on_term="ignore"))
+    outcome, moved = _run(
+        sqlite_db, settings, run, _engine(tmp_path, 100000, 0.1, 0, on_term="ignore")
+    )
     helper.join()
     assert (outcome.kind, outcome.exit_code) == ("cancelled", -signal.SIGKILL)
     assert moved.status == RunStatus.cancelled
@@ -461,8 +561,10 @@ def test_worker_shutdown_requeues_after_the_checkpoint(tmp_path, sqlite_db):
     info = WorkerInfo(worker_id=WORKER)
 
     def shut_down():
-        _wait_for(lambda: (out / "metrics.csv").exists()
-                  and len(_csv_rows(out / "metrics.csv")) >= 2, what="metric rows")
+        _wait_for(
+            lambda: (out / "metrics.csv").exists() and len(_csv_rows(out / "metrics.csv")) >= 2,
+            what="metric rows",
+        )
         info.shutdown.set()
 
     helper = threading.Thread(target=shut_down)
@@ -485,11 +587,14 @@ def test_lost_lease_kills_the_process_and_writes_nothing(tmp_path, database):
     out = Path(run.resolved_train["out_dir"])
 
     def take_over():
-        _wait_for(lambda: (out / "metrics.csv").exists()
-                  and len(_csv_rows(out / "metrics.csv")) >= 2, what="metric rows")
+        _wait_for(
+            lambda: (out / "metrics.csv").exists() and len(_csv_rows(out / "metrics.csv")) >= 2,
+            what="metric rows",
+        )
         with database.session() as session:  # the reconciler, believing the worker lost
-            moved = runs.recover_expired_run(session, run.id, max_attempts=3,
-                                             now=utcnow() + timedelta(hours=1))
+            moved = runs.recover_expired_run(
+                session, run.id, max_attempts=3, now=utcnow() + timedelta(hours=1)
+            )
             assert moved.status == RunStatus.queued
 
     helper = threading.Thread(target=take_over)
@@ -504,7 +609,10 @@ def test_lost_lease_kills_the_process_and_writes_nothing(tmp_path, database):
         events = runs.list_events(session, run.id)
     assert current.status == RunStatus.queued and current.attempt == 1
     assert (events[-1].from_status, events[-1].to_status, events[-1].actor) == (
-        RunStatus.running, RunStatus.queued, "reconciler")
+        RunStatus.running,
+        RunStatus.queued,
+        "reconciler",
+    )
 
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -549,8 +657,14 @@ def test_finish_attempt_requeue_becomes_cancel_when_cancel_was_requested(tmp_pat
     run = _claimed_run(sqlite_db, settings, tmp_path)
     with sqlite_db.session() as session:
         runs.request_cancel(session, run.id)
-    moved = finish_attempt(sqlite_db, run.id, run.attempt, Outcome("requeue", "shutting down", exit_code=75),
-                           settings=settings, worker_id=WORKER)
+    moved = finish_attempt(
+        sqlite_db,
+        run.id,
+        run.attempt,
+        Outcome("requeue", "shutting down", exit_code=75),
+        settings=settings,
+        worker_id=WORKER,
+    )
     assert moved.status == RunStatus.cancelled
 
 
@@ -568,35 +682,49 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
 
     url = create_pg_database("moejobs_outage_test")
     name = sa.make_url(url).database
-    settings = settings_for(tmp_path, url, heartbeat_seconds=0.5, lease_seconds=4,
-                            worker_stale_seconds=5)
+    settings = settings_for(
+        tmp_path, url, heartbeat_seconds=0.5, lease_seconds=4, worker_stale_seconds=5
+    )
     migrate(settings)
     db = open_database(settings)
 
     def set_connections(allowed: bool) -> None:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
-                sql.Identifier(name), sql.Literal(allowed)))
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+                    sql.Identifier(name), sql.Literal(allowed)
+                )
+            )
             if not allowed:
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                )
 
     try:
         run = _claimed_run(db, settings, tmp_path)
         out = Path(run.resolved_train["out_dir"])
 
         def outage():
-            _wait_for(lambda: (out / "metrics.csv").exists()
-                      and len(_csv_rows(out / "metrics.csv")) >= 3, what="metric rows")
+            _wait_for(
+                lambda: (out / "metrics.csv").exists() and len(_csv_rows(out / "metrics.csv")) >= 3,
+                what="metric rows",
+            )
             set_connections(False)
 
         helper = threading.Thread(target=outage)
         helper.start()
         os.environ["FAKE_OUT_DIR"] = str(out)
         try:
-            outcome = execute_attempt(run, db, settings, WorkerInfo(worker_id=WORKER),
-                                      poll_seconds=0.1,
-                                      command=_engine(tmp_path, 100000, 0.1, 0))
+            outcome = execute_attempt(
+                run,
+                db,
+                settings,
+                WorkerInfo(worker_id=WORKER),
+                poll_seconds=0.1,
+                command=_engine(tmp_path, 100000, 0.1, 0),
+            )
         finally:
             os.environ.pop("FAKE_OUT_DIR", None)
             helper.join()
@@ -606,8 +734,7 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
         log = (settings.run_dir(run.id) / "train.log").read_text()
         assert "lease not renewed for" in log and "SIGKILL" not in log
         with pytest.raises(OperationalError):  # still down: the outcome cannot be written
-            finish_attempt(db, run.id, run.attempt, outcome, settings=settings,
-                           worker_id=WORKER)
+            finish_attempt(db, run.id, run.attempt, outcome, settings=settings, worker_id=WORKER)
         set_connections(True)
         db.dispose()
         with db.session() as session:  # nothing was written: the reconciler will take over
@@ -616,8 +743,9 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
         assert current.status == RunStatus.running and current.attempt == 1
         assert stored < len(_csv_rows(out / "metrics.csv"))
         # once the database answers, the fenced outcome is written: re-queued, resumable
-        moved = finish_attempt(db, run.id, run.attempt, outcome, settings=settings,
-                               worker_id=WORKER)
+        moved = finish_attempt(
+            db, run.id, run.attempt, outcome, settings=settings, worker_id=WORKER
+        )
         assert moved.status == RunStatus.queued
     finally:
         set_connections(True)
@@ -626,15 +754,22 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
 
 
 def test_the_watchdog_vouches_while_the_lease_is_renewed_and_the_trainer_fences_itself_after(
-        tmp_path, sqlite_db):
+    tmp_path, sqlite_db
+):
     """The worker feeds the training's watchdog pipe while heartbeats succeed. When they stop
     (the database answers no more: here the run's row is locked by another writer), the
     runner stops vouching and sends SIGTERM; a training that ignores SIGTERM fences itself
     (exit 76, ``worker.fence``) once its deadline passes, before the runner's SIGKILL and
     before the lease expires."""
-    settings = _settings(tmp_path, sqlite_db, lease_seconds=6, heartbeat_seconds=0.3,
-                         trainer_deadline_seconds=1.0, checkpoint_write_seconds=1.0,
-                         sqlite_busy_timeout_ms=200)
+    settings = _settings(
+        tmp_path,
+        sqlite_db,
+        lease_seconds=6,
+        heartbeat_seconds=0.3,
+        trainer_deadline_seconds=1.0,
+        checkpoint_write_seconds=1.0,
+        sqlite_busy_timeout_ms=200,
+    )
     run = _claimed_run(sqlite_db, settings, tmp_path)
     out = Path(run.resolved_train["out_dir"])
     import sqlite3
@@ -645,8 +780,10 @@ def test_the_watchdog_vouches_while_the_lease_is_renewed_and_the_trainer_fences_
     released = threading.Event()
 
     def block_writes():
-        _wait_for(lambda: (out / "metrics.csv").exists()
-                  and len(_csv_rows(out / "metrics.csv")) >= 10, what="metric rows")
+        _wait_for(
+            lambda: (out / "metrics.csv").exists() and len(_csv_rows(out / "metrics.csv")) >= 10,
+            what="metric rows",
+        )
         # rows kept coming for well over the trainer deadline: the watchdog was fed
         conn = sqlite3.connect(sqlite_path(settings.database_url), isolation_level=None)
         try:
@@ -663,10 +800,14 @@ def test_the_watchdog_vouches_while_the_lease_is_renewed_and_the_trainer_fences_
     try:
         os.environ["FAKE_OUT_DIR"] = str(out)
         try:
-            outcome = execute_attempt(run, sqlite_db, settings, WorkerInfo(worker_id=WORKER),
-                                      poll_seconds=0.1,
-                                      command=_engine(tmp_path, 100000, 0.1, 3, "ignore")
-                                      + ["fence"])
+            outcome = execute_attempt(
+                run,
+                sqlite_db,
+                settings,
+                WorkerInfo(worker_id=WORKER),
+                poll_seconds=0.1,
+                command=_engine(tmp_path, 100000, 0.1, 3, "ignore") + ["fence"],
+            )
         finally:
             os.environ.pop("FAKE_OUT_DIR", None)
     finally:
@@ -675,7 +816,10 @@ def test_the_watchdog_vouches_while_the_lease_is_renewed_and_the_trainer_fences_
     assert hold.is_set()
     assert time.monotonic() - started > 2 * settings.trainer_deadline_seconds
     assert (outcome.kind, outcome.reason, outcome.exit_code) == (
-        "failed", FailureReason.lost_worker, 76)
+        "failed",
+        FailureReason.lost_worker,
+        76,
+    )
     log = (settings.run_dir(run.id) / "train.log").read_text()
     assert "lease not renewed for" in log and "SIGKILL" not in log
     assert "error: fenced:" in log

@@ -5,6 +5,7 @@ test deployment on the real Redis (a unique queue per use), a worker subprocess
 Redis must be running at 127.0.0.1:6379 (or ``MOEJOBS_TEST_REDIS_URL``); tests that need it
 fail with a message saying so, they are never skipped.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,9 +41,12 @@ def require_redis(url: str = REDIS_URL) -> str:
     try:
         redis.Redis.from_url(url, socket_connect_timeout=3).ping()
     except redis.RedisError as error:
-        pytest.fail(f"Redis is not reachable at {url}: {error}\nThese tests need a real Redis "
-                    "server: start it (e.g. `redis-server --daemonize yes`) or set "
-                    "MOEJOBS_TEST_REDIS_URL.", pytrace=False)
+        pytest.fail(
+            f"Redis is not reachable at {url}: {error}\nThese tests need a real Redis "
+            "server: start it (e.g. `redis-server --daemonize yes`) or set "
+            "MOEJOBS_TEST_REDIS_URL.",
+            pytrace=False,
+        )
     return url
 
 
@@ -50,11 +54,20 @@ def worker_settings(home: Path, database_url: str, broker_url: str, **overrides)
     """Settings of a test deployment rooted at ``home`` with a unique Celery queue, short
     heartbeats and all checkpoints kept; ``overrides`` win."""
     values = dict(
-        home=home, database_url=database_url, broker_url=broker_url,
-        data_root=home / "data", runs_dir=home / "runs", host="127.0.0.1", api_token=None,
-        celery_queue=f"test-{uuid.uuid4().hex[:12]}", heartbeat_seconds=1.0,
-        lease_seconds=30.0, worker_stale_seconds=5.0, queued_stale_seconds=600.0,
-        cancel_grace_seconds=60.0, keep_checkpoints=0,
+        home=home,
+        database_url=database_url,
+        broker_url=broker_url,
+        data_root=home / "data",
+        runs_dir=home / "runs",
+        host="127.0.0.1",
+        api_token=None,
+        celery_queue=f"test-{uuid.uuid4().hex[:12]}",
+        heartbeat_seconds=1.0,
+        lease_seconds=30.0,
+        worker_stale_seconds=5.0,
+        queued_stale_seconds=600.0,
+        cancel_grace_seconds=60.0,
+        keep_checkpoints=0,
     )
     values.update(overrides)
     return Settings(**values)
@@ -72,24 +85,49 @@ def build_data(data_root: Path) -> tuple[Path, Path]:
     return corpus, tokenizer
 
 
-def tiny_configs(settings: Settings, run_id: uuid.UUID, corpus: Path, tokenizer: Path,
-                 steps: int, save_interval: int | None = 5) -> tuple[dict, dict]:
+def tiny_configs(
+    settings: Settings,
+    run_id: uuid.UUID,
+    corpus: Path,
+    tokenizer: Path,
+    steps: int,
+    save_interval: int | None = 5,
+) -> tuple[dict, dict]:
     """Resolved (train, model) documents of a tiny MoE run of ``steps`` optimizer steps
     (4 samples of 32 tokens a step) writing into ``RUN_DIR/out``."""
-    train = tiny_train_config(settings.run_dir(run_id) / "out", corpus, tokenizer,
-                              max_tokens=4 * 32 * steps, save_interval=save_interval)
+    train = tiny_train_config(
+        settings.run_dir(run_id) / "out",
+        corpus,
+        tokenizer,
+        max_tokens=4 * 32 * steps,
+        save_interval=save_interval,
+    )
     return train, copy.deepcopy(TINY_MODEL)
 
 
-def create_tiny_run(db: Database, settings: Settings, corpus: Path, tokenizer: Path, *,
-                    steps: int, save_interval: int | None = 5, name: str = "tiny") -> Run:
+def create_tiny_run(
+    db: Database,
+    settings: Settings,
+    corpus: Path,
+    tokenizer: Path,
+    *,
+    steps: int,
+    save_interval: int | None = 5,
+    name: str = "tiny",
+) -> Run:
     """Insert a queued tiny run (as the API would after resolving its configs)."""
     run_id = uuid.uuid4()
     train, model = tiny_configs(settings, run_id, corpus, tokenizer, steps, save_interval)
     with db.session() as session:
-        run, _ = runs.create_run(session, name=name, submitted_train=train,
-                                 submitted_model=model, resolved_train=train,
-                                 resolved_model=model, run_id=run_id)
+        run, _ = runs.create_run(
+            session,
+            name=name,
+            submitted_train=train,
+            submitted_model=model,
+            resolved_train=train,
+            resolved_model=model,
+            run_id=run_id,
+        )
     return run
 
 
@@ -129,8 +167,13 @@ class WorkerProcess:
     (and nothing else from the shell's MOEJOBS_* variables, except ``extra_env``, e.g. the
     stub engine's ``MOEJOBS_STUB_*``), output in ``log_path``."""
 
-    def __init__(self, settings: Settings, log_path: Path, token_cache: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        token_cache: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.settings, self.log_path, self.token_cache = settings, log_path, token_cache
         self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen | None = None
@@ -145,8 +188,12 @@ class WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "worker.celery_app", "--loglevel", "INFO"],
-                cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL)
+                cwd=str(REPO),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         return self
 
     @property
@@ -166,13 +213,17 @@ class WorkerProcess:
 
     def wait_registered(self, db: Database, timeout: float = 120.0) -> str:
         """Wait until the worker's row is live and Celery says ready; returns its id."""
+
         def ready():
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
             with db.session() as session:
-                mine = [w.id for w in runs.live_workers(session, 60)
-                        if w.id.endswith(self.worker_id_suffix)]
+                mine = [
+                    w.id
+                    for w in runs.live_workers(session, 60)
+                    if w.id.endswith(self.worker_id_suffix)
+                ]
             return mine[0] if mine and " ready." in self.log() else None
 
         return wait_for(ready, timeout, "the worker to register", on_fail=self.log)
@@ -221,8 +272,10 @@ def assert_ingested(db: Database, run: Run) -> None:
 
 def statuses(db: Database, run_id) -> list[tuple[str | None, str]]:
     with db.session() as session:
-        return [(e.from_status.value if e.from_status else None, e.to_status.value)
-                for e in runs.list_events(session, run_id)]
+        return [
+            (e.from_status.value if e.from_status else None, e.to_status.value)
+            for e in runs.list_events(session, run_id)
+        ]
 
 
 TERMINAL = {RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled}

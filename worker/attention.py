@@ -18,6 +18,7 @@ restricted to those and the log says so. The separate ``flash-attn`` package is 
 when importable on a CUDA machine; LitGPT's model does not call it, so PyTorch's FLASH backend
 (the same FlashAttention-2 algorithm, built into PyTorch) is what runs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,11 @@ class AttentionChoice:
 
 
 def choose_backends(
-    *, flash_attention: bool, flash_attention_force: bool, disable_math_fallback: bool, device_type: str
+    *,
+    flash_attention: bool,
+    flash_attention_force: bool,
+    disable_math_fallback: bool,
+    device_type: str,
 ) -> AttentionChoice:
     """Map the three ``optimization`` flags onto SDPA backends for ``device_type`` ("cuda"/"cpu").
 
@@ -67,7 +72,9 @@ def choose_backends(
         kept = [b for b in wanted if b in CPU_BACKENDS]
         dropped = [b.name for b in wanted if b not in CPU_BACKENDS]
         if dropped:
-            choice.notes.append(f"on CPU only FLASH_ATTENTION and MATH exist: not using {', '.join(dropped)}")
+            choice.notes.append(
+                f"on CPU only FLASH_ATTENTION and MATH exist: not using {', '.join(dropped)}"
+            )
         if not kept:
             kept = [SDPBackend.MATH]
             choice.notes.append("no requested SDPA backend runs on CPU: using MATH")
@@ -77,7 +84,10 @@ def choose_backends(
         if flash_attention or flash_attention_force:
             choice.notes.append(
                 "flash-attn package "
-                + ("installed; LitGPT's attention runs through PyTorch SDPA's FLASH backend"
-                   if choice.flash_attn_package else "not installed; using PyTorch SDPA's built-in FLASH backend")
+                + (
+                    "installed; LitGPT's attention runs through PyTorch SDPA's FLASH backend"
+                    if choice.flash_attn_package
+                    else "not installed; using PyTorch SDPA's built-in FLASH backend"
+                )
             )
     return choice

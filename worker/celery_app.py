@@ -38,6 +38,7 @@ Life cycle (Celery signals):
   (and resumes later, anywhere). Celery waits for the task to return (warm shutdown).
 - ``worker_shutdown``: threads stopped, the worker's row removed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -127,21 +128,31 @@ def _connect_signals() -> None:
 # -- starting a worker --------------------------------------------------------------------------
 
 
-def worker_argv(settings: Settings, *, loglevel: str = "INFO", hostname: str | None = None
-                ) -> list[str]:
+def worker_argv(
+    settings: Settings, *, loglevel: str = "INFO", hostname: str | None = None
+) -> list[str]:
     """The ``celery worker`` arguments of a moejobs worker: solo pool, concurrency 1,
     prefetch 1, the deployment's queues, no gossip/mingle/broker heartbeat (liveness comes
     from the workers table)."""
     return [
-        "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-Q", ",".join(worker_queues(settings)), f"--loglevel={loglevel}",
-        "-n", hostname or f"moejobs-{os.getpid()}@{socket.gethostname()}",
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        "--prefetch-multiplier=1",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-Q",
+        ",".join(worker_queues(settings)),
+        f"--loglevel={loglevel}",
+        "-n",
+        hostname or f"moejobs-{os.getpid()}@{socket.gethostname()}",
     ]
 
 
-def run_worker(settings: Settings | None = None, *, loglevel: str = "INFO",
-               hostname: str | None = None) -> int:
+def run_worker(
+    settings: Settings | None = None, *, loglevel: str = "INFO", hostname: str | None = None
+) -> int:
     """Run a worker in this process until it is stopped (SIGTERM/SIGINT); returns its exit
     code. ``settings`` (default: from the environment) are installed process-wide first.
     Raises nothing for a normal stop. A database that is unreachable or not migrated is
@@ -156,8 +167,10 @@ def run_worker(settings: Settings | None = None, *, loglevel: str = "INFO",
     if problem is not None:  # Celery would log an exception raised in worker_init and go on
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, loglevel.upper(), logging.INFO),
-                        format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, loglevel.upper(), logging.INFO),
+        format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s",
+    )
     with _lock:
         _app = create_app(settings)
     try:
@@ -185,13 +198,20 @@ def _database_problem(settings: Settings) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m worker.celery_app [--role ROLE] [--loglevel LEVEL] [--hostname NAME]``."""
-    parser = argparse.ArgumentParser(prog="python -m worker.celery_app",
-                                     description="Run one moejobs worker (settings: MOEJOBS_*).")
-    parser.add_argument("--role", choices=["all", "train", "aux"], default=None,
-                        help="queues to consume (default MOEJOBS_WORKER_ROLE, else all)")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.celery_app",
+        description="Run one moejobs worker (settings: MOEJOBS_*).",
+    )
+    parser.add_argument(
+        "--role",
+        choices=["all", "train", "aux"],
+        default=None,
+        help="queues to consume (default MOEJOBS_WORKER_ROLE, else all)",
+    )
     parser.add_argument("--loglevel", default="INFO")
-    parser.add_argument("--hostname", default=None, help="Celery node name (default "
-                        "moejobs-<pid>@<host>)")
+    parser.add_argument(
+        "--hostname", default=None, help="Celery node name (default moejobs-<pid>@<host>)"
+    )
     args = parser.parse_args(argv)
     settings = None
     if args.role is not None:

@@ -27,6 +27,7 @@ unreadable ``training_state.json``) is skipped with a warning naming the file.
 Torch is imported only by the functions that write or load tensors: listing and reading
 ``training_state.json`` work without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -206,8 +207,9 @@ def save_checkpoint(
                 writing_now = STATE_PT
                 _torch_save({**state, "meta": meta}, tmp / STATE_PT)
                 writing_now = STATE_JSON
-                (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2, default=str) + "\n",
-                                              encoding="utf-8")
+                (tmp / STATE_JSON).write_text(
+                    json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8"
+                )
                 writing_now = ""
                 for f in tmp.iterdir():
                     _fsync_file(f)
@@ -230,8 +232,11 @@ def save_checkpoint(
         raise
     except BaseException as exc:
         if errors.no_space_errno(exc) is not None:
-            raise errors.no_space(target / writing_now if writing_now else target, "checkpoint",
-                                  _tensor_bytes(model_state) + _tensor_bytes(state)) from exc
+            raise errors.no_space(
+                target / writing_now if writing_now else target,
+                "checkpoint",
+                _tensor_bytes(model_state) + _tensor_bytes(state),
+            ) from exc
         raise
     return target
 
@@ -303,7 +308,9 @@ def load_problem(path: Path) -> str | None:
     return None
 
 
-def latest_loadable_checkpoint(out_dir: Path, warn: Callable[[str], object] = print) -> CheckpointInfo | None:
+def latest_loadable_checkpoint(
+    out_dir: Path, warn: Callable[[str], object] = print
+) -> CheckpointInfo | None:
     """The newest checkpoint of ``out_dir`` (highest step, ``final`` winning a tie) whose files
     load (:func:`load_problem`); each newer one that does not is skipped with ``warn(line)``
     naming the file. None when ``out_dir`` holds no checkpoint folder at all.
@@ -336,7 +343,8 @@ def latest_loadable_checkpoint(out_dir: Path, warn: Callable[[str], object] = pr
     if problems:
         raise errors.CheckpointError(
             f"resume: no loadable checkpoint in {out_dir}: {'; '.join(problems)}; remove the damaged "
-            "folder(s) to start over, or point resume at a good checkpoint")
+            "folder(s) to start over, or point resume at a good checkpoint"
+        )
     return None
 
 
@@ -359,7 +367,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - name the file instead of "[Errno 22] Invalid argument"
-        raise errors.CheckpointError(f"{f}: cannot be loaded ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise errors.CheckpointError(
+            f"{f}: cannot be loaded ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
     return sd.get("model", sd) if isinstance(sd, dict) and "model" in sd else sd
 
 
@@ -374,8 +384,9 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise errors.CheckpointError(f"{f}: cannot be loaded ({type(exc).__name__}: {_first_line(exc)})") from exc
-
+        raise errors.CheckpointError(
+            f"{f}: cannot be loaded ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,9 +427,14 @@ def resume_record(train, plan, source, tokenizer_sha256: str | None) -> dict[str
         "tokenizer_sha256": tokenizer_sha256,
         "token_format": CACHE_FORMAT,
         "plan": {
-            "lr": train.optimizer.lr, "min_lr": t.min_lr, "warmup_steps": plan.warmup_steps,
-            "global_batch_size": t.global_batch_size, "micro_batch_size": plan.micro_batch_size,
-            "seq_len": plan.seq_len, "max_tokens": t.max_tokens, "max_steps": t.max_steps,
+            "lr": train.optimizer.lr,
+            "min_lr": t.min_lr,
+            "warmup_steps": plan.warmup_steps,
+            "global_batch_size": t.global_batch_size,
+            "micro_batch_size": plan.micro_batch_size,
+            "seq_len": plan.seq_len,
+            "max_tokens": t.max_tokens,
+            "max_steps": t.max_steps,
             "optimizer_steps": plan.optimizer_steps,
         },
     }
@@ -506,39 +522,78 @@ def check_resume(
     allow = set(allow)
     format_change = token_format_change(info, current)
     if not all(meta.get(key) is not None for key in RESUME_RECORD_KEYS):
-        return ResumeCheck([], [], [
-            f"resume: {info.path} was written before moejobs recorded the data and tokenizer hashes and the "
-            "plan in training_state.json: resuming without checking that the data, the tokenizer, the "
-            "learning-rate schedule, the batch size and the sequence length are the same as then"
-        ] + ([format_change] if format_change else []))
+        return ResumeCheck(
+            [],
+            [],
+            [
+                f"resume: {info.path} was written before moejobs recorded the data and tokenizer hashes and the "
+                "plan in training_state.json: resuming without checking that the data, the tokenizer, the "
+                "learning-rate schedule, the batch size and the sequence length are the same as then"
+            ]
+            + ([format_change] if format_change else []),
+        )
     changes: list[tuple[str, str]] = []
     args = train.data.init_args
-    for key, where in (("train_data", f"training data ({args.train_data_path})"),
-                       ("val_data", "validation data"
-                        + (f" ({args.val_data_path})" if args.val_data_path is not None else " (first training file)"))):
+    for key, where in (
+        ("train_data", f"training data ({args.train_data_path})"),
+        (
+            "val_data",
+            "validation data"
+            + (
+                f" ({args.val_data_path})"
+                if args.val_data_path is not None
+                else " (first training file)"
+            ),
+        ),
+    ):
         old, new = meta.get(key), current.get(key)
         if (old or {}).get("sha256") != (new or {}).get("sha256"):
             changes.append(("data", f"{where}: {_describe_text(old)} -> {_describe_text(new)}"))
     if meta["tokenizer_sha256"] != current.get("tokenizer_sha256"):
-        changes.append(("tokenizer", f"tokenizer ({train.tokenizer_dir or train.initial_checkpoint_dir}): sha256 "
-                                     f"{meta['tokenizer_sha256'][:12]} -> {str(current.get('tokenizer_sha256'))[:12]}"))
+        changes.append(
+            (
+                "tokenizer",
+                f"tokenizer ({train.tokenizer_dir or train.initial_checkpoint_dir}): sha256 "
+                f"{meta['tokenizer_sha256'][:12]} -> {str(current.get('tokenizer_sha256'))[:12]}",
+            )
+        )
     old_plan, new_plan = meta["plan"], current["plan"]
-    for key, what, kind in (("lr", "optimizer lr", "schedule"), ("min_lr", "train.min_lr", "schedule")):
+    for key, what, kind in (
+        ("lr", "optimizer lr", "schedule"),
+        ("min_lr", "train.min_lr", "schedule"),
+    ):
         if not math.isclose(float(old_plan[key]), float(new_plan[key]), rel_tol=1e-12, abs_tol=0.0):
             changes.append((kind, f"{what}: {_num(old_plan[key])} -> {_num(new_plan[key])}"))
     old_steps = int(old_plan["optimizer_steps"])
-    warmup_then = warmup_steps(train, old_steps)  # this config's warm-up at the checkpoint's run length
+    warmup_then = warmup_steps(
+        train, old_steps
+    )  # this config's warm-up at the checkpoint's run length
     if warmup_then != int(old_plan["warmup_steps"]):
-        changes.append(("schedule", f"warm-up: {old_plan['warmup_steps']} -> {warmup_then} optimizer steps"))
+        changes.append(
+            ("schedule", f"warm-up: {old_plan['warmup_steps']} -> {warmup_then} optimizer steps")
+        )
     if old_plan["global_batch_size"] != new_plan["global_batch_size"]:
-        changes.append(("batch", f"train.global_batch_size: {_num(old_plan['global_batch_size'])} -> "
-                                 f"{_num(new_plan['global_batch_size'])}"))
+        changes.append(
+            (
+                "batch",
+                f"train.global_batch_size: {_num(old_plan['global_batch_size'])} -> "
+                f"{_num(new_plan['global_batch_size'])}",
+            )
+        )
     if old_plan["seq_len"] != new_plan["seq_len"]:
-        changes.append(("seq_len", f"sequence length (train.max_seq_length): {old_plan['seq_len']} -> "
-                                   f"{new_plan['seq_len']}"))
+        changes.append(
+            (
+                "seq_len",
+                f"sequence length (train.max_seq_length): {old_plan['seq_len']} -> "
+                f"{new_plan['seq_len']}",
+            )
+        )
     refused = [c for c in changes if c[0] not in allow]
-    warnings = [f"resume: accepted by resume_allow_changes ({kind}): {text}" for kind, text in changes
-                if kind in allow]
+    warnings = [
+        f"resume: accepted by resume_allow_changes ({kind}): {text}"
+        for kind, text in changes
+        if kind in allow
+    ]
     if format_change:
         warnings.append(format_change)
     if plan.optimizer_steps != old_steps:
@@ -549,7 +604,7 @@ def check_resume(
 #: What each token format (``worker.data.CACHE_FORMAT``) changed, for the resume warning.
 _TOKEN_FORMAT_CHANGES = {
     2: "each file is now read as LitGPT's tokenize() reads it: CRLF line ends become LF and the text "
-       "is stripped of leading and trailing whitespace",
+    "is stripped of leading and trailing whitespace",
 }
 
 
@@ -561,32 +616,50 @@ def token_format_change(info: CheckpointInfo, current: dict[str, Any]) -> str | 
     old, new = info.meta.get("token_format", 1), current.get("token_format")
     if new is None or old == new:
         return None
-    why = "; ".join(_TOKEN_FORMAT_CHANGES[v] for v in range(int(old) + 1, int(new) + 1)
-                    if v in _TOKEN_FORMAT_CHANGES)
-    return (f"resume: {info.path} was trained on tokens of format {old} and this run tokenizes the same "
-            f"text with format {new}" + (f" ({why})" if why else "") + ": the steps from here on see "
-            "slightly different token ids than the steps before")
+    why = "; ".join(
+        _TOKEN_FORMAT_CHANGES[v]
+        for v in range(int(old) + 1, int(new) + 1)
+        if v in _TOKEN_FORMAT_CHANGES
+    )
+    return (
+        f"resume: {info.path} was trained on tokens of format {old} and this run tokenizes the same "
+        f"text with format {new}" + (f" ({why})" if why else "") + ": the steps from here on see "
+        "slightly different token ids than the steps before"
+    )
 
 
 def _length_warning(info: CheckpointInfo, old_plan: dict, new_plan: dict, train, plan) -> str:
     """The warning for a resume whose plan has another number of optimizer steps."""
     old_steps, new_steps = int(old_plan["optimizer_steps"]), plan.optimizer_steps
-    keys = [f"train.{key} {_num(old_plan.get(key))} -> {_num(new_plan[key])}"
-            for key in ("max_tokens", "max_steps") if old_plan.get(key) != new_plan[key]]
+    keys = [
+        f"train.{key} {_num(old_plan.get(key))} -> {_num(new_plan[key])}"
+        for key in ("max_tokens", "max_steps")
+        if old_plan.get(key) != new_plan[key]
+    ]
     longer = new_steps > old_steps
     lr, min_lr = train.optimizer.lr, train.train.min_lr
-    text = (f"resume: {'extending' if longer else 'shortening'} the run from {info.path} "
-            f"({', '.join(keys) or 'global batch or sequence length changed'}): planned optimizer steps "
-            f"{old_steps:,} -> {new_steps:,}; the learning-rate schedule is recomputed for the new length: the "
-            f"cosine decay now reaches min_lr {min_lr:g} at step {new_steps:,} instead of step {old_steps:,}")
-    if plan.warmup_steps != warmup_steps(train, old_steps):  # a warm-up fraction: it follows the length
-        text += (f", and the warm-up (lr_warmup_fraction {train.train.lr_warmup_fraction:g} of the run) is "
-                 f"{plan.warmup_steps} steps instead of {warmup_steps(train, old_steps)}")
+    text = (
+        f"resume: {'extending' if longer else 'shortening'} the run from {info.path} "
+        f"({', '.join(keys) or 'global batch or sequence length changed'}): planned optimizer steps "
+        f"{old_steps:,} -> {new_steps:,}; the learning-rate schedule is recomputed for the new length: the "
+        f"cosine decay now reaches min_lr {min_lr:g} at step {new_steps:,} instead of step {old_steps:,}"
+    )
+    if plan.warmup_steps != warmup_steps(
+        train, old_steps
+    ):  # a warm-up fraction: it follows the length
+        text += (
+            f", and the warm-up (lr_warmup_fraction {train.train.lr_warmup_fraction:g} of the run) is "
+            f"{plan.warmup_steps} steps instead of {warmup_steps(train, old_steps)}"
+        )
     step = info.step
     if step >= new_steps:
-        return text + (f"; the checkpoint is already at step {step:,}, not before the new end: nothing more is "
-                       f"trained and final/ is written from it")
+        return text + (
+            f"; the checkpoint is already at step {step:,}, not before the new end: nothing more is "
+            f"trained and final/ is written from it"
+        )
     old = replace(plan, optimizer_steps=old_steps, warmup_steps=int(old_plan["warmup_steps"]))
     old_lr = old.learning_rate(step + 1, float(old_plan["lr"]), float(old_plan["min_lr"]))
-    return text + (f"; the next step ({step + 1:,}) uses learning rate {plan.learning_rate(step + 1, lr, min_lr):.4g} "
-                   f"(the old plan: {old_lr:.4g})")
+    return text + (
+        f"; the next step ({step + 1:,}) uses learning rate {plan.learning_rate(step + 1, lr, min_lr):.4g} "
+        f"(the old plan: {old_lr:.4g})"
+    )

@@ -18,6 +18,7 @@ Every end of a training (not ``--dry-run``) is also written to ``out_dir/result.
 (``service.contract.EngineResult``); for an invalid config, ``out_dir`` is the one the flags or
 the raw config file name, else the working directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,30 @@ def build_parser(prog: str = "run_train.py") -> argparse.ArgumentParser:
         description="Train a LitGPT Mixture-of-Experts model from YAML configs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", default=str(REPO_CONFIGS / "train_config.yaml"), help="training config (YAML or JSON)")
-    p.add_argument("--model-config", default=str(REPO_CONFIGS / "model_config.yaml"), help="model config (YAML or JSON)")
-    p.add_argument("--preset", help="preset name under configs/presets/ (e.g. cpu-tiny, production) or a preset file")
-    p.add_argument("--smoke-test", action="store_true", help="the spec's smoke test: 1 step of 64 tokens, 32-true, no checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="validate, print warnings and the estimate, train nothing")
+    p.add_argument(
+        "--config",
+        default=str(REPO_CONFIGS / "train_config.yaml"),
+        help="training config (YAML or JSON)",
+    )
+    p.add_argument(
+        "--model-config",
+        default=str(REPO_CONFIGS / "model_config.yaml"),
+        help="model config (YAML or JSON)",
+    )
+    p.add_argument(
+        "--preset",
+        help="preset name under configs/presets/ (e.g. cpu-tiny, production) or a preset file",
+    )
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="the spec's smoke test: 1 step of 64 tokens, 32-true, no checkpoint",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print warnings and the estimate, train nothing",
+    )
     g = p.add_argument_group("overrides (win over files, preset and --smoke-test)")
     g.add_argument("--out-dir")
     g.add_argument("--train-data-path")
@@ -73,8 +93,11 @@ def build_parser(prog: str = "run_train.py") -> argparse.ArgumentParser:
     g.add_argument("--devices", type=_devices)
     g.add_argument("--seed", type=int)
     g.add_argument("--resume", help="auto, false, or a checkpoint folder")
-    g.add_argument("--resume-allow-changes", metavar="KIND[,KIND]",
-                   help="differences from the checkpoint a resume accepts: data, tokenizer, schedule, batch, seq_len")
+    g.add_argument(
+        "--resume-allow-changes",
+        metavar="KIND[,KIND]",
+        help="differences from the checkpoint a resume accepts: data, tokenizer, schedule, batch, seq_len",
+    )
     g.add_argument("--compile", type=_bool, metavar="true|false")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     return p
@@ -135,8 +158,10 @@ def main(argv: list[str] | None = None, prog: str = "run_train.py") -> int:
         return _main(argv, prog)
     except KeyboardInterrupt as exc:  # one line, never a traceback
         # the engine's double Ctrl-C says why; Python's default handler says nothing
-        _say(f"interrupted: {exc.args[0]}" if exc.args else "interrupted before training started",
-             file=sys.stderr)
+        _say(
+            f"interrupted: {exc.args[0]}" if exc.args else "interrupted before training started",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -173,8 +198,11 @@ def _main(argv: list[str] | None, prog: str) -> int:
             from worker.errors import PreflightError
             from worker.reporting import Reporter
 
-            Reporter(_invalid_config_out_dir(args)).failed(PreflightError(
-                "invalid config: " + "; ".join(line.strip() for line in issues if line.strip())))
+            Reporter(_invalid_config_out_dir(args)).failed(
+                PreflightError(
+                    "invalid config: " + "; ".join(line.strip() for line in issues if line.strip())
+                )
+            )
         return 2
     validated = checked.validated
     if checked.warnings:
@@ -182,8 +210,11 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if args.dry_run:
         from service.estimate import estimate
 
-        _say(*format_estimate(estimate(validated.train, validated.model,
-                                       device_kind=_local_device_kind())))
+        _say(
+            *format_estimate(
+                estimate(validated.train, validated.model, device_kind=_local_device_kind())
+            )
+        )
         for problem in checked.errors:  # unusable inputs, as the engine would name them
             _say(f"error: {problem.reason.value}: {problem.issue}", file=sys.stderr)
         device = _dry_run_preflight(validated)
@@ -193,7 +224,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
 
 
 def _local_device_kind() -> str:
-    """"cuda" when this machine would train on a GPU, else "cpu" (also without torch): the device
+    """ "cuda" when this machine would train on a GPU, else "cpu" (also without torch): the device
     kind ``--dry-run``'s ``memory.total`` is for (``memory.total_cpu``/``total_cuda`` show both)."""
     try:
         import torch
@@ -211,7 +242,10 @@ def _dry_run_preflight(validated) -> int:
     try:
         from worker.train import preflight
     except ImportError as exc:
-        _say(f"note: device pre-flight skipped: training needs the 'train' extra ({exc})", file=sys.stderr)
+        _say(
+            f"note: device pre-flight skipped: training needs the 'train' extra ({exc})",
+            file=sys.stderr,
+        )
         return 0
     try:
         preflight(validated.train)
@@ -241,13 +275,21 @@ def _train(validated, smoke_test: bool) -> int:
     try:
         with _console_log():
             result = run_training(
-                validated.train, validated.model, write_checkpoints=not smoke_test, on_row=bar.update,
+                validated.train,
+                validated.model,
+                write_checkpoints=not smoke_test,
+                on_row=bar.update,
                 reporter=reporter,
             )
     except KeyboardInterrupt as exc:  # reported by main()
         bar.close()
-        reporter.failed(errors.Interrupted(exc.args[0] if exc.args else errors.BEFORE_START,
-                                           signal_name="SIGINT", exit_code=130))
+        reporter.failed(
+            errors.Interrupted(
+                exc.args[0] if exc.args else errors.BEFORE_START,
+                signal_name="SIGINT",
+                exit_code=130,
+            )
+        )
         raise
     except Exception as exc:  # one line for the user; the traceback on request
         bar.close()
@@ -258,8 +300,11 @@ def _train(validated, smoke_test: bool) -> int:
         if isinstance(err, errors.Interrupted) and str(err) == errors.BEFORE_START:
             _say(errors.BEFORE_START, file=sys.stderr)  # the one line, as from the early handlers
             return int(err.exit_code)
-        hint = (" (MOEJOBS_DEBUG=1 shows the traceback)"
-                if err is not exc and err.reason == FailureReason.crashed else "")
+        hint = (
+            " (MOEJOBS_DEBUG=1 shows the traceback)"
+            if err is not exc and err.reason == FailureReason.crashed
+            else ""
+        )
         _say(f"error: {err.label}: {err}{hint}", file=sys.stderr)
         return int(err.exit_code)
     bar.close()
@@ -298,7 +343,9 @@ def _console_log() -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def format_summary(result, elapsed_s: float, smoke_test: bool, planned_steps: int | None = None) -> list[str]:
+def format_summary(
+    result, elapsed_s: float, smoke_test: bool, planned_steps: int | None = None
+) -> list[str]:
     """Lines of the end-of-run summary printed by the CLI. When ``result.stopped_by`` is
     ``"nothing_to_do"`` (``final/`` already held every planned step, so nothing trained), the
     first line says so and how to train more instead of "training finished"; ``planned_steps``
@@ -306,15 +353,19 @@ def format_summary(result, elapsed_s: float, smoke_test: bool, planned_steps: in
     gib = result.peak_memory_bytes / 2**30 if result.peak_memory_bytes else 0.0
     if result.stopped_by == "nothing_to_do":
         of = f" of {planned_steps}" if planned_steps is not None else ""
-        first = (f"nothing to train: final/ is already at step {result.steps}{of}; raise "
-                 f"train.max_tokens (or use a new out_dir) to train more")
+        first = (
+            f"nothing to train: final/ is already at step {result.steps}{of}; raise "
+            f"train.max_tokens (or use a new out_dir) to train more"
+        )
     else:
         first = "smoke test passed" if smoke_test else "training finished"
     lines = [
         first,
         f"  optimizer steps : {result.steps}",
         f"  tokens trained  : {result.tokens:,}",
-        f"  final loss      : {result.final_loss:.4f}" if result.final_loss is not None else "  final loss      : -",
+        f"  final loss      : {result.final_loss:.4f}"
+        if result.final_loss is not None
+        else "  final loss      : -",
     ]
     if result.val_loss is not None:
         lines.append(f"  val loss        : {result.val_loss:.4f}")

@@ -4,6 +4,7 @@ The project commits no third-party corpus. The Python standard library's own sou
 real, varied, public text present wherever the project runs, so the demo and the tests build
 their training and validation folders from them.
 """
+
 from __future__ import annotations
 
 import sysconfig

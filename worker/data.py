@@ -33,6 +33,7 @@ micro-batch is a gather of ``micro_batch_size`` rows from a memory-mapped array 
 while worker processes cost seconds to start, duplicate the parent's memory on fork, and cannot be
 started at all inside a daemonic Celery pool process. The engine logs this.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -69,7 +70,9 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "moejobs" / "tokens"
 
 
-def split_files(train_data_path: str | Path, val_data_path: str | Path | None) -> tuple[list[Path], list[Path]]:
+def split_files(
+    train_data_path: str | Path, val_data_path: str | Path | None
+) -> tuple[list[Path], list[Path]]:
     """Training and validation files, LitGPT ``TextFiles`` rules.
 
     Returns:
@@ -169,7 +172,9 @@ def source_text(train_data_path: str | Path, val_data_path: str | Path | None) -
         DataError: a folder is missing or has no ``.txt`` file, or a file cannot be read.
     """
     train_files, val_files = split_files(train_data_path, val_data_path)
-    return SourceText(train=TextSet.of(train_files), val=TextSet.of(val_files) if val_files else None)
+    return SourceText(
+        train=TextSet.of(train_files), val=TextSet.of(val_files) if val_files else None
+    )
 
 
 def cache_key(data_sha256: str, tokenizer_sha256: str) -> str:
@@ -294,10 +299,12 @@ class PrepProgress:
         """``"12,345,678 tokens, 40% of 99.0 MB, 1.10M tokens/s, ETA 54 s"``."""
         share = 100.0 * self.bytes_done / self.bytes_total if self.bytes_total else 100.0
         eta = self.eta_s
-        return (f"{self.tokens:,} tokens, {share:.0f}% of {self.bytes_total / 1e6:.1f} MB, "
-                f"{self.tokens_per_s / 1e6:.2f}M tokens/s"
-                + (f", ETA {eta:.0f} s" if eta is not None and not self.done else "")
-                + (f", done in {self.elapsed_s:.1f} s" if self.done else ""))
+        return (
+            f"{self.tokens:,} tokens, {share:.0f}% of {self.bytes_total / 1e6:.1f} MB, "
+            f"{self.tokens_per_s / 1e6:.2f}M tokens/s"
+            + (f", ETA {eta:.0f} s" if eta is not None and not self.done else "")
+            + (f", done in {self.elapsed_s:.1f} s" if self.done else "")
+        )
 
 
 class _ReadCounter:
@@ -316,9 +323,9 @@ def iter_text(path: Path, counter: _ReadCounter | None = None) -> Iterator[str]:
         DataError: not valid UTF-8 (the byte offset, as ``read_text`` says it) or only whitespace.
     """
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    fed = 0          # bytes given to the decoder so far
-    carry_cr = ""    # a "\r" at the end of a piece: it may be the first half of "\r\n"
-    held = ""        # trailing whitespace, emitted only when something solid follows
+    fed = 0  # bytes given to the decoder so far
+    carry_cr = ""  # a "\r" at the end of a piece: it may be the first half of "\r\n"
+    held = ""  # trailing whitespace, emitted only when something solid follows
     started = False  # leading whitespace is dropped until the first non-space character
     try:
         fh = open(path, "rb")
@@ -333,7 +340,9 @@ def iter_text(path: Path, counter: _ReadCounter | None = None) -> Iterator[str]:
                 text = decoder.decode(raw, final=final)
             except UnicodeDecodeError as exc:
                 offset = fed - pending + exc.start
-                raise DataError(f"{path}: not valid UTF-8 text (byte {offset}: {exc.reason})") from None
+                raise DataError(
+                    f"{path}: not valid UTF-8 text (byte {offset}: {exc.reason})"
+                ) from None
             fed += len(raw)
             if counter is not None:
                 counter.bytes += len(raw)
@@ -349,7 +358,7 @@ def iter_text(path: Path, counter: _ReadCounter | None = None) -> Iterator[str]:
                 body = text.rstrip()
                 if body:
                     yield held + body
-                    held = text[len(body):]
+                    held = text[len(body) :]
                 else:
                     held += text
             if final:
@@ -358,8 +367,9 @@ def iter_text(path: Path, counter: _ReadCounter | None = None) -> Iterator[str]:
         raise DataError(f"{path}: file is empty (or only whitespace)")
 
 
-def file_chunks(path: Path, chunk_chars: int | None = None,
-                counter: _ReadCounter | None = None) -> Iterator[str]:
+def file_chunks(
+    path: Path, chunk_chars: int | None = None, counter: _ReadCounter | None = None
+) -> Iterator[str]:
     """The text of ``path`` (:func:`iter_text`) cut into chunks of about ``chunk_chars``
     characters or more, each cut at a :func:`safe_split` point, so that encoding the chunks one
     by one gives the ids of encoding the whole text with a byte-level BPE. A stretch with no safe
@@ -397,15 +407,25 @@ def chunking_problem(tokenizer: litgpt.Tokenizer) -> str | None:
         return f"the {getattr(tokenizer, 'backend', '?')} backend encodes whole files"
     proc = tokenizer.processor
     try:
-        pre = json.loads(proc.pre_tokenizer.__getstate__()) if proc.pre_tokenizer is not None else {}
-        post = json.loads(proc.post_processor.__getstate__()) if proc.post_processor is not None else None
+        pre = (
+            json.loads(proc.pre_tokenizer.__getstate__()) if proc.pre_tokenizer is not None else {}
+        )
+        post = (
+            json.loads(proc.post_processor.__getstate__())
+            if proc.post_processor is not None
+            else None
+        )
         added = list(proc.get_added_tokens_decoder().values())
         model, dropout = type(proc.model).__name__, getattr(proc.model, "dropout", None)
     except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot describe itself: whole files
         return f"its configuration cannot be read ({exc})"
     if proc.normalizer is not None:
         return "it has a normalizer"
-    if not (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")):
+    if not (
+        pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space")
+    ):
         return "its pre-tokenizer is not ByteLevel(use_regex, no prefix space)"
     if post is not None and post.get("type") != "ByteLevel":
         return f"its post-processor is {post.get('type')}"
@@ -429,7 +449,11 @@ class _NpyWriter:
         self.data_start = fh.tell()
 
     def _header(self, n: int) -> dict:
-        return {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)}
+        return {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (n,),
+        }
 
     def write(self, ids: np.ndarray) -> None:
         self.fh.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
@@ -445,10 +469,18 @@ class _NpyWriter:
         self.fh.flush()
 
 
-def _encode_files(files: Sequence[Path], tokenizer: litgpt.Tokenizer, padded_vocab_size: int, fh,
-                  *, on_progress: Callable[[PrepProgress], None] | None = None,
-                  progress_interval_s: float = PROGRESS_INTERVAL_S, n_bytes: int | None = None,
-                  chunk_chars: int | None = None, batch_chars: int | None = None) -> dict:
+def _encode_files(
+    files: Sequence[Path],
+    tokenizer: litgpt.Tokenizer,
+    padded_vocab_size: int,
+    fh,
+    *,
+    on_progress: Callable[[PrepProgress], None] | None = None,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
+    n_bytes: int | None = None,
+    chunk_chars: int | None = None,
+    batch_chars: int | None = None,
+) -> dict:
     """Encode ``files`` as LitGPT's ``tokenize()`` does (BOS in front of each file, no EOS) and
     write the ids into ``fh`` as a 1-D ``.npy`` (uint16 when ``padded_vocab_size <= 2**16``,
     else uint32), batch after batch: memory is bounded by ``batch_chars`` (and, where a file
@@ -498,8 +530,9 @@ def _encode_files(files: Sequence[Path], tokenizer: litgpt.Tokenizer, padded_voc
             if last and ids and ids[-1] == eos:
                 ids = ids[:-1]
             outs.append(ids)
-        arr = np.fromiter(itertools.chain.from_iterable(outs), dtype=np.uint32,
-                          count=sum(len(o) for o in outs))
+        arr = np.fromiter(
+            itertools.chain.from_iterable(outs), dtype=np.uint32, count=sum(len(o) for o in outs)
+        )
         if arr.size and int(arr.max()) >= padded_vocab_size:
             raise DataError(
                 f"{files[0].parent}: the tokenizer produced id {int(arr.max())}, not below the model's "
@@ -525,12 +558,17 @@ def _encode_files(files: Sequence[Path], tokenizer: litgpt.Tokenizer, padded_voc
     elapsed = time.monotonic() - started
     if on_progress is not None:
         on_progress(PrepProgress(writer.n, counter.bytes, total, elapsed, done=True))
-    return {"tokens": writer.n, "dtype": str(dtype), "chunked": problem is None,
-            "seconds": round(elapsed, 3)}
+    return {
+        "tokens": writer.n,
+        "dtype": str(dtype),
+        "chunked": problem is None,
+        "seconds": round(elapsed, 3),
+    }
 
 
 def _whole_text(path: Path, counter: _ReadCounter) -> str:
     return "".join(iter_text(path, counter))
+
 
 def tokenize_files(
     files: Sequence[Path],
@@ -564,7 +602,9 @@ def tokenize_files(
     folder = files[0].parent if files else Path(".")
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
     data_sha = text.sha256 if text is not None else files_sha256(files)
-    tok_sha = tokenizer_sha256 if tokenizer_sha256 is not None else tokenizer_hash(Path(tokenizer_dir))
+    tok_sha = (
+        tokenizer_sha256 if tokenizer_sha256 is not None else tokenizer_hash(Path(tokenizer_dir))
+    )
     key = cache_key(data_sha, tok_sha)
     path = cache_dir / f"{key}.npy"
     if not path.is_file():
@@ -574,12 +614,20 @@ def tokenize_files(
         except OSError as exc:
             if no_space_errno(exc) is not None:
                 raise  # a full filesystem (no block or no inode left): the caller's no_space
-            raise DataError(f"token cache folder {cache_dir}: cannot write ({exc.strerror}); set MOEJOBS_TOKEN_CACHE") from None
+            raise DataError(
+                f"token cache folder {cache_dir}: cannot write ({exc.strerror}); set MOEJOBS_TOKEN_CACHE"
+            ) from None
         try:
             with os.fdopen(fd, "wb") as fh:
-                fields = _encode_files(files, tokenizer, padded_vocab_size, fh, on_progress=on_progress,
-                                       progress_interval_s=progress_interval_s,
-                                       n_bytes=text.n_bytes if text is not None else None)
+                fields = _encode_files(
+                    files,
+                    tokenizer,
+                    padded_vocab_size,
+                    fh,
+                    on_progress=on_progress,
+                    progress_interval_s=progress_interval_s,
+                    n_bytes=text.n_bytes if text is not None else None,
+                )
                 os.fsync(fh.fileno())
             meta = {"format": CACHE_FORMAT, **fields, "files": [str(f) for f in files]}
             meta_tmp = Path(tmp_name + ".json")
@@ -643,12 +691,19 @@ class WindowSampler:
 
         rows = [self._window_of(s) for s in self.samples(k)]
         w = self.window
-        arr = np.stack([np.asarray(self.data.tokens[i * w : (i + 1) * w]) for i in rows]).astype(np.int64)
+        arr = np.stack([np.asarray(self.data.tokens[i * w : (i + 1) * w]) for i in rows]).astype(
+            np.int64
+        )
         return torch.from_numpy(arr)
 
 
 def validation_batches(
-    data: TokenSet, seq_len: int, micro_batch_size: int, max_iters: int, world_size: int = 1, rank: int = 0
+    data: TokenSet,
+    seq_len: int,
+    micro_batch_size: int,
+    max_iters: int,
+    world_size: int = 1,
+    rank: int = 0,
 ) -> list[torch.Tensor]:
     """The fixed validation micro-batches of this rank.
 
@@ -717,8 +772,16 @@ def prepare_data(
     if tokenizer_sha256 is None:
         tokenizer_sha256 = tokenizer_hash(Path(tokenizer_dir))
     need = micro_batch_size * (seq_len + 1)
-    train = tokenize_files(source.train.files, tokenizer, tokenizer_dir, padded_vocab_size, cache_dir,
-                           text=source.train, tokenizer_sha256=tokenizer_sha256, on_progress=on_progress)
+    train = tokenize_files(
+        source.train.files,
+        tokenizer,
+        tokenizer_dir,
+        padded_vocab_size,
+        cache_dir,
+        text=source.train,
+        tokenizer_sha256=tokenizer_sha256,
+        on_progress=on_progress,
+    )
     if train.n_windows(seq_len + 1) < micro_batch_size:
         raise DataError(
             f"{Path(train_data_path)}: training data has {len(train)} tokens, fewer than one micro-batch "
@@ -732,8 +795,16 @@ def prepare_data(
                 "(give data.init_args.val_data_path, or put at least 2 .txt files in train_data_path: "
                 "the first sorted file becomes validation)"
             )
-        val = tokenize_files(source.val.files, tokenizer, tokenizer_dir, padded_vocab_size, cache_dir,
-                             text=source.val, tokenizer_sha256=tokenizer_sha256, on_progress=on_progress)
+        val = tokenize_files(
+            source.val.files,
+            tokenizer,
+            tokenizer_dir,
+            padded_vocab_size,
+            cache_dir,
+            text=source.val,
+            tokenizer_sha256=tokenizer_sha256,
+            on_progress=on_progress,
+        )
         where = Path(val_data_path) if val_data_path is not None else source.val.files[0]
         if val.n_windows(seq_len + 1) < micro_batch_size:
             raise DataError(

@@ -21,6 +21,7 @@ Order:
 
 Exit codes: ``service.contract.ExitCode``.
 """
+
 from __future__ import annotations
 
 import os

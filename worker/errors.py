@@ -5,6 +5,7 @@ function that classifies any other exception (:func:`classify`).
 line on stderr (``error: <label>: <message>``), ``out_dir/result.json`` and an exit code, all
 from ``service.contract``. Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import errno
@@ -91,8 +92,14 @@ class Interrupted(EngineError):
     reason = None
     outcome = Outcome.interrupted
 
-    def __init__(self, message: str, *, signal_name: str | None = None,
-                 checkpoint: Path | str | None = None, exit_code: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        signal_name: str | None = None,
+        checkpoint: Path | str | None = None,
+        exit_code: int | None = None,
+    ):
         super().__init__(message)
         self.signal_name = signal_name
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -153,9 +160,12 @@ def no_space(path: Path | str, what: str = "", needed_bytes: int | None = None) 
     free = free_bytes(path)
     head = f"{what} " if what else ""
     need = f", the {what or 'file'} needs about {_size(needed_bytes)}" if needed_bytes else ""
-    return NoSpace(f"no space left on device writing {head}{path} ({_size(free)} free there{need}); "
-                   "free some space (or move out_dir / MOEJOBS_TOKEN_CACHE) and run it again",
-                   path=path, free_bytes=free)
+    return NoSpace(
+        f"no space left on device writing {head}{path} ({_size(free)} free there{need}); "
+        "free some space (or move out_dir / MOEJOBS_TOKEN_CACHE) and run it again",
+        path=path,
+        free_bytes=free,
+    )
 
 
 def _first_line(exc: BaseException) -> str:

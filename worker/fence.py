@@ -27,6 +27,7 @@ a run is alive. The owner-file check is the second line, for when the clocks of 
 disagree by more than the grace: a rename still races a claim that lands between the check
 and the rename (microseconds, not the minutes of the old failure).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,10 +80,16 @@ class Fence:
         exit: what ends the process (``os._exit``; tests pass their own).
     """
 
-    def __init__(self, out_dir: Path | str, *, attempt: int | None = None, fd: int | None = None,
-                 deadline: float = DEFAULT_DEADLINE_S,
-                 write_allowance: float = DEFAULT_WRITE_ALLOWANCE_S,
-                 exit: Callable[[int], object] = os._exit) -> None:
+    def __init__(
+        self,
+        out_dir: Path | str,
+        *,
+        attempt: int | None = None,
+        fd: int | None = None,
+        deadline: float = DEFAULT_DEADLINE_S,
+        write_allowance: float = DEFAULT_WRITE_ALLOWANCE_S,
+        exit: Callable[[int], object] = os._exit,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.attempt = attempt
         self.fd = fd
@@ -108,10 +115,13 @@ class Fence:
                 os.fstat(fd)
             except OSError:
                 fd = None
-        return cls(out_dir, attempt=_env_int(contract.ENV_ATTEMPT), fd=fd,
-                   deadline=_env_float(contract.ENV_TRAINER_DEADLINE, DEFAULT_DEADLINE_S),
-                   write_allowance=_env_float(contract.ENV_CHECKPOINT_WRITE,
-                                              DEFAULT_WRITE_ALLOWANCE_S))
+        return cls(
+            out_dir,
+            attempt=_env_int(contract.ENV_ATTEMPT),
+            fd=fd,
+            deadline=_env_float(contract.ENV_TRAINER_DEADLINE, DEFAULT_DEADLINE_S),
+            write_allowance=_env_float(contract.ENV_CHECKPOINT_WRITE, DEFAULT_WRITE_ALLOWANCE_S),
+        )
 
     @property
     def active(self) -> bool:
@@ -126,8 +136,7 @@ class Fence:
         """Start the watchdog thread (a daemon) when there is a pipe; returns self."""
         if self.fd is not None and self._thread is None:
             self._last_beat = time.monotonic()
-            self._thread = threading.Thread(target=self._watch, name="moejobs-fence",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._watch, name="moejobs-fence", daemon=True)
             self._thread.start()
         return self
 
@@ -160,10 +169,13 @@ class Fence:
         :class:`Fenced` when the write allowance after fencing is spent or when the owner
         file names another attempt (the rename must not happen)."""
         with self._lock:
-            if self._fenced_at is not None and \
-                    time.monotonic() - self._fenced_at >= self.write_allowance:
-                raise Fenced(f"{self.reason}; the checkpoint write outlasted "
-                             f"{self.write_allowance:g} s")
+            if (
+                self._fenced_at is not None
+                and time.monotonic() - self._fenced_at >= self.write_allowance
+            ):
+                raise Fenced(
+                    f"{self.reason}; the checkpoint write outlasted {self.write_allowance:g} s"
+                )
         owner = self._other_owner()
         if owner is not None:
             raise Fenced(owner)
@@ -173,8 +185,10 @@ class Fence:
             return None
         owner = contract.read_owner(self.out_dir)
         if owner is not None and owner.attempt != self.attempt:
-            return (f"attempt {owner.attempt} on worker {owner.worker_id} owns {self.out_dir} "
-                    f"(this is attempt {self.attempt})")
+            return (
+                f"attempt {owner.attempt} on worker {owner.worker_id} owns {self.out_dir} "
+                f"(this is attempt {self.attempt})"
+            )
         return None
 
     def fence_now(self, why: str) -> None:
@@ -206,8 +220,10 @@ class Fence:
                 self._last_beat = now
             silent = now - self._last_beat
             if silent > self.deadline:
-                self._fence(f"no heartbeat from the worker for {silent:.1f} s "
-                            f"(trainer deadline {self.deadline:g} s)")
+                self._fence(
+                    f"no heartbeat from the worker for {silent:.1f} s "
+                    f"(trainer deadline {self.deadline:g} s)"
+                )
                 return
             if now >= next_owner_check:
                 next_owner_check = now + OWNER_CHECK_S
@@ -228,9 +244,13 @@ class Fence:
                     break
             time.sleep(0.05)
         try:  # waited_s: how long the write under way still ran (the fencing began that long ago)
-            contract.append_event(self.out_dir, contract.EventKind.fenced,
-                                  attempt=self.attempt, message=why,
-                                  waited_s=round(time.monotonic() - self._fenced_at, 3))
+            contract.append_event(
+                self.out_dir,
+                contract.EventKind.fenced,
+                attempt=self.attempt,
+                message=why,
+                waited_s=round(time.monotonic() - self._fenced_at, 3),
+            )
         except OSError:
             pass
         try:

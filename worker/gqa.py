@@ -14,6 +14,7 @@ training-style calls (no KV cache, no explicit mask, no sliding window, no logit
 defers to LitGPT's own ``forward`` otherwise. :func:`use_gqa_attention` switches a model's
 attention modules to it in place.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,7 +71,9 @@ class GQASelfAttention(CausalSelfAttention):
         q = _cat_rope(rope, q, n_rope, cos, sin)
         k = _cat_rope(rope, k, n_rope, cos, sin)
         scale = 1.0 / math.sqrt(cfg.attention_scores_scalar or hs) * self.mscale * self.mscale
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=scale, is_causal=True, enable_gqa=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=0.0, scale=scale, is_causal=True, enable_gqa=True
+        )
         y = y.transpose(1, 2).reshape(B, T, hs * n_head)
         return self.proj(y)
 

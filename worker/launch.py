@@ -17,6 +17,7 @@ leaves no orphan blocked in a collective. They do not inherit the worker's heart
 (``service.contract.ENV_WATCHDOG_FD`` is removed from their environment): rank 0's fence
 watches it, and the same number in a rank process would name some other file.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,13 @@ def _free_port() -> int:
 class RankProcesses:
     """Ranks 1..world_size-1 of a one-node run, started as ``python -m worker.train`` children."""
 
-    def __init__(self, world_size: int, train_doc: dict[str, Any], model_doc: dict[str, Any], write_checkpoints: bool):
+    def __init__(
+        self,
+        world_size: int,
+        train_doc: dict[str, Any],
+        model_doc: dict[str, Any],
+        write_checkpoints: bool,
+    ):
         self.world_size = world_size
         self.train_doc, self.model_doc = train_doc, model_doc
         self.write_checkpoints = write_checkpoints
@@ -73,8 +80,12 @@ class RankProcesses:
         and start the other ranks. The caller restores ``os.environ`` afterwards."""
         self._tmp = tempfile.TemporaryDirectory(prefix="moejobs-ranks-")
         tdir = Path(self._tmp.name)
-        (tdir / "train.yaml").write_text(yaml.safe_dump(self.train_doc, sort_keys=False), encoding="utf-8")
-        (tdir / "model.yaml").write_text(yaml.safe_dump(self.model_doc, sort_keys=False), encoding="utf-8")
+        (tdir / "train.yaml").write_text(
+            yaml.safe_dump(self.train_doc, sort_keys=False), encoding="utf-8"
+        )
+        (tdir / "model.yaml").write_text(
+            yaml.safe_dump(self.model_doc, sort_keys=False), encoding="utf-8"
+        )
         os.environ.update(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(_free_port()),
@@ -82,8 +93,15 @@ class RankProcesses:
             NODE_RANK="0",
             LOCAL_RANK="0",
         )
-        cmd = [sys.executable, "-m", "worker.train", "--train-config", str(tdir / "train.yaml"),
-               "--model-config", str(tdir / "model.yaml")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "worker.train",
+            "--train-config",
+            str(tdir / "train.yaml"),
+            "--model-config",
+            str(tdir / "model.yaml"),
+        ]
         if not self.write_checkpoints:
             cmd.append("--no-checkpoints")
         for rank in range(1, self.world_size):
@@ -97,7 +115,9 @@ class RankProcesses:
         descriptor is not passed on, so the number would name another file)."""
         env = dict(os.environ, LOCAL_RANK=str(rank), **{PARENT_ENV: str(os.getpid())})
         env.pop(contract.ENV_WATCHDOG_FD, None)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
         return env
 
     def wait(self, timeout: float) -> list[int | None]:

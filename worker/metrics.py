@@ -13,6 +13,7 @@ Columns (fixed, documented in the README)::
     val_loss        validation loss (only on validation steps)
     val_ppl         exp(val_loss)
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,7 +48,9 @@ class MetricsWriter:
     written after the checkpoint being resumed from), so a step never appears twice.
     """
 
-    def __init__(self, path: Path, resume_step: int | None, header: tuple[str, ...] = HEADER) -> None:
+    def __init__(
+        self, path: Path, resume_step: int | None, header: tuple[str, ...] = HEADER
+    ) -> None:
         self.path = Path(path)
         self.header = tuple(header)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ gradient). :func:`collect_router_stats` and :func:`collect_aux_losses` read them
 The same telemetry can be attached to stock ``LLaMAMoE`` layers with
 :func:`attach_router_telemetry`, so the loop implementation reports the same figures.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -164,7 +165,11 @@ def _segment_mm_op(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
     # ``ends`` lives on the CPU: reading it here costs no device synchronisation.
     bounds = [0, *ends.tolist()]
     if b.dim() == 3:  # (M, K) x (G, K, N) -> (M, N)
-        out = a.new_zeros(a.shape[0], b.shape[-1]) if bounds[-1] < a.shape[0] else a.new_empty(a.shape[0], b.shape[-1])
+        out = (
+            a.new_zeros(a.shape[0], b.shape[-1])
+            if bounds[-1] < a.shape[0]
+            else a.new_empty(a.shape[0], b.shape[-1])
+        )
         for g in range(b.shape[0]):
             start, end = bounds[g], bounds[g + 1]
             if end > start:
@@ -219,7 +224,10 @@ def segment_mm(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
 
 
 def select_backend(
-    device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype, widths: tuple[int, ...]
+    device_type: str,
+    capability: tuple[int, int] | None,
+    dtype: torch.dtype,
+    widths: tuple[int, ...],
 ) -> str:
     """Static choice of the expert computation: a pure function of its arguments.
 
@@ -246,7 +254,9 @@ def select_backend(
         return "grouped_mm" if dtype in (torch.bfloat16, torch.float32) else "grouped_mm_sync"
     if device_type == "cuda":
         if capability is None:
-            raise ValueError("select_backend: device_type 'cuda' needs the compute capability (major, minor)")
+            raise ValueError(
+                "select_backend: device_type 'cuda' needs the compute capability (major, minor)"
+            )
         fast = dtype == torch.bfloat16 and capability[0] in (9, 10) and torch.version.hip is None
         return "grouped_mm" if fast else "grouped_mm_sync"
     return "dense"
@@ -261,8 +271,14 @@ def device_capability(device: torch.device | str) -> tuple[int, int] | None:
 
 
 @torch.compiler.assume_constant_result
-def _auto_backend(device_type: str, device_index: int, dtype: torch.dtype, widths: tuple[int, ...]) -> str:
-    capability = device_capability(torch.device(device_type, device_index)) if device_type == "cuda" else None
+def _auto_backend(
+    device_type: str, device_index: int, dtype: torch.dtype, widths: tuple[int, ...]
+) -> str:
+    capability = (
+        device_capability(torch.device(device_type, device_index))
+        if device_type == "cuda"
+        else None
+    )
     return select_backend(device_type, capability, dtype, widths)
 
 
@@ -312,7 +328,9 @@ def _expert_counts(flat_indices: Tensor, n_expert: int) -> Tensor:
     return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
 
 
-def _record_router_stats(module: nn.Module, logits: Tensor | None, counts: Tensor, n_assignments: int) -> None:
+def _record_router_stats(
+    module: nn.Module, logits: Tensor | None, counts: Tensor, n_assignments: int
+) -> None:
     """Store the last forward's telemetry (and router losses when enabled) on ``module``."""
     fraction = counts.detach().float() / n_assignments
     module.last_token_fraction = fraction
@@ -351,9 +369,13 @@ class GroupedMoE(LLaMAMoE):
         ValueError: unknown backend; the config has no experts.
     """
 
-    def __init__(self, config: litgpt.Config, backend: Backend = "auto", router_losses: bool = False) -> None:
+    def __init__(
+        self, config: litgpt.Config, backend: Backend = "auto", router_losses: bool = False
+    ) -> None:
         if not config.n_expert or not config.n_expert_per_token:
-            raise ValueError("GroupedMoE needs config.n_expert > 0 and config.n_expert_per_token > 0")
+            raise ValueError(
+                "GroupedMoE needs config.n_expert > 0 and config.n_expert_per_token > 0"
+            )
         super().__init__(config)
         self._init_extra(backend, router_losses)
 
@@ -370,7 +392,9 @@ class GroupedMoE(LLaMAMoE):
         self.last_z_loss: Tensor | None = None
 
     @classmethod
-    def from_llama_moe(cls, moe: LLaMAMoE, backend: Backend = "auto", router_losses: bool = False) -> GroupedMoE:
+    def from_llama_moe(
+        cls, moe: LLaMAMoE, backend: Backend = "auto", router_losses: bool = False
+    ) -> GroupedMoE:
         """Wrap the submodules (and so the very parameter tensors) of an existing ``LLaMAMoE``.
 
         No weights are copied or re-initialised; ``moe`` should not be used afterwards.
@@ -402,7 +426,9 @@ class GroupedMoE(LLaMAMoE):
             probs = probs * self.config.routed_scaling_factor
         return probs, indices, logits
 
-    def _stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    def _stacked(
+        self, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
         """Expert weights stacked as ``w1, w2 (E, I, C)`` (fc_1, fc_2) and ``w3 (E, C, I)`` (proj),
         each cast to ``dtype`` before stacking (one copy of each weight); the three stacked biases
         ``(E, I), (E, I), (E, C)`` when ``config.bias``, else None."""
@@ -412,7 +438,10 @@ class GroupedMoE(LLaMAMoE):
         w3 = torch.stack([e.proj.weight.to(dtype) for e in experts])
         biases = None
         if self.config.bias:
-            biases = tuple(torch.stack([getattr(e, n).bias.to(dtype) for e in experts]) for n in ("fc_1", "fc_2", "proj"))
+            biases = tuple(
+                torch.stack([getattr(e, n).bias.to(dtype) for e in experts])
+                for n in ("fc_1", "fc_2", "proj")
+            )
         return w1, w2, w3, biases
 
     def resolved_backend(self, x: Tensor) -> str:
@@ -435,7 +464,11 @@ class GroupedMoE(LLaMAMoE):
         kernel has no such requirement (tested with arbitrary group sizes)."""
         if self.group_align is not None:
             return self.group_align
-        return max(1, 16 // dtype.itemsize) if x.device.type == "cuda" and backend == "grouped_mm" else 1
+        return (
+            max(1, 16 // dtype.itemsize)
+            if x.device.type == "cuda" and backend == "grouped_mm"
+            else 1
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T, C)`` -> ``(B, T, C)``; see the class docstring."""
@@ -459,7 +492,9 @@ class GroupedMoE(LLaMAMoE):
             y = y + self.shared_experts(x)
         return y
 
-    def _grouped(self, x2, dtype, probs, flat, counts, w1, w2, w3, biases, backend="grouped_mm") -> Tensor:
+    def _grouped(
+        self, x2, dtype, probs, flat, counts, w1, w2, w3, biases, backend="grouped_mm"
+    ) -> Tensor:
         N, C = x2.shape
         E, k = self.config.n_expert, self.config.n_expert_per_token
         M = N * k
@@ -478,10 +513,14 @@ class GroupedMoE(LLaMAMoE):
             padded = (counts + (align - 1)) // align * align
             starts = torch.cumsum(padded, 0) - padded
             shift = starts - (offs - counts)  # (E,) how far each group moves
-            pos = torch.arange(M, device=x2.device) + shift.index_select(0, flat.index_select(0, order))
+            pos = torch.arange(M, device=x2.device) + shift.index_select(
+                0, flat.index_select(0, order)
+            )
             rows = (M + E * (align - 1) + align - 1) // align * align
             offs = torch.cat([starts[1:], torch.full_like(starts[:1], rows)])
-            row_token = torch.full((rows,), N, dtype=token.dtype, device=x2.device).scatter(0, pos, token)
+            row_token = torch.full((rows,), N, dtype=token.dtype, device=x2.device).scatter(
+                0, pos, token
+            )
             row_prob = row_prob.new_zeros(rows).scatter(0, pos, row_prob)
             x_src = torch.cat([x_src, x_src.new_zeros(1, C)])
             n_src = N + 1
@@ -519,7 +558,9 @@ class GroupedMoE(LLaMAMoE):
         out = torch.bmm(F.silu(h1) * h2, w3.transpose(-2, -1))  # (E, N, C)
         if biases is not None:
             out = out + biases[2].unsqueeze(1)
-        combine = torch.zeros(N, E, dtype=probs.dtype, device=x2.device).scatter(1, indices, probs)  # (N, E)
+        combine = torch.zeros(N, E, dtype=probs.dtype, device=x2.device).scatter(
+            1, indices, probs
+        )  # (N, E)
         weighted = combine.t().unsqueeze(-1) * out  # (E, N, C)
         return weighted.sum(dim=0).to(x2.dtype)
 
@@ -527,7 +568,9 @@ class GroupedMoE(LLaMAMoE):
 # --------------------------------------------------------------------------------------------
 # model-level helpers
 # --------------------------------------------------------------------------------------------
-def swap_moe_layers(model: nn.Module, *, backend: Backend = "auto", router_losses: bool = False) -> int:
+def swap_moe_layers(
+    model: nn.Module, *, backend: Backend = "auto", router_losses: bool = False
+) -> int:
     """Replace every stock ``LLaMAMoE`` in ``model`` (e.g. a ``litgpt.GPT``) by a :class:`GroupedMoE`.
 
     The new layers reuse the old submodules, so parameters (and their identity, device, dtype,
@@ -557,7 +600,9 @@ def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if isinstance(m, LLaMAMoE))
 
 
-def model_backends(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> dict[str, int]:
+def model_backends(
+    model: nn.Module, device: torch.device | str, dtype: torch.dtype
+) -> dict[str, int]:
     """The expert backend each :class:`GroupedMoE` of ``model`` will use on ``device`` with expert
     matmuls in ``dtype`` (the autocast dtype under mixed precision): ``{backend: number of layers}``,
     empty for a model without grouped MoE layers. Queries the device's capability, runs nothing."""
@@ -567,7 +612,11 @@ def model_backends(model: nn.Module, device: torch.device | str, dtype: torch.dt
     for moe in moe_layers(model):
         if isinstance(moe, GroupedMoE):
             widths = (moe.config.n_embd, moe.config.moe_intermediate_size)
-            name = moe.backend if moe.backend != "auto" else select_backend(device.type, capability, dtype, widths)
+            name = (
+                moe.backend
+                if moe.backend != "auto"
+                else select_backend(device.type, capability, dtype, widths)
+            )
             found[name] = found.get(name, 0) + 1
     return found
 
@@ -665,7 +714,9 @@ def collect_aux_losses(model: nn.Module) -> tuple[Tensor, Tensor]:
     for i, moe in enumerate(moe_layers(model)):
         a, b = getattr(moe, "last_aux_loss", None), getattr(moe, "last_z_loss", None)
         if a is None or b is None:
-            raise RuntimeError(f"MoE layer {i} computed no router losses in its last forward; enable them first")
+            raise RuntimeError(
+                f"MoE layer {i} computed no router losses in its last forward; enable them first"
+            )
         aux.append(a)
         z.append(b)
     if not aux:

@@ -33,6 +33,7 @@ The marker is advice, never the truth: the training process always checks the ca
 key itself (``worker.data.tokenize_files``), so a corpus edited after its preparation is
 tokenized again, and a lost marker costs one more preparation message.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,7 +101,9 @@ class DataNeed:
         return f"{n} file{'s' if n != 1 else ''}, {self.n_bytes / 1e6:.1f} MB"
 
 
-def data_need(train_doc: dict[str, Any], model_doc: dict[str, Any], run_dir: Path) -> DataNeed | None:
+def data_need(
+    train_doc: dict[str, Any], model_doc: dict[str, Any], run_dir: Path
+) -> DataNeed | None:
     """What the run of these resolved documents will tokenize, or None when that cannot be said
     (invalid config, no tokenizer, missing folder or file): the training process then reports
     the problem with its own classification. Relative paths resolve against ``run_dir`` (the
@@ -128,7 +131,9 @@ def data_need(train_doc: dict[str, Any], model_doc: dict[str, Any], run_dir: Pat
         n_bytes = sum(os.path.getsize(p) for p in (*train_files, *val_files))
     except (DataError, OSError):
         return None
-    return DataNeed(tuple(train_files), tuple(val_files), where(tokenizer_dir) or Path("."), n_bytes)
+    return DataNeed(
+        tuple(train_files), tuple(val_files), where(tokenizer_dir) or Path("."), n_bytes
+    )
 
 
 def cached_paths(need: DataNeed, cache_dir: Path) -> list[Path] | None:
@@ -224,10 +229,15 @@ def decide(run: Run, settings: Settings, aux_worker_live: Callable[[], bool]) ->
     run_dir = settings.run_dir(run.id)
     need = data_need(dict(run.resolved_train), dict(run.resolved_model), run_dir)
     if need is None:
-        return Decision("train", "the data cannot be checked here: the training process reports why")
+        return Decision(
+            "train", "the data cannot be checked here: the training process reports why"
+        )
     if need.n_bytes < settings.prepare_min_bytes:
-        return Decision("train", f"{need.describe()}: below MOEJOBS_PREPARE_MIN_BYTES "
-                        f"({settings.prepare_min_bytes:,} bytes), tokenized by the training process")
+        return Decision(
+            "train",
+            f"{need.describe()}: below MOEJOBS_PREPARE_MIN_BYTES "
+            f"({settings.prepare_min_bytes:,} bytes), tokenized by the training process",
+        )
     marker = read_marker(run_dir)
     state = marker.get("state")
     if state == "done":
@@ -240,14 +250,19 @@ def decide(run: Run, settings: Settings, aux_worker_live: Callable[[], bool]) ->
     except OSError as error:  # the run folder cannot be written: the training reports it
         return Decision("train", f"run folder {run_dir}: {error.strerror}")
     if state == "failed":
-        return Decision("train", f"data preparation failed ({marker.get('message')}): the "
-                        "training process tokenizes")
+        return Decision(
+            "train",
+            f"data preparation failed ({marker.get('message')}): the training process tokenizes",
+        )
     age = _marker_age_s(marker)
     if state == "sent" and age is not None and 0 <= age < settings.queued_stale_seconds:
         return Decision("wait", f"data preparation sent {age:.0f} s ago")
     if not aux_worker_live():
-        return Decision("train", "no live worker consumes the aux queue: the training process "
-                        "tokenizes (start one with `moejobs worker --role aux`)")
+        return Decision(
+            "train",
+            "no live worker consumes the aux queue: the training process "
+            "tokenizes (start one with `moejobs worker --role aux`)",
+        )
     return Decision("prepare", f"{need.describe()} not tokenized yet")
 
 
@@ -265,11 +280,17 @@ class PrepOutcome:
     message: str = ""
 
 
-def prepare_run(run_id: uuid.UUID, *, db, settings: Settings, worker_id: str,
-                send_train: Callable[[uuid.UUID], object],
-                send_prepare: Callable[[uuid.UUID], object],
-                shutdown: Callable[[], bool] = lambda: False,
-                env: dict[str, str] | None = None) -> PrepOutcome:
+def prepare_run(
+    run_id: uuid.UUID,
+    *,
+    db,
+    settings: Settings,
+    worker_id: str,
+    send_train: Callable[[uuid.UUID], object],
+    send_prepare: Callable[[uuid.UUID], object],
+    shutdown: Callable[[], bool] = lambda: False,
+    env: dict[str, str] | None = None,
+) -> PrepOutcome:
     """Prepare run ``run_id``'s data (module docstring, steps 2-3). ``send_train`` /
     ``send_prepare`` send the run's training / preparation message again; ``shutdown`` says
     that this worker is stopping (the preparation is ended and sent again for another worker);
@@ -298,19 +319,37 @@ def prepare_run(run_id: uuid.UUID, *, db, settings: Settings, worker_id: str,
         with run_lock(run_dir) as got:
             if not got:
                 return PrepOutcome("skipped", "another worker is preparing it")
-            return _prepare_locked(run, run_dir, need, db=db, settings=settings,
-                                   worker_id=worker_id, send_train=send_train,
-                                   send_prepare=send_prepare, shutdown=shutdown, env=env)
+            return _prepare_locked(
+                run,
+                run_dir,
+                need,
+                db=db,
+                settings=settings,
+                worker_id=worker_id,
+                send_train=send_train,
+                send_prepare=send_prepare,
+                shutdown=shutdown,
+                env=env,
+            )
     except OSError as error:  # the run folder or the cache cannot be written: the training
         log.warning("run %s: data preparation failed: %s", run.id, error)  # reports it
         send_train(run.id)
         return PrepOutcome("fallback", str(error))
 
 
-def _prepare_locked(run: Run, run_dir: Path, need: DataNeed, *, db, settings: Settings,
-                    worker_id: str, send_train: Callable[[uuid.UUID], object],
-                    send_prepare: Callable[[uuid.UUID], object], shutdown: Callable[[], bool],
-                    env: dict[str, str] | None) -> PrepOutcome:
+def _prepare_locked(
+    run: Run,
+    run_dir: Path,
+    need: DataNeed,
+    *,
+    db,
+    settings: Settings,
+    worker_id: str,
+    send_train: Callable[[uuid.UUID], object],
+    send_prepare: Callable[[uuid.UUID], object],
+    shutdown: Callable[[], bool],
+    env: dict[str, str] | None,
+) -> PrepOutcome:
     """:func:`prepare_run` once the run's lock is held."""
     from service import runs
     from service.models import FailureReason, RunStatus
@@ -328,8 +367,13 @@ def _prepare_locked(run: Run, run_dir: Path, need: DataNeed, *, db, settings: Se
         send_train(run.id)
         return PrepOutcome("ready", "already prepared")
     write_marker(run_dir, "running", worker=worker_id)
-    _note(db, run.id, f"preparing data on {worker_id}: {need.describe()} (the run stays "
-          "queued; progress in the engine events)", actor)
+    _note(
+        db,
+        run.id,
+        f"preparing data on {worker_id}: {need.describe()} (the run stays "
+        "queued; progress in the engine events)",
+        actor,
+    )
     result, stopped = _run_preparation(run, run_dir, settings, db, shutdown, env)
     if stopped:
         write_marker(run_dir, "stopped", worker=worker_id, message=stopped)
@@ -338,26 +382,45 @@ def _prepare_locked(run: Run, run_dir: Path, need: DataNeed, *, db, settings: Se
         return PrepOutcome("stopped", stopped)
     if result.get("ok"):
         caches = [str(p) for p in result.get("caches") or []]
-        write_marker(run_dir, "done", worker=worker_id, caches=caches,
-                     tokens=result.get("tokens"), seconds=result.get("seconds"))
+        write_marker(
+            run_dir,
+            "done",
+            worker=worker_id,
+            caches=caches,
+            tokens=result.get("tokens"),
+            seconds=result.get("seconds"),
+        )
         _note(db, run.id, f"data prepared: {result.get('message', '')}", actor)
         send_train(run.id)
         return PrepOutcome("ready", str(result.get("message", "")))
     reason, message = result.get("reason"), str(result.get("message") or "preparation failed")
-    if reason in (FailureReason.invalid_data.value, FailureReason.no_space.value,
-                  FailureReason.invalid_config.value):
+    if reason in (
+        FailureReason.invalid_data.value,
+        FailureReason.no_space.value,
+        FailureReason.invalid_config.value,
+    ):
         write_marker(run_dir, "failed", worker=worker_id, reason=reason, message=message)
         with db.session() as session:
             try:
-                runs.transition(session, run.id, RunStatus.failed,
-                                f"data preparation: {message}", reason=reason,
-                                failure_message=message, actor=actor)
+                runs.transition(
+                    session,
+                    run.id,
+                    RunStatus.failed,
+                    f"data preparation: {message}",
+                    reason=reason,
+                    failure_message=message,
+                    actor=actor,
+                )
             except runs.RunError as error:  # cancelled meanwhile: nothing to fail
                 log.info("run %s: not failed after its preparation (%s)", run.id, error)
         return PrepOutcome("failed_run", message)
     write_marker(run_dir, "failed", worker=worker_id, reason=reason, message=message)
-    _note(db, run.id, f"data preparation failed ({message}): the training process will "
-          "tokenize", actor)
+    _note(
+        db,
+        run.id,
+        f"data preparation failed ({message}): the training process will tokenize",
+        actor,
+    )
     send_train(run.id)
     return PrepOutcome("fallback", message)
 
@@ -374,13 +437,27 @@ def _note(db, run_id: uuid.UUID, message: str, actor: str) -> None:
 
 def preparation_command(train_path: Path, model_path: Path, result_path: Path) -> list[str]:
     """The preparation process' command line (this module as a script)."""
-    return [sys.executable, "-m", "worker.prepare", "--train-config", str(train_path),
-            "--model-config", str(model_path), "--result", str(result_path)]
+    return [
+        sys.executable,
+        "-m",
+        "worker.prepare",
+        "--train-config",
+        str(train_path),
+        "--model-config",
+        str(model_path),
+        "--result",
+        str(result_path),
+    ]
 
 
-def _run_preparation(run: Run, run_dir: Path, settings: Settings, db,
-                     shutdown: Callable[[], bool], env: dict[str, str] | None
-                     ) -> tuple[dict[str, Any], str | None]:
+def _run_preparation(
+    run: Run,
+    run_dir: Path,
+    settings: Settings,
+    db,
+    shutdown: Callable[[], bool],
+    env: dict[str, str] | None,
+) -> tuple[dict[str, Any], str | None]:
     """Start the preparation process and wait for it; returns (its result, None) or ({}, why it
     was stopped)."""
     from service import runs
@@ -392,17 +469,29 @@ def _run_preparation(run: Run, run_dir: Path, settings: Settings, db,
     result_path.unlink(missing_ok=True)
     if env is None:
         env = dict(os.environ)
-    env = {**env, "MOEJOBS_TOKEN_CACHE": str(settings.token_cache), "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)}
+    env = {
+        **env,
+        "MOEJOBS_TOKEN_CACHE": str(settings.token_cache),
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
+    }
     log_path = run_dir / "train.log"
     cmd = preparation_command(train_path, model_path, result_path)
     with open(log_path, "a", encoding="utf-8") as fh:
-        fh.write(f"[moejobs] {_utc().isoformat(timespec='seconds')} data preparation: "
-                 f"{' '.join(cmd)}\n")
+        fh.write(
+            f"[moejobs] {_utc().isoformat(timespec='seconds')} data preparation: {' '.join(cmd)}\n"
+        )
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=str(run_dir), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=str(run_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
     log.info("run %s: data preparation pid %d", run.id, proc.pid)
     stopped: str | None = None
     try:
@@ -436,9 +525,15 @@ def _run_preparation(run: Run, run_dir: Path, settings: Settings, db,
     try:
         result = json.loads(result_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        result = {"ok": False, "reason": "crashed",
-                  "message": f"the preparation process exited {proc.returncode} without a result"}
-    return result if isinstance(result, dict) else {"ok": False, "message": "unreadable result"}, None
+        result = {
+            "ok": False,
+            "reason": "crashed",
+            "message": f"the preparation process exited {proc.returncode} without a result",
+        }
+    return result if isinstance(result, dict) else {
+        "ok": False,
+        "message": "unreadable result",
+    }, None
 
 
 # -- the preparation process -------------------------------------------------------------------
@@ -467,14 +562,18 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    parser = argparse.ArgumentParser(prog="python -m worker.prepare",
-                                     description="Tokenize a run's data into the token cache.")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.prepare", description="Tokenize a run's data into the token cache."
+    )
     parser.add_argument("--train-config", required=True)
     parser.add_argument("--model-config", required=True)
     parser.add_argument("--result", required=True, help="JSON file to write the outcome to")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     result_path = Path(args.result)
     started = time.monotonic()
     out_dir: Path = Path(".")
@@ -485,11 +584,14 @@ def main(argv: list[str] | None = None) -> int:
         from service.schemas import ConfigError, validate_configs
 
         try:
-            validated = validate_configs(load_document(args.train_config),
-                                         load_document(args.model_config))
+            validated = validate_configs(
+                load_document(args.train_config), load_document(args.model_config)
+            )
         except ConfigError as error:
-            _write_result(result_path, {"ok": False, "reason": "invalid_config",
-                                        "message": " ".join(str(error).split())})
+            _write_result(
+                result_path,
+                {"ok": False, "reason": "invalid_config", "message": " ".join(str(error).split())},
+            )
             return 1
         train, model = validated.train, validated.model
         out_dir = Path(train.out_dir)
@@ -498,8 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         need_val = bool(ev.interval) or ev.initial_validation or ev.final_validation
         tokenizer_dir = train.tokenizer_dir or train.initial_checkpoint_dir
         if tokenizer_dir is None:
-            raise DataError("tokenizer_dir: a tokenizer folder is required (train one with "
-                            "`moejobs tokenizer train`)")
+            raise DataError(
+                "tokenizer_dir: a tokenizer folder is required (train one with "
+                "`moejobs tokenizer train`)"
+            )
 
         from worker.data import PrepProgress, prepare_data
         from worker.tokenizer import load_tokenizer
@@ -510,16 +614,31 @@ def main(argv: list[str] | None = None) -> int:
         def progress(p: PrepProgress) -> None:
             log.info("data: tokenizing: %s", p.describe())
             eta = p.eta_s
-            append_event(out_dir, EventKind.data_progress, message=p.describe(), tokens=p.tokens,
-                         bytes_done=p.bytes_done, bytes_total=p.bytes_total,
-                         tokens_per_s=round(p.tokens_per_s, 1),
-                         eta_s=round(eta, 1) if eta is not None else None, done=p.done,
-                         stage="prepare")
+            append_event(
+                out_dir,
+                EventKind.data_progress,
+                message=p.describe(),
+                tokens=p.tokens,
+                bytes_done=p.bytes_done,
+                bytes_total=p.bytes_total,
+                tokens_per_s=round(p.tokens_per_s, 1),
+                eta_s=round(eta, 1) if eta is not None else None,
+                done=p.done,
+                stage="prepare",
+            )
 
         args_ = train.data.init_args
-        data = prepare_data(args_.train_data_path, args_.val_data_path, tokenizer, tokenizer_dir,
-                            padded_vocab, plan.seq_len, plan.micro_batch_size, need_val,
-                            on_progress=progress)
+        data = prepare_data(
+            args_.train_data_path,
+            args_.val_data_path,
+            tokenizer,
+            tokenizer_dir,
+            padded_vocab,
+            plan.seq_len,
+            plan.micro_batch_size,
+            need_val,
+            on_progress=progress,
+        )
     except BaseException as exc:  # SystemExit from a signal included: report, then re-raise it
         from worker import errors
 
@@ -537,12 +656,16 @@ def main(argv: list[str] | None = None) -> int:
     tokens = {"train": len(data.train), "val": len(data.val) if data.val is not None else None}
     seconds = round(time.monotonic() - started, 1)
     caches = [str(data.train.path)] + ([str(data.val.path)] if data.val is not None else [])
-    message = (f"{tokens['train']:,} training tokens"
-               + (f", {tokens['val']:,} validation tokens" if tokens["val"] is not None else "")
-               + f" in {seconds:g} s")
+    message = (
+        f"{tokens['train']:,} training tokens"
+        + (f", {tokens['val']:,} validation tokens" if tokens["val"] is not None else "")
+        + f" in {seconds:g} s"
+    )
     log.info("data prepared: %s (%s)", message, ", ".join(caches))
-    _write_result(result_path, {"ok": True, "caches": caches, "tokens": tokens,
-                                "seconds": seconds, "message": message})
+    _write_result(
+        result_path,
+        {"ok": True, "caches": caches, "tokens": tokens, "seconds": seconds, "message": message},
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Terminal progress for training: a tqdm bar fed by the engine's metrics rows."""
+
 from __future__ import annotations
 
 import sys
@@ -23,7 +24,9 @@ class ProgressBar:
         from tqdm import tqdm
 
         if self._bar is None:
-            self._bar = tqdm(total=plan.optimizer_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=plan.optimizer_steps, unit="step", file=sys.stderr, dynamic_ncols=True
+            )
         step = int(row["step"])
         self._bar.update(max(0, step - self._bar.n))
         postfix = {}

@@ -33,6 +33,7 @@ must be guessed and also delays recovery of a really lost message by that much. 
 short database lease recovers a dead worker's run within ``LEASE_SECONDS`` whatever the run's
 length, and works the same on the embedded SQLAlchemy transport.
 """
+
 from __future__ import annotations
 
 import logging
@@ -83,8 +84,13 @@ def _enqueue(celery_app: Any, run_id: uuid.UUID) -> None:
         raise RuntimeError(result.error or "broker unreachable")
 
 
-def reconcile(settings: Settings, *, db: Database | None = None, celery_app: Any = None,
-              now: datetime | None = None) -> ReconcileSummary:
+def reconcile(
+    settings: Settings,
+    *,
+    db: Database | None = None,
+    celery_app: Any = None,
+    now: datetime | None = None,
+) -> ReconcileSummary:
     """One reconciliation pass (see the module docstring):
 
     1. every ``running`` run whose lease expired before ``now`` goes through
@@ -111,13 +117,15 @@ def reconcile(settings: Settings, *, db: Database | None = None, celery_app: Any
     try:
         with db.session() as session:
             for run in runs.expired_runs(session, now=now):
-                moved = runs.recover_expired_run(session, run.id,
-                                                 max_attempts=settings.max_attempts, now=now)
+                moved = runs.recover_expired_run(
+                    session, run.id, max_attempts=settings.max_attempts, now=now
+                )
                 if moved is None:
                     continue
                 if moved.status == RunStatus.queued:
-                    log.warning("run %s: lease expired (worker %s lost): re-queued",
-                                run.id, run.worker_id)
+                    log.warning(
+                        "run %s: lease expired (worker %s lost): re-queued", run.id, run.worker_id
+                    )
                     try:
                         _enqueue(celery_app, moved.id)
                         summary.requeued.append(str(moved.id))
@@ -127,21 +135,27 @@ def reconcile(settings: Settings, *, db: Database | None = None, celery_app: Any
                     log.warning("run %s: lease expired: %s", run.id, moved.status.value)
                     summary.finished.append(str(moved.id))
 
-            idle = [w for w in runs.live_workers(session, settings.worker_stale_seconds, now=now,
-                                                 role="trains")
-                    if w.current_run_id is None]
+            idle = [
+                w
+                for w in runs.live_workers(
+                    session, settings.worker_stale_seconds, now=now, role="trains"
+                )
+                if w.current_run_id is None
+            ]
             session.commit()
             if idle:
-                for run in runs.stale_queued_runs(session, settings.queued_stale_seconds,
-                                                  now=now):
+                for run in runs.stale_queued_runs(session, settings.queued_stale_seconds, now=now):
                     try:
                         _enqueue(celery_app, run.id)
                     except Exception as error:
                         summary.errors.append(f"{run.id}: {error}")
                         continue
                     if runs.mark_enqueued(session, run.id, now=now):
-                        log.info("run %s: queued without a claim for over %.0f s: enqueued "
-                                 "again", run.id, settings.queued_stale_seconds)
+                        log.info(
+                            "run %s: queued without a claim for over %.0f s: enqueued again",
+                            run.id,
+                            settings.queued_stale_seconds,
+                        )
                         summary.reenqueued.append(str(run.id))
     finally:
         if own_db:

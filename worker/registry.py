@@ -9,6 +9,7 @@ heartbeat is younger than ``WORKER_STALE_SECONDS``.
 Nothing here imports torch: GPUs are found with ``nvidia-smi`` (or, on a ROCm machine, torch in
 a short subprocess).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,9 @@ SAMPLE_VOCAB = 4096
 def _nvidia_smi_gpus(smi: str) -> list[dict[str, Any]]:
     out = subprocess.run(
         [smi, "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip() or f"nvidia-smi exited with {out.returncode}")
@@ -76,11 +79,13 @@ _TORCH_PROBE = (
 
 
 def _torch_gpus() -> list[dict[str, Any]]:
-    out = subprocess.run([sys.executable, "-c", _TORCH_PROBE], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _TORCH_PROBE], capture_output=True, text=True, timeout=120
+    )
     if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else
-                           f"exit {out.returncode}")
+        raise RuntimeError(
+            out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -107,8 +112,9 @@ def detect_gpus() -> list[dict[str, Any]]:
     return []
 
 
-def owned_gpus(settings: Settings, detected: list[dict[str, Any]]
-               ) -> tuple[list[dict[str, Any]], str | None]:
+def owned_gpus(
+    settings: Settings, detected: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], str | None]:
     """The GPUs this worker owns and the ``CUDA_VISIBLE_DEVICES`` value for its training
     processes: all detected ones for ``worker_gpus="all"`` (environment left alone, None), else
     those among them whose index is listed (indices not found are logged and skipped)."""
@@ -118,8 +124,11 @@ def owned_gpus(settings: Settings, detected: list[dict[str, Any]]
     by_index = {g["index"]: g for g in detected}
     missing = [i for i in wanted if i not in by_index]
     if missing:
-        log.warning("MOEJOBS_WORKER_GPUS lists GPU(s) %s that this machine does not show "
-                    "(found %s)", missing, sorted(by_index))
+        log.warning(
+            "MOEJOBS_WORKER_GPUS lists GPU(s) %s that this machine does not show (found %s)",
+            missing,
+            sorted(by_index),
+        )
     owned = [by_index[i] for i in wanted if i in by_index]
     return owned, ",".join(str(g["index"]) for g in owned)
 
@@ -138,10 +147,15 @@ def _cgroup_memory_limit() -> int | None:
             continue
         rel = parts[2].lstrip("/")
         if parts[0] == "0" and parts[1] == "":
-            candidates += [Path("/sys/fs/cgroup") / rel / "memory.max", Path("/sys/fs/cgroup/memory.max")]
+            candidates += [
+                Path("/sys/fs/cgroup") / rel / "memory.max",
+                Path("/sys/fs/cgroup/memory.max"),
+            ]
         elif "memory" in parts[1].split(","):
-            candidates += [Path("/sys/fs/cgroup/memory") / rel / "memory.limit_in_bytes",
-                           Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")]
+            candidates += [
+                Path("/sys/fs/cgroup/memory") / rel / "memory.limit_in_bytes",
+                Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+            ]
     for path in candidates:
         try:
             text = path.read_text().strip()
@@ -205,8 +219,10 @@ def default_worker_id() -> str:
 def hardware_description(gpus: list[dict[str, Any]]) -> dict[str, Any]:
     """What the run's provenance says about the machine: host, platform, CPUs, owned GPUs."""
     return {
-        "host": socket.gethostname(), "platform": platform.platform(),
-        "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
         "gpus": [{k: g.get(k) for k in ("index", "name", "memory_bytes")} for g in gpus],
     }
 
@@ -222,8 +238,11 @@ def sample_paths(settings: Settings) -> dict[str, Path]:
 
 
 def _sample_complete(paths: dict[str, Path]) -> bool:
-    return (any(paths["train"].glob("*.txt")) and any(paths["val"].glob("*.txt"))
-            and (paths["tokenizer"] / "tokenizer.json").is_file())
+    return (
+        any(paths["train"].glob("*.txt"))
+        and any(paths["val"].glob("*.txt"))
+        and (paths["tokenizer"] / "tokenizer.json").is_file()
+    )
 
 
 def ensure_sample_data(settings: Settings) -> dict[str, Path]:
@@ -287,8 +306,14 @@ class WorkerRuntime:
     ``stop()`` stops them and removes the worker's row.
     """
 
-    def __init__(self, settings: Settings, *, celery_app: Any = None,
-                 worker_id: str | None = None, reconcile: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        celery_app: Any = None,
+        worker_id: str | None = None,
+        reconcile: bool = True,
+    ) -> None:
         self.settings = settings
         self.celery_app = celery_app
         self.worker_id = worker_id or default_worker_id()
@@ -319,7 +344,8 @@ class WorkerRuntime:
         if not schema_is_current(db.engine):
             raise RuntimeError(
                 f"the database {db.engine.url.render_as_string(hide_password=True)} is not "
-                "migrated to the current schema: run `moejobs migrate` first")
+                "migrated to the current schema: run `moejobs migrate` first"
+            )
         if seed_sample:
             try:
                 ensure_sample_data(self.settings)
@@ -331,17 +357,24 @@ class WorkerRuntime:
         self.info.cuda_visible_devices = visible
         self.info.hardware = hardware_description(self.gpus)
         self.register()
-        self._loops.append(self._spawn("heartbeat", self.settings.heartbeat_seconds,
-                                       self.heartbeat))
+        self._loops.append(
+            self._spawn("heartbeat", self.settings.heartbeat_seconds, self.heartbeat)
+        )
         if self.reconcile_enabled:
             from worker.reconciler import interval_seconds
 
-            self._loops.append(self._spawn("reconciler", interval_seconds(self.settings),
-                                           self.reconcile_once))
+            self._loops.append(
+                self._spawn("reconciler", interval_seconds(self.settings), self.reconcile_once)
+            )
         self.started = True
-        log.info("worker %s registered (role %s, queues %s): %d GPU(s)%s", self.worker_id,
-                 self.settings.worker_role, ", ".join(worker_queues(self.settings)),
-                 len(self.gpus), "".join(f", {g['index']}: {g['name']}" for g in self.gpus))
+        log.info(
+            "worker %s registered (role %s, queues %s): %d GPU(s)%s",
+            self.worker_id,
+            self.settings.worker_role,
+            ", ".join(worker_queues(self.settings)),
+            len(self.gpus),
+            "".join(f", {g['index']}: {g['name']}" for g in self.gpus),
+        )
 
     def _spawn(self, name: str, every: float, fn) -> _Loop:
         def loop() -> None:
@@ -359,18 +392,28 @@ class WorkerRuntime:
         """Write this worker's row: its GPUs, kind (:func:`worker_kind`), host memory and the
         free space under RUNS_DIR (what admission compares runs with)."""
         with self.database().session() as session:
-            runs.register_worker(session, self.worker_id, socket.gethostname(),
-                                 pid=os.getpid(), gpus=self.gpus, kind=worker_kind(self.gpus),
-                                 host_memory_bytes=host_memory_bytes(),
-                                 free_bytes=free_bytes(self.settings.runs_dir),
-                                 role=self.settings.worker_role)
+            runs.register_worker(
+                session,
+                self.worker_id,
+                socket.gethostname(),
+                pid=os.getpid(),
+                gpus=self.gpus,
+                kind=worker_kind(self.gpus),
+                host_memory_bytes=host_memory_bytes(),
+                free_bytes=free_bytes(self.settings.runs_dir),
+                role=self.settings.worker_role,
+            )
 
     def heartbeat(self) -> None:
         """Renew this worker's heartbeat and its free space under RUNS_DIR; register again if
         its row was removed."""
         with self.database().session() as session:
-            if runs.heartbeat_worker(session, self.worker_id,
-                                     free_bytes=free_bytes(self.settings.runs_dir)) is None:
+            if (
+                runs.heartbeat_worker(
+                    session, self.worker_id, free_bytes=free_bytes(self.settings.runs_dir)
+                )
+                is None
+            ):
                 log.warning("worker row %s was gone: registering again", self.worker_id)
                 self.register()
 

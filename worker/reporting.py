@@ -6,6 +6,7 @@ Torch-free (``worker.entry`` uses it before torch is imported). Only rank 0 repo
 effort: an event or result that cannot be written (a full disk) is logged once and the run goes
 on; the exit code and the ``error: <reason>: ...`` line on stderr still say how it ended.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,8 +86,9 @@ class Reporter:
         attempt: the attempt to stamp; default :func:`current_attempt`.
     """
 
-    def __init__(self, out_dir: Path | str, *, enabled: bool = True,
-                 attempt: int | None = None) -> None:
+    def __init__(
+        self, out_dir: Path | str, *, enabled: bool = True, attempt: int | None = None
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.attempt = attempt if attempt is not None else current_attempt()
@@ -101,14 +103,21 @@ class Reporter:
 
     # -- events -------------------------------------------------------------------------------
 
-    def event(self, kind: EventKind | str, *, step: int | None = None, message: str | None = None,
-              **data: Any) -> None:
+    def event(
+        self,
+        kind: EventKind | str,
+        *,
+        step: int | None = None,
+        message: str | None = None,
+        **data: Any,
+    ) -> None:
         """Append one event (``service.contract.append_event``); never raises."""
         if not self.enabled:
             return
         try:
-            contract.append_event(self.out_dir, kind, attempt=self.attempt, step=step,
-                                  message=message, **data)
+            contract.append_event(
+                self.out_dir, kind, attempt=self.attempt, step=step, message=message, **data
+            )
         except (OSError, ValueError, TypeError) as exc:
             self._warn_once(f"cannot write {self.out_dir / contract.EVENTS_FILE}: {exc}")
 
@@ -119,9 +128,17 @@ class Reporter:
 
     # -- the end ------------------------------------------------------------------------------
 
-    def finish(self, outcome: Outcome, exit_code: int, *, reason=None, message: str = "",
-               stopped_by: str | None = None, checkpoint: Path | str | None = None,
-               peak_memory_bytes: int | None = None) -> EngineResult:
+    def finish(
+        self,
+        outcome: Outcome,
+        exit_code: int,
+        *,
+        reason=None,
+        message: str = "",
+        stopped_by: str | None = None,
+        checkpoint: Path | str | None = None,
+        peak_memory_bytes: int | None = None,
+    ) -> EngineResult:
         """Build the :class:`~service.contract.EngineResult` from ``progress`` and the given
         fields, write ``result.json`` and the ``finished`` event (rank 0, once: a later call
         returns the first result). Never raises."""
@@ -131,11 +148,19 @@ class Reporter:
         if checkpoint is None:
             checkpoint = p.checkpoint
         result = EngineResult(
-            outcome=outcome, reason=reason, message=" ".join(message.split()), exit_code=int(exit_code),
-            attempt=self.attempt, steps=p.steps, planned_steps=p.planned_steps, tokens=p.tokens,
-            final_loss=p.final_loss, val_loss=p.val_loss,
+            outcome=outcome,
+            reason=reason,
+            message=" ".join(message.split()),
+            exit_code=int(exit_code),
+            attempt=self.attempt,
+            steps=p.steps,
+            planned_steps=p.planned_steps,
+            tokens=p.tokens,
+            final_loss=p.final_loss,
+            val_loss=p.val_loss,
             checkpoint=str(checkpoint) if checkpoint is not None else None,
-            stopped_by=stopped_by, peak_memory_bytes=peak_memory_bytes,
+            stopped_by=stopped_by,
+            peak_memory_bytes=peak_memory_bytes,
             elapsed_s=round(time.monotonic() - self._started, 3),
         )
         self.result = result
@@ -144,9 +169,14 @@ class Reporter:
                 result.write(self.out_dir)
             except OSError as exc:
                 self._warn_once(f"cannot write {self.out_dir / contract.RESULT_FILE}: {exc}")
-            self.event(EventKind.finished, step=p.steps, message=result.message,
-                       outcome=outcome.value, exit_code=int(exit_code),
-                       reason=reason.value if reason is not None else None)
+            self.event(
+                EventKind.finished,
+                step=p.steps,
+                message=result.message,
+                outcome=outcome.value,
+                exit_code=int(exit_code),
+                reason=reason.value if reason is not None else None,
+            )
         return result
 
     def succeeded(self, training) -> EngineResult:
@@ -160,17 +190,27 @@ class Reporter:
             message = f"train.max_time reached after optimizer step {training.steps}"
         else:
             message = f"trained {training.steps} optimizer steps ({training.tokens} tokens)"
-        return self.finish(Outcome.succeeded, ExitCode.OK, message=message,
-                           stopped_by=training.stopped_by, checkpoint=training.checkpoint_dir,
-                           peak_memory_bytes=training.peak_memory_bytes)
+        return self.finish(
+            Outcome.succeeded,
+            ExitCode.OK,
+            message=message,
+            stopped_by=training.stopped_by,
+            checkpoint=training.checkpoint_dir,
+            peak_memory_bytes=training.peak_memory_bytes,
+        )
 
     def failed(self, error: EngineError) -> EngineResult:
         """Report an :class:`~worker.errors.EngineError` (an interruption included)."""
         if isinstance(error, Interrupted):
             if str(error) == BEFORE_START:
                 self._fill_from_checkpoints()
-            return self.finish(Outcome.interrupted, error.exit_code, message=str(error),
-                               stopped_by=error.signal_name, checkpoint=error.checkpoint)
+            return self.finish(
+                Outcome.interrupted,
+                error.exit_code,
+                message=str(error),
+                stopped_by=error.signal_name,
+                checkpoint=error.checkpoint,
+            )
         return self.finish(error.outcome, error.exit_code, reason=error.reason, message=str(error))
 
     def _fill_from_checkpoints(self) -> None:

@@ -40,6 +40,7 @@ checkpoints and exits 75; the run is re-queued if the database answers again, el
 reconciler re-queues it once its lease expires); after ``lease_seconds - heartbeat_seconds``
 it SIGKILLs whatever is left, before the lease can expire.
 """
+
 from __future__ import annotations
 
 import csv
@@ -87,8 +88,9 @@ _LOG_TAIL_BYTES = 64 * 1024
 
 #: Exit codes that mean "stopped on a signal": the engine's own (a checkpoint at a step
 #: boundary, or before training started) and the shell's 128 + N.
-_STOPPED = frozenset({ExitCode.INTERRUPTED, ExitCode.SIGINT_BEFORE_START,
-                      ExitCode.SIGTERM_BEFORE_START})
+_STOPPED = frozenset(
+    {ExitCode.INTERRUPTED, ExitCode.SIGINT_BEFORE_START, ExitCode.SIGTERM_BEFORE_START}
+)
 
 
 # -- outcome ------------------------------------------------------------------------------------
@@ -119,8 +121,10 @@ class Outcome:
         """The status this outcome asks for (queued for a requeue; None when lease lost).
         ``killed`` may still end in queued: see :func:`finish_attempt`."""
         return {
-            "succeeded": RunStatus.succeeded, "cancelled": RunStatus.cancelled,
-            "failed": RunStatus.failed, "requeue": RunStatus.queued,
+            "succeeded": RunStatus.succeeded,
+            "cancelled": RunStatus.cancelled,
+            "failed": RunStatus.failed,
+            "requeue": RunStatus.queued,
         }.get(self.kind)
 
 
@@ -147,9 +151,16 @@ def _last_line(lines: list[str]) -> str:
     return ""
 
 
-def classify_exit(returncode: int, result: EngineResult | None, log_lines: list[str], *,
-                  cancel_requested: bool = False, shutting_down: bool = False,
-                  lease_lost: bool = False, oom_killed: bool = False) -> Outcome:
+def classify_exit(
+    returncode: int,
+    result: EngineResult | None,
+    log_lines: list[str],
+    *,
+    cancel_requested: bool = False,
+    shutting_down: bool = False,
+    lease_lost: bool = False,
+    oom_killed: bool = False,
+) -> Outcome:
     """Classify the end of a training process from the contract (``service.contract``).
 
     Args:
@@ -186,8 +197,11 @@ def classify_exit(returncode: int, result: EngineResult | None, log_lines: list[
         return Outcome("cancelled", f"training stopped on request{how}", exit_code=returncode)
     if shutting_down and (returncode in _STOPPED or sig is not None):
         if returncode == ExitCode.INTERRUPTED:
-            where = (f" ({result.checkpoint}, step {result.steps})"
-                     if result is not None and result.checkpoint else "")
+            where = (
+                f" ({result.checkpoint}, step {result.steps})"
+                if result is not None and result.checkpoint
+                else ""
+            )
             text = f"graceful stop: worker shutting down, training checkpointed{where}"
         elif returncode in _STOPPED:
             text = "graceful stop: worker shutting down before training started"
@@ -195,32 +209,65 @@ def classify_exit(returncode: int, result: EngineResult | None, log_lines: list[
             text = f"worker shutting down: training stopped by {_signal_name(sig or 0)}"
         return Outcome("requeue", text, exit_code=returncode)
     if returncode == ExitCode.FENCED:
-        return Outcome("failed", "the training stopped itself: " + (last or "its worker went "
-                       "silent"), FailureReason.lost_worker, returncode)
+        return Outcome(
+            "failed",
+            "the training stopped itself: " + (last or "its worker went silent"),
+            FailureReason.lost_worker,
+            returncode,
+        )
     if result is not None and result.outcome == contract.Outcome.failed and result.reason:
-        return Outcome("failed", result.message or last or result.reason.value, result.reason,
-                       returncode)
+        return Outcome(
+            "failed", result.message or last or result.reason.value, result.reason, returncode
+        )
     if returncode == ExitCode.INVALID_CONFIG:
-        return Outcome("failed", (result.message if result else "") or last or "invalid config",
-                       FailureReason.invalid_config, returncode)
+        return Outcome(
+            "failed",
+            (result.message if result else "") or last or "invalid config",
+            FailureReason.invalid_config,
+            returncode,
+        )
     if returncode == ExitCode.FAILED:
-        return Outcome("failed", last or "training exited with code 1", FailureReason.crashed,
-                       returncode)
+        return Outcome(
+            "failed", last or "training exited with code 1", FailureReason.crashed, returncode
+        )
     if sig is not None and returncode not in _STOPPED:
         if oom_killed:
-            return Outcome("failed", f"killed by {_signal_name(sig)}: out of memory (OOM killer)",
-                           FailureReason.out_of_memory, returncode)
-        return Outcome("failed", f"training process killed by {_signal_name(sig)}",
-                       FailureReason.killed, returncode)
+            return Outcome(
+                "failed",
+                f"killed by {_signal_name(sig)}: out of memory (OOM killer)",
+                FailureReason.out_of_memory,
+                returncode,
+            )
+        return Outcome(
+            "failed",
+            f"training process killed by {_signal_name(sig)}",
+            FailureReason.killed,
+            returncode,
+        )
     if returncode in _STOPPED:
-        return Outcome("failed", f"training stopped by {_signal_name(sig or signal.SIGTERM)} from "
-                       "outside the worker", FailureReason.killed, returncode)
-    return Outcome("failed", last or f"training exited with code {returncode}",
-                   FailureReason.crashed, returncode)
+        return Outcome(
+            "failed",
+            f"training stopped by {_signal_name(sig or signal.SIGTERM)} from outside the worker",
+            FailureReason.killed,
+            returncode,
+        )
+    return Outcome(
+        "failed",
+        last or f"training exited with code {returncode}",
+        FailureReason.crashed,
+        returncode,
+    )
 
 
-def finish_attempt(db: Database, run_id: uuid.UUID, attempt: int, outcome: Outcome, *,
-                   settings: Settings, worker_id: str) -> Run | None:
+def finish_attempt(
+    db: Database,
+    run_id: uuid.UUID,
+    attempt: int,
+    outcome: Outcome,
+    *,
+    settings: Settings,
+    worker_id: str,
+) -> Run | None:
     """Write ``outcome`` for ``attempt`` of the run: the one place where an attempt's end
     becomes a status, through ``service.runs`` (which writes the event row).
 
@@ -240,27 +287,55 @@ def finish_attempt(db: Database, run_id: uuid.UUID, attempt: int, outcome: Outco
         try:
             if outcome.kind == "failed" and outcome.reason in runs.RETRYABLE_REASONS:
                 return runs.retry_or_fail(
-                    session, run_id, outcome.reason, outcome.message,
-                    max_attempts=settings.max_attempts, attempt=attempt, actor=actor,
-                    exit_code=outcome.exit_code)
+                    session,
+                    run_id,
+                    outcome.reason,
+                    outcome.message,
+                    max_attempts=settings.max_attempts,
+                    attempt=attempt,
+                    actor=actor,
+                    exit_code=outcome.exit_code,
+                )
             if outcome.kind == "requeue":
                 try:
-                    return runs.transition(session, run_id, RunStatus.queued, outcome.message,
-                                           exit_code=outcome.exit_code, attempt=attempt,
-                                           actor=actor)
+                    return runs.transition(
+                        session,
+                        run_id,
+                        RunStatus.queued,
+                        outcome.message,
+                        exit_code=outcome.exit_code,
+                        attempt=attempt,
+                        actor=actor,
+                    )
                 except runs.InvalidTransition:  # a cancel request came in meanwhile
-                    return runs.transition(session, run_id, RunStatus.cancelled,
-                                           "cancelled while the worker was shutting down",
-                                           exit_code=outcome.exit_code, attempt=attempt,
-                                           actor=actor)
+                    return runs.transition(
+                        session,
+                        run_id,
+                        RunStatus.cancelled,
+                        "cancelled while the worker was shutting down",
+                        exit_code=outcome.exit_code,
+                        attempt=attempt,
+                        actor=actor,
+                    )
             status = outcome.status
             assert status is not None
             return runs.transition(
-                session, run_id, status, outcome.message, reason=outcome.reason,
-                exit_code=outcome.exit_code, attempt=attempt, actor=actor)
+                session,
+                run_id,
+                status,
+                outcome.message,
+                reason=outcome.reason,
+                exit_code=outcome.exit_code,
+                attempt=attempt,
+                actor=actor,
+            )
         except runs.LeaseLost:
-            log.warning("run %s attempt %d: lease lost before the outcome (%s) was written",
-                        run_id, attempt, outcome.kind)
+            log.warning(
+                "run %s attempt %d: lease lost before the outcome (%s) was written",
+                run_id,
+                attempt,
+                outcome.kind,
+            )
             return None
 
 
@@ -384,20 +459,37 @@ def _git_commit() -> str | None:
     if not (REPO_ROOT / ".git").exists():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     commit = out.stdout.strip()
-    return commit if out.returncode == 0 and len(commit) == 40 and set(commit) <= set("0123456789abcdef") else None
+    return (
+        commit
+        if out.returncode == 0 and len(commit) == 40 and set(commit) <= set("0123456789abcdef")
+        else None
+    )
 
 
 def _package_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"python": sys.version.split()[0]}
-    for name in ("moejobs", "torch", "litgpt", "lightning", "litdata", "tokenizers", "numpy",
-                 "celery", "sqlalchemy"):
+    for name in (
+        "moejobs",
+        "torch",
+        "litgpt",
+        "lightning",
+        "litdata",
+        "tokenizers",
+        "numpy",
+        "celery",
+        "sqlalchemy",
+    ):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -420,8 +512,11 @@ def provenance(train_doc: dict[str, Any], hardware: dict[str, Any]) -> dict[str,
         "seed": train_doc.get("seed"),
         "hardware": hardware,
         "data_hash": hash_files([args.get("train_data_path"), args.get("val_data_path")]),
-        "tokenizer_hash": (tokenizer_hash(Path(tokenizer_dir))
-                           if tokenizer_dir and Path(tokenizer_dir).is_dir() else None),
+        "tokenizer_hash": (
+            tokenizer_hash(Path(tokenizer_dir))
+            if tokenizer_dir and Path(tokenizer_dir).is_dir()
+            else None
+        ),
     }
 
 
@@ -451,8 +546,9 @@ def _cgroup_oom_kills() -> int | None:
         if parts[0] == "0":
             candidates.append(Path("/sys/fs/cgroup") / parts[2].lstrip("/") / "memory.events")
         elif "memory" in parts[1].split(","):
-            candidates.append(Path("/sys/fs/cgroup/memory") / parts[2].lstrip("/")
-                              / "memory.oom_control")
+            candidates.append(
+                Path("/sys/fs/cgroup/memory") / parts[2].lstrip("/") / "memory.oom_control"
+            )
     for path in candidates:
         try:
             for line in path.read_text().splitlines():
@@ -487,15 +583,27 @@ def _utc() -> datetime:
 def training_command(train_path: Path, model_path: Path, *, checkpoints: bool) -> list[str]:
     """The engine's command line (``python -m worker.entry``, the thin entry that installs the
     signal handlers and the fence before the engine loads) for two resolved config files."""
-    cmd = [sys.executable, "-m", "worker.entry", "--train-config", str(train_path),
-           "--model-config", str(model_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker.entry",
+        "--train-config",
+        str(train_path),
+        "--model-config",
+        str(model_path),
+    ]
     if not checkpoints:
         cmd.append("--no-checkpoints")
     return cmd
 
 
-def training_env(settings: Settings, info: WorkerInfo, *, attempt: int | None = None,
-                 watchdog_fd: int | None = None) -> dict[str, str]:
+def training_env(
+    settings: Settings,
+    info: WorkerInfo,
+    *,
+    attempt: int | None = None,
+    watchdog_fd: int | None = None,
+) -> dict[str, str]:
     """Environment of the training process: this process's, ``settings.to_env()`` (the
     trainer deadline, checkpoint-write allowance and engine among them), the repository on
     PYTHONPATH, unbuffered output, the parent-death marker, the worker's GPUs in
@@ -509,8 +617,7 @@ def training_env(settings: Settings, info: WorkerInfo, *, attempt: int | None = 
         env[contract.ENV_ATTEMPT] = str(attempt)
     if watchdog_fd is not None:
         env[contract.ENV_WATCHDOG_FD] = str(watchdog_fd)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env[PARENT_ENV] = str(os.getpid())
     if info.cuda_visible_devices is not None:
@@ -573,14 +680,19 @@ class _Attempt:
             log.warning("run %s attempt %d: lease lost (%s)", self.run_id, self.attempt, what)
             self.lease_lost = True
         except SQLAlchemyError as error:
-            log.warning("run %s: %s failed, retrying later: %s", self.run_id, what,
-                        str(error).splitlines()[0])
+            log.warning(
+                "run %s: %s failed, retrying later: %s",
+                self.run_id,
+                what,
+                str(error).splitlines()[0],
+            )
         return None
 
     def heartbeat(self) -> None:
         def beat(session):
-            return runs.heartbeat_run(session, self.run_id, self.info.worker_id, self.attempt,
-                                      self.settings.lease_seconds)
+            return runs.heartbeat_run(
+                session, self.run_id, self.info.worker_id, self.attempt, self.settings.lease_seconds
+            )
 
         # The lease runs from the moment the renewal was asked for, not from its answer: a
         # slow database must not make the watchdog vouch for longer than the lease lasts.
@@ -625,8 +737,12 @@ class _Attempt:
         if self.pending_metrics or self.metrics_keep_through is not None:
             rows, keep = self.pending_metrics, self.metrics_keep_through
             try:
-                done = self._write("metrics", lambda s: runs.record_metrics(
-                    s, self.run_id, rows, attempt=self.attempt, keep_through=keep))
+                done = self._write(
+                    "metrics",
+                    lambda s: runs.record_metrics(
+                        s, self.run_id, rows, attempt=self.attempt, keep_through=keep
+                    ),
+                )
             except ValueError as error:  # a malformed row: skip the batch, keep training
                 log.warning("run %s: metric rows skipped: %s", self.run_id, error)
                 done = 0
@@ -636,12 +752,18 @@ class _Attempt:
         if self.router.rewound:
             self.pending_router = []
             self.router_keep_through = _last_step(rows)
-        self.pending_router.extend(r for r in rows if {"step", "layer", "expert", "fraction"} <= set(r))
+        self.pending_router.extend(
+            r for r in rows if {"step", "layer", "expert", "fraction"} <= set(r)
+        )
         if self.pending_router or self.router_keep_through is not None:
             rows, keep = self.pending_router, self.router_keep_through
             try:
-                done = self._write("router stats", lambda s: runs.record_router_stats(
-                    s, self.run_id, rows, attempt=self.attempt, keep_through=keep))
+                done = self._write(
+                    "router stats",
+                    lambda s: runs.record_router_stats(
+                        s, self.run_id, rows, attempt=self.attempt, keep_through=keep
+                    ),
+                )
             except (ValueError, KeyError) as error:
                 log.warning("run %s: router rows skipped: %s", self.run_id, error)
                 done = 0
@@ -665,8 +787,15 @@ class _Attempt:
             result = self._write(
                 f"checkpoint {name}",
                 lambda s, name=name, path=path, step=step, size=size: runs.record_checkpoint(
-                    s, self.run_id, name, str(path), step=step, size_bytes=size,
-                    attempt=self.attempt))
+                    s,
+                    self.run_id,
+                    name,
+                    str(path),
+                    step=step,
+                    size_bytes=size,
+                    attempt=self.attempt,
+                ),
+            )
             if result is not None:
                 self.recorded[name] = mtime
                 log.info("run %s: checkpoint %s recorded (%d bytes)", self.run_id, name, size)
@@ -685,11 +814,11 @@ class _Attempt:
             try:
                 with self.db.session() as session:
                     runs.remove_checkpoint(session, self.run_id, name)
-                log.info("run %s: checkpoint %s removed (keep_checkpoints=%d)", self.run_id,
-                         name, keep)
+                log.info(
+                    "run %s: checkpoint %s removed (keep_checkpoints=%d)", self.run_id, name, keep
+                )
             except SQLAlchemyError as error:
-                log.warning("run %s: forgetting checkpoint %s failed: %s", self.run_id, name,
-                            error)
+                log.warning("run %s: forgetting checkpoint %s failed: %s", self.run_id, name, error)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -731,8 +860,13 @@ def _beat(fd: int) -> bool:
     return True
 
 
-def _watchdog(proc: subprocess.Popen, att: _Attempt, log_path: Path, done: threading.Event,
-              beat_fd: int | None) -> None:
+def _watchdog(
+    proc: subprocess.Popen,
+    att: _Attempt,
+    log_path: Path,
+    done: threading.Event,
+    beat_fd: int | None,
+) -> None:
     """Vouch for the lease to the training process and stop it when the lease is at risk
     (module docstring). While the last successful renewal is younger than
     ``settings.vouch_seconds`` a byte goes to the heartbeat pipe every poll; past that (the
@@ -752,23 +886,34 @@ def _watchdog(proc: subprocess.Popen, att: _Attempt, log_path: Path, done: threa
             pipe_open = _beat(beat_fd)
         elif silent >= vouch and not terminated and not att.lease_lost:
             terminated = att.self_fenced = True
-            log.error("run %s: lease not renewed for %.0f s: stopping the training", att.run_id,
-                      silent)
-            _log_line(log_path, f"lease not renewed for {silent:.0f} s (database unreachable?): "
-                      "SIGTERM to the training process")
+            log.error(
+                "run %s: lease not renewed for %.0f s: stopping the training", att.run_id, silent
+            )
+            _log_line(
+                log_path,
+                f"lease not renewed for {silent:.0f} s (database unreachable?): "
+                "SIGTERM to the training process",
+            )
             _signal_group(proc, signal.SIGTERM)
         if silent > kill_after and not killed:
             killed = True
-            _log_line(log_path, f"lease not renewed for {silent:.0f} s: SIGKILL before the lease "
-                      "expires")
+            _log_line(
+                log_path, f"lease not renewed for {silent:.0f} s: SIGKILL before the lease expires"
+            )
             _signal_group(proc, signal.SIGKILL)
         if done.wait(poll):
             return
 
 
-def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo, *,
-                    poll_seconds: float = POLL_SECONDS,
-                    command: list[str] | None = None) -> Outcome:
+def execute_attempt(
+    run: Run,
+    db: Database,
+    settings: Settings,
+    info: WorkerInfo,
+    *,
+    poll_seconds: float = POLL_SECONDS,
+    command: list[str] | None = None,
+) -> Outcome:
     """Run the claimed attempt ``run.attempt`` of ``run`` to its end and classify it (see the
     module docstring). Blocks until the training process has exited; it is never left
     running when this returns or raises. Does not write the final status: pass the
@@ -803,8 +948,13 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
         log_file = open(log_path, "ab")
         try:
             proc = subprocess.Popen(
-                cmd, cwd=str(run_dir), stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(read_fd,),
+                cmd,
+                cwd=str(run_dir),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=(read_fd,),
                 env=training_env(settings, info, attempt=run.attempt, watchdog_fd=read_fd),
             )
         finally:
@@ -814,8 +964,7 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
         if beat_fd is not None:
             os.close(beat_fd)
         log.exception("run %s: could not start training", run.id)
-        reason = (FailureReason.no_space if error.errno == errno.ENOSPC
-                  else FailureReason.crashed)
+        reason = FailureReason.no_space if error.errno == errno.ENOSPC else FailureReason.crashed
         return Outcome("failed", f"could not start training: {error}", reason)
     (run_dir / "train.pid").write_text(f"{proc.pid}\n", encoding="utf-8")
     log.info("run %s attempt %d: training pid %d", run.id, run.attempt, proc.pid)
@@ -824,9 +973,12 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
     grace = settings.cancel_grace_seconds
     heartbeat_every = settings.heartbeat_seconds
     watchdog_done = threading.Event()
-    watchdog = threading.Thread(target=_watchdog,
-                                args=(proc, att, log_path, watchdog_done, beat_fd),
-                                name=f"lease-watchdog-{run.id}", daemon=True)
+    watchdog = threading.Thread(
+        target=_watchdog,
+        args=(proc, att, log_path, watchdog_done, beat_fd),
+        name=f"lease-watchdog-{run.id}",
+        daemon=True,
+    )
     watchdog.start()
     next_heartbeat = time.monotonic() + heartbeat_every
     next_cancel_check = time.monotonic()
@@ -850,8 +1002,7 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
                 _log_line(log_path, f"{stop_reason}: SIGTERM to the training process")
                 _signal_group(proc, signal.SIGTERM)
                 att.stop_sent_at = now
-            elif (att.stop_sent_at is not None and not att.killed
-                  and now - att.stop_sent_at > grace):
+            elif att.stop_sent_at is not None and not att.killed and now - att.stop_sent_at > grace:
                 _log_line(log_path, f"{stop_reason}: no exit after {grace:.0f} s: SIGKILL")
                 _signal_group(proc, signal.SIGKILL)
                 att.killed = True
@@ -876,17 +1027,26 @@ def execute_attempt(run: Run, db: Database, settings: Settings, info: WorkerInfo
     if result is not None and result.attempt not in (None, run.attempt):
         result = None  # not this attempt's (cannot happen while the owner file is respected)
     outcome = classify_exit(
-        returncode, result, _read_tail(log_path, log_start),
+        returncode,
+        result,
+        _read_tail(log_path, log_start),
         cancel_requested=att.cancel_requested,
         shutting_down=info.shutdown.is_set() or att.self_fenced,
         lease_lost=att.lease_lost,
         oom_killed=oom_before is not None and oom_after is not None and oom_after > oom_before,
     )
     if att.self_fenced and outcome.kind == "requeue" and not info.shutdown.is_set():
-        outcome = Outcome("requeue", "graceful stop: database unreachable, training stopped to "
-                          "keep the lease safe", exit_code=returncode)
+        outcome = Outcome(
+            "requeue",
+            "graceful stop: database unreachable, training stopped to keep the lease safe",
+            exit_code=returncode,
+        )
     if att.pending_metrics and outcome.kind != "lease_lost":
         log.warning("run %s: %d metric rows could not be stored", run.id, len(att.pending_metrics))
-    _log_line(log_path, f"exit code {returncode}: {outcome.kind}"
-              + (f" ({outcome.reason.value})" if outcome.reason else "") + f": {outcome.message}")
+    _log_line(
+        log_path,
+        f"exit code {returncode}: {outcome.kind}"
+        + (f" ({outcome.reason.value})" if outcome.reason else "")
+        + f": {outcome.message}",
+    )
     return outcome

@@ -61,6 +61,7 @@ Environment (all optional):
 
 Every ENOSPC (a checkpoint, the CSV files) ends as ``no_space``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,15 +93,20 @@ FAULT_KINDS = ("crash", "oom", "nospace", "kill", "hang")
 
 #: Files of a complete checkpoint folder (``worker.checkpoint.REQUIRED``, without its torch import).
 WEIGHTS, MODEL_CONFIG, STATE_PT, STATE_JSON = (
-    "lit_model.pth", "model_config.yaml", "training_state.pt", "training_state.json")
+    "lit_model.pth",
+    "model_config.yaml",
+    "training_state.pt",
+    "training_state.json",
+)
 REQUIRED = (WEIGHTS, MODEL_CONFIG, STATE_PT, STATE_JSON)
 
 
 class StubError(Exception):
     """A failure the stub reports in ``result.json``: ``reason`` and the exit code."""
 
-    def __init__(self, reason: FailureReason, message: str,
-                 exit_code: ExitCode = ExitCode.FAILED) -> None:
+    def __init__(
+        self, reason: FailureReason, message: str, exit_code: ExitCode = ExitCode.FAILED
+    ) -> None:
         super().__init__(message)
         self.reason, self.exit_code = reason, exit_code
 
@@ -132,8 +138,10 @@ def parse_faults(text: str) -> list[Fault]:
             if step < 1:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{ENV_FAIL}: {item!r} is not KIND@STEP[:ATTEMPT] with KIND one of "
-                             f"{', '.join(FAULT_KINDS)} and STEP >= 1") from None
+            raise ValueError(
+                f"{ENV_FAIL}: {item!r} is not KIND@STEP[:ATTEMPT] with KIND one of "
+                f"{', '.join(FAULT_KINDS)} and STEP >= 1"
+            ) from None
         faults.append(Fault(kind, step, attempt))
     return faults
 
@@ -145,11 +153,17 @@ def _env_float(name: str, default: float) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise StubError(FailureReason.invalid_config, f"{name}: expected a number, got {text!r}",
-                        ExitCode.INVALID_CONFIG) from None
+        raise StubError(
+            FailureReason.invalid_config,
+            f"{name}: expected a number, got {text!r}",
+            ExitCode.INVALID_CONFIG,
+        ) from None
     if not math.isfinite(value) or value < 0:
-        raise StubError(FailureReason.invalid_config, f"{name}: expected a number >= 0, got "
-                        f"{text!r}", ExitCode.INVALID_CONFIG)
+        raise StubError(
+            FailureReason.invalid_config,
+            f"{name}: expected a number >= 0, got {text!r}",
+            ExitCode.INVALID_CONFIG,
+        )
     return value
 
 
@@ -264,8 +278,9 @@ def _fsync(path: Path) -> None:
 class _Engine:
     """One stub training process (see the module docstring)."""
 
-    def __init__(self, train_doc: dict, model_doc: dict, validated: Any, *,
-                 write_checkpoints: bool) -> None:
+    def __init__(
+        self, train_doc: dict, model_doc: dict, validated: Any, *, write_checkpoints: bool
+    ) -> None:
         from service.estimate import training_plan
         from worker import fence
 
@@ -282,8 +297,9 @@ class _Engine:
         try:
             self.faults = parse_faults(os.environ.get(ENV_FAIL, ""))
         except ValueError as error:
-            raise StubError(FailureReason.invalid_config, str(error),
-                            ExitCode.INVALID_CONFIG) from None
+            raise StubError(
+                FailureReason.invalid_config, str(error), ExitCode.INVALID_CONFIG
+            ) from None
         self.stop = _Stop()
         self.step = self.samples = self.tokens = 0
         self.loss: float | None = None
@@ -297,19 +313,39 @@ class _Engine:
         self.check_fenced()
         contract.append_event(self.out_dir, kind, attempt=self.attempt, **data)
 
-    def result(self, outcome: Outcome, exit_code: int, *, reason: FailureReason | None = None,
-               message: str = "", stopped_by: str | None = None) -> int:
+    def result(
+        self,
+        outcome: Outcome,
+        exit_code: int,
+        *,
+        reason: FailureReason | None = None,
+        message: str = "",
+        stopped_by: str | None = None,
+    ) -> int:
         """Write ``result.json`` and the ``finished`` event; returns ``exit_code``."""
         EngineResult(
-            outcome=outcome, reason=reason, message=message, exit_code=exit_code,
-            attempt=self.attempt, steps=self.step, planned_steps=self.plan.optimizer_steps,
-            tokens=self.tokens, final_loss=self.loss, val_loss=self.val_loss,
-            checkpoint=str(self.checkpoint) if self.checkpoint else None, stopped_by=stopped_by,
+            outcome=outcome,
+            reason=reason,
+            message=message,
+            exit_code=exit_code,
+            attempt=self.attempt,
+            steps=self.step,
+            planned_steps=self.plan.optimizer_steps,
+            tokens=self.tokens,
+            final_loss=self.loss,
+            val_loss=self.val_loss,
+            checkpoint=str(self.checkpoint) if self.checkpoint else None,
+            stopped_by=stopped_by,
             elapsed_s=round(time.monotonic() - self.started, 3),
         ).write(self.out_dir)
-        contract.append_event(self.out_dir, EventKind.finished, attempt=self.attempt,
-                              step=self.step, message=message or outcome.value,
-                              outcome=outcome.value)
+        contract.append_event(
+            self.out_dir,
+            EventKind.finished,
+            attempt=self.attempt,
+            step=self.step,
+            message=message or outcome.value,
+            outcome=outcome.value,
+        )
         return exit_code
 
     def check_fenced(self) -> None:
@@ -327,9 +363,15 @@ class _Engine:
         lr = self.plan.learning_rate(step, self.train.optimizer.lr, self.train.train.min_lr)
         tps = self.plan.tokens_per_step / self.step_seconds if self.step_seconds > 0 else None
         return {
-            "step": step, "tokens": self.tokens, "loss": self.loss, "learning_rate": lr,
-            "grad_norm": round(0.5 + 2.0 / math.sqrt(step), 6), "tokens_per_sec": tps,
-            "mfu": None, "elapsed_s": round(step * self.step_seconds, 6), "val_loss": val,
+            "step": step,
+            "tokens": self.tokens,
+            "loss": self.loss,
+            "learning_rate": lr,
+            "grad_norm": round(0.5 + 2.0 / math.sqrt(step), 6),
+            "tokens_per_sec": tps,
+            "mfu": None,
+            "elapsed_s": round(step * self.step_seconds, 6),
+            "val_loss": val,
             "val_ppl": math.exp(val) if val is not None else None,
         }
 
@@ -340,8 +382,10 @@ class _Engine:
         for layer in range(layers):
             weights = [1 + (step + layer + e) % n_expert for e in range(n_expert)]
             total = sum(weights)
-            rows.extend({"step": step, "layer": layer, "expert": e, "fraction": w / total}
-                        for e, w in enumerate(weights))
+            rows.extend(
+                {"step": step, "layer": layer, "expert": e, "fraction": w / total}
+                for e, w in enumerate(weights)
+            )
         return rows
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -355,14 +399,21 @@ class _Engine:
         tmp = self.out_dir / f".tmp-{name}-{pid}"
         target = self.out_dir / name
         meta = {
-            "step": self.step, "tokens": self.tokens, "samples": self.samples,
-            "loss": self.loss, "val_loss": self.val_loss,
+            "step": self.step,
+            "tokens": self.tokens,
+            "samples": self.samples,
+            "loss": self.loss,
+            "val_loss": self.val_loss,
             "elapsed_s": round(self.step * self.step_seconds, 6),
-            "planned_steps": self.plan.optimizer_steps, "world_size": self.plan.world_size,
-            "seq_len": self.plan.seq_len, "micro_batch_size": self.plan.micro_batch_size,
+            "planned_steps": self.plan.optimizer_steps,
+            "world_size": self.plan.world_size,
+            "seq_len": self.plan.seq_len,
+            "micro_batch_size": self.plan.micro_batch_size,
             "grad_accum_iters": self.plan.grad_accum_iters,
-            "train_config": self.train.model_dump(mode="json"), "model_name": self.model.name,
-            "engine": "stub", "attempt": self.attempt,
+            "train_config": self.train.model_dump(mode="json"),
+            "model_name": self.model.name,
+            "engine": "stub",
+            "attempt": self.attempt,
             "saved_at": contract.utc_now().isoformat(),
         }
         with self.guard.writing():
@@ -372,8 +423,10 @@ class _Engine:
             try:
                 head = f"moejobs stub weights, step {self.step}\n".encode()
                 _write(tmp / WEIGHTS, head + b"\0" * max(0, self.ckpt_bytes - len(head)))
-                _write(tmp / MODEL_CONFIG,
-                       yaml.safe_dump(self.model_doc, sort_keys=False).encode("utf-8"))
+                _write(
+                    tmp / MODEL_CONFIG,
+                    yaml.safe_dump(self.model_doc, sort_keys=False).encode("utf-8"),
+                )
                 _write(tmp / STATE_PT, f"moejobs stub state, step {self.step}\n".encode())
                 _write(tmp / STATE_JSON, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
                 for f in REQUIRED:
@@ -391,8 +444,7 @@ class _Engine:
                 raise
         self.checkpoint = target
         self.event(EventKind.checkpoint_written, step=self.step, path=str(target), name=name)
-        print(f"stub: checkpoint {target} written (step {self.step})", file=sys.stderr,
-              flush=True)
+        print(f"stub: checkpoint {target} written (step {self.step})", file=sys.stderr, flush=True)
         return target
 
     # -- the run ---------------------------------------------------------------------------------
@@ -402,38 +454,48 @@ class _Engine:
         if resume is False:
             existing = latest_checkpoint(self.out_dir)
             if existing is not None:
-                raise StubError(FailureReason.invalid_config,
-                                f"resume: false but out_dir {self.out_dir} already holds "
-                                f"checkpoints ({existing.path.name}); set resume: auto to "
-                                "continue that run", ExitCode.INVALID_CONFIG)
+                raise StubError(
+                    FailureReason.invalid_config,
+                    f"resume: false but out_dir {self.out_dir} already holds "
+                    f"checkpoints ({existing.path.name}); set resume: auto to "
+                    "continue that run",
+                    ExitCode.INVALID_CONFIG,
+                )
             return None
         if resume is True or resume == "auto":
             latest = latest_checkpoint(self.out_dir)
             if latest is None and resume is True:
-                raise StubError(FailureReason.invalid_config, f"resume: true but out_dir "
-                                f"{self.out_dir} holds no complete checkpoint",
-                                ExitCode.INVALID_CONFIG)
+                raise StubError(
+                    FailureReason.invalid_config,
+                    f"resume: true but out_dir {self.out_dir} holds no complete checkpoint",
+                    ExitCode.INVALID_CONFIG,
+                )
             return latest
         info = read_checkpoint(Path(str(resume)))
         if info is None:
-            raise StubError(FailureReason.invalid_config, f"resume: {resume} is not a complete "
-                            f"checkpoint folder (needs {', '.join(REQUIRED)})",
-                            ExitCode.INVALID_CONFIG)
+            raise StubError(
+                FailureReason.invalid_config,
+                f"resume: {resume} is not a complete "
+                f"checkpoint folder (needs {', '.join(REQUIRED)})",
+                ExitCode.INVALID_CONFIG,
+            )
         return info
 
     def fault(self, step: int) -> None:
         for fault in self.faults:
             if fault.step != step or (fault.attempt is not None and fault.attempt != self.attempt):
                 continue
-            print(f"stub: injected fault {fault.kind} at step {step}", file=sys.stderr,
-                  flush=True)
+            print(f"stub: injected fault {fault.kind} at step {step}", file=sys.stderr, flush=True)
             if fault.kind == "crash":
                 raise RuntimeError(f"injected crash at step {step}")
             if fault.kind == "oom":
                 raise MemoryError(f"injected out of memory at step {step}")
             if fault.kind == "nospace":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
-                              str(self.out_dir / contract.METRICS_FILE))
+                raise OSError(
+                    errno.ENOSPC,
+                    os.strerror(errno.ENOSPC),
+                    str(self.out_dir / contract.METRICS_FILE),
+                )
             if fault.kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault.kind == "hang":
@@ -449,9 +511,10 @@ class _Engine:
         data_args = self.train.data.init_args
         train_path = Path(str(data_args.train_data_path))
         if not train_path.is_dir() or not any(train_path.glob("*.txt")):
-            raise StubError(FailureReason.invalid_data,
-                            f"data.init_args.train_data_path: {train_path} is not a folder "
-                            "with .txt files")
+            raise StubError(
+                FailureReason.invalid_data,
+                f"data.init_args.train_data_path: {train_path} is not a folder with .txt files",
+            )
         self.event(EventKind.data_ready)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _clean_stale(self.out_dir)
@@ -461,30 +524,43 @@ class _Engine:
             self.samples = int(start.meta.get("samples", 0))
             self.tokens = int(start.meta.get("tokens", 0))
             self.loss, self.val_loss = start.meta.get("loss"), start.meta.get("val_loss")
-            print(f"stub: resuming from {start.path} (step {start.step})", file=sys.stderr,
-                  flush=True)
+            print(
+                f"stub: resuming from {start.path} (step {start.step})", file=sys.stderr, flush=True
+            )
         until = time.monotonic() + self.start_seconds
         while self.stop.signal is None and time.monotonic() < until:
             time.sleep(min(0.02, max(0.0, until - time.monotonic())))
         if self.stop.signal is not None:
             return self.before_start()
-        self.event(EventKind.model_built, step=self.step,
-                   planned_steps=self.plan.optimizer_steps)
-        if (start is not None and start.path.name == contract.FINAL
-                and start.step >= self.plan.optimizer_steps):
+        self.event(EventKind.model_built, step=self.step, planned_steps=self.plan.optimizer_steps)
+        if (
+            start is not None
+            and start.path.name == contract.FINAL
+            and start.step >= self.plan.optimizer_steps
+        ):
             self.checkpoint = start.path
-            return self.result(Outcome.succeeded, ExitCode.OK, stopped_by="nothing_to_do",
-                               message=f"nothing to do: {start.path} reached step {start.step}")
+            return self.result(
+                Outcome.succeeded,
+                ExitCode.OK,
+                stopped_by="nothing_to_do",
+                message=f"nothing to do: {start.path} reached step {start.step}",
+            )
         if self.stop.signal is not None:
             return self.before_start()
         keep = self.step if start is not None else None
         metrics = MetricsWriter(self.out_dir / contract.METRICS_FILE, resume_step=keep)
-        router = (MetricsWriter(self.out_dir / contract.ROUTER_FILE, resume_step=keep,
-                                header=contract.ROUTER_HEADER) if self.model.is_moe else None)
+        router = (
+            MetricsWriter(
+                self.out_dir / contract.ROUTER_FILE, resume_step=keep, header=contract.ROUTER_HEADER
+            )
+            if self.model.is_moe
+            else None
+        )
         t = self.train.train
         interval = self.train.eval.interval
-        samples_per_step = self.plan.grad_accum_iters * self.plan.world_size * \
-            self.plan.micro_batch_size
+        samples_per_step = (
+            self.plan.grad_accum_iters * self.plan.world_size * self.plan.micro_batch_size
+        )
         first = True
         try:
             while self.step < self.plan.optimizer_steps:
@@ -502,8 +578,9 @@ class _Engine:
                 interrupted = self.stop.signal is not None
                 last = step >= self.plan.optimizer_steps or interrupted
                 val = None
-                if (interval and step % interval == 0) or \
-                        (last and not interrupted and self.train.eval.final_validation):
+                if (interval and step % interval == 0) or (
+                    last and not interrupted and self.train.eval.final_validation
+                ):
                     val = self.val_loss = round(self.loss + 0.1, 6)
                 if step % t.log_interval == 0 or val is not None or last:
                     metrics.write(self.metrics_row(step, val))
@@ -515,13 +592,18 @@ class _Engine:
                 if interrupted:
                     self.event(EventKind.stop_requested, step=step, signal=self.stop.name)
                     path = self.save(contract.step_dir_name(step))
-                    message = (f"stopped by {self.stop.name} after optimizer step {step}; "
-                               + (f"checkpoint {path}; run again with resume: auto to "
-                                  "continue" if path else "checkpoints are off, nothing to "
-                                  "resume from"))
+                    message = f"stopped by {self.stop.name} after optimizer step {step}; " + (
+                        f"checkpoint {path}; run again with resume: auto to continue"
+                        if path
+                        else "checkpoints are off, nothing to resume from"
+                    )
                     print(f"error: interrupted: {message}", file=sys.stderr, flush=True)
-                    return self.result(Outcome.interrupted, ExitCode.INTERRUPTED,
-                                       message=message, stopped_by=self.stop.name)
+                    return self.result(
+                        Outcome.interrupted,
+                        ExitCode.INTERRUPTED,
+                        message=message,
+                        stopped_by=self.stop.name,
+                    )
                 if t.save_interval and step % t.save_interval == 0:
                     self.save(contract.step_dir_name(step))
             self.save(contract.FINAL)
@@ -529,22 +611,43 @@ class _Engine:
             metrics.close()
             if router is not None:
                 router.close()
-        print(json.dumps({"steps": self.step, "tokens": self.tokens, "final_loss": self.loss,
-                          "val_loss": self.val_loss, "engine": "stub",
-                          "checkpoint_dir": str(self.checkpoint) if self.checkpoint else None,
-                          "stopped_by": "completed"}), flush=True)
-        return self.result(Outcome.succeeded, ExitCode.OK, stopped_by="completed",
-                           message=f"trained {self.step} steps")
+        print(
+            json.dumps(
+                {
+                    "steps": self.step,
+                    "tokens": self.tokens,
+                    "final_loss": self.loss,
+                    "val_loss": self.val_loss,
+                    "engine": "stub",
+                    "checkpoint_dir": str(self.checkpoint) if self.checkpoint else None,
+                    "stopped_by": "completed",
+                }
+            ),
+            flush=True,
+        )
+        return self.result(
+            Outcome.succeeded,
+            ExitCode.OK,
+            stopped_by="completed",
+            message=f"trained {self.step} steps",
+        )
 
     def before_start(self) -> int:
         """A signal before the first step: one line, exit 128 + N, nothing trained."""
         signum = self.stop.signal or signal.SIGTERM
         self.event(EventKind.stop_requested, step=self.step, signal=self.stop.name)
         print("interrupted before training started", file=sys.stderr, flush=True)
-        code = (ExitCode.SIGINT_BEFORE_START if signum == signal.SIGINT
-                else ExitCode.SIGTERM_BEFORE_START)
-        return self.result(Outcome.interrupted, code, stopped_by=self.stop.name,
-                           message="interrupted before training started")
+        code = (
+            ExitCode.SIGINT_BEFORE_START
+            if signum == signal.SIGINT
+            else ExitCode.SIGTERM_BEFORE_START
+        )
+        return self.result(
+            Outcome.interrupted,
+            code,
+            stopped_by=self.stop.name,
+            message="interrupted before training started",
+        )
 
 
 def _out_dir_of(doc: Any) -> Path:
@@ -560,10 +663,20 @@ def _report_early(out_dir: Path, error: StubError) -> int:
     guard = fence.current()
     attempt = guard.attempt if guard is not None else None
     try:
-        EngineResult(outcome=Outcome.failed, reason=error.reason, message=str(error),
-                     exit_code=int(error.exit_code), attempt=attempt).write(out_dir)
-        contract.append_event(out_dir, EventKind.finished, attempt=attempt, message=str(error),
-                              outcome=Outcome.failed.value)
+        EngineResult(
+            outcome=Outcome.failed,
+            reason=error.reason,
+            message=str(error),
+            exit_code=int(error.exit_code),
+            attempt=attempt,
+        ).write(out_dir)
+        contract.append_event(
+            out_dir,
+            EventKind.finished,
+            attempt=attempt,
+            message=str(error),
+            outcome=Outcome.failed.value,
+        )
     except OSError:
         pass
     return int(error.exit_code)
@@ -571,8 +684,10 @@ def _report_early(out_dir: Path, error: StubError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the stub engine (module docstring); returns the exit code (``ExitCode``)."""
-    parser = argparse.ArgumentParser(prog="python -m worker.entry (MOEJOBS_ENGINE=stub)",
-                                     description="The torch-free stub engine.")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.entry (MOEJOBS_ENGINE=stub)",
+        description="The torch-free stub engine.",
+    )
     parser.add_argument("--train-config", required=True)
     parser.add_argument("--model-config", required=True)
     parser.add_argument("--no-checkpoints", action="store_true")
@@ -589,13 +704,17 @@ def main(argv: list[str] | None = None) -> int:
         validated = validate_configs(train_doc, model_doc)
     except ConfigError as exc:
         print("error: invalid config\n" + str(exc), file=sys.stderr, flush=True)
-        return _report_early(_out_dir_of(train_doc), StubError(
-            FailureReason.invalid_config, "; ".join(str(e) for e in exc.errors),
-            ExitCode.INVALID_CONFIG))
+        return _report_early(
+            _out_dir_of(train_doc),
+            StubError(
+                FailureReason.invalid_config,
+                "; ".join(str(e) for e in exc.errors),
+                ExitCode.INVALID_CONFIG,
+            ),
+        )
     out_dir = Path(validated.train.out_dir)
     try:
-        engine = _Engine(train_doc, model_doc, validated,
-                         write_checkpoints=not args.no_checkpoints)
+        engine = _Engine(train_doc, model_doc, validated, write_checkpoints=not args.no_checkpoints)
     except StubError as exc:
         print(f"error: {exc.reason.value}: {exc}", file=sys.stderr, flush=True)
         return _report_early(out_dir, exc)
@@ -604,24 +723,28 @@ def main(argv: list[str] | None = None) -> int:
     except Fenced as exc:
         # another attempt owns the folder (or will): nothing more is written into it
         try:
-            contract.append_event(out_dir, EventKind.fenced, attempt=engine.attempt,
-                                  message=str(exc))
+            contract.append_event(
+                out_dir, EventKind.fenced, attempt=engine.attempt, message=str(exc)
+            )
         except OSError:
             pass
-        print(f"error: fenced: {exc}: training stopped without writing more", file=sys.stderr,
-              flush=True)
+        print(
+            f"error: fenced: {exc}: training stopped without writing more",
+            file=sys.stderr,
+            flush=True,
+        )
         return int(ExitCode.FENCED)
     except StubError as exc:
         print(f"error: {exc.reason.value}: {exc}", file=sys.stderr, flush=True)
-        return engine.result(Outcome.failed, int(exc.exit_code), reason=exc.reason,
-                             message=str(exc))
+        return engine.result(
+            Outcome.failed, int(exc.exit_code), reason=exc.reason, message=str(exc)
+        )
     except Exception as exc:  # a crash: the traceback for the log, then one line
         traceback.print_exc()
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             where = Path(exc.filename) if exc.filename else out_dir
             reason = FailureReason.no_space
-            message = (f"no space left on device writing {where} "
-                       f"({_free_space(where)})")
+            message = f"no space left on device writing {where} ({_free_space(where)})"
         elif isinstance(exc, MemoryError):
             reason, message = FailureReason.out_of_memory, f"MemoryError: {exc}"
         else:
@@ -629,8 +752,9 @@ def main(argv: list[str] | None = None) -> int:
             reason, message = FailureReason.crashed, f"{type(exc).__name__}: {first}"
         print(f"error: {reason.value}: {message}", file=sys.stderr, flush=True)
         try:
-            return engine.result(Outcome.failed, int(ExitCode.FAILED), reason=reason,
-                                 message=message)
+            return engine.result(
+                Outcome.failed, int(ExitCode.FAILED), reason=reason, message=message
+            )
         except OSError:
             return int(ExitCode.FAILED)
 

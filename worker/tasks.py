@@ -4,6 +4,7 @@ callable without Celery.
 
 Nothing here imports torch; the training happens in a subprocess (``worker.runner``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,8 +64,9 @@ def train_run(run_id: str) -> dict[str, Any]:
     db, settings = runtime.database(), runtime.settings
     if runtime.shutdown.is_set():
         runtime.resend_at_exit(rid)
-        log.info("run %s: this worker is stopping; left queued and sent again when it has "
-                 "stopped", rid)
+        log.info(
+            "run %s: this worker is stopping; left queued and sent again when it has stopped", rid
+        )
         return {"run_id": str(rid), "claimed": False, "why": "worker stopping"}
 
     with db.session() as session:
@@ -74,17 +76,27 @@ def train_run(run_id: str) -> dict[str, Any]:
             log.warning("run %s: not found (deleted?), message ignored", rid)
             return {"run_id": str(rid), "claimed": False, "why": "not found"}
         if run.status != RunStatus.queued:
-            log.info("run %s is %s: message ignored (duplicate or late delivery)", rid,
-                     run.status.value)
+            log.info(
+                "run %s is %s: message ignored (duplicate or late delivery)", rid, run.status.value
+            )
             return {"run_id": str(rid), "claimed": False, "why": run.status.value}
         devices = _devices(run.resolved_train)
-        if not runs.worker_can_serve(Worker(id=runtime.worker_id, host="",
-                                            gpu_count=len(runtime.gpus)), devices):
-            log.warning("run %s asks for %d device(s); this worker owns %d GPU(s): left queued "
-                        "for another worker", rid, devices, len(runtime.gpus))
+        if not runs.worker_can_serve(
+            Worker(id=runtime.worker_id, host="", gpu_count=len(runtime.gpus)), devices
+        ):
+            log.warning(
+                "run %s asks for %d device(s); this worker owns %d GPU(s): left queued "
+                "for another worker",
+                rid,
+                devices,
+                len(runtime.gpus),
+            )
             return {"run_id": str(rid), "claimed": False, "why": "not enough devices"}
-        decision = prepare.decide(run, settings, lambda: bool(runs.live_workers(
-            session, settings.worker_stale_seconds, role="aux")))
+        decision = prepare.decide(
+            run,
+            settings,
+            lambda: bool(runs.live_workers(session, settings.worker_stale_seconds, role="aux")),
+        )
         if decision.action == "prepare":
             try:
                 prepare.write_marker(settings.run_dir(rid), "sent", worker=runtime.worker_id)
@@ -95,8 +107,9 @@ def train_run(run_id: str) -> dict[str, Any]:
 
                 sent = enqueue_prepare(runtime.app(), str(rid))
                 if not sent.ok:  # the reconciler sends the run again; this worker asks again
-                    prepare.write_marker(settings.run_dir(rid), "failed-to-send",
-                                         message=sent.error)
+                    prepare.write_marker(
+                        settings.run_dir(rid), "failed-to-send", message=sent.error
+                    )
         if decision.action != "train":
             log.info("run %s left queued: %s", rid, decision.why)
             return {"run_id": str(rid), "claimed": False, "why": decision.why}
@@ -112,27 +125,45 @@ def train_run(run_id: str) -> dict[str, Any]:
         outcome = execute_attempt(run, db, settings, runtime.info)
     except Exception as error:  # a bug of ours: the run must not stay running
         log.exception("run %s: worker error", rid)
-        outcome = Outcome("failed", f"worker error: {type(error).__name__}: {error}",
-                          FailureReason.crashed)
+        outcome = Outcome(
+            "failed", f"worker error: {type(error).__name__}: {error}", FailureReason.crashed
+        )
     except BaseException:  # Celery's hard shutdown: the child is dead; give the run back
-        _finish_and_requeue(runtime, rid, attempt,
-                            Outcome("requeue", "worker terminated: training killed"))
+        _finish_and_requeue(
+            runtime, rid, attempt, Outcome("requeue", "worker terminated: training killed")
+        )
         raise
     moved = _finish_and_requeue(runtime, rid, attempt, outcome)
     status = moved.status.value if moved is not None else "not recorded"
     log.info("run %s attempt %d: %s (%s)", rid, attempt, status, outcome.message)
-    return {"run_id": str(rid), "claimed": True, "attempt": attempt, "status": status,
-            "reason": outcome.reason.value if outcome.reason else None}
+    return {
+        "run_id": str(rid),
+        "claimed": True,
+        "attempt": attempt,
+        "status": status,
+        "reason": outcome.reason.value if outcome.reason else None,
+    }
 
 
 def _finish_and_requeue(runtime, rid: uuid.UUID, attempt: int, outcome: Outcome):
     try:
-        moved = finish_attempt(runtime.database(), rid, attempt, outcome,
-                               settings=runtime.settings, worker_id=runtime.worker_id)
+        moved = finish_attempt(
+            runtime.database(),
+            rid,
+            attempt,
+            outcome,
+            settings=runtime.settings,
+            worker_id=runtime.worker_id,
+        )
     except SQLAlchemyError as error:  # database down: the run keeps its (expiring) lease
-        log.error("run %s attempt %d: outcome %s not recorded (%s); the reconciler re-queues "
-                  "the run once its lease expires", rid, attempt, outcome.kind,
-                  str(error).splitlines()[0])
+        log.error(
+            "run %s attempt %d: outcome %s not recorded (%s); the reconciler re-queues "
+            "the run once its lease expires",
+            rid,
+            attempt,
+            outcome.kind,
+            str(error).splitlines()[0],
+        )
         return None
     if moved is not None and moved.status == RunStatus.queued:
         if outcome.kind == "requeue" and runtime.shutdown.is_set():
@@ -165,12 +196,19 @@ def prepare_data(run_id: str) -> dict[str, Any]:
             result = enqueue(runtime.app(), str(target))
             if not result.ok:  # the reconciler re-sends queued runs
                 log.warning("run %s: message not sent: %s", target, result.error)
+
         return go
 
     outcome = prepare.prepare_run(
-        rid, db=runtime.database(), settings=runtime.settings, worker_id=runtime.worker_id,
-        send_train=send(enqueue_run), send_prepare=send(enqueue_prepare),
-        shutdown=runtime.shutdown.is_set, env=training_env(runtime.settings, runtime.info))
+        rid,
+        db=runtime.database(),
+        settings=runtime.settings,
+        worker_id=runtime.worker_id,
+        send_train=send(enqueue_run),
+        send_prepare=send(enqueue_prepare),
+        shutdown=runtime.shutdown.is_set,
+        env=training_env(runtime.settings, runtime.info),
+    )
     log.info("run %s data preparation: %s (%s)", rid, outcome.state, outcome.message)
     return {"run_id": str(rid), "state": outcome.state, "message": outcome.message}
 
@@ -185,16 +223,23 @@ def _text_folders(dataset_dir: Path) -> list[Path]:
     return found
 
 
-def train_tokenizer(name: str, dataset_dir: str, out_dir: str, vocab_size: int = 4096
-                    ) -> dict[str, Any]:
+def train_tokenizer(
+    name: str, dataset_dir: str, out_dir: str, vocab_size: int = 4096
+) -> dict[str, Any]:
     """The :data:`service.queue.TOKENIZER_TASK` task: :func:`tokenizer_job` with this worker's
     settings."""
-    return tokenizer_job(current_runtime().settings, name=name, dataset_dir=dataset_dir,
-                         out_dir=out_dir, vocab_size=vocab_size)
+    return tokenizer_job(
+        current_runtime().settings,
+        name=name,
+        dataset_dir=dataset_dir,
+        out_dir=out_dir,
+        vocab_size=vocab_size,
+    )
 
 
-def tokenizer_job(settings: Settings, *, name: str, dataset_dir: str, out_dir: str,
-                  vocab_size: int = 4096) -> dict[str, Any]:
+def tokenizer_job(
+    settings: Settings, *, name: str, dataset_dir: str, out_dir: str, vocab_size: int = 4096
+) -> dict[str, Any]:
     """Train tokenizer ``name`` on the ``.txt`` files in ``dataset_dir`` (and its sub-folders)
     into ``out_dir`` (``worker.tokenizer.train_tokenizer``: written under a temporary name and
     renamed, so a folder with ``tokenizer.json`` is complete; an earlier tokenizer there is
@@ -215,8 +260,12 @@ def tokenizer_job(settings: Settings, *, name: str, dataset_dir: str, out_dir: s
     marker, error_file = tokenizer_marker_paths(settings, name)
     # a duplicate delivery finds the marker gone: the record of the first delivery has the request
     request = _read_request(marker) or _read_request(Path(out_dir) / TOKENIZER_RECORD)
-    record = {"name": name, "dataset": request.get("dataset"), "dataset_dir": str(dataset_dir),
-              "requested_at": request.get("requested_at")}
+    record = {
+        "name": name,
+        "dataset": request.get("dataset"),
+        "dataset_dir": str(dataset_dir),
+        "requested_at": request.get("requested_at"),
+    }
     try:
         folders = _text_folders(Path(dataset_dir))
         if not folders:

@@ -9,6 +9,7 @@ tokenizer task) also holds :data:`RECORD_FILE`, the request it was trained for.
 :func:`train_tokenizer` replaces its destination only when that is new, empty or an earlier
 tokenizer folder (nothing but the files above), never the current folder or a data folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,12 @@ def _iter_texts(folders: list[Path]) -> Iterator[str]:
             yield read_text(path)
 
 
-def train_tokenizer(text_dirs: list[Path], out_dir: Path, vocab_size: int = 4096,
-                    record: Mapping[str, object] | None = None) -> Path:
+def train_tokenizer(
+    text_dirs: list[Path],
+    out_dir: Path,
+    vocab_size: int = 4096,
+    record: Mapping[str, object] | None = None,
+) -> Path:
     """Train a byte-level BPE tokenizer on the ``*.txt`` files of ``text_dirs`` into ``out_dir``.
 
     The vocabulary holds ``vocab_size`` ids in total (256 byte symbols, the merges, and the two
@@ -159,11 +164,19 @@ def train_tokenizer(text_dirs: list[Path], out_dir: Path, vocab_size: int = 4096
                 "model_max_length": 1_000_000,
             },
         )
-        _write_json(tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
+        _write_json(
+            tmp / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id}
+        )
         if record is not None:
-            _write_json(tmp / RECORD_FILE, {**record, "requested_vocab_size": vocab_size,
-                                            "vocab_size": learned,
-                                            "warnings": _short_vocab(vocab_size, learned)})
+            _write_json(
+                tmp / RECORD_FILE,
+                {
+                    **record,
+                    "requested_vocab_size": vocab_size,
+                    "vocab_size": learned,
+                    "warnings": _short_vocab(vocab_size, learned),
+                },
+            )
         check_out_dir(out_dir, folders)  # again: it may have changed while the tokenizer trained
         _replace_folder(tmp, target)
     except BaseException:
@@ -215,7 +228,9 @@ def check_out_dir(out_dir: Path, text_dirs: Iterable[Path] = ()) -> Path:
         if entry.name not in _TOKENIZER_OUTPUTS or not entry.is_file()
     )
     if in_the_way:
-        shown = ", ".join(in_the_way[:5]) + (f" and {len(in_the_way) - 5} more" if len(in_the_way) > 5 else "")
+        shown = ", ".join(in_the_way[:5]) + (
+            f" and {len(in_the_way) - 5} more" if len(in_the_way) > 5 else ""
+        )
         raise DataError(f"{given} is not a tokenizer folder (it holds {shown}): {choose}")
     return target
 
@@ -239,12 +254,16 @@ def _replace_folder(new: Path, target: Path) -> None:
         try:
             old.rmdir()
         except OSError:  # something appeared in it after the check: keep it, never delete it
-            log.warning("kept %s: files appeared in the old tokenizer folder while replacing it", old)
+            log.warning(
+                "kept %s: files appeared in the old tokenizer folder while replacing it", old
+            )
 
 
 def _short_vocab(requested: int, learned: int) -> list[str]:
     if learned < requested:
-        return [f"the corpus has too little distinct text for {requested} tokens: {learned} learned"]
+        return [
+            f"the corpus has too little distinct text for {requested} tokens: {learned} learned"
+        ]
     return []
 
 
@@ -260,7 +279,8 @@ def vocab_warnings(tokenizer_dir: Path, vocab_size: int) -> list[str]:
     from tokenizers import Tokenizer
 
     learned = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(
-        with_added_tokens=True)
+        with_added_tokens=True
+    )
     return _short_vocab(vocab_size, learned)
 
 

@@ -57,6 +57,7 @@ warning is also the ``data_ready`` event's message). With
 ``initial_checkpoint_dir``, ``resume: auto``/``true`` continues the run's own checkpoint and the
 initial weights are used only when it has none.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -210,7 +211,10 @@ def lightning_precision(precision: str, device_type: str) -> tuple[str, str | No
     16-mixed on a CPU runs as bf16 autocast (what Lightning 2.6 does silently; made explicit here).
     """
     if device_type == "cpu" and precision == "16-mixed":
-        return "bf16-mixed", "precision 16-mixed on CPU runs as bf16-mixed (CPU autocast has no fp16 GradScaler path)"
+        return (
+            "bf16-mixed",
+            "precision 16-mixed on CPU runs as bf16-mixed (CPU autocast has no fp16 GradScaler path)",
+        )
     return precision, None
 
 
@@ -314,11 +318,15 @@ def build_model(
         except ImportError as exc:
             moe = None
             if router_losses:
-                raise PreflightError(f"train.moe_aux_loss_coef/moe_z_loss_coef: need worker.moe ({exc})") from None
+                raise PreflightError(
+                    f"train.moe_aux_loss_coef/moe_z_loss_coef: need worker.moe ({exc})"
+                ) from None
             notes.append(f"worker.moe not importable ({exc}): LitGPT's per-expert LLaMAMoE loop")
         if moe is not None and moe_implementation == "grouped":
             n = moe.swap_moe_layers(gpt, router_losses=router_losses)
-            notes.append(f"moe_implementation grouped: {n} LLaMAMoE layers replaced by worker.moe.GroupedMoE")
+            notes.append(
+                f"moe_implementation grouped: {n} LLaMAMoE layers replaced by worker.moe.GroupedMoE"
+            )
         elif moe is not None:
             notes.append("moe_implementation loop: LitGPT's per-expert LLaMAMoE loop")
             moe.attach_router_telemetry(gpt, router_losses=router_losses)  # router.csv for both
@@ -327,8 +335,11 @@ def build_model(
     from worker.gqa import use_gqa_attention
 
     n_gqa = use_gqa_attention(gpt)
-    notes.append(f"attention: SDPA with enable_gqa (no repeated K/V) in {n_gqa} grouped-query layers"
-                 if n_gqa else "attention: SDPA (multi-head; no grouped-query layers)")
+    notes.append(
+        f"attention: SDPA with enable_gqa (no repeated K/V) in {n_gqa} grouped-query layers"
+        if n_gqa
+        else "attention: SDPA (multi-head; no grouped-query layers)"
+    )
     if gradient_checkpointing:
         n = _checkpoint_block_forwards(gpt)
         notes.append(f"gradient_checkpointing: activation checkpointing of {n} transformer blocks")
@@ -359,32 +370,50 @@ def moe_backend_notes(raw: nn.Module, device, dtype: torch.dtype, notes: list[st
     if not found:
         return None
     capability = moe.device_capability(device)
-    where = f"{torch.device(device).type}" + (f" sm{capability[0]}{capability[1]}" if capability else "")
-    listed = ", ".join(f"{name} ({n} layer{'s' if n != 1 else ''})" for name, n in sorted(found.items()))
+    where = f"{torch.device(device).type}" + (
+        f" sm{capability[0]}{capability[1]}" if capability else ""
+    )
+    listed = ", ".join(
+        f"{name} ({n} layer{'s' if n != 1 else ''})" for name, n in sorted(found.items())
+    )
     notes.append(f"MoE expert backend on {where}, {str(dtype).removeprefix('torch.')}: {listed}")
     if "dense" in found:
-        notes.append("MoE backend dense computes every expert on every token (n_expert / k x the expert FLOPs): "
-                     "the widths are not 16-byte aligned, or the device is neither CPU nor CUDA")
+        notes.append(
+            "MoE backend dense computes every expert on every token (n_expert / k x the expert FLOPs): "
+            "the widths are not 16-byte aligned, or the device is neither CPU nor CUDA"
+        )
     sync = sorted(set(found) & moe.HOST_SYNC_BACKENDS)
     if sync:
-        return (f"MoE backend {sync[0]} reads the expert offsets on the host once per layer (no fast grouped GEMM "
-                f"for {str(dtype).removeprefix('torch.')} on {where})")
+        return (
+            f"MoE backend {sync[0]} reads the expert offsets on the host once per layer (no fast grouped GEMM "
+            f"for {str(dtype).removeprefix('torch.')} on {where})"
+        )
     return None
 
 
-def effective_compile_mode(compile_mode: str, device_type: str, no_cudagraphs: str | None) -> tuple[str | None, str | None]:
+def effective_compile_mode(
+    compile_mode: str, device_type: str, no_cudagraphs: str | None
+) -> tuple[str | None, str | None]:
     """``torch.compile``'s ``mode`` for ``optimization.compile_mode`` (``"default"`` -> None) and a log
     line when it had to change: on CUDA with a ``no_cudagraphs`` reason, ``reduce-overhead`` becomes
     ``default`` and ``max-autotune`` becomes ``max-autotune-no-cudagraphs``."""
     mode = None if compile_mode == "default" else compile_mode
-    if device_type != "cuda" or not no_cudagraphs or mode not in ("reduce-overhead", "max-autotune"):
+    if (
+        device_type != "cuda"
+        or not no_cudagraphs
+        or mode not in ("reduce-overhead", "max-autotune")
+    ):
         return mode, None
     new_mode = None if mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
-    return new_mode, (f"compile_mode {mode} -> {new_mode or 'default'} (CUDA graphs off): {no_cudagraphs}, "
-                      "which a CUDA graph cannot capture")
+    return new_mode, (
+        f"compile_mode {mode} -> {new_mode or 'default'} (CUDA graphs off): {no_cudagraphs}, "
+        "which a CUDA graph cannot capture"
+    )
 
 
-def compile_model(raw: nn.Module, opt, device_type: str, notes: list[str], no_cudagraphs: str | None = None) -> nn.Module:
+def compile_model(
+    raw: nn.Module, opt, device_type: str, notes: list[str], no_cudagraphs: str | None = None
+) -> nn.Module:
     """Apply ``optimization.compile*`` to the model built by :func:`build_model`.
 
     ``torch.compile(mode=..., dynamic=..., fullgraph=...)`` with ``compile_mode: default`` passed
@@ -418,14 +447,19 @@ def compile_model(raw: nn.Module, opt, device_type: str, notes: list[str], no_cu
         import torch._inductor.config as inductor_config
 
         inductor_config.compile_threads = 1
-        notes.append("inductor compile_threads=1 on this small CPU (set TORCHINDUCTOR_COMPILE_THREADS to override)")
+        notes.append(
+            "inductor compile_threads=1 on this small CPU (set TORCHINDUCTOR_COMPILE_THREADS to override)"
+        )
     for block in raw.transformer.h:
         block.compile(**kwargs)
     notes.append(
         f"torch.compile({desc}) per transformer block (CPU: regional compilation, one block's kernels "
         "built once and reused by every layer; embedding, LM head and loss run eagerly)"
-        + ("; reduce-overhead/max-autotune CUDA graphs do not apply on a CPU" if mode in
-           ("reduce-overhead", "max-autotune") else "")
+        + (
+            "; reduce-overhead/max-autotune CUDA graphs do not apply on a CPU"
+            if mode in ("reduce-overhead", "max-autotune")
+            else ""
+        )
     )
     return raw
 
@@ -484,7 +518,9 @@ class StopFlag:
         self.signal = signum
         if self._received_at is None:
             self._received_at = now
-        log.warning("received %s: stopping at the next optimizer-step boundary", signal.Signals(signum).name)
+        log.warning(
+            "received %s: stopping at the next optimizer-step boundary", signal.Signals(signum).name
+        )
         if self._on_signal is not None:
             self._on_signal(signum)
 
@@ -583,7 +619,11 @@ def _resolve_resume(train: TrainConfig, out_dir: Path) -> ckpt.CheckpointInfo | 
 
 
 def _check_resume(
-    train: TrainConfig, plan: TrainingPlan, resume_from: ckpt.CheckpointInfo, current: dict, log_warnings: bool
+    train: TrainConfig,
+    plan: TrainingPlan,
+    resume_from: ckpt.CheckpointInfo,
+    current: dict,
+    log_warnings: bool,
 ) -> None:
     """Refuse to resume a checkpoint of a different run (``worker.checkpoint.check_resume``);
     log the accepted differences and a changed run length as warnings when ``log_warnings``.
@@ -592,7 +632,9 @@ def _check_resume(
         PreflightError: naming ``resume``, every refused difference (old -> new) and the
             ``resume_allow_changes`` entries that would accept them.
     """
-    result = ckpt.check_resume(resume_from, current, train=train, plan=plan, allow=train.resume_allow_changes)
+    result = ckpt.check_resume(
+        resume_from, current, train=train, plan=plan, allow=train.resume_allow_changes
+    )
     message = result.refusal(resume_from.path)
     if message:
         raise PreflightError(message)
@@ -623,7 +665,9 @@ class _RunLogHandler(logging.FileHandler):
             self.failed = True
             exc = sys.exc_info()[1]
             try:
-                sys.stderr.write(f"warning: cannot write {self.baseFilename} ({exc}); train.log stops here\n")
+                sys.stderr.write(
+                    f"warning: cannot write {self.baseFilename} ({exc}); train.log stops here\n"
+                )
             except (OSError, ValueError):
                 pass
 
@@ -691,9 +735,14 @@ def run_training(
     rank_zero = is_rank_zero_env()
     if reporter is None:
         reporter = Reporter(out_dir, enabled=rank_zero)
-    stop = StopFlag(on_signal=lambda signum: reporter.event(
-        EventKind.stop_requested, step=reporter.progress.steps, message=signal.Signals(signum).name,
-        signal=signal.Signals(signum).name))
+    stop = StopFlag(
+        on_signal=lambda signum: reporter.event(
+            EventKind.stop_requested,
+            step=reporter.progress.steps,
+            message=signal.Signals(signum).name,
+            signal=signal.Signals(signum).name,
+        )
+    )
     stop.install()  # before anything slow: a signal from here on is never lost
     try:
         plan = training_plan(train, model)
@@ -704,8 +753,18 @@ def run_training(
         threads_before = torch.get_num_threads()
         with _run_log(out_dir, enabled=rank_zero):
             try:
-                return _run(train, model, plan, out_dir, rank_zero, write_checkpoints, on_row, stop, started,
-                            reporter)
+                return _run(
+                    train,
+                    model,
+                    plan,
+                    out_dir,
+                    rank_zero,
+                    write_checkpoints,
+                    on_row,
+                    stop,
+                    started,
+                    reporter,
+                )
             finally:
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
                     torch.distributed.destroy_process_group()
@@ -740,15 +799,27 @@ def _run(
     resume_from = _resolve_resume(train, out_dir)
     if resume_from is not None:
         _progress_from(reporter, resume_from)
-    if resume_from is not None and resume_from.is_final and resume_from.step >= plan.optimizer_steps:
-        log.info("final/ is at step %d and the plan has %d optimizer steps: nothing more to do",
-                 resume_from.step, plan.optimizer_steps)
+    if (
+        resume_from is not None
+        and resume_from.is_final
+        and resume_from.step >= plan.optimizer_steps
+    ):
+        log.info(
+            "final/ is at step %d and the plan has %d optimizer steps: nothing more to do",
+            resume_from.step,
+            plan.optimizer_steps,
+        )
         meta = resume_from.meta
         return TrainingResult(
-            steps=resume_from.step, tokens=int(meta.get("tokens", 0)), final_loss=meta.get("loss"),
-            val_loss=meta.get("val_loss"), checkpoint_dir=resume_from.path,
-            peak_memory_bytes=_peak_memory(torch.device("cpu")), elapsed_s=time.perf_counter() - started,
-            out_dir=out_dir, stopped_by="nothing_to_do",
+            steps=resume_from.step,
+            tokens=int(meta.get("tokens", 0)),
+            final_loss=meta.get("loss"),
+            val_loss=meta.get("val_loss"),
+            checkpoint_dir=resume_from.path,
+            peak_memory_bytes=_peak_memory(torch.device("cpu")),
+            elapsed_s=time.perf_counter() - started,
+            out_dir=out_dir,
+            stopped_by="nothing_to_do",
         )
     if plan.optimizer_steps < 1:
         raise PreflightError(
@@ -758,7 +829,9 @@ def _run(
     # ---- tokenizer and data (rank 0 builds the cache before other ranks start)
     tokenizer_dir = train.tokenizer_dir or train.initial_checkpoint_dir
     if tokenizer_dir is None:
-        raise PreflightError("tokenizer_dir: a tokenizer folder is required (train one with `moejobs tokenizer train`)")
+        raise PreflightError(
+            "tokenizer_dir: a tokenizer folder is required (train one with `moejobs tokenizer train`)"
+        )
     from worker.tokenizer import load_tokenizer, tokenizer_hash
 
     padded_vocab = model_cfg.resolved_padded_vocab_size
@@ -766,47 +839,89 @@ def _run(
     ev = train.eval
     need_val = bool(ev.interval) or ev.initial_validation or ev.final_validation
     args = train.data.init_args
-    source = source_text(args.train_data_path, args.val_data_path)  # the raw text, hashed once per start
+    source = source_text(
+        args.train_data_path, args.val_data_path
+    )  # the raw text, hashed once per start
     tokenizer_sha = tokenizer_hash(Path(tokenizer_dir))
     if resume_from is not None:
-        _check_resume(train, plan, resume_from, ckpt.resume_record(train, plan, source, tokenizer_sha), rank_zero)
+        _check_resume(
+            train,
+            plan,
+            resume_from,
+            ckpt.resume_record(train, plan, source, tokenizer_sha),
+            rank_zero,
+        )
 
-    def data_progress(p: PrepProgress) -> None:  # every PROGRESS_INTERVAL_S while tokenizing, and at the end
+    def data_progress(
+        p: PrepProgress,
+    ) -> None:  # every PROGRESS_INTERVAL_S while tokenizing, and at the end
         if rank_zero:
             log.info("data: tokenizing: %s", p.describe())
         eta = p.eta_s
-        reporter.event(EventKind.data_progress, message=p.describe(), tokens=p.tokens,
-                       bytes_done=p.bytes_done, bytes_total=p.bytes_total,
-                       tokens_per_s=round(p.tokens_per_s, 1), eta_s=round(eta, 1) if eta is not None else None,
-                       done=p.done)
+        reporter.event(
+            EventKind.data_progress,
+            message=p.describe(),
+            tokens=p.tokens,
+            bytes_done=p.bytes_done,
+            bytes_total=p.bytes_total,
+            tokens_per_s=round(p.tokens_per_s, 1),
+            eta_s=round(eta, 1) if eta is not None else None,
+            done=p.done,
+        )
 
     try:
         data = prepare_data(
-            args.train_data_path, args.val_data_path, tokenizer, tokenizer_dir, padded_vocab,
-            plan.seq_len, plan.micro_batch_size, need_val, source=source, tokenizer_sha256=tokenizer_sha,
+            args.train_data_path,
+            args.val_data_path,
+            tokenizer,
+            tokenizer_dir,
+            padded_vocab,
+            plan.seq_len,
+            plan.micro_batch_size,
+            need_val,
+            source=source,
+            tokenizer_sha256=tokenizer_sha,
             on_progress=data_progress,
         )
     except OSError as exc:  # the token cache is the only thing prepare_data writes
         if errors.no_space_errno(exc) is None:
             raise
         raise errors.no_space(exc.filename or cache_root(), "the token cache") from exc
-    format_change = (ckpt.token_format_change(resume_from, {"token_format": CACHE_FORMAT})
-                     if resume_from is not None else None)  # logged by _check_resume; the event says it too
-    reporter.event(EventKind.data_ready, message=format_change, train_tokens=len(data.train),
-                   train_path=str(data.train.path), val_tokens=len(data.val) if data.val is not None else None)
+    format_change = (
+        ckpt.token_format_change(resume_from, {"token_format": CACHE_FORMAT})
+        if resume_from is not None
+        else None
+    )  # logged by _check_resume; the event says it too
+    reporter.event(
+        EventKind.data_ready,
+        message=format_change,
+        train_tokens=len(data.train),
+        train_path=str(data.train.path),
+        val_tokens=len(data.val) if data.val is not None else None,
+    )
     if rank_zero:
-        log.info("data: %d training tokens in %s (%d windows of %d), validation: %s", len(data.train),
-                 data.train.path, data.train.n_windows(plan.seq_len + 1), plan.seq_len + 1,
-                 f"{len(data.val)} tokens in {data.val.path}" if data.val else "none")
-        log.info("data.init_args.num_workers=%d: no DataLoader workers are started; micro-batches are "
-                 "gathered in-process from the memory-mapped token cache", args.num_workers)
+        log.info(
+            "data: %d training tokens in %s (%d windows of %d), validation: %s",
+            len(data.train),
+            data.train.path,
+            data.train.n_windows(plan.seq_len + 1),
+            plan.seq_len + 1,
+            f"{len(data.val)} tokens in {data.val.path}" if data.val else "none",
+        )
+        log.info(
+            "data.init_args.num_workers=%d: no DataLoader workers are started; micro-batches are "
+            "gathered in-process from the memory-mapped token cache",
+            args.num_workers,
+        )
 
     # ---- ranks and Fabric
     ranks: RankProcesses | None = None
     if plan.world_size > 1 and not externally_launched():
         train_doc = train.model_dump(mode="json")
         train_doc["resume"] = str(resume_from.path) if resume_from is not None else False
-        ranks = RankProcesses(plan.world_size, train_doc, model_cfg.model_dump(mode="json"), write_checkpoints)
+        ranks = RankProcesses(
+            plan.world_size, train_doc, model_cfg.model_dump(mode="json"), write_checkpoints
+        )
         ranks.start()
     try:
         precision, note = lightning_precision(train.precision, device_type)
@@ -820,8 +935,22 @@ def _run(
             precision=precision,
         )
         fabric.launch()
-        result = _train_loop(fabric, train, model_cfg, plan, out_dir, data, tokenizer_dir, resume_from,
-                             write_checkpoints, on_row, stop, started, device_type, reporter)
+        result = _train_loop(
+            fabric,
+            train,
+            model_cfg,
+            plan,
+            out_dir,
+            data,
+            tokenizer_dir,
+            resume_from,
+            write_checkpoints,
+            on_row,
+            stop,
+            started,
+            device_type,
+            reporter,
+        )
     except BaseException:
         if ranks is not None:
             ranks.kill()
@@ -830,7 +959,9 @@ def _run(
         codes = ranks.wait(timeout=120)
         bad = [(i + 1, c) for i, c in enumerate(codes) if c != 0]
         if bad:
-            raise EngineError(f"rank process(es) failed: {', '.join(f'rank {r} exit {c}' for r, c in bad)}")
+            raise EngineError(
+                f"rank process(es) failed: {', '.join(f'rank {r} exit {c}' for r, c in bad)}"
+            )
     return result
 
 
@@ -876,16 +1007,26 @@ def _train_loop(
     notes: list[str] = []
     use_router_losses = model_cfg.is_moe and (t.moe_aux_loss_coef > 0 or t.moe_z_loss_coef > 0)
     raw = build_model(
-        model_cfg, seq_len=plan.seq_len, moe_implementation=opt.moe_implementation,
-        gradient_checkpointing=t.gradient_checkpointing, tie_embeddings=bool(t.tie_embeddings),
-        router_losses=use_router_losses, notes=notes,
+        model_cfg,
+        seq_len=plan.seq_len,
+        moe_implementation=opt.moe_implementation,
+        gradient_checkpointing=t.gradient_checkpointing,
+        tie_embeddings=bool(t.tie_embeddings),
+        router_losses=use_router_losses,
+        notes=notes,
     )
     config = raw.config
     if resume_from is not None:
         raw.load_state_dict(ckpt.load_weights(resume_from.path))
-        notes.append(f"resuming from {resume_from.path} (step {resume_from.step})"
-                     + (f"; initial_checkpoint_dir {train.initial_checkpoint_dir} is not used: the run has its own "
-                        "checkpoint" if train.initial_checkpoint_dir else ""))
+        notes.append(
+            f"resuming from {resume_from.path} (step {resume_from.step})"
+            + (
+                f"; initial_checkpoint_dir {train.initial_checkpoint_dir} is not used: the run has its own "
+                "checkpoint"
+                if train.initial_checkpoint_dir
+                else ""
+            )
+        )
     elif train.initial_checkpoint_dir:
         raw.load_state_dict(ckpt.load_weights(Path(train.initial_checkpoint_dir)))
         notes.append(f"weights initialised from {train.initial_checkpoint_dir}")
@@ -894,20 +1035,26 @@ def _train_loop(
     n_params = sum(p.numel() for p in raw.parameters())
 
     attention: AttentionChoice = choose_backends(
-        flash_attention=opt.flash_attention, flash_attention_force=opt.flash_attention_force,
-        disable_math_fallback=opt.disable_math_fallback, device_type=device_type,
+        flash_attention=opt.flash_attention,
+        flash_attention_force=opt.flash_attention_force,
+        disable_math_fallback=opt.disable_math_fallback,
+        device_type=device_type,
     )
     notes.append(f"SDPA backends (priority order): {', '.join(attention.names())}")
     notes.extend(attention.notes)
 
-    no_cudagraphs = moe_backend_notes(raw, fabric.device, expert_dtype(train.precision, device_type), notes)
+    no_cudagraphs = moe_backend_notes(
+        raw, fabric.device, expert_dtype(train.precision, device_type), notes
+    )
     model = compile_model(raw, opt, device_type, notes, no_cudagraphs=no_cudagraphs)
 
     optimizer = build_optimizer(train, raw.parameters())
     model, optimizer = fabric.setup(model, optimizer)
     if train.precision.endswith("-true") and train.precision != "32-true":
-        notes.append(f"precision {train.precision}: parameters and optimizer state are {train.precision[:-5]} "
-                     "(no fp32 master weights); use a *-mixed precision for fp32 optimizer state")
+        notes.append(
+            f"precision {train.precision}: parameters and optimizer state are {train.precision[:-5]} "
+            "(no fp32 master weights); use a *-mixed precision for fp32 optimizer state"
+        )
 
     # ---- training state
     step, samples, tokens, prev_elapsed = 0, 0, 0, 0.0
@@ -927,34 +1074,82 @@ def _train_loop(
             np.random.set_state(rng["numpy"])
         if "python" in rng:
             random.setstate(rng["python"])
-        if (meta.get("seq_len"), meta.get("micro_batch_size")) != (plan.seq_len, plan.micro_batch_size):
-            notes.append(f"resumed checkpoint used seq_len/micro_batch_size {meta.get('seq_len')}/"
-                         f"{meta.get('micro_batch_size')}, now {plan.seq_len}/{plan.micro_batch_size}")
+        if (meta.get("seq_len"), meta.get("micro_batch_size")) != (
+            plan.seq_len,
+            plan.micro_batch_size,
+        ):
+            notes.append(
+                f"resumed checkpoint used seq_len/micro_batch_size {meta.get('seq_len')}/"
+                f"{meta.get('micro_batch_size')}, now {plan.seq_len}/{plan.micro_batch_size}"
+            )
 
     if is_main:
-        log.info("plan: %d optimizer steps x %d micro-batches of %d x %d tokens on %d rank(s); warm-up %d steps; "
-                 "%d parameters; device %s, precision %s", plan.optimizer_steps, plan.grad_accum_iters,
-                 plan.micro_batch_size, plan.seq_len, plan.world_size, plan.warmup_steps, n_params,
-                 fabric.device, train.precision)
+        log.info(
+            "plan: %d optimizer steps x %d micro-batches of %d x %d tokens on %d rank(s); warm-up %d steps; "
+            "%d parameters; device %s, precision %s",
+            plan.optimizer_steps,
+            plan.grad_accum_iters,
+            plan.micro_batch_size,
+            plan.seq_len,
+            plan.world_size,
+            plan.warmup_steps,
+            n_params,
+            fabric.device,
+            train.precision,
+        )
         for line in notes:
             log.info("%s", line)
-    reporter.event(EventKind.model_built, step=step, plan=dataclasses.asdict(plan), parameters=n_params,
-                   device=str(fabric.device), precision=train.precision,
-                   resumed_from=str(resume_from.path) if resume_from is not None else None)
+    reporter.event(
+        EventKind.model_built,
+        step=step,
+        plan=dataclasses.asdict(plan),
+        parameters=n_params,
+        device=str(fabric.device),
+        precision=train.precision,
+        resumed_from=str(resume_from.path) if resume_from is not None else None,
+    )
 
-    sampler = WindowSampler(data.train, plan.seq_len, plan.micro_batch_size, train.data.init_args.seed,
-                            fabric.world_size, fabric.global_rank, start_sample=samples)
-    val_batches = (validation_batches(data.val, plan.seq_len, plan.micro_batch_size, ev.max_iters,
-                                      fabric.world_size, fabric.global_rank) if data.val is not None else [])
+    sampler = WindowSampler(
+        data.train,
+        plan.seq_len,
+        plan.micro_batch_size,
+        train.data.init_args.seed,
+        fabric.world_size,
+        fabric.global_rank,
+        start_sample=samples,
+    )
+    val_batches = (
+        validation_batches(
+            data.val,
+            plan.seq_len,
+            plan.micro_batch_size,
+            ev.max_iters,
+            fabric.world_size,
+            fabric.global_rank,
+        )
+        if data.val is not None
+        else []
+    )
     from worker import moe as moe_mod
 
     has_router_stats = any(hasattr(m, "last_token_fraction") for m in moe_mod.moe_layers(raw))
     resume_step = step if resume_from is not None else None
     with _no_space_names(out_dir / contract.METRICS_FILE):
-        metrics = MetricsWriter(out_dir / contract.METRICS_FILE, resume_step=resume_step) if is_main else None
+        metrics = (
+            MetricsWriter(out_dir / contract.METRICS_FILE, resume_step=resume_step)
+            if is_main
+            else None
+        )
     with _no_space_names(out_dir / contract.ROUTER_FILE):
-        router_csv = (MetricsWriter(out_dir / contract.ROUTER_FILE, resume_step=resume_step,
-                                    header=contract.ROUTER_HEADER) if is_main and has_router_stats else None)
+        router_csv = (
+            MetricsWriter(
+                out_dir / contract.ROUTER_FILE,
+                resume_step=resume_step,
+                header=contract.ROUTER_HEADER,
+            )
+            if is_main and has_router_stats
+            else None
+        )
 
     peak_flops = None
     flops_per_token = None
@@ -962,8 +1157,13 @@ def _train_loop(
         from service.settings import get_settings
 
         override = get_settings().peak_tflops  # MOEJOBS_PEAK_TFLOPS
-        peak_flops = (override * 1e12 if override else
-                      contract.peak_flops_per_device(torch.cuda.get_device_name(fabric.device), train.precision))
+        peak_flops = (
+            override * 1e12
+            if override
+            else contract.peak_flops_per_device(
+                torch.cuda.get_device_name(fabric.device), train.precision
+            )
+        )
         flops_per_token = _flops_per_token(train, model_cfg)
 
     accum, world = plan.grad_accum_iters, fabric.world_size
@@ -981,7 +1181,12 @@ def _train_loop(
         raw.eval()
         total = torch.zeros(2, device=fabric.device, dtype=torch.float64)
         # eager: a compiled model would compile a second (inference) graph just for validation
-        with torch.no_grad(), attention.context(), fabric.autocast(), torch.compiler.set_stance("force_eager"):
+        with (
+            torch.no_grad(),
+            attention.context(),
+            fabric.autocast(),
+            torch.compiler.set_stance("force_eager"),
+        ):
             for batch in val_batches:
                 total[0] += lm_loss(raw, batch.to(fabric.device)).double()
                 total[1] += 1
@@ -1004,26 +1209,53 @@ def _train_loop(
         path = None
         if is_main:
             meta = {
-                "step": step, "tokens": tokens, "samples": samples, "loss": last_loss, "val_loss": last_val,
+                "step": step,
+                "tokens": tokens,
+                "samples": samples,
+                "loss": last_loss,
+                "val_loss": last_val,
                 "elapsed_s": prev_elapsed + time.perf_counter() - session_start,
-                "planned_steps": plan.optimizer_steps, "world_size": world, "seq_len": plan.seq_len,
-                "micro_batch_size": plan.micro_batch_size, "grad_accum_iters": accum,
-                "train_config": train.model_dump(mode="json"), "model_name": config.name,
-                "torch": torch.__version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                **ckpt.resume_record(train, plan, data.source, data.tokenizer_sha256),  # for the resume checks
+                "planned_steps": plan.optimizer_steps,
+                "world_size": world,
+                "seq_len": plan.seq_len,
+                "micro_batch_size": plan.micro_batch_size,
+                "grad_accum_iters": accum,
+                "train_config": train.model_dump(mode="json"),
+                "model_name": config.name,
+                "torch": torch.__version__,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **ckpt.resume_record(
+                    train, plan, data.source, data.tokenizer_sha256
+                ),  # for the resume checks
                 **(meta_extra or {}),
             }
             state = {
                 "optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                },
             }
             began = time.perf_counter()
-            path = ckpt.save_checkpoint(out_dir, name, model_state=raw.state_dict(), model_config=config,
-                                        tokenizer_dir=Path(tokenizer_dir), state=state, meta=meta)
+            path = ckpt.save_checkpoint(
+                out_dir,
+                name,
+                model_state=raw.state_dict(),
+                model_config=config,
+                tokenizer_dir=Path(tokenizer_dir),
+                state=state,
+                meta=meta,
+            )
             log.info("checkpoint %s written (step %d)", path, step)
             reporter.progress.checkpoint = path
-            reporter.event(EventKind.checkpoint_written, step=step, path=str(path), name=name,
-                           write_s=round(time.perf_counter() - began, 3))
+            reporter.event(
+                EventKind.checkpoint_written,
+                step=step,
+                path=str(path),
+                name=name,
+                write_s=round(time.perf_counter() - began, 3),
+            )
         fabric.barrier()
         return path if is_main else out_dir / name
 
@@ -1031,8 +1263,15 @@ def _train_loop(
     with attention.context():
         if ev.initial_validation and resume_from is None and data.val is not None:
             last_val = validate()
-            emit({"step": 0, "tokens": 0, "elapsed_s": time.perf_counter() - session_start + prev_elapsed,
-                  "val_loss": last_val, "val_ppl": _ppl(last_val)})
+            emit(
+                {
+                    "step": 0,
+                    "tokens": 0,
+                    "elapsed_s": time.perf_counter() - session_start + prev_elapsed,
+                    "val_loss": last_val,
+                    "val_ppl": _ppl(last_val),
+                }
+            )
 
         stopped_by = "completed"
         k = 0  # micro-batches of this rank in this session
@@ -1044,12 +1283,18 @@ def _train_loop(
             for i in range(accum):
                 batch = sampler.batch(k).to(fabric.device, non_blocking=True)
                 k += 1
-                sync = nullcontext() if world == 1 else fabric.no_backward_sync(model, enabled=i < accum - 1)
+                sync = (
+                    nullcontext()
+                    if world == 1
+                    else fabric.no_backward_sync(model, enabled=i < accum - 1)
+                )
                 with sync:
                     loss = lm_loss(model, batch)
                     total = loss
                     if use_router_losses:
-                        aux, z = collect_aux_losses(raw)  # of this forward; read before backward recomputes
+                        aux, z = collect_aux_losses(
+                            raw
+                        )  # of this forward; read before backward recomputes
                         total = loss + t.moe_aux_loss_coef * aux + t.moe_z_loss_coef * z
                     fabric.backward(total / accum)
                 loss_sum += loss.detach().float()
@@ -1070,14 +1315,22 @@ def _train_loop(
             progress = reporter.progress
             progress.steps, progress.tokens, progress.final_loss = step, tokens, last_loss
             if step == first_step + 1:
-                reporter.event(EventKind.first_step, step=step, loss=last_loss,
-                               seconds=round(time.perf_counter() - session_start, 3))
+                reporter.event(
+                    EventKind.first_step,
+                    step=step,
+                    loss=last_loss,
+                    seconds=round(time.perf_counter() - session_start, 3),
+                )
 
             # stop requests agreed by all ranks: SIGTERM/SIGINT, max_time (this session's wall time)
             flags = torch.tensor(
-                [stop.signal is not None,
-                 t.max_time is not None and time.perf_counter() - session_start >= t.max_time],
-                dtype=torch.float32, device=fabric.device)
+                [
+                    stop.signal is not None,
+                    t.max_time is not None and time.perf_counter() - session_start >= t.max_time,
+                ],
+                dtype=torch.float32,
+                device=fabric.device,
+            )
             if world > 1:
                 flags = fabric.all_reduce(flags, reduce_op="sum")
             interrupted, timed_out = bool(flags[0] > 0), bool(flags[1] > 0)
@@ -1090,12 +1343,18 @@ def _train_loop(
                     fractions = fabric.all_reduce(fractions, reduce_op="mean")
                 if router_csv is not None:
                     with _no_space_names(router_csv.path):
-                        router_csv.write_many([
-                            {"step": step, "layer": layer, "expert": expert, "fraction": value}
-                            for layer, row in enumerate(fractions.tolist()) for expert, value in enumerate(row)])
+                        router_csv.write_many(
+                            [
+                                {"step": step, "layer": layer, "expert": expert, "fraction": value}
+                                for layer, row in enumerate(fractions.tolist())
+                                for expert, value in enumerate(row)
+                            ]
+                        )
 
             val = None
-            if (ev.interval and step % ev.interval == 0) or (last and not interrupted and ev.final_validation):
+            if (ev.interval and step % ev.interval == 0) or (
+                last and not interrupted and ev.final_validation
+            ):
                 val = validate()
                 if val is not None:
                     last_val = reporter.progress.val_loss = val
@@ -1103,12 +1362,20 @@ def _train_loop(
                 elapsed = prev_elapsed + time.perf_counter() - session_start
                 tps = (tokens - row_tokens) / train_seconds if train_seconds > 0 else None
                 row = {
-                    "step": step, "tokens": tokens, "loss": last_loss, "learning_rate": lr,
+                    "step": step,
+                    "tokens": tokens,
+                    "loss": last_loss,
+                    "learning_rate": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens_per_sec": tps,
-                    "mfu": (model_flops_utilization(tps, flops_per_token, peak_flops, world)
-                            if tps and flops_per_token else None),
-                    "elapsed_s": elapsed, "val_loss": val, "val_ppl": _ppl(val),
+                    "mfu": (
+                        model_flops_utilization(tps, flops_per_token, peak_flops, world)
+                        if tps and flops_per_token
+                        else None
+                    ),
+                    "elapsed_s": elapsed,
+                    "val_loss": val,
+                    "val_ppl": _ppl(val),
                 }
                 emit(row)
                 row_tokens, train_seconds = tokens, 0.0
@@ -1117,15 +1384,23 @@ def _train_loop(
                 name = signal.Signals(stop.signal).name if stop.signal else None
                 raise Interrupted(
                     f"stopped by {name or 'a signal on another rank'} after optimizer step {step}; "
-                    + (f"checkpoint {path}; run again with resume: auto to continue" if path
-                       else "checkpoints are off, nothing to resume from"),
-                    signal_name=name, checkpoint=path,
+                    + (
+                        f"checkpoint {path}; run again with resume: auto to continue"
+                        if path
+                        else "checkpoints are off, nothing to resume from"
+                    ),
+                    signal_name=name,
+                    checkpoint=path,
                 )
             if t.save_interval and step % t.save_interval == 0:
                 save(ckpt.step_dir_name(step))
             if timed_out and step < plan.optimizer_steps:
-                log.warning("train.max_time %.0f s reached after step %d of %d: stopping", t.max_time, step,
-                            plan.optimizer_steps)
+                log.warning(
+                    "train.max_time %.0f s reached after step %d of %d: stopping",
+                    t.max_time,
+                    step,
+                    plan.optimizer_steps,
+                )
                 stopped_by = "max_time"
                 break
 
@@ -1135,12 +1410,24 @@ def _train_loop(
     if router_csv is not None:
         router_csv.close()
     if is_main:
-        log.info("done: %d steps (%d this session), %d tokens, loss %s, val_loss %s", step, step - first_step,
-                 tokens, last_loss, last_val)
+        log.info(
+            "done: %d steps (%d this session), %d tokens, loss %s, val_loss %s",
+            step,
+            step - first_step,
+            tokens,
+            last_loss,
+            last_val,
+        )
     return TrainingResult(
-        steps=step, tokens=tokens, final_loss=last_loss, val_loss=last_val, checkpoint_dir=final,
-        peak_memory_bytes=_peak_memory(fabric.device), elapsed_s=time.perf_counter() - started,
-        out_dir=out_dir, stopped_by=stopped_by,
+        steps=step,
+        tokens=tokens,
+        final_loss=last_loss,
+        val_loss=last_val,
+        checkpoint_dir=final,
+        peak_memory_bytes=_peak_memory(fabric.device),
+        elapsed_s=time.perf_counter() - started,
+        out_dir=out_dir,
+        stopped_by=stopped_by,
     )
 
 
@@ -1185,14 +1472,21 @@ def main(argv: list[str] | None = None) -> int:
     of the raw document when the config is invalid (``worker.reporting.raw_out_dir``). Every
     failure also ends with one line ``error: <reason>: <message>`` on stderr."""
     die_with_parent()
-    parser = argparse.ArgumentParser(prog="python -m worker.train", description="Run one training job.")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.train", description="Run one training job."
+    )
     parser.add_argument("--train-config", required=True, help="resolved train config (YAML/JSON)")
     parser.add_argument("--model-config", required=True, help="resolved model config (YAML/JSON)")
-    parser.add_argument("--no-checkpoints", action="store_true", help="write no checkpoint (smoke test)")
+    parser.add_argument(
+        "--no-checkpoints", action="store_true", help="write no checkpoint (smoke test)"
+    )
     args = parser.parse_args(argv)
     rank_zero = is_rank_zero_env()
-    logging.basicConfig(level=logging.INFO if rank_zero else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank_zero else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
     from service.configs import load_document
     from service.schemas import ConfigError, validate_configs
@@ -1201,11 +1495,17 @@ def main(argv: list[str] | None = None) -> int:
     reporter = Reporter(raw_out_dir(args.train_config), enabled=rank_zero)
     reporter.install_early_exit()
     try:
-        validated = validate_configs(load_document(args.train_config), load_document(args.model_config))
+        validated = validate_configs(
+            load_document(args.train_config), load_document(args.model_config)
+        )
     except ConfigError as exc:
         print("error: invalid config\n" + str(exc), file=sys.stderr, flush=True)
-        reporter.failed(PreflightError("invalid config: " + "; ".join(
-            line.strip() for line in str(exc).splitlines() if line.strip())))
+        reporter.failed(
+            PreflightError(
+                "invalid config: "
+                + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            )
+        )
         return int(ExitCode.INVALID_CONFIG)
     reporter.retarget(validated.train.out_dir)
     reporter.install_early_exit()
@@ -1213,16 +1513,24 @@ def main(argv: list[str] | None = None) -> int:
         for warning in validated.warnings:
             log.warning("config: %s", warning)
     try:
-        result = run_training(validated.train, validated.model, write_checkpoints=not args.no_checkpoints,
-                              reporter=reporter)
+        result = run_training(
+            validated.train,
+            validated.model,
+            write_checkpoints=not args.no_checkpoints,
+            reporter=reporter,
+        )
     except KeyboardInterrupt as exc:  # a second Ctrl-C during training: no checkpoint
         text = exc.args[0] if exc.args else "interrupted"
-        reporter.failed(Interrupted(text, signal_name="SIGINT", exit_code=ExitCode.SIGINT_BEFORE_START))
+        reporter.failed(
+            Interrupted(text, signal_name="SIGINT", exit_code=ExitCode.SIGINT_BEFORE_START)
+        )
         print(f"interrupted: {text}", file=sys.stderr, flush=True)
         return int(ExitCode.SIGINT_BEFORE_START)
     except Exception as exc:
         err = errors.classify(exc, validated.train.out_dir)
-        if err is not exc:  # not one of ours: the traceback for the log, the reason on the last line
+        if (
+            err is not exc
+        ):  # not one of ours: the traceback for the log, the reason on the last line
             import traceback
 
             traceback.print_exc()
@@ -1234,12 +1542,21 @@ def main(argv: list[str] | None = None) -> int:
         return int(err.exit_code)
     reporter.succeeded(result)
     if rank_zero:
-        print(json.dumps({
-            "steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
-            "val_loss": result.val_loss, "checkpoint_dir": str(result.checkpoint_dir) if result.checkpoint_dir else None,
-            "peak_memory_bytes": result.peak_memory_bytes, "elapsed_s": round(result.elapsed_s, 3),
-            "stopped_by": result.stopped_by,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "steps": result.steps,
+                    "tokens": result.tokens,
+                    "final_loss": result.final_loss,
+                    "val_loss": result.val_loss,
+                    "checkpoint_dir": str(result.checkpoint_dir) if result.checkpoint_dir else None,
+                    "peak_memory_bytes": result.peak_memory_bytes,
+                    "elapsed_s": round(result.elapsed_s, 3),
+                    "stopped_by": result.stopped_by,
+                }
+            ),
+            flush=True,
+        )
     return int(ExitCode.OK)
 
 

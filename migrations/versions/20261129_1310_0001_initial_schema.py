@@ -6,10 +6,11 @@ target_metadata), enums are VARCHAR + named CHECK constraints (no native Postgre
 to drop on downgrade), JSON is jsonb on PostgreSQL, timestamps are timestamptz.
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-29 13:10:22.039822+00:00
 
 """
+
 from typing import Sequence, Union
 
 from alembic import op
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 # revision identifiers, used by Alembic.
-revision: str = '0001'
+revision: str = "0001"
 down_revision: Union[str, Sequence[str], None] = None
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
@@ -25,133 +26,272 @@ depends_on: Union[str, Sequence[str], None] = None
 
 def upgrade() -> None:
     """Upgrade schema."""
-    op.create_table('runs',
-    sa.Column('id', sa.Uuid(), nullable=False),
-    sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('owner', sa.String(length=200), nullable=False),
-    sa.Column('status', sa.Enum('queued', 'running', 'succeeded', 'failed', 'cancelled', name='status', native_enum=False, create_constraint=True, length=32), nullable=False),
-    sa.Column('preset', sa.String(length=200), nullable=True),
-    sa.Column('submitted_train', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('submitted_model', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('resolved_train', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('resolved_model', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('estimate', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=True),
-    sa.Column('warnings', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('attempt', sa.Integer(), nullable=False),
-    sa.Column('worker_id', sa.String(length=200), nullable=True),
-    sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('queued_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('failure_reason', sa.Enum('invalid_config', 'invalid_data', 'out_of_memory', 'killed', 'crashed', 'lost_worker', name='failure_reason', native_enum=False, create_constraint=True, length=32), nullable=True),
-    sa.Column('failure_message', sa.Text(), nullable=True),
-    sa.Column('exit_code', sa.Integer(), nullable=True),
-    sa.Column('cancel_requested', sa.Boolean(), nullable=False),
-    sa.Column('cancel_requested_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('idempotency_key', sa.String(length=255), nullable=True),
-    sa.Column('request_hash', sa.String(length=64), nullable=True),
-    sa.CheckConstraint("(status = 'failed' AND failure_reason IS NOT NULL) OR (status <> 'failed' AND failure_reason IS NULL)", name=op.f('ck_runs_failure_reason_iff_failed')),
-    sa.CheckConstraint('attempt >= 0', name=op.f('ck_runs_attempt_nonnegative')),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_runs')),
-    sa.UniqueConstraint('owner', 'idempotency_key', name=op.f('uq_runs_owner_idempotency_key'))
+    op.create_table(
+        "runs",
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("owner", sa.String(length=200), nullable=False),
+        sa.Column(
+            "status",
+            sa.Enum(
+                "queued",
+                "running",
+                "succeeded",
+                "failed",
+                "cancelled",
+                name="status",
+                native_enum=False,
+                create_constraint=True,
+                length=32,
+            ),
+            nullable=False,
+        ),
+        sa.Column("preset", sa.String(length=200), nullable=True),
+        sa.Column(
+            "submitted_train",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "submitted_model",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "resolved_train",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "resolved_model",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "estimate",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=True,
+        ),
+        sa.Column(
+            "warnings",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("worker_id", sa.String(length=200), nullable=True),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("queued_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column(
+            "failure_reason",
+            sa.Enum(
+                "invalid_config",
+                "invalid_data",
+                "out_of_memory",
+                "killed",
+                "crashed",
+                "lost_worker",
+                name="failure_reason",
+                native_enum=False,
+                create_constraint=True,
+                length=32,
+            ),
+            nullable=True,
+        ),
+        sa.Column("failure_message", sa.Text(), nullable=True),
+        sa.Column("exit_code", sa.Integer(), nullable=True),
+        sa.Column("cancel_requested", sa.Boolean(), nullable=False),
+        sa.Column("cancel_requested_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("idempotency_key", sa.String(length=255), nullable=True),
+        sa.Column("request_hash", sa.String(length=64), nullable=True),
+        sa.CheckConstraint(
+            "(status = 'failed' AND failure_reason IS NOT NULL) OR (status <> 'failed' AND failure_reason IS NULL)",
+            name=op.f("ck_runs_failure_reason_iff_failed"),
+        ),
+        sa.CheckConstraint("attempt >= 0", name=op.f("ck_runs_attempt_nonnegative")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_runs")),
+        sa.UniqueConstraint("owner", "idempotency_key", name=op.f("uq_runs_owner_idempotency_key")),
     )
-    op.create_index(op.f('ix_runs_created_at'), 'runs', ['created_at'], unique=False)
-    op.create_index(op.f('ix_runs_status_created_at'), 'runs', ['status', 'created_at'], unique=False)
-    op.create_index(op.f('ix_runs_worker_id'), 'runs', ['worker_id'], unique=False)
-    op.create_table('checkpoints',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('run_id', sa.Uuid(), nullable=False),
-    sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('step', sa.Integer(), nullable=True),
-    sa.Column('path', sa.Text(), nullable=False),
-    sa.Column('size_bytes', sa.BigInteger(), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.ForeignKeyConstraint(['run_id'], ['runs.id'], name=op.f('fk_checkpoints_run_id_runs'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_checkpoints')),
-    sa.UniqueConstraint('run_id', 'name', name=op.f('uq_checkpoints_run_id_name'))
+    op.create_index(op.f("ix_runs_created_at"), "runs", ["created_at"], unique=False)
+    op.create_index(
+        op.f("ix_runs_status_created_at"), "runs", ["status", "created_at"], unique=False
     )
-    op.create_index(op.f('ix_checkpoints_run_id_step'), 'checkpoints', ['run_id', 'step'], unique=False)
-    op.create_table('metric_points',
-    sa.Column('run_id', sa.Uuid(), nullable=False),
-    sa.Column('step', sa.Integer(), autoincrement=False, nullable=False),
-    sa.Column('tokens', sa.BigInteger(), nullable=True),
-    sa.Column('loss', sa.Float(), nullable=True),
-    sa.Column('learning_rate', sa.Float(), nullable=True),
-    sa.Column('grad_norm', sa.Float(), nullable=True),
-    sa.Column('tokens_per_sec', sa.Float(), nullable=True),
-    sa.Column('mfu', sa.Float(), nullable=True),
-    sa.Column('elapsed_s', sa.Float(), nullable=True),
-    sa.Column('val_loss', sa.Float(), nullable=True),
-    sa.Column('val_ppl', sa.Float(), nullable=True),
-    sa.CheckConstraint('step >= 0', name=op.f('ck_metric_points_step_nonnegative')),
-    sa.ForeignKeyConstraint(['run_id'], ['runs.id'], name=op.f('fk_metric_points_run_id_runs'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('run_id', 'step', name=op.f('pk_metric_points'))
+    op.create_index(op.f("ix_runs_worker_id"), "runs", ["worker_id"], unique=False)
+    op.create_table(
+        "checkpoints",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("run_id", sa.Uuid(), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("step", sa.Integer(), nullable=True),
+        sa.Column("path", sa.Text(), nullable=False),
+        sa.Column("size_bytes", sa.BigInteger(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["runs.id"], name=op.f("fk_checkpoints_run_id_runs"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_checkpoints")),
+        sa.UniqueConstraint("run_id", "name", name=op.f("uq_checkpoints_run_id_name")),
     )
-    op.create_table('router_points',
-    sa.Column('run_id', sa.Uuid(), nullable=False),
-    sa.Column('step', sa.Integer(), autoincrement=False, nullable=False),
-    sa.Column('layer', sa.Integer(), autoincrement=False, nullable=False),
-    sa.Column('expert', sa.Integer(), autoincrement=False, nullable=False),
-    sa.Column('fraction', sa.Float(), nullable=False),
-    sa.CheckConstraint('fraction >= 0 AND fraction <= 1', name=op.f('ck_router_points_fraction_range')),
-    sa.ForeignKeyConstraint(['run_id'], ['runs.id'], name=op.f('fk_router_points_run_id_runs'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('run_id', 'step', 'layer', 'expert', name=op.f('pk_router_points'))
+    op.create_index(
+        op.f("ix_checkpoints_run_id_step"), "checkpoints", ["run_id", "step"], unique=False
     )
-    op.create_table('run_events',
-    sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('run_id', sa.Uuid(), nullable=False),
-    sa.Column('at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('from_status', sa.Enum('queued', 'running', 'succeeded', 'failed', 'cancelled', name='from_status', native_enum=False, create_constraint=True, length=32), nullable=True),
-    sa.Column('to_status', sa.Enum('queued', 'running', 'succeeded', 'failed', 'cancelled', name='to_status', native_enum=False, create_constraint=True, length=32), nullable=False),
-    sa.Column('reason', sa.Enum('invalid_config', 'invalid_data', 'out_of_memory', 'killed', 'crashed', 'lost_worker', name='reason', native_enum=False, create_constraint=True, length=32), nullable=True),
-    sa.Column('message', sa.Text(), nullable=False),
-    sa.Column('actor', sa.String(length=200), nullable=True),
-    sa.Column('attempt', sa.Integer(), nullable=False),
-    sa.ForeignKeyConstraint(['run_id'], ['runs.id'], name=op.f('fk_run_events_run_id_runs'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_run_events'))
+    op.create_table(
+        "metric_points",
+        sa.Column("run_id", sa.Uuid(), nullable=False),
+        sa.Column("step", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("tokens", sa.BigInteger(), nullable=True),
+        sa.Column("loss", sa.Float(), nullable=True),
+        sa.Column("learning_rate", sa.Float(), nullable=True),
+        sa.Column("grad_norm", sa.Float(), nullable=True),
+        sa.Column("tokens_per_sec", sa.Float(), nullable=True),
+        sa.Column("mfu", sa.Float(), nullable=True),
+        sa.Column("elapsed_s", sa.Float(), nullable=True),
+        sa.Column("val_loss", sa.Float(), nullable=True),
+        sa.Column("val_ppl", sa.Float(), nullable=True),
+        sa.CheckConstraint("step >= 0", name=op.f("ck_metric_points_step_nonnegative")),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["runs.id"], name=op.f("fk_metric_points_run_id_runs"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("run_id", "step", name=op.f("pk_metric_points")),
     )
-    op.create_index(op.f('ix_run_events_run_id_id'), 'run_events', ['run_id', 'id'], unique=False)
-    op.create_table('run_provenance',
-    sa.Column('run_id', sa.Uuid(), nullable=False),
-    sa.Column('package_versions', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('git_commit', sa.String(length=64), nullable=True),
-    sa.Column('seed', sa.BigInteger(), nullable=True),
-    sa.Column('hardware', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('data_hash', sa.String(length=128), nullable=True),
-    sa.Column('tokenizer_hash', sa.String(length=128), nullable=True),
-    sa.Column('recorded_at', sa.DateTime(timezone=True), nullable=False),
-    sa.ForeignKeyConstraint(['run_id'], ['runs.id'], name=op.f('fk_run_provenance_run_id_runs'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('run_id', name=op.f('pk_run_provenance'))
+    op.create_table(
+        "router_points",
+        sa.Column("run_id", sa.Uuid(), nullable=False),
+        sa.Column("step", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("layer", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("expert", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("fraction", sa.Float(), nullable=False),
+        sa.CheckConstraint(
+            "fraction >= 0 AND fraction <= 1", name=op.f("ck_router_points_fraction_range")
+        ),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["runs.id"], name=op.f("fk_router_points_run_id_runs"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("run_id", "step", "layer", "expert", name=op.f("pk_router_points")),
     )
-    op.create_table('workers',
-    sa.Column('id', sa.String(length=200), nullable=False),
-    sa.Column('host', sa.String(length=255), nullable=False),
-    sa.Column('pid', sa.Integer(), nullable=True),
-    sa.Column('gpus', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('gpu_count', sa.Integer(), nullable=False),
-    sa.Column('gpu_memory_bytes', sa.BigInteger(), nullable=True),
-    sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('current_run_id', sa.Uuid(), nullable=True),
-    sa.Column('started_at', sa.DateTime(timezone=True), nullable=False),
-    sa.ForeignKeyConstraint(['current_run_id'], ['runs.id'], name=op.f('fk_workers_current_run_id_runs'), ondelete='SET NULL'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_workers'))
+    op.create_table(
+        "run_events",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("run_id", sa.Uuid(), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column(
+            "from_status",
+            sa.Enum(
+                "queued",
+                "running",
+                "succeeded",
+                "failed",
+                "cancelled",
+                name="from_status",
+                native_enum=False,
+                create_constraint=True,
+                length=32,
+            ),
+            nullable=True,
+        ),
+        sa.Column(
+            "to_status",
+            sa.Enum(
+                "queued",
+                "running",
+                "succeeded",
+                "failed",
+                "cancelled",
+                name="to_status",
+                native_enum=False,
+                create_constraint=True,
+                length=32,
+            ),
+            nullable=False,
+        ),
+        sa.Column(
+            "reason",
+            sa.Enum(
+                "invalid_config",
+                "invalid_data",
+                "out_of_memory",
+                "killed",
+                "crashed",
+                "lost_worker",
+                name="reason",
+                native_enum=False,
+                create_constraint=True,
+                length=32,
+            ),
+            nullable=True,
+        ),
+        sa.Column("message", sa.Text(), nullable=False),
+        sa.Column("actor", sa.String(length=200), nullable=True),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["runs.id"], name=op.f("fk_run_events_run_id_runs"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_run_events")),
+    )
+    op.create_index(op.f("ix_run_events_run_id_id"), "run_events", ["run_id", "id"], unique=False)
+    op.create_table(
+        "run_provenance",
+        sa.Column("run_id", sa.Uuid(), nullable=False),
+        sa.Column(
+            "package_versions",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("git_commit", sa.String(length=64), nullable=True),
+        sa.Column("seed", sa.BigInteger(), nullable=True),
+        sa.Column(
+            "hardware",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("data_hash", sa.String(length=128), nullable=True),
+        sa.Column("tokenizer_hash", sa.String(length=128), nullable=True),
+        sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["runs.id"], name=op.f("fk_run_provenance_run_id_runs"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("run_id", name=op.f("pk_run_provenance")),
+    )
+    op.create_table(
+        "workers",
+        sa.Column("id", sa.String(length=200), nullable=False),
+        sa.Column("host", sa.String(length=255), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=True),
+        sa.Column(
+            "gpus",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("gpu_count", sa.Integer(), nullable=False),
+        sa.Column("gpu_memory_bytes", sa.BigInteger(), nullable=True),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("current_run_id", sa.Uuid(), nullable=True),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["current_run_id"],
+            ["runs.id"],
+            name=op.f("fk_workers_current_run_id_runs"),
+            ondelete="SET NULL",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_workers")),
     )
 
 
 def downgrade() -> None:
     """Downgrade schema."""
-    op.drop_table('workers')
-    op.drop_table('run_provenance')
-    op.drop_index(op.f('ix_run_events_run_id_id'), table_name='run_events')
-    op.drop_table('run_events')
-    op.drop_table('router_points')
-    op.drop_table('metric_points')
-    op.drop_index(op.f('ix_checkpoints_run_id_step'), table_name='checkpoints')
-    op.drop_table('checkpoints')
-    op.drop_index(op.f('ix_runs_worker_id'), table_name='runs')
-    op.drop_index(op.f('ix_runs_status_created_at'), table_name='runs')
-    op.drop_index(op.f('ix_runs_created_at'), table_name='runs')
-    op.drop_table('runs')
+    op.drop_table("workers")
+    op.drop_table("run_provenance")
+    op.drop_index(op.f("ix_run_events_run_id_id"), table_name="run_events")
+    op.drop_table("run_events")
+    op.drop_table("router_points")
+    op.drop_table("metric_points")
+    op.drop_index(op.f("ix_checkpoints_run_id_step"), table_name="checkpoints")
+    op.drop_table("checkpoints")
+    op.drop_index(op.f("ix_runs_worker_id"), table_name="runs")
+    op.drop_index(op.f("ix_runs_status_created_at"), table_name="runs")
+    op.drop_index(op.f("ix_runs_created_at"), table_name="runs")
+    op.drop_table("runs")

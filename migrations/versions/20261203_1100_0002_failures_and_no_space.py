@@ -12,6 +12,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-03 11:00:00+00:00
 """
+
 from typing import Sequence, Union
 
 import sqlalchemy as sa
@@ -23,8 +24,15 @@ branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
 _OLD = ("invalid_config", "invalid_data", "out_of_memory", "killed", "crashed", "lost_worker")
-_NEW = ("invalid_config", "invalid_data", "out_of_memory", "no_space", "killed", "crashed",
-        "lost_worker")
+_NEW = (
+    "invalid_config",
+    "invalid_data",
+    "out_of_memory",
+    "no_space",
+    "killed",
+    "crashed",
+    "lost_worker",
+)
 
 
 def _in_list(column: str, values: Sequence[str]) -> str:
@@ -34,8 +42,9 @@ def _in_list(column: str, values: Sequence[str]) -> str:
 def _reasons(values: Sequence[str]) -> None:
     with op.batch_alter_table("runs") as batch:
         batch.drop_constraint(op.f("ck_runs_failure_reason"), type_="check")
-        batch.create_check_constraint(op.f("ck_runs_failure_reason"),
-                                      _in_list("failure_reason", values))
+        batch.create_check_constraint(
+            op.f("ck_runs_failure_reason"), _in_list("failure_reason", values)
+        )
     with op.batch_alter_table("run_events") as batch:
         batch.drop_constraint(op.f("ck_run_events_reason"), type_="check")
         batch.create_check_constraint(op.f("ck_run_events_reason"), _in_list("reason", values))

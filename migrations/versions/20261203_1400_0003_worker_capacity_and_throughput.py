@@ -9,6 +9,7 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-03 14:00:00+00:00
 """
+
 from typing import Sequence, Union
 
 import sqlalchemy as sa
@@ -35,8 +36,9 @@ def upgrade() -> None:
         sa.Column("last_run_id", sa.Uuid(), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("runs >= 1", name=op.f("ck_throughput_runs_positive")),
-        sa.CheckConstraint("tokens_per_sec_per_device > 0",
-                           name=op.f("ck_throughput_tokens_per_sec_positive")),
+        sa.CheckConstraint(
+            "tokens_per_sec_per_device > 0", name=op.f("ck_throughput_tokens_per_sec_positive")
+        ),
         sa.PrimaryKeyConstraint("model_key", "worker_kind", name=op.f("pk_throughput")),
     )
 

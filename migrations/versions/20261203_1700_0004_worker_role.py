@@ -9,6 +9,7 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-03 17:00:00+00:00
 """
+
 from typing import Sequence, Union
 
 import sqlalchemy as sa
@@ -22,10 +23,12 @@ depends_on: Union[str, Sequence[str], None] = None
 
 def upgrade() -> None:
     with op.batch_alter_table("workers") as batch:
-        batch.add_column(sa.Column("role", sa.String(length=8), nullable=False,
-                                   server_default="all"))
-        batch.create_check_constraint(op.f("ck_workers_role_known"),
-                                      "role IN ('all', 'train', 'aux')")
+        batch.add_column(
+            sa.Column("role", sa.String(length=8), nullable=False, server_default="all")
+        )
+        batch.create_check_constraint(
+            op.f("ck_workers_role_known"), "role IN ('all', 'train', 'aux')"
+        )
 
 
 def downgrade() -> None:

@@ -1,6 +1,7 @@
 """The HTTP API's routers (``service.main.create_app`` mounts them). Routes parse the request,
 call ``service.runs`` / ``service.reads`` / ``service.api.submission`` and return API shapes
 from ``service.api.models``; they run no queries and commit nothing themselves."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
@@ -9,7 +10,9 @@ from fastapi.security import HTTPBearer
 from service.api import datasets, runs, smoke, system
 
 #: Documents the bearer token in OpenAPI (the check itself is ``errors.AuthMiddleware``).
-bearer_scheme = HTTPBearer(auto_error=False, description="MOEJOBS_API_TOKEN, when the server has one")
+bearer_scheme = HTTPBearer(
+    auto_error=False, description="MOEJOBS_API_TOKEN, when the server has one"
+)
 
 
 def routers() -> list[APIRouter]:

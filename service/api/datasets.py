@@ -19,6 +19,7 @@ The names ``tokenizers`` (the tokenizer folder) and ``sample`` (the smoke test's
 by the worker) are reserved. Tokenizers: ``POST /tokenizers/{name}`` enqueues
 ``service.queue.TOKENIZER_TASK`` (202); the worker writes ``DATA_ROOT/tokenizers/<name>``.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -63,15 +64,22 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 #: Dataset and tokenizer names: exactly what ``service.paths.check_name`` accepts.
 #: (The pattern is for the document; ``_name`` checks it with a message saying what is valid.)
-NameParam = Annotated[str, PathParam(min_length=1, max_length=64,
-                                     json_schema_extra={"pattern": NAME_REGEX})]
+NameParam = Annotated[
+    str, PathParam(min_length=1, max_length=64, json_schema_extra={"pattern": NAME_REGEX})
+]
 
 TOKENIZERS_DIR = "tokenizers"
 SAMPLE_DIR = "sample"
 RESERVED = frozenset({TOKENIZERS_DIR, SAMPLE_DIR})
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-ARCHIVE_TYPES = ("application/x-tar", "application/tar", "application/gzip",
-                 "application/x-gzip", "application/x-gtar", "application/octet-stream")
+ARCHIVE_TYPES = (
+    "application/x-tar",
+    "application/tar",
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-gtar",
+    "application/octet-stream",
+)
 #: Most files a dataset may hold.
 MAX_FILES = 100_000
 _CHUNK = 1 << 20
@@ -104,8 +112,12 @@ def _in_use(session: Session, folder: Path) -> list[str]:
     for run in reads.active_runs(session):
         t = run.resolved_train or {}
         args = (t.get("data") or {}).get("init_args") or {}
-        paths = [args.get("train_data_path"), args.get("val_data_path"), t.get("tokenizer_dir"),
-                 t.get("initial_checkpoint_dir")]
+        paths = [
+            args.get("train_data_path"),
+            args.get("val_data_path"),
+            t.get("tokenizer_dir"),
+            t.get("initial_checkpoint_dir"),
+        ]
         if any(isinstance(p, str) and (p == str(folder) or p.startswith(prefix)) for p in paths):
             users.append(str(run.id))
     return users
@@ -138,7 +150,9 @@ class _Staging:
         if not is_dir and rel.suffix.lower() != ".txt":
             raise UploadProblem(member, "only .txt files are accepted")
         if any(part.startswith(".") for part in rel.parts):
-            raise UploadProblem(member, "hidden files and folders (starting with '.') are not accepted")
+            raise UploadProblem(
+                member, "hidden files and folders (starting with '.') are not accepted"
+            )
         return rel, self.root.joinpath(*rel.parts)
 
     def add_dir(self, member: str) -> None:
@@ -163,25 +177,34 @@ class _Staging:
                 try:
                     text = decoder.decode(chunk)
                 except UnicodeDecodeError as error:
-                    raise UploadProblem(member, f"not valid UTF-8 text (byte {offset + error.start}: "
-                                        f"{error.reason})") from None
+                    raise UploadProblem(
+                        member,
+                        f"not valid UTF-8 text (byte {offset + error.start}: {error.reason})",
+                    ) from None
                 nul = chunk.find(b"\x00")
                 if nul >= 0:
-                    raise UploadProblem(member, f"not a text file: a NUL byte at byte {offset + nul} "
-                                        f"(binary data)")
+                    raise UploadProblem(
+                        member, f"not a text file: a NUL byte at byte {offset + nul} (binary data)"
+                    )
                 offset += len(chunk)
                 self.total += len(chunk)
                 if self.total > self.byte_limit:
-                    raise UploadProblem(member, f"the dataset is larger than the upload limit of "
-                                        f"{self.byte_limit:,} bytes (MOEJOBS_UPLOAD_LIMIT_BYTES)")
+                    raise UploadProblem(
+                        member,
+                        f"the dataset is larger than the upload limit of "
+                        f"{self.byte_limit:,} bytes (MOEJOBS_UPLOAD_LIMIT_BYTES)",
+                    )
                 # str.strip, as the engine reads it (Unicode whitespace such as U+3000 too)
                 text_seen = text_seen or bool(text.strip())
                 out.write(chunk)
             try:
                 decoder.decode(b"", final=True)
             except UnicodeDecodeError:
-                raise UploadProblem(member, f"not valid UTF-8 text (it ends inside a multi-byte "
-                                    f"character at byte {offset})") from None
+                raise UploadProblem(
+                    member,
+                    f"not valid UTF-8 text (it ends inside a multi-byte "
+                    f"character at byte {offset})",
+                ) from None
         if not text_seen:
             raise UploadProblem(member, "file is empty (or only whitespace)")
 
@@ -197,14 +220,24 @@ class _Staging:
                         assert source is not None
                         self.add_file(name, source)
                     else:
-                        kind = ("a symbolic link" if member.issym() else "a hard link" if member.islnk()
-                                else "a device or FIFO" if (member.ischr() or member.isblk() or member.isfifo())
-                                else "not a regular file")
-                        raise UploadProblem(name, f"{kind}; only folders and .txt files are accepted")
+                        kind = (
+                            "a symbolic link"
+                            if member.issym()
+                            else "a hard link"
+                            if member.islnk()
+                            else "a device or FIFO"
+                            if (member.ischr() or member.isblk() or member.isfifo())
+                            else "not a regular file"
+                        )
+                        raise UploadProblem(
+                            name, f"{kind}; only folders and .txt files are accepted"
+                        )
         except tarfile.TarError as error:
             raise UploadProblem(archive_name, f"not a readable tar archive ({error})") from None
         except (EOFError, OSError) as error:
-            raise UploadProblem(archive_name, f"the archive is truncated or corrupt ({error})") from None
+            raise UploadProblem(
+                archive_name, f"the archive is truncated or corrupt ({error})"
+            ) from None
 
     def finish(self) -> None:
         if not self.names:
@@ -219,8 +252,11 @@ def _publish(staging: Path, target: Path, overwrite: bool) -> None:
     """Move the complete staging folder into place (replacing ``target`` with ``overwrite``)."""
     if target.exists():
         if not overwrite:
-            raise ApiError(409, f"dataset {target.name!r} exists; delete it or pass overwrite=true",
-                           code="dataset_exists")
+            raise ApiError(
+                409,
+                f"dataset {target.name!r} exists; delete it or pass overwrite=true",
+                code="dataset_exists",
+            )
         trash = target.parent / f".trash-{uuid.uuid4().hex}"
         os.rename(target, trash)
         os.rename(staging, target)
@@ -241,36 +277,58 @@ def _describe(folder: Path) -> DatasetPublic:
                 size += (Path(dirpath) / f).stat().st_size
                 folders.add("" if rel == "." else rel)
     modified = datetime.fromtimestamp(folder.stat().st_mtime, tz=UTC)
-    return DatasetPublic(name=folder.name, files=files, bytes=size, folders=sorted(folders),
-                         modified_at=modified)
+    return DatasetPublic(
+        name=folder.name, files=files, bytes=size, folders=sorted(folders), modified_at=modified
+    )
 
 
 # -- routes ----------------------------------------------------------------------------------------
 
 
-_UPLOAD_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-    "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
-}}}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
 
-@router.post("/datasets/{name}", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic,
-             responses=errors(409, 415, 422, 503),
-             openapi_extra=_UPLOAD_BODY, summary="Upload a dataset (.txt files or a .tar of them)")
-async def upload_dataset(name: NameParam, request: Request, settings: SettingsDep,
-                         overwrite: bool = False) -> DatasetPublic:
+@router.post(
+    "/datasets/{name}",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    responses=errors(409, 415, 422, 503),
+    openapi_extra=_UPLOAD_BODY,
+    summary="Upload a dataset (.txt files or a .tar of them)",
+)
+async def upload_dataset(
+    name: NameParam, request: Request, settings: SettingsDep, overwrite: bool = False
+) -> DatasetPublic:
     """Store the upload in ``DATA_ROOT/<name>/`` (module docstring). 201 with the dataset; 409
     when it exists (without ``overwrite``) or a live run reads it; 422 naming a refused file."""
     _name(name)
     if name in RESERVED:
-        raise invalid(["path", "name"], f"{name!r} is reserved (tokenizers / the smoke test's "
-                      f"sample data); choose another name")
+        raise invalid(
+            ["path", "name"],
+            f"{name!r} is reserved (tokenizers / the smoke test's "
+            f"sample data); choose another name",
+        )
     root = _root(settings)
     target = root / name
     if target.exists() and not overwrite:
-        raise ApiError(409, f"dataset {name!r} exists; delete it or pass overwrite=true",
-                       code="dataset_exists")
+        raise ApiError(
+            409, f"dataset {name!r} exists; delete it or pass overwrite=true", code="dataset_exists"
+        )
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
@@ -280,8 +338,10 @@ async def upload_dataset(name: NameParam, request: Request, settings: SettingsDe
             form = await request.form(max_files=MAX_FILES, max_fields=100)
             uploads = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
             if not uploads:
-                raise invalid(["body"], "no file in the upload: send .txt files or one .tar as "
-                              "multipart file parts")
+                raise invalid(
+                    ["body"],
+                    "no file in the upload: send .txt files or one .tar as multipart file parts",
+                )
             if len(uploads) == 1 and _is_archive(uploads[0][1].filename or ""):
                 upload = uploads[0][1]
                 await run_in_threadpool(writer.add_tar, upload.filename or "archive", upload.file)
@@ -289,8 +349,9 @@ async def upload_dataset(name: NameParam, request: Request, settings: SettingsDe
                 for _key, upload in uploads:
                     filename = upload.filename or ""
                     if _is_archive(filename):
-                        raise invalid(["body", filename], "send one archive alone, not mixed with "
-                                      "other files")
+                        raise invalid(
+                            ["body", filename], "send one archive alone, not mixed with other files"
+                        )
                     await run_in_threadpool(writer.add_file, filename, upload.file)
         elif kind in ARCHIVE_TYPES:
             spool = tempfile.TemporaryFile(dir=root)
@@ -300,15 +361,23 @@ async def upload_dataset(name: NameParam, request: Request, settings: SettingsDe
                 spool.seek(0)
                 await run_in_threadpool(writer.add_tar, "body", spool)
         else:
-            raise ApiError(415, f"unsupported Content-Type {kind!r}: send multipart/form-data "
-                           f"(.txt files or one .tar) or application/x-tar")
+            raise ApiError(
+                415,
+                f"unsupported Content-Type {kind!r}: send multipart/form-data "
+                f"(.txt files or one .tar) or application/x-tar",
+            )
         writer.finish()
         await _check_not_in_use(request, target, "replace")
         _publish(staging, target, overwrite)
     except UploadProblem as problem:
-        raise ApiError(422, f"{problem.member}: {problem.reason}", code="invalid_upload",
-                       errors=[{"loc": ["body", problem.member], "msg": problem.reason,
-                                "type": "invalid_upload"}]) from None
+        raise ApiError(
+            422,
+            f"{problem.member}: {problem.reason}",
+            code="invalid_upload",
+            errors=[
+                {"loc": ["body", problem.member], "msg": problem.reason, "type": "invalid_upload"}
+            ],
+        ) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -322,8 +391,12 @@ async def _check_not_in_use(request: Request, folder: Path, verb: str) -> None:
         return
     users = await request.app.state.gate.run(_in_use, folder)
     if users:
-        raise ApiError(409, f"cannot {verb} {folder.name!r}: used by queued/running run(s) "
-                       f"{', '.join(users)}", code="in_use", run_ids=users)
+        raise ApiError(
+            409,
+            f"cannot {verb} {folder.name!r}: used by queued/running run(s) {', '.join(users)}",
+            code="in_use",
+            run_ids=users,
+        )
 
 
 @router.get("/datasets", response_model=list[DatasetPublic], summary="List datasets")
@@ -332,13 +405,19 @@ def list_datasets(settings: SettingsDep) -> list[DatasetPublic]:
     root = _root(settings)
     if not root.is_dir():
         return []
-    return [_describe(p) for p in sorted(root.iterdir())
-            if p.is_dir() and p.name != TOKENIZERS_DIR and not p.name.startswith(".")]
+    return [
+        _describe(p)
+        for p in sorted(root.iterdir())
+        if p.is_dir() and p.name != TOKENIZERS_DIR and not p.name.startswith(".")
+    ]
 
 
-@router.delete("/datasets/{name}", status_code=status.HTTP_204_NO_CONTENT,
-               responses=errors(404, 409, 422, 503),
-               summary="Delete a dataset")
+@router.delete(
+    "/datasets/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(404, 409, 422, 503),
+    summary="Delete a dataset",
+)
 async def delete_dataset(name: NameParam, request: Request, settings: SettingsDep) -> Response:
     """404 when missing, 409 while a queued or running run reads it."""
     _name(name)
@@ -370,6 +449,7 @@ def _text_folder(folder: Path) -> Path | None:
     """The folder to train a tokenizer on: ``folder`` when it holds .txt files at its top
     level, else its ``train`` sub-folder when that does, else ``folder`` when any .txt file
     lies below it (the task reads every folder below the one it gets); None without any."""
+
     def has_txt(p: Path) -> bool:
         return p.is_dir() and any(f.is_file() for f in p.glob("*.txt"))
 
@@ -402,19 +482,30 @@ def _tokenizer_status(settings: Settings, name: str) -> TokenizerPublic | None:
         record = _read_marker(folder / TOKENIZER_RECORD)  # written by the worker's task
         warnings = record.get("warnings")
         return TokenizerPublic(
-            status="ready", vocab_size=_vocab_size(folder) or _int(record.get("vocab_size")),
+            status="ready",
+            vocab_size=_vocab_size(folder) or _int(record.get("vocab_size")),
             requested_vocab_size=_int(record.get("requested_vocab_size") or info.get("vocab_size")),
             warnings=[str(w) for w in warnings] if isinstance(warnings, list) else [],
-            **_request_fields(name, folder, {**info, **{k: v for k, v in record.items() if v}}))
+            **_request_fields(name, folder, {**info, **{k: v for k, v in record.items() if v}}),
+        )
     common = _request_fields(name, folder, info)
     requested_size = _int(info.get("vocab_size"))
     if error_file.exists():
         text = error_file.read_text(encoding="utf-8", errors="replace").strip()
-        return TokenizerPublic(status="failed", error=text or "failed", vocab_size=requested_size,
-                               requested_vocab_size=requested_size, **common)
+        return TokenizerPublic(
+            status="failed",
+            error=text or "failed",
+            vocab_size=requested_size,
+            requested_vocab_size=requested_size,
+            **common,
+        )
     if marker.exists():
-        return TokenizerPublic(status="pending", vocab_size=requested_size,
-                               requested_vocab_size=requested_size, **common)
+        return TokenizerPublic(
+            status="pending",
+            vocab_size=requested_size,
+            requested_vocab_size=requested_size,
+            **common,
+        )
     return None
 
 
@@ -430,8 +521,12 @@ def _request_fields(name: str, folder: Path, info: dict) -> dict:
     except ValueError:
         requested_at = None
     dataset = info.get("dataset")
-    return dict(name=name, path=str(folder), dataset=dataset if isinstance(dataset, str) else None,
-                requested_at=requested_at)
+    return dict(
+        name=name,
+        path=str(folder),
+        dataset=dataset if isinstance(dataset, str) else None,
+        requested_at=requested_at,
+    )
 
 
 def _vocab_size(folder: Path) -> int | None:
@@ -444,11 +539,16 @@ def _vocab_size(folder: Path) -> int | None:
         return None
 
 
-@router.post("/tokenizers/{name}", status_code=status.HTTP_202_ACCEPTED,
-             responses=errors(409, 422, 503),
-             response_model=TokenizerPublic, summary="Train a tokenizer from a dataset")
-def create_tokenizer(name: NameParam, body: TokenizerCreate, settings: SettingsDep,
-                     celery: CeleryDep) -> TokenizerPublic:
+@router.post(
+    "/tokenizers/{name}",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=errors(409, 422, 503),
+    response_model=TokenizerPublic,
+    summary="Train a tokenizer from a dataset",
+)
+def create_tokenizer(
+    name: NameParam, body: TokenizerCreate, settings: SettingsDep, celery: CeleryDep
+) -> TokenizerPublic:
     """Enqueue tokenizer training on the dataset's .txt files (its top level, else its
     ``train/`` folder) into ``DATA_ROOT/tokenizers/<name>``; poll ``GET /tokenizers``. 409 when
     that tokenizer exists or is pending; 503 when the broker is unreachable."""
@@ -462,28 +562,47 @@ def create_tokenizer(name: NameParam, body: TokenizerCreate, settings: SettingsD
         raise invalid(["body", "dataset"], "name a dataset folder under the data root")
     text_dir = _text_folder(dataset_dir)
     if text_dir is None:
-        raise invalid(["body", "dataset"], f"{body.dataset!r}: no .txt files in {dataset_dir} "
-                      f"(upload a dataset with POST /datasets/{{name}})")
+        raise invalid(
+            ["body", "dataset"],
+            f"{body.dataset!r}: no .txt files in {dataset_dir} "
+            f"(upload a dataset with POST /datasets/{{name}})",
+        )
     current = _tokenizer_status(settings, name)
     if current is not None and current.status != "failed":
-        raise ApiError(409, f"tokenizer {name!r} is {current.status}; delete it first",
-                       code="tokenizer_exists")
+        raise ApiError(
+            409, f"tokenizer {name!r} is {current.status}; delete it first", code="tokenizer_exists"
+        )
     marker, error_file = tokenizer_marker_paths(settings, name)
     marker.parent.mkdir(parents=True, exist_ok=True)
     error_file.unlink(missing_ok=True)
     requested_at = datetime.now(UTC)
     out_dir = _tokenizer_root(settings) / name
-    marker.write_text(json.dumps({"dataset": body.dataset, "dataset_dir": str(text_dir),
-                                  "vocab_size": body.vocab_size,
-                                  "requested_at": requested_at.isoformat()}), encoding="utf-8")
-    result = enqueue_tokenizer(celery, name=name, dataset_dir=text_dir, out_dir=out_dir,
-                               vocab_size=body.vocab_size)
+    marker.write_text(
+        json.dumps(
+            {
+                "dataset": body.dataset,
+                "dataset_dir": str(text_dir),
+                "vocab_size": body.vocab_size,
+                "requested_at": requested_at.isoformat(),
+            }
+        ),
+        encoding="utf-8",
+    )
+    result = enqueue_tokenizer(
+        celery, name=name, dataset_dir=text_dir, out_dir=out_dir, vocab_size=body.vocab_size
+    )
     if not result.ok:
         marker.unlink(missing_ok=True)
         raise dependency_unavailable("broker", f"{result.error}; nothing was queued")
-    return TokenizerPublic(name=name, status="pending", path=str(out_dir), dataset=body.dataset,
-                           vocab_size=body.vocab_size, requested_vocab_size=body.vocab_size,
-                           requested_at=requested_at)
+    return TokenizerPublic(
+        name=name,
+        status="pending",
+        path=str(out_dir),
+        dataset=body.dataset,
+        vocab_size=body.vocab_size,
+        requested_vocab_size=body.vocab_size,
+        requested_at=requested_at,
+    )
 
 
 @router.get("/tokenizers", response_model=list[TokenizerPublic], summary="List tokenizers")
@@ -500,9 +619,12 @@ def list_tokenizers(settings: SettingsDep) -> list[TokenizerPublic]:
     return [t for t in out if t is not None]
 
 
-@router.delete("/tokenizers/{name}", status_code=status.HTTP_204_NO_CONTENT,
-               responses=errors(404, 409, 422, 503),
-               summary="Delete a tokenizer")
+@router.delete(
+    "/tokenizers/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(404, 409, 422, 503),
+    summary="Delete a tokenizer",
+)
 async def delete_tokenizer(name: NameParam, request: Request, settings: SettingsDep) -> Response:
     """Removes the folder and any request marker; 404 when neither exists, 409 while a queued
     or running run uses it."""

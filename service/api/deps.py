@@ -14,6 +14,7 @@ and once it has one its connection is free at once.
 The dependency functions are ``async``: FastAPI would run plain functions in the thread pool,
 one hop per dependency and request.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,45 +62,63 @@ class DatabaseGate:
         # Threads of the gate: every holder of a thread token holds a slot, so this never waits.
         self._threads = anyio.CapacityLimiter(capacity)
 
-    def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict,
-              render: Callable[[Any], Any] | None) -> Any:
+    def _call(
+        self, fn: Callable[..., Any], args: tuple, kwargs: dict, render: Callable[[Any], Any] | None
+    ) -> Any:
         with self.db.session() as session:
             result = fn(session, *args, **kwargs)
         return render(result) if render is not None else result
 
-    async def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict,
-                   render: Callable[[Any], Any] | None) -> Any:
+    async def _run(
+        self, fn: Callable[..., Any], args: tuple, kwargs: dict, render: Callable[[Any], Any] | None
+    ) -> Any:
         try:
             with anyio.fail_after(self.wait_seconds):
                 await self._slots.acquire()
         except TimeoutError:
-            log.warning("database busy: no free slot of %d within %g s", self.capacity,
-                        self.wait_seconds)
+            log.warning(
+                "database busy: no free slot of %d within %g s", self.capacity, self.wait_seconds
+            )
             raise ApiError(
-                503, f"the database is busy: none of the API's {self.capacity} database "
+                503,
+                f"the database is busy: none of the API's {self.capacity} database "
                 f"connections came free within {self.wait_seconds:g} s (MOEJOBS_DB_WAIT_SECONDS); "
-                f"retry after {BUSY_RETRY_AFTER_S} s", code="database_busy",
-                headers={"Retry-After": str(BUSY_RETRY_AFTER_S)}, dependency="database") from None
+                f"retry after {BUSY_RETRY_AFTER_S} s",
+                code="database_busy",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+                dependency="database",
+            ) from None
         try:
             return await anyio.to_thread.run_sync(
-                functools.partial(self._call, fn, args, kwargs, render), limiter=self._threads)
+                functools.partial(self._call, fn, args, kwargs, render), limiter=self._threads
+            )
         finally:
             self._slots.release()
 
-    async def run(self, fn: Callable[Concatenate[Session, P], T], *args: P.args,
-                  **kwargs: P.kwargs) -> T:
+    async def run(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
         """``fn(session, *args, **kwargs)`` in a worker thread (class docstring)."""
         return await self._run(fn, args, kwargs, None)
 
-    async def render(self, fn: Callable[Concatenate[Session, P], Any],
-                     render: Callable[[Any], T], *args: P.args, **kwargs: P.kwargs) -> T:
+    async def render(
+        self,
+        fn: Callable[Concatenate[Session, P], Any],
+        render: Callable[[Any], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
         """``render(fn(session, *args, **kwargs))`` in one worker thread, ``render`` called
         after the session is closed (its connection back in the pool): for answers whose
         rendering costs more than their query."""
         return await self._run(fn, args, kwargs, render)
 
-    async def json(self, fn: Callable[Concatenate[Session, P], BaseModel | list[BaseModel]],
-                   *args: P.args, **kwargs: P.kwargs) -> Response:
+    async def json(
+        self,
+        fn: Callable[Concatenate[Session, P], BaseModel | list[BaseModel]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Response:
         """Like :meth:`run` for a function returning a pydantic model (or a list of them):
         the answer is rendered as a JSON response in the same thread, after the session is
         closed (FastAPI's own validation and serialisation of the return value are skipped;

@@ -24,6 +24,7 @@ is set (exempt: :data:`PUBLIC_PATHS` and :data:`PUBLIC_PREFIXES`); :class:`BodyL
 answers 413 for a body larger than the limit, whether announced by ``Content-Length`` or
 streamed.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -54,10 +55,19 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.
 PUBLIC_PREFIXES = ("/docs/", "/static/")
 
 _CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "body_too_large",
-    415: "unsupported_media_type", 422: "validation_error", 429: "too_many_requests",
-    500: "internal_error", 503: "unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
 }
 
 
@@ -65,9 +75,16 @@ class ApiError(Exception):
     """An error the API answers with ``status`` and the uniform body. ``errors`` is a list of
     ``{"loc": [...], "msg": str, "type": str}``; ``extra`` keys are added to the body."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None,
-                 errors: Sequence[Mapping[str, Any]] | None = None,
-                 headers: Mapping[str, str] | None = None, **extra: Any):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        errors: Sequence[Mapping[str, Any]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code or _CODES.get(status, "error")
@@ -77,8 +94,14 @@ class ApiError(Exception):
         self.extra = extra
 
 
-def error_body(status: int, message: str, *, code: str | None = None,
-               errors: Sequence[Mapping[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+def error_body(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """The uniform error document (see the module docstring)."""
     body: dict[str, Any] = {"code": code or _CODES.get(status, "error"), "message": message}
     if errors is not None:
@@ -87,11 +110,13 @@ def error_body(status: int, message: str, *, code: str | None = None,
     return body
 
 
-def error_response(status: int, message: str, *, headers: Mapping[str, str] | None = None,
-                   **kwargs: Any) -> JSONResponse:
+def error_response(
+    status: int, message: str, *, headers: Mapping[str, str] | None = None, **kwargs: Any
+) -> JSONResponse:
     """A JSONResponse carrying :func:`error_body`."""
-    return JSONResponse(error_body(status, message, **kwargs), status_code=status,
-                        headers=dict(headers or {}))
+    return JSONResponse(
+        error_body(status, message, **kwargs), status_code=status, headers=dict(headers or {})
+    )
 
 
 #: Seconds a client is told to wait (``Retry-After``) when a dependency does not answer.
@@ -100,13 +125,18 @@ UNAVAILABLE_RETRY_AFTER_S = 5
 BUSY_RETRY_AFTER_S = 1
 
 
-def dependency_unavailable(dependency: str, reason: str, *,
-                           retry_after: int = UNAVAILABLE_RETRY_AFTER_S) -> ApiError:
+def dependency_unavailable(
+    dependency: str, reason: str, *, retry_after: int = UNAVAILABLE_RETRY_AFTER_S
+) -> ApiError:
     """A 503 ``<dependency>_unavailable`` (``dependency`` is ``"database"`` or ``"broker"``)
     with ``Retry-After`` and ``"dependency"`` in the body; ``reason`` is one line."""
-    return ApiError(503, f"the {dependency} is unavailable: {reason}; retry after {retry_after} s",
-                    code=f"{dependency}_unavailable", headers={"Retry-After": str(retry_after)},
-                    dependency=dependency)
+    return ApiError(
+        503,
+        f"the {dependency} is unavailable: {reason}; retry after {retry_after} s",
+        code=f"{dependency}_unavailable",
+        headers={"Retry-After": str(retry_after)},
+        dependency=dependency,
+    )
 
 
 def field_error(loc: Sequence[str | int], msg: str, type_: str = "value_error") -> dict[str, Any]:
@@ -126,8 +156,9 @@ def _dotted(loc: Sequence[str | int]) -> str:
     return out
 
 
-def config_issue_locs(issues: Sequence[Issue], train_issue_keys: set[tuple[tuple, str]] | None = None
-                      ) -> list[dict[str, Any]]:
+def config_issue_locs(
+    issues: Sequence[Issue], train_issue_keys: set[tuple[tuple, str]] | None = None
+) -> list[dict[str, Any]]:
     """``service.schemas`` issues as ``errors`` entries with full request paths: train-config
     issues under ``["body", "train_config", ...]``, model-config issues (locations starting
     with ``"model"``) under ``["body", "model_config", ...]``. ``train_issue_keys`` (``(loc,
@@ -145,13 +176,17 @@ def config_issue_locs(issues: Sequence[Issue], train_issue_keys: set[tuple[tuple
     return out
 
 
-def config_error(error: ConfigError, *, train_issue_keys: set[tuple[tuple, str]] | None = None,
-                 what: str = "the submitted configs") -> ApiError:
+def config_error(
+    error: ConfigError,
+    *,
+    train_issue_keys: set[tuple[tuple, str]] | None = None,
+    what: str = "the submitted configs",
+) -> ApiError:
     """A 422 ``invalid_config`` listing every issue of ``error``."""
     errors = config_issue_locs(error.errors, train_issue_keys)
     count = len(errors)
     first = f"{_dotted(errors[0]['loc'][1:])}: {errors[0]['msg']}" if errors else str(error)
-    message = (first if count == 1 else f"{count} problems in {what}; first: {first}")
+    message = first if count == 1 else f"{count} problems in {what}; first: {first}"
     return ApiError(422, message, code="invalid_config", errors=errors)
 
 
@@ -161,7 +196,7 @@ def _pydantic_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
         loc = [p for p in err.get("loc", ())]
         msg = str(err.get("msg", "invalid value"))
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         out.append(field_error(loc, msg, str(err.get("type", "value_error"))))
     return out
 
@@ -171,8 +206,14 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, code=exc.code, errors=exc.errors,
-                              headers=exc.headers, **exc.extra)
+        return error_response(
+            exc.status,
+            exc.message,
+            code=exc.code,
+            errors=exc.errors,
+            headers=exc.headers,
+            **exc.extra,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -193,14 +234,18 @@ def install_exception_handlers(app: FastAPI) -> None:
             raise exc  # a bug: ErrorMiddleware logs it and answers 500
         log.warning("%s %s: database unavailable: %s", request.method, request.url.path, reason)
         if isinstance(exc, sa.exc.TimeoutError):  # the pool's own wait ran out: busy, not down
-            error = ApiError(503, f"the database is busy: {reason}; retry after "
-                             f"{BUSY_RETRY_AFTER_S} s", code="database_busy",
-                             headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
-                             dependency="database")
+            error = ApiError(
+                503,
+                f"the database is busy: {reason}; retry after {BUSY_RETRY_AFTER_S} s",
+                code="database_busy",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+                dependency="database",
+            )
         else:
             error = dependency_unavailable("database", reason)
-        return error_response(error.status, error.message, code=error.code,
-                              headers=error.headers, **error.extra)
+        return error_response(
+            error.status, error.message, code=error.code, headers=error.headers, **error.extra
+        )
 
     @app.exception_handler(runs_service.RunNotFound)
     async def _not_found(_request: Request, exc: runs_service.RunNotFound) -> JSONResponse:
@@ -208,27 +253,38 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(runs_service.InvalidTransition)
     async def _transition(_request: Request, exc: runs_service.InvalidTransition) -> JSONResponse:
-        return error_response(409, str(exc), code="invalid_transition", run_id=str(exc.run_id),
-                              run_status=exc.from_status.value)
+        return error_response(
+            409,
+            str(exc),
+            code="invalid_transition",
+            run_id=str(exc.run_id),
+            run_status=exc.from_status.value,
+        )
 
     @app.exception_handler(runs_service.RunActive)
     async def _active(_request: Request, exc: runs_service.RunActive) -> JSONResponse:
-        return error_response(409, str(exc), code="run_active", run_id=str(exc.run_id),
-                              run_status=exc.status.value)
+        return error_response(
+            409, str(exc), code="run_active", run_id=str(exc.run_id), run_status=exc.status.value
+        )
 
     @app.exception_handler(runs_service.IdempotencyConflict)
-    async def _idempotency(_request: Request, exc: runs_service.IdempotencyConflict) -> JSONResponse:
+    async def _idempotency(
+        _request: Request, exc: runs_service.IdempotencyConflict
+    ) -> JSONResponse:
         return error_response(409, str(exc), code="idempotency_conflict", run_id=str(exc.run_id))
 
 
 # -- middleware -------------------------------------------------------------------------------
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any],
-                     headers: Mapping[str, str] | None = None) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> None:
     payload = json.dumps(body).encode()
-    raw_headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(payload)).encode())]
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": payload})
@@ -258,12 +314,19 @@ class ErrorMiddleware:
             await self.app(scope, receive, tracking_send)
         except Exception:
             error_id = uuid.uuid4().hex
-            log.exception("unhandled error %s in %s %s", error_id, scope.get("method"),
-                          scope.get("path"))
+            log.exception(
+                "unhandled error %s in %s %s", error_id, scope.get("method"), scope.get("path")
+            )
             if not started:
-                await _send_json(send, 500, error_body(
-                    500, f"internal error; the server log has the details under error id {error_id}",
-                    error_id=error_id))
+                await _send_json(
+                    send,
+                    500,
+                    error_body(
+                        500,
+                        f"internal error; the server log has the details under error id {error_id}",
+                        error_id=error_id,
+                    ),
+                )
 
 
 def _bearer_ok(scope: Scope, token: str) -> bool:
@@ -297,24 +360,42 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         query = scope.get("query_string", b"")
-        if (scope.get("method") in ("GET", "HEAD") and path.endswith("/archive")
-                and b"signature=" in query):
+        if (
+            scope.get("method") in ("GET", "HEAD")
+            and path.endswith("/archive")
+            and b"signature=" in query
+        ):
             if signed_query_ok(token, path, query):
                 await self.app(scope, receive, send)
             else:
-                await _send_json(send, 403, error_body(
-                    403, "the download link is not valid or has expired: ask for a new one "
-                    "(POST .../link)", code="invalid_link"))
+                await _send_json(
+                    send,
+                    403,
+                    error_body(
+                        403,
+                        "the download link is not valid or has expired: ask for a new one "
+                        "(POST .../link)",
+                        code="invalid_link",
+                    ),
+                )
             return
         given = any(name == b"authorization" for name, _ in scope.get("headers", ()))
         if given:
-            await _send_json(send, 403, error_body(403, "the bearer token is not valid",
-                                                   code="invalid_token"))
+            await _send_json(
+                send, 403, error_body(403, "the bearer token is not valid", code="invalid_token")
+            )
         else:
-            await _send_json(send, 401, error_body(
-                401, "this server needs a bearer token: send 'Authorization: Bearer <token>' "
-                "(MOEJOBS_API_TOKEN)", code="unauthorized"),
-                headers={"WWW-Authenticate": "Bearer"})
+            await _send_json(
+                send,
+                401,
+                error_body(
+                    401,
+                    "this server needs a bearer token: send 'Authorization: Bearer <token>' "
+                    "(MOEJOBS_API_TOKEN)",
+                    code="unauthorized",
+                ),
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -336,8 +417,10 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope.get("path", ""))
-        message = (f"request body is larger than the limit of {limit:,} bytes "
-                   f"(MOEJOBS_{'UPLOAD' if limit_is_upload(scope) else 'REQUEST_BODY'}_LIMIT_BYTES)")
+        message = (
+            f"request body is larger than the limit of {limit:,} bytes "
+            f"(MOEJOBS_{'UPLOAD' if limit_is_upload(scope) else 'REQUEST_BODY'}_LIMIT_BYTES)"
+        )
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -365,5 +448,3 @@ class BodyLimitMiddleware:
 def limit_is_upload(scope: Scope) -> bool:
     """Whether the upload limit (not the request-body limit) applies to this request."""
     return scope.get("path", "").startswith("/datasets/")
-
-

@@ -4,6 +4,7 @@
 bytes read in chunks, so memory stays at one chunk whatever the size of the weights, and the
 exact length is known up front (``Content-Length``: download tools show progress).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,14 +15,14 @@ from pathlib import Path
 
 #: Bytes read from disk per chunk of a streamed archive.
 CHUNK = 1 << 20
-_BLOCK = tarfile.BLOCKSIZE          # 512
-_RECORD = tarfile.RECORDSIZE        # 10240: tar files end on a record boundary
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 10240: tar files end on a record boundary
 
 
 @dataclass(frozen=True)
 class _Entry:
     header: bytes
-    path: Path | None   # None for a folder
+    path: Path | None  # None for a folder
     size: int
 
 
@@ -49,7 +50,9 @@ class TarPlan:
             raise FileNotFoundError(str(folder))
         entries: list[_Entry] = []
         stat = folder.stat()
-        entries.append(_Entry(_header(root_name, size=0, mtime=stat.st_mtime, is_dir=True), None, 0))
+        entries.append(
+            _Entry(_header(root_name, size=0, mtime=stat.st_mtime, is_dir=True), None, 0)
+        )
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames.sort()
             base = Path(dirpath)
@@ -60,16 +63,22 @@ class TarPlan:
                     dirnames.remove(d)
                     continue
                 name = f"{root_name}/{(rel_base / d).as_posix()}"
-                entries.append(_Entry(_header(name, size=0, mtime=p.stat().st_mtime, is_dir=True),
-                                      None, 0))
+                entries.append(
+                    _Entry(_header(name, size=0, mtime=p.stat().st_mtime, is_dir=True), None, 0)
+                )
             for f in sorted(filenames):
                 p = base / f
                 if p.is_symlink() or not p.is_file():
                     continue
                 st = p.stat()
                 name = f"{root_name}/{(rel_base / f).as_posix()}"
-                entries.append(_Entry(_header(name, size=st.st_size, mtime=st.st_mtime, is_dir=False),
-                                      p, st.st_size))
+                entries.append(
+                    _Entry(
+                        _header(name, size=st.st_size, mtime=st.st_mtime, is_dir=False),
+                        p,
+                        st.st_size,
+                    )
+                )
         self.entries = entries
         body = sum(len(e.header) + e.size + _pad(e.size) for e in entries) + 2 * _BLOCK
         self.length = body + ((-body) % _RECORD)

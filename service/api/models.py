@@ -1,6 +1,7 @@
 """API shapes (request and response bodies), kept apart from the tables in
 ``service.models``: a response is built field by field from a row, never by dumping the row
 (no mass assignment in, no internal column out)."""
+
 from __future__ import annotations
 
 import uuid
@@ -30,20 +31,24 @@ def document_problem(doc: Any) -> tuple[tuple[str | int, ...], str] | None:
     while stack:
         node, loc = stack.pop()
         if len(loc) > MAX_DOCUMENT_DEPTH:
-            return loc[:MAX_DOCUMENT_DEPTH + 1], f"nested deeper than {MAX_DOCUMENT_DEPTH} levels"
+            return loc[: MAX_DOCUMENT_DEPTH + 1], f"nested deeper than {MAX_DOCUMENT_DEPTH} levels"
         if isinstance(node, str):
             try:
                 check_path_text(node)
             except ValueError:
-                return loc, "a NUL character or a lone surrogate is not allowed (no database stores it)"
+                return (
+                    loc,
+                    "a NUL character or a lone surrogate is not allowed (no database stores it)",
+                )
         elif isinstance(node, float):
             if node != node or node in (float("inf"), float("-inf")):
                 return loc, f"must be a finite number, got {node}"
         elif isinstance(node, dict):
             for key, value in node.items():
                 if not isinstance(key, str):
-                    return (*loc, str(key)), (f"keys must be strings, got {type(key).__name__} "
-                                              f"{key!r} (quote it)")
+                    return (*loc, str(key)), (
+                        f"keys must be strings, got {type(key).__name__} {key!r} (quote it)"
+                    )
                 try:
                     check_path_text(key)
                 except ValueError:
@@ -52,8 +57,10 @@ def document_problem(doc: Any) -> tuple[tuple[str | int, ...], str] | None:
         elif isinstance(node, list):
             stack.extend((value, (*loc, i)) for i, value in enumerate(node))
         elif node is not None and not isinstance(node, (bool, int)):
-            return loc, (f"a {type(node).__name__} is not a JSON value (YAML reads dates and "
-                         f"tagged values as such: quote it)")
+            return loc, (
+                f"a {type(node).__name__} is not a JSON value (YAML reads dates and "
+                f"tagged values as such: quote it)"
+            )
     return None
 
 
@@ -63,17 +70,21 @@ class RunCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: NameText = Field(min_length=1, description="Human-readable run name: 1 to 200 "
-                           "characters, no control characters.")
+    name: NameText = Field(
+        min_length=1,
+        description="Human-readable run name: 1 to 200 characters, no control characters.",
+    )
     preset: NameText | None = Field(
         default=None,
         description="Name of a preset from configs/presets/ merged over the two documents "
         "(files < preset).",
     )
     train_config: dict[str, Any] = Field(description="The train config document.")
-    model_doc: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config",
-                                      description="The model config document.")
-
+    model_doc: dict[str, Any] = Field(
+        alias="model_config",
+        serialization_alias="model_config",
+        description="The model config document.",
+    )
 
 
 class IssueOut(BaseModel):
@@ -112,10 +123,14 @@ class RunPublic(BaseModel):
     owner: str
     status: str
     preset: str | None
-    attempt: int = Field(description="Claims so far (the fencing token): graceful stops and "
-                         "retries each start a new attempt.")
-    failures: int = Field(description="Attempts that failed (lost worker, killed training...); "
-                          "the run fails for good at MOEJOBS_MAX_ATTEMPTS.")
+    attempt: int = Field(
+        description="Claims so far (the fencing token): graceful stops and "
+        "retries each start a new attempt."
+    )
+    failures: int = Field(
+        description="Attempts that failed (lost worker, killed training...); "
+        "the run fails for good at MOEJOBS_MAX_ATTEMPTS."
+    )
     worker_id: str | None
     estimate: dict[str, Any] | None
     warnings: list[IssueOut]
@@ -131,8 +146,10 @@ class RunPublic(BaseModel):
     heartbeat_at: datetime | None
     lease_expires_at: datetime | None
     latest_metrics: MetricRow | None = Field(
-        None, description="The run's metric row of the highest step (what the runs list shows); "
-        "null before its first logged step.")
+        None,
+        description="The run's metric row of the highest step (what the runs list shows); "
+        "null before its first logged step.",
+    )
 
     @classmethod
     def of(cls, run: Run, latest: Any = None) -> RunPublic:
@@ -145,27 +162,40 @@ class RunPublic(BaseModel):
     def fields(run: Any, latest: Any = None) -> dict[str, Any]:
         """The fields of :meth:`of` as a plain dict (validate a whole page at once)."""
         return {
-            "id": run.id, "name": run.name, "owner": run.owner, "status": run.status.value,
-            "preset": run.preset, "attempt": run.attempt,
-            "failures": run.failures, "worker_id": run.worker_id,
-            "estimate": run.estimate, "warnings": run.warnings or [],
+            "id": run.id,
+            "name": run.name,
+            "owner": run.owner,
+            "status": run.status.value,
+            "preset": run.preset,
+            "attempt": run.attempt,
+            "failures": run.failures,
+            "worker_id": run.worker_id,
+            "estimate": run.estimate,
+            "warnings": run.warnings or [],
             "cancel_requested": run.cancel_requested,
             "failure_reason": run.failure_reason.value if run.failure_reason else None,
-            "failure_message": run.failure_message, "exit_code": run.exit_code,
-            "created_at": run.created_at, "queued_at": run.queued_at,
-            "started_at": run.started_at, "finished_at": run.finished_at,
-            "updated_at": run.updated_at, "heartbeat_at": run.heartbeat_at,
+            "failure_message": run.failure_message,
+            "exit_code": run.exit_code,
+            "created_at": run.created_at,
+            "queued_at": run.queued_at,
+            "started_at": run.started_at,
+            "finished_at": run.finished_at,
+            "updated_at": run.updated_at,
+            "heartbeat_at": run.heartbeat_at,
             "lease_expires_at": run.lease_expires_at,
-            "latest_metrics": None if latest is None else {
-                "step": latest.step, **{c: getattr(latest, c) for c in METRIC_COLUMNS}},
+            "latest_metrics": None
+            if latest is None
+            else {"step": latest.step, **{c: getattr(latest, c) for c in METRIC_COLUMNS}},
         }
 
 
 class RunCreated(RunPublic):
     """``POST /runs`` answer: the run, plus whether its message reached the broker."""
 
-    enqueued: bool = Field(description="False when the broker was unreachable; the run stays "
-                           "queued and the reconciler sends it later.")
+    enqueued: bool = Field(
+        description="False when the broker was unreachable; the run stays "
+        "queued and the reconciler sends it later."
+    )
     created: bool = Field(description="False when an Idempotency-Key retry returned the first run.")
 
 
@@ -182,8 +212,10 @@ class ValidationReport(BaseModel):
     warnings: list[IssueOut]
     estimate: dict[str, Any] | None
     resolved: dict[str, Any] | None = Field(
-        default=None, description="The resolved documents a run would get (paths absolute; "
-        "out_dir the placeholder run folder <RUNS_DIR>/<run id>/out).")
+        default=None,
+        description="The resolved documents a run would get (paths absolute; "
+        "out_dir the placeholder run folder <RUNS_DIR>/<run id>/out).",
+    )
 
 
 class EventPublic(BaseModel):
@@ -198,17 +230,26 @@ class EventPublic(BaseModel):
 
     @classmethod
     def of(cls, e: RunEvent) -> EventPublic:
-        return cls(id=e.id or 0, at=e.at, from_status=e.from_status.value if e.from_status else None,
-                   to_status=e.to_status.value, reason=e.reason.value if e.reason else None,
-                   message=e.message, actor=e.actor, attempt=e.attempt)
+        return cls(
+            id=e.id or 0,
+            at=e.at,
+            from_status=e.from_status.value if e.from_status else None,
+            to_status=e.to_status.value,
+            reason=e.reason.value if e.reason else None,
+            message=e.message,
+            actor=e.actor,
+            attempt=e.attempt,
+        )
 
 
 class EngineEventPublic(BaseModel):
     """One line of the engine's ``out/events.jsonl`` (``service.contract.EngineEvent``)."""
 
     at: datetime = Field(description="When it happened (UTC, the engine's clock).")
-    event: str = Field(description="started, configured, data_progress, data_ready, model_built, first_step, "
-                       "checkpoint_written, stop_requested, fenced, finished")
+    event: str = Field(
+        description="started, configured, data_progress, data_ready, model_built, first_step, "
+        "checkpoint_written, stop_requested, fenced, finished"
+    )
     attempt: int | None = Field(description="The run's attempt whose process wrote it.")
     pid: int | None
     step: int | None
@@ -217,15 +258,23 @@ class EngineEventPublic(BaseModel):
 
     @classmethod
     def of(cls, e: EngineEvent) -> EngineEventPublic:
-        return cls(at=e.at, event=e.event.value, attempt=e.attempt, pid=e.pid, step=e.step,
-                   message=e.message, data=e.data)
+        return cls(
+            at=e.at,
+            event=e.event.value,
+            attempt=e.attempt,
+            pid=e.pid,
+            step=e.step,
+            message=e.message,
+            data=e.data,
+        )
 
 
 class MetricPage(BaseModel):
     items: list[MetricRow]
     next_after_step: int | None = Field(
         description="Pass as after_step to get the rows after these (the last step returned, or "
-        "the after_step given when there were none).")
+        "the after_step given when there were none)."
+    )
     total: int = Field(description="Rows matched before downsampling.")
     downsampled: bool
 
@@ -257,16 +306,25 @@ class CheckpointPublic(BaseModel):
     @classmethod
     def of(cls, c: Checkpoint) -> CheckpointPublic:
         ref = "final" if c.name == "final" else (str(c.step) if c.step is not None else c.name)
-        return cls(name=c.name, step=c.step, path=c.path, size_bytes=c.size_bytes,
-                   created_at=c.created_at, archive_url=f"/runs/{c.run_id}/checkpoints/{ref}/archive")
+        return cls(
+            name=c.name,
+            step=c.step,
+            path=c.path,
+            size_bytes=c.size_bytes,
+            created_at=c.created_at,
+            archive_url=f"/runs/{c.run_id}/checkpoints/{ref}/archive",
+        )
 
 
 class DownloadLink(BaseModel):
     """A link that downloads one checkpoint archive without the bearer header."""
-    url: str = Field(description="Path and query to GET: the archive, signed when the server has "
-                     "an API token")
-    expires_at: datetime | None = Field(description="When the signature stops working (UTC); "
-                                        "null when the server needs no token")
+
+    url: str = Field(
+        description="Path and query to GET: the archive, signed when the server has an API token"
+    )
+    expires_at: datetime | None = Field(
+        description="When the signature stops working (UTC); null when the server needs no token"
+    )
 
 
 class WorkerPublic(BaseModel):
@@ -276,16 +334,24 @@ class WorkerPublic(BaseModel):
     gpus: list[Any]
     gpu_count: int
     gpu_memory_bytes: int | None
-    kind: str | None = Field(default=None, description="GPU name (\"NVIDIA H200\") or "
-                             "\"cpu: <model>\": what calibration is kept by.")
-    host_memory_bytes: int | None = Field(default=None, description="The machine's memory "
-                                          "(a CPU worker trains in it; shared by its host's "
-                                          "CPU workers).")
-    free_bytes: int | None = Field(default=None, description="Free space under RUNS_DIR at "
-                                   "the last heartbeat.")
+    kind: str | None = Field(
+        default=None,
+        description='GPU name ("NVIDIA H200") or "cpu: <model>": what calibration is kept by.',
+    )
+    host_memory_bytes: int | None = Field(
+        default=None,
+        description="The machine's memory "
+        "(a CPU worker trains in it; shared by its host's "
+        "CPU workers).",
+    )
+    free_bytes: int | None = Field(
+        default=None, description="Free space under RUNS_DIR at the last heartbeat."
+    )
     role: Literal["all", "train", "aux"] = Field(
-        default="all", description="Queues it consumes: all (training runs and short CPU jobs), "
-        "train (training runs only) or aux (tokenizers and data preparation; never trains).")
+        default="all",
+        description="Queues it consumes: all (training runs and short CPU jobs), "
+        "train (training runs only) or aux (tokenizers and data preparation; never trains).",
+    )
     heartbeat_at: datetime
     started_at: datetime
     current_run_id: uuid.UUID | None
@@ -293,19 +359,32 @@ class WorkerPublic(BaseModel):
 
     @classmethod
     def of(cls, w: Worker, live: bool) -> WorkerPublic:
-        return cls(id=w.id, host=w.host, pid=w.pid, gpus=w.gpus, gpu_count=w.gpu_count,
-                   gpu_memory_bytes=w.gpu_memory_bytes, kind=w.kind,
-                   host_memory_bytes=w.host_memory_bytes, free_bytes=w.free_bytes,
-                   role=w.role or "all", heartbeat_at=w.heartbeat_at, started_at=w.started_at,
-                   current_run_id=w.current_run_id, live=live)
+        return cls(
+            id=w.id,
+            host=w.host,
+            pid=w.pid,
+            gpus=w.gpus,
+            gpu_count=w.gpu_count,
+            gpu_memory_bytes=w.gpu_memory_bytes,
+            kind=w.kind,
+            host_memory_bytes=w.host_memory_bytes,
+            free_bytes=w.free_bytes,
+            role=w.role or "all",
+            heartbeat_at=w.heartbeat_at,
+            started_at=w.started_at,
+            current_run_id=w.current_run_id,
+            live=live,
+        )
 
 
 class DatasetPublic(BaseModel):
     name: str
     files: int = Field(description="Number of .txt files (all folders).")
     bytes: int
-    folders: list[str] = Field(description="Sub-folders holding .txt files ('' = the top level), "
-                               "what train_data_path/val_data_path can name.")
+    folders: list[str] = Field(
+        description="Sub-folders holding .txt files ('' = the top level), "
+        "what train_data_path/val_data_path can name."
+    )
     modified_at: datetime
 
 
@@ -313,28 +392,38 @@ class TokenizerCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: Annotated[str, AfterValidator(check_path_text)] = Field(
-                              min_length=1, max_length=300,
-                              description="Dataset name, or a folder under the data root "
-                              "(e.g. mydata/train), whose .txt files train the tokenizer.")
-    vocab_size: Annotated[int, Strict()] = Field(4096, ge=512, le=262_144,
-                                                 description="Vocabulary size.")
+        min_length=1,
+        max_length=300,
+        description="Dataset name, or a folder under the data root "
+        "(e.g. mydata/train), whose .txt files train the tokenizer.",
+    )
+    vocab_size: Annotated[int, Strict()] = Field(
+        4096, ge=512, le=262_144, description="Vocabulary size."
+    )
 
 
 class TokenizerPublic(BaseModel):
     name: str
     status: Literal["ready", "pending", "failed"]
     path: str
-    vocab_size: int | None = Field(None, description="Ids of the trained tokenizer when ready "
-                                   "(may be fewer than requested, see warnings); the requested "
-                                   "size while pending or failed.")
+    vocab_size: int | None = Field(
+        None,
+        description="Ids of the trained tokenizer when ready "
+        "(may be fewer than requested, see warnings); the requested "
+        "size while pending or failed.",
+    )
     requested_vocab_size: int | None = Field(None, description="The vocab_size of the request.")
     dataset: str | None = Field(None, description="The dataset of the request.")
     error: str | None = None
     requested_at: datetime | None = None
-    warnings: list[str] = Field(default_factory=list, description=(
-        "Problems of a ready tokenizer, e.g. 'the corpus has too little distinct text for 8192 "
-        "tokens: 294 learned' when the dataset yields fewer ids than the requested vocab_size "
-        "(train on more text, or ask for fewer ids)."))
+    warnings: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Problems of a ready tokenizer, e.g. 'the corpus has too little distinct text for 8192 "
+            "tokens: 294 learned' when the dataset yields fewer ids than the requested vocab_size "
+            "(train on more text, or ask for fewer ids)."
+        ),
+    )
 
 
 class SmokeStage(BaseModel):

@@ -13,6 +13,7 @@ operation of a kind, and gives every 4xx/5xx answer the :class:`ErrorBody` schem
 - operations with parameters or a body: 422 (a value the API refuses; FastAPI's own
   ``HTTPValidationError`` shape is replaced: the API never answers with it).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,8 +39,9 @@ DESCRIPTIONS = {
 class FieldError(BaseModel):
     """One refused value: where it came from (``body``/``query``/``path``/``header`` first)."""
 
-    loc: list[str | int] = Field(description="Location, e.g. [\"body\", \"train_config\", "
-                                 "\"train\", \"micro_batch_size\"]")
+    loc: list[str | int] = Field(
+        description='Location, e.g. ["body", "train_config", "train", "micro_batch_size"]'
+    )
     msg: str = Field(description="What is wrong and what is valid")
     type: str = Field(description="Machine-readable kind")
 
@@ -54,14 +56,17 @@ class ErrorBody(BaseModel):
     code: str = Field(description="Stable, machine-readable: invalid_config, run_not_found, ...")
     message: str = Field(description="One readable line")
     errors: list[FieldError] | None = Field(
-        default=None, description="Each field at fault (422s and some 409s)")
+        default=None, description="Each field at fault (422s and some 409s)"
+    )
     error_id: str | None = Field(default=None, description="500 only: the server log's id")
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` for a route: each status with its description and :class:`ErrorBody`."""
-    return {status: {"model": ErrorBody, "description": DESCRIPTIONS.get(status, "Error")}
-            for status in statuses}
+    return {
+        status: {"model": ErrorBody, "description": DESCRIPTIONS.get(status, "Error")}
+        for status in statuses
+    }
 
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}

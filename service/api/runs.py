@@ -17,6 +17,7 @@ Every route is ``async`` and does its database work in one ``DatabaseGate`` call
 its own in a worker thread, closed before the answer is rendered); file work (logs, events,
 archives) happens outside it, so no request holds a database connection while it reads a file.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -68,21 +69,43 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 RUN_EXAMPLE = {
     "name": "tiny-moe",
     "train_config": {
-        "devices": 1, "precision": "32-true", "tokenizer_dir": "tokenizers/mydata",
-        "data": {"class_path": "TextFiles", "init_args": {"train_data_path": "mydata/train",
-                                                          "val_data_path": "mydata/val"}},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "max_seq_length": 32,
-                  "max_tokens": 2560, "lr_warmup_steps": 2, "save_interval": 5, "min_lr": 1e-4},
+        "devices": 1,
+        "precision": "32-true",
+        "tokenizer_dir": "tokenizers/mydata",
+        "data": {
+            "class_path": "TextFiles",
+            "init_args": {"train_data_path": "mydata/train", "val_data_path": "mydata/val"},
+        },
+        "train": {
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "max_seq_length": 32,
+            "max_tokens": 2560,
+            "lr_warmup_steps": 2,
+            "save_interval": 5,
+            "min_lr": 1e-4,
+        },
         "eval": {"interval": 5, "max_iters": 2},
         "optimizer": {"class_path": "AdamW", "init_args": {"lr": 1e-3}},
         "optimization": {"compile": False},
     },
     "model_config": {
-        "name": "tiny-moe", "block_size": 64, "n_layer": 2, "n_embd": 64, "n_head": 4,
-        "n_query_groups": 2, "mlp_class_name": "LLaMAMoE", "n_expert": 4,
-        "n_expert_per_token": 2, "moe_intermediate_size": 128, "vocab_size": 256,
-        "padded_vocab_size": 256, "norm_class_name": "RMSNorm", "bias": False,
-        "parallel_residual": False, "rotary_percentage": 1.0,
+        "name": "tiny-moe",
+        "block_size": 64,
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 4,
+        "n_query_groups": 2,
+        "mlp_class_name": "LLaMAMoE",
+        "n_expert": 4,
+        "n_expert_per_token": 2,
+        "moe_intermediate_size": 128,
+        "vocab_size": 256,
+        "padded_vocab_size": 256,
+        "norm_class_name": "RMSNorm",
+        "bias": False,
+        "parallel_residual": False,
+        "rotary_percentage": 1.0,
     },
 }
 
@@ -91,19 +114,23 @@ _RUN_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/RunCreate"},
-                                 "example": RUN_EXAMPLE},
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/RunCreate"},
+                "example": RUN_EXAMPLE,
+            },
             "application/yaml": {"schema": {"$ref": "#/components/schemas/RunCreate"}},
-            "multipart/form-data": {"schema": {
-                "type": "object",
-                "required": ["name", "train_config", "model_config"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "preset": {"type": "string"},
-                    "train_config": {"type": "string", "format": "binary"},
-                    "model_config": {"type": "string", "format": "binary"},
-                },
-            }},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "train_config", "model_config"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "preset": {"type": "string"},
+                        "train_config": {"type": "string", "format": "binary"},
+                        "model_config": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
         },
     }
 }
@@ -111,34 +138,61 @@ _RUN_BODY = {
 LOG_FILE = "train.log"
 
 
-@router.post("/runs", status_code=status.HTTP_201_CREATED, response_model=RunCreated,
-             openapi_extra=_RUN_BODY, summary="Submit a run",
-             responses=errors(409, 415, 422, 503))
-async def create_run(request: Request, settings: SettingsDep, celery: CeleryDep, gate: GateDep,
-                     idempotency_key: Annotated[str | None, Header()] = None) -> Response:
+@router.post(
+    "/runs",
+    status_code=status.HTTP_201_CREATED,
+    response_model=RunCreated,
+    openapi_extra=_RUN_BODY,
+    summary="Submit a run",
+    responses=errors(409, 415, 422, 503),
+)
+async def create_run(
+    request: Request,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    gate: GateDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Response:
     """Validate, store and enqueue a run (201). With ``Idempotency-Key`` a retry returns the
     first run (``created: false``) and the same key with another body is a 409. When the
     broker does not take the message the run is stored all the same (``enqueued: false`` and a
     warning): a worker's reconciler sends it later."""
     body = await read_run_request(request)
-    submitted = await gate.run(submit_run, settings, celery, body,
-                               idempotency_key=idempotency_key, send=False)
-    submitted = await run_in_threadpool(send_run, celery, submitted,
-                                        prepare=settings.engine == "litgpt")
+    submitted = await gate.run(
+        submit_run, settings, celery, body, idempotency_key=idempotency_key, send=False
+    )
+    submitted = await run_in_threadpool(
+        send_run, celery, submitted, prepare=settings.engine == "litgpt"
+    )
     public = RunPublic.of(submitted.run)
     if not submitted.enqueued:  # said in this answer only: it is about the delivery, not the run
-        public.warnings.append(IssueOut(loc=["body"], msg=(
-            "the broker did not take the run's message (see GET /readyz): the run stays queued "
-            f"and a worker's reconciler sends it again after MOEJOBS_QUEUED_STALE_SECONDS "
-            f"({settings.queued_stale_seconds:g} s)")))
-    created = RunCreated(**public.model_dump(), enqueued=submitted.enqueued,
-                         created=submitted.created)
-    return Response(created.model_dump_json(), status_code=status.HTTP_201_CREATED,
-                    media_type="application/json")
+        public.warnings.append(
+            IssueOut(
+                loc=["body"],
+                msg=(
+                    "the broker did not take the run's message (see GET /readyz): the run stays queued "
+                    f"and a worker's reconciler sends it again after MOEJOBS_QUEUED_STALE_SECONDS "
+                    f"({settings.queued_stale_seconds:g} s)"
+                ),
+            )
+        )
+    created = RunCreated(
+        **public.model_dump(), enqueued=submitted.enqueued, created=submitted.created
+    )
+    return Response(
+        created.model_dump_json(),
+        status_code=status.HTTP_201_CREATED,
+        media_type="application/json",
+    )
 
 
-@router.post("/runs/validate", response_model=ValidationReport, openapi_extra=_RUN_BODY,
-             summary="Check a run without queueing it", responses=errors(415, 422, 503))
+@router.post(
+    "/runs/validate",
+    response_model=ValidationReport,
+    openapi_extra=_RUN_BODY,
+    summary="Check a run without queueing it",
+    responses=errors(415, 422, 503),
+)
 async def validate_run(request: Request, settings: SettingsDep, gate: GateDep) -> Response:
     """Errors, warnings and estimate of a submission; queues nothing. 200 with ``valid:
     false`` for invalid configs, 422 only for an unreadable body. ``name`` may be left out."""
@@ -150,12 +204,17 @@ async def validate_run(request: Request, settings: SettingsDep, gate: GateDep) -
         except ApiError as error:
             if error.status != 422 or error.errors is None:
                 raise
-            return ValidationReport(valid=False, errors=error.errors, warnings=[],
-                                    estimate=None)
+            return ValidationReport(valid=False, errors=error.errors, warnings=[], estimate=None)
         return ValidationReport(
-            valid=True, errors=[], warnings=prepared.warnings, estimate=prepared.estimate,
-            resolved={"train_config": prepared.resolved_train,
-                      "model_config": prepared.resolved_model})
+            valid=True,
+            errors=[],
+            warnings=prepared.warnings,
+            estimate=prepared.estimate,
+            resolved={
+                "train_config": prepared.resolved_train,
+                "model_config": prepared.resolved_model,
+            },
+        )
 
     return await gate.json(work)
 
@@ -165,54 +224,74 @@ def _run_public(session: Session, run_id: uuid.UUID) -> RunPublic:
 
 
 @router.get("/runs", response_model=RunPage, summary="List runs", responses=errors(422, 503))
-async def list_runs(gate: GateDep,
-                    status_: Annotated[RunStatus | None, Query(alias="status")] = None,
-                    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-                    cursor: Annotated[str | None, Query(max_length=500)] = None,
-                    sort: Annotated[str, Query(description=(
-                        "created_at, name or status; '-' prefix for descending"))] = "-created_at",
-                    ) -> Response:
+async def list_runs(
+    gate: GateDep,
+    status_: Annotated[RunStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    sort: Annotated[
+        str, Query(description=("created_at, name or status; '-' prefix for descending"))
+    ] = "-created_at",
+) -> Response:
     """One page of runs and the cursor of the next (``next_cursor`` null on the last page).
     Pass the same ``sort`` with a cursor. Each run carries ``latest_metrics``, its newest
     metric row (one query for the whole page)."""
     if sort.lstrip("-") not in runs_service.RUN_SORT_KEYS:
-        raise invalid(["query", "sort"], f"unknown sort key {sort!r}; use one of "
-                      f"{', '.join(runs_service.RUN_SORT_KEYS)}, optionally prefixed with '-'")
+        raise invalid(
+            ["query", "sort"],
+            f"unknown sort key {sort!r}; use one of "
+            f"{', '.join(runs_service.RUN_SORT_KEYS)}, optionally prefixed with '-'",
+        )
 
     def work(session: Session) -> RunPage:
         try:
-            rows, next_cursor = runs_service.list_runs(session, status=status_, limit=limit,
-                                                       cursor=cursor, sort=sort, configs=False)
+            rows, next_cursor = runs_service.list_runs(
+                session, status=status_, limit=limit, cursor=cursor, sort=sort, configs=False
+            )
         except ValueError as error:
             raise invalid(["query", "cursor"], str(error)) from None
         latest = reads.latest_metrics(session, [r.id for r in rows])
-        return RunPage.model_validate({
-            "items": [RunPublic.fields(r, latest.get(r.id)) for r in rows],
-            "next_cursor": next_cursor})
+        return RunPage.model_validate(
+            {
+                "items": [RunPublic.fields(r, latest.get(r.id)) for r in rows],
+                "next_cursor": next_cursor,
+            }
+        )
 
     return await gate.json(work)
 
 
-@router.get("/runs/{run_id}", response_model=RunPublic, summary="One run",
-            responses=errors(404, 503))
+@router.get(
+    "/runs/{run_id}", response_model=RunPublic, summary="One run", responses=errors(404, 503)
+)
 async def get_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     """The run, with ``latest_metrics`` (its newest metric row, null before the first)."""
     return await gate.json(_run_public, run_id)
 
 
-@router.get("/runs/{run_id}/config", summary="The resolved configs as YAML",
-            response_class=PlainTextResponse,
-            responses={200: {"content": {"application/yaml": {}}}, **errors(404, 503)})
-async def get_config(run_id: uuid.UUID, gate: GateDep,
-                     submitted: Annotated[bool, Query(description="the documents as submitted "
-                                                      "instead of resolved")] = False) -> Response:
+@router.get(
+    "/runs/{run_id}/config",
+    summary="The resolved configs as YAML",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"application/yaml": {}}}, **errors(404, 503)},
+)
+async def get_config(
+    run_id: uuid.UUID,
+    gate: GateDep,
+    submitted: Annotated[
+        bool, Query(description="the documents as submitted instead of resolved")
+    ] = False,
+) -> Response:
     """``{train_config: ..., model_config: ...}`` in YAML: what the engine runs (absolute paths,
     every default filled in), or with ``submitted=true`` what was sent."""
+
     def work(session: Session) -> dict:
         run = runs_service.get_run(session, run_id)
-        return ({"train_config": run.submitted_train, "model_config": run.submitted_model}
-                if submitted else {"train_config": run.resolved_train,
-                                   "model_config": run.resolved_model})
+        return (
+            {"train_config": run.submitted_train, "model_config": run.submitted_model}
+            if submitted
+            else {"train_config": run.resolved_train, "model_config": run.resolved_model}
+        )
 
     doc = await gate.run(work)
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
@@ -226,15 +305,21 @@ def _wants_csv(request: Request, fmt: str | None) -> bool:
     return "text/csv" in accept.lower()
 
 
-@router.get("/runs/{run_id}/metrics", response_model=MetricPage, summary="Metric rows",
-            responses={200: {"content": {"text/csv": {}}}, **errors(404, 503)})
-async def get_metrics(run_id: uuid.UUID, request: Request, gate: GateDep,
-                      after_step: Annotated[int | None, Query(ge=-1,
-                                                              le=runs_service.MAX_STEP)] = None,
-                      limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
-                      max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
-                      format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None
-                      ) -> Response:
+@router.get(
+    "/runs/{run_id}/metrics",
+    response_model=MetricPage,
+    summary="Metric rows",
+    responses={200: {"content": {"text/csv": {}}}, **errors(404, 503)},
+)
+async def get_metrics(
+    run_id: uuid.UUID,
+    request: Request,
+    gate: GateDep,
+    after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+    max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
+    format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
+) -> Response:
     """Rows with ``step > after_step`` (at most ``limit``), by step; with ``max_points`` they are
     downsampled server-side (first, last and validation rows kept). JSON, or CSV (the
     metrics.csv header) with ``Accept: text/csv`` or ``format=csv``."""
@@ -250,37 +335,55 @@ async def get_metrics(run_id: uuid.UUID, request: Request, gate: GateDep,
         shown = downsample(points, max_points) if max_points else points
         if csv:
             return Response(to_csv(shown), media_type="text/csv")
-        page = MetricPage.model_validate({
-            "items": [p._mapping for p in shown], "next_after_step": last, "total": total,
-            "downsampled": len(shown) < total})
+        page = MetricPage.model_validate(
+            {
+                "items": [p._mapping for p in shown],
+                "next_after_step": last,
+                "total": total,
+                "downsampled": len(shown) < total,
+            }
+        )
         return json_response(page)
 
     return await gate.render(work, render)
 
 
-@router.get("/runs/{run_id}/router", response_model=RouterPage, responses=errors(404, 503),
-            summary="MoE router telemetry (token fraction per layer and expert)")
-async def get_router(run_id: uuid.UUID, gate: GateDep,
-                     after_step: Annotated[int | None, Query(ge=-1,
-                                                             le=runs_service.MAX_STEP)] = None,
-                     limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000) -> Response:
+@router.get(
+    "/runs/{run_id}/router",
+    response_model=RouterPage,
+    responses=errors(404, 503),
+    summary="MoE router telemetry (token fraction per layer and expert)",
+)
+async def get_router(
+    run_id: uuid.UUID,
+    gate: GateDep,
+    after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
+    limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000,
+) -> Response:
     """Rows ``{step, layer, expert, fraction}`` with ``step > after_step``, ordered by
     (step, layer, expert), at most ``limit``."""
+
     def work(session: Session) -> list:
         reads.require_run(session, run_id)
         return reads.router_rows(session, run_id, after_step=after_step, limit=limit)
 
     def render(points: list) -> Response:
         last = points[-1].step if points else after_step
-        return json_response(RouterPage.model_validate(
-            {"items": [p._mapping for p in points], "next_after_step": last}))
+        return json_response(
+            RouterPage.model_validate(
+                {"items": [p._mapping for p in points], "next_after_step": last}
+            )
+        )
 
     return await gate.render(work, render)
 
 
-@router.get("/runs/{run_id}/checkpoints", response_model=list[CheckpointPublic],
-            responses=errors(404, 503),
-            summary="Recorded checkpoints")
+@router.get(
+    "/runs/{run_id}/checkpoints",
+    response_model=list[CheckpointPublic],
+    responses=errors(404, 503),
+    summary="Recorded checkpoints",
+)
 async def list_checkpoints(run_id: uuid.UUID, gate: GateDep) -> Response:
     def work(session: Session) -> list[CheckpointPublic]:
         reads.require_run(session, run_id)
@@ -299,11 +402,15 @@ def _checkpoint(session: Session, run_id: uuid.UUID, ref: str):
     return run, checkpoint
 
 
-@router.get("/runs/{run_id}/checkpoints/{ref}/archive", summary="Download a checkpoint (.tar)",
-            response_class=StreamingResponse,
-            responses={200: {"content": {"application/x-tar": {}}}, **errors(404, 410, 503)})
-async def checkpoint_archive(run_id: uuid.UUID, ref: str, gate: GateDep,
-                             settings: SettingsDep) -> StreamingResponse:
+@router.get(
+    "/runs/{run_id}/checkpoints/{ref}/archive",
+    summary="Download a checkpoint (.tar)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}}, **errors(404, 410, 503)},
+)
+async def checkpoint_archive(
+    run_id: uuid.UUID, ref: str, gate: GateDep, settings: SettingsDep
+) -> StreamingResponse:
     """The checkpoint folder ``ref`` (a step number, ``final`` or the folder name) as an
     uncompressed tar streamed from disk, top-level folder ``<run id>-<checkpoint name>``:
     extract it and point ``litgpt generate`` at that folder."""
@@ -311,25 +418,40 @@ async def checkpoint_archive(run_id: uuid.UUID, ref: str, gate: GateDep,
     folder = Path(checkpoint.path)
     run_dir = settings.run_dir(run.id).resolve()
     if not folder.resolve().is_relative_to(run_dir):
-        raise ApiError(404, f"checkpoint {checkpoint.name} is recorded outside the run's folder",
-                       code="checkpoint_not_found")
+        raise ApiError(
+            404,
+            f"checkpoint {checkpoint.name} is recorded outside the run's folder",
+            code="checkpoint_not_found",
+        )
     root = f"{run.id}-{checkpoint.name}"
     try:
         plan = await run_in_threadpool(TarPlan, folder, root)
     except FileNotFoundError:
-        raise ApiError(410, f"checkpoint {checkpoint.name} is recorded but its folder {folder} "
-                       f"is gone (retention or a manual deletion)", code="checkpoint_gone") from None
-    return StreamingResponse(iter(plan), media_type="application/x-tar", headers={
-        "Content-Length": str(plan.length),
-        "Content-Disposition": f'attachment; filename="{root}.tar"',
-    })
+        raise ApiError(
+            410,
+            f"checkpoint {checkpoint.name} is recorded but its folder {folder} "
+            f"is gone (retention or a manual deletion)",
+            code="checkpoint_gone",
+        ) from None
+    return StreamingResponse(
+        iter(plan),
+        media_type="application/x-tar",
+        headers={
+            "Content-Length": str(plan.length),
+            "Content-Disposition": f'attachment; filename="{root}.tar"',
+        },
+    )
 
 
-@router.post("/runs/{run_id}/checkpoints/{ref}/link", response_model=DownloadLink,
-             responses=errors(404, 503),
-             summary="A signed download link for a checkpoint archive")
-async def checkpoint_link(run_id: uuid.UUID, ref: str, gate: GateDep,
-                          settings: SettingsDep) -> DownloadLink:
+@router.post(
+    "/runs/{run_id}/checkpoints/{ref}/link",
+    response_model=DownloadLink,
+    responses=errors(404, 503),
+    summary="A signed download link for a checkpoint archive",
+)
+async def checkpoint_link(
+    run_id: uuid.UUID, ref: str, gate: GateDep, settings: SettingsDep
+) -> DownloadLink:
     """A URL that downloads the archive of checkpoint ``ref`` with a plain GET, for browsers
     (a link cannot send the ``Authorization`` header, and fetching with it would hold the whole
     tar in memory). With an API token the URL carries an HMAC signature of its path that
@@ -339,17 +461,23 @@ async def checkpoint_link(run_id: uuid.UUID, ref: str, gate: GateDep,
     path = CheckpointPublic.of(checkpoint).archive_url
     if settings.api_token is None:
         return DownloadLink(url=path, expires_at=None)
-    url, expires = sign_path(settings.api_token.get_secret_value(), path,
-                             settings.download_link_seconds)
+    url, expires = sign_path(
+        settings.api_token.get_secret_value(), path, settings.download_link_seconds
+    )
     return DownloadLink(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
 
 
-@router.get("/runs/{run_id}/events", response_model=list[EventPublic], summary="Run history",
-            responses=errors(404, 503))
+@router.get(
+    "/runs/{run_id}/events",
+    response_model=list[EventPublic],
+    summary="Run history",
+    responses=errors(404, 503),
+)
 async def list_events(run_id: uuid.UUID, gate: GateDep) -> Response:
     """The run's status changes and notes (queued, claimed, requeued, finished...), oldest
     first, as the service recorded them. What the training process itself reported is
     ``GET /runs/{id}/engine-events``."""
+
     def work(session: Session) -> list[EventPublic]:
         reads.require_run(session, run_id)
         return [EventPublic.of(e) for e in runs_service.list_events(session, run_id)]
@@ -357,13 +485,18 @@ async def list_events(run_id: uuid.UUID, gate: GateDep) -> Response:
     return await gate.json(work)
 
 
-@router.get("/runs/{run_id}/engine-events", response_model=list[EngineEventPublic],
-            summary="What the training process reported (out/events.jsonl)",
-            responses=errors(404, 503))
-async def list_engine_events(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep,
-                             attempt: Annotated[int | None, Query(
-                                 ge=0, description="only this attempt's events")] = None
-                             ) -> Response:
+@router.get(
+    "/runs/{run_id}/engine-events",
+    response_model=list[EngineEventPublic],
+    summary="What the training process reported (out/events.jsonl)",
+    responses=errors(404, 503),
+)
+async def list_engine_events(
+    run_id: uuid.UUID,
+    gate: GateDep,
+    settings: SettingsDep,
+    attempt: Annotated[int | None, Query(ge=0, description="only this attempt's events")] = None,
+) -> Response:
     """The engine's structured events, in the order written to ``RUNS_DIR/<id>/out/events.jsonl``
     (every attempt; ``attempt`` selects one): started, configured, data_progress, data_ready, model_built,
     first_step, checkpoint_written, stop_requested, fenced, finished, each with its UTC time.
@@ -378,10 +511,18 @@ async def list_engine_events(run_id: uuid.UUID, gate: GateDep, settings: Setting
     return await run_in_threadpool(read)
 
 
-@router.get("/runs/{run_id}/logs", response_class=PlainTextResponse, summary="Run log (tail)",
-            responses=errors(404, 503))
-async def get_logs(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep,
-                   tail: Annotated[int, Query(ge=0, le=100_000)] = 200) -> PlainTextResponse:
+@router.get(
+    "/runs/{run_id}/logs",
+    response_class=PlainTextResponse,
+    summary="Run log (tail)",
+    responses=errors(404, 503),
+)
+async def get_logs(
+    run_id: uuid.UUID,
+    gate: GateDep,
+    settings: SettingsDep,
+    tail: Annotated[int, Query(ge=0, le=100_000)] = 200,
+) -> PlainTextResponse:
     """The last ``tail`` lines of the run's log (the training process' output,
     ``RUNS_DIR/<id>/train.log``); empty before the run starts."""
     await gate.run(reads.require_run, run_id)
@@ -389,11 +530,16 @@ async def get_logs(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep,
     return PlainTextResponse(text)
 
 
-@router.post("/runs/{run_id}/cancel", response_model=RunPublic, summary="Cancel a run",
-             responses=errors(404, 409, 503))
+@router.post(
+    "/runs/{run_id}/cancel",
+    response_model=RunPublic,
+    summary="Cancel a run",
+    responses=errors(404, 409, 503),
+)
 async def cancel_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     """A queued run is cancelled at once; a running one is flagged and its worker stops it
     (status becomes ``cancelled`` when the process has exited). 409 for a finished run."""
+
     def work(session: Session) -> RunPublic:
         runs_service.request_cancel(session, run_id)
         return _run_public(session, run_id)
@@ -401,9 +547,12 @@ async def cancel_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     return await gate.json(work)
 
 
-@router.delete("/runs/{run_id}", status_code=status.HTTP_204_NO_CONTENT,
-               responses=errors(404, 409, 503),
-               summary="Delete a finished run, its rows and its files")
+@router.delete(
+    "/runs/{run_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(404, 409, 503),
+    summary="Delete a finished run, its rows and its files",
+)
 async def delete_run(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep) -> Response:
     """409 while the run is queued or running (cancel it first)."""
     run = await gate.run(runs_service.delete_run, run_id)

@@ -1,4 +1,5 @@
 """Metric series for the API: server-side downsampling and CSV rendering."""
+
 from __future__ import annotations
 
 import csv

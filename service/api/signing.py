@@ -9,6 +9,7 @@ streaming to disk. The signature is HMAC-SHA256 (RFC 2104) keyed by the API toke
 exact path and the expiry time: it opens that one path, for GET, until it expires, and is void
 once the token changes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,15 +24,21 @@ def _mac(token: str, path: str, expires: int) -> str:
     return hmac.new(token.encode(), f"GET\n{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
-def sign_path(token: str, path: str, lifetime_s: float, *, now: float | None = None) -> tuple[str, int]:
+def sign_path(
+    token: str, path: str, lifetime_s: float, *, now: float | None = None
+) -> tuple[str, int]:
     """A signed link to ``path`` valid for ``lifetime_s`` seconds from ``now`` (default: the
     clock). Returns ``(url, expires)`` with ``expires`` in Unix seconds."""
     expires = int((time.time() if now is None else now) + lifetime_s)
-    return f"{path}?{urlencode({'expires': expires, 'signature': _mac(token, path, expires)})}", expires
+    return (
+        f"{path}?{urlencode({'expires': expires, 'signature': _mac(token, path, expires)})}",
+        expires,
+    )
 
 
-def signed_query_ok(token: str, path: str, query_string: bytes | str, *,
-                    now: float | None = None) -> bool:
+def signed_query_ok(
+    token: str, path: str, query_string: bytes | str, *, now: float | None = None
+) -> bool:
     """Whether the request's query holds a valid, unexpired signature for exactly ``path``.
     Compared in constant time; anything malformed is simply not valid."""
     if isinstance(query_string, bytes):

@@ -29,6 +29,7 @@ it did not complete, with the run's failure message (which the runner takes from
 ``queued_wait`` (and is cancelled, so it cannot start much later by surprise). ``?wait=S``
 blocks up to S seconds for a verdict.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -63,8 +64,12 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 STAGES = ("queued_wait", "startup", "data_tokenizer", "model_build", "first_step", "finish")
 #: The engine event that ends each stage between the claim and the finish.
-STAGE_EVENTS = {"startup": EventKind.configured, "data_tokenizer": EventKind.data_ready,
-                "model_build": EventKind.model_built, "first_step": EventKind.first_step}
+STAGE_EVENTS = {
+    "startup": EventKind.configured,
+    "data_tokenizer": EventKind.data_ready,
+    "model_build": EventKind.model_built,
+    "first_step": EventKind.first_step,
+}
 SAMPLE = "sample"
 #: Longest ``wait`` accepted, seconds.
 MAX_WAIT_S = 600.0
@@ -76,12 +81,19 @@ def smoke_documents(settings: Settings) -> tuple[dict, dict]:
     train = load_document(CONFIGS_DIR / "train_config.yaml")
     model = load_document(settings.smoke_model_config or CONFIGS_DIR / "model_config.yaml")
     train = deep_merge(train, SMOKE_TEST_OVERRIDES)
-    train = deep_merge(train, {
-        "devices": 1,
-        "tokenizer_dir": f"{SAMPLE}/tokenizer",
-        "data": {"init_args": {"train_data_path": f"{SAMPLE}/train",
-                               "val_data_path": f"{SAMPLE}/val"}},
-    })
+    train = deep_merge(
+        train,
+        {
+            "devices": 1,
+            "tokenizer_dir": f"{SAMPLE}/tokenizer",
+            "data": {
+                "init_args": {
+                    "train_data_path": f"{SAMPLE}/train",
+                    "val_data_path": f"{SAMPLE}/val",
+                }
+            },
+        },
+    )
     return train, model
 
 
@@ -106,8 +118,9 @@ def _seconds(a: datetime | None, b: datetime | None) -> float | None:
     return round(max(0.0, (b - a).total_seconds()), 3)
 
 
-def build_report(run: Run, events: list[EngineEvent], *, live_workers: int,
-                 last_event: str | None = None) -> SmokeTestPublic:
+def build_report(
+    run: Run, events: list[EngineEvent], *, live_workers: int, last_event: str | None = None
+) -> SmokeTestPublic:
     """The verdict and stage timings of a smoke-test run from the run row and the engine's
     events (``contract.read_events`` of its out folder). Pure: the caller reads the inputs."""
     marks = engine_marks(run, events)
@@ -127,9 +140,14 @@ def build_report(run: Run, events: list[EngineEvent], *, live_workers: int,
     elif run.status in (RunStatus.failed, RunStatus.cancelled):
         verdict = "failed"
         failed_stage = next((STAGES[k] for k in range(len(STAGES)) if not done[k]), "finish")
-        message = run.failure_message or last_event or (
-            f"the run was {run.status.value}" + (f" ({run.failure_reason.value})"
-                                                 if run.failure_reason else ""))
+        message = (
+            run.failure_message
+            or last_event
+            or (
+                f"the run was {run.status.value}"
+                + (f" ({run.failure_reason.value})" if run.failure_reason else "")
+            )
+        )
     elif run.status == RunStatus.queued and live_workers == 0:
         verdict = "failed"
         failed_stage = "queued_wait"
@@ -149,25 +167,35 @@ def build_report(run: Run, events: list[EngineEvent], *, live_workers: int,
             state = "pending"
         stages.append(SmokeStage(name=name, seconds=_seconds(start, end), status=state))
     total = _seconds(run.created_at, run.finished_at) if run.finished_at else None
-    return SmokeTestPublic(id=run.id, status=verdict, run_status=run.status.value, stages=stages,
-                           failed_stage=failed_stage, message=message, total_seconds=total)
+    return SmokeTestPublic(
+        id=run.id,
+        status=verdict,
+        run_status=run.status.value,
+        stages=stages,
+        failed_stage=failed_stage,
+        message=message,
+        total_seconds=total,
+    )
 
 
-def _report_work(session: Session, settings: Settings, run_id: uuid.UUID,
-                 engine_events: list[EngineEvent]) -> SmokeTestPublic:
+def _report_work(
+    session: Session, settings: Settings, run_id: uuid.UUID, engine_events: list[EngineEvent]
+) -> SmokeTestPublic:
     run = runs_service.get_run(session, run_id)
     if run.preset != reads.SMOKE_TEST_PRESET:
         raise ApiError(404, f"{run_id} is not a smoke test", code="smoke_test_not_found")
     live = reads.count_live_workers(session, settings.worker_stale_seconds)
     events = runs_service.list_events(session, run_id)
-    report = build_report(run, engine_events, live_workers=live,
-                          last_event=events[-1].message if events else None)
+    report = build_report(
+        run, engine_events, live_workers=live, last_event=events[-1].message if events else None
+    )
     if report.status == "failed" and run.status == RunStatus.queued:
         # Nothing can run it now; cancel so it does not start by surprise later and a new
         # smoke test can be submitted.
         session.commit()
         cancelled = runs_service.request_cancel(
-            session, run_id, f"smoke test failed: {report.message}", actor="api")
+            session, run_id, f"smoke test failed: {report.message}", actor="api"
+        )
         report.run_status = cancelled.status.value
     return report
 
@@ -182,29 +210,50 @@ async def _report(request: Request, settings: Settings, run_id: uuid.UUID) -> Sm
 # -- routes -----------------------------------------------------------------------------------
 
 
-@router.post("/smoke-test", status_code=status.HTTP_202_ACCEPTED, response_model=SmokeTestPublic,
-             summary="Start the smoke test", responses=errors(409, 503))
-async def start_smoke_test(request: Request, settings: SettingsDep,
-                           celery: CeleryDep) -> SmokeTestPublic:
+@router.post(
+    "/smoke-test",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=SmokeTestPublic,
+    summary="Start the smoke test",
+    responses=errors(409, 503),
+)
+async def start_smoke_test(
+    request: Request, settings: SettingsDep, celery: CeleryDep
+) -> SmokeTestPublic:
     """Queue the smoke test (module docstring); 202 with its id. 409 with ``run_id`` while
     another smoke test is queued or running."""
     lock: asyncio.Lock = request.app.state.smoke_lock
     gate = request.app.state.gate
     async with lock:  # one submission at a time in this process; the DB check covers the rest
+
         def work(session: Session) -> Submitted:
             active = reads.active_smoke_test(session)
             if active is not None:
-                raise ApiError(409, f"smoke test {active.id} is still {active.status.value}",
-                               code="smoke_test_running", run_id=str(active.id))
+                raise ApiError(
+                    409,
+                    f"smoke test {active.id} is still {active.status.value}",
+                    code="smoke_test_running",
+                    run_id=str(active.id),
+                )
             try:
                 train, model = smoke_documents(settings)
             except ConfigError as error:
                 raise ApiError(500, f"the smoke test's configs cannot be read: {error}") from None
-            body = RunCreate(name=f"smoke-test-{time.strftime('%Y%m%d-%H%M%S')}",
-                             preset=reads.SMOKE_TEST_PRESET, train_config=train,
-                             model_config=model)
-            return submit_run(session, settings, celery, body, allow_reserved_preset=True,
-                              check_workers=False, send=False)
+            body = RunCreate(
+                name=f"smoke-test-{time.strftime('%Y%m%d-%H%M%S')}",
+                preset=reads.SMOKE_TEST_PRESET,
+                train_config=train,
+                model_config=model,
+            )
+            return submit_run(
+                session,
+                settings,
+                celery,
+                body,
+                allow_reserved_preset=True,
+                check_workers=False,
+                send=False,
+            )
 
         problem = await run_in_threadpool(check_broker, celery, train_queue(settings))
         if problem is not None:
@@ -214,12 +263,20 @@ async def start_smoke_test(request: Request, settings: SettingsDep,
     return await _report(request, settings, submitted.run.id)
 
 
-@router.get("/smoke-test/{run_id}", response_model=SmokeTestPublic, summary="Smoke-test verdict",
-            responses=errors(404, 503))
-async def get_smoke_test(run_id: uuid.UUID, request: Request, settings: SettingsDep,
-                         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S,
-                                                      description="seconds to wait for a verdict")] = 0
-                         ) -> SmokeTestPublic:
+@router.get(
+    "/smoke-test/{run_id}",
+    response_model=SmokeTestPublic,
+    summary="Smoke-test verdict",
+    responses=errors(404, 503),
+)
+async def get_smoke_test(
+    run_id: uuid.UUID,
+    request: Request,
+    settings: SettingsDep,
+    wait: Annotated[
+        float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a verdict")
+    ] = 0,
+) -> SmokeTestPublic:
     """Pass/fail with each stage's duration and the failing stage. With ``wait`` the answer
     comes when the verdict is known (passed/failed) or after ``wait`` seconds."""
     deadline = time.monotonic() + wait

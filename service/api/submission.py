@@ -3,6 +3,7 @@ configs, resolve their paths, estimate, admit it (``service.admission``), create
 enqueue. The routes call :func:`read_run_request` and :func:`submit_run` /
 :func:`validate_run`; state changes go through ``service.runs``.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,11 @@ class _NoAliasLoader(ConfigLoader):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(
-                None, None, "YAML aliases (*name) are not accepted by the API; write the value out",
-                event.start_mark)
+                None,
+                None,
+                "YAML aliases (*name) are not accepted by the API; write the value out",
+                event.start_mark,
+            )
         return super().compose_node(parent, index)
 
 
@@ -73,7 +77,10 @@ def parse_yaml(text: str | bytes, loc: list[str | int]) -> Any:
         raise invalid(loc, f"invalid YAML{where}: {problem}", code="invalid_document") from None
     except RecursionError:
         raise invalid(loc, "the document is nested too deeply", code="invalid_document") from None
-    except (ValueError, OverflowError) as error:  # a scalar no constructor takes (a 5,000-digit int)
+    except (
+        ValueError,
+        OverflowError,
+    ) as error:  # a scalar no constructor takes (a 5,000-digit int)
         raise invalid(loc, f"invalid YAML: {error}", code="invalid_document") from None
 
 
@@ -82,10 +89,15 @@ def parse_json(data: bytes, loc: list[str | int]) -> Any:
     try:
         return json.loads(data, object_pairs_hook=unique_json_object)
     except json.JSONDecodeError as error:
-        raise invalid(loc, f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}",
-                      code="invalid_document") from None
+        raise invalid(
+            loc,
+            f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}",
+            code="invalid_document",
+        ) from None
     except (RecursionError, UnicodeDecodeError) as error:
-        raise invalid(loc, f"invalid JSON: {type(error).__name__}", code="invalid_document") from None
+        raise invalid(
+            loc, f"invalid JSON: {type(error).__name__}", code="invalid_document"
+        ) from None
     except ValueError as error:  # a duplicate key
         raise invalid(loc, f"invalid JSON: {error}", code="invalid_document") from None
 
@@ -113,19 +125,28 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
         for key in form.keys():
             values = form.getlist(key)
             if key not in ("train_config", "model_config", "name", "preset"):
-                raise invalid(["body", key], "unknown form field; expected train_config, "
-                              "model_config (files), name and preset")
+                raise invalid(
+                    ["body", key],
+                    "unknown form field; expected train_config, "
+                    "model_config (files), name and preset",
+                )
             if len(values) != 1:
                 raise invalid(["body", key], "given more than once")
             value = values[0]
             if key in ("train_config", "model_config"):
                 data, filename = await _read_upload(value)
-                parsed = (parse_json(data, ["body", key]) if filename.lower().endswith(".json")
-                          else parse_yaml(data, ["body", key]))
+                parsed = (
+                    parse_json(data, ["body", key])
+                    if filename.lower().endswith(".json")
+                    else parse_yaml(data, ["body", key])
+                )
                 doc[key] = {} if parsed is None else parsed
             else:
-                doc[key] = value if isinstance(value, str) else (await _read_upload(value))[0].decode(
-                    "utf-8", "replace")
+                doc[key] = (
+                    value
+                    if isinstance(value, str)
+                    else (await _read_upload(value))[0].decode("utf-8", "replace")
+                )
     else:
         body = await request.body()
         if kind in YAML_TYPES:
@@ -133,11 +154,17 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
         elif kind in JSON_TYPES or kind == "":
             doc = parse_json(body, ["body"])
         else:
-            raise ApiError(415, f"unsupported Content-Type {kind!r}: send application/json, "
-                           f"application/yaml or multipart/form-data")
+            raise ApiError(
+                415,
+                f"unsupported Content-Type {kind!r}: send application/json, "
+                f"application/yaml or multipart/form-data",
+            )
     if not isinstance(doc, dict):
-        raise invalid(["body"], f"the body must be a mapping with name, train_config and "
-                      f"model_config, got {type(doc).__name__}")
+        raise invalid(
+            ["body"],
+            f"the body must be a mapping with name, train_config and "
+            f"model_config, got {type(doc).__name__}",
+        )
     # An empty YAML section (all lines commented out) is null: treat it as an empty document.
     for key in ("train_config", "model_config"):
         if key in doc and doc[key] is None:
@@ -158,11 +185,15 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
                 msg = "required key is missing"
             elif err.get("type") == "extra_forbidden":
                 msg = "unknown key; expected name, preset, train_config, model_config"
-            errors.append(field_error(["body", *err.get("loc", ())], msg,
-                                      str(err.get("type", "value_error"))))
+            errors.append(
+                field_error(["body", *err.get("loc", ())], msg, str(err.get("type", "value_error")))
+            )
         first = errors[0]
-        message = (f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}" if len(errors) == 1
-                   else f"{len(errors)} problems in the request body")
+        message = (
+            f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+            if len(errors) == 1
+            else f"{len(errors)} problems in the request body"
+        )
         raise ApiError(422, message, errors=errors) from None
 
 
@@ -194,9 +225,15 @@ def _train_issue_keys(train: Any) -> set[tuple[tuple, str]]:
     return set()
 
 
-def prepare_run(session: Session, settings: Settings, request: RunCreate, *,
-                run_id: uuid.UUID | None = None, allow_reserved_preset: bool = False,
-                check_workers: bool = True) -> Prepared:
+def prepare_run(
+    session: Session,
+    settings: Settings,
+    request: RunCreate,
+    *,
+    run_id: uuid.UUID | None = None,
+    allow_reserved_preset: bool = False,
+    check_workers: bool = True,
+) -> Prepared:
     """Merge the preset, validate, resolve paths and check the inputs
     (``service.checks.check_run``: unusable inputs are warnings here), estimate, and admit
     (``service.admission``: absurd plans always; the live workers' capacity unless
@@ -206,19 +243,29 @@ def prepare_run(session: Session, settings: Settings, request: RunCreate, *,
     preset = request.preset
     if preset is not None and not (allow_reserved_preset and preset in RESERVED_PRESETS):
         if preset not in list_presets():
-            raise invalid(["body", "preset"], f"unknown preset {preset!r}; available: "
-                          f"{', '.join(list_presets()) or 'none'}")
+            raise invalid(
+                ["body", "preset"],
+                f"unknown preset {preset!r}; available: {', '.join(list_presets()) or 'none'}",
+            )
     assert settings.data_root is not None and settings.runs_dir is not None
-    paths = ServerPaths(data_root=settings.data_root, runs_dir=settings.runs_dir,
-                        run_dir=settings.run_dir(run_id))
+    paths = ServerPaths(
+        data_root=settings.data_root, runs_dir=settings.runs_dir, run_dir=settings.run_dir(run_id)
+    )
     try:
         train, model = resolve_documents(
-            None, None, preset if preset not in RESERVED_PRESETS else None,
-            train_doc=request.train_config, model_doc=request.model_doc)
+            None,
+            None,
+            preset if preset not in RESERVED_PRESETS else None,
+            train_doc=request.train_config,
+            model_doc=request.model_doc,
+        )
         checked = check_run(train, model, paths)  # the command line's checks, paths under DATA_ROOT
     except ConfigError as error:
-        keys = _train_issue_keys(request.train_config) if any(
-            i.loc and i.loc[0] == "model" for i in error.errors) else set()
+        keys = (
+            _train_issue_keys(request.train_config)
+            if any(i.loc and i.loc[0] == "model" for i in error.errors)
+            else set()
+        )
         raise config_error(error, train_issue_keys=keys) from None
     validated, resolved_train = checked.validated, checked.train
     warnings = _warning_dicts(checked.warnings)
@@ -233,13 +280,19 @@ def prepare_run(session: Session, settings: Settings, request: RunCreate, *,
         verdict = admission.admit(session, settings, validated, est)
         if verdict.refusals and not settings.allow_unschedulable:
             raise _unschedulable(verdict.refusals)
-        warnings += [{"loc": p["loc"], "msg": p["msg"] + " (queued anyway: "
-                      "MOEJOBS_ALLOW_UNSCHEDULABLE)"} for p in verdict.refusals]
+        warnings += [
+            {"loc": p["loc"], "msg": p["msg"] + " (queued anyway: MOEJOBS_ALLOW_UNSCHEDULABLE)"}
+            for p in verdict.refusals
+        ]
         warnings += verdict.warnings
         estimate_doc["fleet"] = verdict.fleet
     return Prepared(
-        run_id=run_id, request=request, validated=validated, resolved_train=resolved_train,
-        resolved_model=validated.model.model_dump(mode="json"), estimate=estimate_doc,
+        run_id=run_id,
+        request=request,
+        validated=validated,
+        resolved_train=resolved_train,
+        resolved_model=validated.model.model_dump(mode="json"),
+        estimate=estimate_doc,
         warnings=warnings,
     )
 
@@ -254,23 +307,35 @@ def _preset_warning(preset: str, request: RunCreate) -> list[dict[str, Any]]:
     """One warning listing the submitted values the preset replaced (a preset is merged over
     the documents, as ``--preset`` is over the config files on the command line)."""
     doc = load_preset(preset)
-    replaced = ([("train_config." + k, a, b) for k, a, b in
-                 replaced_values(request.train_config or {}, doc["train_config"])]
-                + [("model_config." + k, a, b) for k, a, b in
-                   replaced_values(request.model_doc or {}, doc["model_config"])])
+    replaced = [
+        ("train_config." + k, a, b)
+        for k, a, b in replaced_values(request.train_config or {}, doc["train_config"])
+    ] + [
+        ("model_config." + k, a, b)
+        for k, a, b in replaced_values(request.model_doc or {}, doc["model_config"])
+    ]
     if not replaced:
         return []
     shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in replaced[:8])
     more = f" and {len(replaced) - 8} more" if len(replaced) > 8 else ""
-    return [{"loc": ["body", "preset"],
-             "msg": f"preset {preset!r} replaced {len(replaced)} submitted value(s): {shown}{more} "
-                    f"(a preset overrides the documents; leave out `preset` to keep yours)"}]
+    return [
+        {
+            "loc": ["body", "preset"],
+            "msg": f"preset {preset!r} replaced {len(replaced)} submitted value(s): {shown}{more} "
+            f"(a preset overrides the documents; leave out `preset` to keep yours)",
+        }
+    ]
 
 
 def _submitted_hash(request: RunCreate) -> str:
-    return runs_service.request_hash({"name": request.name, "preset": request.preset,
-                                      "train_config": request.train_config,
-                                      "model_config": request.model_doc})
+    return runs_service.request_hash(
+        {
+            "name": request.name,
+            "preset": request.preset,
+            "train_config": request.train_config,
+            "model_config": request.model_doc,
+        }
+    )
 
 
 @dataclass
@@ -283,10 +348,18 @@ class Submitted:
 IDEMPOTENCY_KEY_MAX = 255
 
 
-def submit_run(session: Session, settings: Settings, celery: Celery, request: RunCreate, *,
-               idempotency_key: str | None = None, owner: str = "local",
-               allow_reserved_preset: bool = False, check_workers: bool = True,
-               send: bool = True) -> Submitted:
+def submit_run(
+    session: Session,
+    settings: Settings,
+    celery: Celery,
+    request: RunCreate,
+    *,
+    idempotency_key: str | None = None,
+    owner: str = "local",
+    allow_reserved_preset: bool = False,
+    check_workers: bool = True,
+    send: bool = True,
+) -> Submitted:
     """Validate and create the run, then enqueue it (after the commit). With
     ``idempotency_key``: a retry with the same body returns the first run (``created``
     False, nothing enqueued again), a different body is a 409 (``IdempotencyConflict``).
@@ -295,21 +368,35 @@ def submit_run(session: Session, settings: Settings, celery: Celery, request: Ru
     body_hash = _submitted_hash(request)
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
-            raise invalid(["header", "Idempotency-Key"],
-                          f"must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+            raise invalid(
+                ["header", "Idempotency-Key"], f"must be 1 to {IDEMPOTENCY_KEY_MAX} characters"
+            )
         existing = reads.find_idempotent(session, owner, idempotency_key)
         if existing is not None:
             if existing.request_hash != body_hash:
                 raise runs_service.IdempotencyConflict(idempotency_key, existing.id)
             return Submitted(run=existing, created=False, enqueued=True)
-    prepared = prepare_run(session, settings, request, allow_reserved_preset=allow_reserved_preset,
-                           check_workers=check_workers)
+    prepared = prepare_run(
+        session,
+        settings,
+        request,
+        allow_reserved_preset=allow_reserved_preset,
+        check_workers=check_workers,
+    )
     run, created = runs_service.create_run(
-        session, name=request.name, preset=request.preset,
-        submitted_train=request.train_config, submitted_model=request.model_doc,
-        resolved_train=prepared.resolved_train, resolved_model=prepared.resolved_model,
-        estimate=prepared.estimate, warnings=prepared.warnings, owner=owner,
-        idempotency_key=idempotency_key, body_hash=body_hash, run_id=prepared.run_id,
+        session,
+        name=request.name,
+        preset=request.preset,
+        submitted_train=request.train_config,
+        submitted_model=request.model_doc,
+        resolved_train=prepared.resolved_train,
+        resolved_model=prepared.resolved_model,
+        estimate=prepared.estimate,
+        warnings=prepared.warnings,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        body_hash=body_hash,
+        run_id=prepared.run_id,
     )
     submitted = Submitted(run=run, created=created, enqueued=not created)
     return send_run(celery, submitted, prepare=settings.engine == "litgpt") if send else submitted
@@ -327,10 +414,17 @@ def send_run(celery: Celery, submitted: Submitted, *, prepare: bool = False) -> 
     if prepare:
         prep = enqueue_prepare(celery, submitted.run.id)
         if not prep.ok:
-            log.info("run %s: data preparation not sent (%s); the training worker sends it",
-                     submitted.run.id, prep.error)
+            log.info(
+                "run %s: data preparation not sent (%s); the training worker sends it",
+                submitted.run.id,
+                prep.error,
+            )
     result = enqueue_run(celery, submitted.run.id)
     if not result.ok:
-        log.warning("run %s is queued in the database but its message could not be sent "
-                    "(%s); the reconciler will send it", submitted.run.id, result.error)
+        log.warning(
+            "run %s is queued in the database but its message could not be sent "
+            "(%s); the reconciler will send it",
+            submitted.run.id,
+            result.error,
+        )
     return Submitted(run=submitted.run, created=True, enqueued=result.ok)

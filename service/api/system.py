@@ -9,6 +9,7 @@
   (``swagger_ui_bundle`` module), served under ``/docs/assets/``: no CDN; its start-up code is
   ``/docs/init.js`` (no inline script: see ``service.api.headers``).
 """
+
 from __future__ import annotations
 
 import html
@@ -47,8 +48,16 @@ GateDep = Annotated[DatabaseGate, Depends(get_gate)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 #: Swagger UI files served under /docs/assets/ (nothing else from the package).
-DOCS_ASSETS = frozenset({"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png",
-                         "oauth2-redirect.html", "swagger-ui-bundle.js.map", "swagger-ui.css.map"})
+DOCS_ASSETS = frozenset(
+    {
+        "swagger-ui-bundle.js",
+        "swagger-ui.css",
+        "favicon-32x32.png",
+        "oauth2-redirect.html",
+        "swagger-ui-bundle.js.map",
+        "swagger-ui.css.map",
+    }
+)
 
 
 def _short(error: BaseException) -> str:
@@ -76,8 +85,10 @@ async def check_database(app: Any) -> str | None:
     except Exception as error:
         return f"unreachable: {_short(error)}"
     if revision != app.state.head_revision:
-        return (f"schema at revision {revision or 'none'}, the code needs "
-                f"{app.state.head_revision}: run `moejobs migrate`")
+        return (
+            f"schema at revision {revision or 'none'}, the code needs "
+            f"{app.state.head_revision}: run `moejobs migrate`"
+        )
     return None
 
 
@@ -88,38 +99,56 @@ async def check_workers(app: Any, settings: Settings) -> tuple[str | None, int]:
         detail = error.message if isinstance(error, ApiError) else _short(error)
         return f"unknown (database: {detail})", 0
     if live == 0:
-        return (f"no worker heartbeat in the last {settings.worker_stale_seconds:g} s "
-                f"(start `moejobs worker`)"), 0
+        return (
+            f"no worker heartbeat in the last {settings.worker_stale_seconds:g} s "
+            f"(start `moejobs worker`)"
+        ), 0
     return None, live
 
 
-@router.get("/readyz", summary="Readiness: database, broker, workers",
-            responses=errors(503))
+@router.get("/readyz", summary="Readiness: database, broker, workers", responses=errors(503))
 async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     app = request.app
     checks: dict[str, dict[str, Any]] = {}
     db_problem = await check_database(app)
     checks["database"] = {"ok": db_problem is None, **({"error": db_problem} if db_problem else {})}
     broker_problem = await run_in_threadpool(check_broker, app.state.celery, train_queue(settings))
-    checks["broker"] = {"ok": broker_problem is None,
-                        **({"error": broker_problem} if broker_problem else {})}
+    checks["broker"] = {
+        "ok": broker_problem is None,
+        **({"error": broker_problem} if broker_problem else {}),
+    }
     worker_problem, live = await check_workers(app, settings)
-    checks["workers"] = {"ok": worker_problem is None, "live": live,
-                         **({"error": worker_problem} if worker_problem else {})}
+    checks["workers"] = {
+        "ok": worker_problem is None,
+        "live": live,
+        **({"error": worker_problem} if worker_problem else {}),
+    }
     down = [name for name, check in checks.items() if not check["ok"]]
     if down:
         detail = "; ".join(f"{name}: {checks[name]['error']}" for name in down)
-        return JSONResponse(error_body(503, f"not ready: {', '.join(down)} down ({detail})",
-                                       code="not_ready", down=down, checks=checks),
-                            status_code=503,
-                            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
+        return JSONResponse(
+            error_body(
+                503,
+                f"not ready: {', '.join(down)} down ({detail})",
+                code="not_ready",
+                down=down,
+                checks=checks,
+            ),
+            status_code=503,
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+        )
     return JSONResponse({"status": "ready", "checks": checks})
 
 
-@protected_router.get("/workers", response_model=list[WorkerPublic], summary="Registered workers",
-                      responses=errors(503))
+@protected_router.get(
+    "/workers",
+    response_model=list[WorkerPublic],
+    summary="Registered workers",
+    responses=errors(503),
+)
 async def list_workers(gate: GateDep, settings: SettingsDep) -> Response:
     """Every registered worker; ``live`` when it heartbeated within WORKER_STALE_SECONDS."""
+
     def work(session: Session) -> list[WorkerPublic]:
         live_ids = {w.id for w in runs_service.live_workers(session, settings.worker_stale_seconds)}
         return [WorkerPublic.of(w, w.id in live_ids) for w in reads.list_workers(session)]
@@ -137,10 +166,12 @@ class State:
 
 
 def _database_counts(session: Session, settings: Settings) -> dict[str, Any]:
-    return {"runs": runs_service.count_runs_by_status(session),
-            "live": reads.count_live_workers(session, settings.worker_stale_seconds),
-            "registered": len(reads.list_workers(session)),
-            "rows": reads.count_metric_points(session)}
+    return {
+        "runs": runs_service.count_runs_by_status(session),
+        "live": reads.count_live_workers(session, settings.worker_stale_seconds),
+        "registered": len(reads.list_workers(session)),
+        "rows": reads.count_metric_points(session),
+    }
 
 
 def _queue_depths(app: Any, settings: Settings) -> dict[str, int] | None:
@@ -185,19 +216,23 @@ class StateCollector:
             for status, count in db["runs"].items():
                 runs.add_metric([status.value], count)
             yield runs
-            live = GaugeMetricFamily("moejobs_workers_live",
-                                     "Workers with a heartbeat within WORKER_STALE_SECONDS")
+            live = GaugeMetricFamily(
+                "moejobs_workers_live", "Workers with a heartbeat within WORKER_STALE_SECONDS"
+            )
             live.add_metric([], db["live"])
             yield live
             registered = GaugeMetricFamily("moejobs_workers_registered", "Registered workers")
             registered.add_metric([], db["registered"])
             yield registered
-            rows = GaugeMetricFamily("moejobs_metric_rows", "Metric rows ingested from "
-                                     "metrics.csv files and stored (all runs)")
+            rows = GaugeMetricFamily(
+                "moejobs_metric_rows",
+                "Metric rows ingested from metrics.csv files and stored (all runs)",
+            )
             rows.add_metric([], db["rows"])
             yield rows
-        depth = GaugeMetricFamily("moejobs_queue_depth", "Messages waiting in the broker queue",
-                                  labels=["queue"])
+        depth = GaugeMetricFamily(
+            "moejobs_queue_depth", "Messages waiting in the broker queue", labels=["queue"]
+        )
         broker_up = GaugeMetricFamily("moejobs_broker_up", "1 when the broker answered this scrape")
         depths = self.state.queue_depths
         broker_up.add_metric([], 0 if depths is None else 1)
@@ -207,8 +242,12 @@ class StateCollector:
         yield depth
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
 async def metrics(request: Request) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(await read_state(request.app)))
@@ -259,31 +298,36 @@ def docs_html(openapi_url: str, title: str) -> str:
     badge would load an image from another host). No inline script or style."""
     config = {**swagger_ui_default_parameters, "url": openapi_url, "validatorUrl": None}
     return (
-        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n"
-        "<link rel=\"stylesheet\" href=\"/docs/assets/swagger-ui.css\">\n"
-        "<link rel=\"icon\" href=\"/docs/assets/favicon-32x32.png\">\n</head>\n<body>\n"
-        f"<div id=\"swagger-ui\" data-config=\"{html.escape(json.dumps(config))}\"></div>\n"
-        "<script src=\"/docs/assets/swagger-ui-bundle.js\"></script>\n"
-        "<script src=\"/docs/init.js\"></script>\n</body>\n</html>\n"
+        '<link rel="stylesheet" href="/docs/assets/swagger-ui.css">\n'
+        '<link rel="icon" href="/docs/assets/favicon-32x32.png">\n</head>\n<body>\n'
+        f'<div id="swagger-ui" data-config="{html.escape(json.dumps(config))}"></div>\n'
+        '<script src="/docs/assets/swagger-ui-bundle.js"></script>\n'
+        '<script src="/docs/init.js"></script>\n</body>\n</html>\n'
     )
 
 
 @docs_router.get("/docs")
 def docs(request: Request) -> HTMLResponse:
     if _assets_dir() is None:
-        raise ApiError(503, "the API docs need the swagger-ui-bundle-v2 package "
-                       "(pip install swagger-ui-bundle-v2); the schema is at /openapi.json",
-                       code="docs_unavailable")
-    return HTMLResponse(docs_html(request.app.openapi_url or "/openapi.json",
-                                  f"{request.app.title} - API docs"))
+        raise ApiError(
+            503,
+            "the API docs need the swagger-ui-bundle-v2 package "
+            "(pip install swagger-ui-bundle-v2); the schema is at /openapi.json",
+            code="docs_unavailable",
+        )
+    return HTMLResponse(
+        docs_html(request.app.openapi_url or "/openapi.json", f"{request.app.title} - API docs")
+    )
 
 
 @docs_router.get("/docs/init.js")
 def docs_init() -> Response:
-    return Response(DOCS_INIT_JS, media_type="text/javascript",
-                    headers={"Cache-Control": "no-cache"})
+    return Response(
+        DOCS_INIT_JS, media_type="text/javascript", headers={"Cache-Control": "no-cache"}
+    )
 
 
 @docs_router.get("/docs/assets/{filename}")
@@ -292,5 +336,6 @@ def docs_asset(filename: str) -> FileResponse:
     if folder is None or filename not in DOCS_ASSETS or not (folder / filename).is_file():
         raise ApiError(404, f"no docs asset {filename!r}")
     media = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    return FileResponse(folder / filename, media_type=media,
-                        headers={"Cache-Control": "public, max-age=86400"})
+    return FileResponse(
+        folder / filename, media_type=media, headers={"Cache-Control": "public, max-age=86400"}
+    )
