@@ -142,9 +142,9 @@ def _metric_rows(first: int, last: int, seed: int) -> list[dict[str, Any]]:
 def populate(settings: Any, *, n_runs: int, steps: int) -> uuid.UUID:
     """Fill a migrated database (see the module docstring); returns the first run's id."""
     from service import runs
+    from service.config.validate import validate_configs
     from service.db import open_database
     from service.estimate import estimate
-    from service.schemas import validate_configs
 
     db = open_database(settings)
     validated = validate_configs(_TRAIN, _MODEL)

@@ -1,6 +1,6 @@
 """Memory estimate vs measured peak: a few real training steps per config, each in its own process.
 
-For each config the bench merges the config layers (``service.configs.resolve_documents``), writes
+For each config the bench merges the config layers (``service.config.merge.resolve_documents``), writes
 the merged documents as JSON into ``--workdir`` and trains them with ``run_train.py``'s command line
 (``worker.cli.main``) in a child process, so the estimate (``service.estimate.estimate`` of the very
 same documents) and the run cannot disagree about the config. The demo corpus and tokenizer
@@ -133,7 +133,8 @@ def measure(
     name: str, steps: int, accumulate: int, work: Path, device_kind: str, timeout: float
 ) -> dict:
     """Run config ``name`` in a child process; the row of the table (estimate, measured, ratio)."""
-    from service.configs import resolve_documents, validate_configs
+    from service.config.merge import resolve_documents
+    from service.config.validate import validate_configs
     from service.estimate import estimate
     from worker.metrics import read_metrics
 

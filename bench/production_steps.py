@@ -81,7 +81,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from service.configs import deep_merge, load_preset, resolve
+    from service.config.merge import deep_merge, resolve
+    from service.config.presets import load_preset
     from service.estimate import estimate
     from service.cli import seed_demo_data
     from worker.train import run_training

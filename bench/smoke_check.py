@@ -4,7 +4,7 @@ CUDA: ``max_memory_reserved`` plus the memory outside the allocator, the CUDA co
 
 It builds a small corpus from the Python standard library's own sources (``worker.corpus``) and a
 byte-level BPE tokenizer on it (``worker.tokenizer``) under ``--workdir``, resolves the shipped
-configs with the smoke-test overrides (``service.configs.resolve(..., smoke_test=True)``) and calls
+configs with the smoke-test overrides (``service.config.merge.resolve(..., smoke_test=True)``) and calls
 ``worker.train.run_training`` without checkpoints. Prints one JSON document (or a small table).
 
 The smoke test of the default MoE-200M model needs ~9.2 GiB of RAM on a CPU (32-true, one step): on
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from service.configs import resolve
+    from service.config.merge import resolve
     from service.estimate import estimate
     from service.cli import seed_demo_data
     from worker.train import run_training

@@ -50,7 +50,7 @@ from importlib.metadata import version as _version  # noqa: E402
 
 import torch  # noqa: E402
 
-from service.configs import resolve  # noqa: E402
+from service.config.merge import resolve  # noqa: E402
 from service.estimate import estimate  # noqa: E402
 from worker import train as engine  # noqa: E402
 from worker.gqa import GQASelfAttention, use_gqa_attention  # noqa: E402
@@ -290,7 +290,7 @@ def memory_estimate(v, mb: int) -> int | None:
         t = v.train.model_dump(mode="json")
         t["train"]["micro_batch_size"] = mb
         t["train"]["global_batch_size"] = max(mb, t["train"].get("global_batch_size") or mb)
-        from service.schemas import validate_configs
+        from service.config.validate import validate_configs
 
         w = validate_configs(t, v.model.model_dump(mode="json"))
         return int(estimate(w.train, w.model).memory.tensors)

@@ -41,7 +41,7 @@ from service.estimate import Estimate, estimate
 from service.models import Throughput, Worker
 
 if TYPE_CHECKING:  # pragma: no cover
-    from service.schemas import Validated
+    from service.config.validate import Validated
     from service.settings import Settings
 
 __all__ = [

@@ -4,11 +4,11 @@
 :func:`check_run` takes the merged train and model documents and where their paths resolve,
 and returns what every entry point reports:
 
-1. the schema, the cross-field rules and the warnings (``service.schemas.validate_configs``);
+1. the schema, the cross-field rules and the warnings (``service.config.validate.validate_configs``);
 2. the input paths resolved: on the command line (:class:`LocalPaths`) a relative path is
    read from the current folder, as the engine opens it; in the API (:class:`ServerPaths`)
    under ``DATA_ROOT`` (checkpoints also in ``RUNS_DIR``), escapes refused
-   (``service.paths.resolve_run_paths``);
+   (``service.config.paths.resolve_run_paths``);
 3. whether the inputs are usable (:func:`input_problems`): the training and validation data
    folders hold ``.txt`` files, the tokenizer folder holds ``tokenizer.json`` or
    ``tokenizer.model``, a ``resume`` path is a complete checkpoint folder,
@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.config.issues import ConfigError, Issue
+from service.config.paths import INPUT_FIELDS, doc_value, resolve_run_paths
+from service.config.validate import Validated, validate_configs
 from service.contract import ExitCode, FailureReason
-from service.paths import INPUT_FIELDS, doc_value, resolve_run_paths
-from service.schemas import ConfigError, Issue, Validated, validate_configs
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -269,7 +270,7 @@ class LocalPaths:
 @dataclass(frozen=True)
 class ServerPaths:
     """The API: inputs under ``data_root`` (checkpoints also in ``runs_dir``), ``out_dir`` in
-    ``run_dir`` (``service.paths.resolve_run_paths``; an escape is a ``ConfigError``).
+    ``run_dir`` (``service.config.paths.resolve_run_paths``; an escape is a ``ConfigError``).
     Unusable inputs are warnings: they may be uploaded before the run starts."""
 
     data_root: Path
@@ -302,8 +303,8 @@ class Checked:
 def check_run(train: dict, model: dict, paths: LocalPaths | ServerPaths) -> Checked:
     """Validate the merged documents, resolve their paths per ``paths`` and check the inputs.
 
-    Raises ``service.schemas.ConfigError`` listing every schema or cross-field error (locations
-    of model-config issues start with ``"model"``), or every path that escapes its folder (API),
+    Raises ``service.config.issues.ConfigError`` listing every schema or cross-field error
+    (each issue names its document, ``train`` or ``model``), or every path that escapes its folder (API),
     or ``resume: true`` in the API (a new run has no checkpoint to resume from).
     Unusable inputs are not raised: they are :attr:`Checked.errors` on the command line,
     :attr:`Checked.warnings` in the API, with the same message text.

@@ -15,7 +15,8 @@ from service.resources import project_path
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from service.schemas import model_config_json_schema, train_config_json_schema
+    from service.config.model import model_config_json_schema
+    from service.config.train import train_config_json_schema
 
     schema = train_config_json_schema() if args.which == "train" else model_config_json_schema()
     print(json.dumps(schema, indent=2))

@@ -312,8 +312,8 @@ def submit(
     ``name`` defaults to the train file's stem. An ``Idempotency-Key`` header is sent (a new
     uuid4 unless given) so a retried request never queues twice. Raises ClientError: exit code
     2 for unreadable documents and for a 422 (one ``path: message`` line per bad field)."""
-    from service.configs import load_document
-    from service.schemas import ConfigError
+    from service.config.issues import ConfigError
+    from service.config.parse import load_document
 
     out = out or sys.stdout
     try:

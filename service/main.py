@@ -33,7 +33,6 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.openapi.utils import get_openapi
 
 from service.api import routers
-from service.api.models import RunCreate
 from service.api.openapi import complete_error_responses
 from service.api.errors import (
     AuthMiddleware,
@@ -47,6 +46,7 @@ from service.db import Database, current_revision, head_revision, open_database
 from service.queue import make_celery
 from service.api.deps import DatabaseGate
 from service.settings import Settings, get_settings, sqlite_path
+from service.submission import RunCreate
 
 log = logging.getLogger("moejobs.api")
 

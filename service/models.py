@@ -1,4 +1,4 @@
-"""Database tables (SQLModel). Tables only: API shapes live in ``service/schemas.py``, state
+"""Database tables (SQLModel). Tables only: API shapes live in ``service/api/models.py``, state
 changes in ``service/runs.py``, the schema's history in ``migrations/``.
 
 Tables: ``runs``, ``run_events``, ``metric_points``, ``router_points``, ``checkpoints``,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.schemas import Issue
+from service.config.issues import Issue
 
 
 def format_issues(issues: list[Issue]) -> list[str]:

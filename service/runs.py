@@ -61,7 +61,7 @@ from service.models import (
     WorkerRole,
     utcnow,
 )
-from service.schemas import check_path_text
+from service.config.fields import check_path_text
 
 log = logging.getLogger(__name__)
 

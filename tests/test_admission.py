@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel import select
 from test_api_support import (  # noqa: F401 - fixtures
     MODEL,
     TRAIN,
@@ -24,8 +25,6 @@ from test_api_support import (  # noqa: F401 - fixtures
     postgres_url,
     sqlite_template,
 )
-
-from sqlmodel import select
 
 from service import admission, contract, runs
 from service.models import RunStatus, Throughput
@@ -451,9 +450,10 @@ def test_max_tokens_1e18_names_steps_and_checkpoints(make_api):
 
 def test_absurd_bounds_leave_real_configs_alone():
     """The bounds are far beyond anything trainable: the shipped configs and presets pass."""
-    from service.configs import list_presets, resolve_documents
+    from service.config.merge import resolve_documents
+    from service.config.presets import list_presets
+    from service.config.validate import validate_configs
     from service.estimate import estimate
-    from service.schemas import validate_configs
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     layers = [(None, None)] + [(None, name) for name in list_presets()]

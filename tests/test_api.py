@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from service import runs
-from service.configs import deep_merge
+from service.config.merge import deep_merge
 from service.main import StartupError, create_app
 from service.queue import TRAIN_TASK
 from test_api_support import (  # noqa: F401 - fixtures
@@ -143,6 +143,12 @@ INVALID: list[tuple[str, dict, dict, list[tuple]]] = [
     ("train-key-in-model", {}, {"micro_batch_size": 2}, [(M, "micro_batch_size")]),
     ("unknown-eval-key", {"eval": {"zzz": 1}}, {}, [(T, "eval", "zzz")]),
     ("train-key-named-model", {"model": {"n_layer": 2}}, {}, [(T, "model")]),
+    (
+        "train-key-named-model-beside-a-model-error",
+        {"model": {"n_layer": 2}},
+        {"n_layer": "many"},
+        [(T, "model"), (M, "n_layer")],
+    ),
     (
         "micro-batch-bound",
         {"train": {"micro_batch_size": 0}},
@@ -271,6 +277,30 @@ INVALID: list[tuple[str, dict, dict, list[tuple]]] = [
         [(T, "precision"), (T, "train", "micro_batch_size"), (M, "n_layer")],
     ),
 ]
+
+
+def test_a_train_key_named_model_from_a_preset_is_placed_in_the_train_config(
+    shared_sqlite_api: ApiEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Issues name their document: an unknown train key ``model`` that a preset brings in (not
+    in the submitted train document) is reported under ``train_config``, the model document's
+    error under ``model_config`` (the path prefix ``model`` once placed both in the model
+    document: the train document was validated a second time, as submitted, to tell them apart)."""
+    from service.config import presets
+
+    (tmp_path / "with-model-key.yaml").write_text(
+        "train_config:\n  model: {n_layer: 2}\nmodel_config: {}\n"
+    )
+    monkeypatch.setattr(presets, "PRESETS_DIR", tmp_path)
+    r = shared_sqlite_api.client.post(
+        "/runs",
+        json=body(preset="with-model-key", model_config=_apply(MODEL, {"n_head": 0})),
+    )
+    assert r.status_code == 422, r.text
+    assert [tuple(e["loc"]) for e in r.json()["errors"]] == [
+        ("body", T, "model"),
+        ("body", M, "n_head"),
+    ]
 
 
 @pytest.mark.parametrize("case", INVALID, ids=[c[0] for c in INVALID])

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from service.api.models import RunCreate
-from service.paths import NAME_MAX_BYTES, NAME_REGEX, PATH_MAX_BYTES, check_name
+from service.config.paths import NAME_MAX_BYTES, NAME_REGEX, PATH_MAX_BYTES, check_name
+from service.submission import RunCreate
 from test_api_support import (  # noqa: F401 - fixtures
     ApiEnv,
     api,
@@ -410,7 +410,7 @@ def test_the_name_text_pattern_in_the_document_is_the_check():
     """``NAME_TEXT_REGEX`` (what the document says of names) refuses exactly the code points
     ``check_name_text`` refuses but lone surrogates, which the check refuses too (fullmatch:
     JSON Schema's ``$`` does not match before a final newline as Python's does)."""
-    from service.schemas import NAME_TEXT_REGEX, check_name_text
+    from service.config.fields import NAME_TEXT_REGEX, check_name_text
 
     pattern = re.compile(NAME_TEXT_REGEX)
     for cp in range(0x110000):

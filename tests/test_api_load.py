@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from service import runs
 from service.db import migrate, open_database
 from service.estimate import estimate
-from service.schemas import validate_configs
+from service.config.validate import validate_configs
 from service.settings import ENV_PREFIX
 from test_api_support import MODEL, TRAIN
 from test_db_support import (  # noqa: F401 - fixtures

@@ -13,7 +13,7 @@ from service.checks import (
     input_problems,
 )
 from service.contract import FailureReason
-from service.schemas import ConfigError
+from service.config.issues import ConfigError
 from test_api_support import MODEL, TRAIN
 
 

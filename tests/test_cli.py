@@ -276,7 +276,7 @@ def test_missing_inputs_are_the_same_problem_on_the_command_line_and_in_the_api(
     under DATA_ROOT here), with the exit code the real run would have."""
     from test_api_support import MODEL, TRAIN, body
 
-    from service.configs import deep_merge
+    from service.config.merge import deep_merge
 
     spec, expected, code = INPUT_CASES[case]
     root = sqlite_api.settings.data_root

@@ -32,7 +32,7 @@ from service.db import Database, migrate, open_database
 from service.estimate import estimate
 from service.main import create_app
 from service.models import RunStatus
-from service.schemas import validate_configs
+from service.config.validate import validate_configs
 from service.settings import Settings
 from test_db_support import settings_for
 

@@ -1,4 +1,4 @@
-"""Loading, merging, presets and precedence (service.configs)."""
+"""Loading, merging, presets and precedence (service.config.parse, .presets, .merge)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.configs import (
-    PRESETS_DIR,
-    SMOKE_TEST_OVERRIDES,
-    deep_merge,
-    list_presets,
-    load_document,
-    load_preset,
-    resolve,
-    resolve_documents,
-)
-from service.schemas import ConfigError
+from service.config.issues import ConfigError
+from service.config.merge import deep_merge, resolve, resolve_documents
+from service.config.parse import load_document
+from service.config.presets import PRESETS_DIR, SMOKE_TEST_OVERRIDES, list_presets, load_preset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN = CONFIGS / "train_config.yaml"
@@ -74,10 +67,40 @@ def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
     dup_json.write_text('{"train": {"max_tokens": 1, "max_tokens": 2}}')
     with pytest.raises(ConfigError, match=r"dup\.json: invalid JSON: duplicate key 'max_tokens'"):
         load_document(dup_json)
-    # YAML merge keys still override, as YAML defines them
+    # YAML merge keys still override, as YAML defines them (with the mapping written in place:
+    # aliases are refused, test below)
     merged = tmp_path / "merge.yaml"
-    merged.write_text("base: &b {lr: 1}\nopt:\n  <<: *b\n  lr: 2\n")
+    merged.write_text("opt:\n  <<: {lr: 1}\n  lr: 2\n")
     assert load_document(merged)["opt"] == {"lr": 2}
+
+
+def test_files_are_read_by_the_api_parser_aliases_and_non_json_values_refused(tmp_path):
+    """One parser for files and HTTP bodies (issue 10): a config file is refused where the API
+    refuses the same document, naming the file."""
+    alias = tmp_path / "alias.yaml"
+    alias.write_text("base: &b {lr: 1}\nopt:\n  <<: *b\n  lr: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_document(alias)
+    assert str(info.value) == (
+        f"{alias}: invalid YAML at line 3, column 7: YAML aliases (*name) are not accepted "
+        "by the API; write the value out"
+    )
+    dated = tmp_path / "dated.yaml"
+    dated.write_text("log:\n  metadata:\n    day: 2020-01-01\n")
+    with pytest.raises(ConfigError) as info:
+        load_document(dated)
+    assert str(info.value) == (
+        f"{dated}: log.metadata.day: a date is not a JSON value (YAML reads dates and tagged "
+        "values as such: quote it)"
+    )
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"rope_adjustments": {"factor": NaN}}')
+    with pytest.raises(ConfigError, match=r"nan\.json: rope_adjustments\.factor: must be a finite"):
+        load_document(nan)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.yaml: "):
+        load_document(deep)
 
 
 def test_top_level_must_be_a_mapping(tmp_path):

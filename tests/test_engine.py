@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_train_config
-from service.estimate import training_plan
-from service.schemas import validate_configs
+from service.config.plan import training_plan
+from service.config.validate import validate_configs
 from worker import checkpoint as ckpt
 from worker.errors import PreflightError
 from worker.metrics import HEADER, read_metrics

@@ -216,7 +216,7 @@ def test_data_errors_name_the_file_or_folder(tmp_path, tok, tokenizer_dir):
 
 
 def test_engine_reports_data_errors_before_training(train_doc, tiny_model, tmp_path):
-    from service.schemas import validate_configs
+    from service.config.validate import validate_configs
     from worker.train import run_training
 
     train_doc["data"]["init_args"]["train_data_path"] = str(tmp_path / "missing")

@@ -27,7 +27,7 @@ import yaml
 from conftest import REPO, TINY_MODEL, tiny_train_config
 from service import contract
 from service.contract import EngineResult, EventKind, FailureReason, Outcome, read_events
-from service.schemas import validate_configs
+from service.config.validate import validate_configs
 from worker import checkpoint as ckpt
 from worker import errors, fence
 from worker.launch import RankProcesses

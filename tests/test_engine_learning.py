@@ -8,7 +8,7 @@ import copy
 import pytest
 
 from conftest import TINY_MODEL, tiny_train_config
-from service.schemas import validate_configs
+from service.config.validate import validate_configs
 from worker.metrics import read_metrics
 from worker.train import run_training
 

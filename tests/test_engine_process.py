@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from conftest import REPO, TINY_MODEL, tiny_train_config
-from service.schemas import validate_configs
+from service.config.validate import validate_configs
 from worker import checkpoint as ckpt
 from worker.metrics import read_metrics
 from worker.train import run_training

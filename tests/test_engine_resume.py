@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import TINY_MODEL, tiny_train_config
-from service.schemas import validate_configs
+from service.config.validate import validate_configs
 from worker import checkpoint as ckpt
 from worker.errors import PreflightError
 from worker.metrics import read_metrics
@@ -153,7 +153,7 @@ PLAN_CHANGES = {
 
 
 def _changed(base: dict, out: Path, *names: str) -> dict:
-    from service.configs import deep_merge
+    from service.config.merge import deep_merge
 
     doc = _from_step3(base, out)
     for name in names:
@@ -388,7 +388,7 @@ def test_run_train_refuses_with_exit_2_and_the_flag_accepts(base, tmp_path, caps
 def test_warm_up_fraction_is_compared_at_the_old_length(tmp_path, corpus, tokenizer_dir):
     """lr_warmup_fraction: extending the run lengthens the warm-up (said in the warning, accepted);
     another fraction is a schedule change (refused). Pure comparison, no training."""
-    from service.estimate import training_plan
+    from service.config.plan import training_plan
 
     def record(doc):
         v = validate_configs(doc, copy.deepcopy(TINY_MODEL))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, tiny_train_config
 
-from service.schemas import validate_configs
+from service.config.validate import validate_configs
 from worker.metrics import ROUTER_HEADER
 from worker.train import build_model, run_training
 

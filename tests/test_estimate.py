@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from service.configs import resolve
+from service.config.merge import resolve
+from service.config.plan import training_plan
+from service.config.validate import validate_model_config
 from service.estimate import (
     GPU_PEAK_FLOPS,
     activation_bytes,
     attention_flops_per_token,
     count_parameters,
     estimate,
-    training_plan,
 )
-from service.schemas import validate_model_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN = CONFIGS / "train_config.yaml"
@@ -487,8 +487,8 @@ def test_cpu_memory_estimate_is_within_15_percent_of_the_measured_peak(
     demo_data, tmp_path, model_overrides, accumulate
 ):
     """cpu-tiny (one micro-batch per step) and a wider MoE with gradient accumulation, 3 steps each."""
-    from service.configs import resolve_documents
-    from service.schemas import validate_configs
+    from service.config.merge import resolve_documents
+    from service.config.validate import validate_configs
 
     train, model = resolve_documents(
         TRAIN,

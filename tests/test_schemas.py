@@ -1,4 +1,4 @@
-"""Validation rules, warnings, error messages and JSON Schema of service.schemas (fast: no training)."""
+"""Validation rules, warnings, error messages and JSON Schema of the service.config package (fast: no training)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from service.configs import deep_merge, load_document, load_preset, resolve
-from service.schemas import (
-    ConfigError,
-    Issue,
-    ModelConfig,
-    TrainConfig,
-    model_config_json_schema,
-    train_config_json_schema,
-    validate_configs,
-)
+from service.config.issues import ConfigError, Issue
+from service.config.merge import deep_merge, resolve
+from service.config.model import ModelConfig, model_config_json_schema
+from service.config.parse import load_document
+from service.config.presets import load_preset
+from service.config.train import TrainConfig, train_config_json_schema
+from service.config.validate import validate_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -115,6 +112,26 @@ def test_errors_of_both_documents_are_reported_together_without_pydantic_noise()
     ]
     assert "https://" not in text and "pydantic" not in text and "Input should" not in text
     assert len(text.splitlines()) == 3
+
+
+def test_issues_name_their_document_so_a_train_key_named_model_is_not_a_model_issue():
+    """The model document's issues say ``document="model"`` with locations inside that
+    document; an unknown train key ``model`` is a train issue whose location is ``("model",)``.
+    Printed, a model issue still starts with ``model.``."""
+    with pytest.raises(ConfigError) as info:
+        validate({"model": {"n_layer": 2}}, {"n_layer": "many", "__not_a_mapping": None})
+    got = [(e.document, e.loc) for e in info.value.errors]
+    assert got == [("train", ("model",)), ("model", ("__not_a_mapping",)), ("model", ("n_layer",))]
+    assert [e.path for e in info.value.errors] == ["model", "model.__not_a_mapping", "model.n_layer"]
+    with pytest.raises(ConfigError) as info:
+        validate_configs(BASE_TRAIN, ["not", "a", "mapping"])  # type: ignore[arg-type]
+    (issue,) = info.value.errors
+    assert (issue.document, issue.loc, str(issue)) == (
+        "model",
+        (),
+        "model: the model config must be a mapping (key: value), got list",
+    )
+    assert validate_configs(BASE_TRAIN, BASE_MODEL).plan.optimizer_steps == 20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -897,9 +914,9 @@ def test_train_config_has_pretrains_keys_and_defaults():
 
     from litgpt.args import EvalArgs, LogArgs, TrainArgs
 
-    from service.schemas import EvalArgs as OurEval
-    from service.schemas import LogArgs as OurLog
-    from service.schemas import TrainArgs as OurTrain
+    from service.config.train import EvalArgs as OurEval
+    from service.config.train import LogArgs as OurLog
+    from service.config.train import TrainArgs as OurTrain
 
     params = inspect.signature(pretrain.setup).parameters
     # top-level keys of `litgpt pretrain` (model_name/model_config live in the model document)
@@ -928,7 +945,7 @@ def test_config_modules_never_import_torch_or_litgpt():
     import sys
 
     code = (
-        "import sys, service.schemas, service.configs, service.estimate; "
+        "import sys, service.config.merge, service.config.paths, service.estimate; "
         "print(sorted(m for m in ('torch', 'litgpt', 'lightning') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -20,9 +20,9 @@ import yaml
 from conftest import REPO, TINY_MODEL, stdlib_text_files, tiny_train_config
 
 from service import contract
+from service.config.plan import training_plan
+from service.config.validate import validate_configs
 from service.contract import EngineResult, EventKind, ExitCode, FailureReason, Outcome
-from service.estimate import training_plan
-from service.schemas import validate_configs
 from worker import checkpoint as ckpt
 from worker.metrics import read_metrics
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service import contract
-from service.estimate import warmup_steps
+from service.config.plan import warmup_steps
 from worker import errors, fence
 from worker.tokenizer import TOKENIZER_FILES
 
@@ -410,7 +410,7 @@ def resume_record(train, plan, source, tokenizer_sha256: str | None) -> dict[str
 
     Args:
         train: the validated ``TrainConfig``.
-        plan: its ``service.estimate.TrainingPlan``.
+        plan: its ``service.config.plan.TrainingPlan``.
         source: the ``worker.data.SourceText`` the run reads (None: nothing about the data is recorded).
         tokenizer_sha256: ``worker.tokenizer.tokenizer_hash`` of the tokenizer folder.
 
@@ -450,7 +450,7 @@ class ResumeCheck:
 
     Attributes:
         changes: ``(kind, text)`` per difference that needs ``resume_allow_changes``; ``kind`` is one
-            of ``service.schemas.ResumeChange`` and ``text`` reads ``"what: old -> new"``.
+            of ``service.config.fields.ResumeChange`` and ``text`` reads ``"what: old -> new"``.
         refused: the changes whose kind is not allowed.
         warnings: lines for the log: accepted changes, a different run length, an unchecked checkpoint.
     """

@@ -177,9 +177,9 @@ def _main(argv: list[str] | None, prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
 
     from service.checks import LocalPaths, check_run
-    from service.configs import resolve_documents
+    from service.config.issues import ConfigError
+    from service.config.merge import resolve_documents
     from service.report import format_estimate, format_issues
-    from service.schemas import ConfigError
 
     try:
         train, model = resolve_documents(
@@ -212,7 +212,12 @@ def _main(argv: list[str] | None, prog: str) -> int:
 
         _say(
             *format_estimate(
-                estimate(validated.train, validated.model, device_kind=_local_device_kind())
+                estimate(
+                    validated.train,
+                    validated.model,
+                    device_kind=_local_device_kind(),
+                    plan=validated.plan,
+                )
             )
         )
         for problem in checked.errors:  # unusable inputs, as the engine would name them
@@ -280,6 +285,7 @@ def _train(validated, smoke_test: bool) -> int:
                 write_checkpoints=not smoke_test,
                 on_row=bar.update,
                 reporter=reporter,
+                plan=validated.plan,
             )
     except KeyboardInterrupt as exc:  # reported by main()
         bar.close()
@@ -312,9 +318,7 @@ def _train(validated, smoke_test: bool) -> int:
     elapsed = time.perf_counter() - started
     planned = None
     if result.stopped_by == "nothing_to_do":
-        from service.estimate import training_plan
-
-        planned = training_plan(validated.train, validated.model).optimizer_steps
+        planned = validated.plan.optimizer_steps
     _say(*format_summary(result, elapsed, smoke_test, planned_steps=planned))
     return 0
 

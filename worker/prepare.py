@@ -108,7 +108,8 @@ def data_need(
     (invalid config, no tokenizer, missing folder or file): the training process then reports
     the problem with its own classification. Relative paths resolve against ``run_dir`` (the
     training process' working directory). Reads sizes, not contents."""
-    from service.schemas import ConfigError, validate_configs
+    from service.config.issues import ConfigError
+    from service.config.validate import validate_configs
     from worker.data import split_files
 
     try:
@@ -578,10 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     out_dir: Path = Path(".")
     try:
-        from service.configs import load_document
+        from service.config.issues import ConfigError
+        from service.config.parse import load_document
+        from service.config.validate import validate_configs
         from service.contract import EventKind, append_event
-        from service.estimate import training_plan
-        from service.schemas import ConfigError, validate_configs
 
         try:
             validated = validate_configs(
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         train, model = validated.train, validated.model
         out_dir = Path(train.out_dir)
-        plan = training_plan(train, model)
+        plan = validated.plan
         ev = train.eval
         need_val = bool(ev.interval) or ev.initial_validation or ev.final_validation
         tokenizer_dir = train.tokenizer_dir or train.initial_checkpoint_dir

@@ -11,7 +11,7 @@ class ProgressBar:
 
     ``update(row, plan)`` is the engine's ``on_row`` callback: ``row`` is one metrics.csv row
     (a dict with ``step``, ``loss``, ``tokens_per_sec``, ``val_loss`` ...), ``plan`` the
-    :class:`service.estimate.TrainingPlan` (its ``optimizer_steps`` is the bar's total).
+    :class:`service.config.plan.TrainingPlan` (its ``optimizer_steps`` is the bar's total).
     """
 
     def __init__(self, enabled: bool = True) -> None:

@@ -55,7 +55,7 @@ def raw_out_dir(train_config: str | Path | None) -> str:
     if not isinstance(doc, dict):
         return "."
     if "out_dir" not in doc:
-        from service.schemas import TrainConfig
+        from service.config.train import TrainConfig
 
         return str(TrainConfig.model_fields["out_dir"].default)
     value = doc["out_dir"]

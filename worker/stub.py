@@ -7,9 +7,9 @@ handlers and the fence, then calls :func:`main`). It never imports torch.
 
 What it does, in the real engine's order and with its files:
 
-1. reads and validates the two configs (``service.schemas.validate_configs``; invalid: one line
+1. reads and validates the two configs (``service.config.validate.validate_configs``; invalid: one line
    ``error: invalid config`` and one line per problem on stderr, ``result.json`` with
-   ``invalid_config``, exit 2); computes the plan (``service.estimate.training_plan``);
+   ``invalid_config``, exit 2); takes the plan (``Validated.plan``, ``service.config.plan``);
 2. checks that ``data.init_args.train_data_path`` is a folder with ``*.txt`` files (else
    ``invalid_data``, exit 1); nothing is tokenized;
 3. resumes like the real engine: ``resume: auto`` continues from the complete checkpoint with
@@ -281,12 +281,11 @@ class _Engine:
     def __init__(
         self, train_doc: dict, model_doc: dict, validated: Any, *, write_checkpoints: bool
     ) -> None:
-        from service.estimate import training_plan
         from worker import fence
 
         self.train_doc, self.model_doc = train_doc, model_doc
         self.train, self.model = validated.train, validated.model
-        self.plan = training_plan(self.train, self.model)
+        self.plan = validated.plan
         self.out_dir = Path(self.train.out_dir)
         self.write_checkpoints = write_checkpoints
         self.guard = fence.install(self.out_dir)
@@ -693,8 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-checkpoints", action="store_true")
     args = parser.parse_args(argv)
 
-    from service.configs import load_document
-    from service.schemas import ConfigError, validate_configs
+    from service.config.issues import ConfigError
+    from service.config.parse import load_document
+    from service.config.validate import validate_configs
     from worker.fence import Fenced
 
     train_doc: Any = None

@@ -106,8 +106,9 @@ from worker.reporting import Reporter
 if TYPE_CHECKING:  # pragma: no cover
     import litgpt
 
-    from service.estimate import TrainingPlan
-    from service.schemas import ModelConfig, TrainConfig
+    from service.config.model import ModelConfig
+    from service.config.plan import TrainingPlan
+    from service.config.train import TrainConfig
 
 log = logging.getLogger("moejobs.train")
 
@@ -703,17 +704,19 @@ def run_training(
     write_checkpoints: bool = True,
     on_row: Callable[[dict, TrainingPlan], None] | None = None,
     reporter: Reporter | None = None,
+    plan: TrainingPlan | None = None,
 ) -> TrainingResult:
     """Train ``model`` as ``train`` says; see the module docstring for files and resume rules.
 
     Args:
-        train, model: a validated pair (``service.schemas.validate_configs``).
+        train, model: a validated pair (``service.config.validate.validate_configs``).
         write_checkpoints: False writes no checkpoint at all (the smoke test); metrics.csv is
             still written.
         on_row: called on rank 0 with every metrics.csv row (a dict keyed by the header; values
             None when empty) and the plan, e.g. for a progress bar.
         reporter: where events go and progress is kept (``worker.reporting``); default a new
             one for ``train.out_dir`` (rank 0 only). The caller writes ``result.json`` with it.
+        plan: the pair's training plan (``Validated.plan``); None computes it.
 
     Returns:
         :class:`TrainingResult` (on every rank; rank 0's is the one to report).
@@ -728,7 +731,7 @@ def run_training(
             or, before the first optimizer step, nothing was trained (exit code 130/143).
         EngineError: a rank process failed.
     """
-    from service.estimate import training_plan
+    from service.config.plan import training_plan
 
     started = time.perf_counter()
     out_dir = Path(train.out_dir)
@@ -745,7 +748,8 @@ def run_training(
     )
     stop.install()  # before anything slow: a signal from here on is never lost
     try:
-        plan = training_plan(train, model)
+        if plan is None:
+            plan = training_plan(train, model)
         preflight(train)
         reporter.progress.planned_steps = plan.optimizer_steps
         reporter.event(EventKind.configured, planned_steps=plan.optimizer_steps)
@@ -1488,8 +1492,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
-    from service.configs import load_document
-    from service.schemas import ConfigError, validate_configs
+    from service.config.issues import ConfigError
+    from service.config.parse import load_document
+    from service.config.validate import validate_configs
     from worker.reporting import raw_out_dir
 
     reporter = Reporter(raw_out_dir(args.train_config), enabled=rank_zero)
@@ -1518,6 +1523,7 @@ def main(argv: list[str] | None = None) -> int:
             validated.model,
             write_checkpoints=not args.no_checkpoints,
             reporter=reporter,
+            plan=validated.plan,
         )
     except KeyboardInterrupt as exc:  # a second Ctrl-C during training: no checkpoint
         text = exc.args[0] if exc.args else "interrupted"

@@ -1,5 +1,5 @@
 """The HTTP API's routers (``service.main.create_app`` mounts them). Routes parse the request,
-call ``service.runs`` / ``service.reads`` / ``service.api.submission`` and return API shapes
+call ``service.runs`` / ``service.reads`` / ``service.submission`` and return API shapes
 from ``service.api.models``; they run no queries and commit nothing themselves."""
 
 from __future__ import annotations

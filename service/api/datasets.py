@@ -43,9 +43,9 @@ from service import reads
 from service.api.deps import get_celery, get_settings
 from service.api.errors import ApiError, dependency_unavailable, invalid
 from service.api.models import DatasetPublic, TokenizerCreate, TokenizerPublic
+from service.api.body import media_type
 from service.api.openapi import errors
-from service.api.submission import media_type
-from service.paths import (
+from service.config.paths import (
     NAME_REGEX,
     PathEscape,
     PathTooLong,
@@ -55,14 +55,14 @@ from service.paths import (
     safe_relative,
 )
 from service.queue import TOKENIZER_RECORD, enqueue_tokenizer, tokenizer_marker_paths
-from service.schemas import check_name_text
+from service.config.fields import check_name_text
 from service.settings import Settings
 
 router = APIRouter(tags=["datasets"])
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
-#: Dataset and tokenizer names: exactly what ``service.paths.check_name`` accepts.
+#: Dataset and tokenizer names: exactly what ``service.config.paths.check_name`` accepts.
 #: (The pattern is for the document; ``_name`` checks it with a message saying what is valid.)
 NameParam = Annotated[
     str, PathParam(min_length=1, max_length=64, json_schema_extra={"pattern": NAME_REGEX})

@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import runs as runs_service
 from service.api.signing import signed_query_ok
 from service.db import unavailable_reason
-from service.schemas import ConfigError, Issue
+from service.submission import InvalidSubmission
 
 log = logging.getLogger("moejobs.api")
 
@@ -156,40 +156,6 @@ def _dotted(loc: Sequence[str | int]) -> str:
     return out
 
 
-def config_issue_locs(
-    issues: Sequence[Issue], train_issue_keys: set[tuple[tuple, str]] | None = None
-) -> list[dict[str, Any]]:
-    """``service.schemas`` issues as ``errors`` entries with full request paths: train-config
-    issues under ``["body", "train_config", ...]``, model-config issues (locations starting
-    with ``"model"``) under ``["body", "model_config", ...]``. ``train_issue_keys`` (``(loc,
-    message)`` pairs known to come from the train document) settles the one ambiguous case, an
-    unknown key literally named ``model`` in the train config."""
-    known = train_issue_keys or set()
-    out = []
-    for issue in issues:
-        loc = tuple(issue.loc)
-        if (loc, issue.message) not in known and loc and loc[0] == "model":
-            full = ["body", "model_config", *loc[1:]]
-        else:
-            full = ["body", "train_config", *loc]
-        out.append(field_error(full, issue.message, "invalid_config"))
-    return out
-
-
-def config_error(
-    error: ConfigError,
-    *,
-    train_issue_keys: set[tuple[tuple, str]] | None = None,
-    what: str = "the submitted configs",
-) -> ApiError:
-    """A 422 ``invalid_config`` listing every issue of ``error``."""
-    errors = config_issue_locs(error.errors, train_issue_keys)
-    count = len(errors)
-    first = f"{_dotted(errors[0]['loc'][1:])}: {errors[0]['msg']}" if errors else str(error)
-    message = first if count == 1 else f"{count} problems in {what}; first: {first}"
-    return ApiError(422, message, code="invalid_config", errors=errors)
-
-
 def _pydantic_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for err in exc.errors():
@@ -246,6 +212,10 @@ def install_exception_handlers(app: FastAPI) -> None:
         return error_response(
             error.status, error.message, code=error.code, headers=error.headers, **error.extra
         )
+
+    @app.exception_handler(InvalidSubmission)
+    async def _invalid_submission(_request: Request, exc: InvalidSubmission) -> JSONResponse:
+        return error_response(422, exc.message, code=exc.code, errors=exc.errors)
 
     @app.exception_handler(runs_service.RunNotFound)
     async def _not_found(_request: Request, exc: runs_service.RunNotFound) -> JSONResponse:

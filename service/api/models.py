@@ -1,4 +1,4 @@
-"""API shapes (request and response bodies), kept apart from the tables in
+"""API shapes (request and response bodies; the run request is ``service.submission.RunCreate``), kept apart from the tables in
 ``service.models``: a response is built field by field from a row, never by dumping the row
 (no mass assignment in, no internal column out)."""
 
@@ -12,79 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
 from service.contract import METRIC_COLUMNS, EngineEvent
 from service.models import Checkpoint, MetricPoint, RouterPoint, Run, RunEvent, Worker
-from service.schemas import NameText, check_path_text
-
-
-#: Deepest nesting of lists and mappings a submitted document may have (a config has 4 levels;
-#: deeper structures would only reach the recursion limits of the serialisers).
-MAX_DOCUMENT_DEPTH = 32
-
-
-def document_problem(doc: Any) -> tuple[tuple[str | int, ...], str] | None:
-    """Why ``doc`` (a parsed config document) cannot be stored as JSON in every database:
-    ``(location inside doc, message)``; None when it can. Refused: keys that are not strings,
-    values that are not JSON (YAML dates, ``!!binary``, sets), NaN and infinities, a NUL
-    character or lone surrogate in any key or value (PostgreSQL's jsonb refuses a NUL; UTF-8
-    has no surrogates), and nesting deeper than :data:`MAX_DOCUMENT_DEPTH`. Iterative: any
-    depth is answered."""
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(doc, ())]
-    while stack:
-        node, loc = stack.pop()
-        if len(loc) > MAX_DOCUMENT_DEPTH:
-            return loc[: MAX_DOCUMENT_DEPTH + 1], f"nested deeper than {MAX_DOCUMENT_DEPTH} levels"
-        if isinstance(node, str):
-            try:
-                check_path_text(node)
-            except ValueError:
-                return (
-                    loc,
-                    "a NUL character or a lone surrogate is not allowed (no database stores it)",
-                )
-        elif isinstance(node, float):
-            if node != node or node in (float("inf"), float("-inf")):
-                return loc, f"must be a finite number, got {node}"
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                if not isinstance(key, str):
-                    return (*loc, str(key)), (
-                        f"keys must be strings, got {type(key).__name__} {key!r} (quote it)"
-                    )
-                try:
-                    check_path_text(key)
-                except ValueError:
-                    return loc, "a key holds a NUL character or a lone surrogate"
-                stack.append((value, (*loc, key)))
-        elif isinstance(node, list):
-            stack.extend((value, (*loc, i)) for i, value in enumerate(node))
-        elif node is not None and not isinstance(node, (bool, int)):
-            return loc, (
-                f"a {type(node).__name__} is not a JSON value (YAML reads dates and "
-                f"tagged values as such: quote it)"
-            )
-    return None
-
-
-class RunCreate(BaseModel):
-    """Body of ``POST /runs`` and ``POST /runs/validate``. The wire name ``model_config`` is
-    kept (pydantic reserves it as an attribute, hence the alias)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    name: NameText = Field(
-        min_length=1,
-        description="Human-readable run name: 1 to 200 characters, no control characters.",
-    )
-    preset: NameText | None = Field(
-        default=None,
-        description="Name of a preset from configs/presets/ merged over the two documents "
-        "(files < preset).",
-    )
-    train_config: dict[str, Any] = Field(description="The train config document.")
-    model_doc: dict[str, Any] = Field(
-        alias="model_config",
-        serialization_alias="model_config",
-        description="The model config document.",
-    )
+from service.config.fields import check_path_text
 
 
 class IssueOut(BaseModel):

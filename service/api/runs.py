@@ -54,9 +54,10 @@ from service.api.models import (
 )
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
-from service.api.submission import prepare_run, read_run_request, send_run, submit_run
+from service.api.body import read_run_request
 from service.models import RunStatus
 from service.settings import Settings
+from service.submission import InvalidSubmission, prepare_run, send_run, submit_run
 
 router = APIRouter(tags=["runs"])
 
@@ -201,9 +202,7 @@ async def validate_run(request: Request, settings: SettingsDep, gate: GateDep) -
     def work(session: Session) -> ValidationReport:
         try:
             prepared = prepare_run(session, settings, body, run_id=uuid.UUID(int=0))
-        except ApiError as error:
-            if error.status != 422 or error.errors is None:
-                raise
+        except InvalidSubmission as error:
             return ValidationReport(valid=False, errors=error.errors, warnings=[], estimate=None)
         return ValidationReport(
             valid=True,

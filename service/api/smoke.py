@@ -2,7 +2,7 @@
 ordinary run through the real queue and a real worker, timed stage by stage.
 
 ``POST /smoke-test`` submits ``configs/train_config.yaml`` with
-``service.configs.SMOKE_TEST_OVERRIDES`` (plus ``devices: 1`` and the sample data/tokenizer
+``service.config.presets.SMOKE_TEST_OVERRIDES`` (plus ``devices: 1`` and the sample data/tokenizer
 ``DATA_ROOT/sample/{train,val,tokenizer}``, which the worker seeds at start-up) and
 ``configs/model_config.yaml`` (or ``MOEJOBS_SMOKE_MODEL_CONFIG``), as a run with
 ``preset="smoke-test"`` (the runner writes no checkpoint for it). One at a time: a second
@@ -47,15 +47,17 @@ from service import reads
 from service import runs as runs_service
 from service.api.deps import get_celery, get_settings
 from service.api.errors import ApiError, dependency_unavailable
-from service.api.models import RunCreate, SmokeStage, SmokeTestPublic
+from service.api.models import SmokeStage, SmokeTestPublic
 from service.api.openapi import errors
-from service.api.submission import Submitted, send_run, submit_run
-from service.configs import CONFIGS_DIR, SMOKE_TEST_OVERRIDES, deep_merge, load_document
+from service.config.issues import ConfigError
+from service.config.merge import deep_merge
+from service.config.parse import load_document
+from service.config.presets import CONFIGS_DIR, SMOKE_TEST_OVERRIDES
 from service.contract import EngineEvent, EventKind, read_events
 from service.models import Run, RunStatus
 from service.queue import check_broker, train_queue
-from service.schemas import ConfigError
 from service.settings import Settings
+from service.submission import RunCreate, Submitted, send_run, submit_run
 
 router = APIRouter(tags=["smoke test"])
 

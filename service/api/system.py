@@ -34,8 +34,9 @@ from service.api.deps import DatabaseGate, get_gate, get_settings
 from service.api.errors import UNAVAILABLE_RETRY_AFTER_S, ApiError, error_body
 from service.api.models import WorkerPublic
 from service.api.openapi import errors
+from service.config.model import model_config_json_schema
+from service.config.train import train_config_json_schema
 from service.queue import aux_queue, check_broker, queue_depth, train_queue
-from service.schemas import model_config_json_schema, train_config_json_schema
 from service.settings import Settings
 
 log = logging.getLogger("moejobs.api")

@@ -18,7 +18,7 @@ write anything else. Rules (applied by :func:`resolve_run_paths` after schema va
   them). A NUL byte, ``~`` expansion, empty paths and paths longer than the kernel takes
   (:data:`PATH_MAX_BYTES`, :data:`NAME_MAX_BYTES` per part) are refused.
 
-Errors are ``service.schemas.ConfigError`` whose issues name the field with the same
+Errors are ``service.config.issues.ConfigError`` whose issues name the field with the same
 locations as schema errors (``("data", "init_args", "train_data_path")``), so the API reports
 them as 422s with the full path. Whether the inputs exist is checked afterwards by
 ``service.checks`` (the same check as on the command line; in the API a missing folder is a
@@ -34,7 +34,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from service.schemas import ConfigError, Issue
+from service.config.issues import ConfigError, Issue
 
 #: Input fields: location in the train config -> may also point into RUNS_DIR.
 INPUT_FIELDS: dict[tuple[str, ...], bool] = {

@@ -1,166 +1,138 @@
-"""From an HTTP request to a queued run: parse the body (JSON, YAML or multipart), validate the
-configs, resolve their paths, estimate, admit it (``service.admission``), create the row,
-enqueue. The routes call :func:`read_run_request` and :func:`submit_run` /
-:func:`validate_run`; state changes go through ``service.runs``.
+"""The submission service: from a run request to a queued run. Check the request's envelope
+(:func:`run_request`), merge the preset, validate the configs, resolve their paths, estimate,
+admit (``service.admission``), create the row (``service.runs``), send its message.
+
+No HTTP here: the routes (``service.api.runs``, ``service.api.smoke``) read the body
+(``service.api.body``) and call :func:`submit_run` / :func:`prepare_run`; a refusal is an
+:class:`InvalidSubmission`, which the API answers as a 422 with its ``code`` and ``errors``.
+Locations in ``errors`` are request paths: ``["body", "train_config", "train",
+"micro_batch_size"]``, ``["body", "model_config", "n_head"]``, ``["body", "preset"]``,
+``["header", "Idempotency-Key"]``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from celery import Celery
-from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlmodel import Session
 
 from service import admission, reads
 from service import runs as runs_service
-from service.api.errors import ApiError, config_error, config_issue_locs, field_error, invalid
-from service.api.models import RunCreate, document_problem
 from service.checks import ServerPaths, check_run
-from service.configs import (
-    ConfigLoader,
-    list_presets,
-    load_preset,
-    replaced_values,
-    resolve_documents,
-    unique_json_object,
-)
+from service.config.fields import NameText
+from service.config.issues import ConfigError, Issue, dotted
+from service.config.merge import replaced_values, resolve_documents
+from service.config.parse import document_problem
+from service.config.presets import list_presets, load_preset
+from service.config.validate import Validated
 from service.estimate import estimate
 from service.models import Run
 from service.queue import enqueue_prepare, enqueue_run
-from service.schemas import ConfigError, Issue, Validated, validate_train_config
 from service.settings import Settings
 
-log = logging.getLogger("moejobs.api")
+__all__ = [
+    "RunCreate",
+    "InvalidSubmission",
+    "RESERVED_PRESETS",
+    "IDEMPOTENCY_KEY_MAX",
+    "issue_loc",
+    "run_request",
+    "Prepared",
+    "prepare_run",
+    "Submitted",
+    "submit_run",
+    "send_run",
+]
 
-JSON_TYPES = ("application/json",)
-YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
-MULTIPART = "multipart/form-data"
+log = logging.getLogger("moejobs.api")
 
 #: Preset names only the server may use.
 RESERVED_PRESETS = frozenset({reads.SMOKE_TEST_PRESET})
 
-
-# -- parsing ------------------------------------------------------------------------------------
-
-
-class _NoAliasLoader(ConfigLoader):
-    """PyYAML's safe loader without anchors/aliases: a few hundred bytes of nested aliases
-    expand to gigabytes once the document is serialised (the "billion laughs" document)."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None,
-                None,
-                "YAML aliases (*name) are not accepted by the API; write the value out",
-                event.start_mark,
-            )
-        return super().compose_node(parent, index)
+#: Longest ``Idempotency-Key`` accepted (characters).
+IDEMPOTENCY_KEY_MAX = 255
 
 
-def parse_yaml(text: str | bytes, loc: list[str | int]) -> Any:
-    """Parse a YAML (or JSON) document; a 422 at ``loc`` with line and column on syntax errors."""
-    try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - safe loader subclass
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise invalid(loc, f"invalid YAML{where}: {problem}", code="invalid_document") from None
-    except RecursionError:
-        raise invalid(loc, "the document is nested too deeply", code="invalid_document") from None
-    except (
-        ValueError,
-        OverflowError,
-    ) as error:  # a scalar no constructor takes (a 5,000-digit int)
-        raise invalid(loc, f"invalid YAML: {error}", code="invalid_document") from None
+class RunCreate(BaseModel):
+    """Body of ``POST /runs`` and ``POST /runs/validate``. The wire name ``model_config`` is
+    kept (pydantic reserves it as an attribute, hence the alias)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: NameText = Field(
+        min_length=1,
+        description="Human-readable run name: 1 to 200 characters, no control characters.",
+    )
+    preset: NameText | None = Field(
+        default=None,
+        description="Name of a preset from configs/presets/ merged over the two documents "
+        "(files < preset).",
+    )
+    train_config: dict[str, Any] = Field(description="The train config document.")
+    model_doc: dict[str, Any] = Field(
+        alias="model_config",
+        serialization_alias="model_config",
+        description="The model config document.",
+    )
 
 
-def parse_json(data: bytes, loc: list[str | int]) -> Any:
-    """Parse JSON; a 422 at ``loc`` on syntax errors."""
-    try:
-        return json.loads(data, object_pairs_hook=unique_json_object)
-    except json.JSONDecodeError as error:
-        raise invalid(
-            loc,
-            f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}",
-            code="invalid_document",
-        ) from None
-    except (RecursionError, UnicodeDecodeError) as error:
-        raise invalid(
-            loc, f"invalid JSON: {type(error).__name__}", code="invalid_document"
-        ) from None
-    except ValueError as error:  # a duplicate key
-        raise invalid(loc, f"invalid JSON: {error}", code="invalid_document") from None
+class InvalidSubmission(Exception):
+    """A submission refused (the API answers 422): ``message`` is one line, ``code`` is
+    ``validation_error`` (the request), ``invalid_config`` (a config document) or
+    ``unschedulable`` (admission), ``errors`` lists ``{"loc": [...], "msg": str, "type": str}``
+    with request paths."""
+
+    def __init__(self, message: str, *, code: str, errors: Sequence[dict[str, Any]]):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.errors = [dict(e) for e in errors]
 
 
-def media_type(request: Request) -> str:
-    """The request's media type without parameters, lower case ('' when absent)."""
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+def _field(loc: Sequence[str | int], msg: str, type_: str) -> dict[str, Any]:
+    return {"loc": list(loc), "msg": msg, "type": type_}
 
 
-async def _read_upload(value: Any) -> tuple[bytes, str]:
-    if hasattr(value, "read"):
-        return await value.read(), (getattr(value, "filename", None) or "")
-    return str(value).encode("utf-8"), ""
+def _invalid(
+    loc: Sequence[str | int], msg: str, *, code: str = "validation_error"
+) -> InvalidSubmission:
+    """A refusal about one field."""
+    return InvalidSubmission(f"{dotted(loc)}: {msg}", code=code, errors=[_field(loc, msg, code)])
 
 
-async def read_run_request(request: Request, *, default_name: str | None = None) -> RunCreate:
-    """The ``POST /runs`` envelope from a JSON, YAML or multipart body (module docstring of
-    ``service.api.runs``). ``default_name`` stands in for a missing ``name`` (``/runs/validate``
-    needs none). Raises ApiError 415 for other media types, 422 for unparseable documents or a
-    bad envelope (``loc`` starting with ``body``)."""
-    kind = media_type(request)
-    if kind == MULTIPART:
-        form = await request.form()
-        doc: dict[str, Any] = {}
-        for key in form.keys():
-            values = form.getlist(key)
-            if key not in ("train_config", "model_config", "name", "preset"):
-                raise invalid(
-                    ["body", key],
-                    "unknown form field; expected train_config, "
-                    "model_config (files), name and preset",
-                )
-            if len(values) != 1:
-                raise invalid(["body", key], "given more than once")
-            value = values[0]
-            if key in ("train_config", "model_config"):
-                data, filename = await _read_upload(value)
-                parsed = (
-                    parse_json(data, ["body", key])
-                    if filename.lower().endswith(".json")
-                    else parse_yaml(data, ["body", key])
-                )
-                doc[key] = {} if parsed is None else parsed
-            else:
-                doc[key] = (
-                    value
-                    if isinstance(value, str)
-                    else (await _read_upload(value))[0].decode("utf-8", "replace")
-                )
-    else:
-        body = await request.body()
-        if kind in YAML_TYPES:
-            doc = parse_yaml(body, ["body"])
-        elif kind in JSON_TYPES or kind == "":
-            doc = parse_json(body, ["body"])
-        else:
-            raise ApiError(
-                415,
-                f"unsupported Content-Type {kind!r}: send application/json, "
-                f"application/yaml or multipart/form-data",
-            )
+def issue_loc(issue: Issue) -> list[str | int]:
+    """Where ``issue`` is in a run request: ``["body", "train_config", *loc]`` for the train
+    document, ``["body", "model_config", *loc]`` for the model document."""
+    return ["body", f"{issue.document}_config", *issue.loc]
+
+
+def _config_refusal(error: ConfigError, what: str = "the submitted configs") -> InvalidSubmission:
+    """An ``invalid_config`` refusal listing every issue of ``error``."""
+    errors = [_field(issue_loc(i), i.message, "invalid_config") for i in error.errors]
+    count = len(errors)
+    first = f"{dotted(errors[0]['loc'][1:])}: {errors[0]['msg']}" if errors else str(error)
+    message = first if count == 1 else f"{count} problems in {what}; first: {first}"
+    return InvalidSubmission(message, code="invalid_config", errors=errors)
+
+
+# -- the request ----------------------------------------------------------------------------------
+
+
+def run_request(doc: Any, *, default_name: str | None = None) -> RunCreate:
+    """The ``POST /runs`` envelope from its parsed body (``doc``, a mapping with ``name``,
+    ``preset``, ``train_config``, ``model_config``). ``default_name`` stands in for a missing
+    ``name`` (``/runs/validate`` needs none); an empty document (null) counts as ``{}``. Raises
+    :class:`InvalidSubmission` (``loc`` starting with ``body``) for a body that is not a
+    mapping, a document no database could store (``service.config.parse.document_problem``)
+    or a bad envelope."""
     if not isinstance(doc, dict):
-        raise invalid(
+        raise _invalid(
             ["body"],
             f"the body must be a mapping with name, train_config and "
             f"model_config, got {type(doc).__name__}",
@@ -174,7 +146,7 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
     for key in ("train_config", "model_config"):  # what no database could store
         problem = document_problem(doc[key]) if isinstance(doc.get(key), dict) else None
         if problem is not None:
-            raise invalid(["body", key, *problem[0]], problem[1], code="invalid_config")
+            raise _invalid(["body", key, *problem[0]], problem[1], code="invalid_config")
     try:
         return RunCreate.model_validate(doc)
     except ValidationError as error:
@@ -186,7 +158,7 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
             elif err.get("type") == "extra_forbidden":
                 msg = "unknown key; expected name, preset, train_config, model_config"
             errors.append(
-                field_error(["body", *err.get("loc", ())], msg, str(err.get("type", "value_error")))
+                _field(["body", *err.get("loc", ())], msg, str(err.get("type", "value_error")))
             )
         first = errors[0]
         message = (
@@ -194,7 +166,7 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
             if len(errors) == 1
             else f"{len(errors)} problems in the request body"
         )
-        raise ApiError(422, message, errors=errors) from None
+        raise InvalidSubmission(message, code="validation_error", errors=errors) from None
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -214,15 +186,7 @@ class Prepared:
 
 
 def _warning_dicts(issues: list[Issue]) -> list[dict[str, Any]]:
-    return [{"loc": e["loc"], "msg": e["msg"]} for e in config_issue_locs(issues)]
-
-
-def _train_issue_keys(train: Any) -> set[tuple[tuple, str]]:
-    try:
-        validate_train_config(train)
-    except ConfigError as error:
-        return {(tuple(i.loc), i.message) for i in error.errors}
-    return set()
+    return [{"loc": issue_loc(i), "msg": i.message} for i in issues]
 
 
 def prepare_run(
@@ -237,13 +201,13 @@ def prepare_run(
     """Merge the preset, validate, resolve paths and check the inputs
     (``service.checks.check_run``: unusable inputs are warnings here), estimate, and admit
     (``service.admission``: absurd plans always; the live workers' capacity unless
-    ``check_workers`` is False). Raises ApiError 422 (``invalid_config`` with every field path,
-    or ``unschedulable``)."""
+    ``check_workers`` is False). Raises :class:`InvalidSubmission` (``validation_error`` for an
+    unknown preset, ``invalid_config`` with every field path, or ``unschedulable``)."""
     run_id = run_id or uuid.uuid4()
     preset = request.preset
     if preset is not None and not (allow_reserved_preset and preset in RESERVED_PRESETS):
         if preset not in list_presets():
-            raise invalid(
+            raise _invalid(
                 ["body", "preset"],
                 f"unknown preset {preset!r}; available: {', '.join(list_presets()) or 'none'}",
             )
@@ -261,17 +225,12 @@ def prepare_run(
         )
         checked = check_run(train, model, paths)  # the command line's checks, paths under DATA_ROOT
     except ConfigError as error:
-        keys = (
-            _train_issue_keys(request.train_config)
-            if any(i.loc and i.loc[0] == "model" for i in error.errors)
-            else set()
-        )
-        raise config_error(error, train_issue_keys=keys) from None
+        raise _config_refusal(error) from None
     validated, resolved_train = checked.validated, checked.train
     warnings = _warning_dicts(checked.warnings)
     if preset is not None and preset not in RESERVED_PRESETS:
         warnings += _preset_warning(preset, request)
-    est = estimate(validated.train, validated.model)
+    est = estimate(validated.train, validated.model, plan=validated.plan)
     estimate_doc = est.to_dict()
     absurd = admission.absurd_errors(validated, est)  # refused whatever the fleet and settings
     if absurd:
@@ -297,10 +256,10 @@ def prepare_run(
     )
 
 
-def _unschedulable(errors: list[dict[str, Any]]) -> ApiError:
+def _unschedulable(errors: list[dict[str, Any]]) -> InvalidSubmission:
     first = errors[0]["msg"]
     message = first if len(errors) == 1 else f"{len(errors)} problems; first: {first}"
-    return ApiError(422, message, code="unschedulable", errors=errors)
+    return InvalidSubmission(message, code="unschedulable", errors=errors)
 
 
 def _preset_warning(preset: str, request: RunCreate) -> list[dict[str, Any]]:
@@ -340,12 +299,12 @@ def _submitted_hash(request: RunCreate) -> str:
 
 @dataclass
 class Submitted:
+    """What :func:`submit_run` did: the run, whether this call created it (False: an
+    idempotent replay) and whether its message reached the broker."""
+
     run: Run
     created: bool
     enqueued: bool
-
-
-IDEMPOTENCY_KEY_MAX = 255
 
 
 def submit_run(
@@ -364,11 +323,11 @@ def submit_run(
     ``idempotency_key``: a retry with the same body returns the first run (``created``
     False, nothing enqueued again), a different body is a 409 (``IdempotencyConflict``).
     With ``send=False`` nothing is enqueued (``enqueued`` False): call :func:`send_run`
-    afterwards, outside the database work. Raises ApiError 422 as :func:`prepare_run`."""
+    afterwards, outside the database work. Raises :class:`InvalidSubmission` as :func:`prepare_run`."""
     body_hash = _submitted_hash(request)
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
-            raise invalid(
+            raise _invalid(
                 ["header", "Idempotency-Key"], f"must be 1 to {IDEMPOTENCY_KEY_MAX} characters"
             )
         existing = reads.find_idempotent(session, owner, idempotency_key)
