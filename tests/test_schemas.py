@@ -122,7 +122,11 @@ def test_issues_name_their_document_so_a_train_key_named_model_is_not_a_model_is
         validate({"model": {"n_layer": 2}}, {"n_layer": "many", "__not_a_mapping": None})
     got = [(e.document, e.loc) for e in info.value.errors]
     assert got == [("train", ("model",)), ("model", ("__not_a_mapping",)), ("model", ("n_layer",))]
-    assert [e.path for e in info.value.errors] == ["model", "model.__not_a_mapping", "model.n_layer"]
+    assert [e.path for e in info.value.errors] == [
+        "model",
+        "model.__not_a_mapping",
+        "model.n_layer",
+    ]
     with pytest.raises(ConfigError) as info:
         validate_configs(BASE_TRAIN, ["not", "a", "mapping"])  # type: ignore[arg-type]
     (issue,) = info.value.errors

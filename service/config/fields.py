@@ -24,6 +24,7 @@ from pydantic import (
 
 from service.config.issues import short, unwrap
 
+#: The pydantic settings of every section: unknown keys refused, defaults validated, no NaN.
 STRICT = ConfigDict(
     extra="forbid", validate_default=True, use_attribute_docstrings=False, allow_inf_nan=False
 )

@@ -90,7 +90,7 @@ class ConfigError(ValueError):
 class RuleErrors(ValueError):
     """Raised inside model validators: several (field, message) errors at once."""
 
-    def __init__(self, errors: list[tuple[str | tuple[str, ...], str]]):
+    def __init__(self, errors: typing.Sequence[tuple[str | tuple[str, ...], str]]):
         self.errors = [((f,) if isinstance(f, str) else tuple(f), m) for f, m in errors]
         super().__init__("; ".join(m for _, m in errors))
 
@@ -203,7 +203,7 @@ def _num(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _message(err: dict) -> str:
+def _message(err: typing.Mapping[str, Any]) -> str:
     """A readable sentence for one pydantic error (no URLs, no 'Input should be')."""
     kind = err.get("type", "")
     ctx = err.get("ctx") or {}
