@@ -4,7 +4,8 @@
 :func:`check_run` takes the merged train and model documents and where their paths resolve,
 and returns what every entry point reports:
 
-1. the schema, the cross-field rules and the warnings (``service.config.validate.validate_configs``);
+1. the schema, the cross-field rules and the warnings
+   (``service.config.validate.validate_configs``);
 2. the input paths resolved: on the command line (:class:`LocalPaths`) a relative path is
    read from the current folder, as the engine opens it; in the API (:class:`ServerPaths`)
    under ``DATA_ROOT`` (checkpoints also in ``RUNS_DIR``), escapes refused
@@ -304,8 +305,8 @@ def check_run(train: dict, model: dict, paths: LocalPaths | ServerPaths) -> Chec
     """Validate the merged documents, resolve their paths per ``paths`` and check the inputs.
 
     Raises ``service.config.issues.ConfigError`` listing every schema or cross-field error
-    (each issue names its document, ``train`` or ``model``), or every path that escapes its folder (API),
-    or ``resume: true`` in the API (a new run has no checkpoint to resume from).
+    (each issue names its document, ``train`` or ``model``), or every path that escapes its
+    folder (API), or ``resume: true`` in the API (a new run has no checkpoint to resume from).
     Unusable inputs are not raised: they are :attr:`Checked.errors` on the command line,
     :attr:`Checked.warnings` in the API, with the same message text.
     """

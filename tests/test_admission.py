@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlmodel import select
 from test_api_support import (  # noqa: F401 - fixtures
     MODEL,
     TRAIN,
@@ -25,6 +24,8 @@ from test_api_support import (  # noqa: F401 - fixtures
     postgres_url,
     sqlite_template,
 )
+
+from sqlmodel import select
 
 from service import admission, contract, runs
 from service.models import RunStatus, Throughput
