@@ -12,7 +12,8 @@ would otherwise fail at once with "database is locked" if another process commit
 PostgreSQL goes through psycopg 3 (``postgresql+psycopg://``) with pre-ping on checkout.
 
 The schema belongs to Alembic: :func:`migrate` upgrades to head; the app never calls
-``create_all``.
+``create_all``. :func:`check_schema` is the start-up check of the API, the workers and the CLI
+(no process starts on a database that is unreachable or not at head).
 """
 
 from __future__ import annotations
@@ -275,3 +276,39 @@ def current_revision(engine: Engine) -> str | None:
 def schema_is_current(engine: Engine) -> bool:
     """True when the database is migrated to head (for readiness checks and start-up)."""
     return current_revision(engine) == head_revision()
+
+
+# -- start-up check -----------------------------------------------------------------------------
+
+
+class StartupError(RuntimeError):
+    """The app cannot start: database unreachable or not migrated. The message says what to do."""
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password hidden, for messages and logs (``"<database url>"`` when it
+    cannot be parsed)."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database url>"
+
+
+def check_schema(db: Database, settings: Settings, process: str = "server") -> None:
+    """Raise :class:`StartupError` unless the database answers and is at the migration head;
+    the message tells the user to start ``process`` (``"server"``, ``"worker"``) again."""
+    url = safe_url(settings.database_url or "")
+    try:
+        revision = current_revision(db.engine)
+    except Exception as error:
+        raise StartupError(
+            f"database {url} is unreachable: {type(error).__name__}: "
+            f"{' '.join(str(error).split())[:300]}"
+        ) from None
+    head = head_revision()
+    if revision != head:
+        state = "has no moejobs tables" if revision is None else f"is at revision {revision}"
+        raise StartupError(
+            f"database {url} {state}, but this code needs revision {head}: run `moejobs migrate` "
+            f"(or `moejobs up`, which migrates) and start the {process} again"
+        )

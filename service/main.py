@@ -26,7 +26,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -43,7 +42,7 @@ from service.api.errors import (
     limit_is_upload,
 )
 from service.api.headers import SecurityHeadersMiddleware
-from service.db import Database, current_revision, head_revision, open_database
+from service.db import Database, check_schema, head_revision, open_database, safe_url
 from service.queue import make_celery
 from service.api.deps import DatabaseGate
 from service.settings import Settings, get_settings, sqlite_path
@@ -51,37 +50,6 @@ from service.settings import Settings, get_settings, sqlite_path
 log = logging.getLogger("moejobs.api")
 
 API_VERSION = "1"
-
-
-class StartupError(RuntimeError):
-    """The app cannot start: database unreachable or not migrated. The message says what to do."""
-
-
-def _safe_url(url: str) -> str:
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<database url>"
-
-
-def check_schema(db: Database, settings: Settings, process: str = "server") -> None:
-    """Raise :class:`StartupError` unless the database answers and is at the migration head;
-    the message tells the user to start ``process`` (``"server"``, ``"worker"``) again."""
-    url = _safe_url(settings.database_url or "")
-    try:
-        revision = current_revision(db.engine)
-    except Exception as error:
-        raise StartupError(
-            f"database {url} is unreachable: {type(error).__name__}: "
-            f"{' '.join(str(error).split())[:300]}"
-        ) from None
-    head = head_revision()
-    if revision != head:
-        state = "has no moejobs tables" if revision is None else f"is at revision {revision}"
-        raise StartupError(
-            f"database {url} {state}, but this code needs revision {head}: run `moejobs migrate` "
-            f"(or `moejobs up`, which migrates) and start the {process} again"
-        )
 
 
 #: The API's connection pool: this many connections kept, this many more when busy. Their sum
@@ -117,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The moejobs API for ``settings`` (default :func:`service.settings.get_settings`).
 
     The database, the Celery app and the metrics registry are built when the app starts
-    (lifespan), not here; starting raises :class:`StartupError` when the database is
+    (lifespan), not here; starting raises ``service.db.StartupError`` when the database is
     unreachable or its schema is not at head."""
     settings = settings or get_settings()
 
@@ -138,8 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.smoke_lock = asyncio.Lock()
         log.info(
             "moejobs API ready: database %s, broker %s",
-            _safe_url(settings.database_url or ""),
-            _safe_url(settings.broker_url or ""),
+            safe_url(settings.database_url or ""),
+            safe_url(settings.broker_url or ""),
         )
         try:
             yield
@@ -221,7 +189,7 @@ def mount_dashboard(app: FastAPI) -> None:
 def serve(settings: Settings | None = None, **uvicorn_options: Any) -> None:
     """Run the API with uvicorn on ``settings.host``:``settings.port`` until interrupted.
     ``uvicorn_options`` go to ``uvicorn.run`` (e.g. ``log_level="info"``). Raises
-    :class:`StartupError` (via uvicorn's lifespan) when the database is not ready."""
+    ``service.db.StartupError`` (via uvicorn's lifespan) when the database is not ready."""
     import uvicorn
 
     settings = settings or get_settings()

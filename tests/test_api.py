@@ -21,7 +21,8 @@ import yaml
 
 from service import runs
 from service.configs import deep_merge
-from service.main import StartupError, create_app
+from service.db import StartupError
+from service.main import create_app
 from service.queue import TRAIN_TASK
 from test_api_support import (  # noqa: F401 - fixtures
     MODEL,
