@@ -5,9 +5,9 @@ at the newest migration (no ``create_all`` here: ``moejobs migrate`` owns the sc
 the data and runs folders and builds the Celery app (``service.queue``). Nothing connects at
 import time, and neither torch nor ``worker`` is ever imported.
 
-Middleware and error handling live in ``service.api.errors``: one JSON error format, a bearer
-token when ``API_TOKEN`` is set, request-body limits, and no traceback ever sent to a client;
-``service.api.headers`` puts the security headers (a Content-Security-Policy...) on every response.
+Error handling lives in ``service.api.errors`` (one JSON error format, no traceback ever sent to
+a client), the middleware in ``service.api.middleware`` (a bearer token when ``API_TOKEN`` is
+set, request-body limits, the security headers: a Content-Security-Policy...).
 
 Run it::
 
@@ -34,14 +34,8 @@ from fastapi.openapi.utils import get_openapi
 from service.api import routers
 from service.api.models import RunCreate
 from service.api.openapi import complete_error_responses
-from service.api.errors import (
-    AuthMiddleware,
-    BodyLimitMiddleware,
-    ErrorMiddleware,
-    install_exception_handlers,
-    limit_is_upload,
-)
-from service.api.headers import SecurityHeadersMiddleware
+from service.api.errors import install_exception_handlers
+from service.api.middleware import install_middleware
 from service.db import Database, check_schema, head_revision, open_database, safe_url
 from service.queue import make_celery
 from service.api.deps import DatabaseGate
@@ -148,22 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    def limit_for(path: str) -> int:
-        return (
-            settings.upload_limit_bytes
-            if limit_is_upload({"path": path})
-            else settings.request_body_limit_bytes
-        )
-
-    def token() -> str | None:
-        return settings.api_token.get_secret_value() if settings.api_token is not None else None
-
-    # Added innermost first: SecurityHeadersMiddleware ends up outermost (its headers are on
-    # the 500s, 401s and 413s of the others too).
-    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
-    app.add_middleware(AuthMiddleware, token_getter=token)
-    app.add_middleware(ErrorMiddleware)
-    app.add_middleware(SecurityHeadersMiddleware)
+    install_middleware(app, settings)
     return app
 
 

@@ -7,7 +7,7 @@
 - ``GET /metrics``: Prometheus text format, read at scrape time (see :class:`StateCollector`).
 - ``GET /docs``: Swagger UI whose assets come from the ``swagger-ui-bundle-v2`` package
   (``swagger_ui_bundle`` module), served under ``/docs/assets/``: no CDN; its start-up code is
-  ``/docs/init.js`` (no inline script: see ``service.api.headers``).
+  ``/docs/init.js`` (no inline script: see ``service.api.middleware``).
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ docs_router = APIRouter(include_in_schema=False)
 
 
 #: Swagger UI's start-up code, served as ``/docs/init.js`` (the Content-Security-Policy of
-#: ``service.api.headers`` allows no inline script). Its options are the JSON in the page's
+#: ``service.api.middleware`` allows no inline script). Its options are the JSON in the page's
 #: ``data-config`` attribute.
 DOCS_INIT_JS = """\
 (function () {
