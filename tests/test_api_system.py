@@ -11,7 +11,7 @@ import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import runs
+from service import reads, runs
 from service.contract import append_event
 from service.models import utcnow
 from service.queue import TRAIN_TASK
@@ -168,7 +168,7 @@ def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path, monke
     ]
     run_id = uuid.UUID(doc["id"])
     with env.session() as s:
-        run = runs.get_run(s, run_id)
+        run = reads.get_run(s, run_id)
     assert run.preset == "smoke-test" and run.name.startswith("smoke-test")
     sample = settings.data_root / "sample"
     t = run.resolved_train
@@ -291,7 +291,7 @@ def test_smoke_test_of_the_shipped_configs_validates(sqlite_api: ApiEnv):
     r = sqlite_api.client.post("/smoke-test")  # default: configs/model_config.yaml (MoE-200M)
     assert r.status_code == 202, r.text
     with sqlite_api.session() as s:
-        run = runs.get_run(s, uuid.UUID(r.json()["id"]))
+        run = reads.get_run(s, uuid.UUID(r.json()["id"]))
     assert run.resolved_model["name"] == "MoE-200M"
     assert run.resolved_train["train"]["global_batch_size"] == 1
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from test_db_support import database, postgres_migrated, postgres_url, settings_for  # noqa: F401
 from test_worker_support import REPO, require_redis
 
-from service import runs
+from service import reads, runs
 from service.models import FailureReason, RunStatus, Worker, utcnow
 from service.queue import TRAIN_TASK, make_celery
 from worker.reconciler import interval_seconds, reconcile
@@ -88,8 +88,8 @@ def test_expired_lease_requeues_and_enqueues(deployment):
     summary = reconcile(settings, db=db, celery_app=app, now=later)
     assert summary.requeued == [str(run.id)] and not summary.errors
     with db.session() as session:
-        current = runs.get_run(session, run.id)
-        last = runs.list_events(session, run.id)[-1]
+        current = reads.get_run(session, run.id)
+        last = reads.list_events(session, run.id)[-1]
     assert current.status == RunStatus.queued and current.worker_id is None
     assert (last.actor, last.from_status, last.to_status) == (
         "reconciler",
@@ -111,7 +111,7 @@ def test_expired_lease_after_the_last_attempt_fails_lost_worker(deployment):
         summary = reconcile(settings, db=db, celery_app=app, now=t0 + timedelta(seconds=31))
     assert summary.finished == [str(run.id)] and not summary.requeued
     with db.session() as session:
-        current = runs.get_run(session, run.id)
+        current = reads.get_run(session, run.id)
     assert current.status == RunStatus.failed
     assert current.failure_reason == FailureReason.lost_worker
     assert _queued_ids(client, settings.celery_queue) == [str(run.id)]  # only the first retry
@@ -126,7 +126,7 @@ def test_expired_lease_of_a_cancelled_run_ends_cancelled(deployment):
     summary = reconcile(settings, db=db, celery_app=app, now=utcnow() + timedelta(seconds=31))
     assert summary.finished == [str(run.id)]
     with db.session() as session:
-        assert runs.get_run(session, run.id).status == RunStatus.cancelled
+        assert reads.get_run(session, run.id).status == RunStatus.cancelled
     assert _queued_ids(client, settings.celery_queue) == []
 
 
@@ -150,7 +150,7 @@ def test_stale_queued_run_is_sent_again_while_a_worker_is_idle(deployment):
     # marked as enqueued now: not sent again before another stale period
     assert not reconcile(settings, db=db, celery_app=app, now=later + timedelta(seconds=30))
     with db.session() as session:
-        assert runs.get_run(session, run.id).status == RunStatus.queued
+        assert reads.get_run(session, run.id).status == RunStatus.queued
 
 
 def test_broker_down_is_reported_and_the_run_stays_queued(deployment):
@@ -163,7 +163,7 @@ def test_broker_down_is_reported_and_the_run_stays_queued(deployment):
     )
     assert summary.errors and str(run.id) in summary.errors[0] and not summary.requeued
     with db.session() as session:
-        assert runs.get_run(session, run.id).status == RunStatus.queued
+        assert reads.get_run(session, run.id).status == RunStatus.queued
 
 
 def test_interval_follows_the_lease_and_stale_periods(tmp_path):
@@ -200,12 +200,12 @@ def test_runtime_registers_heartbeats_and_deregisters(tmp_path, database):
     runtime.start(seed_sample=False)
     try:
         with database.session() as session:
-            (row,) = [w for w in runs.live_workers(session, 60) if w.id == "rt-1"]
+            (row,) = [w for w in reads.live_workers(session, 60) if w.id == "rt-1"]
             first = row.heartbeat_at
             runs.deregister_worker(session, "rt-1")  # pruned by someone: heartbeat re-registers
         runtime.heartbeat()
         with database.session() as session:
-            (row,) = [w for w in runs.live_workers(session, 60) if w.id == "rt-1"]
+            (row,) = [w for w in reads.live_workers(session, 60) if w.id == "rt-1"]
         assert row.heartbeat_at >= first and row.gpu_count == len(runtime.gpus)
         assert runtime.info.hardware["gpus"] == [
             {k: g.get(k) for k in ("index", "name", "memory_bytes")} for g in runtime.gpus
@@ -221,12 +221,12 @@ def test_runtime_registers_heartbeats_and_deregisters(tmp_path, database):
             session.commit()
         runtime.heartbeat()
         with database.session() as session:
-            (row,) = [w for w in runs.live_workers(session, 60) if w.id == "rt-1"]
+            (row,) = [w for w in reads.live_workers(session, 60) if w.id == "rt-1"]
         assert abs(row.free_bytes - free) < 2**30
     finally:
         runtime.stop()
     with database.session() as session:
-        assert "rt-1" not in {w.id for w in runs.live_workers(session, 10**9)}
+        assert "rt-1" not in {w.id for w in reads.live_workers(session, 10**9)}
     assert runtime.shutdown.is_set()
 
 

@@ -21,7 +21,7 @@ task starts), prefetch is 1 and a worker runs one run at a time. What makes this
   ``MAX_ATTEMPTS``) and enqueues a new message; the next attempt resumes from the latest
   complete checkpoint (``resume: auto``). A message acked but never claimed (the worker died in
   between) or lost by the broker leaves the run ``queued``: after ``QUEUED_STALE_SECONDS``
-  without a claim the reconciler sends it again (``runs.stale_queued_runs`` +
+  without a claim the reconciler sends it again (``reads.stale_queued_runs`` +
   ``runs.mark_enqueued``).
 - **A worker that stops cleanly** (SIGTERM) stops the training process with SIGTERM, which
   writes a checkpoint and exits 75; the run goes back to queued at once and is enqueued again.
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from service import runs
+from service import reads, runs
 from service.db import Database, open_database
 from service.models import RunStatus
 from service.settings import Settings
@@ -116,7 +116,7 @@ def reconcile(
     summary = ReconcileSummary()
     try:
         with db.session() as session:
-            for run in runs.expired_runs(session, now=now):
+            for run in reads.expired_runs(session, now=now):
                 moved = runs.recover_expired_run(
                     session, run.id, max_attempts=settings.max_attempts, now=now
                 )
@@ -137,14 +137,14 @@ def reconcile(
 
             idle = [
                 w
-                for w in runs.live_workers(
+                for w in reads.live_workers(
                     session, settings.worker_stale_seconds, now=now, role="trains"
                 )
                 if w.current_run_id is None
             ]
             session.commit()
             if idle:
-                for run in runs.stale_queued_runs(session, settings.queued_stale_seconds, now=now):
+                for run in reads.stale_queued_runs(session, settings.queued_stale_seconds, now=now):
                     try:
                         _enqueue(celery_app, run.id)
                     except Exception as error:

@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import runs as runs_service
+from service import reads, runs as runs_service
 from service.db import unavailable_reason
 from service.schemas import ConfigError, Issue
 
@@ -233,8 +233,8 @@ def install_exception_handlers(app: FastAPI) -> None:
             error.status, error.message, code=error.code, headers=error.headers, **error.extra
         )
 
-    @app.exception_handler(runs_service.RunNotFound)
-    async def _not_found(_request: Request, exc: runs_service.RunNotFound) -> JSONResponse:
+    @app.exception_handler(reads.RunNotFound)
+    async def _not_found(_request: Request, exc: reads.RunNotFound) -> JSONResponse:
         return error_response(404, str(exc), code="run_not_found", run_id=str(exc.run_id))
 
     @app.exception_handler(runs_service.InvalidTransition)

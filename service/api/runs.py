@@ -55,7 +55,7 @@ from service.api.models import (
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
 from service.api.submission import prepare_run, read_run_request, send_run, submit_run
-from service.models import RunStatus
+from service.models import MAX_STEP, RunStatus
 from service.settings import Settings
 
 router = APIRouter(tags=["runs"])
@@ -236,16 +236,16 @@ async def list_runs(
     """One page of runs and the cursor of the next (``next_cursor`` null on the last page).
     Pass the same ``sort`` with a cursor. Each run carries ``latest_metrics``, its newest
     metric row (one query for the whole page)."""
-    if sort.lstrip("-") not in runs_service.RUN_SORT_KEYS:
+    if sort.lstrip("-") not in reads.RUN_SORT_KEYS:
         raise invalid(
             ["query", "sort"],
             f"unknown sort key {sort!r}; use one of "
-            f"{', '.join(runs_service.RUN_SORT_KEYS)}, optionally prefixed with '-'",
+            f"{', '.join(reads.RUN_SORT_KEYS)}, optionally prefixed with '-'",
         )
 
     def work(session: Session) -> RunPage:
         try:
-            rows, next_cursor = runs_service.list_runs(
+            rows, next_cursor = reads.list_runs(
                 session, status=status_, limit=limit, cursor=cursor, sort=sort, configs=False
             )
         except ValueError as error:
@@ -286,7 +286,7 @@ async def get_config(
     every default filled in), or with ``submitted=true`` what was sent."""
 
     def work(session: Session) -> dict:
-        run = runs_service.get_run(session, run_id)
+        run = reads.get_run(session, run_id)
         return (
             {"train_config": run.submitted_train, "model_config": run.submitted_model}
             if submitted
@@ -315,7 +315,7 @@ async def get_metrics(
     run_id: uuid.UUID,
     request: Request,
     gate: GateDep,
-    after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_STEP)] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
     max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
     format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
@@ -357,7 +357,7 @@ async def get_metrics(
 async def get_router(
     run_id: uuid.UUID,
     gate: GateDep,
-    after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_STEP)] = None,
     limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000,
 ) -> Response:
     """Rows ``{step, layer, expert, fraction}`` with ``step > after_step``, ordered by
@@ -387,16 +387,16 @@ async def get_router(
 async def list_checkpoints(run_id: uuid.UUID, gate: GateDep) -> Response:
     def work(session: Session) -> list[CheckpointPublic]:
         reads.require_run(session, run_id)
-        return [CheckpointPublic.of(c) for c in runs_service.list_checkpoints(session, run_id)]
+        return [CheckpointPublic.of(c) for c in reads.list_checkpoints(session, run_id)]
 
     return await gate.json(work)
 
 
 def _checkpoint(session: Session, run_id: uuid.UUID, ref: str):
-    run = runs_service.get_run(session, run_id)
+    run = reads.get_run(session, run_id)
     # No checkpoint folder has a control character in its name (and PostgreSQL cannot compare
     # with a NUL): such a reference names none, without asking the database.
-    checkpoint = runs_service.get_checkpoint(session, run_id, ref) if ref.isprintable() else None
+    checkpoint = reads.get_checkpoint(session, run_id, ref) if ref.isprintable() else None
     if checkpoint is None:
         raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
     return run, checkpoint
@@ -480,7 +480,7 @@ async def list_events(run_id: uuid.UUID, gate: GateDep) -> Response:
 
     def work(session: Session) -> list[EventPublic]:
         reads.require_run(session, run_id)
-        return [EventPublic.of(e) for e in runs_service.list_events(session, run_id)]
+        return [EventPublic.of(e) for e in reads.list_events(session, run_id)]
 
     return await gate.json(work)
 

@@ -181,11 +181,11 @@ def build_report(
 def _report_work(
     session: Session, settings: Settings, run_id: uuid.UUID, engine_events: list[EngineEvent]
 ) -> SmokeTestPublic:
-    run = runs_service.get_run(session, run_id)
+    run = reads.get_run(session, run_id)
     if run.preset != reads.SMOKE_TEST_PRESET:
         raise ApiError(404, f"{run_id} is not a smoke test", code="smoke_test_not_found")
-    live = reads.count_live_workers(session, settings.worker_stale_seconds)
-    events = runs_service.list_events(session, run_id)
+    live = len(reads.live_workers(session, settings.worker_stale_seconds, role="trains"))
+    events = reads.list_events(session, run_id)
     report = build_report(
         run, engine_events, live_workers=live, last_event=events[-1].message if events else None
     )

@@ -29,7 +29,6 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
-from service import runs as runs_service
 from service.api.deps import DatabaseGate, get_gate, get_settings
 from service.api.errors import UNAVAILABLE_RETRY_AFTER_S, ApiError, error_body
 from service.api.models import WorkerPublic
@@ -94,10 +93,13 @@ async def check_database(app: Any) -> str | None:
 
 async def check_workers(app: Any, settings: Settings) -> tuple[str | None, int]:
     try:
-        live = await app.state.gate.run(reads.count_live_workers, settings.worker_stale_seconds)
+        trainers = await app.state.gate.run(
+            reads.live_workers, settings.worker_stale_seconds, role="trains"
+        )
     except Exception as error:
         detail = error.message if isinstance(error, ApiError) else _short(error)
         return f"unknown (database: {detail})", 0
+    live = len(trainers)
     if live == 0:
         return (
             f"no worker heartbeat in the last {settings.worker_stale_seconds:g} s "
@@ -150,7 +152,7 @@ async def list_workers(gate: GateDep, settings: SettingsDep) -> Response:
     """Every registered worker; ``live`` when it heartbeated within WORKER_STALE_SECONDS."""
 
     def work(session: Session) -> list[WorkerPublic]:
-        live_ids = {w.id for w in runs_service.live_workers(session, settings.worker_stale_seconds)}
+        live_ids = {w.id for w in reads.live_workers(session, settings.worker_stale_seconds)}
         return [WorkerPublic.of(w, w.id in live_ids) for w in reads.list_workers(session)]
 
     return await gate.json(work)
@@ -167,8 +169,8 @@ class State:
 
 def _database_counts(session: Session, settings: Settings) -> dict[str, Any]:
     return {
-        "runs": runs_service.count_runs_by_status(session),
-        "live": reads.count_live_workers(session, settings.worker_stale_seconds),
+        "runs": reads.count_runs_by_status(session),
+        "live": len(reads.live_workers(session, settings.worker_stale_seconds, role="trains")),
         "registered": len(reads.list_workers(session)),
         "rows": reads.count_metric_points(session),
     }
