@@ -156,6 +156,32 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+def _end_read(session: Session) -> None:
+    """End the read-only transaction open on ``session``, if any; RuntimeError when the
+    session holds ORM changes (they would be committed by surprise)."""
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError(
+            "session has uncommitted ORM changes made outside service.runs; "
+            "state changes go through service.runs"
+        )
+    if session.in_transaction():
+        session.commit()  # nothing pending: only ends the read transaction, objects stay loaded
+
+
+@contextlib.contextmanager
+def read_transaction(session: Session) -> Iterator[Session]:
+    """Run the block's reads (``service.reads``) in a transaction of their own on ``session``,
+    ended when the block exits: nothing stays open afterwards while the caller does slower
+    work (a broker call, a file), which on PostgreSQL would count towards the
+    idle-in-transaction limit (:func:`idle_in_transaction_ms`) and on SQLite keep an old WAL
+    snapshot. Objects read in the block stay readable after it. A read transaction already
+    open on the session is ended first; ORM changes pending on it raise ``RuntimeError``, as
+    in :func:`write_transaction`."""
+    _end_read(session)
+    with session.begin():
+        yield session
+
+
 @contextlib.contextmanager
 def write_transaction(session: Session) -> Iterator[Session]:
     """Run the block in a new write transaction on ``session`` and commit it (roll back and
@@ -167,13 +193,7 @@ def write_transaction(session: Session) -> Iterator[Session]:
     A read-only transaction already open on the session is ended first. Pending ORM changes
     made outside ``service.runs`` raise ``RuntimeError``: they would be committed by surprise.
     """
-    if session.new or session.dirty or session.deleted:
-        raise RuntimeError(
-            "session has uncommitted ORM changes made outside service.runs; "
-            "state changes go through service.runs"
-        )
-    if session.in_transaction():
-        session.commit()  # nothing pending: only ends a read transaction
+    _end_read(session)
     session.connection(execution_options={_WRITE_OPTION: True})
     try:
         yield session

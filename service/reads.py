@@ -43,6 +43,10 @@ from service.schemas import check_path_text
 
 #: The preset value that marks a smoke-test run.
 SMOKE_TEST_PRESET = "smoke-test"
+#: Why a queued smoke test fails while no worker that trains is live: its report's message
+#: (``service.api.smoke``) and, after "smoke test failed: ", its cancellation's
+#: (``worker.reconciler``).
+SMOKE_TEST_NO_WORKER = "no live worker: nothing can claim the smoke test (start `moejobs worker`)"
 
 #: Sort keys accepted by :func:`list_runs` ("-" prefix for descending).
 RUN_SORT_KEYS = ("created_at", "name", "status")

@@ -42,7 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from service import contract
-from service.db import write_transaction
+from service.db import read_transaction, write_transaction
 from service.models import (
     MAX_STEP,
     METRIC_COLUMNS,
@@ -616,8 +616,8 @@ def recover_expired_run(
     with reason lost_worker. Returns the updated run, or None when there was nothing to do
     (a heartbeat renewed the lease meanwhile, or the run moved on)."""
     now = aware_now(now)
-    run = get_run(session, run_id)
-    session.commit()  # end the read transaction before retry_or_fail's write transaction
+    with read_transaction(session):
+        run = get_run(session, run_id)
     if run.status != S.running or run.lease_expires_at is None or run.lease_expires_at >= now:
         return None
     try:

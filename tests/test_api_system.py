@@ -15,6 +15,7 @@ from service import reads, runs
 from service.contract import append_event
 from service.models import utcnow
 from service.queue import TRAIN_TASK
+from worker.reconciler import reconcile
 from test_api_support import (  # noqa: F401 - fixtures
     MODEL,
     ApiEnv,
@@ -272,8 +273,14 @@ def test_smoke_test_without_a_worker_fails_at_the_queue(make_api, tmp_path):
     assert r.status_code == 202
     doc = r.json()
     assert doc["status"] == "failed" and doc["failed_stage"] == "queued_wait"
-    assert doc["run_status"] == "cancelled"
     assert "no live worker" in doc["message"]
+    # reading the verdict changes nothing (issue 10: a GET has no side effect): still queued
+    assert doc["run_status"] == "queued"
+    again = env.client.get(f"/smoke-test/{doc['id']}").json()
+    assert again["run_status"] == "queued" and again["failed_stage"] == "queued_wait"
+    assert env.client.post("/smoke-test").status_code == 409
+    # a worker's reconciler cancels it (worker/reconciler.py)
+    assert reconcile(env.settings, db=env.db).cancelled == [doc["id"]]
     again = env.client.get(f"/smoke-test/{doc['id']}").json()
     assert again["run_status"] == "cancelled" and again["failed_stage"] == "queued_wait"
     assert "no live worker" in again["message"]

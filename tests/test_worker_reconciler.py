@@ -60,7 +60,7 @@ def _queued_ids(client, queue: str) -> list[str]:
     return ids
 
 
-def _run(db, name="r"):
+def _run(db, name="r", preset=None):
     train, model = {"out_dir": "/nowhere"}, {"name": "m"}
     with db.session() as session:
         run, _ = runs.create_run(
@@ -70,6 +70,7 @@ def _run(db, name="r"):
             submitted_model=model,
             resolved_train=train,
             resolved_model=model,
+            preset=preset,
         )
     return run
 
@@ -164,6 +165,43 @@ def test_broker_down_is_reported_and_the_run_stays_queued(deployment):
     assert summary.errors and str(run.id) in summary.errors[0] and not summary.requeued
     with db.session() as session:
         assert reads.get_run(session, run.id).status == RunStatus.queued
+
+
+def test_a_queued_smoke_test_is_cancelled_while_no_worker_trains(deployment):
+    # What GET /smoke-test/{id} did before it lost its side effect: the reconciler does it now.
+    settings, db, app, client = deployment
+    smoke = _run(db, "smoke-test-1", preset=reads.SMOKE_TEST_PRESET)
+    plain = _run(db, "plain")
+    now = utcnow()
+    with db.session() as session:
+        runs.register_worker(session, "trainer", "h", role="train", now=now)
+    # a worker that trains is live: the smoke test waits for it
+    assert not reconcile(settings, db=db, celery_app=app, now=now)
+    # the trainer's heartbeat is stale (worker_stale_seconds = 20); only an aux worker is live
+    later = now + timedelta(seconds=21)
+    with db.session() as session:
+        runs.register_worker(session, "aux", "h", role="aux", now=later)
+    summary = reconcile(settings, db=db, celery_app=app, now=later)
+    assert summary.cancelled == [str(smoke.id)] and not summary.errors
+    with db.session() as session:
+        current = reads.get_run(session, smoke.id)
+        last = reads.list_events(session, smoke.id)[-1]
+        assert reads.get_run(session, plain.id).status == RunStatus.queued  # not a smoke test
+    assert current.status == RunStatus.cancelled and current.cancel_requested
+    assert (last.actor, last.from_status, last.to_status) == (
+        "reconciler",
+        RunStatus.queued,
+        RunStatus.cancelled,
+    )
+    assert last.message == f"smoke test failed: {reads.SMOKE_TEST_NO_WORKER}"
+    assert not reconcile(settings, db=db, celery_app=app, now=later)  # nothing more to do
+    # a smoke test already claimed is left alone, trainer or not
+    running = _run(db, "smoke-test-2", preset=reads.SMOKE_TEST_PRESET)
+    _claim(db, running, lease=300, now=later)
+    assert not reconcile(settings, db=db, celery_app=app, now=later)
+    with db.session() as session:
+        assert reads.get_run(session, running.id).status == RunStatus.running
+    assert _queued_ids(client, settings.celery_queue) == []
 
 
 def test_interval_follows_the_lease_and_stale_periods(tmp_path):

@@ -25,9 +25,10 @@ The engine's events come from ``RUNS_DIR/<id>/out/events.jsonl`` (``service.cont
 claimed attempt's, each kind's first), with aware UTC timestamps, so the API and the workers
 need not share a clock's time zone. A run that failed or was cancelled fails at the first stage
 it did not complete, with the run's failure message (which the runner takes from the engine's
-``result.json``) or its last event's. A smoke test still queued while no worker is live fails at
-``queued_wait`` (and is cancelled, so it cannot start much later by surprise). ``?wait=S``
-blocks up to S seconds for a verdict.
+``result.json``) or its last event's. A smoke test still queued while no worker that trains is
+live fails at ``queued_wait``; reading its report changes nothing (the run stays queued): a
+worker's reconciler cancels it (``worker.reconciler.reconcile``), so that it cannot start much
+later by surprise. ``?wait=S`` blocks up to S seconds for a verdict.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
-from service import runs as runs_service
 from service.api.deps import get_celery, get_settings
 from service.api.errors import ApiError, dependency_unavailable
 from service.api.models import RunCreate, SmokeStage, SmokeTestPublic
@@ -151,7 +151,7 @@ def build_report(
     elif run.status == RunStatus.queued and live_workers == 0:
         verdict = "failed"
         failed_stage = "queued_wait"
-        message = "no live worker: nothing can claim the smoke test (start `moejobs worker`)"
+        message = reads.SMOKE_TEST_NO_WORKER
     else:
         verdict = "pending" if run.status == RunStatus.queued else "running"
     stages = []
@@ -189,14 +189,6 @@ def _report_work(
     report = build_report(
         run, engine_events, live_workers=live, last_event=events[-1].message if events else None
     )
-    if report.status == "failed" and run.status == RunStatus.queued:
-        # Nothing can run it now; cancel so it does not start by surprise later and a new
-        # smoke test can be submitted.
-        session.commit()
-        cancelled = runs_service.request_cancel(
-            session, run_id, f"smoke test failed: {report.message}", actor="api"
-        )
-        report.run_status = cancelled.status.value
     return report
 
 
