@@ -14,8 +14,9 @@ itself succeeded); a body that cannot be read at all (bad JSON, missing ``train_
 still a 422.
 
 Every route is ``async`` and does its database work in one ``DatabaseGate`` call (a session of
-its own in a worker thread, closed before the answer is rendered); file work (logs, events,
-archives) happens outside it, so no request holds a database connection while it reads a file.
+its own in a worker thread, closed before the answer is rendered), or two where it takes the
+run as ``RunDep`` (``service.api.deps``) first; file work (logs, events, archives) happens
+outside them, so no request holds a database connection while it reads a file.
 """
 
 from __future__ import annotations
@@ -27,15 +28,14 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from celery import Celery
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import contract, reads
 from service import runs as runs_service
-from service.api.deps import DatabaseGate, get_celery, get_gate, get_settings, json_response
+from service.api.deps import CeleryDep, DatabaseGate, GateDep, RunDep, SettingsDep, json_response
 from service.api.errors import ApiError, invalid
 from service.api.files import TarPlan, tail_lines
 from service.api.openapi import errors
@@ -55,14 +55,9 @@ from service.api.models import (
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
 from service.api.submission import prepare_run, read_run_request, send_run, submit_run
-from service.models import MAX_STEP, RunStatus
-from service.settings import Settings
+from service.models import MAX_STEP, Checkpoint, Run, RunStatus
 
 router = APIRouter(tags=["runs"])
-
-GateDep = Annotated[DatabaseGate, Depends(get_gate)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 #: A valid ``POST /runs`` body for the docs (a 2-layer MoE; data and tokenizer paths under
 #: DATA_ROOT, which need not exist yet: the run waits for them).
@@ -384,22 +379,21 @@ async def get_router(
     responses=errors(404, 503),
     summary="Recorded checkpoints",
 )
-async def list_checkpoints(run_id: uuid.UUID, gate: GateDep) -> Response:
+async def list_checkpoints(run: RunDep, gate: GateDep) -> Response:
     def work(session: Session) -> list[CheckpointPublic]:
-        reads.require_run(session, run_id)
-        return [CheckpointPublic.of(c) for c in reads.list_checkpoints(session, run_id)]
+        return [CheckpointPublic.of(c) for c in reads.list_checkpoints(session, run.id)]
 
     return await gate.json(work)
 
 
-def _checkpoint(session: Session, run_id: uuid.UUID, ref: str):
-    run = reads.get_run(session, run_id)
+async def _checkpoint(gate: DatabaseGate, run: Run, ref: str) -> Checkpoint:
+    """Checkpoint ``ref`` of ``run``, or a 404 ``checkpoint_not_found``."""
     # No checkpoint folder has a control character in its name (and PostgreSQL cannot compare
     # with a NUL): such a reference names none, without asking the database.
-    checkpoint = reads.get_checkpoint(session, run_id, ref) if ref.isprintable() else None
+    checkpoint = await gate.run(reads.get_checkpoint, run.id, ref) if ref.isprintable() else None
     if checkpoint is None:
-        raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
-    return run, checkpoint
+        raise ApiError(404, f"run {run.id} has no checkpoint {ref!r}", code="checkpoint_not_found")
+    return checkpoint
 
 
 @router.get(
@@ -409,12 +403,12 @@ def _checkpoint(session: Session, run_id: uuid.UUID, ref: str):
     responses={200: {"content": {"application/x-tar": {}}}, **errors(404, 410, 503)},
 )
 async def checkpoint_archive(
-    run_id: uuid.UUID, ref: str, gate: GateDep, settings: SettingsDep
+    run: RunDep, ref: str, gate: GateDep, settings: SettingsDep
 ) -> StreamingResponse:
     """The checkpoint folder ``ref`` (a step number, ``final`` or the folder name) as an
     uncompressed tar streamed from disk, top-level folder ``<run id>-<checkpoint name>``:
     extract it and point ``litgpt generate`` at that folder."""
-    run, checkpoint = await gate.run(_checkpoint, run_id, ref)
+    checkpoint = await _checkpoint(gate, run, ref)
     folder = Path(checkpoint.path)
     run_dir = settings.run_dir(run.id).resolve()
     if not folder.resolve().is_relative_to(run_dir):
@@ -450,14 +444,14 @@ async def checkpoint_archive(
     summary="A signed download link for a checkpoint archive",
 )
 async def checkpoint_link(
-    run_id: uuid.UUID, ref: str, gate: GateDep, settings: SettingsDep
+    run: RunDep, ref: str, gate: GateDep, settings: SettingsDep
 ) -> DownloadLink:
     """A URL that downloads the archive of checkpoint ``ref`` with a plain GET, for browsers
     (a link cannot send the ``Authorization`` header, and fetching with it would hold the whole
     tar in memory). With an API token the URL carries an HMAC signature of its path that
     expires after ``MOEJOBS_DOWNLOAD_LINK_SECONDS`` (``service.api.signing``); without one it is
     the archive's plain path. 404 when the run or checkpoint does not exist."""
-    _run, checkpoint = await gate.run(_checkpoint, run_id, ref)
+    checkpoint = await _checkpoint(gate, run, ref)
     path = CheckpointPublic.of(checkpoint).archive_url
     if settings.api_token is None:
         return DownloadLink(url=path, expires_at=None)
@@ -473,14 +467,13 @@ async def checkpoint_link(
     summary="Run history",
     responses=errors(404, 503),
 )
-async def list_events(run_id: uuid.UUID, gate: GateDep) -> Response:
+async def list_events(run: RunDep, gate: GateDep) -> Response:
     """The run's status changes and notes (queued, claimed, requeued, finished...), oldest
     first, as the service recorded them. What the training process itself reported is
     ``GET /runs/{id}/engine-events``."""
 
     def work(session: Session) -> list[EventPublic]:
-        reads.require_run(session, run_id)
-        return [EventPublic.of(e) for e in reads.list_events(session, run_id)]
+        return [EventPublic.of(e) for e in reads.list_events(session, run.id)]
 
     return await gate.json(work)
 

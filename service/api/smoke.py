@@ -39,13 +39,12 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from celery import Celery
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Query, Request, status
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
-from service.api.deps import get_celery, get_settings
+from service.api.deps import CeleryDep, DatabaseGate, GateDep, SettingsDep
 from service.api.errors import ApiError, dependency_unavailable
 from service.api.models import RunCreate, SmokeStage, SmokeTestPublic
 from service.api.openapi import errors
@@ -58,9 +57,6 @@ from service.schemas import ConfigError
 from service.settings import Settings
 
 router = APIRouter(tags=["smoke test"])
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 STAGES = ("queued_wait", "startup", "data_tokenizer", "model_build", "first_step", "finish")
 #: The engine event that ends each stage between the claim and the finish.
@@ -192,11 +188,11 @@ def _report_work(
     return report
 
 
-async def _report(request: Request, settings: Settings, run_id: uuid.UUID) -> SmokeTestPublic:
+async def _report(gate: DatabaseGate, settings: Settings, run_id: uuid.UUID) -> SmokeTestPublic:
     """The report of smoke test ``run_id``: its events file read first (no database slot held
-    for file work), then the run in one gate call."""
+    for file work), then the run in one gate call. Reads only."""
     engine_events = await run_in_threadpool(read_events, settings.run_dir(run_id) / "out")
-    return await request.app.state.gate.run(_report_work, settings, run_id, engine_events)
+    return await gate.run(_report_work, settings, run_id, engine_events)
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -210,12 +206,11 @@ async def _report(request: Request, settings: Settings, run_id: uuid.UUID) -> Sm
     responses=errors(409, 503),
 )
 async def start_smoke_test(
-    request: Request, settings: SettingsDep, celery: CeleryDep
+    request: Request, settings: SettingsDep, celery: CeleryDep, gate: GateDep
 ) -> SmokeTestPublic:
     """Queue the smoke test (module docstring); 202 with its id. 409 with ``run_id`` while
     another smoke test is queued or running."""
     lock: asyncio.Lock = request.app.state.smoke_lock
-    gate = request.app.state.gate
     async with lock:  # one submission at a time in this process; the DB check covers the rest
 
         def work(session: Session) -> Submitted:
@@ -252,7 +247,7 @@ async def start_smoke_test(
             raise dependency_unavailable("broker", f"{problem}; no smoke test was started")
         submitted = await gate.run(work)
         await run_in_threadpool(send_run, celery, submitted)
-    return await _report(request, settings, submitted.run.id)
+    return await _report(gate, settings, submitted.run.id)
 
 
 @router.get(
@@ -263,17 +258,18 @@ async def start_smoke_test(
 )
 async def get_smoke_test(
     run_id: uuid.UUID,
-    request: Request,
+    gate: GateDep,
     settings: SettingsDep,
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a verdict")
     ] = 0,
 ) -> SmokeTestPublic:
     """Pass/fail with each stage's duration and the failing stage. With ``wait`` the answer
-    comes when the verdict is known (passed/failed) or after ``wait`` seconds."""
+    comes when the verdict is known (passed/failed) or after ``wait`` seconds. Reading it
+    changes nothing (a smoke test nothing can claim is cancelled by a worker's reconciler)."""
     deadline = time.monotonic() + wait
     while True:
-        report = await _report(request, settings, run_id)
+        report = await _report(gate, settings, run_id)
         remaining = deadline - time.monotonic()
         if report.status in ("passed", "failed") or remaining <= 0:
             return report
