@@ -16,11 +16,12 @@ and once it has one its connection is free at once.
 The dependency functions are ``async``: FastAPI would run plain functions in the thread pool,
 one hop per dependency and request.
 
-:data:`RunDep` costs a gate call of its own, made before FastAPI checks the route's query
-parameters (dependencies are solved first). A route with query parameters therefore checks
-the run inside its own gate call (``service.reads.require_run``), so that a bad query is a 422
-whether the run exists or not; routes whose only parameters are in the path take
-:data:`RunDep`.
+:data:`RunDep` costs a gate call of its own, made before FastAPI checks the route's own
+parameters (dependencies are solved first), and its ``run_id`` is listed after them in the
+OpenAPI document. So it serves routes whose one parameter is the path's ``run_id``; a route
+with query parameters or a second path parameter checks the run inside its own gate call
+(``service.reads.require_run`` / ``get_run``), so that a bad query stays a 422 whether the run
+exists or not, and its documented parameters keep their order.
 """
 
 from __future__ import annotations

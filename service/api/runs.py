@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import contract, reads
 from service import runs as runs_service
-from service.api.deps import CeleryDep, DatabaseGate, GateDep, RunDep, SettingsDep, json_response
+from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
 from service.api.errors import ApiError, invalid
 from service.api.files import TarPlan, tail_lines
 from service.api.openapi import errors
@@ -386,14 +386,17 @@ async def list_checkpoints(run: RunDep, gate: GateDep) -> Response:
     return await gate.json(work)
 
 
-async def _checkpoint(gate: DatabaseGate, run: Run, ref: str) -> Checkpoint:
-    """Checkpoint ``ref`` of ``run``, or a 404 ``checkpoint_not_found``."""
+def _checkpoint(session: Session, run_id: uuid.UUID, ref: str) -> tuple[Run, Checkpoint]:
+    """Run ``run_id`` (a 404 ``run_not_found`` when there is none) and its checkpoint ``ref``
+    (a 404 ``checkpoint_not_found``), in the caller's one gate call. (Not :data:`RunDep`: its
+    path parameter would come after ``ref`` in the OpenAPI document.)"""
+    run = reads.get_run(session, run_id)
     # No checkpoint folder has a control character in its name (and PostgreSQL cannot compare
     # with a NUL): such a reference names none, without asking the database.
-    checkpoint = await gate.run(reads.get_checkpoint, run.id, ref) if ref.isprintable() else None
+    checkpoint = reads.get_checkpoint(session, run_id, ref) if ref.isprintable() else None
     if checkpoint is None:
-        raise ApiError(404, f"run {run.id} has no checkpoint {ref!r}", code="checkpoint_not_found")
-    return checkpoint
+        raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
+    return run, checkpoint
 
 
 @router.get(
@@ -403,12 +406,12 @@ async def _checkpoint(gate: DatabaseGate, run: Run, ref: str) -> Checkpoint:
     responses={200: {"content": {"application/x-tar": {}}}, **errors(404, 410, 503)},
 )
 async def checkpoint_archive(
-    run: RunDep, ref: str, gate: GateDep, settings: SettingsDep
+    run_id: uuid.UUID, ref: str, gate: GateDep, settings: SettingsDep
 ) -> StreamingResponse:
     """The checkpoint folder ``ref`` (a step number, ``final`` or the folder name) as an
     uncompressed tar streamed from disk, top-level folder ``<run id>-<checkpoint name>``:
     extract it and point ``litgpt generate`` at that folder."""
-    checkpoint = await _checkpoint(gate, run, ref)
+    run, checkpoint = await gate.run(_checkpoint, run_id, ref)
     folder = Path(checkpoint.path)
     run_dir = settings.run_dir(run.id).resolve()
     if not folder.resolve().is_relative_to(run_dir):
@@ -444,14 +447,14 @@ async def checkpoint_archive(
     summary="A signed download link for a checkpoint archive",
 )
 async def checkpoint_link(
-    run: RunDep, ref: str, gate: GateDep, settings: SettingsDep
+    run_id: uuid.UUID, ref: str, gate: GateDep, settings: SettingsDep
 ) -> DownloadLink:
     """A URL that downloads the archive of checkpoint ``ref`` with a plain GET, for browsers
     (a link cannot send the ``Authorization`` header, and fetching with it would hold the whole
     tar in memory). With an API token the URL carries an HMAC signature of its path that
     expires after ``MOEJOBS_DOWNLOAD_LINK_SECONDS`` (``service.api.signing``); without one it is
     the archive's plain path. 404 when the run or checkpoint does not exist."""
-    checkpoint = await _checkpoint(gate, run, ref)
+    _run, checkpoint = await gate.run(_checkpoint, run_id, ref)
     path = CheckpointPublic.of(checkpoint).archive_url
     if settings.api_token is None:
         return DownloadLink(url=path, expires_at=None)
