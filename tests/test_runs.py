@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from service import reads, runs
-from service.db import Database
+from service.db import Database, read_transaction
 from service.models import (
     Checkpoint,
     FailureReason,
@@ -775,6 +775,26 @@ def test_write_after_a_stale_read_transaction(database):
         assert call(database, runs.claim_run, run.id, "w1", 60) is not None  # other commit
         done = runs.transition(reader, run.id, S.succeeded, "ok", attempt=1)
         assert done.status == S.succeeded
+
+
+def test_a_read_transaction_ends_with_its_block(database):
+    """service.db.read_transaction: the block reads in a transaction of its own, none is left
+    open after it (the next block sees another connection's commit), what it read stays
+    readable, and ORM changes pending on the session are refused."""
+    run = create(database)
+    with database.session() as reader:
+        assert reads.list_runs(reader)[0][0].status == S.queued  # read transaction open
+        with read_transaction(reader):
+            got = reads.get_run(reader, run.id)
+        assert not reader.in_transaction()
+        assert got.status == S.queued and got.name == "run"
+        assert call(database, runs.claim_run, run.id, "w1", 60) is not None  # other commit
+        with read_transaction(reader):
+            assert reads.get_run(reader, run.id).status == S.running
+        reader.add(RunEvent(run_id=run.id, to_status=S.running, message="pending"))
+        with pytest.raises(RuntimeError, match="uncommitted ORM changes"):
+            with read_transaction(reader):
+                pass
 
 
 def test_writers_in_several_processes_share_one_sqlite_file(tmp_path):
