@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session
 
-from service import contract
+from service import contract, reads
 from service import runs as runs_service
 from service.estimate import Estimate, estimate
 from service.models import Throughput, Worker
@@ -458,9 +458,9 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
             )
         )
         return verdict
-    workers = runs_service.live_workers(session, settings.worker_stale_seconds, role="trains")
+    workers = reads.live_workers(session, settings.worker_stale_seconds, role="trains")
     live = slots(workers)
-    able = [s for s, w in zip(live, workers) if runs_service.worker_can_serve(w, devices)]
+    able = [s for s, w in zip(live, workers) if reads.worker_can_serve(w, devices)]
     if not able:
         if not live:
             msg = (
@@ -484,7 +484,7 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
     precision = validated.train.precision
     key = runs_service.throughput_key(validated.model.model_dump(mode="json"), precision)
     kinds = [s.kind for s in able]
-    times = expected_times(est, precision, key, kinds, runs_service.throughputs(session, kinds))
+    times = expected_times(est, precision, key, kinds, reads.throughputs(session, kinds))
     for entry in times:
         entry["workers"] = sum(1 for s in able if s.kind == entry["kind"])
     verdict.fleet["time"] = times

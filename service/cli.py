@@ -107,8 +107,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from service.db import open_database
-    from service.main import StartupError, check_schema, serve
+    from service.db import StartupError, check_schema, open_database
+    from service.main import serve
 
     settings = _apply_settings(args)
     # The app's lifespan makes the same check; doing it first turns uvicorn's start-up

@@ -12,7 +12,8 @@ would otherwise fail at once with "database is locked" if another process commit
 PostgreSQL goes through psycopg 3 (``postgresql+psycopg://``) with pre-ping on checkout.
 
 The schema belongs to Alembic: :func:`migrate` upgrades to head; the app never calls
-``create_all``.
+``create_all``. :func:`check_schema` is the start-up check of the API, the workers and the CLI
+(no process starts on a database that is unreachable or not at head).
 """
 
 from __future__ import annotations
@@ -155,6 +156,32 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+def _end_read(session: Session) -> None:
+    """End the read-only transaction open on ``session``, if any; RuntimeError when the
+    session holds ORM changes (they would be committed by surprise)."""
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError(
+            "session has uncommitted ORM changes made outside service.runs; "
+            "state changes go through service.runs"
+        )
+    if session.in_transaction():
+        session.commit()  # nothing pending: only ends the read transaction, objects stay loaded
+
+
+@contextlib.contextmanager
+def read_transaction(session: Session) -> Iterator[Session]:
+    """Run the block's reads (``service.reads``) in a transaction of their own on ``session``,
+    ended when the block exits: nothing stays open afterwards while the caller does slower
+    work (a broker call, a file), which on PostgreSQL would count towards the
+    idle-in-transaction limit (:func:`idle_in_transaction_ms`) and on SQLite keep an old WAL
+    snapshot. Objects read in the block stay readable after it. A read transaction already
+    open on the session is ended first; ORM changes pending on it raise ``RuntimeError``, as
+    in :func:`write_transaction`."""
+    _end_read(session)
+    with session.begin():
+        yield session
+
+
 @contextlib.contextmanager
 def write_transaction(session: Session) -> Iterator[Session]:
     """Run the block in a new write transaction on ``session`` and commit it (roll back and
@@ -166,13 +193,7 @@ def write_transaction(session: Session) -> Iterator[Session]:
     A read-only transaction already open on the session is ended first. Pending ORM changes
     made outside ``service.runs`` raise ``RuntimeError``: they would be committed by surprise.
     """
-    if session.new or session.dirty or session.deleted:
-        raise RuntimeError(
-            "session has uncommitted ORM changes made outside service.runs; "
-            "state changes go through service.runs"
-        )
-    if session.in_transaction():
-        session.commit()  # nothing pending: only ends a read transaction
+    _end_read(session)
     session.connection(execution_options={_WRITE_OPTION: True})
     try:
         yield session
@@ -275,3 +296,39 @@ def current_revision(engine: Engine) -> str | None:
 def schema_is_current(engine: Engine) -> bool:
     """True when the database is migrated to head (for readiness checks and start-up)."""
     return current_revision(engine) == head_revision()
+
+
+# -- start-up check -----------------------------------------------------------------------------
+
+
+class StartupError(RuntimeError):
+    """The app cannot start: database unreachable or not migrated. The message says what to do."""
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password hidden, for messages and logs (``"<database url>"`` when it
+    cannot be parsed)."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database url>"
+
+
+def check_schema(db: Database, settings: Settings, process: str = "server") -> None:
+    """Raise :class:`StartupError` unless the database answers and is at the migration head;
+    the message tells the user to start ``process`` (``"server"``, ``"worker"``) again."""
+    url = safe_url(settings.database_url or "")
+    try:
+        revision = current_revision(db.engine)
+    except Exception as error:
+        raise StartupError(
+            f"database {url} is unreachable: {type(error).__name__}: "
+            f"{' '.join(str(error).split())[:300]}"
+        ) from None
+    head = head_revision()
+    if revision != head:
+        state = "has no moejobs tables" if revision is None else f"is at revision {revision}"
+        raise StartupError(
+            f"database {url} {state}, but this code needs revision {head}: run `moejobs migrate` "
+            f"(or `moejobs up`, which migrates) and start the {process} again"
+        )

@@ -5,9 +5,9 @@ at the newest migration (no ``create_all`` here: ``moejobs migrate`` owns the sc
 the data and runs folders and builds the Celery app (``service.queue``). Nothing connects at
 import time, and neither torch nor ``worker`` is ever imported.
 
-Middleware and error handling live in ``service.api.errors``: one JSON error format, a bearer
-token when ``API_TOKEN`` is set, request-body limits, and no traceback ever sent to a client;
-``service.api.headers`` puts the security headers (a Content-Security-Policy...) on every response.
+Error handling lives in ``service.api.errors`` (one JSON error format, no traceback ever sent to
+a client), the middleware in ``service.api.middleware`` (a bearer token when ``API_TOKEN`` is
+set, request-body limits, the security headers: a Content-Security-Policy...).
 
 Run it::
 
@@ -26,7 +26,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -34,15 +33,9 @@ from fastapi.openapi.utils import get_openapi
 
 from service.api import routers
 from service.api.openapi import complete_error_responses
-from service.api.errors import (
-    AuthMiddleware,
-    BodyLimitMiddleware,
-    ErrorMiddleware,
-    install_exception_handlers,
-    limit_is_upload,
-)
-from service.api.headers import SecurityHeadersMiddleware
-from service.db import Database, current_revision, head_revision, open_database
+from service.api.errors import install_exception_handlers
+from service.api.middleware import install_middleware
+from service.db import Database, check_schema, head_revision, open_database, safe_url
 from service.queue import make_celery
 from service.api.deps import DatabaseGate
 from service.settings import Settings, get_settings, sqlite_path
@@ -51,37 +44,6 @@ from service.submission import RunCreate
 log = logging.getLogger("moejobs.api")
 
 API_VERSION = "1"
-
-
-class StartupError(RuntimeError):
-    """The app cannot start: database unreachable or not migrated. The message says what to do."""
-
-
-def _safe_url(url: str) -> str:
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<database url>"
-
-
-def check_schema(db: Database, settings: Settings, process: str = "server") -> None:
-    """Raise :class:`StartupError` unless the database answers and is at the migration head;
-    the message tells the user to start ``process`` (``"server"``, ``"worker"``) again."""
-    url = _safe_url(settings.database_url or "")
-    try:
-        revision = current_revision(db.engine)
-    except Exception as error:
-        raise StartupError(
-            f"database {url} is unreachable: {type(error).__name__}: "
-            f"{' '.join(str(error).split())[:300]}"
-        ) from None
-    head = head_revision()
-    if revision != head:
-        state = "has no moejobs tables" if revision is None else f"is at revision {revision}"
-        raise StartupError(
-            f"database {url} {state}, but this code needs revision {head}: run `moejobs migrate` "
-            f"(or `moejobs up`, which migrates) and start the {process} again"
-        )
 
 
 #: The API's connection pool: this many connections kept, this many more when busy. Their sum
@@ -117,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The moejobs API for ``settings`` (default :func:`service.settings.get_settings`).
 
     The database, the Celery app and the metrics registry are built when the app starts
-    (lifespan), not here; starting raises :class:`StartupError` when the database is
+    (lifespan), not here; starting raises ``service.db.StartupError`` when the database is
     unreachable or its schema is not at head."""
     settings = settings or get_settings()
 
@@ -138,8 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.smoke_lock = asyncio.Lock()
         log.info(
             "moejobs API ready: database %s, broker %s",
-            _safe_url(settings.database_url or ""),
-            _safe_url(settings.broker_url or ""),
+            safe_url(settings.database_url or ""),
+            safe_url(settings.broker_url or ""),
         )
         try:
             yield
@@ -180,22 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    def limit_for(path: str) -> int:
-        return (
-            settings.upload_limit_bytes
-            if limit_is_upload({"path": path})
-            else settings.request_body_limit_bytes
-        )
-
-    def token() -> str | None:
-        return settings.api_token.get_secret_value() if settings.api_token is not None else None
-
-    # Added innermost first: SecurityHeadersMiddleware ends up outermost (its headers are on
-    # the 500s, 401s and 413s of the others too).
-    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
-    app.add_middleware(AuthMiddleware, token_getter=token)
-    app.add_middleware(ErrorMiddleware)
-    app.add_middleware(SecurityHeadersMiddleware)
+    install_middleware(app, settings)
     return app
 
 
@@ -221,7 +168,7 @@ def mount_dashboard(app: FastAPI) -> None:
 def serve(settings: Settings | None = None, **uvicorn_options: Any) -> None:
     """Run the API with uvicorn on ``settings.host``:``settings.port`` until interrupted.
     ``uvicorn_options`` go to ``uvicorn.run`` (e.g. ``log_level="info"``). Raises
-    :class:`StartupError` (via uvicorn's lifespan) when the database is not ready."""
+    ``service.db.StartupError`` (via uvicorn's lifespan) when the database is not ready."""
     import uvicorn
 
     settings = settings or get_settings()

@@ -16,7 +16,7 @@ Conventions
   (``ON DELETE CASCADE``; SQLite needs ``PRAGMA foreign_keys=ON``, which ``service.db`` sets).
 - Checkpoint steps: a ``step-NNNNNNNN`` folder has that step; the ``final`` folder records the
   step it was written at when the caller knows it, else NULL. A checkpoint is identified by its
-  folder name, unique per run (see ``runs.get_checkpoint`` for lookups by step or "final").
+  folder name, unique per run (see ``reads.get_checkpoint`` for lookups by step or "final").
 """
 
 import enum
@@ -54,6 +54,17 @@ class Base(SQLModel):
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC (what every timestamp column stores)."""
     return datetime.now(timezone.utc)
+
+
+def aware_now(now: datetime | None) -> datetime:
+    """``now``, or :func:`utcnow` when it is None: what the ``now`` parameters of
+    ``service.runs`` and ``service.reads`` (there for tests) go through. Raises ValueError
+    for a naive ``now``."""
+    if now is None:
+        return utcnow()
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -276,6 +287,9 @@ class MetricPoint(Base, table=True):
 
 #: The metric columns in metrics.csv order (after ``step``): ``service.contract``.
 METRIC_COLUMNS = contract.METRIC_COLUMNS
+
+#: Largest step the step columns hold (INTEGER: 32-bit signed on PostgreSQL).
+MAX_STEP = 2**31 - 1
 
 
 class RouterPoint(Base, table=True):

@@ -1,35 +1,80 @@
-"""Read-only queries the API needs beyond ``service.runs``' readers (which it also uses).
+"""Every read of the run store: runs, their history, metrics, router telemetry, checkpoints,
+workers and throughput records. The writes (the state machine) are ``service.runs``, which
+reads through this module too.
 
-Nothing here writes or commits; every function takes a ``sqlmodel.Session``. Times are aware
-UTC datetimes, ``now`` parameters exist for tests.
+Nothing here writes or commits; every function takes a ``sqlmodel.Session`` and reads in the
+transaction the session has open (or begins one): end it with ``service.db.read_transaction``
+or the next ``service.db.write_transaction``. Times are aware UTC datetimes; ``now``
+parameters exist for tests.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from types import SimpleNamespace
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from service.models import (
+    MAX_STEP,
     METRIC_COLUMNS,
+    TERMINAL_STATUSES,
     TRAINING_ROLES,
+    Checkpoint,
     MetricPoint,
     RouterPoint,
     Run,
+    RunEvent,
     RunStatus,
+    Throughput,
     Worker,
-    utcnow,
+    WorkerRole,
+    aware_now,
 )
+from service.config.fields import check_path_text
 
 #: The preset value that marks a smoke-test run.
 SMOKE_TEST_PRESET = "smoke-test"
+#: Why a queued smoke test fails while no worker that trains is live: its report's message
+#: (``service.api.smoke``) and, after "smoke test failed: ", its cancellation's
+#: (``worker.reconciler``).
+SMOKE_TEST_NO_WORKER = "no live worker: nothing can claim the smoke test (start `moejobs worker`)"
 
-_LIVE = (RunStatus.queued, RunStatus.running)
+#: Sort keys accepted by :func:`list_runs` ("-" prefix for descending).
+RUN_SORT_KEYS = ("created_at", "name", "status")
+
+#: The run columns that hold whole config documents (large; a list page does not need them).
+CONFIG_COLUMNS = ("submitted_train", "submitted_model", "resolved_train", "resolved_model")
+
+#: The statuses a run can still leave (every one but ``TERMINAL_STATUSES``).
+_LIVE = tuple(status for status in RunStatus if status not in TERMINAL_STATUSES)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+class RunError(Exception):
+    """Base class of the errors of reading and changing runs: :class:`RunNotFound` here, the
+    lifecycle errors of ``service.runs``."""
+
+
+class RunNotFound(RunError, LookupError):
+    """No run with this id (``.run_id``)."""
+
+    def __init__(self, run_id: uuid.UUID):
+        super().__init__(f"run {run_id} not found")
+        self.run_id = run_id
+
+
+# -- the database ------------------------------------------------------------------------------
 
 
 def ping(session: Session) -> None:
@@ -37,31 +82,166 @@ def ping(session: Session) -> None:
     session.execute(sa.text("SELECT 1"))
 
 
-def list_workers(session: Session) -> list[Worker]:
-    """Every registered worker (live or not), by id."""
-    return list(
-        session.exec(select(Worker).order_by(Worker.id).execution_options(populate_existing=True))
+# -- runs --------------------------------------------------------------------------------------
+
+
+def summary_columns() -> list[sa.Column]:
+    """The columns of ``runs`` but the config documents (:data:`CONFIG_COLUMNS`)."""
+    return [c for c in Run.__table__.c if c.name not in CONFIG_COLUMNS]
+
+
+def get_run(session: Session, run_id: uuid.UUID, *, configs: bool = True) -> Run:
+    """The run, read fresh. ``configs=False`` returns a read-only row without the config
+    documents (as :func:`list_runs`). Raises RunNotFound."""
+    if configs:
+        run = session.exec(
+            select(Run).where(Run.id == run_id).execution_options(populate_existing=True)
+        ).first()
+    else:
+        run = session.execute(sa.select(*summary_columns()).where(Run.id == run_id)).first()
+    if run is None:
+        raise RunNotFound(run_id)
+    return run
+
+
+def require_run(session: Session, run_id: uuid.UUID) -> None:
+    """Raise :class:`RunNotFound` unless run ``run_id`` exists (reads its key only,
+    not the row's config documents)."""
+    if session.execute(_require_run_statement(), {"run_id": run_id}).first() is None:
+        raise RunNotFound(run_id)
+
+
+@functools.cache
+def _require_run_statement() -> sa.Select:
+    return sa.select(Run.id).where(Run.id == sa.bindparam("run_id", type_=sa.Uuid()))
+
+
+def run_with_latest_metrics(
+    session: Session, run_id: uuid.UUID
+) -> tuple[sa.Row, SimpleNamespace | None]:
+    """Run ``run_id`` without its config documents (as :func:`get_run` with ``configs=False``)
+    and its newest metric row (as :func:`latest_metrics`; None before the first), in one
+    statement: the API's most polled read. Raises :class:`RunNotFound`."""
+    row = session.execute(_run_with_latest_statement(), {"run_id": run_id}).first()
+    if row is None:
+        raise RunNotFound(run_id)
+    if row.m_step is None:
+        return row, None
+    return row, SimpleNamespace(
+        step=row.m_step, **{c: getattr(row, f"m_{c}") for c in METRIC_COLUMNS}
     )
 
 
-def count_live_workers(
-    session: Session, stale_after_seconds: float, *, now: datetime | None = None
-) -> int:
-    """Workers that train runs (roles ``all`` and ``train``; not ``aux``) whose last heartbeat
-    is at most ``stale_after_seconds`` old."""
-    cutoff = (now or utcnow()) - timedelta(seconds=stale_after_seconds)
-    return int(
-        session.execute(
-            sa.select(sa.func.count())
-            .select_from(Worker)
-            .where(Worker.heartbeat_at >= cutoff, Worker.role.in_(TRAINING_ROLES))
-        ).scalar_one()
+@functools.cache
+def _run_with_latest_statement() -> sa.Select:
+    inner = MetricPoint.__table__.alias("newest")
+    newest = (
+        sa.select(inner.c.step)
+        .where(inner.c.run_id == Run.id)
+        .order_by(inner.c.step.desc())
+        .limit(1)
+        .correlate(Run)
+        .scalar_subquery()
+    )
+    metric = [
+        MetricPoint.step.label("m_step"),
+        *(getattr(MetricPoint, c).label(f"m_{c}") for c in METRIC_COLUMNS),
+    ]
+    return (
+        sa.select(*summary_columns(), *metric)
+        .outerjoin(MetricPoint, sa.and_(MetricPoint.run_id == Run.id, MetricPoint.step == newest))
+        .where(Run.id == sa.bindparam("run_id", type_=sa.Uuid()))
     )
 
 
-def count_metric_points(session: Session) -> int:
-    """Metric rows stored over all runs (what the workers have ingested)."""
-    return int(session.execute(sa.select(sa.func.count()).select_from(MetricPoint)).scalar_one())
+def _encode_cursor(value: Any, run_id: uuid.UUID) -> str:
+    raw = json.dumps([value.isoformat() if isinstance(value, datetime) else value, str(run_id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value, run_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if key == "created_at":
+            value = datetime.fromisoformat(value)
+            if value.tzinfo is None:
+                raise ValueError  # every stored time is aware
+        elif key == "status":
+            value = RunStatus(value)
+        elif not isinstance(value, str):
+            raise ValueError
+        else:
+            check_path_text(value)  # no database compares with a NUL or a lone surrogate
+        return value, uuid.UUID(run_id)
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        raise ValueError(f"invalid cursor {cursor!r}") from None
+
+
+def list_runs(
+    session: Session,
+    *,
+    status: RunStatus | str | None = None,
+    owner: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+    sort: str = "-created_at",
+    configs: bool = True,
+) -> tuple[list[Run], str | None]:
+    """One page of runs and the cursor of the next page (None on the last page).
+    ``configs=False`` returns read-only rows with every attribute of a run but the four config
+    documents (:data:`CONFIG_COLUMNS`), without building ORM objects: what a listing needs.
+
+    ``sort`` is one of :data:`RUN_SORT_KEYS`, "-" prefixed for descending; ties are broken by
+    id, so keyset pagination is stable while runs are added. ``cursor`` must come from a
+    previous call with the same ``sort`` (ValueError otherwise, as for an unknown sort key or
+    ``limit`` outside 1..1000)."""
+    descending = sort.startswith("-")
+    key = sort.lstrip("-")
+    if key not in RUN_SORT_KEYS:
+        raise ValueError(
+            f"sort must be one of {', '.join(RUN_SORT_KEYS)} (optionally with '-'), got {sort!r}"
+        )
+    if not 1 <= limit <= 1000:
+        raise ValueError(f"limit must be in 1..1000, got {limit}")
+    column = getattr(Run, key)
+    stmt = select(Run) if configs else sa.select(*summary_columns())
+    if status is not None:
+        stmt = stmt.where(Run.status == RunStatus(status))
+    if owner is not None:
+        stmt = stmt.where(Run.owner == owner)
+    if cursor is not None:
+        value, after_id = _decode_cursor(cursor, key)
+        if descending:
+            stmt = stmt.where(sa.or_(column < value, sa.and_(column == value, Run.id < after_id)))
+        else:
+            stmt = stmt.where(sa.or_(column > value, sa.and_(column == value, Run.id > after_id)))
+    order = (column.desc(), Run.id.desc()) if descending else (column.asc(), Run.id.asc())
+    stmt = stmt.order_by(*order).limit(limit + 1)
+    rows = (
+        list(session.exec(stmt.execution_options(populate_existing=True)))
+        if configs
+        else list(session.execute(stmt))
+    )
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        value = getattr(last, key)
+        next_cursor = _encode_cursor(
+            value.value if isinstance(value, RunStatus) else value, last.id
+        )
+    return rows, next_cursor
+
+
+def count_runs_by_status(session: Session) -> dict[RunStatus, int]:
+    """Number of runs in each status (every status present, zeros included)."""
+    counts = {status: 0 for status in RunStatus}
+    for status, count in session.execute(
+        sa.select(Run.status, sa.func.count()).group_by(Run.status)
+    ):
+        counts[RunStatus(status)] = count
+    return counts
 
 
 def active_smoke_test(session: Session) -> Run | None:
@@ -86,11 +266,58 @@ def active_runs(session: Session) -> list[Run]:
     )
 
 
-def last_metric_step(session: Session, run_id) -> int | None:
-    """The highest step stored for a run (None when it has no metric row yet)."""
-    return session.execute(
-        sa.select(sa.func.max(MetricPoint.step)).where(MetricPoint.run_id == run_id)
-    ).scalar_one()
+def find_idempotent(session: Session, owner: str, key: str) -> Run | None:
+    """The run ``owner`` created with Idempotency-Key ``key``, if any."""
+    return session.exec(
+        select(Run)
+        .where(Run.owner == owner, Run.idempotency_key == key)
+        .execution_options(populate_existing=True)
+    ).first()
+
+
+def list_events(session: Session, run_id: uuid.UUID) -> list[RunEvent]:
+    """A run's events in the order they happened."""
+    return list(
+        session.exec(select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))
+    )
+
+
+# -- reconciler queries ------------------------------------------------------------------------
+
+
+def expired_runs(session: Session, *, now: datetime | None = None) -> list[Run]:
+    """Running runs whose lease expired before ``now`` (their worker stopped heartbeating),
+    oldest expiry first. Feed each to :func:`recover_expired_run`."""
+    now = aware_now(now)
+    return list(
+        session.exec(
+            select(Run)
+            .where(Run.status == RunStatus.running, Run.lease_expires_at < now)
+            .order_by(Run.lease_expires_at)
+            .execution_options(populate_existing=True)
+        )
+    )
+
+
+def stale_queued_runs(
+    session: Session, older_than_seconds: float, *, now: datetime | None = None, limit: int = 100
+) -> list[Run]:
+    """Queued runs not claimed for ``older_than_seconds`` since they were (re-)queued or last
+    enqueued (their broker message may be lost), oldest first. The reconciler re-enqueues
+    each and calls :func:`mark_enqueued` (a duplicate message is harmless: claims are atomic)."""
+    cutoff = aware_now(now) - timedelta(seconds=older_than_seconds)
+    return list(
+        session.exec(
+            select(Run)
+            .where(Run.status == RunStatus.queued, Run.queued_at < cutoff)
+            .order_by(Run.queued_at)
+            .limit(limit)
+            .execution_options(populate_existing=True)
+        )
+    )
+
+
+# -- metrics and router telemetry --------------------------------------------------------------
 
 
 def latest_metrics(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, sa.Row]:
@@ -124,68 +351,12 @@ def _latest_metrics_statement() -> sa.Select:
     ).join(last, sa.and_(MetricPoint.run_id == last.c.run_id, MetricPoint.step == last.c.step))
 
 
-def run_with_latest_metrics(
-    session: Session, run_id: uuid.UUID
-) -> tuple[sa.Row, SimpleNamespace | None]:
-    """Run ``run_id`` without its config documents (as ``service.runs.get_run(configs=False)``)
-    and its newest metric row (as :func:`latest_metrics`; None before the first), in one
-    statement: the API's most polled read. Raises ``service.runs.RunNotFound``."""
-    from service.runs import RunNotFound
-
-    row = session.execute(_run_with_latest_statement(), {"run_id": run_id}).first()
-    if row is None:
-        raise RunNotFound(run_id)
-    if row.m_step is None:
-        return row, None
-    return row, SimpleNamespace(
-        step=row.m_step, **{c: getattr(row, f"m_{c}") for c in METRIC_COLUMNS}
-    )
-
-
-@functools.cache
-def _run_with_latest_statement() -> sa.Select:
-    from service.runs import summary_columns
-
-    inner = MetricPoint.__table__.alias("newest")
-    newest = (
-        sa.select(inner.c.step)
-        .where(inner.c.run_id == Run.id)
-        .order_by(inner.c.step.desc())
-        .limit(1)
-        .correlate(Run)
-        .scalar_subquery()
-    )
-    metric = [
-        MetricPoint.step.label("m_step"),
-        *(getattr(MetricPoint, c).label(f"m_{c}") for c in METRIC_COLUMNS),
-    ]
-    return (
-        sa.select(*summary_columns(), *metric)
-        .outerjoin(MetricPoint, sa.and_(MetricPoint.run_id == Run.id, MetricPoint.step == newest))
-        .where(Run.id == sa.bindparam("run_id", type_=sa.Uuid()))
-    )
-
-
-def require_run(session: Session, run_id: uuid.UUID) -> None:
-    """Raise ``service.runs.RunNotFound`` unless run ``run_id`` exists (reads its key only,
-    not the row's config documents)."""
-    from service.runs import RunNotFound
-
-    if session.execute(_require_run_statement(), {"run_id": run_id}).first() is None:
-        raise RunNotFound(run_id)
-
-
-@functools.cache
-def _require_run_statement() -> sa.Select:
-    return sa.select(Run.id).where(Run.id == sa.bindparam("run_id", type_=sa.Uuid()))
-
-
 def metric_rows(
     session: Session, run_id: uuid.UUID, *, after_step: int | None = None, limit: int | None = None
 ) -> list[sa.Row]:
     """A run's metric rows by step as plain rows (attributes ``step`` and every
     ``METRIC_COLUMNS`` name), those with ``step > after_step``, at most ``limit``. What
-    ``service.runs.list_metrics`` reads, without building an ORM object per row (the API's
+    :func:`list_metrics` reads, without building an ORM object per row (the API's
     pages have thousands)."""
     stmt = sa.select(MetricPoint.step, *(getattr(MetricPoint, c) for c in METRIC_COLUMNS)).where(
         MetricPoint.run_id == run_id
@@ -214,10 +385,126 @@ def router_rows(
     return list(session.execute(stmt))
 
 
-def find_idempotent(session: Session, owner: str, key: str) -> Run | None:
-    """The run ``owner`` created with Idempotency-Key ``key``, if any."""
-    return session.exec(
-        select(Run)
-        .where(Run.owner == owner, Run.idempotency_key == key)
-        .execution_options(populate_existing=True)
+def list_metrics(
+    session: Session, run_id: uuid.UUID, *, after_step: int | None = None, limit: int | None = None
+) -> list[MetricPoint]:
+    """A run's metric points by step, those with ``step > after_step`` when given, at most
+    ``limit``."""
+    stmt = select(MetricPoint).where(MetricPoint.run_id == run_id)
+    if after_step is not None:
+        stmt = stmt.where(MetricPoint.step > after_step)
+    stmt = stmt.order_by(MetricPoint.step)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.exec(stmt.execution_options(populate_existing=True)))
+
+
+def list_router_points(
+    session: Session, run_id: uuid.UUID, *, after_step: int | None = None
+) -> list[RouterPoint]:
+    """A run's router points ordered by (step, layer, expert), those with ``step >
+    after_step`` when given (the API reads plain rows: ``service.reads.router_rows``)."""
+    stmt = select(RouterPoint).where(RouterPoint.run_id == run_id)
+    if after_step is not None:
+        stmt = stmt.where(RouterPoint.step > after_step)
+    return list(
+        session.exec(stmt.order_by(RouterPoint.step, RouterPoint.layer, RouterPoint.expert))
+    )
+
+
+def count_metric_points(session: Session) -> int:
+    """Metric rows stored over all runs (what the workers have ingested)."""
+    return int(session.execute(sa.select(sa.func.count()).select_from(MetricPoint)).scalar_one())
+
+
+def measured_tokens_per_sec(session: Session, run_id: uuid.UUID) -> float | None:
+    """Training tokens per second a run reached over its whole training: ``tokens /
+    elapsed_s`` of its last metric row that has both (all ranks; compilation, evaluation and
+    checkpoint writes included, so it predicts wall time). None without such a row."""
+    point = session.exec(
+        select(MetricPoint)
+        .where(MetricPoint.run_id == run_id, MetricPoint.tokens > 0, MetricPoint.elapsed_s > 0)
+        .order_by(MetricPoint.step.desc())
+        .limit(1)
     ).first()
+    if point is None:
+        return None
+    return float(point.tokens) / float(point.elapsed_s)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def list_checkpoints(session: Session, run_id: uuid.UUID) -> list[Checkpoint]:
+    """A run's checkpoints: step-N folders by step, then ``final``."""
+    return list(
+        session.exec(
+            select(Checkpoint)
+            .where(Checkpoint.run_id == run_id)
+            .order_by((Checkpoint.name == "final"), Checkpoint.step, Checkpoint.id)
+            .execution_options(populate_existing=True)
+        )
+    )
+
+
+def get_checkpoint(
+    session: Session, run_id: uuid.UUID, ref: int | Literal["final"] | str
+) -> Checkpoint | None:
+    """A checkpoint by ``"final"``, by step number (int or digits; the step-N folder, never
+    ``final``), or by folder name. None when there is none."""
+    stmt = select(Checkpoint).where(Checkpoint.run_id == run_id)
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
+        if not 0 <= int(ref) <= MAX_STEP:
+            return None  # no step column can hold it
+        stmt = stmt.where(Checkpoint.step == int(ref), Checkpoint.name != "final")
+    else:
+        stmt = stmt.where(Checkpoint.name == ref)
+    return session.exec(stmt.order_by(Checkpoint.id)).first()
+
+
+# -- workers and their speed -------------------------------------------------------------------
+
+
+def list_workers(session: Session) -> list[Worker]:
+    """Every registered worker (live or not), by id."""
+    return list(
+        session.exec(select(Worker).order_by(Worker.id).execution_options(populate_existing=True))
+    )
+
+
+def live_workers(
+    session: Session,
+    stale_after_seconds: float,
+    *,
+    now: datetime | None = None,
+    role: str | None = None,
+) -> list[Worker]:
+    """Workers whose last heartbeat is at most ``stale_after_seconds`` old, by id.
+    ``role``: ``"trains"`` keeps the workers that train runs (roles all and train), ``"aux"``
+    those that take short CPU jobs (roles all and aux); None keeps every one."""
+    cutoff = aware_now(now) - timedelta(seconds=stale_after_seconds)
+    query = select(Worker).where(Worker.heartbeat_at >= cutoff)
+    if role == "trains":
+        query = query.where(Worker.role.in_(TRAINING_ROLES))
+    elif role == "aux":
+        query = query.where(Worker.role.in_((WorkerRole.all.value, WorkerRole.aux.value)))
+    elif role is not None:
+        raise ValueError(f"role must be 'trains', 'aux' or None, not {role!r}")
+    return list(session.exec(query.order_by(Worker.id).execution_options(populate_existing=True)))
+
+
+def worker_can_serve(worker: Worker, devices: int) -> bool:
+    """Whether ``worker`` can run a config with ``devices`` devices (``devices: auto`` counts
+    as 1): it trains at all (not an ``aux`` worker) and owns at least that many GPUs, or it is
+    CPU-only and one device is asked."""
+    if (worker.role or WorkerRole.all.value) not in TRAINING_ROLES:
+        return False
+    return worker.gpu_count >= devices or (worker.gpu_count == 0 and devices == 1)
+
+
+def throughputs(session: Session, kinds: Iterable[str]) -> list[Throughput]:
+    """Every :class:`Throughput` row of the worker ``kinds``."""
+    wanted = sorted(set(kinds))
+    if not wanted:
+        return []
+    return list(session.exec(select(Throughput).where(Throughput.worker_kind.in_(wanted))))

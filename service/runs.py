@@ -2,7 +2,8 @@
 
 Every function takes a ``sqlmodel.Session`` (from ``service.db``), does one unit of work in its
 own write transaction (:func:`service.db.write_transaction`: BEGIN IMMEDIATE on SQLite) and
-commits before returning. Read helpers at the end never write.
+commits before returning. The reads are ``service.reads``, which also defines ``RunError``
+(the base of this module's errors) and ``RunNotFound``.
 
 State machine (``ALLOWED_TRANSITIONS``)::
 
@@ -26,16 +27,14 @@ Times are aware UTC datetimes; ``now`` parameters exist for tests and default to
 
 from __future__ import annotations
 
-import base64
 import logging
-import binascii
 import hashlib
 import json
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -43,11 +42,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from service import contract
-from service.db import write_transaction
+from service.db import read_transaction, write_transaction
 from service.models import (
+    MAX_STEP,
     METRIC_COLUMNS,
     TERMINAL_STATUSES,
-    TRAINING_ROLES,
     Checkpoint,
     FailureReason,
     MetricPoint,
@@ -59,9 +58,10 @@ from service.models import (
     Throughput,
     Worker,
     WorkerRole,
-    utcnow,
+    aware_now,
 )
 from service.config.fields import check_path_text
+from service.reads import RunError, RunNotFound, find_idempotent, get_run, measured_tokens_per_sec
 
 log = logging.getLogger(__name__)
 
@@ -84,29 +84,8 @@ RETRYABLE_REASONS = contract.RETRYABLE_REASONS
 #: 5,500 a statement, well under SQLite's 32,766 and PostgreSQL's 65,535 limits).
 BATCH_SIZE = 500
 
-#: Largest step the step columns hold (INTEGER: 32-bit signed on PostgreSQL).
-MAX_STEP = 2**31 - 1
-
-#: Sort keys accepted by :func:`list_runs` ("-" prefix for descending).
-RUN_SORT_KEYS = ("created_at", "name", "status")
-
-#: The run columns that hold whole config documents (large; a list page does not need them).
-CONFIG_COLUMNS = ("submitted_train", "submitted_model", "resolved_train", "resolved_model")
-
 
 # -- errors -------------------------------------------------------------------------------------
-
-
-class RunError(Exception):
-    """Base class of the lifecycle errors."""
-
-
-class RunNotFound(RunError, LookupError):
-    """No run with this id (``.run_id``)."""
-
-    def __init__(self, run_id: uuid.UUID):
-        super().__init__(f"run {run_id} not found")
-        self.run_id = run_id
 
 
 class InvalidTransition(RunError):
@@ -162,14 +141,6 @@ def request_hash(document: Any) -> str:
         document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
     )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _now(now: datetime | None) -> datetime:
-    if now is None:
-        return utcnow()
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    return now
 
 
 def _dialect(session: Session) -> str:
@@ -338,7 +309,7 @@ def create_run(
     concurrent retries (the unique constraint decides; the loser reads the winner's run).
     Enqueueing the run is the caller's job, after this returns (the row is committed).
     """
-    now = _now(now)
+    now = aware_now(now)
     if idempotency_key is not None and body_hash is None:
         body_hash = request_hash(
             {
@@ -352,7 +323,7 @@ def create_run(
         try:
             with write_transaction(session):
                 if idempotency_key is not None:
-                    existing = _find_idempotent(session, owner, idempotency_key)
+                    existing = find_idempotent(session, owner, idempotency_key)
                     if existing is not None:
                         if existing.request_hash != body_hash:
                             raise IdempotencyConflict(idempotency_key, existing.id)
@@ -387,15 +358,6 @@ def create_run(
     raise RuntimeError("unreachable: idempotent insert retried")  # pragma: no cover
 
 
-def _find_idempotent(session: Session, owner: str, key: str) -> Run | None:
-    stmt = (
-        select(Run)
-        .where(Run.owner == owner, Run.idempotency_key == key)
-        .execution_options(populate_existing=True)
-    )
-    return session.exec(stmt).first()
-
-
 # -- status changes -----------------------------------------------------------------------------
 
 
@@ -413,7 +375,7 @@ def claim_run(
     queued -> running is written and the worker row (if registered) points at the run.
     Returns None when the run is not queued (already claimed by a duplicate delivery,
     cancelled, finished) or does not exist: a second claim is a no-op."""
-    now = _now(now)
+    now = aware_now(now)
     with write_transaction(session):
         run = _move(
             session,
@@ -469,7 +431,7 @@ def transition(
     """
     to_status = RunStatus(to_status)
     reason = FailureReason(reason) if reason is not None else None
-    now = _now(now)
+    now = aware_now(now)
     with write_transaction(session):
         run = _locked_run(session, run_id)
         _check_fence(run, attempt)
@@ -527,7 +489,7 @@ def request_cancel(
     stops the training process and moves it to cancelled. Cancelling a cancelled run, or
     asking twice, changes nothing. Raises RunNotFound, InvalidTransition for succeeded or
     failed runs."""
-    now = _now(now)
+    now = aware_now(now)
     with write_transaction(session):
         run = _locked_run(session, run_id)
         if run.status == S.cancelled or (run.status == S.running and run.cancel_requested):
@@ -575,7 +537,7 @@ def add_note(
     """Write a history line without a transition (``status`` -> ``status``) while the run is
     in ``status`` (e.g. a queued run's data preparation). Returns False, writing nothing, when
     the run is in another status. Raises RunNotFound."""
-    now = _now(now)
+    now = aware_now(now)
     with write_transaction(session):
         run = _locked_run(session, run_id)
         if run.status != status:
@@ -604,7 +566,7 @@ def retry_or_fail(
     failure: it goes through :func:`transition` to queued. Fenced by ``attempt`` like
     :func:`transition`. Raises RunNotFound, InvalidTransition (run not running), LeaseLost."""
     reason = FailureReason(reason)
-    now = _now(now)
+    now = aware_now(now)
     with write_transaction(session):
         run = _locked_run(session, run_id)
         _check_fence(run, attempt)
@@ -650,13 +612,13 @@ def recover_expired_run(
     actor: str | None = "reconciler",
     now: datetime | None = None,
 ) -> Run | None:
-    """Reconciler step for one run from :func:`expired_runs`: if it is still running with a
+    """Reconciler step for one run from ``service.reads.expired_runs``: if it is still running with a
     lease that expired before ``now``, its worker is presumed lost: :func:`retry_or_fail`
     with reason lost_worker. Returns the updated run, or None when there was nothing to do
     (a heartbeat renewed the lease meanwhile, or the run moved on)."""
-    now = _now(now)
-    run = get_run(session, run_id)
-    session.commit()  # end the read transaction before retry_or_fail's write transaction
+    now = aware_now(now)
+    with read_transaction(session):
+        run = get_run(session, run_id)
     if run.status != S.running or run.lease_expires_at is None or run.lease_expires_at >= now:
         return None
     try:
@@ -687,7 +649,7 @@ def heartbeat_run(
     lease_seconds``. Returns the run, whose ``cancel_requested`` tells the worker whether to
     stop. Raises :class:`LeaseLost` when the run is no longer running ``attempt`` on
     ``worker_id`` (nothing is written then)."""
-    now = _now(now)
+    now = aware_now(now)
     with write_transaction(session):
         run = (
             session.execute(
@@ -712,9 +674,9 @@ def heartbeat_run(
 
 def mark_enqueued(session: Session, run_id: uuid.UUID, *, now: datetime | None = None) -> bool:
     """Note that a queued run's message was (re-)sent now (``queued_at = now``), so the
-    reconciler's :func:`stale_queued_runs` does not pick it again before the stale period.
+    reconciler's ``service.reads.stale_queued_runs`` does not pick it again before the stale period.
     Not a transition, no event. Returns False when the run is not queued."""
-    now = _now(now)
+    now = aware_now(now)
     with write_transaction(session):
         result = session.execute(
             sa.update(Run)
@@ -933,7 +895,7 @@ def record_checkpoint(
     it was written at if known). Idempotent by (run, name): recording again updates path, step
     and size (a resumed attempt may rewrite the folder) and keeps ``created_at``. Fenced by
     ``attempt``. Returns the stored row. Raises RunNotFound, LeaseLost."""
-    now = _now(now)
+    now = aware_now(now)
     if step is None:
         step = checkpoint_step(name)
     with write_transaction(session):
@@ -989,7 +951,7 @@ def record_provenance(
 ) -> RunProvenance:
     """Store (or replace, on a later attempt) what produced the run: package versions, code
     commit, seed, hardware description, sha256 digests of the data and the tokenizer."""
-    now = _now(now)
+    now = aware_now(now)
     values = {
         "package_versions": dict(package_versions or {}),
         "git_commit": git_commit,
@@ -1035,7 +997,7 @@ def register_worker(
     machine's memory (what a CPU worker trains in), ``free_bytes`` the free space under
     RUNS_DIR (None = not reported); ``role`` which queues it consumes (:class:`WorkerRole`).
     Re-registering resets ``started_at``, the heartbeat and the current run."""
-    now = _now(now)
+    now = aware_now(now)
     role = WorkerRole(role).value
     gpu_list = [dict(g) for g in gpus]
     if gpu_memory_bytes is None:
@@ -1080,7 +1042,7 @@ def heartbeat_worker(
     ``current_run_id`` is given (None = idle) and the free space under RUNS_DIR when
     ``free_bytes`` is given. Returns None when the worker is not registered (it was pruned):
     the worker should :func:`register_worker` again."""
-    now = _now(now)
+    now = aware_now(now)
     values: dict[str, Any] = {"heartbeat_at": now}
     if current_run_id is not _UNSET:
         values["current_run_id"] = current_run_id
@@ -1111,36 +1073,6 @@ def deregister_worker(session: Session, worker_id: str) -> bool:
         return result.rowcount == 1
 
 
-def live_workers(
-    session: Session,
-    stale_after_seconds: float,
-    *,
-    now: datetime | None = None,
-    role: str | None = None,
-) -> list[Worker]:
-    """Workers whose last heartbeat is at most ``stale_after_seconds`` old, by id.
-    ``role``: ``"trains"`` keeps the workers that train runs (roles all and train), ``"aux"``
-    those that take short CPU jobs (roles all and aux); None keeps every one."""
-    cutoff = _now(now) - timedelta(seconds=stale_after_seconds)
-    query = select(Worker).where(Worker.heartbeat_at >= cutoff)
-    if role == "trains":
-        query = query.where(Worker.role.in_(TRAINING_ROLES))
-    elif role == "aux":
-        query = query.where(Worker.role.in_((WorkerRole.all.value, WorkerRole.aux.value)))
-    elif role is not None:
-        raise ValueError(f"role must be 'trains', 'aux' or None, not {role!r}")
-    return list(session.exec(query.order_by(Worker.id).execution_options(populate_existing=True)))
-
-
-def worker_can_serve(worker: Worker, devices: int) -> bool:
-    """Whether ``worker`` can run a config with ``devices`` devices (``devices: auto`` counts
-    as 1): it trains at all (not an ``aux`` worker) and owns at least that many GPUs, or it is
-    CPU-only and one device is asked."""
-    if (worker.role or WorkerRole.all.value) not in TRAINING_ROLES:
-        return False
-    return worker.gpu_count >= devices or (worker.gpu_count == 0 and devices == 1)
-
-
 # -- calibration (worker throughput) -------------------------------------------------------------
 
 
@@ -1149,21 +1081,6 @@ def throughput_key(resolved_model: Mapping[str, Any], precision: str) -> str:
     resolved model config (canonical JSON) and the precision (bf16 and fp32 differ several-fold
     in speed). Other train settings (micro-batch, sequence length) are not part of it."""
     return request_hash({"model": dict(resolved_model), "precision": precision})
-
-
-def measured_tokens_per_sec(session: Session, run_id: uuid.UUID) -> float | None:
-    """Training tokens per second a run reached over its whole training: ``tokens /
-    elapsed_s`` of its last metric row that has both (all ranks; compilation, evaluation and
-    checkpoint writes included, so it predicts wall time). None without such a row."""
-    point = session.exec(
-        select(MetricPoint)
-        .where(MetricPoint.run_id == run_id, MetricPoint.tokens > 0, MetricPoint.elapsed_s > 0)
-        .order_by(MetricPoint.step.desc())
-        .limit(1)
-    ).first()
-    if point is None:
-        return None
-    return float(point.tokens) / float(point.elapsed_s)
 
 
 def _record_throughput(session: Session, run: Run, now: datetime) -> Throughput | None:
@@ -1230,219 +1147,3 @@ def _record_throughput(session: Session, run: Run, now: datetime) -> Throughput 
         .where(Throughput.model_key == key, Throughput.worker_kind == kind)
         .execution_options(populate_existing=True)
     ).one()
-
-
-def throughputs(session: Session, kinds: Iterable[str]) -> list[Throughput]:
-    """Every :class:`Throughput` row of the worker ``kinds``."""
-    wanted = sorted(set(kinds))
-    if not wanted:
-        return []
-    return list(session.exec(select(Throughput).where(Throughput.worker_kind.in_(wanted))))
-
-
-# -- reconciler queries -------------------------------------------------------------------------
-
-
-def expired_runs(session: Session, *, now: datetime | None = None) -> list[Run]:
-    """Running runs whose lease expired before ``now`` (their worker stopped heartbeating),
-    oldest expiry first. Feed each to :func:`recover_expired_run`."""
-    now = _now(now)
-    return list(
-        session.exec(
-            select(Run)
-            .where(Run.status == S.running, Run.lease_expires_at < now)
-            .order_by(Run.lease_expires_at)
-            .execution_options(populate_existing=True)
-        )
-    )
-
-
-def stale_queued_runs(
-    session: Session, older_than_seconds: float, *, now: datetime | None = None, limit: int = 100
-) -> list[Run]:
-    """Queued runs not claimed for ``older_than_seconds`` since they were (re-)queued or last
-    enqueued (their broker message may be lost), oldest first. The reconciler re-enqueues
-    each and calls :func:`mark_enqueued` (a duplicate message is harmless: claims are atomic)."""
-    cutoff = _now(now) - timedelta(seconds=older_than_seconds)
-    return list(
-        session.exec(
-            select(Run)
-            .where(Run.status == S.queued, Run.queued_at < cutoff)
-            .order_by(Run.queued_at)
-            .limit(limit)
-            .execution_options(populate_existing=True)
-        )
-    )
-
-
-# -- reads --------------------------------------------------------------------------------------
-
-
-def summary_columns() -> list[sa.Column]:
-    """The columns of ``runs`` but the config documents (:data:`CONFIG_COLUMNS`)."""
-    return [c for c in Run.__table__.c if c.name not in CONFIG_COLUMNS]
-
-
-def get_run(session: Session, run_id: uuid.UUID, *, configs: bool = True) -> Run:
-    """The run, read fresh. ``configs=False`` returns a read-only row without the config
-    documents (as :func:`list_runs`). Raises RunNotFound."""
-    if configs:
-        run = session.exec(
-            select(Run).where(Run.id == run_id).execution_options(populate_existing=True)
-        ).first()
-    else:
-        run = session.execute(sa.select(*summary_columns()).where(Run.id == run_id)).first()
-    if run is None:
-        raise RunNotFound(run_id)
-    return run
-
-
-def list_events(session: Session, run_id: uuid.UUID) -> list[RunEvent]:
-    """A run's events in the order they happened."""
-    return list(
-        session.exec(select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))
-    )
-
-
-def list_metrics(
-    session: Session, run_id: uuid.UUID, *, after_step: int | None = None, limit: int | None = None
-) -> list[MetricPoint]:
-    """A run's metric points by step, those with ``step > after_step`` when given, at most
-    ``limit``."""
-    stmt = select(MetricPoint).where(MetricPoint.run_id == run_id)
-    if after_step is not None:
-        stmt = stmt.where(MetricPoint.step > after_step)
-    stmt = stmt.order_by(MetricPoint.step)
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    return list(session.exec(stmt.execution_options(populate_existing=True)))
-
-
-def list_router_points(
-    session: Session, run_id: uuid.UUID, *, after_step: int | None = None
-) -> list[RouterPoint]:
-    """A run's router points ordered by (step, layer, expert), those with ``step >
-    after_step`` when given (the API reads plain rows: ``service.reads.router_rows``)."""
-    stmt = select(RouterPoint).where(RouterPoint.run_id == run_id)
-    if after_step is not None:
-        stmt = stmt.where(RouterPoint.step > after_step)
-    return list(
-        session.exec(stmt.order_by(RouterPoint.step, RouterPoint.layer, RouterPoint.expert))
-    )
-
-
-def list_checkpoints(session: Session, run_id: uuid.UUID) -> list[Checkpoint]:
-    """A run's checkpoints: step-N folders by step, then ``final``."""
-    return list(
-        session.exec(
-            select(Checkpoint)
-            .where(Checkpoint.run_id == run_id)
-            .order_by((Checkpoint.name == "final"), Checkpoint.step, Checkpoint.id)
-            .execution_options(populate_existing=True)
-        )
-    )
-
-
-def get_checkpoint(
-    session: Session, run_id: uuid.UUID, ref: int | Literal["final"] | str
-) -> Checkpoint | None:
-    """A checkpoint by ``"final"``, by step number (int or digits; the step-N folder, never
-    ``final``), or by folder name. None when there is none."""
-    stmt = select(Checkpoint).where(Checkpoint.run_id == run_id)
-    if isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
-        if not 0 <= int(ref) <= MAX_STEP:
-            return None  # no step column can hold it
-        stmt = stmt.where(Checkpoint.step == int(ref), Checkpoint.name != "final")
-    else:
-        stmt = stmt.where(Checkpoint.name == ref)
-    return session.exec(stmt.order_by(Checkpoint.id)).first()
-
-
-def count_runs_by_status(session: Session) -> dict[RunStatus, int]:
-    """Number of runs in each status (every status present, zeros included)."""
-    counts = {status: 0 for status in RunStatus}
-    for status, count in session.execute(
-        sa.select(Run.status, sa.func.count()).group_by(Run.status)
-    ):
-        counts[RunStatus(status)] = count
-    return counts
-
-
-def _encode_cursor(value: Any, run_id: uuid.UUID) -> str:
-    raw = json.dumps([value.isoformat() if isinstance(value, datetime) else value, str(run_id)])
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        value, run_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if key == "created_at":
-            value = datetime.fromisoformat(value)
-            if value.tzinfo is None:
-                raise ValueError  # every stored time is aware
-        elif key == "status":
-            value = RunStatus(value)
-        elif not isinstance(value, str):
-            raise ValueError
-        else:
-            check_path_text(value)  # no database compares with a NUL or a lone surrogate
-        return value, uuid.UUID(run_id)
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
-        raise ValueError(f"invalid cursor {cursor!r}") from None
-
-
-def list_runs(
-    session: Session,
-    *,
-    status: RunStatus | str | None = None,
-    owner: str | None = None,
-    limit: int = 50,
-    cursor: str | None = None,
-    sort: str = "-created_at",
-    configs: bool = True,
-) -> tuple[list[Run], str | None]:
-    """One page of runs and the cursor of the next page (None on the last page).
-    ``configs=False`` returns read-only rows with every attribute of a run but the four config
-    documents (:data:`CONFIG_COLUMNS`), without building ORM objects: what a listing needs.
-
-    ``sort`` is one of :data:`RUN_SORT_KEYS`, "-" prefixed for descending; ties are broken by
-    id, so keyset pagination is stable while runs are added. ``cursor`` must come from a
-    previous call with the same ``sort`` (ValueError otherwise, as for an unknown sort key or
-    ``limit`` outside 1..1000)."""
-    descending = sort.startswith("-")
-    key = sort.lstrip("-")
-    if key not in RUN_SORT_KEYS:
-        raise ValueError(
-            f"sort must be one of {', '.join(RUN_SORT_KEYS)} (optionally with '-'), got {sort!r}"
-        )
-    if not 1 <= limit <= 1000:
-        raise ValueError(f"limit must be in 1..1000, got {limit}")
-    column = getattr(Run, key)
-    stmt = select(Run) if configs else sa.select(*summary_columns())
-    if status is not None:
-        stmt = stmt.where(Run.status == RunStatus(status))
-    if owner is not None:
-        stmt = stmt.where(Run.owner == owner)
-    if cursor is not None:
-        value, after_id = _decode_cursor(cursor, key)
-        if descending:
-            stmt = stmt.where(sa.or_(column < value, sa.and_(column == value, Run.id < after_id)))
-        else:
-            stmt = stmt.where(sa.or_(column > value, sa.and_(column == value, Run.id > after_id)))
-    order = (column.desc(), Run.id.desc()) if descending else (column.asc(), Run.id.asc())
-    stmt = stmt.order_by(*order).limit(limit + 1)
-    rows = (
-        list(session.exec(stmt.execution_options(populate_existing=True)))
-        if configs
-        else list(session.execute(stmt))
-    )
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        last = rows[-1]
-        value = getattr(last, key)
-        next_cursor = _encode_cursor(
-            value.value if isinstance(value, RunStatus) else value, last.id
-        )
-    return rows, next_cursor

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from service import runs
+from service import reads, runs
 from service.config.merge import deep_merge
-from service.main import StartupError, create_app
+from service.db import StartupError
+from service.main import create_app
 from service.queue import TRAIN_TASK
 from test_api_support import (  # noqa: F401 - fixtures
     MODEL,
@@ -68,7 +69,7 @@ def test_json_submission_is_stored_resolved_and_enqueued(api: ApiEnv):
     # resolved paths: inputs under DATA_ROOT, outputs in the run's folder
     run_id = uuid.UUID(run["id"])
     with api.session() as s:
-        row = runs.get_run(s, run_id)
+        row = reads.get_run(s, run_id)
         assert row.submitted_train == TRAIN and row.submitted_model == MODEL
         resolved = row.resolved_train
     data_root = api.settings.data_root
@@ -103,8 +104,8 @@ def test_yaml_and_multipart_bodies_give_the_same_run(sqlite_api: ApiEnv):
     )
     assert r2.status_code == 201, r2.text
     with sqlite_api.session() as s:
-        a = runs.get_run(s, uuid.UUID(r.json()["id"]))
-        b = runs.get_run(s, uuid.UUID(r2.json()["id"]))
+        a = reads.get_run(s, uuid.UUID(r.json()["id"]))
+        b = reads.get_run(s, uuid.UUID(r2.json()["id"]))
     assert a.submitted_train == b.submitted_train == TRAIN
     assert a.resolved_model == b.resolved_model
     assert b.name == "as-multipart"
@@ -121,7 +122,7 @@ def test_preset_is_merged_over_the_documents(sqlite_api: ApiEnv):
     assert r.status_code == 201, r.text
     assert r.json()["estimate"]["plan"]["optimizer_steps"] == 300
     with sqlite_api.session() as s:
-        row = runs.get_run(s, uuid.UUID(r.json()["id"]))
+        row = reads.get_run(s, uuid.UUID(r.json()["id"]))
     assert row.resolved_model["n_layer"] == 4 and row.preset == "cpu-tiny"
     assert row.submitted_model == model  # stored as given, before the preset
 
@@ -543,7 +544,7 @@ def test_checkpoint_inputs_may_name_an_earlier_runs_folder(sqlite_api: ApiEnv):
     )
     assert r.status_code == 201, r.text
     with sqlite_api.session() as s:
-        row = runs.get_run(s, uuid.UUID(r.json()["id"]))
+        row = reads.get_run(s, uuid.UUID(r.json()["id"]))
     assert row.resolved_train["initial_checkpoint_dir"] == str(earlier)
     assert row.resolved_train["out_dir"].endswith(f"{row.id}/out")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from service import runs
+from service import reads, runs
 from service.api.models import MetricRow
 from service.contract import METRIC_COLUMNS, append_event
 from test_api_support import (  # noqa: F401 - fixtures
@@ -174,7 +174,7 @@ def test_routes_that_need_the_broker_say_503_naming_it(make_api, tmp_path):
     assert r.status_code == 503 and r.json()["dependency"] == "broker"
     assert int(r.headers["Retry-After"]) > 0
     with env.session() as s:
-        assert runs.list_runs(s)[0] == []  # nothing stored
+        assert reads.list_runs(s)[0] == []  # nothing stored
     # POST /runs stores the run and says the broker did not take it (no 503)
     r = c.post("/runs", json=body())
     assert r.status_code == 201 and r.json()["enqueued"] is False

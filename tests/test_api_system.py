@@ -11,10 +11,11 @@ import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import runs
+from service import reads, runs
 from service.contract import append_event
 from service.models import utcnow
 from service.queue import TRAIN_TASK
+from worker.reconciler import reconcile
 from test_api_support import (  # noqa: F401 - fixtures
     MODEL,
     ApiEnv,
@@ -168,7 +169,7 @@ def test_smoke_test_is_a_real_queued_run_one_at_a_time(make_api, tmp_path, monke
     ]
     run_id = uuid.UUID(doc["id"])
     with env.session() as s:
-        run = runs.get_run(s, run_id)
+        run = reads.get_run(s, run_id)
     assert run.preset == "smoke-test" and run.name.startswith("smoke-test")
     sample = settings.data_root / "sample"
     t = run.resolved_train
@@ -272,8 +273,14 @@ def test_smoke_test_without_a_worker_fails_at_the_queue(make_api, tmp_path):
     assert r.status_code == 202
     doc = r.json()
     assert doc["status"] == "failed" and doc["failed_stage"] == "queued_wait"
-    assert doc["run_status"] == "cancelled"
     assert "no live worker" in doc["message"]
+    # reading the verdict changes nothing (issue 10: a GET has no side effect): still queued
+    assert doc["run_status"] == "queued"
+    again = env.client.get(f"/smoke-test/{doc['id']}").json()
+    assert again["run_status"] == "queued" and again["failed_stage"] == "queued_wait"
+    assert env.client.post("/smoke-test").status_code == 409
+    # a worker's reconciler cancels it (worker/reconciler.py)
+    assert reconcile(env.settings, db=env.db).cancelled == [doc["id"]]
     again = env.client.get(f"/smoke-test/{doc['id']}").json()
     assert again["run_status"] == "cancelled" and again["failed_stage"] == "queued_wait"
     assert "no live worker" in again["message"]
@@ -291,7 +298,7 @@ def test_smoke_test_of_the_shipped_configs_validates(sqlite_api: ApiEnv):
     r = sqlite_api.client.post("/smoke-test")  # default: configs/model_config.yaml (MoE-200M)
     assert r.status_code == 202, r.text
     with sqlite_api.session() as s:
-        run = runs.get_run(s, uuid.UUID(r.json()["id"]))
+        run = reads.get_run(s, uuid.UUID(r.json()["id"]))
     assert run.resolved_model["name"] == "MoE-200M"
     assert run.resolved_train["train"]["global_batch_size"] == 1
 

@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import SecretStr
 
-from service import runs
+from service import reads, runs
 from service.db import Database, migrate, open_database
 from service.estimate import estimate
 from service.main import create_app
@@ -320,4 +320,4 @@ def get_json(server: LiveServer, path: str, token: str | None = None) -> Any:
 
 def run_status(server: LiveServer, run_id: uuid.UUID) -> RunStatus:
     with server.session() as s:
-        return runs.get_run(s, run_id).status
+        return reads.get_run(s, run_id).status

@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 from starlette.datastructures import MutableHeaders
 
-from service.api.errors import PUBLIC_PATHS
+from service.api.middleware import PUBLIC_PATHS
 from service.contract import append_event
 from test_client_support import (
     STATIC_DIR,
@@ -296,7 +296,7 @@ def _policy_page(html: str, script: str):
     from starlette.responses import HTMLResponse, Response
     from starlette.routing import Route
 
-    from service.api.headers import SecurityHeadersMiddleware
+    from service.api.middleware import SecurityHeadersMiddleware
 
     app = CspReportCollector(
         SecurityHeadersMiddleware(

@@ -300,11 +300,11 @@ def test_postgres_restarted_and_stopped_while_metrics_stream(stack):
     def metric_rows() -> int:
         from sqlalchemy.exc import SQLAlchemyError
 
-        from service import runs
+        from service import reads
 
         try:
             with stack.db.session() as session:
-                return len(runs.list_metrics(session, run.id))
+                return len(reads.list_metrics(session, run.id))
         except SQLAlchemyError:
             return -1
 

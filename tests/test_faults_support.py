@@ -38,7 +38,7 @@ from test_worker_support import (
     worker_settings,
 )
 
-from service import contract, runs
+from service import contract, reads
 from service.db import Database, migrate, open_database
 from service.models import Run, RunStatus
 from service.queue import enqueue_run, make_celery
@@ -655,7 +655,7 @@ class Stack:
 
     def recorded_checkpoints(self, run: Run) -> dict[str, int | None]:
         with self.db.session() as session:
-            return {c.name: c.step for c in runs.list_checkpoints(session, run.id)}
+            return {c.name: c.step for c in reads.list_checkpoints(session, run.id)}
 
     def wait_checkpoint_recorded(self, run: Run, min_step: int, timeout: float = 180) -> str:
         """Wait until a ``step-*`` checkpoint at or past ``min_step`` is in the database."""
@@ -703,13 +703,13 @@ class Stack:
                     e.attempt,
                     e.message,
                 )
-                for e in runs.list_events(session, run.id)
+                for e in reads.list_events(session, run.id)
             ]
 
     def event_times(self, run: Run) -> list[float]:
         """When each status event happened (seconds since the epoch, like ``time.time()``)."""
         with self.db.session() as session:
-            return [e.at.timestamp() for e in runs.list_events(session, run.id)]
+            return [e.at.timestamp() for e in reads.list_events(session, run.id)]
 
     def forget(self, run: Run) -> None:
         """Free the tmpfs after a case passed (its checkpoints are megabytes each)."""
@@ -740,8 +740,8 @@ def assert_exactly_once(stack: Stack, run: Run, *, real: bool) -> None:
 
     out = stack.out_dir(run)
     with stack.db.session() as session:
-        points = runs.list_metrics(session, run.id)
-        recorded = runs.list_checkpoints(session, run.id)
+        points = reads.list_metrics(session, run.id)
+        recorded = reads.list_checkpoints(session, run.id)
     rows = csv_rows(out / contract.METRICS_FILE) if (out / contract.METRICS_FILE).exists() else []
     assert [p.step for p in points] == [int(r["step"]) for r in rows], (
         f"{run.name}: database steps {[p.step for p in points]} != metrics.csv steps "

@@ -1,6 +1,7 @@
 """The built wheel: it carries the shipped configs, migrations and alembic.ini (inside the
 service package) and its core needs no torch, so an API-only install can migrate a database,
-load presets and validate configs away from the source checkout."""
+load presets and validate configs away from the source checkout. And the worker process never
+loads the web application (the API's side of that, no torch, is in tests/test_api.py)."""
 
 from __future__ import annotations
 
@@ -163,3 +164,32 @@ def test_api_only_install_has_no_torch_and_reaches_a_redis_broker(tmp_path):
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert "549,146,880" in checked.stdout
     assert "device pre-flight skipped: training needs the 'train' extra" in checked.stderr
+
+
+def test_the_worker_process_loads_no_fastapi(tmp_path):
+    """What a worker does before and beside training (the schema check of its start-up, its
+    Celery app and tasks, a reconciler pass) imports neither FastAPI nor Starlette, nor
+    ``service.main`` or ``service.api``."""
+    code = (
+        "import sys\n"
+        "from service.db import migrate\n"
+        "from service.settings import Settings\n"
+        "from worker import celery_app, prepare, reconciler, registry, runner, tasks\n"
+        f"s = Settings(home={str(tmp_path / 'home')!r})\n"
+        "migrate(s)\n"
+        "assert celery_app._database_problem(s) is None\n"
+        "reconciler.reconcile(s, celery_app=celery_app.create_app(s))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette')\n"
+        "             or m == 'service.main' or m.startswith('service.api')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"

@@ -26,7 +26,7 @@ from test_worker_support import (
     worker_settings,
 )
 
-from service import runs
+from service import reads, runs
 from service.contract import read_events
 from service.db import migrate, open_database
 from service.models import FailureReason, RunStatus
@@ -79,7 +79,7 @@ def _notes(db, run_id) -> list[str]:
     with db.session() as session:
         return [
             e.message
-            for e in runs.list_events(session, run_id)
+            for e in reads.list_events(session, run_id)
             if e.from_status == e.to_status == RunStatus.queued
         ]
 
@@ -255,9 +255,9 @@ def test_a_training_worker_trains_while_an_aux_worker_prepares(tmp_path):
         train_id = trainer.start().wait_registered(db)
         aux_id = aux.start().wait_registered(db)
         with db.session() as session:
-            roles = {w.id: w.role for w in runs.live_workers(session, 60)}
+            roles = {w.id: w.role for w in reads.live_workers(session, 60)}
             assert roles == {train_id: "train", aux_id: "aux"}
-            assert [w.id for w in runs.live_workers(session, 60, role="trains")] == [train_id]
+            assert [w.id for w in reads.live_workers(session, 60, role="trains")] == [train_id]
 
         a = create_tiny_run(
             db, settings, corpus, tokenizer, steps=400, save_interval=None, name="a"
@@ -282,7 +282,7 @@ def test_a_training_worker_trains_while_an_aux_worker_prepares(tmp_path):
         assert get_run(db, a.id).status == RunStatus.running
         assert get_run(db, b.id).status == RunStatus.queued and get_run(db, b.id).attempt == 0
         with db.session() as session:
-            current = {w.id: w.current_run_id for w in runs.live_workers(session, 60)}
+            current = {w.id: w.current_run_id for w in reads.live_workers(session, 60)}
         assert current == {train_id: a.id, aux_id: None}
         events = read_events(b_dir / "out")
         assert [e for e in events if e.event.value == "data_progress" and e.data.get("done")]
@@ -318,7 +318,6 @@ def test_a_training_worker_trains_while_an_aux_worker_prepares(tmp_path):
 
 def test_roles_choose_queues_and_only_training_workers_count(deployment):
     from service.queue import aux_queue, train_queue, worker_queues
-    from service.reads import count_live_workers
     from worker.celery_app import worker_argv
 
     settings, db, *_ = deployment
@@ -335,9 +334,11 @@ def test_roles_choose_queues_and_only_training_workers_count(deployment):
     assert argv[argv.index("-Q") + 1] == aux_queue(settings)
     with db.session() as session:
         aux = runs.register_worker(session, "aux-1", "h", role="aux", kind="cpu: x")
-        assert count_live_workers(session, 60) == 0  # readiness needs a worker that trains
-        assert not runs.worker_can_serve(aux, 1)
-        assert runs.live_workers(session, 60, role="trains") == []
+        assert (
+            len(reads.live_workers(session, 60, role="trains")) == 0
+        )  # readiness needs a worker that trains
+        assert not reads.worker_can_serve(aux, 1)
+        assert reads.live_workers(session, 60, role="trains") == []
         runs.register_worker(
             session,
             "gpu-1",
@@ -345,7 +346,7 @@ def test_roles_choose_queues_and_only_training_workers_count(deployment):
             role="train",
             gpus=[{"index": 0, "name": "NVIDIA H100", "memory_bytes": 80 << 30}],
         )
-        assert count_live_workers(session, 60) == 1
-        assert [w.id for w in runs.live_workers(session, 60, role="aux")] == ["aux-1"]
+        assert len(reads.live_workers(session, 60, role="trains")) == 1
+        assert [w.id for w in reads.live_workers(session, 60, role="aux")] == ["aux-1"]
         with pytest.raises(ValueError):
             runs.register_worker(session, "x", "h", role="gpu")

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from service import runs
-from service.db import Database
+from service import reads, runs
+from service.db import Database, read_transaction
 from service.models import (
     Checkpoint,
     FailureReason,
@@ -65,7 +65,7 @@ def running(db: Database, worker: str = "w1", now: datetime = T0, lease: float =
 
 
 def event_path(db: Database, run_id: uuid.UUID) -> list[tuple[str | None, str]]:
-    events = call(db, runs.list_events, run_id)
+    events = call(db, reads.list_events, run_id)
     return [(e.from_status.value if e.from_status else None, e.to_status.value) for e in events]
 
 
@@ -76,25 +76,25 @@ def test_create_run_stores_documents_and_writes_the_creation_event(database):
     rid = uuid.uuid4()
     run = create(database, "first", run_id=rid, preset="production", now=T0)
     assert run.id == rid and run.status == S.queued and run.attempt == 0
-    got = call(database, runs.get_run, rid)
+    got = call(database, reads.get_run, rid)
     assert got.submitted_train == TRAIN and got.resolved_train["out_dir"] == "/runs/x"
     assert got.estimate == {"optimizer_steps": 4}
     assert got.warnings == [{"loc": ["train"], "msg": "w"}]
     assert got.created_at == T0 == got.queued_at and got.preset == "production"
-    events = call(database, runs.list_events, rid)
+    events = call(database, reads.list_events, rid)
     assert [(e.from_status, e.to_status, e.message, e.actor) for e in events] == [
         (None, S.queued, "submitted", "api")
     ]
-    with pytest.raises(runs.RunNotFound):
-        call(database, runs.get_run, uuid.uuid4())
+    with pytest.raises(reads.RunNotFound):
+        call(database, reads.get_run, uuid.uuid4())
 
 
 def test_idempotency_key_same_body_returns_the_first_run(database):
     first = create(database, idempotency_key="k1")
     again, created = new_run(database, idempotency_key="k1")
     assert not created and again.id == first.id
-    assert call(database, runs.count_runs_by_status)[S.queued] == 1
-    assert len(call(database, runs.list_events, first.id)) == 1
+    assert call(database, reads.count_runs_by_status)[S.queued] == 1
+    assert len(call(database, reads.list_events, first.id)) == 1
 
 
 def test_idempotency_key_with_a_different_body_is_a_conflict(database):
@@ -111,7 +111,7 @@ def test_idempotency_key_with_a_different_body_is_a_conflict(database):
     assert other.id != first.id
     create(database)
     create(database)
-    assert sum(call(database, runs.count_runs_by_status).values()) == 5
+    assert sum(call(database, reads.count_runs_by_status).values()) == 5
 
 
 def test_request_hash_ignores_key_order():
@@ -154,7 +154,7 @@ def test_claim_starts_the_run_and_a_second_claim_gets_none(database):
     assert call(database, runs.claim_run, run.id, "w2", 60, now=T0) is None
     assert call(database, runs.claim_run, uuid.uuid4(), "w2", 60) is None
     assert event_path(database, run.id) == [(None, "queued"), ("queued", "running")]
-    worker = call(database, runs.live_workers, 60, now=T0)[0]
+    worker = call(database, reads.live_workers, 60, now=T0)[0]
     assert worker.current_run_id == run.id
 
 
@@ -180,7 +180,7 @@ def test_concurrent_claims_exactly_one_wins(database, contenders):
     winners = [r for r in results if r is not None]
     assert len(results) == contenders
     assert len(winners) == 1 and not isinstance(winners[0], BaseException), results
-    final = call(database, runs.get_run, run.id)
+    final = call(database, reads.get_run, run.id)
     assert final.attempt == 1 and final.worker_id == winners[0].worker_id
     assert event_path(database, run.id) == [(None, "queued"), ("queued", "running")]
 
@@ -218,7 +218,7 @@ def test_success_path_and_terminal_states_are_final(database):
                 "again",
                 reason=FailureReason.crashed if target == S.failed else None,
             )
-    assert len(call(database, runs.list_events, run.id)) == 3
+    assert len(call(database, reads.list_events, run.id)) == 3
 
 
 def test_failure_needs_a_reason_and_records_it(database):
@@ -227,7 +227,7 @@ def test_failure_needs_a_reason_and_records_it(database):
         call(database, runs.transition, run.id, S.failed, "boom")
     with pytest.raises(ValueError, match="only goes with failed"):
         call(database, runs.transition, run.id, S.succeeded, "ok", reason="crashed")
-    assert call(database, runs.get_run, run.id).status == S.running  # nothing half-written
+    assert call(database, reads.get_run, run.id).status == S.running  # nothing half-written
     failed = call(
         database,
         runs.transition,
@@ -239,7 +239,7 @@ def test_failure_needs_a_reason_and_records_it(database):
     )
     assert failed.failure_reason == FailureReason.out_of_memory
     assert failed.failure_message == "CUDA out of memory"
-    last = call(database, runs.list_events, run.id)[-1]
+    last = call(database, reads.list_events, run.id)[-1]
     assert (last.to_status, last.reason, last.attempt) == (S.failed, FailureReason.out_of_memory, 1)
 
 
@@ -256,7 +256,7 @@ def test_transition_rules(database):
         database, runs.transition, queued.id, S.failed, "no worker", reason="invalid_config"
     )
     assert failed.status == S.failed
-    with pytest.raises(runs.RunNotFound):
+    with pytest.raises(reads.RunNotFound):
         call(database, runs.transition, uuid.uuid4(), S.cancelled)
 
 
@@ -284,7 +284,7 @@ def test_requeue_clears_the_worker_and_fences_the_old_attempt(database):
         call(database, runs.record_checkpoint, run.id, "step-00000001", "/x", attempt=1)
     with pytest.raises(runs.LeaseLost):
         call(database, runs.transition, run.id, S.succeeded, attempt=1)
-    assert call(database, runs.list_metrics, run.id) == []
+    assert call(database, reads.list_metrics, run.id) == []
     done = call(database, runs.transition, run.id, S.succeeded, attempt=2)
     assert done.status == S.succeeded
 
@@ -295,8 +295,8 @@ def test_heartbeat_renews_the_lease(database):
     assert beat.lease_expires_at == T0 + timedelta(seconds=90) and not beat.cancel_requested
     with pytest.raises(runs.LeaseLost):
         call(database, runs.heartbeat_run, run.id, "other-worker", 1, 60)
-    assert call(database, runs.expired_runs, now=T0 + timedelta(seconds=89)) == []
-    assert [r.id for r in call(database, runs.expired_runs, now=T0 + timedelta(seconds=91))] == [
+    assert call(database, reads.expired_runs, now=T0 + timedelta(seconds=89)) == []
+    assert [r.id for r in call(database, reads.expired_runs, now=T0 + timedelta(seconds=91))] == [
         run.id
     ]
 
@@ -377,7 +377,7 @@ def test_expired_lease_requeues_until_max_attempts_then_fails(database):
         now=later + timedelta(seconds=61),
     )
     assert gone.status == S.failed and gone.failure_reason == FailureReason.lost_worker
-    assert "giving up" in call(database, runs.list_events, run.id)[-1].message
+    assert "giving up" in call(database, reads.list_events, run.id)[-1].message
     assert event_path(database, run.id)[1:] == [
         ("queued", "running"),
         ("running", "queued"),
@@ -442,23 +442,23 @@ def test_graceful_stops_do_not_count_as_failures_and_failures_are_bounded(databa
         )
         assert (back.status, back.failures, back.attempt) == (S.queued, failures, attempt)
         call(database, runs.claim_run, run.id, "w1", 60)
-    events = call(database, runs.list_events, run.id)
+    events = call(database, reads.list_events, run.id)
     assert events[-2].reason == FailureReason.lost_worker  # the cause, on a re-queue event
     assert "failure 2 of 3: re-queued" in events[-2].message
     done = call(
         database, runs.retry_or_fail, run.id, "killed", "SIGKILL", max_attempts=3, attempt=8
     )
     assert (done.status, done.failures, done.failure_reason) == (S.failed, 3, FailureReason.killed)
-    assert "failure 3 of 3: giving up" in call(database, runs.list_events, run.id)[-1].message
+    assert "failure 3 of 3: giving up" in call(database, reads.list_events, run.id)[-1].message
 
 
 def test_stale_queued_runs_and_mark_enqueued(database):
     old = create(database, "old", now=T0)
     create(database, "new", now=T0 + timedelta(minutes=9))
-    stale = call(database, runs.stale_queued_runs, 300, now=T0 + timedelta(minutes=10))
+    stale = call(database, reads.stale_queued_runs, 300, now=T0 + timedelta(minutes=10))
     assert [r.id for r in stale] == [old.id]
     assert call(database, runs.mark_enqueued, old.id, now=T0 + timedelta(minutes=10))
-    assert call(database, runs.stale_queued_runs, 300, now=T0 + timedelta(minutes=10)) == []
+    assert call(database, reads.stale_queued_runs, 300, now=T0 + timedelta(minutes=10)) == []
     call(database, runs.request_cancel, old.id)
     assert not call(database, runs.mark_enqueued, old.id)
 
@@ -499,7 +499,7 @@ def test_metrics_are_idempotent_by_step_and_the_last_value_wins(database):
     resent = [csv_row(s, loss="999") for s in range(6, 16)]
     assert call(database, runs.record_metrics, run.id, resent, attempt=1) == 10
     assert call(database, runs.record_metrics, run.id, resent) == 0
-    points = call(database, runs.list_metrics, run.id)
+    points = call(database, reads.list_metrics, run.id)
     assert [p.step for p in points] == list(range(1, 16))
     assert points[4].loss == pytest.approx(10 - 5 * 0.01)
     assert [p.loss for p in points[5:]] == [999.0] * 10
@@ -511,13 +511,13 @@ def test_metrics_are_idempotent_by_step_and_the_last_value_wins(database):
         None,
         0.5,
     )
-    assert [q.step for q in call(database, runs.list_metrics, run.id, after_step=12, limit=2)] == [
+    assert [q.step for q in call(database, reads.list_metrics, run.id, after_step=12, limit=2)] == [
         13,
         14,
     ]
     # a value going back to NULL is a change too
     assert call(database, runs.record_metrics, run.id, [csv_row(15, loss="")]) == 1
-    assert call(database, runs.list_metrics, run.id)[-1].loss is None
+    assert call(database, reads.list_metrics, run.id)[-1].loss is None
 
 
 def test_keep_through_drops_rows_past_a_rewritten_file(database):
@@ -543,7 +543,7 @@ def test_keep_through_drops_rows_past_a_rewritten_file(database):
         )
         == 0
     )
-    assert [p.step for p in call(database, runs.list_metrics, run.id)] == [1, 2, 3, 4]
+    assert [p.step for p in call(database, reads.list_metrics, run.id)] == [1, 2, 3, 4]
     assert (
         call(
             database,
@@ -555,14 +555,14 @@ def test_keep_through_drops_rows_past_a_rewritten_file(database):
         )
         == 2
     )
-    router = call(database, runs.list_router_points, run.id)
+    router = call(database, reads.list_router_points, run.id)
     assert sorted({r.step for r in router}) == [1, 2, 3, 4, 5]
     assert [r.fraction for r in router if r.step == 5] == [0.5, 0.5]
     # an empty rewritten file (the run started over) keeps nothing; fenced like any write
     with pytest.raises(runs.LeaseLost):
         call(database, runs.record_metrics, run.id, [], attempt=2, keep_through=0)
     assert call(database, runs.record_metrics, run.id, [], attempt=1, keep_through=0) == 0
-    assert call(database, runs.list_metrics, run.id) == []
+    assert call(database, reads.list_metrics, run.id) == []
 
 
 def test_metrics_in_many_batches_with_duplicates_inside_one_call(database):
@@ -573,7 +573,7 @@ def test_metrics_in_many_batches_with_duplicates_inside_one_call(database):
     ]
     rows.append({"step": 3, "loss": 123.0})  # duplicate inside the same call: the last wins
     assert call(database, runs.record_metrics, run.id, rows) == 2 * runs.BATCH_SIZE + 7
-    points = call(database, runs.list_metrics, run.id)
+    points = call(database, reads.list_metrics, run.id)
     assert len(points) == 2 * runs.BATCH_SIZE + 7 and points[3].loss == 123.0
     assert points[100].val_loss == 2.0 and points[101].val_loss is None
 
@@ -597,9 +597,9 @@ def test_metric_values_are_checked(database):
         )
         == 1
     )
-    (point,) = call(database, runs.list_metrics, run.id)
+    (point,) = call(database, reads.list_metrics, run.id)
     assert point.loss is None and point.grad_norm is None
-    with pytest.raises(runs.RunNotFound):
+    with pytest.raises(reads.RunNotFound):
         call(database, runs.record_metrics, uuid.uuid4(), [{"step": 1}])
 
 
@@ -610,7 +610,7 @@ def test_router_stats_are_idempotent(database):
     assert len(rows) == 8
     assert call(database, runs.record_router_stats, run.id, rows, attempt=1) == 8
     assert call(database, runs.record_router_stats, run.id, rows, attempt=1) == 0
-    points = call(database, runs.list_router_points, run.id)
+    points = call(database, reads.list_router_points, run.id)
     assert [(p.layer, p.expert) for p in points][:2] == [(0, 0), (0, 1)]
     assert points[2].fraction == 0.5 and points[-1].fraction == 1.0  # clamped
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -643,12 +643,12 @@ def test_checkpoints_are_idempotent_by_name(database):
     assert again.id == first.id and again.size_bytes == 120 and again.created_at == T0
     call(database, runs.record_checkpoint, run.id, "step-00000004", "/runs/x/step-00000004")
     call(database, runs.record_checkpoint, run.id, "final", "/runs/x/final", step=4)
-    names = [c.name for c in call(database, runs.list_checkpoints, run.id)]
+    names = [c.name for c in call(database, reads.list_checkpoints, run.id)]
     assert names == ["step-00000002", "step-00000004", "final"]
-    assert call(database, runs.get_checkpoint, run.id, "final").step == 4
-    assert call(database, runs.get_checkpoint, run.id, 4).name == "step-00000004"
-    assert call(database, runs.get_checkpoint, run.id, "2").name == "step-00000002"
-    assert call(database, runs.get_checkpoint, run.id, 3) is None
+    assert call(database, reads.get_checkpoint, run.id, "final").step == 4
+    assert call(database, reads.get_checkpoint, run.id, 4).name == "step-00000004"
+    assert call(database, reads.get_checkpoint, run.id, "2").name == "step-00000002"
+    assert call(database, reads.get_checkpoint, run.id, 3) is None
     assert call(database, runs.remove_checkpoint, run.id, "step-00000002")
     assert not call(database, runs.remove_checkpoint, run.id, "step-00000002")
     assert runs.checkpoint_step("step-00000500") == 500 and runs.checkpoint_step("final") is None
@@ -683,21 +683,21 @@ def test_worker_registry(database):
     w = call(database, runs.register_worker, "w1", "gpu-host", pid=123, gpus=gpus, now=T0)
     assert (w.gpu_count, w.gpu_memory_bytes, w.started_at) == (2, 80 * 2**30, T0)
     call(database, runs.register_worker, "cpu", "laptop", now=T0 - timedelta(minutes=5))
-    live = call(database, runs.live_workers, 60, now=T0 + timedelta(seconds=30))
+    live = call(database, reads.live_workers, 60, now=T0 + timedelta(seconds=30))
     assert [x.id for x in live] == ["w1"]
     assert call(database, runs.heartbeat_worker, "cpu", now=T0 + timedelta(seconds=20)) is not None
-    live = call(database, runs.live_workers, 60, now=T0 + timedelta(seconds=30))
+    live = call(database, reads.live_workers, 60, now=T0 + timedelta(seconds=30))
     assert [x.id for x in live] == ["cpu", "w1"]
-    assert runs.worker_can_serve(live[1], 2) and not runs.worker_can_serve(live[1], 3)
-    assert runs.worker_can_serve(live[0], 1) and not runs.worker_can_serve(live[0], 2)
+    assert reads.worker_can_serve(live[1], 2) and not reads.worker_can_serve(live[1], 3)
+    assert reads.worker_can_serve(live[0], 1) and not reads.worker_can_serve(live[0], 2)
     assert call(database, runs.heartbeat_worker, "nobody") is None
     # running and finishing a run keeps current_run_id in step
     run = create(database)
     call(database, runs.claim_run, run.id, "w1", 60, now=T0 + timedelta(seconds=40))
-    live = call(database, runs.live_workers, 60, now=T0 + timedelta(seconds=40))
+    live = call(database, reads.live_workers, 60, now=T0 + timedelta(seconds=40))
     assert live[1].current_run_id == run.id
     call(database, runs.transition, run.id, S.succeeded, attempt=1)
-    live = call(database, runs.live_workers, 60, now=T0 + timedelta(seconds=40))
+    live = call(database, reads.live_workers, 60, now=T0 + timedelta(seconds=40))
     assert live[1].current_run_id is None
     assert call(database, runs.deregister_worker, "w1")
     assert not call(database, runs.deregister_worker, "w1")
@@ -727,8 +727,8 @@ def test_delete_run_removes_its_rows(database):
                 ).scalar()
                 == 0
             ), model
-    assert len(call(database, runs.list_metrics, keep.id)) == 1
-    with pytest.raises(runs.RunNotFound):
+    assert len(call(database, reads.list_metrics, keep.id)) == 1
+    with pytest.raises(reads.RunNotFound):
         call(database, runs.delete_run, run.id)
 
 
@@ -741,24 +741,24 @@ def test_list_runs_pages_through_everything_in_order(database):
         seen: list[uuid.UUID] = []
         cursor = None
         while True:
-            page, cursor = call(database, runs.list_runs, limit=3, cursor=cursor, sort=sort)
+            page, cursor = call(database, reads.list_runs, limit=3, cursor=cursor, sort=sort)
             seen.extend(r.id for r in page)
             if cursor is None:
                 break
         assert sorted(seen) == sorted(r.id for r in created), sort
-        everything, last = call(database, runs.list_runs, limit=100, sort=sort)
+        everything, last = call(database, reads.list_runs, limit=100, sort=sort)
         assert last is None and [r.id for r in everything] == seen, sort
         key = sort.lstrip("-")
         values = [getattr(r, key) for r in everything]
         values = [v.value if isinstance(v, RunStatus) else v for v in values]
         assert values == sorted(values, reverse=sort.startswith("-")), sort
-    page, _ = call(database, runs.list_runs, status="cancelled")
+    page, _ = call(database, reads.list_runs, status="cancelled")
     assert [r.id for r in page] == [created[0].id]
     with pytest.raises(ValueError, match="sort must be"):
-        call(database, runs.list_runs, sort="attempt")
+        call(database, reads.list_runs, sort="attempt")
     with pytest.raises(ValueError, match="invalid cursor"):
-        call(database, runs.list_runs, cursor="garbage")
-    counts = call(database, runs.count_runs_by_status)
+        call(database, reads.list_runs, cursor="garbage")
+    counts = call(database, reads.count_runs_by_status)
     assert counts[S.queued] == 7 and counts[S.cancelled] == 1 and counts[S.running] == 0
 
 
@@ -771,10 +771,30 @@ def test_write_after_a_stale_read_transaction(database):
     locked": write_transaction ends the read and begins with the write lock."""
     run = create(database)
     with database.session() as reader:
-        assert runs.list_runs(reader)[0][0].status == S.queued  # read transaction open
+        assert reads.list_runs(reader)[0][0].status == S.queued  # read transaction open
         assert call(database, runs.claim_run, run.id, "w1", 60) is not None  # other commit
         done = runs.transition(reader, run.id, S.succeeded, "ok", attempt=1)
         assert done.status == S.succeeded
+
+
+def test_a_read_transaction_ends_with_its_block(database):
+    """service.db.read_transaction: the block reads in a transaction of its own, none is left
+    open after it (the next block sees another connection's commit), what it read stays
+    readable, and ORM changes pending on the session are refused."""
+    run = create(database)
+    with database.session() as reader:
+        assert reads.list_runs(reader)[0][0].status == S.queued  # read transaction open
+        with read_transaction(reader):
+            got = reads.get_run(reader, run.id)
+        assert not reader.in_transaction()
+        assert got.status == S.queued and got.name == "run"
+        assert call(database, runs.claim_run, run.id, "w1", 60) is not None  # other commit
+        with read_transaction(reader):
+            assert reads.get_run(reader, run.id).status == S.running
+        reader.add(RunEvent(run_id=run.id, to_status=S.running, message="pending"))
+        with pytest.raises(RuntimeError, match="uncommitted ORM changes"):
+            with read_transaction(reader):
+                pass
 
 
 def test_writers_in_several_processes_share_one_sqlite_file(tmp_path):
@@ -827,7 +847,7 @@ for i in range(15):
     db = open_database(settings)
     try:
         with db.session() as s:
-            assert runs.count_runs_by_status(s)[S.succeeded] == 30
+            assert reads.count_runs_by_status(s)[S.succeeded] == 30
             assert s.execute(sa.select(sa.func.count()).select_from(MetricPoint)).scalar() == 600
     finally:
         db.dispose()

@@ -1,4 +1,4 @@
-"""Security headers (service.api.headers) on every kind of response of a real server: the
+"""Security headers (service.api.middleware) on every kind of response of a real server: the
 dashboard and its assets, the API, the docs and the schema, probes, and the errors of every
 layer (401 and 403 from the token check, 404, 405, 413 from the body limit, 422, and the 500 of
 the error middleware). The browser side (the pages run under the policy) is in test_dashboard.py."""
@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from service.api.headers import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
+from service.api.middleware import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
 from test_client_support import live_server
 
 TOKEN = "t" * 40

@@ -30,7 +30,7 @@ from test_worker_support import (
     worker_settings,
 )
 
-from service import runs
+from service import reads
 from service.db import migrate, open_database
 from service.models import FailureReason, RunStatus, Throughput, Worker
 from service.queue import (
@@ -91,12 +91,12 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
 
     def checkpoints():
         with db.session() as session:
-            return {c.name: c.step for c in runs.list_checkpoints(session, run.id)}
+            return {c.name: c.step for c in reads.list_checkpoints(session, run.id)}
 
     try:
         a_id = workers["a"].start().wait_registered(db)
         with db.session() as session:
-            row = [w for w in runs.live_workers(session, 60) if w.id == a_id][0]
+            row = [w for w in reads.live_workers(session, 60) if w.id == a_id][0]
         assert row.pid == workers["a"].pid and row.gpu_count == len(row.gpus)
         sample = settings.data_root / "sample"  # seeded at start-up for the smoke test
         assert (sample / "tokenizer" / "tokenizer.json").is_file()
@@ -169,8 +169,8 @@ def test_run_survives_a_worker_shutdown_and_a_killed_worker(tmp_path):
         assert done.status == RunStatus.succeeded, done.failure_message
         assert done.attempt == 3 and done.worker_id == c_id
         with db.session() as session:
-            events = runs.list_events(session, run.id)
-            points = runs.list_metrics(session, run.id)
+            events = reads.list_events(session, run.id)
+            points = reads.list_metrics(session, run.id)
         steps = [p.step for p in points]
         S = RunStatus
         assert [(e.from_status, e.to_status) for e in events] == [
@@ -285,9 +285,9 @@ def test_failure_reasons_have_one_home():
 
 def _live(db):
     with db.session() as session:
-        return runs.live_workers(session, 5)
+        return reads.live_workers(session, 5)
 
 
 def _all_workers(db):
     with db.session() as session:
-        return runs.live_workers(session, 10**9)
+        return reads.live_workers(session, 10**9)

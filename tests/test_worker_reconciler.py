@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from test_db_support import database, postgres_migrated, postgres_url, settings_for  # noqa: F401
 from test_worker_support import REPO, require_redis
 
-from service import runs
+from service import reads, runs
 from service.models import FailureReason, RunStatus, Worker, utcnow
 from service.queue import TRAIN_TASK, make_celery
 from worker.reconciler import interval_seconds, reconcile
@@ -60,7 +60,7 @@ def _queued_ids(client, queue: str) -> list[str]:
     return ids
 
 
-def _run(db, name="r"):
+def _run(db, name="r", preset=None):
     train, model = {"out_dir": "/nowhere"}, {"name": "m"}
     with db.session() as session:
         run, _ = runs.create_run(
@@ -70,6 +70,7 @@ def _run(db, name="r"):
             submitted_model=model,
             resolved_train=train,
             resolved_model=model,
+            preset=preset,
         )
     return run
 
@@ -88,8 +89,8 @@ def test_expired_lease_requeues_and_enqueues(deployment):
     summary = reconcile(settings, db=db, celery_app=app, now=later)
     assert summary.requeued == [str(run.id)] and not summary.errors
     with db.session() as session:
-        current = runs.get_run(session, run.id)
-        last = runs.list_events(session, run.id)[-1]
+        current = reads.get_run(session, run.id)
+        last = reads.list_events(session, run.id)[-1]
     assert current.status == RunStatus.queued and current.worker_id is None
     assert (last.actor, last.from_status, last.to_status) == (
         "reconciler",
@@ -111,7 +112,7 @@ def test_expired_lease_after_the_last_attempt_fails_lost_worker(deployment):
         summary = reconcile(settings, db=db, celery_app=app, now=t0 + timedelta(seconds=31))
     assert summary.finished == [str(run.id)] and not summary.requeued
     with db.session() as session:
-        current = runs.get_run(session, run.id)
+        current = reads.get_run(session, run.id)
     assert current.status == RunStatus.failed
     assert current.failure_reason == FailureReason.lost_worker
     assert _queued_ids(client, settings.celery_queue) == [str(run.id)]  # only the first retry
@@ -126,7 +127,7 @@ def test_expired_lease_of_a_cancelled_run_ends_cancelled(deployment):
     summary = reconcile(settings, db=db, celery_app=app, now=utcnow() + timedelta(seconds=31))
     assert summary.finished == [str(run.id)]
     with db.session() as session:
-        assert runs.get_run(session, run.id).status == RunStatus.cancelled
+        assert reads.get_run(session, run.id).status == RunStatus.cancelled
     assert _queued_ids(client, settings.celery_queue) == []
 
 
@@ -150,7 +151,7 @@ def test_stale_queued_run_is_sent_again_while_a_worker_is_idle(deployment):
     # marked as enqueued now: not sent again before another stale period
     assert not reconcile(settings, db=db, celery_app=app, now=later + timedelta(seconds=30))
     with db.session() as session:
-        assert runs.get_run(session, run.id).status == RunStatus.queued
+        assert reads.get_run(session, run.id).status == RunStatus.queued
 
 
 def test_broker_down_is_reported_and_the_run_stays_queued(deployment):
@@ -163,7 +164,44 @@ def test_broker_down_is_reported_and_the_run_stays_queued(deployment):
     )
     assert summary.errors and str(run.id) in summary.errors[0] and not summary.requeued
     with db.session() as session:
-        assert runs.get_run(session, run.id).status == RunStatus.queued
+        assert reads.get_run(session, run.id).status == RunStatus.queued
+
+
+def test_a_queued_smoke_test_is_cancelled_while_no_worker_trains(deployment):
+    # What GET /smoke-test/{id} did before it lost its side effect: the reconciler does it now.
+    settings, db, app, client = deployment
+    smoke = _run(db, "smoke-test-1", preset=reads.SMOKE_TEST_PRESET)
+    plain = _run(db, "plain")
+    now = utcnow()
+    with db.session() as session:
+        runs.register_worker(session, "trainer", "h", role="train", now=now)
+    # a worker that trains is live: the smoke test waits for it
+    assert not reconcile(settings, db=db, celery_app=app, now=now)
+    # the trainer's heartbeat is stale (worker_stale_seconds = 20); only an aux worker is live
+    later = now + timedelta(seconds=21)
+    with db.session() as session:
+        runs.register_worker(session, "aux", "h", role="aux", now=later)
+    summary = reconcile(settings, db=db, celery_app=app, now=later)
+    assert summary.cancelled == [str(smoke.id)] and not summary.errors
+    with db.session() as session:
+        current = reads.get_run(session, smoke.id)
+        last = reads.list_events(session, smoke.id)[-1]
+        assert reads.get_run(session, plain.id).status == RunStatus.queued  # not a smoke test
+    assert current.status == RunStatus.cancelled and current.cancel_requested
+    assert (last.actor, last.from_status, last.to_status) == (
+        "reconciler",
+        RunStatus.queued,
+        RunStatus.cancelled,
+    )
+    assert last.message == f"smoke test failed: {reads.SMOKE_TEST_NO_WORKER}"
+    assert not reconcile(settings, db=db, celery_app=app, now=later)  # nothing more to do
+    # a smoke test already claimed is left alone, trainer or not
+    running = _run(db, "smoke-test-2", preset=reads.SMOKE_TEST_PRESET)
+    _claim(db, running, lease=300, now=later)
+    assert not reconcile(settings, db=db, celery_app=app, now=later)
+    with db.session() as session:
+        assert reads.get_run(session, running.id).status == RunStatus.running
+    assert _queued_ids(client, settings.celery_queue) == []
 
 
 def test_interval_follows_the_lease_and_stale_periods(tmp_path):
@@ -200,12 +238,12 @@ def test_runtime_registers_heartbeats_and_deregisters(tmp_path, database):
     runtime.start(seed_sample=False)
     try:
         with database.session() as session:
-            (row,) = [w for w in runs.live_workers(session, 60) if w.id == "rt-1"]
+            (row,) = [w for w in reads.live_workers(session, 60) if w.id == "rt-1"]
             first = row.heartbeat_at
             runs.deregister_worker(session, "rt-1")  # pruned by someone: heartbeat re-registers
         runtime.heartbeat()
         with database.session() as session:
-            (row,) = [w for w in runs.live_workers(session, 60) if w.id == "rt-1"]
+            (row,) = [w for w in reads.live_workers(session, 60) if w.id == "rt-1"]
         assert row.heartbeat_at >= first and row.gpu_count == len(runtime.gpus)
         assert runtime.info.hardware["gpus"] == [
             {k: g.get(k) for k in ("index", "name", "memory_bytes")} for g in runtime.gpus
@@ -221,12 +259,12 @@ def test_runtime_registers_heartbeats_and_deregisters(tmp_path, database):
             session.commit()
         runtime.heartbeat()
         with database.session() as session:
-            (row,) = [w for w in runs.live_workers(session, 60) if w.id == "rt-1"]
+            (row,) = [w for w in reads.live_workers(session, 60) if w.id == "rt-1"]
         assert abs(row.free_bytes - free) < 2**30
     finally:
         runtime.stop()
     with database.session() as session:
-        assert "rt-1" not in {w.id for w in runs.live_workers(session, 10**9)}
+        assert "rt-1" not in {w.id for w in reads.live_workers(session, 10**9)}
     assert runtime.shutdown.is_set()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from test_db_support import database, postgres_migrated, postgres_url, settings_for  # noqa: F401
 
-from service import runs
+from service import reads, runs
 from service.db import Database, migrate, open_database
 from service.models import FailureReason, RunProvenance, RunStatus, utcnow
 from worker.runner import (
@@ -311,7 +311,7 @@ def test_killed_by_signal_is_retried_then_fails(tmp_path, sqlite_db):
     outcome, moved = _run(sqlite_db, settings, run, _script(tmp_path, body))
     assert moved.status == RunStatus.failed and moved.failure_reason == FailureReason.killed
     with sqlite_db.session() as session:
-        assert "giving up" in runs.list_events(session, run.id)[-1].message
+        assert "giving up" in reads.list_events(session, run.id)[-1].message
 
 
 def test_exit_75_without_shutdown_counts_as_killed(tmp_path, sqlite_db):
@@ -400,11 +400,11 @@ def test_metrics_router_checkpoints_retention_provenance(tmp_path, database):
     assert outcome.kind == "succeeded" and moved.status == RunStatus.succeeded
     out = Path(run.resolved_train["out_dir"])
     with database.session() as session:
-        points = runs.list_metrics(session, run.id)
-        router = runs.list_router_points(session, run.id)
-        checkpoints = runs.list_checkpoints(session, run.id)
+        points = reads.list_metrics(session, run.id)
+        router = reads.list_router_points(session, run.id)
+        checkpoints = reads.list_checkpoints(session, run.id)
         provenance = session.get(RunProvenance, run.id)
-        events = runs.list_events(session, run.id)
+        events = reads.list_events(session, run.id)
     file_rows = _csv_rows(out / "metrics.csv")
     assert [p.step for p in points] == [int(r["step"]) for r in file_rows] == list(range(1, 9))
     for point, row in zip(points, file_rows):
@@ -481,8 +481,8 @@ def test_a_resumed_attempt_rewrites_the_rows_past_its_checkpoint(tmp_path, datab
     outcome, moved = _run(database, settings, run, _script(tmp_path, RESUMED_ENGINE))
     assert outcome.kind == "succeeded", outcome.message
     with database.session() as session:
-        points = runs.list_metrics(session, run.id)
-        router = runs.list_router_points(session, run.id)
+        points = reads.list_metrics(session, run.id)
+        router = reads.list_router_points(session, run.id)
     assert [p.step for p in points] == [int(r["step"]) for r in _csv_rows(out / "metrics.csv")]
     assert [p.step for p in points] == [1, 2, 3, 4, 5, 6]
     assert [p.loss for p in points] == pytest.approx([10.0, 5.0, 10 / 3, 2.5, 99.0, 99.0], rel=1e-5)
@@ -520,13 +520,13 @@ def test_cancel_stops_the_process_and_ingestion(tmp_path, database):
     assert moved.status == RunStatus.cancelled and moved.failure_reason is None
     assert _pid_gone(int(pid_file.read_text()))
     with database.session() as session:
-        stored = [p.step for p in runs.list_metrics(session, run.id)]
+        stored = [p.step for p in reads.list_metrics(session, run.id)]
     # every row the process wrote is stored, and nothing more is written after the end
     assert stored == [int(r["step"]) for r in _csv_rows(out / "metrics.csv")]
     time.sleep(0.5)
     with database.session() as session:
-        assert [p.step for p in runs.list_metrics(session, run.id)] == stored
-        events = runs.list_events(session, run.id)
+        assert [p.step for p in reads.list_metrics(session, run.id)] == stored
+        events = reads.list_events(session, run.id)
     assert [e.to_status for e in events][-2:] == [RunStatus.running, RunStatus.cancelled]
     # the SIGTERM checkpoint was recorded before the run was cancelled
     assert (out / f"step-{stored[-1]:08d}").is_dir()
@@ -574,8 +574,8 @@ def test_worker_shutdown_requeues_after_the_checkpoint(tmp_path, sqlite_db):
     assert (outcome.kind, outcome.exit_code) == ("requeue", 75)
     assert moved.status == RunStatus.queued and moved.worker_id is None
     with sqlite_db.session() as session:
-        last = runs.list_events(session, run.id)[-1]
-        recorded = [c.name for c in runs.list_checkpoints(session, run.id)]
+        last = reads.list_events(session, run.id)[-1]
+        recorded = [c.name for c in reads.list_checkpoints(session, run.id)]
     assert "graceful stop: worker shutting down" in last.message and last.reason is None
     assert moved.failures == 0  # a graceful stop is no failure
     assert recorded == [name for name, _ in checkpoint_folders(out)] and recorded
@@ -605,8 +605,8 @@ def test_lost_lease_kills_the_process_and_writes_nothing(tmp_path, database):
     assert outcome.exit_code == -signal.SIGKILL
     assert _pid_gone(int((settings.run_dir(run.id) / "train.pid").read_text()))
     with database.session() as session:
-        current = runs.get_run(session, run.id)
-        events = runs.list_events(session, run.id)
+        current = reads.get_run(session, run.id)
+        events = reads.list_events(session, run.id)
     assert current.status == RunStatus.queued and current.attempt == 1
     assert (events[-1].from_status, events[-1].to_status, events[-1].actor) == (
         RunStatus.running,
@@ -738,8 +738,8 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
         set_connections(True)
         db.dispose()
         with db.session() as session:  # nothing was written: the reconciler will take over
-            current = runs.get_run(session, run.id)
-            stored = len(runs.list_metrics(session, run.id))
+            current = reads.get_run(session, run.id)
+            stored = len(reads.list_metrics(session, run.id))
         assert current.status == RunStatus.running and current.attempt == 1
         assert stored < len(_csv_rows(out / "metrics.csv"))
         # once the database answers, the fenced outcome is written: re-queued, resumable

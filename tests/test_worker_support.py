@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_MODEL, stdlib_text_files, tiny_train_config
 
-from service import runs
+from service import reads, runs
 from service.db import Database
 from service.models import Run, RunStatus
 from service.settings import ENV_PREFIX, Settings
@@ -146,7 +146,7 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.25, on_fail=N
 
 def get_run(db: Database, run_id) -> Run:
     with db.session() as session:
-        return runs.get_run(session, run_id)
+        return reads.get_run(session, run_id)
 
 
 def csv_rows(path: Path) -> list[dict[str, str]]:
@@ -221,7 +221,7 @@ class WorkerProcess:
             with db.session() as session:
                 mine = [
                     w.id
-                    for w in runs.live_workers(session, 60)
+                    for w in reads.live_workers(session, 60)
                     if w.id.endswith(self.worker_id_suffix)
                 ]
             return mine[0] if mine and " ready." in self.log() else None
@@ -253,8 +253,8 @@ def assert_ingested(db: Database, run: Run) -> None:
 
     out = Path(run.resolved_train["out_dir"])
     with db.session() as session:
-        points = runs.list_metrics(session, run.id)
-        checkpoints = runs.list_checkpoints(session, run.id)
+        points = reads.list_metrics(session, run.id)
+        checkpoints = reads.list_checkpoints(session, run.id)
     rows = csv_rows(out / "metrics.csv")
     assert [p.step for p in points] == [int(r["step"]) for r in rows]
     for point, row in zip(points, rows):
@@ -274,7 +274,7 @@ def statuses(db: Database, run_id) -> list[tuple[str | None, str]]:
     with db.session() as session:
         return [
             (e.from_status.value if e.from_status else None, e.to_status.value)
-            for e in runs.list_events(session, run_id)
+            for e in reads.list_events(session, run_id)
         ]
 
 

@@ -183,8 +183,7 @@ def run_worker(
 def _database_problem(settings: Settings) -> str | None:
     """Why this worker cannot use the database (unreachable, or not migrated to the code's
     revision: the message says to run ``moejobs migrate``), or None."""
-    from service.db import open_database
-    from service.main import StartupError, check_schema
+    from service.db import StartupError, check_schema, open_database
 
     db = open_database(settings)
     try:

@@ -297,15 +297,15 @@ def prepare_run(
     that this worker is stopping (the preparation is ended and sent again for another worker);
     ``env`` is the preparation process' environment (default: this one's, with
     ``MOEJOBS_TOKEN_CACHE`` from ``settings``). Never raises for a failed preparation."""
-    from service import runs
+    from service import reads
     from service.models import RunStatus
 
     if settings.engine != "litgpt":
         return PrepOutcome("skipped", f"the {settings.engine} engine tokenizes nothing")
     with db.session() as session:
         try:
-            run = runs.get_run(session, run_id)
-        except runs.RunNotFound:
+            run = reads.get_run(session, run_id)
+        except reads.RunNotFound:
             return PrepOutcome("skipped", "not found")
     if run.status != RunStatus.queued:
         return PrepOutcome("skipped", run.status.value)
@@ -352,7 +352,7 @@ def _prepare_locked(
     env: dict[str, str] | None,
 ) -> PrepOutcome:
     """:func:`prepare_run` once the run's lock is held."""
-    from service import runs
+    from service import reads, runs
     from service.models import FailureReason, RunStatus
 
     actor = f"worker:{worker_id}"
@@ -412,7 +412,7 @@ def _prepare_locked(
                     failure_message=message,
                     actor=actor,
                 )
-            except runs.RunError as error:  # cancelled meanwhile: nothing to fail
+            except reads.RunError as error:  # cancelled meanwhile: nothing to fail
                 log.info("run %s: not failed after its preparation (%s)", run.id, error)
         return PrepOutcome("failed_run", message)
     write_marker(run_dir, "failed", worker=worker_id, reason=reason, message=message)
@@ -461,7 +461,7 @@ def _run_preparation(
 ) -> tuple[dict[str, Any], str | None]:
     """Start the preparation process and wait for it; returns (its result, None) or ({}, why it
     was stopped)."""
-    from service import runs
+    from service import reads
     from service.models import RunStatus
     from worker.runner import REPO_ROOT, write_configs
 
@@ -505,8 +505,8 @@ def _run_preparation(
             else:
                 try:
                     with db.session() as session:
-                        status = runs.get_run(session, run.id, configs=False).status
-                except runs.RunNotFound:
+                        status = reads.get_run(session, run.id, configs=False).status
+                except reads.RunNotFound:
                     status = None
                 except Exception:  # database away for a moment: keep preparing
                     continue

@@ -1,6 +1,7 @@
-"""The reconciler: puts back into the broker what the broker lost. Every worker runs it
-periodically (``worker.registry.WorkerRuntime`` starts a thread); running it on several
-workers at once is harmless because claims are atomic.
+"""The reconciler: puts back into the broker what the broker lost, and cancels a smoke test
+that no worker can claim. Every worker runs it periodically (``worker.registry.WorkerRuntime``
+starts a thread); running it on several workers at once is harmless because claims are atomic
+(and cancelling a cancelled run changes nothing).
 
 Delivery and acknowledgement strategy
 -------------------------------------
@@ -21,7 +22,7 @@ task starts), prefetch is 1 and a worker runs one run at a time. What makes this
   ``MAX_ATTEMPTS``) and enqueues a new message; the next attempt resumes from the latest
   complete checkpoint (``resume: auto``). A message acked but never claimed (the worker died in
   between) or lost by the broker leaves the run ``queued``: after ``QUEUED_STALE_SECONDS``
-  without a claim the reconciler sends it again (``runs.stale_queued_runs`` +
+  without a claim the reconciler sends it again (``reads.stale_queued_runs`` +
   ``runs.mark_enqueued``).
 - **A worker that stops cleanly** (SIGTERM) stops the training process with SIGTERM, which
   writes a checkpoint and exits 75; the run goes back to queued at once and is enqueued again.
@@ -42,8 +43,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from service import runs
-from service.db import Database, open_database
+from service import reads, runs
+from service.db import Database, open_database, read_transaction
 from service.models import RunStatus
 from service.settings import Settings
 
@@ -61,11 +62,15 @@ class ReconcileSummary:
     finished: list[str] = field(default_factory=list)
     #: queued runs without a claim for QUEUED_STALE_SECONDS that were enqueued again
     reenqueued: list[str] = field(default_factory=list)
+    #: queued smoke tests cancelled because no worker that trains was live
+    cancelled: list[str] = field(default_factory=list)
     #: enqueue failures (broker down): the run stays queued and is tried on a later pass
     errors: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.requeued or self.finished or self.reenqueued or self.errors)
+        return bool(
+            self.requeued or self.finished or self.reenqueued or self.cancelled or self.errors
+        )
 
 
 def interval_seconds(settings: Settings) -> float:
@@ -97,7 +102,12 @@ def reconcile(
        ``runs.recover_expired_run`` (queued again, or failed ``lost_worker`` once
        ``settings.max_attempts`` attempts were made, or cancelled if that was requested);
        re-queued runs are enqueued;
-    2. every ``queued`` run not claimed for ``settings.queued_stale_seconds`` is enqueued
+    2. a queued smoke test (``service.reads.active_smoke_test``) is cancelled while no worker
+       that trains is live (heartbeat within ``settings.worker_stale_seconds``; an ``aux``
+       worker's reconciler sees that): nothing can claim it, and it must not start by surprise
+       much later nor keep a new smoke test from being submitted. Its report
+       (``GET /smoke-test/{id}``) already says it failed at ``queued_wait``;
+    3. every ``queued`` run not claimed for ``settings.queued_stale_seconds`` is enqueued
        again and marked (``runs.mark_enqueued``), but only while some live worker is idle:
        when every worker is busy, a run waiting in the broker is not lost, only waiting, and
        duplicating its message would only lengthen the queue.
@@ -116,7 +126,9 @@ def reconcile(
     summary = ReconcileSummary()
     try:
         with db.session() as session:
-            for run in runs.expired_runs(session, now=now):
+            with read_transaction(session):
+                expired = reads.expired_runs(session, now=now)
+            for run in expired:
                 moved = runs.recover_expired_run(
                     session, run.id, max_attempts=settings.max_attempts, now=now
                 )
@@ -129,22 +141,36 @@ def reconcile(
                     try:
                         _enqueue(celery_app, moved.id)
                         summary.requeued.append(str(moved.id))
-                    except Exception as error:  # broker down: step 2 re-sends it later
+                    except Exception as error:  # broker down: step 3 re-sends it later
                         summary.errors.append(f"{moved.id}: {error}")
                 else:
                     log.warning("run %s: lease expired: %s", run.id, moved.status.value)
                     summary.finished.append(str(moved.id))
 
-            idle = [
-                w
-                for w in runs.live_workers(
+            with read_transaction(session):
+                trainers = reads.live_workers(
                     session, settings.worker_stale_seconds, now=now, role="trains"
                 )
-                if w.current_run_id is None
-            ]
-            session.commit()
+                smoke = reads.active_smoke_test(session)
+            if smoke is not None and smoke.status == RunStatus.queued and not trainers:
+                try:
+                    runs.request_cancel(
+                        session,
+                        smoke.id,
+                        f"smoke test failed: {reads.SMOKE_TEST_NO_WORKER}",
+                        actor="reconciler",
+                        now=now,
+                    )
+                except reads.RunError as error:  # finished or deleted meanwhile
+                    log.info("smoke test %s: not cancelled (%s)", smoke.id, error)
+                else:
+                    log.warning("smoke test %s: no live worker trains runs: cancelled", smoke.id)
+                    summary.cancelled.append(str(smoke.id))
+            idle = [w for w in trainers if w.current_run_id is None]
             if idle:
-                for run in runs.stale_queued_runs(session, settings.queued_stale_seconds, now=now):
+                with read_transaction(session):
+                    stale = reads.stale_queued_runs(session, settings.queued_stale_seconds, now=now)
+                for run in stale:
                     try:
                         _enqueue(celery_app, run.id)
                     except Exception as error:

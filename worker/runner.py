@@ -65,7 +65,7 @@ from typing import Any
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import contract, runs
+from service import contract, reads, runs
 from service.contract import EngineResult, ExitCode, FailureReason
 from service.db import Database
 from service.models import METRIC_COLUMNS, Run, RunStatus
@@ -707,8 +707,8 @@ class _Attempt:
             return
         try:
             with self.db.session() as session:
-                run = runs.get_run(session, self.run_id)
-        except (SQLAlchemyError, runs.RunNotFound) as error:
+                run = reads.get_run(session, self.run_id)
+        except (SQLAlchemyError, reads.RunNotFound) as error:
             log.warning("run %s: reading the cancel flag failed: %s", self.run_id, error)
             return
         if run.status != RunStatus.running or run.attempt != self.attempt:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import runs
+from service import reads, runs
 from service.models import FailureReason, RunStatus, Worker
 from worker import prepare
 from worker.registry import current_runtime
@@ -71,8 +71,8 @@ def train_run(run_id: str) -> dict[str, Any]:
 
     with db.session() as session:
         try:
-            run = runs.get_run(session, rid)
-        except runs.RunNotFound:
+            run = reads.get_run(session, rid)
+        except reads.RunNotFound:
             log.warning("run %s: not found (deleted?), message ignored", rid)
             return {"run_id": str(rid), "claimed": False, "why": "not found"}
         if run.status != RunStatus.queued:
@@ -81,7 +81,7 @@ def train_run(run_id: str) -> dict[str, Any]:
             )
             return {"run_id": str(rid), "claimed": False, "why": run.status.value}
         devices = _devices(run.resolved_train)
-        if not runs.worker_can_serve(
+        if not reads.worker_can_serve(
             Worker(id=runtime.worker_id, host="", gpu_count=len(runtime.gpus)), devices
         ):
             log.warning(
@@ -95,7 +95,7 @@ def train_run(run_id: str) -> dict[str, Any]:
         decision = prepare.decide(
             run,
             settings,
-            lambda: bool(runs.live_workers(session, settings.worker_stale_seconds, role="aux")),
+            lambda: bool(reads.live_workers(session, settings.worker_stale_seconds, role="aux")),
         )
         if decision.action == "prepare":
             try:

@@ -9,7 +9,7 @@ from fastapi.security import HTTPBearer
 
 from service.api import datasets, runs, smoke, system
 
-#: Documents the bearer token in OpenAPI (the check itself is ``errors.AuthMiddleware``).
+#: Documents the bearer token in OpenAPI (the check itself is ``middleware.AuthMiddleware``).
 bearer_scheme = HTTPBearer(
     auto_error=False, description="MOEJOBS_API_TOKEN, when the server has one"
 )

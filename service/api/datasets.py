@@ -33,14 +33,13 @@ from datetime import datetime, UTC
 from pathlib import Path, PurePosixPath
 from typing import IO, Annotated
 
-from celery import Celery
-from fastapi import APIRouter, Depends, Path as PathParam, Request, Response, status
+from fastapi import APIRouter, Path as PathParam, Request, Response, status
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import reads
-from service.api.deps import get_celery, get_settings
+from service.api.deps import CeleryDep, DatabaseGate, GateDep, SettingsDep
 from service.api.errors import ApiError, dependency_unavailable, invalid
 from service.api.models import DatasetPublic, TokenizerCreate, TokenizerPublic
 from service.api.body import media_type
@@ -60,8 +59,6 @@ from service.settings import Settings
 
 router = APIRouter(tags=["datasets"])
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
 #: Dataset and tokenizer names: exactly what ``service.config.paths.check_name`` accepts.
 #: (The pattern is for the document; ``_name`` checks it with a message saying what is valid.)
 NameParam = Annotated[
@@ -312,7 +309,11 @@ _UPLOAD_BODY = {
     summary="Upload a dataset (.txt files or a .tar of them)",
 )
 async def upload_dataset(
-    name: NameParam, request: Request, settings: SettingsDep, overwrite: bool = False
+    name: NameParam,
+    request: Request,
+    settings: SettingsDep,
+    gate: GateDep,
+    overwrite: bool = False,
 ) -> DatasetPublic:
     """Store the upload in ``DATA_ROOT/<name>/`` (module docstring). 201 with the dataset; 409
     when it exists (without ``overwrite``) or a live run reads it; 422 naming a refused file."""
@@ -367,7 +368,7 @@ async def upload_dataset(
                 f"(.txt files or one .tar) or application/x-tar",
             )
         writer.finish()
-        await _check_not_in_use(request, target, "replace")
+        await _check_not_in_use(gate, target, "replace")
         _publish(staging, target, overwrite)
     except UploadProblem as problem:
         raise ApiError(
@@ -384,12 +385,12 @@ async def upload_dataset(
     return _describe(target)
 
 
-async def _check_not_in_use(request: Request, folder: Path, verb: str) -> None:
+async def _check_not_in_use(gate: DatabaseGate, folder: Path, verb: str) -> None:
     """409 ``in_use`` when a queued or running run reads ``folder`` (through the database
     gate)."""
     if not folder.exists():
         return
-    users = await request.app.state.gate.run(_in_use, folder)
+    users = await gate.run(_in_use, folder)
     if users:
         raise ApiError(
             409,
@@ -418,7 +419,7 @@ def list_datasets(settings: SettingsDep) -> list[DatasetPublic]:
     responses=errors(404, 409, 422, 503),
     summary="Delete a dataset",
 )
-async def delete_dataset(name: NameParam, request: Request, settings: SettingsDep) -> Response:
+async def delete_dataset(name: NameParam, settings: SettingsDep, gate: GateDep) -> Response:
     """404 when missing, 409 while a queued or running run reads it."""
     _name(name)
     if name in RESERVED:
@@ -426,7 +427,7 @@ async def delete_dataset(name: NameParam, request: Request, settings: SettingsDe
     target = _root(settings) / name
     if not target.is_dir():
         raise ApiError(404, f"no dataset {name!r}", code="dataset_not_found")
-    await _check_not_in_use(request, target, "delete")
+    await _check_not_in_use(gate, target, "delete")
     await run_in_threadpool(_trash, target)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -625,7 +626,7 @@ def list_tokenizers(settings: SettingsDep) -> list[TokenizerPublic]:
     responses=errors(404, 409, 422, 503),
     summary="Delete a tokenizer",
 )
-async def delete_tokenizer(name: NameParam, request: Request, settings: SettingsDep) -> Response:
+async def delete_tokenizer(name: NameParam, settings: SettingsDep, gate: GateDep) -> Response:
     """Removes the folder and any request marker; 404 when neither exists, 409 while a queued
     or running run uses it."""
     _name(name, "tokenizer name")
@@ -633,7 +634,7 @@ async def delete_tokenizer(name: NameParam, request: Request, settings: Settings
     marker, error_file = tokenizer_marker_paths(settings, name)
     if not (folder.exists() or marker.exists() or error_file.exists()):
         raise ApiError(404, f"no tokenizer {name!r}", code="tokenizer_not_found")
-    await _check_not_in_use(request, folder, "delete")
+    await _check_not_in_use(gate, folder, "delete")
     if folder.exists():
         await run_in_threadpool(_trash, folder)
     marker.unlink(missing_ok=True)

@@ -1,5 +1,7 @@
 """FastAPI dependencies: the settings, the database gate and the Celery app built at start-up
-(``service.main.create_app``'s lifespan puts them on ``app.state``).
+(``service.main.create_app``'s lifespan puts them on ``app.state``), as the parameter types
+routes declare: :data:`SettingsDep`, :data:`GateDep`, :data:`CeleryDep`, and :data:`RunDep`
+(the path's run, or the API's 404 ``run_not_found``).
 
 Every database access of a request goes through :class:`DatabaseGate`: one call in a worker
 thread that opens its own session and closes it (its connection back in the pool) before the
@@ -13,25 +15,35 @@ and once it has one its connection is free at once.
 
 The dependency functions are ``async``: FastAPI would run plain functions in the thread pool,
 one hop per dependency and request.
+
+:data:`RunDep` costs a gate call of its own, made before FastAPI checks the route's own
+parameters (dependencies are solved first), and its ``run_id`` is listed after them in the
+OpenAPI document. So it serves routes whose one parameter is the path's ``run_id``; a route
+with query parameters or a second path parameter checks the run inside its own gate call
+(``service.reads.require_run`` / ``get_run``), so that a bad query stays a 422 whether the run
+exists or not, and its documented parameters keep their order.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
 from celery import Celery
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 from sqlmodel import Session
 
+from service import reads
 from service.api.errors import BUSY_RETRY_AFTER_S, ApiError
 from service.db import Database
+from service.models import Run
 from service.settings import Settings
 
 log = logging.getLogger("moejobs.api")
@@ -140,14 +152,26 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_database(request: Request) -> Database:
-    return request.app.state.db
-
-
 async def get_gate(request: Request) -> DatabaseGate:
     """The app's :class:`DatabaseGate`."""
     return request.app.state.gate
 
 
 async def get_celery(request: Request) -> Celery:
+    """The app's Celery app (``service.queue.make_celery``)."""
     return request.app.state.celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+GateDep = Annotated[DatabaseGate, Depends(get_gate)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+
+async def load_run(run_id: uuid.UUID, gate: GateDep) -> Run:
+    """Run ``run_id`` of the path without its config documents (``service.reads.get_run``
+    with ``configs=False``: a read-only row), in one gate call. Raises
+    ``service.reads.RunNotFound``, which the API answers with its 404 ``run_not_found``."""
+    return await gate.run(reads.get_run, run_id, configs=False)
+
+
+RunDep = Annotated[Run, Depends(load_run)]

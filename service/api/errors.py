@@ -1,4 +1,4 @@
-"""The API's error format, its exception handlers and the middleware around every request.
+"""The API's error format and its exception handlers.
 
 Every error response has one JSON shape::
 
@@ -17,21 +17,15 @@ connection lost, locked: any route that reads or writes the database), ``databas
 database slot came free in time, ``service.api.deps.DatabaseGate``) and ``broker_unavailable``
 (a route that must hand work to the broker). Never a 500 for these.
 
-Middleware (outermost first): :class:`ErrorMiddleware` turns any unhandled exception into a
-500 in that format and logs the traceback with its ``error_id`` (no request ever returns a
-traceback); :class:`AuthMiddleware` checks ``Authorization: Bearer <API_TOKEN>`` when a token
-is set (exempt: :data:`PUBLIC_PATHS` and :data:`PUBLIC_PREFIXES`); :class:`BodyLimitMiddleware`
-answers 413 for a body larger than the limit, whether announced by ``Content-Length`` or
-streamed.
+The middleware that answers in this format before or around the routes (500s, 401/403s,
+413s) is ``service.api.middleware``.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,20 +33,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import runs as runs_service
-from service.api.signing import signed_query_ok
+from service import reads, runs as runs_service
 from service.db import unavailable_reason
 from service.submission import InvalidSubmission
 
 log = logging.getLogger("moejobs.api")
-
-#: Paths anyone may call without the token (probes, scrapers, the docs, the dashboard page,
-#: which holds no data and asks for the token itself).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/"})
-#: Path prefixes anyone may call without the token (the docs' and the dashboard's assets).
-PUBLIC_PREFIXES = ("/docs/", "/static/")
 
 _CODES = {
     400: "bad_request",
@@ -197,7 +183,7 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def _database_error(request: Request, exc: sa.exc.SQLAlchemyError) -> JSONResponse:
         reason = unavailable_reason(exc)
         if reason is None:
-            raise exc  # a bug: ErrorMiddleware logs it and answers 500
+            raise exc  # a bug: middleware.ErrorMiddleware logs it and answers 500
         log.warning("%s %s: database unavailable: %s", request.method, request.url.path, reason)
         if isinstance(exc, sa.exc.TimeoutError):  # the pool's own wait ran out: busy, not down
             error = ApiError(
@@ -217,8 +203,8 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def _invalid_submission(_request: Request, exc: InvalidSubmission) -> JSONResponse:
         return error_response(422, exc.message, code=exc.code, errors=exc.errors)
 
-    @app.exception_handler(runs_service.RunNotFound)
-    async def _not_found(_request: Request, exc: runs_service.RunNotFound) -> JSONResponse:
+    @app.exception_handler(reads.RunNotFound)
+    async def _not_found(_request: Request, exc: reads.RunNotFound) -> JSONResponse:
         return error_response(404, str(exc), code="run_not_found", run_id=str(exc.run_id))
 
     @app.exception_handler(runs_service.InvalidTransition)
@@ -242,179 +228,3 @@ def install_exception_handlers(app: FastAPI) -> None:
         _request: Request, exc: runs_service.IdempotencyConflict
     ) -> JSONResponse:
         return error_response(409, str(exc), code="idempotency_conflict", run_id=str(exc.run_id))
-
-
-# -- middleware -------------------------------------------------------------------------------
-
-
-async def _send_json(
-    send: Send, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
-) -> None:
-    payload = json.dumps(body).encode()
-    raw_headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-    ]
-    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
-class ErrorMiddleware:
-    """Outermost: any exception that escapes the app becomes a logged 500 with an
-    ``error_id`` (if the response had not started; otherwise the connection is closed after
-    logging). Never re-raises, so the server prints no second traceback."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception:
-            error_id = uuid.uuid4().hex
-            log.exception(
-                "unhandled error %s in %s %s", error_id, scope.get("method"), scope.get("path")
-            )
-            if not started:
-                await _send_json(
-                    send,
-                    500,
-                    error_body(
-                        500,
-                        f"internal error; the server log has the details under error id {error_id}",
-                        error_id=error_id,
-                    ),
-                )
-
-
-def _bearer_ok(scope: Scope, token: str) -> bool:
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            text = value.decode("latin-1")
-            scheme, _, given = text.partition(" ")
-            if scheme.lower() == "bearer":
-                return hmac.compare_digest(given.strip().encode(), token.encode())
-    return False
-
-
-class AuthMiddleware:
-    """With a token configured (``token_getter()`` not None), every request outside
-    :data:`PUBLIC_PATHS`/:data:`PUBLIC_PREFIXES` needs ``Authorization: Bearer <token>``;
-    otherwise 401 (no token given) or 403 (a wrong one). Compared in constant time.
-    A GET or HEAD of a path ending in ``/archive`` may instead carry a signed link's query
-    (``service.api.signing``): a bad or expired signature is a 403."""
-
-    def __init__(self, app: ASGIApp, token_getter: Callable[[], str | None]):
-        self.app = app
-        self.token_getter = token_getter
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        token = self.token_getter() if scope["type"] == "http" else None
-        path = scope.get("path", "")
-        if token is None or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
-            await self.app(scope, receive, send)
-            return
-        if _bearer_ok(scope, token):
-            await self.app(scope, receive, send)
-            return
-        query = scope.get("query_string", b"")
-        if (
-            scope.get("method") in ("GET", "HEAD")
-            and path.endswith("/archive")
-            and b"signature=" in query
-        ):
-            if signed_query_ok(token, path, query):
-                await self.app(scope, receive, send)
-            else:
-                await _send_json(
-                    send,
-                    403,
-                    error_body(
-                        403,
-                        "the download link is not valid or has expired: ask for a new one "
-                        "(POST .../link)",
-                        code="invalid_link",
-                    ),
-                )
-            return
-        given = any(name == b"authorization" for name, _ in scope.get("headers", ()))
-        if given:
-            await _send_json(
-                send, 403, error_body(403, "the bearer token is not valid", code="invalid_token")
-            )
-        else:
-            await _send_json(
-                send,
-                401,
-                error_body(
-                    401,
-                    "this server needs a bearer token: send 'Authorization: Bearer <token>' "
-                    "(MOEJOBS_API_TOKEN)",
-                    code="unauthorized",
-                ),
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-
-class BodyTooLarge(StarletteHTTPException):
-    """Raised from ``receive`` when a streamed body passes the limit (handled as a 413)."""
-
-
-class BodyLimitMiddleware:
-    """413 for request bodies over the limit: ``limit_for(path)`` bytes (the upload limit for
-    dataset uploads, the request limit elsewhere). A ``Content-Length`` over the limit is
-    refused before reading; a body without one (chunked) is counted while it streams and
-    the read fails with a 413 at the first byte over the limit."""
-
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]):
-        self.app = app
-        self.limit_for = limit_for
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit_for(scope.get("path", ""))
-        message = (
-            f"request body is larger than the limit of {limit:,} bytes "
-            f"(MOEJOBS_{'UPLOAD' if limit_is_upload(scope) else 'REQUEST_BODY'}_LIMIT_BYTES)"
-        )
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    await _send_json(send, 400, error_body(400, "invalid Content-Length header"))
-                    return
-                if length > limit:
-                    await _send_json(send, 413, error_body(413, message, limit_bytes=limit))
-                    return
-        seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge(413, message)
-            return msg
-
-        await self.app(scope, counting_receive, send)
-
-
-def limit_is_upload(scope: Scope) -> bool:
-    """Whether the upload limit (not the request-body limit) applies to this request."""
-    return scope.get("path", "").startswith("/datasets/")

@@ -82,7 +82,7 @@ class RunPublic(BaseModel):
     @classmethod
     def of(cls, run: Run, latest: Any = None) -> RunPublic:
         """From the run's row (a ``Run`` or a row with its attributes, e.g.
-        ``service.runs.list_runs(configs=False)``'s) and its newest metric row (a
+        ``service.reads.list_runs(configs=False)``'s) and its newest metric row (a
         ``MetricPoint`` or a row with the same attributes), if any."""
         return cls.model_validate(cls.fields(run, latest))
 

@@ -5,11 +5,11 @@ Routes name their own statuses with :func:`errors` (``responses=errors(404, 409,
 :func:`complete_error_responses` adds what the middleware and the framework answer for every
 operation of a kind, and gives every 4xx/5xx answer the :class:`ErrorBody` schema:
 
-- every operation: 500 (``ErrorMiddleware``: an unexpected error, with ``error_id``);
+- every operation: 500 (``middleware.ErrorMiddleware``: an unexpected error, with ``error_id``);
 - operations that need the bearer token (``security`` set): 401 (no token) and 403 (a wrong
   token, or a bad signed link);
 - operations with a request body: 400 (an unreadable ``Content-Length``) and 413 (a body over
-  the limit, ``BodyLimitMiddleware``);
+  the limit, ``middleware.BodyLimitMiddleware``);
 - operations with parameters or a body: 422 (a value the API refuses; FastAPI's own
   ``HTTPValidationError`` shape is replaced: the API never answers with it).
 """

@@ -14,8 +14,9 @@ itself succeeded); a body that cannot be read at all (bad JSON, missing ``train_
 still a 422.
 
 Every route is ``async`` and does its database work in one ``DatabaseGate`` call (a session of
-its own in a worker thread, closed before the answer is rendered); file work (logs, events,
-archives) happens outside it, so no request holds a database connection while it reads a file.
+its own in a worker thread, closed before the answer is rendered), or two where it takes the
+run as ``RunDep`` (``service.api.deps``) first; file work (logs, events, archives) happens
+outside them, so no request holds a database connection while it reads a file.
 """
 
 from __future__ import annotations
@@ -27,15 +28,14 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from celery import Celery
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import contract, reads
 from service import runs as runs_service
-from service.api.deps import DatabaseGate, get_celery, get_gate, get_settings, json_response
+from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
 from service.api.errors import ApiError, invalid
 from service.api.files import TarPlan, tail_lines
 from service.api.openapi import errors
@@ -55,15 +55,10 @@ from service.api.models import (
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
 from service.api.body import read_run_request
-from service.models import RunStatus
-from service.settings import Settings
+from service.models import MAX_STEP, Checkpoint, Run, RunStatus
 from service.submission import InvalidSubmission, prepare_run, send_run, submit_run
 
 router = APIRouter(tags=["runs"])
-
-GateDep = Annotated[DatabaseGate, Depends(get_gate)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 #: A valid ``POST /runs`` body for the docs (a 2-layer MoE; data and tokenizer paths under
 #: DATA_ROOT, which need not exist yet: the run waits for them).
@@ -235,16 +230,16 @@ async def list_runs(
     """One page of runs and the cursor of the next (``next_cursor`` null on the last page).
     Pass the same ``sort`` with a cursor. Each run carries ``latest_metrics``, its newest
     metric row (one query for the whole page)."""
-    if sort.lstrip("-") not in runs_service.RUN_SORT_KEYS:
+    if sort.lstrip("-") not in reads.RUN_SORT_KEYS:
         raise invalid(
             ["query", "sort"],
             f"unknown sort key {sort!r}; use one of "
-            f"{', '.join(runs_service.RUN_SORT_KEYS)}, optionally prefixed with '-'",
+            f"{', '.join(reads.RUN_SORT_KEYS)}, optionally prefixed with '-'",
         )
 
     def work(session: Session) -> RunPage:
         try:
-            rows, next_cursor = runs_service.list_runs(
+            rows, next_cursor = reads.list_runs(
                 session, status=status_, limit=limit, cursor=cursor, sort=sort, configs=False
             )
         except ValueError as error:
@@ -285,7 +280,7 @@ async def get_config(
     every default filled in), or with ``submitted=true`` what was sent."""
 
     def work(session: Session) -> dict:
-        run = runs_service.get_run(session, run_id)
+        run = reads.get_run(session, run_id)
         return (
             {"train_config": run.submitted_train, "model_config": run.submitted_model}
             if submitted
@@ -314,7 +309,7 @@ async def get_metrics(
     run_id: uuid.UUID,
     request: Request,
     gate: GateDep,
-    after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_STEP)] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
     max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
     format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
@@ -356,7 +351,7 @@ async def get_metrics(
 async def get_router(
     run_id: uuid.UUID,
     gate: GateDep,
-    after_step: Annotated[int | None, Query(ge=-1, le=runs_service.MAX_STEP)] = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_STEP)] = None,
     limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000,
 ) -> Response:
     """Rows ``{step, layer, expert, fraction}`` with ``step > after_step``, ordered by
@@ -383,19 +378,21 @@ async def get_router(
     responses=errors(404, 503),
     summary="Recorded checkpoints",
 )
-async def list_checkpoints(run_id: uuid.UUID, gate: GateDep) -> Response:
+async def list_checkpoints(run: RunDep, gate: GateDep) -> Response:
     def work(session: Session) -> list[CheckpointPublic]:
-        reads.require_run(session, run_id)
-        return [CheckpointPublic.of(c) for c in runs_service.list_checkpoints(session, run_id)]
+        return [CheckpointPublic.of(c) for c in reads.list_checkpoints(session, run.id)]
 
     return await gate.json(work)
 
 
-def _checkpoint(session: Session, run_id: uuid.UUID, ref: str):
-    run = runs_service.get_run(session, run_id)
+def _checkpoint(session: Session, run_id: uuid.UUID, ref: str) -> tuple[Run, Checkpoint]:
+    """Run ``run_id`` (a 404 ``run_not_found`` when there is none) and its checkpoint ``ref``
+    (a 404 ``checkpoint_not_found``), in the caller's one gate call. (Not :data:`RunDep`: its
+    path parameter would come after ``ref`` in the OpenAPI document.)"""
+    run = reads.get_run(session, run_id)
     # No checkpoint folder has a control character in its name (and PostgreSQL cannot compare
     # with a NUL): such a reference names none, without asking the database.
-    checkpoint = runs_service.get_checkpoint(session, run_id, ref) if ref.isprintable() else None
+    checkpoint = reads.get_checkpoint(session, run_id, ref) if ref.isprintable() else None
     if checkpoint is None:
         raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
     return run, checkpoint
@@ -472,14 +469,13 @@ async def checkpoint_link(
     summary="Run history",
     responses=errors(404, 503),
 )
-async def list_events(run_id: uuid.UUID, gate: GateDep) -> Response:
+async def list_events(run: RunDep, gate: GateDep) -> Response:
     """The run's status changes and notes (queued, claimed, requeued, finished...), oldest
     first, as the service recorded them. What the training process itself reported is
     ``GET /runs/{id}/engine-events``."""
 
     def work(session: Session) -> list[EventPublic]:
-        reads.require_run(session, run_id)
-        return [EventPublic.of(e) for e in runs_service.list_events(session, run_id)]
+        return [EventPublic.of(e) for e in reads.list_events(session, run.id)]
 
     return await gate.json(work)
 

@@ -25,9 +25,10 @@ The engine's events come from ``RUNS_DIR/<id>/out/events.jsonl`` (``service.cont
 claimed attempt's, each kind's first), with aware UTC timestamps, so the API and the workers
 need not share a clock's time zone. A run that failed or was cancelled fails at the first stage
 it did not complete, with the run's failure message (which the runner takes from the engine's
-``result.json``) or its last event's. A smoke test still queued while no worker is live fails at
-``queued_wait`` (and is cancelled, so it cannot start much later by surprise). ``?wait=S``
-blocks up to S seconds for a verdict.
+``result.json``) or its last event's. A smoke test still queued while no worker that trains is
+live fails at ``queued_wait``; reading its report changes nothing (the run stays queued): a
+worker's reconciler cancels it (``worker.reconciler.reconcile``), so that it cannot start much
+later by surprise. ``?wait=S`` blocks up to S seconds for a verdict.
 """
 
 from __future__ import annotations
@@ -38,14 +39,12 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from celery import Celery
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Query, Request, status
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
-from service import runs as runs_service
-from service.api.deps import get_celery, get_settings
+from service.api.deps import CeleryDep, DatabaseGate, GateDep, SettingsDep
 from service.api.errors import ApiError, dependency_unavailable
 from service.api.models import SmokeStage, SmokeTestPublic
 from service.api.openapi import errors
@@ -60,9 +59,6 @@ from service.settings import Settings
 from service.submission import RunCreate, Submitted, send_run, submit_run
 
 router = APIRouter(tags=["smoke test"])
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 STAGES = ("queued_wait", "startup", "data_tokenizer", "model_build", "first_step", "finish")
 #: The engine event that ends each stage between the claim and the finish.
@@ -153,7 +149,7 @@ def build_report(
     elif run.status == RunStatus.queued and live_workers == 0:
         verdict = "failed"
         failed_stage = "queued_wait"
-        message = "no live worker: nothing can claim the smoke test (start `moejobs worker`)"
+        message = reads.SMOKE_TEST_NO_WORKER
     else:
         verdict = "pending" if run.status == RunStatus.queued else "running"
     stages = []
@@ -183,30 +179,22 @@ def build_report(
 def _report_work(
     session: Session, settings: Settings, run_id: uuid.UUID, engine_events: list[EngineEvent]
 ) -> SmokeTestPublic:
-    run = runs_service.get_run(session, run_id)
+    run = reads.get_run(session, run_id)
     if run.preset != reads.SMOKE_TEST_PRESET:
         raise ApiError(404, f"{run_id} is not a smoke test", code="smoke_test_not_found")
-    live = reads.count_live_workers(session, settings.worker_stale_seconds)
-    events = runs_service.list_events(session, run_id)
+    live = len(reads.live_workers(session, settings.worker_stale_seconds, role="trains"))
+    events = reads.list_events(session, run_id)
     report = build_report(
         run, engine_events, live_workers=live, last_event=events[-1].message if events else None
     )
-    if report.status == "failed" and run.status == RunStatus.queued:
-        # Nothing can run it now; cancel so it does not start by surprise later and a new
-        # smoke test can be submitted.
-        session.commit()
-        cancelled = runs_service.request_cancel(
-            session, run_id, f"smoke test failed: {report.message}", actor="api"
-        )
-        report.run_status = cancelled.status.value
     return report
 
 
-async def _report(request: Request, settings: Settings, run_id: uuid.UUID) -> SmokeTestPublic:
+async def _report(gate: DatabaseGate, settings: Settings, run_id: uuid.UUID) -> SmokeTestPublic:
     """The report of smoke test ``run_id``: its events file read first (no database slot held
-    for file work), then the run in one gate call."""
+    for file work), then the run in one gate call. Reads only."""
     engine_events = await run_in_threadpool(read_events, settings.run_dir(run_id) / "out")
-    return await request.app.state.gate.run(_report_work, settings, run_id, engine_events)
+    return await gate.run(_report_work, settings, run_id, engine_events)
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -220,12 +208,11 @@ async def _report(request: Request, settings: Settings, run_id: uuid.UUID) -> Sm
     responses=errors(409, 503),
 )
 async def start_smoke_test(
-    request: Request, settings: SettingsDep, celery: CeleryDep
+    request: Request, settings: SettingsDep, celery: CeleryDep, gate: GateDep
 ) -> SmokeTestPublic:
     """Queue the smoke test (module docstring); 202 with its id. 409 with ``run_id`` while
     another smoke test is queued or running."""
     lock: asyncio.Lock = request.app.state.smoke_lock
-    gate = request.app.state.gate
     async with lock:  # one submission at a time in this process; the DB check covers the rest
 
         def work(session: Session) -> Submitted:
@@ -262,7 +249,7 @@ async def start_smoke_test(
             raise dependency_unavailable("broker", f"{problem}; no smoke test was started")
         submitted = await gate.run(work)
         await run_in_threadpool(send_run, celery, submitted)
-    return await _report(request, settings, submitted.run.id)
+    return await _report(gate, settings, submitted.run.id)
 
 
 @router.get(
@@ -273,17 +260,18 @@ async def start_smoke_test(
 )
 async def get_smoke_test(
     run_id: uuid.UUID,
-    request: Request,
+    gate: GateDep,
     settings: SettingsDep,
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a verdict")
     ] = 0,
 ) -> SmokeTestPublic:
     """Pass/fail with each stage's duration and the failing stage. With ``wait`` the answer
-    comes when the verdict is known (passed/failed) or after ``wait`` seconds."""
+    comes when the verdict is known (passed/failed) or after ``wait`` seconds. Reading it
+    changes nothing (a smoke test nothing can claim is cancelled by a worker's reconciler)."""
     deadline = time.monotonic() + wait
     while True:
-        report = await _report(request, settings, run_id)
+        report = await _report(gate, settings, run_id)
         remaining = deadline - time.monotonic()
         if report.status in ("passed", "failed") or remaining <= 0:
             return report

@@ -7,7 +7,7 @@
 - ``GET /metrics``: Prometheus text format, read at scrape time (see :class:`StateCollector`).
 - ``GET /docs``: Swagger UI whose assets come from the ``swagger-ui-bundle-v2`` package
   (``swagger_ui_bundle`` module), served under ``/docs/assets/``: no CDN; its start-up code is
-  ``/docs/init.js`` (no inline script: see ``service.api.headers``).
+  ``/docs/init.js`` (no inline script: see ``service.api.middleware``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import logging
 import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from celery import Celery
+from fastapi import APIRouter, Request
 from fastapi.openapi.docs import swagger_ui_default_parameters
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -29,8 +30,7 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from service import reads
-from service import runs as runs_service
-from service.api.deps import DatabaseGate, get_gate, get_settings
+from service.api.deps import CeleryDep, DatabaseGate, GateDep, SettingsDep
 from service.api.errors import UNAVAILABLE_RETRY_AFTER_S, ApiError, error_body
 from service.api.models import WorkerPublic
 from service.api.openapi import errors
@@ -44,9 +44,6 @@ log = logging.getLogger("moejobs.api")
 router = APIRouter(tags=["system"])
 #: System routes that need the token when one is set (the probes and /metrics do not).
 protected_router = APIRouter(tags=["system"])
-
-GateDep = Annotated[DatabaseGate, Depends(get_gate)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 #: Swagger UI files served under /docs/assets/ (nothing else from the package).
 DOCS_ASSETS = frozenset(
@@ -77,28 +74,29 @@ def _database_state(session: Session) -> str | None:
     return MigrationContext.configure(session.connection()).get_current_revision()
 
 
-async def check_database(app: Any) -> str | None:
-    """None when the database answers and is at the migration head, else the reason."""
+async def check_database(gate: DatabaseGate, head_revision: str | None) -> str | None:
+    """None when the database answers and is at ``head_revision``, else the reason."""
     try:
-        revision = await app.state.gate.run(_database_state)
+        revision = await gate.run(_database_state)
     except ApiError as error:  # no slot came free: busy, not down
         return error.message
     except Exception as error:
         return f"unreachable: {_short(error)}"
-    if revision != app.state.head_revision:
+    if revision != head_revision:
         return (
             f"schema at revision {revision or 'none'}, the code needs "
-            f"{app.state.head_revision}: run `moejobs migrate`"
+            f"{head_revision}: run `moejobs migrate`"
         )
     return None
 
 
-async def check_workers(app: Any, settings: Settings) -> tuple[str | None, int]:
+async def check_workers(gate: DatabaseGate, settings: Settings) -> tuple[str | None, int]:
     try:
-        live = await app.state.gate.run(reads.count_live_workers, settings.worker_stale_seconds)
+        trainers = await gate.run(reads.live_workers, settings.worker_stale_seconds, role="trains")
     except Exception as error:
         detail = error.message if isinstance(error, ApiError) else _short(error)
         return f"unknown (database: {detail})", 0
+    live = len(trainers)
     if live == 0:
         return (
             f"no worker heartbeat in the last {settings.worker_stale_seconds:g} s "
@@ -108,17 +106,18 @@ async def check_workers(app: Any, settings: Settings) -> tuple[str | None, int]:
 
 
 @router.get("/readyz", summary="Readiness: database, broker, workers", responses=errors(503))
-async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
-    app = request.app
+async def readyz(
+    request: Request, settings: SettingsDep, gate: GateDep, celery: CeleryDep
+) -> JSONResponse:
     checks: dict[str, dict[str, Any]] = {}
-    db_problem = await check_database(app)
+    db_problem = await check_database(gate, request.app.state.head_revision)
     checks["database"] = {"ok": db_problem is None, **({"error": db_problem} if db_problem else {})}
-    broker_problem = await run_in_threadpool(check_broker, app.state.celery, train_queue(settings))
+    broker_problem = await run_in_threadpool(check_broker, celery, train_queue(settings))
     checks["broker"] = {
         "ok": broker_problem is None,
         **({"error": broker_problem} if broker_problem else {}),
     }
-    worker_problem, live = await check_workers(app, settings)
+    worker_problem, live = await check_workers(gate, settings)
     checks["workers"] = {
         "ok": worker_problem is None,
         "live": live,
@@ -151,7 +150,7 @@ async def list_workers(gate: GateDep, settings: SettingsDep) -> Response:
     """Every registered worker; ``live`` when it heartbeated within WORKER_STALE_SECONDS."""
 
     def work(session: Session) -> list[WorkerPublic]:
-        live_ids = {w.id for w in runs_service.live_workers(session, settings.worker_stale_seconds)}
+        live_ids = {w.id for w in reads.live_workers(session, settings.worker_stale_seconds)}
         return [WorkerPublic.of(w, w.id in live_ids) for w in reads.list_workers(session)]
 
     return await gate.json(work)
@@ -168,33 +167,32 @@ class State:
 
 def _database_counts(session: Session, settings: Settings) -> dict[str, Any]:
     return {
-        "runs": runs_service.count_runs_by_status(session),
-        "live": reads.count_live_workers(session, settings.worker_stale_seconds),
+        "runs": reads.count_runs_by_status(session),
+        "live": len(reads.live_workers(session, settings.worker_stale_seconds, role="trains")),
         "registered": len(reads.list_workers(session)),
         "rows": reads.count_metric_points(session),
     }
 
 
-def _queue_depths(app: Any, settings: Settings) -> dict[str, int] | None:
+def _queue_depths(celery: Celery, settings: Settings) -> dict[str, int] | None:
     depths = {}
     for queue in (train_queue(settings), aux_queue(settings)):
-        n = queue_depth(app.state.celery, queue)
+        n = queue_depth(celery, queue)
         if n is None:
             return None
         depths[queue] = n
     return depths
 
 
-async def read_state(app: Any) -> State:
+async def read_state(gate: DatabaseGate, celery: Celery, settings: Settings) -> State:
     """The database counts (through the gate) and the broker's queue depths."""
-    settings = app.state.settings
     try:
-        counts = await app.state.gate.run(_database_counts, settings)
+        counts = await gate.run(_database_counts, settings)
     except Exception as error:
         detail = error.message if isinstance(error, ApiError) else _short(error)
         log.warning("metrics: database unavailable: %s", detail)
         counts = None
-    depths = await run_in_threadpool(_queue_depths, app, settings)
+    depths = await run_in_threadpool(_queue_depths, celery, settings)
     return State(database=counts, queue_depths=depths)
 
 
@@ -249,9 +247,9 @@ class StateCollector:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}},
 )
-async def metrics(request: Request) -> Response:
+async def metrics(settings: SettingsDep, gate: GateDep, celery: CeleryDep) -> Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StateCollector(await read_state(request.app)))
+    registry.register(StateCollector(await read_state(gate, celery, settings)))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -280,7 +278,7 @@ docs_router = APIRouter(include_in_schema=False)
 
 
 #: Swagger UI's start-up code, served as ``/docs/init.js`` (the Content-Security-Policy of
-#: ``service.api.headers`` allows no inline script). Its options are the JSON in the page's
+#: ``service.api.middleware`` allows no inline script). Its options are the JSON in the page's
 #: ``data-config`` attribute.
 DOCS_INIT_JS = """\
 (function () {
