@@ -60,7 +60,6 @@ from service.models import (
     WorkerRole,
     aware_now,
 )
-from service.config.fields import check_path_text
 from service.reads import RunError, RunNotFound, find_idempotent, get_run, measured_tokens_per_sec
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
 from service.contract import METRIC_COLUMNS, EngineEvent
-from service.models import Checkpoint, MetricPoint, RouterPoint, Run, RunEvent, Worker
+from service.models import Checkpoint, RouterPoint, Run, RunEvent, Worker
 from service.config.fields import check_path_text
 
 
