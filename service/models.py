@@ -171,6 +171,11 @@ class Run(Base, table=True):
         sa_column_kwargs={"nullable": False},
     )
     preset: Optional[str] = Field(default=None, max_length=200)
+    write_checkpoints: bool = Field(
+        default=True,
+        sa_column_kwargs={"nullable": False, "server_default": sa.true()},
+        description="Whether the training writes checkpoints (false: the smoke test).",
+    )
     submitted_train: dict[str, Any] = Field(
         sa_type=JSONDoc,
         sa_column_kwargs={"nullable": False},

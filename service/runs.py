@@ -289,6 +289,7 @@ def create_run(
     estimate: dict[str, Any] | None = None,
     warnings: Sequence[Any] = (),
     preset: str | None = None,
+    write_checkpoints: bool = True,
     owner: str = "local",
     idempotency_key: str | None = None,
     body_hash: str | None = None,
@@ -300,6 +301,8 @@ def create_run(
 
     ``run_id`` lets the caller pick the id first (the resolved config's ``out_dir`` is
     ``RUNS_DIR/<id>``); default a new uuid4. Configs are stored as given (JSON documents).
+    ``write_checkpoints`` False makes the worker run the training without checkpoints (the
+    smoke test; ``worker.runner``).
 
     Idempotency (per ``owner``): when ``idempotency_key`` was used before with the same
     ``body_hash``, nothing is inserted and ``(first run, False)`` is returned; with a different
@@ -333,6 +336,7 @@ def create_run(
                     owner=owner,
                     status=S.queued,
                     preset=preset,
+                    write_checkpoints=write_checkpoints,
                     submitted_train=submitted_train,
                     submitted_model=submitted_model,
                     resolved_train=resolved_train,

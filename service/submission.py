@@ -318,12 +318,15 @@ def submit_run(
     allow_reserved_preset: bool = False,
     check_workers: bool = True,
     send: bool = True,
+    write_checkpoints: bool = True,
 ) -> Submitted:
     """Validate and create the run, then enqueue it (after the commit). With
     ``idempotency_key``: a retry with the same body returns the first run (``created``
     False, nothing enqueued again), a different body is a 409 (``IdempotencyConflict``).
     With ``send=False`` nothing is enqueued (``enqueued`` False): call :func:`send_run`
-    afterwards, outside the database work. Raises :class:`InvalidSubmission` as :func:`prepare_run`."""
+    afterwards, outside the database work. ``write_checkpoints`` False: the run's training
+    writes no checkpoint (the smoke test). Raises :class:`InvalidSubmission` as
+    :func:`prepare_run`."""
     body_hash = _submitted_hash(request)
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
@@ -346,6 +349,7 @@ def submit_run(
         session,
         name=request.name,
         preset=request.preset,
+        write_checkpoints=write_checkpoints,
         submitted_train=request.train_config,
         submitted_model=request.model_doc,
         resolved_train=prepared.resolved_train,

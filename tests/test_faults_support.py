@@ -736,7 +736,7 @@ def assert_exactly_once(stack: Stack, run: Run, *, real: bool) -> None:
     (``worker.checkpoint.read_checkpoint``; for the real engine the weights too, into the
     model they came from); no training process of the run is left."""
     from worker import checkpoint as ckpt
-    from worker.runner import checkpoint_folders, folder_size
+    from worker.retention import checkpoint_folders, folder_size
 
     out = stack.out_dir(run)
     with stack.db.session() as session:

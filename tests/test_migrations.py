@@ -269,6 +269,71 @@ POPULATE: dict[str, list[tuple[str, dict]]] = {
             ),
         ),
     ],
+    "0004": [
+        (
+            "runs",
+            dict(
+                id=RUN_A,
+                name="a",
+                owner="local",
+                status="succeeded",
+                preset="cpu-tiny",
+                submitted_train={},
+                submitted_model={},
+                resolved_train={"x": 1},
+                resolved_model={},
+                estimate=None,
+                warnings=[],
+                attempt=1,
+                failures=0,
+                worker_id="w1",
+                created_at=T0,
+                queued_at=T0,
+                updated_at=T0,
+                finished_at=T0,
+                cancel_requested=False,
+            ),
+        ),
+        (
+            "runs",
+            dict(
+                id=RUN_B,
+                name="smoke-test-20261203-170000",
+                owner="local",
+                status="running",
+                preset="smoke-test",
+                submitted_train={},
+                submitted_model={},
+                resolved_train={},
+                resolved_model={},
+                estimate=None,
+                warnings=[],
+                attempt=1,
+                failures=0,
+                worker_id="w1",
+                created_at=T0,
+                queued_at=T0,
+                updated_at=T0,
+                heartbeat_at=T0,
+                lease_expires_at=T0,
+                cancel_requested=False,
+            ),
+        ),
+        (
+            "workers",
+            dict(
+                id="w1",
+                host="h",
+                pid=1,
+                gpus=[],
+                gpu_count=0,
+                role="train",
+                heartbeat_at=T0,
+                current_run_id=RUN_B,
+                started_at=T0,
+            ),
+        ),
+    ],
 }
 
 
@@ -386,6 +451,29 @@ def test_upgrade_keeps_the_rows_of_a_populated_database(fresh_settings, step):
                 conn.execute(sa.text("UPDATE workers SET role='gpu' WHERE id='w1'"))
             with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
                 conn.execute(sa.text("UPDATE workers SET role=NULL WHERE id='w1'"))
+        if (before, after) == ("0004", "0005"):
+            # runs write checkpoints, except smoke tests (the worker decided by the preset)
+            assert {(r["preset"], bool(r["write_checkpoints"])) for r in new["runs"]} == {
+                ("cpu-tiny", True),
+                ("smoke-test", False),
+            }
+            with engine.begin() as conn:  # a new row without the column writes checkpoints
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO runs (id, name, owner, status, submitted_train,"
+                        " submitted_model, resolved_train, resolved_model, warnings, attempt,"
+                        " failures, created_at, queued_at, updated_at, cancel_requested)"
+                        " VALUES (:id, 'c', 'local', 'queued', '{}', '{}', '{}', '{}', '[]', 0,"
+                        " 0, :t, :t, :t, :f)"
+                    ),
+                    {"id": _stored(uuid.UUID(int=0xC), engine.dialect.name), "t": T0, "f": False},
+                )
+                stored = conn.execute(
+                    sa.text("SELECT write_checkpoints FROM runs WHERE name='c'")
+                ).scalar_one()
+            assert bool(stored) is True
+            with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+                conn.execute(sa.text("UPDATE runs SET write_checkpoints=NULL WHERE name='a'"))
     finally:
         engine.dispose()
 

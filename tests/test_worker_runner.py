@@ -1,4 +1,5 @@
-"""The runner (worker/runner.py) without Celery: real subprocesses, a real database.
+"""The runner (worker/runner.py and the modules it uses: outcome, ingest, retention,
+provenance) without Celery: real subprocesses, a real database.
 
 Small Python scripts stand in for the training engine (``execute_attempt(command=...)``): they
 exit with the engine's codes, write its ``result.json`` (``service.contract``), metrics.csv / router.csv and
@@ -25,16 +26,10 @@ from test_db_support import database, postgres_migrated, postgres_url, settings_
 from service import reads, runs
 from service.db import Database, migrate, open_database
 from service.models import FailureReason, RunProvenance, RunStatus, utcnow
-from worker.runner import (
-    CsvTail,
-    Outcome,
-    WorkerInfo,
-    checkpoint_folders,
-    classify_exit,
-    execute_attempt,
-    finish_attempt,
-    write_configs,
-)
+from worker.ingest import CsvTail
+from worker.outcome import Outcome, OutcomeKind, classify_exit, finish_attempt
+from worker.retention import checkpoint_folders
+from worker.runner import WorkerInfo, execute_attempt, write_configs
 
 WORKER = "test-worker"
 
@@ -110,7 +105,14 @@ def _settings(tmp_path: Path, db: Database, **overrides):
     return settings_for(tmp_path, db.engine.url.render_as_string(hide_password=False), **values)
 
 
-def _claimed_run(db: Database, settings, tmp_path: Path, *, max_attempts_used: int = 0):
+def _claimed_run(
+    db: Database,
+    settings,
+    tmp_path: Path,
+    *,
+    max_attempts_used: int = 0,
+    write_checkpoints: bool = True,
+):
     run_id = uuid.uuid4()
     data = tmp_path / "data" / "train"
     data.mkdir(parents=True, exist_ok=True)
@@ -132,6 +134,7 @@ def _claimed_run(db: Database, settings, tmp_path: Path, *, max_attempts_used: i
             resolved_train=train,
             resolved_model=model,
             run_id=run_id,
+            write_checkpoints=write_checkpoints,
         )
         run = runs.claim_run(session, run_id, WORKER, settings.lease_seconds)
     assert run is not None
@@ -200,17 +203,17 @@ def _result(outcome: str, reason: str | None, message: str, code: int) -> str:
 
 
 CASES = {
-    "ok": ("import sys; sys.exit(0)", "succeeded", None, "training finished", 0),
+    "ok": ("import sys; sys.exit(0)", OutcomeKind.succeeded, None, "training finished", 0),
     "ok-result": (
         _result("succeeded", None, "trained 8 steps", 0),
-        "succeeded",
+        OutcomeKind.succeeded,
         None,
         "trained 8 steps",
         0,
     ),
     "invalid-config": (
         _result("failed", "invalid_config", "train.micro_batch_size: must be at least 1", 2),
-        "failed",
+        OutcomeKind.failed,
         FailureReason.invalid_config,
         "train.micro_batch_size: must be at least 1",
         2,
@@ -218,49 +221,49 @@ CASES = {
     "invalid-config-no-result": (
         "import sys\nprint('devices: 4 GPUs requested but this machine has 0 visible', "
         "file=sys.stderr)\nsys.exit(2)",
-        "failed",
+        OutcomeKind.failed,
         FailureReason.invalid_config,
         "devices: 4 GPUs requested",
         2,
     ),
     "invalid-data": (
         _result("failed", "invalid_data", "/d/train: no .txt files at the top level", 1),
-        "failed",
+        OutcomeKind.failed,
         FailureReason.invalid_data,
         "/d/train: no .txt files",
         1,
     ),
     "out-of-memory": (
         _result("failed", "out_of_memory", "CUDA out of memory. Tried to allocate 2.00 GiB", 1),
-        "failed",
+        OutcomeKind.failed,
         FailureReason.out_of_memory,
         "CUDA out of memory",
         1,
     ),
     "no-space": (
         _result("failed", "no_space", "no space left on /runs/x/out (12 KiB free)", 1),
-        "failed",
+        OutcomeKind.failed,
         FailureReason.no_space,
         "no space left on /runs/x/out",
         1,
     ),
     "crash-traceback": (
         "def f():\n    raise RuntimeError('boom in the loop')\nf()",
-        "failed",
+        OutcomeKind.failed,
         FailureReason.crashed,
         "RuntimeError: boom in the loop",
         1,
     ),
     "crash-result": (
         _result("failed", "crashed", "ValueError: bad shape", 1),
-        "failed",
+        OutcomeKind.failed,
         FailureReason.crashed,
         "ValueError: bad shape",
         1,
     ),
     "other-exit-code": (
         "import sys; print('something odd', flush=True); sys.exit(3)",
-        "failed",
+        OutcomeKind.failed,
         FailureReason.crashed,
         "something odd",
         3,
@@ -268,7 +271,7 @@ CASES = {
     # an error line that looks like the engine's is just text: only result.json counts
     "log-text-is-not-a-reason": (
         "import sys\nprint('error: out_of_memory: not really', file=sys.stderr)\nsys.exit(1)",
-        "failed",
+        OutcomeKind.failed,
         FailureReason.crashed,
         "error: out_of_memory: not really",
         1,
@@ -298,7 +301,7 @@ def test_killed_by_signal_is_retried_then_fails(tmp_path, sqlite_db):
     run = _claimed_run(sqlite_db, settings, tmp_path)
     outcome, moved = _run(sqlite_db, settings, run, _script(tmp_path, body))
     assert (outcome.kind, outcome.reason, outcome.exit_code) == (
-        "failed",
+        OutcomeKind.failed,
         FailureReason.killed,
         -signal.SIGKILL,
     )
@@ -364,18 +367,21 @@ def test_classify_exit_rules():
     assert classify_exit(137, None, [], oom_killed=True).reason == FailureReason.out_of_memory
     assert classify_exit(-15, None, []).reason == FailureReason.killed
     requeue = classify_exit(75, done, [], shutting_down=True)
-    assert requeue.kind == "requeue" and "graceful stop" in requeue.message
+    assert type(requeue.kind) is OutcomeKind and requeue.status == RunStatus.queued
+    assert requeue.kind == OutcomeKind.requeue and "graceful stop" in requeue.message
     assert "step-00000012" in requeue.message
-    assert classify_exit(143, None, [], shutting_down=True).kind == "requeue"  # before training
+    assert (
+        classify_exit(143, None, [], shutting_down=True).kind == OutcomeKind.requeue
+    )  # before training
     assert classify_exit(143, None, []).reason == FailureReason.killed
-    assert classify_exit(-9, None, [], shutting_down=True).kind == "requeue"
+    assert classify_exit(-9, None, [], shutting_down=True).kind == OutcomeKind.requeue
     fenced = classify_exit(76, None, ["error: fenced: no heartbeat"], shutting_down=True)
-    assert (fenced.kind, fenced.reason) == ("failed", FailureReason.lost_worker)
+    assert (fenced.kind, fenced.reason) == (OutcomeKind.failed, FailureReason.lost_worker)
     assert classify_exit(1, None, ["x"], shutting_down=True).reason == FailureReason.crashed
-    assert classify_exit(75, done, [], cancel_requested=True).kind == "cancelled"
-    assert classify_exit(-9, None, [], cancel_requested=True).kind == "cancelled"
-    assert classify_exit(0, None, [], cancel_requested=True).kind == "succeeded"
-    assert classify_exit(1, None, [], lease_lost=True).kind == "lease_lost"
+    assert classify_exit(75, done, [], cancel_requested=True).kind == OutcomeKind.cancelled
+    assert classify_exit(-9, None, [], cancel_requested=True).kind == OutcomeKind.cancelled
+    assert classify_exit(0, None, [], cancel_requested=True).kind == OutcomeKind.succeeded
+    assert classify_exit(1, None, [], lease_lost=True).kind == OutcomeKind.lease_lost
     assert classify_exit(1, None, []).message == "training exited with code 1"
 
 
@@ -383,9 +389,25 @@ def test_start_failure_is_a_crash(tmp_path, sqlite_db):
     settings = _settings(tmp_path, sqlite_db)
     run = _claimed_run(sqlite_db, settings, tmp_path)
     outcome, moved = _run(sqlite_db, settings, run, [str(tmp_path / "no-such-program")])
-    assert outcome.kind == "failed" and outcome.reason == FailureReason.crashed
+    assert outcome.kind == OutcomeKind.failed and outcome.reason == FailureReason.crashed
     assert "could not start training" in outcome.message
     assert moved.status == RunStatus.failed
+
+
+@pytest.mark.parametrize("write_checkpoints", [True, False])
+def test_the_runs_write_checkpoints_reaches_the_engine(tmp_path, sqlite_db, write_checkpoints):
+    """A run created with ``write_checkpoints`` false (the smoke test) starts the engine with
+    ``--no-checkpoints``; the default does not. (The stub engine then refuses the made-up
+    configs: only the command line matters here.)"""
+    settings = _settings(tmp_path, sqlite_db, engine="stub")
+    run = _claimed_run(sqlite_db, settings, tmp_path, write_checkpoints=write_checkpoints)
+    assert run.write_checkpoints is write_checkpoints
+    outcome, _ = _run(sqlite_db, settings, run, None, out_env=False)
+    assert outcome.kind == OutcomeKind.failed
+    log = (settings.run_dir(run.id) / "train.log").read_text().splitlines()
+    header = next(line for line in log if f"attempt {run.attempt} on worker" in line)
+    assert "-m worker.entry --train-config" in header
+    assert header.endswith("--no-checkpoints") is not write_checkpoints
 
 
 # -- ingestion while the process runs -----------------------------------------------------------
@@ -397,7 +419,7 @@ def test_metrics_router_checkpoints_retention_provenance(tmp_path, database):
     outcome, moved = _run(
         database, settings, run, _engine(tmp_path, steps=8, pause=0.15, save_every=2)
     )
-    assert outcome.kind == "succeeded" and moved.status == RunStatus.succeeded
+    assert outcome.kind == OutcomeKind.succeeded and moved.status == RunStatus.succeeded
     out = Path(run.resolved_train["out_dir"])
     with database.session() as session:
         points = reads.list_metrics(session, run.id)
@@ -479,7 +501,7 @@ def test_a_resumed_attempt_rewrites_the_rows_past_its_checkpoint(tmp_path, datab
             session, run.id, [r for s in range(1, 9) for r in runs.router_rows(s, [[0.5, 0.5]])]
         )
     outcome, moved = _run(database, settings, run, _script(tmp_path, RESUMED_ENGINE))
-    assert outcome.kind == "succeeded", outcome.message
+    assert outcome.kind == OutcomeKind.succeeded, outcome.message
     with database.session() as session:
         points = reads.list_metrics(session, run.id)
         router = reads.list_router_points(session, run.id)
@@ -516,7 +538,7 @@ def test_cancel_stops_the_process_and_ingestion(tmp_path, database):
         database, settings, run, _engine(tmp_path, steps=100000, pause=0.1, save_every=0)
     )
     helper.join()
-    assert (outcome.kind, outcome.exit_code) == ("cancelled", 75)
+    assert (outcome.kind, outcome.exit_code) == (OutcomeKind.cancelled, 75)
     assert moved.status == RunStatus.cancelled and moved.failure_reason is None
     assert _pid_gone(int(pid_file.read_text()))
     with database.session() as session:
@@ -548,7 +570,7 @@ def test_cancel_escalates_to_sigkill_after_the_grace_period(tmp_path, sqlite_db)
         sqlite_db, settings, run, _engine(tmp_path, 100000, 0.1, 0, on_term="ignore")
     )
     helper.join()
-    assert (outcome.kind, outcome.exit_code) == ("cancelled", -signal.SIGKILL)
+    assert (outcome.kind, outcome.exit_code) == (OutcomeKind.cancelled, -signal.SIGKILL)
     assert moved.status == RunStatus.cancelled
     log = (settings.run_dir(run.id) / "train.log").read_text()
     assert "SIGTERM to the training process" in log and "SIGKILL" in log
@@ -571,7 +593,7 @@ def test_worker_shutdown_requeues_after_the_checkpoint(tmp_path, sqlite_db):
     helper.start()
     outcome, moved = _run(sqlite_db, settings, run, _engine(tmp_path, 100000, 0.1, 0), info=info)
     helper.join()
-    assert (outcome.kind, outcome.exit_code) == ("requeue", 75)
+    assert (outcome.kind, outcome.exit_code) == (OutcomeKind.requeue, 75)
     assert moved.status == RunStatus.queued and moved.worker_id is None
     with sqlite_db.session() as session:
         last = reads.list_events(session, run.id)[-1]
@@ -601,7 +623,7 @@ def test_lost_lease_kills_the_process_and_writes_nothing(tmp_path, database):
     helper.start()
     outcome, moved = _run(database, settings, run, _engine(tmp_path, 100000, 0.1, 0))
     helper.join()
-    assert outcome.kind == "lease_lost" and moved is None
+    assert outcome.kind == OutcomeKind.lease_lost and moved is None
     assert outcome.exit_code == -signal.SIGKILL
     assert _pid_gone(int((settings.run_dir(run.id) / "train.pid").read_text()))
     with database.session() as session:
@@ -661,7 +683,7 @@ def test_finish_attempt_requeue_becomes_cancel_when_cancel_was_requested(tmp_pat
         sqlite_db,
         run.id,
         run.attempt,
-        Outcome("requeue", "shutting down", exit_code=75),
+        Outcome(OutcomeKind.requeue, "shutting down", exit_code=75),
         settings=settings,
         worker_id=WORKER,
     )
@@ -728,7 +750,7 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
         finally:
             os.environ.pop("FAKE_OUT_DIR", None)
             helper.join()
-        assert (outcome.kind, outcome.exit_code) == ("requeue", 75)
+        assert (outcome.kind, outcome.exit_code) == (OutcomeKind.requeue, 75)
         assert "database unreachable" in outcome.message
         assert _pid_gone(int((settings.run_dir(run.id) / "train.pid").read_text()))
         log = (settings.run_dir(run.id) / "train.log").read_text()
@@ -816,7 +838,7 @@ def test_the_watchdog_vouches_while_the_lease_is_renewed_and_the_trainer_fences_
     assert hold.is_set()
     assert time.monotonic() - started > 2 * settings.trainer_deadline_seconds
     assert (outcome.kind, outcome.reason, outcome.exit_code) == (
-        "failed",
+        OutcomeKind.failed,
         FailureReason.lost_worker,
         76,
     )

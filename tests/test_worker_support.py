@@ -249,7 +249,7 @@ class WorkerProcess:
 def assert_ingested(db: Database, run: Run) -> None:
     """Metric rows equal the rows of metrics.csv (every column), and every checkpoint folder
     on disk is recorded with its path, step and size."""
-    from worker.runner import checkpoint_folders, folder_size
+    from worker.retention import checkpoint_folders, folder_size
 
     out = Path(run.resolved_train["out_dir"])
     with db.session() as session:

@@ -463,7 +463,8 @@ def _run_preparation(
     was stopped)."""
     from service import reads
     from service.models import RunStatus
-    from worker.runner import REPO_ROOT, write_configs
+    from worker.launch import REPO_ROOT
+    from worker.runner import write_configs
 
     train_path, model_path = write_configs(run, run_dir)
     result_path = run_dir / RESULT_FILE

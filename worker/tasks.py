@@ -18,8 +18,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from service import reads, runs
 from service.models import FailureReason, RunStatus, Worker
 from worker import prepare
+from worker.outcome import Outcome, OutcomeKind, finish_attempt
 from worker.registry import current_runtime
-from worker.runner import Outcome, execute_attempt, finish_attempt
+from worker.runner import execute_attempt
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from service.settings import Settings
@@ -48,7 +49,7 @@ def train_run(run_id: str) -> dict[str, Any]:
     (the reconciler sends it again later). A run whose corpus is not tokenized yet is left
     queued too, its preparation sent to the aux queue (``worker.prepare.decide``): the
     preparation sends this task again when the token cache is ready. Otherwise runs the attempt
-    (``worker.runner.execute_attempt``), writes its outcome (``worker.runner.finish_attempt``,
+    (``worker.runner.execute_attempt``), writes its outcome (``worker.outcome.finish_attempt``,
     the one place that ends an attempt) and, when the run went back to queued, enqueues it
     again: at once after a failure with attempts left; at the worker's exit after a graceful
     stop of this (stopping) worker.
@@ -126,11 +127,16 @@ def train_run(run_id: str) -> dict[str, Any]:
     except Exception as error:  # a bug of ours: the run must not stay running
         log.exception("run %s: worker error", rid)
         outcome = Outcome(
-            "failed", f"worker error: {type(error).__name__}: {error}", FailureReason.crashed
+            OutcomeKind.failed,
+            f"worker error: {type(error).__name__}: {error}",
+            FailureReason.crashed,
         )
     except BaseException:  # Celery's hard shutdown: the child is dead; give the run back
         _finish_and_requeue(
-            runtime, rid, attempt, Outcome("requeue", "worker terminated: training killed")
+            runtime,
+            rid,
+            attempt,
+            Outcome(OutcomeKind.requeue, "worker terminated: training killed"),
         )
         raise
     moved = _finish_and_requeue(runtime, rid, attempt, outcome)
@@ -166,7 +172,7 @@ def _finish_and_requeue(runtime, rid: uuid.UUID, attempt: int, outcome: Outcome)
         )
         return None
     if moved is not None and moved.status == RunStatus.queued:
-        if outcome.kind == "requeue" and runtime.shutdown.is_set():
+        if outcome.kind == OutcomeKind.requeue and runtime.shutdown.is_set():
             runtime.resend_at_exit(rid)  # our own consumer must not take it again
             return moved
         from service.queue import enqueue_run

@@ -242,6 +242,7 @@ async def start_smoke_test(
                 allow_reserved_preset=True,
                 check_workers=False,
                 send=False,
+                write_checkpoints=False,
             )
 
         problem = await run_in_threadpool(check_broker, celery, train_queue(settings))
