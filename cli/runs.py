@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import httpx
 
@@ -129,11 +129,7 @@ def iter_metrics(
     """Every metric row of the run with ``step > after_step``, in step order, paging through
     ``/runs/{id}/metrics?after_step=&limit=``."""
     while True:
-        rows = [
-            r
-            for r in api.metrics(run_id, after_step=after_step, limit=page).items
-            if r.step > after_step
-        ]
+        rows = api.metrics(run_id, after_step=after_step, limit=page).items
         yield from rows
         if len(rows) < page:
             return
@@ -368,7 +364,8 @@ def _stream_extract(response: httpx.Response, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         try:
-            with tarfile.open(fileobj=_ResponseReader(response), mode="r|*") as archive:
+            reader = cast(IO[bytes], _ResponseReader(response))  # read() is all "r|*" calls
+            with tarfile.open(fileobj=reader, mode="r|*") as archive:
                 for member in archive:
                     archive.extract(member, staging, filter="data")
         except (tarfile.TarError, OSError) as error:

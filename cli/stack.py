@@ -119,7 +119,8 @@ class LocalStack:
         self._spawn("api", ["-m", "cli.main", "serve"])
         started = time.monotonic()
         deadline = started + ready_timeout
-        last, down, errors = "no answer", ["api"], {}
+        last, down = "no answer", ["api"]
+        errors: dict[str, str] = {}
         shown: list[str] = []
         shown_at = started
         while time.monotonic() < deadline:
@@ -158,7 +159,9 @@ class LocalStack:
             return ["api"], {}
         if not isinstance(body, dict) or not isinstance(body.get("down"), list):
             return ["api"], {}
-        checks = body.get("checks") if isinstance(body.get("checks"), dict) else {}
+        checks = body.get("checks")
+        if not isinstance(checks, dict):
+            checks = {}
         errors = {name: str((checks.get(name) or {}).get("error") or "") for name in body["down"]}
         return [str(name) for name in body["down"]], errors
 

@@ -429,7 +429,7 @@
           // gpus: [{index, name, memory_bytes}] as the worker registered them (worker/registry.py)
           const gpuText = w.gpus.length
             ? w.gpus.map((g) => `${g.name || 'GPU'}${isNum(g.memory_bytes) ? ' ' + fmtBytes(g.memory_bytes) : ''}`).join(', ')
-            : 'CPU only';
+            : (w.gpu_count ? `${w.gpu_count} GPU` : 'CPU only');
           const live = w.live;
           const current = w.current_run_id
             ? h('a', { href: `#/runs/${encodeURIComponent(w.current_run_id)}`, class: 'mono' }, shortId(w.current_run_id))
