@@ -8,7 +8,7 @@
 
 Thin on purpose: SIGINT/SIGTERM handlers go in before anything heavy is imported, so a Ctrl-C
 in the first instant prints ``interrupted before training started`` and exits 130 (143 for
-SIGTERM) with nothing trained. See worker/cli.py for the exit codes.
+SIGTERM) with nothing trained. See cli/train.py for the exit codes.
 """
 
 import sys
@@ -17,6 +17,6 @@ if __name__ == "__main__":
     from worker.entry import install_early_handlers
 
     install_early_handlers()
-    from worker.cli import main  # after the handlers, on purpose
+    from cli.train import main  # after the handlers, on purpose
 
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 For each config the bench merges the config layers (``service.config.merge.resolve_documents``), writes
 the merged documents as JSON into ``--workdir`` and trains them with ``run_train.py``'s command line
-(``worker.cli.main``) in a child process, so the estimate (``service.estimate.estimate`` of the very
+(``cli.train.main``) in a child process, so the estimate (``service.estimate.estimate`` of the very
 same documents) and the run cannot disagree about the config. The demo corpus and tokenizer
 (``moejobs seed-data``) are written under ``--workdir`` once; nothing is downloaded.
 
@@ -106,7 +106,7 @@ def layers(name: str, steps: int, accumulate: int = 2) -> dict:
 
 def _child(argv: list[str]) -> int:
     """Train ``argv`` (run_train.py's flags) in this process, then print the device's peaks."""
-    from worker.cli import main
+    from cli.train import main
 
     code = main(argv)
     doc: dict = {"exit": code}
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         layers(n, 1)  # unknown names fail before anything runs
     import torch
 
-    from service.cli import seed_demo_data
+    from cli.data import seed_demo_data
 
     kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(args.workdir)

@@ -81,10 +81,10 @@ def main(argv=None) -> int:
 
     import torch
 
+    from cli.data import seed_demo_data
     from service.config.merge import deep_merge, resolve
     from service.config.presets import load_preset
     from service.estimate import estimate
-    from service.cli import seed_demo_data
     from worker.train import run_training
 
     work = Path(args.workdir)

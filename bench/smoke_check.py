@@ -35,9 +35,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    from cli.data import seed_demo_data
     from service.config.merge import resolve
     from service.estimate import estimate
-    from service.cli import seed_demo_data
     from worker.train import run_training
 
     work = Path(args.workdir)

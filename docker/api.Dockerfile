@@ -8,6 +8,7 @@ ENV UV_PROJECT_ENVIRONMENT=/app/.venv UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy PY
 # Dependencies first (cached layer), then the project itself.
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project
+COPY cli ./cli
 COPY service ./service
 COPY worker ./worker
 COPY run_train.py ./

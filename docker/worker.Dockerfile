@@ -15,6 +15,7 @@ ENV UV_PROJECT_ENVIRONMENT=/app/.venv UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV
 
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --extra train --no-install-project
+COPY cli ./cli
 COPY service ./service
 COPY worker ./worker
 COPY migrations ./migrations

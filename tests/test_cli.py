@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from test_api_support import make_api, sqlite_api, sqlite_template  # noqa: F401 - fixtures
-from worker.cli import build_parser, train_overrides
+from cli.train import build_parser, train_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,19 +146,64 @@ def test_missing_config_file_is_exit_2_naming_it(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser, prefix: str = ""):
+    """``(command, parser)`` for every subcommand of ``parser`` that has no subcommands."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield prefix.strip(), parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _leaf_parsers(child, f"{prefix} {name}")
+
+
+def test_every_command_runs_a_function_of_its_module():
+    """Each subcommand names ``module:function`` of the cli package (imported when it runs);
+    ``train`` alone is dispatched before parsing, to run_train.py's parser."""
+    import importlib
+
+    from cli.main import build_parser as moejobs_parser
+
+    commands = dict(_leaf_parsers(moejobs_parser()))
+    assert {"up", "submit", "validate", "tokenizer train", "train"} <= set(commands)
+    for command, parser in commands.items():
+        func = parser.get_default("func")
+        if command == "train":
+            assert func is None
+            continue
+        module, _, name = func.target.partition(":")
+        assert callable(getattr(importlib.import_module(f"cli.{module}"), name)), command
+
+
+def test_the_cli_loads_fastapi_only_for_the_http_commands_and_torch_only_to_train():
+    """Parsing, and the modules of the commands that serve, run workers, validate and handle
+    data, import neither FastAPI (``moejobs worker`` is a worker process) nor torch; the client
+    commands (cli.runs) import FastAPI through the API's models, never torch."""
+    code = (
+        "import sys\n"
+        "import cli.main, cli.server, cli.train, cli.data, cli.stack\n"
+        "cli.main.build_parser()\n"
+        "print(sorted(m for m in ('fastapi', 'torch') if m in sys.modules))\n"
+        "import cli.runs\n"
+        "print(sorted(m for m in ('fastapi', 'torch') if m in sys.modules))\n"
+    )
+    done = run("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "['fastapi']"]
+
+
 def test_schema_command_prints_json_schema_with_descriptions():
-    done = run("-m", "service.cli", "schema", "train")
+    done = run("-m", "cli.main", "schema", "train")
     assert done.returncode == 0, done.stderr
     schema = json.loads(done.stdout)
     assert "train" in schema["properties"]
-    model = json.loads(run("-m", "service.cli", "schema", "model").stdout)
+    model = json.loads(run("-m", "cli.main", "schema", "model").stdout)
     assert "n_expert" in json.dumps(model)
 
 
 def test_validate_command_with_preset(seeded):
     done = run(
         "-m",
-        "service.cli",
+        "cli.main",
         "validate",
         str(REPO / "configs/train_config.yaml"),
         str(REPO / "configs/model_config.yaml"),
@@ -345,13 +391,13 @@ def test_a_real_run_fails_on_missing_data_with_the_dry_runs_message(tmp_path, to
 
 
 def moejobs(*argv: str, tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
-    """``python -m service.cli ARGV`` with no MOEJOBS_* variable but ``variables`` (and a home
+    """``python -m cli.main ARGV`` with no MOEJOBS_* variable but ``variables`` (and a home
     under ``tmp_path`` unless given)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
     env.setdefault("MOEJOBS_HOME", str(tmp_path / "home"))
     env.update(variables)
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *argv],
+        [sys.executable, "-m", "cli.main", *argv],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -497,7 +543,7 @@ def test_a_worker_on_an_unmigrated_database_exits_saying_so(tmp_path):
 def test_validate_without_arguments_checks_the_shipped_configs_from_any_folder(tmp_path):
     """`moejobs validate` reads the shipped configs wherever it runs, as run_train.py does,
     and checks their relative input paths from the current folder (empty here: exit 1)."""
-    done = run("-m", "service.cli", "validate", cwd=tmp_path)
+    done = run("-m", "cli.main", "validate", cwd=tmp_path)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "file not found" not in done.stderr
     assert (

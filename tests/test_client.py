@@ -1,10 +1,9 @@
-"""The HTTP client (service/client.py) against the real app served by uvicorn on a free port,
+"""The client commands (cli/runs.py over cli/http.py) against the real app served by uvicorn on a free port,
 over a migrated SQLite database under a temporary HOME. Runs are advanced through
 ``service.runs`` as a worker would."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import tarfile
 import threading
@@ -15,7 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service import client
+from cli import output
+from cli import runs as client
+from cli.http import ClientError
+from cli.main import main
+from service.api.models import SmokeStage, SmokeTestPublic
 from service.models import RunStatus
 from test_client_support import (
     MODEL,
@@ -38,15 +41,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         yield srv
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="moejobs")
-    client.add_client_commands(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
-
-
 def run_cli(argv: list[str]) -> int:
-    args = parse(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def write_configs(
@@ -65,17 +61,17 @@ def write_configs(
 def test_submit_returns_a_queued_run(server, tmp_path, capsys):
     train, model = write_configs(tmp_path)
     run = client.submit(server.url, train, model, name="first")
-    assert run["status"] == "queued"
-    assert run["name"] == "first"
-    assert client.steps_total(run) == 200
-    assert run_status(server, uuid.UUID(run["id"])) == RunStatus.queued
-    assert f"submitted run {run['id']} (first): queued" in capsys.readouterr().out
+    assert run.status == "queued"
+    assert run.name == "first"
+    assert output.steps_total(run) == 200
+    assert run_status(server, run.id) == RunStatus.queued
+    assert f"submitted run {run.id} (first): queued" in capsys.readouterr().out
 
     # The command: exit 0, the name defaults to the train file's stem.
     assert run_cli(["submit", str(train), str(model), "--url", server.url]) == 0
     out = capsys.readouterr().out
     new_id = out.split("submitted run ")[1].split()[0]
-    assert client.get_run(server.url, new_id)["name"] == "train"
+    assert client.get_run(server.url, new_id).name == "train"
 
 
 def test_submit_sends_an_idempotency_key(server, tmp_path):
@@ -87,7 +83,7 @@ def test_submit_sends_an_idempotency_key(server, tmp_path):
     again = client.submit(
         server.url, train, model, name="once", idempotency_key=key, out=io.StringIO()
     )
-    assert again["id"] == first["id"] and again["created"] is False
+    assert again.id == first.id and again.created is False
 
 
 def test_submit_422_prints_every_field_path(server, tmp_path, capsys):
@@ -102,7 +98,7 @@ def test_submit_422_prints_every_field_path(server, tmp_path, capsys):
     assert "  model_config.n_experts: " in err
     assert "Traceback" not in err
 
-    with pytest.raises(client.ClientError) as caught:
+    with pytest.raises(ClientError) as caught:
         client.submit(server.url, train, model, out=io.StringIO())
     assert caught.value.exit_code == 2 and caught.value.status_code == 422
 
@@ -125,7 +121,7 @@ def test_submit_accepts_json_documents(server, tmp_path):
     (folder / "t.json").write_text(json.dumps(TRAIN))
     (folder / "m.json").write_text(json.dumps(MODEL))
     run = client.submit(server.url, folder / "t.json", folder / "m.json", out=io.StringIO())
-    assert run["status"] == "queued" and run["name"] == "t"
+    assert run.status == "queued" and run.name == "t"
 
 
 # -- runs, status, cancel ------------------------------------------------------------------------
@@ -134,10 +130,10 @@ def test_submit_accepts_json_documents(server, tmp_path):
 def test_runs_lists_newest_first_with_paging(server, capsys):
     ids = [str(make_run(server, f"list-{i}")) for i in range(3)]
     page = client.list_runs(server.url, limit=2)
-    assert [r["id"] for r in page["items"]] == ids[::-1][:2]
-    assert page["next_cursor"]
-    nxt = client.list_runs(server.url, limit=2, cursor=page["next_cursor"])
-    assert nxt["items"][0]["id"] == ids[0]
+    assert [str(r.id) for r in page.items] == ids[::-1][:2]
+    assert page.next_cursor
+    nxt = client.list_runs(server.url, limit=2, cursor=page.next_cursor)
+    assert str(nxt.items[0].id) == ids[0]
 
     assert run_cli(["runs", "--url", server.url, "--limit", "2"]) == 0
     out = capsys.readouterr().out
@@ -225,7 +221,7 @@ def test_status_follow_ends_when_the_run_is_terminal(server):
         final = client.status(server.url, str(run_id), follow=True, poll_seconds=0.1, out=out)
     finally:
         thread.join()
-    assert final["status"] == "succeeded"
+    assert final.status == "succeeded"
     text = out.getvalue()
     assert "200/200" in text  # the bar reached the planned steps
     assert text.rstrip().endswith(f"run {run_id} succeeded after 200 steps")
@@ -267,7 +263,7 @@ def test_cancel(server, capsys):
     running = make_run(server, "to-cancel-running")
     start_run(server, running)
     run = client.cancel(server.url, str(running), out=io.StringIO())
-    assert run["status"] == "running" and run["cancel_requested"] is True
+    assert run.status == "running" and run.cancel_requested is True
 
     done = make_run(server, "finished")
     finish_run(server, done, "succeeded", attempt=start_run(server, done))
@@ -404,8 +400,6 @@ def test_token_required(tmp_path, capsys):
 
 
 def test_smoke_test_lines_from_the_api_shape():
-    from service.api.models import SmokeStage, SmokeTestPublic
-
     passed = SmokeTestPublic(
         id=uuid.uuid4(),
         status="passed",
@@ -417,22 +411,19 @@ def test_smoke_test_lines_from_the_api_shape():
             SmokeStage(name="queued_wait", seconds=0.4, status="ok"),
             SmokeStage(name="first_step", seconds=7.25, status="ok"),
         ],
-    ).model_dump(mode="json")
-    assert client.smoke_state(passed) == "passed"
-    lines = client.smoke_lines(passed)
+    )
+    assert output.smoke_state(passed) == "passed"
+    lines = output.smoke_lines(passed)
     assert lines[0].split() == ["queued_wait", "0.4", "s", "ok"]
     assert lines[-1] == "smoke test passed"
 
-    failed = {
-        **passed,
-        "status": "failed",
-        "failed_stage": "queued_wait",
-        "message": "no live worker",
-    }
-    assert (
-        client.smoke_lines(failed)[-1] == "smoke test failed at stage queued_wait: no live worker"
+    failed = passed.model_copy(
+        update={"status": "failed", "failed_stage": "queued_wait", "message": "no live worker"}
     )
-    assert client.smoke_state({**passed, "status": "pending"}) == "running"
+    assert (
+        output.smoke_lines(failed)[-1] == "smoke test failed at stage queued_wait: no live worker"
+    )
+    assert output.smoke_state(passed.model_copy(update={"status": "pending"})) == "running"
 
 
 def test_smoke_test_without_worker_fails_at_queued_wait(tmp_path, capsys):

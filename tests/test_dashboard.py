@@ -125,6 +125,20 @@ def test_no_served_file_points_at_another_host():
     "PUBLIC_PREFIXES in service/api/errors.py",
     strict=True,
 )
+def test_the_run_statuses_of_the_page_are_the_service_s():
+    """app.js spells out the run statuses and the terminal ones (it has no build step to import
+    them): they are ``service.models.RunStatus`` and ``TERMINAL_STATUSES``, in that order."""
+    from service.models import TERMINAL_STATUSES, RunStatus
+
+    text = (STATIC_DIR / "app.js").read_text()
+    statuses = re.search(r"^  const STATUSES = \[([^\]]*)\];$", text, re.M)
+    terminal = re.search(r"^  const TERMINAL = new Set\(\[([^\]]*)\]\);$", text, re.M)
+    assert statuses and terminal, "app.js no longer defines STATUSES and TERMINAL on one line each"
+    assert re.findall(r"'(\w+)'", statuses.group(1)) == [s.value for s in RunStatus]
+    terminal_names = re.findall(r"'(\w+)'", terminal.group(1))
+    assert sorted(terminal_names) == sorted(s.value for s in TERMINAL_STATUSES)
+
+
 def test_page_loads_without_the_token_but_the_data_needs_it(tmp_path):
     with live_server(tmp_path, token="dash-token") as srv:
         assert httpx.get(srv.url + "/runs", timeout=30).status_code == 401

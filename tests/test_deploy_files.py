@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from service.cli import build_parser
+from cli.main import build_parser
 from service.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def moejobs(*argv: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *argv],
+        [sys.executable, "-m", "cli.main", *argv],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -86,7 +86,7 @@ def test_up_then_submit_follow_download_and_smoke_test(tmp_path):
 
     log = open(tmp_path / "up.log", "wb")
     up = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up", "--home", str(home), "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "up", "--home", str(home), "--port", str(port)],
         cwd=REPO,
         env=env,
         stdout=log,

@@ -1,6 +1,6 @@
 """The engine's side of ``service.contract``: ``result.json`` and ``events.jsonl`` for each end
 the engine can report, from ``python -m worker.entry`` (a real subprocess, as the worker starts
-it) and from ``run_train.py``'s ``worker.cli.main``, and the one classifier of exceptions.
+it) and from ``run_train.py``'s ``cli.train.main``, and the one classifier of exceptions.
 
 Cost: one engine subprocess (~10 s, mostly importing torch) and a few in-process tiny runs."""
 
@@ -144,7 +144,7 @@ def test_invalid_data_is_reported_naming_the_folder(tmp_path, corpus, tokenizer_
 
 
 def test_run_train_cli_writes_result_json(tmp_path, corpus, tokenizer_dir, capsys):
-    from worker.cli import main
+    from cli.train import main
 
     out = tmp_path / "run"
     t, m = _write(tmp_path, tiny_train_config(out, corpus, tokenizer_dir, max_tokens=4 * 32 * 2))

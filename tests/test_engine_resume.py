@@ -355,7 +355,7 @@ def test_fine_tune_with_resume_auto_starts_from_initial_weights_then_from_its_ow
 def test_run_train_refuses_with_exit_2_and_the_flag_accepts(base, tmp_path, capsys):
     """run_train.py: the refusal is one line `error: invalid_config: resume: ...`, exit 2;
     --resume-allow-changes sets the key."""
-    from worker.cli import build_parser, main, train_overrides
+    from cli.train import build_parser, main, train_overrides
 
     args = build_parser().parse_args(["--resume-allow-changes", "schedule, batch"])
     assert train_overrides(args) == {"resume_allow_changes": ["schedule", "batch"]}

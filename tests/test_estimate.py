@@ -442,7 +442,7 @@ WIDE = {
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    from service.cli import seed_demo_data
+    from cli.data import seed_demo_data
 
     root = tmp_path_factory.mktemp("memdata")
     seed_demo_data(root)

@@ -41,6 +41,8 @@ def test_wheel_carries_the_shipped_files_and_keeps_torch_optional(wheel):
         names = set(zf.namelist())
         metadata_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
         metadata = Parser().parsestr(zf.read(metadata_name).decode())
+        scripts_name = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        scripts = zf.read(scripts_name).decode()
     for shipped in ("configs", "migrations"):
         tracked = subprocess.run(
             ["git", "ls-files", shipped], cwd=REPO, capture_output=True, text=True, check=True
@@ -49,6 +51,7 @@ def test_wheel_carries_the_shipped_files_and_keeps_torch_optional(wheel):
         assert {f"service/_bundled/{path}" for path in tracked} <= names
     assert "service/_bundled/alembic.ini" in names
     assert {"service/static/index.html", "service/static/app.js", "worker/train.py"} <= names
+    assert "cli/main.py" in names and "moejobs = cli.main:main" in scripts.splitlines()
     requires = metadata.get_all("Requires-Dist")
     core = [r for r in requires if "extra ==" not in r]
     train_extra = [r for r in requires if "extra == 'train'" in r or 'extra == "train"' in r]
@@ -68,8 +71,10 @@ def test_installed_wheel_migrates_and_loads_presets_outside_the_checkout(wheel, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
     env.update(PYTHONPATH=str(site), MOEJOBS_HOME=str(home))
     code = (
-        "import sys, service, service.resources as r, service.config.presets as c\n"
-        "from service.cli import main\n"
+        "import sys, service, service.resources as r, service.config.presets as c
+"
+        "from cli.main import main
+"
         "print(service.__file__)\n"
         "print(r.project_path('migrations'))\n"
         "print(sorted(c.list_presets()))\n"
@@ -150,7 +155,7 @@ def test_api_only_install_has_no_torch_and_reaches_a_redis_broker(tmp_path):
         [
             str(tmp_path / "venv" / "bin" / "python"),
             "-m",
-            "service.cli",
+            "cli.main",
             "validate",
             str(REPO / "configs/train_config.yaml"),
             str(REPO / "configs/model_config.yaml"),

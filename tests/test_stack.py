@@ -1,4 +1,4 @@
-"""The embedded stack (service/stack.py) when what it needs is not there: it says what it waits
+"""The embedded stack (cli/stack.py) when what it needs is not there: it says what it waits
 for while it waits, and gives up naming the setting to fix. Real child processes; no training."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from service.settings import Settings
-from service.stack import LocalStack, StackError, redact_url
+from cli.stack import LocalStack, StackError, redact_url
 from test_client_support import free_port
 
 
@@ -61,7 +61,7 @@ def test_an_unreachable_database_is_named_before_anything_starts(tmp_path):
 def test_start_up_progress_shows_one_short_line_of_an_error():
     """A transient broker error while the embedded stack starts (the API and the worker both
     creating kombu's queue table) is shown without its SQL statement; /readyz keeps it whole."""
-    from service.stack import _brief
+    from cli.stack import _brief
 
     raw = (
         "IntegrityError: (sqlite3.IntegrityError) UNIQUE constraint failed: kombu_queue.name "

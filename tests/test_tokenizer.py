@@ -100,7 +100,7 @@ def test_cli_tokenizer_train(small_corpus, tmp_path):
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "cli.main",
             "tokenizer",
             "train",
             "--data",
@@ -120,7 +120,7 @@ def test_cli_tokenizer_train(small_corpus, tmp_path):
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "cli.main",
             "tokenizer",
             "train",
             "--data",

@@ -51,7 +51,7 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """`moejobs tokenizer train ARGS` of this checkout, run in ``cwd``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "tokenizer", "train", *args],
+        [sys.executable, "-m", "cli.main", "tokenizer", "train", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -39,7 +39,7 @@ def _configs(tmp_path: Path, corpus: Path, tokenizer_dir: Path) -> tuple[Path, P
 
 
 #: The two command lines that train in the terminal: run_train.py and `moejobs train`.
-COMMANDS = {"run_train.py": ["run_train.py"], "moejobs train": ["-m", "service.cli", "train"]}
+COMMANDS = {"run_train.py": ["run_train.py"], "moejobs train": ["-m", "cli.main", "train"]}
 
 
 def _run_train(t: Path, m: Path, command: str = "run_train.py") -> subprocess.Popen:

@@ -62,7 +62,7 @@ def _start_up(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
     with open(log_path, "wb") as log:
         # A session of its own: the test's signal goes to `up` only, as `kill PID` does.
         up = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "up", "--home", str(home), "--port", str(port)],
+            [sys.executable, "-m", "cli.main", "up", "--home", str(home), "--port", str(port)],
             cwd=REPO,
             env=env,
             stdout=log,

@@ -15,8 +15,10 @@
   const API_BASE = location.pathname.replace(/[^/]*$/, '').replace(/\/$/, '');
   const TOKEN_KEY = 'moejobs.apiToken';
   const SMOKE_KEY = 'moejobs.lastSmokeTest';
-  const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
+  // A run's statuses and the terminal ones: service.models.RunStatus and TERMINAL_STATUSES
+  // (tests/test_dashboard.py checks that these two lines say the same).
   const STATUSES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'];
+  const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
   const POLL_LIVE_MS = 3000;
   const POLL_IDLE_MS = 15000;
   const LOG_TAIL = 300;
@@ -130,22 +132,10 @@
     return h('span', { class: `badge ${status || ''} ${extra}`.trim() }, status || 'unknown');
   }
   function shortId(id) { return String(id || '').slice(0, 8); }
+  /** A config warning ({loc, msg}: IssueOut in service/api/models.py) as "train.max_tokens: msg". */
   function issueText(w) {
-    if (w === null || w === undefined) return '';
-    if (typeof w !== 'object') return String(w);
-    let loc = w.loc || w.path || w.field;
-    if (Array.isArray(loc)) loc = loc.filter((p) => p !== 'body').map((p) => (typeof p === 'number' ? `[${p}]` : p)).join('.').replace(/\.\[/g, '[');
-    const msg = w.message || w.msg || JSON.stringify(w);
-    return loc ? `${loc}: ${msg}` : msg;
-  }
-  function itemsOf(payload) {
-    if (Array.isArray(payload)) return payload;
-    if (payload && typeof payload === 'object') {
-      for (const key of ['items', 'points', 'rows', 'metrics', 'router', 'events', 'checkpoints', 'workers']) {
-        if (Array.isArray(payload[key])) return payload[key];
-      }
-    }
-    return [];
+    const loc = w.loc.map((p) => (typeof p === 'number' ? `[${p}]` : p)).join('.').replace(/\.\[/g, '[');
+    return loc ? `${loc}: ${w.msg}` : w.msg;
   }
   function stepsTotal(run) {
     const plan = run && run.estimate && run.estimate.plan;
@@ -167,13 +157,12 @@
   }
   function authHeaders() { const t = getToken(); return t ? { Authorization: 'Bearer ' + t } : {}; }
 
+  /** The message of an error answer: the API's error body ({code, message, errors?}: ErrorBody in
+   *  service/api/openapi.py), or the start of a text answer from something in front of it. */
   function errorDetail(body, fallback) {
     if (!body) return fallback;
     if (typeof body === 'string') return body.slice(0, 300) || fallback;
-    const d = body.detail !== undefined ? body.detail : body.message || body.error;
-    if (Array.isArray(d)) return d.map(issueText).join('; ');
-    if (d && typeof d === 'object') return d.message || d.msg || JSON.stringify(d);
-    return d ? String(d) : fallback;
+    return typeof body.message === 'string' && body.message ? body.message : fallback;
   }
 
   /** fetch API_BASE+path; JSON (or text) on 2xx, ApiError otherwise. A 401 asks for the token. */
@@ -358,7 +347,7 @@
       more.disabled = true;
       try {
         const page = await api(`/runs?${query({ status: state.status, limit: 50, cursor: state.cursor })}`);
-        state.extra.push(...itemsOf(page));
+        state.extra.push(...page.items);
         state.cursor = page.next_cursor || null;
         state.loadedMore = true;
         await render();
@@ -395,7 +384,7 @@
         try {
           const page = await api(`/runs?${query({ status: state.status, limit: 50 })}`);
           if (!alive()) return POLL_LIVE_MS;
-          state.items = itemsOf(page);
+          state.items = page.items;
           if (!state.loadedMore) state.cursor = page.next_cursor || null;
           errorBox.hidden = true;
           await render();
@@ -420,13 +409,6 @@
   // ---------------------------------------------------------------------------------------------
   // Workers
 
-  function workerLive(w) {
-    if (typeof w.live === 'boolean') return w.live;
-    if (typeof w.alive === 'boolean') return w.alive;
-    const t = parseTime(w.heartbeat_at);
-    return t ? (Date.now() - t.getTime()) < 60000 : false;
-  }
-
   function workersPanel(card, alive, compact) {
     const body = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
     append(card, [h('div', { class: 'card-head' }, h('h2', {}, 'Workers'),
@@ -434,7 +416,7 @@
     return {
       async refresh() {
         let workers;
-        try { workers = itemsOf(await api('/workers')); } catch (e) {
+        try { workers = await api('/workers'); } catch (e) {
           fill(body, h('p', { class: 'muted' }, `Could not load workers: ${e.message}`));
           return;
         }
@@ -444,11 +426,11 @@
           return;
         }
         const rows = workers.map((w) => {
-          const gpus = Array.isArray(w.gpus) ? w.gpus : [];
-          const gpuText = gpus.length
-            ? gpus.map((g) => (typeof g === 'object' ? `${g.name || 'GPU'}${isNum(g.memory_bytes) ? ' ' + fmtBytes(g.memory_bytes) : ''}` : String(g))).join(', ')
+          // gpus: [{index, name, memory_bytes}] as the worker registered them (worker/registry.py)
+          const gpuText = w.gpus.length
+            ? w.gpus.map((g) => `${g.name || 'GPU'}${isNum(g.memory_bytes) ? ' ' + fmtBytes(g.memory_bytes) : ''}`).join(', ')
             : (w.gpu_count ? `${w.gpu_count} GPU` : 'CPU only');
-          const live = workerLive(w);
+          const live = w.live;
           const current = w.current_run_id
             ? h('a', { href: `#/runs/${encodeURIComponent(w.current_run_id)}`, class: 'mono' }, shortId(w.current_run_id))
             : h('span', { class: 'muted' }, 'idle');
@@ -486,31 +468,11 @@
   // ---------------------------------------------------------------------------------------------
   // Smoke test
 
+  // A smoke test's answer is SmokeTestPublic (service/api/models.py): {id (its run's id), status
+  // (pending, running, passed, failed), stages: [{name, seconds, status}], failed_stage, message}.
   function smokeState(r) {
     if (!r) return 'none';
-    if (r.passed === true) return 'passed';
-    if (r.passed === false) return 'failed';
-    const st = String(r.status || r.result || r.state || '');
-    if (['passed', 'succeeded', 'ok', 'pass'].includes(st)) return 'passed';
-    if (['failed', 'cancelled', 'error', 'fail', 'timeout'].includes(st)) return 'failed';
-    return 'running';
-  }
-  function smokeStages(r) {
-    let stages = (r && (r.stages || r.timings)) || [];
-    if (!Array.isArray(stages) && typeof stages === 'object') {
-      stages = Object.entries(stages).map(([k, v]) => (v && typeof v === 'object' ? Object.assign({ name: k }, v) : { name: k, seconds: v }));
-    }
-    return stages.filter((st) => st && typeof st === 'object').map((st) => {
-      const seconds = ['seconds', 'duration_s', 'elapsed_s', 'duration'].map((k) => st[k]).find(isNum);
-      let state = st.status || st.state;
-      if (state === undefined && 'ok' in st) state = st.ok ? 'ok' : 'failed';
-      return { name: st.name || st.stage || '?', seconds, state: state || '', message: st.message || st.error || '' };
-    });
-  }
-  function smokeId(body) {
-    if (!body || typeof body !== 'object') return null;
-    for (const k of ['id', 'run_id', 'smoke_test_id', 'running_id']) if (body[k]) return String(body[k]);
-    return body.detail ? smokeId(body.detail) : null;
+    return r.status === 'passed' || r.status === 'failed' ? r.status : 'running';
   }
 
   function smokePanel(card, alive, compact) {
@@ -529,9 +491,10 @@
       button.disabled = true;
       try {
         const r = await api('/smoke-test', { method: 'POST' });
-        testId = smokeId(r); result = r;
+        testId = r.id; result = r;
       } catch (e) {
-        const running = e.status === 409 ? smokeId(e.body) : null;
+        // 409 smoke_test_running: the error body's run_id is the running one
+        const running = e.status === 409 && e.body && e.body.run_id ? e.body.run_id : null;
         if (!running) { toast(`Smoke test not started: ${e.message}`, 'bad'); button.disabled = false; return; }
         toast('A smoke test is already running: showing it.');
         testId = running; result = null;
@@ -563,21 +526,20 @@
       const state = testId ? smokeState(result) : 'none';
       button.disabled = state === 'running';
       if (!testId) { fill(body, h('p', { class: 'muted small' }, 'No smoke test run from this browser yet.')); return; }
-      const stages = smokeStages(result);
-      const failed = result && (result.failed_stage || result.failing_stage);
-      const message = result && (result.message || result.error || result.reason);
+      const stages = result ? result.stages : [];
+      const failed = result && result.failed_stage;
+      const message = result && result.message;
       // A smoke test is a run: its id is the run's id.
-      const runId = (result && (result.run_id || (result.run && result.run.id))) || testId;
-      fill(body, 
-        h('p', {}, badge(state === 'running' ? 'running' : state), ' ',
+      fill(body,
+        h('p', {}, badge(state), ' ',
           h('span', { class: 'mono muted small' }, shortId(testId)),
-          runId ? [' · ', h('a', { href: `#/runs/${encodeURIComponent(runId)}` }, 'run')] : null),
+          [' · ', h('a', { href: `#/runs/${encodeURIComponent(testId)}` }, 'run')]),
         stages.length ? h('table', { class: 'stages' },
           h('thead', {}, h('tr', {}, h('th', {}, 'Stage'), h('th', { class: 'num' }, 'Time'), h('th', {}, ''))),
           h('tbody', {}, stages.map((st) => h('tr', {},
-            h('td', {}, st.name, st.message ? h('div', { class: 'muted small' }, st.message) : null),
+            h('td', {}, st.name),
             h('td', { class: 'num' }, isNum(st.seconds) ? fmtDuration(st.seconds) : '–'),
-            h('td', {}, st.state ? badge(['ok', 'passed', 'succeeded', 'done'].includes(st.state) ? 'succeeded' : st.state === 'running' ? 'running' : ['failed', 'error', 'timeout'].includes(st.state) ? 'failed' : st.state) : null))))) : null,
+            h('td', {}, badge(st.status === 'ok' ? 'succeeded' : st.status)))))) : null,
         state === 'failed' && (failed || message) ? h('div', { class: 'alert bad', style: { marginTop: '10px', marginBottom: 0 } },
           failed ? ['Failed at stage ', h('b', {}, failed)] : 'Failed', message ? `: ${message}` : '') : null);
     }
@@ -1006,15 +968,15 @@
     // -- checkpoints, events, estimate, log
     function renderCheckpoints(list) {
       if (!list.length) { fill(ckptBody, h('p', { class: 'muted' }, 'No checkpoint yet.')); return; }
+      // CheckpointPublic (service/api/models.py): {name, step, path, size_bytes, created_at, archive_url}
       fill(ckptBody, h('div', { class: 'table-wrap' }, h('table', {},
         h('thead', {}, h('tr', {}, h('th', {}, 'Checkpoint'), h('th', { class: 'num' }, 'Step'), h('th', { class: 'num' }, 'Size'), h('th', {}, 'Written'), h('th', {}, ''))),
         h('tbody', {}, list.map((c) => {
-          const ref = c.name === 'final' || !isNum(c.step) ? (c.name === 'final' ? 'final' : c.name) : String(c.step);
-          const path = `${base}/checkpoints/${encodeURIComponent(ref)}/archive`;
+          const path = c.archive_url;
           const url = API_BASE + path;
-          const file = `${shortId(runId)}-${c.name || ref}.tar`;
+          const file = `${shortId(runId)}-${c.name}.tar`;
           return h('tr', {},
-            h('td', { class: 'mono' }, c.name || ref),
+            h('td', { class: 'mono' }, c.name),
             h('td', { class: 'num' }, isNum(c.step) ? fmtInt(c.step) : '–'),
             h('td', { class: 'num' }, fmtBytes(c.size_bytes)),
             h('td', {}, timeEl(c.created_at)),
@@ -1030,7 +992,7 @@
     }
     function renderEvents(events, engineEvents) {
       const items = [
-        ...events.map((ev) => ({ at: parseTime(ev.at || ev.created_at), kind: 'run', ev })),
+        ...events.map((ev) => ({ at: parseTime(ev.at), kind: 'run', ev })),
         ...(engineEvents || []).map((ev) => ({ at: parseTime(ev.at), kind: 'engine', ev })),
       ].sort((a, b) => (a.at || 0) - (b.at || 0));
       if (!items.length) { fill(eventsBody, h('p', { class: 'muted' }, 'No events.')); return; }
@@ -1040,7 +1002,7 @@
           h('div', {}, h('span', { class: 'engine-event' }, engineText(ev))),
           ev.message ? h('div', { class: 'msg' }, ev.message) : null)
         : h('li', { class: ev.to_status || '' },
-          h('div', { class: 'when' }, fmtTime(ev.at || ev.created_at), ev.actor ? ` · ${ev.actor}` : '', isNum(ev.attempt) && ev.attempt ? ` · attempt ${ev.attempt}` : ''),
+          h('div', { class: 'when' }, fmtTime(ev.at), ev.actor ? ` · ${ev.actor}` : '', isNum(ev.attempt) && ev.attempt ? ` · attempt ${ev.attempt}` : ''),
           h('div', {}, ev.from_status && ev.from_status !== ev.to_status ? [badge(ev.from_status), ' → '] : null, badge(ev.to_status),
             ev.reason ? h('span', { class: 'muted' }, ` ${ev.reason}`) : null),
           ev.message ? h('div', { class: 'msg' }, ev.message) : null)))));
@@ -1069,13 +1031,8 @@
         h('details', { style: { marginTop: '10px' } }, h('summary', {}, 'all fields'), h('pre', {}, JSON.stringify(est, null, 2))));
     }
 
-    function renderLog(payload) {
-      let text;
-      if (typeof payload === 'string') text = payload;
-      else if (payload && Array.isArray(payload.lines)) text = payload.lines.join('\n');
-      else if (payload && typeof payload.text === 'string') text = payload.text;
-      else if (payload && typeof payload.log === 'string') text = payload.log;
-      else text = payload ? JSON.stringify(payload, null, 2) : '';
+    /** text: GET /runs/{id}/logs answers text/plain (or the line saying why there is none). */
+    function renderLog(text) {
       const atBottom = logPre.scrollTop + logPre.clientHeight >= logPre.scrollHeight - 8;
       logPre.textContent = text || '(empty)';
       if (st.followLog || atBottom) logPre.scrollTop = logPre.scrollHeight;
@@ -1085,13 +1042,14 @@
     async function loadMetrics() {
       if (st.lastStep < 0) {
         // First load: server-side downsampled history; then only new rows.
-        st.metrics = itemsOf(await api(`${base}/metrics?limit=100000&max_points=2000`)).filter((r) => isNum(r.step)).sort((a, b) => a.step - b.step);
+        // MetricPage: {items: rows by step, next_after_step, total, downsampled}
+        st.metrics = (await api(`${base}/metrics?limit=100000&max_points=2000`)).items;
         if (st.metrics.length) st.lastStep = st.metrics[st.metrics.length - 1].step;
         return true;
       }
       let added = false;
       for (let page = 0; page < 20; page++) {
-        const rows = itemsOf(await api(`${base}/metrics?after_step=${st.lastStep}&limit=1000`)).filter((r) => isNum(r.step) && r.step > st.lastStep);
+        const rows = (await api(`${base}/metrics?after_step=${st.lastStep}&limit=1000`)).items;
         if (!rows.length) break;
         st.metrics.push(...rows);
         st.lastStep = rows[rows.length - 1].step;
@@ -1105,7 +1063,8 @@
       if (st.routerMissing) return false;
       try {
         const q = st.routerLast >= 0 ? `?after_step=${st.routerLast}` : '';
-        const rows = itemsOf(await api(`${base}/router${q}`)).filter((r) => isNum(r.step) && r.step > st.routerLast);
+        // RouterPage: {items: [{step, layer, expert, fraction}] by step, next_after_step}
+        const rows = (await api(`${base}/router${q}`)).items;
         if (!rows.length) return false;
         st.router.push(...rows);
         st.routerLast = Math.max(...rows.map((r) => r.step));
@@ -1139,9 +1098,9 @@
           loadMetrics().catch(() => false), loadRouter(),
         ]);
         const [ckpts, events, engineEvents, log] = await Promise.all([
-          api(`${base}/checkpoints`).then(itemsOf).catch(() => null),
-          api(`${base}/events`).then(itemsOf).catch(() => null),
-          api(`${base}/engine-events`).then(itemsOf).catch(() => null),
+          api(`${base}/checkpoints`).catch(() => null),
+          api(`${base}/events`).catch(() => null),
+          api(`${base}/engine-events`).catch(() => null),
           api(`${base}/logs?tail=${LOG_TAIL}`, { headers: { Accept: 'text/plain, application/json' } }).catch((e) => (e.status === 404 ? '(no log yet)' : `(log unavailable: ${e.message})`)),
         ]);
         if (!alive()) return POLL_LIVE_MS;

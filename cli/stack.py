@@ -1,12 +1,16 @@
 """The embedded stack that ``moejobs up`` and ``moejobs demo`` run on one machine.
 
-It migrates the database, then starts the API (``moejobs serve``), one training worker
-(``python -m worker.celery_app --role train``) and one aux worker (``--role aux``: tokenizers
-and data preparation, so that a training never waits behind them) as child processes that see exactly this process's settings
-(passed as ``MOEJOBS_*`` variables). Separate processes rather than threads: the worker's
-Celery signal handlers and the training subprocesses it starts need a main thread of their own,
-and each can be stopped cleanly with SIGTERM (the worker then checkpoints a running training
-and puts the run back in the queue).
+It migrates the database, then starts the API (``moejobs serve``, as ``python -m cli.main
+serve``), one training worker (``python -m worker.celery_app --role train``) and one aux worker
+(``--role aux``: tokenizers and data preparation, so that a training never waits behind them)
+as child processes that see exactly this process's settings (passed as ``MOEJOBS_*``
+variables). Separate processes rather than threads: the worker's Celery signal handlers and the
+training subprocesses it starts need a main thread of their own, and each can be stopped cleanly
+with SIGTERM (the worker then checkpoints a running training and puts the run back in the
+queue).
+
+Part of the command line rather than of the service: only those two commands start it, and it
+starts the API through the command line, so ``service`` never names the CLI.
 """
 
 from __future__ import annotations
@@ -112,10 +116,11 @@ class LocalStack:
             ) from None
         self._spawn("worker", ["-m", "worker.celery_app", "--role", "train"])
         self._spawn("aux", ["-m", "worker.celery_app", "--role", "aux"])
-        self._spawn("api", ["-m", "service.cli", "serve"])
+        self._spawn("api", ["-m", "cli.main", "serve"])
         started = time.monotonic()
         deadline = started + ready_timeout
-        last, down, errors = "no answer", ["api"], {}
+        last, down = "no answer", ["api"]
+        errors: dict[str, str] = {}
         shown: list[str] = []
         shown_at = started
         while time.monotonic() < deadline:
@@ -154,7 +159,9 @@ class LocalStack:
             return ["api"], {}
         if not isinstance(body, dict) or not isinstance(body.get("down"), list):
             return ["api"], {}
-        checks = body.get("checks") if isinstance(body.get("checks"), dict) else {}
+        checks = body.get("checks")
+        if not isinstance(checks, dict):
+            checks = {}
         errors = {name: str((checks.get(name) or {}).get("error") or "") for name in body["down"]}
         return [str(name) for name in body["down"]], errors
 

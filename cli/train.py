@@ -1,6 +1,8 @@
-"""Local training from the YAML configs: the source specification's command line.
+"""``moejobs train`` (``run_train.py``), ``moejobs validate`` and ``moejobs schema``: local
+training from the YAML configs (the source specification's command line) and the config tools.
 
-``run_train.py`` and ``moejobs train`` both call :func:`main`. Precedence of settings, lowest
+``run_train.py`` and ``moejobs train`` both call :func:`main`, after installing the early signal
+handlers (``worker.entry``); ``moejobs validate`` is ``main`` with ``--dry-run``. Precedence of settings, lowest
 first: the two config files < ``--preset`` < ``--smoke-test`` < explicit flags.
 
 Exit codes (``service.contract.ExitCode``): 0 success, 2 invalid config (the message names the
@@ -383,5 +385,24 @@ def format_summary(
     return lines
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``moejobs validate [TRAIN] [MODEL] [--preset] [--smoke-test]``: :func:`main` with
+    ``--dry-run``; its exit codes."""
+    argv = ["--config", args.train_config, "--model-config", args.model_config, "--dry-run"]
+    if args.preset:
+        argv += ["--preset", args.preset]
+    if args.smoke_test:
+        argv.append("--smoke-test")
+    return main(argv, prog="moejobs validate")
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """``moejobs schema train|model``: the JSON Schema of a config document on stdout."""
+    import json
+
+    from service.config.model import model_config_json_schema
+    from service.config.train import train_config_json_schema
+
+    schema = train_config_json_schema() if args.which == "train" else model_config_json_schema()
+    print(json.dumps(schema, indent=2))
+    return 0
