@@ -134,11 +134,12 @@ def _choose_redis() -> Choice:
         if _redis_answers(MACHINE_REDIS_URL):
             return Choice(url=MACHINE_REDIS_URL, source="the machine's server")
     folder = Path(tempfile.mkdtemp(prefix="moejobs-test-redis-"))
-    _scratch.append(folder)
     try:
         server = PrivateRedis(folder)
     except (Exception, pytest.fail.Exception) as error:
+        shutil.rmtree(folder, ignore_errors=True)
         return Choice(error=_no_throwaway("Redis", REDIS_URL_ENV, error))
+    _scratch.append(folder)
     atexit.register(stop_throwaway_servers)
     return Choice(
         url=server.url,
@@ -153,9 +154,14 @@ def _no_throwaway(kind: str, env: str, error: BaseException) -> str:
         if mode() == "throwaway"
         else f"no {env} and nothing answers on the machine's default port"
     )
+    advice = (
+        f"Run `uv sync`, or unset {MODE_ENV}."
+        if mode() == "throwaway"
+        else f"Start a {kind} server, or set {env}."
+    )
     return (
         f"{kind} for the tests: {where}, and a throwaway server could not be started: "
-        f"{str(error).strip()}\nStart a {kind} server, or set {env}."
+        f"{str(error).strip()}\n{advice}"
     )
 
 
