@@ -2,7 +2,9 @@
 it, and tiny MoE model / training config documents that train on a CPU in seconds.
 
 Every test gets its own token cache (``MOEJOBS_TOKEN_CACHE``) so nothing is written under the
-user's home folder.
+user's home folder. The PostgreSQL and Redis servers of the session are chosen on first use by
+``test_servers_support`` (throwaway ones are stopped here when the session ends, and the
+summary says which were used).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import test_servers_support
 
 # One intra-op thread for torch in the tests and in the processes they start (inherited). On a
 # CPU shared with other jobs, torch's default of one OpenMP thread per core stalls at every
@@ -73,6 +76,22 @@ TRAIN_MODULES = [
     "typing",
 ]
 VAL_MODULES = ["fractions", "heapq"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    test_servers_support.mode()  # a bad MOEJOBS_TEST_SERVERS is a usage error, at once
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    test_servers_support.stop_throwaway_servers()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    lines = test_servers_support.summary()
+    if lines:
+        terminalreporter.section("test servers")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)

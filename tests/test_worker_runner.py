@@ -700,7 +700,8 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
     from psycopg import sql
     from sqlalchemy.exc import OperationalError
 
-    from test_db_support import PG_ADMIN_URL, create_pg_database, drop_pg_database
+    from test_db_support import create_pg_database, drop_pg_database
+    from test_servers_support import postgres_admin_url
 
     url = create_pg_database("moejobs_outage_test")
     name = sa.make_url(url).database
@@ -711,7 +712,7 @@ def test_database_outage_stops_the_training_before_the_lease_can_expire(tmp_path
     db = open_database(settings)
 
     def set_connections(allowed: bool) -> None:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        with psycopg.connect(postgres_admin_url(), autocommit=True) as admin:
             admin.execute(
                 sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
                     sql.Identifier(name), sql.Literal(allowed)

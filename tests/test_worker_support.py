@@ -2,8 +2,9 @@
 test deployment on the real Redis (a unique queue per use), a worker subprocess
 (``python -m worker.celery_app``), tiny runs and waiting for their states.
 
-Redis must be running at 127.0.0.1:6379 (or ``MOEJOBS_TEST_REDIS_URL``); tests that need it
-fail with a message saying so, they are never skipped.
+The Redis server is the session's (``test_servers_support.redis_url``: ``MOEJOBS_TEST_REDIS_URL``,
+else the machine's on 127.0.0.1:6379, else a throwaway server); tests that cannot reach it fail
+with a message saying so, they are never skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_MODEL, stdlib_text_files, tiny_train_config
+from test_servers_support import redis_url
 
 from service import reads, runs
 from service.db import Database
@@ -27,24 +29,26 @@ from service.models import Run, RunStatus
 from service.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("MOEJOBS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 #: Standard-library modules of the workers' tiny corpus (about 250 KB: fast to tokenize).
 CORPUS_TRAIN = ["argparse", "calendar", "csv", "textwrap"]
 CORPUS_VAL = ["heapq"]
 
 
-def require_redis(url: str = REDIS_URL) -> str:
-    """``url`` when a Redis server answers there; fails the test with a message otherwise."""
+def require_redis(url: str | None = None) -> str:
+    """``url`` (the session's Redis by default) when a Redis server answers there; fails the
+    test with a message otherwise."""
     import redis
+
+    url = url or redis_url()
 
     try:
         redis.Redis.from_url(url, socket_connect_timeout=3).ping()
     except redis.RedisError as error:
         pytest.fail(
             f"Redis is not reachable at {url}: {error}\nThese tests need a real Redis "
-            "server: start it (e.g. `redis-server --daemonize yes`) or set "
-            "MOEJOBS_TEST_REDIS_URL.",
+            "server: start it (e.g. `redis-server --daemonize yes`), set "
+            "MOEJOBS_TEST_REDIS_URL, or unset it to let the tests start their own.",
             pytrace=False,
         )
     return url
