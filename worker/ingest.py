@@ -49,6 +49,10 @@ class CsvTail:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.rewound = False
+        self._inode: int | None
+        self._offset: int
+        self._header: list[str] | None
+        self._partial: bytes
         self._reset(None)
 
     def _reset(self, inode: int | None) -> None:

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import uuid
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -87,11 +88,11 @@ class Checkpoints:
                 step = _final_step(path)
             result = write(
                 f"checkpoint {name}",
-                lambda s, name=name, path=path, step=step, size=size: runs.record_checkpoint(
-                    s,
-                    self.run_id,
-                    name,
-                    str(path),
+                partial(
+                    runs.record_checkpoint,
+                    run_id=self.run_id,
+                    name=name,
+                    path=str(path),
                     step=step,
                     size_bytes=size,
                     attempt=self.attempt,

@@ -131,6 +131,8 @@ def execute_attempt(
 
 
 class _Started(NamedTuple):
+    """A started training process and what the runner noted at its start."""
+
     proc: subprocess.Popen
     #: the write end of the heartbeat pipe (the watchdog's; closed by :func:`_watch`)
     beat_fd: int
@@ -451,7 +453,7 @@ def _watchdog(
     pipe_open = beat_fd is not None
     while proc.poll() is None:
         silent = time.monotonic() - att.last_heartbeat_ok
-        if pipe_open and silent < vouch and not att.lease_lost:
+        if pipe_open and beat_fd is not None and silent < vouch and not att.lease_lost:
             pipe_open = _beat(beat_fd)
         elif silent >= vouch and not terminated and not att.lease_lost:
             terminated = att.self_fenced = True
