@@ -71,10 +71,8 @@ def test_installed_wheel_migrates_and_loads_presets_outside_the_checkout(wheel, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
     env.update(PYTHONPATH=str(site), MOEJOBS_HOME=str(home))
     code = (
-        "import sys, service, service.resources as r, service.config.presets as c
-"
-        "from cli.main import main
-"
+        "import sys, service, service.resources as r, service.config.presets as c\n"
+        "from cli.main import main\n"
         "print(service.__file__)\n"
         "print(r.project_path('migrations'))\n"
         "print(sorted(c.list_presets()))\n"
