@@ -114,6 +114,15 @@ class LocalStack:
                 f"cannot migrate the database of MOEJOBS_DATABASE_URL "
                 f"({redact_url(self.settings.database_url or '')}): {reason}"
             ) from None
+        # Declare both queues here first: two workers declaring them at once on the embedded
+        # broker (kombu's SQLAlchemy transport: look up, then insert) can both insert one and
+        # the loser dies on the unique name. Declaring is idempotent; a broker that is down is
+        # reported by /readyz below.
+        from service.queue import aux_queue, check_broker, make_celery, train_queue
+
+        app = make_celery(self.settings)
+        for queue in (train_queue(self.settings), aux_queue(self.settings)):
+            check_broker(app, queue)
         self._spawn("worker", ["-m", "worker.celery_app", "--role", "train"])
         self._spawn("aux", ["-m", "worker.celery_app", "--role", "aux"])
         self._spawn("api", ["-m", "cli.main", "serve"])
