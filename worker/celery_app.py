@@ -21,11 +21,10 @@ given ones first.
 The app is ``service.queue.make_celery(settings)`` (JSON only, prefetch 1, early ack; see
 ``worker.reconciler`` for the delivery strategy) with the tasks of ``worker.tasks`` registered
 under ``service.queue.TRAIN_TASK``, ``PREPARE_TASK`` and ``TOKENIZER_TASK``. A worker runs one
-task at a time: the
-``solo`` pool, concurrency 1, so the training subprocess is the child of the worker's own
-(non-daemonic) main process (../shared/design/litgpt-facts.md, "Celery and PyTorch together";
-prefork children are daemonic and cannot start DataLoader workers). One worker process per GPU
-slot; ``MOEJOBS_WORKER_GPUS`` says which GPUs it owns.
+task at a time: the ``solo`` pool, concurrency 1, so the training subprocess is the child of the
+worker's own (non-daemonic) main process: prefork children are daemonic, and a daemonic process
+may not start children, so PyTorch's DataLoader workers could not start inside one. One worker
+process per GPU slot; ``MOEJOBS_WORKER_GPUS`` says which GPUs it owns.
 
 Life cycle (Celery signals):
 

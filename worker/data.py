@@ -10,7 +10,7 @@ Semantics follow LitGPT's ``TextFiles`` (0.5.13) where it matters for the model:
   target = window[1:]);
 * without ``val_data_path`` the first sorted training file is the validation set (needs >= 2 files).
 
-Where this module deliberately differs from ``TextFiles`` (see ../shared/design/litgpt-facts.md):
+Where this module deliberately differs from ``TextFiles`` (``litgpt/data/text_files.py``):
 
 * the tokens are cached **outside** the user's folders (``~/.cache/moejobs/tokens``, or the
   ``MOEJOBS_TOKEN_CACHE`` environment variable), under a name derived from the SHA-256 of the file

@@ -5,10 +5,10 @@ ordinary run through the real queue and a real worker, timed stage by stage.
 ``service.config.presets.SMOKE_TEST_OVERRIDES`` (plus ``devices: 1`` and the sample data/tokenizer
 ``DATA_ROOT/sample/{train,val,tokenizer}``, which the worker seeds at start-up) and
 ``configs/model_config.yaml`` (or ``MOEJOBS_SMOKE_MODEL_CONFIG``), as a run with
-``preset="smoke-test"`` (the runner writes no checkpoint for it). One at a time: a second
-request while one is queued or running is a 409 naming it. The broker must answer (a 503
-naming it otherwise, and nothing is stored): a smoke test that waits for the reconciler would
-say nothing about the stack.
+``preset="smoke-test"`` whose ``write_checkpoints`` is false (no checkpoint is written). One at a
+time: a second request while one is queued or running is a 409 naming it. The broker must answer
+(a 503 naming it otherwise, and nothing is stored): a smoke test that waits for the reconciler
+would say nothing about the stack.
 
 ``GET /smoke-test/{id}`` reports the stages, each with its duration:
 

@@ -27,7 +27,7 @@ CONFIGS_DIR = project_path("configs")
 #: Named presets: configs/presets/<name>.yaml.
 PRESETS_DIR = CONFIGS_DIR / "presets"
 
-#: The specification's smoke-test train overrides (seed-config.md, "Smoke-test configuration").
+#: The specification's smoke-test train overrides (the README's ``--smoke-test`` row lists them).
 SMOKE_TEST_OVERRIDES: dict[str, Any] = {
     "train": {
         "micro_batch_size": 1,
