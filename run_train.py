@@ -14,7 +14,7 @@ SIGTERM) with nothing trained. See cli/train.py for the exit codes.
 import sys
 
 if __name__ == "__main__":
-    from worker.entry import install_early_handlers
+    from worker.early import install_early_handlers
 
     install_early_handlers()
     from cli.train import main  # after the handlers, on purpose

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     SystemExit for argument errors (exit 2) and for ``--help``."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # everything after `train` belongs to run_train.py's parser
-        from worker.entry import install_early_handlers  # torch-free, as in run_train.py
+        from worker.early import install_early_handlers  # torch-free, as in run_train.py
 
         install_early_handlers()  # before the engine's heavy imports: Ctrl-C exits 130 at once
         from cli.train import main as train_main

@@ -17,14 +17,14 @@ import yaml
 
 from conftest import REPO, TINY_MODEL, tiny_train_config
 from service.contract import EngineResult, EventKind, FailureReason, Outcome, read_events
-from worker import entry, errors
+from worker import early, errors
 from worker import train as engine
 
 
 @pytest.fixture(autouse=True)
 def _no_leftover_exit_hook(monkeypatch):
     """main() points worker.entry's early-exit hook at its reporter; put it back after each test."""
-    monkeypatch.setattr(entry, "_early_exit_hook", None)
+    monkeypatch.setattr(early, "_early_exit_hook", None)
 
 
 def _write(tmp_path: Path, doc: dict, model: dict | None = None) -> tuple[Path, Path]:

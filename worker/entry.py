@@ -6,8 +6,8 @@ signal in the first instant is never lost (torch alone takes seconds to import).
 Order:
 
 1. the parent-death signal (``worker.launch.die_with_parent``: the process never outlives its
-   worker) and handlers that turn SIGINT/SIGTERM into one line on stderr, ``interrupted before
-   training started``, and exit 130/143 with nothing trained;
+   worker) and the early handlers (``worker.early``) that turn SIGINT/SIGTERM into one line on
+   stderr, ``interrupted before training started``, and exit 130/143 with nothing trained;
 2. the fence (``worker.fence``): the watchdog on the worker's heartbeat pipe, the owner file
    of ``out_dir`` (read from the raw train config, relative to the working directory:
    ``worker.reporting.raw_out_dir``);
@@ -25,44 +25,9 @@ Exit codes: ``service.contract.ExitCode``.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from collections.abc import Callable
 
-#: Called with the signal number just before an early handler exits (``worker.reporting``
-#: sets it to write ``result.json``); None: exit without a result.
-_early_exit_hook: Callable[[int], object] | None = None
-
-
-def _before_start(signum: int, _frame: object) -> None:
-    try:
-        # os.write: a handler may interrupt a write to sys.stderr, whose buffer is not reentrant
-        os.write(2, b"interrupted before training started\n")
-        hook = _early_exit_hook
-        if hook is not None:
-            hook(signum)
-    finally:
-        os._exit(128 + signum)
-
-
-def install_early_handlers() -> None:
-    """SIGINT/SIGTERM -> one line on stderr, ``result.json`` when a hook is set
-    (:func:`set_early_exit_hook`), and exit 128 + N at once: 130 SIGINT, 143 SIGTERM (nothing
-    trained). The engine keeps them until its first optimizer step begins
-    (``worker.train.StopFlag.arm``)."""
-    signal.signal(signal.SIGINT, _before_start)
-    signal.signal(signal.SIGTERM, _before_start)
-
-
-def is_early_handler(handler: object) -> bool:
-    """Whether ``handler`` (from ``signal.getsignal``) is this module's early handler."""
-    return handler is _before_start
-
-
-def set_early_exit_hook(hook: Callable[[int], object] | None) -> None:
-    """Call ``hook(signum)`` (it must not raise for long) before an early handler exits."""
-    global _early_exit_hook
-    _early_exit_hook = hook
+from worker.early import install_early_handlers
 
 
 def _train_config(argv: list[str]) -> str | None:
@@ -101,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as worker.entry, not as __main__: the engine recognises the early handlers and sets
-    # the exit hook by identity, in the module ``worker.entry``.
+    # Run as the module worker.entry, not as a second copy named __main__.
     from worker.entry import main as _main
 
     sys.exit(_main())

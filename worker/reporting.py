@@ -20,7 +20,7 @@ from typing import Any
 from service import contract
 from service.contract import EngineResult, EventKind, ExitCode, Outcome
 from worker import checkpoint as ckpt
-from worker import fence
+from worker import early, fence
 from worker.errors import BEFORE_START, EngineError, Interrupted, interrupted_before_start
 
 log = logging.getLogger("moejobs.train")
@@ -231,7 +231,7 @@ class Reporter:
                 pass
 
     def exit_before_start(self, signum: int) -> None:
-        """The hook ``worker.entry``'s early handlers call just before they exit 128 + signum:
+        """The hook ``worker.early``'s handlers call just before they exit 128 + signum:
         report ``interrupted`` (``interrupted before training started``)."""
         try:
             name = signal.Signals(signum).name
@@ -240,8 +240,6 @@ class Reporter:
         self.failed(interrupted_before_start(signum, name))
 
     def install_early_exit(self) -> None:
-        """Make this reporter write ``result.json`` when ``worker.entry``'s early SIGINT/SIGTERM
+        """Make this reporter write ``result.json`` when ``worker.early``'s SIGINT/SIGTERM
         handlers end the process (they do only where they are installed)."""
-        from worker import entry
-
-        entry.set_early_exit_hook(self.exit_before_start if self.enabled else None)
+        early.set_early_exit_hook(self.exit_before_start if self.enabled else None)

@@ -27,7 +27,7 @@ at the end (see ``worker.checkpoint``). Tokens are cached outside ``out_dir`` an
 folders (``worker.data``).
 
 Signals: until the first optimizer step begins, SIGINT/SIGTERM end the process at once with
-one line (``interrupted before training started``) and 130/143 when ``worker.entry``'s early
+one line (``interrupted before training started``) and 130/143 when ``worker.early``'s
 handlers are installed (``run_train.py``, ``python -m worker.entry``); otherwise they are
 recorded and checked right before the loop (:meth:`StopFlag.arm`). From then on they stop the
 run at the next optimizer-step boundary with a checkpoint (exit 75).
@@ -105,7 +105,7 @@ from service.contract import EventKind, ExitCode
 from service.estimate import estimate
 from service.settings import Settings, get_settings
 from worker import checkpoint as ckpt
-from worker import entry, errors
+from worker import early, errors
 from worker.attention import AttentionChoice, choose_backends
 from worker.data import (
     CACHE_FORMAT,
@@ -1469,7 +1469,7 @@ class StopFlag:
     SIGINT to the whole foreground process group and ``uv run`` forwards it to its child once
     more, so ``uv run python run_train.py`` receives two SIGINTs for one Ctrl-C.
 
-    Before training starts: where ``worker.entry``'s early handlers are installed (they end the
+    Before training starts: where ``worker.early``'s handlers are installed (they end the
     process at once with one line and 130/143), :meth:`install` leaves them in place and
     :meth:`arm` replaces them when the first optimizer step begins; elsewhere (``run_training``
     called in-process) the flag is set from :meth:`install` on and :meth:`arm` raises
@@ -1507,12 +1507,12 @@ class StopFlag:
 
     def install(self) -> None:
         """Install the SIGTERM/SIGINT handlers (main thread only; elsewhere logs and does
-        nothing); ``worker.entry``'s early handlers stay until :meth:`arm`."""
+        nothing); ``worker.early``'s handlers stay until :meth:`arm`."""
         if threading.current_thread() is not threading.main_thread():
             log.info("not in the main thread: SIGTERM/SIGINT handlers not installed")
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
-            if entry.is_early_handler(signal.getsignal(sig)):
+            if early.is_early_handler(signal.getsignal(sig)):
                 self._deferred.append(sig)
             else:
                 self._previous[sig] = signal.signal(sig, self._handler)
@@ -1535,19 +1535,21 @@ class StopFlag:
         :attr:`SAME_INTERRUPT_SECONDS` of a signal, first waits out the rest of that window
         (under this flag's handler): a step boundary can come sooner than the repeat of the
         same Ctrl-C, which Python's default handler would turn into a KeyboardInterrupt.
-        ``worker.entry``'s early handlers are not put back: the run has ended and is being
+        ``worker.early``'s handlers are not put back: the run has ended and is being
         reported, so a signal from now on is ignored (its "before training started" would be
         false)."""
-        early = {sig for sig, handler in self._previous.items() if entry.is_early_handler(handler)}
-        if self._previous and self._received_at is not None and len(early) < len(self._previous):
+        ignored = {
+            sig for sig, handler in self._previous.items() if early.is_early_handler(handler)
+        }
+        if self._previous and self._received_at is not None and len(ignored) < len(self._previous):
             remaining = self._received_at + self.SAME_INTERRUPT_SECONDS - time.monotonic()
             if remaining > 0:
                 time.sleep(remaining)
         for sig in self._deferred:  # never armed: the run ended before its first step
-            early.add(sig)
+            ignored.add(sig)
             self._previous[sig] = signal.SIG_IGN
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if sig in early else handler)
+            signal.signal(sig, signal.SIG_IGN if sig in ignored else handler)
         self._previous.clear()
         self._deferred.clear()
 
