@@ -6,6 +6,10 @@ Every test gets its own token cache (``MOEJOBS_TOKEN_CACHE``) so nothing is writ
 user's home folder. The PostgreSQL and Redis servers of the session are chosen on first use by
 ``tests.support.servers`` (throwaway ones are stopped here when the session ends, and the
 summary says which were used). Helpers the fixtures use are in ``tests/support/``.
+
+Nothing here imports the service, its database layer or the web stack at module level: the GPU
+check (bench/gpu_check.sh) runs tests/worker/moe/ on a machine with only the engine's packages,
+so the fixtures that need them import them when they run.
 """
 
 from __future__ import annotations
@@ -16,14 +20,11 @@ import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from service.db import Database, migrate, open_database
 from tests.support import servers
-from tests.support.api import ApiEnv, make_env
-from tests.support.db import create_pg_database, drop_pg_database, settings_for, truncate_all
 from tests.support.tiny import (
     TINY_MODEL,
     TRAIN_MODULES,
@@ -31,6 +32,10 @@ from tests.support.tiny import (
     stdlib_text_files,
     tiny_train_config,
 )
+
+if TYPE_CHECKING:
+    from service.db import Database
+    from tests.support.api import ApiEnv
 
 # One intra-op thread for torch in the tests and in the processes they start (inherited). On a
 # CPU shared with other jobs, torch's default of one OpenMP thread per core stalls at every
@@ -99,6 +104,8 @@ def train_doc(tmp_path, corpus, tokenizer_dir) -> dict:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """URL of a fresh, empty PostgreSQL database for this test session (dropped afterwards)."""
+    from tests.support.db import create_pg_database, drop_pg_database
+
     url = create_pg_database()
     try:
         yield url
@@ -109,6 +116,9 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def postgres_migrated(postgres_url: str) -> str:
     """The session's PostgreSQL database, migrated to head once."""
+    from service.db import migrate
+    from tests.support.db import settings_for
+
     migrate(settings_for(Path("/nonexistent-moejobs-home"), postgres_url))
     return postgres_url
 
@@ -117,6 +127,9 @@ def postgres_migrated(postgres_url: str) -> str:
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """A migrated, empty database: a new SQLite file, or the session's PostgreSQL database
     (emptied after the test). ``request.param`` names the backend."""
+    from service.db import migrate, open_database
+    from tests.support.db import settings_for, truncate_all
+
     if request.param == "sqlite":
         settings = settings_for(tmp_path)
         migrate(settings)
@@ -141,6 +154,9 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite database migrated to head once; tests get copies (migrating takes ~1 s)."""
+    from service.db import migrate
+    from tests.support.db import settings_for
+
     folder = tmp_path_factory.mktemp("template")
     settings = settings_for(folder)
     migrate(settings)
@@ -161,6 +177,8 @@ def make_api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """``make_api(backend, worker=True, **settings_overrides) -> ApiEnv``: start an app (at
     most one per test; stopped at teardown), with one live CPU worker registered unless
     ``worker`` is False."""
+    from tests.support.api import make_env
+
     started: list[Iterator[ApiEnv]] = []
 
     def start(backend: str = "sqlite", *, worker: bool = True, **overrides: Any) -> ApiEnv:
@@ -195,6 +213,8 @@ def shared_sqlite_api(
 ) -> Iterator[ApiEnv]:
     """One SQLite app for a whole module, for tests that only read or are refused before
     anything is stored (e.g. the many invalid configs)."""
+    from tests.support.api import make_env
+
     tmp = tmp_path_factory.mktemp("shared")
     gen = make_env(request, tmp, "sqlite")
     env = next(gen)
