@@ -23,49 +23,13 @@ from service import runs
 from service.db import Database, open_database
 from service.main import create_app
 from service.settings import Settings
+from tests.support import configs
 from tests.support.db import settings_for, truncate_all
 
-# A small valid pair without warnings (as tests/service/config/test_validate.py's): 20 optimizer steps.
-TRAIN: dict = {
-    "out_dir": "out/test",
-    "precision": "32-true",
-    "devices": 1,
-    "tokenizer_dir": "tok",
-    "data": {
-        "class_path": "TextFiles",
-        "init_args": {"train_data_path": "ds/train", "val_data_path": "ds/val"},
-    },
-    "train": {
-        "micro_batch_size": 2,
-        "global_batch_size": 4,
-        "max_seq_length": 32,
-        "max_tokens": 2560,
-        "lr_warmup_steps": 2,
-        "save_interval": 5,
-        "min_lr": 1e-4,
-    },
-    "eval": {"interval": 5, "max_iters": 2},
-    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
-    "optimization": {"compile": False},
-}
-MODEL: dict = {
-    "name": "tiny-moe",
-    "block_size": 64,
-    "n_layer": 2,
-    "n_embd": 64,
-    "n_head": 4,
-    "n_query_groups": 2,
-    "mlp_class_name": "LLaMAMoE",
-    "n_expert": 4,
-    "n_expert_per_token": 2,
-    "moe_intermediate_size": 128,
-    "vocab_size": 256,
-    "padded_vocab_size": 256,
-    "norm_class_name": "RMSNorm",
-    "bias": False,
-    "parallel_residual": False,
-    "rotary_percentage": 1.0,
-}
+# A small valid pair without warnings (as tests/service/config/test_validate.py's): 20 optimizer
+# steps.
+TRAIN: dict = configs.load("valid_train")
+MODEL: dict = configs.load("valid_model")
 
 
 def body(name: str = "test-run", **extra: Any) -> dict:

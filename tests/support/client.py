@@ -34,52 +34,14 @@ from service.estimate import estimate
 from service.main import create_app
 from service.models import RunStatus
 from service.settings import Settings
-from tests.support import REPO
+from tests.support import REPO, configs
 from tests.support.db import settings_for
 
 STATIC_DIR = REPO / "service" / "static"
 
 # A small valid pair: 2 micro-batches of 2 x 32 tokens per step, 200 optimizer steps.
-TRAIN: dict[str, Any] = {
-    "out_dir": "out",
-    "precision": "32-true",
-    "devices": 1,
-    "tokenizer_dir": "tok",
-    "data": {
-        "class_path": "TextFiles",
-        "init_args": {"train_data_path": "ds/train", "val_data_path": "ds/val"},
-    },
-    "train": {
-        "micro_batch_size": 2,
-        "global_batch_size": 4,
-        "max_seq_length": 32,
-        "max_tokens": 25_600,
-        "lr_warmup_steps": 10,
-        "save_interval": 50,
-        "min_lr": 1e-4,
-    },
-    "eval": {"interval": 25, "max_iters": 2},
-    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
-    "optimization": {"compile": False},
-}
-MODEL: dict[str, Any] = {
-    "name": "tiny-moe",
-    "block_size": 64,
-    "n_layer": 4,
-    "n_embd": 64,
-    "n_head": 4,
-    "n_query_groups": 2,
-    "mlp_class_name": "LLaMAMoE",
-    "n_expert": 8,
-    "n_expert_per_token": 2,
-    "moe_intermediate_size": 128,
-    "vocab_size": 256,
-    "padded_vocab_size": 256,
-    "norm_class_name": "RMSNorm",
-    "bias": False,
-    "parallel_residual": False,
-    "rotary_percentage": 1.0,
-}
+TRAIN: dict[str, Any] = configs.load("valid_train_200_steps")
+MODEL: dict[str, Any] = configs.load("valid_model_8_experts")
 
 
 def dashboard_is_mounted(app: FastAPI) -> bool:

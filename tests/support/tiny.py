@@ -6,26 +6,10 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+from tests.support import configs
+
 #: A tiny LitGPT MoE (2 layers, width 64, 4 experts top-2, widths divisible by 8).
-TINY_MODEL: dict = {
-    "name": "tiny-moe",
-    "block_size": 128,
-    "vocab_size": 1024,
-    "padded_vocab_size": 1024,
-    "n_layer": 2,
-    "n_embd": 64,
-    "n_head": 4,
-    "n_query_groups": 2,
-    "rotary_percentage": 1.0,
-    "bias": False,
-    "norm_class_name": "RMSNorm",
-    "norm_eps": 1e-5,
-    "mlp_class_name": "LLaMAMoE",
-    "moe_intermediate_size": 128,
-    "n_expert": 4,
-    "n_expert_per_token": 2,
-    "parallel_residual": False,
-}
+TINY_MODEL: dict = configs.load("valid_tiny_model")
 
 
 def stdlib_text_files(dest: Path, names: list[str]) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import yaml
 
@@ -10,7 +9,7 @@ from service.config.issues import ConfigError
 from service.config.merge import deep_merge, resolve, resolve_documents
 from service.config.parse import load_document
 from service.config.presets import PRESETS_DIR, SMOKE_TEST_OVERRIDES, list_presets, load_preset
-from tests.support import REPO
+from tests.support import REPO, configs
 
 CONFIGS = REPO / "configs"
 TRAIN = CONFIGS / "train_config.yaml"
@@ -37,8 +36,7 @@ def test_missing_file_names_the_path(tmp_path):
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  micro_batch_size: 2\n  global_batch_size: [1, 2\n")
+    bad = configs.path("invalid_unclosed_bracket")
     with pytest.raises(ConfigError) as info:
         load_document(bad)
     text = str(info.value)
@@ -55,8 +53,7 @@ def test_json_syntax_error_names_file_and_line(tmp_path):
 
 
 def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
-    dup = tmp_path / "dup.yaml"
-    dup.write_text("train:\n  micro_batch_size: 2\n  global_batch_size: 8\n  micro_batch_size: 4\n")
+    dup = configs.path("invalid_duplicate_key")
     with pytest.raises(ConfigError) as info:
         load_document(dup)
     assert str(info.value) == (
@@ -77,16 +74,14 @@ def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
 def test_files_are_read_by_the_api_parser_aliases_and_non_json_values_refused(tmp_path):
     """One parser for files and HTTP bodies (issue 10): a config file is refused where the API
     refuses the same document, naming the file."""
-    alias = tmp_path / "alias.yaml"
-    alias.write_text("base: &b {lr: 1}\nopt:\n  <<: *b\n  lr: 2\n")
+    alias = configs.path("invalid_alias")
     with pytest.raises(ConfigError) as info:
         load_document(alias)
     assert str(info.value) == (
         f"{alias}: invalid YAML at line 3, column 7: YAML aliases (*name) are not accepted "
         "by the API; write the value out"
     )
-    dated = tmp_path / "dated.yaml"
-    dated.write_text("log:\n  metadata:\n    day: 2020-01-01\n")
+    dated = configs.path("invalid_date")
     with pytest.raises(ConfigError) as info:
         load_document(dated)
     assert str(info.value) == (
@@ -104,8 +99,7 @@ def test_files_are_read_by_the_api_parser_aliases_and_non_json_values_refused(tm
 
 
 def test_top_level_must_be_a_mapping(tmp_path):
-    bad = tmp_path / "list.yaml"
-    bad.write_text("- a\n- b\n")
+    bad = configs.path("invalid_top_level_list")
     with pytest.raises(ConfigError) as info:
         load_document(bad)
     assert str(info.value) == f"{bad}: the top level must be a mapping (key: value), got list"

@@ -14,51 +14,13 @@ from service.config.parse import load_document
 from service.config.presets import load_preset
 from service.config.train import TrainConfig, train_config_json_schema
 from service.config.validate import validate_configs
-from tests.support import REPO
+from tests.support import REPO, configs
 
 CONFIGS = REPO / "configs"
 
 # A small valid pair that produces no warning: 20 optimizer steps of 2 micro-batches (2 x 32 tokens).
-BASE_TRAIN: dict = {
-    "out_dir": "out/test",
-    "precision": "32-true",
-    "devices": 1,
-    "tokenizer_dir": "data/tokenizer",
-    "data": {
-        "class_path": "TextFiles",
-        "init_args": {"train_data_path": "data/train", "val_data_path": "data/val"},
-    },
-    "train": {
-        "micro_batch_size": 2,
-        "global_batch_size": 4,
-        "max_seq_length": 32,
-        "max_tokens": 2560,
-        "lr_warmup_steps": 2,
-        "save_interval": 5,
-        "min_lr": 1e-4,
-    },
-    "eval": {"interval": 5, "max_iters": 2},
-    "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
-    "optimization": {"compile": False},
-}
-BASE_MODEL: dict = {
-    "name": "tiny-moe",
-    "block_size": 64,
-    "n_layer": 2,
-    "n_embd": 64,
-    "n_head": 4,
-    "n_query_groups": 2,
-    "mlp_class_name": "LLaMAMoE",
-    "n_expert": 4,
-    "n_expert_per_token": 2,
-    "moe_intermediate_size": 128,
-    "vocab_size": 256,
-    "padded_vocab_size": 256,
-    "norm_class_name": "RMSNorm",
-    "bias": False,
-    "parallel_residual": False,
-    "rotary_percentage": 1.0,
-}
+BASE_TRAIN: dict = configs.load("valid_train")
+BASE_MODEL: dict = configs.load("valid_model")
 
 
 def validate(train: dict | None = None, model: dict | None = None):
