@@ -135,7 +135,7 @@ def test_up_then_submit_follow_download_and_smoke_test(tmp_path):
             == [r["step"] for r in api_rows]
             == list(range(1, 9))
         )
-        for f_row, a_row in zip(file_rows, api_rows):
+        for f_row, a_row in zip(file_rows, api_rows, strict=True):
             assert float(f_row["loss"]) == pytest.approx(a_row["loss"], rel=1e-6)
         assert api_rows[-1]["val_loss"] is not None
 

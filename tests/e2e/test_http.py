@@ -144,7 +144,7 @@ def _metrics(e2e, run_id) -> list[dict]:
 def _assert_metrics_match_file(items: list[dict], path: Path) -> None:
     rows = csv_rows(path)
     assert [m["step"] for m in items] == [int(r["step"]) for r in rows]
-    for item, row in zip(items, rows):
+    for item, row in zip(items, rows, strict=True):
         for column, text in row.items():
             if text == "":
                 assert item[column] is None, (column, item["step"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -346,7 +346,7 @@ def test_check_constraints_hold_in_the_database(database):
             "updated_at, cancel_requested) VALUES (:id, 'x', 'local', :status, '{}', '{}', "
             "'{}', '{}', '[]', 0, :t, :t, :t, false)"
         )
-        t = datetime(2025, 1, 1, tzinfo=timezone.utc)
+        t = datetime(2025, 1, 1, tzinfo=UTC)
         ident = rid if database.engine.dialect.name == "sqlite" else str(uuid.UUID(rid))
         for status, constraint in (
             ("failed", "ck_runs_failure_reason_iff_failed"),

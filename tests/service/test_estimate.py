@@ -118,7 +118,7 @@ def test_learning_rate_schedule(tiny):
     assert plan.learning_rate(int(mid), peak, low) == pytest.approx((peak + low) / 2)
     assert plan.learning_rate(300, peak, low) == pytest.approx(low)
     lrs = [plan.learning_rate(s, peak, low) for s in range(10, 301)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     with pytest.raises(ValueError):
         plan.learning_rate(0, peak, low)
 

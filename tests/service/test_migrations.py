@@ -6,7 +6,7 @@ copies. A new migration needs an entry in :data:`POPULATE` for the revision it s
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from service.models import metadata
 from tests.support.db import create_pg_database, drop_pg_database, settings_for
 
 RUN_A, RUN_B = uuid.UUID(int=0xA), uuid.UUID(int=0xB)
-T0 = datetime(2026, 11, 30, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
 
 #: Rows written at a revision before upgrading from it: (table, row) pairs.
 POPULATE: dict[str, list[tuple[str, dict]]] = {
@@ -380,7 +380,7 @@ def _stored(value, dialect: str):
     if dialect == "sqlite" and isinstance(value, uuid.UUID):
         return value.hex
     if dialect == "sqlite" and isinstance(value, datetime):
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.astimezone(UTC).replace(tzinfo=None)
     return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,7 +25,7 @@ from service.models import (
 from tests.support import REPO
 
 S = RunStatus
-T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 TRAIN = {"train": {"micro_batch_size": 4, "max_tokens": 320000}, "precision": "32-true"}
 MODEL = {"name": "tiny-moe", "n_layer": 2, "n_expert": 4}
 

@@ -499,7 +499,7 @@ def assert_exactly_once(stack: Stack, run: Run, *, real: bool) -> None:
         f"{run.name}: database steps {[p.step for p in points]} != metrics.csv steps "
         f"{[int(r['step']) for r in rows]}"
     )
-    for point, row in zip(points, rows):
+    for point, row in zip(points, rows, strict=True):
         for column, text in row.items():
             value = getattr(point, column)
             if text == "":

@@ -260,7 +260,7 @@ def assert_ingested(db: Database, run: Run) -> None:
         checkpoints = reads.list_checkpoints(session, run.id)
     rows = csv_rows(out / "metrics.csv")
     assert [p.step for p in points] == [int(r["step"]) for r in rows]
-    for point, row in zip(points, rows):
+    for point, row in zip(points, rows, strict=True):
         for column, text in row.items():
             value = getattr(point, column)
             if text == "":
@@ -269,7 +269,7 @@ def assert_ingested(db: Database, run: Run) -> None:
                 assert value == pytest.approx(float(text)), (column, point.step)
     on_disk = checkpoint_folders(out)
     assert [c.name for c in checkpoints] == [name for name, _ in on_disk]
-    for c, (name, path) in zip(checkpoints, on_disk):
+    for c, (_name, path) in zip(checkpoints, on_disk, strict=True):
         assert Path(c.path) == path and c.size_bytes == folder_size(path)
 
 

@@ -269,7 +269,7 @@ def test_redis_restarted_with_runs_queued_and_running(stack):
     stack.redis.restart()
     done = [stack.wait_done(run, timeout=150) for run in (*first, waiting)]
 
-    for run, final in zip((*first, waiting), done):
+    for run, final in zip((*first, waiting), done, strict=True):
         assert final.status == S.succeeded, (run.name, final.failure_message)
         assert final.attempt == 1 and final.failures == 0, run.name
         assert _transitions(stack, run) == [

@@ -429,7 +429,7 @@ def test_metrics_router_checkpoints_retention_provenance(tmp_path, database):
         events = reads.list_events(session, run.id)
     file_rows = _csv_rows(out / "metrics.csv")
     assert [p.step for p in points] == [int(r["step"]) for r in file_rows] == list(range(1, 9))
-    for point, row in zip(points, file_rows):
+    for point, row in zip(points, file_rows, strict=True):
         assert point.tokens == int(row["tokens"])
         assert point.loss == pytest.approx(float(row["loss"]))
         assert point.elapsed_s == pytest.approx(float(row["elapsed_s"]))

@@ -277,7 +277,7 @@ def test_a_newline_in_an_upload_file_name_is_refused(sqlite_api: ApiEnv):
         ("x" * 300 + ".txt", b"text", "NAME_MAX"),
         ("zeros.txt", b"\x00" * 4096, "NUL byte at byte 0"),
         ("mixed.txt", b"some text\x00\x01\x02 then binary", "NUL byte at byte 9"),
-        ("blank.txt", " \n\t\r\n".encode(), "only whitespace"),
+        ("blank.txt", b" \n\t\r\n", "only whitespace"),
         # Unicode whitespace (ideographic space, no-break space): the engine's str.strip drops it
         ("wide-blank.txt", "\u3000\u00a0\n\u2003".encode(), "only whitespace"),
     ],

@@ -217,7 +217,7 @@ async def _readers(
                 path = paths[(k + i) % len(paths)]  # readers start on different endpoints
                 try:
                     results.append((path, await asyncio.wait_for(conn.get(path), per_request_s)))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     results.append((path, "timeout"))
                     return
                 except (OSError, ValueError, asyncio.IncompleteReadError) as error:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tarfile
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -872,7 +872,7 @@ def test_signed_download_link_opens_one_archive_without_the_header(make_api):
     run_id = _new_run(env)
     files = _make_checkpoint(env, run_id, "final")
     _make_checkpoint(env, run_id, "step-00000005")
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     r = env.client.post(f"/runs/{run_id}/checkpoints/final/link")
     assert r.status_code == 200, r.text
     link = r.json()

@@ -135,7 +135,7 @@ def _engine_events(out_dir: Path, attempt: int, kinds: list[str], gaps: list[flo
     """Append the engine's events ``kinds`` to ``out_dir/events.jsonl`` as the engine does,
     ``gaps[i]`` seconds after the previous one; returns {kind: the event's UTC time}."""
     marks = {}
-    for kind, gap in zip(kinds, gaps):
+    for kind, gap in zip(kinds, gaps, strict=True):
         time.sleep(gap)
         marks[kind] = append_event(out_dir, kind, attempt=attempt).at
     return marks

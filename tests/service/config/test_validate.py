@@ -724,7 +724,7 @@ def test_shipped_configs_validate_with_the_documented_warnings():
     v = resolve(CONFIGS / "train_config.yaml", CONFIGS / "model_config.yaml")
     got = [(w.path, w.message) for w in v.warnings]
     assert len(got) == len(SHIPPED_WARNINGS)
-    for (path, fragment), (gpath, gmsg) in zip(SHIPPED_WARNINGS, got):
+    for (path, fragment), (gpath, gmsg) in zip(SHIPPED_WARNINGS, got, strict=True):
         assert gpath == path and fragment in gmsg, (gpath, gmsg)
     assert v.model.name == "MoE-200M"
     assert v.train.optimizer.lr == 0.0003 and v.train.optimizer.init_args.weight_decay == 0.01
@@ -764,8 +764,7 @@ def test_every_shipped_yaml_parses_into_its_schema():
 
 
 def _walk_properties(schema: dict):
-    for name, prop in schema.get("properties", {}).items():
-        yield name, prop
+    yield from schema.get("properties", {}).items()
     for sub in schema.get("$defs", {}).values():
         yield from _walk_properties(sub)
 

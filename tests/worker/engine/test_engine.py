@@ -86,7 +86,8 @@ def test_metrics_rows_header_and_learning_rates(finished_run):
     assert lrs[1] == pytest.approx(3e-3, rel=1e-5)
     assert lrs == pytest.approx([plan.learning_rate(s, 3e-3, 3e-4) for s in range(1, 7)], rel=1e-5)
     assert lrs[-1] == pytest.approx(3e-4, rel=1e-5)
-    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))  # monotone decay after the warm-up
+    # monotone decay after the warm-up
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False))
     # final validation lands on the last row; the callback got the same rows
     assert table[-1]["val_loss"] != "" and float(table[-1]["val_ppl"]) == pytest.approx(
         math.exp(float(table[-1]["val_loss"])), rel=1e-4
@@ -225,7 +226,7 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(
     table = read_metrics(tmp_path / "resumed" / "metrics.csv")
     assert [int(r["step"]) for r in table] == [4, 5, 6]
     expected = read_metrics(first / "metrics.csv")
-    for got, want in zip(table, expected[4:]):
+    for got, want in zip(table, expected[4:], strict=False):
         assert float(got["learning_rate"]) == pytest.approx(float(want["learning_rate"]), rel=1e-6)
         assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
     a = torch.load(first / "final" / "lit_model.pth", weights_only=True)
@@ -415,7 +416,7 @@ def test_loss_equals_stock_litgpt(
     # and the gradients agree too
     got.backward()
     expected.backward()
-    for (name, p), q in zip(ours.named_parameters(), stock.parameters()):
+    for (name, p), q in zip(ours.named_parameters(), stock.parameters(), strict=False):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
@@ -425,7 +426,7 @@ def test_initialisation_is_seeded_and_scaled(tiny_model, tmp_path, tokenizer_dir
     a = build_model(v.model, seq_len=32)
     torch.manual_seed(3)
     b = build_model(v.model, seq_len=32)
-    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), k
     d, n_layer = 64, 2
     assert a.transformer.wte.weight.std().item() == pytest.approx(math.sqrt(2 / (5 * d)), rel=0.05)

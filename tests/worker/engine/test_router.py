@@ -73,7 +73,7 @@ def test_loop_and_grouped_route_the_same_tokens(router_runs):
     ]
     loop = [(r["step"], r["layer"], r["expert"], float(r["fraction"])) for r in router_runs["loop"]]
     assert [g[:3] for g in grouped] == [lp[:3] for lp in loop]
-    for g, lp in zip(grouped, loop):
+    for g, lp in zip(grouped, loop, strict=True):
         assert g[3] == pytest.approx(lp[3], abs=1e-4)
 
 

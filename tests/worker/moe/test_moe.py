@@ -108,7 +108,7 @@ def assert_parity(ref, new, x, tol, autocast_dtype=None):
     assert y_new.dtype == y_ref.dtype and y_new.shape == y_ref.shape
     assert rel_err(y_new, y_ref) < tol
     names = ["input"] + [n for n, _ in ref.named_parameters()]
-    for name, a, b in zip(names, g_new, g_ref):
+    for name, a, b in zip(names, g_new, g_ref, strict=False):
         assert rel_err(a, b) < tol, f"gradient of {name}: {rel_err(a, b)}"
 
 
@@ -294,7 +294,7 @@ def test_state_dict_keys_identical_and_loadable_both_ways():
     new.load_state_dict(ref.state_dict())  # stock -> ours
     other = LLaMAMoE(config)
     other.load_state_dict(new.state_dict())  # ours -> stock
-    for (n, a), (_, b) in zip(ref.state_dict().items(), other.state_dict().items()):
+    for (n, a), (_, b) in zip(ref.state_dict().items(), other.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
 
 
@@ -340,7 +340,7 @@ def test_whole_model_loss_and_gradient_parity(device):
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     loss_tol, grad_tol = (1e-3, 1e-2) if cuda else (1e-5, 1e-5)
     assert abs(losses[0].item() - losses[1].item()) <= loss_tol * abs(losses[0].item())
-    for (name, _), a, b in zip(stock.named_parameters(), grads[1], grads[0]):
+    for (name, _), a, b in zip(stock.named_parameters(), grads[1], grads[0], strict=False):
         assert rel_err(a, b) < grad_tol, name
 
 
@@ -424,7 +424,7 @@ def test_router_losses_match_hand_computation():
     f = [sum(e in c for c in chosen) / (n_tok * k) for e in range(n_exp)]
     probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits.tolist()]
     p_mean = [sum(p[e] for p in probs) / n_tok for e in range(n_exp)]
-    aux_hand = n_exp * sum(fi * pi for fi, pi in zip(f, p_mean))
+    aux_hand = n_exp * sum(fi * pi for fi, pi in zip(f, p_mean, strict=False))
     z_hand = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / n_tok
 
     aux, z = router_losses(logits, torch.tensor(f))
@@ -469,7 +469,7 @@ def test_model_helpers_and_stock_telemetry_agree():
     ours(idx)
     s_stats, o_stats = collect_router_stats(stock), collect_router_stats(ours)
     assert len(s_stats) == len(o_stats) == 3
-    for a, b in zip(s_stats, o_stats):
+    for a, b in zip(s_stats, o_stats, strict=True):
         assert torch.equal(a, b) and a.shape == (4,)
     (sa, sz), (oa, oz) = collect_aux_losses(stock), collect_aux_losses(ours)
     assert torch.allclose(sa, oa) and torch.allclose(sz, oz)
