@@ -20,8 +20,9 @@
 #
 # Steps (each under its own `timeout`, capped by what is left of the time budget, GPU_CHECK_BUDGET
 # seconds: 450 on a GPU, so one that hangs cannot eat the others' time and the summary always prints):
-#   1. parity tests on the GPU: tests/test_moe.py, tests/test_moe_gqa.py (bf16 cases run on CUDA:
-#      torch._grouped_mm's CUTLASS kernel, padded expert groups, flash SDPA with enable_gqa)
+#   1. parity tests on the GPU: tests/worker/moe/test_moe.py, tests/worker/moe/test_gqa.py (bf16
+#      cases run on CUDA: torch._grouped_mm's CUTLASS kernel, padded expert groups, flash SDPA
+#      with enable_gqa)
 #   2. bench/moe_layer.py: one MoE-200M-sized layer, loop vs grouped, bf16-mixed
 #   2b. moe_backends_<precision>: the same layer with each expert backend forced (grouped_mm,
 #      grouped_mm_sync = the path of pre-Hopper GPUs and fp32, dense), bf16-mixed and 32-true on a
@@ -46,7 +47,7 @@
 #   GPU_CHECK_REHEARSAL=1 PYTHON="uv run python" OUT=/tmp/gc bash bench/gpu_check.sh
 #     tiny sizes, the same steps and output, two steps at a time, one thread each: about 105 s of
 #     CPU time (mostly torch + litgpt imports), 140 s wall on 2 cores shared with other jobs (load 4);
-#     tests/test_gpu_check.py runs it in CI, so a change that breaks a step fails the test suite.
+#     tests/bench/test_gpu_check.py runs it in CI, so a change that breaks a step fails the test suite.
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_NO_WHEELS=1 PYTHON="uv run python" OUT=/tmp/gc bash bench/gpu_check.sh
 #     the older, larger CPU settings (a few minutes).
 set -uo pipefail
@@ -160,7 +161,7 @@ fi
 
 step parity "$(budget 90)" parity.log \
   $PY -m pytest -q --maxfail=5 -p no:cacheprovider -m "not slow" ${KARGS[@]+"${KARGS[@]}"} \
-  tests/test_moe.py tests/test_moe_gqa.py
+  tests/worker/moe/test_moe.py tests/worker/moe/test_gqa.py
 
 step moe_layer "$(budget 45)" moe_layer.json $PY bench/moe_layer.py $LAYER_ARGS --json
 

@@ -1,22 +1,41 @@
-"""Shared fixtures: a real-text corpus from the Python standard library, a tokenizer trained on
-it, and tiny MoE model / training config documents that train on a CPU in seconds.
+"""Fixtures every test folder shares: the PostgreSQL and Redis servers of the session, a
+real-text corpus and a tokenizer trained on it, the tiny MoE documents, the databases (a
+migrated SQLite file, the session's PostgreSQL database) and the app on them.
 
 Every test gets its own token cache (``MOEJOBS_TOKEN_CACHE``) so nothing is written under the
 user's home folder. The PostgreSQL and Redis servers of the session are chosen on first use by
-``test_servers_support`` (throwaway ones are stopped here when the session ends, and the
-summary says which were used).
+``tests.support.servers`` (throwaway ones are stopped here when the session ends, and the
+summary says which were used). Helpers the fixtures use are in ``tests/support/``.
+
+Nothing here imports the service, its database layer or the web stack at module level: the GPU
+check (bench/gpu_check.sh) runs tests/worker/moe/ on a machine with only the engine's packages,
+so the fixtures that need them import them when they run.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import sqlite3
 import sys
-import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import test_servers_support
+
+from tests.support import servers
+from tests.support.tiny import (
+    TINY_MODEL,
+    TRAIN_MODULES,
+    VAL_MODULES,
+    stdlib_text_files,
+    tiny_train_config,
+)
+
+if TYPE_CHECKING:
+    from service.db import Database
+    from tests.support.api import ApiEnv
 
 # One intra-op thread for torch in the tests and in the processes they start (inherited). On a
 # CPU shared with other jobs, torch's default of one OpenMP thread per core stalls at every
@@ -26,68 +45,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "torch" in sys.modules:  # imported before this file: the variable came too late
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-REPO = Path(__file__).resolve().parents[1]
-
-#: A tiny LitGPT MoE (2 layers, width 64, 4 experts top-2, widths divisible by 8).
-TINY_MODEL: dict = {
-    "name": "tiny-moe",
-    "block_size": 128,
-    "vocab_size": 1024,
-    "padded_vocab_size": 1024,
-    "n_layer": 2,
-    "n_embd": 64,
-    "n_head": 4,
-    "n_query_groups": 2,
-    "rotary_percentage": 1.0,
-    "bias": False,
-    "norm_class_name": "RMSNorm",
-    "norm_eps": 1e-5,
-    "mlp_class_name": "LLaMAMoE",
-    "moe_intermediate_size": 128,
-    "n_expert": 4,
-    "n_expert_per_token": 2,
-    "parallel_residual": False,
-}
-
-
-def stdlib_text_files(dest: Path, names: list[str]) -> Path:
-    """Copy the named top-level standard-library modules (``"os"`` -> ``os.py``) to ``dest/*.txt``."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (dest / f"{name}.txt").write_bytes((stdlib / f"{name}.py").read_bytes())
-    return dest
-
-
-TRAIN_MODULES = [
-    "argparse",
-    "ast",
-    "calendar",
-    "csv",
-    "dataclasses",
-    "difflib",
-    "functools",
-    "inspect",
-    "ipaddress",
-    "pathlib",
-    "shutil",
-    "string",
-    "textwrap",
-    "typing",
-]
-VAL_MODULES = ["fractions", "heapq"]
-
 
 def pytest_configure(config: pytest.Config) -> None:
-    test_servers_support.mode()  # a bad MOEJOBS_TEST_SERVERS is a usage error, at once
+    servers.mode()  # a bad MOEJOBS_TEST_SERVERS is a usage error, at once
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    test_servers_support.stop_throwaway_servers()
+    servers.stop_throwaway_servers()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    lines = test_servers_support.summary()
+    lines = servers.summary()
     if lines:
         terminalreporter.section("test servers")
         for line in lines:
@@ -118,48 +86,6 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
     )
 
 
-def tiny_train_config(out_dir: Path, corpus: Path, tokenizer_dir: Path, **train_overrides) -> dict:
-    """A training config document for the tiny model: 32-token samples, micro-batch 2, global
-    batch 4 (2 micro-batches per step), AdamW lr 3e-3, no compile, no validation, no checkpoints
-    between steps. ``train_overrides`` are merged into the ``train`` section."""
-    doc = {
-        "out_dir": str(out_dir),
-        "precision": "32-true",
-        "tokenizer_dir": str(tokenizer_dir),
-        "devices": 1,
-        "seed": 1234,
-        "resume": "auto",
-        "data": {
-            "class_path": "litgpt.data.TextFiles",
-            "init_args": {
-                "train_data_path": str(corpus / "train"),
-                "val_data_path": str(corpus / "val"),
-                "num_workers": 0,
-            },
-        },
-        "train": {
-            "global_batch_size": 4,
-            "micro_batch_size": 2,
-            "max_seq_length": 32,
-            "max_tokens": 4 * 32 * 6,
-            "lr_warmup_steps": 2,
-            "save_interval": None,
-            "log_interval": 1,
-            "max_norm": 1.0,
-            "min_lr": 3e-4,
-        },
-        "eval": {"interval": 0, "final_validation": False, "max_iters": 4},
-        "optimizer": {
-            "class_path": "torch.optim.AdamW",
-            "init_args": {"lr": 3e-3, "weight_decay": 0.01},
-        },
-        "optimization": {"compile": False, "flash_attention": True, "moe_implementation": "loop"},
-        "logger_name": "csv",
-    }
-    doc["train"].update(train_overrides)
-    return doc
-
-
 @pytest.fixture
 def tiny_model() -> dict:
     """A fresh copy of :data:`TINY_MODEL`."""
@@ -170,3 +96,129 @@ def tiny_model() -> dict:
 def train_doc(tmp_path, corpus, tokenizer_dir) -> dict:
     """:func:`tiny_train_config` with ``out_dir = tmp_path / "run"``."""
     return tiny_train_config(tmp_path / "run", corpus, tokenizer_dir)
+
+
+# Databases (helpers in tests/support/db.py).
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database for this test session (dropped afterwards)."""
+    from tests.support.db import create_pg_database, drop_pg_database
+
+    url = create_pg_database()
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+@pytest.fixture(scope="session")
+def postgres_migrated(postgres_url: str) -> str:
+    """The session's PostgreSQL database, migrated to head once."""
+    from service.db import migrate
+    from tests.support.db import settings_for
+
+    migrate(settings_for(Path("/nonexistent-moejobs-home"), postgres_url))
+    return postgres_url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated, empty database: a new SQLite file, or the session's PostgreSQL database
+    (emptied after the test). ``request.param`` names the backend."""
+    from service.db import migrate, open_database
+    from tests.support.db import settings_for, truncate_all
+
+    if request.param == "sqlite":
+        settings = settings_for(tmp_path)
+        migrate(settings)
+        db = open_database(settings)
+        try:
+            yield db
+        finally:
+            db.dispose()
+    else:
+        url = request.getfixturevalue("postgres_migrated")
+        db = open_database(settings_for(tmp_path, url))
+        try:
+            yield db
+        finally:
+            truncate_all(db)
+            db.dispose()
+
+
+# The app under test on those databases (helpers in tests/support/api.py).
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated to head once; tests get copies (migrating takes ~1 s)."""
+    from service.db import migrate
+    from tests.support.db import settings_for
+
+    folder = tmp_path_factory.mktemp("template")
+    settings = settings_for(folder)
+    migrate(settings)
+    path = Path(settings.database_url.removeprefix("sqlite:///"))
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each database backend."""
+    return request.param
+
+
+@pytest.fixture
+def make_api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """``make_api(backend, worker=True, **settings_overrides) -> ApiEnv``: start an app (at
+    most one per test; stopped at teardown), with one live CPU worker registered unless
+    ``worker`` is False."""
+    from tests.support.api import make_env
+
+    started: list[Iterator[ApiEnv]] = []
+
+    def start(backend: str = "sqlite", *, worker: bool = True, **overrides: Any) -> ApiEnv:
+        gen = make_env(request, tmp_path / f"app{len(started)}", backend, **overrides)
+        started.append(gen)
+        env = next(gen)
+        if worker:
+            env.register_worker()
+        return env
+
+    yield start
+    for gen in reversed(started):
+        for _ in gen:
+            pass
+
+
+@pytest.fixture
+def api(backend: str, make_api: Any) -> ApiEnv:
+    """The app on each backend, default settings, one live CPU worker registered."""
+    return make_api(backend)
+
+
+@pytest.fixture
+def sqlite_api(make_api: Any) -> ApiEnv:
+    """The app on SQLite only (behaviour that does not depend on the database)."""
+    return make_api("sqlite")
+
+
+@pytest.fixture(scope="module")
+def shared_sqlite_api(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiEnv]:
+    """One SQLite app for a whole module, for tests that only read or are refused before
+    anything is stored (e.g. the many invalid configs)."""
+    from tests.support.api import make_env
+
+    tmp = tmp_path_factory.mktemp("shared")
+    gen = make_env(request, tmp, "sqlite")
+    env = next(gen)
+    env.register_worker()
+    yield env
+    for _ in gen:
+        pass

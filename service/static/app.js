@@ -16,7 +16,7 @@
   const TOKEN_KEY = 'moejobs.apiToken';
   const SMOKE_KEY = 'moejobs.lastSmokeTest';
   // A run's statuses and the terminal ones: service.models.RunStatus and TERMINAL_STATUSES
-  // (tests/test_dashboard.py checks that these two lines say the same).
+  // (tests/service/test_dashboard.py checks that these two lines say the same).
   const STATUSES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'];
   const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
   const POLL_LIVE_MS = 3000;
