@@ -150,11 +150,12 @@ def absurd_errors(validated: Validated, est: Estimate) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     params = est.params.total
     if params > MAX_PARAMETERS:
-        width = (
-            ("moe_intermediate_size", model.moe_intermediate_size)
-            if model.is_moe
-            else ("intermediate_size", model.resolved_intermediate_size)
-        )
+        if model.is_moe:
+            # validation refuses an MoE model without it (service.config.model)
+            assert model.moe_intermediate_size is not None
+            width = ("moe_intermediate_size", model.moe_intermediate_size)
+        else:
+            width = ("intermediate_size", model.resolved_intermediate_size)
         fields = [
             ("n_layer", model.n_layer),
             ("n_embd", model.n_embd),
@@ -182,12 +183,10 @@ def absurd_errors(validated: Validated, est: Estimate) -> list[dict[str, Any]]:
                 f"{fmt_bytes(MAX_RANK_MEMORY_BYTES)}, which no machine has",
             )
         )
-    steps_field = (
-        "max_steps"
-        if t.max_steps is not None and t.max_steps < plan.steps_from_tokens
-        else "max_tokens"
-    )
-    steps_value = t.max_steps if steps_field == "max_steps" else t.max_tokens
+    if t.max_steps is not None and t.max_steps < plan.steps_from_tokens:
+        steps_field, steps_value = "max_steps", t.max_steps
+    else:
+        steps_field, steps_value = "max_tokens", t.max_tokens
     if plan.optimizer_steps > MAX_OPTIMIZER_STEPS:
         out.append(
             _error(
@@ -208,6 +207,8 @@ def absurd_errors(validated: Validated, est: Estimate) -> list[dict[str, Any]]:
             )
         )
     if est.checkpoints_written > MAX_CHECKPOINTS:
+        # more than final/ is written only with a save_interval (service.estimate)
+        assert t.save_interval is not None
         out.append(
             _error(
                 [*_TRAIN, "train", "save_interval"],

@@ -51,6 +51,11 @@ class Base(SQLModel):
     metadata = metadata
 
 
+def table_of(model: type[SQLModel]) -> sa.Table:
+    """The ``sa.Table`` of a table model (SQLModel sets ``__table__`` without declaring it)."""
+    return model.__table__  # type: ignore[attr-defined]
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC (what every timestamp column stores)."""
     return datetime.now(timezone.utc)

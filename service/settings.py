@@ -28,7 +28,7 @@ import functools
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from collections.abc import Mapping, Sequence
 
@@ -631,13 +631,13 @@ def use_settings(settings: Settings | None) -> None:
     _settings_from_environment.cache_clear()
 
 
-def settings_for_home(home: str | os.PathLike[str], **overrides: object) -> Settings:
+def settings_for_home(home: str | os.PathLike[str], **overrides: Any) -> Settings:
     """Settings rooted at ``home`` (what ``--home DIR`` means), other values from the
     environment unless given in ``overrides``."""
     return Settings(home=Path(home), **overrides)
 
 
-def load_settings(**values: object) -> Settings:
+def load_settings(**values: Any) -> Settings:
     """``Settings(**values)`` (explicit values win over the environment) for a command to use.
 
     Raises:
