@@ -678,6 +678,7 @@ class WindowSampler:
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             self._perm_epoch = epoch
+        assert self._perm is not None  # set above for every epoch >= 0
         return int(self._perm[pos])
 
     def samples(self, k: int) -> list[int]:
