@@ -22,7 +22,7 @@ from alembic import context
 
 from service.db import _WRITE_OPTION, make_engine
 from service.models import metadata as target_metadata
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
@@ -57,13 +57,18 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
     return False
 
 
-def _settings():
+def _settings() -> Settings:
     return config.attributes.get("settings") or get_settings()
+
+
+def _database_url(settings: Settings) -> str:
+    assert settings.database_url is not None  # Settings derives it from home when unset
+    return settings.database_url
 
 
 def run_migrations_offline() -> None:
     """``alembic upgrade --sql``: print the SQL for the configured database's dialect."""
-    url = _settings().database_url
+    url = _database_url(_settings())
     context.configure(
         url=url,
         target_metadata=target_metadata,
@@ -83,7 +88,7 @@ def run_migrations_online() -> None:
     if engine is None:
         settings = _settings()
         engine = make_engine(
-            settings.database_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
+            _database_url(settings), sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
         )
     try:
         with engine.connect() as connection:

@@ -41,6 +41,7 @@ from service.estimate import Estimate, estimate
 from service.models import Throughput, Worker
 
 if TYPE_CHECKING:  # pragma: no cover
+    from service.config.train import TrainConfig
     from service.config.validate import Validated
     from service.settings import Settings
 
@@ -390,7 +391,7 @@ def _devices(validated: Validated) -> int:
     return 1 if devices == "auto" else int(devices)
 
 
-def _with_train(validated: Validated, **train_updates: Any):
+def _with_train(validated: Validated, **train_updates: Any) -> TrainConfig:
     t = validated.train
     return t.model_copy(update={"train": t.train.model_copy(update=train_updates)})
 

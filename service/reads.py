@@ -23,6 +23,7 @@ from typing import Any, Literal, overload
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from service.config.fields import check_path_text
 from service.models import (
     MAX_STEP,
     METRIC_COLUMNS,
@@ -40,7 +41,6 @@ from service.models import (
     aware_now,
     table_of,
 )
-from service.config.fields import check_path_text
 
 #: The preset value that marks a smoke-test run.
 SMOKE_TEST_PRESET = "smoke-test"

@@ -27,9 +27,9 @@ Times are aware UTC datetimes; ``now`` parameters exist for tests and default to
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -147,7 +147,7 @@ def _dialect(session: Session) -> str:
     return session.get_bind().dialect.name
 
 
-def _insert(session: Session, table: sa.Table):
+def _insert(session: Session, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
     """A dialect INSERT that supports ON CONFLICT (PostgreSQL and SQLite)."""
     name = _dialect(session)
     if name == "postgresql":
@@ -766,12 +766,12 @@ def _upsert_changed(
     changed = 0
     for start in range(0, len(rows), BATCH_SIZE):
         chunk = rows[start : start + BATCH_SIZE]
-        stmt = _insert(session, table).values(chunk)
+        insert = _insert(session, table).values(chunk)
         columns = [c for c in chunk[0] if c not in key]
-        stmt = stmt.on_conflict_do_update(
+        stmt = insert.on_conflict_do_update(
             index_elements=key,
-            set_={c: stmt.excluded[c] for c in columns},
-            where=sa.or_(*(table.c[c].is_distinct_from(stmt.excluded[c]) for c in columns)),
+            set_={c: insert.excluded[c] for c in columns},
+            where=sa.or_(*(table.c[c].is_distinct_from(insert.excluded[c]) for c in columns)),
         ).returning(table.c[key[-1]])
         changed += len(session.execute(stmt).all())
     return changed

@@ -27,10 +27,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
-
-from collections.abc import Mapping, Sequence
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict

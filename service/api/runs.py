@@ -35,10 +35,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service import contract, reads
 from service import runs as runs_service
+from service.api.body import read_run_request
 from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
 from service.api.errors import ApiError, invalid
 from service.api.files import TarPlan, tail_lines
-from service.api.openapi import errors
 from service.api.models import (
     CheckpointPublic,
     DownloadLink,
@@ -52,9 +52,9 @@ from service.api.models import (
     RunPublic,
     ValidationReport,
 )
+from service.api.openapi import errors
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
-from service.api.body import read_run_request
 from service.models import MAX_STEP, Checkpoint, Run, RunStatus
 from service.submission import InvalidSubmission, prepare_run, send_run, submit_run
 
