@@ -356,7 +356,7 @@ async def _client_main(spec: dict[str, Any]) -> dict[str, Any]:
             began = loop.time()
             try:
                 status = await asyncio.wait_for(c.request(raw), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 counts["timeouts"] += 1
                 c.close()
                 continue

@@ -212,7 +212,7 @@ def measure(
     elapsed = [float(r["elapsed_s"]) for r in rows if r.get("elapsed_s")]
     if elapsed:
         row["first_step_s"] = round(elapsed[0], 2)
-        diffs = [b - a for a, b in zip(elapsed, elapsed[1:])]
+        diffs = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
         row["step_s"] = round(statistics.median(diffs), 2) if diffs else None
     if row["exit"] != 0:
         row["error"] = (stderr.strip().splitlines() or ["?"])[-1][:300]

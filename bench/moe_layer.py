@@ -123,7 +123,9 @@ def time_layers(layers: dict, x, grad, device, precision, iters, warmup) -> dict
         k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in layers
     }
     times = wall if device.type == "cuda" else cpu
-    out["paired_ratio"] = statistics.median(a / b for a, b in zip(times["loop"], times["grouped"]))
+    out["paired_ratio"] = statistics.median(
+        a / b for a, b in zip(times["loop"], times["grouped"], strict=True)
+    )
     return out
 
 

@@ -416,7 +416,10 @@ def main(argv=None) -> int:
         row["ratio"] = round(e / s, 3) if s and e else None
         if not cuda and not args.sequential and results.get("stock") and results.get("engine"):
             # the two sides ran alternately: the median of per-step ratios cancels slow drifts of a shared machine
-            pairs = [a / b for a, b in zip(results["stock"]["cpu"], results["engine"]["cpu"])]
+            pairs = [
+                a / b
+                for a, b in zip(results["stock"]["cpu"], results["engine"]["cpu"], strict=True)
+            ]
             row["ratio_paired"] = round(statistics.median(pairs), 3)
         rows.append(row)
 

@@ -462,7 +462,7 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
         return verdict
     workers = reads.live_workers(session, settings.worker_stale_seconds, role="trains")
     live = slots(workers)
-    able = [s for s, w in zip(live, workers) if reads.worker_can_serve(w, devices)]
+    able = [s for s, w in zip(live, workers, strict=True) if reads.worker_can_serve(w, devices)]
     if not able:
         if not live:
             msg = (

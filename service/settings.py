@@ -105,7 +105,7 @@ class InvalidSettingsError(Exception):
         return lines
 
     @classmethod
-    def from_exception(cls, error: Exception) -> "InvalidSettingsError":
+    def from_exception(cls, error: Exception) -> InvalidSettingsError:
         """The problems of a ``pydantic.ValidationError`` (one per error), an
         :class:`UnsafeSettingsError` or a pydantic-settings source error (one each)."""
         if isinstance(error, InvalidSettingsError):
@@ -459,7 +459,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _derive_and_check(self) -> "Settings":
+    def _derive_and_check(self) -> Settings:
         home = self.home.expanduser().absolute()
         self.home = home
         if self.database_url is None:

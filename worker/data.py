@@ -523,7 +523,7 @@ def _encode_files(
     def flush(batch: list[tuple[str, bool, bool]]) -> None:
         nonlocal last_report
         outs = []
-        for (_, first, last), ids in zip(batch, encode([t for t, _, _ in batch])):
+        for (_, first, last), ids in zip(batch, encode([t for t, _, _ in batch]), strict=True):
             # litgpt.Tokenizer.encode(bos=True, eos=False) on the whole file
             if first and (not ids or ids[0] != bos):
                 ids = [bos, *ids]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -460,7 +460,7 @@ async def checkpoint_link(
     url, expires = sign_path(
         settings.api_token.get_secret_value(), path, settings.download_link_seconds
     )
-    return DownloadLink(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
+    return DownloadLink(url=url, expires_at=datetime.fromtimestamp(expires, UTC))
 
 
 @router.get(
