@@ -177,6 +177,7 @@ def populate(settings: Any, *, n_runs: int, steps: int) -> uuid.UUID:
                     run_id=run_id,
                 )
                 run = runs.claim_run(s, run_id, "bench-w1", lease_seconds=3600)
+                assert run is not None  # just created, queued, nobody else claims
                 runs.record_metrics(
                     s, run_id, _metric_rows(1, steps if i == 0 else 10, i), attempt=run.attempt
                 )
@@ -355,7 +356,7 @@ async def _client_main(spec: dict[str, Any]) -> dict[str, Any]:
             began = loop.time()
             try:
                 status = await asyncio.wait_for(c.request(raw), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 counts["timeouts"] += 1
                 c.close()
                 continue
@@ -470,6 +471,7 @@ def _pg_drop(admin_url: str, url: str) -> None:
     from psycopg import sql
 
     name = sa.make_url(url).database
+    assert name is not None, url
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))

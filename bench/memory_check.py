@@ -55,6 +55,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -176,7 +177,7 @@ def measure(
     wall = time.perf_counter() - started
     # the child reports its own peak (VmHWM): RUSAGE_CHILDREN's ru_maxrss is the largest child so far,
     # which would hide a smaller config run after a larger one
-    report = next(
+    report: dict[str, Any] = next(
         (json.loads(line[len(MARK) :]) for line in stdout.splitlines() if line.startswith(MARK)), {}
     )
     row: dict = {
@@ -211,7 +212,7 @@ def measure(
     elapsed = [float(r["elapsed_s"]) for r in rows if r.get("elapsed_s")]
     if elapsed:
         row["first_step_s"] = round(elapsed[0], 2)
-        diffs = [b - a for a, b in zip(elapsed, elapsed[1:])]
+        diffs = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
         row["step_s"] = round(statistics.median(diffs), 2) if diffs else None
     if row["exit"] != 0:
         row["error"] = (stderr.strip().splitlines() or ["?"])[-1][:300]

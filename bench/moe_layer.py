@@ -40,6 +40,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -95,9 +96,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_layers(
-    layers: dict, x, grad, device, precision, iters, warmup
-) -> dict[str, dict[str, float]]:
+def time_layers(layers: dict, x, grad, device, precision, iters, warmup) -> dict[str, Any]:
     """Median wall and process-CPU milliseconds of one forward + backward per layer.
 
     The layers take turns within each iteration, so a slow phase of a shared machine hits all of
@@ -105,8 +104,8 @@ def time_layers(
     thread it equals the wall time of an idle machine and ignores time the process waits for a core.
     """
     autocast = precision == "bf16-mixed"
-    wall = {k: [] for k in layers}
-    cpu = {k: [] for k in layers}
+    wall: dict[str, list[float]] = {k: [] for k in layers}
+    cpu: dict[str, list[float]] = {k: [] for k in layers}
     for i in range(warmup + iters):
         for name, layer in layers.items():
             layer.zero_grad(set_to_none=True)
@@ -120,11 +119,13 @@ def time_layers(
             if i >= warmup:
                 wall[name].append((time.perf_counter() - t0) * 1e3)
                 cpu[name].append((time.process_time() - c0) * 1e3)
-    out = {
+    out: dict[str, Any] = {
         k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in layers
     }
     times = wall if device.type == "cuda" else cpu
-    out["paired_ratio"] = statistics.median(a / b for a, b in zip(times["loop"], times["grouped"]))
+    out["paired_ratio"] = statistics.median(
+        a / b for a, b in zip(times["loop"], times["grouped"], strict=True)
+    )
     return out
 
 

@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     demo = seed_demo_data(work)  # the demo corpus and 4,096-id tokenizer, as `moejobs seed-data`
     train_dir, val_dir, tok_dir = demo["train"], demo["val"], demo["tokenizer"]
     prep_s = time.perf_counter() - t0
-    overrides = {
+    overrides: dict[str, Any] = {
         "out_dir": str(work / f"out-{Path(args.preset).stem}"),
         "resume": False,
         "tokenizer_dir": str(tok_dir),

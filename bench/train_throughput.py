@@ -42,6 +42,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -196,7 +197,7 @@ def build_sides(
     else:
         ours_compile = None
     stock_on = compile_on if stock_compile == "auto" else stock_compile == "on"
-    stock_kwargs = {} if stock_on else None
+    stock_kwargs: dict[str, Any] | None = {} if stock_on else None
     from worker.attention import choose_backends
 
     attention = choose_backends(
@@ -255,7 +256,7 @@ def run_side(
     side = build_sides(
         v, device, precision, compile_mode, names=(name,), stock_compile=stock_compile
     )[name]
-    out = {}
+    out: dict[int, dict[str, Any] | None] = {}
     try:
         for mb in mbs:
             side.wall, side.cpu, side.losses = [], [], []
@@ -320,10 +321,9 @@ def main(argv=None) -> int:
     steps = args.steps or (20 if cuda else 10)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
 
-    mbs: list[int | str] = []
-    for item in (args.micro_batch or str(v.train.train.micro_batch_size)).split(","):
-        mbs.append("max" if item.strip() == "max" else int(item))
-    if "max" in mbs:
+    items = (args.micro_batch or str(v.train.train.micro_batch_size)).split(",")
+    mbs = [int(item) for item in items if item.strip() != "max"]
+    if any(item.strip() == "max" for item in items):
         if (
             not cuda and args.max_micro_batch > 64
         ):  # nothing runs out of memory there: the search ends at the bound
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                 "--micro-batch max on a CPU needs --max-micro-batch <= 64 (CPU memory is not searched; "
                 "the bound is the result)"
             )
-        fixed = [m for m in mbs if m != "max"]
+        fixed = mbs
         best = largest_micro_batch(
             v, device, precision, seq, start=min(fixed or [4]) * 2, limit=args.max_micro_batch
         )
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
     rows = []
     for mb in mbs:
         results = per_mb[mb]
-        row = {"micro_batch": mb, "seq_len": seq, "tokens_per_step": mb * seq}
+        row: dict[str, Any] = {"micro_batch": mb, "seq_len": seq, "tokens_per_step": mb * seq}
         for name in ("stock", "engine"):
             r = results.get(name)
             if r is None:
@@ -416,7 +416,10 @@ def main(argv=None) -> int:
         row["ratio"] = round(e / s, 3) if s and e else None
         if not cuda and not args.sequential and results.get("stock") and results.get("engine"):
             # the two sides ran alternately: the median of per-step ratios cancels slow drifts of a shared machine
-            pairs = [a / b for a, b in zip(results["stock"]["cpu"], results["engine"]["cpu"])]
+            pairs = [
+                a / b
+                for a, b in zip(results["stock"]["cpu"], results["engine"]["cpu"], strict=True)
+            ]
             row["ratio_paired"] = round(statistics.median(pairs), 3)
         rows.append(row)
 

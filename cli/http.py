@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from pydantic import TypeAdapter, ValidationError
@@ -30,6 +30,9 @@ from service.api.models import (
     SmokeTestPublic,
 )
 from service.api.openapi import ErrorBody
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 #: Default timeout of one request (seconds); archive downloads and ``?wait=`` get more.
 REQUEST_TIMEOUT = 30.0
@@ -81,7 +84,7 @@ def default_token() -> str | None:
     return token.get_secret_value() if token is not None else None
 
 
-def _settings():
+def _settings() -> Settings:
     """The process's settings. Raises ClientError (exit code 2) whose message has one line per
     problem, each naming the MOEJOBS_* variable (``MOEJOBS_PORT: expected an integer, got
     'abc'``); the lines after the first start with ``error: `` as the commands print the first."""

@@ -15,13 +15,17 @@ nothing to do. SQLite gets batch mode (copy-and-move) for ALTERs it cannot do in
 from __future__ import annotations
 
 import logging.config
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from alembic import context
 
 from service.db import _WRITE_OPTION, make_engine
 from service.models import metadata as target_metadata
-from service.settings import get_settings
+from service.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from alembic.autogenerate.api import AutogenContext
 
 config = context.config
 
@@ -36,7 +40,7 @@ if "engine" not in config.attributes and "settings" not in config.attributes:
         logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
-def render_item(type_: str, obj: object, autogen_context) -> str | bool:
+def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     """Render our column types as plain SQLAlchemy types in generated migrations, so that a
     migration keeps working when service/models.py changes later: UTCDateTime (a Python-side
     conversion) is a timestamp with time zone in the database; SQLModel's AutoString is a
@@ -53,13 +57,18 @@ def render_item(type_: str, obj: object, autogen_context) -> str | bool:
     return False
 
 
-def _settings():
+def _settings() -> Settings:
     return config.attributes.get("settings") or get_settings()
+
+
+def _database_url(settings: Settings) -> str:
+    assert settings.database_url is not None  # Settings derives it from home when unset
+    return settings.database_url
 
 
 def run_migrations_offline() -> None:
     """``alembic upgrade --sql``: print the SQL for the configured database's dialect."""
-    url = _settings().database_url
+    url = _database_url(_settings())
     context.configure(
         url=url,
         target_metadata=target_metadata,
@@ -74,12 +83,12 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = config.attributes.get("engine")
+    engine: sa.Engine | None = config.attributes.get("engine")
     owned = engine is None
-    if owned:
+    if engine is None:
         settings = _settings()
         engine = make_engine(
-            settings.database_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
+            _database_url(settings), sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
         )
     try:
         with engine.connect() as connection:

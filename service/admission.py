@@ -41,6 +41,7 @@ from service.estimate import Estimate, estimate
 from service.models import Throughput, Worker
 
 if TYPE_CHECKING:  # pragma: no cover
+    from service.config.train import TrainConfig
     from service.config.validate import Validated
     from service.settings import Settings
 
@@ -150,11 +151,12 @@ def absurd_errors(validated: Validated, est: Estimate) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     params = est.params.total
     if params > MAX_PARAMETERS:
-        width = (
-            ("moe_intermediate_size", model.moe_intermediate_size)
-            if model.is_moe
-            else ("intermediate_size", model.resolved_intermediate_size)
-        )
+        if model.is_moe:
+            # validation refuses an MoE model without it (service.config.model)
+            assert model.moe_intermediate_size is not None
+            width = ("moe_intermediate_size", model.moe_intermediate_size)
+        else:
+            width = ("intermediate_size", model.resolved_intermediate_size)
         fields = [
             ("n_layer", model.n_layer),
             ("n_embd", model.n_embd),
@@ -182,12 +184,10 @@ def absurd_errors(validated: Validated, est: Estimate) -> list[dict[str, Any]]:
                 f"{fmt_bytes(MAX_RANK_MEMORY_BYTES)}, which no machine has",
             )
         )
-    steps_field = (
-        "max_steps"
-        if t.max_steps is not None and t.max_steps < plan.steps_from_tokens
-        else "max_tokens"
-    )
-    steps_value = t.max_steps if steps_field == "max_steps" else t.max_tokens
+    if t.max_steps is not None and t.max_steps < plan.steps_from_tokens:
+        steps_field, steps_value = "max_steps", t.max_steps
+    else:
+        steps_field, steps_value = "max_tokens", t.max_tokens
     if plan.optimizer_steps > MAX_OPTIMIZER_STEPS:
         out.append(
             _error(
@@ -208,6 +208,8 @@ def absurd_errors(validated: Validated, est: Estimate) -> list[dict[str, Any]]:
             )
         )
     if est.checkpoints_written > MAX_CHECKPOINTS:
+        # more than final/ is written only with a save_interval (service.estimate)
+        assert t.save_interval is not None
         out.append(
             _error(
                 [*_TRAIN, "train", "save_interval"],
@@ -389,7 +391,7 @@ def _devices(validated: Validated) -> int:
     return 1 if devices == "auto" else int(devices)
 
 
-def _with_train(validated: Validated, **train_updates: Any):
+def _with_train(validated: Validated, **train_updates: Any) -> TrainConfig:
     t = validated.train
     return t.model_copy(update={"train": t.train.model_copy(update=train_updates)})
 
@@ -460,7 +462,7 @@ def admit(session: Session, settings: Settings, validated: Validated, est: Estim
         return verdict
     workers = reads.live_workers(session, settings.worker_stale_seconds, role="trains")
     live = slots(workers)
-    able = [s for s, w in zip(live, workers) if reads.worker_can_serve(w, devices)]
+    able = [s for s, w in zip(live, workers, strict=True) if reads.worker_can_serve(w, devices)]
     if not able:
         if not live:
             msg = (

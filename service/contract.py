@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,7 @@ class Outcome(str, enum.Enum):
 
 def utc_now() -> datetime:
     """The current time, aware UTC (every timestamp of the contract)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -27,17 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from fastapi.openapi.utils import get_openapi
 
 from service.api import routers
-from service.api.openapi import complete_error_responses
+from service.api.deps import DatabaseGate
 from service.api.errors import install_exception_handlers
 from service.api.middleware import install_middleware
+from service.api.openapi import complete_error_responses
 from service.db import Database, check_schema, head_revision, open_database, safe_url
 from service.queue import make_celery
-from service.api.deps import DatabaseGate
 from service.settings import Settings, get_settings, sqlite_path
 from service.submission import RunCreate
 

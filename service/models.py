@@ -21,8 +21,8 @@ Conventions
 
 import enum
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -51,9 +51,14 @@ class Base(SQLModel):
     metadata = metadata
 
 
+def table_of(model: type[SQLModel]) -> sa.Table:
+    """The ``sa.Table`` of a table model (SQLModel sets ``__table__`` without declaring it)."""
+    return model.__table__  # type: ignore[attr-defined]
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC (what every timestamp column stores)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def aware_now(now: datetime | None) -> datetime:
@@ -77,23 +82,23 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
     impl = sa.DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: Optional[datetime], dialect: sa.Dialect) -> Any:
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> Any:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: use an aware UTC datetime")
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
         if dialect.name == "sqlite":
             # SQLite's DATETIME keeps no offset; store the UTC wall time.
             return value.replace(tzinfo=None)
         return value
 
-    def process_result_value(self, value: Optional[datetime], dialect: sa.Dialect) -> Any:
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> Any:
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 #: JSON document column: jsonb on PostgreSQL (indexable, compact), JSON text elsewhere.
@@ -170,7 +175,7 @@ class Run(Base, table=True):
         sa_type=_enum(RunStatus, "status"),
         sa_column_kwargs={"nullable": False},
     )
-    preset: Optional[str] = Field(default=None, max_length=200)
+    preset: str | None = Field(default=None, max_length=200)
     write_checkpoints: bool = Field(
         default=True,
         sa_column_kwargs={"nullable": False, "server_default": sa.true()},
@@ -196,7 +201,7 @@ class Run(Base, table=True):
         sa_column_kwargs={"nullable": False},
         description="The validated model config the engine runs.",
     )
-    estimate: Optional[dict[str, Any]] = Field(default=None, sa_type=JSONDoc)
+    estimate: dict[str, Any] | None = Field(default=None, sa_type=JSONDoc)
     warnings: list[Any] = Field(
         default_factory=list, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
     )
@@ -207,9 +212,9 @@ class Run(Base, table=True):
         description="Attempts that ended in a failure (lost worker, killed, crashed...); "
         "MOEJOBS_MAX_ATTEMPTS bounds it. A graceful stop (checkpoint and re-queue) is none.",
     )
-    worker_id: Optional[str] = Field(default=None, max_length=200, index=True)
-    heartbeat_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
-    lease_expires_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
+    worker_id: str | None = Field(default=None, max_length=200, index=True)
+    heartbeat_at: datetime | None = Field(default=None, sa_type=UTCDateTime())
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime())
     created_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
@@ -219,22 +224,22 @@ class Run(Base, table=True):
         sa_column_kwargs={"nullable": False},
         description="When it last entered queued (creation or re-queue).",
     )
-    started_at: Optional[datetime] = Field(
+    started_at: datetime | None = Field(
         default=None, sa_type=UTCDateTime(), description="Start of the latest attempt."
     )
-    finished_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime())
     updated_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
-    failure_reason: Optional[FailureReason] = Field(
+    failure_reason: FailureReason | None = Field(
         default=None, sa_type=_enum(FailureReason, "failure_reason")
     )
-    failure_message: Optional[str] = Field(default=None, sa_type=sa.Text())
-    exit_code: Optional[int] = Field(default=None)
+    failure_message: str | None = Field(default=None, sa_type=sa.Text())
+    exit_code: int | None = Field(default=None)
     cancel_requested: bool = Field(default=False, sa_column_kwargs={"nullable": False})
-    cancel_requested_at: Optional[datetime] = Field(default=None, sa_type=UTCDateTime())
-    idempotency_key: Optional[str] = Field(default=None, max_length=255)
-    request_hash: Optional[str] = Field(
+    cancel_requested_at: datetime | None = Field(default=None, sa_type=UTCDateTime())
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_hash: str | None = Field(
         default=None, max_length=64, description="sha256 hex of the canonical request body."
     )
 
@@ -248,18 +253,18 @@ class RunEvent(Base, table=True):
     __tablename__ = "run_events"
     __table_args__ = (sa.Index(None, "run_id", "id"),)
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     run_id: uuid.UUID = Field(sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE")
     at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
-    from_status: Optional[RunStatus] = Field(default=None, sa_type=_enum(RunStatus, "from_status"))
+    from_status: RunStatus | None = Field(default=None, sa_type=_enum(RunStatus, "from_status"))
     to_status: RunStatus = Field(
         sa_type=_enum(RunStatus, "to_status"), sa_column_kwargs={"nullable": False}
     )
-    reason: Optional[FailureReason] = Field(default=None, sa_type=_enum(FailureReason, "reason"))
+    reason: FailureReason | None = Field(default=None, sa_type=_enum(FailureReason, "reason"))
     message: str = Field(default="", sa_type=sa.Text(), sa_column_kwargs={"nullable": False})
-    actor: Optional[str] = Field(default=None, max_length=200)
+    actor: str | None = Field(default=None, max_length=200)
     attempt: int = Field(default=0)
 
 
@@ -279,15 +284,15 @@ class MetricPoint(Base, table=True):
     step: int = Field(
         primary_key=True, sa_type=sa.Integer(), sa_column_kwargs={"autoincrement": False}
     )
-    tokens: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
-    loss: Optional[float] = Field(default=None)
-    learning_rate: Optional[float] = Field(default=None)
-    grad_norm: Optional[float] = Field(default=None)
-    tokens_per_sec: Optional[float] = Field(default=None)
-    mfu: Optional[float] = Field(default=None)
-    elapsed_s: Optional[float] = Field(default=None)
-    val_loss: Optional[float] = Field(default=None)
-    val_ppl: Optional[float] = Field(default=None)
+    tokens: int | None = Field(default=None, sa_type=sa.BigInteger())
+    loss: float | None = Field(default=None)
+    learning_rate: float | None = Field(default=None)
+    grad_norm: float | None = Field(default=None)
+    tokens_per_sec: float | None = Field(default=None)
+    mfu: float | None = Field(default=None)
+    elapsed_s: float | None = Field(default=None)
+    val_loss: float | None = Field(default=None)
+    val_ppl: float | None = Field(default=None)
 
 
 #: The metric columns in metrics.csv order (after ``step``): ``service.contract``.
@@ -331,12 +336,12 @@ class Checkpoint(Base, table=True):
         sa.Index(None, "run_id", "step"),
     )
 
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     run_id: uuid.UUID = Field(sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE")
     name: str = Field(max_length=200)
-    step: Optional[int] = Field(default=None)
+    step: int | None = Field(default=None)
     path: str = Field(sa_type=sa.Text(), sa_column_kwargs={"nullable": False})
-    size_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    size_bytes: int | None = Field(default=None, sa_type=sa.BigInteger())
     created_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
@@ -359,22 +364,22 @@ class Worker(Base, table=True):
 
     id: str = Field(primary_key=True, max_length=200)
     host: str = Field(max_length=255)
-    pid: Optional[int] = Field(default=None)
+    pid: int | None = Field(default=None)
     gpus: list[Any] = Field(
         default_factory=list, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
     )
     gpu_count: int = Field(default=0)
-    gpu_memory_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
-    kind: Optional[str] = Field(default=None, max_length=200)
-    host_memory_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
-    free_bytes: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    gpu_memory_bytes: int | None = Field(default=None, sa_type=sa.BigInteger())
+    kind: str | None = Field(default=None, max_length=200)
+    host_memory_bytes: int | None = Field(default=None, sa_type=sa.BigInteger())
+    free_bytes: int | None = Field(default=None, sa_type=sa.BigInteger())
     role: str = Field(
         default="all", max_length=8, sa_column_kwargs={"nullable": False, "server_default": "all"}
     )
     heartbeat_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
-    current_run_id: Optional[uuid.UUID] = Field(
+    current_run_id: uuid.UUID | None = Field(
         default=None, sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="SET NULL"
     )
     started_at: datetime = Field(
@@ -421,9 +426,9 @@ class Throughput(Base, table=True):
     model_key: str = Field(primary_key=True, max_length=64)
     worker_kind: str = Field(primary_key=True, max_length=200)
     tokens_per_sec_per_device: float = Field(sa_column_kwargs={"nullable": False})
-    flops_per_sec_per_device: Optional[float] = Field(default=None)
+    flops_per_sec_per_device: float | None = Field(default=None)
     runs: int = Field(default=1)
-    last_run_id: Optional[uuid.UUID] = Field(default=None, sa_type=sa.Uuid())
+    last_run_id: uuid.UUID | None = Field(default=None, sa_type=sa.Uuid())
     updated_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
@@ -443,13 +448,13 @@ class RunProvenance(Base, table=True):
     package_versions: dict[str, Any] = Field(
         default_factory=dict, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
     )
-    git_commit: Optional[str] = Field(default=None, max_length=64)
-    seed: Optional[int] = Field(default=None, sa_type=sa.BigInteger())
+    git_commit: str | None = Field(default=None, max_length=64)
+    seed: int | None = Field(default=None, sa_type=sa.BigInteger())
     hardware: dict[str, Any] = Field(
         default_factory=dict, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
     )
-    data_hash: Optional[str] = Field(default=None, max_length=128)
-    tokenizer_hash: Optional[str] = Field(default=None, max_length=128)
+    data_hash: str | None = Field(default=None, max_length=128)
+    tokenizer_hash: str | None = Field(default=None, max_length=128)
     recorded_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )

@@ -18,11 +18,12 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
+from service.config.fields import check_path_text
 from service.models import (
     MAX_STEP,
     METRIC_COLUMNS,
@@ -38,8 +39,8 @@ from service.models import (
     Worker,
     WorkerRole,
     aware_now,
+    table_of,
 )
-from service.config.fields import check_path_text
 
 #: The preset value that marks a smoke-test run.
 SMOKE_TEST_PRESET = "smoke-test"
@@ -85,20 +86,25 @@ def ping(session: Session) -> None:
 # -- runs --------------------------------------------------------------------------------------
 
 
-def summary_columns() -> list[sa.Column]:
+def summary_columns() -> list[sa.Column[Any]]:
     """The columns of ``runs`` but the config documents (:data:`CONFIG_COLUMNS`)."""
-    return [c for c in Run.__table__.c if c.name not in CONFIG_COLUMNS]
+    return [c for c in table_of(Run).c if c.name not in CONFIG_COLUMNS]
 
 
-def get_run(session: Session, run_id: uuid.UUID, *, configs: bool = True) -> Run:
+@overload
+def get_run(session: Session, run_id: uuid.UUID, *, configs: Literal[True] = True) -> Run: ...
+@overload
+def get_run(session: Session, run_id: uuid.UUID, *, configs: Literal[False]) -> sa.Row[Any]: ...
+def get_run(session: Session, run_id: uuid.UUID, *, configs: bool = True) -> Run | sa.Row[Any]:
     """The run, read fresh. ``configs=False`` returns a read-only row without the config
     documents (as :func:`list_runs`). Raises RunNotFound."""
+    run: Run | sa.Row[Any] | None
     if configs:
         run = session.exec(
-            select(Run).where(Run.id == run_id).execution_options(populate_existing=True)
+            select(Run).where(col(Run.id) == run_id).execution_options(populate_existing=True)
         ).first()
     else:
-        run = session.execute(sa.select(*summary_columns()).where(Run.id == run_id)).first()
+        run = session.execute(sa.select(*summary_columns()).where(col(Run.id) == run_id)).first()
     if run is None:
         raise RunNotFound(run_id)
     return run
@@ -113,7 +119,7 @@ def require_run(session: Session, run_id: uuid.UUID) -> None:
 
 @functools.cache
 def _require_run_statement() -> sa.Select:
-    return sa.select(Run.id).where(Run.id == sa.bindparam("run_id", type_=sa.Uuid()))
+    return sa.select(col(Run.id)).where(col(Run.id) == sa.bindparam("run_id", type_=sa.Uuid()))
 
 
 def run_with_latest_metrics(
@@ -134,23 +140,26 @@ def run_with_latest_metrics(
 
 @functools.cache
 def _run_with_latest_statement() -> sa.Select:
-    inner = MetricPoint.__table__.alias("newest")
+    inner = table_of(MetricPoint).alias("newest")
     newest = (
         sa.select(inner.c.step)
-        .where(inner.c.run_id == Run.id)
+        .where(inner.c.run_id == col(Run.id))
         .order_by(inner.c.step.desc())
         .limit(1)
         .correlate(Run)
         .scalar_subquery()
     )
     metric = [
-        MetricPoint.step.label("m_step"),
+        col(MetricPoint.step).label("m_step"),
         *(getattr(MetricPoint, c).label(f"m_{c}") for c in METRIC_COLUMNS),
     ]
     return (
         sa.select(*summary_columns(), *metric)
-        .outerjoin(MetricPoint, sa.and_(MetricPoint.run_id == Run.id, MetricPoint.step == newest))
-        .where(Run.id == sa.bindparam("run_id", type_=sa.Uuid()))
+        .outerjoin(
+            MetricPoint,
+            sa.and_(col(MetricPoint.run_id) == col(Run.id), col(MetricPoint.step) == newest),
+        )
+        .where(col(Run.id) == sa.bindparam("run_id", type_=sa.Uuid()))
     )
 
 
@@ -178,6 +187,28 @@ def _decode_cursor(cursor: str, key: str) -> tuple[Any, uuid.UUID]:
         raise ValueError(f"invalid cursor {cursor!r}") from None
 
 
+@overload
+def list_runs(
+    session: Session,
+    *,
+    status: RunStatus | str | None = None,
+    owner: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+    sort: str = "-created_at",
+    configs: Literal[True] = True,
+) -> tuple[list[Run], str | None]: ...
+@overload
+def list_runs(
+    session: Session,
+    *,
+    status: RunStatus | str | None = None,
+    owner: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+    sort: str = "-created_at",
+    configs: Literal[False],
+) -> tuple[list[sa.Row[Any]], str | None]: ...
 def list_runs(
     session: Session,
     *,
@@ -187,7 +218,7 @@ def list_runs(
     cursor: str | None = None,
     sort: str = "-created_at",
     configs: bool = True,
-) -> tuple[list[Run], str | None]:
+) -> tuple[list[Run] | list[sa.Row[Any]], str | None]:
     """One page of runs and the cursor of the next page (None on the last page).
     ``configs=False`` returns read-only rows with every attribute of a run but the four config
     documents (:data:`CONFIG_COLUMNS`), without building ORM objects: what a listing needs.
@@ -205,24 +236,29 @@ def list_runs(
     if not 1 <= limit <= 1000:
         raise ValueError(f"limit must be in 1..1000, got {limit}")
     column = getattr(Run, key)
-    stmt = select(Run) if configs else sa.select(*summary_columns())
+    conditions: list[sa.ColumnElement[bool]] = []
     if status is not None:
-        stmt = stmt.where(Run.status == RunStatus(status))
+        conditions.append(col(Run.status) == RunStatus(status))
     if owner is not None:
-        stmt = stmt.where(Run.owner == owner)
+        conditions.append(col(Run.owner) == owner)
     if cursor is not None:
         value, after_id = _decode_cursor(cursor, key)
         if descending:
-            stmt = stmt.where(sa.or_(column < value, sa.and_(column == value, Run.id < after_id)))
+            conditions.append(
+                sa.or_(column < value, sa.and_(column == value, col(Run.id) < after_id))
+            )
         else:
-            stmt = stmt.where(sa.or_(column > value, sa.and_(column == value, Run.id > after_id)))
-    order = (column.desc(), Run.id.desc()) if descending else (column.asc(), Run.id.asc())
-    stmt = stmt.order_by(*order).limit(limit + 1)
-    rows = (
-        list(session.exec(stmt.execution_options(populate_existing=True)))
-        if configs
-        else list(session.execute(stmt))
-    )
+            conditions.append(
+                sa.or_(column > value, sa.and_(column == value, col(Run.id) > after_id))
+            )
+    order = (column.desc(), col(Run.id).desc()) if descending else (column.asc(), col(Run.id).asc())
+    rows: list[Run] | list[sa.Row[Any]]
+    if configs:
+        stmt = select(Run).where(*conditions).order_by(*order).limit(limit + 1)
+        rows = list(session.exec(stmt.execution_options(populate_existing=True)))
+    else:
+        summary = sa.select(*summary_columns()).where(*conditions).order_by(*order)
+        rows = list(session.execute(summary.limit(limit + 1)))
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -238,7 +274,7 @@ def count_runs_by_status(session: Session) -> dict[RunStatus, int]:
     """Number of runs in each status (every status present, zeros included)."""
     counts = {status: 0 for status in RunStatus}
     for status, count in session.execute(
-        sa.select(Run.status, sa.func.count()).group_by(Run.status)
+        sa.select(col(Run.status), sa.func.count()).group_by(col(Run.status))
     ):
         counts[RunStatus(status)] = count
     return counts
@@ -248,8 +284,8 @@ def active_smoke_test(session: Session) -> Run | None:
     """The oldest smoke-test run still queued or running, if any."""
     return session.exec(
         select(Run)
-        .where(Run.preset == SMOKE_TEST_PRESET, Run.status.in_(_LIVE))
-        .order_by(Run.created_at)
+        .where(col(Run.preset) == SMOKE_TEST_PRESET, col(Run.status).in_(_LIVE))
+        .order_by(col(Run.created_at))
         .execution_options(populate_existing=True)
     ).first()
 
@@ -259,8 +295,8 @@ def active_runs(session: Session) -> list[Run]:
     return list(
         session.exec(
             select(Run)
-            .where(Run.status.in_(_LIVE))
-            .order_by(Run.created_at)
+            .where(col(Run.status).in_(_LIVE))
+            .order_by(col(Run.created_at))
             .execution_options(populate_existing=True)
         )
     )
@@ -270,7 +306,7 @@ def find_idempotent(session: Session, owner: str, key: str) -> Run | None:
     """The run ``owner`` created with Idempotency-Key ``key``, if any."""
     return session.exec(
         select(Run)
-        .where(Run.owner == owner, Run.idempotency_key == key)
+        .where(col(Run.owner) == owner, col(Run.idempotency_key) == key)
         .execution_options(populate_existing=True)
     ).first()
 
@@ -278,7 +314,9 @@ def find_idempotent(session: Session, owner: str, key: str) -> Run | None:
 def list_events(session: Session, run_id: uuid.UUID) -> list[RunEvent]:
     """A run's events in the order they happened."""
     return list(
-        session.exec(select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))
+        session.exec(
+            select(RunEvent).where(col(RunEvent.run_id) == run_id).order_by(col(RunEvent.id))
+        )
     )
 
 
@@ -292,8 +330,8 @@ def expired_runs(session: Session, *, now: datetime | None = None) -> list[Run]:
     return list(
         session.exec(
             select(Run)
-            .where(Run.status == RunStatus.running, Run.lease_expires_at < now)
-            .order_by(Run.lease_expires_at)
+            .where(col(Run.status) == RunStatus.running, col(Run.lease_expires_at) < now)
+            .order_by(col(Run.lease_expires_at))
             .execution_options(populate_existing=True)
         )
     )
@@ -309,8 +347,8 @@ def stale_queued_runs(
     return list(
         session.exec(
             select(Run)
-            .where(Run.status == RunStatus.queued, Run.queued_at < cutoff)
-            .order_by(Run.queued_at)
+            .where(col(Run.status) == RunStatus.queued, col(Run.queued_at) < cutoff)
+            .order_by(col(Run.queued_at))
             .limit(limit)
             .execution_options(populate_existing=True)
         )
@@ -335,20 +373,25 @@ def latest_metrics(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.
 @functools.cache
 def _latest_metrics_statement() -> sa.Select:
     newest = (
-        sa.select(MetricPoint.step)
-        .where(MetricPoint.run_id == Run.id)
-        .order_by(MetricPoint.step.desc())
+        sa.select(col(MetricPoint.step))
+        .where(col(MetricPoint.run_id) == col(Run.id))
+        .order_by(col(MetricPoint.step).desc())
         .limit(1)
         .scalar_subquery()
     )
     last = (
-        sa.select(Run.id.label("run_id"), newest.label("step"))
-        .where(Run.id.in_(sa.bindparam("run_ids", expanding=True)))
+        sa.select(col(Run.id).label("run_id"), newest.label("step"))
+        .where(col(Run.id).in_(sa.bindparam("run_ids", expanding=True)))
         .subquery()
     )
     return sa.select(
-        MetricPoint.run_id, MetricPoint.step, *(getattr(MetricPoint, c) for c in METRIC_COLUMNS)
-    ).join(last, sa.and_(MetricPoint.run_id == last.c.run_id, MetricPoint.step == last.c.step))
+        col(MetricPoint.run_id),
+        col(MetricPoint.step),
+        *(getattr(MetricPoint, c) for c in METRIC_COLUMNS),
+    ).join(
+        last,
+        sa.and_(col(MetricPoint.run_id) == last.c.run_id, col(MetricPoint.step) == last.c.step),
+    )
 
 
 def metric_rows(
@@ -358,12 +401,12 @@ def metric_rows(
     ``METRIC_COLUMNS`` name), those with ``step > after_step``, at most ``limit``. What
     :func:`list_metrics` reads, without building an ORM object per row (the API's
     pages have thousands)."""
-    stmt = sa.select(MetricPoint.step, *(getattr(MetricPoint, c) for c in METRIC_COLUMNS)).where(
-        MetricPoint.run_id == run_id
-    )
+    stmt = sa.select(
+        col(MetricPoint.step), *(getattr(MetricPoint, c) for c in METRIC_COLUMNS)
+    ).where(col(MetricPoint.run_id) == run_id)
     if after_step is not None:
-        stmt = stmt.where(MetricPoint.step > after_step)
-    stmt = stmt.order_by(MetricPoint.step)
+        stmt = stmt.where(col(MetricPoint.step) > after_step)
+    stmt = stmt.order_by(col(MetricPoint.step))
     if limit is not None:
         stmt = stmt.limit(limit)
     return list(session.execute(stmt))
@@ -375,11 +418,14 @@ def router_rows(
     """A run's router telemetry as plain rows ``(step, layer, expert, fraction)`` ordered by
     (step, layer, expert), those with ``step > after_step``, at most ``limit``."""
     stmt = sa.select(
-        RouterPoint.step, RouterPoint.layer, RouterPoint.expert, RouterPoint.fraction
-    ).where(RouterPoint.run_id == run_id)
+        col(RouterPoint.step),
+        col(RouterPoint.layer),
+        col(RouterPoint.expert),
+        col(RouterPoint.fraction),
+    ).where(col(RouterPoint.run_id) == run_id)
     if after_step is not None:
-        stmt = stmt.where(RouterPoint.step > after_step)
-    stmt = stmt.order_by(RouterPoint.step, RouterPoint.layer, RouterPoint.expert)
+        stmt = stmt.where(col(RouterPoint.step) > after_step)
+    stmt = stmt.order_by(col(RouterPoint.step), col(RouterPoint.layer), col(RouterPoint.expert))
     if limit is not None:
         stmt = stmt.limit(limit)
     return list(session.execute(stmt))
@@ -390,10 +436,10 @@ def list_metrics(
 ) -> list[MetricPoint]:
     """A run's metric points by step, those with ``step > after_step`` when given, at most
     ``limit``."""
-    stmt = select(MetricPoint).where(MetricPoint.run_id == run_id)
+    stmt = select(MetricPoint).where(col(MetricPoint.run_id) == run_id)
     if after_step is not None:
-        stmt = stmt.where(MetricPoint.step > after_step)
-    stmt = stmt.order_by(MetricPoint.step)
+        stmt = stmt.where(col(MetricPoint.step) > after_step)
+    stmt = stmt.order_by(col(MetricPoint.step))
     if limit is not None:
         stmt = stmt.limit(limit)
     return list(session.exec(stmt.execution_options(populate_existing=True)))
@@ -404,11 +450,13 @@ def list_router_points(
 ) -> list[RouterPoint]:
     """A run's router points ordered by (step, layer, expert), those with ``step >
     after_step`` when given (the API reads plain rows: ``service.reads.router_rows``)."""
-    stmt = select(RouterPoint).where(RouterPoint.run_id == run_id)
+    stmt = select(RouterPoint).where(col(RouterPoint.run_id) == run_id)
     if after_step is not None:
-        stmt = stmt.where(RouterPoint.step > after_step)
+        stmt = stmt.where(col(RouterPoint.step) > after_step)
     return list(
-        session.exec(stmt.order_by(RouterPoint.step, RouterPoint.layer, RouterPoint.expert))
+        session.exec(
+            stmt.order_by(col(RouterPoint.step), col(RouterPoint.layer), col(RouterPoint.expert))
+        )
     )
 
 
@@ -423,12 +471,16 @@ def measured_tokens_per_sec(session: Session, run_id: uuid.UUID) -> float | None
     checkpoint writes included, so it predicts wall time). None without such a row."""
     point = session.exec(
         select(MetricPoint)
-        .where(MetricPoint.run_id == run_id, MetricPoint.tokens > 0, MetricPoint.elapsed_s > 0)
-        .order_by(MetricPoint.step.desc())
+        .where(
+            col(MetricPoint.run_id) == run_id,
+            col(MetricPoint.tokens) > 0,
+            col(MetricPoint.elapsed_s) > 0,
+        )
+        .order_by(col(MetricPoint.step).desc())
         .limit(1)
     ).first()
-    if point is None:
-        return None
+    if point is None or point.tokens is None or point.elapsed_s is None:
+        return None  # (the query keeps rows that have both)
     return float(point.tokens) / float(point.elapsed_s)
 
 
@@ -440,8 +492,8 @@ def list_checkpoints(session: Session, run_id: uuid.UUID) -> list[Checkpoint]:
     return list(
         session.exec(
             select(Checkpoint)
-            .where(Checkpoint.run_id == run_id)
-            .order_by((Checkpoint.name == "final"), Checkpoint.step, Checkpoint.id)
+            .where(col(Checkpoint.run_id) == run_id)
+            .order_by((col(Checkpoint.name) == "final"), col(Checkpoint.step), col(Checkpoint.id))
             .execution_options(populate_existing=True)
         )
     )
@@ -452,14 +504,14 @@ def get_checkpoint(
 ) -> Checkpoint | None:
     """A checkpoint by ``"final"``, by step number (int or digits; the step-N folder, never
     ``final``), or by folder name. None when there is none."""
-    stmt = select(Checkpoint).where(Checkpoint.run_id == run_id)
+    stmt = select(Checkpoint).where(col(Checkpoint.run_id) == run_id)
     if isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit()):
         if not 0 <= int(ref) <= MAX_STEP:
             return None  # no step column can hold it
-        stmt = stmt.where(Checkpoint.step == int(ref), Checkpoint.name != "final")
+        stmt = stmt.where(col(Checkpoint.step) == int(ref), col(Checkpoint.name) != "final")
     else:
-        stmt = stmt.where(Checkpoint.name == ref)
-    return session.exec(stmt.order_by(Checkpoint.id)).first()
+        stmt = stmt.where(col(Checkpoint.name) == ref)
+    return session.exec(stmt.order_by(col(Checkpoint.id))).first()
 
 
 # -- workers and their speed -------------------------------------------------------------------
@@ -468,7 +520,9 @@ def get_checkpoint(
 def list_workers(session: Session) -> list[Worker]:
     """Every registered worker (live or not), by id."""
     return list(
-        session.exec(select(Worker).order_by(Worker.id).execution_options(populate_existing=True))
+        session.exec(
+            select(Worker).order_by(col(Worker.id)).execution_options(populate_existing=True)
+        )
     )
 
 
@@ -483,14 +537,16 @@ def live_workers(
     ``role``: ``"trains"`` keeps the workers that train runs (roles all and train), ``"aux"``
     those that take short CPU jobs (roles all and aux); None keeps every one."""
     cutoff = aware_now(now) - timedelta(seconds=stale_after_seconds)
-    query = select(Worker).where(Worker.heartbeat_at >= cutoff)
+    query = select(Worker).where(col(Worker.heartbeat_at) >= cutoff)
     if role == "trains":
-        query = query.where(Worker.role.in_(TRAINING_ROLES))
+        query = query.where(col(Worker.role).in_(TRAINING_ROLES))
     elif role == "aux":
-        query = query.where(Worker.role.in_((WorkerRole.all.value, WorkerRole.aux.value)))
+        query = query.where(col(Worker.role).in_((WorkerRole.all.value, WorkerRole.aux.value)))
     elif role is not None:
         raise ValueError(f"role must be 'trains', 'aux' or None, not {role!r}")
-    return list(session.exec(query.order_by(Worker.id).execution_options(populate_existing=True)))
+    return list(
+        session.exec(query.order_by(col(Worker.id)).execution_options(populate_existing=True))
+    )
 
 
 def worker_can_serve(worker: Worker, devices: int) -> bool:
@@ -507,4 +563,4 @@ def throughputs(session: Session, kinds: Iterable[str]) -> list[Throughput]:
     wanted = sorted(set(kinds))
     if not wanted:
         return []
-    return list(session.exec(select(Throughput).where(Throughput.worker_kind.in_(wanted))))
+    return list(session.exec(select(Throughput).where(col(Throughput.worker_kind).in_(wanted))))

@@ -27,19 +27,19 @@ Times are aware UTC datetimes; ``now`` parameters exist for tests and default to
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from service import contract
 from service.db import read_transaction, write_transaction
@@ -59,6 +59,7 @@ from service.models import (
     Worker,
     WorkerRole,
     aware_now,
+    table_of,
 )
 from service.reads import RunError, RunNotFound, find_idempotent, get_run, measured_tokens_per_sec
 
@@ -146,7 +147,7 @@ def _dialect(session: Session) -> str:
     return session.get_bind().dialect.name
 
 
-def _insert(session: Session, table: sa.Table):
+def _insert(session: Session, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
     """A dialect INSERT that supports ON CONFLICT (PostgreSQL and SQLite)."""
     name = _dialect(session)
     if name == "postgresql":
@@ -167,11 +168,11 @@ def _locked_run(
     which would otherwise deadlock with the worker-row update in ``_move``); FOR SHARE with
     ``shared`` (ingestion: status cannot change underneath); FOR UPDATE with ``deleting``."""
     if deleting:
-        stmt = select(Run).where(Run.id == run_id).with_for_update()
+        stmt = select(Run).where(col(Run.id) == run_id).with_for_update()
     elif shared:
-        stmt = select(Run).where(Run.id == run_id).with_for_update(read=True)
+        stmt = select(Run).where(col(Run.id) == run_id).with_for_update(read=True)
     else:
-        stmt = select(Run).where(Run.id == run_id).with_for_update(key_share=True)
+        stmt = select(Run).where(col(Run.id) == run_id).with_for_update(key_share=True)
     stmt = stmt.execution_options(populate_existing=True)
     run = session.exec(stmt).first()
     if run is None:
@@ -245,9 +246,9 @@ def _move(
     elif reason is not None:
         raise ValueError(f"a failure reason only goes with failed, not {to_status.value}")
     update_values.update(values or {})
-    conditions = [Run.id == run_id, Run.status == from_status, *where]
+    conditions = [col(Run.id) == run_id, col(Run.status) == from_status, *where]
     if attempt is not None:
-        conditions.append(Run.attempt == attempt)
+        conditions.append(col(Run.attempt) == attempt)
     stmt = (
         sa.update(Run)
         .where(*conditions)
@@ -270,7 +271,9 @@ def _move(
     )
     if to_status == S.queued or to_status in TERMINAL_STATUSES:
         session.execute(
-            sa.update(Worker).where(Worker.current_run_id == run_id).values(current_run_id=None)
+            sa.update(Worker)
+            .where(col(Worker.current_run_id) == run_id)
+            .values(current_run_id=None)
         )
     return run
 
@@ -388,10 +391,10 @@ def claim_run(
             message=f"claimed by worker {worker_id}",
             now=now,
             actor=f"worker:{worker_id}",
-            where=[Run.cancel_requested.is_(False)],
+            where=[col(Run.cancel_requested).is_(False)],
             values={
                 "worker_id": worker_id,
-                "attempt": Run.attempt + 1,
+                "attempt": col(Run.attempt) + 1,
                 "started_at": now,
                 "heartbeat_at": now,
                 "lease_expires_at": now + timedelta(seconds=lease_seconds),
@@ -400,7 +403,7 @@ def claim_run(
         if run is not None:
             session.execute(
                 sa.update(Worker)
-                .where(Worker.id == worker_id)
+                .where(col(Worker.id) == worker_id)
                 .values(current_run_id=run_id, heartbeat_at=now)
             )
         return run
@@ -450,7 +453,7 @@ def transition(
             values["exit_code"] = exit_code
         if to_status == S.failed:
             values["failure_message"] = failure_message if failure_message is not None else message
-            values["failures"] = Run.failures + 1
+            values["failures"] = col(Run.failures) + 1
         moved = _move(
             session,
             run_id,
@@ -516,7 +519,7 @@ def request_cancel(
         result = (
             session.execute(
                 sa.update(Run)
-                .where(Run.id == run_id, Run.status == S.running)
+                .where(col(Run.id) == run_id, col(Run.status) == S.running)
                 .values(updated_at=now, **flag)
                 .returning(Run)
                 .execution_options(populate_existing=True, synchronize_session=False)
@@ -658,10 +661,10 @@ def heartbeat_run(
             session.execute(
                 sa.update(Run)
                 .where(
-                    Run.id == run_id,
-                    Run.status == S.running,
-                    Run.attempt == attempt,
-                    Run.worker_id == worker_id,
+                    col(Run.id) == run_id,
+                    col(Run.status) == S.running,
+                    col(Run.attempt) == attempt,
+                    col(Run.worker_id) == worker_id,
                 )
                 .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
                 .returning(Run)
@@ -681,11 +684,12 @@ def mark_enqueued(session: Session, run_id: uuid.UUID, *, now: datetime | None =
     Not a transition, no event. Returns False when the run is not queued."""
     now = aware_now(now)
     with write_transaction(session):
-        result = session.execute(
+        result = _dml(
+            session,
             sa.update(Run)
-            .where(Run.id == run_id, Run.status == S.queued)
+            .where(col(Run.id) == run_id, col(Run.status) == S.queued)
             .values(queued_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
+            .execution_options(synchronize_session=False),
         )
         return result.rowcount == 1
 
@@ -701,7 +705,7 @@ def delete_run(session: Session, run_id: uuid.UUID) -> Run:
             raise RunActive(run_id, run.status)
         session.expunge(run)
         session.execute(
-            sa.delete(Run).where(Run.id == run_id).execution_options(synchronize_session=False)
+            sa.delete(Run).where(col(Run.id) == run_id).execution_options(synchronize_session=False)
         )
         return run
 
@@ -762,20 +766,26 @@ def _upsert_changed(
     changed = 0
     for start in range(0, len(rows), BATCH_SIZE):
         chunk = rows[start : start + BATCH_SIZE]
-        stmt = _insert(session, table).values(chunk)
+        insert = _insert(session, table).values(chunk)
         columns = [c for c in chunk[0] if c not in key]
-        stmt = stmt.on_conflict_do_update(
+        stmt = insert.on_conflict_do_update(
             index_elements=key,
-            set_={c: stmt.excluded[c] for c in columns},
-            where=sa.or_(*(table.c[c].is_distinct_from(stmt.excluded[c]) for c in columns)),
+            set_={c: insert.excluded[c] for c in columns},
+            where=sa.or_(*(table.c[c].is_distinct_from(insert.excluded[c]) for c in columns)),
         ).returning(table.c[key[-1]])
         changed += len(session.execute(stmt).all())
     return changed
 
 
+def _dml(session: Session, stmt: sa.Executable) -> sa.CursorResult[Any]:
+    """Execute an UPDATE or DELETE. Its result is a ``CursorResult`` (``rowcount``); the
+    typing of ``Session.execute`` says only ``Result``."""
+    return cast(sa.CursorResult[Any], session.execute(stmt))
+
+
 def _discard_after(session: Session, table: sa.Table, run_id: uuid.UUID, step: int) -> int:
     """Delete ``table``'s rows of ``run_id`` past ``step``; returns how many."""
-    result = session.execute(sa.delete(table).where(table.c.run_id == run_id, table.c.step > step))
+    result = _dml(session, sa.delete(table).where(table.c.run_id == run_id, table.c.step > step))
     return int(result.rowcount or 0)
 
 
@@ -814,10 +824,10 @@ def record_metrics(
         run = _locked_run(session, run_id, shared=True)
         _check_fence(run, attempt)
         if keep_through is not None:
-            _discard_after(session, MetricPoint.__table__, run_id, keep_through)
+            _discard_after(session, table_of(MetricPoint), run_id, keep_through)
         return _upsert_changed(
             session,
-            MetricPoint.__table__,
+            table_of(MetricPoint),
             [prepared[k] for k in sorted(prepared)],
             ("run_id", "step"),
         )
@@ -869,10 +879,10 @@ def record_router_stats(
         run = _locked_run(session, run_id, shared=True)
         _check_fence(run, attempt)
         if keep_through is not None:
-            _discard_after(session, RouterPoint.__table__, run_id, keep_through)
+            _discard_after(session, table_of(RouterPoint), run_id, keep_through)
         return _upsert_changed(
             session,
-            RouterPoint.__table__,
+            table_of(RouterPoint),
             [prepared[k] for k in sorted(prepared)],
             ("run_id", "step", "layer", "expert"),
         )
@@ -904,7 +914,7 @@ def record_checkpoint(
     with write_transaction(session):
         run = _locked_run(session, run_id, shared=True)
         _check_fence(run, attempt)
-        stmt = _insert(session, Checkpoint.__table__).values(
+        stmt = _insert(session, table_of(Checkpoint)).values(
             run_id=run_id,
             name=name,
             path=str(path),
@@ -923,7 +933,7 @@ def record_checkpoint(
         session.execute(stmt)
         return session.exec(
             select(Checkpoint)
-            .where(Checkpoint.run_id == run_id, Checkpoint.name == name)
+            .where(col(Checkpoint.run_id) == run_id, col(Checkpoint.name) == name)
             .execution_options(populate_existing=True)
         ).one()
 
@@ -932,10 +942,11 @@ def remove_checkpoint(session: Session, run_id: uuid.UUID, name: str) -> bool:
     """Forget checkpoint ``name`` of a run (retention deleted its folder). Returns whether a
     record existed."""
     with write_transaction(session):
-        result = session.execute(
+        result = _dml(
+            session,
             sa.delete(Checkpoint)
-            .where(Checkpoint.run_id == run_id, Checkpoint.name == name)
-            .execution_options(synchronize_session=False)
+            .where(col(Checkpoint.run_id) == run_id, col(Checkpoint.name) == name)
+            .execution_options(synchronize_session=False),
         )
         return result.rowcount == 1
 
@@ -966,12 +977,12 @@ def record_provenance(
     }
     with write_transaction(session):
         _locked_run(session, run_id, shared=True)
-        stmt = _insert(session, RunProvenance.__table__).values(run_id=run_id, **values)
+        stmt = _insert(session, table_of(RunProvenance)).values(run_id=run_id, **values)
         stmt = stmt.on_conflict_do_update(index_elements=["run_id"], set_=values)
         session.execute(stmt)
         return session.exec(
             select(RunProvenance)
-            .where(RunProvenance.run_id == run_id)
+            .where(col(RunProvenance.run_id) == run_id)
             .execution_options(populate_existing=True)
         ).one()
 
@@ -1023,10 +1034,12 @@ def register_worker(
         "started_at": now,
     }
     with write_transaction(session):
-        stmt = _insert(session, Worker.__table__).values(id=worker_id, **values)
+        stmt = _insert(session, table_of(Worker)).values(id=worker_id, **values)
         session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=values))
         return session.exec(
-            select(Worker).where(Worker.id == worker_id).execution_options(populate_existing=True)
+            select(Worker)
+            .where(col(Worker.id) == worker_id)
+            .execution_options(populate_existing=True)
         ).one()
 
 
@@ -1055,7 +1068,7 @@ def heartbeat_worker(
         return (
             session.execute(
                 sa.update(Worker)
-                .where(Worker.id == worker_id)
+                .where(col(Worker.id) == worker_id)
                 .values(**values)
                 .returning(Worker)
                 .execution_options(populate_existing=True, synchronize_session=False)
@@ -1068,10 +1081,11 @@ def heartbeat_worker(
 def deregister_worker(session: Session, worker_id: str) -> bool:
     """Remove a worker's row (clean shutdown). Returns whether it existed."""
     with write_transaction(session):
-        result = session.execute(
+        result = _dml(
+            session,
             sa.delete(Worker)
-            .where(Worker.id == worker_id)
-            .execution_options(synchronize_session=False)
+            .where(col(Worker.id) == worker_id)
+            .execution_options(synchronize_session=False),
         )
         return result.rowcount == 1
 
@@ -1106,7 +1120,7 @@ def _record_throughput(session: Session, run: Run, now: datetime) -> Throughput 
     fpt = estimate.get("flops_per_token")
     flops = per_device * fpt if isinstance(fpt, (int, float)) and fpt > 0 else None
     key = throughput_key(run.resolved_model, precision)
-    table = Throughput.__table__
+    table = table_of(Throughput)
     stmt = _insert(session, table).values(
         model_key=key,
         worker_kind=kind,
@@ -1147,6 +1161,6 @@ def _record_throughput(session: Session, run: Run, now: datetime) -> Throughput 
     session.execute(stmt)
     return session.exec(
         select(Throughput)
-        .where(Throughput.model_key == key, Throughput.worker_kind == kind)
+        .where(col(Throughput.model_key) == key, col(Throughput.worker_kind) == kind)
         .execution_options(populate_existing=True)
     ).one()

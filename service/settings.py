@@ -27,10 +27,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
-from pathlib import Path
-from typing import Annotated, Literal
-
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -106,7 +105,7 @@ class InvalidSettingsError(Exception):
         return lines
 
     @classmethod
-    def from_exception(cls, error: Exception) -> "InvalidSettingsError":
+    def from_exception(cls, error: Exception) -> InvalidSettingsError:
         """The problems of a ``pydantic.ValidationError`` (one per error), an
         :class:`UnsafeSettingsError` or a pydantic-settings source error (one each)."""
         if isinstance(error, InvalidSettingsError):
@@ -460,7 +459,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _derive_and_check(self) -> "Settings":
+    def _derive_and_check(self) -> Settings:
         home = self.home.expanduser().absolute()
         self.home = home
         if self.database_url is None:
@@ -631,13 +630,13 @@ def use_settings(settings: Settings | None) -> None:
     _settings_from_environment.cache_clear()
 
 
-def settings_for_home(home: str | os.PathLike[str], **overrides: object) -> Settings:
+def settings_for_home(home: str | os.PathLike[str], **overrides: Any) -> Settings:
     """Settings rooted at ``home`` (what ``--home DIR`` means), other values from the
     environment unless given in ``overrides``."""
     return Settings(home=Path(home), **overrides)
 
 
-def load_settings(**values: object) -> Settings:
+def load_settings(**values: Any) -> Settings:
     """``Settings(**values)`` (explicit values win over the environment) for a command to use.
 
     Raises:

@@ -228,6 +228,7 @@ def save_checkpoint(
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     except fence.Fenced as exc:
+        assert guard is not None  # only the guard raises Fenced
         guard.fence_now(str(exc))  # os._exit(FENCED); returns only with a test's exit callback
         raise
     except BaseException as exc:

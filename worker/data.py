@@ -523,7 +523,7 @@ def _encode_files(
     def flush(batch: list[tuple[str, bool, bool]]) -> None:
         nonlocal last_report
         outs = []
-        for (_, first, last), ids in zip(batch, encode([t for t, _, _ in batch])):
+        for (_, first, last), ids in zip(batch, encode([t for t, _, _ in batch]), strict=True):
             # litgpt.Tokenizer.encode(bos=True, eos=False) on the whole file
             if first and (not ids or ids[0] != bos):
                 ids = [bos, *ids]
@@ -678,6 +678,7 @@ class WindowSampler:
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             self._perm_epoch = epoch
+        assert self._perm is not None  # set above for every epoch >= 0
         return int(self._perm[pos])
 
     def samples(self, k: int) -> list[int]:

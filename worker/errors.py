@@ -88,7 +88,7 @@ class Interrupted(EngineError):
         checkpoint: the checkpoint written on the way out, if any.
     """
 
-    exit_code = ExitCode.INTERRUPTED
+    exit_code: int = ExitCode.INTERRUPTED
     reason = None
     outcome = Outcome.interrupted
 

@@ -18,6 +18,7 @@ attention modules to it in place.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,5 +99,6 @@ def use_gqa_attention(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is CausalSelfAttention:
             module.__class__ = GQASelfAttention
-            n += module.config.n_query_groups != module.config.n_head
+            config: Any = module.config  # litgpt.Config (LitGPT carries no type information)
+            n += config.n_query_groups != config.n_head
     return n

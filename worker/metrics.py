@@ -58,8 +58,8 @@ class MetricsWriter:
         if resume_step is not None and self.path.is_file():
             with open(self.path, newline="", encoding="utf-8") as fh:
                 reader = csv.reader(fh)
-                header = next(reader, None)
-                if header is not None and tuple(header) == self.header:
+                found = next(reader, None)
+                if found is not None and tuple(found) == self.header:
                     for row in reader:
                         try:
                             if row and int(row[0]) <= resume_step:

@@ -64,7 +64,7 @@ The same telemetry can be attached to stock ``LLaMAMoE`` layers with
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import litgpt
 import torch
@@ -267,7 +267,8 @@ def device_capability(device: torch.device | str) -> tuple[int, int] | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    return tuple(torch.cuda.get_device_capability(device.index or 0))
+    major, minor = torch.cuda.get_device_capability(device.index or 0)
+    return major, minor
 
 
 @torch.compiler.assume_constant_result
@@ -329,7 +330,7 @@ def _expert_counts(flat_indices: Tensor, n_expert: int) -> Tensor:
 
 
 def _record_router_stats(
-    module: nn.Module, logits: Tensor | None, counts: Tensor, n_assignments: int
+    module: Any, logits: Tensor | None, counts: Tensor, n_assignments: int
 ) -> None:
     """Store the last forward's telemetry (and router losses when enabled) on ``module``."""
     fraction = counts.detach().float() / n_assignments
@@ -438,10 +439,11 @@ class GroupedMoE(LLaMAMoE):
         w3 = torch.stack([e.proj.weight.to(dtype) for e in experts])
         biases = None
         if self.config.bias:
-            biases = tuple(
+            b1, b2, b3 = (
                 torch.stack([getattr(e, n).bias.to(dtype) for e in experts])
                 for n in ("fc_1", "fc_2", "proj")
             )
+            biases = (b1, b2, b3)
         return w1, w2, w3, biases
 
     def resolved_backend(self, x: Tensor) -> str:
@@ -595,8 +597,9 @@ def swap_moe_layers(
     return replaced
 
 
-def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """The ``LLaMAMoE`` layers (stock and :class:`GroupedMoE`) of ``model`` in module order."""
+def moe_layers(model: nn.Module) -> Iterator[Any]:
+    """The ``LLaMAMoE`` layers (stock and :class:`GroupedMoE`) of ``model`` in module order
+    (typed Any: LitGPT's layers carry no type information)."""
     return (m for m in model.modules() if isinstance(m, LLaMAMoE))
 
 

@@ -49,9 +49,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from worker.errors import DataError
 
@@ -73,7 +73,7 @@ POLL_SECONDS = 1.0
 
 
 def _utc() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # -- what a run will tokenize (torch-free) -------------------------------------------------------
@@ -120,7 +120,11 @@ def data_need(
     if tokenizer_dir is None:
         return None
 
-    def where(path: Any) -> Path | None:
+    @overload
+    def where(path: None) -> None: ...
+    @overload
+    def where(path: str | Path) -> Path: ...
+    def where(path: str | Path | None) -> Path | None:
         return None if path is None else run_dir / Path(str(path))  # an absolute path stays itself
 
     args = train.data.init_args

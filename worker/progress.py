@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 class ProgressBar:
@@ -16,7 +19,7 @@ class ProgressBar:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._bar = None
+        self._bar: tqdm[Any] | None = None
 
     def update(self, row: dict[str, Any], plan: Any) -> None:
         if not self.enabled:

@@ -21,8 +21,8 @@ def generate_sample(
     Raises:
         FileNotFoundError: a required file is missing from the folder.
     """
-    import torch
     import litgpt
+    import torch
     from litgpt.generate.base import generate
 
     folder = Path(checkpoint_dir)

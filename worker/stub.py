@@ -377,7 +377,7 @@ class _Engine:
     def router_rows(self, step: int) -> list[dict[str, Any]]:
         n_expert = self.model.n_expert
         layers = self.model.n_layer - (self.model.first_k_dense_replace or 0)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for layer in range(layers):
             weights = [1 + (step + layer + e) % n_expert for e in range(n_expert)]
             total = sum(weights)

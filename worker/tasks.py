@@ -115,10 +115,11 @@ def train_run(run_id: str) -> dict[str, Any]:
             log.info("run %s left queued: %s", rid, decision.why)
             return {"run_id": str(rid), "claimed": False, "why": decision.why}
         log.info("run %s: %s", rid, decision.why)
-        run = runs.claim_run(session, rid, runtime.worker_id, settings.lease_seconds)
-    if run is None:
+        claimed = runs.claim_run(session, rid, runtime.worker_id, settings.lease_seconds)
+    if claimed is None:
         log.info("run %s: claimed by someone else or no longer queued", rid)
         return {"run_id": str(rid), "claimed": False, "why": "claim lost"}
+    run = claimed
     attempt = run.attempt
     log.info("run %s attempt %d claimed by %s", rid, attempt, runtime.worker_id)
 

@@ -87,7 +87,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -127,6 +127,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import litgpt
 
 log = logging.getLogger("moejobs.train")
+
+#: A precision name (the config's ``Precision`` or any string Lightning accepts).
+_Precision = TypeVar("_Precision", bound=str)
 
 _OPTIMIZERS = {
     "torch.optim.AdamW": torch.optim.AdamW,
@@ -1121,7 +1124,9 @@ def preflight(
         )
 
 
-def lightning_precision(precision: str, device_type: str) -> tuple[str, str | None]:
+def lightning_precision(
+    precision: _Precision, device_type: str
+) -> tuple[_Precision | Literal["bf16-mixed"], str | None]:
     """The Fabric precision to use and a note for the log when it differs from the config.
 
     16-mixed on a CPU runs as bf16 autocast (what Lightning 2.6 does silently; made explicit here).
@@ -1229,21 +1234,22 @@ def build_model(
         gpt.lm_head.weight = gpt.transformer.wte.weight
         notes.append("tie_embeddings: lm_head shares the token-embedding matrix")
     if config.mlp_class_name == "LLaMAMoE":
+        have_moe = True
         try:
             from worker import moe
         except ImportError as exc:
-            moe = None
+            have_moe = False
             if router_losses:
                 raise PreflightError(
                     f"train.moe_aux_loss_coef/moe_z_loss_coef: need worker.moe ({exc})"
                 ) from None
             notes.append(f"worker.moe not importable ({exc}): LitGPT's per-expert LLaMAMoE loop")
-        if moe is not None and moe_implementation == "grouped":
+        if have_moe and moe_implementation == "grouped":
             n = moe.swap_moe_layers(gpt, router_losses=router_losses)
             notes.append(
                 f"moe_implementation grouped: {n} LLaMAMoE layers replaced by worker.moe.GroupedMoE"
             )
-        elif moe is not None:
+        elif have_moe:
             notes.append("moe_implementation loop: LitGPT's per-expert LLaMAMoE loop")
             moe.attach_router_telemetry(gpt, router_losses=router_losses)  # router.csv for both
         if router_losses:
@@ -1282,18 +1288,20 @@ def init_weights(model: nn.Module, config: litgpt.Config) -> None:
     small, wang = math.sqrt(2.0 / (5 * d)), 2.0 / (n_layer * math.sqrt(d))
     with torch.no_grad():
         for mod in model.modules():
+            reset = getattr(mod, "reset_parameters", None)
             if isinstance(mod, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(mod.weight, mean=0.0, std=small)
-                if getattr(mod, "bias", None) is not None:
-                    nn.init.zeros_(mod.bias)
-            elif callable(getattr(mod, "reset_parameters", None)):
-                mod.reset_parameters()
+                bias = getattr(mod, "bias", None)  # nn.Embedding has none
+                if bias is not None:
+                    nn.init.zeros_(bias)
+            elif callable(reset):
+                reset()
         for mod in model.modules():
             if isinstance(mod, (lm.CausalSelfAttention, lm.LLaMAMLP, lm.GptNeoxMLP)):
                 nn.init.normal_(mod.proj.weight, mean=0.0, std=wang)
 
 
-def _checkpoint_block_forwards(model: nn.Module) -> int:
+def _checkpoint_block_forwards(model: litgpt.GPT) -> int:
     """Activation checkpointing of every transformer block: each ``Block.forward`` runs under
     ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` when gradients are on, so its
     activations are recomputed in the backward pass. The forward is replaced on the instance,
@@ -1377,7 +1385,7 @@ def effective_compile_mode(
 
 
 def compile_model(
-    raw: nn.Module, opt, device_type: str, notes: list[str], no_cudagraphs: str | None = None
+    raw: litgpt.GPT, opt, device_type: str, notes: list[str], no_cudagraphs: str | None = None
 ) -> nn.Module:
     """Apply ``optimization.compile*`` to the model built by :func:`build_model`.
 
@@ -1405,7 +1413,8 @@ def compile_model(
     desc = f"mode={mode}, dynamic={opt.compile_dynamic}, fullgraph={opt.compile_fullgraph}"
     if device_type == "cuda":
         notes.append(f"torch.compile({desc}) of the whole model")
-        return torch.compile(raw, **kwargs)
+        # an OptimizedModule: torch types what compile returns as a plain callable
+        return cast(nn.Module, torch.compile(raw, **kwargs))
     if (os.cpu_count() or 1) <= 4 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
         # Inductor's default builds kernels in a pool of cpu_count worker processes; on a small
         # machine starting them (each imports torch) costs more than the parallelism gains.

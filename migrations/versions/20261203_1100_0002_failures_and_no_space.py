@@ -13,15 +13,15 @@ Revises: 0001
 Create Date: 2026-12-03 11:00:00+00:00
 """
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002"
-down_revision: Union[str, Sequence[str], None] = "0001"
-branch_labels: Union[str, Sequence[str], None] = None
-depends_on: Union[str, Sequence[str], None] = None
+down_revision: str | Sequence[str] | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 _OLD = ("invalid_config", "invalid_data", "out_of_memory", "killed", "crashed", "lost_worker")
 _NEW = (

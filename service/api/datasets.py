@@ -29,21 +29,23 @@ import shutil
 import tarfile
 import tempfile
 import uuid
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Annotated
 
-from fastapi import APIRouter, Path as PathParam, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
+from fastapi import Path as PathParam
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import reads
+from service.api.body import media_type
 from service.api.deps import CeleryDep, DatabaseGate, GateDep, SettingsDep
 from service.api.errors import ApiError, dependency_unavailable, invalid
 from service.api.models import DatasetPublic, TokenizerCreate, TokenizerPublic
-from service.api.body import media_type
 from service.api.openapi import errors
+from service.config.fields import check_name_text
 from service.config.paths import (
     NAME_REGEX,
     PathEscape,
@@ -54,7 +56,6 @@ from service.config.paths import (
     safe_relative,
 )
 from service.queue import TOKENIZER_RECORD, enqueue_tokenizer, tokenizer_marker_paths
-from service.config.fields import check_name_text
 from service.settings import Settings
 
 router = APIRouter(tags=["datasets"])

@@ -29,8 +29,8 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import Callable
-from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -127,7 +127,7 @@ class DatabaseGate:
 
     async def json(
         self,
-        fn: Callable[Concatenate[Session, P], BaseModel | list[BaseModel]],
+        fn: Callable[Concatenate[Session, P], BaseModel | Sequence[BaseModel]],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> Response:
@@ -138,12 +138,12 @@ class DatabaseGate:
         return await self._run(fn, args, kwargs, json_response)
 
 
-def json_response(value: BaseModel | list[BaseModel]) -> Response:
+def json_response(value: BaseModel | Sequence[BaseModel]) -> Response:
     """A 200 ``application/json`` response of a model or a list of models."""
-    if isinstance(value, list):
-        body = b"[" + b",".join(item.__pydantic_serializer__.to_json(item) for item in value) + b"]"
-    else:
+    if isinstance(value, BaseModel):
         body = value.__pydantic_serializer__.to_json(value)
+    else:
+        body = b"[" + b",".join(item.__pydantic_serializer__.to_json(item) for item in value) + b"]"
     return Response(body, media_type="application/json")
 
 
@@ -171,7 +171,12 @@ async def load_run(run_id: uuid.UUID, gate: GateDep) -> Run:
     """Run ``run_id`` of the path without its config documents (``service.reads.get_run``
     with ``configs=False``: a read-only row), in one gate call. Raises
     ``service.reads.RunNotFound``, which the API answers with its 404 ``run_not_found``."""
-    return await gate.run(reads.get_run, run_id, configs=False)
+    # A read-only row with a Run's attributes but the config documents: handlers read it as one.
+    return cast(Run, await gate.run(_run_summary, run_id))
+
+
+def _run_summary(session: Session, run_id: uuid.UUID) -> Any:
+    return reads.get_run(session, run_id, configs=False)
 
 
 RunDep = Annotated[Run, Depends(load_run)]

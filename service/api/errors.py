@@ -34,7 +34,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import reads, runs as runs_service
+from service import reads
+from service import runs as runs_service
 from service.db import unavailable_reason
 from service.submission import InvalidSubmission
 

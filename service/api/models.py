@@ -9,10 +9,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+from sqlalchemy import Row
 
+from service.config.fields import check_path_text
 from service.contract import METRIC_COLUMNS, EngineEvent
 from service.models import Checkpoint, RouterPoint, Run, RunEvent, Worker
-from service.config.fields import check_path_text
 
 
 class IssueOut(BaseModel):
@@ -80,7 +81,7 @@ class RunPublic(BaseModel):
     )
 
     @classmethod
-    def of(cls, run: Run, latest: Any = None) -> RunPublic:
+    def of(cls, run: Run | Row[Any], latest: Any = None) -> RunPublic:
         """From the run's row (a ``Run`` or a row with its attributes, e.g.
         ``service.reads.list_runs(configs=False)``'s) and its newest metric row (a
         ``MetricPoint`` or a row with the same attributes), if any."""

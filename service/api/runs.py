@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -35,10 +35,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service import contract, reads
 from service import runs as runs_service
+from service.api.body import read_run_request
 from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
 from service.api.errors import ApiError, invalid
 from service.api.files import TarPlan, tail_lines
-from service.api.openapi import errors
 from service.api.models import (
     CheckpointPublic,
     DownloadLink,
@@ -52,9 +52,9 @@ from service.api.models import (
     RunPublic,
     ValidationReport,
 )
+from service.api.openapi import errors
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
-from service.api.body import read_run_request
 from service.models import MAX_STEP, Checkpoint, Run, RunStatus
 from service.submission import InvalidSubmission, prepare_run, send_run, submit_run
 
@@ -460,7 +460,7 @@ async def checkpoint_link(
     url, expires = sign_path(
         settings.api_token.get_secret_value(), path, settings.download_link_seconds
     )
-    return DownloadLink(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
+    return DownloadLink(url=url, expires_at=datetime.fromtimestamp(expires, UTC))
 
 
 @router.get(

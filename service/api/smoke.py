@@ -232,7 +232,7 @@ async def start_smoke_test(
                 name=f"smoke-test-{time.strftime('%Y%m%d-%H%M%S')}",
                 preset=reads.SMOKE_TEST_PRESET,
                 train_config=train,
-                model_config=model,
+                model_doc=model,  # the field of the wire name model_config
             )
             return submit_run(
                 session,

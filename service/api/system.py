@@ -16,6 +16,7 @@ import html
 import json
 import logging
 import mimetypes
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,7 @@ class StateCollector:
     def __init__(self, state: State):
         self.state = state
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         db = self.state.database
         db_up = GaugeMetricFamily("moejobs_database_up", "1 when the database answered this scrape")
         db_up.add_metric([], 0 if db is None else 1)

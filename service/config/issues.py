@@ -169,7 +169,12 @@ def unknown_keys(
 
 
 def _suggest(
-    key: str, fields: list[str], root: type[BaseModel], path: tuple, other_root, other_name: str
+    key: str,
+    fields: list[str],
+    root: type[BaseModel],
+    path: tuple,
+    other_root: type[BaseModel] | None,
+    other_name: str,
 ) -> str:
     close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
     if close:

@@ -51,7 +51,7 @@ class ConfigLoader(yaml.SafeLoader):
     anchors/aliases (nested aliases expand exponentially). Merge keys with a mapping written in
     place (``<<: {lr: 1}``) still override as YAML defines."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(

@@ -40,7 +40,9 @@ def train_rules(cfg: TrainConfig, raw: dict) -> list[Issue]:
                 f"min_lr ({t.min_lr:g}) must be <= the optimizer's lr ({lr:g}): the cosine schedule decays from lr to min_lr",
             )
         )
-    raw_train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    raw_train = raw.get("train")
+    if not isinstance(raw_train, dict):
+        raw_train = {}
     if t.lr_warmup_steps and t.lr_warmup_fraction and "lr_warmup_steps" in raw_train:
         errors.append(
             Issue(

@@ -113,7 +113,7 @@ class DataConfig(Section):
     class_path: str = Field(
         default="litgpt.data.TextFiles",
         description="Data module class. Allowed: litgpt.data.TextFiles (or its short form TextFiles).",
-        json_schema_extra={"enum": sorted(DATA_CLASSES)},
+        json_schema_extra={"enum": [*sorted(DATA_CLASSES)]},
     )
     init_args: TextFilesArgs = Field(description="Arguments of the data module (TextFiles).")
 
@@ -335,7 +335,7 @@ class OptimizerConfig(Section):
         default="torch.optim.AdamW",
         description="Optimizer class: torch.optim.AdamW, torch.optim.Adam or torch.optim.SGD (short names "
         "AdamW/Adam/SGD accepted). Optimizer state has the parameters' dtype (fp32 except with *-true precision).",
-        json_schema_extra={"enum": sorted(OPTIMIZER_CLASSES)},
+        json_schema_extra={"enum": [*sorted(OPTIMIZER_CLASSES)]},
     )
     init_args: OptimizerArgs = Field(
         default_factory=OptimizerArgs,
