@@ -2,8 +2,9 @@
 changes in ``service/runs.py``, the schema's history in ``migrations/``.
 
 Tables: ``runs``, ``run_events``, ``metric_points``, ``router_points``, ``checkpoints``,
-``workers``, ``throughput``, ``run_provenance``. Every constraint and index is named by
-:data:`NAMING_CONVENTION` so that migrations can refer to them on every database.
+``workers``, ``throughput``, ``run_provenance``, ``sweeps``, ``sweep_trials``. Every constraint
+and index is named by :data:`NAMING_CONVENTION` so that migrations can refer to them on every
+database.
 
 Conventions
 -----------
@@ -137,6 +138,30 @@ def _enum(enum_cls: type[enum.Enum], name: str) -> sa.Enum:
     )
 
 
+class CancelReason(str, enum.Enum):
+    """Why a run ended ``cancelled`` (``runs.cancel_reason``)."""
+
+    #: Someone asked (``POST /runs/{id}/cancel``, ``moejobs cancel``).
+    requested = "requested"
+    #: Its sweep's early stopping stopped it (at a step boundary, with a checkpoint).
+    pruned = "pruned"
+    #: Its sweep was cancelled.
+    sweep_cancelled = "sweep_cancelled"
+    #: A smoke test that no worker could train (the reconciler cancelled it).
+    no_worker = "no_worker"
+
+
+class SweepStatus(str, enum.Enum):
+    """Where a sweep is: ``running`` creates and watches trials; the other three are final."""
+
+    running = "running"
+    #: Every trial it will create was created and has ended (``end_reason`` says why it stopped).
+    finished = "finished"
+    #: Ended without a usable trial (e.g. every sampled point was invalid): ``end_reason``.
+    failed = "failed"
+    cancelled = "cancelled"
+
+
 def _run_fk(ondelete: str = "CASCADE") -> sa.ForeignKey:
     return sa.ForeignKey("runs.id", ondelete=ondelete)
 
@@ -241,6 +266,31 @@ class Run(Base, table=True):
     idempotency_key: str | None = Field(default=None, max_length=255)
     request_hash: str | None = Field(
         default=None, max_length=64, description="sha256 hex of the canonical request body."
+    )
+    cancel_reason: CancelReason | None = Field(
+        default=None,
+        sa_type=_enum(CancelReason, "cancel_reason"),
+        description="Why the run was cancelled (set with the request; NULL before migration 0006).",
+    )
+    tags: list[str] = Field(
+        default_factory=list,
+        sa_type=JSONDoc,
+        sa_column_kwargs={"nullable": False, "server_default": "[]"},
+        description="Labels to find the run again (set at submission or later).",
+    )
+    note: str | None = Field(default=None, sa_type=sa.Text(), description="Free text.")
+    sweep_id: uuid.UUID | None = Field(
+        default=None,
+        sa_type=sa.Uuid(),
+        foreign_key="sweeps.id",
+        ondelete="SET NULL",
+        index=True,
+        description="The sweep whose trial this run is, if any.",
+    )
+    sweep_params: dict[str, Any] | None = Field(
+        default=None,
+        sa_type=JSONDoc,
+        description="The trial's parameters: dotted paths into the two documents -> values.",
     )
 
 
@@ -456,5 +506,82 @@ class RunProvenance(Base, table=True):
     data_hash: str | None = Field(default=None, max_length=128)
     tokenizer_hash: str | None = Field(default=None, max_length=128)
     recorded_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+
+
+class Sweep(Base, table=True):
+    """A sweep: trials (ordinary runs) generated from a base config and a search space.
+
+    ``spec`` is the submitted sweep document as validated (its ``base`` holds the two documents
+    and the preset, as ``POST /runs`` takes them); ``method``, ``metric_name``/``metric_goal``,
+    ``max_runs`` (NULL: the grid's size), ``max_concurrent`` and ``seed`` are copied out of it
+    for queries. ``controller_id``/``controller_until`` are the lease of the one controller
+    that may decide for the sweep at a time (a worker id or ``api:<host>:<pid>``)."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (
+        sa.UniqueConstraint("owner", "idempotency_key"),
+        sa.Index(None, "created_at"),
+        sa.CheckConstraint("method IN ('grid', 'random', 'tpe')", name="method_known"),
+        sa.CheckConstraint("metric_goal IN ('minimize', 'maximize')", name="metric_goal_known"),
+        sa.CheckConstraint("max_concurrent >= 1", name="max_concurrent_positive"),
+        sa.CheckConstraint("max_runs IS NULL OR max_runs >= 1", name="max_runs_positive"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=200)
+    owner: str = Field(default="local", max_length=200)
+    status: SweepStatus = Field(
+        default=SweepStatus.running,
+        sa_type=_enum(SweepStatus, "status"),
+        sa_column_kwargs={"nullable": False},
+    )
+    method: str = Field(max_length=16)
+    metric_name: str = Field(max_length=64)
+    metric_goal: str = Field(max_length=16)
+    max_runs: int | None = Field(default=None)
+    max_concurrent: int = Field(default=1)
+    seed: int | None = Field(default=None, sa_type=sa.BigInteger())
+    spec: dict[str, Any] = Field(sa_type=JSONDoc, sa_column_kwargs={"nullable": False})
+    end_reason: str | None = Field(default=None, sa_type=sa.Text())
+    cancel_requested: bool = Field(default=False, sa_column_kwargs={"nullable": False})
+    controller_id: str | None = Field(default=None, max_length=200)
+    controller_until: datetime | None = Field(default=None, sa_type=UTCDateTime())
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime())
+
+
+class SweepTrial(Base, table=True):
+    """One point of a sweep's search space, ``number``-ed from 0 in the order it was created
+    (a trial's idempotency key is ``sweep:<sweep id>:<number>``).
+    ``state`` ``created``: ``run_id`` is its run (NULL once that run was deleted); ``skipped``:
+    the point was invalid (``errors``, as the API reports them) and no run was created."""
+
+    __tablename__ = "sweep_trials"
+    __table_args__ = (
+        sa.UniqueConstraint("sweep_id", "number"),
+        sa.CheckConstraint("state IN ('created', 'skipped')", name="state_known"),
+        sa.CheckConstraint("number >= 0", name="number_nonnegative"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    sweep_id: uuid.UUID = Field(sa_type=sa.Uuid(), foreign_key="sweeps.id", ondelete="CASCADE")
+    number: int = Field(sa_type=sa.Integer())
+    params: dict[str, Any] = Field(sa_type=JSONDoc, sa_column_kwargs={"nullable": False})
+    state: str = Field(default="created", max_length=16)
+    run_id: uuid.UUID | None = Field(
+        default=None, sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="SET NULL", index=True
+    )
+    errors: list[Any] = Field(
+        default_factory=list, sa_type=JSONDoc, sa_column_kwargs={"nullable": False}
+    )
+    created_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )

@@ -34,6 +34,8 @@ TABLES = {
     "workers",
     "run_provenance",
     "throughput",
+    "sweeps",
+    "sweep_trials",
 }
 
 

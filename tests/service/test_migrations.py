@@ -334,6 +334,37 @@ POPULATE: dict[str, list[tuple[str, dict]]] = {
             ),
         ),
     ],
+    "0005": [
+        (
+            "runs",
+            dict(
+                id=RUN_A,
+                name="a",
+                owner="local",
+                status="cancelled",
+                preset="cpu-tiny",
+                write_checkpoints=True,
+                submitted_train={},
+                submitted_model={},
+                resolved_train={},
+                resolved_model={},
+                estimate=None,
+                warnings=[],
+                attempt=1,
+                failures=0,
+                created_at=T0,
+                queued_at=T0,
+                updated_at=T0,
+                finished_at=T0,
+                cancel_requested=True,
+                cancel_requested_at=T0,
+            ),
+        ),
+        (
+            "checkpoints",
+            dict(id=1, run_id=RUN_A, name="final", step=4, path="/r/a/final", created_at=T0),
+        ),
+    ],
 }
 
 
@@ -474,6 +505,56 @@ def test_upgrade_keeps_the_rows_of_a_populated_database(fresh_settings, step):
             assert bool(stored) is True
             with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
                 conn.execute(sa.text("UPDATE runs SET write_checkpoints=NULL WHERE name='a'"))
+        if (before, after) == ("0005", "0006"):
+            # existing runs: no tags, no note, no sweep, no recorded cancel reason
+            run = new["runs"][0]
+            assert (run["note"], run["sweep_id"], run["sweep_params"], run["cancel_reason"]) == (
+                None,
+                None,
+                None,
+                None,
+            )
+            assert run["tags"] in ([], "[]")
+            assert new["sweeps"] == [] and new["sweep_trials"] == []
+            sweep_id = _stored(uuid.UUID(int=0x5), engine.dialect.name)
+            run_a = _stored(RUN_A, engine.dialect.name)
+            with engine.begin() as conn:  # a sweep whose trial is run a, pruned
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO sweeps (id, name, owner, status, method, metric_name,"
+                        " metric_goal, max_runs, max_concurrent, seed, spec, cancel_requested,"
+                        " created_at, updated_at) VALUES (:id, 's', 'local', 'running', 'grid',"
+                        " 'val_loss', 'minimize', NULL, 2, 0, '{}', :f, :t, :t)"
+                    ),
+                    {"id": sweep_id, "t": T0, "f": False},
+                )
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO sweep_trials (sweep_id, number, params, state, run_id,"
+                        " errors, created_at) VALUES (:s, 0, '{}', 'created', :r, '[]', :t)"
+                    ),
+                    {"s": sweep_id, "r": run_a, "t": T0},
+                )
+                conn.execute(
+                    sa.text("UPDATE runs SET sweep_id=:s, cancel_reason='pruned'"),
+                    {"s": sweep_id},
+                )
+            checks = [
+                "UPDATE runs SET cancel_reason='bored'",
+                "UPDATE sweeps SET method='bayes'",
+                "UPDATE sweeps SET max_concurrent=0",
+                "UPDATE sweeps SET status='paused'",
+                "UPDATE sweep_trials SET state='maybe'",
+                "UPDATE sweep_trials SET number=-1",
+            ]
+            for bad in checks:
+                with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+                    conn.execute(sa.text(bad))
+            with engine.begin() as conn:  # deleting the run keeps the trial, without its run
+                conn.execute(sa.text("DELETE FROM checkpoints"))
+                conn.execute(sa.text("DELETE FROM runs"))
+                left = conn.execute(sa.text("SELECT run_id FROM sweep_trials")).scalar_one()
+            assert left is None
     finally:
         engine.dispose()
 
