@@ -160,6 +160,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("template")
     settings = settings_for(folder)
     migrate(settings)
+    assert settings.database_url is not None
     path = Path(settings.database_url.removeprefix("sqlite:///"))
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

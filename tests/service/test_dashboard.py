@@ -170,6 +170,7 @@ def is_csp_violation(text: str) -> bool:
 def chromium_console(url: str, *args: str, budget_ms: int = 10000) -> tuple[str, list[str]]:
     """Load ``url`` headless (``budget_ms`` of virtual time lets the page's fetches and first
     polls run); return its stdout and every console message (``"text (source)"``)."""
+    assert CHROMIUM is not None  # its callers are marked needs_chromium
     result = subprocess.run(
         [
             CHROMIUM,

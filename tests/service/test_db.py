@@ -377,6 +377,7 @@ def empty_settings(request, tmp_path):
 
 
 def _tables(settings: Settings) -> set[str]:
+    assert settings.database_url is not None
     engine = make_engine(settings.database_url)
     try:
         return set(sa.inspect(engine).get_table_names())

@@ -473,6 +473,7 @@ def _peak_rss_of_training(train: dict, model: dict, work: Path) -> int:
         stderr=subprocess.PIPE,
     )
     _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
+    assert proc.stderr is not None  # stderr=PIPE
     err = proc.stderr.read().decode(errors="replace")
     proc.stderr.close()
     assert os.waitstatus_to_exitcode(status) == 0, err[-2000:]

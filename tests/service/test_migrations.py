@@ -371,8 +371,14 @@ POPULATE: dict[str, list[tuple[str, dict]]] = {
 def _steps() -> list[tuple[str, str]]:
     """(from, to) revision pairs, oldest first."""
     script = ScriptDirectory.from_config(alembic_config())
-    revs = list(reversed(list(script.walk_revisions())))
-    return [(r.down_revision, r.revision) for r in revs if r.down_revision is not None]
+    steps = []
+    for r in reversed(list(script.walk_revisions())):
+        if r.down_revision is None:
+            continue
+        # one down revision each: the history is linear (a merge would name several)
+        assert isinstance(r.down_revision, str), (r.revision, r.down_revision)
+        steps.append((r.down_revision, r.revision))
+    return steps
 
 
 def test_every_revision_has_rows_to_upgrade():
@@ -564,6 +570,7 @@ def test_sqlite_batch_copies_keep_every_named_constraint(tmp_path: Path):
     models name must still be in the rebuilt tables' SQL at head."""
     settings = settings_for(tmp_path)
     migrate(settings)
+    assert settings.database_url is not None
     engine = make_engine(settings.database_url)
     try:
         with engine.connect() as conn:

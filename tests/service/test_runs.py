@@ -32,7 +32,7 @@ MODEL = {"name": "tiny-moe", "n_layer": 2, "n_expert": 4}
 
 def new_run(db: Database, name: str = "run", **kw: Any):
     with db.session() as s:
-        args = dict(
+        args: dict[str, Any] = dict(
             name=name,
             submitted_train=TRAIN,
             submitted_model=MODEL,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from kombu import Connection, Queue
 from pydantic import SecretStr
@@ -48,6 +49,18 @@ class ApiEnv:
     db: Database
     backend: str
 
+    @property
+    def app(self) -> FastAPI:
+        """The app the client drives (``TestClient.app`` is typed as any ASGI app)."""
+        assert isinstance(self.client.app, FastAPI)
+        return self.client.app
+
+    @property
+    def data_root(self) -> Path:
+        """``settings.data_root`` (never None once the settings are validated)."""
+        assert self.settings.data_root is not None
+        return self.settings.data_root
+
     def session(self):
         return self.db.session()
 
@@ -80,6 +93,7 @@ class ApiEnv:
 
 def sqlite_settings(tmp_path: Path, template: Path, **overrides: Any) -> Settings:
     settings = settings_for(tmp_path, **overrides)
+    assert settings.database_url is not None
     target = Path(settings.database_url.removeprefix("sqlite:///"))
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, target)

@@ -53,6 +53,7 @@ def create_pg_database(prefix: str = "moejobs_test") -> str:
 def drop_pg_database(url: str) -> None:
     """Drop the database of ``url``, disconnecting any leftover sessions first."""
     name = sa.make_url(url).database
+    assert name is not None, url
     with _admin_connect() as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))

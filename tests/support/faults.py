@@ -190,7 +190,7 @@ class Stack:
         self.root = root
         self.home = root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
-        self.pg: PrivatePostgres | None = None
+        self._pg: PrivatePostgres | None = None
         self.redis: PrivateRedis | None = None
         self.tmpfs_problem: str | None = "not mounted yet"
         self.runs_dir = self.home / "runs"
@@ -199,19 +199,32 @@ class Stack:
         self.retired: list[WorkerProcess] = []
         self.engine = "stub"
         self.stub_env: dict[str, str] = {"MOEJOBS_STUB_STEP_SECONDS": "0.05"}
-        self.db: Database | None = None
+        self._db: Database | None = None
         self._serial = 0
         #: PostgreSQL's busy sessions when :meth:`freeze` caught a worker in a transaction
         self.frozen_sessions = ""
 
+    @property
+    def pg(self) -> PrivatePostgres:
+        """The stack's PostgreSQL server (started by :meth:`up`)."""
+        assert self._pg is not None, "Stack.up() has not run"
+        return self._pg
+
+    @property
+    def db(self) -> Database:
+        """The stack's database (opened by :meth:`up`)."""
+        assert self._db is not None, "Stack.up() has not run"
+        return self._db
+
     def up(self) -> Stack:
-        self.pg = PrivatePostgres()
+        self._pg = PrivatePostgres()
         self.redis = PrivateRedis(self.root / "redis")
         self.tmpfs_problem = mount_tmpfs(self.runs_dir, "384m")
         self.settings = worker_settings(self.home, self.pg.url, self.redis.url, **TIMING)
         migrate(self.settings)
-        self.db = open_database(self.settings)
+        self._db = open_database(self.settings)
         self.app = make_celery(self.settings)
+        assert self.settings.data_root is not None  # Settings derives it from home
         self.corpus, self.tokenizer = build_data(self.settings.data_root)
         self.token_cache = self.root / "token-cache"
         self.sampler.start()
@@ -222,12 +235,12 @@ class Stack:
         for worker in self.workers + self.retired:
             worker.kill()
         self.sampler.stop()
-        if self.db is not None:
-            self.db.dispose()
+        if self._db is not None:
+            self._db.dispose()
         if self.redis is not None:
             self.redis.close()
-        if self.pg is not None:
-            self.pg.close()
+        if self._pg is not None:
+            self._pg.close()
         if self.tmpfs_problem is None:
             unmount(self.runs_dir)
 
@@ -256,8 +269,10 @@ class Stack:
         self.engine, self.stub_env = engine, dict(stub_env)
         self.spawn(2)
         for worker in old:
+            assert worker.proc is not None  # live() keeps started workers only
             worker.proc.send_signal(signal.SIGTERM)
         for worker in old:
+            assert worker.proc is not None
             try:
                 worker.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -316,10 +331,16 @@ class Stack:
         with psycopg.connect(url, connect_timeout=3) as gate:
             gate.execute("LOCK TABLE metric_points IN SHARE MODE")  # writers wait; readers not
             with psycopg.connect(url, connect_timeout=3, autocommit=True) as look:
-                while not look.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query ILIKE '%%metric_points%%'"
-                ).fetchone()[0]:
+
+                def lock_waiters() -> int:
+                    row = look.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query ILIKE '%%metric_points%%'"
+                    ).fetchone()
+                    assert row is not None  # count(*) always returns one row
+                    return int(row[0])
+
+                while not lock_waiters():
                     if time.monotonic() > give_up:
                         raise AssertionError(
                             "the worker never wrote metric rows while the table was locked"
@@ -388,7 +409,7 @@ class Stack:
     def on_fail(self, run: Run | None = None):
         def text() -> str:
             extra = f"\n== train.log\n{self.run_log(run)}" if run is not None else ""
-            busy = f"\n== PostgreSQL sessions\n{self.pg.activity()}" if self.pg else ""
+            busy = f"\n== PostgreSQL sessions\n{self._pg.activity()}" if self._pg else ""
             return self.logs() + extra + busy
 
         return text
@@ -516,14 +537,15 @@ def assert_exactly_once(stack: Stack, run: Run, *, real: bool) -> None:
     by_name = {c.name: c for c in recorded}
     model = None
     for name, path in on_disk:
-        row = by_name[name]
-        assert Path(row.path) == path, (name, row.path)
-        assert row.size_bytes == folder_size(path), (
-            f"{run.name}: {name} recorded with {row.size_bytes} bytes, {folder_size(path)} on disk"
+        checkpoint = by_name[name]
+        assert Path(checkpoint.path) == path, (name, checkpoint.path)
+        assert checkpoint.size_bytes == folder_size(path), (
+            f"{run.name}: {name} recorded with {checkpoint.size_bytes} bytes, "
+            f"{folder_size(path)} on disk"
         )
         info = ckpt.read_checkpoint(path)
         assert info is not None, f"{path} is not a complete checkpoint"
-        assert row.step == info.step, (name, row.step, info.step)
+        assert checkpoint.step == info.step, (name, checkpoint.step, info.step)
         if contract.checkpoint_step(name) is not None:
             assert info.step == contract.checkpoint_step(name)
         if real:
@@ -564,7 +586,8 @@ def report(stack: Stack, run: Run, **measured: object) -> None:
 
 def all_workers_alive(stack: Stack) -> None:
     for worker in stack.workers:
-        assert worker.proc is not None and worker.proc.poll() is None, (
+        assert worker.proc is not None, f"{worker.log_path.name} was never started"
+        assert worker.proc.poll() is None, (
             f"{worker.log_path.name} exited with {worker.proc.returncode}:\n{worker.log()[-3000:]}"
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 from tests.support import configs
 
@@ -40,11 +41,13 @@ TRAIN_MODULES = [
 VAL_MODULES = ["fractions", "heapq"]
 
 
-def tiny_train_config(out_dir: Path, corpus: Path, tokenizer_dir: Path, **train_overrides) -> dict:
+def tiny_train_config(
+    out_dir: Path, corpus: Path, tokenizer_dir: Path, **train_overrides: Any
+) -> dict[str, Any]:
     """A training config document for the tiny model: 32-token samples, micro-batch 2, global
     batch 4 (2 micro-batches per step), AdamW lr 3e-3, no compile, no validation, no checkpoints
     between steps. ``train_overrides`` are merged into the ``train`` section."""
-    doc = {
+    doc: dict[str, Any] = {
         "out_dir": str(out_dir),
         "precision": "32-true",
         "tokenizer_dir": str(tokenizer_dir),

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,10 +54,10 @@ def require_redis(url: str | None = None) -> str:
     return url
 
 
-def worker_settings(home: Path, database_url: str, broker_url: str, **overrides) -> Settings:
+def worker_settings(home: Path, database_url: str, broker_url: str, **overrides: Any) -> Settings:
     """Settings of a test deployment rooted at ``home`` with a unique Celery queue, short
     heartbeats and all checkpoints kept; ``overrides`` win."""
-    values = dict(
+    values: dict[str, Any] = dict(
         home=home,
         database_url=database_url,
         broker_url=broker_url,

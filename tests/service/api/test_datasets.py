@@ -7,7 +7,9 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -23,7 +25,9 @@ def _texts(n: int) -> dict[str, bytes]:
     return {f"{p.stem}.txt": p.read_bytes() for p in files}
 
 
-def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]], mode: str = "w") -> bytes:
+def _tar(
+    members: Sequence[tuple[tarfile.TarInfo, bytes | None]], mode: Literal["w", "w:gz"] = "w"
+) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=mode) as tar:
         for info, data in members:
@@ -61,10 +65,10 @@ def test_upload_txt_files_list_and_delete(sqlite_api: ApiEnv):
     assert r.status_code == 201, r.text
     doc = r.json()
     assert doc["name"] == "stdlib" and doc["files"] == 4 and doc["folders"] == ["", "val"]
-    folder = sqlite_api.settings.data_root / "stdlib"
+    folder = sqlite_api.data_root / "stdlib"
     assert {p.name: p.read_bytes() for p in folder.glob("*.txt")} == texts
     assert (folder / "val" / "held-out.txt").read_text() == "held out text\n"
-    assert not [p for p in sqlite_api.settings.data_root.iterdir() if p.name.startswith(".")]
+    assert not [p for p in sqlite_api.data_root.iterdir() if p.name.startswith(".")]
     assert [d["name"] for d in c.get("/datasets").json()] == ["stdlib"]
     # exists: 409 unless overwrite
     again = c.post("/datasets/stdlib", files=files[:1])
@@ -86,7 +90,7 @@ def test_upload_tar_and_tar_gz(sqlite_api: ApiEnv):
     )
     assert r.status_code == 201, r.text
     assert r.json()["folders"] == ["train", "val"] and r.json()["files"] == 4
-    root = sqlite_api.settings.data_root / "corpus"
+    root = sqlite_api.data_root / "corpus"
     assert (root / "train" / list(texts)[0]).read_bytes() == list(texts.values())[0]
     # raw body, gzip-compressed
     r = c.post(
@@ -169,7 +173,7 @@ def test_malicious_or_broken_tars_are_refused_whole(sqlite_api: ApiEnv, members,
     doc = r.json()
     assert doc["code"] == "invalid_upload" and doc["errors"][0]["loc"] == ["body", bad]
     assert reason in doc["errors"][0]["msg"]
-    root = sqlite_api.settings.data_root
+    root = sqlite_api.data_root
     assert sorted(p.name for p in root.iterdir()) == []  # nothing left, not even staging
     assert not (root.parent / "escape.txt").exists()
 
@@ -220,7 +224,7 @@ def test_tokenizer_requests_go_to_the_aux_queue(sqlite_api: ApiEnv):
     r = c.post("/tokenizers/tok-a", json={"dataset": "corpus", "vocab_size": 1024})
     assert r.status_code == 202, r.text
     assert r.json()["status"] == "pending"
-    out_dir = settings.data_root / "tokenizers" / "tok-a"
+    out_dir = sqlite_api.data_root / "tokenizers" / "tok-a"
     messages = sqlite_api.broker_messages(aux_queue(settings))
     assert messages == [
         {
@@ -228,7 +232,7 @@ def test_tokenizer_requests_go_to_the_aux_queue(sqlite_api: ApiEnv):
             "args": [],
             "kwargs": {
                 "name": "tok-a",
-                "dataset_dir": str(settings.data_root / "corpus" / "train"),
+                "dataset_dir": str(sqlite_api.data_root / "corpus" / "train"),
                 "out_dir": str(out_dir),
                 "vocab_size": 1024,
             },

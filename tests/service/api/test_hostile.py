@@ -80,6 +80,7 @@ def test_an_over_long_tokenizer_dataset_is_a_422(shared_sqlite_api: ApiEnv, data
 @pytest.mark.parametrize("where", ["name", "model_name", "log_project", "hf_config"])
 def test_nul_characters_are_422s_on_every_database(api: ApiEnv, where):
     doc = body()
+    loc: tuple[str, ...]
     if where == "name":
         doc["name"] = "a\x00b"
         loc = ("body", "name")
@@ -267,7 +268,7 @@ def test_a_newline_in_an_upload_file_name_is_refused(sqlite_api: ApiEnv):
             "msg": "control characters are not allowed in a file name (found U+000A)",
         }
     ]
-    assert not sqlite_api.settings.data_root.joinpath("ds").exists()
+    assert not sqlite_api.data_root.joinpath("ds").exists()
 
 
 @pytest.mark.parametrize(
@@ -287,7 +288,7 @@ def test_refused_upload_files_are_named(sqlite_api: ApiEnv, filename, data, reas
     assert r.status_code == 422, r.text
     error = r.json()["errors"][0]
     assert error["loc"] == ["body", filename] and reason in error["msg"], error
-    assert not sqlite_api.settings.data_root.joinpath("ds").exists()
+    assert not sqlite_api.data_root.joinpath("ds").exists()
 
 
 def test_a_tar_member_with_a_control_character_is_refused(sqlite_api: ApiEnv):

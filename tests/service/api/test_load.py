@@ -88,7 +88,9 @@ def populate(settings, n_runs: int = 4, steps: int = 60) -> uuid.UUID:
                     warnings=[],
                     run_id=run_id,
                 )
-                attempt = runs.claim_run(s, run_id, "w-load", 600).attempt
+                claimed = runs.claim_run(s, run_id, "w-load", 600)
+                assert claimed is not None
+                attempt = claimed.attempt
                 runs.record_metrics(
                     s,
                     run_id,

@@ -76,7 +76,7 @@ def test_latest_metrics_is_the_row_of_the_highest_step(api: ApiEnv):
 
 
 def _count_statements(env: ApiEnv, path: str) -> int:
-    engine = env.client.app.state.db.engine
+    engine = env.app.state.db.engine
     seen: list[str] = []
 
     def count(_conn, _cursor, statement, *_args) -> None:

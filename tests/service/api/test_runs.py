@@ -60,7 +60,7 @@ def test_json_submission_is_stored_resolved_and_enqueued(api: ApiEnv):
         row = reads.get_run(s, run_id)
         assert row.submitted_train == TRAIN and row.submitted_model == MODEL
         resolved = row.resolved_train
-    data_root = api.settings.data_root
+    data_root = api.data_root
     assert resolved["out_dir"] == str(api.settings.run_dir(run_id) / "out")
     assert resolved["tokenizer_dir"] == str(data_root / "tok")
     assert resolved["data"]["init_args"]["train_data_path"] == str(data_root / "ds/train")
@@ -471,7 +471,7 @@ def test_an_unexpected_error_is_a_json_500_with_an_id(sqlite_api: ApiEnv, caplog
     def boom():
         raise RuntimeError("secret internal detail")
 
-    sqlite_api.client.app.add_api_route("/boom", boom)
+    sqlite_api.app.add_api_route("/boom", boom)
     r = sqlite_api.client.get("/boom")
     assert r.status_code == 500
     doc = r.json()
@@ -518,6 +518,7 @@ def test_paths_escaping_their_roots_are_422s(shared_sqlite_api: ApiEnv, over: di
 
 
 def test_checkpoint_inputs_may_name_an_earlier_runs_folder(sqlite_api: ApiEnv):
+    assert sqlite_api.settings.runs_dir is not None
     earlier = sqlite_api.settings.runs_dir / "0000" / "out" / "final"
     r = sqlite_api.client.post(
         "/runs",
@@ -601,7 +602,7 @@ def test_readme_example_with_the_cpu_tiny_preset_is_a_moe_and_names_what_the_pre
     """The README's POST /runs example: a partial train config, a bare model config and the
     cpu-tiny preset give the preset's MoE (not LitGPT's dense defaults); submitted values the
     preset overrides are listed in one warning."""
-    data = sqlite_api.settings.data_root
+    data = sqlite_api.data_root
     for sub in ("data/custom_text/train", "data/custom_text/val", "data/tokenizer"):
         (data / sub).mkdir(parents=True, exist_ok=True)
     doc = {
@@ -803,6 +804,13 @@ def test_router_telemetry(sqlite_api: ApiEnv):
 # -- checkpoints -------------------------------------------------------------------------------
 
 
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The bytes of a regular-file member (``extractfile`` gives None for other kinds)."""
+    data = tar.extractfile(member)
+    assert data is not None, member.name
+    return data.read()
+
+
 def _make_checkpoint(env: ApiEnv, run_id: str, name: str) -> dict[str, bytes]:
     folder = env.settings.run_dir(run_id) / "out" / name
     folder.mkdir(parents=True)
@@ -845,7 +853,7 @@ def test_checkpoint_archive_streams_the_folder_as_a_tar(api: ApiEnv):
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             members = {m.name: m for m in tar.getmembers()}
             got = {
-                m.name[len(root) + 1 :]: tar.extractfile(m).read()
+                m.name[len(root) + 1 :]: _read_member(tar, m)
                 for m in members.values()
                 if m.isfile()
             }

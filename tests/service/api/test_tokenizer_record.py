@@ -54,14 +54,14 @@ def test_ready_tokenizer_keeps_its_request_and_warns_about_a_small_vocabulary(sq
     assert ready["warnings"] == expected == result["warnings"]
 
     # a duplicate delivery re-trains it in place and keeps the request
-    folder = settings.data_root / "tokenizers" / "kjv"
+    folder = sqlite_api.data_root / "tokenizers" / "kjv"
     before = (folder / "tokenizer.json").stat().st_ino
     messages = sqlite_api.broker_messages(aux_queue(settings))
     assert messages == []  # already consumed above; send the same kwargs again by hand
     again = tokenizer_job(
         settings,
         name="kjv",
-        dataset_dir=str(settings.data_root / "kjv"),
+        dataset_dir=str(sqlite_api.data_root / "kjv"),
         out_dir=str(folder),
         vocab_size=8192,
     )
@@ -89,9 +89,9 @@ def test_ready_tokenizer_keeps_its_request_and_warns_about_a_small_vocabulary(sq
 
 
 def test_task_refuses_a_tokenizer_folder_holding_other_files(sqlite_api: ApiEnv):
-    c, settings = sqlite_api.client, sqlite_api.settings
+    c = sqlite_api.client
     assert c.post("/datasets/kjv", files={"f": ("kjv.txt", SMALL_TEXT)}).status_code == 201
-    folder = settings.data_root / "tokenizers" / "kjv"
+    folder = sqlite_api.data_root / "tokenizers" / "kjv"
     folder.mkdir(parents=True)
     (folder / "notes.txt").write_text("keep me\n")
     assert c.post("/tokenizers/kjv", json={"dataset": "kjv"}).status_code == 202

@@ -75,7 +75,7 @@ def test_errors_of_both_documents_are_reported_together_without_pydantic_noise()
     assert len(text.splitlines()) == 3
 
 
-def test_issues_name_their_document_so_a_train_key_named_model_is_not_a_model_issue():
+def test_issues_name_their_document_so_a_train_key_named_model_is_not_a_model_issue() -> None:
     """The model document's issues say ``document="model"`` with locations inside that
     document; an unknown train key ``model`` is a train issue whose location is ``("model",)``.
     Printed, a model issue still starts with ``model.``."""
@@ -527,7 +527,7 @@ def test_model_lists_and_groups():
     assert e == {"model.n_expert_groups": "n_expert_groups (3) must be > 1 and divide n_expert (4)"}
 
 
-def test_not_a_mapping():
+def test_not_a_mapping() -> None:
     with pytest.raises(ConfigError) as info:
         validate_configs(["a"], "b")  # type: ignore[arg-type]
     assert [str(e) for e in info.value.errors] == [

@@ -12,6 +12,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_another_tokenizer_is_refused_naming_the_tokenizer(base, tmp_path, token
 
 
 #: each plan change, the text naming it, and the resume_allow_changes entry that accepts it
-PLAN_CHANGES = {
+PLAN_CHANGES: dict[str, tuple[dict[str, Any], str, str]] = {
     "lr": ({"optimizer": {"init_args": {"lr": 1e-3}}}, "optimizer lr: 0.003 -> 0.001", "schedule"),
     "min_lr": ({"train": {"min_lr": 1e-4}}, "train.min_lr: 0.0003 -> 0.0001", "schedule"),
     "warm-up": ({"train": {"lr_warmup_steps": 3}}, "warm-up: 2 -> 3 optimizer steps", "schedule"),

@@ -19,6 +19,7 @@ from worker.train import build_model, run_training
 def _router_rows(path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
+        assert reader.fieldnames is not None
         assert tuple(reader.fieldnames) == ROUTER_HEADER
         return list(reader)
 

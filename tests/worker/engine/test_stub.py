@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def _start(
     cwd: Path,
     env: dict[str, str] | None = None,
     pass_fds: tuple[int, ...] = (),
-    extra: list[str] = (),
+    extra: Sequence[str] = (),
 ) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if not k.startswith("MOEJOBS_")}
     full.update(
@@ -114,7 +115,7 @@ def _start(
 
 
 def _run(
-    t: Path, m: Path, *, cwd: Path, env: dict[str, str] | None = None, extra: list[str] = ()
+    t: Path, m: Path, *, cwd: Path, env: dict[str, str] | None = None, extra: Sequence[str] = ()
 ) -> tuple[int, str, str]:
     proc = _start(t, m, cwd=cwd, env=env, extra=extra)
     out, err = proc.communicate(timeout=60)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # importorskip's modules are Any: annotations name the real classes
+    from litgpt import Config
+    from torch import Tensor
 
 torch = pytest.importorskip("torch")
 litgpt = pytest.importorskip("litgpt")
@@ -14,7 +19,7 @@ from litgpt.model import CausalSelfAttention  # noqa: E402
 from worker.gqa import GQASelfAttention, use_gqa_attention  # noqa: E402
 
 
-def config(**overrides) -> litgpt.Config:
+def config(**overrides) -> Config:
     kwargs = dict(
         n_embd=64,
         n_head=8,
@@ -34,7 +39,7 @@ def config(**overrides) -> litgpt.Config:
     return litgpt.Config(**kwargs)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_err(a: Tensor, b: Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
 

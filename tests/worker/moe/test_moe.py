@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # importorskip's modules are Any: annotations name the real classes
+    from litgpt import Config
+    from torch import Tensor
 
 torch = pytest.importorskip("torch")
 litgpt = pytest.importorskip("litgpt")
@@ -34,7 +39,7 @@ CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 
 
-def moe_config(**overrides) -> litgpt.Config:
+def moe_config(**overrides) -> Config:
     kwargs = dict(
         name="tiny-moe",
         n_embd=64,
@@ -55,7 +60,7 @@ def moe_config(**overrides) -> litgpt.Config:
     return litgpt.Config(**kwargs)
 
 
-def rel_err(actual: torch.Tensor | None, expected: torch.Tensor | None) -> float:
+def rel_err(actual: Tensor | None, expected: Tensor | None) -> float:
     """Relative Frobenius-norm error, computed in float64; None counts as zeros."""
     if actual is None and expected is None:
         return 0.0
@@ -69,7 +74,7 @@ def rel_err(actual: torch.Tensor | None, expected: torch.Tensor | None) -> float
     return diff if denom == 0 else diff / denom
 
 
-def pair(config: litgpt.Config, dtype=torch.float32, backend="auto", seed=0, device="cpu"):
+def pair(config: Config, dtype=torch.float32, backend="auto", seed=0, device="cpu"):
     """A stock LLaMAMoE and a GroupedMoE with the same weights."""
     torch.manual_seed(seed)
     ref = LLaMAMoE(config).to(device, dtype)
@@ -78,7 +83,7 @@ def pair(config: litgpt.Config, dtype=torch.float32, backend="auto", seed=0, dev
     return ref, new
 
 
-def starve_expert_zero(moe: torch.nn.Module, expert: int = 0) -> None:
+def starve_expert_zero(moe: LLaMAMoE, expert: int = 0) -> None:
     """Gate weights such that ``expert`` gets a negative logit for any positive input."""
     with torch.no_grad():
         w = moe.gate.weight
