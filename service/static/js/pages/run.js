@@ -1,15 +1,20 @@
 /* One run (#/runs/<id>): tiles, loss and other curves, router shares, checkpoints, events,
  * estimate, log, resolved configuration. */
-import { api, API_BASE, downloadWithToken } from '../api.js';
-import { lineChart, stackedChart } from '../charts.js';
+import { api, API_BASE, deleteRun, downloadWithToken, runMetricsCsv, saveBlob } from '../api.js';
+import { ema, lineChart, stackedChart } from '../charts.js';
 import { refreshNow } from '../router.js';
 import { badge, fill, fmtAgo, fmtBytes, fmtDuration, fmtInt, fmtNum, fmtSI, fmtTime, h, isNum, issueText, LOG_TAIL, PALETTE, parseTime, POLL_IDLE_MS, POLL_LIVE_MS, progressEl, shortId, stepsTotal, TERMINAL, timeEl, toast } from '../util.js';
+
+const SMOOTHING_KEY = 'moejobs.smoothing';
+const CSV_PAGE = 100000;
+function clampSmoothing(v) { return Number.isFinite(v) ? Math.min(0.99, Math.max(0, v)) : 0; }
 
 export function runView(root, alive, runId) {
   const base = `/runs/${encodeURIComponent(runId)}`;
   const st = {
     run: null, metrics: [], lastStep: -1, router: [], routerLast: -1, routerMissing: false,
     logScale: (() => { try { return localStorage.getItem('moejobs.logScale') === '1'; } catch (e) { return false; } })(),
+    smoothing: (() => { try { return clampSmoothing(Number(localStorage.getItem(SMOOTHING_KEY) || 0)); } catch (e) { return 0; } })(),
     followLog: true, finalFetched: false,
   };
 
@@ -26,6 +31,17 @@ export function runView(root, alive, runId) {
   const logPre = h('pre', { class: 'log' }, 'Loading…');
   const configPre = h('pre', {}, 'Loading…');
   const logToggle = h('input', { type: 'checkbox', checked: true, onchange: (e) => { st.followLog = e.target.checked; } });
+  // EMA smoothing of the loss curves (0 = raw, up to 0.99), as W&B's and TensorBoard's slider
+  const smoothValue = h('span', { class: 'mono small smooth-value' }, st.smoothing.toFixed(2));
+  const smoothSlider = h('input', {
+    type: 'range', min: 0, max: 0.99, step: 0.01, value: String(st.smoothing), id: 'smoothing', 'aria-label': 'smoothing',
+    oninput: (e) => {
+      st.smoothing = clampSmoothing(Number(e.target.value));
+      smoothValue.textContent = st.smoothing.toFixed(2);
+      try { localStorage.setItem(SMOOTHING_KEY, String(st.smoothing)); } catch (x) { /* ignore */ }
+      drawCharts();
+    },
+  });
   const scaleToggle = h('input', {
     type: 'checkbox', checked: st.logScale || undefined,
     onchange: (e) => { st.logScale = e.target.checked; try { localStorage.setItem('moejobs.logScale', st.logScale ? '1' : '0'); } catch (x) { /* ignore */ } drawCharts(); },
@@ -35,6 +51,8 @@ export function runView(root, alive, runId) {
     head, failureBox, warnBox, tiles,
     h('section', { class: 'card', style: { marginBottom: '16px' } },
       h('div', { class: 'card-head' }, h('h2', {}, 'Loss'), h('span', { class: 'spacer' }),
+        h('label', { class: 'toggle smoothing', title: 'exponential moving average of the loss curves; the raw curve stays faint behind' }, 'smoothing ', smoothSlider, smoothValue),
+        h('button', { class: 'btn btn-small btn-ghost', type: 'button', onclick: exportCsv, 'data-action': 'export-csv' }, 'Export CSV'),
         h('label', { class: 'toggle' }, scaleToggle, 'log scale')),
       lossHolder),
     h('div', { style: { marginBottom: '16px' } }, smallHolder),
@@ -74,7 +92,10 @@ export function runView(root, alive, runId) {
       h('div', { class: 'run-title' }, h('h1', {}, run.name || shortId(run.id)), badge(run.status, 'big'),
         run.preset ? h('span', { class: 'muted small' }, `preset ${run.preset}`) : null,
         h('span', { class: 'run-id', title: 'run id' }, run.id)),
-      h('span', { class: 'spacer' }), cancelBtn);
+      h('span', { class: 'spacer' }),
+      h('a', { class: 'btn', href: `#/new?clone=${encodeURIComponent(run.id)}`, 'data-action': 'clone', title: 'open the run editor with this run\'s resolved configs' }, 'Clone'),
+      cancelBtn,
+      live ? null : h('button', { class: 'btn btn-danger', type: 'button', 'data-action': 'delete', onclick: deleteThisRun }, 'Delete'));
 
     const reason = [run.failure_reason, run.failure_message].filter(Boolean);
     failureBox.hidden = !(run.status === 'failed' || (run.status === 'cancelled' && reason.length));
@@ -130,6 +151,37 @@ export function runView(root, alive, runId) {
     return fmtDuration((end.getTime() - start.getTime()) / 1000);
   }
 
+  async function deleteThisRun(ev) {
+    const run = st.run;
+    if (!confirm(`Delete run "${run.name}"? Its rows, metrics, checkpoints and files are removed; this cannot be undone.`)) return;
+    ev.target.disabled = true;
+    try {
+      await deleteRun(runId);
+      toast(`Run "${run.name}" deleted.`, 'ok');
+      location.hash = '#/';
+    } catch (e) { toast(`Delete failed: ${e.message}`, 'bad'); ev.target.disabled = false; }
+  }
+
+  /** Every metric row as metrics.csv (GET /runs/{id}/metrics?format=csv, pages of 100,000 rows
+   *  joined under one header), saved as <name>-metrics.csv. */
+  async function exportCsv(ev) {
+    ev.target.disabled = true;
+    try {
+      let text = '';
+      let after = null;
+      for (let page = 0; page < 100; page++) {
+        const part = await runMetricsCsv(runId, { after_step: after, limit: CSV_PAGE });
+        const lines = part.split(/\r?\n/).filter((l) => l.length);
+        if (!text) text = lines[0] + '\n';
+        const rows = lines.slice(1);
+        if (rows.length) text += rows.join('\n') + '\n';
+        if (rows.length < CSV_PAGE) break;
+        after = Number(rows[rows.length - 1].split(',')[0]);
+      }
+      saveBlob(new Blob([text], { type: 'text/csv' }), `${(st.run && st.run.name) || shortId(runId)}-metrics.csv`);
+    } catch (e) { toast(`Export failed: ${e.message}`, 'bad'); } finally { ev.target.disabled = false; }
+  }
+
   // -- charts
   function series(key) { return st.metrics.filter((r) => isNum(r[key])).map((r) => [r.step, r[key]]); }
   function drawCharts() {
@@ -140,9 +192,11 @@ export function runView(root, alive, runId) {
         h('span', {}, h('span', { class: 'sw', style: { background: PALETTE[0] } }), 'loss (train)'),
         h('span', {}, h('span', { class: 'sw', style: { background: PALETTE[1] } }), 'val_loss')),
       lineChart([
-        { label: 'loss', color: PALETTE[0], points: loss },
-        { label: 'val_loss', color: PALETTE[1], points: val, dots: true, width: 2 },
-      ], { height: 280, logY: st.logScale, xLabel: 'optimizer step', title: 'loss vs step', integerX: true }));
+        st.smoothing > 0 ? { label: 'loss (raw)', color: PALETTE[0], points: loss, faint: true } : null,
+        { label: st.smoothing > 0 ? 'loss (smoothed)' : 'loss', color: PALETTE[0], points: ema(loss, st.smoothing) },
+        st.smoothing > 0 && val.length > 1 ? { label: 'val_loss (raw)', color: PALETTE[1], points: val, faint: true, width: 2 } : null,
+        { label: 'val_loss', color: PALETTE[1], points: ema(val, st.smoothing), dots: true, width: 2 },
+      ].filter(Boolean), { height: 280, logY: st.logScale, xLabel: 'optimizer step', title: 'loss vs step', integerX: true }));
     const small = (title, key, color, fmt) => h('section', { class: 'card' }, h('h3', {}, title),
       lineChart([{ label: title, color, points: series(key) }], { height: 150, yFormat: fmt, integerX: true, yMin0: key !== 'learning_rate' ? false : true, title }));
     fill(smallHolder, 

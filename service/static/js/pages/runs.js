@@ -62,7 +62,7 @@ export function runsView(root, alive) {
     more.hidden = !state.cursor;
     if (!runs.length) {
       fill(tbody, h('tr', {}, h('td', { colspan: 7, class: 'empty' },
-        state.status ? `No ${state.status} runs.` : 'No runs yet. Submit one with `moejobs submit TRAIN.yaml MODEL.yaml` or POST /runs.')));
+        state.status ? `No ${state.status} runs.` : ['No runs yet. ', h('a', { href: '#/new' }, 'Start a new run'), ' from a preset or your own configs.'])));
       return;
     }
     fill(tbody, ...runs.map((run, i) => {

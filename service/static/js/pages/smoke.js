@@ -1,6 +1,6 @@
 /* The smoke test: the page (#/smoke-test) and the panel the runs list shows. */
-import { api } from '../api.js';
-import { append, badge, fill, fmtDuration, h, isNum, POLL_IDLE_MS, shortId, toast } from '../util.js';
+import { getSmokeTest, listSmokeTests, startSmokeTest } from '../api.js';
+import { append, badge, fill, fmtDuration, h, isNum, POLL_IDLE_MS, shortId, timeEl, toast } from '../util.js';
 
 const SMOKE_KEY = 'moejobs.lastSmokeTest';
 
@@ -26,7 +26,7 @@ export function smokePanel(card, alive, compact) {
   async function start() {
     button.disabled = true;
     try {
-      const r = await api('/smoke-test', { method: 'POST' });
+      const r = await startSmokeTest();
       testId = r.id; result = r;
     } catch (e) {
       // 409 smoke_test_running: the error body's run_id is the running one
@@ -46,7 +46,7 @@ export function smokePanel(card, alive, compact) {
     try {
       while (alive() && testId) {
         try {
-          result = await api(`/smoke-test/${encodeURIComponent(testId)}?wait=20`);
+          result = await getSmokeTest(testId, 20);
         } catch (e) {
           if (e.status === 404) { testId = null; result = null; try { localStorage.removeItem(SMOKE_KEY); } catch (x) { /* ignore */ } }
           else await new Promise((r) => setTimeout(r, 3000));
@@ -61,7 +61,7 @@ export function smokePanel(card, alive, compact) {
   function renderResult() {
     const state = testId ? smokeState(result) : 'none';
     button.disabled = state === 'running';
-    if (!testId) { fill(body, h('p', { class: 'muted small' }, 'No smoke test run from this browser yet.')); return; }
+    if (!testId) { fill(body, h('p', { class: 'muted small' }, 'No smoke test on this server yet.')); return; }
     const stages = result ? result.stages : [];
     const failed = result && result.failed_stage;
     const message = result && result.message;
@@ -81,20 +81,51 @@ export function smokePanel(card, alive, compact) {
   }
 
   return {
-    /** runs: the runs list's rows, to show the newest smoke test when this browser started none. */
-    refresh(runs) {
-      if (!testId && Array.isArray(runs)) {
-        const latest = runs.find((r) => r.preset === 'smoke-test');
-        if (latest) { testId = String(latest.id); renderResult(); }
+    /** Shows the server's newest smoke test (GET /smoke-tests) when this browser started none. */
+    async refresh() {
+      if (!testId) {
+        const page = await listSmokeTests(1).catch(() => null);
+        if (!alive()) return;
+        const latest = page && page.items.length ? page.items[0] : null;
+        if (latest && !testId) { testId = String(latest.id); result = latest; renderResult(); }
       }
       if (testId && !polling && (result === null || smokeState(result) === 'running')) follow();
     },
   };
 }
 
+/** The server's smoke tests, whoever started them (GET /smoke-tests: SmokeTestSummary). */
+function smokeListCard(card, alive) {
+  const body = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
+  append(card, [h('h2', {}, 'Smoke tests on this server'), body]);
+  return {
+    async refresh() {
+      let page;
+      try { page = await listSmokeTests(20); } catch (e) {
+        fill(body, h('p', { class: 'muted' }, `Could not load the smoke tests: ${e.message}`));
+        return;
+      }
+      if (!alive()) return;
+      if (!page.items.length) { fill(body, h('p', { class: 'muted' }, 'No smoke test has run on this server.')); return; }
+      fill(body, h('div', { class: 'table-wrap' }, h('table', { class: 'smoke-list' },
+        h('thead', {}, h('tr', {}, h('th', {}, 'Result'), h('th', {}, 'Name'), h('th', {}, 'Started'),
+          h('th', { class: 'num' }, 'Time'), h('th', {}, 'Failed at'))),
+        h('tbody', {}, page.items.map((t) => h('tr', { 'data-smoke-id': t.id },
+          h('td', {}, badge(smokeState(t))),
+          h('td', { class: 'name', title: t.name }, h('a', { href: `#/runs/${encodeURIComponent(t.id)}` }, t.name)),
+          h('td', {}, timeEl(t.created_at)),
+          h('td', { class: 'num' }, isNum(t.total_seconds) ? fmtDuration(t.total_seconds) : '–'),
+          h('td', { title: t.message || '' }, t.failed_stage || ''),
+        ))))));
+    },
+  };
+}
+
 export function smokeView(root, alive) {
   const card = h('section', { class: 'card' });
-  root.append(h('div', { class: 'page-head' }, h('h1', {}, 'Smoke test')), card);
+  const listCard = h('section', { class: 'card', style: { marginTop: '16px' } });
+  root.append(h('div', { class: 'page-head' }, h('h1', {}, 'Smoke test')), card, listCard);
   const panel = smokePanel(card, alive, false);
-  return { async refresh() { panel.refresh(); return POLL_IDLE_MS; } };
+  const list = smokeListCard(listCard, alive);
+  return { async refresh() { await Promise.all([panel.refresh(), list.refresh()]); return POLL_IDLE_MS; } };
 }
