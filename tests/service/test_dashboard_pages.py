@@ -6,6 +6,7 @@ server's scripts and runs under the Content-Security-Policy without an error."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -216,3 +217,26 @@ def test_the_smoke_test_page_lists_the_server_s_smoke_tests(server, clean):
     presets = httpx.get(f"{server.url}/presets", timeout=30).json()
     tiny = next(p for p in presets if p["name"] == "cpu-tiny")
     assert tiny["model_config"]["name"] == "MoE-tiny"
+
+
+def test_the_driver_sees_errors_and_policy_violations(server, page: Browser):
+    """The control for ``clean``: an uncaught error, a console.error and an inline script the
+    policy blocks all reach ``problems`` (and the policy's report reaches the server)."""
+    page.goto(server.url + "/#/workers")
+    page.wait_for("document.querySelector('h1')")
+    page.problems.clear()
+    CSP_REPORTS.clear()
+    page.evaluate(
+        "setTimeout(() => { throw new Error('boom'); }); console.error('said');"
+        " const s = document.createElement('script'); s.textContent = 'window.ran = 1';"
+        " document.body.append(s); true"
+    )
+    page.wait_for("true")
+    deadline = time.monotonic() + 10
+    while len(page.problems) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = " | ".join(page.problems)
+    assert "boom" in text and "said" in text and "Content Security Policy" in text, text
+    assert page.evaluate("window.ran") is None
+    page.problems.clear()
+    CSP_REPORTS.clear()
