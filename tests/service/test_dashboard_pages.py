@@ -130,6 +130,25 @@ def test_the_editor_shows_a_validation_error_at_its_field_then_submits(server, c
     assert run["name"] == "from-the-editor" and run["status"] == "queued"
 
 
+def test_a_preset_fills_the_editor_with_its_documents(server, clean):
+    """The editor writes the preset's documents as YAML of its own: they read back equal."""
+    clean.goto(server.url + "/#/new")
+    clean.wait_for("document.querySelector('#run-preset option[value=\"cpu-tiny\"]')")
+    clean.evaluate(
+        "(() => { const s = document.querySelector('#run-preset'); s.value = 'cpu-tiny';"
+        " s.dispatchEvent(new Event('change')); return true; })()"
+    )
+    clean.evaluate("document.querySelector('[data-action=load-preset]').click()")
+    clean.wait_for("document.querySelector('#doc-model_config').value.length > 0")
+    preset = next(
+        p for p in httpx.get(f"{server.url}/presets", timeout=30).json() if p["name"] == "cpu-tiny"
+    )
+    for key in ("train_config", "model_config"):
+        text = clean.evaluate(f"document.querySelector('#doc-{key}').value")
+        assert yaml.safe_load(text) == preset[key], key
+    assert clean.evaluate("document.querySelector('#run-name').value") == "cpu-tiny"
+
+
 def test_clone_prefills_the_resolved_config(server, clean):
     run_id = finished(server, "to-clone")
     clean.goto(f"{server.url}/#/runs/{run_id}")

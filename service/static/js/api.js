@@ -189,7 +189,7 @@ function runForm({ name, preset, train, model }) {
   return form;
 }
 /** POST /runs/validate: ValidationReport {valid, errors: [{loc, msg}], warnings, estimate, resolved}. */
-export function validateRun(doc, signal) { return api('/runs/validate', { method: 'POST', body: runForm(doc), signal }); }
+export function validateRun(doc) { return api('/runs/validate', { method: 'POST', body: runForm(doc) }); }
 /** POST /runs: RunCreated (201); a 422 ApiError's body has errors: [{loc, msg}]. */
 export function submitRun(doc, key) {
   return api('/runs', { method: 'POST', body: runForm(doc), headers: key ? { 'Idempotency-Key': key } : {} });

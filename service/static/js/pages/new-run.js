@@ -24,6 +24,8 @@ const RESERVED = /^(?:true|false|yes|no|on|off|null|y|n|~)$/i;
 function yamlScalar(v) {
   if (v === null || v === undefined) return 'null';
   if (typeof v === 'string') return PLAIN.test(v) && !RESERVED.test(v) ? v : JSON.stringify(v);
+  // YAML 1.1 (PyYAML) reads 1e-7 as a string: a float's exponent needs a dot before it
+  if (typeof v === 'number') return String(v).replace(/^(-?\d+)e/, '$1.0e');
   return String(v);
 }
 

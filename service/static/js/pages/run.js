@@ -131,7 +131,7 @@ export function runView(root, alive, runId) {
     const tokens = last && isNum(last.tokens) ? last.tokens : null;
     fill(tiles, 
       h('div', { class: 'tile' }, h('div', { class: 'label' }, 'Steps'),
-        h('div', { class: 'value' }, `${fmtInt(done)} / ${total ? fmtInt(total) : '?'}`),
+        h('div', { class: 'value', title: `${fmtInt(done)} / ${total ? fmtInt(total) : '?'} steps` }, `${fmtInt(done)} / ${total ? fmtInt(total) : '?'}`),
         progressEl(done, total, run.status)),
       tile('Loss', last ? fmtNum(last.loss) : '–', lastVal ? `val ${fmtNum(lastVal.val_loss)} @ ${fmtInt(lastVal.step)}` : 'no validation yet'),
       tile('Tokens/s', last && isNum(last.tokens_per_sec) ? fmtSI(last.tokens_per_sec) : '–', last && isNum(last.mfu) ? `MFU ${(last.mfu * 100).toFixed(1)}%` : null),
