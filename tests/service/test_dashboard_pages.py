@@ -198,11 +198,12 @@ def test_smoothing_changes_the_drawn_loss_path(server, clean):
     )
     clean.wait_for(f"{loss_paths}.length === 2")
     clean.evaluate("localStorage.removeItem('moejobs.smoothing')")
-    (_, raw), _ = clean.evaluate(loss_paths)
+    (_, raw), (_, val) = clean.evaluate(loss_paths)
     set_text(clean, "#smoothing", "0.9")
-    paths = clean.wait_for(f"(() => {{ const p = {loss_paths}; return p.length === 4 && p; }})()")
+    paths = clean.wait_for(f"(() => {{ const p = {loss_paths}; return p.length === 3 && p; }})()")
     classes = [c for c, _ in paths]
-    assert classes.count("series raw") == 2  # the raw train and validation curves, faint
+    assert classes.count("series raw") == 1  # the raw train curve, faint behind
+    assert paths[-1][1] == val  # validation is drawn unsmoothed
     faint_train = paths[classes.index("series raw")][1]
     smoothed = paths[classes.index("series")][1]
     assert faint_train == raw and smoothed != raw

@@ -194,8 +194,8 @@ export function runView(root, alive, runId) {
       lineChart([
         st.smoothing > 0 ? { label: 'loss (raw)', color: PALETTE[0], points: loss, faint: true } : null,
         { label: st.smoothing > 0 ? 'loss (smoothed)' : 'loss', color: PALETTE[0], points: ema(loss, st.smoothing) },
-        st.smoothing > 0 && val.length > 1 ? { label: 'val_loss (raw)', color: PALETTE[1], points: val, faint: true, width: 2 } : null,
-        { label: 'val_loss', color: PALETTE[1], points: ema(val, st.smoothing), dots: true, width: 2 },
+        // validation points are few and already averages: drawn as they are
+        { label: 'val_loss', color: PALETTE[1], points: val, dots: true, width: 2 },
       ].filter(Boolean), { height: 280, logY: st.logScale, xLabel: 'optimizer step', title: 'loss vs step', integerX: true }));
     const small = (title, key, color, fmt) => h('section', { class: 'card' }, h('h3', {}, title),
       lineChart([{ label: title, color, points: series(key) }], { height: 150, yFormat: fmt, integerX: true, yMin0: key !== 'learning_rate' ? false : true, title }));
