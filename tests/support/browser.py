@@ -10,6 +10,7 @@ violations among them) in ``problems``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -41,8 +42,11 @@ class Browser:
         self._from_child, from_child_w = os.pipe()
 
         def wire_fds() -> None:  # in the child: the protocol's fds 3 (in) and 4 (out)
-            os.dup2(to_child_r, 3)
-            os.dup2(from_child_w, 4)
+            # via copies above 10, in case either end is itself fd 3 or 4
+            read_end = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10)
+            write_end = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
+            os.dup2(read_end, 3)
+            os.dup2(write_end, 4)
 
         self._proc = subprocess.Popen(
             [
