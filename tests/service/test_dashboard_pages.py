@@ -260,3 +260,11 @@ def test_the_driver_sees_errors_and_policy_violations(server, page: Browser):
     assert page.evaluate("window.ran") is None
     page.problems.clear()
     CSP_REPORTS.clear()
+
+
+def test_the_empty_runs_list_points_at_the_new_run_page(tmp_path, page: Browser):
+    with live_server(tmp_path) as empty:
+        page.goto(empty.url + "/")
+        text = page.wait_for("document.querySelector('td.empty a[href=\"#/new\"]')?.textContent")
+        assert text == "Start a new run"
+        assert "curl" not in page.evaluate("document.querySelector('td.empty').textContent")
