@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
 
 from service.api import routers
 from service.api.deps import DatabaseGate
@@ -150,13 +151,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
+class RevalidatedStaticFiles(StaticFiles):
+    """StaticFiles whose answers say ``Cache-Control: no-cache``: a browser revalidates each
+    file (ETag, a 304 when unchanged), so after an upgrade it never runs new ES modules of the
+    dashboard with old ones it had cached."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def mount_dashboard(app: FastAPI) -> None:
     """Serve the dashboard: ``GET /`` is ``service/static/index.html``, ``/static/*`` its assets.
     Both are public (the page asks for the token itself; the data it fetches needs it).
     Nothing is mounted when the folder is absent."""
     if not (STATIC_DIR / "index.html").is_file():
         return
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", RevalidatedStaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

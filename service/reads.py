@@ -564,3 +564,30 @@ def throughputs(session: Session, kinds: Iterable[str]) -> list[Throughput]:
     if not wanted:
         return []
     return list(session.exec(select(Throughput).where(col(Throughput.worker_kind).in_(wanted))))
+
+
+# -- smoke tests: the dashboard's list (issue 11) -----------------------------------------------
+
+
+def recent_smoke_tests(session: Session, limit: int) -> list[tuple[Run, str | None]]:
+    """The newest ``limit`` smoke-test runs (``preset`` :data:`SMOKE_TEST_PRESET`), newest first,
+    each with its last event's message (None without events)."""
+    smoke_runs = list(
+        session.exec(
+            select(Run)
+            .where(col(Run.preset) == SMOKE_TEST_PRESET)
+            .order_by(col(Run.created_at).desc(), col(Run.id).desc())
+            .limit(limit)
+            .execution_options(populate_existing=True)
+        )
+    )
+    out: list[tuple[Run, str | None]] = []
+    for run in smoke_runs:
+        last = session.exec(
+            select(RunEvent.message)
+            .where(col(RunEvent.run_id) == run.id)
+            .order_by(col(RunEvent.id).desc())
+            .limit(1)
+        ).first()
+        out.append((run, last))
+    return out

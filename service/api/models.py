@@ -369,3 +369,28 @@ class SmokeTestPublic(BaseModel):
     failed_stage: str | None
     message: str | None
     total_seconds: float | None
+
+
+# -- the dashboard's lists (issue 11): smoke tests, presets ------------------------------------
+
+
+class SmokeTestSummary(SmokeTestPublic):
+    """One smoke test of ``GET /smoke-tests``: its report plus its run's name and creation time."""
+
+    name: str
+    created_at: datetime
+
+
+class SmokeTestPage(BaseModel):
+    """``GET /smoke-tests``: the server's newest smoke tests, newest first."""
+
+    items: list[SmokeTestSummary]
+
+
+class PresetPublic(BaseModel):
+    """``GET /presets``: a shipped preset (``configs/presets/<name>.yaml``), the layers it merges
+    over the submitted documents."""
+
+    name: str
+    train_config: dict[str, Any]
+    model_doc: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config")

@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from service import reads
 from service.api.deps import CeleryDep, DatabaseGate, GateDep, SettingsDep
 from service.api.errors import ApiError, dependency_unavailable
-from service.api.models import SmokeStage, SmokeTestPublic
+from service.api.models import SmokeStage, SmokeTestPage, SmokeTestPublic, SmokeTestSummary
 from service.api.openapi import errors
 from service.config.issues import ConfigError
 from service.config.merge import deep_merge
@@ -277,3 +277,43 @@ async def get_smoke_test(
         if report.status in ("passed", "failed") or remaining <= 0:
             return report
         await asyncio.sleep(min(_POLL_S, remaining))
+
+
+# -- the list (the dashboard's smoke-test page) -----------------------------------------------
+
+#: Most smoke tests ``GET /smoke-tests`` answers.
+MAX_LIST = 50
+
+
+@router.get(
+    "/smoke-tests",
+    response_model=SmokeTestPage,
+    summary="The server's newest smoke tests",
+    responses=errors(422, 503),
+)
+async def list_smoke_tests(
+    gate: GateDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST, description="at most this many")] = 10,
+) -> SmokeTestPage:
+    """Every smoke test of this server, whoever started it, newest first: each one's report (as
+    ``GET /smoke-test/{id}``) with its run's name and creation time. Reads only."""
+
+    def work(session: Session) -> tuple[list[tuple[Run, str | None]], int]:
+        found = reads.recent_smoke_tests(session, limit)
+        live = len(reads.live_workers(session, settings.worker_stale_seconds, role="trains"))
+        return found, live
+
+    found, live = await gate.run(work)
+
+    def read_all() -> list[list[EngineEvent]]:
+        return [read_events(settings.run_dir(run.id) / "out") for run, _ in found]
+
+    engine_events = await run_in_threadpool(read_all)
+    items = []
+    for (run, last_event), events in zip(found, engine_events, strict=True):
+        report = build_report(run, events, live_workers=live, last_event=last_event)
+        items.append(
+            SmokeTestSummary(**report.model_dump(), name=run.name, created_at=run.created_at)
+        )
+    return SmokeTestPage(items=items)

@@ -111,7 +111,13 @@ def test_index_and_its_assets_are_served_from_this_server(server):
 
 def test_no_served_file_points_at_another_host():
     files = sorted(p for p in STATIC_DIR.rglob("*") if p.is_file())
-    assert {p.name for p in files} == {"index.html", "app.js", "app.css"}
+    names = {p.relative_to(STATIC_DIR).as_posix() for p in files}
+    assert {"index.html", "app.js", "app.css"} <= names
+    # the rest are the ES modules app.js imports (js/*.js, js/pages/*.js)
+    assert all(
+        n.startswith("js/") and n.endswith(".js")
+        for n in names - {"index.html", "app.js", "app.css"}
+    )
     for path in files:
         text = path.read_text()
         assert not URL_PATTERN.search(text), f"{path.name}: {URL_PATTERN.search(text).group(0)}"
@@ -126,14 +132,14 @@ def test_no_served_file_points_at_another_host():
     strict=True,
 )
 def test_the_run_statuses_of_the_page_are_the_service_s():
-    """app.js spells out the run statuses and the terminal ones (it has no build step to import
-    them): they are ``service.models.RunStatus`` and ``TERMINAL_STATUSES``, in that order."""
+    """js/util.js spells out the run statuses and the terminal ones (it has no build step to
+    import them): they are ``service.models.RunStatus`` and ``TERMINAL_STATUSES``, in that order."""
     from service.models import TERMINAL_STATUSES, RunStatus
 
-    text = (STATIC_DIR / "app.js").read_text()
-    statuses = re.search(r"^  const STATUSES = \[([^\]]*)\];$", text, re.M)
-    terminal = re.search(r"^  const TERMINAL = new Set\(\[([^\]]*)\]\);$", text, re.M)
-    assert statuses and terminal, "app.js no longer defines STATUSES and TERMINAL on one line each"
+    text = (STATIC_DIR / "js" / "util.js").read_text()
+    statuses = re.search(r"^export const STATUSES = \[([^\]]*)\];$", text, re.M)
+    terminal = re.search(r"^export const TERMINAL = new Set\(\[([^\]]*)\]\);$", text, re.M)
+    assert statuses and terminal, "util.js no longer defines STATUSES and TERMINAL on one line each"
     assert re.findall(r"'(\w+)'", statuses.group(1)) == [s.value for s in RunStatus]
     terminal_names = re.findall(r"'(\w+)'", terminal.group(1))
     assert sorted(terminal_names) == sorted(s.value for s in TERMINAL_STATUSES)
