@@ -196,6 +196,8 @@ def list_runs(
     limit: int = 50,
     cursor: str | None = None,
     sort: str = "-created_at",
+    tags: Sequence[str] = (),
+    name: str | None = None,
     configs: Literal[True] = True,
 ) -> tuple[list[Run], str | None]: ...
 @overload
@@ -207,6 +209,8 @@ def list_runs(
     limit: int = 50,
     cursor: str | None = None,
     sort: str = "-created_at",
+    tags: Sequence[str] = (),
+    name: str | None = None,
     configs: Literal[False],
 ) -> tuple[list[sa.Row[Any]], str | None]: ...
 def list_runs(
@@ -217,6 +221,8 @@ def list_runs(
     limit: int = 50,
     cursor: str | None = None,
     sort: str = "-created_at",
+    tags: Sequence[str] = (),
+    name: str | None = None,
     configs: bool = True,
 ) -> tuple[list[Run] | list[sa.Row[Any]], str | None]:
     """One page of runs and the cursor of the next page (None on the last page).
@@ -226,7 +232,9 @@ def list_runs(
     ``sort`` is one of :data:`RUN_SORT_KEYS`, "-" prefixed for descending; ties are broken by
     id, so keyset pagination is stable while runs are added. ``cursor`` must come from a
     previous call with the same ``sort`` (ValueError otherwise, as for an unknown sort key or
-    ``limit`` outside 1..1000)."""
+    ``limit`` outside 1..1000). Filters: ``status``, ``owner``; ``tags``: runs carrying every
+    one of them (:func:`has_tag`); ``name``: runs whose name contains it, ignoring case
+    (ASCII letters only on SQLite, whose ``lower`` folds no others)."""
     descending = sort.startswith("-")
     key = sort.lstrip("-")
     if key not in RUN_SORT_KEYS:
@@ -241,6 +249,9 @@ def list_runs(
         conditions.append(col(Run.status) == RunStatus(status))
     if owner is not None:
         conditions.append(col(Run.owner) == owner)
+    conditions.extend(has_tag(session, tag) for tag in dict.fromkeys(tags))
+    if name:
+        conditions.append(col(Run.name).icontains(name, autoescape=True))
     if cursor is not None:
         value, after_id = _decode_cursor(cursor, key)
         if descending:
@@ -268,6 +279,17 @@ def list_runs(
             value.value if isinstance(value, RunStatus) else value, last.id
         )
     return rows, next_cursor
+
+
+def has_tag(session: Session, tag: str) -> sa.ColumnElement[bool]:
+    """A condition on ``runs``: its ``tags`` list holds ``tag``. PostgreSQL: jsonb containment
+    (``tags @> '["tag"]'``); SQLite: an ``EXISTS`` over ``json_each(tags)``. Both compare
+    whole tags, exactly (``lr`` does not match ``lr=3e-4``)."""
+    if session.get_bind().dialect.name == "postgresql":
+        wanted = sa.func.jsonb_build_array(sa.cast(sa.literal(tag), sa.Text))
+        return col(Run.tags).op("@>", return_type=sa.Boolean)(wanted)
+    each = sa.func.json_each(col(Run.tags)).table_valued("value").alias("tag")
+    return sa.exists(sa.select(sa.literal(1)).select_from(each).where(each.c.value == tag))
 
 
 def count_runs_by_status(session: Session) -> dict[RunStatus, int]:

@@ -31,12 +31,14 @@ import hashlib
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import sqlalchemy as sa
+from pydantic import AfterValidator, Field
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -129,6 +131,77 @@ class LeaseLost(RunError):
             f"run {run_id}: attempt {attempt} no longer holds the run {detail}".strip()
         )
         self.run_id, self.attempt = run_id, attempt
+
+
+# -- tags and notes (issue 11) ----------------------------------------------------------------------
+
+#: Most tags a run carries.
+MAX_TAGS = 32
+#: Longest tag (characters).
+TAG_MAX_CHARS = 64
+#: Longest note (characters).
+NOTE_MAX_CHARS = 10_000
+#: What a tag is: a letter or digit, then letters, digits and ``_ . - : = + /`` (so
+#: ``lr=3e-4``, ``exp:router-v2`` and ``team/alice`` are tags; spaces and commas are not).
+TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=+/-]*")
+TAG_RULE = (
+    f"1 to {TAG_MAX_CHARS} characters: a letter or digit, then letters, digits and _ . - : = + /"
+)
+
+
+def check_tag(value: str) -> str:
+    """``value`` when it is a tag (:data:`TAG_PATTERN`, at most :data:`TAG_MAX_CHARS`
+    characters); ValueError saying what a tag is otherwise."""
+    if not (len(value) <= TAG_MAX_CHARS and TAG_PATTERN.fullmatch(value)):
+        raise ValueError(f"invalid tag {value[:80]!r}: a tag is {TAG_RULE}")
+    return value
+
+
+def check_tags(values: Sequence[str]) -> list[str]:
+    """Every tag of ``values`` checked (:func:`check_tag`), duplicates dropped (first kept, in
+    order); ValueError for more than :data:`MAX_TAGS` distinct tags."""
+    tags = list(dict.fromkeys(check_tag(v) for v in values))
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags per run, got {len(tags)}")
+    return tags
+
+
+def check_note(value: str) -> str:
+    """``value`` when it is at most :data:`NOTE_MAX_CHARS` characters without control
+    characters other than newline, carriage return and tab; ValueError otherwise."""
+    if len(value) > NOTE_MAX_CHARS:
+        raise ValueError(f"a note is at most {NOTE_MAX_CHARS} characters, got {len(value)}")
+    bad = sorted({f"U+{ord(c):04X}" for c in value if _control(c)})
+    if bad:
+        raise ValueError(f"control characters are not allowed in a note (found {', '.join(bad)})")
+    return value
+
+
+def _control(c: str) -> bool:
+    code = ord(c)
+    return c not in "\n\r\t" and (code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF)
+
+
+#: A run's tags in a request: a list of tags (``service.runs.check_tags``: each 1 to 64
+#: characters, letters, digits and ``_ . - : = + /``; at most 32; duplicates dropped).
+Tags = Annotated[
+    list[str],
+    Field(
+        max_length=1000,
+        description=f"Labels to find the run again; each {TAG_RULE}; at most "
+        f"{MAX_TAGS} (duplicates dropped).",
+    ),
+    AfterValidator(check_tags),
+]
+#: A run's note in a request (``service.runs.check_note``).
+Note = Annotated[
+    str,
+    Field(
+        max_length=NOTE_MAX_CHARS,
+        description=f"Free text, at most {NOTE_MAX_CHARS} characters (newlines and tabs allowed).",
+    ),
+    AfterValidator(check_note),
+]
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -297,6 +370,8 @@ def create_run(
     idempotency_key: str | None = None,
     body_hash: str | None = None,
     run_id: uuid.UUID | None = None,
+    tags: Sequence[str] = (),
+    note: str | None = None,
     actor: str | None = "api",
     now: datetime | None = None,
 ) -> tuple[Run, bool]:
@@ -305,7 +380,8 @@ def create_run(
     ``run_id`` lets the caller pick the id first (the resolved config's ``out_dir`` is
     ``RUNS_DIR/<id>``); default a new uuid4. Configs are stored as given (JSON documents).
     ``write_checkpoints`` False makes the worker run the training without checkpoints (the
-    smoke test; ``worker.runner``).
+    smoke test; ``worker.runner``). ``tags`` and ``note`` are checked (:func:`check_tags`,
+    :func:`check_note`: ValueError) and stored; :func:`set_labels` changes them later.
 
     Idempotency (per ``owner``): when ``idempotency_key`` was used before with the same
     ``body_hash``, nothing is inserted and ``(first run, False)`` is returned; with a different
@@ -315,6 +391,8 @@ def create_run(
     Enqueueing the run is the caller's job, after this returns (the row is committed).
     """
     now = aware_now(now)
+    tags = check_tags(tags)
+    note = None if note is None else check_note(note)
     if idempotency_key is not None and body_hash is None:
         body_hash = request_hash(
             {
@@ -346,6 +424,8 @@ def create_run(
                     resolved_model=resolved_model,
                     estimate=estimate,
                     warnings=list(warnings),
+                    tags=tags,
+                    note=note,
                     idempotency_key=idempotency_key,
                     request_hash=body_hash,
                     created_at=now,
@@ -550,6 +630,54 @@ def add_note(
             return False
         _add_event(session, run, status, status, message, at=now, actor=actor)
         return True
+
+
+#: ``note=`` default of :func:`set_labels`: leave the note as it is.
+KEEP = object()
+
+
+def set_labels(
+    session: Session,
+    run_id: uuid.UUID,
+    *,
+    tags: Sequence[str] | None = None,
+    add_tags: Sequence[str] = (),
+    remove_tags: Sequence[str] = (),
+    note: str | None | object = KEEP,
+    now: datetime | None = None,
+) -> Run:
+    """Change a run's tags and note, in any status (they describe the run, not its state).
+    ``tags`` replaces the list; otherwise ``add_tags`` are appended (those it lacks) and
+    ``remove_tags`` removed, under the row lock, so two concurrent changes both count.
+    ``note``: a string replaces it, None clears it, :data:`KEEP` leaves it. Bumps
+    ``updated_at``; writes no event. Raises RunNotFound, ValueError (:func:`check_tags`,
+    :func:`check_note`; ``tags`` together with ``add_tags``/``remove_tags``)."""
+    if tags is not None and (add_tags or remove_tags):
+        raise ValueError("give either tags (the whole list) or add_tags/remove_tags")
+    now = aware_now(now)
+    new_tags = None if tags is None else check_tags(tags)
+    added, removed = check_tags(add_tags), set(check_tags(remove_tags))
+    if note is not KEEP and note is not None:
+        note = check_note(cast(str, note))
+    with write_transaction(session):
+        run = _locked_run(session, run_id)
+        if new_tags is None:
+            kept = [t for t in (run.tags or []) if t not in removed]
+            new_tags = check_tags([*kept, *(t for t in added if t not in removed)])
+        values: dict[str, Any] = {"tags": new_tags, "updated_at": now}
+        if note is not KEEP:
+            values["note"] = note
+        return (
+            session.execute(
+                sa.update(Run)
+                .where(col(Run.id) == run_id)
+                .values(**values)
+                .returning(Run)
+                .execution_options(populate_existing=True, synchronize_session=False)
+            )
+            .scalars()
+            .one()
+        )
 
 
 def retry_or_fail(

@@ -14,6 +14,7 @@ from sqlalchemy import Row
 from service.config.fields import check_path_text
 from service.contract import METRIC_COLUMNS, EngineEvent
 from service.models import Checkpoint, RouterPoint, Run, RunEvent, Worker
+from service.runs import Note, Tags
 
 
 class IssueOut(BaseModel):
@@ -79,6 +80,10 @@ class RunPublic(BaseModel):
         description="The run's metric row of the highest step (what the runs list shows); "
         "null before its first logged step.",
     )
+    tags: list[str] = Field(
+        default_factory=list, description="Labels (set at submission or with PATCH /runs/{id})."
+    )
+    note: str | None = Field(default=None, description="Free text about the run.")
 
     @classmethod
     def of(cls, run: Run | Row[Any], latest: Any = None) -> RunPublic:
@@ -115,6 +120,8 @@ class RunPublic(BaseModel):
             "latest_metrics": None
             if latest is None
             else {"step": latest.step, **{c: getattr(latest, c) for c in METRIC_COLUMNS}},
+            "tags": run.tags or [],
+            "note": run.note,
         }
 
 
@@ -369,3 +376,19 @@ class SmokeTestPublic(BaseModel):
     failed_stage: str | None
     message: str | None
     total_seconds: float | None
+
+
+# -- tags, notes and comparison (issue 11: compare) ------------------------------------------------
+
+
+class RunLabels(BaseModel):
+    """Body of ``PATCH /runs/{id}``: what to change about a run's tags and note (keys left out
+    stay as they are; ``"note": null`` clears the note). ``tags`` replaces the whole list;
+    ``add_tags`` / ``remove_tags`` change it in place (not together with ``tags``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: Tags | None = None
+    add_tags: Tags = Field(default_factory=list)
+    remove_tags: Tags = Field(default_factory=list)
+    note: Note | None = None

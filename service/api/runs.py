@@ -48,6 +48,7 @@ from service.api.models import (
     MetricPage,
     RouterPage,
     RunCreated,
+    RunLabels,
     RunPage,
     RunPublic,
     ValidationReport,
@@ -55,6 +56,7 @@ from service.api.models import (
 from service.api.openapi import errors
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
+from service.config.fields import check_name_text
 from service.models import MAX_STEP, Checkpoint, Run, RunStatus
 from service.submission import InvalidSubmission, prepare_run, send_run, submit_run
 
@@ -122,6 +124,8 @@ _RUN_BODY = {
                     "properties": {
                         "name": {"type": "string"},
                         "preset": {"type": "string"},
+                        "note": {"type": "string"},
+                        "tags": {"type": "array", "items": {"type": "string"}},
                         "train_config": {"type": "string", "format": "binary"},
                         "model_config": {"type": "string", "format": "binary"},
                     },
@@ -226,21 +230,47 @@ async def list_runs(
     sort: Annotated[
         str, Query(description=("created_at, name or status; '-' prefix for descending"))
     ] = "-created_at",
+    tag: Annotated[
+        list[str] | None,
+        Query(max_length=runs_service.MAX_TAGS, description="runs carrying this tag; repeat: all"),
+    ] = None,
+    name: Annotated[
+        str | None,
+        Query(max_length=200, description="runs whose name contains this (case-insensitive)"),
+    ] = None,
 ) -> Response:
     """One page of runs and the cursor of the next (``next_cursor`` null on the last page).
-    Pass the same ``sort`` with a cursor. Each run carries ``latest_metrics``, its newest
-    metric row (one query for the whole page)."""
+    Pass the same ``sort`` and filters with a cursor. Filters: ``status``, ``tag`` (repeated:
+    runs carrying every one), ``name`` (substring, ignoring case). Each run carries
+    ``latest_metrics``, its newest metric row (one query for the whole page)."""
     if sort.lstrip("-") not in reads.RUN_SORT_KEYS:
         raise invalid(
             ["query", "sort"],
             f"unknown sort key {sort!r}; use one of "
             f"{', '.join(reads.RUN_SORT_KEYS)}, optionally prefixed with '-'",
         )
+    for index, value in enumerate(tag or []):
+        try:
+            runs_service.check_tag(value)
+        except ValueError as error:
+            raise invalid(["query", "tag", index], str(error)) from None
+    if name is not None:
+        try:
+            check_name_text(name, "a name")
+        except ValueError as error:
+            raise invalid(["query", "name"], str(error)) from None
 
     def work(session: Session) -> RunPage:
         try:
             rows, next_cursor = reads.list_runs(
-                session, status=status_, limit=limit, cursor=cursor, sort=sort, configs=False
+                session,
+                status=status_,
+                limit=limit,
+                cursor=cursor,
+                sort=sort,
+                tags=tag or (),
+                name=name,
+                configs=False,
             )
         except ValueError as error:
             raise invalid(["query", "cursor"], str(error)) from None
@@ -261,6 +291,35 @@ async def list_runs(
 async def get_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     """The run, with ``latest_metrics`` (its newest metric row, null before the first)."""
     return await gate.json(_run_public, run_id)
+
+
+@router.patch(
+    "/runs/{run_id}",
+    response_model=RunPublic,
+    summary="Change a run's tags or note",
+    responses=errors(404, 422, 503),
+)
+async def patch_run(run_id: uuid.UUID, labels: RunLabels, gate: GateDep) -> Response:
+    """``{"tags": [...]}`` replaces the tags, ``{"add_tags": [...], "remove_tags": [...]}``
+    changes them in place, ``{"note": "..."}`` sets the note (``null`` clears it); keys left
+    out stay. Any status. 422 for an invalid tag or note (naming the field), for ``tags``
+    with ``add_tags``/``remove_tags``; 404 for an unknown run."""
+    if labels.tags is not None and (labels.add_tags or labels.remove_tags):
+        raise invalid(["body", "tags"], "give either tags (the whole list) or add_tags/remove_tags")
+    note: object = labels.note if "note" in labels.model_fields_set else runs_service.KEEP
+
+    def work(session: Session) -> RunPublic:
+        runs_service.set_labels(
+            session,
+            run_id,
+            tags=labels.tags,
+            add_tags=labels.add_tags,
+            remove_tags=labels.remove_tags,
+            note=note,
+        )
+        return _run_public(session, run_id)
+
+    return await gate.json(work)
 
 
 @router.get(
