@@ -482,6 +482,70 @@ def list_router_points(
     )
 
 
+def get_runs(session: Session, run_ids: Sequence[uuid.UUID]) -> list[Run]:
+    """The runs of ``run_ids`` (config documents included) in the order given, in one query.
+    Raises :class:`RunNotFound` for the first id that has no run."""
+    found = {
+        run.id: run
+        for run in session.exec(
+            select(Run)
+            .where(col(Run.id).in_(list(run_ids)))
+            .execution_options(populate_existing=True)
+        )
+    }
+    for run_id in run_ids:
+        if run_id not in found:
+            raise RunNotFound(run_id)
+    return [found[run_id] for run_id in run_ids]
+
+
+#: The metric columns :func:`best_metrics` reports, and whether lower or higher is better.
+BEST_GOALS: dict[str, Literal["min", "max"]] = {
+    "loss": "min",
+    "val_loss": "min",
+    "val_ppl": "min",
+    "tokens_per_sec": "max",
+    "mfu": "max",
+}
+
+
+def best_metrics(
+    session: Session, run_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, tuple[float, int]]]:
+    """Per run of ``run_ids``, per column of :data:`BEST_GOALS` that the run logged: its best
+    value and the first step that reached it (``{run_id: {"loss": (2.61, 180)}}``). One
+    query per column (a window function over the runs' rows: SQLite 3.25+, PostgreSQL)."""
+    out: dict[uuid.UUID, dict[str, tuple[float, int]]] = {run_id: {} for run_id in run_ids}
+    if not run_ids:
+        return out
+    for column, goal in BEST_GOALS.items():
+        value = getattr(MetricPoint, column)
+        ranked = (
+            sa.select(
+                col(MetricPoint.run_id),
+                col(MetricPoint.step),
+                value.label("value"),
+                sa.func.row_number()
+                .over(
+                    partition_by=col(MetricPoint.run_id),
+                    order_by=(
+                        value.asc() if goal == "min" else value.desc(),
+                        col(MetricPoint.step),
+                    ),
+                )
+                .label("rank"),
+            )
+            .where(col(MetricPoint.run_id).in_(list(run_ids)), value.is_not(None))
+            .subquery()
+        )
+        rows = session.execute(
+            sa.select(ranked.c.run_id, ranked.c.step, ranked.c.value).where(ranked.c.rank == 1)
+        )
+        for row in rows:
+            out[row.run_id][column] = (float(row.value), int(row.step))
+    return out
+
+
 def count_metric_points(session: Session) -> int:
     """Metric rows stored over all runs (what the workers have ingested)."""
     return int(session.execute(sa.select(sa.func.count()).select_from(MetricPoint)).scalar_one())

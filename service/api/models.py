@@ -392,3 +392,64 @@ class RunLabels(BaseModel):
     add_tags: Tags = Field(default_factory=list)
     remove_tags: Tags = Field(default_factory=list)
     note: Note | None = None
+
+
+class BestValue(BaseModel):
+    value: float
+    step: int = Field(description="The first step that reached it.")
+
+
+class ComparedRun(BaseModel):
+    """One run of ``GET /compare``: who it is, its last metric row and its best values."""
+
+    id: uuid.UUID
+    name: str
+    status: str
+    tags: list[str]
+    note: str | None
+    steps_total: int | None = Field(description="Optimizer steps planned (the estimate).")
+    final: MetricRow | None = Field(description="The metric row of the highest step.")
+    best: dict[str, BestValue] = Field(
+        description="Per column the run logged: the lowest loss, val_loss and val_ppl, the "
+        "highest tokens_per_sec and mfu."
+    )
+
+
+class ConfigDifference(BaseModel):
+    key: str = Field(
+        description="Dotted path into the resolved documents, e.g. "
+        "train_config.optimizer.init_args.lr or model_config.n_expert."
+    )
+    values: list[Any] = Field(description="One per run, in the order of ``runs`` (null: unset).")
+
+
+class Comparison(BaseModel):
+    """``GET /compare`` answer."""
+
+    runs: list[ComparedRun]
+    differences: list[ConfigDifference] = Field(
+        description="The config keys whose values differ between the runs, sorted."
+    )
+    left_out: list[str] = Field(
+        description="Keys that differ by construction and are not listed: out_dir and any "
+        "value naming a folder of the run's own."
+    )
+
+
+class RunSeries(BaseModel):
+    """One run's metric columns for an overlay, column-wise: ``step[i]`` goes with
+    ``values[column][i]`` (null where the row has no value)."""
+
+    run_id: uuid.UUID
+    name: str
+    total: int = Field(description="Rows the run has before downsampling.")
+    downsampled: bool
+    step: list[int]
+    values: dict[str, list[float | None]]
+
+
+class SeriesPage(BaseModel):
+    """``GET /compare/metrics`` answer."""
+
+    columns: list[str]
+    series: list[RunSeries]
