@@ -38,7 +38,7 @@ from service import runs as runs_service
 from service.api.body import read_run_request
 from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
 from service.api.errors import ApiError, invalid
-from service.api.files import TarPlan, tail_lines
+from service.api.files import TarPlan, file_size, read_after, tail_lines
 from service.api.models import (
     CheckpointPublic,
     DownloadLink,
@@ -576,12 +576,26 @@ async def get_logs(
     gate: GateDep,
     settings: SettingsDep,
     tail: Annotated[int, Query(ge=0, le=100_000)] = 200,
+    after_byte: Annotated[
+        int | None,
+        Query(ge=0, description="instead of the tail: the whole lines after this byte offset"),
+    ] = None,
 ) -> PlainTextResponse:
     """The last ``tail`` lines of the run's log (the training process' output,
-    ``RUNS_DIR/<id>/train.log``); empty before the run starts."""
+    ``RUNS_DIR/<id>/train.log``); empty before the run starts. With ``after_byte``: the whole
+    lines written after that offset (at most 1 MiB), to follow the log. The ``X-Log-Offset``
+    header is the offset to pass as ``after_byte`` next (the file's size with ``tail``)."""
     await gate.run(reads.require_run, run_id)
-    text = await run_in_threadpool(tail_lines, settings.run_dir(run_id) / LOG_FILE, tail)
-    return PlainTextResponse(text)
+    path = settings.run_dir(run_id) / LOG_FILE
+
+    def read() -> tuple[str, int]:
+        if after_byte is not None:
+            return read_after(path, after_byte)
+        size = file_size(path)
+        return tail_lines(path, tail, end=size), size
+
+    text, offset = await run_in_threadpool(read)
+    return PlainTextResponse(text, headers={"X-Log-Offset": str(offset)})
 
 
 @router.post(
