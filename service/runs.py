@@ -31,19 +31,18 @@ import hashlib
 import json
 import logging
 import math
-import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Annotated, Any, cast
+from typing import Any, cast
 
 import sqlalchemy as sa
-from pydantic import AfterValidator, Field
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from service import contract
+from service.config.fields import check_note, check_tags
 from service.db import read_transaction, write_transaction
 from service.models import (
     MAX_STEP,
@@ -131,77 +130,6 @@ class LeaseLost(RunError):
             f"run {run_id}: attempt {attempt} no longer holds the run {detail}".strip()
         )
         self.run_id, self.attempt = run_id, attempt
-
-
-# -- tags and notes (issue 11) ----------------------------------------------------------------------
-
-#: Most tags a run carries.
-MAX_TAGS = 32
-#: Longest tag (characters).
-TAG_MAX_CHARS = 64
-#: Longest note (characters).
-NOTE_MAX_CHARS = 10_000
-#: What a tag is: a letter or digit, then letters, digits and ``_ . - : = + /`` (so
-#: ``lr=3e-4``, ``exp:router-v2`` and ``team/alice`` are tags; spaces and commas are not).
-TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=+/-]*")
-TAG_RULE = (
-    f"1 to {TAG_MAX_CHARS} characters: a letter or digit, then letters, digits and _ . - : = + /"
-)
-
-
-def check_tag(value: str) -> str:
-    """``value`` when it is a tag (:data:`TAG_PATTERN`, at most :data:`TAG_MAX_CHARS`
-    characters); ValueError saying what a tag is otherwise."""
-    if not (len(value) <= TAG_MAX_CHARS and TAG_PATTERN.fullmatch(value)):
-        raise ValueError(f"invalid tag {value[:80]!r}: a tag is {TAG_RULE}")
-    return value
-
-
-def check_tags(values: Sequence[str]) -> list[str]:
-    """Every tag of ``values`` checked (:func:`check_tag`), duplicates dropped (first kept, in
-    order); ValueError for more than :data:`MAX_TAGS` distinct tags."""
-    tags = list(dict.fromkeys(check_tag(v) for v in values))
-    if len(tags) > MAX_TAGS:
-        raise ValueError(f"at most {MAX_TAGS} tags per run, got {len(tags)}")
-    return tags
-
-
-def check_note(value: str) -> str:
-    """``value`` when it is at most :data:`NOTE_MAX_CHARS` characters without control
-    characters other than newline, carriage return and tab; ValueError otherwise."""
-    if len(value) > NOTE_MAX_CHARS:
-        raise ValueError(f"a note is at most {NOTE_MAX_CHARS} characters, got {len(value)}")
-    bad = sorted({f"U+{ord(c):04X}" for c in value if _control(c)})
-    if bad:
-        raise ValueError(f"control characters are not allowed in a note (found {', '.join(bad)})")
-    return value
-
-
-def _control(c: str) -> bool:
-    code = ord(c)
-    return c not in "\n\r\t" and (code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF)
-
-
-#: A run's tags in a request: a list of tags (``service.runs.check_tags``: each 1 to 64
-#: characters, letters, digits and ``_ . - : = + /``; at most 32; duplicates dropped).
-Tags = Annotated[
-    list[str],
-    Field(
-        max_length=1000,
-        description=f"Labels to find the run again; each {TAG_RULE}; at most "
-        f"{MAX_TAGS} (duplicates dropped).",
-    ),
-    AfterValidator(check_tags),
-]
-#: A run's note in a request (``service.runs.check_note``).
-Note = Annotated[
-    str,
-    Field(
-        max_length=NOTE_MAX_CHARS,
-        description=f"Free text, at most {NOTE_MAX_CHARS} characters (newlines and tabs allowed).",
-    ),
-    AfterValidator(check_note),
-]
 
 
 # -- helpers ------------------------------------------------------------------------------------

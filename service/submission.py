@@ -25,7 +25,7 @@ from sqlmodel import Session
 from service import admission, reads
 from service import runs as runs_service
 from service.checks import ServerPaths, check_run
-from service.config.fields import NameText
+from service.config.fields import NameText, Note, Tags
 from service.config.issues import ConfigError, Issue, dotted
 from service.config.merge import replaced_values, resolve_documents
 from service.config.parse import document_problem
@@ -34,7 +34,6 @@ from service.config.validate import Validated
 from service.estimate import estimate
 from service.models import Run
 from service.queue import enqueue_prepare, enqueue_run
-from service.runs import Note, Tags
 from service.settings import Settings
 
 __all__ = [

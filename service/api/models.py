@@ -11,10 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 from sqlalchemy import Row
 
-from service.config.fields import check_path_text
+from service.config.fields import Note, Tags, check_path_text
 from service.contract import METRIC_COLUMNS, EngineEvent
 from service.models import Checkpoint, RouterPoint, Run, RunEvent, Worker
-from service.runs import Note, Tags
 
 
 class IssueOut(BaseModel):

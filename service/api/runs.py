@@ -56,7 +56,7 @@ from service.api.models import (
 from service.api.openapi import errors
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
-from service.config.fields import check_name_text
+from service.config.fields import MAX_TAGS, check_name_text, check_tag
 from service.models import MAX_STEP, Checkpoint, Run, RunStatus
 from service.submission import InvalidSubmission, prepare_run, send_run, submit_run
 
@@ -232,7 +232,7 @@ async def list_runs(
     ] = "-created_at",
     tag: Annotated[
         list[str] | None,
-        Query(max_length=runs_service.MAX_TAGS, description="runs carrying this tag; repeat: all"),
+        Query(max_length=MAX_TAGS, description="runs carrying this tag; repeat: all"),
     ] = None,
     name: Annotated[
         str | None,
@@ -251,7 +251,7 @@ async def list_runs(
         )
     for index, value in enumerate(tag or []):
         try:
-            runs_service.check_tag(value)
+            check_tag(value)
         except ValueError as error:
             raise invalid(["query", "tag", index], str(error)) from None
     if name is not None:
