@@ -260,6 +260,10 @@ def _print_run(run: RunPublic, api: Api, run_id: str, out: IO[str]) -> None:
         tokenizing = data_progress(api, run_id)
         if tokenizing:
             print(f"data     tokenizing: {tokenizing}", file=out)
+    if run.tags:
+        print(f"tags     {', '.join(run.tags)}", file=out)
+    if run.note:
+        print(f"note     {run.note}", file=out)
     for warning in run.warnings:
         print(f"warning  {output.issue(warning)}", file=out)
 

@@ -303,20 +303,24 @@ async def patch_run(run_id: uuid.UUID, labels: RunLabels, gate: GateDep) -> Resp
     """``{"tags": [...]}`` replaces the tags, ``{"add_tags": [...], "remove_tags": [...]}``
     changes them in place, ``{"note": "..."}`` sets the note (``null`` clears it); keys left
     out stay. Any status. 422 for an invalid tag or note (naming the field), for ``tags``
-    with ``add_tags``/``remove_tags``; 404 for an unknown run."""
+    with ``add_tags``/``remove_tags``, for ``add_tags`` that would give the run more than 32
+    tags; 404 for an unknown run."""
     if labels.tags is not None and (labels.add_tags or labels.remove_tags):
         raise invalid(["body", "tags"], "give either tags (the whole list) or add_tags/remove_tags")
     note: object = labels.note if "note" in labels.model_fields_set else runs_service.KEEP
 
     def work(session: Session) -> RunPublic:
-        runs_service.set_labels(
-            session,
-            run_id,
-            tags=labels.tags,
-            add_tags=labels.add_tags,
-            remove_tags=labels.remove_tags,
-            note=note,
-        )
+        try:
+            runs_service.set_labels(
+                session,
+                run_id,
+                tags=labels.tags,
+                add_tags=labels.add_tags,
+                remove_tags=labels.remove_tags,
+                note=note,
+            )
+        except ValueError as error:  # the tags the run would have: too many
+            raise invalid(["body", "add_tags"], str(error)) from None
         return _run_public(session, run_id)
 
     return await gate.json(work)

@@ -64,7 +64,9 @@ def test_tags_notes_runs_table_and_compare(server, tmp_path, capsys):
         == 0
     )
     b = _submitted_id(capsys.readouterr().out)
-    assert client.get_run(server.url, b).note == "bigger lr"
+    assert main(["status", b, *url]) == 0
+    shown = capsys.readouterr().out
+    assert "tags     exp1\n" in shown and "note     bigger lr\n" in shown
 
     attempt = start_run(server, uuid.UUID(a))
     record_metrics(server, uuid.UUID(a), metric_rows(1, 30), attempt=attempt)

@@ -70,6 +70,13 @@ def test_invalid_tags_and_notes_are_422_naming_the_field(api: ApiEnv):
         assert r.status_code == 422, (patch, r.text)
         assert r.json()["errors"][0]["loc"] == loc, (patch, r.json())
     assert c.get(f"/runs/{run_id}").json()["tags"] == []
+    assert (
+        c.patch(f"/runs/{run_id}", json={"tags": [f"t{i}" for i in range(32)]}).status_code == 200
+    )
+    r = c.patch(f"/runs/{run_id}", json={"add_tags": ["one-more"]})
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "add_tags"]
+    assert "at most 32 tags per run, got 33" in r.json()["message"]
+    assert len(c.get(f"/runs/{run_id}").json()["tags"]) == 32
     r = c.patch(f"/runs/{uuid.uuid4()}", json={"tags": ["a"]})
     assert r.status_code == 404 and r.json()["code"] == "run_not_found"
 
