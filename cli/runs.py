@@ -468,6 +468,10 @@ def logs(
                 if not text:
                     break
             if output.is_terminal(run):
+                last, size = api.logs(run_id, tail=1)
+                if size is not None and size > offset:  # a last line without its newline
+                    out.write(last)
+                    out.flush()
                 return run
             time.sleep(poll_seconds)
 

@@ -132,6 +132,8 @@ def test_delete_and_logs(server, capsys):
             fh.flush()
             time.sleep(0.2)
             fh.write("line\n")
+        with open(log, "a") as fh:
+            fh.write("no newline at the end")
         finish_run(server, run_id, "succeeded", attempt=attempt)
 
     thread = threading.Thread(target=worker)
@@ -144,7 +146,8 @@ def test_delete_and_logs(server, capsys):
     finally:
         thread.join()
     assert final is not None and final.status == "succeeded"
-    assert out.getvalue() == "".join(f"line {i}\n" for i in range(5, 10)) + "half a line\n"
+    lines = "".join(f"line {i}\n" for i in range(5, 10)) + "half a line\n"
+    assert out.getvalue() == lines + "no newline at the end\n"
 
     assert main(["delete", str(run_id), *url]) == 0
     assert capsys.readouterr().out == f"run {run_id} deleted\n"
