@@ -22,6 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from service.api.models import (
     CheckpointPublic,
+    Comparison,
     EngineEventPublic,
     MetricPage,
     RunCreated,
@@ -337,6 +338,43 @@ class Api:
             raise ClientError(f"the download from {self.base_url} stalled") from None
         except httpx.HTTPError as error:
             raise ClientError(f"download from {self.base_url} failed: {error}") from None
+
+    # -- tags, notes, delete, logs, compare (issue 11: compare)
+
+    def patch_run(self, run_id: str | uuid.UUID, body: dict[str, Any]) -> RunPublic:
+        """``PATCH /runs/ID`` with ``body`` (``tags``, ``add_tags``, ``remove_tags``, ``note``)."""
+        response = self.request("PATCH", run_path(run_id), what=f"run {run_id}", json=body)
+        return _decode(response, RunPublic)
+
+    def delete_run(self, run_id: str | uuid.UUID) -> None:
+        """``DELETE /runs/ID`` (409 ClientError while the run is queued or running)."""
+        self.request("DELETE", run_path(run_id), what=f"run {run_id}")
+
+    def logs(
+        self, run_id: str | uuid.UUID, *, tail: int = 200, after_byte: int | None = None
+    ) -> tuple[str, int | None]:
+        """``GET /runs/ID/logs``: the last ``tail`` lines, or with ``after_byte`` the whole
+        lines written after that offset; and the offset to pass next (the ``X-Log-Offset``
+        header; None from a server without it)."""
+        params: dict[str, Any] = {"tail": tail}
+        if after_byte is not None:
+            params["after_byte"] = after_byte
+        response = self.request(
+            "GET",
+            f"{run_path(run_id)}/logs",
+            what=f"run {run_id}",
+            params=params,
+            headers={"Accept": "text/plain"},
+        )
+        offset = response.headers.get("x-log-offset")
+        return response.text, int(offset) if offset and offset.isdigit() else None
+
+    def compare(self, run_ids: list[str]) -> Comparison:
+        """``GET /compare?runs=ID,ID,...``."""
+        for run_id in run_ids:
+            run_path(run_id)  # a ClientError naming a malformed id
+        response = self.request("GET", "/compare", params={"runs": ",".join(run_ids)})
+        return _decode(response, Comparison)
 
     # -- smoke test
 

@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", default=None, help="run name (default: the train file's name)")
     c.add_argument("--preset", default=None, help="preset applied by the server")
     c.add_argument("--follow", action="store_true", help="then follow it like status --follow")
+    c.add_argument(
+        "--tag", action="append", default=None, metavar="TAG", help="a tag of the run (repeatable)"
+    )
+    c.add_argument("--note", default=None, help="a note about the run")
     c.set_defaults(func=_Command("runs:cmd_submit"))
 
     c = sub.add_parser("runs", parents=[common], help="list runs on the server")
@@ -132,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=20)
     c.add_argument("--sort", default=None, help="created_at, name or status; '-' for descending")
     c.add_argument("--cursor", default=None, help="next page (printed after a full page)")
+    c.add_argument(
+        "--tag",
+        action="append",
+        default=None,
+        metavar="TAG",
+        help="runs with this tag (all of them)",
+    )
+    c.add_argument("--name", default=None, help="runs whose name contains this (any case)")
     c.set_defaults(func=_Command("runs:cmd_runs"))
 
     c = sub.add_parser("status", parents=[common], help="show a run")
@@ -147,6 +159,36 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", parents=[common], help="cancel a run")
     c.add_argument("run_id")
     c.set_defaults(func=_Command("runs:cmd_cancel"))
+
+    # -- issue 11: compare, tags and notes, delete, logs (cli.runs) ------------------------------
+    c = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="compare runs: final and best metrics, the config keys that differ",
+    )
+    c.add_argument("run_ids", nargs="+", metavar="ID", help="2 or more run ids")
+    c.set_defaults(func=_Command("runs:cmd_compare"))
+
+    c = sub.add_parser("tag", parents=[common], help="add or remove tags, set a run's note")
+    c.add_argument("run_id")
+    c.add_argument("--add", action="append", default=None, metavar="TAG", help="repeatable")
+    c.add_argument("--remove", action="append", default=None, metavar="TAG", help="repeatable")
+    note = c.add_mutually_exclusive_group()
+    note.add_argument("--note", default=None, help="replace the note")
+    note.add_argument("--clear-note", action="store_true", help="remove the note")
+    c.set_defaults(func=_Command("runs:cmd_tag"))
+
+    c = sub.add_parser("delete", parents=[common], help="delete a finished run and its files")
+    c.add_argument("run_id")
+    c.set_defaults(func=_Command("runs:cmd_delete"))
+
+    c = sub.add_parser("logs", parents=[common], help="print a run's log")
+    c.add_argument("run_id")
+    c.add_argument("--tail", type=int, default=200, help="last N lines (default 200)")
+    c.add_argument(
+        "--follow", "-f", action="store_true", help="then print new lines until the run ends"
+    )
+    c.set_defaults(func=_Command("runs:cmd_logs"))
 
     c = sub.add_parser(
         "download", parents=[common], help="download a checkpoint folder (LitGPT format)"

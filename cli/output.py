@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from service.api.models import CheckpointPublic, IssueOut, MetricRow, RunPublic, SmokeTestPublic
+from service.api.models import (
+    CheckpointPublic,
+    Comparison,
+    IssueOut,
+    MetricRow,
+    RunPublic,
+    SmokeTestPublic,
+)
 from service.models import TERMINAL_STATUSES
 
 #: How many checkpoint names a "not found" message lists (the newest ones).
@@ -58,19 +65,121 @@ def issue(warning: IssueOut) -> str:
     return f"{loc}: {warning.msg}" if loc else warning.msg
 
 
+def progress(run: RunPublic) -> str:
+    """``STEP/TOTAL`` of the run's newest metric row (``-/200`` before the first, ``120`` when
+    no total is planned, ``-`` when neither is known)."""
+    step = None if run.latest_metrics is None else run.latest_metrics.step
+    total = steps_total(run)
+    if total is None:
+        return "-" if step is None else str(step)
+    return f"{'-' if step is None else step}/{total}"
+
+
 def runs_table(runs: Sequence[RunPublic]) -> list[str]:
-    """The table of ``moejobs runs``: a header, then one row per run."""
+    """The table of ``moejobs runs``: a header, then one row per run with its step / total,
+    latest loss and tokens/s (its newest metric row) and its name and tags."""
     if not runs:
         return ["no runs"]
-    lines = [f"{'ID':<36}  {'STATUS':<9}  {'CREATED (UTC)':<19}  {'PLANNED':>8}  NAME"]
+    lines = [
+        f"{'ID':<36}  {'STATUS':<9}  {'CREATED (UTC)':<19}  {'STEP':>11}  {'LOSS':>7}  "
+        f"{'TOK/S':>9}  NAME"
+    ]
     for run in runs:
         created = run.created_at.strftime("%Y-%m-%d %H:%M:%S")
-        total = steps_total(run)
+        latest = run.latest_metrics
+        loss = number(None if latest is None else latest.loss, ".4f")
+        speed = number(None if latest is None else latest.tokens_per_sec, ",.0f")
+        tags = f"  [{', '.join(run.tags)}]" if run.tags else ""
         lines.append(
-            f"{str(run.id):<36}  {run.status:<9}  {created:<19}  "
-            f"{'' if total is None else total:>8}  {run.name}"
+            f"{str(run.id):<36}  {run.status:<9}  {created:<19}  {progress(run):>11}  "
+            f"{loss:>7}  {speed:>9}  {run.name}{tags}"
         )
     return lines
+
+
+def cell(value: Any) -> str:
+    """A config value in a table cell: numbers as given (``0.003``, ``8``), strings bare,
+    null as ``-``, anything else as compact JSON."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    import json
+
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as left-aligned columns two spaces apart (no trailing spaces)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+#: The metric rows of ``moejobs compare``: (label, what, column).
+COMPARE_METRICS = (
+    ("final loss", "final", "loss"),
+    ("best loss", "best", "loss"),
+    ("final val_loss", "final", "val_loss"),
+    ("best val_loss", "best", "val_loss"),
+    ("final tok/s", "final", "tokens_per_sec"),
+)
+
+
+def compare_table(comparison: Comparison) -> list[str]:
+    """What ``moejobs compare`` prints: one column per run (its name, id, status, steps), a row
+    per metric (final and best, ``3.012 @120`` with the step of the best), then one row per
+    config key that differs; the keys left out by construction in a last line."""
+    runs = comparison.runs
+    rows: list[list[str]] = [
+        ["", *(r.name for r in runs)],
+        ["run", *(str(r.id)[:8] for r in runs)],
+        ["status", *(r.status for r in runs)],
+        [
+            "steps",
+            *(
+                f"{'-' if r.final is None else r.final.step}/{'-' if r.steps_total is None else r.steps_total}"
+                for r in runs
+            ),
+        ],
+    ]
+    for label, what, column in COMPARE_METRICS:
+        cells = []
+        for r in runs:
+            if what == "final":
+                value = None if r.final is None else getattr(r.final, column)
+                cells.append(number(value, ",.0f" if column == "tokens_per_sec" else ".4g"))
+            else:
+                best = r.best.get(column)
+                cells.append("-" if best is None else f"{best.value:.4g} @{best.step}")
+        rows.append([label, *cells])
+    if any(r.tags for r in runs):
+        rows.append(["tags", *(",".join(r.tags) or "-" for r in runs)])
+    lines = _table(rows)
+    if comparison.differences:
+        lines.append("")
+        lines += _table(
+            [["config", *("" for _ in runs)]]
+            + [[d.key, *(cell(v) for v in d.values)] for d in comparison.differences]
+        )
+    else:
+        lines.append("")
+        lines.append("the resolved configs are the same")
+    if comparison.left_out:
+        lines.append(f"(differ by construction, not shown: {', '.join(comparison.left_out)})")
+    return lines
+
+
+def bar_label(run: RunPublic, state: str | None = None) -> str:
+    """The label of ``status --follow``'s bar: the run's name (30 characters at most) and,
+    in brackets, ``state`` when given (e.g. the tokenization) or the run's status when it
+    is not running (queued, or the final status once it ended)."""
+    name = (run.name or str(run.id))[:30]
+    shown = state or (None if run.status == "running" else run.status)
+    return f"{name} [{shown}]" if shown else name
 
 
 def final_line(run: RunPublic, last_step: int) -> str:

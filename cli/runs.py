@@ -1,4 +1,5 @@
-"""``moejobs submit/runs/status/cancel/download/smoke-test``: the commands that talk to a server.
+"""``moejobs submit/runs/status/cancel/download/smoke-test/delete/logs/compare/tag``: the
+commands that talk to a server.
 
 Two layers:
 
@@ -25,7 +26,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -33,7 +34,14 @@ import httpx
 
 from cli import output
 from cli.http import REQUEST_TIMEOUT, Api, ClientError, running_smoke_test
-from service.api.models import MetricRow, RunCreated, RunPage, RunPublic, SmokeTestPublic
+from service.api.models import (
+    Comparison,
+    MetricRow,
+    RunCreated,
+    RunPage,
+    RunPublic,
+    SmokeTestPublic,
+)
 
 #: Seconds between polls of ``status --follow``.
 POLL_SECONDS = 2.0
@@ -50,6 +58,8 @@ def submit(
     preset: str | None = None,
     token: str | None = None,
     *,
+    tags: Sequence[str] = (),
+    note: str | None = None,
     idempotency_key: str | None = None,
     out: IO[str] | None = None,
 ) -> RunCreated:
@@ -57,7 +67,7 @@ def submit(
     ``{"name", "preset", "train_config", "model_config"}`` to ``/runs`` and return the created
     run (status ``queued``, estimate, warnings), printing its id and warnings on ``out``.
 
-    ``name`` defaults to the train file's stem. An ``Idempotency-Key`` header is sent (a new
+    ``name`` defaults to the train file's stem; ``tags`` and ``note`` go with the run. An ``Idempotency-Key`` header is sent (a new
     uuid4 unless given) so a retried request never queues twice. Raises ClientError: exit code
     2 for unreadable documents and for a 422 (one ``path: message`` line per bad field)."""
     from service.config.issues import ConfigError
@@ -76,6 +86,10 @@ def submit(
     }
     if preset:
         body["preset"] = preset
+    if tags:
+        body["tags"] = list(tags)
+    if note is not None:
+        body["note"] = note
     with Api(base_url, token) as api:
         run = api.create_run(body, idempotency_key or str(uuid.uuid4()))
     print(f"submitted run {run.id} ({run.name}): {run.status}", file=out)
@@ -101,12 +115,21 @@ def list_runs(
     cursor: str | None = None,
     sort: str | None = None,
     token: str | None = None,
+    *,
+    tags: Sequence[str] = (),
+    name: str | None = None,
 ) -> RunPage:
     """One page of runs (newest first unless ``sort`` says otherwise) and the cursor of the
-    next. Raises ClientError (422 for a bad status/sort/cursor)."""
+    next; ``tags``: only runs carrying all of them, ``name``: only runs whose name contains
+    it (any case). Raises ClientError (422 for a bad status/sort/cursor/tag)."""
     with Api(base_url, token) as api:
         return api.list_runs(
-            limit=limit, status=status or None, cursor=cursor or None, sort=sort or None
+            limit=limit,
+            status=status or None,
+            cursor=cursor or None,
+            sort=sort or None,
+            tag=list(tags) or None,
+            name=name or None,
         )
 
 
@@ -172,16 +195,21 @@ def status(
             return run
         from tqdm import tqdm
 
+        from worker.progress import width_options
+
         total = output.steps_total(run)
         latest = latest_metric(api, run_id)
         last_step = latest.step if latest else -1
+        # The bar starts at the step already reached: tqdm's rate and ETA then count only the
+        # steps made while following, not the caught-up ones as done in an instant.
         bar = tqdm(
             total=total,
+            initial=max(0, last_step),
             unit="step",
-            desc=(run.name or run_id)[:30],
+            desc=output.bar_label(run),
             file=out,
-            dynamic_ncols=True,
             disable=not progress,
+            **width_options(out),
         )
         try:
             while True:
@@ -190,14 +218,16 @@ def status(
                     last_step = row.step
                 if latest is not None:
                     bar.update(max(0, last_step - bar.n))
+                    bar.set_description_str(output.bar_label(run), refresh=False)
                     bar.set_postfix_str(output.postfix(latest), refresh=True)
                 else:
                     tokenizing = data_progress(api, run_id)
-                    state = f"tokenizing: {tokenizing}" if tokenizing else run.status
-                    bar.set_description_str(f"{(run.name or run_id)[:30]} [{state}]", refresh=True)
+                    state = f"tokenizing: {tokenizing}" if tokenizing else None
+                    bar.set_description_str(output.bar_label(run, state), refresh=True)
                 # The run was read before the metrics above: when it was already terminal,
                 # every row it will ever have has been read.
                 if output.is_terminal(run):
+                    bar.set_description_str(output.bar_label(run), refresh=True)
                     break
                 time.sleep(poll_seconds)
                 run = api.get_run(run_id)
@@ -230,6 +260,10 @@ def _print_run(run: RunPublic, api: Api, run_id: str, out: IO[str]) -> None:
         tokenizing = data_progress(api, run_id)
         if tokenizing:
             print(f"data     tokenizing: {tokenizing}", file=out)
+    if run.tags:
+        print(f"tags     {', '.join(run.tags)}", file=out)
+    if run.note:
+        print(f"note     {run.note}", file=out)
     for warning in run.warnings:
         print(f"warning  {output.issue(warning)}", file=out)
 
@@ -380,6 +414,108 @@ def _stream_extract(response: httpx.Response, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def delete(
+    base_url: str | None, run_id: str, token: str | None = None, *, out: IO[str] | None = None
+) -> None:
+    """Delete a finished run, its rows and its files (``DELETE /runs/ID``). Raises ClientError
+    (404 no such run, 409 while it is queued or running: cancel it first)."""
+    out = out or sys.stdout
+    with Api(base_url, token) as api:
+        try:
+            api.delete_run(run_id)
+        except ClientError as error:
+            if error.status_code == 409:
+                raise ClientError(
+                    f"run {run_id} is still queued or running: `moejobs cancel {run_id}` "
+                    "first, then delete it once it has stopped",
+                    status_code=409,
+                    body=error.body,
+                ) from None
+            raise
+    print(f"run {run_id} deleted", file=out)
+
+
+def logs(
+    base_url: str | None,
+    run_id: str,
+    tail: int = 200,
+    follow: bool = False,
+    token: str | None = None,
+    *,
+    poll_seconds: float = POLL_SECONDS,
+    out: IO[str] | None = None,
+) -> RunPublic | None:
+    """Print the last ``tail`` lines of the run's log; with ``follow``, then the lines as they
+    are written (polling ``/runs/ID/logs?after_byte=`` every ``poll_seconds``) until the run
+    has ended and its log is read to the end; returns the final run then (None without
+    ``follow``). Raises ClientError."""
+    out = out or sys.stdout
+    with Api(base_url, token) as api:
+        text, offset = api.logs(run_id, tail=tail)
+        out.write(text)
+        out.flush()
+        if not follow:
+            return None
+        if offset is None:
+            raise ClientError("the server cannot follow a log (it is an older moejobs)")
+        while True:
+            run = api.get_run(run_id)  # before the read: a run that ended has its whole log
+            while True:
+                text, offset = api.logs(run_id, after_byte=offset)
+                assert offset is not None
+                out.write(text)
+                out.flush()
+                if not text:
+                    break
+            if output.is_terminal(run):
+                last, size = api.logs(run_id, tail=1)
+                if size is not None and size > offset:  # a last line without its newline
+                    out.write(last)
+                    out.flush()
+                return run
+            time.sleep(poll_seconds)
+
+
+def compare(base_url: str | None, run_ids: Sequence[str], token: str | None = None) -> Comparison:
+    """``GET /compare`` of the runs, in that order. Raises ClientError (404 unknown run, 422
+    fewer than 2 runs)."""
+    with Api(base_url, token) as api:
+        return api.compare(list(run_ids))
+
+
+def tag(
+    base_url: str | None,
+    run_id: str,
+    *,
+    add: Sequence[str] = (),
+    remove: Sequence[str] = (),
+    note: str | None = None,
+    clear_note: bool = False,
+    token: str | None = None,
+    out: IO[str] | None = None,
+) -> RunPublic:
+    """Add and remove tags, set or clear the note of a run (``PATCH /runs/ID``; the tag
+    changes are applied on the server, so concurrent changes both count); prints the run's
+    tags and note. Nothing to change prints them only. Raises ClientError (422 invalid tag,
+    exit code 2)."""
+    out = out or sys.stdout
+    body: dict[str, Any] = {}
+    if add:
+        body["add_tags"] = list(add)
+    if remove:
+        body["remove_tags"] = list(remove)
+    if clear_note:
+        body["note"] = None
+    elif note is not None:
+        body["note"] = note
+    with Api(base_url, token) as api:
+        run = api.patch_run(run_id, body) if body else api.get_run(run_id)
+    print(f"run {run.id} tags: {', '.join(run.tags) or '-'}", file=out)
+    if run.note:
+        print(f"note: {run.note}", file=out)
+    return run
+
+
 def smoke_test(
     base_url: str | None,
     wait: float = 900.0,
@@ -451,6 +587,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             name=args.name,
             preset=args.preset,
             token=args.token,
+            tags=getattr(args, "tag", None) or (),
+            note=getattr(args, "note", None),
         )
         if getattr(args, "follow", False):
             final = status(args.url, str(run.id), follow=True, token=args.token)
@@ -464,7 +602,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    """``moejobs runs [--status S] [--limit N] [--sort KEY] [--cursor C]``: a table."""
+    """``moejobs runs [--status S] [--tag T]... [--name TEXT] [--limit N] [--sort KEY]
+    [--cursor C]``: a table."""
 
     def go() -> None:
         page = list_runs(
@@ -474,6 +613,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             cursor=args.cursor,
             sort=args.sort,
             token=args.token,
+            tags=getattr(args, "tag", None) or (),
+            name=getattr(args, "name", None),
         )
         for line in output.runs_table(page.items):
             print(line)
@@ -519,3 +660,40 @@ def cmd_smoke_test(args: argparse.Namespace) -> int:
     if code == 0 and output.smoke_state(result[0]) != "passed":
         return 1
     return code
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """``moejobs delete ID``."""
+    return _run_command(lambda: delete(args.url, args.run_id, token=args.token))
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """``moejobs logs ID [--tail N] [--follow]``."""
+    return _run_command(
+        lambda: logs(args.url, args.run_id, tail=args.tail, follow=args.follow, token=args.token)
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``moejobs compare ID ID ...``: the table of :func:`cli.output.compare_table`."""
+
+    def go() -> None:
+        for line in output.compare_table(compare(args.url, args.run_ids, token=args.token)):
+            print(line)
+
+    return _run_command(go)
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    """``moejobs tag ID [--add T]... [--remove T]... [--note TEXT | --clear-note]``."""
+    return _run_command(
+        lambda: tag(
+            args.url,
+            args.run_id,
+            add=args.add or (),
+            remove=args.remove or (),
+            note=args.note,
+            clear_note=args.clear_note,
+            token=args.token,
+        )
+    )

@@ -196,6 +196,8 @@ def list_runs(
     limit: int = 50,
     cursor: str | None = None,
     sort: str = "-created_at",
+    tags: Sequence[str] = (),
+    name: str | None = None,
     configs: Literal[True] = True,
 ) -> tuple[list[Run], str | None]: ...
 @overload
@@ -207,6 +209,8 @@ def list_runs(
     limit: int = 50,
     cursor: str | None = None,
     sort: str = "-created_at",
+    tags: Sequence[str] = (),
+    name: str | None = None,
     configs: Literal[False],
 ) -> tuple[list[sa.Row[Any]], str | None]: ...
 def list_runs(
@@ -217,6 +221,8 @@ def list_runs(
     limit: int = 50,
     cursor: str | None = None,
     sort: str = "-created_at",
+    tags: Sequence[str] = (),
+    name: str | None = None,
     configs: bool = True,
 ) -> tuple[list[Run] | list[sa.Row[Any]], str | None]:
     """One page of runs and the cursor of the next page (None on the last page).
@@ -226,7 +232,9 @@ def list_runs(
     ``sort`` is one of :data:`RUN_SORT_KEYS`, "-" prefixed for descending; ties are broken by
     id, so keyset pagination is stable while runs are added. ``cursor`` must come from a
     previous call with the same ``sort`` (ValueError otherwise, as for an unknown sort key or
-    ``limit`` outside 1..1000)."""
+    ``limit`` outside 1..1000). Filters: ``status``, ``owner``; ``tags``: runs carrying every
+    one of them (:func:`has_tag`); ``name``: runs whose name contains it, ignoring case
+    (ASCII letters only on SQLite, whose ``lower`` folds no others)."""
     descending = sort.startswith("-")
     key = sort.lstrip("-")
     if key not in RUN_SORT_KEYS:
@@ -241,6 +249,9 @@ def list_runs(
         conditions.append(col(Run.status) == RunStatus(status))
     if owner is not None:
         conditions.append(col(Run.owner) == owner)
+    conditions.extend(has_tag(session, tag) for tag in dict.fromkeys(tags))
+    if name:
+        conditions.append(col(Run.name).icontains(name, autoescape=True))
     if cursor is not None:
         value, after_id = _decode_cursor(cursor, key)
         if descending:
@@ -268,6 +279,17 @@ def list_runs(
             value.value if isinstance(value, RunStatus) else value, last.id
         )
     return rows, next_cursor
+
+
+def has_tag(session: Session, tag: str) -> sa.ColumnElement[bool]:
+    """A condition on ``runs``: its ``tags`` list holds ``tag``. PostgreSQL: jsonb containment
+    (``tags @> '["tag"]'``); SQLite: an ``EXISTS`` over ``json_each(tags)``. Both compare
+    whole tags, exactly (``lr`` does not match ``lr=3e-4``)."""
+    if session.get_bind().dialect.name == "postgresql":
+        wanted = sa.func.jsonb_build_array(sa.cast(sa.literal(tag), sa.Text))
+        return col(Run.tags).op("@>", return_type=sa.Boolean)(wanted)
+    each = sa.func.json_each(col(Run.tags)).table_valued("value").alias("tag")
+    return sa.exists(sa.select(sa.literal(1)).select_from(each).where(each.c.value == tag))
 
 
 def count_runs_by_status(session: Session) -> dict[RunStatus, int]:
@@ -458,6 +480,70 @@ def list_router_points(
             stmt.order_by(col(RouterPoint.step), col(RouterPoint.layer), col(RouterPoint.expert))
         )
     )
+
+
+def get_runs(session: Session, run_ids: Sequence[uuid.UUID]) -> list[Run]:
+    """The runs of ``run_ids`` (config documents included) in the order given, in one query.
+    Raises :class:`RunNotFound` for the first id that has no run."""
+    found = {
+        run.id: run
+        for run in session.exec(
+            select(Run)
+            .where(col(Run.id).in_(list(run_ids)))
+            .execution_options(populate_existing=True)
+        )
+    }
+    for run_id in run_ids:
+        if run_id not in found:
+            raise RunNotFound(run_id)
+    return [found[run_id] for run_id in run_ids]
+
+
+#: The metric columns :func:`best_metrics` reports, and whether lower or higher is better.
+BEST_GOALS: dict[str, Literal["min", "max"]] = {
+    "loss": "min",
+    "val_loss": "min",
+    "val_ppl": "min",
+    "tokens_per_sec": "max",
+    "mfu": "max",
+}
+
+
+def best_metrics(
+    session: Session, run_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, tuple[float, int]]]:
+    """Per run of ``run_ids``, per column of :data:`BEST_GOALS` that the run logged: its best
+    value and the first step that reached it (``{run_id: {"loss": (2.61, 180)}}``). One
+    query per column (a window function over the runs' rows: SQLite 3.25+, PostgreSQL)."""
+    out: dict[uuid.UUID, dict[str, tuple[float, int]]] = {run_id: {} for run_id in run_ids}
+    if not run_ids:
+        return out
+    for column, goal in BEST_GOALS.items():
+        value = getattr(MetricPoint, column)
+        ranked = (
+            sa.select(
+                col(MetricPoint.run_id),
+                col(MetricPoint.step),
+                value.label("value"),
+                sa.func.row_number()
+                .over(
+                    partition_by=col(MetricPoint.run_id),
+                    order_by=(
+                        value.asc() if goal == "min" else value.desc(),
+                        col(MetricPoint.step),
+                    ),
+                )
+                .label("rank"),
+            )
+            .where(col(MetricPoint.run_id).in_(list(run_ids)), value.is_not(None))
+            .subquery()
+        )
+        rows = session.execute(
+            sa.select(ranked.c.run_id, ranked.c.step, ranked.c.value).where(ranked.c.rank == 1)
+        )
+        for row in rows:
+            out[row.run_id][column] = (float(row.value), int(row.step))
+    return out
 
 
 def count_metric_points(session: Session) -> int:

@@ -42,6 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from service import contract
+from service.config.fields import check_note, check_tags
 from service.db import read_transaction, write_transaction
 from service.models import (
     MAX_STEP,
@@ -297,6 +298,8 @@ def create_run(
     idempotency_key: str | None = None,
     body_hash: str | None = None,
     run_id: uuid.UUID | None = None,
+    tags: Sequence[str] = (),
+    note: str | None = None,
     actor: str | None = "api",
     now: datetime | None = None,
 ) -> tuple[Run, bool]:
@@ -305,7 +308,8 @@ def create_run(
     ``run_id`` lets the caller pick the id first (the resolved config's ``out_dir`` is
     ``RUNS_DIR/<id>``); default a new uuid4. Configs are stored as given (JSON documents).
     ``write_checkpoints`` False makes the worker run the training without checkpoints (the
-    smoke test; ``worker.runner``).
+    smoke test; ``worker.runner``). ``tags`` and ``note`` are checked (:func:`check_tags`,
+    :func:`check_note`: ValueError) and stored; :func:`set_labels` changes them later.
 
     Idempotency (per ``owner``): when ``idempotency_key`` was used before with the same
     ``body_hash``, nothing is inserted and ``(first run, False)`` is returned; with a different
@@ -315,6 +319,8 @@ def create_run(
     Enqueueing the run is the caller's job, after this returns (the row is committed).
     """
     now = aware_now(now)
+    tags = check_tags(tags)
+    note = None if note is None else check_note(note)
     if idempotency_key is not None and body_hash is None:
         body_hash = request_hash(
             {
@@ -346,6 +352,8 @@ def create_run(
                     resolved_model=resolved_model,
                     estimate=estimate,
                     warnings=list(warnings),
+                    tags=tags,
+                    note=note,
                     idempotency_key=idempotency_key,
                     request_hash=body_hash,
                     created_at=now,
@@ -550,6 +558,54 @@ def add_note(
             return False
         _add_event(session, run, status, status, message, at=now, actor=actor)
         return True
+
+
+#: ``note=`` default of :func:`set_labels`: leave the note as it is.
+KEEP = object()
+
+
+def set_labels(
+    session: Session,
+    run_id: uuid.UUID,
+    *,
+    tags: Sequence[str] | None = None,
+    add_tags: Sequence[str] = (),
+    remove_tags: Sequence[str] = (),
+    note: str | None | object = KEEP,
+    now: datetime | None = None,
+) -> Run:
+    """Change a run's tags and note, in any status (they describe the run, not its state).
+    ``tags`` replaces the list; otherwise ``add_tags`` are appended (those it lacks) and
+    ``remove_tags`` removed, under the row lock, so two concurrent changes both count.
+    ``note``: a string replaces it, None clears it, :data:`KEEP` leaves it. Bumps
+    ``updated_at``; writes no event. Raises RunNotFound, ValueError (:func:`check_tags`,
+    :func:`check_note`; ``tags`` together with ``add_tags``/``remove_tags``)."""
+    if tags is not None and (add_tags or remove_tags):
+        raise ValueError("give either tags (the whole list) or add_tags/remove_tags")
+    now = aware_now(now)
+    new_tags = None if tags is None else check_tags(tags)
+    added, removed = check_tags(add_tags), set(check_tags(remove_tags))
+    if note is not KEEP and note is not None:
+        note = check_note(cast(str, note))
+    with write_transaction(session):
+        run = _locked_run(session, run_id)
+        if new_tags is None:
+            kept = [t for t in (run.tags or []) if t not in removed]
+            new_tags = check_tags([*kept, *(t for t in added if t not in removed)])
+        values: dict[str, Any] = {"tags": new_tags, "updated_at": now}
+        if note is not KEEP:
+            values["note"] = note
+        return (
+            session.execute(
+                sa.update(Run)
+                .where(col(Run.id) == run_id)
+                .values(**values)
+                .returning(Run)
+                .execution_options(populate_existing=True, synchronize_session=False)
+            )
+            .scalars()
+            .one()
+        )
 
 
 def retry_or_fail(

@@ -25,7 +25,7 @@ from sqlmodel import Session
 from service import admission, reads
 from service import runs as runs_service
 from service.checks import ServerPaths, check_run
-from service.config.fields import NameText
+from service.config.fields import NameText, Note, Tags
 from service.config.issues import ConfigError, Issue, dotted
 from service.config.merge import replaced_values, resolve_documents
 from service.config.parse import document_problem
@@ -38,6 +38,8 @@ from service.settings import Settings
 
 __all__ = [
     "RunCreate",
+    "Tags",
+    "Note",
     "InvalidSubmission",
     "RESERVED_PRESETS",
     "IDEMPOTENCY_KEY_MAX",
@@ -80,6 +82,8 @@ class RunCreate(BaseModel):
         serialization_alias="model_config",
         description="The model config document.",
     )
+    tags: Tags = Field(default_factory=list)
+    note: Note | None = None
 
 
 class InvalidSubmission(Exception):
@@ -156,7 +160,7 @@ def run_request(doc: Any, *, default_name: str | None = None) -> RunCreate:
             if err.get("type") == "missing":
                 msg = "required key is missing"
             elif err.get("type") == "extra_forbidden":
-                msg = "unknown key; expected name, preset, train_config, model_config"
+                msg = "unknown key; expected name, preset, train_config, model_config, tags, note"
             errors.append(
                 _field(["body", *err.get("loc", ())], msg, str(err.get("type", "value_error")))
             )
@@ -287,14 +291,21 @@ def _preset_warning(preset: str, request: RunCreate) -> list[dict[str, Any]]:
 
 
 def _submitted_hash(request: RunCreate) -> str:
-    return runs_service.request_hash(
-        {
-            "name": request.name,
-            "preset": request.preset,
-            "train_config": request.train_config,
-            "model_config": request.model_doc,
-        }
-    )
+    """The ``Idempotency-Key`` hash of the request: tags and note are part of it (a retry with
+    other tags is another request: 409), counted only when given, so that a request without
+    them hashes as it did before they existed. A later ``PATCH`` changes the run, not the
+    request: a retry of the original request still returns the run."""
+    document: dict[str, Any] = {
+        "name": request.name,
+        "preset": request.preset,
+        "train_config": request.train_config,
+        "model_config": request.model_doc,
+    }
+    if request.tags:
+        document["tags"] = request.tags
+    if request.note is not None:
+        document["note"] = request.note
+    return runs_service.request_hash(document)
 
 
 @dataclass
@@ -360,6 +371,8 @@ def submit_run(
         idempotency_key=idempotency_key,
         body_hash=body_hash,
         run_id=prepared.run_id,
+        tags=request.tags,
+        note=request.note,
     )
     submitted = Submitted(run=run, created=created, enqueued=not created)
     return send_run(celery, submitted, prepare=settings.engine == "litgpt") if send else submitted

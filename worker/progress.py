@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+#: Width of a bar when the terminal reports none (zero columns: some containers' and CI's
+#: pseudo-terminals) and ``COLUMNS`` does not say either.
+FALLBACK_COLUMNS = 100
+
+
+def width_options(file: IO[str]) -> dict[str, Any]:
+    """tqdm's width options for a bar written to ``file``: ``dynamic_ncols`` (follow the
+    window) when the terminal reports a width, else a fixed ``ncols`` (``COLUMNS`` or
+    :data:`FALLBACK_COLUMNS`). tqdm takes a reported width of 0 as -1 columns and prints
+    nothing at all; a file that is no terminal gets the fixed width too."""
+    try:
+        columns = os.get_terminal_size(file.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    if columns > 1:
+        return {"dynamic_ncols": True}
+    env = os.environ.get("COLUMNS", "")
+    fixed = int(env) if env.isdigit() and int(env) > 1 else FALLBACK_COLUMNS
+    return {"dynamic_ncols": False, "ncols": fixed}
 
 
 class ProgressBar:
@@ -28,7 +49,10 @@ class ProgressBar:
 
         if self._bar is None:
             self._bar = tqdm(
-                total=plan.optimizer_steps, unit="step", file=sys.stderr, dynamic_ncols=True
+                total=plan.optimizer_steps,
+                unit="step",
+                file=sys.stderr,
+                **width_options(sys.stderr),
             )
         step = int(row["step"])
         self._bar.update(max(0, step - self._bar.n))

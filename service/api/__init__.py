@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.security import HTTPBearer
 
-from service.api import datasets, presets, runs, smoke, system
+from service.api import compare, datasets, presets, runs, smoke, system
 
 #: Documents the bearer token in OpenAPI (the check itself is ``middleware.AuthMiddleware``).
 bearer_scheme = HTTPBearer(
@@ -19,6 +19,7 @@ def routers() -> list[APIRouter]:
     """Every router of the API, protected ones carrying the bearer scheme for the docs."""
     protected = APIRouter(dependencies=[Depends(bearer_scheme)])
     protected.include_router(runs.router)
+    protected.include_router(compare.router)  # issue 11: compare
     protected.include_router(datasets.router)
     protected.include_router(smoke.router)
     protected.include_router(presets.router)

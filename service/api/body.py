@@ -49,12 +49,15 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
         doc: dict[str, Any] = {}
         for key in form.keys():
             values = form.getlist(key)
-            if key not in ("train_config", "model_config", "name", "preset"):
+            if key not in ("train_config", "model_config", "name", "preset", "note", "tags"):
                 raise invalid(
                     ["body", key],
                     "unknown form field; expected train_config, "
-                    "model_config (files), name and preset",
+                    "model_config (files), name, preset, note and tags (repeatable)",
                 )
+            if key == "tags":  # one field per tag
+                doc[key] = [v if isinstance(v, str) else "" for v in values]
+                continue
             if len(values) != 1:
                 raise invalid(["body", key], "given more than once")
             value = values[0]

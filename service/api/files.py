@@ -110,17 +110,17 @@ class TarPlan:
         yield b"\0" * tail
 
 
-def tail_lines(path: Path, count: int, *, max_bytes: int = 8 << 20) -> str:
+def tail_lines(path: Path, count: int, *, max_bytes: int = 8 << 20, end: int | None = None) -> str:
     """The last ``count`` lines of a text file (read backwards in blocks, at most
-    ``max_bytes`` from the end). '' when the file does not exist. Undecodable bytes are
-    replaced."""
+    ``max_bytes`` from the end; ``end``: as if the file ended at that byte). '' when the file
+    does not exist. Undecodable bytes are replaced."""
     try:
         handle = open(path, "rb")
     except FileNotFoundError:
         return ""
     with handle:
         handle.seek(0, os.SEEK_END)
-        end = handle.tell()
+        end = handle.tell() if end is None else min(end, handle.tell())
         pos, data = end, b""
         while pos > 0 and data.count(b"\n") <= count and end - pos < max_bytes:
             step = min(64 * 1024, pos)
@@ -132,3 +132,33 @@ def tail_lines(path: Path, count: int, *, max_bytes: int = 8 << 20) -> str:
         lines = lines[1:]  # the first one may be cut
     selected = lines[-count:] if count > 0 else []
     return "".join(line + "\n" for line in selected)
+
+
+def read_after(path: Path, offset: int, *, max_bytes: int = 1 << 20) -> tuple[str, int]:
+    """The whole lines of a text file after byte ``offset`` (at most ``max_bytes``, whole
+    lines only unless one line alone is longer) and the offset after them: what ``logs
+    --follow`` polls. A file shorter than ``offset`` (rewritten) is read from its start;
+    ('', 0) when it does not exist. Undecodable bytes are replaced."""
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return "", 0
+    with handle:
+        size = handle.seek(0, os.SEEK_END)
+        if offset > size:
+            offset = 0
+        handle.seek(offset)
+        data = handle.read(max_bytes)
+    cut = data.rfind(b"\n") + 1
+    if cut == 0 and len(data) < max_bytes:
+        return "", offset  # a line still being written
+    data = data[:cut] if cut else data
+    return data.decode("utf-8", "replace"), offset + len(data)
+
+
+def file_size(path: Path) -> int:
+    """The size of ``path`` in bytes, 0 when it does not exist."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 from sqlalchemy import Row
 
-from service.config.fields import check_path_text
+from service.config.fields import Note, Tags, check_path_text
 from service.contract import METRIC_COLUMNS, EngineEvent
 from service.models import Checkpoint, RouterPoint, Run, RunEvent, Worker
 
@@ -79,6 +79,10 @@ class RunPublic(BaseModel):
         description="The run's metric row of the highest step (what the runs list shows); "
         "null before its first logged step.",
     )
+    tags: list[str] = Field(
+        default_factory=list, description="Labels (set at submission or with PATCH /runs/{id})."
+    )
+    note: str | None = Field(default=None, description="Free text about the run.")
 
     @classmethod
     def of(cls, run: Run | Row[Any], latest: Any = None) -> RunPublic:
@@ -115,6 +119,8 @@ class RunPublic(BaseModel):
             "latest_metrics": None
             if latest is None
             else {"step": latest.step, **{c: getattr(latest, c) for c in METRIC_COLUMNS}},
+            "tags": run.tags or [],
+            "note": run.note,
         }
 
 
@@ -394,3 +400,80 @@ class PresetPublic(BaseModel):
     name: str
     train_config: dict[str, Any]
     model_doc: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config")
+
+
+# -- tags, notes and comparison (issue 11: compare) ------------------------------------------------
+
+
+class RunLabels(BaseModel):
+    """Body of ``PATCH /runs/{id}``: what to change about a run's tags and note (keys left out
+    stay as they are; ``"note": null`` clears the note). ``tags`` replaces the whole list;
+    ``add_tags`` / ``remove_tags`` change it in place (not together with ``tags``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tags: Tags | None = None
+    add_tags: Tags = Field(default_factory=list)
+    remove_tags: Tags = Field(default_factory=list)
+    note: Note | None = None
+
+
+class BestValue(BaseModel):
+    value: float
+    step: int = Field(description="The first step that reached it.")
+
+
+class ComparedRun(BaseModel):
+    """One run of ``GET /compare``: who it is, its last metric row and its best values."""
+
+    id: uuid.UUID
+    name: str
+    status: str
+    tags: list[str]
+    note: str | None
+    steps_total: int | None = Field(description="Optimizer steps planned (the estimate).")
+    final: MetricRow | None = Field(description="The metric row of the highest step.")
+    best: dict[str, BestValue] = Field(
+        description="Per column the run logged: the lowest loss, val_loss and val_ppl, the "
+        "highest tokens_per_sec and mfu."
+    )
+
+
+class ConfigDifference(BaseModel):
+    key: str = Field(
+        description="Dotted path into the resolved documents, e.g. "
+        "train_config.optimizer.init_args.lr or model_config.n_expert."
+    )
+    values: list[Any] = Field(description="One per run, in the order of ``runs`` (null: unset).")
+
+
+class Comparison(BaseModel):
+    """``GET /compare`` answer."""
+
+    runs: list[ComparedRun]
+    differences: list[ConfigDifference] = Field(
+        description="The config keys whose values differ between the runs, sorted."
+    )
+    left_out: list[str] = Field(
+        description="Keys that differ by construction and are not listed: out_dir and any "
+        "value naming a folder of the run's own."
+    )
+
+
+class RunSeries(BaseModel):
+    """One run's metric columns for an overlay, column-wise: ``step[i]`` goes with
+    ``values[column][i]`` (null where the row has no value)."""
+
+    run_id: uuid.UUID
+    name: str
+    total: int = Field(description="Rows the run has before downsampling.")
+    downsampled: bool
+    step: list[int]
+    values: dict[str, list[float | None]]
+
+
+class SeriesPage(BaseModel):
+    """``GET /compare/metrics`` answer."""
+
+    columns: list[str]
+    series: list[RunSeries]

@@ -38,7 +38,7 @@ from service import runs as runs_service
 from service.api.body import read_run_request
 from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
 from service.api.errors import ApiError, invalid
-from service.api.files import TarPlan, tail_lines
+from service.api.files import TarPlan, file_size, read_after, tail_lines
 from service.api.models import (
     CheckpointPublic,
     DownloadLink,
@@ -48,6 +48,7 @@ from service.api.models import (
     MetricPage,
     RouterPage,
     RunCreated,
+    RunLabels,
     RunPage,
     RunPublic,
     ValidationReport,
@@ -55,6 +56,7 @@ from service.api.models import (
 from service.api.openapi import errors
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
+from service.config.fields import MAX_TAGS, check_name_text, check_tag
 from service.models import MAX_STEP, Checkpoint, Run, RunStatus
 from service.submission import InvalidSubmission, prepare_run, send_run, submit_run
 
@@ -122,6 +124,8 @@ _RUN_BODY = {
                     "properties": {
                         "name": {"type": "string"},
                         "preset": {"type": "string"},
+                        "note": {"type": "string"},
+                        "tags": {"type": "array", "items": {"type": "string"}},
                         "train_config": {"type": "string", "format": "binary"},
                         "model_config": {"type": "string", "format": "binary"},
                     },
@@ -226,21 +230,47 @@ async def list_runs(
     sort: Annotated[
         str, Query(description=("created_at, name or status; '-' prefix for descending"))
     ] = "-created_at",
+    tag: Annotated[
+        list[str] | None,
+        Query(max_length=MAX_TAGS, description="runs carrying this tag; repeat: all"),
+    ] = None,
+    name: Annotated[
+        str | None,
+        Query(max_length=200, description="runs whose name contains this (case-insensitive)"),
+    ] = None,
 ) -> Response:
     """One page of runs and the cursor of the next (``next_cursor`` null on the last page).
-    Pass the same ``sort`` with a cursor. Each run carries ``latest_metrics``, its newest
-    metric row (one query for the whole page)."""
+    Pass the same ``sort`` and filters with a cursor. Filters: ``status``, ``tag`` (repeated:
+    runs carrying every one), ``name`` (substring, ignoring case). Each run carries
+    ``latest_metrics``, its newest metric row (one query for the whole page)."""
     if sort.lstrip("-") not in reads.RUN_SORT_KEYS:
         raise invalid(
             ["query", "sort"],
             f"unknown sort key {sort!r}; use one of "
             f"{', '.join(reads.RUN_SORT_KEYS)}, optionally prefixed with '-'",
         )
+    for index, value in enumerate(tag or []):
+        try:
+            check_tag(value)
+        except ValueError as error:
+            raise invalid(["query", "tag", index], str(error)) from None
+    if name is not None:
+        try:
+            check_name_text(name, "a name")
+        except ValueError as error:
+            raise invalid(["query", "name"], str(error)) from None
 
     def work(session: Session) -> RunPage:
         try:
             rows, next_cursor = reads.list_runs(
-                session, status=status_, limit=limit, cursor=cursor, sort=sort, configs=False
+                session,
+                status=status_,
+                limit=limit,
+                cursor=cursor,
+                sort=sort,
+                tags=tag or (),
+                name=name,
+                configs=False,
             )
         except ValueError as error:
             raise invalid(["query", "cursor"], str(error)) from None
@@ -261,6 +291,39 @@ async def list_runs(
 async def get_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     """The run, with ``latest_metrics`` (its newest metric row, null before the first)."""
     return await gate.json(_run_public, run_id)
+
+
+@router.patch(
+    "/runs/{run_id}",
+    response_model=RunPublic,
+    summary="Change a run's tags or note",
+    responses=errors(404, 422, 503),
+)
+async def patch_run(run_id: uuid.UUID, labels: RunLabels, gate: GateDep) -> Response:
+    """``{"tags": [...]}`` replaces the tags, ``{"add_tags": [...], "remove_tags": [...]}``
+    changes them in place, ``{"note": "..."}`` sets the note (``null`` clears it); keys left
+    out stay. Any status. 422 for an invalid tag or note (naming the field), for ``tags``
+    with ``add_tags``/``remove_tags``, for ``add_tags`` that would give the run more than 32
+    tags; 404 for an unknown run."""
+    if labels.tags is not None and (labels.add_tags or labels.remove_tags):
+        raise invalid(["body", "tags"], "give either tags (the whole list) or add_tags/remove_tags")
+    note: object = labels.note if "note" in labels.model_fields_set else runs_service.KEEP
+
+    def work(session: Session) -> RunPublic:
+        try:
+            runs_service.set_labels(
+                session,
+                run_id,
+                tags=labels.tags,
+                add_tags=labels.add_tags,
+                remove_tags=labels.remove_tags,
+                note=note,
+            )
+        except ValueError as error:  # the tags the run would have: too many
+            raise invalid(["body", "add_tags"], str(error)) from None
+        return _run_public(session, run_id)
+
+    return await gate.json(work)
 
 
 @router.get(
@@ -517,12 +580,26 @@ async def get_logs(
     gate: GateDep,
     settings: SettingsDep,
     tail: Annotated[int, Query(ge=0, le=100_000)] = 200,
+    after_byte: Annotated[
+        int | None,
+        Query(ge=0, description="instead of the tail: the whole lines after this byte offset"),
+    ] = None,
 ) -> PlainTextResponse:
     """The last ``tail`` lines of the run's log (the training process' output,
-    ``RUNS_DIR/<id>/train.log``); empty before the run starts."""
+    ``RUNS_DIR/<id>/train.log``); empty before the run starts. With ``after_byte``: the whole
+    lines written after that offset (at most 1 MiB), to follow the log. The ``X-Log-Offset``
+    header is the offset to pass as ``after_byte`` next (the file's size with ``tail``)."""
     await gate.run(reads.require_run, run_id)
-    text = await run_in_threadpool(tail_lines, settings.run_dir(run_id) / LOG_FILE, tail)
-    return PlainTextResponse(text)
+    path = settings.run_dir(run_id) / LOG_FILE
+
+    def read() -> tuple[str, int]:
+        if after_byte is not None:
+            return read_after(path, after_byte)
+        size = file_size(path)
+        return tail_lines(path, tail, end=size), size
+
+    text, offset = await run_in_threadpool(read)
+    return PlainTextResponse(text, headers={"X-Log-Offset": str(offset)})
 
 
 @router.post(

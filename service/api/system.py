@@ -166,12 +166,40 @@ class State:
     queue_depths: dict[str, int] | None
 
 
+#: Most running runs ``GET /metrics`` reports one by one (the oldest first beyond it are left
+#: out; a fleet runs one per GPU slot, far fewer).
+MAX_RUN_GAUGES = 1000
+
+
+def _running(session: Session) -> list[dict[str, Any]]:
+    """The running runs with their newest metric row (two queries): ``{id, name, step, loss,
+    tokens_per_sec}``, None where not logged yet."""
+    rows, _next = reads.list_runs(
+        session, status="running", limit=MAX_RUN_GAUGES, sort="-created_at", configs=False
+    )
+    latest = reads.latest_metrics(session, [r.id for r in rows])
+    out = []
+    for run in rows:
+        row = latest.get(run.id)
+        out.append(
+            {
+                "id": str(run.id),
+                "name": run.name,
+                "step": None if row is None else row.step,
+                "loss": None if row is None else row.loss,
+                "tokens_per_sec": None if row is None else row.tokens_per_sec,
+            }
+        )
+    return out
+
+
 def _database_counts(session: Session, settings: Settings) -> dict[str, Any]:
     return {
         "runs": reads.count_runs_by_status(session),
         "live": len(reads.live_workers(session, settings.worker_stale_seconds, role="trains")),
         "registered": len(reads.list_workers(session)),
         "rows": reads.count_metric_points(session),
+        "running": _running(session),
     }
 
 
@@ -201,7 +229,10 @@ class StateCollector:
     """Prometheus collector of one :class:`State`: ``moejobs_runs{status}``,
     ``moejobs_queue_depth{queue}`` (messages waiting in the broker; absent when it cannot
     be read), ``moejobs_broker_up``, ``moejobs_workers_live``, ``moejobs_workers_registered``,
-    ``moejobs_metric_rows`` (metric rows ingested and stored, all runs), ``moejobs_database_up``."""
+    ``moejobs_metric_rows`` (metric rows ingested and stored, all runs), ``moejobs_database_up``,
+    and per running run (labels ``run_id``, ``name``; a run's series end when it stops
+    running): ``moejobs_run_step``, ``moejobs_run_loss``, ``moejobs_run_tokens_per_sec`` (its
+    newest metric row; absent before the first)."""
 
     def __init__(self, state: State):
         self.state = state
@@ -230,6 +261,7 @@ class StateCollector:
             )
             rows.add_metric([], db["rows"])
             yield rows
+            yield from _run_gauges(db["running"])
         depth = GaugeMetricFamily(
             "moejobs_queue_depth", "Messages waiting in the broker queue", labels=["queue"]
         )
@@ -240,6 +272,27 @@ class StateCollector:
             depth.add_metric([queue], n)
         yield broker_up
         yield depth
+
+
+#: Per-run gauges: (metric name, key of ``_running``'s dicts, help).
+RUN_GAUGES = (
+    ("moejobs_run_step", "step", "Newest logged optimizer step of a running run"),
+    ("moejobs_run_loss", "loss", "Training loss at the newest logged step of a running run"),
+    (
+        "moejobs_run_tokens_per_sec",
+        "tokens_per_sec",
+        "Training tokens per second at the newest logged step of a running run",
+    ),
+)
+
+
+def _run_gauges(running: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
+    for metric, key, help_text in RUN_GAUGES:
+        family = GaugeMetricFamily(metric, help_text, labels=["run_id", "name"])
+        for run in running:
+            if run[key] is not None:
+                family.add_metric([run["id"], run["name"]], run[key])
+        yield family
 
 
 @router.get(

@@ -7,8 +7,10 @@ characters), and the value types LitGPT's keys accept in more than one spelling 
 from __future__ import annotations
 
 import math
+import re
 import typing
 import unicodedata
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -245,3 +247,74 @@ EvaluateExample = Annotated[
 ]
 
 Precision = Literal["bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true"]
+
+
+# -- tags and notes of runs (issue 11) ---------------------------------------------------------
+
+#: Most tags a run carries.
+MAX_TAGS = 32
+#: Longest tag (characters).
+TAG_MAX_CHARS = 64
+#: Longest note (characters).
+NOTE_MAX_CHARS = 10_000
+#: What a tag is: a letter or digit, then letters, digits and ``_ . - : = + /`` (so
+#: ``lr=3e-4``, ``exp:router-v2`` and ``team/alice`` are tags; spaces and commas are not).
+TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=+/-]*")
+TAG_RULE = (
+    f"1 to {TAG_MAX_CHARS} characters: a letter or digit, then letters, digits and _ . - : = + /"
+)
+
+
+def check_tag(value: str) -> str:
+    """``value`` when it is a tag (:data:`TAG_PATTERN`, at most :data:`TAG_MAX_CHARS`
+    characters); ValueError saying what a tag is otherwise."""
+    if not (len(value) <= TAG_MAX_CHARS and TAG_PATTERN.fullmatch(value)):
+        raise ValueError(f"invalid tag {value[:80]!r}: a tag is {TAG_RULE}")
+    return value
+
+
+def check_tags(values: Sequence[str]) -> list[str]:
+    """Every tag of ``values`` checked (:func:`check_tag`), duplicates dropped (first kept, in
+    order); ValueError for more than :data:`MAX_TAGS` distinct tags."""
+    tags = list(dict.fromkeys(check_tag(v) for v in values))
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags per run, got {len(tags)}")
+    return tags
+
+
+def check_note(value: str) -> str:
+    """``value`` when it is at most :data:`NOTE_MAX_CHARS` characters without control
+    characters other than newline, carriage return and tab; ValueError otherwise."""
+    if len(value) > NOTE_MAX_CHARS:
+        raise ValueError(f"a note is at most {NOTE_MAX_CHARS} characters, got {len(value)}")
+    bad = sorted({f"U+{ord(c):04X}" for c in value if _control(c)})
+    if bad:
+        raise ValueError(f"control characters are not allowed in a note (found {', '.join(bad)})")
+    return value
+
+
+def _control(c: str) -> bool:
+    code = ord(c)
+    return c not in "\n\r\t" and (code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF)
+
+
+#: A run's tags in a request: a list of tags (:func:`check_tags`: each 1 to 64
+#: characters, letters, digits and ``_ . - : = + /``; at most 32; duplicates dropped).
+Tags = Annotated[
+    list[str],
+    Field(
+        max_length=1000,
+        description=f"Labels to find the run again; each {TAG_RULE}; at most "
+        f"{MAX_TAGS} (duplicates dropped).",
+    ),
+    AfterValidator(check_tags),
+]
+#: A run's note in a request (:func:`check_note`).
+Note = Annotated[
+    str,
+    Field(
+        max_length=NOTE_MAX_CHARS,
+        description=f"Free text, at most {NOTE_MAX_CHARS} characters (newlines and tabs allowed).",
+    ),
+    AfterValidator(check_note),
+]

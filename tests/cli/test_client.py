@@ -137,7 +137,8 @@ def test_runs_lists_newest_first_with_paging(server, capsys):
 
     assert run_cli(["runs", "--url", server.url, "--limit", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["ID", "STATUS", "CREATED", "(UTC)", "PLANNED", "NAME"]
+    header = ["ID", "STATUS", "CREATED", "(UTC)", "STEP", "LOSS", "TOK/S", "NAME"]
+    assert out.splitlines()[0].split() == header
     assert ids[2] in out and "list-2" in out and "more: --cursor " in out
 
     assert run_cli(["runs", "--url", server.url, "--sort", "size"]) == 2
