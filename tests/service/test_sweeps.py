@@ -228,3 +228,30 @@ def test_the_api_process_imports_no_torch_with_optuna_loaded():
 def test_unknown_sweep(shared_sqlite_api: ApiEnv, path: str):
     r = shared_sqlite_api.client.get(path)
     assert r.status_code in (404, 422)
+
+
+def test_the_command_line_creates_follows_and_cancels(tmp_path, capsys):
+    from cli.main import main
+    from tests.support.client import live_server
+
+    with live_server(tmp_path / "srv") as server:
+        good = tmp_path / "sweep.yaml"
+        good.write_text(yaml.safe_dump(sweep_doc(), sort_keys=False))
+        assert main(["sweep", "create", str(good), "--url", server.url]) == 0
+        out = capsys.readouterr().out
+        assert "(lr-and-experts): running; grid, minimize val_loss" in out
+        sweep_id = out.split()[1]
+        assert out.count(" queued ") == 2 and out.count(" pending ") == 2, out
+
+        assert main(["sweep", "status", sweep_id, "--url", server.url]) == 0
+        assert "lr" in capsys.readouterr().out
+
+        assert main(["sweep", "cancel", sweep_id, "--url", server.url]) == 0
+        assert ": cancelled;" in capsys.readouterr().out
+        # --follow ends at once on an ended sweep, exit 1: it did not finish
+        assert main(["sweep", "status", sweep_id, "--follow", "--url", server.url]) == 1
+
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(sweep_doc(method="tpe")))
+        assert main(["sweep", "create", str(bad), "--url", server.url]) == 2
+        assert "max_runs: required for method tpe" in capsys.readouterr().err
