@@ -132,7 +132,7 @@ class SweepCreate(_Strict):
     max_runs: Annotated[int, Field(ge=1, le=10_000)] | None = None
     max_concurrent: Annotated[int, Field(ge=1, le=1000)] = 1
     early_stopping: EarlyStopping | None = None
-    seed: StrictInt = 0
+    seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
 
 
 def _refusal(errors: list[dict[str, Any]], what: str = "the sweep") -> InvalidSubmission:

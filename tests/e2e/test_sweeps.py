@@ -173,3 +173,34 @@ def test_median_early_stopping_prunes_a_far_too_small_learning_rate(stack: Stack
     assert checkpoints and checkpoints[-1].step == pruned["last_step"], checkpoints
     assert any("pruned by its sweep's median early stopping" in m for m in events), events
     assert Path(checkpoints[-1].path).is_dir()
+
+
+def test_a_tpe_sweep_on_two_workers_keeps_max_concurrent(stack: Stack):
+    doc = sweep_doc(
+        name="tpe",
+        method="tpe",
+        metric={"name": "loss", "goal": "minimize"},
+        parameters={LR: {"min": 1e-5, "max": 1e-2, "distribution": "log_uniform"}},
+        max_runs=8,
+        max_concurrent=2,
+        seed=3,
+    )
+    doc["base"]["train_config"]["train"]["min_lr"] = 1e-6
+    with TestClient(create_app(stack.settings)) as client:
+        r = client.post("/sweeps", json=doc)
+        assert r.status_code == 201, r.text
+        first = r.json()["trials"]  # two slots: two trials at once, the rest as slots free up
+        assert len(first) == 2 and {t["status"] for t in first} <= {"queued", "running"}
+        sweep = wait_ended(client, r.json()["id"], stack, timeout=150)
+    assert sweep["status"] == "finished", sweep
+    assert [t["status"] for t in sweep["trials"]] == ["succeeded"] * 8
+    assert sweep["best_trial"]["best_value"] == min(t["best_value"] for t in sweep["trials"])
+    runs = sweep_runs(stack, sweep["id"])
+    for run in runs:  # at each run's creation, at most 2 of the sweep's runs were unfinished
+        alive = [o for o in runs if o.created_at <= run.created_at < o.finished_at]
+        assert len(alive) <= 2, [(o.name, o.created_at, o.finished_at) for o in runs]
+    # and at no moment did more than 2 train at once
+    for run in runs:
+        assert run.started_at is not None
+        training = [o for o in runs if o.started_at <= run.started_at < o.finished_at]
+        assert len(training) <= 2
