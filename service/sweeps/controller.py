@@ -384,9 +384,8 @@ def _decide(
     elif spec.early_stopping is not None:
         result.pruned = _prune(session, sweep, spec, view)
     if not sweep.cancel_requested:
-        _create(session, settings, celery, sweep, spec, view, result)
-        view = view_sweep(session, sweep_id)
-    result.status = _maybe_finish(session, sweep, view)
+        _create(session, settings, celery, sweep, spec, view_sweep(session, sweep_id), result)
+    result.status = _maybe_finish(session, sweep, view_sweep(session, sweep_id))
 
 
 def _submit(

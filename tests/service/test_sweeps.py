@@ -255,3 +255,16 @@ def test_the_command_line_creates_follows_and_cancels(tmp_path, capsys):
         bad.write_text(yaml.safe_dump(sweep_doc(method="tpe")))
         assert main(["sweep", "create", str(bad), "--url", server.url]) == 2
         assert "max_runs: required for method tpe" in capsys.readouterr().err
+
+
+def test_a_plain_cancel_records_reason_requested(sqlite_api: ApiEnv):
+    from service import reads
+    from tests.support.api import body
+
+    run = sqlite_api.client.post("/runs", json=body()).json()
+    assert sqlite_api.client.post(f"/runs/{run['id']}/cancel").status_code == 200
+    with sqlite_api.session() as s:
+        row = reads.get_run(s, uuid.UUID(run["id"]))
+    assert row.status.value == "cancelled" and row.cancel_reason is not None
+    assert row.cancel_reason.value == "requested"
+    assert run["sweep_id"] is None and run["sweep_params"] is None
