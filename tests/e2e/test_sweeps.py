@@ -6,6 +6,9 @@ PostgreSQL database. The controller runs in the API after a create and in the wo
 - a 2x2 grid: four runs, each with its parameters in its resolved config, never more than
   ``max_concurrent`` queued or running, the best trial right; the API is restarted (a new app
   on the same database) right after the create, so the sweep goes on without it;
+- a TPE sweep of 8 trials never has more than ``max_concurrent`` runs queued or training;
+- a worker killed (SIGKILL) in the middle of a trial: the trial's run is recovered by the other
+  worker's reconciler (leases of 7 s, ``tests.support.faults.TIMING``) and the sweep finishes;
 - median early stopping prunes the trial whose learning rate is far too small (the stub's
   loss is higher below lr 1e-3, ``worker.stub``): it stops at a step boundary with a
   checkpoint and ends ``cancelled`` with reason ``pruned``.
@@ -30,6 +33,7 @@ from service.models import Run
 from service.settings import Settings
 from tests.support.api import MODEL, TRAIN
 from tests.support.db import create_pg_database, drop_pg_database
+from tests.support.faults import TIMING
 from tests.support.tiny import stdlib_text_files
 from tests.support.worker import WorkerProcess, require_redis, worker_settings
 
@@ -50,12 +54,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("sweeps")
     url = create_pg_database("moejobs_sweeps")
     settings = worker_settings(
-        root / "home",
-        url,
-        require_redis(),
-        engine="stub",
-        sweep_tick_seconds=0.5,
-        heartbeat_seconds=0.5,
+        root / "home", url, require_redis(), engine="stub", sweep_tick_seconds=0.5, **TIMING
     )
     migrate(settings)
     data = settings.data_root
@@ -204,3 +203,37 @@ def test_a_tpe_sweep_on_two_workers_keeps_max_concurrent(stack: Stack):
         assert run.started_at is not None
         training = [o for o in runs if o.started_at <= run.started_at < o.finished_at]
         assert len(training) <= 2
+
+
+def test_a_sweep_survives_a_worker_killed_in_the_middle(stack: Stack):
+    doc = sweep_doc(
+        name="kill",
+        metric={"name": "loss", "goal": "minimize"},
+        parameters={LR: {"values": [1e-3, 2e-3]}},
+    )
+    doc["base"]["train_config"]["train"]["max_tokens"] = 4 * 32 * 100  # 100 steps, 5 s
+    with TestClient(create_app(stack.settings)) as client:
+        r = client.post("/sweeps", json=doc)
+        assert r.status_code == 201, r.text
+        run_id = r.json()["trials"][0]["run_id"]
+
+        def running_somewhere():
+            with stack.db.session() as session:
+                run = reads.get_run(session, run_id)
+            return run.worker_id if run.status.value == "running" and run.attempt == 1 else None
+
+        deadline = time.monotonic() + 60
+        while (owner := running_somewhere()) is None:
+            assert time.monotonic() < deadline, stack.logs()
+            time.sleep(0.1)
+        victim = next(w for w in stack.workers if owner.endswith(w.worker_id_suffix))
+        time.sleep(1.0)  # a few steps and a checkpoint in
+        victim.kill()
+        sweep = wait_ended(client, r.json()["id"], stack, timeout=120)
+    stack.workers.remove(victim)
+    assert sweep["status"] == "finished", sweep
+    assert [t["status"] for t in sweep["trials"]] == ["succeeded", "succeeded"]
+    with stack.db.session() as session:
+        run = reads.get_run(session, run_id)
+    assert run.attempt >= 2 and run.worker_id != owner  # recovered on the other worker
+    assert sweep["trials"][0]["last_step"] == 100
