@@ -29,6 +29,7 @@ from service.api.models import (
     RunPage,
     RunPublic,
     SmokeTestPublic,
+    SweepPublic,
 )
 from service.api.openapi import ErrorBody
 
@@ -225,6 +226,14 @@ _ENGINE_EVENTS = TypeAdapter(list[EngineEventPublic])
 # -- the client -----------------------------------------------------------------------------------
 
 
+def _sweep_id(sweep_id: str) -> uuid.UUID:
+    """``sweep_id`` as a UUID; ClientError for anything else (never sent as a path)."""
+    try:
+        return uuid.UUID(str(sweep_id))
+    except ValueError:
+        raise ClientError(f"not a sweep id: {sweep_id!r} (expected a UUID)") from None
+
+
 class Api:
     """One connection to the API; use as a context manager. Every method sends one request
     and returns the decoded answer, or raises ClientError: server down or too slow, 401/403
@@ -375,6 +384,20 @@ class Api:
             run_path(run_id)  # a ClientError naming a malformed id
         response = self.request("GET", "/compare", params={"runs": ",".join(run_ids)})
         return _decode(response, Comparison)
+
+    # -- sweeps (issue 11)
+
+    def create_sweep(self, body: dict[str, Any]) -> SweepPublic:
+        """``POST /sweeps`` with a sweep document (README "Sweeps")."""
+        return _decode(self.request("POST", "/sweeps", json=body), SweepPublic)
+
+    def get_sweep(self, sweep_id: str) -> SweepPublic:
+        path = f"/sweeps/{_sweep_id(sweep_id)}"
+        return _decode(self.request("GET", path, what=f"sweep {sweep_id}"), SweepPublic)
+
+    def cancel_sweep(self, sweep_id: str) -> SweepPublic:
+        path = f"/sweeps/{_sweep_id(sweep_id)}/cancel"
+        return _decode(self.request("POST", path, what=f"sweep {sweep_id}"), SweepPublic)
 
     # -- smoke test
 

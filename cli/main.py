@@ -202,6 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_Command("runs:cmd_download"))
 
+    # -- sweeps (issue 11, cli.sweeps) --
+    c = sub.add_parser("sweep", help="sweeps on the server: create, status, cancel")
+    ssub = c.add_subparsers(dest="sweep_command", required=True)
+    sc_ = ssub.add_parser("create", parents=[common], help="create a sweep from a YAML/JSON file")
+    sc_.add_argument("file")
+    sc_.set_defaults(func=_Command("sweeps:cmd_sweep"))
+    sc_ = ssub.add_parser("status", parents=[common], help="show a sweep and its trials")
+    sc_.add_argument("sweep_id")
+    sc_.add_argument(
+        "--follow", "-f", action="store_true", help="until it ends (exit 0 only if finished)"
+    )
+    sc_.set_defaults(func=_Command("sweeps:cmd_sweep"))
+    sc_ = ssub.add_parser("cancel", parents=[common], help="cancel a sweep and its trials")
+    sc_.add_argument("sweep_id")
+    sc_.set_defaults(func=_Command("sweeps:cmd_sweep"))
+
     c = sub.add_parser(
         "smoke-test",
         parents=[common],

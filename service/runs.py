@@ -48,6 +48,7 @@ from service.models import (
     MAX_STEP,
     METRIC_COLUMNS,
     TERMINAL_STATUSES,
+    CancelReason,
     Checkpoint,
     FailureReason,
     MetricPoint,
@@ -302,6 +303,8 @@ def create_run(
     note: str | None = None,
     actor: str | None = "api",
     now: datetime | None = None,
+    sweep_id: uuid.UUID | None = None,
+    sweep_params: dict[str, Any] | None = None,
 ) -> tuple[Run, bool]:
     """Insert a queued run and its creation event (NULL -> queued); returns ``(run, created)``.
 
@@ -310,6 +313,8 @@ def create_run(
     ``write_checkpoints`` False makes the worker run the training without checkpoints (the
     smoke test; ``worker.runner``). ``tags`` and ``note`` are checked (:func:`check_tags`,
     :func:`check_note`: ValueError) and stored; :func:`set_labels` changes them later.
+    ``sweep_id``/``sweep_params``: the run is that sweep's trial with those parameters
+    (``service.sweeps``).
 
     Idempotency (per ``owner``): when ``idempotency_key`` was used before with the same
     ``body_hash``, nothing is inserted and ``(first run, False)`` is returned; with a different
@@ -356,6 +361,8 @@ def create_run(
                     note=note,
                     idempotency_key=idempotency_key,
                     request_hash=body_hash,
+                    sweep_id=sweep_id,
+                    sweep_params=sweep_params,
                     created_at=now,
                     queued_at=now,
                     updated_at=now,
@@ -496,13 +503,15 @@ def request_cancel(
     *,
     actor: str | None = "api",
     now: datetime | None = None,
+    reason: CancelReason = CancelReason.requested,
 ) -> Run:
     """Ask for a run to stop. A queued run is cancelled at once (queued -> cancelled; a
     later delivery of its message claims nothing). A running run gets ``cancel_requested``
     set and a running -> running event; its worker sees the flag on its next heartbeat,
     stops the training process and moves it to cancelled. Cancelling a cancelled run, or
-    asking twice, changes nothing. Raises RunNotFound, InvalidTransition for succeeded or
-    failed runs."""
+    asking twice, changes nothing. ``reason`` is recorded as the run's ``cancel_reason``
+    (``pruned`` and ``sweep_cancelled`` come from a sweep). Raises RunNotFound,
+    InvalidTransition for succeeded or failed runs."""
     now = aware_now(now)
     with write_transaction(session):
         run = _locked_run(session, run_id)
@@ -510,7 +519,7 @@ def request_cancel(
             return run
         if run.status in TERMINAL_STATUSES:
             raise InvalidTransition(run_id, run.status, S.cancelled, "the run already finished")
-        flag = {"cancel_requested": True, "cancel_requested_at": now}
+        flag = {"cancel_requested": True, "cancel_requested_at": now, "cancel_reason": reason}
         if run.status == S.queued:
             moved = _move(
                 session,

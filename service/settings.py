@@ -292,6 +292,12 @@ class Settings(BaseSettings):
         description="A run left queued (not claimed) for longer than this is re-enqueued by the "
         "reconciler, in case its broker message was lost.",
     )
+    sweep_tick_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How often every worker runs the sweep controller on the running sweeps "
+        "(creates trials as slots free up, applies early stopping; issue 11).",
+    )
     cancel_grace_seconds: float = Field(
         120.0,
         gt=0,

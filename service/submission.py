@@ -330,13 +330,16 @@ def submit_run(
     check_workers: bool = True,
     send: bool = True,
     write_checkpoints: bool = True,
+    sweep_id: uuid.UUID | None = None,
+    sweep_params: dict[str, Any] | None = None,
 ) -> Submitted:
     """Validate and create the run, then enqueue it (after the commit). With
     ``idempotency_key``: a retry with the same body returns the first run (``created``
     False, nothing enqueued again), a different body is a 409 (``IdempotencyConflict``).
     With ``send=False`` nothing is enqueued (``enqueued`` False): call :func:`send_run`
     afterwards, outside the database work. ``write_checkpoints`` False: the run's training
-    writes no checkpoint (the smoke test). Raises :class:`InvalidSubmission` as
+    writes no checkpoint (the smoke test). ``sweep_id``/``sweep_params`` make it a sweep's
+    trial (``service.sweeps.controller``). Raises :class:`InvalidSubmission` as
     :func:`prepare_run`."""
     body_hash = _submitted_hash(request)
     if idempotency_key is not None:
@@ -373,6 +376,9 @@ def submit_run(
         run_id=prepared.run_id,
         tags=request.tags,
         note=request.note,
+        sweep_id=sweep_id,
+        sweep_params=sweep_params,
+        actor="sweep" if sweep_id is not None else "api",
     )
     submitted = Submitted(run=run, created=created, enqueued=not created)
     return send_run(celery, submitted, prepare=settings.engine == "litgpt") if send else submitted

@@ -45,7 +45,7 @@ from typing import Any
 
 from service import reads, runs
 from service.db import Database, open_database, read_transaction
-from service.models import RunStatus
+from service.models import CancelReason, RunStatus
 from service.settings import Settings
 
 log = logging.getLogger("moejobs.reconciler")
@@ -160,6 +160,7 @@ def reconcile(
                         f"smoke test failed: {reads.SMOKE_TEST_NO_WORKER}",
                         actor="reconciler",
                         now=now,
+                        reason=CancelReason.no_worker,
                     )
                 except reads.RunError as error:  # finished or deleted meanwhile
                     log.info("smoke test %s: not cancelled (%s)", smoke.id, error)

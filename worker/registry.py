@@ -366,6 +366,10 @@ class WorkerRuntime:
             self._loops.append(
                 self._spawn("reconciler", interval_seconds(self.settings), self.reconcile_once)
             )
+            if self.settings.worker_role != "aux":  # sweeps: issue 11 (worker.sweeper)
+                self._loops.append(
+                    self._spawn("sweeps", self.settings.sweep_tick_seconds, self.tick_sweeps)
+                )
         self.started = True
         log.info(
             "worker %s registered (role %s, queues %s): %d GPU(s)%s",
@@ -434,6 +438,12 @@ class WorkerRuntime:
         if summary:
             log.info("reconciler: %s", summary)
         return summary
+
+    def tick_sweeps(self):
+        """One sweep controller pass (``worker.sweeper.tick_all``) as this worker."""
+        from worker.sweeper import tick_all
+
+        return tick_all(self.settings, self.database(), self.app(), self.worker_id)
 
     def resend_at_exit(self, run_id: uuid.UUID) -> None:
         """Send run ``run_id``'s message again when this worker stops (:meth:`stop`, after its

@@ -20,6 +20,7 @@ What it does, in the real engine's order and with its files:
    folders of dead writers are removed first;
 4. "trains": each optimizer step sleeps :data:`ENV_STEP_SECONDS` and writes a row of
    deterministic fake values to ``metrics.csv`` (every ``log_interval`` steps and the last;
+   the loss is higher for a learning rate below 1e-3: :meth:`_Engine.fake_loss`;
    ``val_loss`` on ``eval.interval`` steps) and the router fractions of every MoE layer to
    ``router.csv``; a checkpoint ``step-XXXXXXXX`` every ``save_interval`` steps and ``final/``
    at the end (unless ``--no-checkpoints``). A checkpoint folder holds ``lit_model.pth`` and
@@ -356,7 +357,11 @@ class _Engine:
     # -- fake training values -------------------------------------------------------------------
 
     def fake_loss(self, step: int) -> float:
-        return round(2.0 + 5.0 * math.exp(-step / 25.0), 6)
+        """``2 + 5 exp(-step / 25)``, plus ``log10(1e-3 / lr)`` for a learning rate below 1e-3
+        (lr 1e-5 adds 2.0): a learning rate far too small trains clearly worse, which the
+        sweep tests' early stopping and best trial rely on (lr >= 1e-3: unchanged)."""
+        penalty = max(0.0, math.log10(1e-3 / self.train.optimizer.lr))
+        return round(2.0 + 5.0 * math.exp(-step / 25.0) + penalty, 6)
 
     def metrics_row(self, step: int, val: float | None) -> dict[str, Any]:
         lr = self.plan.learning_rate(step, self.train.optimizer.lr, self.train.train.min_lr)

@@ -141,6 +141,10 @@ def train_run(run_id: str) -> dict[str, Any]:
         )
         raise
     moved = _finish_and_requeue(runtime, rid, attempt, outcome)
+    if moved is not None and moved.sweep_id is not None and moved.status != RunStatus.queued:
+        from worker.sweeper import tick_after_run  # a slot is free: the next trial goes now
+
+        tick_after_run(settings, db, runtime.app(), runtime.worker_id, moved.sweep_id)
     status = moved.status.value if moved is not None else "not recorded"
     log.info("run %s attempt %d: %s (%s)", rid, attempt, status, outcome.message)
     return {

@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.security import HTTPBearer
 
-from service.api import compare, datasets, presets, runs, smoke, system
+from service.api import compare, datasets, presets, runs, smoke, sweeps, system
 
 #: Documents the bearer token in OpenAPI (the check itself is ``middleware.AuthMiddleware``).
 bearer_scheme = HTTPBearer(
@@ -23,5 +23,6 @@ def routers() -> list[APIRouter]:
     protected.include_router(datasets.router)
     protected.include_router(smoke.router)
     protected.include_router(presets.router)
+    protected.include_router(sweeps.router)  # issue 11
     protected.include_router(system.protected_router)
     return [system.router, system.docs_router, protected]

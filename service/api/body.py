@@ -84,3 +84,18 @@ async def read_run_request(request: Request, *, default_name: str | None = None)
             f"application/yaml or multipart/form-data",
         )
     return run_request(parsed, default_name=default_name)
+
+
+async def read_document(request: Request) -> Any:
+    """A JSON or YAML request body parsed (``POST /sweeps``): the same parsers and refusals
+    as :func:`read_run_request` (415 for another media type, 422 ``invalid_document``), no
+    multipart."""
+    kind = media_type(request)
+    body = await request.body()
+    if kind in YAML_TYPES:
+        return _parse(body, ["body"], json=False)
+    if kind in JSON_TYPES or kind == "":
+        return _parse(body, ["body"], json=True)
+    raise ApiError(
+        415, f"unsupported Content-Type {kind!r}: send application/json or application/yaml"
+    )

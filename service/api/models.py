@@ -84,6 +84,12 @@ class RunPublic(BaseModel):
     )
     note: str | None = Field(default=None, description="Free text about the run.")
 
+    # -- issue 11, sweeps --
+    sweep_id: uuid.UUID | None = Field(None, description="The sweep whose trial this run is.")
+    sweep_params: dict[str, Any] | None = Field(
+        None, description="The trial's parameters: dotted paths -> values (sweeps only)."
+    )
+
     @classmethod
     def of(cls, run: Run | Row[Any], latest: Any = None) -> RunPublic:
         """From the run's row (a ``Run`` or a row with its attributes, e.g.
@@ -121,6 +127,8 @@ class RunPublic(BaseModel):
             else {"step": latest.step, **{c: getattr(latest, c) for c in METRIC_COLUMNS}},
             "tags": run.tags or [],
             "note": run.note,
+            "sweep_id": getattr(run, "sweep_id", None),
+            "sweep_params": getattr(run, "sweep_params", None),
         }
 
 
@@ -477,3 +485,130 @@ class SeriesPage(BaseModel):
 
     columns: list[str]
     series: list[RunSeries]
+
+
+# -- sweeps (issue 11) ----------------------------------------------------------------------------
+
+
+class SweepMetric(BaseModel):
+    name: str = Field(description="The metrics.csv column the sweep optimises.")
+    goal: Literal["minimize", "maximize"]
+
+
+class SweepTrialPublic(BaseModel):
+    """One trial: its parameters, where it is and its metric values."""
+
+    number: int = Field(description="From 0, in creation order; the run is <sweep name>-<number>.")
+    params: dict[str, Any]
+    status: str = Field(
+        description="The run's status (queued, running, succeeded, failed, cancelled); "
+        "pending (waiting for a free slot, no run yet); skipped (the point was invalid: "
+        "errors); deleted (its run was deleted)."
+    )
+    errors: list[dict[str, Any]] = Field(description="Why a skipped point was invalid.")
+    run_id: uuid.UUID | None
+    cancel_reason: str | None = Field(
+        description="pruned (median early stopping), sweep_cancelled or requested."
+    )
+    final_value: float | None = Field(description="The metric's last logged value.")
+    best_value: float | None = Field(description="The metric's best logged value (by goal).")
+    last_step: int | None = Field(description="Step of the last logged value.")
+
+    @classmethod
+    def of(cls, t: Any) -> SweepTrialPublic:
+        """From a ``service.sweeps.controller.TrialView``."""
+        return cls(
+            number=t.number,
+            params=t.params,
+            status=t.status,
+            errors=t.errors,
+            run_id=t.run_id,
+            cancel_reason=t.cancel_reason,
+            final_value=t.final_value,
+            best_value=t.best_value,
+            last_step=t.last_step,
+        )
+
+
+class SweepSummary(BaseModel):
+    """A sweep without its trials (``GET /sweeps``)."""
+
+    id: uuid.UUID
+    name: str
+    owner: str
+    status: str = Field(description="running, finished, failed or cancelled.")
+    method: Literal["grid", "random", "tpe"]
+    metric: SweepMetric
+    max_runs: int | None
+    max_concurrent: int
+    seed: int | None
+    end_reason: str | None
+    cancel_requested: bool
+    trial_counts: dict[str, int] = Field(description="Trials by status.")
+    best_trial: SweepTrialPublic | None = Field(
+        description="The succeeded trial with the best value (lower number on a tie)."
+    )
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    @staticmethod
+    def fields(view: Any) -> dict[str, Any]:
+        """From a ``service.sweeps.controller.SweepView``."""
+        s = view.sweep
+        counts: dict[str, int] = {}
+        for t in view.trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        return {
+            "id": s.id,
+            "name": s.name,
+            "owner": s.owner,
+            "status": s.status.value,
+            "method": s.method,
+            "metric": {"name": s.metric_name, "goal": s.metric_goal},
+            "max_runs": s.max_runs,
+            "max_concurrent": s.max_concurrent,
+            "seed": s.seed,
+            "end_reason": s.end_reason,
+            "cancel_requested": s.cancel_requested,
+            "trial_counts": counts,
+            "best_trial": SweepTrialPublic.of(view.best) if view.best is not None else None,
+            "created_at": s.created_at,
+            "updated_at": s.updated_at,
+            "finished_at": s.finished_at,
+        }
+
+    @classmethod
+    def of(cls, view: Any) -> SweepSummary:
+        return cls.model_validate(cls.fields(view))
+
+
+class SweepPublic(SweepSummary):
+    """A sweep with its document and every trial (``GET /sweeps/{id}``)."""
+
+    spec: dict[str, Any] = Field(description="The sweep document as validated.")
+    trials: list[SweepTrialPublic]
+
+    @classmethod
+    def of(cls, view: Any) -> SweepPublic:
+        return cls.model_validate(
+            {
+                **SweepSummary.fields(view),
+                "spec": view.sweep.spec,
+                "trials": [SweepTrialPublic.of(t) for t in view.trials],
+            }
+        )
+
+
+class SweepPage(BaseModel):
+    items: list[SweepSummary]
+
+
+class SweepValidation(BaseModel):
+    """``POST /sweeps/validate``: whether the sweep would be accepted, and its trials' points
+    (a grid's; empty for random and tpe, which sample as they go)."""
+
+    valid: bool
+    errors: list[dict[str, Any]]
+    warnings: list[IssueOut]
+    points: list[dict[str, Any]]
