@@ -2,7 +2,8 @@
 changes in ``service/runs.py``, the schema's history in ``migrations/``.
 
 Tables: ``runs``, ``run_events``, ``metric_points``, ``router_points``, ``checkpoints``,
-``workers``, ``throughput``, ``run_provenance``, ``sweeps``, ``sweep_trials``. Every constraint
+``workers``, ``throughput``, ``run_provenance``, ``sweeps``, ``sweep_trials``,
+``webhook_deliveries``. Every constraint
 and index is named by :data:`NAMING_CONVENTION` so that migrations can refer to them on every
 database.
 
@@ -292,6 +293,13 @@ class Run(Base, table=True):
         sa_type=JSONDoc,
         description="The trial's parameters: dotted paths into the two documents -> values.",
     )
+    webhooks: list[Any] = Field(
+        default_factory=list,
+        sa_type=JSONDoc,
+        sa_column_kwargs={"nullable": False, "server_default": "[]"},
+        description="Webhook subscriptions ``[{url, events}]`` (the submission's and the "
+        "server's MOEJOBS_WEBHOOK_URLS); see service/webhooks.py.",
+    )
 
 
 class RunEvent(Base, table=True):
@@ -556,6 +564,12 @@ class Sweep(Base, table=True):
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime())
+    webhooks: list[Any] = Field(
+        default_factory=list,
+        sa_type=JSONDoc,
+        sa_column_kwargs={"nullable": False, "server_default": "[]"},
+        description="Webhook subscriptions of the sweep's own end ``[{url, events}]``.",
+    )
 
 
 class SweepTrial(Base, table=True):
@@ -585,3 +599,59 @@ class SweepTrial(Base, table=True):
     created_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
     )
+
+
+class DeliveryState(str, enum.Enum):
+    """Where a webhook delivery is: ``pending`` (due at ``next_attempt_at``), ``delivered``
+    (a 2xx answer), ``failed`` (given up after MOEJOBS_WEBHOOK_MAX_ATTEMPTS attempts)."""
+
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
+class WebhookDelivery(Base, table=True):
+    """The webhook outbox: one event for one URL, written in the transaction that made the
+    event happen (a run's terminal move, a checkpoint, a sweep's end), so that an event is
+    recorded exactly when it happened. ``dedupe_key`` + ``url`` is unique: recording it twice
+    stores one row. A sender takes a due row with a lease (``lease_holder``/``lease_until``,
+    a conditional UPDATE), so two workers never send the same attempt; ``attempts`` counts
+    the attempts made. ``body`` is the exact JSON sent (the same bytes on every attempt)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("dedupe_key", "url"),
+        sa.Index(None, "state", "next_attempt_at"),
+        sa.CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    run_id: uuid.UUID | None = Field(
+        default=None, sa_type=sa.Uuid(), foreign_key="runs.id", ondelete="CASCADE", index=True
+    )
+    sweep_id: uuid.UUID | None = Field(
+        default=None, sa_type=sa.Uuid(), foreign_key="sweeps.id", ondelete="CASCADE", index=True
+    )
+    event: str = Field(
+        max_length=32, description="run.succeeded, run.checkpoint, sweep.finished..."
+    )
+    url: str = Field(max_length=2048)
+    dedupe_key: str = Field(max_length=200)
+    body: str = Field(sa_type=sa.Text(), sa_column_kwargs={"nullable": False})
+    state: DeliveryState = Field(
+        default=DeliveryState.pending,
+        sa_type=_enum(DeliveryState, "state"),
+        sa_column_kwargs={"nullable": False},
+    )
+    attempts: int = Field(default=0)
+    next_attempt_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+    lease_holder: str | None = Field(default=None, max_length=200)
+    lease_until: datetime | None = Field(default=None, sa_type=UTCDateTime())
+    last_status_code: int | None = Field(default=None)
+    last_error: str | None = Field(default=None, sa_type=sa.Text())
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime(), sa_column_kwargs={"nullable": False}
+    )
+    delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime())

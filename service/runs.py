@@ -33,6 +33,7 @@ import logging
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -41,7 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from service import contract
+from service import contract, webhooks
 from service.config.fields import check_note, check_tags
 from service.db import read_transaction, write_transaction
 from service.models import (
@@ -50,6 +51,7 @@ from service.models import (
     TERMINAL_STATUSES,
     CancelReason,
     Checkpoint,
+    DeliveryState,
     FailureReason,
     MetricPoint,
     RouterPoint,
@@ -58,6 +60,7 @@ from service.models import (
     RunProvenance,
     RunStatus,
     Throughput,
+    WebhookDelivery,
     Worker,
     WorkerRole,
     aware_now,
@@ -277,7 +280,209 @@ def _move(
             .where(col(Worker.current_run_id) == run_id)
             .values(current_run_id=None)
         )
+    if to_status in TERMINAL_STATUSES and run.webhooks:
+        add_deliveries(
+            session,
+            run.webhooks,
+            to_status.value,
+            event=f"run.{to_status.value}",
+            dedupe_key=f"run:{run.id}:end",
+            data={"run": _hook_run(run)},
+            run_id=run.id,
+            now=now,
+        )
     return run
+
+
+# -- webhooks: the outbox ---------------------------------------------------------------------
+
+
+def _hook_run(run: Run) -> dict[str, Any]:
+    """What a run's webhook body says about it."""
+    return {
+        "id": str(run.id),
+        "name": run.name,
+        "status": run.status.value,
+        "failure_reason": run.failure_reason.value if run.failure_reason else None,
+        "cancel_reason": run.cancel_reason.value if run.cancel_reason else None,
+        "attempt": run.attempt,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "sweep_id": str(run.sweep_id) if run.sweep_id else None,
+        "tags": list(run.tags or []),
+    }
+
+
+def add_deliveries(
+    session: Session,
+    hooks: Sequence[Mapping[str, Any]],
+    kind: str,
+    *,
+    event: str,
+    dedupe_key: str,
+    data: Mapping[str, Any],
+    run_id: uuid.UUID | None = None,
+    sweep_id: uuid.UUID | None = None,
+    now: datetime,
+) -> int:
+    """Inside the caller's transaction: record one webhook delivery of ``event`` (body
+    :func:`service.webhooks.body_text` of ``data``) for every subscription in ``hooks`` whose
+    ``events`` name ``kind`` (``succeeded``, ``checkpoint``, ``finished``...), due now.
+    Recording the same ``dedupe_key`` for a URL again stores nothing (ON CONFLICT DO
+    NOTHING). Returns how many rows were inserted."""
+    urls = list(dict.fromkeys(str(h["url"]) for h in hooks if kind in (h.get("events") or ())))
+    if not urls:
+        return 0
+    rows = []
+    for url in urls:
+        delivery_id = uuid.uuid4()
+        rows.append(
+            {
+                "id": delivery_id,
+                "run_id": run_id,
+                "sweep_id": sweep_id,
+                "event": event,
+                "url": url,
+                "dedupe_key": dedupe_key,
+                "body": webhooks.body_text(delivery_id, event, dict(data)),
+                "state": DeliveryState.pending,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+        )
+    table = table_of(WebhookDelivery)
+    stmt = (
+        _insert(session, table)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["dedupe_key", "url"])
+        .returning(table.c.id)
+    )
+    return len(session.execute(stmt).all())
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    """A delivery a sender claimed (:func:`claim_deliveries`): what to send where."""
+
+    id: uuid.UUID
+    event: str
+    url: str
+    body: str
+    attempts: int
+    run_id: uuid.UUID | None
+    sweep_id: uuid.UUID | None
+
+
+def claim_deliveries(
+    session: Session,
+    holder: str,
+    *,
+    limit: int = 20,
+    lease_seconds: float = webhooks.LEASE_SECONDS,
+    now: datetime | None = None,
+) -> list[DueDelivery]:
+    """Take up to ``limit`` pending deliveries that are due (``next_attempt_at <= now``) and
+    not leased by another sender: each with a conditional UPDATE that sets ``lease_holder``
+    and ``lease_until = now + lease_seconds``, so two senders never take the same attempt
+    (the loser's UPDATE matches no row). Oldest due first."""
+    now = aware_now(now)
+    free = sa.or_(
+        col(WebhookDelivery.lease_until).is_(None), col(WebhookDelivery.lease_until) < now
+    )
+    pending = col(WebhookDelivery.state) == DeliveryState.pending
+    claimed: list[DueDelivery] = []
+    with write_transaction(session):
+        ids = session.exec(
+            select(WebhookDelivery.id)
+            .where(pending, col(WebhookDelivery.next_attempt_at) <= now, free)
+            .order_by(col(WebhookDelivery.next_attempt_at))
+            .limit(limit)
+        ).all()
+        for delivery_id in ids:
+            row = (
+                session.execute(
+                    sa.update(WebhookDelivery)
+                    .where(col(WebhookDelivery.id) == delivery_id, pending, free)
+                    .values(lease_holder=holder, lease_until=now + timedelta(seconds=lease_seconds))
+                    .returning(WebhookDelivery)
+                    .execution_options(populate_existing=True, synchronize_session=False)
+                )
+                .scalars()
+                .first()
+            )
+            if row is not None:
+                claimed.append(
+                    DueDelivery(
+                        id=row.id,
+                        event=row.event,
+                        url=row.url,
+                        body=row.body,
+                        attempts=row.attempts,
+                        run_id=row.run_id,
+                        sweep_id=row.sweep_id,
+                    )
+                )
+    return claimed
+
+
+def record_delivery(
+    session: Session,
+    delivery_id: uuid.UUID,
+    holder: str,
+    *,
+    status_code: int | None,
+    error: str | None,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> WebhookDelivery | None:
+    """Record one attempt of a delivery ``holder`` claimed: a 2xx ``status_code`` (and no
+    ``error``) delivers it; otherwise it is due again after
+    :func:`service.webhooks.backoff_seconds`, or given up (``failed``) after
+    ``max_attempts`` attempts. Frees the lease and writes a line in the run's history
+    (``status -> status``, actor ``webhooks``). Returns the row, or None when ``holder`` no
+    longer holds it (its lease expired and another sender took it: nothing is written)."""
+    now = aware_now(now)
+    with write_transaction(session):
+        row = session.exec(
+            select(WebhookDelivery)
+            .where(
+                col(WebhookDelivery.id) == delivery_id,
+                col(WebhookDelivery.lease_holder) == holder,
+                col(WebhookDelivery.state) == DeliveryState.pending,
+            )
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).first()
+        if row is None:
+            return None
+        attempts = row.attempts + 1
+        ok = error is None and status_code is not None and 200 <= status_code < 300
+        answer = f"HTTP {status_code}" if status_code is not None else (error or "no answer")
+        target = f"webhook {row.event} to {webhooks.shown_url(row.url)}"
+        if ok:
+            row.state, row.delivered_at = DeliveryState.delivered, now
+            message = f"{target}: delivered ({answer}, attempt {attempts})"
+        elif attempts >= max_attempts:
+            row.state = DeliveryState.failed
+            message = f"{target}: given up after {attempts} attempts (last: {answer})"
+        else:
+            delay = webhooks.backoff_seconds(attempts)
+            row.next_attempt_at = now + timedelta(seconds=delay)
+            message = (
+                f"{target}: attempt {attempts} of {max_attempts} failed ({answer}); "
+                f"next in {delay:.0f} s"
+            )
+        row.attempts = attempts
+        row.lease_holder, row.lease_until = None, None
+        row.last_status_code = status_code
+        row.last_error = None if ok else (error or answer)[:1000]
+        session.add(row)
+        if row.run_id is not None:
+            run = session.get(Run, row.run_id)
+            if run is not None:
+                _add_event(session, run, run.status, run.status, message, at=now, actor="webhooks")
+        session.flush()
+        return row
 
 
 # -- creation -----------------------------------------------------------------------------------
@@ -305,6 +510,7 @@ def create_run(
     now: datetime | None = None,
     sweep_id: uuid.UUID | None = None,
     sweep_params: dict[str, Any] | None = None,
+    webhooks: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[Run, bool]:
     """Insert a queued run and its creation event (NULL -> queued); returns ``(run, created)``.
 
@@ -314,7 +520,8 @@ def create_run(
     smoke test; ``worker.runner``). ``tags`` and ``note`` are checked (:func:`check_tags`,
     :func:`check_note`: ValueError) and stored; :func:`set_labels` changes them later.
     ``sweep_id``/``sweep_params``: the run is that sweep's trial with those parameters
-    (``service.sweeps``).
+    (``service.sweeps``). ``webhooks``: subscriptions ``[{url, events}]`` already checked
+    (``service.webhooks.RunWebhook``); the run's terminal move records their deliveries.
 
     Idempotency (per ``owner``): when ``idempotency_key`` was used before with the same
     ``body_hash``, nothing is inserted and ``(first run, False)`` is returned; with a different
@@ -363,6 +570,7 @@ def create_run(
                     request_hash=body_hash,
                     sweep_id=sweep_id,
                     sweep_params=sweep_params,
+                    webhooks=[dict(h) for h in webhooks],
                     created_at=now,
                     queued_at=now,
                     updated_at=now,
@@ -971,7 +1179,8 @@ def record_checkpoint(
     """Record a complete checkpoint folder ``name`` (``step-00000500`` or ``final``) at
     ``path``. ``step`` defaults to the number in a ``step-N`` name (for ``final`` pass the step
     it was written at if known). Idempotent by (run, name): recording again updates path, step
-    and size (a resumed attempt may rewrite the folder) and keeps ``created_at``. Fenced by
+    and size (a resumed attempt may rewrite the folder) and keeps ``created_at``. The first
+    record of a name records the ``checkpoint`` webhook deliveries of the run. Fenced by
     ``attempt``. Returns the stored row. Raises RunNotFound, LeaseLost."""
     now = aware_now(now)
     if step is None:
@@ -979,6 +1188,17 @@ def record_checkpoint(
     with write_transaction(session):
         run = _locked_run(session, run_id, shared=True)
         _check_fence(run, attempt)
+        if run.webhooks:
+            add_deliveries(
+                session,
+                run.webhooks,
+                "checkpoint",
+                event="run.checkpoint",
+                dedupe_key=f"run:{run.id}:checkpoint:{name}",
+                data={"run": _hook_run(run), "checkpoint": {"name": name, "step": step}},
+                run_id=run.id,
+                now=now,
+            )
         stmt = _insert(session, table_of(Checkpoint)).values(
             run_id=run_id,
             name=name,

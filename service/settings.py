@@ -35,6 +35,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
+from service.webhooks import check_url
+
 ENV_PREFIX = "MOEJOBS_"
 
 #: Host names that only ever resolve to this machine.
@@ -55,7 +57,9 @@ class UnsafeSettingsError(Exception):
 
 
 #: Settings whose values are never repeated in a message: they may carry a password or token.
-_SECRET_FIELDS = frozenset({"api_token", "database_url", "broker_url"})
+_SECRET_FIELDS = frozenset(
+    {"api_token", "database_url", "broker_url", "webhook_secret", "webhook_urls"}
+)
 
 #: pydantic error types -> what was expected, for values that do not parse.
 _EXPECTED = {
@@ -420,6 +424,30 @@ class Settings(BaseSettings):
         description="SQLite only: how long a writer waits for the database lock before failing.",
     )
 
+    # -- webhooks (issue 11) ------------------------------------------------------------------
+    webhook_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated http(s) URLs that every run notifies when it ends (signed "
+        "POST; README: Webhooks), besides those a submission names. Needs WEBHOOK_SECRET.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Key of the HMAC-SHA256 signature of every webhook delivery (at least 16 "
+        "characters). Required for webhooks: without it a submission naming webhooks is a 422.",
+    )
+    webhook_max_attempts: int = Field(
+        6,
+        ge=1,
+        le=20,
+        description="Delivery attempts of one webhook event before it is given up (retries "
+        "back off exponentially: 10 s, 20 s, 40 s ...).",
+    )
+    webhook_tick_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often every worker sends the webhook deliveries that are due.",
+    )
+
     # -- validators -------------------------------------------------------------------------
 
     @field_validator("worker_gpus", mode="before")
@@ -445,6 +473,24 @@ class Settings(BaseSettings):
             if len(set(indices)) != len(indices):
                 raise ValueError(f"GPU indices repeat: {indices}")
             return indices
+        return value
+
+    @field_validator("webhook_urls", mode="before")
+    @classmethod
+    def _parse_webhook_urls(cls, value: object) -> object:
+        """A comma-separated string or a list; each an http(s) URL (``check_url``)."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            return [check_url(str(v)) for v in value]
+        return value
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _long_webhook_secret(cls, value: object) -> object:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and len(text.strip()) < 16:
+            raise ValueError("needs at least 16 characters (a long random string)")
         return value
 
     @field_validator("database_url")
@@ -491,6 +537,11 @@ class Settings(BaseSettings):
                 f"MOEJOBS_HOST={self.host} listens beyond this machine but MOEJOBS_API_TOKEN has "
                 f"{len(self.api_token.get_secret_value())} characters: it needs at least "
                 f"{MIN_REMOTE_TOKEN_LENGTH} there (make one with {MAKE_TOKEN}), or listen on 127.0.0.1"
+            )
+        if self.webhook_urls and self.webhook_secret is None:
+            raise UnsafeSettingsError(
+                "MOEJOBS_WEBHOOK_URLS is set but MOEJOBS_WEBHOOK_SECRET is not: deliveries must "
+                f"be signed; set a long random secret ({MAKE_TOKEN})"
             )
         if self.heartbeat_seconds >= self.lease_seconds:
             raise UnsafeSettingsError(

@@ -35,6 +35,7 @@ from service.estimate import estimate
 from service.models import Run
 from service.queue import enqueue_prepare, enqueue_run
 from service.settings import Settings
+from service.webhooks import MAX_WEBHOOKS, RunWebhook
 
 __all__ = [
     "RunCreate",
@@ -50,6 +51,7 @@ __all__ = [
     "Submitted",
     "submit_run",
     "send_run",
+    "run_webhooks",
 ]
 
 log = logging.getLogger("moejobs.api")
@@ -84,6 +86,12 @@ class RunCreate(BaseModel):
     )
     tags: Tags = Field(default_factory=list)
     note: Note | None = None
+    webhooks: list[RunWebhook] = Field(
+        default_factory=list,
+        max_length=MAX_WEBHOOKS,
+        description="Webhook subscriptions: at most 8 ``{url, events}``; each gets a signed "
+        "POST when the run ends (README: Webhooks).",
+    )
 
 
 class InvalidSubmission(Exception):
@@ -160,7 +168,10 @@ def run_request(doc: Any, *, default_name: str | None = None) -> RunCreate:
             if err.get("type") == "missing":
                 msg = "required key is missing"
             elif err.get("type") == "extra_forbidden":
-                msg = "unknown key; expected name, preset, train_config, model_config, tags, note"
+                msg = (
+                    "unknown key; expected name, preset, train_config, model_config, tags, "
+                    "note, webhooks"
+                )
             errors.append(
                 _field(["body", *err.get("loc", ())], msg, str(err.get("type", "value_error")))
             )
@@ -208,6 +219,12 @@ def prepare_run(
     ``check_workers`` is False). Raises :class:`InvalidSubmission` (``validation_error`` for an
     unknown preset, ``invalid_config`` with every field path, or ``unschedulable``)."""
     run_id = run_id or uuid.uuid4()
+    if request.webhooks and settings.webhook_secret is None:
+        raise _invalid(
+            ["body", "webhooks"],
+            "this server has no MOEJOBS_WEBHOOK_SECRET to sign webhook deliveries with; ask "
+            "its operator to set one, or leave webhooks out",
+        )
     preset = request.preset
     if preset is not None and not (allow_reserved_preset and preset in RESERVED_PRESETS):
         if preset not in list_presets():
@@ -305,7 +322,18 @@ def _submitted_hash(request: RunCreate) -> str:
         document["tags"] = request.tags
     if request.note is not None:
         document["note"] = request.note
+    if request.webhooks:
+        document["webhooks"] = [h.model_dump() for h in request.webhooks]
     return runs_service.request_hash(document)
+
+
+def run_webhooks(settings: Settings, request: RunCreate) -> list[dict[str, Any]]:
+    """The subscriptions stored with a run: the request's, then each of the server's
+    ``MOEJOBS_WEBHOOK_URLS`` (the terminal events) that the request does not name."""
+    hooks = [h.model_dump() for h in request.webhooks]
+    named = {h["url"] for h in hooks}
+    hooks += [RunWebhook(url=url).model_dump() for url in settings.webhook_urls if url not in named]
+    return hooks
 
 
 @dataclass
@@ -379,6 +407,7 @@ def submit_run(
         sweep_id=sweep_id,
         sweep_params=sweep_params,
         actor="sweep" if sweep_id is not None else "api",
+        webhooks=run_webhooks(settings, request),
     )
     submitted = Submitted(run=run, created=created, enqueued=not created)
     return send_run(celery, submitted, prepare=settings.engine == "litgpt") if send else submitted

@@ -370,6 +370,10 @@ class WorkerRuntime:
                 self._loops.append(
                     self._spawn("sweeps", self.settings.sweep_tick_seconds, self.tick_sweeps)
                 )
+            # webhooks: issue 11 (worker.webhooks); every role sends, leases keep it once
+            self._loops.append(
+                self._spawn("webhooks", self.settings.webhook_tick_seconds, self.send_webhooks)
+            )
         self.started = True
         log.info(
             "worker %s registered (role %s, queues %s): %d GPU(s)%s",
@@ -444,6 +448,12 @@ class WorkerRuntime:
         from worker.sweeper import tick_all
 
         return tick_all(self.settings, self.database(), self.app(), self.worker_id)
+
+    def send_webhooks(self):
+        """One webhook pass (``worker.webhooks.send_due``) as this worker."""
+        from worker.webhooks import send_due
+
+        return send_due(self.settings, self.database(), self.worker_id)
 
     def resend_at_exit(self, run_id: uuid.UUID) -> None:
         """Send run ``run_id``'s message again when this worker stops (:meth:`stop`, after its
