@@ -1,0 +1,241 @@
+"""Webhooks end to end on SQLite and PostgreSQL: a run ends through ``service.runs``, the
+outbox row is written with the move, and ``worker.webhooks.send_due`` delivers it to a real
+HTTP receiver started here, signed, once; after a refused first attempt it arrives on the
+retry; a sender that no longer holds the lease records nothing; the attempts are lines of the
+run's history."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from service import reads, runs, webhooks
+from service.db import Database, read_transaction
+from service.models import DeliveryState, RunStatus, WebhookDelivery
+from service.settings import Settings
+from tests.support.db import settings_for
+from worker.webhooks import send_due
+
+SECRET = "s3cret-for-the-webhook-tests-0123"
+T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records every POST and answers ``status``."""
+
+    def __init__(self, port: int = 0, status: int = 200):
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.status = status
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                receiver.requests.append((dict(self.headers.items()), body))
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook?token=abc"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hook_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return settings_for(tmp_path, webhook_secret=SecretStr(SECRET), **overrides)
+
+
+def ended_run(db: Database, url: str, events: list[str] | None = None, now: datetime = T0):
+    """A run with one subscription, claimed and moved to succeeded at ``now``."""
+    hook = webhooks.RunWebhook(url=url, **({"events": events} if events else {}))
+    with db.session() as s:
+        run, _ = runs.create_run(
+            s,
+            name="hooked",
+            submitted_train={},
+            submitted_model={},
+            resolved_train={},
+            resolved_model={},
+            webhooks=[hook.model_dump()],
+            tags=["t1"],
+            now=now,
+        )
+        runs.claim_run(s, run.id, "w1", 60, now=now)
+        if events and "checkpoint" in events:
+            runs.record_checkpoint(s, run.id, "step-00000002", "/x", attempt=1, now=now)
+            runs.record_checkpoint(s, run.id, "step-00000002", "/x", attempt=1, now=now)
+        return runs.transition(s, run.id, RunStatus.succeeded, "done", attempt=1, now=now)
+
+
+def deliveries(db: Database) -> list[WebhookDelivery]:
+    with db.session() as s, read_transaction(s):
+        from sqlmodel import select
+
+        return list(s.exec(select(WebhookDelivery)).all())
+
+
+def history(db: Database, run_id: uuid.UUID) -> list[str]:
+    with db.session() as s:
+        return [e.message for e in reads.list_events(s, run_id) if e.actor == "webhooks"]
+
+
+def check_signed(request: tuple[dict[str, str], bytes]) -> dict[str, Any]:
+    headers, body = request
+    assert headers["Content-Type"] == "application/json"
+    assert webhooks.verify(
+        SECRET, headers["X-Moejobs-Timestamp"], body, headers["X-Moejobs-Signature"]
+    )
+    assert not webhooks.verify("another-secret-of-16+", headers["X-Moejobs-Timestamp"], body,
+                               headers["X-Moejobs-Signature"])  # fmt: skip
+    tampered = body.replace(b"succeeded", b"failed")
+    assert not webhooks.verify(
+        SECRET, headers["X-Moejobs-Timestamp"], tampered, headers["X-Moejobs-Signature"]
+    )
+    return dict(json.loads(body))
+
+
+def test_terminal_event_arrives_once_signed(database: Database, tmp_path: Path, receiver):
+    settings = hook_settings(tmp_path)
+    run = ended_run(database, receiver.url)
+    [row] = deliveries(database)
+    assert (row.event, row.state, row.run_id) == ("run.succeeded", DeliveryState.pending, run.id)
+
+    summary = send_due(settings, database, "w1")
+    assert summary.delivered == [str(row.id)]
+    assert len(receiver.requests) == 1
+    doc = check_signed(receiver.requests[0])
+    assert doc["event"] == "run.succeeded" and doc["id"] == str(row.id)
+    assert doc["run"]["id"] == str(run.id) and doc["run"]["status"] == "succeeded"
+    assert doc["run"]["tags"] == ["t1"]
+    assert receiver.requests[0][0]["X-Moejobs-Delivery"] == str(row.id)
+    assert SECRET not in receiver.requests[0][1].decode()
+
+    # a second pass (another worker) sends nothing more
+    assert send_due(settings, database, "w2").delivered == []
+    assert len(receiver.requests) == 1
+    [row] = deliveries(database)
+    assert (row.state, row.attempts, row.last_status_code) == (DeliveryState.delivered, 1, 200)
+    [line] = history(database, run.id)
+    assert "run.succeeded" in line and "delivered (HTTP 200, attempt 1)" in line
+    assert "token=abc" not in line  # the query (a receiver's token) stays out of the history
+
+
+def test_receiver_down_first_then_delivered_on_retry_once(database: Database, tmp_path: Path):
+    settings = hook_settings(tmp_path, webhook_max_attempts=3)
+    port = free_port()
+    run = ended_run(database, f"http://127.0.0.1:{port}/hook")
+
+    first = send_due(settings, database, "w1", now=T0)  # nobody listens: refused
+    assert first.retried and not first.delivered
+    [row] = deliveries(database)
+    assert row.attempts == 1 and row.state == DeliveryState.pending
+    assert row.next_attempt_at == T0 + timedelta(seconds=webhooks.backoff_seconds(1))
+    assert row.lease_holder is None
+
+    receiver = Receiver(port)
+    try:
+        # not due yet: nothing is sent before the backoff has passed
+        assert send_due(settings, database, "w1", now=T0 + timedelta(seconds=1)).retried == []
+        assert receiver.requests == []
+        later = T0 + timedelta(seconds=webhooks.backoff_seconds(1))
+        assert send_due(settings, database, "w2", now=later).delivered == [str(row.id)]
+        assert send_due(settings, database, "w1", now=later + timedelta(hours=1)).delivered == []
+        assert len(receiver.requests) == 1
+        doc = check_signed(receiver.requests[0])
+        assert doc["run"]["id"] == str(run.id)
+    finally:
+        receiver.close()
+    lines = history(database, run.id)
+    assert len(lines) == 2
+    assert "attempt 1 of 3 failed (ConnectError" in lines[0] and "next in 10 s" in lines[0]
+    assert "delivered (HTTP 200, attempt 2)" in lines[1]
+
+
+def test_given_up_after_max_attempts(database: Database, tmp_path: Path, receiver):
+    settings = hook_settings(tmp_path, webhook_max_attempts=2)
+    receiver.status = 500
+    run = ended_run(database, receiver.url)
+    send_due(settings, database, "w1", now=T0)
+    summary = send_due(settings, database, "w1", now=T0 + timedelta(hours=2))
+    assert len(summary.given_up) == 1
+    assert send_due(settings, database, "w1", now=T0 + timedelta(days=2)).retried == []
+    assert len(receiver.requests) == 2
+    [row] = deliveries(database)
+    assert (row.state, row.attempts, row.last_status_code) == (DeliveryState.failed, 2, 500)
+    assert "given up after 2 attempts (last: HTTP 500)" in history(database, run.id)[-1]
+
+
+def test_a_claimed_delivery_is_sent_by_one_sender_only(database: Database, tmp_path: Path):
+    ended_run(database, "http://127.0.0.1:9/never")
+    with database.session() as s:
+        [mine] = runs.claim_deliveries(s, "w1", now=T0)
+    with database.session() as s:
+        assert runs.claim_deliveries(s, "w2", now=T0) == []  # leased by w1
+    with database.session() as s:  # w1's lease expired: w2 takes it; w1 may record nothing
+        [theirs] = runs.claim_deliveries(s, "w2", now=T0 + timedelta(minutes=5))
+    assert theirs.id == mine.id
+    with database.session() as s:
+        assert (
+            runs.record_delivery(s, mine.id, "w1", status_code=200, error=None, max_attempts=3)
+            is None
+        )
+    [row] = deliveries(database)
+    assert row.state == DeliveryState.pending and row.lease_holder == "w2"
+
+
+def test_checkpoint_events_once_per_checkpoint_and_settings_urls(
+    database: Database, tmp_path: Path, receiver
+):
+    settings = hook_settings(tmp_path)
+    run = ended_run(database, receiver.url, events=["checkpoint", "failed"])
+    # the checkpoint was recorded twice: one delivery; succeeded is not subscribed
+    assert [d.event for d in deliveries(database)] == ["run.checkpoint"]
+    send_due(settings, database, "w1")
+    [(_, body)] = receiver.requests
+    doc = json.loads(body)
+    assert doc["checkpoint"] == {"name": "step-00000002", "step": 2}
+    assert doc["run"]["id"] == str(run.id)
+
+
+def test_no_secret_sends_nothing(database: Database, tmp_path: Path, receiver):
+    ended_run(database, receiver.url)
+    assert send_due(settings_for(tmp_path), database, "w1").delivered == []
+    assert receiver.requests == []
+    [row] = deliveries(database)
+    assert row.state == DeliveryState.pending and row.attempts == 0
