@@ -21,7 +21,13 @@ from service.db import (
     schema_is_current,
 )
 from service.models import Run, metadata
-from service.settings import Settings, UnsafeSettingsError, get_settings, use_settings
+from service.settings import (
+    InvalidSettingsError,
+    Settings,
+    UnsafeSettingsError,
+    get_settings,
+    use_settings,
+)
 from tests.support import REPO
 from tests.support.db import create_pg_database, drop_pg_database, settings_for
 
@@ -36,6 +42,7 @@ TABLES = {
     "throughput",
     "sweeps",
     "sweep_trials",
+    "webhook_deliveries",
 }
 
 
@@ -485,3 +492,27 @@ def test_postgresql_ends_a_session_frozen_inside_a_transaction(tmp_path, postgre
     finally:
         frozen.dispose()
         other.dispose()
+
+
+def test_webhook_settings(clean_env, tmp_path):
+    """WEBHOOK_URLS is a comma-separated list of http(s) URLs that needs a secret of at
+    least 16 characters; no message repeats the secret or a URL."""
+    secret = "a-webhook-secret-of-32-characters"
+    s = settings_for(
+        tmp_path, webhook_urls="http://a.example/x, https://b.example/y", webhook_secret=secret
+    )
+    assert s.webhook_urls == ["http://a.example/x", "https://b.example/y"]
+    assert secret not in repr(s) and secret not in str(s.model_dump())
+    assert Settings(**{**s.model_dump(), "webhook_secret": secret}).webhook_urls == s.webhook_urls
+    with pytest.raises(UnsafeSettingsError, match="MOEJOBS_WEBHOOK_SECRET"):
+        settings_for(tmp_path, webhook_urls="http://a.example/x")
+    for bad in ("ftp://a.example/x", "http://user:pw@a.example/x", "http:///x"):
+        with pytest.raises(ValidationError) as error:
+            settings_for(tmp_path, webhook_urls=bad, webhook_secret=secret)
+        text = str(InvalidSettingsError.from_exception(error.value))
+        assert "MOEJOBS_WEBHOOK_URLS" in text and "pw@" not in text
+    with pytest.raises(ValidationError) as error:
+        settings_for(tmp_path, webhook_secret="short-secret")
+    text = str(InvalidSettingsError.from_exception(error.value))
+    assert "MOEJOBS_WEBHOOK_SECRET: needs at least 16 characters" in text
+    assert "short-secret" not in text

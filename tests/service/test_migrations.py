@@ -365,6 +365,56 @@ POPULATE: dict[str, list[tuple[str, dict]]] = {
             dict(id=1, run_id=RUN_A, name="final", step=4, path="/r/a/final", created_at=T0),
         ),
     ],
+    "0006": [
+        (
+            "sweeps",
+            dict(
+                id=uuid.UUID(int=0x5),
+                name="s",
+                owner="local",
+                status="finished",
+                method="grid",
+                metric_name="val_loss",
+                metric_goal="minimize",
+                max_runs=None,
+                max_concurrent=2,
+                seed=0,
+                spec={},
+                cancel_requested=False,
+                created_at=T0,
+                updated_at=T0,
+                finished_at=T0,
+            ),
+        ),
+        (
+            "runs",
+            dict(
+                id=RUN_A,
+                name="a",
+                owner="local",
+                status="succeeded",
+                preset="cpu-tiny",
+                write_checkpoints=True,
+                submitted_train={},
+                submitted_model={},
+                resolved_train={},
+                resolved_model={},
+                estimate=None,
+                warnings=[],
+                attempt=1,
+                failures=0,
+                created_at=T0,
+                queued_at=T0,
+                updated_at=T0,
+                finished_at=T0,
+                cancel_requested=False,
+                tags=["x"],
+                note="n",
+                sweep_id=uuid.UUID(int=0x5),
+                sweep_params={"train_config.optimizer.init_args.lr": 0.001},
+            ),
+        ),
+    ],
 }
 
 
@@ -561,6 +611,36 @@ def test_upgrade_keeps_the_rows_of_a_populated_database(fresh_settings, step):
                 conn.execute(sa.text("DELETE FROM runs"))
                 left = conn.execute(sa.text("SELECT run_id FROM sweep_trials")).scalar_one()
             assert left is None
+        if (before, after) == ("0006", "0007"):
+            # existing runs and sweeps subscribe to nothing; the outbox starts empty
+            assert [r["webhooks"] for r in new["runs"]] in ([[]], ["[]"])
+            assert [r["webhooks"] for r in new["sweeps"]] in ([[]], ["[]"])
+            assert new["webhook_deliveries"] == []
+            dialect = engine.dialect.name
+            row = {
+                "run": _stored(RUN_A, dialect),
+                "t": T0,
+                "body": '{"event":"run.succeeded"}',
+            }
+            insert = (
+                "INSERT INTO webhook_deliveries (id, run_id, event, url, dedupe_key, body, state,"
+                " attempts, next_attempt_at, created_at) VALUES (:id, :run, 'run.succeeded',"
+                " 'http://h/x', 'run:a:end', :body, 'pending', 0, :t, :t)"
+            )
+            with engine.begin() as conn:
+                conn.execute(sa.text(insert), {**row, "id": _stored(uuid.UUID(int=1), dialect)})
+            with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:  # once per URL
+                conn.execute(sa.text(insert), {**row, "id": _stored(uuid.UUID(int=2), dialect)})
+            for bad in (
+                "UPDATE webhook_deliveries SET state='lost'",
+                "UPDATE webhook_deliveries SET attempts=-1",
+            ):
+                with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+                    conn.execute(sa.text(bad))
+            with engine.begin() as conn:  # deleting the run deletes its deliveries
+                conn.execute(sa.text("DELETE FROM runs"))
+                left = conn.execute(sa.text("SELECT count(*) FROM webhook_deliveries"))
+                assert left.scalar_one() == 0
     finally:
         engine.dispose()
 
