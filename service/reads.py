@@ -36,6 +36,7 @@ from service.models import (
     RunEvent,
     RunStatus,
     Throughput,
+    WebhookDelivery,
     Worker,
     WorkerRole,
     aware_now,
@@ -340,6 +341,19 @@ def list_events(session: Session, run_id: uuid.UUID) -> list[RunEvent]:
             select(RunEvent).where(col(RunEvent.run_id) == run_id).order_by(col(RunEvent.id))
         )
     )
+
+
+def list_deliveries(
+    session: Session, *, run_id: uuid.UUID | None = None, sweep_id: uuid.UUID | None = None
+) -> list[WebhookDelivery]:
+    """The webhook deliveries of a run or of a sweep (its own events), oldest first."""
+    stmt = select(WebhookDelivery)
+    if run_id is not None:
+        stmt = stmt.where(col(WebhookDelivery.run_id) == run_id)
+    if sweep_id is not None:
+        stmt = stmt.where(col(WebhookDelivery.sweep_id) == sweep_id)
+    order = (col(WebhookDelivery.created_at), col(WebhookDelivery.event), col(WebhookDelivery.url))
+    return list(session.exec(stmt.order_by(*order)))
 
 
 # -- reconciler queries ------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from sqlalchemy import Row
 
 from service.config.fields import Note, Tags, check_path_text
 from service.contract import METRIC_COLUMNS, EngineEvent
-from service.models import Checkpoint, RouterPoint, Run, RunEvent, Worker
+from service.models import Checkpoint, RouterPoint, Run, RunEvent, WebhookDelivery, Worker
+from service.webhooks import shown_url
 
 
 class IssueOut(BaseModel):
@@ -182,6 +183,37 @@ class EventPublic(BaseModel):
             message=e.message,
             actor=e.actor,
             attempt=e.attempt,
+        )
+
+
+class WebhookDeliveryPublic(BaseModel):
+    """One webhook delivery (README: Webhooks): one event for one URL and its attempts."""
+
+    id: uuid.UUID = Field(description="Also the body's id and the X-Moejobs-Delivery header.")
+    event: str = Field(description="run.succeeded, run.failed, run.cancelled, run.checkpoint, "
+                       "sweep.finished, sweep.failed, sweep.cancelled")  # fmt: skip
+    url: str = Field(description="The receiver, without its query string.")
+    state: str = Field(description="pending, delivered or failed (given up)")
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="When a pending one is tried next.")
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+    @classmethod
+    def of(cls, d: WebhookDelivery) -> WebhookDeliveryPublic:
+        return cls(
+            id=d.id,
+            event=d.event,
+            url=shown_url(d.url),
+            state=d.state.value,
+            attempts=d.attempts,
+            next_attempt_at=d.next_attempt_at if d.state.value == "pending" else None,
+            last_status_code=d.last_status_code,
+            last_error=d.last_error,
+            created_at=d.created_at,
+            delivered_at=d.delivered_at,
         )
 
 

@@ -52,6 +52,7 @@ from service.api.models import (
     RunPage,
     RunPublic,
     ValidationReport,
+    WebhookDeliveryPublic,
 )
 from service.api.openapi import errors
 from service.api.series import downsample, to_csv
@@ -539,6 +540,23 @@ async def list_events(run: RunDep, gate: GateDep) -> Response:
 
     def work(session: Session) -> list[EventPublic]:
         return [EventPublic.of(e) for e in reads.list_events(session, run.id)]
+
+    return await gate.json(work)
+
+
+@router.get(
+    "/runs/{run_id}/webhooks",
+    response_model=list[WebhookDeliveryPublic],
+    summary="Webhook deliveries of the run",
+    responses=errors(404, 503),
+)
+async def list_webhooks(run: RunDep, gate: GateDep) -> Response:
+    """The run's webhook deliveries (README: Webhooks), oldest first: event, receiver (without
+    its query string), state, attempts, the last answer. Each attempt is also a line of
+    ``GET /runs/{id}/events``."""
+
+    def work(session: Session) -> list[WebhookDeliveryPublic]:
+        return [WebhookDeliveryPublic.of(d) for d in reads.list_deliveries(session, run_id=run.id)]
 
     return await gate.json(work)
 

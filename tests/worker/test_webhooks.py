@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,44 +22,10 @@ from service.db import Database, read_transaction
 from service.models import DeliveryState, RunStatus, WebhookDelivery
 from service.settings import Settings
 from tests.support.db import settings_for
+from tests.support.webhooks import SECRET, Receiver, check_signed
 from worker.webhooks import send_due
 
-SECRET = "s3cret-for-the-webhook-tests-0123"
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
-
-
-class Receiver:
-    """A real HTTP server on 127.0.0.1 that records every POST and answers ``status``."""
-
-    def __init__(self, port: int = 0, status: int = 200):
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.status = status
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-                length = int(self.headers.get("Content-Length", "0"))
-                body = self.rfile.read(length)
-                receiver.requests.append((dict(self.headers.items()), body))
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook?token=abc"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -113,21 +77,6 @@ def deliveries(db: Database) -> list[WebhookDelivery]:
 def history(db: Database, run_id: uuid.UUID) -> list[str]:
     with db.session() as s:
         return [e.message for e in reads.list_events(s, run_id) if e.actor == "webhooks"]
-
-
-def check_signed(request: tuple[dict[str, str], bytes]) -> dict[str, Any]:
-    headers, body = request
-    assert headers["Content-Type"] == "application/json"
-    assert webhooks.verify(
-        SECRET, headers["X-Moejobs-Timestamp"], body, headers["X-Moejobs-Signature"]
-    )
-    assert not webhooks.verify("another-secret-of-16+", headers["X-Moejobs-Timestamp"], body,
-                               headers["X-Moejobs-Signature"])  # fmt: skip
-    tampered = body.replace(b"succeeded", b"failed")
-    assert not webhooks.verify(
-        SECRET, headers["X-Moejobs-Timestamp"], tampered, headers["X-Moejobs-Signature"]
-    )
-    return dict(json.loads(body))
 
 
 def test_terminal_event_arrives_once_signed(database: Database, tmp_path: Path, receiver):
