@@ -13,10 +13,17 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 from sqlmodel import Session
 
+from service import reads
 from service.api.body import read_document
 from service.api.deps import CeleryDep, GateDep, SettingsDep
 from service.api.errors import ApiError
-from service.api.models import SweepPage, SweepPublic, SweepSummary, SweepValidation
+from service.api.models import (
+    SweepPage,
+    SweepPublic,
+    SweepSummary,
+    SweepValidation,
+    WebhookDeliveryPublic,
+)
 from service.api.openapi import errors
 from service.submission import InvalidSubmission
 from service.sweeps import controller
@@ -132,6 +139,24 @@ async def get_sweep(sweep_id: uuid.UUID, gate: GateDep) -> Response:
     """The sweep, its document, every trial (parameters, status, final and best metric value,
     run id) and its best trial."""
     return await gate.json(_view, sweep_id)
+
+
+@router.get(
+    "/sweeps/{sweep_id}/webhooks",
+    response_model=list[WebhookDeliveryPublic],
+    summary="Webhook deliveries of the sweep's end",
+    responses=errors(404, 503),
+)
+async def list_sweep_webhooks(sweep_id: uuid.UUID, gate: GateDep) -> Response:
+    """The deliveries of the sweep's own end (README: Webhooks), oldest first; its trials'
+    are each run's ``GET /runs/{id}/webhooks``."""
+
+    def work(session: Session) -> list[WebhookDeliveryPublic]:
+        _view(session, sweep_id)  # 404 for an unknown sweep
+        rows = reads.list_deliveries(session, sweep_id=sweep_id)
+        return [WebhookDeliveryPublic.of(d) for d in rows if d.run_id is None]
+
+    return await gate.json(work)
 
 
 @router.post(

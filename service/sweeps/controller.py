@@ -130,6 +130,7 @@ def create_sweep(session: Session, checked: CheckedSweep, *, owner: str = "local
             max_concurrent=sweep.max_concurrent,
             seed=sweep.seed,
             spec=sweep.model_dump(mode="json", by_alias=True),
+            webhooks=[h.model_dump() for h in sweep.webhooks],
         )
         session.add(row)
         session.flush()
@@ -673,12 +674,36 @@ def _maybe_finish(session: Session, sweep: Sweep, view: SweepView) -> str:
         )
     now = aware_now(None)
     with write_transaction(session):
-        session.execute(
+        ended = session.execute(
             sa.update(Sweep)
             .where(col(Sweep.id) == sweep.id, col(Sweep.status) == SweepStatus.running)
             .values(status=status, end_reason=reason, finished_at=now, updated_at=now)
+            .returning(col(Sweep.webhooks))
             .execution_options(synchronize_session=False)
-        )
+        ).first()
+        if ended is not None and ended[0]:  # webhooks: recorded with the move (issue 11)
+            best = view.best
+            runs_service.add_deliveries(
+                session,
+                ended[0],
+                status.value,
+                event=f"sweep.{status.value}",
+                dedupe_key=f"sweep:{sweep.id}:end",
+                data={
+                    "sweep": {
+                        "id": str(sweep.id),
+                        "name": sweep.name,
+                        "status": status.value,
+                        "end_reason": reason,
+                        "metric": sweep.metric_name,
+                        "best_run_id": str(best.run_id) if best and best.run_id else None,
+                        "best_value": best.best_value if best else None,
+                        "finished_at": now.isoformat(),
+                    }
+                },
+                sweep_id=sweep.id,
+                now=now,
+            )
     log.info("sweep %s %s: %s", sweep.id, status.value, reason)
     return status.value
 

@@ -37,6 +37,7 @@ from service.config.presets import list_presets, load_preset
 from service.contract import METRIC_COLUMNS
 from service.settings import Settings
 from service.submission import InvalidSubmission, Prepared, RunCreate, prepare_run, run_request
+from service.webhooks import MAX_WEBHOOKS, SweepWebhook
 
 __all__ = [
     "GRID_MAX_POINTS",
@@ -133,6 +134,12 @@ class SweepCreate(_Strict):
     max_concurrent: Annotated[int, Field(ge=1, le=1000)] = 1
     early_stopping: EarlyStopping | None = None
     seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
+    webhooks: list[SweepWebhook] = Field(
+        default_factory=list,
+        max_length=MAX_WEBHOOKS,
+        description="Webhook subscriptions of the sweep's own end: at most 8 ``{url, events}`` "
+        "(README: Webhooks). Trials notify the server's MOEJOBS_WEBHOOK_URLS only.",
+    )
 
 
 def _refusal(errors: list[dict[str, Any]], what: str = "the sweep") -> InvalidSubmission:
@@ -292,6 +299,16 @@ def check_sweep(session: Session, settings: Settings, sweep: SweepCreate) -> Che
     names a key of the resolved documents and no preset replaces it, and, for a grid, every
     point validates (a 422 listing each invalid point and its errors). Raises
     ``InvalidSubmission``."""
+    if sweep.webhooks and settings.webhook_secret is None:
+        raise _refusal(
+            [
+                _error(
+                    ["body", "webhooks"],
+                    "this server has no MOEJOBS_WEBHOOK_SECRET to sign webhook deliveries "
+                    "with; ask its operator to set one, or leave webhooks out",
+                )
+            ]
+        )
     if sweep.base.preset is not None and sweep.base.preset not in list_presets():
         raise _refusal(
             [

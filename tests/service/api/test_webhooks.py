@@ -5,6 +5,7 @@ answer."""
 
 from __future__ import annotations
 
+import copy
 import uuid
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from service import runs
 from service.models import RunStatus
-from tests.support.api import body
+from tests.support.api import MODEL, TRAIN, body
 from tests.support.webhooks import SECRET, Receiver, check_signed
 from worker.webhooks import send_due
 
@@ -88,3 +89,52 @@ def test_a_run_that_ends_notifies_its_and_the_servers_urls(make_api: Any, receiv
     for path in (f"/runs/{run_id}", f"/runs/{run_id}/webhooks", f"/runs/{run_id}/events"):
         assert SECRET not in api.client.get(path).text
     assert api.client.get(f"/runs/{uuid.uuid4()}/webhooks").status_code == 404
+
+
+def sweep_doc(**extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "name": "hooked-sweep",
+        "base": {"train_config": copy.deepcopy(TRAIN), "model_config": copy.deepcopy(MODEL)},
+        "method": "grid",
+        "metric": {"name": "val_loss", "goal": "minimize"},
+        "parameters": {"train_config.optimizer.init_args.lr": {"values": [0.001, 0.003]}},
+        "max_concurrent": 1,
+    }
+    doc.update(extra)
+    return doc
+
+
+def test_a_sweep_that_ends_notifies_its_urls(make_api: Any, receiver):
+    api = make_api("sqlite", webhook_secret=SECRET)
+    bad = api.client.post("/sweeps", json=sweep_doc(webhooks=[{"url": "gopher://x/"}]))
+    assert bad.status_code == 422
+    assert bad.json()["errors"][0]["loc"] == ["body", "webhooks", 0, "url"]
+    bad = api.client.post(
+        "/sweeps", json=sweep_doc(webhooks=[{"url": receiver.url, "events": ["succeeded"]}])
+    )
+    assert bad.status_code == 422 and "unknown events" in bad.json()["errors"][0]["msg"]
+
+    r = api.client.post("/sweeps", json=sweep_doc(webhooks=[{"url": receiver.url}]))
+    assert r.status_code == 201, r.text
+    sweep = r.json()
+    trial_run = sweep["trials"][0]["run_id"]
+    assert api.client.post(f"/sweeps/{sweep['id']}/cancel").json()["status"] == "cancelled"
+    assert len(send_due(api.settings, api.db, "w1").delivered) == 1
+    assert send_due(api.settings, api.db, "w2").delivered == []
+    [request] = receiver.requests
+    doc = check_signed(request)
+    assert doc["event"] == "sweep.cancelled"
+    assert doc["sweep"]["id"] == sweep["id"] and doc["sweep"]["status"] == "cancelled"
+    shown = api.client.get(f"/sweeps/{sweep['id']}/webhooks").json()
+    assert [(d["event"], d["state"]) for d in shown] == [("sweep.cancelled", "delivered")]
+    # the trials do not notify the sweep's URLs (their runs have no subscription here)
+    assert api.client.get(f"/runs/{trial_run}/webhooks").json() == []
+    assert api.client.get(f"/sweeps/{uuid.uuid4()}/webhooks").status_code == 404
+
+
+def test_sweep_webhooks_need_the_servers_secret(sqlite_api):
+    r = sqlite_api.client.post(
+        "/sweeps", json=sweep_doc(webhooks=[{"url": "https://example.com/h"}])
+    )
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["loc"] == ["body", "webhooks"]
