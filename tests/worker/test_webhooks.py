@@ -21,6 +21,7 @@ from service import reads, runs, webhooks
 from service.db import Database, read_transaction
 from service.models import DeliveryState, RunStatus, WebhookDelivery
 from service.settings import Settings
+from tests.support import REPO
 from tests.support.db import settings_for
 from tests.support.webhooks import SECRET, Receiver, check_signed
 from worker.webhooks import send_due
@@ -188,3 +189,23 @@ def test_no_secret_sends_nothing(database: Database, tmp_path: Path, receiver):
     assert receiver.requests == []
     [row] = deliveries(database)
     assert row.state == DeliveryState.pending and row.attempts == 0
+
+
+def test_the_readmes_receiver_snippet_verifies_a_delivery(
+    database: Database, tmp_path: Path, receiver
+):
+    """The verification snippet of README "Webhooks" accepts a real delivery and refuses a
+    changed body, another secret and an old timestamp."""
+    section = (REPO / "README.md").read_text().split("### Webhooks", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(snippet, scope)  # noqa: S102 - the README's own code
+    verify = scope["verify"]
+    ended_run(database, receiver.url)
+    send_due(hook_settings(tmp_path), database, "w1")  # now: the clock (a fresh timestamp)
+    [(headers, body)] = receiver.requests
+    assert verify(SECRET, headers, body)
+    assert not verify(SECRET, headers, body + b" ")
+    assert not verify("another-secret-0123456789", headers, body)
+    old = {**headers, "X-Moejobs-Timestamp": str(int(headers["X-Moejobs-Timestamp"]) - 3600)}
+    assert not verify(SECRET, old, body)
