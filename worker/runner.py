@@ -310,11 +310,13 @@ def training_env(
     trainer deadline, checkpoint-write allowance and engine among them), the repository on
     PYTHONPATH, unbuffered output, the parent-death marker, the worker's GPUs in
     CUDA_VISIBLE_DEVICES when it owns a subset, and the contract's attempt and heartbeat-pipe
-    variables when given."""
+    variables when given. Not the webhook secret and URLs: the training sends nothing."""
     env = dict(os.environ)
     for name in (contract.ENV_ATTEMPT, contract.ENV_WATCHDOG_FD):
         env.pop(name, None)
     env.update(settings.to_env())
+    for name in ("MOEJOBS_WEBHOOK_SECRET", "MOEJOBS_WEBHOOK_URLS"):  # the workers send them
+        env.pop(name, None)
     if attempt is not None:
         env[contract.ENV_ATTEMPT] = str(attempt)
     if watchdog_fd is not None:

@@ -209,3 +209,14 @@ def test_the_readmes_receiver_snippet_verifies_a_delivery(
     assert not verify("another-secret-0123456789", headers, body)
     old = {**headers, "X-Moejobs-Timestamp": str(int(headers["X-Moejobs-Timestamp"]) - 3600)}
     assert not verify(SECRET, old, body)
+
+
+def test_the_training_process_gets_neither_secret_nor_urls(tmp_path: Path, monkeypatch):
+    from worker.runner import WorkerInfo, training_env
+
+    monkeypatch.setenv("MOEJOBS_WEBHOOK_SECRET", SECRET)
+    settings = hook_settings(tmp_path, webhook_urls="https://example.com/h")
+    env = training_env(settings, WorkerInfo(worker_id="w1"), attempt=1)
+    assert "MOEJOBS_WEBHOOK_SECRET" not in env and "MOEJOBS_WEBHOOK_URLS" not in env
+    assert SECRET not in " ".join(env.values())
+    assert env["MOEJOBS_ENGINE"] == settings.engine
