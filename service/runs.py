@@ -464,7 +464,8 @@ def record_delivery(
             message = f"{target}: delivered ({answer}, attempt {attempts})"
         elif attempts >= max_attempts:
             row.state = DeliveryState.failed
-            message = f"{target}: given up after {attempts} attempts (last: {answer})"
+            plural = "s" if attempts != 1 else ""
+            message = f"{target}: given up after {attempts} attempt{plural} (last: {answer})"
         else:
             delay = webhooks.backoff_seconds(attempts)
             row.next_attempt_at = now + timedelta(seconds=delay)

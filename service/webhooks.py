@@ -23,6 +23,7 @@ import uuid
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 #: Events a run's subscription may name; the default is the terminal three.
@@ -67,6 +68,11 @@ def check_url(url: str) -> str:
         raise ValueError(f"a webhook URL must start with http:// or https://, got {url[:40]!r}")
     if not parts.hostname:
         raise ValueError("a webhook URL needs a host")
+    try:  # what the sender will have to do with the host: IDNA labels, httpx's parser
+        parts.hostname.encode("idna")
+        httpx.URL(url)
+    except Exception as error:  # UnicodeError, idna's errors, httpx.InvalidURL
+        raise ValueError(f"not a valid host name: {error}") from None
     if parts.username is not None or parts.password is not None:
         raise ValueError("a webhook URL may not carry user:password@ (sign with the secret)")
     return url

@@ -83,8 +83,8 @@ def send_due(
             error: str | None = None
             try:
                 status = _post(client, delivery.url, body, headers)
-            except httpx.HTTPError as exc:
-                error = f"{exc.__class__.__name__}: {exc}"[:300] or exc.__class__.__name__
+            except Exception as exc:  # httpx's errors, and a host httpx cannot encode
+                error = f"{exc.__class__.__name__}: {exc}"[:300]
             with db.session() as session:
                 row = runs.record_delivery(
                     session,

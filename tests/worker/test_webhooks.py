@@ -220,3 +220,18 @@ def test_the_training_process_gets_neither_secret_nor_urls(tmp_path: Path, monke
     assert "MOEJOBS_WEBHOOK_SECRET" not in env and "MOEJOBS_WEBHOOK_URLS" not in env
     assert SECRET not in " ".join(env.values())
     assert env["MOEJOBS_ENGINE"] == settings.engine
+
+
+def test_a_url_the_client_cannot_use_is_retried_then_given_up(
+    database: Database, tmp_path: Path, receiver
+):
+    """A host that passes the submission's checks but that httpx cannot encode is a failed
+    attempt like a refused connection: the pass goes on with the other deliveries."""
+    settings = hook_settings(tmp_path, webhook_max_attempts=1)
+    bad = ended_run(database, "http://xn--a.example/hook")
+    good = ended_run(database, receiver.url)
+    summary = send_due(settings, database, "w1")
+    assert len(summary.given_up) == 1 and len(summary.delivered) == 1
+    assert len(receiver.requests) == 1
+    assert "given up after 1 attempt (last: InvalidCodepoint" in history(database, bad.id)[-1]
+    assert "delivered" in history(database, good.id)[-1]

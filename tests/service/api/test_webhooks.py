@@ -32,6 +32,7 @@ def receiver():
         ([{"url": "http://u:p@example.com/"}], ["body", "webhooks", 0, "url"], "user:password"),
         ([{"url": "https://" + "a" * 2050}], ["body", "webhooks", 0, "url"], "at most 2048"),
         ([{"url": "/relative"}], ["body", "webhooks", 0, "url"], "http:// or https://"),
+        ([{"url": "http://a..b/"}], ["body", "webhooks", 0, "url"], "not a valid host name"),
         (
             [{"url": "https://example.com/", "events": ["exploded"]}],
             ["body", "webhooks", 0, "events"],
