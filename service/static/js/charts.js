@@ -273,6 +273,13 @@ export function axisScale(values, log) {
   return { kind: 'linear', pos, ticks: linearTicks(lo, hi, 4).map((v) => ({ v, label: fmtNum(v), at: pos(v) })) };
 }
 
+/** At most max of the ticks, evenly picked, the first and last kept. */
+function thin(ticks, max) {
+  if (ticks.length <= max) return ticks;
+  const step = Math.ceil((ticks.length - 1) / Math.max(1, max - 1));
+  return ticks.filter((t, i) => i % step === 0 || i === ticks.length - 1 && (ticks.length - 1) % step >= step / 2);
+}
+
 /** Colour of a metric value on a green (best) to red (worst) ramp; t in [0, 1], 0 = best. */
 export function rampColor(t) {
   const a = [23, 163, 152]; const b = [228, 87, 46];
@@ -320,7 +327,7 @@ export function parallelCoords(axes, rows, opts = {}) {
       const x = ax(i);
       const g = s('g', { class: 'axis pc-axis', 'data-key': a.key, 'data-scale': scales[i].kind });
       g.append(s('line', { class: 'pc-axis-line', x1: x, x2: x, y1: m.t, y2: m.t + H }));
-      for (const t of scales[i].ticks) {
+      for (const t of thin(scales[i].ticks, Math.max(2, Math.floor(H / 22)))) {
         if (t.at === null || t.at < -1e-9 || t.at > 1 + 1e-9) continue;
         g.append(s('line', { class: 'pc-tick', x1: x - 3, x2: x, y1: ay(t.at), y2: ay(t.at) }),
           s('text', { x: x - 5, y: ay(t.at) + 3.5, 'text-anchor': 'end', text: t.label.length > 12 ? t.label.slice(0, 11) + '…' : t.label }));
@@ -371,7 +378,7 @@ export function scatterChart(points, opts = {}) {
       axis.append(s('line', { class: 'gridline', x1: m.l, x2: m.l + W, y1: y, y2: y }),
         s('text', { x: m.l - 6, y: y + 3.5, 'text-anchor': 'end', text: t.label }));
     }
-    for (const t of xs.ticks) {
+    for (const t of thin(xs.ticks, Math.max(2, Math.floor(W / 52)))) {
       if (t.at === null || t.at < -1e-9 || t.at > 1 + 1e-9) continue;
       const x = m.l + 8 + t.at * (W - 16);
       axis.append(s('text', { x, y: m.t + H + 14, 'text-anchor': 'middle', text: t.label.length > 10 ? t.label.slice(0, 9) + '…' : t.label }));

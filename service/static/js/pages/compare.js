@@ -27,9 +27,8 @@ export function compareView(root, alive, ids) {
     h('section', { class: 'card', style: { marginBottom: '16px' } },
       h('div', { class: 'card-head' }, h('h2', {}, 'Loss (train)'), h('span', { class: 'spacer' }), smoothing), lossHolder),
     h('div', { style: { marginBottom: '16px' } }, smallHolder),
-    h('div', { class: 'grid-2' },
-      h('section', { class: 'card' }, h('h2', {}, 'Final and best metrics'), summary),
-      h('section', { class: 'card' }, h('h2', {}, 'Config keys that differ'), diffs)));
+    h('section', { class: 'card', style: { marginBottom: '16px' } }, h('h2', {}, 'Final and best metrics'), summary),
+    h('section', { class: 'card' }, h('h2', {}, 'Config keys that differ'), diffs));
 
   const name = (i) => (st.comparison ? st.comparison.runs[i].name : shortId(ids[i]));
   /** points [[step, value]] of one run's column (GET /compare/metrics is column-wise). */
