@@ -309,3 +309,30 @@ def test_the_new_pages_load_only_this_server_s_scripts(server, clean):
     clean.wait_for("document.querySelector('#validate-status').textContent === 'valid'")
     doc = yaml.safe_load(clean.evaluate("document.querySelector('#sweep-doc').value"))
     assert "out_dir" not in doc["base"]["train_config"]
+
+
+def test_sweep_axes_are_log_categorical_or_linear(server, clean):
+    """The rule of the sweep plots' axes (js/charts.js), run in the page: log for a log_uniform
+    parameter or positive values spanning more than two decades, categorical for any value that
+    is not a number, linear otherwise."""
+    clean.goto(server.url + "/#/sweeps")
+    clean.wait_for("document.querySelector('[data-action=new-sweep]')")
+    got = clean.evaluate(
+        "import('./static/js/charts.js').then((c) => ["
+        " c.wantsLog([0.001, 0.002], 'log_uniform'), c.wantsLog([1e-4, 3e-2]),"
+        " c.wantsLog([1e-4, 1e-2]), c.wantsLog([4, 8]), c.wantsLog(['a', 'b']),"
+        " c.axisScale([1e-4, 3e-2], true).kind, c.axisScale([4, 8], false).kind,"
+        " c.axisScale(['adamw', 'sgd', 'adamw'], false).ticks.map((t) => [t.label, t.at]),"
+        " c.axisScale([true, false], true).kind])"
+    )
+    assert got == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        "log",
+        "linear",
+        [["adamw", 0], ["sgd", 1]],
+        "category",
+    ]
