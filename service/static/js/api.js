@@ -194,3 +194,46 @@ export function validateRun(doc) { return api('/runs/validate', { method: 'POST'
 export function submitRun(doc, key) {
   return api('/runs', { method: 'POST', body: runForm(doc), headers: key ? { 'Idempotency-Key': key } : {} });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Many runs: tags and notes, comparison, sweeps. Answers: RunPublic, Comparison, SeriesPage,
+// SweepPage, SweepPublic, SweepValidation (service/api/models.py).
+
+/** GET /runs with the list's filters: status, name (substring, any case), tags (every one),
+ *  limit, cursor. RunPage {items, next_cursor}. */
+export function filterRuns({ status, name, tags, limit, cursor }) {
+  const q = new URLSearchParams(query({ status, name, limit, cursor }));
+  for (const t of tags || []) q.append('tag', t);
+  return api(`/runs?${q.toString()}`);
+}
+/** PATCH /runs/{id}: change {tags?, add_tags?, remove_tags?, note?}; RunPublic. A 422's body
+ *  names the field (errors: [{loc: ["body", "add_tags"], msg}]). */
+export function patchRun(id, change) {
+  return api(runPath(id), { method: 'PATCH', body: JSON.stringify(change), headers: { 'Content-Type': 'application/json' } });
+}
+/** GET /compare?runs=A,B: Comparison {runs: [ComparedRun], differences: [{key, values}], left_out}. */
+export function compareRuns(ids) { return api(`/compare?runs=${ids.map(encodeURIComponent).join(',')}`); }
+/** GET /compare/metrics: SeriesPage {columns, series: [{run_id, name, step, values: {col: [..]}}]}. */
+export function compareMetrics(ids, columns, points = 1000) {
+  return api(`/compare/metrics?${query({ runs: ids.join(','), columns: columns.join(','), points })}`);
+}
+
+const sweepPath = (id) => `/sweeps/${encodeURIComponent(id)}`;
+/** The body of POST /sweeps and /sweeps/validate: the editor's text, JSON when it starts with
+ *  "{", YAML otherwise (the server parses both). */
+function sweepBody(text) {
+  const json = /^\s*\{/.test(text);
+  return { method: 'POST', body: text, headers: { 'Content-Type': json ? 'application/json' : 'application/yaml' } };
+}
+/** GET /sweeps: SweepPage {items: [SweepSummary]}. */
+export function listSweeps(limit = 100) { return api(`/sweeps?limit=${limit}`); }
+/** GET /sweeps/{id}: SweepPublic (SweepSummary + spec, trials). */
+export function getSweep(id) { return api(sweepPath(id)); }
+/** POST /sweeps/{id}/cancel: SweepPublic. */
+export function cancelSweep(id) { return api(`${sweepPath(id)}/cancel`, { method: 'POST' }); }
+/** DELETE /sweeps/{id} (ended sweeps only; 409 otherwise): nothing. */
+export function deleteSweep(id) { return api(sweepPath(id), { method: 'DELETE' }); }
+/** POST /sweeps/validate: SweepValidation {valid, errors: [{loc, msg}], warnings, points}. */
+export function validateSweep(text) { return api('/sweeps/validate', sweepBody(text)); }
+/** POST /sweeps: SweepPublic (201); a 422 ApiError's body has errors: [{loc, msg}]. */
+export function createSweep(text) { return api('/sweeps', sweepBody(text)); }

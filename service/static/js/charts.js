@@ -225,3 +225,176 @@ window.addEventListener('resize', () => {
   clearTimeout(resizeTimer);
   resizeTimer = setTimeout(() => { for (const c of charts) { if (c.isConnected) c.redraw(); else charts.delete(c); } }, 150);
 });
+
+// ---------------------------------------------------------------------------------------------
+// Sweeps: parallel coordinates and metric-vs-parameter scatter plots.
+
+/** Whether a sweep parameter's axis is logarithmic: its distribution is log_uniform, or its
+ *  values are all positive numbers spanning more than two decades. */
+export function wantsLog(values, distribution) {
+  if (distribution === 'log_uniform') return true;
+  const nums = values.filter(isNum);
+  if (!nums.length || nums.length !== values.length || nums.some((v) => v <= 0)) return false;
+  return Math.max(...nums) / Math.min(...nums) > 100;
+}
+
+/**
+ * The scale of one axis from its values (null/undefined left out): 'category' when any value is
+ * not a number (each distinct value one slot, in first-seen order, numbers sorted), 'log' when
+ * log is asked and every value is positive, 'linear' otherwise. Returns {kind, pos(v) -> [0, 1]
+ * or null, ticks: [{v, label, at}]}.
+ */
+export function axisScale(values, log) {
+  const present = values.filter((v) => v !== null && v !== undefined);
+  const fmt = (v) => (typeof v === 'string' ? v : isNum(v) ? fmtNum(v) : JSON.stringify(v));
+  if (present.some((v) => !isNum(v))) {
+    const keys = [];
+    const seen = new Map();
+    for (const v of present) { const k = JSON.stringify(v); if (!seen.has(k)) { seen.set(k, keys.length); keys.push(v); } }
+    const n = keys.length;
+    const at = (i) => (n === 1 ? 0.5 : i / (n - 1));
+    return {
+      kind: 'category',
+      pos: (v) => (seen.has(JSON.stringify(v)) ? at(seen.get(JSON.stringify(v))) : null),
+      ticks: keys.map((v, i) => ({ v, label: fmt(v), at: at(i) })),
+    };
+  }
+  let lo = Math.min(...present); let hi = Math.max(...present);
+  if (!present.length) { lo = 0; hi = 1; }
+  const useLog = !!log && lo > 0;
+  if (useLog) {
+    if (hi === lo) { lo /= 2; hi *= 2; }
+    const l0 = Math.log10(lo); const l1 = Math.log10(hi);
+    const pos = (v) => (isNum(v) && v > 0 ? (Math.log10(v) - l0) / (l1 - l0) : null);
+    return { kind: 'log', pos, ticks: logTicks(lo, hi).map((v) => ({ v, label: fmtNum(v), at: pos(v) })) };
+  }
+  if (hi === lo) { const d = Math.abs(lo) * 0.1 || 1; lo -= d; hi += d; }
+  const pos = (v) => (isNum(v) ? (v - lo) / (hi - lo) : null);
+  return { kind: 'linear', pos, ticks: linearTicks(lo, hi, 4).map((v) => ({ v, label: fmtNum(v), at: pos(v) })) };
+}
+
+/** At most max of the ticks, evenly picked, the first and last kept. */
+function thin(ticks, max) {
+  if (ticks.length <= max) return ticks;
+  const step = Math.ceil((ticks.length - 1) / Math.max(1, max - 1));
+  return ticks.filter((t, i) => i % step === 0 || i === ticks.length - 1 && (ticks.length - 1) % step >= step / 2);
+}
+
+/** Colour of a metric value on a green (best) to red (worst) ramp; t in [0, 1], 0 = best. */
+export function rampColor(t) {
+  const a = [23, 163, 152]; const b = [228, 87, 46];
+  const c = a.map((x, i) => Math.round(x + (b[i] - x) * Math.min(1, Math.max(0, t))));
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+/**
+ * Parallel coordinates. axes: [{key, label, log?}] left to right (the metric last); rows:
+ * [{values: {key: value}, color, label, best?, onclick?}], one polyline each (class "pc-line",
+ * "best" for the highlighted one), through the axes where the row has a value. Each axis is
+ * numeric (linear or log) or categorical (axisScale).
+ */
+export function parallelCoords(axes, rows, opts = {}) {
+  const wrap = h('div', { class: 'chart pc' });
+  const draw = () => {
+    const width = Math.max(320, wrap.clientWidth || 700);
+    const height = opts.height || 300;
+    const m = { l: 56, r: 56, t: 34, b: 14 };
+    const W = width - m.l - m.r; const H = height - m.t - m.b;
+    const svg = s('svg', { width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': opts.title || 'parallel coordinates' });
+    fill(wrap, svg);
+    if (!rows.length || !axes.length) {
+      svg.append(s('text', { class: 'no-data', x: width / 2, y: height / 2, 'text-anchor': 'middle', text: opts.empty || 'no trial with a value yet' }));
+      return;
+    }
+    const ax = (i) => m.l + (axes.length === 1 ? W / 2 : (i / (axes.length - 1)) * W);
+    const ay = (p) => m.t + (1 - p) * H;
+    const scales = axes.map((a) => axisScale(rows.map((r) => r.values[a.key]), a.log));
+    const lines = s('g', { class: 'pc-lines' });
+    // the best row last, so it is drawn on top
+    const ordered = rows.map((r, i) => [r, i]).sort((x, y) => Number(!!x[0].best) - Number(!!y[0].best));
+    for (const [r] of ordered) {
+      const pts = [];
+      axes.forEach((a, i) => { const p = scales[i].pos(r.values[a.key]); if (p !== null) pts.push(`${ax(i).toFixed(1)},${ay(p).toFixed(1)}`); });
+      const line = s('polyline', {
+        class: r.best ? 'pc-line best' : 'pc-line', stroke: r.color, points: pts.join(' '),
+        'data-label': r.label,
+      }, s('title', { text: r.label }));
+      if (r.onclick) line.addEventListener('click', r.onclick);
+      lines.append(line);
+    }
+    svg.append(lines);
+    axes.forEach((a, i) => {
+      const x = ax(i);
+      const g = s('g', { class: 'axis pc-axis', 'data-key': a.key, 'data-scale': scales[i].kind });
+      g.append(s('line', { class: 'pc-axis-line', x1: x, x2: x, y1: m.t, y2: m.t + H }));
+      for (const t of thin(scales[i].ticks, Math.max(2, Math.floor(H / 22)))) {
+        if (t.at === null || t.at < -1e-9 || t.at > 1 + 1e-9) continue;
+        g.append(s('line', { class: 'pc-tick', x1: x - 3, x2: x, y1: ay(t.at), y2: ay(t.at) }),
+          s('text', { x: x - 5, y: ay(t.at) + 3.5, 'text-anchor': 'end', text: t.label.length > 12 ? t.label.slice(0, 11) + '…' : t.label }));
+      }
+      const short = a.label.length > 22 ? '…' + a.label.slice(-21) : a.label;
+      g.append(s('text', { class: 'axis-label', x, y: m.t - 14, 'text-anchor': i === 0 ? 'start' : i === axes.length - 1 ? 'end' : 'middle', text: short },
+        s('title', { text: a.label + (scales[i].kind === 'log' ? ' (log scale)' : '') })));
+      if (scales[i].kind === 'log') g.append(s('text', { class: 'pc-scale', x, y: m.t - 3, 'text-anchor': 'middle', text: 'log' }));
+      svg.append(g);
+    });
+  };
+  wrap.redraw = draw;
+  charts.add(wrap);
+  requestAnimationFrame(draw);
+  return wrap;
+}
+
+/**
+ * A scatter plot of points [{x, y, color, label, best?}] (x numeric or categorical, y numeric):
+ * one circle each (class "pt", "best" for the highlighted one). opts: {xLabel, yLabel, xLog,
+ * height, title}.
+ */
+export function scatterChart(points, opts = {}) {
+  const wrap = h('div', { class: 'chart scatter' });
+  const draw = () => {
+    const width = Math.max(220, wrap.clientWidth || 320);
+    const height = opts.height || 200;
+    const m = { l: 54, r: 12, t: 8, b: 34 };
+    const W = width - m.l - m.r; const H = height - m.t - m.b;
+    const svg = s('svg', { width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': opts.title || 'scatter' });
+    fill(wrap, svg);
+    const usable = points.filter((p) => p.x !== null && p.x !== undefined && isNum(p.y));
+    svg.append(s('rect', { class: 'frame', x: m.l, y: m.t, width: W, height: H }));
+    if (opts.xLabel) svg.append(s('text', { class: 'axis-label', x: m.l + W / 2, y: height - 4, 'text-anchor': 'middle', text: opts.xLabel }));
+    if (!usable.length) {
+      svg.append(s('text', { class: 'no-data', x: m.l + W / 2, y: m.t + H / 2, 'text-anchor': 'middle', text: opts.empty || 'no values yet' }));
+      return;
+    }
+    const xs = axisScale(usable.map((p) => p.x), opts.xLog);
+    const ys = axisScale(usable.map((p) => p.y), false);
+    // a little room inside the frame so points on the extremes are not cut
+    const px = (v) => m.l + 8 + xs.pos(v) * (W - 16);
+    const py = (v) => m.t + 6 + (1 - ys.pos(v)) * (H - 12);
+    const axis = s('g', { class: 'axis', 'data-scale': xs.kind });
+    for (const t of ys.ticks) {
+      if (t.at < -1e-9 || t.at > 1 + 1e-9) continue;
+      const y = m.t + 6 + (1 - t.at) * (H - 12);
+      axis.append(s('line', { class: 'gridline', x1: m.l, x2: m.l + W, y1: y, y2: y }),
+        s('text', { x: m.l - 6, y: y + 3.5, 'text-anchor': 'end', text: t.label }));
+    }
+    for (const t of thin(xs.ticks, Math.max(2, Math.floor(W / 52)))) {
+      if (t.at === null || t.at < -1e-9 || t.at > 1 + 1e-9) continue;
+      const x = m.l + 8 + t.at * (W - 16);
+      axis.append(s('text', { x, y: m.t + H + 14, 'text-anchor': 'middle', text: t.label.length > 10 ? t.label.slice(0, 9) + '…' : t.label }));
+    }
+    svg.append(axis);
+    const dots = s('g', {});
+    for (const p of [...usable].sort((a, b) => Number(!!a.best) - Number(!!b.best))) {
+      const c = s('circle', { class: p.best ? 'pt best' : 'pt', cx: px(p.x).toFixed(1), cy: py(p.y).toFixed(1), r: p.best ? 5 : 3.8, fill: p.color },
+        s('title', { text: p.label }));
+      if (p.onclick) c.addEventListener('click', p.onclick);
+      dots.append(c);
+    }
+    svg.append(dots);
+  };
+  wrap.redraw = draw;
+  charts.add(wrap);
+  requestAnimationFrame(draw);
+  return wrap;
+}

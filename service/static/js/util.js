@@ -158,3 +158,33 @@ export function query(params) {
   for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== '') q.set(k, v);
   return q.toString();
 }
+
+// ---------------------------------------------------------------------------------------------
+// The loss curves' EMA smoothing (run page and compare page share the value, kept in the browser)
+
+export const SMOOTHING_KEY = 'moejobs.smoothing';
+export function clampSmoothing(v) { return Number.isFinite(v) ? Math.min(0.99, Math.max(0, v)) : 0; }
+export function savedSmoothing() {
+  try { return clampSmoothing(Number(localStorage.getItem(SMOOTHING_KEY) || 0)); } catch (e) { return 0; }
+}
+/** The smoothing slider (input#smoothing, 0 to 0.99) and its value; onchange(w) after a move. */
+export function smoothingControl(value, onchange) {
+  const shown = h('span', { class: 'mono small smooth-value' }, value.toFixed(2));
+  const slider = h('input', {
+    type: 'range', min: 0, max: 0.99, step: 0.01, value: String(value), id: 'smoothing', 'aria-label': 'smoothing',
+    oninput: (e) => {
+      const w = clampSmoothing(Number(e.target.value));
+      shown.textContent = w.toFixed(2);
+      try { localStorage.setItem(SMOOTHING_KEY, String(w)); } catch (x) { /* private mode */ }
+      onchange(w);
+    },
+  });
+  return h('label', { class: 'toggle smoothing', title: 'exponential moving average of the loss curves; the raw curve stays faint behind' }, 'smoothing ', slider, shown);
+}
+
+/** A run's tags as small chips; onpick(tag), when given, makes each a button. */
+export function tagChips(tags, onpick) {
+  return h('span', { class: 'tags' }, (tags || []).map((t) => (onpick
+    ? h('button', { class: 'tag', type: 'button', title: `only runs tagged ${t}`, 'data-tag': t, onclick: (ev) => { ev.stopPropagation(); onpick(t); } }, t)
+    : h('span', { class: 'tag', 'data-tag': t }, t))));
+}

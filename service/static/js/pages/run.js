@@ -1,20 +1,19 @@
 /* One run (#/runs/<id>): tiles, loss and other curves, router shares, checkpoints, events,
  * estimate, log, resolved configuration. */
-import { api, API_BASE, deleteRun, downloadWithToken, runMetricsCsv, saveBlob } from '../api.js';
+import { api, API_BASE, deleteRun, downloadWithToken, patchRun, runMetricsCsv, saveBlob } from '../api.js';
 import { ema, lineChart, stackedChart } from '../charts.js';
 import { refreshNow } from '../router.js';
-import { badge, fill, fmtAgo, fmtBytes, fmtDuration, fmtInt, fmtNum, fmtSI, fmtTime, h, isNum, issueText, LOG_TAIL, PALETTE, parseTime, POLL_IDLE_MS, POLL_LIVE_MS, progressEl, shortId, stepsTotal, TERMINAL, timeEl, toast } from '../util.js';
+import { badge, fill, fmtAgo, fmtBytes, fmtDuration, fmtInt, fmtNum, fmtSI, fmtTime, h, isNum, issueText, LOG_TAIL, PALETTE, parseTime, POLL_IDLE_MS, POLL_LIVE_MS, progressEl, savedSmoothing, shortId, smoothingControl, stepsTotal, TERMINAL, timeEl, toast } from '../util.js';
+import { tagsCard } from './tags.js';
 
-const SMOOTHING_KEY = 'moejobs.smoothing';
 const CSV_PAGE = 100000;
-function clampSmoothing(v) { return Number.isFinite(v) ? Math.min(0.99, Math.max(0, v)) : 0; }
 
 export function runView(root, alive, runId) {
   const base = `/runs/${encodeURIComponent(runId)}`;
   const st = {
     run: null, metrics: [], lastStep: -1, router: [], routerLast: -1, routerMissing: false,
     logScale: (() => { try { return localStorage.getItem('moejobs.logScale') === '1'; } catch (e) { return false; } })(),
-    smoothing: (() => { try { return clampSmoothing(Number(localStorage.getItem(SMOOTHING_KEY) || 0)); } catch (e) { return 0; } })(),
+    smoothing: savedSmoothing(),
     followLog: true, finalFetched: false,
   };
 
@@ -32,26 +31,18 @@ export function runView(root, alive, runId) {
   const configPre = h('pre', {}, 'Loading…');
   const logToggle = h('input', { type: 'checkbox', checked: true, onchange: (e) => { st.followLog = e.target.checked; } });
   // EMA smoothing of the loss curves (0 = raw, up to 0.99), as W&B's and TensorBoard's slider
-  const smoothValue = h('span', { class: 'mono small smooth-value' }, st.smoothing.toFixed(2));
-  const smoothSlider = h('input', {
-    type: 'range', min: 0, max: 0.99, step: 0.01, value: String(st.smoothing), id: 'smoothing', 'aria-label': 'smoothing',
-    oninput: (e) => {
-      st.smoothing = clampSmoothing(Number(e.target.value));
-      smoothValue.textContent = st.smoothing.toFixed(2);
-      try { localStorage.setItem(SMOOTHING_KEY, String(st.smoothing)); } catch (x) { /* ignore */ }
-      drawCharts();
-    },
-  });
+  const smoothing = smoothingControl(st.smoothing, (w) => { st.smoothing = w; drawCharts(); });
+  const tags = tagsCard(runId, (run) => { st.run = run; });
   const scaleToggle = h('input', {
     type: 'checkbox', checked: st.logScale || undefined,
     onchange: (e) => { st.logScale = e.target.checked; try { localStorage.setItem('moejobs.logScale', st.logScale ? '1' : '0'); } catch (x) { /* ignore */ } drawCharts(); },
   });
 
   root.append(
-    head, failureBox, warnBox, tiles,
+    head, failureBox, warnBox, tags.el, tiles,
     h('section', { class: 'card', style: { marginBottom: '16px' } },
       h('div', { class: 'card-head' }, h('h2', {}, 'Loss'), h('span', { class: 'spacer' }),
-        h('label', { class: 'toggle smoothing', title: 'exponential moving average of the loss curves; the raw curve stays faint behind' }, 'smoothing ', smoothSlider, smoothValue),
+        smoothing,
         h('button', { class: 'btn btn-small btn-ghost', type: 'button', onclick: exportCsv, 'data-action': 'export-csv' }, 'Export CSV'),
         h('label', { class: 'toggle' }, scaleToggle, 'log scale')),
       lossHolder),
@@ -94,6 +85,7 @@ export function runView(root, alive, runId) {
         h('span', { class: 'run-id', title: 'run id' }, run.id)),
       h('span', { class: 'spacer' }),
       h('a', { class: 'btn', href: `#/new?clone=${encodeURIComponent(run.id)}`, 'data-action': 'clone', title: 'open the run editor with this run\'s resolved configs' }, 'Clone'),
+      h('a', { class: 'btn', href: `#/sweeps/new?from=${encodeURIComponent(run.id)}`, 'data-action': 'sweep-from', title: 'open the sweep editor with this run\'s resolved configs as its base' }, 'Sweep from this'),
       cancelBtn,
       live ? null : h('button', { class: 'btn btn-danger', type: 'button', 'data-action': 'delete', onclick: deleteThisRun }, 'Delete'));
 
@@ -374,8 +366,9 @@ export function runView(root, alive, runId) {
       st.run = run;
       document.title = `${run.name} · moejobs`;
       const terminal = TERMINAL.has(run.status);
-      if (wasTerminal && st.finalFetched) { renderHead(); return POLL_IDLE_MS * 4; }
+      if (wasTerminal && st.finalFetched) { renderHead(); tags.show(run); return POLL_IDLE_MS * 4; }
       renderHead();
+      tags.show(run);
       const [metricsChanged, routerChanged] = await Promise.all([
         loadMetrics().catch(() => false), loadRouter(),
       ]);
