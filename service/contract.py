@@ -348,6 +348,32 @@ def is_checkpoint_name(name: str) -> bool:
     return name == FINAL or checkpoint_step(name) is not None
 
 
+# -- checkpoint folder contents ------------------------------------------------------------------------
+
+#: The model's weights (a ``torch.save`` state dict with LitGPT key names) and its config.
+CHECKPOINT_WEIGHTS = "lit_model.pth"
+CHECKPOINT_MODEL_CONFIG = "model_config.yaml"
+#: The weights as safetensors, in a ``?format=safetensors`` download (made while it streams).
+CHECKPOINT_SAFETENSORS = "model.safetensors"
+
+#: Files copied from a tokenizer folder into every checkpoint folder, when present.
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
+
+#: What stock ``litgpt`` needs to load a checkpoint folder (``litgpt generate <dir>``,
+#: ``litgpt.GPT`` + ``load_state_dict``): a ``?include=weights`` download holds only these;
+#: the training state (``training_state.pt``: optimizer moments, RNG states) stays behind.
+CHECKPOINT_LOADABLE: tuple[str, ...] = (
+    CHECKPOINT_WEIGHTS,
+    CHECKPOINT_MODEL_CONFIG,
+) + TOKENIZER_FILES
+
+
 # -- metrics.csv and router.csv ----------------------------------------------------------------------------
 
 METRICS_FILE = "metrics.csv"
