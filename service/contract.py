@@ -365,6 +365,19 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "special_tokens_map.json",
 )
 
+#: Generated text of the checkpoints for a few prompts (``worker.sample``), one file per
+#: checkpoint in this folder of ``out_dir`` (beside the checkpoint folders, not inside them: a
+#: checkpoint folder is never changed once it is in place, and the worker tells a replaced
+#: ``final/`` by its folder's mtime). Each: ``{"checkpoint", "step", "generated_at",
+#: "max_new_tokens", "decoding", "samples": [{"prompt", "text"}]}``.
+SAMPLES_DIR = "samples"
+
+
+def samples_path(checkpoint_folder: Path) -> Path:
+    """``out_dir/samples/<checkpoint name>.json`` of the checkpoint folder ``out_dir/<name>``."""
+    return checkpoint_folder.parent / SAMPLES_DIR / f"{checkpoint_folder.name}.json"
+
+
 #: What stock ``litgpt`` needs to load a checkpoint folder (``litgpt generate <dir>``,
 #: ``litgpt.GPT`` + ``load_state_dict``): a ``?include=weights`` download holds only these;
 #: the training state (``training_state.pt``: optimizer moments, RNG states) stays behind.

@@ -66,7 +66,7 @@ from service.contract import EngineResult, FailureReason
 from service.db import Database
 from service.models import Run, RunStatus
 from service.settings import Settings
-from worker import provenance
+from worker import provenance, sample
 from worker.ingest import metrics_ingest, router_ingest
 from worker.launch import PARENT_ENV, REPO_ROOT
 from worker.outcome import Outcome, OutcomeKind, cgroup_oom_kills, classify_exit
@@ -375,9 +375,28 @@ class _Attempt:
         ``keep_checkpoints`` are removed, unless the lease is lost."""
         self.metrics.ingest(self._write)
         self.router.ingest(self._write)
+        before = dict(self.checkpoints.recorded)
         folders = self.checkpoints.record(self._write)
+        for name, path in folders:
+            if name in self.checkpoints.recorded and self.checkpoints.recorded[name] != before.get(
+                name
+            ):
+                self._sample(path)
         if not self.lease_lost:
             self.checkpoints.prune(folders)
+
+    def _sample(self, folder: Path) -> None:
+        """Start the sampler of a newly recorded checkpoint (``worker.sample``) off the training
+        path; its output goes to ``RUN_DIR/samples.log``. A failure to start is logged only."""
+        try:
+            sample.start_sampler(
+                folder,
+                self.settings.sample_prompt_list,
+                self.settings.sample_max_new_tokens,
+                self.run_dir / "samples.log",
+            )
+        except OSError as error:
+            log.warning("run %s: the sampler of %s did not start: %s", self.run_id, folder, error)
 
     def heartbeat(self) -> None:
         def beat(session):

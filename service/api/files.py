@@ -10,11 +10,15 @@ up front too.
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from service import contract
 
 #: Bytes read from disk per chunk of a streamed archive.
 CHUNK = 1 << 20
@@ -176,3 +180,27 @@ def tail_lines(path: Path, count: int, *, max_bytes: int = 8 << 20) -> str:
         lines = lines[1:]  # the first one may be cut
     selected = lines[-count:] if count > 0 else []
     return "".join(line + "\n" for line in selected)
+
+
+#: Largest samples file read for the API (a few prompts of a few dozen tokens are ~1 KiB).
+SAMPLES_MAX_BYTES = 1 << 20
+
+
+def read_samples(checkpoint_folder: Path) -> list[dict[str, Any]] | None:
+    """The ``samples`` of a checkpoint's samples file (``contract.samples_path``): a list of
+    ``{"prompt", "text"}``; None when it does not exist (yet), is too big or unreadable."""
+    path = contract.samples_path(checkpoint_folder)
+    try:
+        if path.stat().st_size > SAMPLES_MAX_BYTES:
+            return None
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    samples = doc.get("samples") if isinstance(doc, dict) else None
+    if not isinstance(samples, list):
+        return None
+    return [
+        {"prompt": str(s.get("prompt", "")), "text": str(s.get("text", ""))}
+        for s in samples
+        if isinstance(s, dict)
+    ]

@@ -38,9 +38,10 @@ from service import runs as runs_service
 from service.api.body import read_run_request
 from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
 from service.api.errors import ApiError, invalid
-from service.api.files import Generated, TarPlan, tail_lines
+from service.api.files import Generated, TarPlan, read_samples, tail_lines
 from service.api.models import (
     CheckpointPublic,
+    CheckpointSample,
     DownloadLink,
     EngineEventPublic,
     EventPublic,
@@ -380,10 +381,23 @@ async def get_router(
     summary="Recorded checkpoints",
 )
 async def list_checkpoints(run: RunDep, gate: GateDep) -> Response:
+    """The run's recorded checkpoints, oldest first, each with its samples (null until the
+    worker has made them)."""
+
     def work(session: Session) -> list[CheckpointPublic]:
         return [CheckpointPublic.of(c) for c in reads.list_checkpoints(session, run.id)]
 
-    return await gate.json(work)
+    listed = await gate.run(work)
+    return json_response(await run_in_threadpool(_with_samples, listed))
+
+
+def _with_samples(checkpoints: list[CheckpointPublic]) -> list[CheckpointPublic]:
+    """The checkpoints with their samples read from disk (outside any database session)."""
+    for c in checkpoints:
+        samples = read_samples(Path(c.path))
+        if samples is not None:
+            c.samples = [CheckpointSample(**s) for s in samples]
+    return checkpoints
 
 
 def _checkpoint(session: Session, run_id: uuid.UUID, ref: str) -> tuple[Run, Checkpoint]:
@@ -397,6 +411,19 @@ def _checkpoint(session: Session, run_id: uuid.UUID, ref: str) -> tuple[Run, Che
     if checkpoint is None:
         raise ApiError(404, f"run {run_id} has no checkpoint {ref!r}", code="checkpoint_not_found")
     return run, checkpoint
+
+
+@router.get(
+    "/runs/{run_id}/checkpoints/{ref}",
+    response_model=CheckpointPublic,
+    responses=errors(404, 503),
+    summary="One recorded checkpoint",
+)
+async def get_checkpoint(run_id: uuid.UUID, ref: str, gate: GateDep) -> Response:
+    """Checkpoint ``ref`` (a step number, ``final`` or the folder name) with its samples."""
+    _run, checkpoint = await gate.run(_checkpoint, run_id, ref)
+    (public,) = await run_in_threadpool(_with_samples, [CheckpointPublic.of(checkpoint)])
+    return json_response(public)
 
 
 IncludeQuery = Annotated[
