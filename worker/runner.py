@@ -245,6 +245,7 @@ def _conclude(
     classification, and the attempt's trailer line in train.log."""
     run, info = att.run, att.info
     att.ingest()  # the last rows and the final checkpoint
+    att.sample(last=True)
     if not att.lease_lost:
         att.check_cancel()
     provenance_thread.join(timeout=30)
@@ -368,6 +369,8 @@ class _Attempt:
         self.killed = False
         self.last_heartbeat_ok = time.monotonic()
         self.self_fenced = False  # the watchdog stopped the training (no heartbeat)
+        self.to_sample: list[Path] = []  # recorded checkpoints waiting for their samples
+        self.sampler: subprocess.Popen[bytes] | None = None
 
     def ingest(self) -> None:
         """Metric rows, router rows and checkpoint folders that appeared since the last call
@@ -381,22 +384,31 @@ class _Attempt:
             if name in self.checkpoints.recorded and self.checkpoints.recorded[name] != before.get(
                 name
             ):
-                self._sample(path)
+                self.to_sample.append(path)
+        self.sample(last=False)
         if not self.lease_lost:
             self.checkpoints.prune(folders)
 
-    def _sample(self, folder: Path) -> None:
-        """Start the sampler of a newly recorded checkpoint (``worker.sample``) off the training
-        path; its output goes to ``RUN_DIR/samples.log``. A failure to start is logged only."""
+    def sample(self, *, last: bool) -> None:
+        """Start one sampler (``worker.sample``, off the training path; output in
+        ``RUN_DIR/samples.log``) for the newly recorded checkpoints waiting in
+        :attr:`to_sample`, unless this attempt's previous sampler still runs: so one at a time,
+        each taking every folder that waited. ``last`` (the attempt is over): start it anyway,
+        nothing would start it later. A failure to start is logged only."""
+        if not self.to_sample:
+            return
+        if not last and self.sampler is not None and self.sampler.poll() is None:
+            return
+        folders, self.to_sample = self.to_sample, []
         try:
-            sample.start_sampler(
-                folder,
+            self.sampler = sample.start_sampler(
+                folders,
                 self.settings.sample_prompt_list,
                 self.settings.sample_max_new_tokens,
                 self.run_dir / "samples.log",
             )
         except OSError as error:
-            log.warning("run %s: the sampler of %s did not start: %s", self.run_id, folder, error)
+            log.warning("run %s: the sampler of %s did not start: %s", self.run_id, folders, error)
 
     def heartbeat(self) -> None:
         def beat(session):

@@ -1,8 +1,9 @@
 """Generate text from a LitGPT checkpoint folder: one sample in-process (:func:`generate_sample`,
 what ``litgpt generate <dir>`` does), and the samples of each recorded checkpoint
-(``python -m worker.sample FOLDER --prompts-json '[...]'``).
+(``python -m worker.sample FOLDER... --prompts-json '[...]'``).
 
-The runner starts this for each checkpoint folder it records (``final/`` included), in a
+The runner starts this for the checkpoint folders it records (``final/`` included), one
+sampler at a time per attempt (the folders recorded meanwhile wait and go to the next one), in a
 process of its own at the lowest CPU priority (``nice 19``), on the CPU with at most
 :data:`THREADS` threads: it never holds GPU memory the training needs and never delays a step.
 It loads the folder as stock LitGPT does (``litgpt.GPT`` from ``model_config.yaml``,
@@ -133,13 +134,13 @@ def write_samples(folder: Path, prompts: list[str], max_new_tokens: int) -> Path
     return target
 
 
-def sample_command(folder: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """The command line of a sampler for ``folder``."""
+def sample_command(folders: list[Path], prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The command line of a sampler for ``folders`` (in order)."""
     return [
         sys.executable,
         "-m",
         "worker.sample",
-        str(folder),
+        *(str(f) for f in folders),
         "--prompts-json",
         json.dumps(prompts),
         "--max-new-tokens",
@@ -148,15 +149,16 @@ def sample_command(folder: Path, prompts: list[str], max_new_tokens: int) -> lis
 
 
 def start_sampler(
-    folder: Path, prompts: list[str], max_new_tokens: int, log_path: Path
+    folders: list[Path], prompts: list[str], max_new_tokens: int, log_path: Path
 ) -> subprocess.Popen[bytes] | None:
-    """Start a sampler for ``folder`` in the background (lowest priority, its own session, output
-    appended to ``log_path``); None when there is nothing to sample (no prompts, no tokens)."""
-    if not prompts or max_new_tokens <= 0:
+    """Start a sampler for ``folders`` in the background (lowest priority, its own session,
+    output appended to ``log_path``); None when there is nothing to sample (no prompts, no
+    tokens)."""
+    if not prompts or max_new_tokens <= 0 or not folders:
         return None
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            sample_command(folder, prompts, max_new_tokens),
+            sample_command(folders, prompts, max_new_tokens),
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -168,14 +170,21 @@ def start_sampler(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.sample", description=__doc__)
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folders", type=Path, nargs="+", help="checkpoint folders, in order")
     parser.add_argument("--prompts-json", required=True, help="a JSON list of prompt strings")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    prompts = json.loads(args.prompts_json)
-    written = write_samples(args.folder, [str(p) for p in prompts], args.max_new_tokens)
-    print(f"[moejobs] samples: {written or f'{args.folder} is gone'}", flush=True)
-    return 0
+    prompts = [str(p) for p in json.loads(args.prompts_json)]
+    status = 0
+    for folder in args.folders:
+        try:
+            written = write_samples(folder, prompts, args.max_new_tokens)
+        except Exception as exc:  # one unloadable folder must not cost the others their samples
+            print(f"[moejobs] samples of {folder} failed: {exc!r}", flush=True)
+            status = 1
+            continue
+        print(f"[moejobs] samples: {written or f'{folder} is gone'}", flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_samples_are_greedy_and_repeatable(trained: Path, tmp_path: Path):
 
     # the command the runner starts writes out_dir/samples/<name>.json, not into the folder
     before = sorted(p.name for p in folder.iterdir())
-    subprocess.run(sample.sample_command(folder, PROMPTS, 8), check=True, cwd=sample.REPO_ROOT)
+    subprocess.run(sample.sample_command([folder], PROMPTS, 8), check=True, cwd=sample.REPO_ROOT)
     written = json.loads(contract.samples_path(folder).read_text())
     assert contract.samples_path(folder) == tmp_path / "out" / "samples" / "step-00000003.json"
     assert written["samples"] == doc["samples"]
