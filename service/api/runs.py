@@ -474,6 +474,8 @@ def _plan_archive(folder: Path, root: str, weights_only: bool, fmt: str) -> TarP
         return TarPlan(folder, root, only=contract.CHECKPOINT_LOADABLE)
     if not folder.is_dir():
         raise FileNotFoundError(str(folder))
+    if not (folder / contract.CHECKPOINT_WEIGHTS).is_file():
+        raise UnconvertibleWeights(f"the folder has no {contract.CHECKPOINT_WEIGHTS}")
     weights = SafetensorsPlan(folder / contract.CHECKPOINT_WEIGHTS)
     keep = set(contract.CHECKPOINT_LOADABLE) - {contract.CHECKPOINT_WEIGHTS}
     extra = Generated(contract.CHECKPOINT_SAFETENSORS, weights.length, lambda: iter(weights))
