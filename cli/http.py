@@ -328,15 +328,24 @@ class Api:
         return _decode(self.request("GET", path, what=f"run {run_id}"), _CHECKPOINTS)
 
     @contextmanager
-    def archive(self, run_id: str | uuid.UUID, ref: str, what: str) -> Iterator[httpx.Response]:
+    def archive(
+        self,
+        run_id: str | uuid.UUID,
+        ref: str,
+        what: str,
+        params: dict[str, str] | None = None,
+    ) -> Iterator[httpx.Response]:
         """The streamed tar of checkpoint ``ref`` (a step number or ``final``) of the run, open
-        while the ``with`` block reads it. Raises ClientError for an error answer (404: ``not
+        while the ``with`` block reads it; ``params``: the archive's query (``include``,
+        ``format``). Raises ClientError for an error answer (404: ``not
         found: WHAT``, its ``body.code`` saying which: ``run_not_found``,
         ``checkpoint_not_found``) and when the transfer fails or stalls, also while the block
         reads."""
         path = f"{run_path(run_id)}/checkpoints/{ref}/archive"
         try:
-            with self.http.stream("GET", path, headers={"Accept": "application/x-tar"}) as response:
+            with self.http.stream(
+                "GET", path, params=params or None, headers={"Accept": "application/x-tar"}
+            ) as response:
                 if response.status_code >= 400:
                     response.read()
                 raise_for_status(self.http, response, what)

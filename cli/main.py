@@ -200,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--out", default=None, help="folder to extract into, or a .tar file (default: ./ID-final)"
     )
+    c.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="only what LitGPT loads (weights, model config, tokenizer): no optimizer state",
+    )
+    c.add_argument(
+        "--format",
+        choices=("pth", "safetensors"),
+        default="pth",
+        help="weights as lit_model.pth (default) or model.safetensors (implies --weights-only)",
+    )
     c.set_defaults(func=_Command("runs:cmd_download"))
 
     # -- sweeps (issue 11, cli.sweeps) --

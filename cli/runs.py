@@ -295,10 +295,14 @@ def download(
     out: str | Path | None = None,
     token: str | None = None,
     *,
+    weights_only: bool = False,
+    fmt: str = "pth",
     stdout: IO[str] | None = None,
 ) -> Path:
     """Download a checkpoint (``step`` number, or the final one when None) through
-    ``/runs/{id}/checkpoints/{step|final}/archive``.
+    ``/runs/{id}/checkpoints/{step|final}/archive``. ``weights_only`` leaves the training state
+    out (``?include=weights``); ``fmt="safetensors"`` gets ``model.safetensors`` instead of
+    ``lit_model.pth`` (``?format=safetensors``, weights only).
 
     ``out`` ending in ``.tar`` is written as the archive itself; any other path is a folder to
     extract into (it must not exist or be empty; default ``./<run id>-<final|step-N>``); when
@@ -317,9 +321,12 @@ def download(
         raise ClientError(f"{target} already exists: choose another --out or remove it")
     target.parent.mkdir(parents=True, exist_ok=True)
     what = f"checkpoint {'final' if ref == 'final' else 'step ' + ref} of run {run_id}"
+    variant: dict[str, str] = {"include": "weights"} if weights_only else {}
+    if fmt != "pth":
+        variant["format"] = fmt
     with Api(base_url, token, timeout=httpx.Timeout(REQUEST_TIMEOUT, read=300.0)) as api:
         try:
-            with api.archive(run_id, ref, what) as response:
+            with api.archive(run_id, ref, what, params=variant) as response:
                 total = int(response.headers.get("content-length") or 0) or None
                 if as_tar:
                     _stream_to_file(response, target, total, stdout)
@@ -643,9 +650,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    """``moejobs download ID [--step N] [--out PATH]``."""
+    """``moejobs download ID [--step N] [--out PATH] [--weights-only] [--format safetensors]``."""
     return _run_command(
-        lambda: download(args.url, args.run_id, step=args.step, out=args.out, token=args.token)
+        lambda: download(
+            args.url,
+            args.run_id,
+            step=args.step,
+            out=args.out,
+            token=args.token,
+            weights_only=args.weights_only,
+            fmt=args.format,
+        )
     )
 
 

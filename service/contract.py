@@ -348,6 +348,45 @@ def is_checkpoint_name(name: str) -> bool:
     return name == FINAL or checkpoint_step(name) is not None
 
 
+# -- checkpoint folder contents ------------------------------------------------------------------------
+
+#: The model's weights (a ``torch.save`` state dict with LitGPT key names) and its config.
+CHECKPOINT_WEIGHTS = "lit_model.pth"
+CHECKPOINT_MODEL_CONFIG = "model_config.yaml"
+#: The weights as safetensors, in a ``?format=safetensors`` download (made while it streams).
+CHECKPOINT_SAFETENSORS = "model.safetensors"
+
+#: Files copied from a tokenizer folder into every checkpoint folder, when present.
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
+
+#: Generated text of the checkpoints for a few prompts (``worker.sample``), one file per
+#: checkpoint in this folder of ``out_dir`` (beside the checkpoint folders, not inside them: a
+#: checkpoint folder is never changed once it is in place, and the worker tells a replaced
+#: ``final/`` by its folder's mtime). Each: ``{"checkpoint", "step", "generated_at",
+#: "max_new_tokens", "decoding", "samples": [{"prompt", "text"}]}``.
+SAMPLES_DIR = "samples"
+
+
+def samples_path(checkpoint_folder: Path) -> Path:
+    """``out_dir/samples/<checkpoint name>.json`` of the checkpoint folder ``out_dir/<name>``."""
+    return checkpoint_folder.parent / SAMPLES_DIR / f"{checkpoint_folder.name}.json"
+
+
+#: What stock ``litgpt`` needs to load a checkpoint folder (``litgpt generate <dir>``,
+#: ``litgpt.GPT`` + ``load_state_dict``): a ``?include=weights`` download holds only these;
+#: the training state (``training_state.pt``: optimizer moments, RNG states) stays behind.
+CHECKPOINT_LOADABLE: tuple[str, ...] = (
+    CHECKPOINT_WEIGHTS,
+    CHECKPOINT_MODEL_CONFIG,
+) + TOKENIZER_FILES
+
+
 # -- metrics.csv and router.csv ----------------------------------------------------------------------------
 
 METRICS_FILE = "metrics.csv"

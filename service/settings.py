@@ -351,6 +351,18 @@ class Settings(BaseSettings):
         description="Lifetime of a signed checkpoint download link (POST .../link), which lets a "
         "browser download an archive from a server with an API token without sending the header.",
     )
+    sample_prompts: str = Field(
+        "The|In the|Once upon a time",
+        description="Prompts each recorded checkpoint continues (samples.json in its folder, "
+        "`samples` in the checkpoint list), separated by `|`; empty: no samples. The defaults are "
+        "common English words any tokenizer trained on text encodes.",
+    )
+    sample_max_new_tokens: int = Field(
+        32,
+        ge=0,
+        le=1024,
+        description="Tokens generated per prompt (greedy) for a checkpoint's samples; 0: none.",
+    )
     keep_checkpoints: int = Field(
         3,
         ge=0,
@@ -630,6 +642,11 @@ class Settings(BaseSettings):
                 raise InvalidSettingsError(
                     [(field, f"cannot create the folder {folder}: {error.strerror or error}")]
                 ) from None
+
+    @property
+    def sample_prompt_list(self) -> list[str]:
+        """:attr:`sample_prompts` split at ``|``, empty parts dropped."""
+        return [p for p in self.sample_prompts.split("|") if p.strip()]
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``MOEJOBS_*`` environment variables, for child processes (a

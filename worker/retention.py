@@ -114,6 +114,7 @@ class Checkpoints:
             shutil.rmtree(path, ignore_errors=True)
             if path.exists():
                 continue
+            contract.samples_path(path).unlink(missing_ok=True)
             self.recorded.pop(name, None)
             try:
                 with self.db.session() as session:

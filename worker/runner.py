@@ -66,7 +66,7 @@ from service.contract import EngineResult, FailureReason
 from service.db import Database
 from service.models import Run, RunStatus
 from service.settings import Settings
-from worker import provenance
+from worker import provenance, sample
 from worker.ingest import metrics_ingest, router_ingest
 from worker.launch import PARENT_ENV, REPO_ROOT
 from worker.outcome import Outcome, OutcomeKind, cgroup_oom_kills, classify_exit
@@ -245,6 +245,7 @@ def _conclude(
     classification, and the attempt's trailer line in train.log."""
     run, info = att.run, att.info
     att.ingest()  # the last rows and the final checkpoint
+    att.sample(last=True)
     if not att.lease_lost:
         att.check_cancel()
     provenance_thread.join(timeout=30)
@@ -370,6 +371,8 @@ class _Attempt:
         self.killed = False
         self.last_heartbeat_ok = time.monotonic()
         self.self_fenced = False  # the watchdog stopped the training (no heartbeat)
+        self.to_sample: list[Path] = []  # recorded checkpoints waiting for their samples
+        self.sampler: subprocess.Popen[bytes] | None = None
 
     def ingest(self) -> None:
         """Metric rows, router rows and checkpoint folders that appeared since the last call
@@ -377,9 +380,37 @@ class _Attempt:
         ``keep_checkpoints`` are removed, unless the lease is lost."""
         self.metrics.ingest(self._write)
         self.router.ingest(self._write)
+        before = dict(self.checkpoints.recorded)
         folders = self.checkpoints.record(self._write)
+        for name, path in folders:
+            if name in self.checkpoints.recorded and self.checkpoints.recorded[name] != before.get(
+                name
+            ):
+                self.to_sample.append(path)
+        self.sample(last=False)
         if not self.lease_lost:
             self.checkpoints.prune(folders)
+
+    def sample(self, *, last: bool) -> None:
+        """Start one sampler (``worker.sample``, off the training path; output in
+        ``RUN_DIR/samples.log``) for the newly recorded checkpoints waiting in
+        :attr:`to_sample`, unless this attempt's previous sampler still runs: so one at a time,
+        each taking every folder that waited. ``last`` (the attempt is over): start it anyway,
+        nothing would start it later. A failure to start is logged only."""
+        if not self.to_sample:
+            return
+        if not last and self.sampler is not None and self.sampler.poll() is None:
+            return
+        folders, self.to_sample = self.to_sample, []
+        try:
+            self.sampler = sample.start_sampler(
+                folders,
+                self.settings.sample_prompt_list,
+                self.settings.sample_max_new_tokens,
+                self.run_dir / "samples.log",
+            )
+        except OSError as error:
+            log.warning("run %s: the sampler of %s did not start: %s", self.run_id, folders, error)
 
     def heartbeat(self) -> None:
         def beat(session):

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service import contract
 from service.checks import data_folder_problem, tokenizer_folder_problem
 from worker.errors import DataError
 
@@ -31,14 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
 
-#: Files copied from a tokenizer folder into every checkpoint folder, when present.
-TOKENIZER_FILES: tuple[str, ...] = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-)
+#: Files copied from a tokenizer folder into every checkpoint folder, when present (defined in
+#: ``service.contract``: a weights-only download selects them too).
+TOKENIZER_FILES: tuple[str, ...] = contract.TOKENIZER_FILES
 
 #: The service's record of a tokenizer trained on request (dataset, requested_at, requested and
 #: learned vocabulary sizes, warnings), written into the folder with it; not a tokenizer file,

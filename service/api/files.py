@@ -2,16 +2,23 @@
 
 :func:`tar_stream` writes the ustar/pax format with ``tarfile.TarInfo`` headers and the file
 bytes read in chunks, so memory stays at one chunk whatever the size of the weights, and the
-exact length is known up front (``Content-Length``: download tools show progress).
+exact length is known up front (``Content-Length``: download tools show progress). A plan
+may keep only some of the folder's files (``only``) and add files made while streaming
+(``extra``: a ``model.safetensors`` converted from ``lit_model.pth``), whose length is known
+up front too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from service import contract
 
 #: Bytes read from disk per chunk of a streamed archive.
 CHUNK = 1 << 20
@@ -20,10 +27,20 @@ _RECORD = tarfile.RECORDSIZE  # 10240: tar files end on a record boundary
 
 
 @dataclass(frozen=True)
+class Generated:
+    """A file of the archive that is not on disk: ``size`` bytes, produced by ``chunks()``."""
+
+    name: str
+    size: int
+    chunks: Callable[[], Iterable[bytes]]
+
+
+@dataclass(frozen=True)
 class _Entry:
     header: bytes
-    path: Path | None  # None for a folder
+    path: Path | None  # None for a folder or a generated file
     size: int
+    chunks: Callable[[], Iterable[bytes]] | None = None
 
 
 def _header(name: str, *, size: int, mtime: float, is_dir: bool) -> bytes:
@@ -43,9 +60,20 @@ def _pad(size: int) -> int:
 class TarPlan:
     """The entries of a folder's archive under the top-level name ``root_name``, with the
     archive's exact length (``length``). Symbolic links are not followed and not archived
-    (checkpoint folders hold none). Raises ``FileNotFoundError`` when ``folder`` is missing."""
+    (checkpoint folders hold none). Raises ``FileNotFoundError`` when ``folder`` is missing.
 
-    def __init__(self, folder: Path, root_name: str):
+    ``only``: the names of the top-level files to archive (sub-folders and other files are left
+    out); None archives everything. ``extra``: generated files added at the top level after
+    the folder's own."""
+
+    def __init__(
+        self,
+        folder: Path,
+        root_name: str,
+        *,
+        only: Collection[str] | None = None,
+        extra: Sequence[Generated] = (),
+    ):
         if not folder.is_dir():
             raise FileNotFoundError(str(folder))
         entries: list[_Entry] = []
@@ -59,7 +87,7 @@ class TarPlan:
             rel_base = base.relative_to(folder)
             for d in list(dirnames):
                 p = base / d
-                if p.is_symlink():
+                if p.is_symlink() or only is not None:
                     dirnames.remove(d)
                     continue
                 name = f"{root_name}/{(rel_base / d).as_posix()}"
@@ -68,7 +96,7 @@ class TarPlan:
                 )
             for f in sorted(filenames):
                 p = base / f
-                if p.is_symlink() or not p.is_file():
+                if p.is_symlink() or not p.is_file() or (only is not None and f not in only):
                     continue
                 st = p.stat()
                 name = f"{root_name}/{(rel_base / f).as_posix()}"
@@ -79,6 +107,17 @@ class TarPlan:
                         st.st_size,
                     )
                 )
+        for gen in extra:
+            entries.append(
+                _Entry(
+                    _header(
+                        f"{root_name}/{gen.name}", size=gen.size, mtime=stat.st_mtime, is_dir=False
+                    ),
+                    None,
+                    gen.size,
+                    gen.chunks,
+                )
+            )
         self.entries = entries
         body = sum(len(e.header) + e.size + _pad(e.size) for e in entries) + 2 * _BLOCK
         self.length = body + ((-body) % _RECORD)
@@ -90,17 +129,26 @@ class TarPlan:
         for entry in self.entries:
             yield entry.header
             written += len(entry.header)
-            if entry.path is None:
-                continue
-            remaining = entry.size
-            with open(entry.path, "rb") as handle:
-                while remaining > 0:
-                    chunk = handle.read(min(CHUNK, remaining))
-                    if not chunk:
-                        raise OSError(f"{entry.path} shrank while it was being sent")
-                    remaining -= len(chunk)
-                    written += len(chunk)
+            if entry.chunks is not None:
+                sent = 0
+                for chunk in entry.chunks():
+                    sent += len(chunk)
                     yield chunk
+                if sent != entry.size:  # the source changed since planning
+                    raise OSError(f"a generated file sent {sent} bytes, not {entry.size}")
+                written += sent
+            elif entry.path is not None:
+                remaining = entry.size
+                with open(entry.path, "rb") as handle:
+                    while remaining > 0:
+                        chunk = handle.read(min(CHUNK, remaining))
+                        if not chunk:
+                            raise OSError(f"{entry.path} shrank while it was being sent")
+                        remaining -= len(chunk)
+                        written += len(chunk)
+                        yield chunk
+            else:
+                continue
             pad = _pad(entry.size)
             if pad:
                 yield b"\0" * pad
@@ -162,3 +210,27 @@ def file_size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+#: Largest samples file read for the API (a few prompts of a few dozen tokens are ~1 KiB).
+SAMPLES_MAX_BYTES = 1 << 20
+
+
+def read_samples(checkpoint_folder: Path) -> list[dict[str, Any]] | None:
+    """The ``samples`` of a checkpoint's samples file (``contract.samples_path``): a list of
+    ``{"prompt", "text"}``; None when it does not exist (yet), is too big or unreadable."""
+    path = contract.samples_path(checkpoint_folder)
+    try:
+        if path.stat().st_size > SAMPLES_MAX_BYTES:
+            return None
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    samples = doc.get("samples") if isinstance(doc, dict) else None
+    if not isinstance(samples, list):
+        return None
+    return [
+        {"prompt": str(s.get("prompt", "")), "text": str(s.get("text", ""))}
+        for s in samples
+        if isinstance(s, dict)
+    ]

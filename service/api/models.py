@@ -270,6 +270,13 @@ class RouterPage(BaseModel):
     next_after_step: int | None
 
 
+class CheckpointSample(BaseModel):
+    """A prompt and the checkpoint's greedy continuation of it (``worker.sample``)."""
+
+    prompt: str
+    text: str
+
+
 class CheckpointPublic(BaseModel):
     name: str
     step: int | None
@@ -277,6 +284,12 @@ class CheckpointPublic(BaseModel):
     size_bytes: int | None
     created_at: datetime
     archive_url: str
+    samples: list[CheckpointSample] | None = Field(
+        default=None,
+        description="Greedy continuations of the server's sample prompts by this checkpoint, "
+        "made after it was recorded (MOEJOBS_SAMPLE_PROMPTS); null until they exist or when "
+        "samples are off",
+    )
 
     @classmethod
     def of(cls, c: Checkpoint) -> CheckpointPublic:

@@ -25,7 +25,7 @@ import shutil
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -38,9 +38,10 @@ from service import runs as runs_service
 from service.api.body import read_run_request
 from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
 from service.api.errors import ApiError, invalid
-from service.api.files import TarPlan, file_size, read_after, tail_lines
+from service.api.files import Generated, TarPlan, file_size, read_after, read_samples, tail_lines
 from service.api.models import (
     CheckpointPublic,
+    CheckpointSample,
     DownloadLink,
     EngineEventPublic,
     EventPublic,
@@ -57,6 +58,7 @@ from service.api.models import (
 from service.api.openapi import errors
 from service.api.series import downsample, to_csv
 from service.api.signing import sign_path
+from service.api.weights import SafetensorsPlan, UnconvertibleWeights
 from service.config.fields import MAX_TAGS, check_name_text, check_tag
 from service.models import MAX_STEP, Checkpoint, Run, RunStatus
 from service.submission import InvalidSubmission, prepare_run, send_run, submit_run
@@ -443,10 +445,23 @@ async def get_router(
     summary="Recorded checkpoints",
 )
 async def list_checkpoints(run: RunDep, gate: GateDep) -> Response:
+    """The run's recorded checkpoints, oldest first, each with its samples (null until the
+    worker has made them)."""
+
     def work(session: Session) -> list[CheckpointPublic]:
         return [CheckpointPublic.of(c) for c in reads.list_checkpoints(session, run.id)]
 
-    return await gate.json(work)
+    listed = await gate.run(work)
+    return json_response(await run_in_threadpool(_with_samples, listed))
+
+
+def _with_samples(checkpoints: list[CheckpointPublic]) -> list[CheckpointPublic]:
+    """The checkpoints with their samples read from disk (outside any database session)."""
+    for c in checkpoints:
+        samples = read_samples(Path(c.path))
+        if samples is not None:
+            c.samples = [CheckpointSample(**s) for s in samples]
+    return checkpoints
 
 
 def _checkpoint(session: Session, run_id: uuid.UUID, ref: str) -> tuple[Run, Checkpoint]:
@@ -463,17 +478,95 @@ def _checkpoint(session: Session, run_id: uuid.UUID, ref: str) -> tuple[Run, Che
 
 
 @router.get(
+    "/runs/{run_id}/checkpoints/{ref}",
+    response_model=CheckpointPublic,
+    responses=errors(404, 503),
+    summary="One recorded checkpoint",
+)
+async def get_checkpoint(run_id: uuid.UUID, ref: str, gate: GateDep) -> Response:
+    """Checkpoint ``ref`` (a step number, ``final`` or the folder name) with its samples."""
+    _run, checkpoint = await gate.run(_checkpoint, run_id, ref)
+    (public,) = await run_in_threadpool(_with_samples, [CheckpointPublic.of(checkpoint)])
+    return json_response(public)
+
+
+IncludeQuery = Annotated[
+    Literal["all", "weights"] | None,
+    Query(
+        description="`all`: the whole folder, training state included (default with "
+        "`format=pth`); `weights`: only what stock LitGPT loads (lit_model.pth or "
+        "model.safetensors, model_config.yaml, tokenizer files), no optimizer state"
+    ),
+]
+FormatQuery = Annotated[
+    Literal["pth", "safetensors"],
+    Query(
+        description="`pth`: the weights as saved (lit_model.pth); `safetensors`: the same "
+        "state dict, LitGPT key names, as model.safetensors (implies `include=weights`)"
+    ),
+]
+
+
+def _archive_variant(include: str | None, fmt: str) -> tuple[bool, str]:
+    """``(weights_only, file name suffix)`` of a download; ``include=all`` with
+    ``format=safetensors`` is a 422 (the training state has no safetensors form)."""
+    if fmt == "safetensors":
+        if include == "all":
+            raise invalid(
+                ["query", "include"],
+                "include=all cannot be combined with format=safetensors (the training state "
+                "is torch-only); use include=weights or leave include out",
+            )
+        return True, "-safetensors"
+    return (include == "weights"), ("-weights" if include == "weights" else "")
+
+
+def _variant_query(include: str | None, fmt: str) -> str:
+    """The query string that asks for the same download variant ('' for the default)."""
+    pairs = ([("include", include)] if include else []) + (
+        [("format", fmt)] if fmt != "pth" else []
+    )
+    return "&".join(f"{k}={v}" for k, v in pairs)
+
+
+def _plan_archive(folder: Path, root: str, weights_only: bool, fmt: str) -> TarPlan:
+    """The tar of a checkpoint folder, whole or weights only; with ``fmt == "safetensors"``
+    ``lit_model.pth`` is replaced by a ``model.safetensors`` converted while it streams."""
+    if not weights_only:
+        return TarPlan(folder, root)
+    if fmt != "safetensors":
+        return TarPlan(folder, root, only=contract.CHECKPOINT_LOADABLE)
+    if not folder.is_dir():
+        raise FileNotFoundError(str(folder))
+    if not (folder / contract.CHECKPOINT_WEIGHTS).is_file():
+        raise UnconvertibleWeights(f"the folder has no {contract.CHECKPOINT_WEIGHTS}")
+    weights = SafetensorsPlan(folder / contract.CHECKPOINT_WEIGHTS)
+    keep = set(contract.CHECKPOINT_LOADABLE) - {contract.CHECKPOINT_WEIGHTS}
+    extra = Generated(contract.CHECKPOINT_SAFETENSORS, weights.length, lambda: iter(weights))
+    return TarPlan(folder, root, only=keep, extra=[extra])
+
+
+@router.get(
     "/runs/{run_id}/checkpoints/{ref}/archive",
     summary="Download a checkpoint (.tar)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-tar": {}}}, **errors(404, 410, 503)},
+    responses={200: {"content": {"application/x-tar": {}}}, **errors(404, 409, 410, 422, 503)},
 )
 async def checkpoint_archive(
-    run_id: uuid.UUID, ref: str, gate: GateDep, settings: SettingsDep
+    run_id: uuid.UUID,
+    ref: str,
+    gate: GateDep,
+    settings: SettingsDep,
+    include: IncludeQuery = None,
+    format: FormatQuery = "pth",  # noqa: A002 - the query parameter's public name
 ) -> StreamingResponse:
     """The checkpoint folder ``ref`` (a step number, ``final`` or the folder name) as an
     uncompressed tar streamed from disk, top-level folder ``<run id>-<checkpoint name>``:
-    extract it and point ``litgpt generate`` at that folder."""
+    extract it and point ``litgpt generate`` at that folder. ``include=weights`` leaves the
+    training state out; ``format=safetensors`` sends ``model.safetensors`` (converted from
+    ``lit_model.pth`` while streaming, without torch: ``service.api.weights``) instead of
+    ``lit_model.pth``, a 409 ``not_convertible`` when that file is not a plain state dict."""
+    weights_only, suffix = _archive_variant(include, format)
     run, checkpoint = await gate.run(_checkpoint, run_id, ref)
     folder = Path(checkpoint.path)
     run_dir = settings.run_dir(run.id).resolve()
@@ -485,7 +578,13 @@ async def checkpoint_archive(
         )
     root = f"{run.id}-{checkpoint.name}"
     try:
-        plan = await run_in_threadpool(TarPlan, folder, root)
+        plan = await run_in_threadpool(_plan_archive, folder, root, weights_only, format)
+    except UnconvertibleWeights as exc:
+        raise ApiError(
+            409,
+            f"checkpoint {checkpoint.name} cannot be converted to safetensors: {exc}",
+            code="not_convertible",
+        ) from None
     except FileNotFoundError:
         raise ApiError(
             410,
@@ -498,7 +597,7 @@ async def checkpoint_archive(
         media_type="application/x-tar",
         headers={
             "Content-Length": str(plan.length),
-            "Content-Disposition": f'attachment; filename="{root}.tar"',
+            "Content-Disposition": f'attachment; filename="{root}{suffix}.tar"',
         },
     )
 
@@ -506,24 +605,34 @@ async def checkpoint_archive(
 @router.post(
     "/runs/{run_id}/checkpoints/{ref}/link",
     response_model=DownloadLink,
-    responses=errors(404, 503),
+    responses=errors(404, 422, 503),
     summary="A signed download link for a checkpoint archive",
 )
 async def checkpoint_link(
-    run_id: uuid.UUID, ref: str, gate: GateDep, settings: SettingsDep
+    run_id: uuid.UUID,
+    ref: str,
+    gate: GateDep,
+    settings: SettingsDep,
+    include: IncludeQuery = None,
+    format: FormatQuery = "pth",  # noqa: A002 - the query parameter's public name
 ) -> DownloadLink:
     """A URL that downloads the archive of checkpoint ``ref`` with a plain GET, for browsers
     (a link cannot send the ``Authorization`` header, and fetching with it would hold the whole
     tar in memory). With an API token the URL carries an HMAC signature of its path that
     expires after ``MOEJOBS_DOWNLOAD_LINK_SECONDS`` (``service.api.signing``); without one it is
-    the archive's plain path. 404 when the run or checkpoint does not exist."""
+    the archive's plain path. 404 when the run or checkpoint does not exist. ``include`` and
+    ``format`` are those of the archive and travel in the link's query (the signature covers
+    the path: each variant holds no more than the whole archive)."""
+    _archive_variant(include, format)
     _run, checkpoint = await gate.run(_checkpoint, run_id, ref)
     path = CheckpointPublic.of(checkpoint).archive_url
+    variant = _variant_query(include, format)
     if settings.api_token is None:
-        return DownloadLink(url=path, expires_at=None)
+        return DownloadLink(url=f"{path}?{variant}" if variant else path, expires_at=None)
     url, expires = sign_path(
         settings.api_token.get_secret_value(), path, settings.download_link_seconds
     )
+    url = f"{url}&{variant}" if variant else url
     return DownloadLink(url=url, expires_at=datetime.fromtimestamp(expires, UTC))
 
 

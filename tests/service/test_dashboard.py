@@ -238,6 +238,10 @@ def finished_run(server) -> uuid.UUID:
         ],
     )
     out = server.settings.run_dir(run_id) / "out"
+    (out / "samples").mkdir()
+    for name, text in (("step-00000100", " cat sat"), ("final", " cat sat on the <mat>")):
+        doc = {"checkpoint": name, "samples": [{"prompt": "The", "text": text}]}
+        (out / "samples" / f"{name}.json").write_text(json.dumps(doc))
     for kind in ("started", "configured", "data_ready", "model_built", "first_step"):
         append_event(out, kind, attempt=attempt)
     append_event(out, "checkpoint_written", attempt=attempt, step=100, message="step-00000100")
@@ -260,6 +264,10 @@ def test_run_page_renders_charts_router_checkpoints_events_and_log(server, finis
     # checkpoints with archive links to this server, events, log tail
     assert f'href="/runs/{run_id}/checkpoints/final/archive"' in dom
     assert f'href="/runs/{run_id}/checkpoints/100/archive"' in dom
+    assert f'href="/runs/{run_id}/checkpoints/final/archive?include=weights"' in dom
+    assert f'href="/runs/{run_id}/checkpoints/final/archive?format=safetensors"' in dom
+    # each checkpoint's samples side by side, as text (never as markup)
+    assert "<b>The</b> cat sat</span>" in dom and "<b>The</b> cat sat on the &lt;mat&gt;" in dom
     assert "claimed by worker w-test" in dom
     # the engine's own events, in the same timeline
     assert "data ready" in dom and "model built" in dom

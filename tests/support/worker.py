@@ -56,7 +56,7 @@ def require_redis(url: str | None = None) -> str:
 
 def worker_settings(home: Path, database_url: str, broker_url: str, **overrides: Any) -> Settings:
     """Settings of a test deployment rooted at ``home`` with a unique Celery queue, short
-    heartbeats and all checkpoints kept; ``overrides`` win."""
+    heartbeats, all checkpoints kept and no checkpoint samples; ``overrides`` win."""
     values: dict[str, Any] = dict(
         home=home,
         database_url=database_url,
@@ -72,6 +72,7 @@ def worker_settings(home: Path, database_url: str, broker_url: str, **overrides:
         queued_stale_seconds=600.0,
         cancel_grace_seconds=60.0,
         keep_checkpoints=0,
+        sample_prompts="",  # no sampler processes beside the trainings unless a test asks
     )
     values.update(overrides)
     return Settings(**values)

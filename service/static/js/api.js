@@ -108,7 +108,9 @@ export async function downloadWithToken(ev, path, file) {
   if (!getToken()) return; // the browser follows the plain link
   ev.preventDefault();
   try {
-    const link = await api(path.replace(/\/archive$/, '/link'), { method: 'POST' });
+    const [archive, query] = path.split('?');
+    const linkPath = archive.replace(/\/archive$/, '/link') + (query ? `?${query}` : '');
+    const link = await api(linkPath, { method: 'POST' }); // the variant travels in the link's query
     const a = h('a', { href: API_BASE + link.url, download: file });
     document.body.append(a); a.click(); a.remove();
     toast(`Downloading ${file}…`, 'ok');

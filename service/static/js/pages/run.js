@@ -242,20 +242,39 @@ export function runView(root, alive, runId) {
   // -- checkpoints, events, estimate, log
   function renderCheckpoints(list) {
     if (!list.length) { fill(ckptBody, h('p', { class: 'muted' }, 'No checkpoint yet.')); return; }
-    // CheckpointPublic (service/api/models.py): {name, step, path, size_bytes, created_at, archive_url}
+    // CheckpointPublic (service/api/models.py): {name, step, path, size_bytes, created_at, archive_url, samples}
+    const link = (c, query, suffix, label) => {
+      const path = c.archive_url + (query ? `?${query}` : '');
+      const file = `${shortId(runId)}-${c.name}${suffix}.tar`;
+      return h('a', { href: API_BASE + path, download: file, onclick: (ev) => downloadWithToken(ev, path, file) }, label);
+    };
+    const withSamples = list.filter((c) => Array.isArray(c.samples) && c.samples.length);
     fill(ckptBody, h('div', { class: 'table-wrap' }, h('table', {},
-      h('thead', {}, h('tr', {}, h('th', {}, 'Checkpoint'), h('th', { class: 'num' }, 'Step'), h('th', { class: 'num' }, 'Size'), h('th', {}, 'Written'), h('th', {}, ''))),
-      h('tbody', {}, list.map((c) => {
-        const path = c.archive_url;
-        const url = API_BASE + path;
-        const file = `${shortId(runId)}-${c.name}.tar`;
-        return h('tr', {},
-          h('td', { class: 'mono' }, c.name),
-          h('td', { class: 'num' }, isNum(c.step) ? fmtInt(c.step) : '–'),
-          h('td', { class: 'num' }, fmtBytes(c.size_bytes)),
-          h('td', {}, timeEl(c.created_at)),
-          h('td', {}, h('a', { href: url, download: file, onclick: (ev) => downloadWithToken(ev, path, file) }, 'download .tar')));
-      })))));
+      h('thead', {}, h('tr', {}, h('th', {}, 'Checkpoint'), h('th', { class: 'num' }, 'Step'), h('th', { class: 'num' }, 'Size'), h('th', {}, 'Written'), h('th', {}, 'Download'))),
+      h('tbody', {}, list.map((c) => h('tr', {},
+        h('td', { class: 'mono' }, c.name),
+        h('td', { class: 'num' }, isNum(c.step) ? fmtInt(c.step) : '–'),
+        h('td', { class: 'num' }, fmtBytes(c.size_bytes)),
+        h('td', {}, timeEl(c.created_at)),
+        h('td', {},
+          link(c, '', '', 'all .tar'), ' · ',
+          link(c, 'include=weights', '-weights', 'weights only'), ' · ',
+          link(c, 'format=safetensors', '-safetensors', 'safetensors'))))))),
+    withSamples.length ? renderSamples(withSamples) : null);
+  }
+
+  // Greedy continuations of the same prompts by each checkpoint (worker/sample.py): one row per
+  // prompt, one column per checkpoint, so the text can be read as the training went on.
+  function renderSamples(list) {
+    const prompts = list[0].samples.map((s) => s.prompt);
+    return h('div', { class: 'table-wrap samples' }, h('table', {},
+      h('thead', {}, h('tr', {}, h('th', {}, 'Prompt'), list.map((c) => h('th', { class: 'mono' }, c.name)))),
+      h('tbody', {}, prompts.map((prompt, i) => h('tr', {},
+        h('td', { class: 'mono' }, prompt),
+        list.map((c) => {
+          const s = c.samples[i];
+          return h('td', { class: 'sample' }, s && s.prompt === prompt ? h('span', {}, h('b', {}, prompt), s.text) : '–');
+        }))))));
   }
 
   // The run's history (status changes, written by the service) and what its training
