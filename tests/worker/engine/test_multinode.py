@@ -24,10 +24,9 @@ import yaml
 from service.config.validate import validate_configs
 from tests.support import REPO
 from tests.support.tiny import TINY_MODEL, tiny_train_config
+from worker.launch import externally_launched
 from worker.metrics import read_metrics
 from worker.train import run_training
-
-pytestmark = pytest.mark.slow
 
 STEPS = 3
 
@@ -71,6 +70,7 @@ def _losses(out: Path) -> list[float]:
     return [float(r["loss"]) for r in read_metrics(out / "metrics.csv")]
 
 
+@pytest.mark.slow
 def test_two_torchrun_nodes_equal_one_process(tmp_path, corpus, tokenizer_dir):
     """2 nodes x 1 rank x 1 micro-batch of 2 samples per step and 1 process x 2 accumulated
     micro-batches of 2 see the same 4 samples in every step (global batch 4; rank r takes
@@ -131,3 +131,22 @@ def test_two_torchrun_nodes_equal_one_process(tmp_path, corpus, tokenizer_dir):
     one, two_losses = _losses(one_out), _losses(two_out)
     assert two_losses == pytest.approx(one, rel=1e-4), (one, two_losses)
     print(f"two torchrun nodes: {two_nodes_s:.1f} s; losses {two_losses} vs {one}")
+
+
+@pytest.mark.parametrize(
+    ("env", "external"),
+    [
+        ({}, False),
+        ({"LOCAL_RANK": "0"}, True),  # torchrun, or the engine's own rank processes
+        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "16"}, True),  # one task of a multi-task srun
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, False),  # a worker started inside SLURM
+    ],
+)
+def test_externally_launched_knows_torchrun_and_srun(monkeypatch, env, external):
+    """A rank started by torchrun or by a multi-task ``srun`` starts no ranks of its own (each
+    of SLURM's tasks would otherwise start ``devices - 1`` more processes)."""
+    for key in ("LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert externally_launched() is external
