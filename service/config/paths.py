@@ -61,8 +61,8 @@ LATEST = "latest"
 #: Why the command line (no database) refuses a reference.
 RUN_REFERENCE_CLI_MESSAGE = (
     "only the service resolves run:ID references (submit the run with `moejobs submit` or "
-    "POST /runs); here give the checkpoint folder's path (`moejobs status ID` or "
-    "GET /runs/ID/checkpoints lists a run's checkpoints and their paths)"
+    "POST /runs); here give the checkpoint folder's path (GET /runs/ID/checkpoints lists "
+    "a run's checkpoints and their paths)"
 )
 
 #: Name of the engine's output folder inside the run's folder.
