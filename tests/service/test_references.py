@@ -176,3 +176,19 @@ def test_fine_tune_from_a_referenced_checkpoint_loads_its_weights(
     assert tuned_result.steps == 2
     log = (Path(vb.train.out_dir) / "train.log").read_text(encoding="utf-8")
     assert f"weights initialised from {result.checkpoint_dir}" in log
+
+
+def test_a_run_that_others_start_from_is_not_deleted(api: ApiEnv):
+    source = _new_run(api)
+    final = _record(api, source, "final")
+    r = api.client.post("/runs", json=_with_initial(f"run:{source}/latest"))
+    assert r.status_code == 201, r.text
+    tuned = r.json()["id"]
+    assert api.client.post(f"/runs/{source}/cancel").json()["status"] == "cancelled"
+    r = api.client.delete(f"/runs/{source}")
+    assert r.status_code == 409, r.text
+    assert r.json()["code"] == "run_in_use" and r.json()["used_by"] == [tuned]
+    assert final.is_dir()
+    assert api.client.post(f"/runs/{tuned}/cancel").json()["status"] == "cancelled"
+    assert api.client.delete(f"/runs/{source}").status_code == 204
+    assert not final.exists()
