@@ -425,13 +425,14 @@ def delete(
     base_url: str | None, run_id: str, token: str | None = None, *, out: IO[str] | None = None
 ) -> None:
     """Delete a finished run, its rows and its files (``DELETE /runs/ID``). Raises ClientError
-    (404 no such run, 409 while it is queued or running: cancel it first)."""
+    (404 no such run, 409 while it is queued or running: cancel it first; 409 with the
+    server's message while queued or running runs start from its checkpoints)."""
     out = out or sys.stdout
     with Api(base_url, token) as api:
         try:
             api.delete_run(run_id)
         except ClientError as error:
-            if error.status_code == 409:
+            if error.status_code == 409 and (error.body is None or error.body.code == "run_active"):
                 raise ClientError(
                     f"run {run_id} is still queued or running: `moejobs cancel {run_id}` "
                     "first, then delete it once it has stopped",

@@ -30,12 +30,21 @@ import copy
 import os
 import posixpath
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.config.issues import ConfigError, Issue
-from service.config.paths import INPUT_FIELDS, doc_value, resolve_run_paths
+from service.config.paths import (
+    INPUT_FIELDS,
+    RUN_REFERENCE_CLI_MESSAGE,
+    RUN_REFERENCE_FIELD,
+    doc_value,
+    is_run_reference,
+    resolve_run_paths,
+    run_reference_elsewhere,
+)
 from service.config.validate import Validated, validate_configs
 from service.contract import ExitCode, FailureReason
 
@@ -245,7 +254,8 @@ def input_problems(train: dict) -> list[InputProblem]:
 @dataclass(frozen=True)
 class LocalPaths:
     """The command line: a relative input path is read from ``cwd`` (as the engine opens it),
-    any folder may be used; ``out_dir`` stays as written. Unusable inputs are errors."""
+    any folder may be used; ``out_dir`` stays as written. Unusable inputs are errors. A
+    ``run:ID/...`` reference is refused (``ConfigError``: only the service resolves them)."""
 
     cwd: Path
     missing_inputs_are_errors = True
@@ -257,6 +267,19 @@ class LocalPaths:
     def resolve(self, train: dict) -> dict:
         """A copy of ``train`` with every input path absolute (joined to ``cwd``, normalised)."""
         out = copy.deepcopy(train)
+        refs = [loc for loc in INPUT_FIELDS if is_run_reference(doc_value(out, loc))]
+        if refs:  # no database here to look the run up in
+            raise ConfigError(
+                [
+                    Issue(
+                        loc,
+                        RUN_REFERENCE_CLI_MESSAGE
+                        if loc == RUN_REFERENCE_FIELD
+                        else run_reference_elsewhere(loc),
+                    )
+                    for loc in refs
+                ]
+            )
         for loc in INPUT_FIELDS:
             value = doc_value(out, loc)
             if not isinstance(value, str) or value == "auto":
@@ -277,9 +300,21 @@ class ServerPaths:
     data_root: Path
     runs_dir: Path
     run_dir: Path
+    #: Resolves a ``run:ID/CHECKPOINT`` reference in ``initial_checkpoint_dir`` to the
+    #: checkpoint's path (``service.references.checkpoint_resolver``); raises ``ValueError``
+    #: with the message for the field. None: such a reference is an issue.
+    references: Callable[[str], str] | None = None
     missing_inputs_are_errors = False
 
     def resolve(self, train: dict) -> dict:
+        value = doc_value(train, RUN_REFERENCE_FIELD)
+        if is_run_reference(value) and self.references is not None:
+            assert isinstance(value, str)
+            try:
+                path = self.references(value)
+            except ValueError as error:
+                raise ConfigError(Issue(RUN_REFERENCE_FIELD, str(error))) from None
+            train = {**train, RUN_REFERENCE_FIELD[0]: path}
         return resolve_run_paths(
             train, data_root=self.data_root, runs_dir=self.runs_dir, run_dir=self.run_dir
         )

@@ -66,7 +66,14 @@ from service.models import (
     aware_now,
     table_of,
 )
-from service.reads import RunError, RunNotFound, find_idempotent, get_run, measured_tokens_per_sec
+from service.reads import (
+    RunError,
+    RunNotFound,
+    active_runs,
+    find_idempotent,
+    get_run,
+    measured_tokens_per_sec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +118,19 @@ class RunActive(RunError):
     def __init__(self, run_id: uuid.UUID, status: RunStatus):
         super().__init__(f"run {run_id} is {status.value}: cancel it and wait until it finishes")
         self.run_id, self.status = run_id, status
+
+
+class RunInUse(RunError):
+    """The run cannot be deleted: queued or running runs start from one of its checkpoints
+    (``initial_checkpoint_dir``, e.g. resolved from ``run:ID/final``). ``.users`` their ids."""
+
+    def __init__(self, run_id: uuid.UUID, users: Sequence[uuid.UUID]):
+        shown = ", ".join(str(u) for u in users[:5]) + (" ..." if len(users) > 5 else "")
+        super().__init__(
+            f"run {run_id} has checkpoints that queued or running runs start from "
+            f"(initial_checkpoint_dir): {shown}; cancel them or wait until they finish"
+        )
+        self.run_id, self.users = run_id, list(users)
 
 
 class IdempotencyConflict(RunError):
@@ -972,11 +992,22 @@ def delete_run(session: Session, run_id: uuid.UUID) -> Run:
     """Delete a finished run and, by ON DELETE CASCADE, its events, metric and router points,
     checkpoint records and provenance. Returns the deleted run (detached) so the caller can
     remove its folder (``settings.run_dir(run.id)``); files are not touched here.
-    Raises RunNotFound, RunActive (queued or running)."""
+    Raises RunNotFound, RunActive (queued or running), RunInUse (a queued or running run's
+    ``initial_checkpoint_dir`` is one of its recorded checkpoints)."""
     with write_transaction(session):
         run = _locked_run(session, run_id, deleting=True)
         if run.status not in TERMINAL_STATUSES:
             raise RunActive(run_id, run.status)
+        paths = set(
+            session.exec(select(Checkpoint.path).where(col(Checkpoint.run_id) == run_id)).all()
+        )
+        users = [
+            other.id
+            for other in active_runs(session)
+            if (other.resolved_train or {}).get("initial_checkpoint_dir") in paths
+        ]
+        if users:
+            raise RunInUse(run_id, users)
         session.expunge(run)
         session.execute(
             sa.delete(Run).where(col(Run.id) == run_id).execution_options(synchronize_session=False)

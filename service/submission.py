@@ -34,6 +34,7 @@ from service.config.validate import Validated
 from service.estimate import estimate
 from service.models import Run
 from service.queue import enqueue_prepare, enqueue_run
+from service.references import checkpoint_resolver
 from service.settings import Settings
 from service.webhooks import MAX_WEBHOOKS, RunWebhook
 
@@ -234,7 +235,10 @@ def prepare_run(
             )
     assert settings.data_root is not None and settings.runs_dir is not None
     paths = ServerPaths(
-        data_root=settings.data_root, runs_dir=settings.runs_dir, run_dir=settings.run_dir(run_id)
+        data_root=settings.data_root,
+        runs_dir=settings.runs_dir,
+        run_dir=settings.run_dir(run_id),
+        references=checkpoint_resolver(session),  # initial_checkpoint_dir: run:ID/final
     )
     try:
         train, model = resolve_documents(

@@ -40,8 +40,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def externally_launched() -> bool:
-    """True when this process is one rank of a group someone else started (env has LOCAL_RANK)."""
-    return "LOCAL_RANK" in os.environ
+    """True when this process is one rank of a group someone else started: the environment has
+    ``LOCAL_RANK`` (torchrun, or :class:`RankProcesses`), or it is one task of an ``srun``
+    that started several (``SLURM_PROCID`` with ``SLURM_NTASKS`` > 1; every task is a rank and
+    Lightning's ``SLURMEnvironment`` reads the ranks from SLURM's variables)."""
+    if "LOCAL_RANK" in os.environ:
+        return True
+    try:
+        tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    except ValueError:
+        tasks = 1
+    return "SLURM_PROCID" in os.environ and tasks > 1
 
 
 def is_rank_zero_env() -> bool:

@@ -224,6 +224,16 @@ def install_exception_handlers(app: FastAPI) -> None:
             409, str(exc), code="run_active", run_id=str(exc.run_id), run_status=exc.status.value
         )
 
+    @app.exception_handler(runs_service.RunInUse)
+    async def _in_use(_request: Request, exc: runs_service.RunInUse) -> JSONResponse:
+        return error_response(
+            409,
+            str(exc),
+            code="run_in_use",
+            run_id=str(exc.run_id),
+            used_by=[str(u) for u in exc.users],
+        )
+
     @app.exception_handler(runs_service.IdempotencyConflict)
     async def _idempotency(
         _request: Request, exc: runs_service.IdempotencyConflict

@@ -9,6 +9,11 @@ write anything else. Rules (applied by :func:`resolve_run_paths` after schema va
   an absolute path must already lie inside it. The checkpoint fields
   (``initial_checkpoint_dir``, ``resume``) may also name an absolute folder inside
   ``RUNS_DIR`` (continue from an earlier run's checkpoint).
+- ``initial_checkpoint_dir`` may instead name another run's recorded checkpoint:
+  ``run:<run id>/final``, ``run:<run id>/step-00000100`` (or the step number) or
+  ``run:<run id>/latest`` (:func:`parse_run_reference`). Only the service resolves such a
+  reference, through its database (``service.references``), before these rules apply; the
+  command line refuses it (:data:`RUN_REFERENCE_CLI_MESSAGE`).
 - Outputs: ``out_dir`` is always ``RUNS_DIR/<run id>/out``. A submitted ``out_dir`` is ignored
   unless it would escape the run's folder (absolute, or ``..`` climbing out), which is refused
   like any escaping input.
@@ -31,6 +36,8 @@ import copy
 import os
 import posixpath
 import re
+import uuid
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -44,6 +51,19 @@ INPUT_FIELDS: dict[tuple[str, ...], bool] = {
     ("initial_checkpoint_dir",): True,
     ("resume",): True,
 }
+
+#: Prefix of a reference to another run's checkpoint in ``initial_checkpoint_dir``.
+RUN_REFERENCE_PREFIX = "run:"
+#: The field that may hold such a reference.
+RUN_REFERENCE_FIELD: tuple[str, ...] = ("initial_checkpoint_dir",)
+#: The checkpoint name that means "the run's newest recorded checkpoint".
+LATEST = "latest"
+#: Why the command line (no database) refuses a reference.
+RUN_REFERENCE_CLI_MESSAGE = (
+    "only the service resolves run:ID references (submit the run with `moejobs submit` or "
+    "POST /runs); here give the checkpoint folder's path (GET /runs/ID/checkpoints lists "
+    "a run's checkpoints and their paths)"
+)
 
 #: Name of the engine's output folder inside the run's folder.
 RUN_OUT_DIR = "out"
@@ -88,6 +108,47 @@ def check_path_length(path: str | os.PathLike[str]) -> None:
                 f"the name {part[:40]!r}... is {part_size:,} bytes long; a file or "
                 f"folder name may have at most {NAME_MAX_BYTES} bytes (NAME_MAX)"
             )
+
+
+@dataclass(frozen=True)
+class RunReference:
+    """``run:<run_id>/<checkpoint>``: ``checkpoint`` is ``final``, ``latest``, a step folder
+    name (``step-00000100``) or a step number (``100``)."""
+
+    run_id: uuid.UUID
+    checkpoint: str
+
+
+def is_run_reference(value: object) -> bool:
+    """Whether ``value`` is meant as a run reference (a string starting ``run:``)."""
+    return isinstance(value, str) and value.startswith(RUN_REFERENCE_PREFIX)
+
+
+def parse_run_reference(value: str) -> RunReference:
+    """The reference ``value`` (``run:<run id>/<checkpoint>``). Raises ``ValueError`` with a
+    message giving the expected form when it is malformed (no ``/``, not a UUID, an empty or
+    nested checkpoint name)."""
+    form = "expected run:<run id>/final, run:<run id>/step-00000100 or run:<run id>/latest"
+    body = value[len(RUN_REFERENCE_PREFIX) :]
+    run_text, sep, checkpoint = body.partition("/")
+    if not sep or not checkpoint or "/" in checkpoint or not checkpoint.isprintable():
+        raise ValueError(f"{value[:200]!r}: {form}")
+    try:
+        run_id = uuid.UUID(run_text)
+    except ValueError:
+        raise ValueError(f"{value[:200]!r}: {run_text[:80]!r} is not a run id; {form}") from None
+    return RunReference(run_id=run_id, checkpoint=checkpoint)
+
+
+def run_reference_elsewhere(loc: tuple[str, ...]) -> str:
+    """The message for a ``run:`` reference left where no database resolved it: in another
+    field than ``initial_checkpoint_dir``, or (a caller's bug) unresolved."""
+    if loc != RUN_REFERENCE_FIELD:
+        return (
+            "run:ID references are accepted only in initial_checkpoint_dir; give a path here "
+            "(GET /runs/ID/checkpoints lists a run's checkpoints and their paths)"
+        )
+    return "a run:ID reference must be resolved through the service's database first"
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -166,6 +227,9 @@ def resolve_run_paths(train: dict, *, data_root: Path, runs_dir: Path, run_dir: 
     every input path made absolute under ``data_root`` and ``out_dir`` set to
     ``run_dir/out``. Existence is not checked here (``service.checks.input_problems``).
 
+    A ``run:`` reference must have been replaced by its path before (``service.references``);
+    one left in any input field is an issue (:func:`run_reference_elsewhere`).
+
     Raises ``ConfigError`` listing every escaping path with its field location.
     """
     out = copy.deepcopy(train)
@@ -174,6 +238,9 @@ def resolve_run_paths(train: dict, *, data_root: Path, runs_dir: Path, run_dir: 
         value = doc_value(out, loc)
         if value is None or isinstance(value, bool) or value == "auto":
             continue  # unset, resume true/false/'auto'
+        if is_run_reference(value):
+            errors.append(Issue(loc, run_reference_elsewhere(loc)))
+            continue
         try:
             resolved = resolve_under(value, data_root, also=(runs_dir,) if may_use_runs else ())
         except PathEscape as error:
