@@ -29,6 +29,7 @@ from service.api.models import (
     RunPage,
     RunPublic,
     SmokeTestPublic,
+    SweepPage,
     SweepPublic,
 )
 from service.api.openapi import ErrorBody
@@ -399,6 +400,10 @@ class Api:
     def create_sweep(self, body: dict[str, Any]) -> SweepPublic:
         """``POST /sweeps`` with a sweep document (README "Sweeps")."""
         return _decode(self.request("POST", "/sweeps", json=body), SweepPublic)
+
+    def list_sweeps(self, limit: int = 100) -> SweepPage:
+        """``GET /sweeps``: the newest sweeps first, without their trials."""
+        return _decode(self.request("GET", "/sweeps", params={"limit": limit}), SweepPage)
 
     def get_sweep(self, sweep_id: str) -> SweepPublic:
         path = f"/sweeps/{_sweep_id(sweep_id)}"

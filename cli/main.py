@@ -214,10 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_Command("runs:cmd_download"))
 
     # -- sweeps (issue 11, cli.sweeps) --
-    c = sub.add_parser("sweep", help="sweeps on the server: create, status, cancel")
+    c = sub.add_parser("sweep", help="sweeps on the server: create, list, status, cancel")
     ssub = c.add_subparsers(dest="sweep_command", required=True)
     sc_ = ssub.add_parser("create", parents=[common], help="create a sweep from a YAML/JSON file")
     sc_.add_argument("file")
+    sc_.set_defaults(func=_Command("sweeps:cmd_sweep"))
+    sc_ = ssub.add_parser("list", parents=[common], help="list the sweeps, newest first")
+    sc_.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     sc_.set_defaults(func=_Command("sweeps:cmd_sweep"))
     sc_ = ssub.add_parser("status", parents=[common], help="show a sweep and its trials")
     sc_.add_argument("sweep_id")

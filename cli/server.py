@@ -146,7 +146,23 @@ def _start_stack(settings):
         stack.stop(timeout=30)
         raise SystemExit(_interrupted_exit_code()) from None
     print(f"ready: dashboard {stack.base_url}/   API docs {stack.base_url}/docs", flush=True)
+    if stack.base_url != _client_default_url():  # e.g. `up --port 8617`: say how to reach it
+        print(
+            f"       the other moejobs commands reach it with --url {stack.base_url} "
+            f"or: export MOEJOBS_URL={stack.base_url}",
+            flush=True,
+        )
     return stack
+
+
+def _client_default_url() -> str | None:
+    """Where ``moejobs submit``/``runs``/... look without ``--url`` (None: settings invalid)."""
+    from cli.http import ClientError, default_base_url
+
+    try:
+        return default_base_url()
+    except ClientError:
+        return None
 
 
 def _ignore_further_interrupts() -> None:

@@ -1,5 +1,6 @@
-"""``moejobs sweep create FILE``, ``moejobs sweep status ID [--follow]``, ``moejobs sweep
-cancel ID``: sweeps on a server, through the typed client (``cli.http``)."""
+"""``moejobs sweep create FILE``, ``moejobs sweep list``, ``moejobs sweep status ID
+[--follow]``, ``moejobs sweep cancel ID``: sweeps on a server, through the typed client
+(``cli.http``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import IO
 
 from cli.http import Api, ClientError
 from cli.runs import _run_command
-from service.api.models import SweepPublic
+from service.api.models import SweepPage, SweepPublic
 
 POLL_SECONDS = 2.0
 ENDED = ("finished", "failed", "cancelled")
@@ -107,6 +108,32 @@ def status(
     return sweep
 
 
+def print_sweeps(page: SweepPage, out: IO[str]) -> None:
+    """One line per sweep: id, status, method, metric, trials by status, best value."""
+    if not page.items:
+        print("no sweeps yet (moejobs sweep create FILE)", file=out)
+        return
+    print(f"{'ID':<36}  {'STATUS':<9} {'METHOD':<6} {'BEST':>9}  TRIALS  NAME", file=out)
+    for s in page.items:
+        best = s.best_trial.best_value if s.best_trial is not None else None
+        counts = ",".join(f"{n} {st}" for st, n in sorted(s.trial_counts.items())) or "-"
+        print(
+            f"{s.id!s:<36}  {s.status:<9} {s.method:<6} {_value(best):>9}  {counts}  {s.name}",
+            file=out,
+        )
+
+
+def list_sweeps(
+    base_url: str | None, token: str | None = None, *, limit: int = 100, out: IO[str] | None = None
+) -> SweepPage:
+    """``GET /sweeps`` as a table (newest first)."""
+    out = out or sys.stdout
+    with Api(base_url, token) as api:
+        page = api.list_sweeps(limit)
+    print_sweeps(page, out)
+    return page
+
+
 def cancel(
     base_url: str | None, sweep_id: str, token: str | None = None, *, out: IO[str] | None = None
 ) -> SweepPublic:
@@ -118,11 +145,13 @@ def cancel(
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """``moejobs sweep create FILE | status ID [--follow] | cancel ID``; ``status --follow``
+    """``moejobs sweep create FILE | list | status ID [--follow] | cancel ID``; ``status --follow``
     exits 0 only when the sweep finished."""
     result: list[SweepPublic] = []
     if args.sweep_command == "create":
         return _run_command(lambda: result.append(create(args.url, args.file, token=args.token)))
+    if args.sweep_command == "list":
+        return _run_command(lambda: list_sweeps(args.url, args.token, limit=args.limit))
     if args.sweep_command == "cancel":
         return _run_command(lambda: result.append(cancel(args.url, args.sweep_id, args.token)))
     code = _run_command(

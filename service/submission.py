@@ -27,7 +27,7 @@ from service import runs as runs_service
 from service.checks import ServerPaths, check_run
 from service.config.fields import NameText, Note, Tags
 from service.config.issues import ConfigError, Issue, dotted
-from service.config.merge import replaced_values, resolve_documents
+from service.config.merge import dotted_overrides, replaced_values, resolve_documents
 from service.config.parse import document_problem
 from service.config.presets import list_presets, load_preset
 from service.config.validate import Validated
@@ -213,8 +213,11 @@ def prepare_run(
     run_id: uuid.UUID | None = None,
     allow_reserved_preset: bool = False,
     check_workers: bool = True,
+    params: dict[str, Any] | None = None,
 ) -> Prepared:
-    """Merge the preset, validate, resolve paths and check the inputs
+    """Merge the preset and then ``params`` (a sweep trial's dotted paths, e.g.
+    ``{"train_config.optimizer.init_args.lr": 1e-3}``: they win over the preset, as explicit
+    flags do on the command line), validate, resolve paths and check the inputs
     (``service.checks.check_run``: unusable inputs are warnings here), estimate, and admit
     (``service.admission``: absurd plans always; the live workers' capacity unless
     ``check_workers`` is False). Raises :class:`InvalidSubmission` (``validation_error`` for an
@@ -240,11 +243,14 @@ def prepare_run(
         run_dir=settings.run_dir(run_id),
         references=checkpoint_resolver(session),  # initial_checkpoint_dir: run:ID/final
     )
+    train_params, model_params = dotted_overrides(params or {})
     try:
         train, model = resolve_documents(
             None,
             None,
             preset if preset not in RESERVED_PRESETS else None,
+            train_overrides=train_params,
+            model_overrides=model_params,
             train_doc=request.train_config,
             model_doc=request.model_doc,
         )
@@ -371,9 +377,12 @@ def submit_run(
     With ``send=False`` nothing is enqueued (``enqueued`` False): call :func:`send_run`
     afterwards, outside the database work. ``write_checkpoints`` False: the run's training
     writes no checkpoint (the smoke test). ``sweep_id``/``sweep_params`` make it a sweep's
-    trial (``service.sweeps.controller``). Raises :class:`InvalidSubmission` as
-    :func:`prepare_run`."""
+    trial (``service.sweeps.controller``): the parameters are merged over the preset
+    (:func:`prepare_run`'s ``params``) and count in the request hash. Raises
+    :class:`InvalidSubmission` as :func:`prepare_run`."""
     body_hash = _submitted_hash(request)
+    if sweep_params:
+        body_hash = runs_service.request_hash({"request": body_hash, "params": sweep_params})
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
             raise _invalid(
@@ -390,6 +399,7 @@ def submit_run(
         request,
         allow_reserved_preset=allow_reserved_preset,
         check_workers=check_workers,
+        params=sweep_params,
     )
     run, created = runs_service.create_run(
         session,

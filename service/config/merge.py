@@ -86,6 +86,22 @@ def resolve_documents(
     return train, model
 
 
+def dotted_overrides(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{"train_config.optimizer.init_args.lr": 1e-3, "model_config.n_expert": 8}`` as the
+    (train, model) override layers :func:`resolve_documents` merges last. Raises ValueError for
+    a path that starts with neither document."""
+    docs: dict[str, dict[str, Any]] = {"train_config": {}, "model_config": {}}
+    for path, value in params.items():
+        head, *keys = path.split(".")
+        if head not in docs or not keys:
+            raise ValueError(f"{path}: a path must start with train_config. or model_config.")
+        node = docs[head]
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return docs["train_config"], docs["model_config"]
+
+
 def resolve(
     train_path: str | Path | None,
     model_path: str | Path | None,

@@ -405,7 +405,7 @@ def _submit(
             session,
             settings,
             celery,
-            trial_request(spec, number, params),
+            trial_request(spec, number),
             idempotency_key=f"sweep:{sweep.id}:{number}",
             owner=sweep.owner,
             send=False,

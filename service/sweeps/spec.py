@@ -13,7 +13,6 @@ the paths exist, every grid point validates). Refusals are
 
 from __future__ import annotations
 
-import copy
 import itertools
 import uuid
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pydantic import (
 from sqlmodel import Session
 
 from service.config.fields import NameText
-from service.config.presets import list_presets, load_preset
+from service.config.presets import list_presets
 from service.contract import METRIC_COLUMNS
 from service.settings import Settings
 from service.submission import InvalidSubmission, Prepared, RunCreate, prepare_run, run_request
@@ -47,7 +46,6 @@ __all__ = [
     "CheckedSweep",
     "sweep_request",
     "check_sweep",
-    "apply_params",
     "trial_request",
     "grid_points",
 ]
@@ -231,34 +229,16 @@ def grid_points(sweep: SweepCreate) -> list[dict[str, Any]]:
     return [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*lists)]
 
 
-def apply_params(base: SweepBase, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Copies of the base's train and model documents with each dotted path set to its value
-    (missing mappings on the way are created)."""
-    docs = {
-        "train_config": copy.deepcopy(base.train_config),
-        "model_config": copy.deepcopy(base.model_doc),
-    }
-    for path, value in params.items():
-        head, *keys = path.split(".")
-        node = docs[head]
-        for key in keys[:-1]:
-            child = node.get(key)
-            if not isinstance(child, dict):
-                child = node[key] = {}
-            node = child
-        node[keys[-1]] = value
-    return docs["train_config"], docs["model_config"]
-
-
-def trial_request(sweep: SweepCreate, number: int, params: dict[str, Any]) -> RunCreate:
-    """The ``POST /runs`` request of trial ``number``: named ``<sweep name>-<number>``."""
-    train, model = apply_params(sweep.base, params)
+def trial_request(sweep: SweepCreate, number: int) -> RunCreate:
+    """The ``POST /runs`` request of trial ``number``: the base, named ``<sweep name>-<number>``
+    (its parameters are merged over the base and its preset by
+    ``service.submission.prepare_run``'s ``params``)."""
     return run_request(
         {
             "name": f"{sweep.name}-{number}",
             "preset": sweep.base.preset,
-            "train_config": train,
-            "model_config": model,
+            "train_config": sweep.base.train_config,
+            "model_config": sweep.base.model_doc,
         }
     )
 
@@ -296,7 +276,8 @@ def _point_label(params: dict[str, Any]) -> str:
 def check_sweep(session: Session, settings: Settings, sweep: SweepCreate) -> CheckedSweep:
     """Everything that needs the server: the base documents validate (as ``POST /runs``
     would: preset, configs, paths, admission), the metric is one the base logs, every path
-    names a key of the resolved documents and no preset replaces it, and, for a grid, every
+    names a key of the resolved documents (a preset's key too: parameters win over the preset), and,
+    for a grid, every
     point validates (a 422 listing each invalid point and its errors). Raises
     ``InvalidSubmission``."""
     if sweep.webhooks and settings.webhook_secret is None:
@@ -319,7 +300,7 @@ def check_sweep(session: Session, settings: Settings, sweep: SweepCreate) -> Che
                 )
             ]
         )
-    base_request = trial_request(sweep, 0, {})
+    base_request = trial_request(sweep, 0)
     try:
         prepared = prepare_run(session, settings, base_request, run_id=uuid.UUID(int=0))
     except InvalidSubmission as error:
@@ -340,7 +321,11 @@ def check_sweep(session: Session, settings: Settings, sweep: SweepCreate) -> Che
         for number, params in enumerate(points):
             try:
                 prepare_run(
-                    session, settings, trial_request(sweep, number, params), run_id=uuid.UUID(int=0)
+                    session,
+                    settings,
+                    trial_request(sweep, number),
+                    run_id=uuid.UUID(int=0),
+                    params=params,
                 )
             except InvalidSubmission as error:
                 for e in error.errors:
@@ -394,7 +379,6 @@ def _metric_errors(sweep: SweepCreate, prepared: Prepared) -> list[dict[str, Any
 
 def _path_errors(sweep: SweepCreate, prepared: Prepared) -> list[dict[str, Any]]:
     resolved = {"train_config": prepared.resolved_train, "model_config": prepared.resolved_model}
-    preset = load_preset(sweep.base.preset) if sweep.base.preset is not None else None
     errors = []
     for path in sweep.parameters:
         head, *keys = path.split(".")
@@ -402,21 +386,4 @@ def _path_errors(sweep: SweepCreate, prepared: Prepared) -> list[dict[str, Any]]
         if problem is not None:
             errors.append(_error(["body", "parameters", path], f"unknown path: {problem}"))
             continue
-        if preset is not None and _known_path(preset.get(head) or {}, keys) is None:
-            node: Any = preset.get(head) or {}
-            found = True
-            for key in keys:
-                if not isinstance(node, dict) or key not in node:
-                    found = False
-                    break
-                node = node[key]
-            if found:
-                errors.append(
-                    _error(
-                        ["body", "parameters", path],
-                        f"preset {sweep.base.preset!r} sets {path}, which would replace the "
-                        f"swept value (a preset is merged over the documents); leave out the "
-                        f"preset or sweep another key",
-                    )
-                )
     return errors

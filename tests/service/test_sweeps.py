@@ -159,6 +159,27 @@ def test_a_grid_lists_its_trials_and_queues_max_concurrent(sqlite_api: ApiEnv):
     assert kept["sweep_id"] is None and kept["sweep_params"] == {LR: 0.001, EXPERTS: 8}
 
 
+def test_parameters_win_over_the_preset(sqlite_api: ApiEnv):
+    """The issue's example: a base with preset cpu-tiny, which sets both swept keys; each
+    trial's values are merged over the preset (as explicit flags are on the command line)."""
+    c = sqlite_api.client
+    preset = c.get("/presets").json()
+    tiny = next(p for p in preset if p["name"] == "cpu-tiny")
+    assert tiny["model_config"]["n_expert"] not in (2, 6)  # the preset sets it: 4 or 8 would hide
+    assert tiny["train_config"]["optimizer"]["init_args"]["lr"] != 0.0007
+    doc = sweep_doc(parameters={LR: {"values": [0.0007]}, EXPERTS: {"values": [2, 6]}})
+    doc["base"]["preset"] = "cpu-tiny"
+    r = c.post("/sweeps", json=doc)
+    assert r.status_code == 201, r.text
+    for trial, experts in zip(r.json()["trials"], [2, 6], strict=True):
+        run = c.get(f"/runs/{trial['run_id']}").json()
+        assert run["preset"] == "cpu-tiny"
+        resolved = yaml.safe_load(c.get(f"/runs/{run['id']}/config").text)
+        assert resolved["model_config"]["n_expert"] == experts
+        assert resolved["train_config"]["optimizer"]["init_args"]["lr"] == 0.0007
+        assert resolved["train_config"]["train"]["max_tokens"] == 307200  # the preset's
+
+
 def test_a_seeded_random_sweep_is_reproducible(sqlite_api: ApiEnv):
     c = sqlite_api.client
     params = {
@@ -245,6 +266,12 @@ def test_the_command_line_creates_follows_and_cancels(tmp_path, capsys):
 
         assert main(["sweep", "status", sweep_id, "--url", server.url]) == 0
         assert "lr" in capsys.readouterr().out
+
+        assert main(["sweep", "list", "--url", server.url]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert listed[0].split()[:4] == ["ID", "STATUS", "METHOD", "BEST"]
+        assert listed[1].split()[:3] == [sweep_id, "running", "grid"]
+        assert listed[1].endswith("lr-and-experts")
 
         assert main(["sweep", "cancel", sweep_id, "--url", server.url]) == 0
         assert ": cancelled;" in capsys.readouterr().out
