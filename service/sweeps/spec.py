@@ -345,7 +345,17 @@ def check_sweep(session: Session, settings: Settings, sweep: SweepCreate) -> Che
                 code="invalid_config",
                 errors=bad,
             )
-    return CheckedSweep(sweep=sweep, points=points, warnings=prepared.warnings)
+    warnings = list(prepared.warnings)
+    steps = prepared.validated.plan.optimizer_steps
+    if sweep.early_stopping is not None and sweep.early_stopping.min_steps >= steps:
+        warnings.append(
+            {
+                "loc": ["body", "early_stopping", "min_steps"],
+                "msg": f"min_steps {sweep.early_stopping.min_steps} is not below the base's "
+                f"{steps} optimizer steps: no trial can be pruned",
+            }
+        )
+    return CheckedSweep(sweep=sweep, points=points, warnings=warnings)
 
 
 def _metric_errors(sweep: SweepCreate, prepared: Prepared) -> list[dict[str, Any]]:

@@ -118,6 +118,15 @@ def test_validate_takes_yaml_and_lists_the_grid(shared_sqlite_api: ApiEnv):
         {LR: 0.003, EXPERTS: 4},
         {LR: 0.003, EXPERTS: 8},
     ]
+    assert not any(w["loc"][:2] == ["body", "early_stopping"] for w in r.json()["warnings"])
+    # median stopping that could never prune (min_steps past the base's last step) is a warning
+    late = sweep_doc(early_stopping={"type": "median", "min_steps": 10_000})
+    r = shared_sqlite_api.client.post("/sweeps/validate", json=late)
+    assert r.status_code == 200 and r.json()["valid"] is True, r.text
+    (warning,) = [w for w in r.json()["warnings"] if w["loc"][:2] == ["body", "early_stopping"]]
+    assert warning["loc"] == ["body", "early_stopping", "min_steps"]
+    assert "min_steps 10000 is not below the base's" in warning["msg"]
+    assert warning["msg"].endswith("optimizer steps: no trial can be pruned")
 
 
 def test_a_grid_lists_its_trials_and_queues_max_concurrent(sqlite_api: ApiEnv):
