@@ -16,6 +16,7 @@ a deployment without a store never loads it.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from service.settings import Settings
+
+log = logging.getLogger("moejobs.artifacts")
 
 #: Key part (below ``runs/<run id>/``) of the files synced during a run.
 FILES = "files"
@@ -219,3 +222,17 @@ def store_for(settings: Settings) -> ArtifactStore | None:
     if not settings.artifact_url:
         return None
     return ArtifactStore(settings.artifact_url, public_url=settings.artifact_public_url)
+
+
+def delete_run_objects(settings: Settings, run_id: uuid.UUID | str) -> int:
+    """Delete every object of run ``run_id`` (``runs/<run id>/``) when a store is set; returns
+    how many. A store failure is logged, not raised: the run is already deleted and its
+    objects are left over (nothing refers to them)."""
+    store = store_for(settings)
+    if store is None:
+        return 0
+    try:
+        return store.delete_prefix(run_prefix(run_id))
+    except StoreError as error:
+        log.warning("run %s: deleting its objects failed: %s", run_id, error)
+        return 0

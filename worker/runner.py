@@ -61,7 +61,7 @@ from typing import Any, NamedTuple
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import contract, reads, runs
+from service import artifacts, contract, reads, runs
 from service.contract import EngineResult, FailureReason
 from service.db import Database
 from service.models import Run, RunStatus
@@ -245,6 +245,11 @@ def _conclude(
     classification, and the attempt's trailer line in train.log."""
     run, info = att.run, att.info
     att.ingest()  # the last rows and the final checkpoint
+    if att.checkpoints.store is not None:
+        if not att.lease_lost:  # the uploads in flight and left, then their records
+            att.checkpoints.drain(att._write, att.heartbeat)
+            att.checkpoints.prune(checkpoint_folders(att.out_dir))
+        att.checkpoints.close()
     if not att.lease_lost:
         att.check_cancel()
     provenance_thread.join(timeout=30)
@@ -361,8 +366,15 @@ class _Attempt:
         self.out_dir = Path(run.resolved_train.get("out_dir") or self.run_dir / "out")
         self.metrics = metrics_ingest(self.out_dir, run.id, run.attempt)
         self.router = router_ingest(self.out_dir, run.id, run.attempt)
+        self.store = artifacts.store_for(settings)
         self.checkpoints = Checkpoints(
-            db, self.out_dir, run.id, run.attempt, settings.keep_checkpoints
+            db,
+            self.out_dir,
+            run.id,
+            run.attempt,
+            settings.keep_checkpoints,
+            store=self.store,
+            fenced_out=self.fenced_out,
         )
         self.lease_lost = False
         self.cancel_requested = False
@@ -394,6 +406,22 @@ class _Attempt:
         if result is not None:
             self.last_heartbeat_ok = max(self.last_heartbeat_ok, asked)
             self.cancel_requested = self.cancel_requested or bool(result.cancel_requested)
+
+    def fenced_out(self) -> bool:
+        """Whether this attempt may no longer write the run's artifacts, read from the database
+        now (before an upload): the run is not running or another attempt holds it (then
+        ``lease_lost``), or the database cannot tell (True: not now; asked again later)."""
+        if self.lease_lost:
+            return True
+        try:
+            with self.db.session() as session:
+                run = reads.get_run(session, self.run_id)
+        except (SQLAlchemyError, reads.RunNotFound) as error:
+            log.warning("run %s: reading the fence failed: %s", self.run_id, error)
+            return True
+        if run.status != RunStatus.running or run.attempt != self.attempt:
+            self.lease_lost = True
+        return self.lease_lost
 
     def check_cancel(self) -> None:
         if self.cancel_requested or self.lease_lost:

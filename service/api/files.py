@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.artifacts import ArtifactStore
+
 #: Bytes read from disk per chunk of a streamed archive.
 CHUNK = 1 << 20
 _BLOCK = tarfile.BLOCKSIZE  # 512
@@ -22,8 +24,9 @@ _RECORD = tarfile.RECORDSIZE  # 10240: tar files end on a record boundary
 @dataclass(frozen=True)
 class _Entry:
     header: bytes
-    path: Path | None  # None for a folder
+    path: Path | None  # None for a folder or an object
     size: int
+    key: str | None = None  # an object of the plan's store
 
 
 def _header(name: str, *, size: int, mtime: float, is_dir: bool) -> bytes:
@@ -79,6 +82,39 @@ class TarPlan:
                         st.st_size,
                     )
                 )
+        self.store: ArtifactStore | None = None
+        self._finish(entries)
+
+    @classmethod
+    def from_store(cls, store: ArtifactStore, prefix: str, root_name: str, mtime: float) -> TarPlan:
+        """The archive of the objects under ``prefix`` of ``store`` (a checkpoint folder kept
+        there, ``service.artifacts``), their key below ``prefix`` as path; the file bytes are
+        read from the store while the archive streams; every entry has ``mtime`` (the
+        checkpoint's record time: the same archive bytes on every download). Raises ``FileNotFoundError`` when no
+        object is there, ``StoreError`` when the store fails."""
+        prefix = prefix.rstrip("/") + "/"
+        objects = store.list(prefix)
+        if not objects:
+            raise FileNotFoundError(prefix)
+        plan = cls.__new__(cls)
+        plan.store = store
+        entries = [_Entry(_header(root_name, size=0, mtime=mtime, is_dir=True), None, 0)]
+        folders: set[str] = set()
+        for key, size in objects:
+            rel = key[len(prefix) :]
+            parts = rel.split("/")
+            for depth in range(1, len(parts)):
+                folder = "/".join(parts[:depth])
+                if folder not in folders:
+                    folders.add(folder)
+                    header = _header(f"{root_name}/{folder}", size=0, mtime=mtime, is_dir=True)
+                    entries.append(_Entry(header, None, 0))
+            header = _header(f"{root_name}/{rel}", size=size, mtime=mtime, is_dir=False)
+            entries.append(_Entry(header, None, size, key))
+        plan._finish(entries)
+        return plan
+
+    def _finish(self, entries: list[_Entry]) -> None:
         self.entries = entries
         body = sum(len(e.header) + e.size + _pad(e.size) for e in entries) + 2 * _BLOCK
         self.length = body + ((-body) % _RECORD)
@@ -90,17 +126,27 @@ class TarPlan:
         for entry in self.entries:
             yield entry.header
             written += len(entry.header)
-            if entry.path is None:
-                continue
-            remaining = entry.size
-            with open(entry.path, "rb") as handle:
-                while remaining > 0:
-                    chunk = handle.read(min(CHUNK, remaining))
-                    if not chunk:
-                        raise OSError(f"{entry.path} shrank while it was being sent")
+            if entry.key is not None and self.store is not None:
+                remaining = entry.size
+                for chunk in self.store.iter_chunks(entry.key, CHUNK):
+                    chunk = chunk[:remaining]
                     remaining -= len(chunk)
                     written += len(chunk)
                     yield chunk
+                if remaining > 0:
+                    raise OSError(f"object {entry.key} shrank while it was being sent")
+            elif entry.path is not None:
+                remaining = entry.size
+                with open(entry.path, "rb") as handle:
+                    while remaining > 0:
+                        chunk = handle.read(min(CHUNK, remaining))
+                        if not chunk:
+                            raise OSError(f"{entry.path} shrank while it was being sent")
+                        remaining -= len(chunk)
+                        written += len(chunk)
+                        yield chunk
+            else:
+                continue
             pad = _pad(entry.size)
             if pad:
                 yield b"\0" * pad

@@ -33,7 +33,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import contract, reads
+from service import artifacts, contract, reads
 from service import runs as runs_service
 from service.api.body import read_run_request
 from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
@@ -473,17 +473,39 @@ async def checkpoint_archive(
 ) -> StreamingResponse:
     """The checkpoint folder ``ref`` (a step number, ``final`` or the folder name) as an
     uncompressed tar streamed from disk, top-level folder ``<run id>-<checkpoint name>``:
-    extract it and point ``litgpt generate`` at that folder."""
+    extract it and point ``litgpt generate`` at that folder. With an object store and no
+    local folder (the run trained on another machine, or ``RUNS_DIR`` is not shared) the tar
+    is built from the store's objects as it streams (README: Object store)."""
     run, checkpoint = await gate.run(_checkpoint, run_id, ref)
     folder = Path(checkpoint.path)
     run_dir = settings.run_dir(run.id).resolve()
-    if not folder.resolve().is_relative_to(run_dir):
+    root = f"{run.id}-{checkpoint.name}"
+    inside = folder.resolve().is_relative_to(run_dir)
+    store = artifacts.store_for(settings)
+    if store is not None and not (inside and folder.is_dir()):
+        # Not on this machine's disk (another machine trained it): the store's copy, which
+        # every recorded checkpoint has (worker/retention.py uploads before it records).
+        prefix = artifacts.checkpoint_prefix(run.id, checkpoint.name)
+        try:
+            plan = await run_in_threadpool(
+                TarPlan.from_store, store, prefix, root, checkpoint.created_at.timestamp()
+            )
+        except FileNotFoundError:
+            raise ApiError(
+                410,
+                f"checkpoint {checkpoint.name} is recorded but the object store has no "
+                f"{prefix} (a manual deletion)",
+                code="checkpoint_gone",
+            ) from None
+        except artifacts.StoreError as error:
+            raise ApiError(503, str(error), code="store_unavailable") from None
+        return _tar_response(plan, root)
+    if not inside:
         raise ApiError(
             404,
             f"checkpoint {checkpoint.name} is recorded outside the run's folder",
             code="checkpoint_not_found",
         )
-    root = f"{run.id}-{checkpoint.name}"
     try:
         plan = await run_in_threadpool(TarPlan, folder, root)
     except FileNotFoundError:
@@ -493,6 +515,10 @@ async def checkpoint_archive(
             f"is gone (retention or a manual deletion)",
             code="checkpoint_gone",
         ) from None
+    return _tar_response(plan, root)
+
+
+def _tar_response(plan: TarPlan, root: str) -> StreamingResponse:
     return StreamingResponse(
         iter(plan),
         media_type="application/x-tar",
@@ -644,7 +670,9 @@ async def cancel_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     summary="Delete a finished run, its rows and its files",
 )
 async def delete_run(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep) -> Response:
-    """409 while the run is queued or running (cancel it first)."""
+    """409 while the run is queued or running (cancel it first). With an object store its
+    objects (``runs/<run id>/``) are deleted too."""
     run = await gate.run(runs_service.delete_run, run_id)
     await run_in_threadpool(shutil.rmtree, settings.run_dir(run.id), ignore_errors=True)
+    await run_in_threadpool(artifacts.delete_run_objects, settings, run.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
