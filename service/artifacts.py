@@ -166,6 +166,18 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return len(objects)
 
+    def get_file(self, key: str, path: Path) -> None:
+        """Download object ``key`` to ``path`` (through a temporary sibling, renamed into
+        place). Raises StoreError (a missing object among them)."""
+        tmp = path.with_name(f".{path.name}.download-{uuid.uuid4().hex[:8]}")
+        try:
+            self._call(
+                f"download {key}", self.client.download_file, self.bucket, self._key(key), str(tmp)
+            )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def open(self, key: str) -> BinaryIO:
         """A readable stream of the object ``key`` (close it after use)."""
         answer = self._call(

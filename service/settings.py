@@ -462,6 +462,12 @@ class Settings(BaseSettings):
         "(e.g. https://s3.example.org), when AWS_ENDPOINT_URL is a host name only the "
         "deployment resolves. Default: the endpoint the service uses.",
     )
+    artifact_sync_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="With ARTIFACT_URL: how often a worker uploads a running run's metrics.csv, "
+        "router.csv, events.jsonl and train.log to the store (and once at the attempt's end).",
+    )
 
     # -- validators -------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,11 +63,13 @@ import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
 from service import artifacts, contract, reads, runs
+from service.artifacts import StoreError
 from service.contract import EngineResult, FailureReason
 from service.db import Database
 from service.models import Run, RunStatus
 from service.settings import Settings
 from worker import provenance
+from worker.artifacts import FileSync, fetch_checkpoint, synced_files
 from worker.ingest import metrics_ingest, router_ingest
 from worker.launch import PARENT_ENV, REPO_ROOT
 from worker.outcome import Outcome, OutcomeKind, cgroup_oom_kills, classify_exit
@@ -116,6 +119,9 @@ def execute_attempt(
     function (e.g. Celery's hard shutdown) SIGKILLs the child group and propagates.
     """
     att = _Attempt(run, db, settings, info)
+    fetch_failed = _fetch_checkpoint(att)
+    if fetch_failed is not None:
+        return fetch_failed
     try:
         started = _start(att, command)
     except OSError as error:
@@ -128,6 +134,47 @@ def execute_attempt(
     provenance_thread = provenance.record_later(db, run.id, dict(run.resolved_train), info.hardware)
     _watch(att, proc, started.beat_fd, poll_seconds)
     return _conclude(att, proc.returncode, started, provenance_thread)
+
+
+def _fetch_checkpoint(att: _Attempt) -> Outcome | None:
+    """With an object store, before the start: the run's newest recorded checkpoint into an
+    ``out_dir`` that has none (another machine trained the earlier attempts), renewing the
+    lease while it downloads (``worker.artifacts.fetch_checkpoint``). None when the attempt
+    may start; else its outcome: ``lease_lost``, or a retryable ``lost_worker`` failure when
+    the store or the database failed (starting from scratch would discard the run's
+    progress)."""
+    if att.store is None:
+        return None
+    store = att.store
+    with ThreadPoolExecutor(1, thread_name_prefix=f"fetch-{att.run_id}") as pool:
+        future = pool.submit(
+            fetch_checkpoint,
+            store,
+            att.db,
+            att.run_id,
+            att.out_dir,
+            lambda folder: bool(checkpoint_folders(folder)),
+            synced_files(att.out_dir, att.run_dir),
+        )
+        while True:
+            try:
+                error = future.exception(timeout=att.settings.heartbeat_seconds)
+                break
+            except TimeoutError:
+                att.heartbeat()
+    if att.lease_lost:
+        return Outcome(OutcomeKind.lease_lost, "lease lost while fetching the checkpoint")
+    if error is None:
+        return None
+    if not isinstance(error, (StoreError, SQLAlchemyError, OSError)):
+        raise error
+    log.error("run %s: fetching its checkpoint failed: %s", att.run_id, error)
+    _log_line(att.log_path, f"fetching the run's checkpoint from the object store failed: {error}")
+    return Outcome(
+        OutcomeKind.failed,
+        f"could not fetch the run's checkpoint from the object store: {error}",
+        FailureReason.lost_worker,
+    )
 
 
 class _Started(NamedTuple):
@@ -207,6 +254,8 @@ def _watch(att: _Attempt, proc: subprocess.Popen, beat_fd: int, poll_seconds: fl
         while proc.poll() is None:
             now = time.monotonic()
             att.ingest()
+            if att.sync is not None and not att.lease_lost:
+                att.sync.tick(now)
             if now >= next_heartbeat:
                 att.heartbeat()
                 next_heartbeat = now + heartbeat_every
@@ -281,6 +330,11 @@ def _conclude(
         + (f" ({outcome.reason.value})" if outcome.reason else "")
         + f": {outcome.message}",
     )
+    if att.sync is not None:  # the files as they end, the trailer line included
+        if att.lease_lost:
+            att.sync.close()
+        else:
+            att.sync.finish()
     return outcome
 
 
@@ -367,6 +421,16 @@ class _Attempt:
         self.metrics = metrics_ingest(self.out_dir, run.id, run.attempt)
         self.router = router_ingest(self.out_dir, run.id, run.attempt)
         self.store = artifacts.store_for(settings)
+        self.sync = (
+            None
+            if self.store is None
+            else FileSync(
+                self.store,
+                run.id,
+                synced_files(self.out_dir, self.run_dir),
+                every=settings.artifact_sync_seconds,
+            )
+        )
         self.checkpoints = Checkpoints(
             db,
             self.out_dir,

@@ -57,8 +57,10 @@ def test_each_recorded_checkpoint_is_in_the_store_and_retention_deletes_it(tmp_p
     with db.session() as session:
         recorded = [c.name for c in reads.list_checkpoints(session, run.id)]
     assert recorded == ["step-00000006", "step-00000008", "final"]
-    # pruned step folders are gone from the store too
-    assert _stored_names(store, run.id) == set(recorded)
+    # pruned step folders are gone from the store too; the run's files were synced at its end
+    assert _stored_names(store, run.id) == {*recorded, "files"}
+    synced = {key.rsplit("/", 1)[1] for key, _ in store.list(f"runs/{run.id}/files/")}
+    assert synced == {"metrics.csv", "router.csv", "train.log"}  # this engine writes no events
     out = Path(run.resolved_train["out_dir"])
     for name in recorded:
         keys = {k for k, _ in store.list(artifacts.checkpoint_prefix(run.id, name))}
