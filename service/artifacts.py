@@ -248,3 +248,22 @@ def delete_run_objects(settings: Settings, run_id: uuid.UUID | str) -> int:
     except StoreError as error:
         log.warning("run %s: deleting its objects failed: %s", run_id, error)
         return 0
+
+
+def run_file_key(run_id: uuid.UUID | str, name: str) -> str:
+    """The key of a run's synced file ``name`` (``metrics.csv``, ``train.log`` ...)."""
+    return f"{run_prefix(run_id)}{FILES}/{name}"
+
+
+def fetch_run_file(settings: Settings, run_id: uuid.UUID | str, name: str, dest: Path) -> bool:
+    """Download the synced copy of the run's file ``name`` to ``dest`` when a store is set;
+    False when there is no store, no such object, or the store fails (logged)."""
+    store = store_for(settings)
+    if store is None:
+        return False
+    try:
+        store.get_file(run_file_key(run_id, name), dest)
+    except StoreError as error:
+        log.info("run %s: no stored %s: %s", run_id, name, error)
+        return False
+    return True

@@ -55,7 +55,7 @@ class FileSync:
         self._future: Future[None] | None = None
 
     def key(self, path: Path) -> str:
-        return f"{artifacts.run_prefix(self.run_id)}{artifacts.FILES}/{path.name}"
+        return artifacts.run_file_key(self.run_id, path.name)
 
     def _upload(self) -> None:
         for path in self.files:
@@ -122,7 +122,7 @@ def fetch_checkpoint(
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            store.get_file(f"{artifacts.run_prefix(run_id)}{artifacts.FILES}/{path.name}", path)
+            store.get_file(artifacts.run_file_key(run_id, path.name), path)
         except StoreError as error:
             log.info("run %s: no synced %s: %s", run_id, path.name, error)
     log.info(

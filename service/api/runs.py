@@ -22,6 +22,7 @@ outside them, so no request holds a database connection while it reads a file.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -632,15 +633,27 @@ async def get_logs(
     """The last ``tail`` lines of the run's log (the training process' output,
     ``RUNS_DIR/<id>/train.log``); empty before the run starts. With ``after_byte``: the whole
     lines written after that offset (at most 1 MiB), to follow the log. The ``X-Log-Offset``
-    header is the offset to pass as ``after_byte`` next (the file's size with ``tail``)."""
+    header is the offset to pass as ``after_byte`` next (the file's size with ``tail``).
+    With an object store and no log on this machine's disk (another machine trains the run):
+    the store's copy, synced every ``MOEJOBS_ARTIFACT_SYNC_SECONDS`` (downloaded whole on each
+    call)."""
     await gate.run(reads.require_run, run_id)
     path = settings.run_dir(run_id) / LOG_FILE
 
-    def read() -> tuple[str, int]:
+    def read_from(path: Path) -> tuple[str, int]:
         if after_byte is not None:
             return read_after(path, after_byte)
         size = file_size(path)
         return tail_lines(path, tail, end=size), size
+
+    def read() -> tuple[str, int]:
+        if path.exists() or settings.artifact_url is None:
+            return read_from(path)
+        with tempfile.TemporaryDirectory(prefix="moejobs-log-") as tmp:
+            copy = Path(tmp) / LOG_FILE
+            if not artifacts.fetch_run_file(settings, run_id, LOG_FILE, copy):
+                return read_from(path)  # neither: empty, as before the run starts
+            return read_from(copy)
 
     text, offset = await run_in_threadpool(read)
     return PlainTextResponse(text, headers={"X-Log-Offset": str(offset)})

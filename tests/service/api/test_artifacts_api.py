@@ -43,6 +43,8 @@ def _stored_run(api, tmp_path: Path):
     assert store is not None
     store.put_folder(folder, artifacts.checkpoint_prefix(run_id, "final"))
     store.put_file(folder / "sub" / "state.json", f"runs/{run_id}/files/metrics.csv")
+    (tmp_path / "train.log").write_text("line 1\nline 2\nline 3\n")
+    store.put_file(tmp_path / "train.log", artifacts.run_file_key(run_id, "train.log"))
     local = api.settings.run_dir(run_id) / "out" / "final"
     with api.session() as s:
         runs.record_checkpoint(s, run_id, "final", str(local), step=20, attempt=attempt)
@@ -81,7 +83,23 @@ def test_archive_and_signed_link_stream_from_the_store(store_api, tmp_path):
 def test_deleting_a_run_deletes_its_objects(store_api, tmp_path):
     api = store_api
     run_id, store = _stored_run(api, tmp_path)
-    assert len(store.list(artifacts.run_prefix(run_id))) == 3
+    assert len(store.list(artifacts.run_prefix(run_id))) == 4
     headers = {"Authorization": "Bearer " + "t" * 40}
     assert api.client.delete(f"/runs/{run_id}", headers=headers).status_code == 204
     assert store.list(artifacts.run_prefix(run_id)) == []
+
+
+def test_the_log_comes_from_the_store_when_it_is_not_on_disk(store_api, tmp_path):
+    api = store_api
+    run_id, _store = _stored_run(api, tmp_path)
+    headers = {"Authorization": "Bearer " + "t" * 40}
+    answer = api.client.get(f"/runs/{run_id}/logs?tail=2", headers=headers)
+    assert answer.status_code == 200 and answer.text == "line 2\nline 3\n"
+    assert answer.headers["x-log-offset"] == "21"
+    after = api.client.get(f"/runs/{run_id}/logs?after_byte=7", headers=headers)
+    assert after.text == "line 2\nline 3\n"
+    # a local log wins (the machine that trains it)
+    log = api.settings.run_dir(run_id) / "train.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("local\n")
+    assert api.client.get(f"/runs/{run_id}/logs", headers=headers).text == "local\n"
