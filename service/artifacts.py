@@ -85,7 +85,14 @@ class ArtifactStore:
         kwargs: dict[str, Any] = {"config": config}
         if endpoint_url:
             kwargs["endpoint_url"] = endpoint_url
-        return boto3.session.Session().client("s3", **kwargs)
+        session = boto3.session.Session()
+        client = session.client("s3", **kwargs)
+        if "amazonaws.com" not in client.meta.endpoint_url:
+            # Another S3-compatible store (MinIO, Garage, SeaweedFS, a compose host name):
+            # path-style keys, since bucket.<host> names resolve nowhere there.
+            kwargs["config"] = config.merge(Config(s3={"addressing_style": "path"}))
+            client = session.client("s3", **kwargs)
+        return client
 
     @property
     def client(self) -> Any:

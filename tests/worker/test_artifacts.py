@@ -107,6 +107,28 @@ def test_a_fenced_out_attempt_uploads_and_records_nothing(tmp_path, db, bucket):
         assert reads.list_checkpoints(session, run.id) == []
 
 
+def test_the_fence_is_read_from_the_database_before_an_upload(tmp_path, db, bucket):
+    from datetime import timedelta
+
+    from service import runs
+    from service.models import utcnow
+    from worker.runner import WorkerInfo, _Attempt
+
+    settings = _settings(tmp_path, db, artifact_url=f"s3://{bucket}/ci")
+    run = _claimed_run(db, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+    _folder(out, "step-00000002", 2)
+    att = _Attempt(run, db, settings, WorkerInfo(worker_id="test-worker"))
+    assert att.fenced_out() is False and att.checkpoints.store is not None
+    with db.session() as session:  # the reconciler gives the run to another attempt
+        runs.recover_expired_run(session, run.id, max_attempts=3, now=utcnow() + timedelta(hours=1))
+    assert att.fenced_out() is True and att.lease_lost
+    _drain(att.checkpoints, db)
+    assert att.checkpoints.store.list(artifacts.run_prefix(run.id)) == []
+    with db.session() as session:
+        assert reads.list_checkpoints(session, run.id) == []
+
+
 class _StopsMidUpload(ArtifactStore):
     """A store whose server stops after the first file of an upload (the rest fail)."""
 
