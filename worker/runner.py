@@ -25,6 +25,12 @@ What :func:`execute_attempt` does for a run that :func:`service.runs.claim_run` 
    ``worker.outcome.classify_exit`` from the engine's ``result.json`` and the exit code
    (``service.contract``; never from log text).
 
+With an object store (``settings.artifact_url``): before step 1, an ``out_dir`` without a
+checkpoint gets the run's newest recorded one from the store (``worker.artifacts``); in step 3
+each checkpoint is uploaded before it is recorded (``worker.retention``) and the run's files are
+synced every ``settings.artifact_sync_seconds``; in step 4 the uploads left are waited for and
+the files synced once more.
+
 The outcome is written by ``worker.outcome.finish_attempt``, the only place that maps an
 outcome to ``service.runs``' status functions.
 
