@@ -460,6 +460,27 @@ class Settings(BaseSettings):
         description="How often every worker sends the webhook deliveries that are due.",
     )
 
+    # -- object store (issue 12) --------------------------------------------------------------
+    artifact_url: str | None = Field(
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description="s3://bucket/prefix of the object store that keeps every run's checkpoints "
+        "and files (README: Object store); endpoint, region and credentials from the standard "
+        "AWS_* environment variables. Unset: artifacts stay in RUNS_DIR only.",
+    )
+    artifact_public_url: str | None = Field(
+        None,
+        description="Endpoint that presigned download links name, one a browser can reach "
+        "(e.g. https://s3.example.org), when AWS_ENDPOINT_URL is a host name only the "
+        "deployment resolves. Default: the endpoint the service uses.",
+    )
+    artifact_sync_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="With ARTIFACT_URL: how often a worker uploads a running run's metrics.csv, "
+        "router.csv, events.jsonl and train.log to the store (and once at the attempt's end).",
+    )
+
     # -- validators -------------------------------------------------------------------------
 
     @field_validator("worker_gpus", mode="before")

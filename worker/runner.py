@@ -25,6 +25,12 @@ What :func:`execute_attempt` does for a run that :func:`service.runs.claim_run` 
    ``worker.outcome.classify_exit`` from the engine's ``result.json`` and the exit code
    (``service.contract``; never from log text).
 
+With an object store (``settings.artifact_url``): before step 1, an ``out_dir`` without a
+checkpoint gets the run's newest recorded one from the store (``worker.artifacts``); in step 3
+each checkpoint is uploaded before it is recorded (``worker.retention``) and the run's files are
+synced every ``settings.artifact_sync_seconds``; in step 4 the uploads left are waited for and
+the files synced once more.
+
 The outcome is written by ``worker.outcome.finish_attempt``, the only place that maps an
 outcome to ``service.runs``' status functions.
 
@@ -53,6 +59,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,12 +68,14 @@ from typing import Any, NamedTuple
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import contract, reads, runs
+from service import artifacts, contract, reads, runs
+from service.artifacts import StoreError
 from service.contract import EngineResult, FailureReason
 from service.db import Database
 from service.models import Run, RunStatus
 from service.settings import Settings
 from worker import provenance, sample
+from worker.artifacts import FileSync, fetch_checkpoint, synced_files
 from worker.ingest import metrics_ingest, router_ingest
 from worker.launch import PARENT_ENV, REPO_ROOT
 from worker.outcome import Outcome, OutcomeKind, cgroup_oom_kills, classify_exit
@@ -116,6 +125,9 @@ def execute_attempt(
     function (e.g. Celery's hard shutdown) SIGKILLs the child group and propagates.
     """
     att = _Attempt(run, db, settings, info)
+    fetch_failed = _fetch_checkpoint(att)
+    if fetch_failed is not None:
+        return fetch_failed
     try:
         started = _start(att, command)
     except OSError as error:
@@ -128,6 +140,47 @@ def execute_attempt(
     provenance_thread = provenance.record_later(db, run.id, dict(run.resolved_train), info.hardware)
     _watch(att, proc, started.beat_fd, poll_seconds)
     return _conclude(att, proc.returncode, started, provenance_thread)
+
+
+def _fetch_checkpoint(att: _Attempt) -> Outcome | None:
+    """With an object store, before the start: the run's newest recorded checkpoint into an
+    ``out_dir`` that has none (another machine trained the earlier attempts), renewing the
+    lease while it downloads (``worker.artifacts.fetch_checkpoint``). None when the attempt
+    may start; else its outcome: ``lease_lost``, or a retryable ``lost_worker`` failure when
+    the store or the database failed (starting from scratch would discard the run's
+    progress)."""
+    if att.store is None:
+        return None
+    store = att.store
+    with ThreadPoolExecutor(1, thread_name_prefix=f"fetch-{att.run_id}") as pool:
+        future = pool.submit(
+            fetch_checkpoint,
+            store,
+            att.db,
+            att.run_id,
+            att.out_dir,
+            lambda folder: bool(checkpoint_folders(folder)),
+            synced_files(att.out_dir, att.run_dir),
+        )
+        while True:
+            try:
+                error = future.exception(timeout=att.settings.heartbeat_seconds)
+                break
+            except TimeoutError:
+                att.heartbeat()
+    if att.lease_lost:
+        return Outcome(OutcomeKind.lease_lost, "lease lost while fetching the checkpoint")
+    if error is None:
+        return None
+    if not isinstance(error, (StoreError, SQLAlchemyError, OSError)):
+        raise error
+    log.error("run %s: fetching its checkpoint failed: %s", att.run_id, error)
+    _log_line(att.log_path, f"fetching the run's checkpoint from the object store failed: {error}")
+    return Outcome(
+        OutcomeKind.failed,
+        f"could not fetch the run's checkpoint from the object store: {error}",
+        FailureReason.lost_worker,
+    )
 
 
 class _Started(NamedTuple):
@@ -207,6 +260,8 @@ def _watch(att: _Attempt, proc: subprocess.Popen, beat_fd: int, poll_seconds: fl
         while proc.poll() is None:
             now = time.monotonic()
             att.ingest()
+            if att.sync is not None and not att.lease_lost:
+                att.sync.tick(now)
             if now >= next_heartbeat:
                 att.heartbeat()
                 next_heartbeat = now + heartbeat_every
@@ -245,7 +300,20 @@ def _conclude(
     classification, and the attempt's trailer line in train.log."""
     run, info = att.run, att.info
     att.ingest()  # the last rows and the final checkpoint
-    att.sample(last=True)
+    if att.checkpoints.store is not None:
+        if not att.lease_lost:  # the uploads in flight and left, then their records
+            before = dict(att.checkpoints.recorded)
+            att.checkpoints.drain(att._write, att.heartbeat)
+            folders = checkpoint_folders(att.out_dir)
+            att.to_sample += [
+                path
+                for name, path in folders
+                if name in att.checkpoints.recorded
+                and att.checkpoints.recorded[name] != before.get(name)
+            ]
+            att.checkpoints.prune(folders)
+        att.checkpoints.close()
+    att.sample(last=True)  # after the last records: the final checkpoint's samples too
     if not att.lease_lost:
         att.check_cancel()
     provenance_thread.join(timeout=30)
@@ -277,6 +345,11 @@ def _conclude(
         + (f" ({outcome.reason.value})" if outcome.reason else "")
         + f": {outcome.message}",
     )
+    if att.sync is not None:  # the files as they end, the trailer line included
+        if att.lease_lost:
+            att.sync.close()
+        else:
+            att.sync.finish()
     return outcome
 
 
@@ -362,8 +435,25 @@ class _Attempt:
         self.out_dir = Path(run.resolved_train.get("out_dir") or self.run_dir / "out")
         self.metrics = metrics_ingest(self.out_dir, run.id, run.attempt)
         self.router = router_ingest(self.out_dir, run.id, run.attempt)
+        self.store = artifacts.store_for(settings)
+        self.sync = (
+            None
+            if self.store is None
+            else FileSync(
+                self.store,
+                run.id,
+                synced_files(self.out_dir, self.run_dir),
+                every=settings.artifact_sync_seconds,
+            )
+        )
         self.checkpoints = Checkpoints(
-            db, self.out_dir, run.id, run.attempt, settings.keep_checkpoints
+            db,
+            self.out_dir,
+            run.id,
+            run.attempt,
+            settings.keep_checkpoints,
+            store=self.store,
+            fenced_out=self.fenced_out,
         )
         self.lease_lost = False
         self.cancel_requested = False
@@ -425,6 +515,22 @@ class _Attempt:
         if result is not None:
             self.last_heartbeat_ok = max(self.last_heartbeat_ok, asked)
             self.cancel_requested = self.cancel_requested or bool(result.cancel_requested)
+
+    def fenced_out(self) -> bool:
+        """Whether this attempt may no longer write the run's artifacts, read from the database
+        now (before an upload): the run is not running or another attempt holds it (then
+        ``lease_lost``), or the database cannot tell (True: not now; asked again later)."""
+        if self.lease_lost:
+            return True
+        try:
+            with self.db.session() as session:
+                run = reads.get_run(session, self.run_id)
+        except (SQLAlchemyError, reads.RunNotFound) as error:
+            log.warning("run %s: reading the fence failed: %s", self.run_id, error)
+            return True
+        if run.status != RunStatus.running or run.attempt != self.attempt:
+            self.lease_lost = True
+        return self.lease_lost
 
     def check_cancel(self) -> None:
         if self.cancel_requested or self.lease_lost:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from service import contract
+from service.artifacts import ArtifactStore
 
 #: Bytes read from disk per chunk of a streamed archive.
 CHUNK = 1 << 20
@@ -38,9 +39,10 @@ class Generated:
 @dataclass(frozen=True)
 class _Entry:
     header: bytes
-    path: Path | None  # None for a folder or a generated file
+    path: Path | None  # None for a folder, a generated file or an object
     size: int
-    chunks: Callable[[], Iterable[bytes]] | None = None
+    chunks: Callable[[], Iterable[bytes]] | None = None  # a generated file's bytes
+    key: str | None = None  # an object of the plan's store
 
 
 def _header(name: str, *, size: int, mtime: float, is_dir: bool) -> bytes:
@@ -118,6 +120,50 @@ class TarPlan:
                     gen.chunks,
                 )
             )
+        self.store: ArtifactStore | None = None
+        self._finish(entries)
+
+    @classmethod
+    def from_store(
+        cls,
+        store: ArtifactStore,
+        prefix: str,
+        root_name: str,
+        mtime: float,
+        *,
+        only: Collection[str] | None = None,
+    ) -> TarPlan:
+        """The archive of the objects under ``prefix`` of ``store`` (a checkpoint folder kept
+        there, ``service.artifacts``), their key below ``prefix`` as path; the file bytes are
+        read from the store while the archive streams; every entry has ``mtime`` (the
+        checkpoint's record time: the same archive bytes on every download). ``only`` as for
+        a folder: the top-level files to archive. Raises ``FileNotFoundError`` when no object
+        is there, ``StoreError`` when the store fails."""
+        prefix = prefix.rstrip("/") + "/"
+        objects = store.list(prefix)
+        if not objects:
+            raise FileNotFoundError(prefix)
+        plan = cls.__new__(cls)
+        plan.store = store
+        entries = [_Entry(_header(root_name, size=0, mtime=mtime, is_dir=True), None, 0)]
+        folders: set[str] = set()
+        for key, size in objects:
+            rel = key[len(prefix) :]
+            parts = rel.split("/")
+            if only is not None and (len(parts) > 1 or rel not in only):
+                continue
+            for depth in range(1, len(parts)):
+                folder = "/".join(parts[:depth])
+                if folder not in folders:
+                    folders.add(folder)
+                    header = _header(f"{root_name}/{folder}", size=0, mtime=mtime, is_dir=True)
+                    entries.append(_Entry(header, None, 0))
+            header = _header(f"{root_name}/{rel}", size=size, mtime=mtime, is_dir=False)
+            entries.append(_Entry(header, None, size, key=key))
+        plan._finish(entries)
+        return plan
+
+    def _finish(self, entries: list[_Entry]) -> None:
         self.entries = entries
         body = sum(len(e.header) + e.size + _pad(e.size) for e in entries) + 2 * _BLOCK
         self.length = body + ((-body) % _RECORD)
@@ -137,6 +183,15 @@ class TarPlan:
                 if sent != entry.size:  # the source changed since planning
                     raise OSError(f"a generated file sent {sent} bytes, not {entry.size}")
                 written += sent
+            elif entry.key is not None and self.store is not None:
+                remaining = entry.size
+                for chunk in self.store.iter_chunks(entry.key, CHUNK):
+                    chunk = chunk[:remaining]
+                    remaining -= len(chunk)
+                    written += len(chunk)
+                    yield chunk
+                if remaining > 0:
+                    raise OSError(f"object {entry.key} shrank while it was being sent")
             elif entry.path is not None:
                 remaining = entry.size
                 with open(entry.path, "rb") as handle:

@@ -22,6 +22,7 @@ outside them, so no request holds a database connection while it reads a file.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +34,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import contract, reads
+from service import artifacts, contract, reads
 from service import runs as runs_service
 from service.api.body import read_run_request
 from service.api.deps import CeleryDep, GateDep, RunDep, SettingsDep, json_response
@@ -565,18 +566,55 @@ async def checkpoint_archive(
     extract it and point ``litgpt generate`` at that folder. ``include=weights`` leaves the
     training state out; ``format=safetensors`` sends ``model.safetensors`` (converted from
     ``lit_model.pth`` while streaming, without torch: ``service.api.weights``) instead of
-    ``lit_model.pth``, a 409 ``not_convertible`` when that file is not a plain state dict."""
+    ``lit_model.pth``, a 409 ``not_convertible`` when that file is not a plain state dict.
+    With an object store and no local folder (the run trained on another machine, or
+    ``RUNS_DIR`` is not shared) the tar is built from the store's objects as it streams
+    (README: Object store); safetensors needs the folder on the API's disk (409 otherwise)."""
     weights_only, suffix = _archive_variant(include, format)
     run, checkpoint = await gate.run(_checkpoint, run_id, ref)
     folder = Path(checkpoint.path)
     run_dir = settings.run_dir(run.id).resolve()
-    if not folder.resolve().is_relative_to(run_dir):
+    root = f"{run.id}-{checkpoint.name}"
+    inside = folder.resolve().is_relative_to(run_dir)
+    store = artifacts.store_for(settings)
+    if store is not None and not (inside and folder.is_dir()):
+        # Not on this machine's disk (another machine trained it): the store's copy, which
+        # every recorded checkpoint has (worker/retention.py uploads before it records).
+        prefix = artifacts.checkpoint_prefix(run.id, checkpoint.name)
+        if format == "safetensors":
+            raise ApiError(
+                409,
+                f"checkpoint {checkpoint.name} is only in the object store, and the safetensors "
+                f"conversion reads it from the API's disk; download include=weights (the same "
+                f"weights as lit_model.pth) instead",
+                code="not_convertible",
+            )
+        only = contract.CHECKPOINT_LOADABLE if weights_only else None
+        try:
+            plan = await run_in_threadpool(
+                TarPlan.from_store,
+                store,
+                prefix,
+                root,
+                checkpoint.created_at.timestamp(),
+                only=only,
+            )
+        except FileNotFoundError:
+            raise ApiError(
+                410,
+                f"checkpoint {checkpoint.name} is recorded but the object store has no "
+                f"{prefix} (a manual deletion)",
+                code="checkpoint_gone",
+            ) from None
+        except artifacts.StoreError as error:
+            raise ApiError(503, str(error), code="store_unavailable") from None
+        return _tar_response(plan, root + suffix)
+    if not inside:
         raise ApiError(
             404,
             f"checkpoint {checkpoint.name} is recorded outside the run's folder",
             code="checkpoint_not_found",
         )
-    root = f"{run.id}-{checkpoint.name}"
     try:
         plan = await run_in_threadpool(_plan_archive, folder, root, weights_only, format)
     except UnconvertibleWeights as exc:
@@ -592,12 +630,17 @@ async def checkpoint_archive(
             f"is gone (retention or a manual deletion)",
             code="checkpoint_gone",
         ) from None
+    return _tar_response(plan, root + suffix)
+
+
+def _tar_response(plan: TarPlan, name: str) -> StreamingResponse:
+    """The streamed archive, downloaded as ``<name>.tar``."""
     return StreamingResponse(
         iter(plan),
         media_type="application/x-tar",
         headers={
             "Content-Length": str(plan.length),
-            "Content-Disposition": f'attachment; filename="{root}{suffix}.tar"',
+            "Content-Disposition": f'attachment; filename="{name}.tar"',
         },
     )
 
@@ -715,15 +758,27 @@ async def get_logs(
     """The last ``tail`` lines of the run's log (the training process' output,
     ``RUNS_DIR/<id>/train.log``); empty before the run starts. With ``after_byte``: the whole
     lines written after that offset (at most 1 MiB), to follow the log. The ``X-Log-Offset``
-    header is the offset to pass as ``after_byte`` next (the file's size with ``tail``)."""
+    header is the offset to pass as ``after_byte`` next (the file's size with ``tail``).
+    With an object store and no log on this machine's disk (another machine trains the run):
+    the store's copy, synced every ``MOEJOBS_ARTIFACT_SYNC_SECONDS`` (downloaded whole on each
+    call)."""
     await gate.run(reads.require_run, run_id)
     path = settings.run_dir(run_id) / LOG_FILE
 
-    def read() -> tuple[str, int]:
+    def read_from(path: Path) -> tuple[str, int]:
         if after_byte is not None:
             return read_after(path, after_byte)
         size = file_size(path)
         return tail_lines(path, tail, end=size), size
+
+    def read() -> tuple[str, int]:
+        if path.exists() or settings.artifact_url is None:
+            return read_from(path)
+        with tempfile.TemporaryDirectory(prefix="moejobs-log-") as tmp:
+            copy = Path(tmp) / LOG_FILE
+            if not artifacts.fetch_run_file(settings, run_id, LOG_FILE, copy):
+                return read_from(path)  # neither: empty, as before the run starts
+            return read_from(copy)
 
     text, offset = await run_in_threadpool(read)
     return PlainTextResponse(text, headers={"X-Log-Offset": str(offset)})
@@ -753,7 +808,9 @@ async def cancel_run(run_id: uuid.UUID, gate: GateDep) -> Response:
     summary="Delete a finished run, its rows and its files",
 )
 async def delete_run(run_id: uuid.UUID, gate: GateDep, settings: SettingsDep) -> Response:
-    """409 while the run is queued or running (cancel it first)."""
+    """409 while the run is queued or running (cancel it first). With an object store its
+    objects (``runs/<run id>/``) are deleted too."""
     run = await gate.run(runs_service.delete_run, run_id)
     await run_in_threadpool(shutil.rmtree, settings.run_dir(run.id), ignore_errors=True)
+    await run_in_threadpool(artifacts.delete_run_objects, settings, run.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

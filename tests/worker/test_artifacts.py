@@ -1,0 +1,185 @@
+"""Checkpoints in the object store (worker/retention.py, worker/runner.py) against a real S3
+HTTP server (moto's, started here), with the runner tests' stand-in engine: each checkpoint is
+uploaded and only then recorded, retention deletes the store copy, a fenced-out attempt uploads
+nothing, an interrupted upload records nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service import artifacts, reads
+from service.artifacts import ArtifactStore
+from service.db import migrate, open_database
+from service.models import RunStatus
+from tests.support.db import settings_for
+from tests.support.objectstore import S3Server
+from tests.worker.test_runner import _claimed_run, _engine, _run, _settings
+from worker.outcome import OutcomeKind
+from worker.retention import Checkpoints
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch) -> str:
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    return s3.make_bucket()
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    settings = settings_for(tmp_path)
+    migrate(settings)
+    database = open_database(settings)
+    yield database
+    database.dispose()
+
+
+def _stored_names(store: ArtifactStore, run_id) -> set[str]:
+    return {key.split("/")[2] for key, _ in store.list(artifacts.run_prefix(run_id))}
+
+
+def test_each_recorded_checkpoint_is_in_the_store_and_retention_deletes_it(tmp_path, db, bucket):
+    settings = _settings(tmp_path, db, keep_checkpoints=2, artifact_url=f"s3://{bucket}/ci")
+    run = _claimed_run(db, settings, tmp_path)
+    outcome, moved = _run(db, settings, run, _engine(tmp_path, steps=8, pause=0.15, save_every=2))
+    assert outcome.kind == OutcomeKind.succeeded and moved.status == RunStatus.succeeded
+    store = artifacts.store_for(settings)
+    assert store is not None
+    with db.session() as session:
+        recorded = [c.name for c in reads.list_checkpoints(session, run.id)]
+    assert recorded == ["step-00000006", "step-00000008", "final"]
+    # pruned step folders are gone from the store too; the run's files were synced at its end
+    assert _stored_names(store, run.id) == {*recorded, "files"}
+    synced = {key.rsplit("/", 1)[1] for key, _ in store.list(f"runs/{run.id}/files/")}
+    assert synced == {"metrics.csv", "router.csv", "train.log"}  # this engine writes no events
+    out = Path(run.resolved_train["out_dir"])
+    for name in recorded:
+        keys = {k for k, _ in store.list(artifacts.checkpoint_prefix(run.id, name))}
+        assert keys == {
+            f"runs/{run.id}/{name}/lit_model.pth",
+            f"runs/{run.id}/{name}/training_state.json",
+        }
+        assert (
+            b"".join(store.iter_chunks(f"runs/{run.id}/{name}/lit_model.pth"))
+            == (out / name / "lit_model.pth").read_bytes()
+        )
+
+
+def _folder(out: Path, name: str, step: int) -> None:
+    (out / name).mkdir(parents=True)
+    (out / name / "lit_model.pth").write_bytes(b"w" * 2000)
+    (out / name / "training_state.json").write_text(f'{{"step": {step}}}')
+
+
+def _writer(db):
+    def write(_what, fn):
+        with db.session() as session:
+            return fn(session)
+
+    return write
+
+
+def _drain(checkpoints: Checkpoints, db) -> None:
+    checkpoints.drain(_writer(db), lambda: None, poll=0.1)
+    checkpoints.close()
+
+
+def test_a_fenced_out_attempt_uploads_and_records_nothing(tmp_path, db, bucket):
+    settings = _settings(tmp_path, db, artifact_url=f"s3://{bucket}/ci")
+    run = _claimed_run(db, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+    _folder(out, "step-00000002", 2)
+    store = artifacts.store_for(settings)
+    assert store is not None
+    checkpoints = Checkpoints(db, out, run.id, run.attempt, 0, store=store, fenced_out=lambda: True)
+    _drain(checkpoints, db)
+    assert store.list(artifacts.run_prefix(run.id)) == []
+    with db.session() as session:
+        assert reads.list_checkpoints(session, run.id) == []
+
+
+def test_the_fence_is_read_from_the_database_before_an_upload(tmp_path, db, bucket):
+    from datetime import timedelta
+
+    from service import runs
+    from service.models import utcnow
+    from worker.runner import WorkerInfo, _Attempt
+
+    settings = _settings(tmp_path, db, artifact_url=f"s3://{bucket}/ci")
+    run = _claimed_run(db, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+    _folder(out, "step-00000002", 2)
+    att = _Attempt(run, db, settings, WorkerInfo(worker_id="test-worker"))
+    assert att.fenced_out() is False and att.checkpoints.store is not None
+    with db.session() as session:  # the reconciler gives the run to another attempt
+        runs.recover_expired_run(session, run.id, max_attempts=3, now=utcnow() + timedelta(hours=1))
+    assert att.fenced_out() is True and att.lease_lost
+    _drain(att.checkpoints, db)
+    assert att.checkpoints.store.list(artifacts.run_prefix(run.id)) == []
+    with db.session() as session:
+        assert reads.list_checkpoints(session, run.id) == []
+
+
+class _StopsMidUpload(ArtifactStore):
+    """A store whose server stops after the first file of an upload (the rest fail)."""
+
+    def __init__(self, url: str, server: S3Server) -> None:
+        super().__init__(url)
+        self.server, self.puts = server, 0
+
+    def put_file(self, path: Path, key: str) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.server.stop()
+        super().put_file(path, key)
+
+
+def test_an_interrupted_upload_leaves_no_recorded_checkpoint(tmp_path, db, monkeypatch):
+    server = S3Server().start()  # its own server: this test stops it
+    try:
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        url = f"s3://{server.make_bucket()}/ci"
+        settings = _settings(tmp_path, db, artifact_url=url)
+        run = _claimed_run(db, settings, tmp_path)
+        out = Path(run.resolved_train["out_dir"])
+        _folder(out, "step-00000002", 2)
+        store = _StopsMidUpload(url, server)
+        checkpoints = Checkpoints(db, out, run.id, run.attempt, 0, store=store)
+        _drain(checkpoints, db)
+        assert store.puts == 2 and checkpoints.upload_failures == 1
+        with db.session() as session:
+            assert reads.list_checkpoints(session, run.id) == []
+        # the store answers again (moto keeps its buckets in this process): the next try
+        # uploads every file, then records
+        server = S3Server().start()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        retry = Checkpoints(db, out, run.id, run.attempt, 0, store=ArtifactStore(url))
+        _drain(retry, db)
+        with db.session() as session:
+            assert [c.name for c in reads.list_checkpoints(session, run.id)] == ["step-00000002"]
+        prefix = artifacts.checkpoint_prefix(run.id, "step-00000002")
+        assert len(ArtifactStore(url).list(prefix)) == 2
+    finally:
+        server.stop()
+
+
+def test_without_a_store_nothing_changes(tmp_path, db):
+    settings = _settings(tmp_path, db)
+    assert settings.artifact_url is None
+    run = _claimed_run(db, settings, tmp_path)
+    out = Path(run.resolved_train["out_dir"])
+    _folder(out, "step-00000002", 2)
+    checkpoints = Checkpoints(db, out, run.id, run.attempt, 0)
+    checkpoints.record(_writer(db))
+    with db.session() as session:
+        assert [c.name for c in reads.list_checkpoints(session, run.id)] == ["step-00000002"]
