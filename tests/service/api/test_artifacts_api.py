@@ -78,6 +78,19 @@ def test_archive_and_signed_link_stream_from_the_store(store_api, tmp_path):
     link = api.client.post(f"/runs/{run_id}/checkpoints/final/link", headers=headers).json()
     signed = api.client.get(link["url"])
     assert signed.status_code == 200 and signed.content == answer.content
+    # weights only from the store: the loadable top-level files, no training state
+    weights = api.client.get(
+        f"/runs/{run_id}/checkpoints/final/archive?include=weights", headers=headers
+    )
+    assert weights.status_code == 200, weights.text
+    assert _members(weights.content) == {root: b"", f"{root}/lit_model.pth": b"w" * 70_000}
+    assert f'filename="{root}-weights.tar"' in weights.headers["content-disposition"]
+    # safetensors is converted from the API's disk only: a 409 that says what to do instead
+    st = api.client.get(
+        f"/runs/{run_id}/checkpoints/final/archive?format=safetensors", headers=headers
+    )
+    assert st.status_code == 409, st.text
+    assert st.json()["code"] == "not_convertible" and "include=weights" in st.json()["message"]
 
 
 def test_deleting_a_run_deletes_its_objects(store_api, tmp_path):
