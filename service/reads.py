@@ -614,6 +614,14 @@ def get_checkpoint(
     return session.exec(stmt.order_by(col(Checkpoint.id))).first()
 
 
+def checkpoint_at(session: Session, path: str) -> Checkpoint | None:
+    """The recorded checkpoint whose folder is ``path`` (what a resolved
+    ``initial_checkpoint_dir`` names), the oldest record when several name it; None when
+    none does."""
+    stmt = select(Checkpoint).where(col(Checkpoint.path) == path)
+    return session.exec(stmt.order_by(col(Checkpoint.id))).first()
+
+
 # -- workers and their speed -------------------------------------------------------------------
 
 

@@ -1,6 +1,8 @@
 """What a worker keeps in the object store besides checkpoints (``worker.retention`` uploads
 those): the run's files synced while it trains (:class:`FileSync`), and the newest recorded
-checkpoint fetched before an attempt whose machine has none (:func:`fetch_checkpoint`).
+checkpoint fetched before an attempt whose machine has none (:func:`fetch_checkpoint`), and
+another run's checkpoint that ``initial_checkpoint_dir`` names when this machine lacks its folder
+(:func:`fetch_initial_checkpoint`).
 Nothing here runs without ``settings.artifact_url``.
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from service import artifacts, contract, reads
 from service.artifacts import ArtifactStore, StoreError
+from service.checks import WEIGHTS_FILE
 from service.db import Database
 
 log = logging.getLogger("moejobs.runner")
@@ -133,3 +136,44 @@ def fetch_checkpoint(
         time.monotonic() - started,
     )
     return name
+
+
+#: The folder (below the run's own folder) that holds the fetched copy of the checkpoint its
+#: ``initial_checkpoint_dir`` names, when this machine lacks the recorded folder.
+INITIAL_CHECKPOINT_CACHE = "initial_checkpoint"
+
+
+def fetch_initial_checkpoint(
+    store: ArtifactStore, db: Database, path: str, run_dir: Path
+) -> Path | None:
+    """Before an attempt: the folder the engine should load ``initial_checkpoint_dir`` (the
+    resolved ``path``, a recorded checkpoint of another run, e.g. from ``run:ID/final``) from.
+    None when ``path`` holds the weights here (a shared file system: nothing to fetch) or is
+    no recorded checkpoint (the engine reports the missing folder as without a store). Else
+    ``run_dir/initial_checkpoint``: downloaded from the store once (renamed into place
+    complete, so a folder there is a whole copy, reused by the run's later attempts on this
+    machine). The other run's folder is never written: its own attempts may run here later.
+    Raises StoreError (the store failed or lacks the checkpoint) and SQLAlchemyError."""
+    if (Path(path) / WEIGHTS_FILE).is_file():
+        return None
+    cache = run_dir / INITIAL_CHECKPOINT_CACHE
+    if cache.is_dir():
+        return cache
+    with db.session() as session:
+        record = reads.checkpoint_at(session, path)
+    if record is None:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    count = store.get_folder(artifacts.checkpoint_prefix(record.run_id, record.name), cache)
+    log.info(
+        "initial checkpoint %s (run %s, %s) fetched from the object store into %s "
+        "(%d files, %.1f s)",
+        path,
+        record.run_id,
+        record.name,
+        cache,
+        count,
+        time.monotonic() - started,
+    )
+    return cache

@@ -26,7 +26,10 @@ What :func:`execute_attempt` does for a run that :func:`service.runs.claim_run` 
    (``service.contract``; never from log text).
 
 With an object store (``settings.artifact_url``): before step 1, an ``out_dir`` without a
-checkpoint gets the run's newest recorded one from the store (``worker.artifacts``); in step 3
+checkpoint gets the run's newest recorded one from the store (``worker.artifacts``), and an
+``initial_checkpoint_dir`` (another run's recorded checkpoint) whose folder this machine lacks
+is fetched into ``RUN_DIR/initial_checkpoint``, which the written ``train_config.yaml`` then
+names (the run's resolved config in the database keeps the recorded path); in step 3
 each checkpoint is uploaded before it is recorded (``worker.retention``) and the run's files are
 synced every ``settings.artifact_sync_seconds``; in step 4 the uploads left are waited for and
 the files synced once more.
@@ -75,7 +78,7 @@ from service.db import Database
 from service.models import Run, RunStatus
 from service.settings import Settings
 from worker import provenance, sample
-from worker.artifacts import FileSync, fetch_checkpoint, synced_files
+from worker.artifacts import FileSync, fetch_checkpoint, fetch_initial_checkpoint, synced_files
 from worker.ingest import metrics_ingest, router_ingest
 from worker.launch import PARENT_ENV, REPO_ROOT
 from worker.outcome import Outcome, OutcomeKind, cgroup_oom_kills, classify_exit
@@ -137,7 +140,10 @@ def execute_attempt(
     proc = started.proc
     (att.run_dir / "train.pid").write_text(f"{proc.pid}\n", encoding="utf-8")
     log.info("run %s attempt %d: training pid %d", run.id, run.attempt, proc.pid)
-    provenance_thread = provenance.record_later(db, run.id, dict(run.resolved_train), info.hardware)
+    train_doc = dict(run.resolved_train)
+    if att.initial_dir is not None:  # the tokenizer files hashed are the fetched copy's
+        train_doc["initial_checkpoint_dir"] = str(att.initial_dir)
+    provenance_thread = provenance.record_later(db, run.id, train_doc, info.hardware)
     _watch(att, proc, started.beat_fd, poll_seconds)
     return _conclude(att, proc.returncode, started, provenance_thread)
 
@@ -145,16 +151,20 @@ def execute_attempt(
 def _fetch_checkpoint(att: _Attempt) -> Outcome | None:
     """With an object store, before the start: the run's newest recorded checkpoint into an
     ``out_dir`` that has none (another machine trained the earlier attempts), renewing the
-    lease while it downloads (``worker.artifacts.fetch_checkpoint``). None when the attempt
+    lease while it downloads (``worker.artifacts.fetch_checkpoint``); then the checkpoint that
+    ``initial_checkpoint_dir`` names when its folder is not here
+    (``worker.artifacts.fetch_initial_checkpoint``, into :attr:`_Attempt.initial_dir`). None
+    when the attempt
     may start; else its outcome: ``lease_lost``, or a retryable ``lost_worker`` failure when
     the store or the database failed (starting from scratch would discard the run's
     progress)."""
     if att.store is None:
         return None
     store = att.store
-    with ThreadPoolExecutor(1, thread_name_prefix=f"fetch-{att.run_id}") as pool:
-        future = pool.submit(
-            fetch_checkpoint,
+    initial = att.run.resolved_train.get("initial_checkpoint_dir")
+
+    def fetch() -> None:
+        fetch_checkpoint(
             store,
             att.db,
             att.run_id,
@@ -162,6 +172,17 @@ def _fetch_checkpoint(att: _Attempt) -> Outcome | None:
             lambda folder: bool(checkpoint_folders(folder)),
             synced_files(att.out_dir, att.run_dir),
         )
+        if isinstance(initial, str):
+            att.initial_dir = fetch_initial_checkpoint(store, att.db, initial, att.run_dir)
+            if att.initial_dir is not None:
+                _log_line(
+                    att.log_path,
+                    f"initial_checkpoint_dir {initial} is not on this machine: "
+                    f"using its copy from the object store in {att.initial_dir}",
+                )
+
+    with ThreadPoolExecutor(1, thread_name_prefix=f"fetch-{att.run_id}") as pool:
+        future = pool.submit(fetch)
         while True:
             try:
                 error = future.exception(timeout=att.settings.heartbeat_seconds)
@@ -201,7 +222,7 @@ def _start(att: _Attempt, command: list[str] | None) -> _Started:
     run, info = att.run, att.info
     read_fd = beat_fd = None
     try:
-        train_path, model_path = write_configs(run, att.run_dir)
+        train_path, model_path = write_configs(run, att.run_dir, initial_dir=att.initial_dir)
         cmd = command or training_command(train_path, model_path, checkpoints=run.write_checkpoints)
         # The claim, where the engine can see it: it renames a checkpoint into out_dir only
         # while this file names its attempt. Then no result of an earlier attempt may pass
@@ -403,13 +424,16 @@ def training_env(
     return env
 
 
-def write_configs(run: Run, run_dir: Path) -> tuple[Path, Path]:
+def write_configs(run: Run, run_dir: Path, *, initial_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``run_dir/train_config.yaml`` and ``run_dir/model_config.yaml`` from the run's
     resolved configs. From the second attempt on, ``resume`` becomes ``"auto"`` when the
     output folder holds a checkpoint of an earlier attempt (continue it rather than refuse to
-    overwrite it, or restart from an older explicit checkpoint)."""
+    overwrite it, or restart from an older explicit checkpoint). ``initial_dir``: the local
+    copy of ``initial_checkpoint_dir`` fetched from the object store, named instead."""
     run_dir.mkdir(parents=True, exist_ok=True)
     train_doc = dict(run.resolved_train)
+    if initial_dir is not None:
+        train_doc["initial_checkpoint_dir"] = str(initial_dir)
     out_dir = train_doc.get("out_dir")
     if run.attempt > 1 and out_dir and checkpoint_folders(Path(out_dir)):
         train_doc["resume"] = "auto"
@@ -462,6 +486,8 @@ class _Attempt:
         self.last_heartbeat_ok = time.monotonic()
         self.self_fenced = False  # the watchdog stopped the training (no heartbeat)
         self.to_sample: list[Path] = []  # recorded checkpoints waiting for their samples
+        #: the fetched copy of initial_checkpoint_dir (``worker.artifacts``), None: not fetched
+        self.initial_dir: Path | None = None
         self.sampler: subprocess.Popen[bytes] | None = None
 
     def ingest(self) -> None:

@@ -183,3 +183,65 @@ def test_without_a_store_nothing_changes(tmp_path, db):
     checkpoints.record(_writer(db))
     with db.session() as session:
         assert [c.name for c in reads.list_checkpoints(session, run.id)] == ["step-00000002"]
+
+
+def test_a_run_from_another_runs_checkpoint_fetches_it_when_its_folder_is_not_here(
+    tmp_path, db, bucket
+):
+    """Run B's initial_checkpoint_dir is run A's recorded final (as ``run:A/final`` resolves);
+    A trained on another machine (its folder is not here): B's attempt fetches the checkpoint
+    from the store into B's own folder and the engine loads it from there."""
+    import json
+    import shutil
+    import sys
+    import uuid
+
+    import yaml
+
+    from service import runs
+    from tests.worker.test_runner import WORKER
+
+    settings = _settings(tmp_path, db, artifact_url=f"s3://{bucket}/ci")
+    a = _claimed_run(db, settings, tmp_path)
+    a_out = Path(a.resolved_train["out_dir"])
+    _folder(a_out, "final", 8)
+    store = artifacts.store_for(settings)
+    assert store is not None
+    _drain(Checkpoints(db, a_out, a.id, a.attempt, 0, store=store), db)
+    with db.session() as session:
+        (final,) = reads.list_checkpoints(session, a.id)
+    shutil.rmtree(settings.run_dir(a.id))  # A's machine is another one
+
+    b_id = uuid.uuid4()
+    train = {**a.resolved_train, "out_dir": str(settings.run_dir(b_id) / "out")}
+    train["initial_checkpoint_dir"] = final.path
+    with db.session() as session:
+        runs.create_run(
+            session,
+            name="b",
+            submitted_train={**train, "initial_checkpoint_dir": f"run:{a.id}/final"},
+            submitted_model={"name": "tiny"},
+            resolved_train=train,
+            resolved_model={"name": "tiny"},
+            run_id=b_id,
+        )
+        b = runs.claim_run(session, b_id, WORKER, settings.lease_seconds)
+    assert b is not None
+    engine = tmp_path / "reads_initial.py"
+    engine.write_text(
+        "import json, sys, yaml\nfrom pathlib import Path\n"
+        "folder = Path(yaml.safe_load(open('train_config.yaml'))['initial_checkpoint_dir'])\n"
+        "weights = (folder / 'lit_model.pth').read_bytes()\n"
+        "json.dump({'folder': str(folder), 'size': len(weights)}, open('seen.json', 'w'))\n"
+    )
+    outcome, moved = _run(db, settings, b, [sys.executable, str(engine)])
+    assert outcome.kind == OutcomeKind.succeeded and moved.status == RunStatus.succeeded
+    b_dir = settings.run_dir(b_id)
+    seen = json.loads((b_dir / "seen.json").read_text())
+    assert seen == {"folder": str(b_dir / "initial_checkpoint"), "size": 2000}
+    assert not settings.run_dir(a.id).exists(), "A's folder is not written here"
+    # the database keeps the recorded path (what protects A's checkpoint from deletion)
+    assert moved.resolved_train["initial_checkpoint_dir"] == final.path
+    written = yaml.safe_load((b_dir / "train_config.yaml").read_text())
+    assert written["initial_checkpoint_dir"] == str(b_dir / "initial_checkpoint")
+    assert "using its copy from the object store" in (b_dir / "train.log").read_text()
