@@ -215,6 +215,38 @@ class ArtifactStore:
             )
         return len(keys)
 
+    def ensure_bucket(self) -> bool:
+        """Create the bucket unless it exists already; True when this call created it.
+        Idempotent: compose's one-shot ``bucket`` service runs it at every start
+        (``python -m service.artifacts``); a bucket another starter created meanwhile
+        (``BucketAlreadyOwnedByYou``) counts as there. Raises StoreError (unreachable, or a
+        bucket these credentials may not use)."""
+        from botocore.exceptions import ClientError
+
+        def code(error: StoreError) -> str | None:
+            cause = error.__cause__
+            if isinstance(cause, ClientError):
+                return str(cause.response.get("Error", {}).get("Code"))
+            return None
+
+        try:
+            self._call(f"open bucket {self.bucket}", self.client.head_bucket, Bucket=self.bucket)
+            return False
+        except StoreError as error:
+            if code(error) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        region = self.client.meta.region_name
+        if region and region != "us-east-1":  # us-east-1 refuses a location constraint
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self._call(f"create bucket {self.bucket}", self.client.create_bucket, **kwargs)
+        except StoreError as error:
+            if code(error) != "BucketAlreadyOwnedByYou":
+                raise
+            return False
+        return True
+
     def presign(self, key: str, expires_seconds: int = 3600, filename: str | None = None) -> str:
         """A presigned GET URL of ``key`` valid ``expires_seconds``, naming the public endpoint
         (``MOEJOBS_ARTIFACT_PUBLIC_URL``) when set, else the one the workers use."""
@@ -274,3 +306,38 @@ def fetch_run_file(settings: Settings, run_id: uuid.UUID | str, name: str, dest:
         log.info("run %s: no stored %s: %s", run_id, name, error)
         return False
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.artifacts``: create the bucket of ``MOEJOBS_ARTIFACT_URL`` unless it
+    exists, waiting up to ``--wait`` seconds (default 120) for the store to answer (compose's
+    ``bucket`` service starts beside the store). Exit 0 when the bucket is there (or no store
+    is set), 1 when the store never answered or refused."""
+    import argparse
+    import time
+
+    from service.settings import get_settings
+
+    parser = argparse.ArgumentParser(prog="python -m service.artifacts", description=main.__doc__)
+    parser.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the store")
+    args = parser.parse_args(argv)
+    store = store_for(get_settings())
+    if store is None:
+        print("MOEJOBS_ARTIFACT_URL is not set: no bucket to create")
+        return 0
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            created = store.ensure_bucket()
+        except StoreError as error:
+            if time.monotonic() >= deadline:
+                print(f"error: {error}")
+                return 1
+            time.sleep(2.0)
+            continue
+        print(f"bucket {store.bucket}: {'created' if created else 'already there'}")
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -94,3 +94,29 @@ def test_unreachable_store_is_a_store_error(s3, monkeypatch, tmp_path):
     store._client = store._make_client(None)
     with pytest.raises(StoreError):
         store.put_file(tmp_path / "f", "k")
+
+
+def test_the_bucket_is_created_once_and_start_up_may_repeat_it(s3, monkeypatch, tmp_path, capsys):
+    """compose's one-shot `bucket` service (`python -m service.artifacts`) at every start."""
+    import uuid
+
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://moejobs-{uuid.uuid4().hex[:8]}/artifacts"
+    store = ArtifactStore(url)
+    assert store.ensure_bucket() is True
+    assert ArtifactStore(url).ensure_bucket() is False  # already there: not an error
+    (tmp_path / "f").write_bytes(b"x")
+    store.put_file(tmp_path / "f", "k")
+    assert store.list("") == [("k", 1)]
+
+    from service.settings import settings_for_home, use_settings
+
+    use_settings(settings_for_home(tmp_path / "home", artifact_url=url))
+    try:
+        assert artifacts.main(["--wait", "0"]) == 0
+        assert "already there" in capsys.readouterr().out
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing answers
+        assert artifacts.main(["--wait", "0"]) == 1
+    finally:
+        use_settings(None)
