@@ -69,3 +69,84 @@ def test_gpu_workers_train_and_one_aux_worker_prepares_data():
     assert aux["environment"]["MOEJOBS_WORKER_ROLE"] == "aux"
     assert "deploy" not in aux, "the aux worker needs no GPU"
     assert aux["volumes"] == workers["worker-0"]["volumes"], "it fills the shared token cache"
+
+
+# -- the object store (issue 12) ----------------------------------------------------------------
+
+
+#: The services that read or write artifacts: the API, the one-shot bucket job, every worker.
+def _store_clients(services: dict) -> dict[str, dict]:
+    return {
+        name: svc
+        for name, svc in services.items()
+        if name in ("api", "aux", "bucket") or name.startswith("worker")
+    }
+
+
+#: Credentials committed in compose.yaml: dev defaults only, each one named in the README.
+DEV_DEFAULTS = {"moejobs", "moejobs-dev", "moejobs-dev-secret"}
+_SECRET_KEY = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY")
+_INTERPOLATION = re.compile(r"^\$\{(\w+)(?:(:?[-?])(.*))?\}$")
+
+
+def test_compose_runs_an_s3_store_and_creates_its_bucket_before_anyone_uses_it():
+    services = _compose()["services"]
+    store = services["store"]
+    image, _, tag = store["image"].partition(":")
+    assert image == "chrislusf/seaweedfs" and tag and tag != "latest", "a pinned SeaweedFS"
+    assert store["command"][0] == "server" and "-s3" in store["command"]
+    assert any(v.endswith(":/data") for v in store["volumes"]), "objects outlive the container"
+    assert "8333:8333" in store["ports"], "browsers follow presigned links to it"
+    bucket = services["bucket"]
+    assert bucket["command"][:3] == ["python", "-m", "service.artifacts"]
+    from service import artifacts
+
+    assert callable(artifacts.main)
+    assert bucket["depends_on"]["store"]["condition"] == "service_started"
+    assert bucket.get("restart") == "no"
+    for name, svc in _store_clients(services).items():
+        if name != "bucket":
+            assert svc["depends_on"]["bucket"]["condition"] == "service_completed_successfully", (
+                name
+            )
+
+
+def test_every_service_that_reaches_the_store_has_its_settings():
+    services = _compose()["services"]
+    for name, svc in _store_clients(services).items():
+        env = svc["environment"]
+        for key in ("MOEJOBS_ARTIFACT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
+            assert key in env, f"{name}: {key}"
+        assert "AWS_SECRET_ACCESS_KEY" in env, name
+        default = _INTERPOLATION.match(env["MOEJOBS_ARTIFACT_URL"])
+        assert default and default.group(3), f"{name}: the store is the default artifact location"
+        Settings(artifact_url=default.group(3))  # a valid setting
+        endpoint = _INTERPOLATION.match(env["AWS_ENDPOINT_URL"])
+        assert endpoint and endpoint.group(3) == "http://store:8333", name
+        # the store and its clients share one pair of credentials
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == services["store"]["environment"][key], f"{name}: {key}"
+    public = services["api"]["environment"]["MOEJOBS_ARTIFACT_PUBLIC_URL"]
+    match = _INTERPOLATION.match(public)
+    assert match and match.group(3) == "http://localhost:8333", "browsers cannot resolve `store`"
+
+
+def test_no_secret_is_committed_beyond_the_documented_dev_defaults():
+    readme = (REPO / "README.md").read_text()
+    for default in DEV_DEFAULTS:
+        assert f"`{default}`" in readme or default == "moejobs", f"README names {default}"
+    for name, svc in _compose()["services"].items():
+        for key, value in (svc.get("environment") or {}).items():
+            text = str(value)
+            for password in re.findall(r"://[^:/@\s]+:([^@\s]+)@", text):  # URL userinfo
+                assert password in DEV_DEFAULTS, f"{name}: {key} holds a password"
+            if not _SECRET_KEY.search(key):
+                continue
+            match = _INTERPOLATION.match(text)
+            if match is None:
+                assert text in DEV_DEFAULTS, f"{name}: {key} is a literal secret"
+            elif match.group(2) in ("-", ":-"):
+                assert match.group(3) in DEV_DEFAULTS, f"{name}: {key} defaults to a secret"
+    for dockerfile in (REPO / "docker").glob("*.Dockerfile"):
+        text = dockerfile.read_text()
+        assert not re.search(r"\b\w*(SECRET|PASSWORD|TOKEN|ACCESS_KEY)\w*=", text), dockerfile.name
