@@ -245,3 +245,56 @@ def test_a_run_from_another_runs_checkpoint_fetches_it_when_its_folder_is_not_he
     written = yaml.safe_load((b_dir / "train_config.yaml").read_text())
     assert written["initial_checkpoint_dir"] == str(b_dir / "initial_checkpoint")
     assert "using its copy from the object store" in (b_dir / "train.log").read_text()
+
+
+def test_an_initial_checkpoint_that_is_here_or_not_recorded_is_not_fetched(tmp_path, db, bucket):
+    from worker.artifacts import fetch_initial_checkpoint
+
+    settings = _settings(tmp_path, db, artifact_url=f"s3://{bucket}/ci")
+    store = artifacts.store_for(settings)
+    assert store is not None
+    here = tmp_path / "shared" / "final"
+    _folder(here.parent, "final", 8)  # a shared file system: the folder is here
+    run_dir = tmp_path / "runs" / "b"
+    assert fetch_initial_checkpoint(store, db, str(here), run_dir) is None
+    # not a recorded checkpoint: the engine reports the missing folder, as without a store
+    assert fetch_initial_checkpoint(store, db, str(tmp_path / "nowhere"), run_dir) is None
+    assert not run_dir.exists()
+
+
+def test_an_initial_checkpoint_missing_from_the_store_fails_the_attempt_retryably(
+    tmp_path, db, bucket
+):
+    import sys
+    import uuid
+
+    from service import runs
+    from service.models import Checkpoint, FailureReason
+    from tests.worker.test_runner import WORKER
+
+    settings = _settings(tmp_path, db, artifact_url=f"s3://{bucket}/ci")
+    a = _claimed_run(db, settings, tmp_path)
+    path = str(settings.run_dir(a.id) / "out" / "final")  # recorded, never uploaded, not here
+    with db.session() as session:
+        session.add(Checkpoint(run_id=a.id, name="final", step=8, path=path))
+        session.commit()
+    b_id = uuid.uuid4()
+    train = {**a.resolved_train, "out_dir": str(settings.run_dir(b_id) / "out")}
+    train["initial_checkpoint_dir"] = path
+    with db.session() as session:
+        runs.create_run(
+            session,
+            name="b",
+            submitted_train=train,
+            submitted_model={"name": "tiny"},
+            resolved_train=train,
+            resolved_model={"name": "tiny"},
+            run_id=b_id,
+        )
+        b = runs.claim_run(session, b_id, WORKER, settings.lease_seconds)
+    assert b is not None
+    marker = tmp_path / "engine-ran"
+    outcome, _ = _run(db, settings, b, [sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
+    assert outcome.kind == OutcomeKind.failed and outcome.reason == FailureReason.lost_worker
+    assert not marker.exists(), "the engine does not start without its initial weights"
+    assert not (settings.run_dir(b_id) / "initial_checkpoint").exists()
