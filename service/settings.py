@@ -354,7 +354,7 @@ class Settings(BaseSettings):
     sample_prompts: str = Field(
         "The|In the|Once upon a time",
         description="Prompts each recorded checkpoint continues (samples.json in its folder, "
-        "`samples` in the checkpoint list), separated by `|`; empty: no samples. The defaults are "
+        "`samples` in the checkpoint list), separated by `|`; `none`: no samples. The defaults are "
         "common English words any tokenizer trained on text encodes.",
     )
     sample_max_new_tokens: int = Field(
@@ -666,7 +666,11 @@ class Settings(BaseSettings):
 
     @property
     def sample_prompt_list(self) -> list[str]:
-        """:attr:`sample_prompts` split at ``|``, empty parts dropped."""
+        """:attr:`sample_prompts` split at ``|``, empty parts dropped; ``none`` (any case): no
+        prompts. (An empty environment variable is ignored like every empty setting, so it
+        cannot turn samples off in a child process: ``none`` can.)"""
+        if self.sample_prompts.strip().lower() == "none":
+            return []
         return [p for p in self.sample_prompts.split("|") if p.strip()]
 
     def to_env(self) -> dict[str, str]:

@@ -515,6 +515,9 @@ class _Attempt:
         nothing would start it later. A failure to start is logged only."""
         if not self.to_sample:
             return
+        if self.settings.engine == "stub":  # its checkpoints hold no model to sample
+            self.to_sample = []
+            return
         if not last and self.sampler is not None and self.sampler.poll() is None:
             return
         folders, self.to_sample = self.to_sample, []

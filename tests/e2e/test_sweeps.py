@@ -50,7 +50,6 @@ class Stack:
         return "\n".join(w.log()[-3000:] for w in self.workers)
 
 
-@pytest.fixture(scope="module")
 def _end(run: Run) -> datetime:
     """When ``run`` finished (every run of an ended sweep has)."""
     assert run.finished_at is not None, run.name
@@ -63,6 +62,7 @@ def _start(run: Run) -> datetime:
     return run.started_at
 
 
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("sweeps")
     url = create_pg_database("moejobs_sweeps")

@@ -64,7 +64,7 @@ def settings_for(tmp_path: Path, database_url: str | None = None, **overrides) -
     """Settings rooted in ``tmp_path`` whatever MOEJOBS_* variables the shell has. Checkpoint
     samples are off unless a test asks for them (each is a torch process beside the training)."""
     home = tmp_path / "home"
-    overrides.setdefault("sample_prompts", "")
+    overrides.setdefault("sample_prompts", "none")  # "" is ignored in a child's environment
     return Settings(
         home=home,
         database_url=database_url or f"sqlite:///{home / 'moejobs.sqlite3'}",

@@ -72,7 +72,9 @@ def worker_settings(home: Path, database_url: str, broker_url: str, **overrides:
         queued_stale_seconds=600.0,
         cancel_grace_seconds=60.0,
         keep_checkpoints=0,
-        sample_prompts="",  # no sampler processes beside the trainings unless a test asks
+        # no sampler processes beside the trainings unless a test asks ("" would not reach the
+        # worker process: an empty environment variable is ignored)
+        sample_prompts="none",
     )
     values.update(overrides)
     return Settings(**values)

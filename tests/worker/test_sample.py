@@ -149,3 +149,17 @@ def test_the_runner_samples_each_recorded_checkpoint_and_the_api_returns_them(
             assert docs["final"]["samples"] == docs["step-00000006"]["samples"]
     finally:
         db.dispose()
+
+
+def test_none_turns_samples_off_also_in_a_child_process(monkeypatch):
+    """An empty variable is ignored (the default prompts would come back in a worker started
+    with the parent's settings); ``none`` reaches the child and means no prompts."""
+    from service.settings import Settings
+
+    parent = Settings(sample_prompts="none")
+    assert parent.sample_prompt_list == []
+    for name, value in parent.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert Settings().sample_prompt_list == []
+    monkeypatch.setenv("MOEJOBS_SAMPLE_PROMPTS", "")
+    assert Settings().sample_prompt_list == ["The", "In the", "Once upon a time"]
